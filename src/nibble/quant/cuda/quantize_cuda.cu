@@ -1,0 +1,582 @@
+// CUDA quantizers; see quantize_cuda.h. The per-element and per-block math is the shared code of
+// scaling.h / minifloat.h / rht.h / philox.h, so each kernel computes the CPU reference's bits.
+#include "nibble/quant/cuda/quantize_cuda.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "nibble/quant/philox.h"
+#include "nibble/quant/quantize.h"
+#include "nibble/quant/rht.h"
+#include "nibble/quant/scaling.h"
+
+namespace nibble::cuda {
+
+namespace {
+
+void check_cuda(cudaError_t e, const char* what, const char* file, int line) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + what + ": " +
+                             cudaGetErrorString(e));
+}
+#define NIBBLE_CUDA_CHECK(expr) check_cuda((expr), #expr, __FILE__, __LINE__)
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+
+// 16 consecutive elements from a 16-byte aligned address, as floats (16-byte loads); with `stage`
+// set, also copies them unchanged to `stage` (shared memory).
+__device__ __forceinline__ void load16(const bf16_t* p, float v[16], bf16_t* stage) {
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+  const uint4 a = __ldg(q), b = __ldg(q + 1);
+  if (stage) {
+    reinterpret_cast<uint4*>(stage)[0] = a;
+    reinterpret_cast<uint4*>(stage)[1] = b;
+  }
+  const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    v[2 * i] = bits_float(w[i] << 16);
+    v[2 * i + 1] = bits_float(w[i] & 0xFFFF0000u);
+  }
+}
+__device__ __forceinline__ void load16(const float* p, float v[16], float* stage) {
+  const float4* q = reinterpret_cast<const float4*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float4 a = __ldg(q + i);
+    if (stage) reinterpret_cast<float4*>(stage)[i] = a;
+    v[4 * i] = a.x;
+    v[4 * i + 1] = a.y;
+    v[4 * i + 2] = a.z;
+    v[4 * i + 3] = a.w;
+  }
+}
+
+template <int kN>
+__device__ __forceinline__ uint32_t max_abs_bits(const float* v) {
+  uint32_t a = 0;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) a = max(a, abs_bits(v[i]));
+  return a;
+}
+
+// Encodes kN (16 or 32) FP4 elements with one element scale and packs them (element 2i in the low
+// nibble of byte i) into kN/8 32-bit words. `index0` is the row-major index of v[0] in the
+// quantized matrix; it is a multiple of 16, so the Philox groups line up with the CPU's.
+template <int kN>
+__device__ __forceinline__ void encode_fp4(const float* v, float scale, Rounding rounding, uint64_t seed,
+                                           uint32_t stream, uint64_t index0, uint32_t* packed) {
+#pragma unroll
+  for (int w = 0; w < kN / 8; ++w) packed[w] = 0;
+#pragma unroll
+  for (int g = 0; g < kN / 4; ++g) {
+    Philox4x32 bits{{0, 0, 0, 0}};
+    if (rounding == Rounding::kStochastic) bits = random_words(seed, stream, (index0 >> 2) + g);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int k = 4 * g + j;
+      const uint32_t code = fp4_encode_element(v[k], scale, rounding, bits.v[j]);
+      packed[k / 8] |= code << (4 * (k % 8));
+    }
+  }
+}
+
+// NVFP4 block of 16: scale code and packed elements.
+__device__ __forceinline__ uint8_t nvfp4_block(const float v[16], TensorScale ts, Rounding rounding, uint64_t seed,
+                                               uint32_t stream, uint64_t index0, uint2& packed) {
+  const uint8_t scale = nvfp4_block_scale_code(bits_float(max_abs_bits<16>(v)), ts.encode);
+  uint32_t p[2];
+  encode_fp4<16>(v, nvfp4_element_encode_scale(scale, ts.decode), rounding, seed, stream, index0, p);
+  packed = make_uint2(p[0], p[1]);
+  return scale;
+}
+
+// Max over the thread block, then atomicMax into *out. Called by all threads of the block.
+__device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
+  __shared__ uint32_t warp_max[32];
+  __syncthreads();  // warp_max may still be read by an earlier call
+  v = __reduce_max_sync(0xFFFFFFFFu, v);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_max[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int nwarps = (blockDim.x + 31) / 32;
+    uint32_t m = lane < nwarps ? warp_max[lane] : 0;
+    m = __reduce_max_sync(0xFFFFFFFFu, m);
+    if (lane == 0 && m != 0) atomicMax(out, m);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused NVFP4 rowwise + columnwise (+ RHT) pass over 64 x 128 tiles.
+//
+// Phase 1: each thread loads 16-element row segments with 16-byte loads, quantizes them as
+// rowwise 1x16 blocks straight from registers, and parks them in shared memory.
+// Phase 2: each thread takes one column of the tile (64 rows = four 16-element blocks), applies
+// the RHT if asked, quantizes them, and writes 32 contiguous bytes of the columnwise copy.
+// The same kernel with kAmaxOnly computes the two absolute maxima that current scaling needs.
+
+constexpr int kTileRows = 64;
+constexpr int kTileCols = 128;
+constexpr int kRowColThreads = 128;
+constexpr int kSegsPerRow = kTileCols / 16;
+
+template <typename T, bool kAmaxOnly>
+__global__ void __launch_bounds__(kRowColThreads)
+    nvfp4_rowcol_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowColSpec spec,
+                        uint32_t* __restrict__ amax_out, const uint32_t* __restrict__ amax_in, QuantBuffers row,
+                        QuantBuffers col) {
+  __shared__ __align__(16) T tile[kTileRows][kTileCols];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTileCols;
+  const int tile_rows = rows - r0 < kTileRows ? static_cast<int>(rows - r0) : kTileRows;
+  const int tile_cols = cols - c0 < kTileCols ? static_cast<int>(cols - c0) : kTileCols;
+  const int t = threadIdx.x;
+
+  TensorScale row_ts{}, col_ts{};
+  bool row_ok = true, col_ok = true;
+  if constexpr (!kAmaxOnly) {
+    row_ok = amax_is_finite(amax_in[0]);
+    col_ok = amax_is_finite(amax_in[1]);
+    row_ts = nvfp4_tensor_scale(bits_float(amax_in[0]));
+    col_ts = nvfp4_tensor_scale(bits_float(amax_in[1]));
+    if (blockIdx.x == 0 && blockIdx.y == 0 && t == 0) {
+      if (spec.rowwise) *row.decode_scale = row_ok ? row_ts.decode : __int_as_float(0x7FC00000);
+      if (spec.columnwise) *col.decode_scale = col_ok ? col_ts.decode : __int_as_float(0x7FC00000);
+    }
+  }
+
+  // The columnwise pass needs the tile in shared memory (the amax pass only when the RHT is on).
+  const bool stage_tile = spec.columnwise && (!kAmaxOnly || spec.col_rht);
+  uint32_t row_amax = 0, col_amax = 0;
+  const int seg = t % kSegsPerRow;
+#pragma unroll
+  for (int i = 0; i < kTileRows / (kRowColThreads / kSegsPerRow); ++i) {
+    const int lr = t / kSegsPerRow + i * (kRowColThreads / kSegsPerRow);
+    const int lc = seg * 16;
+    if (lr < tile_rows && lc < tile_cols) {
+      const int64_t gi = (r0 + lr) * cols + c0 + lc;
+      float v[16];
+      load16(x + gi, v, stage_tile ? &tile[lr][lc] : nullptr);
+      if constexpr (kAmaxOnly) {
+        row_amax = max(row_amax, max_abs_bits<16>(v));
+      } else if (spec.rowwise) {
+        uint2 packed = make_uint2(0, 0);
+        uint8_t scale = 0;
+        if (row_ok) scale = nvfp4_block(v, row_ts, spec.row_rounding, spec.seed, spec.row_stream, gi, packed);
+        *reinterpret_cast<uint2*>(row.data + gi / 2) = packed;
+        row.scales[gi / 16] = scale;
+      }
+    }
+  }
+
+  if (stage_tile) {
+    __syncthreads();
+    if (t < tile_cols) {
+      const int64_t c = c0 + t;
+#pragma unroll
+      for (int b = 0; b < kTileRows / 16; ++b) {
+        if (b * 16 < tile_rows) {
+          float v[16];
+#pragma unroll
+          for (int k = 0; k < 16; ++k) v[k] = to_float(tile[b * 16 + k][t]);
+          if (spec.col_rht) rht16(v, spec.rht_signs);
+          if constexpr (kAmaxOnly) {
+            col_amax = max(col_amax, max_abs_bits<16>(v));
+          } else {
+            const int64_t qi = c * rows + r0 + b * 16;  // index in X^T
+            uint2 packed = make_uint2(0, 0);
+            uint8_t scale = 0;
+            if (col_ok) scale = nvfp4_block(v, col_ts, spec.col_rounding, spec.seed, spec.col_stream, qi, packed);
+            *reinterpret_cast<uint2*>(col.data + qi / 2) = packed;
+            col.scales[qi / 16] = scale;
+          }
+        }
+      }
+    }
+  }
+
+  if constexpr (kAmaxOnly) {
+    block_max_to_global(row_amax, amax_out);
+    if (spec.col_rht) block_max_to_global(col_amax, amax_out + 1);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generic path: one thread per block segment of kW elements along the quantized matrix's
+// contiguous dimension; for 16x16 tiles, 16 neighbouring lanes hold the 16 rows of one tile.
+
+struct SegmentGeometry {
+  int64_t qrows, qcols;  // quantized matrix
+  int64_t count;         // number of segments
+  bool tile16;
+};
+
+template <int kW>
+__device__ __forceinline__ bool segment_coords(const SegmentGeometry& g, int64_t s, int64_t& qr, int64_t& qc0) {
+  if (s >= g.count) return false;
+  if (g.tile16) {
+    const int64_t tile = s / 16, tiles_per_row = g.qcols / 16;
+    qr = (tile / tiles_per_row) * 16 + s % 16;
+    qc0 = (tile % tiles_per_row) * 16;
+  } else {
+    const int64_t per_row = g.qcols / kW;
+    qr = s / per_row;
+    qc0 = (s % per_row) * kW;
+  }
+  return true;
+}
+
+template <int kW, typename T>
+__device__ __forceinline__ void load_segment(const T* x, int64_t cols, bool columnwise, bool rht, RhtSigns signs,
+                                             int64_t qr, int64_t qc0, float* v) {
+#pragma unroll
+  for (int k = 0; k < kW; ++k)
+    v[k] = to_float(columnwise ? x[(qc0 + k) * cols + qr] : x[qr * cols + qc0 + k]);
+  if (rht) {
+#pragma unroll
+    for (int k = 0; k < kW; k += 16) rht16(v + k, signs);
+  }
+}
+
+template <int kW, typename T>
+__global__ void segment_amax_kernel(const T* __restrict__ x, int64_t cols, QuantSpec spec, SegmentGeometry g,
+                                    uint32_t* __restrict__ amax_out) {
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t qr = 0, qc0 = 0;
+  uint32_t m = 0;
+  if (segment_coords<kW>(g, s, qr, qc0)) {
+    float v[kW];
+    load_segment<kW>(x, cols, spec.columnwise, spec.rht, spec.rht_signs, qr, qc0, v);
+    m = max_abs_bits<kW>(v);
+  }
+  block_max_to_global(m, amax_out);
+}
+
+template <int kW, typename T>
+__global__ void segment_quantize_kernel(const T* __restrict__ x, int64_t cols, QuantSpec spec, SegmentGeometry g,
+                                        const uint32_t* __restrict__ amax_in, QuantBuffers out) {
+  const int64_t s = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  int64_t qr = 0, qc0 = 0;
+  const bool valid = segment_coords<kW>(g, s, qr, qc0);
+  const bool finite = amax_is_finite(*amax_in);
+  const bool fp8 = spec.format == Format::kFp8E4M3 || spec.format == Format::kFp8E5M2;
+  const float fp8_max = spec.format == Format::kFp8E4M3 ? E4M3::kMax : E5M2::kMax;
+  const TensorScale ts = fp8 ? fp8_tensor_scale(bits_float(*amax_in), fp8_max) : nvfp4_tensor_scale(bits_float(*amax_in));
+  if (s == 0) {
+    const bool tensor_scaled = spec.format != Format::kMxfp4;
+    *out.decode_scale = !tensor_scaled ? 1.0f : finite ? ts.decode : __int_as_float(0x7FC00000);
+  }
+  float v[kW] = {};
+  if (valid) load_segment<kW>(x, cols, spec.columnwise, spec.rht, spec.rht_signs, qr, qc0, v);
+  const int64_t index0 = qr * g.qcols + qc0;
+
+  if (spec.format == Format::kNvfp4) {
+    uint32_t bamax = max_abs_bits<kW>(v);
+    if (g.tile16) {  // all lanes take part, valid or not
+#pragma unroll
+      for (int off = 1; off < 16; off *= 2) bamax = max(bamax, __shfl_xor_sync(0xFFFFFFFFu, bamax, off));
+    }
+    if (!valid) return;
+    uint32_t p[kW / 8] = {};
+    uint8_t scale = 0;
+    if (finite) {
+      scale = nvfp4_block_scale_code(bits_float(bamax), ts.encode);
+      encode_fp4<kW>(v, nvfp4_element_encode_scale(scale, ts.decode), spec.rounding, spec.seed, spec.stream, index0, p);
+    }
+#pragma unroll
+    for (int w = 0; w < kW / 8; ++w) reinterpret_cast<uint32_t*>(out.data + index0 / 2)[w] = p[w];
+    if (!g.tile16) {
+      out.scales[index0 / 16] = scale;
+    } else if (qr % 16 == 0) {
+      out.scales[(qr / 16) * (g.qcols / 16) + qc0 / 16] = scale;
+    }
+  } else if (spec.format == Format::kMxfp4) {
+    if (!valid) return;
+    const uint32_t bamax = max_abs_bits<kW>(v);
+    uint32_t p[kW / 8] = {};
+    uint8_t scale = E8M0::kNanCode;
+    if (amax_is_finite(bamax)) {
+      scale = mxfp4_block_scale_code(bits_float(bamax));
+      encode_fp4<kW>(v, mxfp4_element_encode_scale(scale), spec.rounding, spec.seed, spec.stream, index0, p);
+    }
+#pragma unroll
+    for (int w = 0; w < kW / 8; ++w) reinterpret_cast<uint32_t*>(out.data + index0 / 2)[w] = p[w];
+    out.scales[index0 / 32] = scale;
+  } else {  // FP8, per-tensor scale
+    if (!valid) return;
+#pragma unroll
+    for (int gq = 0; gq < kW / 4; ++gq) {
+      Philox4x32 bits{{0, 0, 0, 0}};
+      if (spec.rounding == Rounding::kStochastic) bits = random_words(spec.seed, spec.stream, (index0 >> 2) + gq);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int k = 4 * gq + j;
+        const float y = v[k] * ts.encode;
+        uint8_t code = 0;
+        if (finite)
+          code = spec.format == Format::kFp8E4M3 ? E4M3::encode(y, spec.rounding, bits.v[j])
+                                                 : E5M2::encode(y, spec.rounding, bits.v[j]);
+        out.data[index0 + k] = code;
+      }
+    }
+  }
+}
+
+__global__ void dequantize_kernel(QuantSpec spec, int64_t rows, int64_t cols, const uint8_t* __restrict__ data,
+                                  const uint8_t* __restrict__ scales, const float* __restrict__ decode_scale,
+                                  float* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= rows * cols) return;
+  const float g = *decode_scale;
+  if (g != g) {
+    out[i] = g;
+    return;
+  }
+  const int64_t r = i / cols, c = i % cols;
+  const uint8_t byte = spec.format == Format::kFp8E4M3 || spec.format == Format::kFp8E5M2 ? data[i] : data[i / 2];
+  const uint8_t nib = (i & 1) ? byte >> 4 : byte & 0xF;
+  switch (spec.format) {
+    case Format::kNvfp4: {
+      const int64_t sr = spec.block == Block::k16x16 ? r / 16 : r;
+      out[i] = E2M1::decode(nib) * E4M3::decode(scales[sr * (cols / 16) + c / 16]) * g;
+      break;
+    }
+    case Format::kMxfp4: out[i] = E2M1::decode(nib) * E8M0::decode(scales[r * (cols / 32) + c / 32]); break;
+    case Format::kFp8E4M3: out[i] = E4M3::decode(byte) * g; break;
+    case Format::kFp8E5M2: out[i] = E5M2::decode(byte) * g; break;
+  }
+}
+
+int blocks_for(int64_t n, int threads) { return static_cast<int>((n + threads - 1) / threads); }
+
+SegmentGeometry geometry(const QuantSpec& spec, int64_t rows, int64_t cols) {
+  SegmentGeometry g{};
+  g.qrows = spec.columnwise ? cols : rows;
+  g.qcols = spec.columnwise ? rows : cols;
+  const int w = spec.block == Block::k1x32 ? 32 : 16;
+  g.count = g.qrows * g.qcols / w;
+  g.tile16 = spec.block == Block::k16x16;
+  if (spec.block == Block::kTensor && g.qcols % 16 != 0)  // FP8 runs in segments of 16 here
+    throw std::invalid_argument("fp8 on the GPU needs the contiguous dimension to be a multiple of 16, got " +
+                                std::to_string(g.qcols));
+  return g;
+}
+
+void check_rowcol_shape(int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0 || rows % 16 != 0 || cols % 16 != 0)
+    throw std::invalid_argument("nvfp4 fused rowwise+columnwise quantization of a " + std::to_string(rows) + "x" +
+                                std::to_string(cols) + " tensor: both dimensions must be positive multiples of 16");
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Device-pointer entry points
+
+template <typename T>
+void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, uint32_t* amax_bits,
+                cudaStream_t stream) {
+  check_rowcol_shape(rows, cols);
+  NIBBLE_CUDA_CHECK(cudaMemsetAsync(amax_bits, 0, 2 * sizeof(uint32_t), stream));
+  const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols),
+                  static_cast<unsigned>((rows + kTileRows - 1) / kTileRows));
+  nvfp4_rowcol_kernel<T, true><<<grid, kRowColThreads, 0, stream>>>(x, rows, cols, spec, amax_bits, nullptr, {}, {});
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+  if (!spec.col_rht)  // the columnwise copy holds the same values
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(amax_bits + 1, amax_bits, sizeof(uint32_t), cudaMemcpyDeviceToDevice, stream));
+}
+
+template <typename T>
+void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec,
+                           const uint32_t* amax_bits, QuantBuffers row, QuantBuffers col, cudaStream_t stream) {
+  check_rowcol_shape(rows, cols);
+  const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols),
+                  static_cast<unsigned>((rows + kTileRows - 1) / kTileRows));
+  nvfp4_rowcol_kernel<T, false><<<grid, kRowColThreads, 0, stream>>>(x, rows, cols, spec, nullptr, amax_bits, row, col);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+constexpr int kSegmentThreads = 256;
+
+template <typename T>
+void quantize_amax(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, uint32_t* amax_bits,
+                   cudaStream_t stream) {
+  validate(spec, rows, cols);
+  NIBBLE_CUDA_CHECK(cudaMemsetAsync(amax_bits, 0, sizeof(uint32_t), stream));
+  const SegmentGeometry g = geometry(spec, rows, cols);
+  const int blocks = blocks_for(g.count, kSegmentThreads);
+  if (spec.block == Block::k1x32)
+    segment_amax_kernel<32><<<blocks, kSegmentThreads, 0, stream>>>(x, cols, spec, g, amax_bits);
+  else
+    segment_amax_kernel<16><<<blocks, kSegmentThreads, 0, stream>>>(x, cols, spec, g, amax_bits);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T>
+void quantize_segments(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, const uint32_t* amax_bits,
+                       QuantBuffers out, cudaStream_t stream) {
+  validate(spec, rows, cols);
+  const SegmentGeometry g = geometry(spec, rows, cols);
+  const int blocks = blocks_for(g.count, kSegmentThreads);
+  if (spec.block == Block::k1x32)
+    segment_quantize_kernel<32><<<blocks, kSegmentThreads, 0, stream>>>(x, cols, spec, g, amax_bits, out);
+  else
+    segment_quantize_kernel<16><<<blocks, kSegmentThreads, 0, stream>>>(x, cols, spec, g, amax_bits, out);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void dequantize(const QuantSpec& spec, int64_t rows, int64_t cols, const uint8_t* data, const uint8_t* scales,
+                const float* decode_scale, float* out, cudaStream_t stream) {
+  dequantize_kernel<<<blocks_for(rows * cols, 256), 256, 0, stream>>>(spec, rows, cols, data, scales, decode_scale,
+                                                                       out);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+template void nvfp4_amax<bf16_t>(const bf16_t*, int64_t, int64_t, const RowColSpec&, uint32_t*, cudaStream_t);
+template void nvfp4_amax<float>(const float*, int64_t, int64_t, const RowColSpec&, uint32_t*, cudaStream_t);
+template void nvfp4_quantize_rowcol<bf16_t>(const bf16_t*, int64_t, int64_t, const RowColSpec&, const uint32_t*,
+                                            QuantBuffers, QuantBuffers, cudaStream_t);
+template void nvfp4_quantize_rowcol<float>(const float*, int64_t, int64_t, const RowColSpec&, const uint32_t*,
+                                           QuantBuffers, QuantBuffers, cudaStream_t);
+template void quantize_amax<bf16_t>(const bf16_t*, int64_t, int64_t, const QuantSpec&, uint32_t*, cudaStream_t);
+template void quantize_amax<float>(const float*, int64_t, int64_t, const QuantSpec&, uint32_t*, cudaStream_t);
+template void quantize_segments<bf16_t>(const bf16_t*, int64_t, int64_t, const QuantSpec&, const uint32_t*,
+                                        QuantBuffers, cudaStream_t);
+template void quantize_segments<float>(const float*, int64_t, int64_t, const QuantSpec&, const uint32_t*,
+                                       QuantBuffers, cudaStream_t);
+
+// ---------------------------------------------------------------------------------------------
+// Host-memory wrappers
+
+namespace {
+
+// A cudaMalloc'd buffer, freed on scope exit.
+template <typename T>
+struct DeviceArray {
+  T* ptr = nullptr;
+  size_t n = 0;
+  explicit DeviceArray(size_t count) : n(count) {
+    NIBBLE_CUDA_CHECK(cudaMalloc(&ptr, (count ? count : 1) * sizeof(T)));
+  }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  ~DeviceArray() { cudaFree(ptr); }
+  void upload(const T* src) { NIBBLE_CUDA_CHECK(cudaMemcpy(ptr, src, n * sizeof(T), cudaMemcpyHostToDevice)); }
+  void download(T* dst) const { NIBBLE_CUDA_CHECK(cudaMemcpy(dst, ptr, n * sizeof(T), cudaMemcpyDeviceToHost)); }
+};
+
+// Device storage for one QuantizedTensor; poisoned so that unwritten bytes show up in tests.
+struct DeviceQuant {
+  QuantizedTensor q;
+  DeviceArray<uint8_t> data, scales;
+  DeviceArray<float> decode_scale;
+  DeviceQuant(const QuantSpec& spec, int64_t rows, int64_t cols)
+      : q(shape_of(spec, rows, cols)), data(q.data.size()), scales(q.scales.size()), decode_scale(1) {
+    NIBBLE_CUDA_CHECK(cudaMemset(data.ptr, 0xA5, data.n));
+    NIBBLE_CUDA_CHECK(cudaMemset(scales.ptr, 0xA5, scales.n));
+    NIBBLE_CUDA_CHECK(cudaMemset(decode_scale.ptr, 0xA5, sizeof(float)));
+  }
+  QuantBuffers buffers() { return QuantBuffers{data.ptr, scales.ptr, decode_scale.ptr}; }
+  QuantizedTensor fetch(uint32_t amax_bits) {
+    data.download(q.data.data());
+    scales.download(q.scales.data());
+    decode_scale.download(&q.decode_scale);
+    q.amax = bits_float(amax_bits);
+    return q;
+  }
+  static QuantizedTensor shape_of(const QuantSpec& spec, int64_t rows, int64_t cols) {
+    QuantizedTensor t;
+    t.spec = spec;
+    t.rows = spec.columnwise ? cols : rows;
+    t.cols = spec.columnwise ? rows : cols;
+    const bool fp8 = spec.format == Format::kFp8E4M3 || spec.format == Format::kFp8E5M2;
+    t.data.resize(static_cast<size_t>(fp8 ? t.numel() : t.numel() / 2));
+    t.scales.resize(static_cast<size_t>(t.scale_rows() * t.scale_cols()));
+    return t;
+  }
+};
+
+template <typename T>
+QuantizedTensor quantize_on_gpu_impl(std::span<const T> x, int64_t rows, int64_t cols, const QuantSpec& spec) {
+  validate(spec, rows, cols);
+  if (static_cast<int64_t>(x.size()) != rows * cols) throw std::invalid_argument("quantize_on_gpu: size mismatch");
+  DeviceArray<T> dx(x.size());
+  dx.upload(x.data());
+  DeviceArray<uint32_t> amax(1);
+  DeviceQuant out(spec, rows, cols);
+  quantize_amax(dx.ptr, rows, cols, spec, amax.ptr, nullptr);
+  quantize_segments(dx.ptr, rows, cols, spec, amax.ptr, out.buffers(), nullptr);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  uint32_t amax_bits = 0;
+  amax.download(&amax_bits);
+  return out.fetch(amax_bits);
+}
+
+template <typename T>
+std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_impl(std::span<const T> x, int64_t rows, int64_t cols,
+                                                                 const RowColSpec& spec) {
+  if (static_cast<int64_t>(x.size()) != rows * cols) throw std::invalid_argument("quantize_rowcol_on_gpu: size mismatch");
+  check_rowcol_shape(rows, cols);
+  DeviceArray<T> dx(x.size());
+  dx.upload(x.data());
+  DeviceArray<uint32_t> amax(2);
+  DeviceQuant row(row_spec(spec), rows, cols), col(col_spec(spec), rows, cols);
+  nvfp4_amax(dx.ptr, rows, cols, spec, amax.ptr, nullptr);
+  nvfp4_quantize_rowcol(dx.ptr, rows, cols, spec, amax.ptr, row.buffers(), col.buffers(), nullptr);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  uint32_t amax_bits[2];
+  amax.download(amax_bits);
+  return {row.fetch(amax_bits[0]), col.fetch(amax_bits[1])};
+}
+
+}  // namespace
+
+QuantSpec row_spec(const RowColSpec& s) {
+  QuantSpec q;
+  q.rounding = s.row_rounding;
+  q.seed = s.seed;
+  q.stream = s.row_stream;
+  return q;
+}
+
+QuantSpec col_spec(const RowColSpec& s) {
+  QuantSpec q;
+  q.columnwise = true;
+  q.rht = s.col_rht;
+  q.rht_signs = s.rht_signs;
+  q.rounding = s.col_rounding;
+  q.seed = s.seed;
+  q.stream = s.col_stream;
+  return q;
+}
+
+QuantizedTensor quantize_on_gpu(std::span<const float> x, int64_t rows, int64_t cols, const QuantSpec& spec) {
+  return quantize_on_gpu_impl(x, rows, cols, spec);
+}
+QuantizedTensor quantize_on_gpu(std::span<const bf16_t> x, int64_t rows, int64_t cols, const QuantSpec& spec) {
+  return quantize_on_gpu_impl(x, rows, cols, spec);
+}
+std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_on_gpu(std::span<const bf16_t> x, int64_t rows,
+                                                                   int64_t cols, const RowColSpec& spec) {
+  return quantize_rowcol_impl(x, rows, cols, spec);
+}
+std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_on_gpu(std::span<const float> x, int64_t rows,
+                                                                   int64_t cols, const RowColSpec& spec) {
+  return quantize_rowcol_impl(x, rows, cols, spec);
+}
+
+std::vector<float> dequantize_on_gpu(const QuantizedTensor& q) {
+  DeviceArray<uint8_t> data(q.data.size()), scales(q.scales.size());
+  DeviceArray<float> g(1), out(static_cast<size_t>(q.numel()));
+  data.upload(q.data.data());
+  if (!q.scales.empty()) scales.upload(q.scales.data());
+  g.upload(&q.decode_scale);
+  dequantize(q.spec, q.rows, q.cols, data.ptr, scales.ptr, g.ptr, out.ptr, nullptr);
+  std::vector<float> result(static_cast<size_t>(q.numel()));
+  out.download(result.data());
+  return result;
+}
+
+}  // namespace nibble::cuda

@@ -1,0 +1,51 @@
+// Philox4x32-10 (Salmon et al., SC'11), the counter-based generator behind stochastic rounding and
+// random sign vectors. The random bits of element i depend only on (seed, stream, i), never on
+// which thread computes them, so the CPU reference and every CUDA launch shape draw the same bits
+// and a run is reproducible from its seed.
+#pragma once
+
+#include <cstdint>
+
+#include "nibble/formats/host_device.h"
+
+namespace nibble {
+
+struct Philox4x32 {
+  uint32_t v[4];
+};
+
+NIBBLE_HD Philox4x32 philox4x32_10(Philox4x32 ctr, uint32_t k0, uint32_t k1) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+  constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+NIBBLE_UNROLL
+  for (int round = 0; round < 10; ++round) {
+    const uint64_t p0 = static_cast<uint64_t>(kM0) * ctr.v[0];
+    const uint64_t p1 = static_cast<uint64_t>(kM1) * ctr.v[2];
+    const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
+    const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
+    ctr = Philox4x32{{hi1 ^ ctr.v[1] ^ k0, lo1, hi0 ^ ctr.v[3] ^ k1, lo0}};
+    k0 += kW0;
+    k1 += kW1;
+  }
+  return ctr;
+}
+
+// Streams separate independent uses of one seed (the rowwise and columnwise copies of a tensor,
+// each layer's gradient, the RHT signs), so that they never share random bits.
+// Counter layout: {group lo, group hi, stream, kCounterTag} with group = index / 4; the element
+// takes word index % 4 of the block.
+inline constexpr uint32_t kCounterTag = 0x6E69626Cu;  // "nibl"
+
+// The four random words for elements 4*group .. 4*group+3 of a stream.
+NIBBLE_HD Philox4x32 random_words(uint64_t seed, uint32_t stream, uint64_t group) {
+  return philox4x32_10(
+      Philox4x32{{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), stream, kCounterTag}},
+      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// The random word of element `index` of a stream.
+NIBBLE_HD uint32_t random_word(uint64_t seed, uint32_t stream, uint64_t index) {
+  return random_words(seed, stream, index >> 2).v[index & 3];
+}
+
+}  // namespace nibble

@@ -1,0 +1,2 @@
+#include "nibble/quant/cuda/quantize_cuda.h"
+#include <gtest/gtest.h>
