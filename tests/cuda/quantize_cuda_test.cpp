@@ -1,2 +1,252 @@
+// CUDA quantizers against the CPU reference: bit for bit, on fresh random tensors of awkward
+// shapes, for every QuantSpec the library accepts and for the fused rowwise+columnwise(+RHT) pass.
+// Needs a GPU (ctest label "gpu"); run on the device machine by scripts/device_check.sh.
 #include "nibble/quant/cuda/quantize_cuda.h"
+
 #include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "nibble/quant/quantize.h"
+
+namespace nibble {
+namespace {
+
+uint64_t fresh_seed() {
+  static const uint64_t seed = [] {
+    std::random_device rd;
+    const uint64_t s = (static_cast<uint64_t>(rd()) << 32) | rd();
+    std::printf("quantize_cuda_test: random seed %llu\n", static_cast<unsigned long long>(s));
+    return s;
+  }();
+  return seed;
+}
+
+enum class Dist { kGaussianOutliers, kUniform, kTiny, kSparseBlocks };
+
+// A rows x cols matrix drawn from `dist`: activation-like Gaussians with a few outlier columns,
+// uniform values, values near the bottom of E4M3's scale range, or mostly-zero blocks.
+std::vector<float> draw(int64_t rows, int64_t cols, Dist dist, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_real_distribution<float> uniform(-3.0f, 3.0f);
+  std::vector<float> x(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = 0;
+      switch (dist) {
+        case Dist::kGaussianOutliers: v = normal(rng) * (c % 37 == 5 ? 80.0f : 1.0f); break;
+        case Dist::kUniform: v = uniform(rng); break;
+        case Dist::kTiny: v = normal(rng) * 1e-30f; break;
+        case Dist::kSparseBlocks: v = ((r / 16 + c / 16) % 3 == 0) ? normal(rng) : 0.0f; break;
+      }
+      x[static_cast<size_t>(r * cols + c)] = v;
+    }
+  }
+  return x;
+}
+
+std::vector<bf16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<bf16_t> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = bf16_t{BF16::encode(x[i], Rounding::kNearestEven)};
+  return y;
+}
+
+uint32_t bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+// Bitwise equality of two quantized tensors, with the first differing byte in the message.
+::testing::AssertionResult same_bits(const QuantizedTensor& cpu, const QuantizedTensor& gpu) {
+  if (cpu.rows != gpu.rows || cpu.cols != gpu.cols) return ::testing::AssertionFailure() << "shape differs";
+  const bool both_nan = cpu.decode_scale != cpu.decode_scale && gpu.decode_scale != gpu.decode_scale;
+  if (!both_nan && bits(cpu.decode_scale) != bits(gpu.decode_scale))
+    return ::testing::AssertionFailure() << "decode scale " << cpu.decode_scale << " vs " << gpu.decode_scale;
+  const bool amax_nan = cpu.amax != cpu.amax && gpu.amax != gpu.amax;
+  if (!amax_nan && bits(cpu.amax) != bits(gpu.amax))
+    return ::testing::AssertionFailure() << "amax " << cpu.amax << " vs " << gpu.amax;
+  for (size_t i = 0; i < cpu.scales.size(); ++i)
+    if (cpu.scales[i] != gpu.scales[i])
+      return ::testing::AssertionFailure() << "scale " << i << ": cpu " << int(cpu.scales[i]) << " gpu "
+                                           << int(gpu.scales[i]);
+  for (size_t i = 0; i < cpu.data.size(); ++i)
+    if (cpu.data[i] != gpu.data[i])
+      return ::testing::AssertionFailure() << "data byte " << i << ": cpu " << int(cpu.data[i]) << " gpu "
+                                           << int(gpu.data[i]);
+  return ::testing::AssertionSuccess();
+}
+
+struct Shape {
+  int64_t rows, cols;
+};
+// Multiples of 16 (and of 32 where MXFP4 needs it) that leave partial 64x128 tiles.
+const Shape kShapes[] = {{16, 16}, {64, 128}, {48, 80}, {112, 2064}, {1040, 272}, {32, 96}, {528, 1056}};
+
+std::vector<QuantSpec> all_specs() {
+  std::vector<QuantSpec> specs;
+  for (Rounding rounding : {Rounding::kNearestEven, Rounding::kStochastic}) {
+    for (bool columnwise : {false, true}) {
+      for (bool rht : {false, true}) {
+        QuantSpec s;
+        s.rounding = rounding;
+        s.columnwise = columnwise;
+        s.rht = rht;
+        s.seed = fresh_seed();
+        s.stream = 3;
+        s.format = Format::kNvfp4;
+        s.block = Block::k1x16;
+        specs.push_back(s);
+        s.format = Format::kMxfp4;
+        s.block = Block::k1x32;
+        specs.push_back(s);
+        if (!rht) {
+          s.format = Format::kNvfp4;
+          s.block = Block::k16x16;
+          specs.push_back(s);
+        }
+        s.format = Format::kFp8E4M3;
+        s.block = Block::kTensor;
+        specs.push_back(s);
+        s.format = Format::kFp8E5M2;
+        specs.push_back(s);
+      }
+    }
+  }
+  return specs;
+}
+
+bool shape_ok(const QuantSpec& s, Shape sh) {
+  try {
+    validate(s, sh.rows, sh.cols);
+  } catch (const std::invalid_argument&) {
+    return false;
+  }
+  return true;
+}
+
+TEST(CudaQuantize, GenericPathEqualsCpuBitForBit) {
+  std::mt19937_64 rng(fresh_seed());
+  int compared = 0;
+  for (Shape sh : kShapes) {
+    for (Dist dist : {Dist::kGaussianOutliers, Dist::kUniform, Dist::kTiny, Dist::kSparseBlocks}) {
+      const std::vector<float> xf = draw(sh.rows, sh.cols, dist, rng);
+      const std::vector<bf16_t> xb = to_bf16(xf);
+      for (const QuantSpec& s : all_specs()) {
+        if (!shape_ok(s, sh)) continue;
+        SCOPED_TRACE(describe(s) + " " + std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " dist " +
+                     std::to_string(static_cast<int>(dist)));
+        EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, s),
+                              cuda::quantize_on_gpu(std::span<const float>(xf), sh.rows, sh.cols, s)))
+            << "float input";
+        EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, s),
+                              cuda::quantize_on_gpu(std::span<const bf16_t>(xb), sh.rows, sh.cols, s)))
+            << "bf16 input";
+        compared += 2;
+      }
+    }
+  }
+  std::printf("generic path: %d quantizations compared bit for bit\n", compared);
+  EXPECT_GT(compared, 500);
+}
+
+TEST(CudaQuantize, FusedRowColEqualsCpuBitForBit) {
+  std::mt19937_64 rng(fresh_seed() + 1);
+  int compared = 0;
+  for (Shape sh : kShapes) {
+    for (Dist dist : {Dist::kGaussianOutliers, Dist::kUniform, Dist::kTiny, Dist::kSparseBlocks}) {
+      const std::vector<float> xf = draw(sh.rows, sh.cols, dist, rng);
+      const std::vector<bf16_t> xb = to_bf16(xf);
+      for (bool rht : {false, true}) {
+        for (Rounding rr : {Rounding::kNearestEven, Rounding::kStochastic}) {
+          for (Rounding cr : {Rounding::kNearestEven, Rounding::kStochastic}) {
+            cuda::RowColSpec spec;
+            spec.col_rht = rht;
+            spec.row_rounding = rr;
+            spec.col_rounding = cr;
+            spec.seed = fresh_seed() ^ 0x1234;
+            spec.rht_signs = rht_signs_from_seed(spec.seed);
+            SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " rht " + std::to_string(rht) +
+                         " row " + std::string(rounding_name(rr)) + " col " + std::string(rounding_name(cr)));
+            const auto [row_b, col_b] = cuda::quantize_rowcol_on_gpu(std::span<const bf16_t>(xb), sh.rows, sh.cols, spec);
+            EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::row_spec(spec)), row_b));
+            EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::col_spec(spec)), col_b));
+            const auto [row_f, col_f] = cuda::quantize_rowcol_on_gpu(std::span<const float>(xf), sh.rows, sh.cols, spec);
+            EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::row_spec(spec)), row_f));
+            EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::col_spec(spec)), col_f));
+            compared += 4;
+          }
+        }
+      }
+    }
+  }
+  std::printf("fused path: %d quantized copies compared bit for bit\n", compared);
+}
+
+TEST(CudaQuantize, FusedSidesCanBeSwitchedOff) {
+  std::mt19937_64 rng(fresh_seed() + 2);
+  const std::vector<float> x = draw(96, 160, Dist::kGaussianOutliers, rng);
+  cuda::RowColSpec spec;
+  spec.columnwise = false;
+  const auto [row, col] = cuda::quantize_rowcol_on_gpu(std::span<const float>(x), 96, 160, spec);
+  EXPECT_TRUE(same_bits(quantize(std::span<const float>(x), 96, 160, cuda::row_spec(spec)), row));
+  spec.columnwise = true;
+  spec.rowwise = false;
+  spec.col_rht = true;
+  const auto [row2, col2] = cuda::quantize_rowcol_on_gpu(std::span<const float>(x), 96, 160, spec);
+  EXPECT_TRUE(same_bits(quantize(std::span<const float>(x), 96, 160, cuda::col_spec(spec)), col2));
+}
+
+TEST(CudaQuantize, NonFiniteAndZeroTensorsMatchCpu) {
+  std::mt19937_64 rng(fresh_seed() + 3);
+  for (float poison : {NAN, INFINITY, -INFINITY}) {
+    std::vector<float> x = draw(64, 96, Dist::kUniform, rng);
+    x[std::uniform_int_distribution<size_t>(0, x.size() - 1)(rng)] = poison;
+    for (const QuantSpec& s : all_specs()) {
+      SCOPED_TRACE(describe(s) + " poison " + std::to_string(poison));
+      const QuantizedTensor cpu = quantize(std::span<const float>(x), 64, 96, s);
+      EXPECT_TRUE(same_bits(cpu, cuda::quantize_on_gpu(std::span<const float>(x), 64, 96, s)));
+      if (s.format != Format::kMxfp4) {
+        EXPECT_FALSE(cpu.finite());
+      }
+    }
+    cuda::RowColSpec spec;
+    spec.col_rht = true;
+    const auto [row, col] = cuda::quantize_rowcol_on_gpu(std::span<const float>(x), 64, 96, spec);
+    EXPECT_TRUE(same_bits(quantize(std::span<const float>(x), 64, 96, cuda::row_spec(spec)), row));
+    EXPECT_TRUE(same_bits(quantize(std::span<const float>(x), 64, 96, cuda::col_spec(spec)), col));
+    EXPECT_FALSE(row.finite());
+  }
+  const std::vector<float> zeros(64 * 96, 0.0f);
+  for (const QuantSpec& s : all_specs()) {
+    EXPECT_TRUE(same_bits(quantize(std::span<const float>(zeros), 64, 96, s),
+                          cuda::quantize_on_gpu(std::span<const float>(zeros), 64, 96, s)))
+        << describe(s);
+  }
+}
+
+TEST(CudaQuantize, DequantizeEqualsCpuBitForBit) {
+  std::mt19937_64 rng(fresh_seed() + 4);
+  const std::vector<float> x = draw(112, 2064, Dist::kGaussianOutliers, rng);
+  for (const QuantSpec& s : all_specs()) {
+    SCOPED_TRACE(describe(s));
+    const QuantizedTensor q = quantize(std::span<const float>(x), 112, 2064, s);
+    const std::vector<float> cpu = dequantize(q), gpu = cuda::dequantize_on_gpu(q);
+    ASSERT_EQ(cpu.size(), gpu.size());
+    EXPECT_EQ(std::memcmp(cpu.data(), gpu.data(), cpu.size() * sizeof(float)), 0);
+  }
+}
+
+TEST(CudaQuantize, RejectsShapesItCannotQuantize) {
+  const std::vector<float> x(40 * 24, 1.0f);
+  EXPECT_THROW(cuda::quantize_rowcol_on_gpu(std::span<const float>(x), 40, 24, cuda::RowColSpec{}), std::invalid_argument);
+  QuantSpec s;
+  EXPECT_THROW(cuda::quantize_on_gpu(std::span<const float>(x), 40, 24, s), std::invalid_argument);
+}
+
+}  // namespace
+}  // namespace nibble

@@ -1,0 +1,152 @@
+// CUDA quantization benchmark: the fused NVFP4 rowwise + columnwise (+RHT) pass on a BF16 tensor,
+// against the device's copy bandwidth measured in the same run.
+//
+//   nibble_quant_bench_cuda [rows cols]      (default 8192 8192)
+//
+// Bytes counted for the quantizer are the fewest it must move: the input read once and every output
+// written once (packed data, scales). The amax pass, which current scaling needs before any element
+// can be encoded, reads the input a second time; the table gives it separately and in the total.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <vector>
+
+#include "nibble/quant/cuda/quantize_cuda.h"
+
+namespace {
+
+void check(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) {
+    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
+    std::exit(1);
+  }
+}
+
+// Median time in ms of `fn` over `reps` runs, after warm-up, timed with CUDA events.
+float median_ms(const std::function<void()>& fn, int reps = 50) {
+  for (int i = 0; i < 5; ++i) fn();
+  check(cudaDeviceSynchronize(), "warm-up");
+  cudaEvent_t a, b;
+  cudaEventCreate(&a);
+  cudaEventCreate(&b);
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) {
+    cudaEventRecord(a);
+    fn();
+    cudaEventRecord(b);
+    cudaEventSynchronize(b);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, a, b);
+    t.push_back(ms);
+  }
+  check(cudaGetLastError(), "timed runs");
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  using namespace nibble;
+  const int64_t rows = argc > 2 ? std::atoll(argv[1]) : 8192;
+  const int64_t cols = argc > 2 ? std::atoll(argv[2]) : 8192;
+  const int64_t n = rows * cols;
+
+  cudaDeviceProp prop{};
+  check(cudaGetDeviceProperties(&prop, 0), "device properties");
+  std::printf("device: %s, %d SMs, L2 %d MB\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20);
+
+  // Random BF16 input (activation-like, with outlier columns), never zeros.
+  std::vector<bf16_t> host(static_cast<size_t>(n));
+  std::mt19937 rng(1234);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t i = 0; i < n; ++i)
+    host[i] = bf16_t{BF16::encode(normal(rng) * ((i % cols) % 61 == 7 ? 50.0f : 1.0f), Rounding::kNearestEven)};
+
+  bf16_t *x = nullptr, *copy_dst = nullptr;
+  uint8_t *row_data, *row_scales, *col_data, *col_scales;
+  float* decode;
+  uint32_t* amax;
+  check(cudaMalloc(&x, n * 2), "malloc");
+  check(cudaMalloc(&copy_dst, n * 2), "malloc");
+  check(cudaMalloc(&row_data, n / 2), "malloc");
+  check(cudaMalloc(&col_data, n / 2), "malloc");
+  check(cudaMalloc(&row_scales, n / 16), "malloc");
+  check(cudaMalloc(&col_scales, n / 16), "malloc");
+  check(cudaMalloc(&decode, 2 * sizeof(float)), "malloc");
+  check(cudaMalloc(&amax, 2 * sizeof(uint32_t)), "malloc");
+  check(cudaMemcpy(x, host.data(), n * 2, cudaMemcpyHostToDevice), "upload");
+  const cuda::QuantBuffers row{row_data, row_scales, decode}, col{col_data, col_scales, decode + 1};
+
+  const double in_bytes = 2.0 * n;
+  const double out_bytes = 2.0 * (n / 2 + n / 16);  // two packed copies + their E4M3 scales
+
+  const float copy_ms = median_ms([&] { cudaMemcpyAsync(copy_dst, x, n * 2, cudaMemcpyDeviceToDevice); });
+  const double copy_gbs = 2.0 * in_bytes / copy_ms / 1e6;
+  std::printf("device copy: %.3f ms for %.0f MiB read + written = %.0f GB/s\n", copy_ms, in_bytes / (1 << 20),
+              copy_gbs);
+
+  struct Variant {
+    const char* name;
+    cuda::RowColSpec spec;
+  };
+  cuda::RowColSpec act;  // activations for Fprop + Wgrad: RNE, RHT on the columnwise copy
+  act.col_rht = true;
+  cuda::RowColSpec grad = act;  // gradients for Dgrad + Wgrad: stochastic rounding on both copies
+  grad.row_rounding = grad.col_rounding = Rounding::kStochastic;
+  grad.seed = 42;
+  cuda::RowColSpec plain;  // no RHT, RNE
+  const Variant variants[] = {{"row+col, RNE, no RHT", plain}, {"row+col+RHT, RNE (X)", act},
+                              {"row+col+RHT, SR (dY)", grad}};
+
+  std::printf("\n%-24s %9s %9s %9s %11s %11s %11s\n", "fused nvfp4 pass", "amax ms", "quant ms", "total ms",
+              "quant GB/s", "quant/copy", "total/copy");
+  for (const Variant& v : variants) {
+    const float amax_ms = median_ms([&] { cuda::nvfp4_amax(x, rows, cols, v.spec, amax, nullptr); });
+    cuda::nvfp4_amax(x, rows, cols, v.spec, amax, nullptr);
+    const float quant_ms =
+        median_ms([&] { cuda::nvfp4_quantize_rowcol(x, rows, cols, v.spec, amax, row, col, nullptr); });
+    const float total_ms = median_ms([&] {
+      cuda::nvfp4_amax(x, rows, cols, v.spec, amax, nullptr);
+      cuda::nvfp4_quantize_rowcol(x, rows, cols, v.spec, amax, row, col, nullptr);
+    });
+    const double quant_gbs = (in_bytes + out_bytes) / quant_ms / 1e6;
+    const double total_gbs = (in_bytes + out_bytes) / total_ms / 1e6;
+    std::printf("%-24s %9.3f %9.3f %9.3f %11.0f %10.1f%% %10.1f%%\n", v.name, amax_ms, quant_ms, total_ms, quant_gbs,
+                100.0 * quant_gbs / copy_gbs, 100.0 * total_gbs / copy_gbs);
+  }
+
+  // The generic path for the other specs (one output each), for reference.
+  std::printf("\n%-24s %9s %11s %11s\n", "generic path", "total ms", "GB/s", "of copy");
+  struct GenericVariant {
+    const char* name;
+    QuantSpec spec;
+    double out_bytes;
+  };
+  QuantSpec w16;
+  w16.block = Block::k16x16;
+  QuantSpec mx;
+  mx.format = Format::kMxfp4;
+  mx.block = Block::k1x32;
+  QuantSpec f8;
+  f8.format = Format::kFp8E4M3;
+  f8.block = Block::kTensor;
+  const GenericVariant generic[] = {{"nvfp4 16x16 (weights)", w16, n / 2.0 + n / 256.0},
+                                    {"mxfp4 1x32", mx, n / 2.0 + n / 32.0},
+                                    {"fp8 e4m3 per-tensor", f8, static_cast<double>(n)}};
+  for (const GenericVariant& g : generic) {
+    const float ms = median_ms([&] {
+      cuda::quantize_amax(x, rows, cols, g.spec, amax, nullptr);
+      cuda::quantize_segments(x, rows, cols, g.spec, amax, cuda::QuantBuffers{row_data, row_scales, decode}, nullptr);
+    });
+    const double gbs = (in_bytes + g.out_bytes) / ms / 1e6;
+    std::printf("%-24s %9.3f %11.0f %10.1f%%\n", g.name, ms, gbs, 100.0 * gbs / copy_gbs);
+  }
+  return 0;
+}

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine: the CUDA tests (bit-exact against the CPU reference), a memory and race
+# check of the kernels, and the CUDA benchmarks, with logs under $OUT (default ./out).
+# Build first, where the toolchain and GoogleTest are (nvcc 13.0, sm_90a):
+#   cmake --preset cuda && cmake --build --preset cuda
+# then bring build/cuda/tests and build/cuda/bench along (the device tool's `carry`) and run this.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-out}
+mkdir -p "$out"
+status=0
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/gpu.txt"
+
+echo "== CUDA tests"
+build/cuda/tests/nibble_cuda_tests 2>&1 | tee "$out/cuda_tests.log" | grep -E "^\[  (PASSED|FAILED) |^\[==========\]|compared|random seed|Failure" | head -40
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== compute-sanitizer (memcheck, racecheck) on small cases"
+filter='CudaQuantize.FusedSidesCanBeSwitchedOff:CudaQuantize.NonFiniteAndZeroTensorsMatchCpu:CudaQuantize.RejectsShapesItCannotQuantize'
+for tool in memcheck racecheck; do
+  compute-sanitizer --tool "$tool" --error-exitcode 9 build/cuda/tests/nibble_cuda_tests --gtest_filter="$filter" \
+    >"$out/sanitizer_$tool.log" 2>&1
+  rc=$?
+  echo "$tool: exit $rc ($(grep -c 'ERROR SUMMARY: 0 errors' "$out/sanitizer_$tool.log") clean summaries)"
+  [ "$rc" -eq 0 ] || status=1
+done
+
+echo "== CUDA benchmarks"
+build/cuda/bench/nibble_quant_bench_cuda 2>&1 | tee "$out/quant_bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit $status
