@@ -128,18 +128,26 @@ static_assert(E2M1::kMax == 6.0f);
 static_assert(E4M3::kMax == 448.0f);
 static_assert(E5M2::kMax == 57344.0f);
 
-// E2M1 round-to-nearest-even by comparisons against the midpoints between neighbours; equal to
-// E2M1::encode(x, kNearestEven) for every float (tested exhaustively over a range of floats), and
-// the form the CUDA kernels use in their inner loop.
+// E2M1 round-to-nearest-even in a few integer operations: equal to E2M1::encode(x, kNearestEven)
+// for every float (tested exhaustively over a range of floats); the form the CUDA kernels use in
+// their inner loop. For |x| >= 1 the E2M1 grid is float32's own grid with one mantissa bit, so
+// rounding the float's bits to one mantissa bit (ties to even) gives the code directly:
+// (exponent field * 2 + mantissa bit) - 252 = 2e + m + 2. Below 1 the step is 0.5 (codes 0, 1, 2;
+// ties 0.25 -> 0 and 0.75 -> 2 go to the even code). Beyond 6 it saturates; NaN gives +6.
 NIBBLE_HD uint8_t e2m1_encode_rne_fast(float x) {
   const uint32_t xb = float_bits(x);
-  const uint8_t sign = static_cast<uint8_t>((xb >> 28) & 0x8u);
-  const float a = bits_float(xb & 0x7FFFFFFFu);
-  if (a != a) return E2M1::kNanCode;
-  // Midpoints 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5; ">" where the tie goes down to the even code,
-  // ">=" where it goes up to it.
-  const uint8_t mag = static_cast<uint8_t>((a > 0.25f) + (a >= 0.75f) + (a > 1.25f) + (a >= 1.75f) +
-                                           (a > 2.5f) + (a >= 3.5f) + (a > 5.0f));
+  const uint32_t sign = (xb >> 28) & 0x8u;
+  const uint32_t ab = xb & 0x7FFFFFFFu;
+  if (ab > 0x7F800000u) return E2M1::kNanCode;
+  const float a = bits_float(ab);
+  uint32_t mag;
+  if (a >= 1.0f) {
+    const uint32_t r = (ab + 0x1FFFFFu + ((ab >> 22) & 1u)) >> 22;
+    mag = r - 252u;
+    if (mag > 7u) mag = 7u;
+  } else {
+    mag = static_cast<uint32_t>(a > 0.25f) + static_cast<uint32_t>(a >= 0.75f);
+  }
   return static_cast<uint8_t>(sign | mag);
 }
 

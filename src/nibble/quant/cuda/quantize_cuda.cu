@@ -24,32 +24,47 @@ void check_cuda(cudaError_t e, const char* what, const char* file, int line) {
 // ---------------------------------------------------------------------------------------------
 // Device helpers
 
-// 16 consecutive elements from a 16-byte aligned address, as floats (16-byte loads); with `stage`
-// set, also copies them unchanged to `stage` (shared memory).
-__device__ __forceinline__ void load16(const bf16_t* p, float v[16], bf16_t* stage) {
-  const uint4* q = reinterpret_cast<const uint4*>(p);
-  const uint4 a = __ldg(q), b = __ldg(q + 1);
-  if (stage) {
-    reinterpret_cast<uint4*>(stage)[0] = a;
-    reinterpret_cast<uint4*>(stage)[1] = b;
-  }
-  const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+// 16 consecutive elements as loaded from memory with 16-byte loads: kept raw until needed, so that
+// a thread can have all its loads in flight before it uses the first one.
+template <typename T>
+struct Raw16 {
+  static constexpr int kVecs = 16 * sizeof(T) / 16;
+  uint4 vec[kVecs];
+};
+
+template <typename T>
+__device__ __forceinline__ Raw16<T> load_raw16(const T* p) {  // p 16-byte aligned
+  Raw16<T> r;
 #pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    v[2 * i] = bits_float(w[i] << 16);
-    v[2 * i + 1] = bits_float(w[i] & 0xFFFF0000u);
+  for (int i = 0; i < Raw16<T>::kVecs; ++i) r.vec[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  return r;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_raw16(T* p, const Raw16<T>& r) {
+#pragma unroll
+  for (int i = 0; i < Raw16<T>::kVecs; ++i) reinterpret_cast<uint4*>(p)[i] = r.vec[i];
+}
+
+__device__ __forceinline__ void unpack16(const Raw16<bf16_t>& r, float v[16]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t w[4] = {r.vec[i].x, r.vec[i].y, r.vec[i].z, r.vec[i].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      v[8 * i + 2 * j] = bits_float(w[j] << 16);
+      v[8 * i + 2 * j + 1] = bits_float(w[j] & 0xFFFF0000u);
+    }
   }
 }
-__device__ __forceinline__ void load16(const float* p, float v[16], float* stage) {
-  const float4* q = reinterpret_cast<const float4*>(p);
+
+__device__ __forceinline__ void unpack16(const Raw16<float>& r, float v[16]) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    const float4 a = __ldg(q + i);
-    if (stage) reinterpret_cast<float4*>(stage)[i] = a;
-    v[4 * i] = a.x;
-    v[4 * i + 1] = a.y;
-    v[4 * i + 2] = a.z;
-    v[4 * i + 3] = a.w;
+    v[4 * i] = bits_float(r.vec[i].x);
+    v[4 * i + 1] = bits_float(r.vec[i].y);
+    v[4 * i + 2] = bits_float(r.vec[i].z);
+    v[4 * i + 3] = bits_float(r.vec[i].w);
   }
 }
 
@@ -64,35 +79,46 @@ __device__ __forceinline__ uint32_t max_abs_bits(const float* v) {
 // Encodes kN (16 or 32) FP4 elements with one element scale and packs them (element 2i in the low
 // nibble of byte i) into kN/8 32-bit words. `index0` is the row-major index of v[0] in the
 // quantized matrix; it is a multiple of 16, so the Philox groups line up with the CPU's.
-template <int kN>
-__device__ __forceinline__ void encode_fp4(const float* v, float scale, Rounding rounding, uint64_t seed,
-                                           uint32_t stream, uint64_t index0, uint32_t* packed) {
+template <int kN, Rounding kRounding>
+__device__ __forceinline__ void encode_fp4(const float* v, float scale, uint64_t seed, uint32_t stream,
+                                           uint64_t index0, uint32_t* packed) {
 #pragma unroll
   for (int w = 0; w < kN / 8; ++w) packed[w] = 0;
 #pragma unroll
   for (int g = 0; g < kN / 4; ++g) {
     Philox4x32 bits{{0, 0, 0, 0}};
-    if (rounding == Rounding::kStochastic) bits = random_words(seed, stream, (index0 >> 2) + g);
+    if constexpr (kRounding == Rounding::kStochastic) bits = random_words(seed, stream, (index0 >> 2) + g);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int k = 4 * g + j;
-      const uint32_t code = fp4_encode_element(v[k], scale, rounding, bits.v[j]);
+      const uint32_t code = fp4_encode_element(v[k], scale, kRounding, bits.v[j]);
       packed[k / 8] |= code << (4 * (k % 8));
     }
   }
 }
 
 // NVFP4 block of 16: scale code and packed elements.
-__device__ __forceinline__ uint8_t nvfp4_block(const float v[16], TensorScale ts, Rounding rounding, uint64_t seed,
-                                               uint32_t stream, uint64_t index0, uint2& packed) {
+template <Rounding kRounding>
+__device__ __forceinline__ uint8_t nvfp4_block(const float v[16], TensorScale ts, uint64_t seed, uint32_t stream,
+                                               uint64_t index0, uint2& packed) {
   const uint8_t scale = nvfp4_block_scale_code(bits_float(max_abs_bits<16>(v)), ts.encode);
   uint32_t p[2];
-  encode_fp4<16>(v, nvfp4_element_encode_scale(scale, ts.decode), rounding, seed, stream, index0, p);
+  encode_fp4<16, kRounding>(v, nvfp4_element_encode_scale(scale, ts.decode), seed, stream, index0, p);
   packed = make_uint2(p[0], p[1]);
   return scale;
 }
 
 // Max over the thread block, then atomicMax into *out. Called by all threads of the block.
+// encode_fp4 with the spec's rounding chosen at run time (generic path).
+template <int kN>
+__device__ __forceinline__ void encode_fp4_any(const float* v, float scale, const QuantSpec& spec, uint64_t index0,
+                                               uint32_t* packed) {
+  if (spec.rounding == Rounding::kStochastic)
+    encode_fp4<kN, Rounding::kStochastic>(v, scale, spec.seed, spec.stream, index0, packed);
+  else
+    encode_fp4<kN, Rounding::kNearestEven>(v, scale, spec.seed, spec.stream, index0, packed);
+}
+
 __device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
   __shared__ uint32_t warp_max[32];
   __syncthreads();  // warp_max may still be read by an earlier call
@@ -122,7 +148,9 @@ constexpr int kTileCols = 128;
 constexpr int kRowColThreads = 128;
 constexpr int kSegsPerRow = kTileCols / 16;
 
-template <typename T, bool kAmaxOnly>
+// Rounding modes and the RHT are template parameters so that each variant carries only its own
+// code (a kernel holding every path spends its time on instruction-cache misses).
+template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht>
 __global__ void __launch_bounds__(kRowColThreads)
     nvfp4_rowcol_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowColSpec spec,
                         uint32_t* __restrict__ amax_out, const uint32_t* __restrict__ amax_in, QuantBuffers row,
@@ -148,23 +176,32 @@ __global__ void __launch_bounds__(kRowColThreads)
   }
 
   // The columnwise pass needs the tile in shared memory (the amax pass only when the RHT is on).
-  const bool stage_tile = spec.columnwise && (!kAmaxOnly || spec.col_rht);
+  const bool stage_tile = spec.columnwise && (!kAmaxOnly || kRht);
   uint32_t row_amax = 0, col_amax = 0;
   const int seg = t % kSegsPerRow;
+  constexpr int kIters = kTileRows / (kRowColThreads / kSegsPerRow);
+  // All of this thread's loads first, then the work on them.
+  Raw16<T> raw[kIters];
 #pragma unroll
-  for (int i = 0; i < kTileRows / (kRowColThreads / kSegsPerRow); ++i) {
+  for (int i = 0; i < kIters; ++i) {
+    const int lr = t / kSegsPerRow + i * (kRowColThreads / kSegsPerRow);
+    if (lr < tile_rows && seg * 16 < tile_cols) raw[i] = load_raw16(x + (r0 + lr) * cols + c0 + seg * 16);
+  }
+#pragma unroll
+  for (int i = 0; i < kIters; ++i) {
     const int lr = t / kSegsPerRow + i * (kRowColThreads / kSegsPerRow);
     const int lc = seg * 16;
     if (lr < tile_rows && lc < tile_cols) {
       const int64_t gi = (r0 + lr) * cols + c0 + lc;
+      if (stage_tile) store_raw16(&tile[lr][lc], raw[i]);
       float v[16];
-      load16(x + gi, v, stage_tile ? &tile[lr][lc] : nullptr);
+      unpack16(raw[i], v);
       if constexpr (kAmaxOnly) {
         row_amax = max(row_amax, max_abs_bits<16>(v));
       } else if (spec.rowwise) {
         uint2 packed = make_uint2(0, 0);
         uint8_t scale = 0;
-        if (row_ok) scale = nvfp4_block(v, row_ts, spec.row_rounding, spec.seed, spec.row_stream, gi, packed);
+        if (row_ok) scale = nvfp4_block<kRowRounding>(v, row_ts, spec.seed, spec.row_stream, gi, packed);
         *reinterpret_cast<uint2*>(row.data + gi / 2) = packed;
         row.scales[gi / 16] = scale;
       }
@@ -175,20 +212,20 @@ __global__ void __launch_bounds__(kRowColThreads)
     __syncthreads();
     if (t < tile_cols) {
       const int64_t c = c0 + t;
-#pragma unroll
+#pragma unroll 1
       for (int b = 0; b < kTileRows / 16; ++b) {
         if (b * 16 < tile_rows) {
           float v[16];
 #pragma unroll
           for (int k = 0; k < 16; ++k) v[k] = to_float(tile[b * 16 + k][t]);
-          if (spec.col_rht) rht16(v, spec.rht_signs);
+          if constexpr (kRht) rht16(v, spec.rht_signs);
           if constexpr (kAmaxOnly) {
             col_amax = max(col_amax, max_abs_bits<16>(v));
           } else {
             const int64_t qi = c * rows + r0 + b * 16;  // index in X^T
             uint2 packed = make_uint2(0, 0);
             uint8_t scale = 0;
-            if (col_ok) scale = nvfp4_block(v, col_ts, spec.col_rounding, spec.seed, spec.col_stream, qi, packed);
+            if (col_ok) scale = nvfp4_block<kColRounding>(v, col_ts, spec.seed, spec.col_stream, qi, packed);
             *reinterpret_cast<uint2*>(col.data + qi / 2) = packed;
             col.scales[qi / 16] = scale;
           }
@@ -199,7 +236,7 @@ __global__ void __launch_bounds__(kRowColThreads)
 
   if constexpr (kAmaxOnly) {
     block_max_to_global(row_amax, amax_out);
-    if (spec.col_rht) block_max_to_global(col_amax, amax_out + 1);
+    if constexpr (kRht) block_max_to_global(col_amax, amax_out + 1);
   }
 }
 
@@ -283,7 +320,7 @@ __global__ void segment_quantize_kernel(const T* __restrict__ x, int64_t cols, Q
     uint8_t scale = 0;
     if (finite) {
       scale = nvfp4_block_scale_code(bits_float(bamax), ts.encode);
-      encode_fp4<kW>(v, nvfp4_element_encode_scale(scale, ts.decode), spec.rounding, spec.seed, spec.stream, index0, p);
+      encode_fp4_any<kW>(v, nvfp4_element_encode_scale(scale, ts.decode), spec, index0, p);
     }
 #pragma unroll
     for (int w = 0; w < kW / 8; ++w) reinterpret_cast<uint32_t*>(out.data + index0 / 2)[w] = p[w];
@@ -299,7 +336,7 @@ __global__ void segment_quantize_kernel(const T* __restrict__ x, int64_t cols, Q
     uint8_t scale = E8M0::kNanCode;
     if (amax_is_finite(bamax)) {
       scale = mxfp4_block_scale_code(bits_float(bamax));
-      encode_fp4<kW>(v, mxfp4_element_encode_scale(scale), spec.rounding, spec.seed, spec.stream, index0, p);
+      encode_fp4_any<kW>(v, mxfp4_element_encode_scale(scale), spec, index0, p);
     }
 #pragma unroll
     for (int w = 0; w < kW / 8; ++w) reinterpret_cast<uint32_t*>(out.data + index0 / 2)[w] = p[w];
@@ -370,6 +407,36 @@ void check_rowcol_shape(int64_t rows, int64_t cols) {
                                 std::to_string(cols) + " tensor: both dimensions must be positive multiples of 16");
 }
 
+// Picks the kernel variant for the spec's rounding modes and RHT switch.
+template <typename T, bool kAmaxOnly>
+void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, uint32_t* amax_out,
+                   const uint32_t* amax_in, QuantBuffers row, QuantBuffers col, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols),
+                  static_cast<unsigned>((rows + kTileRows - 1) / kTileRows));
+  constexpr Rounding kRne = Rounding::kNearestEven, kSr = Rounding::kStochastic;
+  const auto go = [&](auto kernel) {
+    kernel<<<grid, kRowColThreads, 0, stream>>>(x, rows, cols, spec, amax_out, amax_in, row, col);
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+  };
+  if constexpr (kAmaxOnly) {  // rounding plays no part in the amax pass
+    spec.col_rht ? go(nvfp4_rowcol_kernel<T, true, kRne, kRne, true>) : go(nvfp4_rowcol_kernel<T, true, kRne, kRne, false>);
+    return;
+  } else {
+    const bool rs = spec.row_rounding == kSr, cs = spec.col_rounding == kSr;
+    if (spec.col_rht) {
+      if (rs && cs) go(nvfp4_rowcol_kernel<T, false, kSr, kSr, true>);
+      else if (rs) go(nvfp4_rowcol_kernel<T, false, kSr, kRne, true>);
+      else if (cs) go(nvfp4_rowcol_kernel<T, false, kRne, kSr, true>);
+      else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, true>);
+    } else {
+      if (rs && cs) go(nvfp4_rowcol_kernel<T, false, kSr, kSr, false>);
+      else if (rs) go(nvfp4_rowcol_kernel<T, false, kSr, kRne, false>);
+      else if (cs) go(nvfp4_rowcol_kernel<T, false, kRne, kSr, false>);
+      else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, false>);
+    }
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -380,10 +447,7 @@ void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, 
                 cudaStream_t stream) {
   check_rowcol_shape(rows, cols);
   NIBBLE_CUDA_CHECK(cudaMemsetAsync(amax_bits, 0, 2 * sizeof(uint32_t), stream));
-  const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols),
-                  static_cast<unsigned>((rows + kTileRows - 1) / kTileRows));
-  nvfp4_rowcol_kernel<T, true><<<grid, kRowColThreads, 0, stream>>>(x, rows, cols, spec, amax_bits, nullptr, {}, {});
-  NIBBLE_CUDA_CHECK(cudaGetLastError());
+  launch_rowcol<T, true>(x, rows, cols, spec, amax_bits, nullptr, {}, {}, stream);
   if (!spec.col_rht)  // the columnwise copy holds the same values
     NIBBLE_CUDA_CHECK(cudaMemcpyAsync(amax_bits + 1, amax_bits, sizeof(uint32_t), cudaMemcpyDeviceToDevice, stream));
 }
@@ -392,10 +456,7 @@ template <typename T>
 void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec,
                            const uint32_t* amax_bits, QuantBuffers row, QuantBuffers col, cudaStream_t stream) {
   check_rowcol_shape(rows, cols);
-  const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols),
-                  static_cast<unsigned>((rows + kTileRows - 1) / kTileRows));
-  nvfp4_rowcol_kernel<T, false><<<grid, kRowColThreads, 0, stream>>>(x, rows, cols, spec, nullptr, amax_bits, row, col);
-  NIBBLE_CUDA_CHECK(cudaGetLastError());
+  launch_rowcol<T, false>(x, rows, cols, spec, nullptr, amax_bits, row, col, stream);
 }
 
 constexpr int kSegmentThreads = 256;
