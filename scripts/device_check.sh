@@ -7,18 +7,19 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
+build=${BUILD_DIR:-build/cuda}
 mkdir -p "$out"
 status=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/gpu.txt"
 
 echo "== CUDA tests"
-build/cuda/tests/nibble_cuda_tests 2>&1 | tee "$out/cuda_tests.log" | grep -E "^\[  (PASSED|FAILED) |^\[==========\]|compared|random seed|Failure" | head -40
+"$build"/tests/nibble_cuda_tests 2>&1 | tee "$out/cuda_tests.log" | grep -E "^\[  (PASSED|FAILED) |^\[==========\]|compared|random seed|Failure" | head -40
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== compute-sanitizer (memcheck, racecheck) on small cases"
 filter='CudaQuantize.FusedSidesCanBeSwitchedOff:CudaQuantize.NonFiniteAndZeroTensorsMatchCpu:CudaQuantize.RejectsShapesItCannotQuantize'
 for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 9 build/cuda/tests/nibble_cuda_tests --gtest_filter="$filter" \
+  compute-sanitizer --tool "$tool" --error-exitcode 9 "$build"/tests/nibble_cuda_tests --gtest_filter="$filter" \
     >"$out/sanitizer_$tool.log" 2>&1
   rc=$?
   echo "$tool: exit $rc ($(grep -E 'SUMMARY' "$out/sanitizer_$tool.log" | tail -1))"
@@ -26,6 +27,6 @@ for tool in memcheck racecheck; do
 done
 
 echo "== CUDA benchmarks"
-build/cuda/bench/nibble_quant_bench_cuda 2>&1 | tee "$out/quant_bench.log"
+"$build"/bench/nibble_quant_bench_cuda 2>&1 | tee "$out/quant_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

@@ -231,10 +231,10 @@ TEST(CudaQuantize, NonFiniteAndZeroTensorsMatchCpu) {
 
 TEST(CudaQuantize, DequantizeEqualsCpuBitForBit) {
   std::mt19937_64 rng(fresh_seed() + 4);
-  const std::vector<float> x = draw(112, 2080, Dist::kGaussianOutliers, rng);
+  const std::vector<float> x = draw(128, 2080, Dist::kGaussianOutliers, rng);
   for (const QuantSpec& s : all_specs()) {
     SCOPED_TRACE(describe(s));
-    const QuantizedTensor q = quantize(std::span<const float>(x), 112, 2080, s);
+    const QuantizedTensor q = quantize(std::span<const float>(x), 128, 2080, s);
     const std::vector<float> cpu = dequantize(q), gpu = cuda::dequantize_on_gpu(q);
     ASSERT_EQ(cpu.size(), gpu.size());
     EXPECT_EQ(std::memcmp(cpu.data(), gpu.data(), cpu.size() * sizeof(float)), 0);

@@ -151,6 +151,29 @@ NIBBLE_HD uint8_t e2m1_encode_rne_fast(float x) {
   return static_cast<uint8_t>(sign | mag);
 }
 
+// E2M1 stochastic rounding in integer operations, equal to E2M1::encode(x, kStochastic, bits) for
+// every float and every random word: for |x| >= 1 the fraction between the two neighbours is the
+// 22 float mantissa bits below E2M1's one, and "fraction > (bits >> 8) * 2^-24" is the integer
+// comparison 4 * those bits > (bits >> 8). Below 1 the step is 0.5, as in the generic encoder.
+NIBBLE_HD uint8_t e2m1_encode_sr_fast(float x, uint32_t random_bits) {
+  const uint32_t xb = float_bits(x);
+  const uint32_t sign = (xb >> 28) & 0x8u;
+  const uint32_t ab = xb & 0x7FFFFFFFu;
+  if (ab > 0x7F800000u) return E2M1::kNanCode;
+  const float a = bits_float(ab);
+  uint32_t mag;
+  if (a >= 1.0f) {
+    const uint32_t up = ((ab & 0x3FFFFFu) << 2) > (random_bits >> 8) ? 1u : 0u;
+    mag = (ab >> 22) + up - 252u;
+    if (mag > 7u) mag = 7u;
+  } else {
+    const float q = a * 2.0f;
+    const float fl = floorf(q);
+    mag = static_cast<uint32_t>(fl) + ((q - fl) > static_cast<float>(random_bits >> 8) * kTwoPowMinus24 ? 1u : 0u);
+  }
+  return static_cast<uint8_t>(sign | mag);
+}
+
 // E8M0: an unsigned power of two 2^(code - 127), code 0..254; code 255 is NaN. No zero, no sign.
 // Encoding uses |x|; values below 2^-127 (zero included) saturate to code 0, values above 2^127
 // (and infinities) to code 254; NaN gives 255. Rounding is in the value domain: between 2^k and

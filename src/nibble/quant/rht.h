@@ -45,15 +45,14 @@ NIBBLE_HD void rht16(float v[kRhtBlock], RhtSigns signs) {
 NIBBLE_UNROLL
   for (int i = 0; i < kRhtBlock; ++i) v[i] *= signs.sign(i);
 NIBBLE_UNROLL
-  for (int h = 1; h < kRhtBlock; h *= 2) {
+  for (int stage = 0; stage < 4; ++stage) {  // stride h = 1, 2, 4, 8
+    const int h = 1 << stage;
 NIBBLE_UNROLL
-    for (int i = 0; i < kRhtBlock; i += 2 * h) {
-NIBBLE_UNROLL
-      for (int j = i; j < i + h; ++j) {
-        const float a = v[j], b = v[j + h];
-        v[j] = a + b;
-        v[j + h] = a - b;
-      }
+    for (int k = 0; k < kRhtBlock / 2; ++k) {  // the 8 pairs (j, j + h) of this stage
+      const int j = (k / h) * 2 * h + k % h;
+      const float a = v[j], b = v[j + h];
+      v[j] = a + b;
+      v[j + h] = a - b;
     }
   }
 NIBBLE_UNROLL

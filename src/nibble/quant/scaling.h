@@ -48,10 +48,10 @@ NIBBLE_HD float nvfp4_element_encode_scale(uint8_t scale_code, float g) {
 }
 
 // q = E2M1(clamp(x * scale, -6, 6)): the element encoder of NVFP4 (scale = e_b) and MXFP4 (scale = 1/X).
-NIBBLE_HD uint8_t fp4_encode_element(float x, float e_b, Rounding rounding, uint32_t random_bits) {
-  const float v = fminf(fmaxf(x * e_b, -kE2M1Max), kE2M1Max);
-  return rounding == Rounding::kNearestEven ? e2m1_encode_rne_fast(v)
-                                            : E2M1::encode(v, Rounding::kStochastic, random_bits);
+// The fast E2M1 encoders saturate at +-6 by themselves, which is the clamp.
+NIBBLE_HD uint8_t fp4_encode_element(float x, float scale, Rounding rounding, uint32_t random_bits) {
+  const float v = x * scale;
+  return rounding == Rounding::kNearestEven ? e2m1_encode_rne_fast(v) : e2m1_encode_sr_fast(v, random_bits);
 }
 
 // ---- MXFP4 (OCP Microscaling v1.0): E2M1 elements, E8M0 scale per 32 elements, no tensor scale ----
