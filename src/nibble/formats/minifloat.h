@@ -135,20 +135,16 @@ static_assert(E5M2::kMax == 57344.0f);
 // (exponent field * 2 + mantissa bit) - 252 = 2e + m + 2. Below 1 the step is 0.5 (codes 0, 1, 2;
 // ties 0.25 -> 0 and 0.75 -> 2 go to the even code). Beyond 6 it saturates; NaN gives +6.
 NIBBLE_HD uint8_t e2m1_encode_rne_fast(float x) {
+  // Branch-free: both halves are computed and one is selected (this runs twice per element in the
+  // CUDA quantizers, where a branch per element costs more than the arithmetic).
   const uint32_t xb = float_bits(x);
-  const uint32_t sign = (xb >> 28) & 0x8u;
   const uint32_t ab = xb & 0x7FFFFFFFu;
-  if (ab > 0x7F800000u) return E2M1::kNanCode;
   const float a = bits_float(ab);
-  uint32_t mag;
-  if (a >= 1.0f) {
-    const uint32_t r = (ab + 0x1FFFFFu + ((ab >> 22) & 1u)) >> 22;
-    mag = r - 252u;
-    if (mag > 7u) mag = 7u;
-  } else {
-    mag = static_cast<uint32_t>(a > 0.25f) + static_cast<uint32_t>(a >= 0.75f);
-  }
-  return static_cast<uint8_t>(sign | mag);
+  const uint32_t rounded = (ab + 0x1FFFFFu + ((ab >> 22) & 1u)) >> 22;  // meaningful for a >= 1
+  const uint32_t hi = (rounded < 259u ? rounded : 259u) - 252u;          // saturates at code 7 (6.0)
+  const uint32_t lo = static_cast<uint32_t>(a > 0.25f) + static_cast<uint32_t>(a >= 0.75f);
+  const uint32_t code = ((xb >> 28) & 0x8u) | (a >= 1.0f ? hi : lo);
+  return static_cast<uint8_t>(ab > 0x7F800000u ? E2M1::kNanCode : code);
 }
 
 // E2M1 stochastic rounding in integer operations, equal to E2M1::encode(x, kStochastic, bits) for
@@ -157,21 +153,18 @@ NIBBLE_HD uint8_t e2m1_encode_rne_fast(float x) {
 // comparison 4 * those bits > (bits >> 8). Below 1 the step is 0.5, as in the generic encoder.
 NIBBLE_HD uint8_t e2m1_encode_sr_fast(float x, uint32_t random_bits) {
   const uint32_t xb = float_bits(x);
-  const uint32_t sign = (xb >> 28) & 0x8u;
   const uint32_t ab = xb & 0x7FFFFFFFu;
-  if (ab > 0x7F800000u) return E2M1::kNanCode;
   const float a = bits_float(ab);
-  uint32_t mag;
-  if (a >= 1.0f) {
-    const uint32_t up = ((ab & 0x3FFFFFu) << 2) > (random_bits >> 8) ? 1u : 0u;
-    mag = (ab >> 22) + up - 252u;
-    if (mag > 7u) mag = 7u;
-  } else {
-    const float q = a * 2.0f;
-    const float fl = floorf(q);
-    mag = static_cast<uint32_t>(fl) + ((q - fl) > static_cast<float>(random_bits >> 8) * kTwoPowMinus24 ? 1u : 0u);
-  }
-  return static_cast<uint8_t>(sign | mag);
+  const uint32_t threshold = random_bits >> 8;
+  const uint32_t up_hi = ((ab & 0x3FFFFFu) << 2) > threshold ? 1u : 0u;
+  const uint32_t rounded = (ab >> 22) + up_hi;                     // meaningful for a >= 1
+  const uint32_t hi = (rounded < 259u ? rounded : 259u) - 252u;   // saturates at code 7 (6.0)
+  const float q = fminf(a, 1.0f) * 2.0f;                          // below 1: steps of 0.5
+  const float fl = floorf(q);
+  const uint32_t lo = static_cast<uint32_t>(fl) +
+                      ((q - fl) > static_cast<float>(threshold) * kTwoPowMinus24 ? 1u : 0u);
+  const uint32_t code = ((xb >> 28) & 0x8u) | (a >= 1.0f ? hi : lo);
+  return static_cast<uint8_t>(ab > 0x7F800000u ? E2M1::kNanCode : code);
 }
 
 // E8M0: an unsigned power of two 2^(code - 127), code 0..254; code 255 is NaN. No zero, no sign.

@@ -44,7 +44,12 @@ NIBBLE_HD uint8_t nvfp4_block_scale_code(float block_amax, float s_enc) {
 // Element encode scale e_b = min(1 / (float(s_b) * g), FLT_MAX). (s_b = 0 gives FLT_MAX; the
 // block is then all zeros, since its amax rounded to a zero scale.)
 NIBBLE_HD float nvfp4_element_encode_scale(uint8_t scale_code, float g) {
-  return fminf(1.0f / (E4M3::decode(scale_code) * g), FLT_MAX);
+#if defined(__CUDA_ARCH__)
+  const float inv = __frcp_rn(E4M3::decode(scale_code) * g);  // correctly rounded, like 1.0f / x
+#else
+  const float inv = 1.0f / (E4M3::decode(scale_code) * g);
+#endif
+  return fminf(inv, FLT_MAX);
 }
 
 // q = E2M1(clamp(x * scale, -6, 6)): the element encoder of NVFP4 (scale = e_b) and MXFP4 (scale = 1/X).

@@ -76,6 +76,16 @@ __device__ __forceinline__ uint32_t max_abs_bits(const float* v) {
   return a;
 }
 
+// max |v| of finite values (one FMNMX per element, where abs_bits + integer max take two). Equal
+// to bits_float(max_abs_bits(v)) whenever every v is finite, which the quantizers check first.
+template <int kN>
+__device__ __forceinline__ float max_abs_finite(const float* v) {
+  float a = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) a = fmaxf(a, fabsf(v[i]));
+  return a;
+}
+
 // Encodes kN (16 or 32) FP4 elements with one element scale and packs them (element 2i in the low
 // nibble of byte i) into kN/8 32-bit words. `index0` is the row-major index of v[0] in the
 // quantized matrix; it is a multiple of 16, so the Philox groups line up with the CPU's.
@@ -101,7 +111,7 @@ __device__ __forceinline__ void encode_fp4(const float* v, float scale, uint64_t
 template <Rounding kRounding>
 __device__ __forceinline__ uint8_t nvfp4_block(const float v[16], TensorScale ts, uint64_t seed, uint32_t stream,
                                                uint64_t index0, uint2& packed) {
-  const uint8_t scale = nvfp4_block_scale_code(bits_float(max_abs_bits<16>(v)), ts.encode);
+  const uint8_t scale = nvfp4_block_scale_code(max_abs_finite<16>(v), ts.encode);
   uint32_t p[2];
   encode_fp4<16, kRounding>(v, nvfp4_element_encode_scale(scale, ts.decode), seed, stream, index0, p);
   packed = make_uint2(p[0], p[1]);
