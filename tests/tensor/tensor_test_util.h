@@ -1,0 +1,100 @@
+// Helpers of the tensor-file and CLI tests: a scratch directory per test and raw file writers for
+// crafting malformed inputs.
+#pragma once
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <unistd.h>
+
+namespace nibble::test {
+
+// A fresh random seed per call, printed so that a failure can be reproduced: rerun with
+// NIBBLE_TEST_SEED=<seed> to draw the same inputs.
+inline uint64_t io_test_seed() {
+  uint64_t seed;
+  if (const char* env = std::getenv("NIBBLE_TEST_SEED"); env != nullptr && *env != '\0') {
+    seed = std::strtoull(env, nullptr, 10);
+  } else {
+    std::random_device rd;
+    seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
+  }
+  const ::testing::TestInfo* info = ::testing::UnitTest::GetInstance()->current_test_info();
+  std::printf("[ seed     ] %s.%s: NIBBLE_TEST_SEED=%llu\n", info ? info->test_suite_name() : "?",
+              info ? info->name() : "?", static_cast<unsigned long long>(seed));
+  return seed;
+}
+
+// A fresh directory under the system temp directory, removed with everything in it at scope end.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    static std::atomic<int> counter{0};
+    const ::testing::TestInfo* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    path_ = std::filesystem::temp_directory_path() /
+            ("nibble-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + "-" +
+             (info ? std::string(info->name()) : std::string("x")));
+    std::filesystem::remove_all(path_);
+    std::filesystem::create_directories(path_);
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  std::filesystem::path operator/(std::string_view name) const { return path_ / name; }
+  const std::filesystem::path& path() const { return path_; }
+  // Names of the files in the directory (to check that nothing was left behind).
+  std::vector<std::string> files() const {
+    std::vector<std::string> out;
+    for (const auto& e : std::filesystem::directory_iterator(path_)) out.push_back(e.path().filename().string());
+    return out;
+  }
+
+ private:
+  std::filesystem::path path_;
+};
+
+inline void write_bytes(const std::filesystem::path& path, std::string_view bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  ASSERT_TRUE(out.good()) << path;
+}
+
+inline std::string read_bytes(const std::filesystem::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// A safetensors file with the given header text (not validated) and data bytes.
+inline void write_raw_safetensors(const std::filesystem::path& path, std::string_view header, std::string_view data) {
+  std::string bytes(8, '\0');
+  const uint64_t n = header.size();
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<char>(n >> (8 * i));
+  bytes += header;
+  bytes += data;
+  write_bytes(path, bytes);
+}
+
+// Runs `body`, expects a std::exception whose message contains every one of `parts`.
+template <typename F>
+void expect_error(F&& body, const std::vector<std::string>& parts) {
+  try {
+    body();
+    ADD_FAILURE() << "no error; expected one mentioning '" << (parts.empty() ? "" : parts.back()) << "'";
+  } catch (const std::exception& e) {
+    const std::string what = e.what();
+    for (const std::string& p : parts) EXPECT_NE(what.find(p), std::string::npos) << "'" << p << "' not in: " << what;
+  }
+}
+
+}  // namespace nibble::test
