@@ -29,6 +29,11 @@ QuantizedTensor quantize(std::span<const bf16_t> x, int64_t rows, int64_t cols, 
 // transformed values: undo with rht_blocks(..., inverse).
 std::vector<float> dequantize(const QuantizedTensor& q);
 
+// The same values without the per-tensor decode scale (code * block_scale), as a GEMM operand:
+// exact in float (an E2M1 code times an E4M3 or E8M0 scale, or an FP8 code), with g left for the
+// GEMM's alpha = g_a * g_b. A non-finite tensor gives NaN everywhere.
+std::vector<float> dequantize_unscaled(const QuantizedTensor& q);
+
 // Applies the RHT in place to each 16-element block along the rows of a rows x cols matrix.
 // The transform's inverse is its transpose, H16 diag(signs) / 4; `inverse` applies that.
 void rht_blocks(std::span<float> x, int64_t rows, int64_t cols, RhtSigns signs, bool inverse = false);

@@ -101,13 +101,19 @@ void rht_blocks(std::span<float> x, int64_t rows, int64_t cols, RhtSigns signs, 
 
 namespace {
 
-void pack_nibble(std::vector<uint8_t>& data, int64_t i, uint8_t code) {
-  uint8_t& byte = data[static_cast<size_t>(i >> 1)];
-  byte = (i & 1) ? static_cast<uint8_t>((byte & 0x0F) | (code << 4)) : static_cast<uint8_t>((byte & 0xF0) | code);
-}
-
-uint32_t element_random_bits(const QuantSpec& s, int64_t index) {
-  return s.rounding == Rounding::kStochastic ? random_word(s.seed, s.stream, static_cast<uint64_t>(index)) : 0u;
+// Encodes n FP4 elements (n a multiple of 4, index0 of v[0] a multiple of 4) with one element scale
+// into n/2 packed bytes; stochastic rounding draws one Philox block per 4 elements.
+void encode_fp4_run(const float* v, int n, float scale, const QuantSpec& s, int64_t index0, uint8_t* out) {
+  for (int g = 0; g < n; g += 4) {
+    Philox4x32 bits{{0, 0, 0, 0}};
+    if (s.rounding == Rounding::kStochastic) bits = random_words(s.seed, s.stream, static_cast<uint64_t>(index0 + g) >> 2);
+    const uint8_t c0 = fp4_encode_element(v[g], scale, s.rounding, bits.v[0]);
+    const uint8_t c1 = fp4_encode_element(v[g + 1], scale, s.rounding, bits.v[1]);
+    const uint8_t c2 = fp4_encode_element(v[g + 2], scale, s.rounding, bits.v[2]);
+    const uint8_t c3 = fp4_encode_element(v[g + 3], scale, s.rounding, bits.v[3]);
+    out[g / 2] = static_cast<uint8_t>(c0 | (c1 << 4));
+    out[g / 2 + 1] = static_cast<uint8_t>(c2 | (c3 << 4));
+  }
 }
 
 // The matrix that gets quantized, in float: X or X^T, with the RHT applied if asked for.
@@ -149,10 +155,8 @@ void quantize_nvfp4(const std::vector<float>& m, QuantizedTensor& q) {
       q.scales[(r0 / tile_rows) * q.scale_cols() + c0 / 16] = scale;
       const float e_b = nvfp4_element_encode_scale(scale, ts.decode);
       for (int64_t r = r0; r < r0 + tile_rows; ++r) {
-        for (int64_t c = c0; c < c0 + 16; ++c) {
-          const int64_t i = r * q.cols + c;
-          pack_nibble(q.data, i, fp4_encode_element(m[i], e_b, s.rounding, element_random_bits(s, i)));
-        }
+        const int64_t i = r * q.cols + c0;
+        encode_fp4_run(&m[i], 16, e_b, s, i, &q.data[i / 2]);
       }
     }
   }
@@ -171,9 +175,7 @@ void quantize_mxfp4(const std::vector<float>& m, QuantizedTensor& q) {
       }
       const uint8_t scale = mxfp4_block_scale_code(bits_float(block_amax));
       q.scales[si] = scale;
-      const float inv = mxfp4_element_encode_scale(scale);
-      for (int64_t i = base; i < base + 32; ++i)
-        pack_nibble(q.data, i, fp4_encode_element(m[i], inv, s.rounding, element_random_bits(s, i)));
+      encode_fp4_run(&m[base], 32, mxfp4_element_encode_scale(scale), s, base, &q.data[base / 2]);
     }
   }
 }
@@ -182,8 +184,12 @@ template <typename Fp8>
 void quantize_fp8(const std::vector<float>& m, QuantizedTensor& q) {
   const TensorScale ts = fp8_tensor_scale(q.amax, Fp8::kMax);
   q.decode_scale = ts.decode;
-  for (int64_t i = 0; i < q.numel(); ++i)
-    q.data[i] = Fp8::encode(m[i] * ts.encode, q.spec.rounding, element_random_bits(q.spec, i));
+  const QuantSpec& s = q.spec;
+  for (int64_t i = 0; i < q.numel(); ++i) {
+    const uint32_t bits =
+        s.rounding == Rounding::kStochastic ? random_word(s.seed, s.stream, static_cast<uint64_t>(i)) : 0u;
+    q.data[i] = Fp8::encode(m[i] * ts.encode, s.rounding, bits);
+  }
 }
 
 template <typename T>
@@ -246,6 +252,14 @@ std::vector<float> dequantize(const QuantizedTensor& q) {
     }
   }
   return out;
+}
+
+std::vector<float> dequantize_unscaled(const QuantizedTensor& q) {
+  // dequantize() with g = 1 multiplies by exactly 1.0f. (The copy costs one pass over the packed
+  // data, small next to the GEMM this feeds.)
+  QuantizedTensor view = q;
+  if (view.finite()) view.decode_scale = 1.0f;
+  return dequantize(view);
 }
 
 }  // namespace nibble
