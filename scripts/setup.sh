@@ -10,5 +10,6 @@ $SUDO apt-get install -y -qq --no-install-recommends \
   build-essential cmake ninja-build pkg-config \
   libgtest-dev libgmock-dev libbenchmark-dev \
   nlohmann-json3-dev libcli11-dev \
+  libopenblas-dev libtomlplusplus-dev \
   >/dev/null
 echo "setup: Debian packages installed"
