@@ -68,6 +68,18 @@ __device__ __forceinline__ void unpack16(const Raw16<float>& r, float v[16]) {
   }
 }
 
+// Two neighbouring elements of a shared-memory row in one load.
+__device__ __forceinline__ void load_pair(const bf16_t* p, float& a, float& b) {
+  const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+  a = bits_float(w << 16);
+  b = bits_float(w & 0xFFFF0000u);
+}
+__device__ __forceinline__ void load_pair(const float* p, float& a, float& b) {
+  const float2 w = *reinterpret_cast<const float2*>(p);
+  a = w.x;
+  b = w.y;
+}
+
 template <int kN>
 __device__ __forceinline__ uint32_t max_abs_bits(const float* v) {
   uint32_t a = 0;
@@ -220,44 +232,36 @@ __global__ void __launch_bounds__(kRowColThreads)
 
   if (stage_tile) {
     __syncthreads();
-    // Each thread takes one column of the tile: four 16-row blocks. Their packed codes (32 bytes)
-    // and scales (4 bytes) are contiguous in the columnwise copy, so a full tile writes them with
-    // two 16-byte stores and one 4-byte store (fewer, whole-sector L2 writes than one per block).
-    constexpr int kBlocks = kTileRows / 16;
-    if (t < tile_cols) {
-      const int64_t c = c0 + t;
-      uint2 packed[kBlocks];
-      uint32_t scales = 0;
+    // Each thread takes two neighbouring columns (one 4- or 8-byte shared-memory load gives both)
+    // and one half of the tile's rows: two 16-row blocks per column.
+    constexpr int kPairs = kTileCols / 2;
+    constexpr int kBlocksPerThread = kTileRows / 16 / (kRowColThreads / kPairs);
+    const int pair = t % kPairs;
+    const int first_block = (t / kPairs) * kBlocksPerThread;
+    if (2 * pair < tile_cols) {
 #pragma unroll
-      for (int b = 0; b < kBlocks; ++b) {
-        packed[b] = make_uint2(0, 0);
+      for (int bi = 0; bi < kBlocksPerThread; ++bi) {
+        const int b = first_block + bi;
         if (b * 16 < tile_rows) {
-          float v[16];
+          float va[16], vb[16];  // columns 2*pair and 2*pair + 1
 #pragma unroll
-          for (int k = 0; k < 16; ++k) v[k] = to_float(tile[b * 16 + k][t]);
-          if constexpr (kRht) rht16(v, spec.rht_signs);
-          if constexpr (kAmaxOnly) {
-            col_amax = max(col_amax, max_abs_bits<16>(v));
-          } else if (col_ok) {
-            const int64_t qi = c * rows + r0 + b * 16;  // index in X^T
-            scales |= static_cast<uint32_t>(nvfp4_block<kColRounding>(v, col_ts, spec.seed, spec.col_stream, qi, packed[b]))
-                      << (8 * b);
+          for (int k = 0; k < 16; ++k) load_pair(&tile[b * 16 + k][2 * pair], va[k], vb[k]);
+          if constexpr (kRht) {
+            rht16(va, spec.rht_signs);
+            rht16(vb, spec.rht_signs);
           }
-        }
-      }
-      if constexpr (!kAmaxOnly) {
-        const int64_t q0 = c * rows + r0;  // index in X^T of this column's first element in the tile
-        if (tile_rows == kTileRows && rows % 64 == 0) {  // 16-byte aligned data, 4-byte aligned scales
-          uint4* d = reinterpret_cast<uint4*>(col.data + q0 / 2);
-          d[0] = make_uint4(packed[0].x, packed[0].y, packed[1].x, packed[1].y);
-          d[1] = make_uint4(packed[2].x, packed[2].y, packed[3].x, packed[3].y);
-          *reinterpret_cast<uint32_t*>(col.scales + q0 / 16) = scales;
-        } else {
+          if constexpr (kAmaxOnly) {
+            col_amax = max(col_amax, max(max_abs_bits<16>(va), max_abs_bits<16>(vb)));
+          } else {
 #pragma unroll
-          for (int b = 0; b < kBlocks; ++b) {
-            if (b * 16 < tile_rows) {
-              *reinterpret_cast<uint2*>(col.data + (q0 + b * 16) / 2) = packed[b];
-              col.scales[(q0 + b * 16) / 16] = static_cast<uint8_t>(scales >> (8 * b));
+            for (int side = 0; side < 2; ++side) {
+              const float* v = side == 0 ? va : vb;
+              const int64_t qi = (c0 + 2 * pair + side) * rows + r0 + b * 16;  // index in X^T
+              uint2 packed = make_uint2(0, 0);
+              uint8_t scale = 0;
+              if (col_ok) scale = nvfp4_block<kColRounding>(v, col_ts, spec.seed, spec.col_stream, qi, packed);
+              *reinterpret_cast<uint2*>(col.data + qi / 2) = packed;
+              col.scales[qi / 16] = scale;
             }
           }
         }
