@@ -323,5 +323,64 @@ TEST(E2M1Fast, EqualsTheCodecAroundEveryMidpointAndAtTheEdges) {
   }
 }
 
+// ---- e2m1_encode_sr_fast: the integer-compare stochastic rounding the CUDA kernels use ----
+
+// The random words that matter for x: those whose top 24 bits sit just below, at and just above
+// frac * 2^24 (where the decision flips), plus a few random ones.
+std::vector<uint32_t> words_around_threshold(float x, std::mt19937_64& rng) {
+  RefMinifloat::Entry lo, hi;
+  static const std::vector<RefMinifloat::Entry> mags = test::kRefE2M1.magnitudes();
+  std::vector<uint32_t> words = {0u, 0xFFFFFFFFu, static_cast<uint32_t>(rng()), static_cast<uint32_t>(rng())};
+  const double a = std::fabs(static_cast<double>(x));
+  if (std::isnan(a)) return words;
+  test::kRefE2M1.neighbours(a, mags, lo, hi);
+  if (lo.value == hi.value) return words;
+  const double t = std::floor(std::ldexp((a - lo.value) / (hi.value - lo.value), 24));
+  for (const double d : {-1.0, 0.0, 1.0}) {
+    const double k = t + d;
+    if (k < 0 || k >= 16777216.0) continue;
+    words.push_back(static_cast<uint32_t>(k) << 8 | (static_cast<uint32_t>(rng()) & 0xFFu));
+  }
+  return words;
+}
+
+TEST(E2M1Fast, StochasticEqualsTheCodecOnFloatPatternsUpTo8) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const uint32_t top = bits_of(8.0f);
+  for (uint32_t b = 0; b <= top; b += 1021) {
+    for (const uint32_t sign : {0u, 0x80000000u}) {
+      const float x = from_bits(b | sign);
+      for (const uint32_t w : words_around_threshold(x, rng))
+        ASSERT_EQ(e2m1_encode_sr_fast(x, w), E2M1::encode(x, Rounding::kStochastic, w))
+            << "bits 0x" << std::hex << (b | sign) << " word 0x" << w;
+    }
+  }
+}
+
+TEST(E2M1Fast, StochasticEqualsTheCodecAroundGridPointsAndAtTheEdges) {
+  std::mt19937_64 rng(test::fresh_seed());
+  std::vector<float> xs = {0.0f, 6.0f, 7.0f, 8.0f, 1e30f, FLT_MAX, INFINITY, 1e-45f, 1e-40f, FLT_MIN,
+                           std::numeric_limits<float>::quiet_NaN(), from_bits(0xFFC00001u)};
+  // Every E2M1 value and midpoint, and 512 floats on each side of them.
+  for (int c = 0; c < 8; ++c) {
+    for (const double p : {test::kE2M1Table[c], c < 7 ? (test::kE2M1Table[c] + test::kE2M1Table[c + 1]) / 2 : 6.0}) {
+      float up = static_cast<float>(p), down = static_cast<float>(p);
+      for (int k = 0; k < 512; ++k) {
+        xs.push_back(up);
+        xs.push_back(down);
+        up = std::nextafter(up, INFINITY);
+        down = std::nextafter(down, 0.0f);
+      }
+    }
+  }
+  for (const float x : xs) {
+    for (const float s : {1.0f, -1.0f}) {
+      for (const uint32_t w : words_around_threshold(s * x, rng))
+        ASSERT_EQ(e2m1_encode_sr_fast(s * x, w), E2M1::encode(s * x, Rounding::kStochastic, w))
+            << s * x << " word 0x" << std::hex << w;
+    }
+  }
+}
+
 }  // namespace
 }  // namespace nibble
