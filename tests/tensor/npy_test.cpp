@@ -59,7 +59,7 @@ TEST(Npy, RoundTripsFloat32OfEveryRank) {
     EXPECT_EQ(t.dtype, DType::kF32);
     EXPECT_EQ(t.shape, shape);
     ASSERT_EQ(t.to_f32().size(), v.size());
-    EXPECT_EQ(std::memcmp(t.to_f32().data(), v.data(), v.size() * 4), 0);
+    EXPECT_EQ(t.bytes, HostTensor::f32(shape, v).bytes) << "bit-exact, -0 included";
   }
   EXPECT_EQ(dir.files(), std::vector<std::string>{"a.npy"}) << "no temporary file may be left";
 }
