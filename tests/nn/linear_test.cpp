@@ -191,6 +191,55 @@ TEST(Linear, Nvfp4EqualsIndependentComposition) {
   EXPECT_LT(std::sqrt(err / norm), 0.5);
 }
 
+// The other quantized presets (FP8 per-tensor scaling, MXFP4 with SR and RHT) against the same
+// kind of composition, the specs written here from the recipe's fields. Shapes are multiples of 32
+// for MXFP4's blocks. Same bound as above.
+TEST(Linear, OtherQuantizedPresetsEqualIndependentComposition) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t tokens = 64, in = 64, out = 96;
+  auto x = random_normal(rng, tokens * in);
+  const auto w = random_normal(rng, out * in, 0.1f), dy = random_normal(rng, tokens * out, 1e-3f);
+  x[9] = 20.0f;
+  for (const std::string name : {"fp8", "fp8_hybrid", "mxfp4"}) {
+    const Recipe recipe = preset(name);
+    const uint64_t run_seed = rng(), step = rng() % 100000;
+    Linear layer(in, out, recipe, {1, run_seed});
+    std::copy(w.begin(), w.end(), layer.mutable_weight().begin());
+    layer.set_step(step);
+    const auto y = layer.forward(x, tokens);
+    const auto dx = layer.backward(dy);
+    const std::vector<float> dw(layer.weight_grad().begin(), layer.weight_grad().end());
+
+    const uint64_t seed = documented_seed(run_seed, 1, step, 0);
+    const auto ref_operand = [&](const std::vector<float>& m, int64_t rows, int64_t cols, Operand op, bool columnwise) {
+      const OperandRecipe& o = recipe[op];
+      QuantSpec s;
+      s.format = o.format == OperandFormat::kMxfp4     ? Format::kMxfp4
+                 : o.format == OperandFormat::kFp8E5M2 ? Format::kFp8E5M2
+                                                       : Format::kFp8E4M3;
+      s.block = o.block;
+      s.rounding = o.rounding;
+      s.columnwise = columnwise;
+      s.rht = o.rht;
+      s.seed = seed;
+      s.stream = 0x4C494E00u + static_cast<uint32_t>(op);
+      return dequantize(quantize(m, rows, cols, s));
+    };
+    const auto xq = ref_operand(x, tokens, in, Operand::kFpropX, false);
+    const auto wq = ref_operand(w, out, in, Operand::kFpropW, false);
+    const auto dyq = ref_operand(dy, tokens, out, Operand::kDgradDy, false);
+    const auto wtq = ref_operand(w, out, in, Operand::kDgradW, true);
+    const auto dytq = ref_operand(dy, tokens, out, Operand::kWgradDy, true);
+    const auto xtq = ref_operand(x, tokens, in, Operand::kWgradX, true);
+    const auto y_ref = gemm_nt_double<float>(xq, wq, tokens, out, in);
+    const auto dx_ref = gemm_nt_double<float>(dyq, wtq, tokens, in, out);
+    const auto dw_ref = gemm_nt_double<float>(dytq, xtq, out, in, tokens);
+    expect_within(y, y_ref.c, y_ref.abs_sum, (in + 4) * kU, 0.0, name + " Y");
+    expect_within(dx, dx_ref.c, dx_ref.abs_sum, (out + 4) * kU, 0.0, name + " dX");
+    expect_within(dw, dw_ref.c, dw_ref.abs_sum, (tokens + 4) * kU, 0.0, name + " dW");
+  }
+}
+
 // 16x16 tiles: W and W^T quantize to the same values, so Fprop and Dgrad see one weight.
 TEST(Linear, TwoDimensionalWeightBlocksAgreeAcrossTransposition) {
   std::mt19937_64 rng(fresh_seed());
