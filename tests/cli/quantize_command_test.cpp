@@ -195,6 +195,12 @@ TEST(QuantizeCommand, SafetensorsCheckpointAllOrChosenTensors) {
     EXPECT_EQ(out.metadata().at("tensors"), "[\"wte\",\"h.0.attn\"]") << "in the input's data order";
     EXPECT_NE(log.str().find("left out 2 tensor(s)"), std::string::npos) << log.str();
   }
+  o.tensors = {"wte", "wte"};
+  expect_error([&] { run_quantize(o, log); }, {"--tensor 'wte' is given more than once"});
+  o.tensors = {"step"};
+  expect_error([&] { run_quantize(o, log); }, {"ckpt.safetensors", "'step' is I64"});
+  o.tensors = {"wpe"};
+  expect_error([&] { run_quantize(o, log); }, {"ckpt.safetensors", "no tensor named 'wpe'", "wte, h.0.attn"});
   // Chosen by name: a 1-D tensor is quantized as 1 x n.
   o.tensors = {"ln.weight"};
   o.block = "";

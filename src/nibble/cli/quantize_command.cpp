@@ -1,6 +1,7 @@
 // `nibble quantize INPUT OUTPUT.safetensors`: see quantize_command.h and README.md.
 #include "nibble/cli/quantize_command.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <iostream>
@@ -42,7 +43,7 @@ bool is_float_dtype(DType d) { return d == DType::kF32 || d == DType::kBF16; }
 // Reads the input file's tensors on demand: a .npy file holds one, a safetensors file many.
 class Input {
  public:
-  Input(const QuantizeOptions& o) : path_(o.input) {
+  explicit Input(const QuantizeOptions& o) : path_(o.input) {
     const std::string file = path_.string();
     if (!std::filesystem::exists(path_)) throw std::runtime_error(file + ": no such file");
     if (is_npy_file(path_)) {
@@ -56,9 +57,6 @@ class Input {
       if (!is_float_dtype(npy_->dtype))
         throw std::runtime_error(file + ": holds " + std::string(dtype_name(npy_->dtype)) +
                                  " data; quantize takes float32 ('<f4') or bfloat16 bits ('<u2' with --input-dtype bf16)");
-      if (o.input_dtype == "f32" && npy_->dtype != DType::kF32)
-        throw std::runtime_error(file + ": --input-dtype f32 given, but the file holds " +
-                                 std::string(dtype_name(npy_->dtype)));
       const std::string name = o.tensors.empty() ? path_.stem().string() : o.tensors[0];
       check_rank(name, npy_->shape);
       selected_.push_back({name, npy_->shape, npy_->dtype});
@@ -71,6 +69,8 @@ class Input {
     st_.emplace(path_);
     if (!o.tensors.empty()) {
       for (const std::string& name : o.tensors) {
+        if (std::count(o.tensors.begin(), o.tensors.end(), name) > 1)
+          throw std::invalid_argument("--tensor '" + name + "' is given more than once");
         const SafetensorsEntry* e = st_->find(name);
         if (!e) throw std::runtime_error(file + ": no tensor named '" + name + "'" + float_matrix_list());
         if (!is_float_dtype(e->dtype))
@@ -95,7 +95,8 @@ class Input {
   const std::vector<std::string>& skipped() const { return skipped_; }
   bool takes_all() const { return st_ && takes_all_; }  // safetensors input, no --tensor
 
-  HostTensor read(const Selected& s) { return npy_ ? *npy_ : st_->read(s.name); }
+  // A .npy input was read whole up front; its one tensor is handed over, not copied.
+  HostTensor read(const Selected& s) { return npy_ ? std::move(*npy_) : st_->read(s.name); }
 
  private:
   void check_rank(const std::string& name, const std::vector<int64_t>& shape) const {
