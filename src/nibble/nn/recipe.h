@@ -38,7 +38,7 @@
 //
 // TOML files (configs/recipes/*.toml) hold the same keys:
 //   base = "nvfp4"                 # optional preset to start from (default: every operand must be given)
-//   name = "my_recipe"
+//   name = "my_recipe"             # default: the base preset's name, or the file name without .toml
 //   bf16_first_blocks = 2
 //   [wgrad.dy]
 //   rounding = "rne"
