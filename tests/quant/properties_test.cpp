@@ -41,6 +41,7 @@ struct ElementView {
   float y;
   double unit;
   bool clamped;
+  double block_scale;  // s_b (NVFP4), X (MXFP4), 1 (FP8)
 };
 
 // fp8_scale: the FP8 tensor's encode scale S (unused for FP4).
@@ -52,15 +53,15 @@ ElementView element_view(const QuantizedTensor& q, const std::vector<float>& m, 
       const float sb = static_cast<float>(test::kRefE4M3.decode(test::scale_at(q, r, c)));
       const float e_b = std::fmin(1.0f / (sb * q.decode_scale), FLT_MAX);
       const float y = x * e_b;
-      return {std::fmin(std::fmax(y, -6.0f), 6.0f), static_cast<double>(sb) * q.decode_scale, std::fabs(y) > 6.0f};
+      return {std::fmin(std::fmax(y, -6.0f), 6.0f), static_cast<double>(sb) * q.decode_scale, std::fabs(y) > 6.0f, sb};
     }
     case Format::kMxfp4: {
       const double X = std::ldexp(1.0, static_cast<int>(test::scale_at(q, r, c)) - 127);
       const float y = x * static_cast<float>(1.0 / X);
-      return {y, X, std::fabs(y) > 6.0f};
+      return {y, X, std::fabs(y) > 6.0f, X};
     }
     default:
-      return {x * fp8_scale, q.decode_scale, false};
+      return {x * fp8_scale, q.decode_scale, false, 1.0};
   }
 }
 
@@ -100,7 +101,7 @@ void check_rne_against_reference(const std::vector<float>& x, int64_t rows, int6
   } else {
     ASSERT_EQ(q.decode_scale, 1.0f / fp8_scale);
   }
-  const std::vector<float> deq = dequantize(q);
+  const std::vector<float> deq = dequantize(q), raw = dequantize_unscaled(q);
   for (int64_t r = 0; r < q.rows; ++r) {
     for (int64_t c = 0; c < q.cols; ++c) {
       const int64_t i = r * q.cols + c;
@@ -131,6 +132,8 @@ void check_rne_against_reference(const std::vector<float>& x, int64_t rows, int6
       }
       // Dequantized value = code value * unit (to one float rounding).
       ASSERT_NEAR(deq[i], fmt.decode(code) * v.unit, std::fabs(deq[i]) * 0x1p-23) << r << "," << c;
+      // Without g (the GEMM operand): exactly code value * block scale.
+      ASSERT_EQ(static_cast<double>(raw[i]), fmt.decode(code) * v.block_scale) << r << "," << c;
     }
   }
 }
