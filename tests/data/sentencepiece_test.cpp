@@ -62,8 +62,9 @@ TEST_F(SentencePiece, TrainedModelsRoundTripVariedUnicode) {
       for (auto id : ids) ASSERT_LT(id, tok.vocab_size());
       ASSERT_EQ(tok.decode(ids), text) << type << " round " << round;
     }
-    // Common words become single pieces: the model learned something from the corpus.
-    EXPECT_LT(tok.encode("the model trains").size(), 8u);
+    // The model learned the corpus's words: it needs far fewer pieces than bytes.
+    std::string corpus = testing::read_bytes(*dir_ / "corpus.txt");
+    EXPECT_LT(tok.encode(corpus).size(), corpus.size() * 2 / 3) << type;
   }
 }
 
