@@ -161,6 +161,31 @@ TEST(Prepare, SmallCorpusStillGetsAValidationSplit) {
   EXPECT_EQ(joined, gpt2().encode_with_special("<|endoftext|>Only one short document here, with a handful of tokens in it."));
 }
 
+// A large document is cut at line starts and tokenized by several threads: same ids as in one go.
+TEST(Prepare, LargeDocumentsInPiecesGiveTheSameIds) {
+  auto rng = testing::seeded_rng("Prepare.LargeDocumentsInPieces");
+  TempDir dir;
+  std::string doc;
+  const char* words[] = {"alpha", "Beta", "x", "42", "(y)", "--", "\xc3\xa9t\xc3\xa9", "'s", "z"};
+  for (int line = 0; line < 2000; ++line) {
+    int n = static_cast<int>(rng() % 8);
+    for (int w = 0; w < n; ++w) doc += std::string(rng() % 4 ? " " : "  ") + words[rng() % std::size(words)];
+    if (rng() % 5 == 0) doc += testing::random_text(rng, 5);
+    doc += rng() % 7 ? "\n" : "\n\n";
+  }
+  testing::write_bytes(dir / "big.txt", doc);
+  PrepareOptions o;
+  o.inputs = {dir / "big.txt"};
+  o.output_dir = dir / "out";
+  o.val_fraction = 0;
+  o.threads = 2;
+  o.chunk_bytes = 300;  // hundreds of pieces
+  prepare(o, gpt2());
+  Ids expected{gpt2().eot_id()};
+  gpt2().encode(doc, expected);
+  EXPECT_EQ(read_prepared(o.output_dir, "train"), expected);
+}
+
 TEST(Prepare, DocumentSplitModes) {
   TempDir dir;
   testing::write_bytes(dir / "p.txt", "first paragraph\nstill first\n\n  \nsecond\n\n\nthird");

@@ -36,6 +36,9 @@ class Gpt2Tokenizer final : public Tokenizer {
   using Tokenizer::encode;
   void encode(std::string_view text, std::vector<std::uint32_t>& out) const override;
   std::string decode(std::span<const std::uint32_t> ids) const override;
+  // The pre-tokenizer never joins "\n" to a following non-space character nor to a preceding one
+  // (the "\n" is a piece of its own there), so pieces never cross such a line start.
+  bool splits_at_line_starts() const override { return true; }
 
   // As encode(), but each "<|endoftext|>" in the text becomes the end-of-text id (tiktoken's
   // allowed_special="all").

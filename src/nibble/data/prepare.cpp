@@ -44,30 +44,59 @@ struct StagingDir {
   }
 };
 
+bool printable_ascii(char c) { return c > ' ' && c < 0x7f; }
+
 // Tokenizes a batch of documents with `threads` threads; result[i] = [eot] + ids of docs[i].
+// Documents longer than `chunk_bytes` are cut at line starts into pieces that threads share, when
+// the tokenizer guarantees that this changes no id (Tokenizer::splits_at_line_starts).
 std::vector<std::vector<std::uint32_t>> encode_batch(const Tokenizer& tokenizer, const std::vector<std::string>& docs,
-                                                     unsigned threads) {
-  std::vector<std::vector<std::uint32_t>> result(docs.size());
+                                                     unsigned threads, std::size_t chunk_bytes) {
+  struct Piece {
+    std::size_t doc;
+    std::string_view text;
+  };
+  std::vector<Piece> pieces;
+  for (std::size_t d = 0; d < docs.size(); ++d) {
+    std::string_view rest(docs[d]);
+    while (tokenizer.splits_at_line_starts() && rest.size() > chunk_bytes) {
+      std::size_t cut = rest.find('\n', chunk_bytes);
+      while (cut != std::string_view::npos &&
+             !(cut > 0 && cut + 1 < rest.size() && printable_ascii(rest[cut - 1]) && printable_ascii(rest[cut + 1]))) {
+        cut = rest.find('\n', cut + 1);
+      }
+      if (cut == std::string_view::npos) break;
+      pieces.push_back({d, rest.substr(0, cut + 1)});
+      rest.remove_prefix(cut + 1);
+    }
+    pieces.push_back({d, rest});
+  }
+  std::vector<std::vector<std::uint32_t>> piece_ids(pieces.size());
   std::atomic<std::size_t> next{0};
   std::exception_ptr error;
   std::atomic<bool> failed{false};
   auto work = [&] {
     try {
-      for (std::size_t i = next++; i < docs.size() && !failed; i = next++) {
-        result[i].reserve(docs[i].size() / 3 + 2);
-        result[i].push_back(tokenizer.eot_id());
-        tokenizer.encode(docs[i], result[i]);
+      for (std::size_t i = next++; i < pieces.size() && !failed; i = next++) {
+        piece_ids[i].reserve(pieces[i].text.size() / 3 + 1);
+        tokenizer.encode(pieces[i].text, piece_ids[i]);
       }
     } catch (...) {
       if (!failed.exchange(true)) error = std::current_exception();
     }
   };
-  unsigned n = std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(docs.size())));
+  unsigned n = std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(pieces.size())));
   std::vector<std::thread> pool;
   for (unsigned t = 1; t < n; ++t) pool.emplace_back(work);
   work();
   for (auto& t : pool) t.join();
   if (error) std::rethrow_exception(error);
+
+  std::vector<std::vector<std::uint32_t>> result(docs.size());
+  for (std::size_t i = 0; i < pieces.size(); ++i) {
+    auto& ids = result[pieces[i].doc];
+    if (ids.empty()) ids.push_back(tokenizer.eot_id());
+    ids.insert(ids.end(), piece_ids[i].begin(), piece_ids[i].end());
+  }
   return result;
 }
 
@@ -135,7 +164,7 @@ PrepareResult prepare(const PrepareOptions& options, const Tokenizer& tokenizer,
   std::size_t batch_bytes = 0;
   constexpr std::size_t kBatchBytes = 8u << 20;
   auto flush = [&] {
-    auto encoded = encode_batch(tokenizer, batch, threads);
+    auto encoded = encode_batch(tokenizer, batch, threads, options.chunk_bytes);
     for (auto& ids : encoded) {
       state.tokens += ids.size();
       if (is_validation_document(options.seed, document++, options.val_fraction)) {

@@ -6,6 +6,7 @@
 // moved into place only when everything succeeded: a failed run leaves earlier output untouched.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <string>
@@ -30,6 +31,7 @@ struct PrepareOptions {
   std::uint64_t shard_tokens = 100'000'000;  // llm.c's shard size
   std::uint64_t seed = 1337;
   unsigned threads = 0;                      // 0: all hardware threads
+  std::size_t chunk_bytes = 1 << 20;         // larger documents are tokenized in pieces, in parallel
   bool force = false;                        // replace prepared data already in output_dir
   bool replace_invalid_utf8 = false;         // U+FFFD for bad bytes instead of an error
   nlohmann::json tokenizer_info;             // recorded in the manifest (files, model, ...)

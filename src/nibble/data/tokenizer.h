@@ -20,6 +20,10 @@ class Tokenizer {
   // Appends the ids of `text`, which must be valid UTF-8. Special-token spellings inside the
   // text (e.g. "<|endoftext|>") are ordinary text. Safe to call from several threads at once.
   virtual void encode(std::string_view text, std::vector<std::uint32_t>& out) const = 0;
+  // True if encoding the text before and after a line start "a\nb" (printable ASCII on both sides
+  // of the newline) separately and concatenating gives the ids of the whole text, so that one large
+  // document can be tokenized by several threads.
+  virtual bool splits_at_line_starts() const { return false; }
   // Throws DataError for an id outside the vocabulary.
   virtual std::string decode(std::span<const std::uint32_t> ids) const = 0;
 
