@@ -1,0 +1,254 @@
+// The training loop end to end on a tiny model and synthetic data: the loss falls under bf16 and
+// nvfp4, resume after an interruption repeats the uninterrupted run bit for bit, checkpoints
+// rotate, non-finite steps stop (or are skipped), the late switch to bf16 happens on time.
+#include "nibble/train/trainer.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <fstream>
+#include <random>
+
+#include "nibble/data/token_formats.h"
+#include "nibble/tensor/safetensors.h"
+#include "nibble/train/checkpoint.h"
+#include "nn/nn_test_util.h"
+
+namespace nibble::train {
+namespace {
+
+namespace fs = std::filesystem;
+
+class TempDir {
+ public:
+  TempDir() {
+    std::string pattern = (fs::temp_directory_path() / "nibble-train-test-XXXXXX").string();
+    path_ = ::mkdtemp(pattern.data());
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  fs::path operator/(const std::string& name) const { return path_ / name; }
+
+ private:
+  fs::path path_;
+};
+
+constexpr int64_t kVocab = 64;
+
+// A learnable stream: each token is a fixed random successor of the previous one, except for one
+// token in ten drawn uniformly. A bigram model reaches ~0.1 * ln(64) + small; a constant guess
+// stays at ln(64) = 4.16.
+std::vector<uint32_t> markov_tokens(uint64_t seed, size_t n) {
+  std::mt19937_64 rng(seed);
+  std::vector<uint32_t> next(kVocab);
+  for (uint32_t i = 0; i < kVocab; ++i) next[i] = i;
+  std::shuffle(next.begin(), next.end(), rng);
+  std::vector<uint32_t> t(n);
+  t[0] = 0;
+  for (size_t i = 1; i < n; ++i) t[i] = rng() % 10 == 0 ? static_cast<uint32_t>(rng() % kVocab) : next[t[i - 1]];
+  return t;
+}
+
+struct Data {
+  data::TokenDataset train, val;
+};
+
+Data make_data(const TempDir& dir, uint64_t seed) {
+  data::write_llmc_file((dir / "train.bin").string(), markov_tokens(seed, 40000), kVocab);
+  data::write_llmc_file((dir / "val.bin").string(), markov_tokens(seed, 4000), kVocab);  // same chain, other draws
+  return {data::TokenDataset::open_files({(dir / "train.bin").string()}, data::TokenFormat::llmc, kVocab),
+          data::TokenDataset::open_files({(dir / "val.bin").string()}, data::TokenFormat::llmc, kVocab)};
+}
+
+model::GptConfig tiny_config() {
+  model::GptConfig c;
+  c.name = "test";
+  c.vocab_size = kVocab;
+  c.seq_len = 32;
+  c.d_model = 32;
+  c.n_layers = 2;
+  c.n_heads = 2;
+  model::finalize(c, "test");
+  return c;
+}
+
+TrainOptions options(const fs::path& out, int64_t steps, uint64_t seed) {
+  TrainOptions o;
+  o.out_dir = out;
+  o.steps = steps;
+  o.batch_size = 4;  // 4 x 32 = 128 tokens per micro-batch: whole 16-element blocks along tokens
+  o.schedule = {ScheduleKind::kCosine, 1e-2, 1e-3, std::min<int64_t>(5, steps), steps, 0};
+  o.seed = seed;
+  o.progress = Progress::Mode::kQuiet;
+  return o;
+}
+
+std::vector<nlohmann::json> read_jsonl(const fs::path& p) {
+  std::ifstream in(p);
+  std::vector<nlohmann::json> out;
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+class TrainLossFalls : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TrainLossFalls, WellBelowItsStart) {
+  const uint64_t seed = nn::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  TrainOptions o = options(dir / "run", 60, seed);
+  o.val_every = 30;
+  o.val_batches = 4;
+  const TrainResult r = train(tiny_config(), nn::make_recipe(GetParam()), d.train, &d.val, o);
+  ASSERT_EQ(r.steps.size(), 60u);
+  const double first = r.steps.front().loss;
+  double last = 0.0;
+  for (size_t i = 55; i < 60; ++i) last += r.steps[i].loss / 5.0;
+  std::printf("%s: loss %.3f -> %.3f, validation %.3f\n", GetParam().c_str(), first, last, r.val.back().second);
+  EXPECT_NEAR(first, std::log(double(kVocab)), 0.5);  // small init: near-uniform predictions
+  EXPECT_LT(last, 0.5 * first);
+  ASSERT_EQ(r.val.size(), 2u);
+  EXPECT_LT(r.val.back().second, 0.5 * first);
+  // One metrics line per step, validation lines at 30 and 60.
+  const auto lines = read_jsonl(dir / "run" / "metrics.jsonl");
+  ASSERT_EQ(lines.size(), 62u);
+  EXPECT_EQ(lines[0]["step"], 1);
+  for (const char* key : {"loss", "lr", "grad_norm", "tokens_per_s", "peak_rss_mib", "tokens"})
+    EXPECT_TRUE(lines[0].contains(key)) << key;
+  EXPECT_EQ(lines[30]["val_loss"], r.val[0].second);
+}
+
+INSTANTIATE_TEST_SUITE_P(Recipes, TrainLossFalls, ::testing::Values("bf16", "nvfp4"));
+
+TEST(Train, ResumeAfterInterruptionRepeatsTheRunBitForBit) {
+  const uint64_t seed = nn::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  const nn::Recipe recipe = nn::make_recipe("nvfp4");  // stochastic rounding and RHT included
+  TrainOptions whole = options(dir / "a", 8, seed);
+  whole.grad_accum = 2;
+  whole.ckpt_every = 4;
+  const TrainResult a = train(tiny_config(), recipe, d.train, nullptr, whole);
+
+  TrainOptions part = whole;
+  part.out_dir = dir / "b";
+  part.stop_after = 5;  // checkpoint at 4, then one more step that is lost: an interruption
+  const TrainResult b1 = train(tiny_config(), recipe, d.train, nullptr, part);
+  ASSERT_EQ(b1.end_step, 5);
+  part.stop_after = 0;
+  part.resume = true;
+  const TrainResult b2 = train(tiny_config(), recipe, d.train, nullptr, part);
+  ASSERT_EQ(b2.start_step, 4);
+  ASSERT_EQ(b2.steps.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(b1.steps[i].loss, a.steps[i].loss) << "step " << i + 1;
+    EXPECT_EQ(b2.steps[i].loss, a.steps[4 + i].loss) << "step " << 5 + i;
+    EXPECT_EQ(b2.steps[i].grad_norm, a.steps[4 + i].grad_norm) << "step " << 5 + i;
+  }
+  // The final weights are identical too.
+  SafetensorsReader wa(dir / "a" / kCheckpointsDir / "step_00000008" / "model.safetensors");
+  SafetensorsReader wb(dir / "b" / kCheckpointsDir / "step_00000008" / "model.safetensors");
+  ASSERT_EQ(wa.entries().size(), wb.entries().size());
+  for (const auto& e : wa.entries()) EXPECT_EQ(wa.read(e.name).bytes, wb.read(e.name).bytes) << e.name;
+  // metrics.jsonl of the resumed run reads as one run: steps 1..8 once each.
+  const auto lines = read_jsonl(dir / "b" / "metrics.jsonl");
+  ASSERT_EQ(lines.size(), 8u);
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(lines[i]["step"], i + 1);
+  EXPECT_EQ(lines[4]["loss"].get<double>(), a.steps[4].loss);
+}
+
+TEST(Train, KeepsTheLastCheckpointsAndWritesReadableWeights) {
+  const uint64_t seed = nn::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  TrainOptions o = options(dir / "run", 5, seed);
+  o.ckpt_every = 1;
+  o.keep_checkpoints = 2;
+  train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, o);
+  std::vector<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir / "run" / kCheckpointsDir)) names.push_back(e.path().filename());
+  std::sort(names.begin(), names.end());
+  EXPECT_EQ(names, (std::vector<std::string>{"step_00000004", "step_00000005"}));
+  SafetensorsReader w(dir / "run" / kCheckpointsDir / "step_00000005" / "model.safetensors");
+  const SafetensorsEntry* qkv = w.find("blocks.1.attn.qkv.weight");
+  ASSERT_NE(qkv, nullptr);
+  EXPECT_EQ(qkv->shape, (std::vector<int64_t>{96, 32}));
+  EXPECT_NE(w.metadata().at("nibble_model_config").find("d_model = 32"), std::string::npos);
+  // A second run into the same directory without --resume is refused; nothing is touched.
+  EXPECT_THROW(train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, o), TrainError);
+  EXPECT_TRUE(fs::exists(dir / "run" / kCheckpointsDir / "step_00000005"));
+  TrainOptions fresh = options(dir / "empty", 5, seed);
+  fresh.resume = true;
+  EXPECT_THROW(train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, fresh), TrainError);
+}
+
+TEST(Train, NonFiniteLossStopsAndLeavesTheLastGoodCheckpoint) {
+  const uint64_t seed = nn::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  TrainOptions o = options(dir / "run", 6, seed);
+  o.ckpt_every = 2;
+  o.on_step_start = [](int64_t step, model::Gpt& m) {
+    if (step == 2) m.parameters()[0].value[0] = NAN;  // a fault in step 3
+  };
+  try {
+    train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, o);
+    FAIL() << "expected a TrainError";
+  } catch (const TrainError& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("step 3: non-finite loss"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("step_00000002"), std::string::npos) << msg;
+  }
+  const auto latest = latest_checkpoint(dir / "run");
+  ASSERT_TRUE(latest.has_value());
+  EXPECT_EQ(latest->filename(), "step_00000002");
+  // The checkpoint is intact: it resumes (the fault hook is gone) and the run completes.
+  o.on_step_start = nullptr;
+  o.resume = true;
+  const TrainResult r = train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, o);
+  EXPECT_EQ(r.start_step, 2);
+  for (const StepRecord& s : r.steps) EXPECT_TRUE(std::isfinite(s.loss));
+}
+
+TEST(Train, SkipsNonFiniteStepsWhenAsked) {
+  const uint64_t seed = nn::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  TrainOptions o = options(dir / "run", 5, seed);
+  o.skip_nonfinite = true;
+  float kept = 0.0f;
+  o.on_step_start = [&](int64_t step, model::Gpt& m) {
+    float& w = m.parameters()[0].value[0];
+    if (step == 2) kept = w, w = INFINITY;  // a transient fault in step 3 only
+    if (step == 3) w = kept;
+  };
+  const TrainResult r = train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, o);
+  ASSERT_EQ(r.steps.size(), 5u);
+  for (size_t i = 0; i < 5; ++i) {
+    EXPECT_EQ(r.steps[i].skipped, i == 2) << "step " << i + 1;
+    if (i != 2) {
+      EXPECT_TRUE(std::isfinite(r.steps[i].loss)) << "step " << i + 1;
+    }
+  }
+  const auto lines = read_jsonl(dir / "run" / "metrics.jsonl");
+  EXPECT_TRUE(lines[2]["skipped"].get<bool>());
+}
+
+TEST(Train, SwitchesToBf16AfterTheRecipesFraction) {
+  const uint64_t seed = nn::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  nn::Recipe recipe = nn::make_recipe("nvfp4");
+  recipe.bf16_switch_fraction = 0.5;
+  train(tiny_config(), recipe, d.train, nullptr, options(dir / "run", 4, seed));
+  const auto lines = read_jsonl(dir / "run" / "metrics.jsonl");
+  ASSERT_EQ(lines.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) EXPECT_EQ(lines[i]["bf16_everywhere"].get<bool>(), i >= 2) << "step " << i + 1;
+}
+
+}  // namespace
+}  // namespace nibble::train
