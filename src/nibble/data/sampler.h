@@ -50,7 +50,7 @@ struct SamplerPosition {
 
 class WindowSampler {
  public:
-  // Throws DataError when no file holds a single window.
+  // Throws DataError when no file holds a single window. `data` must outlive the sampler.
   WindowSampler(const TokenDataset& data, std::size_t window, std::size_t stride, std::uint64_t seed);
 
   std::uint64_t windows_per_epoch() const { return total_windows_; }
