@@ -9,5 +9,6 @@ namespace nibble::cli {
 void add_quantize_command(CLI::App& app);
 void add_demo_command(CLI::App& app);
 void add_prepare_command(CLI::App& app);
+void add_train_command(CLI::App& app);
 
 }  // namespace nibble::cli

@@ -10,6 +10,7 @@ int main(int argc, char** argv) {
   nibble::cli::add_quantize_command(app);
   nibble::cli::add_demo_command(app);
   nibble::cli::add_prepare_command(app);
+  nibble::cli::add_train_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -147,19 +147,18 @@ std::vector<float> Gpt::forward_hidden(std::span<const uint32_t> inputs, int64_t
   return norm_f_.forward(x, rows);
 }
 
-std::vector<float> Gpt::logits(std::span<const float> hidden, int64_t tokens) const {
+void Gpt::compute_logits(std::span<const float> hidden, int64_t tokens) {
   const nn::Embedding& head = head_ ? *head_ : tok_embed_;
-  std::vector<float> out(static_cast<size_t>(tokens * config_.vocab_size));
+  logits_.resize(static_cast<size_t>(tokens * config_.vocab_size));
   nn::matmul(false, true, tokens, config_.vocab_size, config_.d_model, 1.0f, hidden.data(), config_.d_model,
-             head.weight().data(), config_.d_model, 0.0f, out.data(), config_.vocab_size);
-  return out;
+             head.weight().data(), config_.d_model, 0.0f, logits_.data(), config_.vocab_size);
 }
 
 double Gpt::loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch, int64_t seq) {
   check_tokens(inputs, targets, batch, seq);
   const int64_t rows = batch * seq;
-  std::vector<float> lg = logits(forward_hidden(inputs, batch, seq), rows);
-  return nn::softmax_cross_entropy(lg, targets, config_.vocab_size, 0.0f) / static_cast<double>(rows);
+  compute_logits(forward_hidden(inputs, batch, seq), rows);
+  return nn::softmax_cross_entropy(logits_, targets, config_.vocab_size, 0.0f) / static_cast<double>(rows);
 }
 
 double Gpt::forward_backward(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
@@ -167,16 +166,15 @@ double Gpt::forward_backward(std::span<const uint32_t> inputs, std::span<const u
   check_tokens(inputs, targets, batch, seq);
   const int64_t rows = batch * seq, d = config_.d_model, v = config_.vocab_size;
   const std::vector<float> hidden = forward_hidden(inputs, batch, seq);
-  std::vector<float> dlogits = logits(hidden, rows);
-  const double loss_sum =
-      nn::softmax_cross_entropy(dlogits, targets, v, grad_scale / static_cast<float>(rows));
+  compute_logits(hidden, rows);
+  const double loss_sum = nn::softmax_cross_entropy(logits_, targets, v, grad_scale / static_cast<float>(rows));
+  const float* dlogits = logits_.data();  // now the gradient
 
   // LM head backward (FP32): dh = dlogits W, dW += dlogits^T h.
   nn::Embedding& head = head_ ? *head_ : tok_embed_;
   std::vector<float> dx(static_cast<size_t>(rows * d));
-  nn::matmul(false, false, rows, d, v, 1.0f, dlogits.data(), v, head.weight().data(), d, 0.0f, dx.data(), d);
-  nn::matmul(true, false, v, d, rows, 1.0f, dlogits.data(), v, hidden.data(), d, 1.0f, head.weight_grad().data(), d);
-  dlogits = {};
+  nn::matmul(false, false, rows, d, v, 1.0f, dlogits, v, head.weight().data(), d, 0.0f, dx.data(), d);
+  nn::matmul(true, false, v, d, rows, 1.0f, dlogits, v, hidden.data(), d, 1.0f, head.weight_grad().data(), d);
 
   dx = norm_f_.backward(dx);
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) (*it)->backward(dx);

@@ -67,7 +67,8 @@ class Gpt {
  private:
   struct Block;
   std::vector<float> forward_hidden(std::span<const uint32_t> inputs, int64_t batch, int64_t seq);
-  std::vector<float> logits(std::span<const float> hidden, int64_t tokens) const;
+  // Fills logits_ ([tokens x vocab]) from the final hidden states.
+  void compute_logits(std::span<const float> hidden, int64_t tokens);
   void check_tokens(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
                     int64_t seq) const;
   void apply_recipes();
@@ -82,6 +83,9 @@ class Gpt {
   std::unique_ptr<nn::Embedding> head_;  // untied LM head only: [vocab x d_model]
   std::vector<nn::Recipe> block_recipes_;
   std::vector<uint32_t> saved_positions_;
+  // The largest activation of a small model, reused across steps: reallocating it every step costs
+  // page faults and a memset of hundreds of MB.
+  std::vector<float> logits_;
 };
 
 }  // namespace nibble::model
