@@ -5,6 +5,8 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
+#include <span>
 #include <fstream>
 #include <limits>
 #include <nlohmann/json.hpp>
@@ -30,17 +32,87 @@ constexpr const char* kPattern =
 
 constexpr std::string_view kEndOfText = "<|endoftext|>";
 
-// Pieces repeat (" the", " of", ...): each thread keeps the ids of the pieces it has merged.
-struct StringHash {
-  using is_transparent = void;
-  std::size_t operator()(std::string_view s) const { return std::hash<std::string_view>{}(s); }
-};
-struct WordCache {
-  std::uint64_t owner = 0;
-  std::unordered_map<std::string, std::vector<std::uint32_t>, StringHash, std::equal_to<>> ids;
-};
-constexpr std::size_t kCacheMaxEntries = 1 << 18;
+// Pieces repeat (" the", " of", ...): each thread keeps the ids of the pieces it has merged, in a
+// flat open-addressing table whose keys and values live in two arenas (no allocation per entry).
 constexpr std::size_t kCacheMaxPieceBytes = 64;
+constexpr unsigned kCacheMinBits = 12, kCacheMaxBits = 19;  // at most 2^18 pieces, then start over
+
+std::uint64_t piece_hash(std::string_view s) {
+  std::uint64_t h = 0x9e3779b97f4a7c15ull ^ s.size();
+  std::size_t i = 0;
+  for (; i + 8 <= s.size(); i += 8) {
+    std::uint64_t w;
+    std::memcpy(&w, s.data() + i, 8);
+    h = (h ^ w) * 0xff51afd7ed558ccdull;
+    h ^= h >> 32;
+  }
+  std::uint64_t tail = 0;
+  std::memcpy(&tail, s.data() + i, s.size() - i);
+  h = (h ^ tail) * 0xc4ceb9fe1a85ec53ull;
+  return (h ^ (h >> 29)) | 1;  // never 0, which marks an empty slot
+}
+
+class WordCache {
+ public:
+  std::uint64_t owner = 0;
+
+  void clear(unsigned bits = kCacheMinBits) {
+    slots_.assign(std::size_t{1} << bits, Slot{});
+    bits_ = bits;
+    used_ = 0;
+    text_.clear();
+    ids_.clear();
+  }
+  // The cached ids of `piece`, or nullptr.
+  std::span<const std::uint32_t> find(std::string_view piece, std::uint64_t hash) const {
+    if (slots_.empty()) return {};
+    for (std::size_t i = hash >> (64 - bits_);; i = (i + 1) & (slots_.size() - 1)) {
+      const Slot& s = slots_[i];
+      if (s.hash == 0) return {};
+      if (s.hash == hash && s.text_len == piece.size() && std::memcmp(text_.data() + s.text_at, piece.data(), piece.size()) == 0) {
+        return {ids_.data() + s.ids_at, s.ids_len};
+      }
+    }
+  }
+  void insert(std::string_view piece, std::uint64_t hash, std::span<const std::uint32_t> ids) {
+    if (slots_.empty() || 2 * (used_ + 1) > slots_.size()) {
+      if (bits_ >= kCacheMaxBits) clear(kCacheMinBits);
+      else grow();
+    }
+    place({hash, static_cast<std::uint32_t>(text_.size()), static_cast<std::uint32_t>(piece.size()),
+           static_cast<std::uint32_t>(ids_.size()), static_cast<std::uint32_t>(ids.size())});
+    text_.append(piece);
+    ids_.insert(ids_.end(), ids.begin(), ids.end());
+  }
+
+ private:
+  struct Slot {
+    std::uint64_t hash = 0;
+    std::uint32_t text_at = 0, text_len = 0, ids_at = 0, ids_len = 0;
+  };
+  void place(const Slot& slot) {
+    std::size_t i = slot.hash >> (64 - bits_);
+    while (slots_[i].hash != 0) i = (i + 1) & (slots_.size() - 1);
+    slots_[i] = slot;
+    ++used_;
+  }
+  void grow() {
+    std::vector<Slot> old;
+    old.swap(slots_);
+    slots_.assign(old.empty() ? std::size_t{1} << kCacheMinBits : old.size() * 2, Slot{});
+    bits_ = old.empty() ? kCacheMinBits : bits_ + 1;
+    used_ = 0;
+    for (const Slot& s : old) {
+      if (s.hash != 0) place(s);
+    }
+  }
+  std::vector<Slot> slots_;
+  unsigned bits_ = kCacheMinBits;
+  std::size_t used_ = 0;
+  std::string text_;
+  std::vector<std::uint32_t> ids_;
+};
+
 std::atomic<std::uint64_t> next_instance{1};
 
 // GPT-2 spells each byte as one printable code point: printable Latin-1 bytes stand for
@@ -141,6 +213,7 @@ Gpt2Tokenizer::Gpt2Tokenizer(const std::string& encoder_json_path, const std::st
   std::string line, left, right;
   std::size_t line_no = 0;
   std::uint32_t rank = 0;
+  std::unordered_map<std::uint64_t, Merge> merges;
   while (std::getline(merges_file, line)) {
     ++line_no;
     if (line.empty() || (line_no == 1 && line.rfind("#version", 0) == 0)) continue;
@@ -157,9 +230,19 @@ Gpt2Tokenizer::Gpt2Tokenizer(const std::string& encoder_json_path, const std::st
       fail(vocab_bpe_path, "line " + std::to_string(line_no) + " merges tokens that " + encoder_json_path + " lacks");
     }
     // A pair listed twice keeps its first (best) rank.
-    merges_.try_emplace((static_cast<std::uint64_t>(l->second) << 32) | r->second, Merge{rank++, m->second});
+    merges.try_emplace((static_cast<std::uint64_t>(l->second) << 32) | r->second, Merge{rank++, m->second});
   }
-  if (merges_.empty()) fail(vocab_bpe_path, "no merges");
+  if (merges.empty()) fail(vocab_bpe_path, "no merges");
+  unsigned bits = 1;
+  while ((std::size_t{1} << bits) < 2 * merges.size()) ++bits;  // load factor <= 1/2
+  merge_table_.assign(std::size_t{1} << bits, MergeSlot{});
+  merge_shift_ = 64 - bits;
+  for (const auto& [key, merge] : merges) {
+    std::size_t mask = merge_table_.size() - 1;
+    std::size_t i = (key * 0x9e3779b97f4a7c15ull) >> merge_shift_;
+    while (merge_table_[i].key != kEmptySlot) i = (i + 1) & mask;
+    merge_table_[i] = {key, merge};
+  }
 
   regex_ = std::make_unique<Regex>();
   int error = 0;
@@ -175,8 +258,13 @@ Gpt2Tokenizer::Gpt2Tokenizer(const std::string& encoder_json_path, const std::st
 }
 
 const Gpt2Tokenizer::Merge* Gpt2Tokenizer::find_merge(std::uint32_t left, std::uint32_t right) const {
-  auto it = merges_.find((static_cast<std::uint64_t>(left) << 32) | right);
-  return it == merges_.end() ? nullptr : &it->second;
+  const std::uint64_t key = (static_cast<std::uint64_t>(left) << 32) | right;
+  const std::size_t mask = merge_table_.size() - 1;
+  for (std::size_t i = (key * 0x9e3779b97f4a7c15ull) >> merge_shift_;; i = (i + 1) & mask) {
+    const MergeSlot& slot = merge_table_[i];
+    if (slot.key == key) return &slot.merge;
+    if (slot.key == kEmptySlot) return nullptr;
+  }
 }
 
 void Gpt2Tokenizer::bpe(const unsigned char* bytes, std::size_t n, std::vector<std::uint32_t>& out) const {
@@ -225,8 +313,8 @@ void Gpt2Tokenizer::encode(std::string_view text, std::vector<std::uint32_t>& ou
     throw DataError("invalid UTF-8 at byte offset " + std::to_string(bad) + " of the text to encode");
   }
   thread_local WordCache cache;
-  if (cache.owner != instance_ || cache.ids.size() > kCacheMaxEntries) {
-    cache.ids.clear();
+  if (cache.owner != instance_) {
+    cache.clear();
     cache.owner = instance_;
   }
   pcre2_match_data* match = pcre2_match_data_create_from_pattern(regex_->code, nullptr);
@@ -250,13 +338,15 @@ void Gpt2Tokenizer::encode(std::string_view text, std::vector<std::uint32_t>& ou
       bpe(subject + ov[0], piece.size(), out);
       continue;
     }
-    auto hit = cache.ids.find(piece);
-    if (hit == cache.ids.end()) {
-      std::vector<std::uint32_t> ids;
-      bpe(subject + ov[0], piece.size(), ids);
-      hit = cache.ids.emplace(std::string(piece), std::move(ids)).first;
+    const std::uint64_t hash = piece_hash(piece);
+    auto hit = cache.find(piece, hash);
+    if (hit.empty()) {  // every piece has at least one id, so empty means "not cached"
+      const std::size_t before = out.size();
+      bpe(subject + ov[0], piece.size(), out);
+      cache.insert(piece, hash, std::span<const std::uint32_t>(out).subspan(before));
+      continue;
     }
-    out.insert(out.end(), hit->second.begin(), hit->second.end());
+    out.insert(out.end(), hit.begin(), hit.end());
   }
   pcre2_match_data_free(match);
 }

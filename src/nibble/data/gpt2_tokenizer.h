@@ -54,7 +54,15 @@ class Gpt2Tokenizer final : public Tokenizer {
 
   std::vector<std::string> token_bytes_;                 // id -> the bytes it stands for
   std::array<std::uint32_t, 256> byte_token_{};          // byte -> its one-byte token
-  std::unordered_map<std::uint64_t, Merge> merges_;      // (left << 32 | right) -> merge
+  // (left << 32 | right) -> merge, open addressing with linear probing: this lookup is the inner
+  // loop of BPE, and a flat table keeps it to about one cache line.
+  struct MergeSlot {
+    std::uint64_t key = kEmptySlot;
+    Merge merge{};
+  };
+  static constexpr std::uint64_t kEmptySlot = ~std::uint64_t{0};
+  std::vector<MergeSlot> merge_table_;
+  unsigned merge_shift_ = 64;
   std::uint32_t eot_ = 0;
   std::uint64_t instance_ = 0;  // tells this tokenizer's per-thread word cache from another's
   struct Regex;
