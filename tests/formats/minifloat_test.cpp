@@ -11,6 +11,9 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
 
 #include "formats/reference_codecs.h"
 #include "formats/test_seed.h"
