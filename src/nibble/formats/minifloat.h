@@ -114,8 +114,8 @@ struct Minifloat {
     } else {  // subnormal (only reachable when e == kEmin)
       field = 0;
     }
-    uint32_t mag = (static_cast<uint32_t>(field) << kMan) | static_cast<uint32_t>(n);
-    if (mag > kMaxCode) mag = kMaxCode;  // a < kMax can still round to the first value past it
+    // kMax is a grid point, so a < kMax rounds to kMax at most: no second saturation is needed.
+    const uint32_t mag = (static_cast<uint32_t>(field) << kMan) | static_cast<uint32_t>(n);
     return static_cast<uint8_t>(sign | mag);
   }
 };

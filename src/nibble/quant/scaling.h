@@ -31,7 +31,7 @@ struct TensorScale {
 // Only for finite amax: a tensor with NaN/Inf elements is marked non-finite instead (see below).
 NIBBLE_HD TensorScale nvfp4_tensor_scale(float amax) {
   float s = fminf(kE2M1Max * kE4M3Max / amax, FLT_MAX);
-  if (s == 0.0f) s = 1.0f;
+  if (s == 0.0f) s = 1.0f;  // TransformerEngine's guard; unreachable for a finite amax
   return TensorScale{s, 1.0f / s};
 }
 
