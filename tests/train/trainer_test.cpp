@@ -161,6 +161,23 @@ TEST(Train, ResumeAfterInterruptionRepeatsTheRunBitForBit) {
   EXPECT_EQ(lines[4]["loss"].get<double>(), a.steps[4].loss);
 }
 
+TEST(Train, StopRequestCheckpointsAfterTheCurrentStep) {
+  const uint64_t seed = nn::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  std::atomic<bool> stop{false};
+  TrainOptions o = options(dir / "run", 6, seed);
+  o.stop_requested = &stop;
+  o.on_step_start = [&](int64_t step, model::Gpt&) {
+    if (step == 2) stop = true;  // as a SIGINT during step 3 would
+  };
+  const TrainResult r = train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, o);
+  EXPECT_EQ(r.end_step, 3);
+  EXPECT_EQ(r.steps.size(), 3u);
+  ASSERT_TRUE(r.last_checkpoint.has_value());
+  EXPECT_EQ(r.last_checkpoint->filename(), "step_00000003");
+}
+
 TEST(Train, KeepsTheLastCheckpointsAndWritesReadableWeights) {
   const uint64_t seed = nn::test::fresh_seed();
   TempDir dir;

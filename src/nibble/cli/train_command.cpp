@@ -1,6 +1,8 @@
 // `nibble train`: trains a GPT from a model config and a recipe on prepared token data (see
 // src/nibble/train/trainer.h and README.md "Training").
 #include <algorithm>
+#include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
@@ -34,6 +36,14 @@ struct TrainArgs {
   bool resume = false, skip_nonfinite = false;
   std::string progress = "auto";
 };
+
+// Ctrl-C asks the trainer to checkpoint and stop after the current step; a second one kills.
+std::atomic<bool> g_stop{false};
+static_assert(std::atomic<bool>::is_always_lock_free, "set from a signal handler");
+extern "C" void on_interrupt(int) {
+  g_stop.store(true);
+  std::signal(SIGINT, SIG_DFL);
+}
 
 // A directory written by `nibble prepare` (it has manifest.json), else token files of other tools.
 data::TokenDataset open_data(const std::vector<std::string>& paths, const std::string& split, uint64_t vocab) {
@@ -94,6 +104,12 @@ void run_train(const TrainArgs& a) {
                static_cast<long long>(a.steps), static_cast<long long>(a.batch_size * seq * a.grad_accum),
                static_cast<long long>(a.batch_size), static_cast<long long>(seq), static_cast<long long>(a.grad_accum),
                a.out.c_str());
+  g_stop.store(false);
+  o.stop_requested = &g_stop;
+  struct SigintGuard {
+    void (*previous)(int) = std::signal(SIGINT, on_interrupt);
+    ~SigintGuard() { std::signal(SIGINT, previous); }
+  } guard;
   const train::TrainResult r = train::train(config, recipe, train_data, val_data.get(), o);
   if (!r.steps.empty())
     std::fprintf(stderr, "train: done at step %lld, loss %.4f%s%s\n", static_cast<long long>(r.end_step),

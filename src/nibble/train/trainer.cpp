@@ -207,8 +207,15 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
       std::snprintf(buf, sizeof buf, "step %lld: validation loss %.4f", static_cast<long long>(step + 1), vl);
       progress.message(buf);
     }
-    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last)
+    const bool stopping = o.stop_requested != nullptr && o.stop_requested->load() && !last;
+    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last || stopping)
       result.last_checkpoint = save_checkpoint(o.out_dir, model, optimizer, checkpoint_state(step + 1), o.keep_checkpoints);
+    if (stopping) {
+      progress.message("interrupted after step " + std::to_string(step + 1) + "; saved " +
+                       result.last_checkpoint->string() + " (continue with --resume)");
+      end = step + 1;
+      break;
+    }
   }
   progress.finish();
   result.end_step = end;

@@ -8,6 +8,7 @@
 // uninterrupted run's losses bit for bit on the same machine and thread count.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -50,6 +51,8 @@ struct TrainOptions {
   int64_t stop_after = 0;   // stop after this many steps of this invocation (0: run to `steps`)
   Progress::Mode progress = Progress::Mode::kAuto;
   int64_t log_every = 10;   // plain progress lines every this many steps
+  // When set (e.g. by a SIGINT handler), the run stops after the current step with a checkpoint.
+  const std::atomic<bool>* stop_requested = nullptr;
   // Called at the start of every step, before the forward passes (tests use it to inject faults).
   std::function<void(int64_t step, model::Gpt& model)> on_step_start;
 
