@@ -10,7 +10,7 @@ steps=${STEPS:-300}
 
 scripts/setup.sh
 cmake --preset default >/dev/null
-cmake --build --preset default
+cmake --build --preset default --target nibble_cli
 nibble=build/default/src/nibble/cli/nibble
 
 data=data/demo-admin-guide
