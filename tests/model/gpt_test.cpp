@@ -35,6 +35,9 @@ TEST(GptConfig, ShippedConfigsLoad) {
     EXPECT_EQ(c.mlp_hidden, 4 * c.d_model);
     EXPECT_EQ(parse_gpt_config_toml(to_toml(c), "roundtrip.toml"), c) << name;
   }
+  const GptConfig small_vocab = load_gpt_config(std::string(NIBBLE_SOURCE_DIR) + "/configs/models/tiny-8k.toml");
+  EXPECT_EQ(small_vocab.vocab_size, 8192);
+  EXPECT_EQ(small_vocab.d_model, 128);
   // GPT-2 small without linear biases: 124M less its 0.08M biases, with the padded vocabulary.
   const GptConfig g = load_gpt_config(std::string(NIBBLE_SOURCE_DIR) + "/configs/models/gpt2-124m.toml");
   EXPECT_NEAR(static_cast<double>(g.parameter_count()), 124.4e6, 0.2e6);
