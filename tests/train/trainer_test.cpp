@@ -255,6 +255,16 @@ TEST(Train, SkipsNonFiniteStepsWhenAsked) {
   EXPECT_TRUE(lines[2]["skipped"].get<bool>());
 }
 
+TEST(Train, ValidationDataTooShortFailsBeforeTraining) {
+  const uint64_t seed = nn::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  data::write_llmc_file((dir / "short.bin").string(), markov_tokens(seed, 20), kVocab);  // < one 33-token window
+  const auto short_val = data::TokenDataset::open_files({(dir / "short.bin").string()}, data::TokenFormat::llmc, kVocab);
+  EXPECT_ANY_THROW(train(tiny_config(), nn::make_recipe("bf16"), d.train, &short_val, options(dir / "run", 3, seed)));
+  EXPECT_FALSE(fs::exists(dir / "run" / "metrics.jsonl"));
+}
+
 TEST(Train, SwitchesToBf16AfterTheRecipesFraction) {
   const uint64_t seed = nn::test::fresh_seed();
   TempDir dir;

@@ -66,9 +66,11 @@ void split_windows(const std::vector<uint32_t>& windows, int64_t batch, int64_t 
     }
 }
 
-double validation_loss(model::Gpt& model, const data::TokenDataset& val, const TrainOptions& o, int64_t seq) {
-  // The same windows every time (a fixed sampler seed), so evaluations are comparable across steps.
-  data::WindowSampler sampler(val, static_cast<size_t>(seq + 1), static_cast<size_t>(seq), 0);
+// The same windows every time (the sampler is rewound to its start), so evaluations are comparable
+// across steps.
+double validation_loss(model::Gpt& model, data::WindowSampler& sampler, const data::SamplerPosition& start,
+                       const TrainOptions& o, int64_t seq) {
+  sampler.restore(start);
   const int64_t batches = std::max<int64_t>(1, std::min<int64_t>(o.val_batches, static_cast<int64_t>(
       sampler.windows_per_epoch() / static_cast<uint64_t>(o.batch_size))));
   std::vector<uint32_t> windows(static_cast<size_t>(o.batch_size * (seq + 1))), inputs, targets;
@@ -97,6 +99,10 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
   model::Gpt model(config, recipe, init_seed(o.seed), o.seed);
   AdamW optimizer(o.adamw);
   data::WindowSampler sampler(train_data, static_cast<size_t>(seq + 1), static_cast<size_t>(seq), sampler_seed(o.seed));
+  // Made now so that validation data too short for one window fails before any training.
+  std::optional<data::WindowSampler> val_sampler;
+  if (val_data) val_sampler.emplace(*val_data, static_cast<size_t>(seq + 1), static_cast<size_t>(seq), 0);
+  const data::SamplerPosition val_start = val_sampler ? val_sampler->position() : data::SamplerPosition{};
 
   TrainResult result;
   const std::optional<fs::path> latest = latest_checkpoint(o.out_dir);
@@ -126,6 +132,9 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
   Progress progress(o.progress, o.log_every);
   if (o.resume) progress.message("resumed from " + result.last_checkpoint->string() + " at step " +
                                  std::to_string(result.start_step));
+  if (result.start_step >= o.steps)
+    progress.message("the run is already at step " + std::to_string(result.start_step) + " of " +
+                     std::to_string(o.steps) + "; nothing to do (raise --steps to continue it)");
 
   const int64_t switch_step = recipe.bf16_switch_fraction >= 1.0
                                   ? o.steps
@@ -200,7 +209,7 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
 
     const bool last = step + 1 == o.steps;
     if (val_data && ((o.val_every > 0 && (step + 1) % o.val_every == 0) || last)) {
-      const double vl = validation_loss(model, *val_data, o, seq);
+      const double vl = validation_loss(model, *val_sampler, val_start, o, seq);
       result.val.emplace_back(step + 1, vl);
       metrics.write({{"step", step + 1}, {"val_loss", vl}});
       char buf[96];
