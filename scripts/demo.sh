@@ -13,17 +13,17 @@ cmake --preset default >/dev/null
 cmake --build --preset default --target nibble_cli
 nibble=build/default/src/nibble/cli/nibble
 
-data=data/demo-admin-guide
+data=data/demo-admin-guide-8k
 if [ ! -f "$data/manifest.json" ]; then
   mkdir -p data
   "$nibble" prepare --input /usr/share/doc/linux-doc-6.1/Documentation/admin-guide --include '*.rst.gz' \
-    --output "$data" --tokenizer "sentencepiece:data/demo-admin-guide.model" --spm-train-vocab 4096
+    --output "$data" --tokenizer "sentencepiece:data/demo-admin-guide-8k.model" --spm-train-vocab 8192
 fi
 
 stamp=$(date +%Y%m%d-%H%M%S)
 for recipe in bf16 nvfp4; do
   echo "== training the demo model under $recipe for $steps steps"
-  "$nibble" train --config configs/models/demo.toml --recipe "$recipe" --data "$data" \
+  "$nibble" train --config configs/models/tiny-8k.toml --recipe "$recipe" --data "$data" \
     --out "runs/demo-$recipe-$stamp" --steps "$steps" --val-every 50 --seed 1337
 done
 
