@@ -76,7 +76,7 @@ void expect_output_matches(SafetensorsReader& out, const std::string& name, cons
 }
 
 TEST(QuantizeCommand, NpyFloat32EveryFormatAndOption) {
-  const uint64_t seed = test::io_test_seed();
+  const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
   ScratchDir dir;
   const int64_t rows = 64, cols = 64;
@@ -145,7 +145,7 @@ TEST(QuantizeCommand, DefaultBlocksFollowTheFormat) {
 }
 
 TEST(QuantizeCommand, NpyBf16BitsNeedTheFlag) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   const std::vector<bf16_t> x = to_bf16(gaussian(rng, 16 * 32, 2.0f));
   write_npy(dir / "b.npy", HostTensor::bf16({16, 32}, x));
@@ -166,7 +166,7 @@ TEST(QuantizeCommand, NpyBf16BitsNeedTheFlag) {
 }
 
 TEST(QuantizeCommand, SafetensorsCheckpointAllOrChosenTensors) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   const std::vector<float> w = gaussian(rng, 64 * 32, 0.02f);
   const std::vector<bf16_t> a = to_bf16(gaussian(rng, 32 * 48));
@@ -211,7 +211,7 @@ TEST(QuantizeCommand, SafetensorsCheckpointAllOrChosenTensors) {
 }
 
 TEST(QuantizeCommand, SkipsIncompatibleShapesOnlyWhenAsked) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   const std::vector<float> good = gaussian(rng, 32 * 32), odd = gaussian(rng, 5 * 32);
   write_safetensors(dir / "in.safetensors", {{"good", HostTensor::f32({32, 32}, good)}, {"odd", HostTensor::f32({5, 32}, odd)}});
@@ -234,7 +234,7 @@ TEST(QuantizeCommand, SkipsIncompatibleShapesOnlyWhenAsked) {
 }
 
 TEST(QuantizeCommand, NonFiniteInputIsMarked) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   std::vector<float> x = gaussian(rng, 16 * 32);
   x[rng() % x.size()] = NAN;
@@ -259,7 +259,7 @@ TEST(QuantizeCommand, NonFiniteInputIsMarked) {
 }
 
 TEST(QuantizeCommand, FailuresLeaveNoOutputAndKeepAnExistingOne) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   const std::vector<float> x = gaussian(rng, 32 * 48);
   write_npy(dir / "x.npy", HostTensor::f32({32, 48}, x));
@@ -311,7 +311,7 @@ TEST(QuantizeCommand, FailuresLeaveNoOutputAndKeepAnExistingOne) {
 
 // Through the CLI11 front end, as `nibble quantize ...` parses it.
 TEST(QuantizeCommand, ParsesTheCommandLine) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   const std::vector<float> x = gaussian(rng, 32 * 32);
   write_npy(dir / "x.npy", HostTensor::f32({32, 32}, x));

@@ -10,7 +10,7 @@
 #include <random>
 
 #include "formats/reference_codecs.h"
-#include "formats/test_seed.h"
+#include "test_seed.h"
 #include "nibble/formats/minifloat.h"
 
 namespace nibble {

@@ -16,7 +16,7 @@
 #include <vector>
 
 #include "formats/reference_codecs.h"
-#include "formats/test_seed.h"
+#include "test_seed.h"
 
 namespace nibble {
 namespace {

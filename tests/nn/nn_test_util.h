@@ -1,4 +1,4 @@
-// Helpers of the nn tests: a printed fresh seed per test, random matrices, and a double-precision
+// Helpers of the nn tests: random matrices, and a double-precision
 // NT GEMM with the per-element sums that bound float accumulation error.
 #pragma once
 
@@ -13,22 +13,11 @@
 #include <string>
 #include <vector>
 
+#include "test_seed.h"
+
 namespace nibble::nn::test {
 
-// Rerun with NIBBLE_TEST_SEED=<seed> to draw the same inputs.
-inline uint64_t fresh_seed() {
-  uint64_t seed;
-  if (const char* env = std::getenv("NIBBLE_TEST_SEED"); env != nullptr && *env != '\0') {
-    seed = std::strtoull(env, nullptr, 10);
-  } else {
-    std::random_device rd;
-    seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
-  }
-  const ::testing::TestInfo* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::printf("[ seed     ] %s.%s: NIBBLE_TEST_SEED=%llu\n", info ? info->test_suite_name() : "?",
-              info ? info->name() : "?", static_cast<unsigned long long>(seed));
-  return seed;
-}
+using nibble::test::fresh_seed;  // printed per test; NIBBLE_TEST_SEED=<seed> replays it
 
 inline std::vector<float> random_normal(std::mt19937_64& rng, int64_t n, float stddev = 1.0f) {
   std::normal_distribution<float> d(0.0f, stddev);

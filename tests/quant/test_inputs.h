@@ -10,7 +10,7 @@
 #include <random>
 #include <vector>
 
-#include "formats/test_seed.h"
+#include "test_seed.h"
 #include "nibble/formats/minifloat.h"
 #include "nibble/quant/quantize.h"
 

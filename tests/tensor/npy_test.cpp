@@ -42,7 +42,7 @@ std::vector<float> random_floats(std::mt19937_64& rng, size_t n) {
 }
 
 TEST(Npy, RoundTripsFloat32OfEveryRank) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   std::uniform_int_distribution<int64_t> dim(1, 40);
   const std::vector<std::vector<int64_t>> shapes = {
@@ -65,7 +65,7 @@ TEST(Npy, RoundTripsFloat32OfEveryRank) {
 }
 
 TEST(Npy, Bf16TravelsAsU2) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   std::vector<bf16_t> v(48);
   for (bf16_t& x : v) x.bits = static_cast<uint16_t>(rng());
@@ -82,7 +82,7 @@ TEST(Npy, Bf16TravelsAsU2) {
 }
 
 TEST(Npy, RoundTripsUint8) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   std::vector<uint8_t> v(77);
   for (uint8_t& x : v) x = static_cast<uint8_t>(rng());
@@ -94,7 +94,7 @@ TEST(Npy, RoundTripsUint8) {
 }
 
 TEST(Npy, ReadsHeadersAsNumpyAndOthersWriteThem) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   const std::vector<float> v = random_floats(rng, 6);
   // Exactly numpy's v1.0 spelling; then variants: key order, double quotes, no trailing comma,

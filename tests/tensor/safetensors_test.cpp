@@ -19,7 +19,7 @@ HostTensor random_tensor(std::mt19937_64& rng, DType dtype, std::vector<int64_t>
 }
 
 TEST(Safetensors, RoundTripsTensorsOfManyDtypesWithMetadata) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   std::uniform_int_distribution<int64_t> dim(1, 24);
   std::vector<NamedTensor> tensors = {
@@ -133,7 +133,7 @@ TEST(Safetensors, RejectsBadFilesNamingThem) {
 }
 
 TEST(Safetensors, WriterRejectsBadInputAndKeepsTheOldFile) {
-  std::mt19937_64 rng(test::io_test_seed());
+  std::mt19937_64 rng(test::fresh_seed());
   ScratchDir dir;
   const auto path = dir / "out.safetensors";
   test::write_bytes(path, "old contents");

@@ -17,23 +17,9 @@
 
 #include <unistd.h>
 
-namespace nibble::test {
+#include "test_seed.h"
 
-// A fresh random seed per call, printed so that a failure can be reproduced: rerun with
-// NIBBLE_TEST_SEED=<seed> to draw the same inputs.
-inline uint64_t io_test_seed() {
-  uint64_t seed;
-  if (const char* env = std::getenv("NIBBLE_TEST_SEED"); env != nullptr && *env != '\0') {
-    seed = std::strtoull(env, nullptr, 10);
-  } else {
-    std::random_device rd;
-    seed = (static_cast<uint64_t>(rd()) << 32) ^ rd();
-  }
-  const ::testing::TestInfo* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::printf("[ seed     ] %s.%s: NIBBLE_TEST_SEED=%llu\n", info ? info->test_suite_name() : "?",
-              info ? info->name() : "?", static_cast<unsigned long long>(seed));
-  return seed;
-}
+namespace nibble::test {
 
 // A fresh directory under the system temp directory, removed with everything in it at scope end.
 class ScratchDir {
