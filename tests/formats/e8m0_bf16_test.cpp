@@ -16,22 +16,12 @@
 namespace nibble {
 namespace {
 
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // A random finite float: a random bit pattern with the all-ones exponent avoided.
 float random_finite(std::mt19937_64& rng) {
   uint32_t b = static_cast<uint32_t>(rng());
   if ((b & 0x7F800000u) == 0x7F800000u) b &= 0xBFFFFFFFu;
-  return from_bits(b);
+  return bits_float(b);
 }
 
 // ---- E8M0 ----
@@ -97,7 +87,7 @@ TEST(E8M0, SaturatesAndHandlesNan) {
     EXPECT_EQ(E8M0::encode(x, Rounding::kNearestEven), 254) << x;
     EXPECT_EQ(E8M0::encode(x, Rounding::kStochastic, 0u), 254) << x;
   }
-  for (const float x : {std::numeric_limits<float>::quiet_NaN(), from_bits(0xFF800001u), from_bits(0x7FFFFFFFu)}) {
+  for (const float x : {std::numeric_limits<float>::quiet_NaN(), bits_float(0xFF800001u), bits_float(0x7FFFFFFFu)}) {
     EXPECT_EQ(E8M0::encode(x, Rounding::kNearestEven), 255);
     EXPECT_EQ(E8M0::encode(x, Rounding::kStochastic, 123u), 255);
   }
@@ -110,7 +100,7 @@ TEST(E8M0, RandomFloatsMatchReference) {
   std::mt19937_64 rng(test::fresh_seed());
   for (int n = 0; n < 500000; ++n) {
     const float x = random_finite(rng);
-    ASSERT_EQ(E8M0::encode(x, Rounding::kNearestEven), ref_e8m0_rne(x)) << x << " bits 0x" << std::hex << bits_of(x);
+    ASSERT_EQ(E8M0::encode(x, Rounding::kNearestEven), ref_e8m0_rne(x)) << x << " bits 0x" << std::hex << float_bits(x);
   }
 }
 
@@ -143,7 +133,7 @@ TEST(E8M0, StochasticRoundUpFrequencyEqualsFractionalPosition) {
 // Reference RNE: the two BF16 neighbours of |x| by truncation and its successor (2^128 standing in
 // for the infinity past the largest finite value), the nearer one, ties to the even code.
 uint16_t ref_bf16_rne(float x) {
-  const uint32_t b = bits_of(x);
+  const uint32_t b = float_bits(x);
   const uint16_t sign = static_cast<uint16_t>((b >> 16) & 0x8000u);
   const uint32_t lo = (b & 0x7FFFFFFFu) >> 16;
   if (lo == 0x7F80u) return static_cast<uint16_t>(sign | lo);  // infinity stays
@@ -187,7 +177,7 @@ TEST(BF16, RandomFloatsMatchDoubleReference) {
   std::mt19937_64 rng(test::fresh_seed());
   for (int n = 0; n < 2000000; ++n) {
     const float x = random_finite(rng);
-    ASSERT_EQ(BF16::encode(x, Rounding::kNearestEven), ref_bf16_rne(x)) << "bits 0x" << std::hex << bits_of(x);
+    ASSERT_EQ(BF16::encode(x, Rounding::kNearestEven), ref_bf16_rne(x)) << "bits 0x" << std::hex << float_bits(x);
   }
 }
 
@@ -196,11 +186,11 @@ TEST(BF16, EveryTieAndItsNeighbours) {
   for (uint32_t hi = 0; hi < 65536; ++hi) {
     if ((hi & 0x7F80u) == 0x7F80u) continue;  // Inf/NaN upper halves
     for (const uint32_t low : {0x7FFFu, 0x8000u, 0x8001u}) {
-      const float x = from_bits(hi << 16 | low);
+      const float x = bits_float(hi << 16 | low);
       ASSERT_EQ(BF16::encode(x, Rounding::kNearestEven), ref_bf16_rne(x)) << "bits 0x" << std::hex << (hi << 16 | low);
     }
     // The tie goes to the even code.
-    const uint16_t tie = BF16::encode(from_bits(hi << 16 | 0x8000u), Rounding::kNearestEven);
+    const uint16_t tie = BF16::encode(bits_float(hi << 16 | 0x8000u), Rounding::kNearestEven);
     ASSERT_EQ(tie & 1u, 0u) << std::hex << hi;
   }
 }
@@ -208,7 +198,7 @@ TEST(BF16, EveryTieAndItsNeighbours) {
 TEST(BF16, OverflowNanAndZeros) {
   EXPECT_EQ(BF16::encode(FLT_MAX, Rounding::kNearestEven), 0x7F80u);   // rounds past the max: Inf
   EXPECT_EQ(BF16::encode(-FLT_MAX, Rounding::kNearestEven), 0xFF80u);
-  EXPECT_EQ(BF16::encode(from_bits(0x7F7F7FFFu), Rounding::kNearestEven), 0x7F7Fu);
+  EXPECT_EQ(BF16::encode(bits_float(0x7F7F7FFFu), Rounding::kNearestEven), 0x7F7Fu);
   EXPECT_EQ(BF16::encode(INFINITY, Rounding::kNearestEven), 0x7F80u);
   EXPECT_EQ(BF16::encode(-INFINITY, Rounding::kStochastic, 0xFFFFu), 0xFF80u);
   EXPECT_EQ(BF16::encode(-0.0f, Rounding::kNearestEven), 0x8000u);
@@ -216,7 +206,7 @@ TEST(BF16, OverflowNanAndZeros) {
   // NaNs stay quiet NaNs with their sign, even with a payload only in the dropped bits.
   for (const uint32_t nan : {0x7FC00000u, 0x7F800001u, 0xFF800001u, 0xFFFFFFFFu, 0x7FA00000u}) {
     for (const Rounding r : {Rounding::kNearestEven, Rounding::kStochastic}) {
-      const uint16_t c = BF16::encode(from_bits(nan), r, 0xFFFFu);
+      const uint16_t c = BF16::encode(bits_float(nan), r, 0xFFFFu);
       EXPECT_TRUE(std::isnan(BF16::decode(c))) << std::hex << nan;
       EXPECT_EQ(c & 0x8000u, (nan >> 16) & 0x8000u) << std::hex << nan;
       EXPECT_NE(c & 0x0040u, 0u) << "quiet bit, input 0x" << std::hex << nan;
@@ -228,8 +218,8 @@ TEST(BF16, StochasticRoundUpFrequencyEqualsDroppedBits) {
   std::mt19937_64 rng(test::fresh_seed());
   for (int n = 0; n < 150; ++n) {
     float x = random_finite(rng);
-    if ((bits_of(x) & 0x7FFFFFFFu) >= 0x7F7F0000u) x = 1.0f + static_cast<float>(n);  // keep away from Inf
-    const uint32_t b = bits_of(x);
+    if ((float_bits(x) & 0x7FFFFFFFu) >= 0x7F7F0000u) x = 1.0f + static_cast<float>(n);  // keep away from Inf
+    const uint32_t b = float_bits(x);
     const uint16_t trunc = static_cast<uint16_t>(b >> 16);
     uint32_t ups = 0;
     for (uint32_t r = 0; r < 65536; ++r) {

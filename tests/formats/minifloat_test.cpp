@@ -23,16 +23,6 @@ namespace {
 
 using test::RefMinifloat;
 
-uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
-}
-float from_bits(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 template <typename F>
 struct Ref;
@@ -171,8 +161,8 @@ TYPED_TEST(MinifloatTest, SaturatesBeyondMax) {
 
 TYPED_TEST(MinifloatTest, NanHandling) {
   const float nans[] = {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(),
-                        std::numeric_limits<float>::signaling_NaN(), from_bits(0x7F800001u), from_bits(0xFFFFFFFFu),
-                        from_bits(0x7FC12345u)};
+                        std::numeric_limits<float>::signaling_NaN(), bits_float(0x7F800001u), bits_float(0xFFFFFFFFu),
+                        bits_float(0x7FC12345u)};
   for (const float x : nans) {
     const uint8_t sign = std::signbit(x) ? TypeParam::kSignBit : 0;
     for (const Rounding r : {Rounding::kNearestEven, Rounding::kStochastic}) {
@@ -180,7 +170,7 @@ TYPED_TEST(MinifloatTest, NanHandling) {
       if constexpr (std::is_same_v<TypeParam, E2M1>) {
         EXPECT_EQ(code, 0x7) << "E2M1 has no NaN: documented to give +6";
       } else {
-        EXPECT_EQ(code, sign | TypeParam::kNanCode) << "bits " << std::hex << bits_of(x);
+        EXPECT_EQ(code, sign | TypeParam::kNanCode) << "bits " << std::hex << float_bits(x);
         EXPECT_TRUE(std::isnan(TypeParam::decode(code)));
       }
     }
@@ -219,10 +209,10 @@ float draw_float_near_range(std::mt19937_64& rng, int lowest_exp, int highest_ex
   const uint32_t b = static_cast<uint32_t>(rng());
   if ((b & 7) == 0) {
     const uint32_t any = static_cast<uint32_t>(rng());
-    return (any & 0x7F800000u) == 0x7F800000u ? from_bits(any & 0xFF7FFFFFu) : from_bits(any);
+    return (any & 0x7F800000u) == 0x7F800000u ? bits_float(any & 0xFF7FFFFFu) : bits_float(any);
   }
   const int e = lowest_exp + static_cast<int>(rng() % static_cast<uint64_t>(highest_exp - lowest_exp + 1));
-  return from_bits((b & 0x807FFFFFu) | (static_cast<uint32_t>(e + 127) << 23));
+  return bits_float((b & 0x807FFFFFu) | (static_cast<uint32_t>(e + 127) << 23));
 }
 
 TYPED_TEST(MinifloatTest, RandomFloatsMatchNearestEvenReference) {
@@ -231,7 +221,7 @@ TYPED_TEST(MinifloatTest, RandomFloatsMatchNearestEvenReference) {
   const int highest = static_cast<int>(std::ilogb(TypeParam::kMax)) + 2;
   for (int n = 0; n < 300000; ++n) {
     const float x = draw_float_near_range(rng, lowest, highest);
-    ASSERT_EQ(this->rne(x), this->ref_rne(x)) << "x = " << x << " (bits 0x" << std::hex << bits_of(x) << ")";
+    ASSERT_EQ(this->rne(x), this->ref_rne(x)) << "x = " << x << " (bits 0x" << std::hex << float_bits(x) << ")";
   }
 }
 
@@ -293,11 +283,11 @@ TYPED_TEST(MinifloatTest, StochasticRoundUpFrequencyEqualsFractionalPosition) {
 // ---- e2m1_encode_rne_fast: the comparison form the CUDA kernels use ----
 
 TEST(E2M1Fast, EqualsTheCodecOnFloatPatternsUpTo8) {
-  const uint32_t top = bits_of(8.0f);
+  const uint32_t top = float_bits(8.0f);
   const uint32_t stride = 61;  // ~17.8M patterns per sign: every binade densely covered
   for (uint32_t b = 0; b <= top; b += stride) {
     for (const uint32_t sign : {0u, 0x80000000u}) {
-      const float x = from_bits(b | sign);
+      const float x = bits_float(b | sign);
       ASSERT_EQ(e2m1_encode_rne_fast(x), E2M1::encode(x, Rounding::kNearestEven)) << "bits 0x" << std::hex << (b | sign);
     }
   }
@@ -305,7 +295,7 @@ TEST(E2M1Fast, EqualsTheCodecOnFloatPatternsUpTo8) {
 
 TEST(E2M1Fast, EqualsTheCodecAroundEveryMidpointAndAtTheEdges) {
   std::vector<float> xs = {0.0f, 6.0f, 8.0f, 1e30f, FLT_MAX, INFINITY, 1e-45f, 1e-40f, FLT_MIN,
-                           std::numeric_limits<float>::quiet_NaN(), from_bits(0xFFC00001u)};
+                           std::numeric_limits<float>::quiet_NaN(), bits_float(0xFFC00001u)};
   for (int c = 0; c < 7; ++c) {
     const float mid = static_cast<float>((test::kE2M1Table[c] + test::kE2M1Table[c + 1]) / 2);
     float up = mid, down = mid;
@@ -349,10 +339,10 @@ std::vector<uint32_t> words_around_threshold(float x, std::mt19937_64& rng) {
 
 TEST(E2M1Fast, StochasticEqualsTheCodecOnFloatPatternsUpTo8) {
   std::mt19937_64 rng(test::fresh_seed());
-  const uint32_t top = bits_of(8.0f);
+  const uint32_t top = float_bits(8.0f);
   for (uint32_t b = 0; b <= top; b += 1021) {
     for (const uint32_t sign : {0u, 0x80000000u}) {
-      const float x = from_bits(b | sign);
+      const float x = bits_float(b | sign);
       for (const uint32_t w : words_around_threshold(x, rng))
         ASSERT_EQ(e2m1_encode_sr_fast(x, w), E2M1::encode(x, Rounding::kStochastic, w))
             << "bits 0x" << std::hex << (b | sign) << " word 0x" << w;
@@ -363,7 +353,7 @@ TEST(E2M1Fast, StochasticEqualsTheCodecOnFloatPatternsUpTo8) {
 TEST(E2M1Fast, StochasticEqualsTheCodecAroundGridPointsAndAtTheEdges) {
   std::mt19937_64 rng(test::fresh_seed());
   std::vector<float> xs = {0.0f, 6.0f, 7.0f, 8.0f, 1e30f, FLT_MAX, INFINITY, 1e-45f, 1e-40f, FLT_MIN,
-                           std::numeric_limits<float>::quiet_NaN(), from_bits(0xFFC00001u)};
+                           std::numeric_limits<float>::quiet_NaN(), bits_float(0xFFC00001u)};
   // Every E2M1 value and midpoint, and 512 floats on each side of them.
   for (int c = 0; c < 8; ++c) {
     for (const double p : {test::kE2M1Table[c], c < 7 ? (test::kE2M1Table[c] + test::kE2M1Table[c + 1]) / 2 : 6.0}) {
