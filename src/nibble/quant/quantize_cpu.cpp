@@ -226,40 +226,56 @@ QuantizedTensor quantize(std::span<const bf16_t> x, int64_t rows, int64_t cols, 
   return quantize_impl(x, rows, cols, spec);
 }
 
-std::vector<float> dequantize(const QuantizedTensor& q) {
+namespace {
+
+// x' = code * block_scale * g for every element (g = 1 for MXFP4), block by block: the block scale
+// is decoded once per block and E2M1 codes through a 16-entry table; same float operations, in the
+// same order, as decoding element by element.
+std::vector<float> dequantize_with(const QuantizedTensor& q, float g) {
   std::vector<float> out(static_cast<size_t>(q.numel()));
-  const float g = q.decode_scale;
   if (!q.finite()) {
     std::fill(out.begin(), out.end(), NAN);
     return out;
   }
-  const Block b = q.spec.block;
-  for (int64_t r = 0; r < q.rows; ++r) {
-    for (int64_t c = 0; c < q.cols; ++c) {
-      const int64_t i = r * q.cols + c;
-      switch (q.spec.format) {
-        case Format::kNvfp4: {
-          const int64_t si = (b == Block::k16x16 ? (r / 16) : r) * q.scale_cols() + c / 16;
-          out[i] = E2M1::decode(fp4_code_at(q.data, i)) * E4M3::decode(q.scales[si]) * g;
-          break;
+  float fp4[16];
+  for (int c = 0; c < 16; ++c) fp4[c] = E2M1::decode(static_cast<uint8_t>(c));
+  float* y = out.data();
+  const uint8_t* d = q.data.data();
+  switch (q.spec.format) {
+    case Format::kNvfp4:
+    case Format::kMxfp4: {
+      const bool nv = q.spec.format == Format::kNvfp4;
+      const int64_t width = nv ? 16 : 32;
+      for (int64_t r = 0; r < q.rows; ++r) {
+        const int64_t scale_row = q.spec.block == Block::k16x16 ? r / 16 : r;
+        for (int64_t c0 = 0; c0 < q.cols; c0 += width) {
+          const uint8_t code = q.scales[scale_row * q.scale_cols() + c0 / width];
+          const float scale = nv ? E4M3::decode(code) : E8M0::decode(code);
+          const int64_t i0 = r * q.cols + c0;
+          for (int64_t k = 0; k < width; k += 2) {
+            const uint8_t byte = d[(i0 + k) / 2];
+            y[i0 + k] = nv ? fp4[byte & 0xF] * scale * g : fp4[byte & 0xF] * scale;
+            y[i0 + k + 1] = nv ? fp4[byte >> 4] * scale * g : fp4[byte >> 4] * scale;
+          }
         }
-        case Format::kMxfp4:
-          out[i] = E2M1::decode(fp4_code_at(q.data, i)) * E8M0::decode(q.scales[r * q.scale_cols() + c / 32]);
-          break;
-        case Format::kFp8E4M3: out[i] = E4M3::decode(q.data[i]) * g; break;
-        case Format::kFp8E5M2: out[i] = E5M2::decode(q.data[i]) * g; break;
       }
+      break;
     }
+    case Format::kFp8E4M3:
+      for (int64_t i = 0; i < q.numel(); ++i) y[i] = E4M3::decode(d[i]) * g;
+      break;
+    case Format::kFp8E5M2:
+      for (int64_t i = 0; i < q.numel(); ++i) y[i] = E5M2::decode(d[i]) * g;
+      break;
   }
   return out;
 }
 
-std::vector<float> dequantize_unscaled(const QuantizedTensor& q) {
-  // dequantize() with g = 1 multiplies by exactly 1.0f. (The copy costs one pass over the packed
-  // data, small next to the GEMM this feeds.)
-  QuantizedTensor view = q;
-  if (view.finite()) view.decode_scale = 1.0f;
-  return dequantize(view);
-}
+}  // namespace
+
+std::vector<float> dequantize(const QuantizedTensor& q) { return dequantize_with(q, q.decode_scale); }
+
+// Multiplying by g = 1 is exact, so these are dequantize()'s values without the tensor scale.
+std::vector<float> dequantize_unscaled(const QuantizedTensor& q) { return dequantize_with(q, 1.0f); }
 
 }  // namespace nibble
