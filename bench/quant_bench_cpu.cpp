@@ -46,26 +46,16 @@ void BM_Quantize(benchmark::State& state, nibble::QuantSpec spec) {
   state.SetBytesProcessed(state.iterations() * static_cast<int64_t>(x.size() * sizeof(float)));
 }
 
-nibble::QuantSpec spec(nibble::Format f, nibble::Block b, nibble::Rounding r = nibble::Rounding::kNearestEven,
-                       bool columnwise = false, bool rht = false) {
-  nibble::QuantSpec s;
-  s.format = f;
-  s.block = b;
-  s.rounding = r;
-  s.columnwise = columnwise;
-  s.rht = rht;
-  return s;
-}
-
 using nibble::Block;
 using nibble::Format;
 using nibble::Rounding;
-BENCHMARK_CAPTURE(BM_Quantize, nvfp4_1x16_rne, spec(Format::kNvfp4, Block::k1x16));
-BENCHMARK_CAPTURE(BM_Quantize, nvfp4_1x16_sr, spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic));
-BENCHMARK_CAPTURE(BM_Quantize, nvfp4_1x16_col_rht, spec(Format::kNvfp4, Block::k1x16, Rounding::kNearestEven, true, true));
-BENCHMARK_CAPTURE(BM_Quantize, nvfp4_16x16, spec(Format::kNvfp4, Block::k16x16));
-BENCHMARK_CAPTURE(BM_Quantize, mxfp4_1x32, spec(Format::kMxfp4, Block::k1x32));
-BENCHMARK_CAPTURE(BM_Quantize, fp8_e4m3, spec(Format::kFp8E4M3, Block::kTensor));
+using nibble::make_spec;
+BENCHMARK_CAPTURE(BM_Quantize, nvfp4_1x16_rne, make_spec(Format::kNvfp4, Block::k1x16));
+BENCHMARK_CAPTURE(BM_Quantize, nvfp4_1x16_sr, make_spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic));
+BENCHMARK_CAPTURE(BM_Quantize, nvfp4_1x16_col_rht, make_spec(Format::kNvfp4, Block::k1x16, Rounding::kNearestEven, true, true));
+BENCHMARK_CAPTURE(BM_Quantize, nvfp4_16x16, make_spec(Format::kNvfp4, Block::k16x16));
+BENCHMARK_CAPTURE(BM_Quantize, mxfp4_1x32, make_spec(Format::kMxfp4, Block::k1x32));
+BENCHMARK_CAPTURE(BM_Quantize, fp8_e4m3, make_spec(Format::kFp8E4M3, Block::kTensor));
 
 }  // namespace
 

@@ -19,7 +19,6 @@ namespace nibble {
 namespace {
 
 using test::Dist;
-using test::make_spec;
 
 // Every spec the CPU quantizer accepts, on a shape all of them take (rows and cols multiples of 32).
 std::vector<QuantSpec> all_specs(Rounding r) {

@@ -15,7 +15,6 @@
 namespace nibble {
 namespace {
 
-using test::make_spec;
 
 void expect_values(const std::vector<float>& got, const std::vector<float>& want) {
   ASSERT_EQ(got.size(), want.size());

@@ -146,7 +146,7 @@ TEST(QuantizeProperties, Nvfp4MatchesReferenceWithinHalfStep) {
       const std::vector<float> x = test::draw_matrix(sh.rows, sh.cols, d, rng);
       for (const Block b : {Block::k1x16, Block::k16x16})
         for (const bool columnwise : {false, true})
-          check_rne_against_reference(x, sh.rows, sh.cols, test::make_spec(Format::kNvfp4, b, Rounding::kNearestEven, columnwise));
+          check_rne_against_reference(x, sh.rows, sh.cols, make_spec(Format::kNvfp4, b, Rounding::kNearestEven, columnwise));
     }
   }
 }
@@ -157,11 +157,11 @@ TEST(QuantizeProperties, Mxfp4MatchesReferenceWithinHalfStep) {
     for (const Dist d : test::kAllDists) {
       SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " " + test::dist_name(d));
       const std::vector<float> x = test::draw_matrix(sh.rows, sh.cols, d, rng);
-      check_rne_against_reference(x, sh.rows, sh.cols, test::make_spec(Format::kMxfp4, Block::k1x32));
+      check_rne_against_reference(x, sh.rows, sh.cols, make_spec(Format::kMxfp4, Block::k1x32));
       // Columnwise: the 32 rows of each column block form an MX block.
       if (sh.rows % 32 == 0)
         check_rne_against_reference(x, sh.rows, sh.cols,
-                                    test::make_spec(Format::kMxfp4, Block::k1x32, Rounding::kNearestEven, true));
+                                    make_spec(Format::kMxfp4, Block::k1x32, Rounding::kNearestEven, true));
     }
   }
 }
@@ -173,7 +173,7 @@ TEST(QuantizeProperties, Fp8MatchesReferenceWithinHalfStep) {
       SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " " + test::dist_name(d));
       const std::vector<float> x = test::draw_matrix(sh.rows, sh.cols, d, rng);
       for (const Format f : {Format::kFp8E4M3, Format::kFp8E5M2})
-        check_rne_against_reference(x, sh.rows, sh.cols, test::make_spec(f, Block::kTensor));
+        check_rne_against_reference(x, sh.rows, sh.cols, make_spec(f, Block::kTensor));
     }
   }
 }
@@ -184,9 +184,9 @@ TEST(QuantizeProperties, WeightTilesQuantizeLikeTheirTranspose) {
     for (const Dist d : test::kAllDists) {
       SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " " + test::dist_name(d));
       const std::vector<float> w = test::draw_matrix(sh.rows, sh.cols, d, rng);
-      const QuantizedTensor a = quantize(w, sh.rows, sh.cols, test::make_spec(Format::kNvfp4, Block::k16x16));
+      const QuantizedTensor a = quantize(w, sh.rows, sh.cols, make_spec(Format::kNvfp4, Block::k16x16));
       const QuantizedTensor b =
-          quantize(w, sh.rows, sh.cols, test::make_spec(Format::kNvfp4, Block::k16x16, Rounding::kNearestEven, true));
+          quantize(w, sh.rows, sh.cols, make_spec(Format::kNvfp4, Block::k16x16, Rounding::kNearestEven, true));
       ASSERT_EQ(b.rows, sh.cols);
       ASSERT_EQ(a.decode_scale, b.decode_scale);
       const std::vector<float> da = dequantize(a), db = dequantize(b);
@@ -199,7 +199,7 @@ TEST(QuantizeProperties, WeightTilesQuantizeLikeTheirTranspose) {
       }
       // Also W^T given directly: the same values as the columnwise copy of W.
       const QuantizedTensor t =
-          quantize(test::transpose(w, sh.rows, sh.cols), sh.cols, sh.rows, test::make_spec(Format::kNvfp4, Block::k16x16));
+          quantize(test::transpose(w, sh.rows, sh.cols), sh.cols, sh.rows, make_spec(Format::kNvfp4, Block::k16x16));
       EXPECT_TRUE(test::same_quantized(t, b));
     }
   }
@@ -225,12 +225,12 @@ TEST(StochasticRounding, MeanOverSeedsApproachesTheInput) {
   std::mt19937_64 rng(test::fresh_seed());
   const int kSeeds = 1000;
   std::vector<SrCase> cases = {
-      {test::make_spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic), {48, 80}, Dist::kNormal},
-      {test::make_spec(Format::kNvfp4, Block::k16x16, Rounding::kStochastic, true), {112, 48}, Dist::kHeavyTail},
-      {test::make_spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic, true, true), {48, 80}, Dist::kOutliers},
-      {test::make_spec(Format::kMxfp4, Block::k1x32, Rounding::kStochastic), {48, 96}, Dist::kUniform},
-      {test::make_spec(Format::kFp8E4M3, Block::kTensor, Rounding::kStochastic), {16, 208}, Dist::kNormal},
-      {test::make_spec(Format::kFp8E5M2, Block::kTensor, Rounding::kStochastic), {16, 208}, Dist::kHeavyTail},
+      {make_spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic), {48, 80}, Dist::kNormal},
+      {make_spec(Format::kNvfp4, Block::k16x16, Rounding::kStochastic, true), {112, 48}, Dist::kHeavyTail},
+      {make_spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic, true, true), {48, 80}, Dist::kOutliers},
+      {make_spec(Format::kMxfp4, Block::k1x32, Rounding::kStochastic), {48, 96}, Dist::kUniform},
+      {make_spec(Format::kFp8E4M3, Block::kTensor, Rounding::kStochastic), {16, 208}, Dist::kNormal},
+      {make_spec(Format::kFp8E5M2, Block::kTensor, Rounding::kStochastic), {16, 208}, Dist::kHeavyTail},
   };
   int64_t total = 0;
   for (const SrCase& c : cases) total += c.shape.rows * c.shape.cols;
@@ -315,10 +315,10 @@ TEST(StochasticRounding, RemovesTheBiasOfNearestRounding) {
     }
     return std::pair<double, int64_t>{total / static_cast<double>(n), n};
   };
-  const auto [rne_bias, rne_n] = mean_normalized_error(test::make_spec(Format::kNvfp4, Block::k1x16), 1);
+  const auto [rne_bias, rne_n] = mean_normalized_error(make_spec(Format::kNvfp4, Block::k1x16), 1);
   EXPECT_NEAR(rne_bias, -0.3, 1e-3) << "RNE rounds every element down";
   const auto [sr_bias, sr_n] =
-      mean_normalized_error(test::make_spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic), 300);
+      mean_normalized_error(make_spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic), 300);
   // Width 1 per term: P(|mean| >= t) <= 2 exp(-2 n t^2) = 1e-9 at t = sqrt(ln(2e9) / (2n)).
   const double t = std::sqrt(std::log(2e9) / (2.0 * static_cast<double>(sr_n)));
   EXPECT_LE(std::fabs(sr_bias), t + 1e-5) << "SR mean error " << sr_bias << " over " << sr_n << " draws";

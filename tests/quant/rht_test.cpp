@@ -173,7 +173,7 @@ TEST(Rht, QuantizeWithRhtEqualsQuantizeOfTheTransformedMatrix) {
       const std::vector<float> x = test::draw_matrix(sh.rows, sh.cols, d, rng);
       for (const bool columnwise : {false, true}) {
         for (const Rounding r : {Rounding::kNearestEven, Rounding::kStochastic}) {
-          QuantSpec s = test::make_spec(Format::kNvfp4, Block::k1x16, r, columnwise, true);
+          QuantSpec s = make_spec(Format::kNvfp4, Block::k1x16, r, columnwise, true);
           s.rht_signs = rht_signs_from_seed(rng());
           s.seed = rng();
           const int64_t qr = columnwise ? sh.cols : sh.rows, qc = columnwise ? sh.rows : sh.cols;

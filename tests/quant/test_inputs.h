@@ -123,15 +123,4 @@ inline uint8_t scale_at(const QuantizedTensor& q, int64_t r, int64_t c) {
   return 0;
 }
 
-inline QuantSpec make_spec(Format f, Block b, Rounding r = Rounding::kNearestEven, bool columnwise = false,
-                           bool rht = false) {
-  QuantSpec s;
-  s.format = f;
-  s.block = b;
-  s.rounding = r;
-  s.columnwise = columnwise;
-  s.rht = rht;
-  return s;
-}
-
 }  // namespace nibble::test

@@ -73,12 +73,7 @@ std::vector<DemoRow> run_demo(const DemoOptions& o, std::ostream& out) {
   };
   const auto spec = [&](Format f, Block b, Rounding r = Rounding::kNearestEven, bool columnwise = false,
                         bool rht = false) {
-    QuantSpec s;
-    s.format = f;
-    s.block = b;
-    s.rounding = r;
-    s.columnwise = columnwise;
-    s.rht = rht;
+    QuantSpec s = make_spec(f, b, r, columnwise, rht);
     s.seed = o.seed;
     return s;
   };

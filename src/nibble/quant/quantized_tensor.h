@@ -43,6 +43,18 @@ struct QuantSpec {
   uint32_t stream = 0;
 };
 
+// A spec from its most-used fields; the others keep their defaults.
+inline QuantSpec make_spec(Format format, Block block, Rounding rounding = Rounding::kNearestEven,
+                           bool columnwise = false, bool rht = false) {
+  QuantSpec s;
+  s.format = format;
+  s.block = block;
+  s.rounding = rounding;
+  s.columnwise = columnwise;
+  s.rht = rht;
+  return s;
+}
+
 // Throws std::invalid_argument naming the problem if the spec is not a valid combination, or if
 // a rows x cols input cannot be quantized with it (shapes must be multiples of the block size:
 // nibble rejects, never pads).
