@@ -3,7 +3,8 @@
 # check of the kernels, and the CUDA benchmarks, with logs under $OUT (default ./out).
 # Build first, where the toolchain and GoogleTest are (nvcc 13.0, sm_90a):
 #   cmake --preset cuda && cmake --build --preset cuda
-# then bring build/cuda/tests and build/cuda/bench along (the device tool's `carry`) and run this.
+# then bring build/cuda/tests and build/cuda/bench along (the device tool's `carry`) and run this
+# (BUILD_DIR=other/build to use another build folder).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
