@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's main job: set up, build, tokenize real English text (the Linux kernel's admin guide,
 # installed from Debian's linux-doc-6.1 by setup), train the demo model under the bf16 and the
-# nvfp4 recipes with the same data, seed and steps, and compare their validation losses.
+# nvfp4 recipes with the same data, seed and steps, and compare their validation losses (a table,
+# and a plot of both loss curves and their gap in runs/demo-<time>.svg).
 #   scripts/demo.sh              (STEPS=300 by default; runs go to runs/demo-<recipe>-<time>/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,11 +28,7 @@ for recipe in bf16 nvfp4; do
     --out "runs/demo-$recipe-$stamp" --steps "$steps" --val-every 50 --seed 1337
 done
 
-last_val() { grep '"val_loss"' "$1/metrics.jsonl" | tail -n 1 | sed 's/.*"val_loss":\([-0-9.eE+]*\).*/\1/'; }
-bf16=$(last_val "runs/demo-bf16-$stamp")
-nvfp4=$(last_val "runs/demo-nvfp4-$stamp")
 echo
 echo "== validation loss after $steps steps (same data, seed and token budget)"
-awk -v b="$bf16" -v n="$nvfp4" 'BEGIN {
-  printf "  bf16   %.4f\n  nvfp4  %.4f   (%+.2f%% relative to bf16)\n", b, n, 100 * (n - b) / b }'
+"$nibble" compare "runs/demo-bf16-$stamp" "runs/demo-nvfp4-$stamp" --out "runs/demo-$stamp.svg"
 echo "  metrics: runs/demo-bf16-$stamp/metrics.jsonl, runs/demo-nvfp4-$stamp/metrics.jsonl"

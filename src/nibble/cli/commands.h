@@ -10,5 +10,6 @@ void add_quantize_command(CLI::App& app);
 void add_demo_command(CLI::App& app);
 void add_prepare_command(CLI::App& app);
 void add_train_command(CLI::App& app);
+void add_compare_command(CLI::App& app);
 
 }  // namespace nibble::cli

@@ -11,6 +11,7 @@ int main(int argc, char** argv) {
   nibble::cli::add_demo_command(app);
   nibble::cli::add_prepare_command(app);
   nibble::cli::add_train_command(app);
+  nibble::cli::add_compare_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,57 @@
+// `nibble compare`: reads the metrics of finished (or running) training runs, writes one SVG with
+// their training losses and their relative loss gap to a baseline run, and prints a summary table.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <ostream>
+#include <string>
+#include <vector>
+
+namespace nibble::cli {
+
+// What one run directory holds: its training steps and validation losses from metrics.jsonl.
+struct RunMetrics {
+  std::filesystem::path dir;
+  std::string name;    // the directory's name
+  std::string recipe;  // the recipe's name from run.txt ("" when run.txt is missing)
+  struct Step {
+    int64_t step = 0, tokens = 0;
+    double loss = 0;  // NaN where the run logged a non-finite loss
+  };
+  struct Val {
+    int64_t step = 0, tokens = 0;
+    double loss = 0;
+  };
+  std::vector<Step> steps;  // in step order
+  std::vector<Val> val;     // in step order
+};
+
+// Throws std::runtime_error naming the file (and line) when metrics.jsonl is missing or malformed.
+RunMetrics read_run(const std::filesystem::path& dir);
+
+struct CompareOptions {
+  std::vector<std::filesystem::path> runs;
+  std::optional<std::filesystem::path> baseline;  // default: the first run; added in front if not among runs
+  std::filesystem::path out = "compare.svg";
+  std::string x = "tokens";  // tokens | step: the plots' x axis and what losses are matched on
+  double smooth = 0.9;       // EMA factor of the plotted training loss (0: raw)
+};
+
+struct CompareRow {
+  std::string name, recipe;
+  int64_t tokens = 0;    // at the last logged step
+  double train_loss = 0; // the last step's loss
+  double val_loss = 0;   // the last validation loss (NaN if none)
+  double val_gap = 0;    // (val_loss - baseline's) / baseline's, in percent (NaN if either has none)
+  bool baseline = false;
+};
+
+// Bias-corrected exponential moving average (factor in [0, 1)); non-finite values are skipped.
+std::vector<double> ema(const std::vector<double>& y, double factor);
+
+// Writes the SVG (atomically) and prints the table to `out`; returns the table's rows, baseline first.
+std::vector<CompareRow> run_compare(const CompareOptions& options, std::ostream& out);
+
+}  // namespace nibble::cli

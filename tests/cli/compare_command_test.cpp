@@ -1,0 +1,192 @@
+#include "nibble/cli/compare_command.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <fstream>
+#include <random>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+
+#include "nibble/train/plot_svg.h"
+#include "tensor/tensor_test_util.h"
+
+namespace nibble::cli {
+namespace {
+
+namespace fs = std::filesystem;
+
+struct SyntheticRun {
+  std::vector<double> loss;         // per step 1..n
+  std::vector<double> val;          // at steps 10, 20, ...
+  int64_t tokens_per_step = 512;
+};
+
+// A noisy decaying loss curve drawn from `rng`, with validation losses every 10 steps.
+SyntheticRun draw_run(std::mt19937_64& rng, int steps, double offset) {
+  std::uniform_real_distribution<double> noise(-0.05, 0.05);
+  SyntheticRun r;
+  for (int s = 1; s <= steps; ++s) r.loss.push_back(offset + 4.0 * std::exp(-s / 15.0) + noise(rng));
+  for (int s = 10; s <= steps; s += 10) r.val.push_back(offset + 0.1 + 4.0 * std::exp(-s / 15.0) + noise(rng));
+  return r;
+}
+
+void write_run(const fs::path& dir, const SyntheticRun& r, const std::string& recipe) {
+  fs::create_directories(dir);
+  std::ofstream m(dir / "metrics.jsonl");
+  for (size_t i = 0; i < r.loss.size(); ++i) {
+    const int64_t step = static_cast<int64_t>(i) + 1;
+    m << nlohmann::json{{"step", step}, {"loss", r.loss[i]}, {"lr", 1e-3}, {"tokens", step * r.tokens_per_step}}.dump()
+      << "\n";
+    if (step % 10 == 0) m << nlohmann::json{{"step", step}, {"val_loss", r.val[step / 10 - 1]}}.dump() << "\n";
+  }
+  if (!recipe.empty()) std::ofstream(dir / "run.txt") << "model: tiny\nrecipe: " << recipe << ": fc1 x=bf16\n";
+}
+
+size_t count(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t at = text.find(what); at != std::string::npos; at = text.find(what, at + 1)) ++n;
+  return n;
+}
+
+std::string read_text(const fs::path& p) {
+  std::ifstream in(p);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+TEST(CompareCommand, TwoRunsGiveTableAndPlot) {
+  std::mt19937_64 rng(test::fresh_seed());
+  test::ScratchDir dir;
+  const SyntheticRun a = draw_run(rng, 40, 1.0), b = draw_run(rng, 40, 1.2);
+  write_run(dir / "run-a", a, "bf16");
+  write_run(dir / "run-b", b, "nvfp4");
+  CompareOptions o;
+  o.runs = {dir / "run-a", dir / "run-b"};
+  o.out = dir / "plot.svg";
+  std::ostringstream out;
+  const std::vector<CompareRow> rows = run_compare(o, out);
+
+  ASSERT_EQ(rows.size(), 2u);
+  EXPECT_EQ(rows[0].name, "run-a");
+  EXPECT_EQ(rows[0].recipe, "bf16");
+  EXPECT_EQ(rows[1].recipe, "nvfp4");
+  EXPECT_TRUE(rows[0].baseline);
+  EXPECT_FALSE(rows[1].baseline);
+  EXPECT_EQ(rows[1].tokens, 40 * 512);
+  EXPECT_DOUBLE_EQ(rows[0].train_loss, a.loss.back());
+  EXPECT_DOUBLE_EQ(rows[1].val_loss, b.val.back());
+  const double gap = 100.0 * (b.val.back() - a.val.back()) / a.val.back();
+  EXPECT_NEAR(rows[1].val_gap, gap, 1e-9);
+
+  const std::string table = out.str();
+  char expect[64];
+  std::snprintf(expect, sizeof expect, "%+.2f%%", gap);
+  EXPECT_NE(table.find(expect), std::string::npos) << table;
+  std::snprintf(expect, sizeof expect, "%.4f", b.val.back());
+  EXPECT_NE(table.find(expect), std::string::npos) << table;
+  EXPECT_NE(table.find("(baseline)"), std::string::npos) << table;
+
+  const std::string svg = read_text(o.out);
+  EXPECT_EQ(svg.rfind("<svg xmlns=\"http://www.w3.org/2000/svg\"", 0), 0u);
+  EXPECT_EQ(svg.substr(svg.size() - 7), "</svg>\n");
+  EXPECT_EQ(count(svg, "<polyline"), 4u) << "one per run per panel";
+  // Validation dots: 4 per run in the loss panel, and 4 per run in the gap panel (same steps).
+  EXPECT_EQ(count(svg, "<circle"), 16u);
+  EXPECT_EQ(count(svg, ">run-b (nvfp4)</text>"), 1u) << "legend";
+  EXPECT_EQ(dir.files().size(), 3u) << "no temporary file left";
+}
+
+TEST(CompareCommand, BaselineOptionPutsThatRunFirst) {
+  std::mt19937_64 rng(test::fresh_seed());
+  test::ScratchDir dir;
+  const SyntheticRun a = draw_run(rng, 30, 1.0), b = draw_run(rng, 30, 0.8), c = draw_run(rng, 30, 1.1);
+  write_run(dir / "a", a, "bf16");
+  write_run(dir / "b", b, "");
+  write_run(dir / "c", c, "fp8");
+  CompareOptions o;
+  o.runs = {dir / "a", dir / "c"};
+  o.baseline = dir / "b";  // not among the runs: added in front
+  o.out = dir / "p.svg";
+  o.x = "step";
+  std::ostringstream out;
+  const std::vector<CompareRow> rows = run_compare(o, out);
+  ASSERT_EQ(rows.size(), 3u);
+  EXPECT_EQ(rows[0].name, "b");
+  EXPECT_EQ(rows[0].recipe, "-");
+  EXPECT_EQ(rows[1].name, "a");
+  EXPECT_NEAR(rows[1].val_gap, 100.0 * (a.val.back() - b.val.back()) / b.val.back(), 1e-9);
+  EXPECT_NEAR(rows[2].val_gap, 100.0 * (c.val.back() - b.val.back()) / b.val.back(), 1e-9);
+  EXPECT_EQ(count(read_text(o.out), "<polyline"), 6u);
+
+  o.runs = {dir / "a", dir / "b"};  // a baseline among the runs is not listed twice
+  EXPECT_EQ(run_compare(o, out).size(), 2u);
+}
+
+TEST(CompareCommand, EmaIsBiasCorrectedAndSkipsNonFinite) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const double v = std::uniform_real_distribution<double>(1, 5)(rng);
+  const std::vector<double> s = ema({v, v, NAN, v}, 0.9);
+  EXPECT_NEAR(s[0], v, 1e-12) << "no pull towards 0 at the start";
+  EXPECT_NEAR(s[3], v, 1e-12);
+  EXPECT_TRUE(std::isnan(s[2]));
+  const std::vector<double> t = ema({1.0, 3.0}, 0.5);
+  EXPECT_NEAR(t[1], (0.5 * 0.5 * 1.0 + 0.5 * 3.0) / (0.5 * 0.5 + 0.5), 1e-12);
+}
+
+TEST(CompareCommand, BadInputNamesFileAndLine) {
+  std::mt19937_64 rng(test::fresh_seed());
+  test::ScratchDir dir;
+  write_run(dir / "good", draw_run(rng, 20, 1.0), "bf16");
+  CompareOptions o;
+  o.out = dir / "p.svg";
+  std::ostringstream out;
+  const auto message = [&](const std::vector<fs::path>& runs) {
+    o.runs = runs;
+    try {
+      run_compare(o, out);
+    } catch (const std::exception& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_NE(message({dir / "good", dir / "missing"}).find("missing/metrics.jsonl: cannot open"), std::string::npos);
+
+  fs::create_directories(dir / "corrupt");
+  std::ofstream(dir / "corrupt" / "metrics.jsonl") << "{\"step\":1,\"loss\":2.5,\"tokens\":8}\n\n{\"step\":2,\"loss\":2.\n";
+  EXPECT_NE(message({dir / "good", dir / "corrupt"}).find("corrupt/metrics.jsonl:3: not a JSON object"), std::string::npos);
+
+  std::ofstream(dir / "corrupt" / "metrics.jsonl") << "{\"step\":1,\"loss\":2.5}\n";
+  EXPECT_NE(message({dir / "corrupt"}).find("metrics.jsonl:1: missing or non-integer \"tokens\""), std::string::npos);
+
+  std::ofstream(dir / "corrupt" / "metrics.jsonl") << "{\"step\":2,\"loss\":2.5,\"tokens\":8}\n{\"step\":1,\"loss\":2,\"tokens\":4}\n";
+  EXPECT_NE(message({dir / "corrupt"}).find("metrics.jsonl:2: step 1 after step 2"), std::string::npos);
+
+  std::ofstream(dir / "corrupt" / "metrics.jsonl") << "";
+  EXPECT_NE(message({dir / "corrupt"}).find("no training steps"), std::string::npos);
+  EXPECT_FALSE(fs::exists(o.out)) << "nothing written on error";
+}
+
+TEST(PlotSvg, TicksAreRoundAndCoverTheRange) {
+  std::mt19937_64 rng(test::fresh_seed());
+  for (int trial = 0; trial < 50; ++trial) {
+    const double lo = std::uniform_real_distribution<double>(-1e3, 1e3)(rng);
+    const double hi = lo + std::exp(std::uniform_real_distribution<double>(-5, 15)(rng));
+    const std::vector<double> t = train::nice_ticks(lo, hi, 6);
+    ASSERT_GE(t.size(), 3u) << lo << " " << hi;
+    ASSERT_LE(t.size(), 12u) << lo << " " << hi;
+    const double step = t[1] - t[0];
+    const double mantissa = step / std::pow(10.0, std::floor(std::log10(step) + 1e-9));
+    EXPECT_TRUE(std::abs(mantissa - 1) < 1e-6 || std::abs(mantissa - 2) < 1e-6 || std::abs(mantissa - 5) < 1e-6)
+        << step;
+    EXPECT_GE(t.front(), lo - step * 1e-6);
+    EXPECT_LE(t.back(), hi + step * 1e-6);
+    EXPECT_LT(t.front() - step, lo) << "no tick left out at the start";
+  }
+  EXPECT_EQ(train::tick_label(1500000), "1.5M");
+  EXPECT_EQ(train::tick_label(20000), "20k");
+  EXPECT_EQ(train::tick_label(0.25), "0.25");
+}
+
+}  // namespace
+}  // namespace nibble::cli
