@@ -134,6 +134,32 @@ TEST(CompareCommand, EmaIsBiasCorrectedAndSkipsNonFinite) {
   EXPECT_NEAR(t[1], (0.5 * 0.5 * 1.0 + 0.5 * 3.0) / (0.5 * 0.5 + 0.5), 1e-12);
 }
 
+TEST(CompareCommand, GapIsTakenAtMatchingTokenCounts) {
+  std::mt19937_64 rng(test::fresh_seed());
+  std::uniform_real_distribution<double> loss(2, 6);
+  // Baseline: 1024 tokens per step for 10 steps; the other run: 1536 per step, so its points fall on
+  // the baseline's or halfway between two of them, and its last ones lie beyond the baseline.
+  std::vector<double> bx, by, x, y;
+  for (int s = 1; s <= 10; ++s) bx.push_back(1024.0 * s), by.push_back(loss(rng));
+  for (int s = 1; s <= 8; ++s) x.push_back(1536.0 * s), y.push_back(loss(rng));
+  by[3] = NAN;  // a non-finite baseline loss: interpolated over
+  const std::vector<double> g = relative_gap(bx, by, x, y);
+  ASSERT_EQ(g.size(), x.size());
+  const auto at = [&](double tokens) {
+    const int i = static_cast<int>(tokens / 1024) - 1;
+    const double frac = tokens / 1024 - 1 - i;
+    return frac == 0 ? by[i] : by[i] * (1 - frac) + by[i + 1] * frac;
+  };
+  EXPECT_NEAR(g[0], 100 * (y[0] - at(1536)) / at(1536), 1e-9);  // halfway between steps 1 and 2
+  EXPECT_NEAR(g[1], 100 * (y[1] - by[2]) / by[2], 1e-9);         // on step 3
+  const double b4 = by[2] + (by[4] - by[2]) * 0.5;               // step 4 (NaN) lies between 3 and 5
+  EXPECT_NEAR(g[3], 100 * (y[3] - by[5]) / by[5], 1e-9);         // 6144 tokens: step 6
+  EXPECT_NEAR(g[2], 100 * (y[2] - (b4 + by[4]) / 2) / ((b4 + by[4]) / 2), 1e-9);  // 4608: between 4 and 5
+  EXPECT_NEAR(g[5], 100 * (y[5] - by[8]) / by[8], 1e-9);
+  EXPECT_TRUE(std::isnan(g[6])) << "10752 tokens: beyond the baseline's 10240";
+  EXPECT_TRUE(std::isnan(g[7]));
+}
+
 TEST(CompareCommand, BadInputNamesFileAndLine) {
   std::mt19937_64 rng(test::fresh_seed());
   test::ScratchDir dir;

@@ -129,6 +129,16 @@ std::vector<double> ema(const std::vector<double>& y, double factor) {
   return out;
 }
 
+std::vector<double> relative_gap(const std::vector<double>& base_x, const std::vector<double>& base_y,
+                                 const std::vector<double>& x, const std::vector<double>& y) {
+  std::vector<double> bx, by;
+  for (size_t i = 0; i < base_x.size() && i < base_y.size(); ++i)
+    if (std::isfinite(base_y[i])) bx.push_back(base_x[i]), by.push_back(base_y[i]);
+  std::vector<double> gap;
+  for (size_t i = 0; i < x.size() && i < y.size(); ++i) gap.push_back(relative_percent(y[i], interpolate(bx, by, x[i])));
+  return gap;
+}
+
 std::vector<CompareRow> run_compare(const CompareOptions& o, std::ostream& out) {
   if (o.x != "tokens" && o.x != "step") throw std::invalid_argument("compare: --x must be tokens or step, not " + o.x);
   if (!(o.smooth >= 0 && o.smooth < 1)) throw std::invalid_argument("compare: --smooth must be in [0, 1)");
@@ -155,10 +165,6 @@ std::vector<CompareRow> run_compare(const CompareOptions& o, std::ostream& out) 
     c.y = o.smooth > 0 ? ema(raw, o.smooth) : raw;
     curves.push_back(std::move(c));
   }
-  // The baseline's finite points, to interpolate at the other runs' x values.
-  std::vector<double> base_x, base_y;
-  for (size_t i = 0; i < curves[0].x.size(); ++i)
-    if (std::isfinite(curves[0].y[i])) base_x.push_back(curves[0].x[i]), base_y.push_back(curves[0].y[i]);
   std::map<double, double> base_val;
   for (const RunMetrics::Val& v : runs[0].val) base_val[static_cast<double>(by_tokens ? v.tokens : v.step)] = v.loss;
 
@@ -172,9 +178,7 @@ std::vector<CompareRow> run_compare(const CompareOptions& o, std::ostream& out) 
     fig.legend.push_back(runs[r].name + (runs[r].recipe.empty() ? "" : " (" + runs[r].recipe + ")"));
     loss.lines.push_back({curves[r].x, curves[r].y, r, false});
     train::PlotLine val{{}, {}, r, true}, val_gap{{}, {}, r, true};
-    train::PlotLine g{curves[r].x, {}, r, false};
-    for (size_t i = 0; i < curves[r].x.size(); ++i)
-      g.y.push_back(relative_percent(curves[r].y[i], interpolate(base_x, base_y, curves[r].x[i])));
+    train::PlotLine g{curves[r].x, relative_gap(curves[0].x, curves[0].y, curves[r].x, curves[r].y), r, false};
     for (const RunMetrics::Val& v : runs[r].val) {
       const double x = static_cast<double>(by_tokens ? v.tokens : v.step);
       val.x.push_back(x), val.y.push_back(v.loss);

@@ -51,6 +51,12 @@ struct CompareRow {
 // Bias-corrected exponential moving average (factor in [0, 1)); non-finite values are skipped.
 std::vector<double> ema(const std::vector<double>& y, double factor);
 
+// The relative gap in percent, (y - base) / base, of a curve (x, y) to a baseline curve (base_x,
+// base_y; x increasing) at matching x: the baseline is interpolated linearly between its points
+// (its non-finite points left out); NaN where x lies outside the baseline's range.
+std::vector<double> relative_gap(const std::vector<double>& base_x, const std::vector<double>& base_y,
+                                 const std::vector<double>& x, const std::vector<double>& y);
+
 // Writes the SVG (atomically) and prints the table to `out`; returns the table's rows, baseline first.
 std::vector<CompareRow> run_compare(const CompareOptions& options, std::ostream& out);
 
