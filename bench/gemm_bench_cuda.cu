@@ -1,0 +1,124 @@
+// GEMM benchmark on the device: NVFP4 emulated on BF16 tensor cores (quantize both operands,
+// decode to BF16, cuBLASLt BF16 GEMM with alpha = g_a g_b) against a plain cuBLASLt BF16 GEMM of
+// the same shape, and FP8 (quantize + cuBLASLt FP8 GEMM), measured side by side in one run.
+//
+//   nibble_gemm_bench_cuda            8192^3, then the GEMMs of one GPT-2 124M layer at 16k tokens
+//
+// Inputs are BF16 matrices in the NT layout (A [m x k], B [n x k], k contiguous); every path starts
+// from them, so the NVFP4 and FP8 times include their quantization (amax pass + quantize pass) and,
+// for NVFP4, the decode to BF16. The weight operand (B) uses 16x16 blocks, the activation (A) 1x16,
+// both round-to-nearest-even, as in the paper's Fprop. "w pre-quantized" leaves B's quantization out:
+// in training the weight is quantized once per step and read by two GEMMs (Fprop and Dgrad).
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "cuda_timing.h"
+#include "nibble/formats/minifloat.h"
+#include "nibble/nn/cuda/operand_cuda.h"
+
+namespace {
+
+using namespace nibble;
+using nibble::bench::median_ms;
+using nibble::cuda::GemmMatrix;
+using nibble::cuda::GemmOutput;
+using nibble::cuda::GemmRunner;
+using nibble::cuda::GemmType;
+using nibble::nn::Operand;
+using nibble::nn::OperandFormat;
+using nibble::nn::OperandRecipe;
+using nibble::nn::cuda::DeviceBuffer;
+using nibble::nn::cuda::OperandCuda;
+
+struct Shape {
+  std::string name;
+  int64_t m, n, k;
+};
+
+std::vector<bf16_t> random_bf16(int64_t n, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<bf16_t> v(static_cast<size_t>(n));
+  for (auto& x : v) x = bf16_t{BF16::encode(d(rng), Rounding::kNearestEven)};
+  return v;
+}
+
+void run_shape(const Shape& s, GemmRunner& gemm) {
+  DeviceBuffer<bf16_t> a(random_bf16(s.m * s.k, 1)), b(random_bf16(s.n * s.k, 2));
+  DeviceBuffer<float> c(static_cast<size_t>(s.m * s.n)), alpha(1);
+  DeviceBuffer<uint8_t> scratch_a, scratch_b;
+  const GemmOutput out{c.data(), GemmType::kF32};
+
+  const float bf16_ms = median_ms([&] {
+    gemm.run(s.m, s.n, s.k, GemmMatrix{a.data(), GemmType::kBF16, false}, GemmMatrix{b.data(), GemmType::kBF16, true},
+             out, nullptr, false, nullptr);
+  });
+
+  // Fprop operands of the paper's recipe: A = activations (1x16, fprop.x), B = weight (16x16, fprop.w).
+  const OperandRecipe act{OperandFormat::kNvfp4, Block::k1x16, Rounding::kNearestEven, false};
+  const OperandRecipe wgt{OperandFormat::kNvfp4, Block::k16x16, Rounding::kNearestEven, false};
+  OperandCuda qa, qb;
+  const auto quantize_a = [&] { qa.make(a.data(), s.m, s.k, act, Operand::kFpropX, kDefaultRhtSigns, 0, nullptr); };
+  const auto quantize_b = [&] { qb.make(b.data(), s.n, s.k, wgt, Operand::kFpropW, kDefaultRhtSigns, 0, nullptr); };
+  const auto emulated_gemm = [&] {
+    const GemmMatrix ma = qa.gemm_matrix(GemmType::kBF16, false, scratch_a, nullptr);
+    const GemmMatrix mb = qb.gemm_matrix(GemmType::kBF16, true, scratch_b, nullptr);
+    nibble::cuda::multiply_scalars(qa.decode_scale(), qb.decode_scale(), alpha.data(), nullptr);
+    gemm.run(s.m, s.n, s.k, ma, mb, out, alpha.data(), false, nullptr);
+  };
+  quantize_a();
+  quantize_b();
+  const float qa_ms = median_ms(quantize_a), qb_ms = median_ms(quantize_b);
+  const float decode_gemm_ms = median_ms(emulated_gemm);
+  const float nvfp4_ms = median_ms([&] {
+    quantize_a();
+    quantize_b();
+    emulated_gemm();
+  });
+  const float nvfp4_wq_ms = median_ms([&] {
+    quantize_a();
+    emulated_gemm();
+  });
+
+  // FP8 (E4M3 per-tensor current scaling) for comparison: quantize both, FP8 tensor-core GEMM.
+  const OperandRecipe fp8{OperandFormat::kFp8E4M3, Block::kTensor, Rounding::kNearestEven, false};
+  OperandCuda fa, fb;
+  const float fp8_ms = median_ms([&] {
+    fa.make(a.data(), s.m, s.k, fp8, Operand::kFpropX, kDefaultRhtSigns, 0, nullptr);
+    fb.make(b.data(), s.n, s.k, fp8, Operand::kFpropW, kDefaultRhtSigns, 0, nullptr);
+    nibble::cuda::multiply_scalars(fa.decode_scale(), fb.decode_scale(), alpha.data(), nullptr);
+    gemm.run(s.m, s.n, s.k, fa.gemm_matrix(GemmType::kE4M3, false, scratch_a, nullptr),
+             fb.gemm_matrix(GemmType::kE4M3, true, scratch_b, nullptr), out, alpha.data(), false, nullptr);
+  });
+
+  const double flop = 2.0 * s.m * s.n * s.k;
+  std::printf("%-22s %6lld %6lld %6lld | bf16 %8.3f ms %6.0f TF/s | nvfp4 %8.3f ms (qA %.3f qW %.3f dec+gemm %.3f) "
+              "x%.2f, w pre-quantized x%.2f | fp8 %8.3f ms x%.2f\n",
+              s.name.c_str(), static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k),
+              bf16_ms, flop / bf16_ms * 1e-9, nvfp4_ms, qa_ms, qb_ms, decode_gemm_ms, nvfp4_ms / bf16_ms,
+              nvfp4_wq_ms / bf16_ms, fp8_ms, fp8_ms / bf16_ms);
+}
+
+}  // namespace
+
+int main() {
+  cudaDeviceProp prop{};
+  nibble::bench::check(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties");
+  std::printf("device: %s\n", prop.name);
+  std::printf("times: median of 50 runs; ratios are against the bf16 GEMM of the same shape, same run\n");
+  GemmRunner gemm;
+  const int64_t t = 16384, d = 768;
+  const Shape shapes[] = {
+      {"square 8192^3", 8192, 8192, 8192},
+      {"gpt2 qkv fprop", t, 3 * d, d},       {"gpt2 qkv dgrad", t, d, 3 * d},   {"gpt2 qkv wgrad", 3 * d, d, t},
+      {"gpt2 attn.proj fprop", t, d, d},     {"gpt2 attn.proj wgrad", d, d, t},
+      {"gpt2 fc fprop", t, 4 * d, d},        {"gpt2 fc dgrad", t, d, 4 * d},    {"gpt2 fc wgrad", 4 * d, d, t},
+      {"gpt2 mlp.proj fprop", t, d, 4 * d},  {"gpt2 mlp.proj dgrad", t, 4 * d, d}, {"gpt2 mlp.proj wgrad", d, 4 * d, t},
+  };
+  for (const Shape& s : shapes) run_shape(s, gemm);
+  return 0;
+}

@@ -1,0 +1,106 @@
+// The GPU linear layer (see linear_cuda.h); the control flow follows ../linear.cpp line for line.
+#include "nibble/nn/cuda/linear_cuda.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace nibble::nn::cuda {
+
+LinearCuda::LinearCuda(int64_t in_features, int64_t out_features, Recipe recipe, LinearOptions options,
+                       LinearContext& ctx)
+    : in_(in_features), out_(out_features), recipe_(std::move(recipe)), options_(options), ctx_(ctx) {
+  if (in_ <= 0 || out_ <= 0)
+    throw std::invalid_argument("LinearCuda: in_features and out_features must be positive, got " +
+                                std::to_string(in_) + " and " + std::to_string(out_));
+  validate(recipe_);
+  weight_.resize(static_cast<size_t>(in_ * out_));
+  weight_.zero();
+  weight_grad_.resize(weight_.size());
+  weight_grad_.zero();
+}
+
+void LinearCuda::set_recipe(Recipe recipe) {
+  validate(recipe);
+  recipe_ = std::move(recipe);
+  weight_copies_valid_ = false;
+  saved_x_t_.reset();
+}
+
+void LinearCuda::set_step(uint64_t step, uint32_t microbatch) {
+  if (step != step_) weight_copies_valid_ = false;
+  step_ = step;
+  microbatch_ = microbatch;
+}
+
+void LinearCuda::upload_weight(std::span<const float> w) {
+  weight_.upload(w);
+  weight_copies_valid_ = false;
+}
+
+std::string LinearCuda::context(Operand op) const {
+  return "LinearCuda[layer " + std::to_string(options_.layer_id) + ", " + std::to_string(in_) + "->" +
+         std::to_string(out_) + ", recipe " + recipe_.name + "] " + operand_name(op);
+}
+
+void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
+  if (weight_copies_valid_) return;
+  const uint64_t seed = weight_sr_seed();
+  try {
+    fprop_w_.make(weight_.data(), out_, in_, recipe_[Operand::kFpropW], Operand::kFpropW, recipe_.rht_signs(), seed,
+                  stream);
+    dgrad_w_.make(weight_.data(), out_, in_, recipe_[Operand::kDgradW], Operand::kDgradW, recipe_.rht_signs(), seed,
+                  stream);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(context(Operand::kFpropW) + ": " + e.what());
+  }
+  weight_copies_valid_ = true;
+  ++weight_quantizations_;
+}
+
+void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream) {
+  const auto [ta, tb] = gemm_types(a, b);
+  const GemmMatrix ma = a.gemm_matrix(ta, /*as_b=*/false, ctx_.scratch_a, stream);
+  const GemmMatrix mb = b.gemm_matrix(tb, /*as_b=*/true, ctx_.scratch_b, stream);
+  const float* alpha = nullptr;
+  if (a.decode_scale() && b.decode_scale()) {
+    nibble::cuda::multiply_scalars(a.decode_scale(), b.decode_scale(), ctx_.alpha.data(), stream);
+    alpha = ctx_.alpha.data();
+  } else {
+    alpha = a.decode_scale() ? a.decode_scale() : b.decode_scale();
+  }
+  ctx_.gemm.run(a.rows(), b.rows(), a.cols(), ma, mb, nibble::cuda::GemmOutput{c, GemmType::kF32}, alpha, accumulate,
+                stream);
+}
+
+void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t stream) {
+  if (tokens <= 0) throw std::invalid_argument(context(Operand::kFpropX) + ": tokens must be positive");
+  refresh_weight_copies(stream);
+  try {
+    // fprop.x and the saved wgrad.x (X^T) from the high-precision X, in one pass when both are NVFP4.
+    OperandCuda::make_pair(x, tokens, in_, recipe_, Operand::kFpropX, Operand::kWgradX, sr_seed(), ctx_.x_rows,
+                           saved_x_t_, stream);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(context(Operand::kFpropX) + ": " + e.what());
+  }
+  gemm(ctx_.x_rows, fprop_w_, y, /*accumulate=*/false, stream);
+  saved_tokens_ = tokens;
+}
+
+void LinearCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
+  if (!saved_x_t_.valid())
+    throw std::logic_error(context(Operand::kWgradX) + ": backward() without a forward() to pair with");
+  refresh_weight_copies(stream);
+  try {
+    OperandCuda::make_pair(dy, saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, sr_seed(),
+                           ctx_.dy_rows, ctx_.dy_cols, stream);
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(context(Operand::kDgradDy) + ": " + e.what());
+  }
+  // Dgrad: dX [tokens x in] = dY [tokens x out] . (W^T [in x out])^T
+  if (dx != nullptr) gemm(ctx_.dy_rows, dgrad_w_, dx, /*accumulate=*/false, stream);
+  // Wgrad: dW [out x in] += dY^T [out x tokens] . (X^T [in x tokens])^T
+  gemm(ctx_.dy_cols, saved_x_t_, weight_grad_.data(), /*accumulate=*/true, stream);
+  saved_x_t_.reset();
+}
+
+}  // namespace nibble::nn::cuda

@@ -1,0 +1,81 @@
+// The linear layer on the GPU: the device twin of nn::Linear (../linear.h), with the same
+// recipe, operand layouts, seeds and saved activations. Activations are FP32 device arrays;
+// every call is ordered on the given stream and nothing waits on the host.
+//
+//   forward(X [tokens x in]) -> Y [tokens x out]         Fprop  Y  = X W^T
+//   backward(dY) -> dX [tokens x in], dW += dY^T X      Dgrad, Wgrad
+//
+// Operands are prepared by OperandCuda (quantized, packed, RHT where the recipe says); the GEMMs
+// run in cuBLASLt (BF16 tensor cores for BF16 and FP4-decoded operands, FP8 tensor cores for FP8,
+// FP32 for fp32) with FP32 accumulation and alpha = g_a * g_b on the device. The results equal the
+// CPU layer's up to FP32 accumulation order.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "nibble/nn/cuda/operand_cuda.h"
+#include "nibble/nn/linear.h"
+
+namespace nibble::nn::cuda {
+
+// What the linear layers of one stream share: the GEMM runner, the per-GEMM temporaries (decoded
+// operands, alpha) and the operands that live only inside one call.
+struct LinearContext {
+  nibble::cuda::GemmRunner gemm;
+  DeviceBuffer<uint8_t> scratch_a, scratch_b;
+  DeviceBuffer<float> alpha{1};
+  OperandCuda x_rows, dy_rows, dy_cols;
+};
+
+class LinearCuda {
+ public:
+  // The weight starts at zero; write it through weight() (or upload_weight) and call weight_changed().
+  LinearCuda(int64_t in_features, int64_t out_features, Recipe recipe, LinearOptions options, LinearContext& ctx);
+
+  int64_t in_features() const { return in_; }
+  int64_t out_features() const { return out_; }
+  const Recipe& recipe() const { return recipe_; }
+  void set_recipe(Recipe recipe);
+  void set_step(uint64_t step, uint32_t microbatch = 0);
+
+  float* weight() { return weight_.data(); }  // device [out x in] FP32 master weight
+  void weight_changed() { weight_copies_valid_ = false; }
+  void upload_weight(std::span<const float> w);
+  float* weight_grad() { return weight_grad_.data(); }  // device [out x in] FP32
+  void zero_grad(cudaStream_t stream) { weight_grad_.zero(stream); }
+
+  // y [tokens x out] is overwritten.
+  void forward(const float* x, int64_t tokens, float* y, cudaStream_t stream);
+  // dx [tokens x in] is overwritten (nullptr: Dgrad skipped); dW accumulates.
+  void backward(const float* dy, float* dx, cudaStream_t stream);
+
+  int64_t saved_activation_bytes() const { return saved_x_t_.valid() ? saved_x_t_.bytes() : 0; }
+  int64_t weight_quantizations() const { return weight_quantizations_; }
+  const OperandCuda& saved_x_t() const { return saved_x_t_; }
+
+ private:
+  std::string context(Operand op) const;
+  void refresh_weight_copies(cudaStream_t stream);
+  // c [a.rows x b.rows] = g_a g_b A B^T (+ c when accumulate).
+  void gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream);
+  uint64_t sr_seed() const { return layer_step_seed(options_.run_seed, options_.layer_id, step_, microbatch_); }
+  uint64_t weight_sr_seed() const { return layer_step_seed(options_.run_seed, options_.layer_id, step_, 0); }
+
+  int64_t in_, out_;
+  Recipe recipe_;
+  LinearOptions options_;
+  LinearContext& ctx_;
+  uint64_t step_ = 0;
+  uint32_t microbatch_ = 0;
+  DeviceBuffer<float> weight_, weight_grad_;
+  bool weight_copies_valid_ = false;
+  OperandCuda fprop_w_, dgrad_w_;
+  int64_t weight_quantizations_ = 0;
+  OperandCuda saved_x_t_;
+  int64_t saved_tokens_ = 0;
+};
+
+}  // namespace nibble::nn::cuda

@@ -1,0 +1,283 @@
+// Device operand preparation (see operand_cuda.h). Built with -fmad=false: the RHT of an
+// unquantized operand must round exactly as the CPU's (quant/rht.h is shared code).
+#include "nibble/nn/cuda/operand_cuda.h"
+
+#include <stdexcept>
+#include <string>
+
+#include "nibble/formats/minifloat.h"
+#include "nibble/nn/operand.h"
+#include "nibble/quant/cuda/quantize_cuda.h"
+#include "nibble/quant/rht.h"
+
+namespace nibble::nn::cuda {
+namespace {
+
+using nibble::cuda::QuantBuffers;
+
+constexpr int kThreads = 256;
+int blocks_for(int64_t n) { return static_cast<int>((n + kThreads - 1) / kThreads); }
+
+template <typename Out>
+__device__ Out from_float(float v);
+template <>
+__device__ float from_float<float>(float v) {
+  return v;
+}
+// Round to nearest even, as BF16::encode does on the CPU (exact when v fits BF16).
+template <>
+__device__ uint16_t from_float<uint16_t>(float v) {
+  return BF16::encode(v, Rounding::kNearestEven);
+}
+
+// An unquantized copy without RHT: same layout as the source, element by element.
+template <typename T, typename Out>
+__global__ void convert_kernel(const T* __restrict__ x, int64_t n, Out* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = from_float<Out>(to_float(x[i]));
+}
+
+// An unquantized copy with RHT: one thread per 16-element segment of the operand's row; the
+// operand is X^T when `transpose` (source rows x cols, operand cols x rows).
+template <typename T, typename Out>
+__global__ void convert_rht_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, bool transpose,
+                                   RhtSigns signs, Out* __restrict__ out) {
+  const int64_t q_rows = transpose ? cols : rows, q_cols = transpose ? rows : cols;
+  const int64_t seg = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (seg >= q_rows * q_cols / kRhtBlock) return;
+  // Segments of one operand column block are adjacent threads, so transposed reads coalesce.
+  const int64_t r = seg % q_rows, c0 = (seg / q_rows) * kRhtBlock;
+  float v[kRhtBlock];
+#pragma unroll
+  for (int j = 0; j < kRhtBlock; ++j) v[j] = to_float(transpose ? x[(c0 + j) * cols + r] : x[r * cols + c0 + j]);
+  rht16(v, signs);
+#pragma unroll
+  for (int j = 0; j < kRhtBlock; ++j) out[r * q_cols + c0 + j] = from_float<Out>(v[j]);
+}
+
+// FP4 codes x block scales (no tensor scale), 16 elements per thread; the products have at most
+// 6 significant bits, so the BF16 output is exact.
+template <typename Out>
+__global__ void decode_fp4_kernel(Format format, Block block, int64_t rows, int64_t cols,
+                                  const uint8_t* __restrict__ data, const uint8_t* __restrict__ scales,
+                                  Out* __restrict__ out) {
+  const int64_t seg = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (seg >= rows * cols / 16) return;
+  const int64_t i0 = seg * 16, r = i0 / cols, c = i0 % cols;
+  float scale;
+  if (format == Format::kNvfp4) {
+    const int64_t sr = block == Block::k16x16 ? r / 16 : r;
+    scale = E4M3::decode(scales[sr * (cols / 16) + c / 16]);
+  } else {
+    scale = E8M0::decode(scales[r * (cols / 32) + c / 32]);
+  }
+  const uint2 packed = *reinterpret_cast<const uint2*>(data + i0 / 2);
+  const uint32_t words[2] = {packed.x, packed.y};
+#pragma unroll
+  for (int w = 0; w < 2; ++w)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[i0 + 8 * w + j] = from_float<Out>(E2M1::decode((words[w] >> (4 * j)) & 0xF) * scale);
+}
+
+// FP8 codes (or BF16 / FP32 values) to another GEMM type, element by element, exact.
+template <typename In, typename Out>
+__global__ void recode_kernel(Format fp8_format, const In* __restrict__ in, int64_t n, Out* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float v;
+  if constexpr (sizeof(In) == 1) {
+    v = fp8_format == Format::kFp8E4M3 ? E4M3::decode(in[i]) : E5M2::decode(in[i]);
+  } else if constexpr (sizeof(In) == 2) {
+    v = BF16::decode(in[i]);
+  } else {
+    v = in[i];
+  }
+  out[i] = from_float<Out>(v);
+}
+
+bool is_fp4(OperandFormat f) { return f == OperandFormat::kNvfp4 || f == OperandFormat::kMxfp4; }
+int64_t element_bytes(GemmType t) { return t == GemmType::kF32 ? 4 : t == GemmType::kBF16 ? 2 : 1; }
+
+}  // namespace
+
+void OperandCuda::allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t q_cols) {
+  const int64_t n = q_rows * q_cols;
+  const bool fp4 = spec.format == Format::kNvfp4 || spec.format == Format::kMxfp4;
+  data_.resize(static_cast<size_t>(fp4 ? n / 2 : n));
+  int64_t scale_count = 0;
+  if (spec.block == Block::k1x16) scale_count = n / 16;
+  if (spec.block == Block::k16x16) scale_count = n / 256;
+  if (spec.block == Block::k1x32) scale_count = n / 32;
+  scales_.resize(static_cast<size_t>(scale_count));
+  decode_scale_.resize(1);
+  amax_bits_.resize(2);
+}
+
+template <typename T>
+void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandRecipe& r, Operand op,
+                       RhtSigns signs, uint64_t seed, cudaStream_t stream) {
+  const bool columnwise = operand_columnwise(op);
+  format_ = r.format;
+  quantized_ = r.quantized();
+  rows_ = columnwise ? cols : rows;
+  cols_ = columnwise ? rows : cols;
+  stored_as_source_ = false;
+  if (quantized_) {
+    spec_ = operand_quant_spec(r, op, signs, seed);
+    validate(spec_, rows, cols);
+    allocate_packed(spec_, rows_, cols_);
+    nibble::cuda::quantize_amax(x, rows, cols, spec_, amax_bits_.data(), stream);
+    nibble::cuda::quantize_segments(x, rows, cols, spec_, amax_bits_.data(),
+                                    QuantBuffers{data_.data(), scales_.data(), decode_scale_.data()}, stream);
+    return;
+  }
+  const int64_t n = rows * cols;
+  const bool bf16 = r.format == OperandFormat::kBf16;
+  data_.resize(static_cast<size_t>(n * (bf16 ? 2 : 4)));
+  if (r.rht) {
+    if (cols_ % kRhtBlock != 0)
+      throw std::invalid_argument(std::string(operand_name(op)) + ": the RHT needs the contiguous dimension (" +
+                                  std::to_string(cols_) + ") to be a multiple of 16");
+    const int64_t segments = n / kRhtBlock;
+    if (bf16)
+      convert_rht_kernel<<<blocks_for(segments), kThreads, 0, stream>>>(
+          x, rows, cols, columnwise, signs, reinterpret_cast<uint16_t*>(data_.data()));
+    else
+      convert_rht_kernel<<<blocks_for(segments), kThreads, 0, stream>>>(x, rows, cols, columnwise, signs,
+                                                                         reinterpret_cast<float*>(data_.data()));
+  } else {
+    stored_as_source_ = columnwise;
+    if (bf16)
+      convert_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, reinterpret_cast<uint16_t*>(data_.data()));
+    else
+      convert_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, reinterpret_cast<float*>(data_.data()));
+  }
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
+                            Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream) {
+  const OperandRecipe& rr = recipe[row_op];
+  const OperandRecipe& cr = recipe[col_op];
+  const bool fused = rr.format == OperandFormat::kNvfp4 && cr.format == OperandFormat::kNvfp4 &&
+                     rr.block == Block::k1x16 && cr.block == Block::k1x16 && !rr.rht && !operand_columnwise(row_op) &&
+                     operand_columnwise(col_op) && rows % 16 == 0 && cols % 16 == 0;
+  if (!fused) {
+    row.make(x, rows, cols, rr, row_op, recipe.rht_signs(), seed, stream);
+    col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream);
+    return;
+  }
+  nibble::cuda::RowColSpec s;
+  s.row_rounding = rr.rounding;
+  s.col_rounding = cr.rounding;
+  s.col_rht = cr.rht;
+  s.rht_signs = recipe.rht_signs();
+  s.seed = seed;
+  s.row_stream = operand_stream(row_op);
+  s.col_stream = operand_stream(col_op);
+  for (auto [o, op, r] : {std::tuple{&row, row_op, &rr}, std::tuple{&col, col_op, &cr}}) {
+    const bool columnwise = operand_columnwise(op);
+    o->format_ = OperandFormat::kNvfp4;
+    o->quantized_ = true;
+    o->stored_as_source_ = false;
+    o->rows_ = columnwise ? cols : rows;
+    o->cols_ = columnwise ? rows : cols;
+    o->spec_ = operand_quant_spec(*r, op, recipe.rht_signs(), seed);
+    o->allocate_packed(o->spec_, o->rows_, o->cols_);
+  }
+  // The pass's amax words live in the row operand's buffer (two words: rowwise, columnwise).
+  nibble::cuda::nvfp4_amax(x, rows, cols, s, row.amax_bits_.data(), stream);
+  nibble::cuda::nvfp4_quantize_rowcol(x, rows, cols, s, row.amax_bits_.data(),
+                                      QuantBuffers{row.data_.data(), row.scales_.data(), row.decode_scale_.data()},
+                                      QuantBuffers{col.data_.data(), col.scales_.data(), col.decode_scale_.data()},
+                                      stream);
+}
+
+template void OperandCuda::make(const float*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,
+                                cudaStream_t);
+template void OperandCuda::make(const bf16_t*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,
+                                cudaStream_t);
+template void OperandCuda::make_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
+                                     OperandCuda&, OperandCuda&, cudaStream_t);
+template void OperandCuda::make_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
+                                     OperandCuda&, OperandCuda&, cudaStream_t);
+
+GemmType OperandCuda::native_type() const {
+  switch (format_) {
+    case OperandFormat::kFp32: return GemmType::kF32;
+    case OperandFormat::kFp8E4M3: return GemmType::kE4M3;
+    case OperandFormat::kFp8E5M2: return GemmType::kE5M2;
+    default: return GemmType::kBF16;
+  }
+}
+
+GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8_t>& scratch,
+                                    cudaStream_t stream) const {
+  if (!valid()) throw std::logic_error("OperandCuda::gemm_matrix: the operand was not made");
+  const int64_t n = rows_ * cols_;
+  GemmMatrix m;
+  m.type = type;
+  // A reads the operand as stored ([rows x cols]); B reads its transpose. A copy stored as the
+  // source tensor is already the transpose.
+  m.transposed = as_b != stored_as_source_;
+  if (type == native_type() && !is_fp4(format_)) {
+    m.data = data_.data();
+    return m;
+  }
+  if (type != GemmType::kBF16 && type != GemmType::kF32)
+    throw std::invalid_argument("OperandCuda::gemm_matrix: cannot feed this operand as FP8");
+  scratch.reserve(static_cast<size_t>(n * element_bytes(type)));
+  const bool to_bf16 = type == GemmType::kBF16;
+  auto* out_bf16 = reinterpret_cast<uint16_t*>(scratch.data());
+  auto* out_f32 = reinterpret_cast<float*>(scratch.data());
+  if (is_fp4(format_)) {
+    const int grid = blocks_for(n / 16);
+    if (to_bf16)
+      decode_fp4_kernel<<<grid, kThreads, 0, stream>>>(spec_.format, spec_.block, rows_, cols_, data_.data(),
+                                                       scales_.data(), out_bf16);
+    else
+      decode_fp4_kernel<<<grid, kThreads, 0, stream>>>(spec_.format, spec_.block, rows_, cols_, data_.data(),
+                                                       scales_.data(), out_f32);
+  } else if (quantized_) {  // FP8 codes as BF16 / FP32
+    if (to_bf16)
+      recode_kernel<<<blocks_for(n), kThreads, 0, stream>>>(spec_.format, data_.data(), n, out_bf16);
+    else
+      recode_kernel<<<blocks_for(n), kThreads, 0, stream>>>(spec_.format, data_.data(), n, out_f32);
+  } else if (format_ == OperandFormat::kBf16 && !to_bf16) {  // BF16 meeting an FP32 operand
+    recode_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
+        Format::kNvfp4, reinterpret_cast<const uint16_t*>(data_.data()), n, out_f32);
+  } else {
+    throw std::logic_error("OperandCuda::gemm_matrix: an FP32 operand is never narrowed (see gemm_types)");
+  }
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  m.data = scratch.data();
+  return m;
+}
+
+int64_t OperandCuda::bytes() const {
+  if (quantized_) return static_cast<int64_t>(data_.bytes() + scales_.bytes() + sizeof(float));
+  return static_cast<int64_t>(data_.bytes());
+}
+
+QuantizedTensor OperandCuda::download() const {
+  if (!quantized_) throw std::logic_error("OperandCuda::download: the operand is not quantized");
+  QuantizedTensor q;
+  q.spec = spec_;
+  q.rows = rows_;
+  q.cols = cols_;
+  q.data = data_.download();
+  q.scales = scales_.download();
+  q.decode_scale = decode_scale_.download()[0];
+  return q;
+}
+
+std::pair<GemmType, GemmType> gemm_types(const OperandCuda& a, const OperandCuda& b) {
+  const GemmType ta = a.native_type(), tb = b.native_type();
+  const auto fp8 = [](GemmType t) { return t == GemmType::kE4M3 || t == GemmType::kE5M2; };
+  if (fp8(ta) && fp8(tb) && !(ta == GemmType::kE5M2 && tb == GemmType::kE5M2)) return {ta, tb};
+  if (ta == GemmType::kF32 || tb == GemmType::kF32) return {GemmType::kF32, GemmType::kF32};
+  return {GemmType::kBF16, GemmType::kBF16};
+}
+
+}  // namespace nibble::nn::cuda

@@ -1,0 +1,82 @@
+// One GEMM operand of a linear layer on the GPU, prepared as the recipe says: the device twin of
+// nn::OperandCopy (../operand.h), with the same layouts, seeds and bits.
+//
+// A quantized operand (nvfp4, mxfp4, fp8) is kept packed: codes, block scales and the per-tensor
+// decode scale g on the device. This is what the layer saves between forward and backward. For the
+// GEMM, FP4 operands are decoded to BF16 (code x block scale, exact: DESIGN.md "Hopper emulation")
+// and g goes to the GEMM's alpha; FP8 operands feed cuBLASLt's FP8 GEMM directly. Unquantized
+// operands are held as BF16 (rounded to nearest even) or FP32, transposed and RHT-transformed as
+// their recipe says.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <utility>
+
+#include "nibble/nn/recipe.h"
+#include "nibble/quant/quantized_tensor.h"
+#include "nibble/tensor/cuda/device_buffer.h"
+#include "nibble/tensor/cuda/gemm_cuda.h"
+
+namespace nibble::nn::cuda {
+
+using nibble::cuda::DeviceBuffer;
+using nibble::cuda::GemmMatrix;
+using nibble::cuda::GemmType;
+
+class OperandCuda {
+ public:
+  // x: device [rows x cols] (the high-precision tensor, before any transpose), T = float or
+  // bf16_t. Stream-ordered. Throws std::invalid_argument for shapes the operand's blocks cannot take.
+  template <typename T>
+  void make(const T* x, int64_t rows, int64_t cols, const OperandRecipe& recipe, Operand op, RhtSigns signs,
+            uint64_t seed, cudaStream_t stream);
+  // Both operands that one tensor feeds (fprop.x with wgrad.x, or dgrad.dy with wgrad.dy), from one
+  // fused NVFP4 pass over x when both are NVFP4 1x16 (the rowwise one without RHT); otherwise two
+  // make() calls. Same bits either way.
+  template <typename T>
+  static void make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
+                        Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream);
+
+  // The operand as GEMM operand A (op(A) = the operand, [rows x cols]) or B (op(B) = its
+  // transpose), in `type`: kBF16, kF32, or the FP8 code type of an FP8 operand. FP4 operands and
+  // type changes are decoded into `scratch`, which must stay alive until the GEMM has run.
+  GemmMatrix gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8_t>& scratch, cudaStream_t stream) const;
+  // The type this operand feeds a GEMM in when nothing forces another: FP8 codes, BF16 for
+  // FP4 and bf16 operands, FP32 for fp32 operands.
+  GemmType native_type() const;
+  // Device pointer to g (quantized operands), nullptr when the operand carries no tensor scale.
+  const float* decode_scale() const { return quantized_ ? decode_scale_.data() : nullptr; }
+
+  int64_t rows() const { return rows_; }  // of the operand (transposed for columnwise ones)
+  int64_t cols() const { return cols_; }
+  bool valid() const { return rows_ > 0; }
+  void reset() { rows_ = cols_ = 0; }
+  // Bytes that represent the operand: packed codes + block scales + g, or 2 / 4 per element.
+  int64_t bytes() const;
+  const QuantSpec& spec() const { return spec_; }
+  // Copies of the packed buffers (tests).
+  QuantizedTensor download() const;
+
+ private:
+  void allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t q_cols);
+
+  int64_t rows_ = 0, cols_ = 0;
+  bool quantized_ = false;
+  // An unquantized columnwise operand without RHT is stored untransposed (as the source tensor);
+  // the GEMM reads it with a transpose flag instead of a copy.
+  bool stored_as_source_ = false;
+  OperandFormat format_ = OperandFormat::kFp32;
+  QuantSpec spec_{};
+  DeviceBuffer<uint8_t> data_;    // packed codes, or the BF16/FP32 values of an unquantized operand
+  DeviceBuffer<uint8_t> scales_;  // block scale codes
+  DeviceBuffer<float> decode_scale_;
+  DeviceBuffer<uint32_t> amax_bits_;  // the quantizer's amax (two words for the fused pass)
+};
+
+// The types two operands meet in a GEMM: their FP8 code types when both are FP8 (and not both
+// E5M2), FP32 when either is FP32, BF16 otherwise.
+std::pair<GemmType, GemmType> gemm_types(const OperandCuda& a, const OperandCuda& b);
+
+}  // namespace nibble::nn::cuda

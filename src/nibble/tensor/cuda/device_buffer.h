@@ -1,0 +1,96 @@
+// Device memory and error checks shared by every CUDA part of nibble.
+//
+// NIBBLE_CUDA_CHECK(call) throws std::runtime_error naming the call, the file and the line; a CUDA
+// error is never silently dropped. DeviceBuffer<T> owns one cudaMalloc allocation (no managed
+// memory: see the device notes in docs/benchmarks.md) and copies to and from host spans.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace nibble::cuda {
+
+[[noreturn]] inline void throw_cuda_error(cudaError_t err, const char* call, const char* file, int line) {
+  throw std::runtime_error(std::string("CUDA error ") + cudaGetErrorName(err) + " (" + cudaGetErrorString(err) +
+                           ") in " + call + " at " + file + ":" + std::to_string(line));
+}
+
+#define NIBBLE_CUDA_CHECK(call)                                                         \
+  do {                                                                                  \
+    cudaError_t nibble_err_ = (call);                                                   \
+    if (nibble_err_ != cudaSuccess) ::nibble::cuda::throw_cuda_error(nibble_err_, #call, __FILE__, __LINE__); \
+  } while (0)
+
+// Checks the launch of the kernel just issued (configuration errors); execution errors surface at
+// the next synchronising call.
+#define NIBBLE_CUDA_CHECK_LAUNCH() NIBBLE_CUDA_CHECK(cudaGetLastError())
+
+template <typename T>
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  explicit DeviceBuffer(size_t count) { resize(count); }
+  explicit DeviceBuffer(std::span<const T> host) {
+    resize(host.size());
+    upload(host);
+  }
+  ~DeviceBuffer() { release(); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  DeviceBuffer(DeviceBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), count_(std::exchange(o.count_, 0)) {}
+  DeviceBuffer& operator=(DeviceBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      count_ = std::exchange(o.count_, 0);
+    }
+    return *this;
+  }
+
+  // Reallocates only when the count changes; the contents are then undefined.
+  void resize(size_t count) {
+    if (count == count_) return;
+    release();
+    if (count > 0) NIBBLE_CUDA_CHECK(cudaMalloc(&ptr_, count * sizeof(T)));
+    count_ = count;
+  }
+  // Grows (never shrinks) to at least `count` elements.
+  void reserve(size_t count) {
+    if (count > count_) resize(count);
+  }
+  void zero(cudaStream_t stream = nullptr) {
+    if (count_ > 0) NIBBLE_CUDA_CHECK(cudaMemsetAsync(ptr_, 0, bytes(), stream));
+  }
+  void upload(std::span<const T> host) {
+    if (host.size() != count_) throw std::invalid_argument("DeviceBuffer::upload: size mismatch");
+    if (count_ > 0) NIBBLE_CUDA_CHECK(cudaMemcpy(ptr_, host.data(), bytes(), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> host(count_);
+    if (count_ > 0) NIBBLE_CUDA_CHECK(cudaMemcpy(host.data(), ptr_, bytes(), cudaMemcpyDeviceToHost));
+    return host;
+  }
+
+  T* data() { return ptr_; }
+  const T* data() const { return ptr_; }
+  size_t size() const { return count_; }
+  size_t bytes() const { return count_ * sizeof(T); }
+
+ private:
+  void release() {
+    if (ptr_ != nullptr) cudaFree(ptr_);
+    ptr_ = nullptr;
+    count_ = 0;
+  }
+  T* ptr_ = nullptr;
+  size_t count_ = 0;
+};
+
+}  // namespace nibble::cuda

@@ -1,0 +1,198 @@
+// cuBLASLt behind GemmRunner (see gemm_cuda.h).
+//
+// cuBLASLt is column-major. A row-major matrix read as column-major is its transpose, so the
+// row-major product C = op(A) op(B) is computed as the column-major product C^T = op(B)^T op(A)^T:
+// cuBLASLt's first operand is our B, its second our A, and the transpose flags carry over
+// (our "B transposed" = B stored [n x k] = cuBLASLt's transa = T).
+#include "nibble/tensor/cuda/gemm_cuda.h"
+
+#include <cublasLt.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "nibble/tensor/cuda/device_buffer.h"
+
+namespace nibble::cuda {
+namespace {
+
+// cuBLASLt has no status-to-text function of its own (cublasGetStatusName is in libcublas).
+std::string status_text(cublasStatus_t status) {
+  switch (status) {
+    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
+    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
+    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
+    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
+    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
+    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
+    case CUBLAS_STATUS_INTERNAL_ERROR: return "CUBLAS_STATUS_INTERNAL_ERROR";
+    default: return "cublasStatus_t " + std::to_string(static_cast<int>(status));
+  }
+}
+
+void check_cublas(cublasStatus_t status, const char* call) {
+  if (status != CUBLAS_STATUS_SUCCESS)
+    throw std::runtime_error("cuBLASLt error " + status_text(status) + " in " + call);
+}
+#define NIBBLE_CUBLAS_CHECK(call) check_cublas((call), #call)
+
+cudaDataType_t cuda_type(GemmType t) {
+  switch (t) {
+    case GemmType::kF32: return CUDA_R_32F;
+    case GemmType::kBF16: return CUDA_R_16BF;
+    case GemmType::kE4M3: return CUDA_R_8F_E4M3;
+    case GemmType::kE5M2: return CUDA_R_8F_E5M2;
+  }
+  throw std::invalid_argument("GemmRunner: unknown GemmType");
+}
+
+bool is_fp8(GemmType t) { return t == GemmType::kE4M3 || t == GemmType::kE5M2; }
+
+// Largest power of two (up to 256) dividing the address: cuBLASLt picks kernels by alignment.
+int64_t alignment(const void* p) {
+  auto a = reinterpret_cast<uintptr_t>(p);
+  int64_t align = 256;
+  while (align > 1 && (a % static_cast<uintptr_t>(align)) != 0) align /= 2;
+  return align;
+}
+
+constexpr size_t kWorkspaceBytes = 32u << 20;  // cuBLASLt's recommendation for Hopper
+
+__global__ void multiply_scalars_kernel(const float* a, const float* b, float* out) { *out = *a * *b; }
+
+}  // namespace
+
+struct GemmRunner::Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t layout_first = nullptr, layout_second = nullptr, layout_c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  ~Plan() {
+    if (layout_c) cublasLtMatrixLayoutDestroy(layout_c);
+    if (layout_second) cublasLtMatrixLayoutDestroy(layout_second);
+    if (layout_first) cublasLtMatrixLayoutDestroy(layout_first);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+  }
+};
+
+GemmRunner::GemmRunner() {
+  cublasLtHandle_t handle = nullptr;
+  NIBBLE_CUBLAS_CHECK(cublasLtCreate(&handle));
+  handle_ = handle;
+  NIBBLE_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
+  workspace_bytes_ = kWorkspaceBytes;
+  const float constants[3] = {1.0f, 0.0f, 1.0f};
+  NIBBLE_CUDA_CHECK(cudaMalloc(&constants_, sizeof(constants)));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(constants_, constants, sizeof(constants), cudaMemcpyHostToDevice));
+}
+
+GemmRunner::~GemmRunner() {
+  plans_.clear();
+  if (constants_) cudaFree(constants_);
+  if (workspace_) cudaFree(workspace_);
+  if (handle_) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
+}
+
+GemmRunner::Plan& GemmRunner::plan(const Key& key) {
+  auto it = plans_.find(key);
+  if (it != plans_.end()) return *it->second;
+  const auto [m, n, k, batch, ta, tb, type_a, type_b, type_c, align_pack, stride_a, stride_b, stride_c] = key;
+  (void)align_pack;
+  const bool trans_a = ta != 0, trans_b = tb != 0;
+  const auto tya = static_cast<GemmType>(type_a), tyb = static_cast<GemmType>(type_b),
+             tyc = static_cast<GemmType>(type_c);
+
+  auto p = std::make_unique<Plan>();
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+  const cublasLtPointerMode_t mode = CUBLASLT_POINTER_MODE_DEVICE;
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_POINTER_MODE, &mode, sizeof(mode)));
+  // cuBLASLt's first operand is our B, its second our A (see the top of this file).
+  const cublasOperation_t op_first = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
+  const cublasOperation_t op_second = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof(op_first)));
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)));
+
+  // Column-major shapes as stored: our B is [k x n] row-major (n x k col-major) or, transposed,
+  // [n x k] row-major (k x n col-major); likewise A.
+  const uint64_t first_rows = trans_b ? k : n, first_cols = trans_b ? n : k;
+  const uint64_t second_rows = trans_a ? m : k, second_cols = trans_a ? k : m;
+  NIBBLE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->layout_first, cuda_type(tyb), first_rows, first_cols, first_rows));
+  NIBBLE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->layout_second, cuda_type(tya), second_rows, second_cols, second_rows));
+  NIBBLE_CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p->layout_c, cuda_type(tyc), n, m, n));
+  if (batch > 1) {
+    const int32_t count = static_cast<int32_t>(batch);
+    const std::pair<cublasLtMatrixLayout_t, int64_t> layouts[3] = {
+        {p->layout_first, stride_b}, {p->layout_second, stride_a}, {p->layout_c, stride_c}};
+    for (const auto& [layout, stride] : layouts) {
+      NIBBLE_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &count, sizeof(count)));
+      NIBBLE_CUBLAS_CHECK(cublasLtMatrixLayoutSetAttribute(layout, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &stride,
+                                                           sizeof(stride)));
+    }
+  }
+
+  cublasLtMatmulPreference_t pref = nullptr;
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                           &workspace_bytes_, sizeof(workspace_bytes_)));
+  // Alignments of the first/second/C pointers, packed 3 x 9 bits into the key's align_pack.
+  const uint32_t align_first = static_cast<uint32_t>(align_pack & 511), align_second = static_cast<uint32_t>((align_pack >> 9) & 511),
+                 align_c = static_cast<uint32_t>((align_pack >> 18) & 511);
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_first, sizeof(align_first)));
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_second, sizeof(align_second)));
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c)));
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t status =
+      cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->layout_first, p->layout_second,
+                                     p->layout_c, p->layout_c, pref, 1, &result, &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  if (status != CUBLAS_STATUS_SUCCESS || found == 0) {
+    throw std::invalid_argument("GemmRunner: cuBLASLt has no kernel for m=" + std::to_string(m) + " n=" +
+                                std::to_string(n) + " k=" + std::to_string(k) + " batch=" + std::to_string(batch) +
+                                " with these types/layouts (" + status_text(status) + ")");
+  }
+  p->algo = result.algo;
+  return *plans_.emplace(key, std::move(p)).first->second;
+}
+
+void GemmRunner::run(int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const GemmMatrix& b, const GemmOutput& c,
+                     const float* alpha, bool accumulate, cudaStream_t stream, int64_t batch) {
+  if (m <= 0 || n <= 0 || k <= 0 || batch <= 0) {
+    throw std::invalid_argument("GemmRunner: empty GEMM m=" + std::to_string(m) + " n=" + std::to_string(n) +
+                                " k=" + std::to_string(k));
+  }
+  if (c.type != GemmType::kF32 && c.type != GemmType::kBF16) {
+    throw std::invalid_argument("GemmRunner: the output must be FP32 or BF16");
+  }
+  if (is_fp8(a.type) != is_fp8(b.type) || (!is_fp8(a.type) && a.type != b.type)) {
+    throw std::invalid_argument("GemmRunner: A and B must be both FP8 or of the same type");
+  }
+  if (is_fp8(a.type)) {
+    if (a.transposed || !b.transposed) {
+      throw std::invalid_argument("GemmRunner: FP8 GEMMs need A [m x k] and B [n x k] (reduction contiguous)");
+    }
+    if (m % 16 != 0 || n % 16 != 0 || k % 16 != 0) {
+      throw std::invalid_argument("GemmRunner: FP8 GEMMs need m, n, k multiples of 16");
+    }
+    if (a.type == GemmType::kE5M2 && b.type == GemmType::kE5M2) {
+      throw std::invalid_argument("GemmRunner: E5M2 x E5M2 has no FP8 tensor-core kernel");
+    }
+  }
+  const int64_t align_pack = alignment(b.data) | (alignment(a.data) << 9) | (alignment(c.data) << 18);
+  const Key key{m, n, k, batch, a.transposed, b.transposed, static_cast<int>(a.type), static_cast<int>(b.type),
+                static_cast<int>(c.type), align_pack, batch > 1 ? a.batch_stride : 0,
+                batch > 1 ? b.batch_stride : 0, batch > 1 ? c.batch_stride : 0};
+  Plan& p = plan(key);
+  const float* alpha_ptr = alpha != nullptr ? alpha : constants_;
+  const float* beta_ptr = accumulate ? constants_ + 2 : constants_ + 1;
+  NIBBLE_CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p.desc, alpha_ptr, b.data, p.layout_first,
+                                     a.data, p.layout_second, beta_ptr, c.data, p.layout_c, c.data, p.layout_c, &p.algo,
+                                     workspace_, workspace_bytes_, stream));
+}
+
+void multiply_scalars(const float* a, const float* b, float* out, cudaStream_t stream) {
+  multiply_scalars_kernel<<<1, 1, 0, stream>>>(a, b, out);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace nibble::cuda

@@ -1,0 +1,189 @@
+// The GPU linear layer against the CPU layer, under every preset and the nvfp4 ablations, on fresh
+// random inputs (needs a GPU; ctest label "gpu").
+//
+// What is exact and what is not:
+// - Operand preparation (quantization, packing, RHT, stochastic-rounding bits) is exact: the saved
+//   Wgrad copy of X equals the CPU's bit for bit.
+// - The GEMMs multiply the same operand values (products exact in FP32) and differ from the CPU
+//   only in the order of FP32 accumulation. Each result therefore lies within gamma_K * B of the
+//   exact sum on both sides, with B_ij = |alpha| sum_k |a_ik b_jk| and gamma_K ~ K u (u = 2^-24),
+//   so we require |gpu - cpu| <= 2 K u B_ij (+ a denormal floor). A wrong seed, scale, layout or
+//   transpose moves results by a quantization step, orders of magnitude beyond this bound.
+#include "nibble/nn/cuda/linear_cuda.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "nibble/nn/linear.h"
+#include "nibble/nn/operand.h"
+#include "test_seed.h"
+
+namespace nibble::nn {
+namespace {
+
+using cuda::DeviceBuffer;
+using cuda::LinearContext;
+using cuda::LinearCuda;
+
+std::vector<float> gaussian(int64_t n, float scale, std::mt19937_64& rng) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+// B_ij = |g_a g_b| sum_k |a_ik| |b_jk| for the CPU's operands (a: M x K, b: N x K).
+std::vector<double> magnitude(const GemmOperand& a, const GemmOperand& b) {
+  const double g = std::fabs(static_cast<double>(a.decode_scale) * b.decode_scale);
+  std::vector<double> m(static_cast<size_t>(a.rows * b.rows));
+  for (int64_t i = 0; i < a.rows; ++i)
+    for (int64_t j = 0; j < b.rows; ++j) {
+      double s = 0;
+      for (int64_t k = 0; k < a.cols; ++k)
+        s += std::fabs(static_cast<double>(a.values[i * a.cols + k]) * b.values[j * b.cols + k]);
+      m[static_cast<size_t>(i * b.rows + j)] = g * s;
+    }
+  return m;
+}
+
+// Checks |gpu - cpu| <= 2 K u B elementwise; returns the largest ratio seen (for the log).
+double expect_within_accumulation_bound(const std::vector<float>& gpu, const std::vector<float>& cpu,
+                                        const std::vector<double>& bound, int64_t k, const std::string& what) {
+  const double u = std::ldexp(1.0, -24);
+  double worst = 0;
+  int failures = 0;
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    const double tol = 2.0 * static_cast<double>(k) * u * bound[i] + 1e-30;
+    const double err = std::fabs(static_cast<double>(gpu[i]) - cpu[i]);
+    worst = std::max(worst, err / tol);
+    if (!(err <= tol) && ++failures <= 3)
+      ADD_FAILURE() << what << "[" << i << "]: gpu " << gpu[i] << " cpu " << cpu[i] << " bound " << tol;
+  }
+  return worst;
+}
+
+std::vector<float> download(const float* p, int64_t n) {
+  std::vector<float> h(static_cast<size_t>(n));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(float), cudaMemcpyDeviceToHost));
+  return h;
+}
+
+struct RecipeCase {
+  std::string base;
+  std::vector<std::string> overrides;
+};
+
+class LinearCudaTest : public ::testing::TestWithParam<RecipeCase> {};
+
+TEST_P(LinearCudaTest, MatchesCpuLayer) {
+  const RecipeCase& rc = GetParam();
+  const Recipe recipe = make_recipe(rc.base, rc.overrides);
+  std::mt19937_64 rng(test::fresh_seed());
+  // Multiples of 32 (MXFP4 blocks run along every dimension somewhere), otherwise uneven.
+  const int64_t tokens = 96, in = 160, out = 224;
+  const LinearOptions options{/*layer_id=*/7, /*run_seed=*/rng()};
+  const uint64_t step = 11;
+  const uint32_t microbatch = 2;
+
+  Linear cpu(in, out, recipe, options);
+  const std::vector<float> w = gaussian(in * out, 0.05f, rng);
+  std::copy(w.begin(), w.end(), cpu.mutable_weight().begin());
+  std::vector<float> x = gaussian(tokens * in, 1.0f, rng);
+  for (int64_t t = 0; t < tokens; ++t) x[static_cast<size_t>(t * in + 13)] *= 40.0f;  // an outlier channel
+  const std::vector<float> dy = gaussian(tokens * out, 1e-3f, rng);
+
+  LinearContext ctx;
+  LinearCuda gpu(in, out, recipe, options, ctx);
+  gpu.upload_weight(w);
+  cpu.set_step(step, microbatch);
+  gpu.set_step(step, microbatch);
+  DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
+  DeviceBuffer<float> d_y(static_cast<size_t>(tokens * out)), d_dx(static_cast<size_t>(tokens * in));
+
+  const std::vector<float> y_cpu = cpu.forward(x, tokens);
+  gpu.forward(d_x.data(), tokens, d_y.data(), nullptr);
+  const std::vector<float> y_gpu = download(d_y.data(), tokens * out);
+
+  // The CPU's operands, prepared independently with the layer's seeds.
+  const uint64_t seed = layer_step_seed(options.run_seed, options.layer_id, step, microbatch);
+  const uint64_t wseed = layer_step_seed(options.run_seed, options.layer_id, step, 0);
+  const auto operand = [&](std::span<const float> m, int64_t rows, int64_t cols, Operand op, uint64_t s) {
+    return OperandCopy::make(m, rows, cols, recipe[op], op, recipe.rht_signs(), s);
+  };
+  const OperandCopy x_t = operand(x, tokens, in, Operand::kWgradX, seed);
+
+  // The saved Wgrad copy of X: same bytes, and bit-identical when quantized.
+  EXPECT_EQ(gpu.saved_activation_bytes(), cpu.saved_activation_bytes());
+  if (x_t.packed()) {
+    const QuantizedTensor q = gpu.saved_x_t().download();
+    EXPECT_EQ(q.data, x_t.packed()->data) << "wgrad.x codes";
+    EXPECT_EQ(q.scales, x_t.packed()->scales) << "wgrad.x block scales";
+    EXPECT_EQ(q.decode_scale, x_t.packed()->decode_scale) << "wgrad.x tensor scale";
+  }
+
+  std::vector<float> dx_cpu = cpu.backward(dy);
+  gpu.backward(d_dy.data(), d_dx.data(), nullptr);
+  const std::vector<float> dx_gpu = download(d_dx.data(), tokens * in);
+  const std::vector<float> dw_gpu = download(gpu.weight_grad(), in * out);
+  const std::vector<float> dw_cpu(cpu.weight_grad().begin(), cpu.weight_grad().end());
+
+  const double ry = expect_within_accumulation_bound(
+      y_gpu, y_cpu,
+      magnitude(operand(x, tokens, in, Operand::kFpropX, seed).gemm_operand(),
+                operand(w, out, in, Operand::kFpropW, wseed).gemm_operand()),
+      in, "Y");
+  const double rdx = expect_within_accumulation_bound(
+      dx_gpu, dx_cpu,
+      magnitude(operand(dy, tokens, out, Operand::kDgradDy, seed).gemm_operand(),
+                operand(w, out, in, Operand::kDgradW, wseed).gemm_operand()),
+      out, "dX");
+  const double rdw = expect_within_accumulation_bound(
+      dw_gpu, dw_cpu, magnitude(operand(dy, tokens, out, Operand::kWgradDy, seed).gemm_operand(), x_t.gemm_operand()),
+      tokens, "dW");
+  std::printf("[ linear   ] %-24s worst |gpu-cpu| / (2 K u B): Y %.3f  dX %.3f  dW %.3f  saved %lld bytes\n",
+              describe(recipe).substr(0, 24).c_str(), ry, rdx, rdw,
+              static_cast<long long>(gpu.saved_activation_bytes()));
+}
+
+INSTANTIATE_TEST_SUITE_P(Recipes, LinearCudaTest,
+                         ::testing::Values(RecipeCase{"fp32", {}}, RecipeCase{"bf16", {}}, RecipeCase{"fp8", {}},
+                                           RecipeCase{"fp8_hybrid", {}}, RecipeCase{"nvfp4", {}},
+                                           RecipeCase{"nvfp4", {"no_rht"}}, RecipeCase{"nvfp4", {"no_2d"}},
+                                           RecipeCase{"nvfp4", {"no_sr"}}, RecipeCase{"mxfp4", {}},
+                                           RecipeCase{"bf16", {"wgrad.x.rht=true", "wgrad.dy.rht=true"}},
+                                           RecipeCase{"nvfp4", {"fprop.x.format=bf16", "wgrad.x.format=fp32"}}),
+                         [](const auto& info) {
+                           std::string n = info.param.base;
+                           for (const auto& o : info.param.overrides) n += "_" + o;
+                           for (char& c : n)
+                             if (!std::isalnum(static_cast<unsigned char>(c))) c = '_';
+                           return n;
+                         });
+
+// The weight is quantized once per step, not once per GEMM, and again after it changes.
+TEST(LinearCuda, QuantizesTheWeightOncePerStep) {
+  std::mt19937_64 rng(test::fresh_seed());
+  LinearContext ctx;
+  LinearCuda gpu(64, 32, preset("nvfp4"), {}, ctx);
+  gpu.upload_weight(gaussian(64 * 32, 0.1f, rng));
+  const std::vector<float> x = gaussian(48 * 64, 1.0f, rng), dy = gaussian(48 * 32, 1.0f, rng);
+  DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)}, d_y(48 * 32), d_dx(48 * 64);
+  gpu.set_step(1);
+  gpu.forward(d_x.data(), 48, d_y.data(), nullptr);
+  gpu.backward(d_dy.data(), d_dx.data(), nullptr);
+  EXPECT_EQ(gpu.weight_quantizations(), 1);
+  gpu.set_step(2);
+  gpu.forward(d_x.data(), 48, d_y.data(), nullptr);
+  gpu.weight_changed();
+  gpu.backward(d_dy.data(), d_dx.data(), nullptr);
+  EXPECT_EQ(gpu.weight_quantizations(), 3);
+  EXPECT_THROW(gpu.backward(d_dy.data(), d_dx.data(), nullptr), std::logic_error);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+}  // namespace
+}  // namespace nibble::nn
