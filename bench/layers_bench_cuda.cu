@@ -1,0 +1,115 @@
+// Timing of the GPU high-precision layers (nn/cuda/layers_cuda.h, train/cuda/adamw_cuda.h) at the
+// shapes of one GPT-2 124M training step: 16 x 1024 tokens, d_model 768, 12 heads, vocab 50304.
+// Prints the median time of each forward/backward and the memory traffic it implies (bytes the
+// kernels must read and write at least, over the time), to see which ones are far from the
+// device's bandwidth (~3 TB/s on an H100).
+//
+//   nibble_layers_bench_cuda
+#include <cuda_runtime.h>
+
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "cuda_timing.h"
+#include "nibble/nn/cuda/layers_cuda.h"
+#include "nibble/train/cuda/adamw_cuda.h"
+
+namespace {
+
+using nibble::bench::median_ms;
+using nibble::cuda::DeviceBuffer;
+namespace ncu = nibble::nn::cuda;
+
+DeviceBuffer<float> random_buffer(int64_t n, float stddev, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, stddev);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = d(rng);
+  return DeviceBuffer<float>(std::span<const float>(v));
+}
+
+void report(const char* what, float ms, double bytes) {
+  std::printf("%-34s %9.3f ms  %8.1f GB/s\n", what, ms, bytes / (ms * 1e-3) / 1e9);
+}
+
+}  // namespace
+
+int main() {
+  const int64_t B = 16, T = 1024, d = 768, H = 12, vocab = 50304, hidden = 4 * d, tokens = B * T;
+  std::printf("GPT-2 124M shapes: %lld tokens, d_model %lld, %lld heads, vocab %lld\n", static_cast<long long>(tokens),
+              static_cast<long long>(d), static_cast<long long>(H), static_cast<long long>(vocab));
+  std::mt19937_64 rng(1);
+  std::vector<uint32_t> ids(static_cast<size_t>(tokens));
+  for (auto& id : ids) id = static_cast<uint32_t>(rng() % vocab);
+  DeviceBuffer<uint32_t> d_ids{std::span<const uint32_t>(ids)};
+  const double act = static_cast<double>(tokens * d) * 4;  // one [tokens x d] FP32 activation
+
+  {
+    ncu::EmbeddingCuda emb(vocab, d);
+    DeviceBuffer<float> out(static_cast<size_t>(tokens * d));
+    auto dout = random_buffer(tokens * d, 1.0f, 2);
+    report("embedding forward", median_ms([&] { emb.forward(d_ids.data(), tokens, out.data(), false, nullptr); }),
+           2 * act);
+    report("embedding backward", median_ms([&] { emb.backward(d_ids.data(), tokens, dout.data(), nullptr); }),
+           3 * act);
+  }
+  {
+    ncu::NormCuda norm(d, nibble::nn::NormKind::kLayerNorm);
+    auto x = random_buffer(tokens * d, 1.0f, 3), dy = random_buffer(tokens * d, 1.0f, 4);
+    DeviceBuffer<float> y(x.size()), dx(x.size());
+    report("layernorm forward", median_ms([&] { norm.forward(x.data(), tokens, y.data(), nullptr); }), 3 * act);
+    report("layernorm backward", median_ms([&] {
+             norm.forward(x.data(), tokens, y.data(), nullptr);
+             norm.backward(dy.data(), dx.data(), nullptr);
+           }), 3 * act + 4 * act);
+  }
+  {
+    auto pre = random_buffer(tokens * hidden, 1.0f, 5), dact = random_buffer(tokens * hidden, 1.0f, 6);
+    DeviceBuffer<float> a(pre.size()), dpre(pre.size());
+    const double h = static_cast<double>(tokens * hidden) * 4;
+    report("gelu forward", median_ms([&] {
+             ncu::activation_forward(nibble::nn::MlpKind::kGelu, pre.data(), tokens, hidden, a.data(), nullptr);
+           }), 2 * h);
+    report("gelu backward", median_ms([&] {
+             ncu::activation_backward(nibble::nn::MlpKind::kGelu, pre.data(), dact.data(), tokens, hidden, dpre.data(),
+                                      nullptr);
+           }), 3 * h);
+  }
+  {
+    nibble::cuda::GemmRunner gemm;
+    ncu::AttentionCoreCuda attn({d, H, H, false, 10000.0f}, gemm);
+    auto qkv = random_buffer(tokens * 3 * d, 1.0f, 7), dout = random_buffer(tokens * d, 1.0f, 8);
+    DeviceBuffer<float> out(static_cast<size_t>(tokens * d)), dqkv(qkv.size());
+    const double flops = 4.0 * B * H * T * T * (d / H);  // QK^T and PV, full (unmasked) squares
+    const float fwd = median_ms([&] { attn.forward(qkv.data(), B, T, out.data(), nullptr); }, 20);
+    const float both = median_ms([&] {
+      attn.forward(qkv.data(), B, T, out.data(), nullptr);
+      attn.backward(dout.data(), dqkv.data(), nullptr);
+    }, 20);
+    std::printf("%-34s %9.3f ms  %8.1f TFLOP/s (GEMMs, unmasked)\n", "attention core forward", fwd, flops / (fwd * 1e-3) / 1e12);
+    std::printf("%-34s %9.3f ms  %8.1f TFLOP/s (GEMMs, unmasked)\n", "attention core forward+backward", both,
+                3 * flops / (both * 1e-3) / 1e12);
+  }
+  {
+    ncu::CrossEntropyCuda ce;
+    auto logits = random_buffer(tokens * vocab, 2.0f, 9);
+    DeviceBuffer<double> loss(1);
+    report("cross-entropy fwd+bwd (in place)", median_ms([&] {
+             ce.forward_backward(logits.data(), d_ids.data(), tokens, vocab, 1.0f / tokens, loss.data(), nullptr);
+           }, 20), 4.0 * tokens * vocab * 4);
+  }
+  {
+    const int64_t n = 124'000'000;
+    nibble::train::cuda::AdamWCuda opt({}, n);
+    auto w = random_buffer(n, 0.02f, 10), g = random_buffer(n, 1e-3f, 11);
+    const nibble::train::cuda::ParamRange all{0, n, true};
+    report("adamw step (124M params)", median_ms([&] { opt.step(w.data(), g.data(), {&all, 1}, 1e-4, nullptr, nullptr); }, 20),
+           7.0 * n * 4);
+    nibble::train::cuda::GradNormCuda gn;
+    DeviceBuffer<double> norm(1);
+    const nibble::train::cuda::GradSpan span{g.data(), n};
+    report("grad norm (124M params)", median_ms([&] { gn.compute({&span, 1}, norm.data(), nullptr); }, 20), 1.0 * n * 4);
+  }
+  return 0;
+}

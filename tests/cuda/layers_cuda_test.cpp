@@ -1,0 +1,472 @@
+// The GPU high-precision layers (nn/cuda/layers_cuda.h, train/cuda/adamw_cuda.h) against the CPU
+// classes, on fresh random inputs of awkward sizes (needs a GPU; ctest label "gpu").
+//
+// Error measure: max_i |gpu_i - cpu_i| / max_i |cpu_i| (normwise relative error), printed for
+// every comparison with its tolerance. Where the GPU claims the CPU's bits (embedding, residual
+// add, AdamW) the test asks for equality instead.
+//
+// The attention core and the MLP activation sit between two Linear layers in the CPU classes. To
+// compare the core alone, the CPU layer runs under the fp32 recipe with inputs that make both
+// linears exact copies: X holds one-hot rows (row r = e_r, so X W^T returns W's column r and the
+// weight gradient dY^T X returns dY's row r in column r) and the output layer's weight is the
+// identity. Each such product has one non-zero term, so it is exact in any summation order.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "nibble/nn/attention.h"
+#include "nibble/nn/cuda/layers_cuda.h"
+#include "nibble/nn/embedding.h"
+#include "nibble/nn/loss.h"
+#include "nibble/nn/mlp.h"
+#include "nibble/nn/norm.h"
+#include "nibble/tensor/cuda/gemm_cuda.h"
+#include "nibble/train/cuda/adamw_cuda.h"
+#include "nibble/train/optimizer.h"
+#include "test_seed.h"
+
+namespace nibble::nn {
+namespace {
+
+using cuda::DeviceBuffer;
+using test::fresh_seed;
+
+std::vector<float> gaussian(int64_t n, float stddev, std::mt19937_64& rng) {
+  std::normal_distribution<float> d(0.0f, stddev);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& x : v) x = d(rng);
+  return v;
+}
+
+template <typename T>
+std::vector<T> download(const T* device, int64_t n) {
+  std::vector<T> host(static_cast<size_t>(n));
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  NIBBLE_CUDA_CHECK(cudaMemcpy(host.data(), device, host.size() * sizeof(T), cudaMemcpyDeviceToHost));
+  return host;
+}
+template <typename T>
+void upload(T* device, const std::vector<T>& host) {
+  NIBBLE_CUDA_CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+// Normwise relative error, printed; fails the test when above `tol`.
+void expect_close(std::span<const float> gpu, std::span<const float> cpu, double tol, const std::string& what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  double err = 0.0, scale = 0.0;
+  size_t worst = 0;
+  bool nan = false;
+  for (size_t i = 0; i < cpu.size(); ++i) {
+    const double e = std::fabs(static_cast<double>(gpu[i]) - cpu[i]);
+    if (std::isnan(e)) {
+      if (!nan) worst = i;
+      nan = true;
+    } else if (e > err && !nan) {
+      err = e, worst = i;
+    }
+    scale = std::max(scale, std::fabs(static_cast<double>(cpu[i])));
+  }
+  ASSERT_GT(scale, 0.0) << what << ": the reference is all zeros";
+  const double rel = nan ? std::nan("") : err / scale;
+  std::printf("[ compare  ] %-44s max rel err %.3e (tol %.1e)\n", what.c_str(), rel, tol);
+  EXPECT_LE(rel, tol) << what << ": worst element " << worst << " gpu " << gpu[worst] << " cpu " << cpu[worst];
+}
+
+void expect_bits_equal(std::span<const float> gpu, std::span<const float> cpu, const std::string& what) {
+  ASSERT_EQ(gpu.size(), cpu.size()) << what;
+  size_t bad = 0, first = 0;
+  for (size_t i = 0; i < cpu.size(); ++i)
+    if (std::memcmp(&gpu[i], &cpu[i], sizeof(float)) != 0 && bad++ == 0) first = i;
+  std::printf("[ compare  ] %-44s %zu of %zu elements differ in bits (want 0)\n", what.c_str(), bad, cpu.size());
+  EXPECT_EQ(bad, 0u) << what << ": first at " << first << " gpu " << gpu[first] << " cpu " << cpu[first];
+}
+
+// Linear-layer probes of the module comment: X = one-hot rows, W[c][r] = values[r][c].
+std::vector<float> one_hot_rows(int64_t rows, int64_t dim) {
+  std::vector<float> x(static_cast<size_t>(rows * dim), 0.0f);
+  for (int64_t r = 0; r < rows; ++r) x[r * dim + r] = 1.0f;
+  return x;
+}
+void plant(Linear& layer, const std::vector<float>& values, int64_t rows) {
+  const int64_t out = layer.out_features(), in = layer.in_features();
+  ASSERT_LE(rows, in);
+  std::span<float> w = layer.mutable_weight();
+  std::fill(w.begin(), w.end(), 0.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < out; ++c) w[c * in + r] = values[r * out + c];
+}
+std::vector<float> harvest_grad(const Linear& layer, int64_t rows) {  // dvalues[r][c] = dW[c][r]
+  const int64_t out = layer.out_features(), in = layer.in_features();
+  std::vector<float> d(static_cast<size_t>(rows * out));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < out; ++c) d[r * out + c] = layer.weight_grad()[c * in + r];
+  return d;
+}
+void set_identity(Linear& layer) {
+  ASSERT_EQ(layer.in_features(), layer.out_features());
+  std::span<float> w = layer.mutable_weight();
+  std::fill(w.begin(), w.end(), 0.0f);
+  for (int64_t i = 0; i < layer.in_features(); ++i) w[i * layer.in_features() + i] = 1.0f;
+}
+
+class Stream {
+ public:
+  Stream() { NIBBLE_CUDA_CHECK(cudaStreamCreate(&s_)); }
+  ~Stream() { cudaStreamDestroy(s_); }
+  operator cudaStream_t() const { return s_; }
+
+ private:
+  cudaStream_t s_{};
+};
+
+// ---------------------------------------------------------------- embedding
+
+TEST(EmbeddingCuda, MatchesCpuBitForBit) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t vocab = 1000, dim = 96, n = 3 * 37;
+  Stream stream;
+  Embedding cpu(vocab, dim);
+  cuda::EmbeddingCuda gpu(vocab, dim);
+  const auto w = gaussian(vocab * dim, 1.0f, rng);
+  std::copy(w.begin(), w.end(), cpu.weight().begin());
+  upload(gpu.weight(), w);
+  // Half the ids from a small range, so that rows repeat and their gradients must add up.
+  std::vector<uint32_t> ids(static_cast<size_t>(n));
+  for (auto& id : ids) id = static_cast<uint32_t>(rng() % 2 == 0 ? rng() % 7 : rng() % vocab);
+  DeviceBuffer<uint32_t> d_ids{std::span<const uint32_t>(ids)};
+
+  // forward, then forward with accumulate (learned positions add onto token embeddings)
+  auto base = gaussian(n * dim, 1.0f, rng);
+  std::vector<float> out_cpu(base.size()), acc_cpu = base;
+  cpu.forward(ids, out_cpu);
+  cpu.forward(ids, acc_cpu, /*accumulate=*/true);
+  DeviceBuffer<float> out(base.size()), acc{std::span<const float>(base)};
+  gpu.forward(d_ids.data(), n, out.data(), false, stream);
+  gpu.forward(d_ids.data(), n, acc.data(), true, stream);
+  expect_bits_equal(download(out.data(), n * dim), out_cpu, "embedding forward");
+  expect_bits_equal(download(acc.data(), n * dim), acc_cpu, "embedding forward (accumulate)");
+
+  // two backward passes: the second adds onto the first
+  cpu.zero_grad();
+  gpu.zero_grad(stream);
+  for (int pass = 0; pass < 2; ++pass) {
+    const auto dout = gaussian(n * dim, 1.0f, rng);
+    cpu.backward(ids, dout);
+    DeviceBuffer<float> d_dout{std::span<const float>(dout)};
+    gpu.backward(d_ids.data(), n, d_dout.data(), stream);
+  }
+  const std::vector<float> grad_cpu(cpu.weight_grad().begin(), cpu.weight_grad().end());
+  expect_bits_equal(download(gpu.weight_grad(), vocab * dim), grad_cpu, "embedding weight grad (2 passes)");
+  EXPECT_NO_THROW(gpu.check_ids(stream));
+
+  ids[17] = static_cast<uint32_t>(vocab);  // out of range: flagged, then thrown by check_ids
+  d_ids.upload(ids);
+  gpu.forward(d_ids.data(), n, out.data(), false, stream);
+  EXPECT_THROW(gpu.check_ids(stream), std::out_of_range);
+  EXPECT_NO_THROW(gpu.check_ids(stream));  // the flag is cleared after the throw
+}
+
+// ---------------------------------------------------------------- norms
+
+class NormCudaTest : public ::testing::TestWithParam<NormKind> {};
+
+// Forward and dx: the same double statistics as the CPU; what differs is FMA contraction and the
+// summation order inside double sums, ~1e-7 of the output's scale: tolerance 1e-5.
+// Gain/bias gradients: the CPU adds rows one by one in float (error up to rows * 2^-24 of the sum
+// of |terms|, ~7e-6 for 111 rows); the GPU sums in double: tolerance 5e-5.
+TEST_P(NormCudaTest, MatchesCpu) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t rows = 3 * 37, dim = 96;
+  Stream stream;
+  Norm cpu(dim, GetParam());
+  cuda::NormCuda gpu(dim, GetParam());
+  const auto g = gaussian(dim, 1.0f, rng);
+  std::copy(g.begin(), g.end(), cpu.weight().begin());
+  upload(gpu.weight(), g);
+  if (cpu.has_bias()) {
+    const auto b = gaussian(dim, 1.0f, rng);
+    std::copy(b.begin(), b.end(), cpu.bias().begin());
+    upload(gpu.bias(), b);
+  }
+  cpu.zero_grad();
+  gpu.zero_grad(stream);
+  DeviceBuffer<float> y(static_cast<size_t>(rows * dim)), dx(y.size());
+  for (int pass = 0; pass < 2; ++pass) {  // gradients accumulate over two passes
+    auto x = gaussian(rows * dim, 2.0f, rng);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < dim; ++i) x[r * dim + i] += static_cast<float>(r % 5);  // row means to remove
+    const auto dy = gaussian(rows * dim, 1.0f, rng);
+    const auto y_cpu = cpu.forward(x, rows);
+    const auto dx_cpu = cpu.backward(dy);
+    DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
+    gpu.forward(d_x.data(), rows, y.data(), stream);
+    gpu.backward(d_dy.data(), dx.data(), stream);
+    const std::string p = " (pass " + std::to_string(pass + 1) + ")";
+    expect_close(download(y.data(), rows * dim), y_cpu, 1e-5, "norm forward" + p);
+    expect_close(download(dx.data(), rows * dim), dx_cpu, 1e-5, "norm dx" + p);
+  }
+  expect_close(download(gpu.weight_grad(), dim), cpu.weight_grad(), 5e-5, "norm gain grad");
+  if (cpu.has_bias()) expect_close(download(gpu.bias_grad(), dim), cpu.bias_grad(), 5e-5, "norm bias grad");
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, NormCudaTest, ::testing::Values(NormKind::kLayerNorm, NormKind::kRmsNorm),
+                         [](const auto& info) { return info.param == NormKind::kLayerNorm ? "LayerNorm" : "RmsNorm"; });
+
+// ---------------------------------------------------------------- MLP activations
+
+class ActivationCudaTest : public ::testing::TestWithParam<MlpKind> {};
+
+// Elementwise FP32 with the CPU's formulas; tanhf/expf differ from glibc by a few ulp and FMA
+// contraction by one rounding: a few 1e-7 of the scale. Tolerance 1e-5.
+TEST_P(ActivationCudaTest, MatchesCpuMlpActivation) {
+  std::mt19937_64 rng(fresh_seed());
+  const MlpKind kind = GetParam();
+  const int64_t rows = 3 * 37, d = 128, hidden = d;  // hidden = d: proj can be the identity
+  const int64_t width = kind == MlpKind::kSwiglu ? 2 * hidden : hidden;
+  Stream stream;
+  Mlp cpu(d, hidden, kind, preset("fp32"), 0, 1);
+  const auto pre = gaussian(rows * width, 2.0f, rng);  // wide: GELU's tails, ReLU's negatives
+  plant(cpu.fc(), pre, rows);
+  set_identity(cpu.proj());
+  const auto act_cpu = cpu.forward(one_hot_rows(rows, d), rows);
+  const auto dact = gaussian(rows * hidden, 1.0f, rng);
+  cpu.backward(dact);
+  const auto dpre_cpu = harvest_grad(cpu.fc(), rows);
+
+  DeviceBuffer<float> d_pre{std::span<const float>(pre)}, d_dact{std::span<const float>(dact)};
+  DeviceBuffer<float> act(static_cast<size_t>(rows * hidden)), dpre(pre.size());
+  cuda::activation_forward(kind, d_pre.data(), rows, hidden, act.data(), stream);
+  cuda::activation_backward(kind, d_pre.data(), d_dact.data(), rows, hidden, dpre.data(), stream);
+  expect_close(download(act.data(), rows * hidden), act_cpu, 1e-5, "activation forward");
+  expect_close(download(dpre.data(), rows * width), dpre_cpu, 1e-5, "activation backward");
+}
+
+INSTANTIATE_TEST_SUITE_P(Kinds, ActivationCudaTest,
+                         ::testing::Values(MlpKind::kGelu, MlpKind::kRelu2, MlpKind::kSwiglu), [](const auto& info) {
+                           return info.param == MlpKind::kGelu ? "Gelu" : info.param == MlpKind::kRelu2 ? "Relu2" : "Swiglu";
+                         });
+
+TEST(ResidualAddCuda, IsExact) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t n = 3 * 37 * 96 + 5;
+  Stream stream;
+  auto x = gaussian(n, 1.0f, rng);
+  const auto y = gaussian(n, 1.0f, rng);
+  DeviceBuffer<float> d_x{std::span<const float>(x)}, d_y{std::span<const float>(y)};
+  cuda::residual_add(d_x.data(), d_y.data(), n, stream);
+  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+  expect_bits_equal(download(d_x.data(), n), x, "residual add");
+}
+
+// ---------------------------------------------------------------- attention core
+
+struct AttentionCase {
+  int64_t d_model, heads, kv_heads, batch, seq;
+  bool rope;
+};
+
+class AttentionCudaTest : public ::testing::TestWithParam<AttentionCase> {};
+
+// Tolerance. q, k, v, P, dO and dS are rounded to BF16 (relative error <= 2^-9 ~ 2e-3 each) and
+// multiplied with FP32 accumulation; the CPU keeps them FP32. The forward output passes through two
+// roundings per operand pair (q,k -> scores -> P; P,v -> O), so its error is a few 2^-9 of its
+// scale: tolerance 1e-2. Backward chains more of them (dO,v -> dP; dS, k/q -> dq/dk; P, dO -> dv)
+// plus the cancellation in dS = P (dP - rowsum(P dP)): tolerance 2e-2. An indexing error (wrong
+// head, group, position, RoPE pairing, causal mask) gives errors of order 1.
+TEST_P(AttentionCudaTest, MatchesCpuCore) {
+  std::mt19937_64 rng(fresh_seed());
+  const AttentionCase c = GetParam();
+  const AttentionShape shape{c.d_model, c.heads, c.kv_heads, c.rope, 10000.0f};
+  const int64_t rows = c.batch * c.seq;
+  ASSERT_LE(rows, c.d_model);  // one-hot input rows
+  CausalSelfAttention cpu(shape, preset("fp32"), 0, 1);
+  nibble::cuda::GemmRunner gemm;
+  cuda::AttentionCoreCuda gpu(shape, gemm);
+  const int64_t width = gpu.qkv_width(), out_width = gpu.out_width();
+  ASSERT_EQ(out_width, c.d_model);  // proj can be the identity
+  Stream stream;
+
+  const auto qkv = gaussian(rows * width, 1.5f, rng);
+  plant(cpu.qkv(), qkv, rows);
+  set_identity(cpu.proj());
+  const auto out_cpu = cpu.forward(one_hot_rows(rows, c.d_model), c.batch, c.seq);
+  const auto dout = gaussian(rows * out_width, 1.0f, rng);
+  cpu.zero_grad();
+  cpu.backward(dout);
+  const auto dqkv_cpu = harvest_grad(cpu.qkv(), rows);
+
+  DeviceBuffer<float> d_qkv_in{std::span<const float>(qkv)}, d_dout{std::span<const float>(dout)};
+  DeviceBuffer<float> out(static_cast<size_t>(rows * out_width)), dqkv(qkv.size());
+  gpu.forward(d_qkv_in.data(), c.batch, c.seq, out.data(), stream);
+  gpu.backward(d_dout.data(), dqkv.data(), stream);
+  const auto dq = download(dqkv.data(), rows * width);
+  expect_close(download(out.data(), rows * out_width), out_cpu, 1e-2, "attention forward");
+  expect_close(dq, dqkv_cpu, 2e-2, "attention d_qkv");
+  // The q, k and v parts separately (each has its own scale).
+  const int64_t hd = shape.head_dim(), qw = c.heads * hd, kw = c.kv_heads * hd;
+  const char* names[3] = {"attention dq", "attention dk", "attention dv"};
+  const int64_t begin[3] = {0, qw, qw + kw}, size[3] = {qw, kw, kw};
+  for (int part = 0; part < 3; ++part) {
+    std::vector<float> g, r;
+    for (int64_t row = 0; row < rows; ++row)
+      for (int64_t j = begin[part]; j < begin[part] + size[part]; ++j)
+        g.push_back(dq[row * width + j]), r.push_back(dqkv_cpu[row * width + j]);
+    expect_close(g, r, 2e-2, names[part]);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttentionCudaTest,
+    ::testing::Values(AttentionCase{96, 6, 2, 2, 37, true},     // hd 16, GQA groups of 3, RoPE
+                      AttentionCase{96, 6, 6, 3, 31, false},    // multi-head, no RoPE
+                      AttentionCase{192, 6, 3, 3, 37, true},    // hd 32, groups of 2
+                      AttentionCase{120, 6, 2, 2, 45, true},    // hd 20: padded head dimension
+                      AttentionCase{64, 4, 1, 1, 64, false}),   // multi-query, seq a multiple of 8
+    [](const auto& info) {
+      const AttentionCase& c = info.param;
+      return "D" + std::to_string(c.d_model) + "H" + std::to_string(c.heads) + "KV" + std::to_string(c.kv_heads) + "B" +
+             std::to_string(c.batch) + "T" + std::to_string(c.seq) + (c.rope ? "Rope" : "NoRope");
+    });
+
+// ---------------------------------------------------------------- loss
+
+// Same float exps (expf vs glibc exp: a few ulp) and double sums: the loss to 1e-6, the gradient to
+// 1e-5 of its scale.
+TEST(CrossEntropyCuda, MatchesCpu) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t rows = 3 * 37, vocab = 1000;
+  Stream stream;
+  cuda::CrossEntropyCuda gpu;
+  DeviceBuffer<double> loss(1);
+  std::vector<uint32_t> targets(static_cast<size_t>(rows));
+  for (auto& t : targets) t = static_cast<uint32_t>(rng() % vocab);
+  DeviceBuffer<uint32_t> d_targets{std::span<const uint32_t>(targets)};
+  for (const float grad_scale : {0.5f / static_cast<float>(rows), 0.0f}) {
+    const auto logits = gaussian(rows * vocab, 3.0f, rng);
+    auto cpu = logits;
+    const double want = softmax_cross_entropy(cpu, targets, vocab, grad_scale) / static_cast<double>(rows);
+    DeviceBuffer<float> d_logits{std::span<const float>(logits)};
+    gpu.forward_backward(d_logits.data(), d_targets.data(), rows, vocab, grad_scale, loss.data(), stream);
+    const double got = download(loss.data(), 1)[0];
+    const std::string what = grad_scale != 0.0f ? "gradient" : "probabilities";
+    std::printf("[ compare  ] cross-entropy mean loss %.9f gpu, %.9f cpu (rel err %.2e, tol 1e-6)\n", got, want,
+                std::fabs(got - want) / want);
+    EXPECT_NEAR(got, want, 1e-6 * want);
+    expect_close(download(d_logits.data(), rows * vocab), cpu, 1e-5, "cross-entropy " + what);
+  }
+  EXPECT_NO_THROW(gpu.check_ids(vocab, stream));
+  targets[5] = static_cast<uint32_t>(vocab);
+  d_targets.upload(targets);
+  DeviceBuffer<float> d_logits(static_cast<size_t>(rows * vocab));
+  d_logits.zero();
+  gpu.forward_backward(d_logits.data(), d_targets.data(), rows, vocab, 1.0f, loss.data(), stream);
+  EXPECT_THROW(gpu.check_ids(vocab, stream), std::out_of_range);
+}
+
+}  // namespace
+}  // namespace nibble::nn
+
+// ---------------------------------------------------------------- optimizer
+
+namespace nibble::train {
+namespace {
+
+using nibble::cuda::DeviceBuffer;
+using nibble::nn::download;
+using nibble::nn::expect_bits_equal;
+using nibble::test::fresh_seed;
+
+// Three parameters of awkward sizes in one flat array; the middle one is not decayed (a norm gain).
+TEST(AdamWCuda, MatchesCpuBitForBit) {
+  std::mt19937_64 rng(fresh_seed());
+  const std::vector<int64_t> sizes = {1000 * 96, 96, 37 * 5};
+  const std::vector<bool> decays = {true, false, true};
+  int64_t numel = 0;
+  std::vector<cuda::ParamRange> ranges;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    ranges.push_back({numel, sizes[i], decays[i]});
+    numel += sizes[i];
+  }
+  std::vector<float> w = nn::gaussian(numel, 0.5f, rng), g(static_cast<size_t>(numel));
+  std::vector<model::Parameter> params;
+  for (size_t i = 0; i < sizes.size(); ++i)
+    params.push_back({"p" + std::to_string(i), {sizes[i]}, std::span<float>(w).subspan(ranges[i].offset, sizes[i]),
+                      std::span<const float>(g).subspan(ranges[i].offset, sizes[i]), decays[i]});
+  const AdamWOptions options{0.9f, 0.95f, 1e-8f, 0.1f};
+  AdamW cpu(options);
+  cuda::AdamWCuda gpu(options, numel);
+  DeviceBuffer<float> d_w{std::span<const float>(w)}, d_g(g.size()), d_mult(1);
+  for (int step = 0; step < 3; ++step) {
+    const auto grad = nn::gaussian(numel, step == 1 ? 1e-3f : 1.0f, rng);
+    std::copy(grad.begin(), grad.end(), g.begin());
+    d_g.upload(g);
+    const double lr = 1e-3 * (step + 1);
+    const float mult = step == 2 ? 0.37f : 1.0f;  // a clipping factor on the last step
+    d_mult.upload(std::vector<float>{mult});
+    cpu.step(params, lr, mult);
+    gpu.step(d_w.data(), d_g.data(), ranges, lr, step == 2 ? d_mult.data() : nullptr, nullptr);
+    expect_bits_equal(download(d_w.data(), numel), w, "adamw weights after step " + std::to_string(step + 1));
+  }
+  // Moments: the CPU's checkpoint tensors, in parameter order.
+  std::vector<float> m_cpu, v_cpu;
+  for (const auto& [name, tensor] : cpu.state()) {
+    if (name.ends_with(".exp_avg")) {
+      const auto f = tensor.to_f32();
+      m_cpu.insert(m_cpu.end(), f.begin(), f.end());
+    } else if (name.ends_with(".exp_avg_sq")) {
+      const auto f = tensor.to_f32();
+      v_cpu.insert(v_cpu.end(), f.begin(), f.end());
+    }
+  }
+  expect_bits_equal(download(gpu.exp_avg(), numel), m_cpu, "adamw exp_avg");
+  expect_bits_equal(download(gpu.exp_avg_sq(), numel), v_cpu, "adamw exp_avg_sq");
+  EXPECT_EQ(gpu.steps(), cpu.steps());
+}
+
+// Both sides sum squares in double (different orders: ~1e-16 relative); the GPU's order is fixed,
+// so two runs agree bit for bit.
+TEST(GradNormCuda, MatchesCpuAndIsDeterministic) {
+  std::mt19937_64 rng(fresh_seed());
+  const std::vector<int64_t> sizes = {1000 * 96 + 3, 96, 1, 37 * 5};
+  std::vector<std::vector<float>> grads;
+  std::vector<DeviceBuffer<float>> device;
+  std::vector<std::vector<float>> values;
+  std::vector<model::Parameter> params;
+  std::vector<cuda::GradSpan> spans;
+  for (int64_t n : sizes) {
+    grads.push_back(nn::gaussian(n, 0.01f, rng));
+    values.emplace_back(static_cast<size_t>(n));
+  }
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    device.emplace_back(std::span<const float>(grads[i]));
+    spans.push_back({device[i].data(), sizes[i]});
+    params.push_back({"g" + std::to_string(i), {sizes[i]}, values[i], grads[i], true});
+  }
+  const double want = global_grad_norm(params);
+  cuda::GradNormCuda norm;
+  DeviceBuffer<double> out(2);
+  norm.compute(spans, out.data(), nullptr);
+  norm.compute(spans, out.data() + 1, nullptr);
+  const auto got = download(out.data(), 2);
+  std::printf("[ compare  ] grad norm gpu %.17g cpu %.17g (rel err %.2e, tol 1e-12)\n", got[0], want,
+              std::fabs(got[0] - want) / want);
+  EXPECT_NEAR(got[0], want, 1e-12 * want);
+  EXPECT_EQ(std::memcmp(&got[0], &got[1], sizeof(double)), 0) << "two runs differ";
+
+  // The clipping factor, as the trainer computes it, for a threshold below, above and off.
+  DeviceBuffer<float> mult(1);
+  for (const double clip : {0.5 * want, 2.0 * want, 0.0}) {
+    cuda::clip_multiplier(out.data(), clip, mult.data(), nullptr);
+    const float expected = clip > 0 && got[0] > clip ? static_cast<float>(clip / got[0]) : 1.0f;
+    EXPECT_EQ(download(mult.data(), 1)[0], expected) << "clip " << clip;
+  }
+}
+
+}  // namespace
+}  // namespace nibble::train
