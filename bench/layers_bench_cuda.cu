@@ -78,7 +78,8 @@ int main() {
   }
   {
     nibble::cuda::GemmRunner gemm;
-    ncu::AttentionCoreCuda attn({d, H, H, false, 10000.0f}, gemm);
+    ncu::AttentionWorkspace workspace;
+    ncu::AttentionCoreCuda attn({d, H, H, false, 10000.0f}, gemm, workspace);
     auto qkv = random_buffer(tokens * 3 * d, 1.0f, 7), dout = random_buffer(tokens * d, 1.0f, 8);
     DeviceBuffer<float> out(static_cast<size_t>(tokens * d)), dqkv(qkv.size());
     const double flops = 4.0 * B * H * T * T * (d / H);  // QK^T and PV, full (unmasked) squares

@@ -168,7 +168,8 @@ constexpr int kWarpRowsThreads = 128;  // 4 rows (warps) per block
 
 }  // namespace
 
-AttentionCoreCuda::AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm) : shape_(shape), gemm_(gemm) {
+AttentionCoreCuda::AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm, AttentionWorkspace& workspace)
+    : shape_(shape), gemm_(gemm), ws_(workspace) {
   if (shape.d_model <= 0 || shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.d_model % shape.n_heads != 0 ||
       shape.n_heads % shape.n_kv_heads != 0 || (shape.rope && shape.head_dim() % 2 != 0))
     throw std::invalid_argument("AttentionCoreCuda: d_model " + std::to_string(shape.d_model) + ", n_heads " +
@@ -189,7 +190,7 @@ void AttentionCoreCuda::ensure_buffers(int64_t batch, int64_t seq, cudaStream_t 
   v_.reserve(n(batch * KV * head_rows));
   probs_.reserve(n(batch * H * scores));
   probs_bf16_.reserve(n(batch * H * scores));
-  out_heads_.reserve(n(batch * H * head_rows));
+  ws_.out_heads.reserve(n(batch * H * head_rows));
   if (shape_.rope && seq > rope_seq_) {
     const int64_t half = shape_.head_dim() / 2;
     rope_cos_.resize(n(seq * half));
@@ -221,8 +222,8 @@ void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, fl
   NIBBLE_CUDA_CHECK_LAUNCH();
   // O = P v per group.
   gemm_.run(group * Tp, hdp, Tp, bf16(probs_bf16_.data(), false, group * Tp * Tp), bf16(v_.data(), false, Tp * hdp),
-            f32(out_heads_.data(), group * Tp * hdp), nullptr, false, stream, d.B * d.KV);
-  unpack_out_kernel<<<blocks_for(d.B * d.T * d.H * d.hd, 256), 256, 0, stream>>>(out_heads_.data(), d, out);
+            f32(ws_.out_heads.data(), group * Tp * hdp), nullptr, false, stream, d.B * d.KV);
+  unpack_out_kernel<<<blocks_for(d.B * d.T * d.H * d.hd, 256), 256, 0, stream>>>(ws_.out_heads.data(), d, out);
   NIBBLE_CUDA_CHECK_LAUNCH();
   saved_ = true;
 }
@@ -233,34 +234,34 @@ void AttentionCoreCuda::backward(const float* d_out, float* d_qkv, cudaStream_t 
   const int64_t group = d.H / d.KV, Tp = d.Tp, hdp = d.hdp;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
   const auto n = [](int64_t v) { return static_cast<size_t>(v); };
-  dout_.reserve(n(d.B * d.H * Tp * hdp));
-  dprobs_.reserve(n(d.B * d.H * Tp * Tp));
-  dq_.reserve(n(d.B * d.H * Tp * hdp));
-  dk_.reserve(n(d.B * d.KV * Tp * hdp));
-  dv_.reserve(n(d.B * d.KV * Tp * hdp));
+  ws_.dout.reserve(n(d.B * d.H * Tp * hdp));
+  ws_.dprobs.reserve(n(d.B * d.H * Tp * Tp));
+  ws_.dq.reserve(n(d.B * d.H * Tp * hdp));
+  ws_.dk.reserve(n(d.B * d.KV * Tp * hdp));
+  ws_.dv.reserve(n(d.B * d.KV * Tp * hdp));
 
-  pack_dout_kernel<<<blocks_for(d.B * d.H * Tp * hdp, 256), 256, 0, stream>>>(d_out, d, dout_.data());
+  pack_dout_kernel<<<blocks_for(d.B * d.H * Tp * hdp, 256), 256, 0, stream>>>(d_out, d, ws_.dout.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
   // dv = P^T dO: the group's heads add up inside the reduction (k = group * Tp).
   gemm_.run(Tp, hdp, group * Tp, bf16(probs_bf16_.data(), true, group * Tp * Tp),
-            bf16(dout_.data(), false, group * Tp * hdp), f32(dv_.data(), Tp * hdp), nullptr, false, stream,
+            bf16(ws_.dout.data(), false, group * Tp * hdp), f32(ws_.dv.data(), Tp * hdp), nullptr, false, stream,
             d.B * d.KV);
   // dP = dO v^T.
-  gemm_.run(group * Tp, Tp, hdp, bf16(dout_.data(), false, group * Tp * hdp), bf16(v_.data(), true, Tp * hdp),
-            f32(dprobs_.data(), group * Tp * Tp), nullptr, false, stream, d.B * d.KV);
+  gemm_.run(group * Tp, Tp, hdp, bf16(ws_.dout.data(), false, group * Tp * hdp), bf16(v_.data(), true, Tp * hdp),
+            f32(ws_.dprobs.data(), group * Tp * Tp), nullptr, false, stream, d.B * d.KV);
   // dS (BF16) replaces the BF16 P, which dv was the last to need.
   const int64_t rows = d.B * d.H * Tp;
   softmax_backward_kernel<<<blocks_for(rows * 32, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
-      probs_.data(), dprobs_.data(), probs_bf16_.data(), rows, d.T, Tp, scale);
+      probs_.data(), ws_.dprobs.data(), probs_bf16_.data(), rows, d.T, Tp, scale);
   NIBBLE_CUDA_CHECK_LAUNCH();
   const __nv_bfloat16* ds = probs_bf16_.data();
   // dq = dS k;  dk = dS^T q (summed over the group).
   gemm_.run(group * Tp, hdp, Tp, bf16(ds, false, group * Tp * Tp), bf16(k_.data(), false, Tp * hdp),
-            f32(dq_.data(), group * Tp * hdp), nullptr, false, stream, d.B * d.KV);
+            f32(ws_.dq.data(), group * Tp * hdp), nullptr, false, stream, d.B * d.KV);
   gemm_.run(Tp, hdp, group * Tp, bf16(ds, true, group * Tp * Tp), bf16(q_.data(), false, group * Tp * hdp),
-            f32(dk_.data(), Tp * hdp), nullptr, false, stream, d.B * d.KV);
+            f32(ws_.dk.data(), Tp * hdp), nullptr, false, stream, d.B * d.KV);
   unpack_dqkv_kernel<<<blocks_for(d.B * d.T * d.width(), 256), 256, 0, stream>>>(
-      dq_.data(), dk_.data(), dv_.data(), d, shape_.rope, rope_cos_.data(), rope_sin_.data(), d_qkv);
+      ws_.dq.data(), ws_.dk.data(), ws_.dv.data(), d, shape_.rope, rope_cos_.data(), rope_sin_.data(), d_qkv);
   NIBBLE_CUDA_CHECK_LAUNCH();
   saved_ = false;
 }

@@ -127,11 +127,20 @@ void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream);
 // one KV group are consecutive: each group is one GEMM of group*seq rows against its shared k or v,
 // and dk, dv sum over the group inside the GEMM's reduction.
 //
-// Saved for backward: the BF16 q, k, v (after RoPE) and P in FP32 and BF16:
-// batch * H * seq^2 * 6 bytes (no flash-style recomputation yet).
+// Saved for backward, per layer: the BF16 q, k, v (after RoPE) and P in FP32 and BF16:
+// batch * H * seq^2 * 6 bytes (no flash-style recomputation yet). Scratch that lives only within one
+// forward or backward call (O, dO, dP, dq, dk, dv: batch * H * seq^2 * 4 bytes and more) sits in an
+// AttentionWorkspace that all the layers working on one stream can share.
+struct AttentionWorkspace {
+  DeviceBuffer<float> out_heads, dprobs;     // O [B, H, Tp, hdp]; dP [B, H, Tp, Tp]
+  DeviceBuffer<__nv_bfloat16> dout;          // dO [B, H, Tp, hdp]
+  DeviceBuffer<float> dq, dk, dv;            // [B, H|Hkv|Hkv, Tp, hdp]
+};
+
 class AttentionCoreCuda {
  public:
-  AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm);
+  // `gemm` and `workspace` are borrowed and must outlive the layer.
+  AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm, AttentionWorkspace& workspace);
 
   const AttentionShape& shape() const { return shape_; }
   int64_t qkv_width() const { return (shape_.n_heads + 2 * shape_.n_kv_heads) * shape_.head_dim(); }
@@ -146,6 +155,7 @@ class AttentionCoreCuda {
 
   AttentionShape shape_;
   nibble::cuda::GemmRunner& gemm_;
+  AttentionWorkspace& ws_;
   int64_t batch_ = 0, seq_ = 0, seq_pad_ = 0, hd_pad_ = 0;
   bool saved_ = false;
   int64_t rope_seq_ = 0;
@@ -153,9 +163,6 @@ class AttentionCoreCuda {
   DeviceBuffer<__nv_bfloat16> q_, k_, v_;            // saved: [B, H|Hkv, Tp, hdp]
   DeviceBuffer<float> probs_;                         // saved: scores, then P [B, H, Tp, Tp]
   DeviceBuffer<__nv_bfloat16> probs_bf16_;            // saved: P; backward: dS
-  DeviceBuffer<float> out_heads_, dprobs_;            // O [B, H, Tp, hdp]; dP [B, H, Tp, Tp]
-  DeviceBuffer<__nv_bfloat16> dout_;                  // dO [B, H, Tp, hdp]
-  DeviceBuffer<float> dq_, dk_, dv_;                  // [B, H|Hkv|Hkv, Tp, hdp]
 };
 
 // Softmax cross-entropy over the vocabulary, fused with its gradient, as nn::softmax_cross_entropy:
