@@ -2,7 +2,8 @@
 // shapes of one GPT-2 124M training step: 16 x 1024 tokens, d_model 768, 12 heads, vocab 50304.
 // Prints the median time of each forward/backward and the memory traffic it implies (bytes the
 // kernels must read and write at least, over the time), to see which ones are far from the
-// device's bandwidth (~3 TB/s on an H100).
+// device's bandwidth (~3 TB/s on an H100). The attention core is not a fused (flash) kernel: its
+// time is mostly the [seq x seq] score traffic, so it is reported against its GEMM FLOPs.
 //
 //   nibble_layers_bench_cuda
 #include <cuda_runtime.h>

@@ -71,14 +71,15 @@ __global__ void pack_qkv_kernel(const float* __restrict__ qkv, Dims d, bool rope
 }
 
 // One warp per score row (b, h, t): P = softmax(scale * S) over j <= t, zeros elsewhere (the
-// causal mask, and the padding rows t >= T). P overwrites S; a BF16 copy feeds the PV GEMM.
-__global__ void softmax_kernel(float* __restrict__ s, __nv_bfloat16* __restrict__ p_bf16, int64_t rows, int64_t T,
-                               int64_t Tp, float scale) {
+// causal mask, and the padding rows t >= T), written in BF16 for the PV GEMM; the row's
+// log-sum-exp is saved for backward.
+__global__ void softmax_kernel(const float* __restrict__ s, __nv_bfloat16* __restrict__ p_bf16,
+                               float* __restrict__ lse, int64_t rows, int64_t T, int64_t Tp, float scale) {
   const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
   const int64_t t = r % Tp;
-  float* row = s + r * Tp;
+  const float* row = s + r * Tp;
   __nv_bfloat16* prow = p_bf16 + r * Tp;
   const int64_t last = t < T ? t : -1;  // attends to keys 0..last
   float mx = -INFINITY;
@@ -88,11 +89,18 @@ __global__ void softmax_kernel(float* __restrict__ s, __nv_bfloat16* __restrict_
   for (int64_t j = lane; j <= last; j += 32) sum += expf(row[j] * scale - mx);
   sum = detail::warp_sum(sum);
   const float inv = last >= 0 ? 1.0f / sum : 0.0f;
-  for (int64_t j = lane; j < Tp; j += 32) {
-    const float p = j <= last ? expf(row[j] * scale - mx) * inv : 0.0f;
-    row[j] = p;
-    prow[j] = __float2bfloat16_rn(p);
-  }
+  for (int64_t j = lane; j < Tp; j += 32) prow[j] = __float2bfloat16_rn(j <= last ? expf(row[j] * scale - mx) * inv : 0.0f);
+  if (lane == 0) lse[r] = last >= 0 ? mx + logf(sum) : 0.0f;
+}
+
+// Backward's P from the recomputed scores and the saved log-sum-exp, in BF16 for the dv GEMM.
+__global__ void probs_from_lse_kernel(const float* __restrict__ s, const float* __restrict__ lse,
+                                      __nv_bfloat16* __restrict__ p_bf16, int64_t rows, int64_t T, int64_t Tp,
+                                      float scale) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= rows * Tp) return;
+  const int64_t r = i / Tp, j = i % Tp, t = r % Tp;
+  p_bf16[i] = __float2bfloat16_rn(t < T && j <= t ? expf(s[i] * scale - lse[r]) : 0.0f);
 }
 
 // O [B, H, Tp, hdp] -> out [B*T x H*hd].
@@ -115,21 +123,25 @@ __global__ void pack_dout_kernel(const float* __restrict__ dout, Dims d, __nv_bf
 }
 
 // One warp per row: dS = scale * P (dP - sum_j P_j dP_j) over j <= t (the CPU's softmax backward
-// with the score scale folded in), in BF16 for the dq and dk GEMMs; zeros elsewhere.
-__global__ void softmax_backward_kernel(const float* __restrict__ p, const float* __restrict__ dp,
-                                        __nv_bfloat16* __restrict__ ds, int64_t rows, int64_t T, int64_t Tp,
-                                        float scale) {
+// with the score scale folded in), P = exp(scale * S - lse) in FP32; dS in BF16 for the dq and dk
+// GEMMs, zeros elsewhere.
+__global__ void softmax_backward_kernel(const float* __restrict__ s, const float* __restrict__ lse,
+                                        const float* __restrict__ dp, __nv_bfloat16* __restrict__ ds, int64_t rows,
+                                        int64_t T, int64_t Tp, float scale) {
   const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
   const int64_t t = r % Tp, last = t < T ? t : -1;
-  const float* pr = p + r * Tp;
+  const float* sr = s + r * Tp;
   const float* dr = dp + r * Tp;
+  const float l = lse[r];
   float dot = 0.0f;
-  for (int64_t j = lane; j <= last; j += 32) dot += pr[j] * dr[j];
+  for (int64_t j = lane; j <= last; j += 32) dot += expf(sr[j] * scale - l) * dr[j];
   dot = detail::warp_sum(dot);
-  for (int64_t j = lane; j < Tp; j += 32)
-    ds[r * Tp + j] = __float2bfloat16_rn(j <= last ? scale * pr[j] * (dr[j] - dot) : 0.0f);
+  for (int64_t j = lane; j < Tp; j += 32) {
+    const float p = j <= last ? expf(sr[j] * scale - l) : 0.0f;
+    ds[r * Tp + j] = __float2bfloat16_rn(j <= last ? scale * p * (dr[j] - dot) : 0.0f);
+  }
 }
 
 // dq [B, H, Tp, hdp], dk and dv [B, KV, Tp, hdp] -> d_qkv [B*T x width], undoing RoPE on the q and
@@ -177,53 +189,54 @@ AttentionCoreCuda::AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRun
                                 " do not form valid heads (rope needs an even head dimension)");
 }
 
-void AttentionCoreCuda::ensure_buffers(int64_t batch, int64_t seq, cudaStream_t stream) {
-  const int64_t H = shape_.n_heads, KV = shape_.n_kv_heads;
-  batch_ = batch;
-  seq_ = seq;
-  seq_pad_ = detail::round_up(seq, kPad);
-  hd_pad_ = detail::round_up(shape_.head_dim(), kPad);
-  const auto n = [](int64_t v) { return static_cast<size_t>(v); };
-  const int64_t head_rows = seq_pad_ * hd_pad_, scores = seq_pad_ * seq_pad_;
-  q_.reserve(n(batch * H * head_rows));
-  k_.reserve(n(batch * KV * head_rows));
-  v_.reserve(n(batch * KV * head_rows));
-  probs_.reserve(n(batch * H * scores));
-  probs_bf16_.reserve(n(batch * H * scores));
-  ws_.out_heads.reserve(n(batch * H * head_rows));
-  if (shape_.rope && seq > rope_seq_) {
-    const int64_t half = shape_.head_dim() / 2;
-    rope_cos_.resize(n(seq * half));
-    rope_sin_.resize(n(seq * half));
-    rope_table_kernel<<<blocks_for(seq * half, 256), 256, 0, stream>>>(
-        seq, shape_.head_dim(), static_cast<double>(shape_.rope_theta), rope_cos_.data(), rope_sin_.data());
-    NIBBLE_CUDA_CHECK_LAUNCH();
-    rope_seq_ = seq;
-  }
+void AttentionCoreCuda::scores(cudaStream_t stream) {
+  const int64_t group = shape_.n_heads / shape_.n_kv_heads, Tp = seq_pad_, hdp = hd_pad_;
+  // Scores of a KV group: [group*Tp x hdp] q rows against its k [Tp x hdp]^T, one GEMM per (b, group).
+  gemm_.run(group * Tp, Tp, hdp, bf16(q_.data(), false, group * Tp * hdp), bf16(k_.data(), true, Tp * hdp),
+            f32(ws_.scores.data(), group * Tp * Tp), nullptr, false, stream, batch_ * shape_.n_kv_heads);
 }
 
 void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream) {
   if (batch <= 0 || seq <= 0)
     throw std::invalid_argument("AttentionCoreCuda::forward: batch and seq must be positive");
-  ensure_buffers(batch, seq, stream);
-  const Dims d{batch, seq, seq_pad_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim(), hd_pad_};
-  const int64_t group = d.H / d.KV, Tp = d.Tp, hdp = d.hdp;
-  const float scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
+  const int64_t H = shape_.n_heads, KV = shape_.n_kv_heads, hd = shape_.head_dim();
+  batch_ = batch;
+  seq_ = seq;
+  seq_pad_ = detail::round_up(seq, kPad);
+  hd_pad_ = detail::round_up(hd, kPad);
+  const int64_t group = H / KV, Tp = seq_pad_, hdp = hd_pad_;
+  const auto n = [](int64_t v) { return static_cast<size_t>(v); };
+  q_.reserve(n(batch * H * Tp * hdp));
+  k_.reserve(n(batch * KV * Tp * hdp));
+  v_.reserve(n(batch * KV * Tp * hdp));
+  lse_.reserve(n(batch * H * Tp));
+  ws_.scores.reserve(n(batch * H * Tp * Tp));
+  ws_.probs.reserve(n(batch * H * Tp * Tp));
+  ws_.out_heads.reserve(n(batch * H * Tp * hdp));
+  if (shape_.rope && seq > rope_seq_) {
+    const int64_t half = hd / 2;
+    rope_cos_.resize(n(seq * half));
+    rope_sin_.resize(n(seq * half));
+    rope_table_kernel<<<blocks_for(seq * half, 256), 256, 0, stream>>>(
+        seq, hd, static_cast<double>(shape_.rope_theta), rope_cos_.data(), rope_sin_.data());
+    NIBBLE_CUDA_CHECK_LAUNCH();
+    rope_seq_ = seq;
+  }
+  const Dims d{batch, seq, Tp, H, KV, hd, hdp};
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
 
-  pack_qkv_kernel<<<blocks_for(d.B * (d.H + 2 * d.KV) * Tp * hdp, 256), 256, 0, stream>>>(
+  pack_qkv_kernel<<<blocks_for(batch * (H + 2 * KV) * Tp * hdp, 256), 256, 0, stream>>>(
       qkv, d, shape_.rope, rope_cos_.data(), rope_sin_.data(), q_.data(), k_.data(), v_.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
-  // Scores of a KV group: [group*Tp x hdp] q rows against its k [Tp x hdp]^T, one GEMM per (b, group).
-  gemm_.run(group * Tp, Tp, hdp, bf16(q_.data(), false, group * Tp * hdp), bf16(k_.data(), true, Tp * hdp),
-            f32(probs_.data(), group * Tp * Tp), nullptr, false, stream, d.B * d.KV);
-  const int64_t rows = d.B * d.H * Tp;
+  scores(stream);
+  const int64_t rows = batch * H * Tp;
   softmax_kernel<<<blocks_for(rows * 32, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
-      probs_.data(), probs_bf16_.data(), rows, d.T, Tp, scale);
+      ws_.scores.data(), ws_.probs.data(), lse_.data(), rows, seq, Tp, scale);
   NIBBLE_CUDA_CHECK_LAUNCH();
   // O = P v per group.
-  gemm_.run(group * Tp, hdp, Tp, bf16(probs_bf16_.data(), false, group * Tp * Tp), bf16(v_.data(), false, Tp * hdp),
-            f32(ws_.out_heads.data(), group * Tp * hdp), nullptr, false, stream, d.B * d.KV);
-  unpack_out_kernel<<<blocks_for(d.B * d.T * d.H * d.hd, 256), 256, 0, stream>>>(ws_.out_heads.data(), d, out);
+  gemm_.run(group * Tp, hdp, Tp, bf16(ws_.probs.data(), false, group * Tp * Tp), bf16(v_.data(), false, Tp * hdp),
+            f32(ws_.out_heads.data(), group * Tp * hdp), nullptr, false, stream, batch * KV);
+  unpack_out_kernel<<<blocks_for(batch * seq * H * hd, 256), 256, 0, stream>>>(ws_.out_heads.data(), d, out);
   NIBBLE_CUDA_CHECK_LAUNCH();
   saved_ = true;
 }
@@ -234,27 +247,35 @@ void AttentionCoreCuda::backward(const float* d_out, float* d_qkv, cudaStream_t 
   const int64_t group = d.H / d.KV, Tp = d.Tp, hdp = d.hdp;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
   const auto n = [](int64_t v) { return static_cast<size_t>(v); };
-  ws_.dout.reserve(n(d.B * d.H * Tp * hdp));
+  // Another layer may have used the workspace since this layer's forward (and grown it).
+  ws_.scores.reserve(n(d.B * d.H * Tp * Tp));
+  ws_.probs.reserve(n(d.B * d.H * Tp * Tp));
   ws_.dprobs.reserve(n(d.B * d.H * Tp * Tp));
+  ws_.dout.reserve(n(d.B * d.H * Tp * hdp));
   ws_.dq.reserve(n(d.B * d.H * Tp * hdp));
   ws_.dk.reserve(n(d.B * d.KV * Tp * hdp));
   ws_.dv.reserve(n(d.B * d.KV * Tp * hdp));
 
   pack_dout_kernel<<<blocks_for(d.B * d.H * Tp * hdp, 256), 256, 0, stream>>>(d_out, d, ws_.dout.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
+  // Recompute the scores and P (BF16) from the saved log-sum-exp.
+  scores(stream);
+  const int64_t rows = d.B * d.H * Tp;
+  probs_from_lse_kernel<<<blocks_for(rows * Tp, 256), 256, 0, stream>>>(ws_.scores.data(), lse_.data(),
+                                                                        ws_.probs.data(), rows, d.T, Tp, scale);
+  NIBBLE_CUDA_CHECK_LAUNCH();
   // dv = P^T dO: the group's heads add up inside the reduction (k = group * Tp).
-  gemm_.run(Tp, hdp, group * Tp, bf16(probs_bf16_.data(), true, group * Tp * Tp),
+  gemm_.run(Tp, hdp, group * Tp, bf16(ws_.probs.data(), true, group * Tp * Tp),
             bf16(ws_.dout.data(), false, group * Tp * hdp), f32(ws_.dv.data(), Tp * hdp), nullptr, false, stream,
             d.B * d.KV);
   // dP = dO v^T.
   gemm_.run(group * Tp, Tp, hdp, bf16(ws_.dout.data(), false, group * Tp * hdp), bf16(v_.data(), true, Tp * hdp),
             f32(ws_.dprobs.data(), group * Tp * Tp), nullptr, false, stream, d.B * d.KV);
   // dS (BF16) replaces the BF16 P, which dv was the last to need.
-  const int64_t rows = d.B * d.H * Tp;
   softmax_backward_kernel<<<blocks_for(rows * 32, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
-      probs_.data(), ws_.dprobs.data(), probs_bf16_.data(), rows, d.T, Tp, scale);
+      ws_.scores.data(), lse_.data(), ws_.dprobs.data(), ws_.probs.data(), rows, d.T, Tp, scale);
   NIBBLE_CUDA_CHECK_LAUNCH();
-  const __nv_bfloat16* ds = probs_bf16_.data();
+  const __nv_bfloat16* ds = ws_.probs.data();
   // dq = dS k;  dk = dS^T q (summed over the group).
   gemm_.run(group * Tp, hdp, Tp, bf16(ds, false, group * Tp * Tp), bf16(k_.data(), false, Tp * hdp),
             f32(ws_.dq.data(), group * Tp * hdp), nullptr, false, stream, d.B * d.KV);

@@ -122,17 +122,20 @@ void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream);
 //
 // The two batched matmuls are BF16 tensor-core GEMMs with FP32 accumulation (the paper's "high
 // precision" for attention): q, k, v, P, dO and dS are rounded to BF16 by the packing kernels;
-// the softmax and its backward are FP32. Heads are laid out [batch, head, seq, head_dim] with seq
-// and head_dim padded to multiples of 8 (zeros; 16-byte rows for cuBLASLt), so that the heads of
-// one KV group are consecutive: each group is one GEMM of group*seq rows against its shared k or v,
-// and dk, dv sum over the group inside the GEMM's reduction.
+// scores, the softmax and its backward are FP32. Heads are laid out [batch, head, seq, head_dim]
+// with seq and head_dim padded to multiples of 8 (zeros; 16-byte rows for cuBLASLt), so that the
+// heads of one KV group are consecutive: each group is one GEMM of group*seq rows against its
+// shared k or v, and dk, dv sum over the group inside the GEMM's reduction.
 //
-// Saved for backward, per layer: the BF16 q, k, v (after RoPE) and P in FP32 and BF16:
-// batch * H * seq^2 * 6 bytes (no flash-style recomputation yet). Scratch that lives only within one
-// forward or backward call (O, dO, dP, dq, dk, dv: batch * H * seq^2 * 4 bytes and more) sits in an
-// AttentionWorkspace that all the layers working on one stream can share.
+// Memory. Saved for backward, per layer: the BF16 q, k, v (after RoPE) and one FP32 log-sum-exp per
+// score row. Backward recomputes the scores (one more GEMM) and P = exp(score - lse) in FP32, as
+// flash attention does, instead of keeping the [seq x seq] probabilities of every layer. The
+// score-sized scratch (scores, P in BF16, dP: batch * H * seq_pad^2 * 10 bytes) and the other
+// per-call buffers live in an AttentionWorkspace, which all layers working on one stream share.
 struct AttentionWorkspace {
-  DeviceBuffer<float> out_heads, dprobs;     // O [B, H, Tp, hdp]; dP [B, H, Tp, Tp]
+  DeviceBuffer<float> scores, dprobs;        // S (FP32) [B, H, Tp, Tp]; dP [B, H, Tp, Tp]
+  DeviceBuffer<__nv_bfloat16> probs;         // P, then dS, in BF16 [B, H, Tp, Tp]
+  DeviceBuffer<float> out_heads;             // O [B, H, Tp, hdp]
   DeviceBuffer<__nv_bfloat16> dout;          // dO [B, H, Tp, hdp]
   DeviceBuffer<float> dq, dk, dv;            // [B, H|Hkv|Hkv, Tp, hdp]
 };
@@ -151,7 +154,7 @@ class AttentionCoreCuda {
   void backward(const float* d_out, float* d_qkv, cudaStream_t stream);
 
  private:
-  void ensure_buffers(int64_t batch, int64_t seq, cudaStream_t stream);
+  void scores(cudaStream_t stream);  // ws_.scores = q k^T per KV group
 
   AttentionShape shape_;
   nibble::cuda::GemmRunner& gemm_;
@@ -159,10 +162,9 @@ class AttentionCoreCuda {
   int64_t batch_ = 0, seq_ = 0, seq_pad_ = 0, hd_pad_ = 0;
   bool saved_ = false;
   int64_t rope_seq_ = 0;
-  DeviceBuffer<float> rope_cos_, rope_sin_;           // [seq x hd/2]
-  DeviceBuffer<__nv_bfloat16> q_, k_, v_;            // saved: [B, H|Hkv, Tp, hdp]
-  DeviceBuffer<float> probs_;                         // saved: scores, then P [B, H, Tp, Tp]
-  DeviceBuffer<__nv_bfloat16> probs_bf16_;            // saved: P; backward: dS
+  DeviceBuffer<float> rope_cos_, rope_sin_;  // [seq x hd/2]
+  DeviceBuffer<__nv_bfloat16> q_, k_, v_;   // saved: [B, H|Hkv, Tp, hdp]
+  DeviceBuffer<float> lse_;                  // saved: [B, H, Tp] log-sum-exp of the scaled scores
 };
 
 // Softmax cross-entropy over the vocabulary, fused with its gradient, as nn::softmax_cross_entropy:
