@@ -1,0 +1,96 @@
+// MLP activations (GELU tanh approximation, squared ReLU, SwiGLU) and the residual add, elementwise
+// in FP32 with the same formulas as nn::Mlp (see layers_cuda.h).
+#include <stdexcept>
+#include <string>
+
+#include "nibble/nn/cuda/kernel_util.cuh"
+#include "nibble/nn/cuda/layers_cuda.h"
+
+namespace nibble::nn::cuda {
+
+using detail::blocks_for;
+
+namespace {
+
+constexpr float kSqrt2OverPi = 0.7978845608028654f;
+constexpr float kGeluCubic = 0.044715f;
+
+__device__ inline float gelu(float x) {
+  return 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + kGeluCubic * x * x * x)));
+}
+__device__ inline float gelu_grad(float x) {
+  const float t = tanhf(kSqrt2OverPi * (x + kGeluCubic * x * x * x));
+  return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluCubic * x * x);
+}
+__device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// i indexes act/dact [rows x hidden]; SwiGLU's a and b sit at row * 2 hidden + col (+ hidden).
+__global__ void activation_forward_kernel(MlpKind kind, const float* __restrict__ pre, int64_t n, int64_t hidden,
+                                          float* __restrict__ act) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  switch (kind) {
+    case MlpKind::kGelu: act[i] = gelu(pre[i]); break;
+    case MlpKind::kRelu2: act[i] = pre[i] > 0.0f ? pre[i] * pre[i] : 0.0f; break;
+    case MlpKind::kSwiglu: {
+      const int64_t row = i / hidden, col = i % hidden;
+      const float a = pre[row * 2 * hidden + col], b = pre[row * 2 * hidden + hidden + col];
+      act[i] = a * sigmoid(a) * b;
+      break;
+    }
+  }
+}
+
+__global__ void activation_backward_kernel(MlpKind kind, const float* __restrict__ pre,
+                                           const float* __restrict__ dact, int64_t n, int64_t hidden,
+                                           float* __restrict__ dpre) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  switch (kind) {
+    case MlpKind::kGelu: dpre[i] = dact[i] * gelu_grad(pre[i]); break;
+    case MlpKind::kRelu2: dpre[i] = pre[i] > 0.0f ? 2.0f * pre[i] * dact[i] : 0.0f; break;
+    case MlpKind::kSwiglu: {
+      const int64_t row = i / hidden, col = i % hidden;
+      const int64_t ia = row * 2 * hidden + col, ib = ia + hidden;
+      const float a = pre[ia], b = pre[ib], s = sigmoid(a), d = dact[i];
+      dpre[ib] = d * a * s;
+      dpre[ia] = d * b * s * (1.0f + a * (1.0f - s));  // silu'(a) = s (1 + a (1 - s))
+      break;
+    }
+  }
+}
+
+__global__ void residual_add_kernel(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) x[i] += y[i];
+}
+
+void check_shape(int64_t rows, int64_t hidden, const char* what) {
+  if (rows <= 0 || hidden <= 0) throw std::invalid_argument(std::string(what) + ": rows and hidden must be positive");
+}
+
+}  // namespace
+
+void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, float* act,
+                        cudaStream_t stream) {
+  check_shape(rows, hidden, "activation_forward");
+  const int64_t n = rows * hidden;
+  activation_forward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(kind, pre, n, hidden, act);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, float* dpre,
+                         cudaStream_t stream) {
+  check_shape(rows, hidden, "activation_backward");
+  const int64_t n = rows * hidden;
+  activation_backward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(kind, pre, dact, n, hidden, dpre);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return;
+  residual_add_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, y, n);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace nibble::nn::cuda

@@ -1,0 +1,268 @@
+// Causal self-attention core on the GPU: packing kernels (RoPE, BF16 rounding, head-major padded
+// layout), cuBLASLt batched BF16 GEMMs with FP32 accumulation, FP32 softmax and its backward.
+// See layers_cuda.h for the layout and what is saved.
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+
+#include "nibble/nn/cuda/kernel_util.cuh"
+#include "nibble/nn/cuda/layers_cuda.h"
+
+namespace nibble::nn::cuda {
+
+using detail::blocks_for;
+using nibble::cuda::GemmMatrix;
+using nibble::cuda::GemmOutput;
+using nibble::cuda::GemmType;
+
+namespace {
+
+constexpr int64_t kPad = 8;  // BF16 rows padded to 16 bytes
+
+struct Dims {
+  int64_t B, T, Tp, H, KV, hd, hdp;
+  __host__ __device__ int64_t width() const { return (H + 2 * KV) * hd; }
+};
+
+// Angles in double, as the CPU computes them: cos/sin(t * theta^(-2i/hd)), rounded to float.
+__global__ void rope_table_kernel(int64_t seq, int64_t hd, double theta, float* __restrict__ cos_out,
+                                  float* __restrict__ sin_out) {
+  const int64_t half = hd / 2;
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= seq * half) return;
+  const int64_t t = idx / half, i = idx % half;
+  const double freq = pow(theta, -2.0 * static_cast<double>(i) / static_cast<double>(hd));
+  const double angle = static_cast<double>(t) * freq;
+  cos_out[idx] = static_cast<float>(cos(angle));
+  sin_out[idx] = static_cast<float>(sin(angle));
+}
+
+// qkv [B*T x width] -> q [B, H, Tp, hdp], k and v [B, KV, Tp, hdp] in BF16, RoPE on q and k,
+// zeros in the padding. One thread per output element.
+__global__ void pack_qkv_kernel(const float* __restrict__ qkv, Dims d, bool rope, const float* __restrict__ cs,
+                                const float* __restrict__ sn, __nv_bfloat16* __restrict__ q,
+                                __nv_bfloat16* __restrict__ k, __nv_bfloat16* __restrict__ v) {
+  const int64_t heads = d.H + 2 * d.KV;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= d.B * heads * d.Tp * d.hdp) return;
+  const int64_t c = i % d.hdp, t = (i / d.hdp) % d.Tp, hh = (i / (d.hdp * d.Tp)) % heads;
+  const int64_t b = i / (d.hdp * d.Tp * heads);
+  float val = 0.0f;
+  if (t < d.T && c < d.hd) {
+    const float* x = qkv + (b * d.T + t) * d.width() + hh * d.hd;
+    if (rope && hh < d.H + d.KV) {
+      const int64_t half = d.hd / 2, j = c % half;
+      const float co = cs[t * half + j], si = sn[t * half + j];
+      val = c < half ? x[c] * co - x[c + half] * si : x[c] * co + x[c - half] * si;
+    } else {
+      val = x[c];
+    }
+  }
+  const __nv_bfloat16 out = __float2bfloat16_rn(val);
+  if (hh < d.H) {
+    q[((b * d.H + hh) * d.Tp + t) * d.hdp + c] = out;
+  } else if (hh < d.H + d.KV) {
+    k[((b * d.KV + hh - d.H) * d.Tp + t) * d.hdp + c] = out;
+  } else {
+    v[((b * d.KV + hh - d.H - d.KV) * d.Tp + t) * d.hdp + c] = out;
+  }
+}
+
+// One warp per score row (b, h, t): P = softmax(scale * S) over j <= t, zeros elsewhere (the
+// causal mask, and the padding rows t >= T). P overwrites S; a BF16 copy feeds the PV GEMM.
+__global__ void softmax_kernel(float* __restrict__ s, __nv_bfloat16* __restrict__ p_bf16, int64_t rows, int64_t T,
+                               int64_t Tp, float scale) {
+  const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (r >= rows) return;
+  const int64_t t = r % Tp;
+  float* row = s + r * Tp;
+  __nv_bfloat16* prow = p_bf16 + r * Tp;
+  const int64_t last = t < T ? t : -1;  // attends to keys 0..last
+  float mx = -INFINITY;
+  for (int64_t j = lane; j <= last; j += 32) mx = fmaxf(mx, row[j] * scale);
+  mx = detail::warp_max(mx);
+  float sum = 0.0f;
+  for (int64_t j = lane; j <= last; j += 32) sum += expf(row[j] * scale - mx);
+  sum = detail::warp_sum(sum);
+  const float inv = last >= 0 ? 1.0f / sum : 0.0f;
+  for (int64_t j = lane; j < Tp; j += 32) {
+    const float p = j <= last ? expf(row[j] * scale - mx) * inv : 0.0f;
+    row[j] = p;
+    prow[j] = __float2bfloat16_rn(p);
+  }
+}
+
+// O [B, H, Tp, hdp] -> out [B*T x H*hd].
+__global__ void unpack_out_kernel(const float* __restrict__ o, Dims d, float* __restrict__ out) {
+  const int64_t width = d.H * d.hd;
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= d.B * d.T * width) return;
+  const int64_t row = i / width, col = i % width;
+  const int64_t b = row / d.T, t = row % d.T, h = col / d.hd, c = col % d.hd;
+  out[i] = o[((b * d.H + h) * d.Tp + t) * d.hdp + c];
+}
+
+// d_out [B*T x H*hd] -> dO [B, H, Tp, hdp] in BF16, zeros in the padding.
+__global__ void pack_dout_kernel(const float* __restrict__ dout, Dims d, __nv_bfloat16* __restrict__ packed) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= d.B * d.H * d.Tp * d.hdp) return;
+  const int64_t c = i % d.hdp, t = (i / d.hdp) % d.Tp, h = (i / (d.hdp * d.Tp)) % d.H, b = i / (d.hdp * d.Tp * d.H);
+  const float val = (t < d.T && c < d.hd) ? dout[(b * d.T + t) * d.H * d.hd + h * d.hd + c] : 0.0f;
+  packed[i] = __float2bfloat16_rn(val);
+}
+
+// One warp per row: dS = scale * P (dP - sum_j P_j dP_j) over j <= t (the CPU's softmax backward
+// with the score scale folded in), in BF16 for the dq and dk GEMMs; zeros elsewhere.
+__global__ void softmax_backward_kernel(const float* __restrict__ p, const float* __restrict__ dp,
+                                        __nv_bfloat16* __restrict__ ds, int64_t rows, int64_t T, int64_t Tp,
+                                        float scale) {
+  const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (r >= rows) return;
+  const int64_t t = r % Tp, last = t < T ? t : -1;
+  const float* pr = p + r * Tp;
+  const float* dr = dp + r * Tp;
+  float dot = 0.0f;
+  for (int64_t j = lane; j <= last; j += 32) dot += pr[j] * dr[j];
+  dot = detail::warp_sum(dot);
+  for (int64_t j = lane; j < Tp; j += 32)
+    ds[r * Tp + j] = __float2bfloat16_rn(j <= last ? scale * pr[j] * (dr[j] - dot) : 0.0f);
+}
+
+// dq [B, H, Tp, hdp], dk and dv [B, KV, Tp, hdp] -> d_qkv [B*T x width], undoing RoPE on the q and
+// k parts (the rotation's transpose: the angle negated).
+__global__ void unpack_dqkv_kernel(const float* __restrict__ dq, const float* __restrict__ dk,
+                                   const float* __restrict__ dv, Dims d, bool rope, const float* __restrict__ cs,
+                                   const float* __restrict__ sn, float* __restrict__ dqkv) {
+  const int64_t width = d.width();
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= d.B * d.T * width) return;
+  const int64_t row = i / width, col = i % width;
+  const int64_t b = row / d.T, t = row % d.T, hh = col / d.hd, c = col % d.hd;
+  const float* g;
+  if (hh < d.H) {
+    g = dq + ((b * d.H + hh) * d.Tp + t) * d.hdp;
+  } else if (hh < d.H + d.KV) {
+    g = dk + ((b * d.KV + hh - d.H) * d.Tp + t) * d.hdp;
+  } else {
+    g = dv + ((b * d.KV + hh - d.H - d.KV) * d.Tp + t) * d.hdp;
+  }
+  if (rope && hh < d.H + d.KV) {
+    const int64_t half = d.hd / 2, j = c % half;
+    const float co = cs[t * half + j], si = sn[t * half + j];
+    dqkv[i] = c < half ? g[c] * co + g[c + half] * si : g[c] * co - g[c - half] * si;
+  } else {
+    dqkv[i] = g[c];
+  }
+}
+
+GemmMatrix bf16(const __nv_bfloat16* p, bool transposed, int64_t stride) {
+  return GemmMatrix{p, GemmType::kBF16, transposed, stride};
+}
+GemmOutput f32(float* p, int64_t stride) { return GemmOutput{p, GemmType::kF32, stride}; }
+
+constexpr int kWarpRowsThreads = 128;  // 4 rows (warps) per block
+
+}  // namespace
+
+AttentionCoreCuda::AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm) : shape_(shape), gemm_(gemm) {
+  if (shape.d_model <= 0 || shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.d_model % shape.n_heads != 0 ||
+      shape.n_heads % shape.n_kv_heads != 0 || (shape.rope && shape.head_dim() % 2 != 0))
+    throw std::invalid_argument("AttentionCoreCuda: d_model " + std::to_string(shape.d_model) + ", n_heads " +
+                                std::to_string(shape.n_heads) + ", n_kv_heads " + std::to_string(shape.n_kv_heads) +
+                                " do not form valid heads (rope needs an even head dimension)");
+}
+
+void AttentionCoreCuda::ensure_buffers(int64_t batch, int64_t seq, cudaStream_t stream) {
+  const int64_t H = shape_.n_heads, KV = shape_.n_kv_heads;
+  batch_ = batch;
+  seq_ = seq;
+  seq_pad_ = detail::round_up(seq, kPad);
+  hd_pad_ = detail::round_up(shape_.head_dim(), kPad);
+  const auto n = [](int64_t v) { return static_cast<size_t>(v); };
+  const int64_t head_rows = seq_pad_ * hd_pad_, scores = seq_pad_ * seq_pad_;
+  q_.reserve(n(batch * H * head_rows));
+  k_.reserve(n(batch * KV * head_rows));
+  v_.reserve(n(batch * KV * head_rows));
+  probs_.reserve(n(batch * H * scores));
+  probs_bf16_.reserve(n(batch * H * scores));
+  out_heads_.reserve(n(batch * H * head_rows));
+  if (shape_.rope && seq > rope_seq_) {
+    const int64_t half = shape_.head_dim() / 2;
+    rope_cos_.resize(n(seq * half));
+    rope_sin_.resize(n(seq * half));
+    rope_table_kernel<<<blocks_for(seq * half, 256), 256, 0, stream>>>(
+        seq, shape_.head_dim(), static_cast<double>(shape_.rope_theta), rope_cos_.data(), rope_sin_.data());
+    NIBBLE_CUDA_CHECK_LAUNCH();
+    rope_seq_ = seq;
+  }
+}
+
+void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream) {
+  if (batch <= 0 || seq <= 0)
+    throw std::invalid_argument("AttentionCoreCuda::forward: batch and seq must be positive");
+  ensure_buffers(batch, seq, stream);
+  const Dims d{batch, seq, seq_pad_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim(), hd_pad_};
+  const int64_t group = d.H / d.KV, Tp = d.Tp, hdp = d.hdp;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
+
+  pack_qkv_kernel<<<blocks_for(d.B * (d.H + 2 * d.KV) * Tp * hdp, 256), 256, 0, stream>>>(
+      qkv, d, shape_.rope, rope_cos_.data(), rope_sin_.data(), q_.data(), k_.data(), v_.data());
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  // Scores of a KV group: [group*Tp x hdp] q rows against its k [Tp x hdp]^T, one GEMM per (b, group).
+  gemm_.run(group * Tp, Tp, hdp, bf16(q_.data(), false, group * Tp * hdp), bf16(k_.data(), true, Tp * hdp),
+            f32(probs_.data(), group * Tp * Tp), nullptr, false, stream, d.B * d.KV);
+  const int64_t rows = d.B * d.H * Tp;
+  softmax_kernel<<<blocks_for(rows * 32, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
+      probs_.data(), probs_bf16_.data(), rows, d.T, Tp, scale);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  // O = P v per group.
+  gemm_.run(group * Tp, hdp, Tp, bf16(probs_bf16_.data(), false, group * Tp * Tp), bf16(v_.data(), false, Tp * hdp),
+            f32(out_heads_.data(), group * Tp * hdp), nullptr, false, stream, d.B * d.KV);
+  unpack_out_kernel<<<blocks_for(d.B * d.T * d.H * d.hd, 256), 256, 0, stream>>>(out_heads_.data(), d, out);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  saved_ = true;
+}
+
+void AttentionCoreCuda::backward(const float* d_out, float* d_qkv, cudaStream_t stream) {
+  if (!saved_) throw std::logic_error("AttentionCoreCuda::backward without a forward");
+  const Dims d{batch_, seq_, seq_pad_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim(), hd_pad_};
+  const int64_t group = d.H / d.KV, Tp = d.Tp, hdp = d.hdp;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
+  const auto n = [](int64_t v) { return static_cast<size_t>(v); };
+  dout_.reserve(n(d.B * d.H * Tp * hdp));
+  dprobs_.reserve(n(d.B * d.H * Tp * Tp));
+  dq_.reserve(n(d.B * d.H * Tp * hdp));
+  dk_.reserve(n(d.B * d.KV * Tp * hdp));
+  dv_.reserve(n(d.B * d.KV * Tp * hdp));
+
+  pack_dout_kernel<<<blocks_for(d.B * d.H * Tp * hdp, 256), 256, 0, stream>>>(d_out, d, dout_.data());
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  // dv = P^T dO: the group's heads add up inside the reduction (k = group * Tp).
+  gemm_.run(Tp, hdp, group * Tp, bf16(probs_bf16_.data(), true, group * Tp * Tp),
+            bf16(dout_.data(), false, group * Tp * hdp), f32(dv_.data(), Tp * hdp), nullptr, false, stream,
+            d.B * d.KV);
+  // dP = dO v^T.
+  gemm_.run(group * Tp, Tp, hdp, bf16(dout_.data(), false, group * Tp * hdp), bf16(v_.data(), true, Tp * hdp),
+            f32(dprobs_.data(), group * Tp * Tp), nullptr, false, stream, d.B * d.KV);
+  // dS (BF16) replaces the BF16 P, which dv was the last to need.
+  const int64_t rows = d.B * d.H * Tp;
+  softmax_backward_kernel<<<blocks_for(rows * 32, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
+      probs_.data(), dprobs_.data(), probs_bf16_.data(), rows, d.T, Tp, scale);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  const __nv_bfloat16* ds = probs_bf16_.data();
+  // dq = dS k;  dk = dS^T q (summed over the group).
+  gemm_.run(group * Tp, hdp, Tp, bf16(ds, false, group * Tp * Tp), bf16(k_.data(), false, Tp * hdp),
+            f32(dq_.data(), group * Tp * hdp), nullptr, false, stream, d.B * d.KV);
+  gemm_.run(Tp, hdp, group * Tp, bf16(ds, true, group * Tp * Tp), bf16(q_.data(), false, group * Tp * hdp),
+            f32(dk_.data(), Tp * hdp), nullptr, false, stream, d.B * d.KV);
+  unpack_dqkv_kernel<<<blocks_for(d.B * d.T * d.width(), 256), 256, 0, stream>>>(
+      dq_.data(), dk_.data(), dv_.data(), d, shape_.rope, rope_cos_.data(), rope_sin_.data(), d_qkv);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  saved_ = false;
+}
+
+}  // namespace nibble::nn::cuda

@@ -1,0 +1,122 @@
+// Embedding lookup and its deterministic scatter-add backward; the id-error flag. See layers_cuda.h.
+#include <cub/device/device_radix_sort.cuh>
+
+#include <stdexcept>
+#include <string>
+
+#include "nibble/nn/cuda/kernel_util.cuh"
+#include "nibble/nn/cuda/layers_cuda.h"
+
+namespace nibble::nn::cuda {
+
+using detail::blocks_for;
+
+IdErrorFlag::IdErrorFlag() : flag_(1) {
+  NIBBLE_CUDA_CHECK(cudaMemset(flag_.data(), 0xff, sizeof(unsigned long long)));
+}
+
+void IdErrorFlag::check(const char* what, int64_t limit, cudaStream_t stream) {
+  unsigned long long v = 0;
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&v, flag_.data(), sizeof v, cudaMemcpyDeviceToHost, stream));
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (v == ~0ull) return;
+  NIBBLE_CUDA_CHECK(cudaMemsetAsync(flag_.data(), 0xff, sizeof v, stream));
+  throw std::out_of_range(std::string(what) + ": id " + std::to_string(v & 0xffffffffu) + " at position " +
+                          std::to_string(v >> 32) + " is not below " + std::to_string(limit));
+}
+
+namespace {
+
+__global__ void gather_kernel(const uint32_t* __restrict__ ids, int64_t n, const float* __restrict__ weight,
+                              int64_t rows, int64_t dim, float* __restrict__ out, bool accumulate,
+                              unsigned long long* bad) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n * dim) return;
+  const int64_t pos = i / dim, d = i % dim;
+  const uint32_t id = ids[pos];
+  if (id >= rows) {
+    if (d == 0) detail::flag_bad_id(bad, pos, id);
+    return;
+  }
+  const float w = weight[static_cast<int64_t>(id) * dim + d];
+  out[i] = accumulate ? out[i] + w : w;
+}
+
+// Sort keys: the id, or `rows` for a bad one (sorted last, then skipped); values: the position.
+__global__ void sort_input_kernel(const uint32_t* __restrict__ ids, int64_t n, uint32_t rows, uint32_t* keys,
+                                  uint32_t* positions, unsigned long long* bad) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= n) return;
+  const uint32_t id = ids[i];
+  if (id >= rows) detail::flag_bad_id(bad, i, id);
+  keys[i] = id < rows ? id : rows;
+  positions[i] = static_cast<uint32_t>(i);
+}
+
+// One block per sorted entry; only the first entry of each run of equal ids works: its threads
+// (one per column) add the run's gradient rows in position order, as the CPU does.
+__global__ void scatter_add_kernel(const uint32_t* __restrict__ keys, const uint32_t* __restrict__ positions,
+                                   int64_t n, uint32_t rows, int64_t dim, const float* __restrict__ dout,
+                                   float* __restrict__ grad) {
+  const int64_t i = blockIdx.x;
+  const uint32_t id = keys[i];
+  if (id >= rows || (i > 0 && keys[i - 1] == id)) return;
+  int64_t end = i + 1;
+  while (end < n && keys[end] == id) ++end;
+  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+    float g = grad[static_cast<int64_t>(id) * dim + d];
+    for (int64_t j = i; j < end; ++j) g += dout[static_cast<int64_t>(positions[j]) * dim + d];
+    grad[static_cast<int64_t>(id) * dim + d] = g;
+  }
+}
+
+int bits_for(uint32_t max_key) {
+  int b = 1;
+  while (b < 32 && (max_key >> b) != 0) ++b;
+  return b;
+}
+
+}  // namespace
+
+EmbeddingCuda::EmbeddingCuda(int64_t rows, int64_t dim) : rows_(rows), dim_(dim) {
+  if (rows <= 0 || dim <= 0) throw std::invalid_argument("EmbeddingCuda: rows and dim must be positive");
+  if (rows >= 0xffffffffLL) throw std::invalid_argument("EmbeddingCuda: too many rows for 32-bit ids");
+  weight_.resize(static_cast<size_t>(rows * dim));
+  grad_.resize(weight_.size());
+  weight_.zero();
+  grad_.zero();
+}
+
+void EmbeddingCuda::forward(const uint32_t* ids, int64_t n, float* out, bool accumulate, cudaStream_t stream) {
+  if (n <= 0) return;
+  gather_kernel<<<blocks_for(n * dim_, 256), 256, 0, stream>>>(ids, n, weight_.data(), rows_, dim_, out, accumulate,
+                                                               bad_id_.device());
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void EmbeddingCuda::backward(const uint32_t* ids, int64_t n, const float* dout, cudaStream_t stream) {
+  if (n <= 0) return;
+  if (n > 0x7fffffffLL) throw std::invalid_argument("EmbeddingCuda::backward: too many positions");
+  const size_t count = static_cast<size_t>(n);
+  keys_in_.reserve(count), keys_out_.reserve(count), pos_in_.reserve(count), pos_out_.reserve(count);
+  const uint32_t rows = static_cast<uint32_t>(rows_);
+  sort_input_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(ids, n, rows, keys_in_.data(), pos_in_.data(),
+                                                            bad_id_.device());
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  // Radix sort is stable: equal ids keep their positions in increasing order.
+  const int end_bit = bits_for(rows);
+  size_t scratch_bytes = 0;
+  NIBBLE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(nullptr, scratch_bytes, keys_in_.data(), keys_out_.data(),
+                                                    pos_in_.data(), pos_out_.data(), static_cast<int>(n), 0, end_bit,
+                                                    stream));
+  sort_scratch_.reserve(scratch_bytes);
+  NIBBLE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(sort_scratch_.data(), scratch_bytes, keys_in_.data(),
+                                                    keys_out_.data(), pos_in_.data(), pos_out_.data(),
+                                                    static_cast<int>(n), 0, end_bit, stream));
+  const int threads = dim_ >= 256 ? 256 : static_cast<int>(detail::round_up(dim_, 32));
+  scatter_add_kernel<<<static_cast<unsigned>(n), threads, 0, stream>>>(keys_out_.data(), pos_out_.data(), n, rows,
+                                                                       dim_, dout, grad_.data());
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace nibble::nn::cuda

@@ -1,0 +1,177 @@
+// CUDA versions of the transformer's non-linear (high-precision) layers: embeddings, norms, MLP
+// activations, the causal self-attention core and the LM-head loss. They mirror the CPU classes
+// in ../ (embedding.h, norm.h, mlp.h, attention.h, loss.h), which stay the reference the tests
+// hold these to.
+//
+// Conventions of every call here:
+// - pointers are device pointers; activations are FP32 in and out, math is FP32 (statistics and
+//   sums in double where the CPU uses double);
+// - a cudaStream_t on every call; work is stream-ordered and nothing waits on the host, except
+//   buffer growth (cudaMalloc/cudaFree, first call at a new largest size) and the explicit
+//   check_ids() calls, which synchronise by design;
+// - a class saves in its own device buffers what its backward needs, as the CPU class does.
+//
+// Invalid token ids (the CPU throws std::out_of_range at once) cannot throw from a kernel: the
+// kernels skip such rows and record the first bad position; check_ids() synchronises and throws
+// std::out_of_range naming it (call it where an error may surface, e.g. once per step or in tests).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "nibble/nn/attention.h"
+#include "nibble/nn/mlp.h"
+#include "nibble/nn/norm.h"
+#include "nibble/tensor/cuda/device_buffer.h"
+#include "nibble/tensor/cuda/gemm_cuda.h"
+
+namespace nibble::nn::cuda {
+
+using nibble::cuda::DeviceBuffer;
+
+// Records the first out-of-range id a kernel met (smallest position wins, so the message does not
+// depend on thread order). One device word: (position << 32 | id), all ones when none.
+class IdErrorFlag {
+ public:
+  IdErrorFlag();
+  unsigned long long* device() { return flag_.data(); }
+  // Synchronises with `stream`; throws std::out_of_range "<what>: id I at position P is not below
+  // <limit>" and clears the flag when an id was bad.
+  void check(const char* what, int64_t limit, cudaStream_t stream);
+
+ private:
+  DeviceBuffer<unsigned long long> flag_;
+};
+
+// Embedding table [rows x dim] (token embeddings, learned positions). Backward is deterministic
+// and adds each row's gradients in the order of their positions, exactly as the CPU loop does
+// (the ids are stably sorted with CUB, then each distinct id's row is summed by one thread per
+// column): the table gradient equals the CPU's bit for bit.
+class EmbeddingCuda {
+ public:
+  EmbeddingCuda(int64_t rows, int64_t dim);
+
+  int64_t rows() const { return rows_; }
+  int64_t dim() const { return dim_; }
+  float* weight() { return weight_.data(); }            // [rows x dim]
+  float* weight_grad() { return grad_.data(); }         // [rows x dim]
+  void zero_grad(cudaStream_t stream) { grad_.zero(stream); }
+
+  // out[i] (+)= weight[ids[i]] for i < n; ids is a device array of n token ids.
+  void forward(const uint32_t* ids, int64_t n, float* out, bool accumulate, cudaStream_t stream);
+  // weight_grad[ids[i]] += dout[i].
+  void backward(const uint32_t* ids, int64_t n, const float* dout, cudaStream_t stream);
+  // Throws std::out_of_range for the first bad id any call met since the last check.
+  void check_ids(cudaStream_t stream) { bad_id_.check("EmbeddingCuda", rows_, stream); }
+
+ private:
+  int64_t rows_, dim_;
+  DeviceBuffer<float> weight_, grad_;
+  IdErrorFlag bad_id_;
+  // Backward's sort: keys (ids), values (positions), both sorted, and CUB's scratch.
+  DeviceBuffer<uint32_t> keys_in_, keys_out_, pos_in_, pos_out_;
+  DeviceBuffer<uint8_t> sort_scratch_;
+};
+
+// LayerNorm / RMSNorm over the last dimension (same formulas and eps as nn::Norm; statistics in
+// double). Forward saves the normalized rows and 1/std; backward accumulates the gain (and bias)
+// gradients deterministically (per-chunk partial sums in double, then a fixed-order sum).
+class NormCuda {
+ public:
+  NormCuda(int64_t dim, NormKind kind, float eps = 1e-5f);
+
+  int64_t dim() const { return dim_; }
+  NormKind kind() const { return kind_; }
+  bool has_bias() const { return kind_ == NormKind::kLayerNorm; }
+  float* weight() { return weight_.data(); }      // gain, starts at 1
+  float* bias() { return bias_.data(); }          // LayerNorm only (nullptr for RMSNorm), starts at 0
+  float* weight_grad() { return weight_grad_.data(); }
+  float* bias_grad() { return bias_grad_.data(); }
+  void zero_grad(cudaStream_t stream);
+
+  void forward(const float* x, int64_t rows, float* y, cudaStream_t stream);
+  // dx = d(norm)/dx^T dy (overwrites dx); weight/bias gradients += their parts. Needs a forward.
+  void backward(const float* dy, float* dx, cudaStream_t stream);
+
+ private:
+  int64_t dim_;
+  NormKind kind_;
+  float eps_;
+  DeviceBuffer<float> weight_, bias_, weight_grad_, bias_grad_;
+  DeviceBuffer<float> saved_xhat_, saved_rstd_;
+  DeviceBuffer<double> partials_;  // [chunks x dim] for the weight, then for the bias
+  int64_t saved_rows_ = 0;
+};
+
+// The MLP's activation between fc and proj, as nn::Mlp computes it (GELU: tanh approximation;
+// squared ReLU; SwiGLU on pre = [a | b] rows of 2 * hidden). pre: fc's output [rows x width],
+// width = hidden (2 * hidden for SwiGLU); act: [rows x hidden].
+void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, float* act, cudaStream_t stream);
+// dpre (overwritten) = d act / d pre applied to dact.
+void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, float* dpre,
+                         cudaStream_t stream);
+// x += y over n elements (the residual stream).
+void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream);
+
+// Causal self-attention without its two linear layers: from qkv [batch*seq x (H + 2 Hkv) hd]
+// (columns [q heads | k heads | v heads], as the qkv Linear outputs them) to the heads' outputs
+// [batch*seq x H hd], with grouped-query attention and optional RoPE (rotate-half pairing, angles
+// as nn::CausalSelfAttention computes them, in double).
+//
+// The two batched matmuls are BF16 tensor-core GEMMs with FP32 accumulation (the paper's "high
+// precision" for attention): q, k, v, P, dO and dS are rounded to BF16 by the packing kernels;
+// the softmax and its backward are FP32. Heads are laid out [batch, head, seq, head_dim] with seq
+// and head_dim padded to multiples of 8 (zeros; 16-byte rows for cuBLASLt), so that the heads of
+// one KV group are consecutive: each group is one GEMM of group*seq rows against its shared k or v,
+// and dk, dv sum over the group inside the GEMM's reduction.
+//
+// Saved for backward: the BF16 q, k, v (after RoPE) and P in FP32 and BF16:
+// batch * H * seq^2 * 6 bytes (no flash-style recomputation yet).
+class AttentionCoreCuda {
+ public:
+  AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm);
+
+  const AttentionShape& shape() const { return shape_; }
+  int64_t qkv_width() const { return (shape_.n_heads + 2 * shape_.n_kv_heads) * shape_.head_dim(); }
+  int64_t out_width() const { return shape_.n_heads * shape_.head_dim(); }
+
+  void forward(const float* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream);
+  // d_qkv (overwritten) from d_out [batch*seq x H hd]. Needs a forward.
+  void backward(const float* d_out, float* d_qkv, cudaStream_t stream);
+
+ private:
+  void ensure_buffers(int64_t batch, int64_t seq, cudaStream_t stream);
+
+  AttentionShape shape_;
+  nibble::cuda::GemmRunner& gemm_;
+  int64_t batch_ = 0, seq_ = 0, seq_pad_ = 0, hd_pad_ = 0;
+  bool saved_ = false;
+  int64_t rope_seq_ = 0;
+  DeviceBuffer<float> rope_cos_, rope_sin_;           // [seq x hd/2]
+  DeviceBuffer<__nv_bfloat16> q_, k_, v_;            // saved: [B, H|Hkv, Tp, hdp]
+  DeviceBuffer<float> probs_;                         // saved: scores, then P [B, H, Tp, Tp]
+  DeviceBuffer<__nv_bfloat16> probs_bf16_;            // saved: P; backward: dS
+  DeviceBuffer<float> out_heads_, dprobs_;            // O [B, H, Tp, hdp]; dP [B, H, Tp, Tp]
+  DeviceBuffer<__nv_bfloat16> dout_;                  // dO [B, H, Tp, hdp]
+  DeviceBuffer<float> dq_, dk_, dv_;                  // [B, H|Hkv|Hkv, Tp, hdp]
+};
+
+// Softmax cross-entropy over the vocabulary, fused with its gradient, as nn::softmax_cross_entropy:
+// logits [rows x vocab] are overwritten by grad_scale * (softmax - onehot(target)) when grad_scale
+// is non-zero, otherwise by the probabilities. *loss_mean (device) = the mean over rows of
+// -log softmax[target] (the CPU function returns the sum; the model divides it by rows). Row sums
+// in double; the mean is a fixed-order (deterministic) sum of the rows' losses.
+class CrossEntropyCuda {
+ public:
+  void forward_backward(float* logits, const uint32_t* targets, int64_t rows, int64_t vocab, float grad_scale,
+                        double* loss_mean, cudaStream_t stream);
+  void check_ids(int64_t vocab, cudaStream_t stream) { bad_target_.check("CrossEntropyCuda target", vocab, stream); }
+
+ private:
+  DeviceBuffer<double> row_loss_;
+  IdErrorFlag bad_target_;
+};
+
+}  // namespace nibble::nn::cuda

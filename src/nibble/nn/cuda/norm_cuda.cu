@@ -1,0 +1,159 @@
+// LayerNorm / RMSNorm forward and backward on the GPU, mirroring nn::Norm (see layers_cuda.h).
+#include <stdexcept>
+#include <string>
+
+#include "nibble/nn/cuda/kernel_util.cuh"
+#include "nibble/nn/cuda/layers_cuda.h"
+
+namespace nibble::nn::cuda {
+
+using detail::blocks_for;
+
+namespace {
+
+constexpr int kRowThreads = 256;
+constexpr int64_t kChunkRows = 64;  // rows per partial sum of the parameter gradients
+
+// One block per row: mean (LayerNorm) and variance in double, two passes as the CPU does.
+__global__ void __launch_bounds__(kRowThreads)
+norm_forward_kernel(const float* __restrict__ x, int64_t dim, bool centered, float eps,
+                    const float* __restrict__ weight, const float* __restrict__ bias, float* __restrict__ y,
+                    float* __restrict__ xhat, float* __restrict__ rstd_out) {
+  __shared__ double scratch[32];
+  const int64_t r = blockIdx.x;
+  const float* xr = x + r * dim;
+  double mean = 0.0;
+  if (centered) {
+    double s = 0.0;
+    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) s += xr[i];
+    mean = detail::block_sum(s, scratch) / static_cast<double>(dim);
+  }
+  double v = 0.0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const double c = xr[i] - mean;
+    v += c * c;
+  }
+  const double var = detail::block_sum(v, scratch) / static_cast<double>(dim);
+  const double rstd = 1.0 / sqrt(var + static_cast<double>(eps));
+  if (threadIdx.x == 0) rstd_out[r] = static_cast<float>(rstd);
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float h = static_cast<float>((xr[i] - mean) * rstd);
+    xhat[r * dim + i] = h;
+    y[r * dim + i] = h * weight[i] + (bias != nullptr ? bias[i] : 0.0f);
+  }
+}
+
+// dx = rstd * (dxhat - mean(dxhat) [LayerNorm] - xhat * mean(dxhat * xhat)), dxhat = dy * g.
+__global__ void __launch_bounds__(kRowThreads)
+norm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ xhat, const float* __restrict__ rstd,
+                     const float* __restrict__ weight, int64_t dim, bool centered, float* __restrict__ dx) {
+  __shared__ double scratch[32];
+  const int64_t r = blockIdx.x;
+  const float* dyr = dy + r * dim;
+  const float* xh = xhat + r * dim;
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const double d = static_cast<double>(dyr[i]) * weight[i];
+    s1 += d;
+    s2 += d * xh[i];
+  }
+  const double mean_dxhat = centered ? detail::block_sum(s1, scratch) / static_cast<double>(dim) : 0.0;
+  const double mean_dxhat_xhat = detail::block_sum(s2, scratch) / static_cast<double>(dim);
+  const double rs = rstd[r];
+  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+    const double d = static_cast<double>(dyr[i]) * weight[i];
+    dx[r * dim + i] = static_cast<float>(rs * (d - mean_dxhat - xh[i] * mean_dxhat_xhat));
+  }
+}
+
+// Parameter-gradient partials: one thread per (column, chunk of kChunkRows rows), in double.
+__global__ void norm_param_partials_kernel(const float* __restrict__ dy, const float* __restrict__ xhat,
+                                           int64_t rows, int64_t dim, bool with_bias, double* __restrict__ pw,
+                                           double* __restrict__ pb) {
+  const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t chunk = blockIdx.y;
+  if (col >= dim) return;
+  const int64_t r0 = chunk * kChunkRows, r1 = min(rows, r0 + kChunkRows);
+  double sw = 0.0, sb = 0.0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float d = dy[r * dim + col];
+    sw += static_cast<double>(d) * xhat[r * dim + col];
+    sb += d;
+  }
+  pw[chunk * dim + col] = sw;
+  if (with_bias) pb[chunk * dim + col] = sb;
+}
+
+// grad[col] += sum over chunks, in chunk order.
+__global__ void norm_param_finish_kernel(const double* __restrict__ pw, const double* __restrict__ pb,
+                                         int64_t chunks, int64_t dim, float* __restrict__ gw, float* __restrict__ gb) {
+  const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (col >= dim) return;
+  double sw = 0.0, sb = 0.0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    sw += pw[c * dim + col];
+    if (gb != nullptr) sb += pb[c * dim + col];
+  }
+  gw[col] = static_cast<float>(gw[col] + sw);
+  if (gb != nullptr) gb[col] = static_cast<float>(gb[col] + sb);
+}
+
+__global__ void fill_kernel(float* p, int64_t n, float v) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i < n) p[i] = v;
+}
+
+}  // namespace
+
+NormCuda::NormCuda(int64_t dim, NormKind kind, float eps) : dim_(dim), kind_(kind), eps_(eps) {
+  if (dim <= 0) throw std::invalid_argument("NormCuda: dim must be positive");
+  weight_.resize(static_cast<size_t>(dim));
+  weight_grad_.resize(weight_.size());
+  fill_kernel<<<blocks_for(dim, 256), 256>>>(weight_.data(), dim, 1.0f);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  weight_grad_.zero();
+  if (has_bias()) {
+    bias_.resize(weight_.size());
+    bias_grad_.resize(weight_.size());
+    bias_.zero();
+    bias_grad_.zero();
+  }
+}
+
+void NormCuda::zero_grad(cudaStream_t stream) {
+  weight_grad_.zero(stream);
+  bias_grad_.zero(stream);
+}
+
+void NormCuda::forward(const float* x, int64_t rows, float* y, cudaStream_t stream) {
+  if (rows <= 0) throw std::invalid_argument("NormCuda::forward: rows must be positive, got " + std::to_string(rows));
+  saved_xhat_.reserve(static_cast<size_t>(rows * dim_));
+  saved_rstd_.reserve(static_cast<size_t>(rows));
+  norm_forward_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
+      x, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), has_bias() ? bias_.data() : nullptr, y,
+      saved_xhat_.data(), saved_rstd_.data());
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  saved_rows_ = rows;
+}
+
+void NormCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
+  if (saved_rows_ == 0) throw std::logic_error("NormCuda::backward without a forward");
+  const int64_t rows = saved_rows_;
+  const bool centered = kind_ == NormKind::kLayerNorm;
+  norm_backward_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
+      dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), dim_, centered, dx);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+  partials_.reserve(static_cast<size_t>(2 * chunks * dim_));
+  double* pw = partials_.data();
+  double* pb = pw + chunks * dim_;
+  const dim3 grid(blocks_for(dim_, 128), static_cast<unsigned>(chunks));
+  norm_param_partials_kernel<<<grid, 128, 0, stream>>>(dy, saved_xhat_.data(), rows, dim_, has_bias(), pw, pb);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  norm_param_finish_kernel<<<blocks_for(dim_, 128), 128, 0, stream>>>(pw, pb, chunks, dim_, weight_grad_.data(),
+                                                                      has_bias() ? bias_grad_.data() : nullptr);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  saved_rows_ = 0;
+}
+
+}  // namespace nibble::nn::cuda

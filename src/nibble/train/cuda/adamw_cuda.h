@@ -1,0 +1,72 @@
+// AdamW and the global gradient norm on the GPU, for parameters kept in flat FP32 device arrays.
+//
+// AdamWCuda::step applies nibble::train::AdamW's update (same formula, same float operations in the
+// same order, bias corrections computed on the host in double then rounded to float as the CPU
+// does); the kernel is compiled without fused multiply-adds, so with the same inputs it gives the
+// CPU optimizer's bits. Moments m, v are FP32, owned here, laid out like the flat parameter array.
+// Weight decay applies per range of the array (norm gains and biases are not decayed).
+//
+// The clipping factor can stay on the device: GradNormCuda writes the norm (double) and
+// clip_multiplier() turns it into the factor the trainer computes on the CPU; step() reads it
+// through a device pointer, so a step needs no host synchronisation.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <span>
+
+#include "nibble/tensor/cuda/device_buffer.h"
+#include "nibble/train/optimizer.h"
+
+namespace nibble::train::cuda {
+
+struct ParamRange {
+  int64_t offset = 0;  // elements into the flat arrays
+  int64_t count = 0;
+  bool weight_decay = true;
+};
+
+class AdamWCuda {
+ public:
+  // Moments for `numel` parameters, zeroed.
+  AdamWCuda(AdamWOptions options, int64_t numel);
+
+  const AdamWOptions& options() const { return options_; }
+  int64_t steps() const { return t_; }
+  int64_t numel() const { return numel_; }
+  float* exp_avg() { return m_.data(); }     // m [numel], for checkpoints
+  float* exp_avg_sq() { return v_.data(); }  // v [numel]
+  void set_steps(int64_t t) { t_ = t; }      // when moments are restored from a checkpoint
+
+  // One step over every range: value -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * value), with the
+  // gradient multiplied by *grad_multiplier (device float; nullptr: 1). Ranges must lie in [0, numel).
+  void step(float* value, const float* grad, std::span<const ParamRange> ranges, double lr,
+            const float* grad_multiplier, cudaStream_t stream);
+
+ private:
+  AdamWOptions options_;
+  int64_t numel_;
+  int64_t t_ = 0;
+  nibble::cuda::DeviceBuffer<float> m_, v_;
+};
+
+struct GradSpan {
+  const float* data = nullptr;
+  int64_t count = 0;
+};
+
+// sqrt(sum of squared gradients) over several device arrays, deterministic: each array is cut into
+// fixed chunks whose double partial sums are added in a fixed order (same bits run after run).
+class GradNormCuda {
+ public:
+  void compute(std::span<const GradSpan> grads, double* norm_out, cudaStream_t stream);
+
+ private:
+  nibble::cuda::DeviceBuffer<double> partials_;
+};
+
+// *multiplier = (max_norm > 0 && *norm > max_norm) ? float(max_norm / *norm) : 1, as the trainer does.
+void clip_multiplier(const double* norm, double max_norm, float* multiplier, cudaStream_t stream);
+
+}  // namespace nibble::train::cuda
