@@ -14,6 +14,9 @@
 #include "nibble/model/config.h"
 #include "nibble/nn/recipe.h"
 #include "nibble/train/trainer.h"
+#ifdef NIBBLE_HAVE_CUDA
+#include "nibble/train/cuda/engine_cuda.h"
+#endif
 
 namespace nibble::cli {
 namespace {
@@ -35,6 +38,7 @@ struct TrainArgs {
   int keep = 3;
   bool resume = false, skip_nonfinite = false;
   std::string progress = "auto";
+  std::string device = "cpu";
 };
 
 // Ctrl-C asks the trainer to checkpoint and stop after the current step; a second one kills.
@@ -78,6 +82,16 @@ void run_train(const TrainArgs& a) {
   o.val_batches = a.val_batches;
   o.ckpt_every = a.ckpt_every;
   o.keep_checkpoints = a.keep;
+  if (a.device == "cuda") {
+#ifdef NIBBLE_HAVE_CUDA
+    const uint64_t run_seed = a.seed;
+    o.make_engine = [run_seed](model::Gpt& model, train::AdamW& optimizer) {
+      return train::cuda::make_cuda_engine(model, optimizer, run_seed);
+    };
+#else
+    throw std::runtime_error("--device cuda: this nibble was built without CUDA (configure with the cuda preset)");
+#endif
+  }
   o.resume = a.resume;
   o.skip_nonfinite = a.skip_nonfinite;
   o.log_every = a.log_every;
@@ -149,6 +163,8 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--val-batches", args->val_batches, "Batches per validation")->capture_default_str();
   cmd->add_option("--ckpt-every", args->ckpt_every, "Checkpoint every N steps (0: at the end only)")->capture_default_str();
   cmd->add_option("--keep", args->keep, "Checkpoints to keep (0: all)")->capture_default_str();
+  cmd->add_option("--device", args->device, "Where to train: cpu, or cuda (one GPU)")
+      ->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_flag("--resume", args->resume, "Continue the run in --out from its newest checkpoint");
   cmd->add_flag("--skip-nonfinite", args->skip_nonfinite, "Skip steps whose loss or gradient is not finite instead of stopping");
   cmd->add_option("--log-every", args->log_every, "Plain progress lines every N steps")->capture_default_str();

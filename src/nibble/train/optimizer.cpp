@@ -73,6 +73,20 @@ void AdamW::load_state(SafetensorsReader& reader, std::span<const model::Paramet
   }
 }
 
+bool AdamW::moments(const std::string& name, std::vector<float>& m, std::vector<float>& v) const {
+  const auto it = moments_.find(name);
+  if (it == moments_.end()) return false;
+  m = it->second.m;
+  v = it->second.v;
+  return true;
+}
+
+void AdamW::set_moments(const model::Parameter& p, std::vector<float> m, std::vector<float> v) {
+  if (m.size() != p.value.size() || v.size() != p.value.size())
+    throw std::logic_error("AdamW::set_moments: " + p.name + " has " + std::to_string(p.value.size()) + " elements");
+  moments_[p.name] = Moments{p.shape, std::move(m), std::move(v)};
+}
+
 double global_grad_norm(std::span<const model::Parameter> params) {
   double sum = 0.0;
   for (const model::Parameter& p : params)

@@ -37,6 +37,12 @@ class AdamW {
   // Throws std::runtime_error when a parameter's moments are missing or shaped differently.
   void load_state(SafetensorsReader& reader, std::span<const model::Parameter> params);
 
+  // The exchange with an optimizer that runs elsewhere (the GPU's): a parameter's moments (false
+  // when it has none yet, before its first step), their replacement, and the step count.
+  bool moments(const std::string& name, std::vector<float>& m, std::vector<float>& v) const;
+  void set_moments(const model::Parameter& p, std::vector<float> m, std::vector<float> v);
+  void set_steps(int64_t t) { t_ = t; }
+
  private:
   struct Moments {
     std::vector<int64_t> shape;

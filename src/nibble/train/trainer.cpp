@@ -66,9 +66,36 @@ void split_windows(const std::vector<uint32_t>& windows, int64_t batch, int64_t 
     }
 }
 
+class CpuEngine final : public Engine {
+ public:
+  CpuEngine(model::Gpt& model, AdamW& optimizer) : model_(model), optimizer_(optimizer) {}
+  std::string device() const override { return "cpu"; }
+  void set_bf16_everywhere(bool on) override { model_.set_bf16_everywhere(on); }
+  void zero_grad() override { model_.zero_grad(); }
+  double forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
+                          std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) override {
+    model_.set_step(step, microbatch);
+    return model_.forward_backward(inputs, targets, batch, seq, grad_scale);
+  }
+  double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
+              int64_t seq) override {
+    return model_.loss(inputs, targets, batch, seq);
+  }
+  double grad_norm() override { return global_grad_norm(model_.parameters()); }
+  void update(double lr, float grad_multiplier) override {
+    std::vector<model::Parameter> params = model_.parameters();
+    optimizer_.step(params, lr, grad_multiplier);
+  }
+  double memory_mib() override { return peak_rss_mib(); }
+
+ private:
+  model::Gpt& model_;
+  AdamW& optimizer_;
+};
+
 // The same windows every time (the sampler is rewound to its start), so evaluations are comparable
 // across steps.
-double validation_loss(model::Gpt& model, data::WindowSampler& sampler, const data::SamplerPosition& start,
+double validation_loss(Engine& model, data::WindowSampler& sampler, const data::SamplerPosition& start,
                        const TrainOptions& o, int64_t seq) {
   sampler.restore(start);
   const int64_t batches = std::max<int64_t>(1, std::min<int64_t>(o.val_batches, static_cast<int64_t>(
@@ -84,6 +111,10 @@ double validation_loss(model::Gpt& model, data::WindowSampler& sampler, const da
 }
 
 }  // namespace
+
+std::unique_ptr<Engine> make_cpu_engine(model::Gpt& model, AdamW& optimizer) {
+  return std::make_unique<CpuEngine>(model, optimizer);
+}
 
 TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, const data::TokenDataset& train_data,
                   const data::TokenDataset* val_data, const TrainOptions& o) {
@@ -118,9 +149,12 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
   } else if (latest || fs::exists(o.out_dir / "metrics.jsonl")) {
     throw TrainError(o.out_dir.string() + ": already holds a run; pass --resume to continue it or choose another --out");
   }
+  // The engine starts from the host state: fresh weights, or the checkpoint just loaded.
+  const std::unique_ptr<Engine> engine = o.make_engine ? o.make_engine(model, optimizer) : make_cpu_engine(model, optimizer);
   {
     std::ostringstream text;
-    text << "model: " << config.name << " (" << config.parameter_count() << " parameters)\n"
+    text << "device: " << engine->device() << "\n"
+         << "model: " << config.name << " (" << config.parameter_count() << " parameters)\n"
          << model::to_toml(config) << "recipe: " << nn::describe(recipe) << "\n";
     AtomicFileWriter w(o.out_dir / "run.txt");
     const std::string s = text.str();
@@ -140,6 +174,10 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
                                   ? o.steps
                                   : static_cast<int64_t>(std::ceil(recipe.bf16_switch_fraction * static_cast<double>(o.steps)));
   const int64_t tokens_per_step = o.batch_size * seq * o.grad_accum;
+  // Model FLOPs per token (PaLM's count): 6 per parameter (forward + backward) plus attention's
+  // score and value matmuls, 12 * layers * d_model * seq.
+  const double flops_per_token = 6.0 * static_cast<double>(config.parameter_count()) +
+                                 12.0 * static_cast<double>(config.n_layers * config.d_model * seq);
   const float micro_scale = 1.0f / static_cast<float>(o.grad_accum);
   std::vector<uint32_t> windows(static_cast<size_t>(o.batch_size * (seq + 1))), inputs, targets;
   const auto run_start = std::chrono::steady_clock::now();
@@ -154,20 +192,20 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
     const auto t0 = std::chrono::steady_clock::now();
     if (o.on_step_start) o.on_step_start(step, model);
     if (step >= switch_step && !model.bf16_everywhere()) {
-      model.set_bf16_everywhere(true);
+      engine->set_bf16_everywhere(true);
       progress.message("step " + std::to_string(step + 1) + ": switching every layer to bf16 (bf16_switch_fraction " +
                        std::to_string(recipe.bf16_switch_fraction) + ")");
     }
-    model.zero_grad();
+    engine->zero_grad();
     double loss = 0.0;
     for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
-      model.set_step(static_cast<uint64_t>(step), static_cast<uint32_t>(micro));
       sampler.next(static_cast<size_t>(o.batch_size), windows.data());
       split_windows(windows, o.batch_size, seq, inputs, targets);
-      loss += model.forward_backward(inputs, targets, o.batch_size, seq, micro_scale) / static_cast<double>(o.grad_accum);
+      loss += engine->forward_backward(static_cast<uint64_t>(step), static_cast<uint32_t>(micro), inputs, targets,
+                                       o.batch_size, seq, micro_scale) /
+              static_cast<double>(o.grad_accum);
     }
-    std::vector<model::Parameter> params = model.parameters();
-    const double norm = global_grad_norm(params);
+    const double norm = engine->grad_norm();
     const double lr = schedule.at(step);
     StepRecord rec{step + 1, loss, lr, norm, false};
     if (!std::isfinite(loss) || !std::isfinite(norm)) {
@@ -184,7 +222,7 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
       progress.message(what + "; skipping the update");
     } else {
       const float multiplier = o.grad_clip > 0 && norm > o.grad_clip ? static_cast<float>(o.grad_clip / norm) : 1.0f;
-      optimizer.step(params, lr, multiplier);
+      engine->update(lr, multiplier);
     }
     result.steps.push_back(rec);
 
@@ -200,7 +238,10 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
                            {"tokens_per_s", static_cast<double>(tokens_per_step) / step_s},
                            {"step_s", step_s},
                            {"peak_rss_mib", peak_rss_mib()},
+                           {"memory_mib", engine->memory_mib()},
                            {"bf16_everywhere", model.bf16_everywhere()}};
+    if (engine->peak_flops() > 0)
+      line["mfu"] = flops_per_token * static_cast<double>(tokens_per_step) / step_s / engine->peak_flops();
     if (rec.skipped) line["skipped"] = true;
     if (!std::isfinite(loss)) line["loss"] = nullptr;  // JSON has no NaN
     if (!std::isfinite(norm)) line["grad_norm"] = nullptr;
@@ -209,7 +250,7 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
 
     const bool last = step + 1 == o.steps;
     if (val_data && ((o.val_every > 0 && (step + 1) % o.val_every == 0) || last)) {
-      const double vl = validation_loss(model, *val_sampler, val_start, o, seq);
+      const double vl = validation_loss(*engine, *val_sampler, val_start, o, seq);
       result.val.emplace_back(step + 1, vl);
       metrics.write({{"step", step + 1}, {"val_loss", vl}});
       char buf[96];
@@ -217,8 +258,10 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
       progress.message(buf);
     }
     const bool stopping = o.stop_requested != nullptr && o.stop_requested->load() && !last;
-    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last || stopping)
+    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last || stopping) {
+      engine->to_host();
       result.last_checkpoint = save_checkpoint(o.out_dir, model, optimizer, checkpoint_state(step + 1), o.keep_checkpoints);
+    }
     if (stopping) {
       progress.message("interrupted after step " + std::to_string(step + 1) + "; saved " +
                        result.last_checkpoint->string() + " (continue with --resume)");

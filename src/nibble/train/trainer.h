@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
@@ -21,6 +22,7 @@
 #include "nibble/model/config.h"
 #include "nibble/model/gpt.h"
 #include "nibble/nn/recipe.h"
+#include "nibble/train/engine.h"
 #include "nibble/train/metrics.h"
 #include "nibble/train/optimizer.h"
 #include "nibble/train/schedule.h"
@@ -54,7 +56,11 @@ struct TrainOptions {
   // When set (e.g. by a SIGINT handler), the run stops after the current step with a checkpoint.
   const std::atomic<bool>* stop_requested = nullptr;
   // Called at the start of every step, before the forward passes (tests use it to inject faults).
+  // It sees the host model: on the CPU engine that is the model being trained.
   std::function<void(int64_t step, model::Gpt& model)> on_step_start;
+  // Where the arithmetic runs: given the host model and optimizer (holding the initial or resumed
+  // state), an Engine; unset means the CPU (make_cpu_engine). The CLI sets a CUDA engine for --device cuda.
+  std::function<std::unique_ptr<Engine>(model::Gpt& model, AdamW& optimizer)> make_engine;
 
   nlohmann::json to_json() const;
 };

@@ -55,8 +55,9 @@ __global__ void convert_rht_kernel(const T* __restrict__ x, int64_t rows, int64_
   for (int j = 0; j < kRhtBlock; ++j) out[r * q_cols + c0 + j] = from_float<Out>(v[j]);
 }
 
-// FP4 codes x block scales (no tensor scale), 16 elements per thread; the products have at most
-// 6 significant bits, so the BF16 output is exact.
+// FP4 codes x block scales (no tensor scale), 16 elements per thread: one 8-byte load and 16-byte
+// stores, so a warp reads and writes whole contiguous lines. The products have at most 6
+// significant bits, so the BF16 output is exact (its upper 16 bits; the lower ones are zero).
 template <typename Out>
 __global__ void decode_fp4_kernel(Format format, Block block, int64_t rows, int64_t cols,
                                   const uint8_t* __restrict__ data, const uint8_t* __restrict__ scales,
@@ -72,11 +73,25 @@ __global__ void decode_fp4_kernel(Format format, Block block, int64_t rows, int6
     scale = E8M0::decode(scales[r * (cols / 32) + c / 32]);
   }
   const uint2 packed = *reinterpret_cast<const uint2*>(data + i0 / 2);
-  const uint32_t words[2] = {packed.x, packed.y};
+  uint32_t bits[16];
 #pragma unroll
-  for (int w = 0; w < 2; ++w)
+  for (int j = 0; j < 16; ++j) {
+    const uint32_t word = j < 8 ? packed.x : packed.y;
+    bits[j] = __float_as_uint(E2M1::decode((word >> (4 * (j % 8))) & 0xF) * scale);
+  }
+  if constexpr (sizeof(Out) == 2) {
+    uint4* dst = reinterpret_cast<uint4*>(out + i0);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) out[i0 + 8 * w + j] = from_float<Out>(E2M1::decode((words[w] >> (4 * j)) & 0xF) * scale);
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t* b = bits + 8 * h;
+      dst[h] = make_uint4((b[0] >> 16) | (b[1] & 0xFFFF0000u), (b[2] >> 16) | (b[3] & 0xFFFF0000u),
+                          (b[4] >> 16) | (b[5] & 0xFFFF0000u), (b[6] >> 16) | (b[7] & 0xFFFF0000u));
+    }
+  } else {
+    uint4* dst = reinterpret_cast<uint4*>(out + i0);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) dst[q] = make_uint4(bits[4 * q], bits[4 * q + 1], bits[4 * q + 2], bits[4 * q + 3]);
+  }
 }
 
 // FP8 codes (or BF16 / FP32 values) to another GEMM type, element by element, exact.
@@ -93,6 +108,32 @@ __global__ void recode_kernel(Format fp8_format, const In* __restrict__ in, int6
     v = in[i];
   }
   out[i] = from_float<Out>(v);
+}
+
+// The fused NVFP4 pass (quantize_cuda.h) covers 1x16 blocks, RHT only on the columnwise side,
+// and shapes of whole 16x16 tiles; it computes the same bits as the generic path.
+bool fused_pass_applies(const QuantSpec& spec, int64_t rows, int64_t cols) {
+  return spec.format == Format::kNvfp4 && spec.block == Block::k1x16 && (spec.columnwise || !spec.rht) &&
+         rows % 16 == 0 && cols % 16 == 0;
+}
+
+nibble::cuda::RowColSpec rowcol_spec(RhtSigns signs, uint64_t seed) {
+  nibble::cuda::RowColSpec s;
+  s.rht_signs = signs;
+  s.seed = seed;
+  return s;
+}
+
+// Fills the rowwise or columnwise side of a fused-pass spec from one operand's QuantSpec.
+void set_side(nibble::cuda::RowColSpec& s, bool columnwise, const QuantSpec& spec) {
+  if (columnwise) {
+    s.col_rounding = spec.rounding;
+    s.col_rht = spec.rht;
+    s.col_stream = spec.stream;
+  } else {
+    s.row_rounding = spec.rounding;
+    s.row_stream = spec.stream;
+  }
 }
 
 bool is_fp4(OperandFormat f) { return f == OperandFormat::kNvfp4 || f == OperandFormat::kMxfp4; }
@@ -126,6 +167,14 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
     spec_ = operand_quant_spec(r, op, signs, seed);
     validate(spec_, rows, cols);
     allocate_packed(spec_, rows_, cols_);
+    if (fused_pass_applies(spec_, rows, cols)) {  // the faster kernel, with one side switched off
+      nibble::cuda::RowColSpec s = rowcol_spec(signs, seed);
+      (columnwise ? s.rowwise : s.columnwise) = false;
+      set_side(s, columnwise, spec_);
+      run_fused(x, rows, cols, s, amax_bits_.data(), columnwise ? nullptr : this, columnwise ? this : nullptr,
+                stream);
+      return;
+    }
     nibble::cuda::quantize_amax(x, rows, cols, spec_, amax_bits_.data(), stream);
     nibble::cuda::quantize_segments(x, rows, cols, spec_, amax_bits_.data(),
                                     QuantBuffers{data_.data(), scales_.data(), decode_scale_.data()}, stream);
@@ -160,22 +209,15 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
                             Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream) {
   const OperandRecipe& rr = recipe[row_op];
   const OperandRecipe& cr = recipe[col_op];
-  const bool fused = rr.format == OperandFormat::kNvfp4 && cr.format == OperandFormat::kNvfp4 &&
-                     rr.block == Block::k1x16 && cr.block == Block::k1x16 && !rr.rht && !operand_columnwise(row_op) &&
-                     operand_columnwise(col_op) && rows % 16 == 0 && cols % 16 == 0;
+  const bool fused = operand_columnwise(col_op) && !operand_columnwise(row_op) && rr.quantized() && cr.quantized() &&
+                     fused_pass_applies(operand_quant_spec(rr, row_op, recipe.rht_signs(), seed), rows, cols) &&
+                     fused_pass_applies(operand_quant_spec(cr, col_op, recipe.rht_signs(), seed), rows, cols);
   if (!fused) {
     row.make(x, rows, cols, rr, row_op, recipe.rht_signs(), seed, stream);
     col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream);
     return;
   }
-  nibble::cuda::RowColSpec s;
-  s.row_rounding = rr.rounding;
-  s.col_rounding = cr.rounding;
-  s.col_rht = cr.rht;
-  s.rht_signs = recipe.rht_signs();
-  s.seed = seed;
-  s.row_stream = operand_stream(row_op);
-  s.col_stream = operand_stream(col_op);
+  nibble::cuda::RowColSpec s = rowcol_spec(recipe.rht_signs(), seed);
   for (auto [o, op, r] : {std::tuple{&row, row_op, &rr}, std::tuple{&col, col_op, &cr}}) {
     const bool columnwise = operand_columnwise(op);
     o->format_ = OperandFormat::kNvfp4;
@@ -185,13 +227,20 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
     o->cols_ = columnwise ? rows : cols;
     o->spec_ = operand_quant_spec(*r, op, recipe.rht_signs(), seed);
     o->allocate_packed(o->spec_, o->rows_, o->cols_);
+    set_side(s, columnwise, o->spec_);
   }
   // The pass's amax words live in the row operand's buffer (two words: rowwise, columnwise).
-  nibble::cuda::nvfp4_amax(x, rows, cols, s, row.amax_bits_.data(), stream);
-  nibble::cuda::nvfp4_quantize_rowcol(x, rows, cols, s, row.amax_bits_.data(),
-                                      QuantBuffers{row.data_.data(), row.scales_.data(), row.decode_scale_.data()},
-                                      QuantBuffers{col.data_.data(), col.scales_.data(), col.decode_scale_.data()},
-                                      stream);
+  run_fused(x, rows, cols, s, row.amax_bits_.data(), &row, &col, stream);
+}
+
+template <typename T>
+void OperandCuda::run_fused(const T* x, int64_t rows, int64_t cols, const nibble::cuda::RowColSpec& s,
+                            uint32_t* amax_bits, OperandCuda* row, OperandCuda* col, cudaStream_t stream) {
+  const auto buffers = [](OperandCuda* o) {
+    return o ? QuantBuffers{o->data_.data(), o->scales_.data(), o->decode_scale_.data()} : QuantBuffers{};
+  };
+  nibble::cuda::nvfp4_amax(x, rows, cols, s, amax_bits, stream);
+  nibble::cuda::nvfp4_quantize_rowcol(x, rows, cols, s, amax_bits, buffers(row), buffers(col), stream);
 }
 
 template void OperandCuda::make(const float*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,

@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "nibble/nn/recipe.h"
+#include "nibble/quant/cuda/quantize_cuda.h"
 #include "nibble/quant/quantized_tensor.h"
 #include "nibble/tensor/cuda/device_buffer.h"
 #include "nibble/tensor/cuda/gemm_cuda.h"
@@ -61,6 +62,10 @@ class OperandCuda {
 
  private:
   void allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t q_cols);
+  // The fused NVFP4 pass into `row` and/or `col` (nullptr: that side off).
+  template <typename T>
+  static void run_fused(const T* x, int64_t rows, int64_t cols, const nibble::cuda::RowColSpec& s,
+                        uint32_t* amax_bits, OperandCuda* row, OperandCuda* col, cudaStream_t stream);
 
   int64_t rows_ = 0, cols_ = 0;
   bool quantized_ = false;

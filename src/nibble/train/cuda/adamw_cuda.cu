@@ -2,6 +2,7 @@
 // compiled with -fmad=false: the update must round exactly as the CPU optimizer's float code.
 #include <cmath>
 #include <stdexcept>
+#include <vector>
 #include <string>
 
 #include "nibble/nn/cuda/kernel_util.cuh"
@@ -69,10 +70,18 @@ AdamWCuda::AdamWCuda(AdamWOptions options, int64_t numel) : options_(options), n
 
 void AdamWCuda::step(float* value, const float* grad, std::span<const ParamRange> ranges, double lr,
                      const float* grad_multiplier, cudaStream_t stream) {
+  std::vector<ParamTensor> tensors;
   for (const ParamRange& r : ranges)
-    if (r.offset < 0 || r.count < 0 || r.offset + r.count > numel_)
-      throw std::invalid_argument("AdamWCuda::step: range [" + std::to_string(r.offset) + ", " +
-                                  std::to_string(r.offset + r.count) + ") is outside the " + std::to_string(numel_) +
+    tensors.push_back({value + r.offset, grad + r.offset, r.count, r.weight_decay, r.offset});
+  step(tensors, lr, grad_multiplier, stream);
+}
+
+void AdamWCuda::step(std::span<const ParamTensor> tensors, double lr, const float* grad_multiplier,
+                     cudaStream_t stream) {
+  for (const ParamTensor& t : tensors)
+    if (t.offset < 0 || t.count < 0 || t.offset + t.count > numel_)
+      throw std::invalid_argument("AdamWCuda::step: range [" + std::to_string(t.offset) + ", " +
+                                  std::to_string(t.offset + t.count) + ") is outside the " + std::to_string(numel_) +
                                   " parameters");
   ++t_;
   // The CPU optimizer's bias corrections: pow in double, rounded to float, subtracted in float.
@@ -81,11 +90,11 @@ void AdamWCuda::step(float* value, const float* grad, std::span<const ParamRange
              1.0f - static_cast<float>(std::pow(static_cast<double>(b1), static_cast<double>(t_))),
              1.0f - static_cast<float>(std::pow(static_cast<double>(b2), static_cast<double>(t_))),
              static_cast<float>(lr), 0.0f};
-  for (const ParamRange& r : ranges) {
-    if (r.count == 0) continue;
-    a.decay = r.weight_decay ? options_.weight_decay : 0.0f;
-    adamw_kernel<<<blocks_for(r.count, 256), 256, 0, stream>>>(value + r.offset, grad + r.offset, m_.data() + r.offset,
-                                                               v_.data() + r.offset, r.count, a, grad_multiplier);
+  for (const ParamTensor& t : tensors) {
+    if (t.count == 0) continue;
+    a.decay = t.weight_decay ? options_.weight_decay : 0.0f;
+    adamw_kernel<<<blocks_for(t.count, 256), 256, 0, stream>>>(t.value, t.grad, m_.data() + t.offset,
+                                                               v_.data() + t.offset, t.count, a, grad_multiplier);
     NIBBLE_CUDA_CHECK_LAUNCH();
   }
 }

@@ -27,6 +27,15 @@ struct ParamRange {
   bool weight_decay = true;
 };
 
+// A parameter tensor in its own allocation, and where its moments lie in the optimizer's arrays.
+struct ParamTensor {
+  float* value = nullptr;
+  const float* grad = nullptr;
+  int64_t count = 0;
+  bool weight_decay = true;
+  int64_t offset = 0;  // elements into m and v
+};
+
 class AdamWCuda {
  public:
   // Moments for `numel` parameters, zeroed.
@@ -43,6 +52,8 @@ class AdamWCuda {
   // gradient multiplied by *grad_multiplier (device float; nullptr: 1). Ranges must lie in [0, numel).
   void step(float* value, const float* grad, std::span<const ParamRange> ranges, double lr,
             const float* grad_multiplier, cudaStream_t stream);
+  // The same step over tensors that live in separate allocations (a model's layers).
+  void step(std::span<const ParamTensor> tensors, double lr, const float* grad_multiplier, cudaStream_t stream);
 
  private:
   AdamWOptions options_;

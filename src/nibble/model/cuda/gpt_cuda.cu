@@ -1,0 +1,261 @@
+// The GPT on one GPU (see gpt_cuda.h). Forward and backward follow ../gpt.cpp step for step, with
+// explicit device buffers in place of the CPU's vectors:
+//   x_      the residual stream [rows x d]          ln_     a norm's output, or a gradient [rows x d]
+//   wide_   qkv, or d(fc output) [rows x max(qkv, fc)]   wide2_  the MLP activation, or its gradient
+//   narrow_ attention heads' output, or its gradient    dtmp_   a layer's output before the residual add
+//   dx_     the gradient of the residual stream      logits_ logits, then their gradient
+// Every block keeps its fc output (`pre`) for the activation's backward; the linear layers keep
+// their own saved operands (packed when quantized); the attention core keeps q, k, v and the softmax's log-sum-exp.
+#include "nibble/model/cuda/gpt_cuda.h"
+
+#include <stdexcept>
+#include <string>
+
+namespace nibble::model::cuda {
+
+using nibble::cuda::DeviceBuffer;
+namespace ncu = nibble::nn::cuda;
+
+struct GptCuda::Block {
+  ncu::NormCuda norm1, norm2;
+  ncu::LinearCuda qkv, proj, fc, proj2;
+  ncu::AttentionCoreCuda core;
+  nn::MlpKind mlp;
+  int64_t hidden, fc_width;
+  DeviceBuffer<float> pre;  // fc's output, saved for the activation's backward
+
+  Block(const GptConfig& c, const nn::Recipe& recipe, uint32_t index, uint64_t seed, ncu::LinearContext& ctx,
+        ncu::AttentionWorkspace& attn_workspace)
+      : norm1(c.d_model, c.norm, c.norm_eps),
+        norm2(c.d_model, c.norm, c.norm_eps),
+        qkv(c.d_model, (c.n_heads + 2 * c.n_kv_heads) * c.head_dim(), recipe, {4 * index, seed}, ctx),
+        proj(c.n_heads * c.head_dim(), c.d_model, recipe, {4 * index + 1, seed}, ctx),
+        fc(c.d_model, c.mlp == nn::MlpKind::kSwiglu ? 2 * c.mlp_hidden : c.mlp_hidden, recipe, {4 * index + 2, seed},
+           ctx),
+        proj2(c.mlp_hidden, c.d_model, recipe, {4 * index + 3, seed}, ctx),
+        core({c.d_model, c.n_heads, c.n_kv_heads, c.positions == PositionKind::kRope, c.rope_theta}, ctx.gemm,
+             attn_workspace),
+        mlp(c.mlp),
+        hidden(c.mlp_hidden),
+        fc_width(c.mlp == nn::MlpKind::kSwiglu ? 2 * c.mlp_hidden : c.mlp_hidden) {}
+
+  std::array<ncu::LinearCuda*, 4> linears() { return {&qkv, &proj, &fc, &proj2}; }
+};
+
+GptCuda::GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream)
+    : host_(host),
+      stream_(stream),
+      tok_embed_(host.config().vocab_size, host.config().d_model),
+      norm_f_(host.config().d_model, host.config().norm, host.config().norm_eps) {
+  const GptConfig& c = host.config();
+  if (c.positions == PositionKind::kLearned) pos_embed_ = std::make_unique<ncu::EmbeddingCuda>(c.seq_len, c.d_model);
+  for (int64_t i = 0; i < c.n_layers; ++i)
+    blocks_.push_back(std::make_unique<Block>(c, host.block_recipe(i), static_cast<uint32_t>(i), run_seed, linear_ctx_,
+                                             attn_workspace_));
+  nn::Recipe head_recipe = nn::preset("bf16");
+  head_ = std::make_unique<ncu::LinearCuda>(c.d_model, c.vocab_size, head_recipe, nn::LinearOptions{}, linear_ctx_);
+
+  // The parameter list, in Gpt::parameters()'s order and names.
+  const auto add = [&](std::string name, int64_t count, float* value, float* grad, bool decay) {
+    params_.push_back({std::move(name), count, value, grad, decay});
+  };
+  const int64_t d = c.d_model;
+  const auto norm = [&](const std::string& name, ncu::NormCuda& n) {
+    add(name + ".weight", d, n.weight(), n.weight_grad(), false);
+    if (n.has_bias()) add(name + ".bias", d, n.bias(), n.bias_grad(), false);
+  };
+  const auto linear = [&](const std::string& name, ncu::LinearCuda& l) {
+    add(name, l.in_features() * l.out_features(), l.weight(), l.weight_grad(), true);
+  };
+  add("embed.weight", c.vocab_size * d, tok_embed_.weight(), tok_embed_.weight_grad(), true);
+  if (pos_embed_) add("pos_embed.weight", c.seq_len * d, pos_embed_->weight(), pos_embed_->weight_grad(), true);
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block& b = *blocks_[i];
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    norm(p + "norm1", b.norm1);
+    linear(p + "attn.qkv.weight", b.qkv);
+    linear(p + "attn.proj.weight", b.proj);
+    norm(p + "norm2", b.norm2);
+    linear(p + "mlp.fc.weight", b.fc);
+    linear(p + "mlp.proj.weight", b.proj2);
+  }
+  norm("norm_f", norm_f_);
+  if (!c.tied_embeddings) linear("lm_head.weight", *head_);
+  upload_from(host);
+}
+
+GptCuda::~GptCuda() = default;
+
+void GptCuda::upload_from(Gpt& host) {
+  const std::vector<Parameter> hp = host.parameters();
+  if (hp.size() != params_.size())
+    throw std::logic_error("GptCuda: the host model has " + std::to_string(hp.size()) + " parameters, the device " +
+                           std::to_string(params_.size()));
+  for (size_t i = 0; i < hp.size(); ++i) {
+    if (hp[i].name != params_[i].name || static_cast<int64_t>(hp[i].value.size()) != params_[i].count)
+      throw std::logic_error("GptCuda: parameter " + std::to_string(i) + " is " + hp[i].name + " on the host and " +
+                             params_[i].name + " on the device");
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(params_[i].value, hp[i].value.data(), hp[i].value.size() * sizeof(float),
+                                      cudaMemcpyHostToDevice, stream_));
+  }
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  weights_changed();
+}
+
+void GptCuda::download_to(Gpt& host) {
+  const std::vector<Parameter> hp = host.parameters();
+  for (size_t i = 0; i < hp.size(); ++i)
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(hp[i].value.data(), params_[i].value, hp[i].value.size() * sizeof(float),
+                                      cudaMemcpyDeviceToHost, stream_));
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void GptCuda::weights_changed() {
+  for (auto& b : blocks_)
+    for (ncu::LinearCuda* l : b->linears()) l->weight_changed();
+  head_->weight_changed();
+}
+
+void GptCuda::apply_recipes() {
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    const nn::Recipe& r = host_.block_recipe(static_cast<int64_t>(i));
+    for (ncu::LinearCuda* l : blocks_[i]->linears())
+      if (!(l->recipe() == r)) l->set_recipe(r);
+  }
+}
+
+void GptCuda::set_bf16_everywhere(bool on) {
+  host_.set_bf16_everywhere(on);
+  apply_recipes();
+}
+
+void GptCuda::set_step(uint64_t step, uint32_t microbatch) {
+  for (auto& b : blocks_)
+    for (ncu::LinearCuda* l : b->linears()) l->set_step(step, microbatch);
+}
+
+void GptCuda::zero_grad() {
+  tok_embed_.zero_grad(stream_);
+  if (pos_embed_) pos_embed_->zero_grad(stream_);
+  head_->zero_grad(stream_);
+  norm_f_.zero_grad(stream_);
+  for (auto& b : blocks_) {
+    b->norm1.zero_grad(stream_);
+    b->norm2.zero_grad(stream_);
+    for (ncu::LinearCuda* l : b->linears()) l->zero_grad(stream_);
+  }
+}
+
+void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
+                            int64_t seq) {
+  const GptConfig& c = host_.config();
+  if (batch <= 0 || seq <= 0 || seq > c.seq_len)
+    throw std::invalid_argument("GptCuda: batch " + std::to_string(batch) + " x seq " + std::to_string(seq) +
+                                " is empty or longer than the model's seq_len " + std::to_string(c.seq_len));
+  const int64_t rows = batch * seq;
+  if (static_cast<int64_t>(inputs.size()) != rows || static_cast<int64_t>(targets.size()) != rows)
+    throw std::invalid_argument("GptCuda: expected " + std::to_string(rows) + " input and target ids");
+  if (rows != rows_) {
+    const int64_t d = c.d_model, qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim();
+    const int64_t fc = c.mlp == nn::MlpKind::kSwiglu ? 2 * c.mlp_hidden : c.mlp_hidden;
+    const auto sz = [&](int64_t width) { return static_cast<size_t>(rows * width); };
+    ids_.resize(sz(1));
+    targets_.resize(sz(1));
+    positions_.resize(sz(1));
+    for (DeviceBuffer<float>* b : {&x_, &hidden_, &ln_, &narrow_, &dx_, &dtmp_}) b->resize(sz(d));
+    wide_.resize(sz(std::max(qkv, fc)));
+    wide2_.resize(sz(c.mlp_hidden));
+    logits_.resize(sz(c.vocab_size));
+    for (auto& b : blocks_) b->pre.resize(sz(fc));
+    loss_dev_.resize(1);
+    rows_ = rows;
+  }
+  std::vector<uint32_t> positions(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r) positions[static_cast<size_t>(r)] = static_cast<uint32_t>(r % seq);
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ids_.data(), inputs.data(), rows * 4, cudaMemcpyHostToDevice, stream_));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(targets_.data(), targets.data(), rows * 4, cudaMemcpyHostToDevice, stream_));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(positions_.data(), positions.data(), rows * 4, cudaMemcpyHostToDevice, stream_));
+  // Both copies read pageable host memory; wait so that the caller may reuse its vectors.
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void GptCuda::forward_logits(int64_t batch, int64_t seq) {
+  const GptConfig& c = host_.config();
+  const int64_t rows = batch * seq, d = c.d_model;
+  tok_embed_.forward(ids_.data(), rows, x_.data(), /*accumulate=*/false, stream_);
+  if (pos_embed_) pos_embed_->forward(positions_.data(), rows, x_.data(), /*accumulate=*/true, stream_);
+  for (auto& bp : blocks_) {
+    Block& b = *bp;
+    b.norm1.forward(x_.data(), rows, ln_.data(), stream_);
+    b.qkv.forward(ln_.data(), rows, wide_.data(), stream_);
+    b.core.forward(wide_.data(), batch, seq, narrow_.data(), stream_);
+    b.proj.forward(narrow_.data(), rows, dtmp_.data(), stream_);
+    ncu::residual_add(x_.data(), dtmp_.data(), rows * d, stream_);
+    b.norm2.forward(x_.data(), rows, ln_.data(), stream_);
+    b.fc.forward(ln_.data(), rows, b.pre.data(), stream_);
+    ncu::activation_forward(b.mlp, b.pre.data(), rows, b.hidden, wide2_.data(), stream_);
+    b.proj2.forward(wide2_.data(), rows, dtmp_.data(), stream_);
+    ncu::residual_add(x_.data(), dtmp_.data(), rows * d, stream_);
+  }
+  norm_f_.forward(x_.data(), rows, hidden_.data(), stream_);
+  if (c.tied_embeddings) {  // the head reads a copy of the token embedding
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(head_->weight(), tok_embed_.weight(), c.vocab_size * d * sizeof(float),
+                                      cudaMemcpyDeviceToDevice, stream_));
+    head_->weight_changed();
+  }
+  head_->forward(hidden_.data(), rows, logits_.data(), stream_);
+}
+
+double GptCuda::read_loss() {
+  double loss = 0;
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&loss, loss_dev_.data(), sizeof loss, cudaMemcpyDeviceToHost, stream_));
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  tok_embed_.check_ids(stream_);
+  loss_.check_ids(host_.config().vocab_size, stream_);
+  return loss;
+}
+
+double GptCuda::loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
+                     int64_t seq) {
+  upload_tokens(inputs, targets, batch, seq);
+  forward_logits(batch, seq);
+  loss_.forward_backward(logits_.data(), targets_.data(), rows_, host_.config().vocab_size, 0.0f, loss_dev_.data(),
+                         stream_);
+  return read_loss();
+}
+
+double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
+                                 int64_t seq, float grad_scale) {
+  const GptConfig& c = host_.config();
+  upload_tokens(inputs, targets, batch, seq);
+  const int64_t rows = rows_, d = c.d_model;
+  forward_logits(batch, seq);
+  // logits_ becomes d(loss * grad_scale)/d(logits), as on the CPU.
+  loss_.forward_backward(logits_.data(), targets_.data(), rows, c.vocab_size, grad_scale / static_cast<float>(rows),
+                         loss_dev_.data(), stream_);
+
+  head_->backward(logits_.data(), dtmp_.data(), stream_);
+  if (c.tied_embeddings) {  // the head's weight is the embedding: its gradient goes to the table
+    ncu::residual_add(tok_embed_.weight_grad(), head_->weight_grad(), c.vocab_size * d, stream_);
+    head_->zero_grad(stream_);
+  }
+  norm_f_.backward(dtmp_.data(), dx_.data(), stream_);
+  for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
+    Block& b = **it;
+    b.proj2.backward(dx_.data(), wide2_.data(), stream_);
+    ncu::activation_backward(b.mlp, b.pre.data(), wide2_.data(), rows, b.hidden, wide_.data(), stream_);
+    b.fc.backward(wide_.data(), ln_.data(), stream_);
+    b.norm2.backward(ln_.data(), dtmp_.data(), stream_);
+    ncu::residual_add(dx_.data(), dtmp_.data(), rows * d, stream_);
+    b.proj.backward(dx_.data(), narrow_.data(), stream_);
+    b.core.backward(narrow_.data(), wide_.data(), stream_);
+    b.qkv.backward(wide_.data(), ln_.data(), stream_);
+    b.norm1.backward(ln_.data(), dtmp_.data(), stream_);
+    ncu::residual_add(dx_.data(), dtmp_.data(), rows * d, stream_);
+  }
+  tok_embed_.backward(ids_.data(), rows, dx_.data(), stream_);
+  if (pos_embed_) pos_embed_->backward(positions_.data(), rows, dx_.data(), stream_);
+  return read_loss();
+}
+
+}  // namespace nibble::model::cuda

@@ -1,0 +1,91 @@
+// The GPT on one GPU: the device twin of model::Gpt (../gpt.h), built from a host model whose
+// configuration, recipe, parameter names and initial weights it copies. Layers are the CUDA layers
+// (nn/cuda): FP32 activations, linear layers through the recipe (LinearCuda), attention's batched
+// matmuls and the LM head as BF16 tensor-core GEMMs with FP32 accumulation (the paper's high
+// precision; the CPU model computes them in FP32), norms, softmax and loss in FP32.
+//
+// The host model stays the home of everything that is not arithmetic: the per-block recipes
+// (selective BF16 and the late switch), the parameter list, checkpoints. download_to() and
+// upload_from() move the weights between the two.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "nibble/model/gpt.h"
+#include "nibble/nn/cuda/layers_cuda.h"
+#include "nibble/nn/cuda/linear_cuda.h"
+
+namespace nibble::model::cuda {
+
+// One parameter tensor on the device, in the order and with the names of Gpt::parameters().
+struct DeviceParameter {
+  std::string name;
+  int64_t count = 0;
+  float* value = nullptr;
+  float* grad = nullptr;
+  bool weight_decay = true;
+};
+
+class GptCuda {
+ public:
+  // Copies host's weights. host must outlive this object.
+  GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream = nullptr);
+  ~GptCuda();
+  GptCuda(const GptCuda&) = delete;
+  GptCuda& operator=(const GptCuda&) = delete;
+
+  const GptConfig& config() const { return host_.config(); }
+  void set_bf16_everywhere(bool on);
+  bool bf16_everywhere() const { return host_.bf16_everywhere(); }
+  void set_step(uint64_t step, uint32_t microbatch = 0);
+  void zero_grad();
+
+  // As Gpt::forward_backward / Gpt::loss, with host token ids; returns the mean loss (waits for it).
+  double forward_backward(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
+                          int64_t seq, float grad_scale = 1.0f);
+  double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch, int64_t seq);
+
+  // Device views of the parameters and gradients. Writing values (the optimizer) must be followed
+  // by weights_changed(), which drops the linear layers' quantized weight copies.
+  const std::vector<DeviceParameter>& parameters() const { return params_; }
+  void weights_changed();
+
+  void upload_from(Gpt& host);  // host weights -> device
+  void download_to(Gpt& host);  // device weights -> host (synchronises)
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  struct Block;
+  // Runs the model up to the final norm's output (hidden_) and the logits; ids already on device.
+  void forward_logits(int64_t batch, int64_t seq);
+  void upload_tokens(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch, int64_t seq);
+  void apply_recipes();
+  double read_loss();
+
+  Gpt& host_;
+  cudaStream_t stream_;
+  nn::cuda::LinearContext linear_ctx_;
+  nn::cuda::AttentionWorkspace attn_workspace_;  // shared by the blocks' attention cores
+  nn::cuda::EmbeddingCuda tok_embed_;
+  std::unique_ptr<nn::cuda::EmbeddingCuda> pos_embed_;
+  std::vector<std::unique_ptr<Block>> blocks_;
+  nn::cuda::NormCuda norm_f_;
+  // The LM head as a linear layer under the bf16 recipe; with tied embeddings its weight is a copy
+  // of the token embedding, refreshed before every use, and its gradient is added to the table's.
+  std::unique_ptr<nn::cuda::LinearCuda> head_;
+  nn::cuda::CrossEntropyCuda loss_;
+  std::vector<DeviceParameter> params_;
+
+  int64_t rows_ = 0;
+  nn::cuda::DeviceBuffer<uint32_t> ids_, targets_, positions_;
+  nn::cuda::DeviceBuffer<float> x_, hidden_, ln_, wide_, wide2_, narrow_, dx_, dtmp_, logits_;
+  nn::cuda::DeviceBuffer<double> loss_dev_;
+};
+
+}  // namespace nibble::model::cuda

@@ -1,0 +1,141 @@
+// The GPU training engine (see engine_cuda.h).
+#include "nibble/train/cuda/engine_cuda.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "nibble/model/cuda/gpt_cuda.h"
+#include "nibble/train/cuda/adamw_cuda.h"
+
+namespace nibble::train::cuda {
+namespace {
+
+using nibble::cuda::DeviceBuffer;
+
+int64_t total_count(const std::vector<model::cuda::DeviceParameter>& ps) {
+  int64_t n = 0;
+  for (const auto& p : ps) n += p.count;
+  return n;
+}
+
+class CudaEngine final : public Engine {
+ public:
+  CudaEngine(model::Gpt& host, AdamW& optimizer, uint64_t run_seed)
+      : host_(host),
+        optimizer_(optimizer),
+        gpu_(host, run_seed),
+        adamw_(optimizer.options(), total_count(gpu_.parameters())),
+        norm_(1) {
+    int64_t offset = 0;
+    for (const auto& p : gpu_.parameters()) {
+      tensors_.push_back({p.value, p.grad, p.count, p.weight_decay, offset});
+      grads_.push_back({p.grad, p.count});
+      offset += p.count;
+    }
+    cudaDeviceProp prop{};
+    NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+    name_ = prop.name;
+    from_host_moments();
+  }
+
+  std::string device() const override { return name_; }
+  void set_bf16_everywhere(bool on) override { gpu_.set_bf16_everywhere(on); }
+  void zero_grad() override { gpu_.zero_grad(); }
+  double forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
+                          std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) override {
+    gpu_.set_step(step, microbatch);
+    return gpu_.forward_backward(inputs, targets, batch, seq, grad_scale);
+  }
+  double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
+              int64_t seq) override {
+    return gpu_.loss(inputs, targets, batch, seq);
+  }
+  double grad_norm() override {
+    grad_norm_.compute(grads_, norm_.data(), gpu_.stream());
+    double n = 0;
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&n, norm_.data(), sizeof n, cudaMemcpyDeviceToHost, gpu_.stream()));
+    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream()));
+    return n;
+  }
+  void update(double lr, float grad_multiplier) override {
+    multiplier_.resize(1);
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(multiplier_.data(), &grad_multiplier, sizeof(float), cudaMemcpyHostToDevice,
+                                      gpu_.stream()));
+    adamw_.step(tensors_, lr, multiplier_.data(), gpu_.stream());
+    gpu_.weights_changed();
+    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream()));  // the host value above must outlive the copy
+  }
+  void to_host() override {
+    gpu_.download_to(host_);
+    const std::vector<model::Parameter> ps = host_.parameters();
+    std::vector<float> m, v;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      m.resize(ps[i].value.size());
+      v.resize(ps[i].value.size());
+      NIBBLE_CUDA_CHECK(cudaMemcpy(m.data(), adamw_.exp_avg() + tensors_[i].offset, m.size() * 4, cudaMemcpyDeviceToHost));
+      NIBBLE_CUDA_CHECK(cudaMemcpy(v.data(), adamw_.exp_avg_sq() + tensors_[i].offset, v.size() * 4,
+                                   cudaMemcpyDeviceToHost));
+      optimizer_.set_moments(ps[i], m, v);
+    }
+    optimizer_.set_steps(adamw_.steps());
+  }
+  void from_host() override {
+    gpu_.upload_from(host_);
+    from_host_moments();
+  }
+  double memory_mib() override {
+    size_t free = 0, total = 0;
+    NIBBLE_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+    peak_ = std::max(peak_, static_cast<double>(total - free) / (1024.0 * 1024.0));
+    return peak_;
+  }
+  // H100 and H200 (SXM): 989 TFLOP/s dense BF16. Other devices: not reported.
+  double peak_flops() const override {
+    return name_.find("H100") != std::string::npos || name_.find("H200") != std::string::npos ? 989.4e12 : 0.0;
+  }
+
+ private:
+  void from_host_moments() {
+    const std::vector<model::Parameter> ps = host_.parameters();
+    std::vector<float> m, v;
+    for (size_t i = 0; i < ps.size(); ++i) {
+      float* dm = adamw_.exp_avg() + tensors_[i].offset;
+      float* dv = adamw_.exp_avg_sq() + tensors_[i].offset;
+      if (optimizer_.moments(ps[i].name, m, v)) {
+        NIBBLE_CUDA_CHECK(cudaMemcpy(dm, m.data(), m.size() * 4, cudaMemcpyHostToDevice));
+        NIBBLE_CUDA_CHECK(cudaMemcpy(dv, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+      } else {
+        NIBBLE_CUDA_CHECK(cudaMemset(dm, 0, tensors_[i].count * 4));
+        NIBBLE_CUDA_CHECK(cudaMemset(dv, 0, tensors_[i].count * 4));
+      }
+    }
+    adamw_.set_steps(optimizer_.steps());
+  }
+
+  model::Gpt& host_;
+  AdamW& optimizer_;
+  model::cuda::GptCuda gpu_;
+  AdamWCuda adamw_;
+  GradNormCuda grad_norm_;
+  std::vector<ParamTensor> tensors_;
+  std::vector<GradSpan> grads_;
+  DeviceBuffer<double> norm_;
+  DeviceBuffer<float> multiplier_;
+  std::string name_;
+  double peak_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<Engine> make_cuda_engine(model::Gpt& model, AdamW& optimizer, uint64_t run_seed) {
+  int count = 0;
+  const cudaError_t err = cudaGetDeviceCount(&count);
+  if (err != cudaSuccess || count == 0)
+    throw std::runtime_error(std::string("--device cuda: no usable CUDA device (") +
+                             (err != cudaSuccess ? cudaGetErrorString(err) : "none found") + ")");
+  return std::make_unique<CudaEngine>(model, optimizer, run_seed);
+}
+
+}  // namespace nibble::train::cuda

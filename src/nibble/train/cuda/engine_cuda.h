@@ -1,0 +1,15 @@
+// The training engine on one GPU: the model (GptCuda), AdamW and the gradient norm on the device.
+// The host model and optimizer receive the state only for checkpoints (to_host) and give it at the
+// start (the constructor: fresh or resumed weights and moments).
+#pragma once
+
+#include <memory>
+
+#include "nibble/train/engine.h"
+
+namespace nibble::train::cuda {
+
+// Throws std::runtime_error when no CUDA device can be used (the message says why).
+std::unique_ptr<Engine> make_cuda_engine(model::Gpt& model, AdamW& optimizer, uint64_t run_seed);
+
+}  // namespace nibble::train::cuda

@@ -1,0 +1,137 @@
+// The GPT on the GPU against the CPU model: loss and every parameter's gradient after one
+// forward/backward on the same weights and tokens, under several model shapes and recipes (needs a
+// GPU; ctest label "gpu").
+//
+// Tolerances, and why they are not tighter: the GPU runs attention's two batched matmuls and the LM
+// head as BF16 tensor-core GEMMs (FP32 accumulation); the CPU runs them in FP32. BF16 rounding of
+// q, k, v, P, dO, the hidden states and the logits' gradient perturbs each product by up to 2^-9
+// relative, so gradients differ by a few 1e-3 in norm (measured, printed below). With a quantizing
+// recipe (nvfp4) those perturbations also move values across E2M1 rounding boundaries, each such
+// flip changing one element by a whole quantization step (up to 1/3 of its value), so the nvfp4
+// gradients agree only to a few percent; what is still checked exactly there is the recipe's
+// plumbing (seeds, scales, layouts), whose faults produce errors of order 1.
+#include "nibble/model/cuda/gpt_cuda.h"
+
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "nibble/model/gpt.h"
+#include "test_seed.h"
+
+namespace nibble::model {
+namespace {
+
+GptConfig tiny(PositionKind pos, NormKind norm, nn::MlpKind mlp, int64_t kv_heads, bool tied) {
+  GptConfig c;
+  c.name = "tiny-gpu-test";
+  c.vocab_size = 512;
+  c.seq_len = 64;
+  c.d_model = 128;
+  c.n_layers = 3;
+  c.n_heads = 4;
+  c.n_kv_heads = kv_heads;
+  c.positions = pos;
+  c.norm = norm;
+  c.mlp = mlp;
+  c.tied_embeddings = tied;
+  return c;
+}
+
+struct Case {
+  std::string name;
+  GptConfig config;
+  std::string recipe;
+  double loss_tol, grad_tol;  // relative: |loss| and per-parameter gradient norms
+};
+
+class GptCudaTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(GptCudaTest, MatchesCpuModel) {
+  const Case& tc = GetParam();
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const int64_t batch = 3, seq = 48, rows = batch * seq;
+  std::vector<uint32_t> inputs(rows), targets(rows);
+  std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(tc.config.vocab_size - 1));
+  for (int64_t i = 0; i < rows; ++i) inputs[i] = id(rng), targets[i] = id(rng);
+
+  nn::Recipe recipe = nn::make_recipe(tc.recipe);
+  recipe.bf16_first_blocks = 1;  // selective high precision: block 0 in bf16, the rest as the recipe says
+  Gpt cpu(tc.config, recipe, seed, seed + 1);
+  Gpt host_for_gpu(tc.config, recipe, seed, seed + 1);
+  cuda::GptCuda gpu(host_for_gpu, seed + 1);
+  for (uint64_t step : {3u, 4u}) {  // two steps: gradients accumulate, seeds change with the step
+    cpu.set_step(step, 1);
+    gpu.set_step(step, 1);
+    const double l_cpu = cpu.forward_backward(inputs, targets, batch, seq, 0.5f);
+    const double l_gpu = gpu.forward_backward(inputs, targets, batch, seq, 0.5f);
+    EXPECT_NEAR(l_gpu, l_cpu, tc.loss_tol * std::fabs(l_cpu)) << "step " << step;
+    std::printf("[ gpt      ] %-28s step %llu loss cpu %.6f gpu %.6f\n", tc.name.c_str(),
+                static_cast<unsigned long long>(step), l_cpu, l_gpu);
+  }
+  const double l_val_cpu = cpu.loss(inputs, targets, batch, seq), l_val_gpu = gpu.loss(inputs, targets, batch, seq);
+  EXPECT_NEAR(l_val_gpu, l_val_cpu, tc.loss_tol * std::fabs(l_val_cpu)) << "loss()";
+
+  const std::vector<Parameter> ps = cpu.parameters();
+  const std::vector<cuda::DeviceParameter>& ds = gpu.parameters();
+  ASSERT_EQ(ps.size(), ds.size());
+  double worst = 0;
+  std::string worst_name;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    ASSERT_EQ(ps[i].name, ds[i].name);
+    std::vector<float> g(static_cast<size_t>(ds[i].count));
+    NIBBLE_CUDA_CHECK(cudaMemcpy(g.data(), ds[i].grad, g.size() * 4, cudaMemcpyDeviceToHost));
+    double diff = 0, ref = 0;
+    for (size_t j = 0; j < g.size(); ++j) {
+      const double c = ps[i].grad[j];
+      diff += (g[j] - c) * (g[j] - c);
+      ref += c * c;
+    }
+    const double rel = std::sqrt(diff) / std::max(std::sqrt(ref), 1e-30);
+    EXPECT_LE(rel, tc.grad_tol) << ps[i].name << " (|grad| " << std::sqrt(ref) << ")";
+    if (rel > worst) worst = rel, worst_name = ps[i].name;
+  }
+  std::printf("[ gpt      ] %-28s worst gradient relative error %.2e (%s), tolerance %.0e\n", tc.name.c_str(), worst,
+              worst_name.c_str(), tc.grad_tol);
+}
+
+using nn::MlpKind;
+INSTANTIATE_TEST_SUITE_P(
+    Models, GptCudaTest,
+    ::testing::Values(
+        Case{"gpt2_like_fp32", tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true), "fp32",
+             2e-3, 2e-2},
+        Case{"gpt2_like_bf16", tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true), "bf16",
+             2e-3, 2e-2},
+        Case{"llama_like_bf16", tiny(PositionKind::kRope, NormKind::kRmsNorm, MlpKind::kSwiglu, 2, false), "bf16",
+             2e-3, 2e-2},
+        Case{"relu2_mqa_fp8", tiny(PositionKind::kLearned, NormKind::kRmsNorm, MlpKind::kRelu2, 1, false), "fp8",
+             5e-3, 5e-2},
+        Case{"gpt2_like_nvfp4", tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true), "nvfp4",
+             1e-2, 1.5e-1},
+        Case{"llama_like_nvfp4", tiny(PositionKind::kRope, NormKind::kRmsNorm, MlpKind::kSwiglu, 2, false), "nvfp4",
+             1e-2, 1.5e-1},
+        Case{"gpt2_like_mxfp4", tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true), "mxfp4",
+             1e-2, 1.5e-1}),
+    [](const auto& info) { return info.param.name; });
+
+// Bad token ids fail with the id and its position, as on the CPU.
+TEST(GptCuda, RejectsOutOfRangeIds) {
+  GptConfig c = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true);
+  Gpt host(c, nn::preset("bf16"), 1, 2);
+  cuda::GptCuda gpu(host, 2);
+  std::vector<uint32_t> inputs(64, 1), targets(64, 2);
+  inputs[17] = 512;
+  EXPECT_THROW(gpu.loss(inputs, targets, 1, 64), std::out_of_range);
+  inputs[17] = 1;
+  targets[5] = 9999;
+  EXPECT_THROW(gpu.loss(inputs, targets, 1, 64), std::out_of_range);
+  EXPECT_NO_THROW(gpu.loss(inputs, std::vector<uint32_t>(64, 3), 1, 64));
+}
+
+}  // namespace
+}  // namespace nibble::model
