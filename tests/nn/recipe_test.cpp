@@ -105,6 +105,27 @@ TEST(Recipe, SelectiveBf16Blocks) {
   EXPECT_EQ(kept, "BB44444BBB");
 }
 
+// The presets keep the paper's ratio of bf16 blocks (first 2 and last 8 of 62), rounded per depth.
+TEST(Recipe, PaperRatioOfBf16Blocks) {
+  const Recipe r = preset("nvfp4");
+  EXPECT_EQ(r.bf16_first_blocks, kBf16BlocksPaperRatio);
+  EXPECT_EQ(r.first_bf16_blocks(62), 2);
+  EXPECT_EQ(r.last_bf16_blocks(62), 8);
+  EXPECT_EQ(r.first_bf16_blocks(12), 0);  // GPT-2 124M: 0.39 and 1.55 blocks
+  EXPECT_EQ(r.last_bf16_blocks(12), 2);
+  EXPECT_EQ(r.first_bf16_blocks(24), 1);  // GPT-2 350M: 0.77 and 3.10
+  EXPECT_EQ(r.last_bf16_blocks(24), 3);
+  std::string kept;
+  for (int i = 0; i < 12; ++i) kept += r.keeps_bf16(i, 12) ? 'B' : '4';
+  EXPECT_EQ(kept, "4444444444BB");
+  EXPECT_EQ(preset("bf16").first_bf16_blocks(62), 0);
+  const Recipe fixed = make_recipe("nvfp4", std::vector<std::string>{"bf16_first_blocks=0", "bf16_last_blocks=0"});
+  EXPECT_FALSE(fixed.keeps_bf16(11, 12));
+  const Recipe back = make_recipe("bf16", std::vector<std::string>{"bf16_last_blocks=auto"});
+  EXPECT_EQ(back.last_bf16_blocks(62), 8);
+  EXPECT_EQ(parse_recipe_toml(to_toml(r), "roundtrip.toml"), r);
+}
+
 TEST(Recipe, TomlRoundTripOfRandomRecipes) {
   std::mt19937_64 rng(test::fresh_seed());
   const std::vector<std::string> tweaks = {"no_rht", "no_2d", "no_sr", "fprop.x.format=bf16", "dgrad.w.format=fp32",
@@ -177,7 +198,7 @@ TEST(Recipe, InvalidCombinationsAreNamed) {
                       "dgrad.dy: stochastic rounding applies to quantized formats");
   EXPECT_RECIPE_ERROR(make_recipe("nvfp4", std::vector<std::string>{"bf16_switch_fraction=1.5"}),
                       "bf16_switch_fraction must lie in [0, 1]");
-  EXPECT_RECIPE_ERROR(make_recipe("nvfp4", std::vector<std::string>{"bf16_first_blocks=-1"}), "must be >= 0");
+  EXPECT_RECIPE_ERROR(make_recipe("nvfp4", std::vector<std::string>{"bf16_first_blocks=-2"}), "must be >= 0 or");
 }
 
 TEST(Recipe, UnknownNamesAreErrors) {

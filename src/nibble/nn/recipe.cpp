@@ -58,8 +58,11 @@ Recipe fp4_recipe(std::string name, OperandFormat f, Block weight_block) {
   r[Operand::kDgradDy] = operand(f, b, Rounding::kStochastic);
   r[Operand::kWgradDy] = operand(f, b, Rounding::kStochastic, true);
   r[Operand::kWgradX] = operand(f, b, Rounding::kNearestEven, true);
+  r.bf16_first_blocks = kBf16BlocksPaperRatio;
+  r.bf16_last_blocks = kBf16BlocksPaperRatio;
   return r;
 }
+
 
 std::string list(const std::vector<std::string>& names) {
   std::string s;
@@ -154,8 +157,16 @@ Format quant_format(OperandFormat f) {
 
 RhtSigns Recipe::rht_signs() const { return rht_sign_seed ? rht_signs_from_seed(*rht_sign_seed) : kDefaultRhtSigns; }
 
+int Recipe::first_bf16_blocks(int num_blocks) const {
+  return bf16_first_blocks >= 0 ? bf16_first_blocks : static_cast<int>(std::lround(num_blocks * 2.0 / 62.0));
+}
+
+int Recipe::last_bf16_blocks(int num_blocks) const {
+  return bf16_last_blocks >= 0 ? bf16_last_blocks : static_cast<int>(std::lround(num_blocks * 8.0 / 62.0));
+}
+
 bool Recipe::keeps_bf16(int index, int num_blocks) const {
-  return index < bf16_first_blocks || index >= num_blocks - bf16_last_blocks;
+  return index < first_bf16_blocks(num_blocks) || index >= num_blocks - last_bf16_blocks(num_blocks);
 }
 
 std::vector<std::string> preset_names() { return {"fp32", "bf16", "fp8", "fp8_hybrid", "nvfp4", "mxfp4"}; }
@@ -202,10 +213,16 @@ void validate(const Recipe& r) {
   }
   if (r[Operand::kWgradDy].rht != r[Operand::kWgradX].rht)
     fail(where, "wgrad.dy and wgrad.x must both use the RHT or neither (the transforms cancel only in pairs)");
-  if (r.bf16_first_blocks < 0 || r.bf16_last_blocks < 0)
-    fail(where, "bf16_first_blocks and bf16_last_blocks must be >= 0");
+  if (r.bf16_first_blocks < kBf16BlocksPaperRatio || r.bf16_last_blocks < kBf16BlocksPaperRatio)
+    fail(where, "bf16_first_blocks and bf16_last_blocks must be >= 0 or \"auto\"");
   if (!(r.bf16_switch_fraction >= 0.0 && r.bf16_switch_fraction <= 1.0))
     fail(where, "bf16_switch_fraction must lie in [0, 1], got " + number_text(r.bf16_switch_fraction));
+}
+
+// "auto" (the paper's ratio) or a block count, as override text.
+int parse_block_count(std::string_view source, std::string_view key, std::string_view value) {
+  if (value == "auto") return kBf16BlocksPaperRatio;
+  return parse_number<int>(source, key, value);
 }
 
 void apply_override(Recipe& r, std::string_view text, std::string_view source) {
@@ -221,9 +238,9 @@ void apply_override(Recipe& r, std::string_view text, std::string_view source) {
     if (value.empty()) fail(source, "name must not be empty");
     r.name = value;
   } else if (key == "bf16_first_blocks") {
-    r.bf16_first_blocks = parse_number<int>(source, key, value);
+    r.bf16_first_blocks = parse_block_count(source, key, value);
   } else if (key == "bf16_last_blocks") {
-    r.bf16_last_blocks = parse_number<int>(source, key, value);
+    r.bf16_last_blocks = parse_block_count(source, key, value);
   } else if (key == "bf16_switch_fraction") {
     r.bf16_switch_fraction = parse_number<double>(source, key, value);
   } else if (key == "rht_sign_seed") {
@@ -284,6 +301,8 @@ std::string scalar_text(std::string_view source, const std::string& key, const t
     return number_text(*n.value<double>());
   }
   if (key == "rht_sign_seed" && n.is_string()) return std::string(*n.value<std::string>());
+  if ((key == "bf16_first_blocks" || key == "bf16_last_blocks") && n.is_string())
+    return std::string(*n.value<std::string>());
   if (!n.is_integer()) fail(at, key + " must be an integer");
   return std::to_string(*n.value<int64_t>());
 }
@@ -375,8 +394,12 @@ Recipe make_recipe(std::string_view base, std::span<const std::string> overrides
 std::string to_toml(const Recipe& r) {
   toml::table doc;
   doc.insert("name", r.name);
-  doc.insert("bf16_first_blocks", r.bf16_first_blocks);
-  doc.insert("bf16_last_blocks", r.bf16_last_blocks);
+  const auto blocks = [&](const char* key, int v) {
+    if (v == kBf16BlocksPaperRatio) doc.insert(key, "auto");
+    else doc.insert(key, v);
+  };
+  blocks("bf16_first_blocks", r.bf16_first_blocks);
+  blocks("bf16_last_blocks", r.bf16_last_blocks);
   doc.insert("bf16_switch_fraction", r.bf16_switch_fraction);
   if (r.rht_sign_seed) {
     // TOML integers are signed 64-bit: larger seeds are written as strings of digits.

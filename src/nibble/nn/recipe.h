@@ -17,7 +17,9 @@
 //   fp8         E4M3 everywhere, per-tensor current scaling (TransformerEngine's default Format.E4M3)
 //   fp8_hybrid  E4M3 for X and W, E5M2 for dY (TransformerEngine's Format.HYBRID)
 //   nvfp4       the paper's recipe: W 16x16 RNE; X 1x16 RNE; dY 1x16 stochastic rounding (Dgrad and
-//               Wgrad); RHT on both Wgrad inputs along the token dimension
+//               Wgrad); RHT on both Wgrad inputs along the token dimension; the first and last
+//               blocks in bf16 at the paper's ratio (2 and 8 of 62 blocks: "auto", rounded, so a
+//               12-block GPT-2 keeps its last 2 blocks in bf16, a 24-block one its first 1 and last 3)
 //   mxfp4       nvfp4's techniques with MXFP4 operands (1x32 E8M0 blocks everywhere: MX has no 2D
 //               blocks); our choice for a like-for-like comparison
 // and the ablations of nvfp4 (also applicable to any recipe, see apply_override):
@@ -31,7 +33,8 @@
 //   <gemm>.<operand>.block      tensor | 1x16 | 16x16 | 1x32
 //   <gemm>.<operand>.rounding   rne | sr
 //   <gemm>.<operand>.rht        true | false
-//   name, bf16_first_blocks, bf16_last_blocks, bf16_switch_fraction, rht_sign_seed (integer or "default")
+//   name, bf16_first_blocks, bf16_last_blocks (integer or "auto"), bf16_switch_fraction,
+//   rht_sign_seed (integer or "default")
 // with <gemm>.<operand> one of the six above. Setting a format also resets that operand's block to
 // the format's default (nvfp4 1x16, mxfp4 1x32, otherwise tensor) and, for fp32/bf16, its rounding
 // to rne, so "fprop.x.format=bf16" alone gives a valid operand; set block/rounding after it.
@@ -77,6 +80,10 @@ struct OperandRecipe {
   bool operator==(const OperandRecipe&) const = default;
 };
 
+// bf16_first_blocks / bf16_last_blocks value meaning the paper's ratio: round(2/62 and 8/62 of the
+// model's blocks), from the 12B model's first 2 and last 8 of 62 blocks kept in BF16.
+inline constexpr int kBf16BlocksPaperRatio = -1;
+
 enum class Operand : uint8_t { kFpropX, kFpropW, kDgradDy, kDgradW, kWgradDy, kWgradX };
 inline constexpr int kNumOperands = 6;
 inline constexpr std::array<Operand, kNumOperands> kAllOperands = {
@@ -91,7 +98,8 @@ struct Recipe {
   std::array<OperandRecipe, kNumOperands> operands{};
   // RHT sign vector: TransformerEngine's default, or drawn from this seed (one vector per run).
   std::optional<uint64_t> rht_sign_seed;
-  // Selective high precision: the first/last transformer blocks whose linear layers use bf16.
+  // Selective high precision: the first/last transformer blocks whose linear layers use bf16;
+  // kBf16BlocksPaperRatio ("auto") takes the paper's ratio for the model's depth.
   int bf16_first_blocks = 0;
   int bf16_last_blocks = 0;
   // Fraction of the training tokens after which every layer switches to bf16 (1 = never).
@@ -100,8 +108,11 @@ struct Recipe {
   OperandRecipe& operator[](Operand op) { return operands[static_cast<int>(op)]; }
   const OperandRecipe& operator[](Operand op) const { return operands[static_cast<int>(op)]; }
   RhtSigns rht_signs() const;
-  // Whether block `index` (0-based) of a model with `num_blocks` blocks keeps its linears in bf16.
+  // Whether block `index` (0-based) of a model with `num_blocks` blocks keeps its linears in bf16,
+  // and the resolved counts.
   bool keeps_bf16(int index, int num_blocks) const;
+  int first_bf16_blocks(int num_blocks) const;
+  int last_bf16_blocks(int num_blocks) const;
   bool operator==(const Recipe&) const = default;
 };
 

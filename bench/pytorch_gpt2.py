@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""PyTorch reference of nibble's GPT-2 training step, for the speed comparison of issue 6.
+
+The same model as configs/models/gpt2-124m.toml (or --config another nibble model TOML of the GPT-2
+kind: learned positions, LayerNorm, GELU (tanh), tied embeddings): pre-norm blocks, causal
+attention through scaled_dot_product_attention (flash), BF16 autocast, fused AdamW, gradient
+clipping at 1.0. Tokens are random ids (throughput does not depend on them).
+
+    python3 bench/pytorch_gpt2.py --config configs/models/gpt2-124m.toml --batch 16 --steps 30 [--compile]
+
+Prints one JSON line: tokens/s (median over the steps after warm-up), model FLOPs utilisation
+(6 N + 12 L d T per token, against 989.4 TFLOP/s dense BF16 on H100/H200), peak memory (PyTorch's
+max allocated, and device memory in use as cudaMemGetInfo sees it, which is what nibble reports).
+"""
+import argparse
+import json
+import math
+import statistics
+import time
+import tomllib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, d, heads, hidden):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.proj = nn.Linear(d, d, bias=False)
+        self.norm2 = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, hidden, bias=False)
+        self.fc_proj = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(d, dim=2)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.fc_proj(F.gelu(self.fc(self.norm2(x)), approximate="tanh"))
+
+
+class Gpt(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        d = c["d_model"]
+        self.tok = nn.Embedding(c["vocab_size"], d)
+        self.pos = nn.Embedding(c["seq_len"], d)
+        self.blocks = nn.ModuleList(Block(d, c["n_heads"], c.get("mlp_hidden", 4 * d)) for _ in range(c["n_layers"]))
+        self.norm_f = nn.LayerNorm(d)
+
+    def forward(self, ids, targets):
+        x = self.tok(ids) + self.pos(torch.arange(ids.shape[1], device=ids.device))
+        for blk in self.blocks:
+            x = blk(x)
+        logits = F.linear(self.norm_f(x), self.tok.weight)  # tied LM head
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/models/gpt2-124m.toml")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--compile", action="store_true")
+    a = ap.parse_args()
+    with open(a.config, "rb") as f:
+        c = tomllib.load(f)
+    torch.manual_seed(0)
+    dev = "cuda"
+    model = Gpt(c).to(dev)
+    n_params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+    step_fn = torch.compile(model) if a.compile else model
+    t = c["seq_len"]
+    times = []
+    for i in range(a.warmup + a.steps):
+        ids = torch.randint(0, c["vocab_size"], (a.batch, t + 1), device=dev)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_fn(ids[:, :-1], ids[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= a.warmup:
+            times.append(time.perf_counter() - t0)
+    tokens = a.batch * t
+    tps = tokens / statistics.median(times)
+    flops_per_token = 6 * n_params + 12 * c["n_layers"] * c["d_model"] * t
+    name = torch.cuda.get_device_name()
+    peak = 989.4e12 if ("H100" in name or "H200" in name) else float("nan")
+    free, total = torch.cuda.mem_get_info()
+    print(json.dumps({
+        "impl": "pytorch " + torch.__version__ + (" compile" if a.compile else " eager"),
+        "device": name, "params": n_params, "tokens_per_s": tps, "mfu": flops_per_token * tps / peak,
+        "max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20,
+        "device_used_mib": (total - free) / 2**20, "final_loss": loss.item()}))
+
+
+if __name__ == "__main__":
+    main()

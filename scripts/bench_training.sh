@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Training speed and memory on one GPU (issue 6): nibble's bf16 and nvfp4 steps and the PyTorch
+# reference (bench/pytorch_gpt2.py, eager and torch.compile) on the same model and batch, in one
+# call, then the table (bench/training_table.py). Run on the GPU machine:
+#   scripts/bench_training.sh DATA_DIR [NIBBLE_BINARY] [STEPS]
+# DATA_DIR: GPT-2 tokens from `nibble prepare` (any text). Logs and the table go to $OUT (default ./out).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=$1
+nibble=${2:-build/cuda/src/nibble/cli/nibble}
+steps=${3:-40}
+out=${OUT:-out}
+mkdir -p "$out"
+config=configs/models/gpt2-124m.toml
+for recipe in bf16 nvfp4; do
+  rm -rf "/tmp/bench-$recipe"
+  "$nibble" train --device cuda --config "$config" --recipe "$recipe" --data "$data" --out "/tmp/bench-$recipe" \
+    --steps "$steps" --batch-size 16 --progress quiet --val-batches 1 >"$out/nibble-$recipe.log" 2>&1
+  cp "/tmp/bench-$recipe/metrics.jsonl" "$out/nibble-$recipe.jsonl"
+done
+: >"$out/pytorch.jsonl"
+python3 bench/pytorch_gpt2.py --config "$config" --batch 16 --steps 30 >>"$out/pytorch.jsonl"
+python3 bench/pytorch_gpt2.py --config "$config" --batch 16 --steps 30 --compile >>"$out/pytorch.jsonl" 2>"$out/compile.log"
+python3 bench/training_table.py --nibble bf16=/tmp/bench-bf16 nvfp4=/tmp/bench-nvfp4 --pytorch "$out/pytorch.jsonl" | tee "$out/table.md"
