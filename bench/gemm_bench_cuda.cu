@@ -74,6 +74,10 @@ void run_shape(const Shape& s, GemmRunner& gemm) {
   quantize_b();
   const float qa_ms = median_ms(quantize_a), qb_ms = median_ms(quantize_b);
   const float decode_gemm_ms = median_ms(emulated_gemm);
+  const float decode_ms = median_ms([&] {
+    qa.gemm_matrix(GemmType::kBF16, false, scratch_a, nullptr);
+    qb.gemm_matrix(GemmType::kBF16, true, scratch_b, nullptr);
+  });
   const float nvfp4_ms = median_ms([&] {
     quantize_a();
     quantize_b();
@@ -96,10 +100,10 @@ void run_shape(const Shape& s, GemmRunner& gemm) {
   });
 
   const double flop = 2.0 * s.m * s.n * s.k;
-  std::printf("%-22s %6lld %6lld %6lld | bf16 %8.3f ms %6.0f TF/s | nvfp4 %8.3f ms (qA %.3f qW %.3f dec+gemm %.3f) "
+  std::printf("%-22s %6lld %6lld %6lld | bf16 %8.3f ms %6.0f TF/s | nvfp4 %8.3f ms (qA %.3f qW %.3f dec %.3f dec+gemm %.3f) "
               "x%.2f, w pre-quantized x%.2f | fp8 %8.3f ms x%.2f\n",
               s.name.c_str(), static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k),
-              bf16_ms, flop / bf16_ms * 1e-9, nvfp4_ms, qa_ms, qb_ms, decode_gemm_ms, nvfp4_ms / bf16_ms,
+              bf16_ms, flop / bf16_ms * 1e-9, nvfp4_ms, qa_ms, qb_ms, decode_ms, decode_gemm_ms, nvfp4_ms / bf16_ms,
               nvfp4_wq_ms / bf16_ms, fp8_ms, fp8_ms / bf16_ms);
 }
 

@@ -14,12 +14,13 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/gpu.txt"
 
 echo "== CUDA tests"
-"$build"/tests/nibble_cuda_tests 2>&1 | tee "$out/cuda_tests.log" | grep -E "^\[  (PASSED|FAILED) |^\[==========\]|compared|random seed|Failure" | head -40
+"$build"/tests/nibble_cuda_tests 2>&1 | tee "$out/cuda_tests.log" | grep -E "^\[  (PASSED|FAILED) |^\[==========\]|compared|random seed|Failure|linear   \]|gpt      \]" | head -80
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 
 echo "== compute-sanitizer (memcheck, racecheck) on small cases"
 filter='CudaQuantize.FusedSidesCanBeSwitchedOff:CudaQuantize.NonFiniteAndZeroTensorsMatchCpu:CudaQuantize.RejectsShapesItCannotQuantize'
 filter+=':EmbeddingCuda.*:Kinds/NormCudaTest.*:Shapes/AttentionCudaTest.*:CrossEntropyCuda.*:GradNormCuda.*'
+filter+=':LinearCuda.*:Recipes/LinearCudaTest.MatchesCpuLayer/nvfp4:GptCuda.*'
 for tool in memcheck racecheck; do
   compute-sanitizer --tool "$tool" --error-exitcode 9 "$build"/tests/nibble_cuda_tests --gtest_filter="$filter" \
     >"$out/sanitizer_$tool.log" 2>&1
@@ -32,5 +33,7 @@ echo "== CUDA benchmarks"
 "$build"/bench/nibble_quant_bench_cuda 2>&1 | tee "$out/quant_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 "$build"/bench/nibble_layers_bench_cuda 2>&1 | tee "$out/layers_bench.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+"$build"/bench/nibble_gemm_bench_cuda 2>&1 | tee "$out/gemm_bench.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status
