@@ -165,23 +165,34 @@ __device__ __forceinline__ float e2m1_rne_magic(float y) {
   return fminf(fminf(lo, mid), fminf(hi, kMagic + 7.0f));
 }
 
-// Eight E2M1 RNE codes of v[k] * scale, packed (element k in nibble k). With y = v * scale, the
-// magnitude comes from e2m1_rne_magic and the sign is that of v * 0 (+-0: exactly v's sign bit,
-// also for -0, and y's since scale > 0). Both are added into the word with integer multiply-adds
-// (bits * 16^k and the high word of signbit * 2^(4k+4), i.e. the sign moved to bit 4k+3), which
-// run on the FMA pipe beside the float work. The magic's 0x4B000000 in every term adds up to a
-// constant that the start value cancels; codes are at most 7, so no nibble carries into the next.
+// PTX prmt (default mode): byte i of the result is byte sel[4i+2:4i] of {b:a}; with sel bit 4i+3
+// set, that byte's top bit replicated over all 8 bits. (__byte_perm documents only the 3 index bits.)
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// Eight E2M1 RNE codes of v[k] * scale, packed (element k in nibble k).
+// Magnitudes: 2^23 + code from e2m1_rne_magic, added into the word with integer multiply-adds
+// (bits * 16^k); the magic's 0x4B000000 in every term adds up to a constant that the start value
+// cancels, and codes are at most 7, so no nibble carries into the next.
+// Signs: y = v * scale has v's sign (scale > 0; -0 included), so bit 3 of nibble k is the sign
+// bit of v[k]. A byte permute with sign replication turns the sign of a float into a 0x00/0xFF
+// byte; the even elements' bytes and the odd elements' bytes are merged nibble-wise and masked
+// into the nibbles' bit 3: 8 integer operations for 8 signs.
 __device__ __forceinline__ uint32_t pack8_rne(const float* v, float scale) {
   constexpr uint32_t kMagicBits = 0x4B000000u;
-  uint32_t acc = 0u - kMagicBits * 0x11111111u;
+  uint32_t mags = 0u - kMagicBits * 0x11111111u;
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const float m = e2m1_rne_magic(v[k] * scale);
-    acc += float_bits(m) * (1u << (4 * k));
-    const uint32_t sign = float_bits(v[k] * 0.0f);
-    acc += k < 7 ? __umulhi(sign, 1u << (4 * k + 4)) : sign;
-  }
-  return acc;
+  for (int k = 0; k < 8; ++k) mags += float_bits(e2m1_rne_magic(v[k] * scale)) * (1u << (4 * k));
+  // Selector 0xFBFB: bytes 0 and 2 replicate the sign of the first operand's top byte (byte 3),
+  // bytes 1 and 3 that of the second's (byte 7).
+  const auto signs2 = [](float a, float b) { return prmt(float_bits(a), float_bits(b), 0xFBFBu); };
+  const uint32_t even = prmt(signs2(v[0], v[2]), signs2(v[4], v[6]), 0x5410u);  // bytes S0 S2 S4 S6
+  const uint32_t odd = prmt(signs2(v[1], v[3]), signs2(v[5], v[7]), 0x5410u);   // bytes S1 S3 S5 S7
+  const uint32_t signs = (even & 0x0F0F0F0Fu) | (odd & 0xF0F0F0F0u);  // nibble k: S_k
+  return mags | (signs & 0x88888888u);
 }
 
 // One 1x16 block: packed codes of v * scale, elements 0-7 in .x.
@@ -251,8 +262,14 @@ struct SideScale {
   bool ok;     // tensor amax finite (otherwise the copy is all zeros, decode scale NaN)
 };
 
+#ifndef NIBBLE_Q_MINBLOCKS
+#define NIBBLE_Q_MINBLOCKS 5
+#endif
+#ifndef NIBBLE_Q_PREFETCH
+#define NIBBLE_Q_PREFETCH 1
+#endif
 template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht>
-__global__ void __launch_bounds__(kRowColThreads)
+__global__ void __launch_bounds__(kRowColThreads, NIBBLE_Q_MINBLOCKS)
     nvfp4_rowcol_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowColSpec spec,
                         uint32_t* __restrict__ amax_out, const uint32_t* __restrict__ amax_in, QuantBuffers row,
                         QuantBuffers col) {
@@ -306,69 +323,63 @@ __global__ void __launch_bounds__(kRowColThreads)
       if (r < rows && c < cols) raw[i] = load_raw16(x + r * cols + c);
     }
   };
-  if (blockIdx.x < tiles) load_tile(blockIdx.x);
+  if (NIBBLE_Q_PREFETCH && blockIdx.x < tiles) load_tile(blockIdx.x);
 
   for (int64_t tile_index = blockIdx.x; tile_index < tiles; tile_index += gridDim.x) {
+    if (!NIBBLE_Q_PREFETCH) load_tile(tile_index);
     const int64_t r0 = (tile_index / tiles_x) * kTileRows, c0 = (tile_index % tiles_x) * kTileCols;
     const int tile_rows = rows - r0 < kTileRows ? static_cast<int>(rows - r0) : kTileRows;
     const int tile_cols = cols - c0 < kTileCols ? static_cast<int>(cols - c0) : kTileCols;
     const bool seg_ok = seg * 16 < tile_cols;
 
-    // ---- rows: two segments at a time (one E4M3 conversion gives both block scales)
+    // ---- rows: one 16-element segment per step
 #pragma unroll
-    for (int i = 0; i < kRowIters; i += 2) {
-      float v[2][16];
+    for (int i = 0; i < kRowIters; ++i) {
+      const int lr = t / kSegsPerRow + i * kRowsPerPass;
+      if (lr >= tile_rows || !seg_ok) continue;
+      float v[16];
+      unpack16(raw[i], flip, v);
+      if (stage_tile) {
+        float* dst = &tile[lr][0];
 #pragma unroll
-      for (int u = 0; u < 2; ++u) {
-        const int lr = t / kSegsPerRow + (i + u) * kRowsPerPass;
-        if (lr < tile_rows && seg_ok) {
-          unpack16(raw[i + u], flip, v[u]);
-          if (stage_tile) {
-            float* dst = &tile[lr][0];
-#pragma unroll
-            for (int j = 0; j < 4; ++j)
-              *reinterpret_cast<float4*>(dst + tile_col(seg * 16 + 4 * j)) =
-                  make_float4(v[u][4 * j], v[u][4 * j + 1], v[u][4 * j + 2], v[u][4 * j + 3]);
-          }
-        } else {
-#pragma unroll
-          for (int k = 0; k < 16; ++k) v[u][k] = 0.0f;
-        }
+        for (int j = 0; j < 4; ++j)
+          *reinterpret_cast<float4*>(dst + tile_col(seg * 16 + 4 * j)) = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
       }
       if constexpr (kAmaxOnly) {
-        row_amax = max(row_amax, max(max_abs_bits<16>(v[0]), max_abs_bits<16>(v[1])));
+        row_amax = max(row_amax, max_abs_bits<16>(v));
       } else if (encode_rows) {
-        const uint32_t codes =
-            e4m3x2_rn_satfinite(max_abs_finite<16>(v[1]) * rs.k, max_abs_finite<16>(v[0]) * rs.k);
-#pragma unroll
-        for (int u = 0; u < 2; ++u) {
-          const int lr = t / kSegsPerRow + (i + u) * kRowsPerPass;
-          if (lr < tile_rows && seg_ok) {
-            const int64_t gi = (r0 + lr) * cols + c0 + seg * 16;
-            const uint32_t code = (codes >> (8 * u)) & 0xFFu;
-            uint2 packed = make_uint2(0, 0);
-            if (rs.ok) {
-              packed = encode16<kRowRounding>(v[u], enc_scale[0][code], spec.seed, spec.row_stream, gi);
-              packed.x ^= code_flip;
-              packed.y ^= code_flip;
-            }
-            *reinterpret_cast<uint2*>(row.data + gi / 2) = packed;
-            row.scales[gi / 16] = rs.ok ? static_cast<uint8_t>(code) : 0;
-          }
+        const uint64_t gi = static_cast<uint64_t>(r0 + lr) * static_cast<uint64_t>(cols) + c0 + seg * 16;
+        uint2 packed = make_uint2(0, 0);
+        uint32_t code = 0;
+        if (rs.ok) {
+          const float block_amax = max_abs_finite<16>(v) * rs.k;
+          code = e4m3x2_rn_satfinite(block_amax, block_amax) & 0xFFu;
+          packed = encode16<kRowRounding>(v, enc_scale[0][code], spec.seed, spec.row_stream, gi);
+          packed.x ^= code_flip;
+          packed.y ^= code_flip;
         }
+        *reinterpret_cast<uint2*>(row.data + gi / 2) = packed;
+        row.scales[gi / 16] = static_cast<uint8_t>(code);
       }
     }
 
     // The registers of this tile are consumed: start loading the next one.
-    if (tile_index + gridDim.x < tiles) load_tile(tile_index + gridDim.x);
+    if (NIBBLE_Q_PREFETCH && tile_index + gridDim.x < tiles) load_tile(tile_index + gridDim.x);
     if (!stage_tile) continue;
     __syncthreads();
 
     // ---- columns: two neighbouring columns, blocks of 16 rows
     if (2 * pair < tile_cols) {
+      // X^T index of this thread's first element in column 2*pair; column 2*pair + 1 is `rows` later.
+      const uint64_t q0 = static_cast<uint64_t>(c0 + 2 * pair) * static_cast<uint64_t>(rows) +
+                          static_cast<uint64_t>(r0 + first_block * 16);
+      uint2 packed[2][kColBlocksPerThread];  // [column][block]
+      uint32_t codes[kColBlocksPerThread];   // E4M3 codes of both columns (low byte: column 2*pair)
 #pragma unroll
       for (int bi = 0; bi < kColBlocksPerThread; ++bi) {
         const int b = first_block + bi;
+        packed[0][bi] = packed[1][bi] = make_uint2(0, 0);
+        codes[bi] = 0;
         if (b * 16 < tile_rows) {
           float va[16], vb[16];  // columns 2*pair and 2*pair + 1
 #pragma unroll
@@ -383,17 +394,35 @@ __global__ void __launch_bounds__(kRowColThreads)
           }
           if constexpr (kAmaxOnly) {
             col_amax = max(col_amax, max(max_abs_bits<16>(va), max_abs_bits<16>(vb)));
-          } else {
-            const uint32_t codes = e4m3x2_rn_satfinite(max_abs_finite<16>(vb) * cs.k, max_abs_finite<16>(va) * cs.k);
+          } else if (cs.ok) {
+            codes[bi] = e4m3x2_rn_satfinite(max_abs_finite<16>(vb) * cs.k, max_abs_finite<16>(va) * cs.k);
+            const uint64_t qi = q0 + bi * 16;
+            packed[0][bi] = encode16<kColRounding>(va, enc_scale[1][codes[bi] & 0xFFu], spec.seed, spec.col_stream, qi);
+            packed[1][bi] = encode16<kColRounding>(vb, enc_scale[1][codes[bi] >> 8], spec.seed, spec.col_stream,
+                                                   qi + static_cast<uint64_t>(rows));
+          }
+        }
+      }
+      if (!kAmaxOnly && first_block * 16 < tile_rows) {
+        // A column's two blocks are 16 contiguous bytes of X^T (and 2 of its scales): one store each
+        // where they are aligned, which they are when rows % 32 == 0 (q0 is then a multiple of 32).
+        const bool both = (first_block + 1) * 16 < tile_rows;
 #pragma unroll
-            for (int side = 0; side < 2; ++side) {
-              const int64_t qi = (c0 + 2 * pair + side) * rows + r0 + b * 16;  // index in X^T
-              const uint32_t code = (codes >> (8 * side)) & 0xFFu;
-              uint2 packed = make_uint2(0, 0);
-              if (cs.ok)
-                packed = encode16<kColRounding>(side == 0 ? va : vb, enc_scale[1][code], spec.seed, spec.col_stream, qi);
-              *reinterpret_cast<uint2*>(col.data + qi / 2) = packed;
-              col.scales[qi / 16] = cs.ok ? static_cast<uint8_t>(code) : 0;
+        for (int side = 0; side < 2; ++side) {
+          const uint64_t q = q0 + side * static_cast<uint64_t>(rows);
+          uint8_t* data = col.data + q / 2;
+          uint8_t* scales = col.scales + q / 16;
+          const uint32_t c0s = (codes[0] >> (8 * side)) & 0xFFu, c1s = (codes[1] >> (8 * side)) & 0xFFu;
+          if (both && rows % 32 == 0) {
+            *reinterpret_cast<uint4*>(data) =
+                make_uint4(packed[side][0].x, packed[side][0].y, packed[side][1].x, packed[side][1].y);
+            *reinterpret_cast<uint16_t*>(scales) = static_cast<uint16_t>(c0s | c1s << 8);
+          } else {
+            *reinterpret_cast<uint2*>(data) = packed[side][0];
+            scales[0] = static_cast<uint8_t>(c0s);
+            if (both) {
+              *reinterpret_cast<uint2*>(data + 8) = packed[side][1];
+              scales[1] = static_cast<uint8_t>(c1s);
             }
           }
         }
