@@ -123,8 +123,8 @@ __device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
 //
 // The quantizing pass is bound by instruction issue, not by memory, so the inner loops are
 // written for few instructions per element (see docs/benchmarks.md for the measurements):
-// - E2M1 round-to-nearest-even takes three FFMAs and three FMNMXs (e2m1_rne_magic), and the
-//   codes are packed with integer multiply-adds instead of shifts and ORs (pack8_rne);
+// - E2M1 round-to-nearest-even takes three FFMAs and two or three FMNMXs (e2m1_rne_magic), and
+//   the codes are packed with integer multiply-adds and byte permutes (pack8_rne);
 // - the block scale is one hardware E4M3 conversion for two blocks, and the element encode
 //   scale a lookup in a per-tensor table of the 127 possible values;
 // - the RHT signs cost nothing: they flip the float sign bit while the tile is unpacked.
@@ -155,14 +155,16 @@ __device__ __forceinline__ uint32_t e4m3x2_rn_satfinite(float hi, float lo) {
 // its own range and larger than the true code elsewhere (E2M1's value-to-code map is concave), so
 // the code is their minimum, capped at 7 (saturation at 6, and |y| = inf). Checked against
 // E2M1::encode on every non-negative float (2^31 values) when written; the CUDA tests compare the
-// kernels bit for bit with the CPU reference.
+// kernels bit for bit with the CPU reference. The cap is needed only where |y| >= 7 (hi <= 7 below):
+// kSaturate = false leaves it out for blocks whose largest |y| is below 7.
+template <bool kSaturate>
 __device__ __forceinline__ float e2m1_rne_magic(float y) {
   constexpr float kMagic = 8388608.0f;  // 2^23: ulp 1 on [2^23, 2^24)
   const float a = fabsf(y);
   const float lo = __fmaf_rn(a, 2.0f, kMagic);
   const float mid = __fmaf_rn(a, 1.0f, kMagic + 2.0f);
   const float hi = __fmaf_rn(a, 0.5f, kMagic + 4.0f);
-  return fminf(fminf(lo, mid), fminf(hi, kMagic + 7.0f));
+  return kSaturate ? fminf(fminf(lo, mid), fminf(hi, kMagic + 7.0f)) : fminf(fminf(lo, mid), hi);
 }
 
 // PTX prmt (default mode): byte i of the result is byte sel[4i+2:4i] of {b:a}; with sel bit 4i+3
@@ -174,33 +176,41 @@ __device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 }
 
 // Eight E2M1 RNE codes of v[k] * scale, packed (element k in nibble k).
-// Magnitudes: 2^23 + code from e2m1_rne_magic, added into the word with integer multiply-adds
-// (bits * 16^k); the magic's 0x4B000000 in every term adds up to a constant that the start value
-// cancels, and codes are at most 7, so no nibble carries into the next.
+// Magnitudes: the words 2^23 + code of e2m1_rne_magic are summed as sum_k bits_k * 16^k (Horner,
+// by integer multiply-adds, which run on the FMA pipe; the multiplier is hidden from the compiler,
+// which would otherwise turn them into shift-adds on the busier integer pipe). Codes are at most
+// 7, so no nibble carries into the next, and the magic's 0x4B000000 in every term adds up to the
+// constant 0x4B000000 * 0x11111111 = 0xFB000000 (mod 2^32), which kBiasFix cancels.
 // Signs: y = v * scale has v's sign (scale > 0; -0 included), so bit 3 of nibble k is the sign
 // bit of v[k]. A byte permute with sign replication turns the sign of a float into a 0x00/0xFF
 // byte; the even elements' bytes and the odd elements' bytes are merged nibble-wise and masked
-// into the nibbles' bit 3: 8 integer operations for 8 signs.
+// into the nibbles' bit 3, which the magnitudes leave clear (so adding them is OR-ing them).
+template <bool kSaturate>
 __device__ __forceinline__ uint32_t pack8_rne(const float* v, float scale) {
-  constexpr uint32_t kMagicBits = 0x4B000000u;
-  uint32_t mags = 0u - kMagicBits * 0x11111111u;
+  constexpr uint32_t kBiasFix = 0u - 0x4B000000u * 0x11111111u;
+  uint32_t sixteen = 16;
+  asm("" : "+r"(sixteen));
+  uint32_t mags = 0;
 #pragma unroll
-  for (int k = 0; k < 8; ++k) mags += float_bits(e2m1_rne_magic(v[k] * scale)) * (1u << (4 * k));
+  for (int k = 7; k >= 0; --k) mags = mags * sixteen + float_bits(e2m1_rne_magic<kSaturate>(v[k] * scale));
   // Selector 0xFBFB: bytes 0 and 2 replicate the sign of the first operand's top byte (byte 3),
   // bytes 1 and 3 that of the second's (byte 7).
   const auto signs2 = [](float a, float b) { return prmt(float_bits(a), float_bits(b), 0xFBFBu); };
   const uint32_t even = prmt(signs2(v[0], v[2]), signs2(v[4], v[6]), 0x5410u);  // bytes S0 S2 S4 S6
   const uint32_t odd = prmt(signs2(v[1], v[3]), signs2(v[5], v[7]), 0x5410u);   // bytes S1 S3 S5 S7
   const uint32_t signs = (even & 0x0F0F0F0Fu) | (odd & 0xF0F0F0F0u);  // nibble k: S_k
-  return mags | (signs & 0x88888888u);
+  return mags + kBiasFix + (signs & 0x88888888u);
 }
 
-// One 1x16 block: packed codes of v * scale, elements 0-7 in .x.
+// One 1x16 block: packed codes of v * scale, elements 0-7 in .x. `amax` = max |v| (for RNE: the
+// elements' |v * scale| are at most amax * scale, rounding being monotonic, so below 7 no code
+// needs the saturation cap).
 template <Rounding kRounding>
-__device__ __forceinline__ uint2 encode16(const float v[16], float scale, uint64_t seed, uint32_t stream,
-                                          uint64_t index0) {
+__device__ __forceinline__ uint2 encode16(const float v[16], float amax, float scale, uint64_t seed,
+                                          uint32_t stream, uint64_t index0) {
   if constexpr (kRounding == Rounding::kNearestEven) {
-    return make_uint2(pack8_rne(v, scale), pack8_rne(v + 8, scale));
+    if (amax * scale < 7.0f) return make_uint2(pack8_rne<false>(v, scale), pack8_rne<false>(v + 8, scale));
+    return make_uint2(pack8_rne<true>(v, scale), pack8_rne<true>(v + 8, scale));
   } else {
     uint32_t p[2];
     encode_fp4<16, kRounding>(v, scale, seed, stream, index0, p);
@@ -262,14 +272,21 @@ struct SideScale {
   bool ok;     // tensor amax finite (otherwise the copy is all zeros, decode scale NaN)
 };
 
-#ifndef NIBBLE_Q_MINBLOCKS
-#define NIBBLE_Q_MINBLOCKS 5
-#endif
-#ifndef NIBBLE_Q_PREFETCH
-#define NIBBLE_Q_PREFETCH 1
-#endif
+// Resident blocks per SM that the register allocation must allow, and whether a block loads its
+// next tile while it works on the columns of this one (32 more registers with BF16 input, 64 with
+// float). Chosen by measurement with BF16 input on an H200 (2026-11-23, see docs/benchmarks.md):
+// round-to-nearest runs best with 5 blocks (96 registers, no spills) and the prefetch; the
+// Philox-bound stochastic-rounding variants with 6 blocks and no prefetch. Float input (not
+// measured) takes 4 blocks and no prefetch, which keeps its spills small.
+template <typename T, Rounding kRowRounding, Rounding kColRounding>
+constexpr bool kAnyStochastic = kRowRounding == Rounding::kStochastic || kColRounding == Rounding::kStochastic;
+template <typename T, Rounding kRowRounding, Rounding kColRounding>
+constexpr int kMinBlocksPerSm = sizeof(T) == 4 ? 4 : kAnyStochastic<T, kRowRounding, kColRounding> ? 6 : 5;
+template <typename T, Rounding kRowRounding, Rounding kColRounding>
+constexpr bool kPrefetchTile = sizeof(T) == 2 && !kAnyStochastic<T, kRowRounding, kColRounding>;
+
 template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht>
-__global__ void __launch_bounds__(kRowColThreads, NIBBLE_Q_MINBLOCKS)
+__global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRounding, kColRounding>))
     nvfp4_rowcol_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowColSpec spec,
                         uint32_t* __restrict__ amax_out, const uint32_t* __restrict__ amax_in, QuantBuffers row,
                         QuantBuffers col) {
@@ -323,10 +340,11 @@ __global__ void __launch_bounds__(kRowColThreads, NIBBLE_Q_MINBLOCKS)
       if (r < rows && c < cols) raw[i] = load_raw16(x + r * cols + c);
     }
   };
-  if (NIBBLE_Q_PREFETCH && blockIdx.x < tiles) load_tile(blockIdx.x);
+  constexpr bool kPrefetch = kPrefetchTile<T, kRowRounding, kColRounding>;
+  if (kPrefetch && blockIdx.x < tiles) load_tile(blockIdx.x);
 
   for (int64_t tile_index = blockIdx.x; tile_index < tiles; tile_index += gridDim.x) {
-    if (!NIBBLE_Q_PREFETCH) load_tile(tile_index);
+    if (!kPrefetch) load_tile(tile_index);
     const int64_t r0 = (tile_index / tiles_x) * kTileRows, c0 = (tile_index % tiles_x) * kTileCols;
     const int tile_rows = rows - r0 < kTileRows ? static_cast<int>(rows - r0) : kTileRows;
     const int tile_cols = cols - c0 < kTileCols ? static_cast<int>(cols - c0) : kTileCols;
@@ -352,9 +370,9 @@ __global__ void __launch_bounds__(kRowColThreads, NIBBLE_Q_MINBLOCKS)
         uint2 packed = make_uint2(0, 0);
         uint32_t code = 0;
         if (rs.ok) {
-          const float block_amax = max_abs_finite<16>(v) * rs.k;
-          code = e4m3x2_rn_satfinite(block_amax, block_amax) & 0xFFu;
-          packed = encode16<kRowRounding>(v, enc_scale[0][code], spec.seed, spec.row_stream, gi);
+          const float amax = max_abs_finite<16>(v);
+          code = e4m3x2_rn_satfinite(amax * rs.k, amax * rs.k) & 0xFFu;
+          packed = encode16<kRowRounding>(v, amax, enc_scale[0][code], spec.seed, spec.row_stream, gi);
           packed.x ^= code_flip;
           packed.y ^= code_flip;
         }
@@ -364,7 +382,7 @@ __global__ void __launch_bounds__(kRowColThreads, NIBBLE_Q_MINBLOCKS)
     }
 
     // The registers of this tile are consumed: start loading the next one.
-    if (NIBBLE_Q_PREFETCH && tile_index + gridDim.x < tiles) load_tile(tile_index + gridDim.x);
+    if (kPrefetch && tile_index + gridDim.x < tiles) load_tile(tile_index + gridDim.x);
     if (!stage_tile) continue;
     __syncthreads();
 
@@ -395,11 +413,13 @@ __global__ void __launch_bounds__(kRowColThreads, NIBBLE_Q_MINBLOCKS)
           if constexpr (kAmaxOnly) {
             col_amax = max(col_amax, max(max_abs_bits<16>(va), max_abs_bits<16>(vb)));
           } else if (cs.ok) {
-            codes[bi] = e4m3x2_rn_satfinite(max_abs_finite<16>(vb) * cs.k, max_abs_finite<16>(va) * cs.k);
+            const float amax_a = max_abs_finite<16>(va), amax_b = max_abs_finite<16>(vb);
+            codes[bi] = e4m3x2_rn_satfinite(amax_b * cs.k, amax_a * cs.k);
             const uint64_t qi = q0 + bi * 16;
-            packed[0][bi] = encode16<kColRounding>(va, enc_scale[1][codes[bi] & 0xFFu], spec.seed, spec.col_stream, qi);
-            packed[1][bi] = encode16<kColRounding>(vb, enc_scale[1][codes[bi] >> 8], spec.seed, spec.col_stream,
-                                                   qi + static_cast<uint64_t>(rows));
+            packed[0][bi] = encode16<kColRounding>(va, amax_a, enc_scale[1][codes[bi] & 0xFFu], spec.seed,
+                                                   spec.col_stream, qi);
+            packed[1][bi] = encode16<kColRounding>(vb, amax_b, enc_scale[1][codes[bi] >> 8], spec.seed,
+                                                   spec.col_stream, qi + static_cast<uint64_t>(rows));
           }
         }
       }
