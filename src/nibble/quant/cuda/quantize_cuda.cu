@@ -125,8 +125,9 @@ __device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
 // written for few instructions per element (see docs/benchmarks.md for the measurements):
 // - E2M1 round-to-nearest-even takes three FFMAs and two or three FMNMXs (e2m1_rne_magic), and
 //   the codes are packed with integer multiply-adds and byte permutes (pack8_rne);
-// - the block scale is one hardware E4M3 conversion for two blocks, and the element encode
-//   scale a lookup in a per-tensor table of the 127 possible values;
+// - the block scale is one hardware E4M3 conversion (for two blocks at once on the column side),
+//   and the element encode scale a lookup in a table of its 127 possible values, which each
+//   resident block computes once with the shared nvfp4_element_encode_scale;
 // - the RHT signs cost nothing: they flip the float sign bit while the tile is unpacked.
 
 constexpr int kTileRows = 64;
@@ -275,15 +276,15 @@ struct SideScale {
 // Resident blocks per SM that the register allocation must allow, and whether a block loads its
 // next tile while it works on the columns of this one (32 more registers with BF16 input, 64 with
 // float). Chosen by measurement with BF16 input on an H200 (2026-11-23, see docs/benchmarks.md):
-// round-to-nearest runs best with 5 blocks (96 registers, no spills) and the prefetch; the
-// Philox-bound stochastic-rounding variants with 6 blocks and no prefetch. Float input (not
-// measured) takes 4 blocks and no prefetch, which keeps its spills small.
-template <typename T, Rounding kRowRounding, Rounding kColRounding>
+// round-to-nearest ran best with 5 blocks (96 registers, no spills) and the prefetch; the
+// Philox-bound stochastic-rounding variants with 6 blocks (some spills) and no prefetch. Float
+// input (not measured) takes 4 blocks and no prefetch, which keeps its spills small.
+template <Rounding kRowRounding, Rounding kColRounding>
 constexpr bool kAnyStochastic = kRowRounding == Rounding::kStochastic || kColRounding == Rounding::kStochastic;
 template <typename T, Rounding kRowRounding, Rounding kColRounding>
-constexpr int kMinBlocksPerSm = sizeof(T) == 4 ? 4 : kAnyStochastic<T, kRowRounding, kColRounding> ? 6 : 5;
+constexpr int kMinBlocksPerSm = sizeof(T) == 4 ? 4 : kAnyStochastic<kRowRounding, kColRounding> ? 6 : 5;
 template <typename T, Rounding kRowRounding, Rounding kColRounding>
-constexpr bool kPrefetchTile = sizeof(T) == 2 && !kAnyStochastic<T, kRowRounding, kColRounding>;
+constexpr bool kPrefetchTile = sizeof(T) == 2 && !kAnyStochastic<kRowRounding, kColRounding>;
 
 template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht>
 __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRounding, kColRounding>))
@@ -322,7 +323,8 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   const int seg = t % kSegsPerRow;
   // RHT: row lr of the tile takes sign (lr % 16) of the vector; this thread's rows all have
   // lr % 16 == t / kSegsPerRow. Flipping the sign bit is the multiplication by -1 of rht16, and the
-  // rowwise copy encodes the flipped values and flips its sign bits back (E2M1 is symmetric).
+  // rowwise copy encodes the flipped values and flips its sign bits back (both E2M1 encoders,
+  // RNE and SR, treat the sign separately from the magnitude).
   const uint32_t flip = kRht && stage_tile && ((spec.rht_signs.negative_mask >> (t / kSegsPerRow)) & 1u)
                             ? 0x80000000u : 0u;
   const uint32_t code_flip = flip ? 0x88888888u : 0u;
