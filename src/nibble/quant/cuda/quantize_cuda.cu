@@ -363,7 +363,8 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
         float* dst = &tile[lr][0];
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          *reinterpret_cast<float4*>(dst + tile_col(seg * 16 + 4 * j)) = make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+          *reinterpret_cast<float4*>(dst + tile_col(seg * 16 + 4 * j)) =
+              make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
       }
       if constexpr (kAmaxOnly) {
         row_amax = max(row_amax, max_abs_bits<16>(v));
