@@ -26,10 +26,12 @@ uint64_t fresh_seed() {
   return seed;
 }
 
-enum class Dist { kGaussianOutliers, kUniform, kTiny, kSparseBlocks };
+enum class Dist { kGaussianOutliers, kUniform, kTiny, kSparseBlocks, kWideBlocks };
 
 // A rows x cols matrix drawn from `dist`: activation-like Gaussians with a few outlier columns,
-// uniform values, values near the bottom of E4M3's scale range, or mostly-zero blocks.
+// uniform values, values near the bottom of E4M3's scale range, mostly-zero blocks, or Gaussians
+// whose 16x16 tiles are scaled by 2^0 .. 2^-40 (block scales over E4M3's whole range, subnormals
+// and zero included, where encode scales reach FLT_MAX and elements saturate).
 std::vector<float> draw(int64_t rows, int64_t cols, Dist dist, std::mt19937_64& rng) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_real_distribution<float> uniform(-3.0f, 3.0f);
@@ -42,6 +44,7 @@ std::vector<float> draw(int64_t rows, int64_t cols, Dist dist, std::mt19937_64& 
         case Dist::kUniform: v = uniform(rng); break;
         case Dist::kTiny: v = normal(rng) * 1e-30f; break;
         case Dist::kSparseBlocks: v = ((r / 16 + c / 16) % 3 == 0) ? normal(rng) : 0.0f; break;
+        case Dist::kWideBlocks: v = std::ldexp(normal(rng), -static_cast<int>((r / 16 * 7 + c / 16 * 13) % 41)); break;
       }
       x[static_cast<size_t>(r * cols + c)] = v;
     }
@@ -158,7 +161,7 @@ TEST(CudaQuantize, FusedRowColEqualsCpuBitForBit) {
   std::mt19937_64 rng(fresh_seed() + 1);
   int compared = 0;
   for (Shape sh : kShapes) {
-    for (Dist dist : {Dist::kGaussianOutliers, Dist::kUniform, Dist::kTiny, Dist::kSparseBlocks}) {
+    for (Dist dist : {Dist::kGaussianOutliers, Dist::kUniform, Dist::kTiny, Dist::kSparseBlocks, Dist::kWideBlocks}) {
       const std::vector<float> xf = draw(sh.rows, sh.cols, dist, rng);
       const std::vector<bf16_t> xb = to_bf16(xf);
       for (bool rht : {false, true}) {
@@ -185,6 +188,34 @@ TEST(CudaQuantize, FusedRowColEqualsCpuBitForBit) {
     }
   }
   std::printf("fused path: %d quantized copies compared bit for bit\n", compared);
+}
+
+// Tensors of more tiles than the GPU holds blocks at once, so that each block of the fused pass's
+// persistent grid loops over several tiles (the small shapes above give one tile per block), with
+// partial tiles at both edges.
+TEST(CudaQuantize, FusedRowColLoopsOverTilesBitForBit) {
+  std::mt19937_64 rng(fresh_seed() + 5);
+  const Shape shapes[] = {{2064, 4112}, {4160, 1296}};
+  int compared = 0;
+  for (Shape sh : shapes) {
+    const std::vector<float> xf = draw(sh.rows, sh.cols, Dist::kGaussianOutliers, rng);
+    const std::vector<bf16_t> xb = to_bf16(xf);
+    for (bool sr : {false, true}) {
+      cuda::RowColSpec spec;
+      spec.col_rht = true;
+      spec.row_rounding = spec.col_rounding = sr ? Rounding::kStochastic : Rounding::kNearestEven;
+      spec.seed = fresh_seed() ^ 0x5678;
+      SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + (sr ? " sr" : " rne"));
+      const auto [row_b, col_b] = cuda::quantize_rowcol_on_gpu(std::span<const bf16_t>(xb), sh.rows, sh.cols, spec);
+      EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::row_spec(spec)), row_b));
+      EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::col_spec(spec)), col_b));
+      const auto [row_f, col_f] = cuda::quantize_rowcol_on_gpu(std::span<const float>(xf), sh.rows, sh.cols, spec);
+      EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::row_spec(spec)), row_f));
+      EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::col_spec(spec)), col_f));
+      compared += 4;
+    }
+  }
+  std::printf("fused path, many tiles: %d quantized copies compared bit for bit\n", compared);
 }
 
 TEST(CudaQuantize, FusedSidesCanBeSwitchedOff) {

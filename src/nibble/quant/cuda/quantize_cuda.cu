@@ -2,8 +2,12 @@
 // scaling.h / minifloat.h / rht.h / philox.h, so each kernel computes the CPU reference's bits.
 #include "nibble/quant/cuda/quantize_cuda.h"
 
+#include <algorithm>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "nibble/quant/philox.h"
 #include "nibble/quant/quantize.h"
@@ -38,46 +42,6 @@ __device__ __forceinline__ Raw16<T> load_raw16(const T* p) {  // p 16-byte align
 #pragma unroll
   for (int i = 0; i < Raw16<T>::kVecs; ++i) r.vec[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
   return r;
-}
-
-template <typename T>
-__device__ __forceinline__ void store_raw16(T* p, const Raw16<T>& r) {
-#pragma unroll
-  for (int i = 0; i < Raw16<T>::kVecs; ++i) reinterpret_cast<uint4*>(p)[i] = r.vec[i];
-}
-
-__device__ __forceinline__ void unpack16(const Raw16<bf16_t>& r, float v[16]) {
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const uint32_t w[4] = {r.vec[i].x, r.vec[i].y, r.vec[i].z, r.vec[i].w};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      v[8 * i + 2 * j] = bits_float(w[j] << 16);
-      v[8 * i + 2 * j + 1] = bits_float(w[j] & 0xFFFF0000u);
-    }
-  }
-}
-
-__device__ __forceinline__ void unpack16(const Raw16<float>& r, float v[16]) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    v[4 * i] = bits_float(r.vec[i].x);
-    v[4 * i + 1] = bits_float(r.vec[i].y);
-    v[4 * i + 2] = bits_float(r.vec[i].z);
-    v[4 * i + 3] = bits_float(r.vec[i].w);
-  }
-}
-
-// Two neighbouring elements of a shared-memory row in one load.
-__device__ __forceinline__ void load_pair(const bf16_t* p, float& a, float& b) {
-  const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
-  a = bits_float(w << 16);
-  b = bits_float(w & 0xFFFF0000u);
-}
-__device__ __forceinline__ void load_pair(const float* p, float& a, float& b) {
-  const float2 w = *reinterpret_cast<const float2*>(p);
-  a = w.x;
-  b = w.y;
 }
 
 template <int kN>
@@ -119,18 +83,6 @@ __device__ __forceinline__ void encode_fp4(const float* v, float scale, uint64_t
   }
 }
 
-// NVFP4 block of 16: scale code and packed elements.
-template <Rounding kRounding>
-__device__ __forceinline__ uint8_t nvfp4_block(const float v[16], TensorScale ts, uint64_t seed, uint32_t stream,
-                                               uint64_t index0, uint2& packed) {
-  const uint8_t scale = nvfp4_block_scale_code(max_abs_finite<16>(v), ts.encode);
-  uint32_t p[2];
-  encode_fp4<16, kRounding>(v, nvfp4_element_encode_scale(scale, ts.decode), seed, stream, index0, p);
-  packed = make_uint2(p[0], p[1]);
-  return scale;
-}
-
-// Max over the thread block, then atomicMax into *out. Called by all threads of the block.
 // encode_fp4 with the spec's rounding chosen at run time (generic path).
 template <int kN>
 __device__ __forceinline__ void encode_fp4_any(const float* v, float scale, const QuantSpec& spec, uint64_t index0,
@@ -141,6 +93,7 @@ __device__ __forceinline__ void encode_fp4_any(const float* v, float scale, cons
     encode_fp4<kN, Rounding::kNearestEven>(v, scale, spec.seed, spec.stream, index0, packed);
 }
 
+// Max over the thread block, then atomicMax into *out. Called by all threads of the block.
 __device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
   __shared__ uint32_t warp_max[32];
   __syncthreads();  // warp_max may still be read by an earlier call
@@ -157,116 +110,348 @@ __device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fused NVFP4 rowwise + columnwise (+ RHT) pass over 64 x 128 tiles.
+// Fused NVFP4 rowwise + columnwise (+ RHT) pass over 64 x 128 tiles, persistent grid.
 //
-// Phase 1: each thread loads 16-element row segments with 16-byte loads, quantizes them as
-// rowwise 1x16 blocks straight from registers, and parks them in shared memory.
-// Phase 2: each thread takes one column of the tile (64 rows = four 16-element blocks), applies
-// the RHT if asked, quantizes them, and writes 32 contiguous bytes of the columnwise copy.
+// Per tile, each thread block
+//   1. loads the tile with 16-byte loads (every thread's loads in flight before it uses one),
+//      quantizes 16-element row segments as rowwise 1x16 blocks straight from registers, and
+//      parks the values as float32 in shared memory (the RHT signs already applied, see below);
+//   2. reads the tile back by columns (two neighbouring columns per 8-byte load), applies the RHT
+//      butterfly if asked, and quantizes 16-row column blocks into the columnwise copy.
+// The next tile's loads are issued before step 2, so they are in flight while it computes.
 // The same kernel with kAmaxOnly computes the two absolute maxima that current scaling needs.
+//
+// The quantizing pass is bound by instruction issue, not by memory, so the inner loops are
+// written for few instructions per element (see docs/benchmarks.md for the measurements):
+// - E2M1 round-to-nearest-even takes three FFMAs and two or three FMNMXs (e2m1_rne_magic), and
+//   the codes are packed with integer multiply-adds and byte permutes (pack8_rne);
+// - the block scale is one hardware E4M3 conversion (for two blocks at once on the column side),
+//   and the element encode scale a lookup in a table of its 127 possible values, which each
+//   resident block computes once with the shared nvfp4_element_encode_scale;
+// - the RHT signs cost nothing: they flip the float sign bit while the tile is unpacked.
 
 constexpr int kTileRows = 64;
 constexpr int kTileCols = 128;
 constexpr int kRowColThreads = 128;
-constexpr int kSegsPerRow = kTileCols / 16;
+constexpr int kSegsPerRow = kTileCols / 16;                                   // 8
+constexpr int kRowsPerPass = kRowColThreads / kSegsPerRow;                    // 16
+constexpr int kRowIters = kTileRows / kRowsPerPass;                           // 4
+constexpr int kColPairs = kTileCols / 2;                                      // 64
+constexpr int kColBlocksPerThread = kTileRows / 16 / (kRowColThreads / kColPairs);  // 2
+constexpr int kE4m3Codes = 128;  // E4M3 codes of non-negative finite values: 0 .. 0x7E (448)
 
-// Rounding modes and the RHT are template parameters so that each variant carries only its own
-// code (a kernel holding every path spends its time on instruction-cache misses).
+// E4M3 codes of (hi, lo) in the high and low byte: round-to-nearest-even, saturating at 448.
+// Equals E4M3::encode(min(v, 448), kNearestEven) for every non-negative non-NaN v (the block
+// amaxes of a finite tensor), which is what nvfp4_block_scale_code computes.
+__device__ __forceinline__ uint32_t e4m3x2_rn_satfinite(float hi, float lo) {
+  uint16_t d;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// E2M1 round-to-nearest-even magnitude code of |y|, returned as the float 2^23 + code.
+// Adding 2^23 in an FFMA rounds the exact a*m + c to an integer, ties to even, in one step, so
+//   lo = rint(2a), mid = rint(a) + 2, hi = rint(a/2) + 4
+// are the codes of a on E2M1's three grids (step 0.5 below 2, 1 below 4, 2 above). Each is exact on
+// its own range and larger than the true code elsewhere (E2M1's value-to-code map is concave), so
+// the code is their minimum, capped at 7 (saturation at 6, and |y| = inf). Checked against
+// E2M1::encode on every non-negative float (2^31 values) when written; the CUDA tests compare the
+// kernels bit for bit with the CPU reference. The cap is needed only where |y| >= 7 (hi <= 7 below):
+// kSaturate = false leaves it out for blocks whose largest |y| is below 7.
+template <bool kSaturate>
+__device__ __forceinline__ float e2m1_rne_magic(float y) {
+  constexpr float kMagic = 8388608.0f;  // 2^23: ulp 1 on [2^23, 2^24)
+  const float a = fabsf(y);
+  const float lo = __fmaf_rn(a, 2.0f, kMagic);
+  const float mid = __fmaf_rn(a, 1.0f, kMagic + 2.0f);
+  const float hi = __fmaf_rn(a, 0.5f, kMagic + 4.0f);
+  return kSaturate ? fminf(fminf(lo, mid), fminf(hi, kMagic + 7.0f)) : fminf(fminf(lo, mid), hi);
+}
+
+// PTX prmt (default mode): byte i of the result is byte sel[4i+2:4i] of {b:a}; with sel bit 4i+3
+// set, that byte's top bit replicated over all 8 bits. (__byte_perm documents only the 3 index bits.)
+__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+  uint32_t d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// Eight E2M1 RNE codes of v[k] * scale, packed (element k in nibble k).
+// Magnitudes: the words 2^23 + code of e2m1_rne_magic are summed as sum_k bits_k * 16^k (Horner,
+// by integer multiply-adds, which run on the FMA pipe; the multiplier is hidden from the compiler,
+// which would otherwise turn them into shift-adds on the busier integer pipe). Codes are at most
+// 7, so no nibble carries into the next, and the magic's 0x4B000000 in every term adds up to the
+// constant 0x4B000000 * 0x11111111 = 0xFB000000 (mod 2^32), which kBiasFix cancels.
+// Signs: y = v * scale has v's sign (scale > 0; -0 included), so bit 3 of nibble k is the sign
+// bit of v[k]. A byte permute with sign replication turns the sign of a float into a 0x00/0xFF
+// byte; the even elements' bytes and the odd elements' bytes are merged nibble-wise and masked
+// into the nibbles' bit 3, which the magnitudes leave clear (so adding them is OR-ing them).
+template <bool kSaturate>
+__device__ __forceinline__ uint32_t pack8_rne(const float* v, float scale) {
+  constexpr uint32_t kBiasFix = 0u - 0x4B000000u * 0x11111111u;
+  uint32_t sixteen = 16;
+  asm("" : "+r"(sixteen));
+  uint32_t mags = 0;
+#pragma unroll
+  for (int k = 7; k >= 0; --k) mags = mags * sixteen + float_bits(e2m1_rne_magic<kSaturate>(v[k] * scale));
+  // Selector 0xFBFB: bytes 0 and 2 replicate the sign of the first operand's top byte (byte 3),
+  // bytes 1 and 3 that of the second's (byte 7).
+  const auto signs2 = [](float a, float b) { return prmt(float_bits(a), float_bits(b), 0xFBFBu); };
+  const uint32_t even = prmt(signs2(v[0], v[2]), signs2(v[4], v[6]), 0x5410u);  // bytes S0 S2 S4 S6
+  const uint32_t odd = prmt(signs2(v[1], v[3]), signs2(v[5], v[7]), 0x5410u);   // bytes S1 S3 S5 S7
+  const uint32_t signs = (even & 0x0F0F0F0Fu) | (odd & 0xF0F0F0F0u);  // nibble k: S_k
+  return mags + kBiasFix + (signs & 0x88888888u);
+}
+
+// One 1x16 block: packed codes of v * scale, elements 0-7 in .x. `amax` = max |v| (for RNE: the
+// elements' |v * scale| are at most amax * scale, rounding being monotonic, so below 7 no code
+// needs the saturation cap).
+template <Rounding kRounding>
+__device__ __forceinline__ uint2 encode16(const float v[16], float amax, float scale, uint64_t seed,
+                                          uint32_t stream, uint64_t index0) {
+  if constexpr (kRounding == Rounding::kNearestEven) {
+    if (amax * scale < 7.0f) return make_uint2(pack8_rne<false>(v, scale), pack8_rne<false>(v + 8, scale));
+    return make_uint2(pack8_rne<true>(v, scale), pack8_rne<true>(v + 8, scale));
+  } else {
+    uint32_t p[2];
+    encode_fp4<16, kRounding>(v, scale, seed, stream, index0, p);
+    return make_uint2(p[0], p[1]);
+  }
+}
+
+// rht16 (rht.h) without its first step, the multiplication by the signs, which the fused pass
+// applies while staging the tile: the same float32 operations in the same order.
+__device__ __forceinline__ void rht16_butterfly(float v[16]) {
+#pragma unroll
+  for (int stage = 0; stage < 4; ++stage) {
+    const int h = 1 << stage;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int j = (k / h) * 2 * h + k % h;
+      const float a = v[j], b = v[j + h];
+      v[j] = a + b;
+      v[j + h] = a - b;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 16; ++i) v[i] *= 0.25f;
+}
+
+// Shared-memory position of column c's float in a tile row. The row pass stores 16-byte chunks
+// with 8 threads of a row at once (one per 16-column segment), whose chunks would share banks
+// pairwise; rotating the 4 chunks of segment s by s/2 spreads them over all 32 banks. The column
+// pass reads 8-byte pairs along a row, which stay conflict-free.
+__device__ __forceinline__ int tile_col(int c) {
+  const int s = c / 16, j = (c / 4) % 4;
+  return s * 16 + ((j + s / 2) % 4) * 4 + c % 4;
+}
+
+// 16 elements of a row segment as float32, their sign bits XORed with `flip` (0 or 0x80000000).
+__device__ __forceinline__ void unpack16(const Raw16<bf16_t>& r, uint32_t flip, float v[16]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t w[4] = {r.vec[i].x, r.vec[i].y, r.vec[i].z, r.vec[i].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      v[8 * i + 2 * j] = bits_float((w[j] << 16) + flip);  // + flip == ^ flip on bit 31
+      v[8 * i + 2 * j + 1] = bits_float((w[j] & 0xFFFF0000u) ^ flip);
+    }
+  }
+}
+__device__ __forceinline__ void unpack16(const Raw16<float>& r, uint32_t flip, float v[16]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t w[4] = {r.vec[i].x, r.vec[i].y, r.vec[i].z, r.vec[i].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[4 * i + j] = bits_float(w[j] ^ flip);
+  }
+}
+
+// Per-tensor constants of one output copy.
+struct SideScale {
+  float k;     // S * (1/6): block amax -> E4M3 block scale
+  bool ok;     // tensor amax finite (otherwise the copy is all zeros, decode scale NaN)
+};
+
+// Resident blocks per SM that the register allocation must allow, and whether a block loads its
+// next tile while it works on the columns of this one (32 more registers with BF16 input, 64 with
+// float). Chosen by measurement with BF16 input on an H200 (2026-11-23, see docs/benchmarks.md):
+// round-to-nearest ran best with 5 blocks (96 registers, no spills) and the prefetch; the
+// Philox-bound stochastic-rounding variants with 6 blocks (some spills) and no prefetch. Float
+// input (not measured) takes 4 blocks and no prefetch, which keeps its spills small.
+template <Rounding kRowRounding, Rounding kColRounding>
+constexpr bool kAnyStochastic = kRowRounding == Rounding::kStochastic || kColRounding == Rounding::kStochastic;
+template <typename T, Rounding kRowRounding, Rounding kColRounding>
+constexpr int kMinBlocksPerSm = sizeof(T) == 4 ? 4 : kAnyStochastic<kRowRounding, kColRounding> ? 6 : 5;
+template <typename T, Rounding kRowRounding, Rounding kColRounding>
+constexpr bool kPrefetchTile = sizeof(T) == 2 && !kAnyStochastic<kRowRounding, kColRounding>;
+
 template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht>
-__global__ void __launch_bounds__(kRowColThreads)
+__global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRounding, kColRounding>))
     nvfp4_rowcol_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowColSpec spec,
                         uint32_t* __restrict__ amax_out, const uint32_t* __restrict__ amax_in, QuantBuffers row,
                         QuantBuffers col) {
-  __shared__ __align__(16) T tile[kTileRows][kTileCols];
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTileCols;
-  const int tile_rows = rows - r0 < kTileRows ? static_cast<int>(rows - r0) : kTileRows;
-  const int tile_cols = cols - c0 < kTileCols ? static_cast<int>(cols - c0) : kTileCols;
+  __shared__ __align__(16) float tile[kTileRows][kTileCols];
+  __shared__ float enc_scale[2][kE4m3Codes];  // element encode scale e_b by E4M3 code: row, col
   const int t = threadIdx.x;
+  const int64_t tiles_x = (cols + kTileCols - 1) / kTileCols;
+  const int64_t tiles = tiles_x * ((rows + kTileRows - 1) / kTileRows);
 
-  TensorScale row_ts{}, col_ts{};
-  bool row_ok = true, col_ok = true;
+  SideScale rs{}, cs{};
   if constexpr (!kAmaxOnly) {
-    row_ok = amax_is_finite(amax_in[0]);
-    col_ok = amax_is_finite(amax_in[1]);
-    row_ts = nvfp4_tensor_scale(bits_float(amax_in[0]));
-    col_ts = nvfp4_tensor_scale(bits_float(amax_in[1]));
-    if (blockIdx.x == 0 && blockIdx.y == 0 && t == 0) {
-      if (spec.rowwise) *row.decode_scale = row_ok ? row_ts.decode : __int_as_float(0x7FC00000);
-      if (spec.columnwise) *col.decode_scale = col_ok ? col_ts.decode : __int_as_float(0x7FC00000);
+    rs.ok = amax_is_finite(amax_in[0]);
+    cs.ok = amax_is_finite(amax_in[1]);
+    const TensorScale row_ts = nvfp4_tensor_scale(bits_float(amax_in[0]));
+    const TensorScale col_ts = nvfp4_tensor_scale(bits_float(amax_in[1]));
+    rs.k = row_ts.encode * (1.0f / kE2M1Max);  // the float ops of nvfp4_block_scale_code
+    cs.k = col_ts.encode * (1.0f / kE2M1Max);
+    for (int i = t; i < 2 * kE4m3Codes; i += kRowColThreads) {
+      const int code = i % kE4m3Codes;
+      enc_scale[i / kE4m3Codes][code] =
+          nvfp4_element_encode_scale(static_cast<uint8_t>(code), i < kE4m3Codes ? row_ts.decode : col_ts.decode);
     }
+    if (blockIdx.x == 0 && t == 0) {
+      if (spec.rowwise) *row.decode_scale = rs.ok ? row_ts.decode : __int_as_float(0x7FC00000);
+      if (spec.columnwise) *col.decode_scale = cs.ok ? col_ts.decode : __int_as_float(0x7FC00000);
+    }
+    __syncthreads();
   }
 
   // The columnwise pass needs the tile in shared memory (the amax pass only when the RHT is on).
   const bool stage_tile = spec.columnwise && (!kAmaxOnly || kRht);
-  uint32_t row_amax = 0, col_amax = 0;
+  const bool encode_rows = !kAmaxOnly && spec.rowwise;
   const int seg = t % kSegsPerRow;
-  constexpr int kIters = kTileRows / (kRowColThreads / kSegsPerRow);
-  // All of this thread's loads first, then the work on them.
-  Raw16<T> raw[kIters];
+  // RHT: row lr of the tile takes sign (lr % 16) of the vector; this thread's rows all have
+  // lr % 16 == t / kSegsPerRow. Flipping the sign bit is the multiplication by -1 of rht16, and the
+  // rowwise copy encodes the flipped values and flips its sign bits back (both E2M1 encoders,
+  // RNE and SR, treat the sign separately from the magnitude).
+  const uint32_t flip = kRht && stage_tile && ((spec.rht_signs.negative_mask >> (t / kSegsPerRow)) & 1u)
+                            ? 0x80000000u : 0u;
+  const uint32_t code_flip = flip ? 0x88888888u : 0u;
+  const int pair = t % kColPairs;
+  const int first_block = (t / kColPairs) * kColBlocksPerThread;
+  const int tcol = tile_col(2 * pair);
+  uint32_t row_amax = 0, col_amax = 0;
+
+  Raw16<T> raw[kRowIters];
+  const auto load_tile = [&](int64_t tile_index) {
+    const int64_t r0 = (tile_index / tiles_x) * kTileRows, c0 = (tile_index % tiles_x) * kTileCols;
 #pragma unroll
-  for (int i = 0; i < kIters; ++i) {
-    const int lr = t / kSegsPerRow + i * (kRowColThreads / kSegsPerRow);
-    if (lr < tile_rows && seg * 16 < tile_cols) raw[i] = load_raw16(x + (r0 + lr) * cols + c0 + seg * 16);
-  }
+    for (int i = 0; i < kRowIters; ++i) {
+      const int64_t r = r0 + t / kSegsPerRow + i * kRowsPerPass, c = c0 + seg * 16;
+      if (r < rows && c < cols) raw[i] = load_raw16(x + r * cols + c);
+    }
+  };
+  constexpr bool kPrefetch = kPrefetchTile<T, kRowRounding, kColRounding>;
+  if (kPrefetch && blockIdx.x < tiles) load_tile(blockIdx.x);
+
+  for (int64_t tile_index = blockIdx.x; tile_index < tiles; tile_index += gridDim.x) {
+    if (!kPrefetch) load_tile(tile_index);
+    const int64_t r0 = (tile_index / tiles_x) * kTileRows, c0 = (tile_index % tiles_x) * kTileCols;
+    const int tile_rows = rows - r0 < kTileRows ? static_cast<int>(rows - r0) : kTileRows;
+    const int tile_cols = cols - c0 < kTileCols ? static_cast<int>(cols - c0) : kTileCols;
+    const bool seg_ok = seg * 16 < tile_cols;
+
+    // ---- rows: one 16-element segment per step
 #pragma unroll
-  for (int i = 0; i < kIters; ++i) {
-    const int lr = t / kSegsPerRow + i * (kRowColThreads / kSegsPerRow);
-    const int lc = seg * 16;
-    if (lr < tile_rows && lc < tile_cols) {
-      const int64_t gi = (r0 + lr) * cols + c0 + lc;
-      if (stage_tile) store_raw16(&tile[lr][lc], raw[i]);
+    for (int i = 0; i < kRowIters; ++i) {
+      const int lr = t / kSegsPerRow + i * kRowsPerPass;
+      if (lr >= tile_rows || !seg_ok) continue;
       float v[16];
-      unpack16(raw[i], v);
+      unpack16(raw[i], flip, v);
+      if (stage_tile) {
+        float* dst = &tile[lr][0];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          *reinterpret_cast<float4*>(dst + tile_col(seg * 16 + 4 * j)) =
+              make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+      }
       if constexpr (kAmaxOnly) {
         row_amax = max(row_amax, max_abs_bits<16>(v));
-      } else if (spec.rowwise) {
+      } else if (encode_rows) {
+        const uint64_t gi = static_cast<uint64_t>(r0 + lr) * static_cast<uint64_t>(cols) + c0 + seg * 16;
         uint2 packed = make_uint2(0, 0);
-        uint8_t scale = 0;
-        if (row_ok) scale = nvfp4_block<kRowRounding>(v, row_ts, spec.seed, spec.row_stream, gi, packed);
+        uint32_t code = 0;
+        if (rs.ok) {
+          const float amax = max_abs_finite<16>(v);
+          code = e4m3x2_rn_satfinite(amax * rs.k, amax * rs.k) & 0xFFu;
+          packed = encode16<kRowRounding>(v, amax, enc_scale[0][code], spec.seed, spec.row_stream, gi);
+          packed.x ^= code_flip;
+          packed.y ^= code_flip;
+        }
         *reinterpret_cast<uint2*>(row.data + gi / 2) = packed;
-        row.scales[gi / 16] = scale;
+        row.scales[gi / 16] = static_cast<uint8_t>(code);
       }
     }
-  }
 
-  if (stage_tile) {
+    // The registers of this tile are consumed: start loading the next one.
+    if (kPrefetch && tile_index + gridDim.x < tiles) load_tile(tile_index + gridDim.x);
+    if (!stage_tile) continue;
     __syncthreads();
-    // Each thread takes two neighbouring columns (one 4- or 8-byte shared-memory load gives both)
-    // and one half of the tile's rows: two 16-row blocks per column.
-    constexpr int kPairs = kTileCols / 2;
-    constexpr int kBlocksPerThread = kTileRows / 16 / (kRowColThreads / kPairs);
-    const int pair = t % kPairs;
-    const int first_block = (t / kPairs) * kBlocksPerThread;
+
+    // ---- columns: two neighbouring columns, blocks of 16 rows
     if (2 * pair < tile_cols) {
+      // X^T index of this thread's first element in column 2*pair; column 2*pair + 1 is `rows` later.
+      const uint64_t q0 = static_cast<uint64_t>(c0 + 2 * pair) * static_cast<uint64_t>(rows) +
+                          static_cast<uint64_t>(r0 + first_block * 16);
+      uint2 packed[2][kColBlocksPerThread];  // [column][block]
+      uint32_t codes[kColBlocksPerThread];   // E4M3 codes of both columns (low byte: column 2*pair)
 #pragma unroll
-      for (int bi = 0; bi < kBlocksPerThread; ++bi) {
+      for (int bi = 0; bi < kColBlocksPerThread; ++bi) {
         const int b = first_block + bi;
+        packed[0][bi] = packed[1][bi] = make_uint2(0, 0);
+        codes[bi] = 0;
         if (b * 16 < tile_rows) {
           float va[16], vb[16];  // columns 2*pair and 2*pair + 1
 #pragma unroll
-          for (int k = 0; k < 16; ++k) load_pair(&tile[b * 16 + k][2 * pair], va[k], vb[k]);
+          for (int k = 0; k < 16; ++k) {
+            const float2 w = *reinterpret_cast<const float2*>(&tile[b * 16 + k][tcol]);
+            va[k] = w.x;
+            vb[k] = w.y;
+          }
           if constexpr (kRht) {
-            rht16(va, spec.rht_signs);
-            rht16(vb, spec.rht_signs);
+            rht16_butterfly(va);
+            rht16_butterfly(vb);
           }
           if constexpr (kAmaxOnly) {
             col_amax = max(col_amax, max(max_abs_bits<16>(va), max_abs_bits<16>(vb)));
-          } else {
+          } else if (cs.ok) {
+            const float amax_a = max_abs_finite<16>(va), amax_b = max_abs_finite<16>(vb);
+            codes[bi] = e4m3x2_rn_satfinite(amax_b * cs.k, amax_a * cs.k);
+            const uint64_t qi = q0 + bi * 16;
+            packed[0][bi] = encode16<kColRounding>(va, amax_a, enc_scale[1][codes[bi] & 0xFFu], spec.seed,
+                                                   spec.col_stream, qi);
+            packed[1][bi] = encode16<kColRounding>(vb, amax_b, enc_scale[1][codes[bi] >> 8], spec.seed,
+                                                   spec.col_stream, qi + static_cast<uint64_t>(rows));
+          }
+        }
+      }
+      if (!kAmaxOnly && first_block * 16 < tile_rows) {
+        // A column's two blocks are 16 contiguous bytes of X^T (and 2 of its scales): one store each
+        // where they are aligned, which they are when rows % 32 == 0 (q0 is then a multiple of 32).
+        const bool both = (first_block + 1) * 16 < tile_rows;
 #pragma unroll
-            for (int side = 0; side < 2; ++side) {
-              const float* v = side == 0 ? va : vb;
-              const int64_t qi = (c0 + 2 * pair + side) * rows + r0 + b * 16;  // index in X^T
-              uint2 packed = make_uint2(0, 0);
-              uint8_t scale = 0;
-              if (col_ok) scale = nvfp4_block<kColRounding>(v, col_ts, spec.seed, spec.col_stream, qi, packed);
-              *reinterpret_cast<uint2*>(col.data + qi / 2) = packed;
-              col.scales[qi / 16] = scale;
+        for (int side = 0; side < 2; ++side) {
+          const uint64_t q = q0 + side * static_cast<uint64_t>(rows);
+          uint8_t* data = col.data + q / 2;
+          uint8_t* scales = col.scales + q / 16;
+          const uint32_t c0s = (codes[0] >> (8 * side)) & 0xFFu, c1s = (codes[1] >> (8 * side)) & 0xFFu;
+          if (both && rows % 32 == 0) {
+            *reinterpret_cast<uint4*>(data) =
+                make_uint4(packed[side][0].x, packed[side][0].y, packed[side][1].x, packed[side][1].y);
+            *reinterpret_cast<uint16_t*>(scales) = static_cast<uint16_t>(c0s | c1s << 8);
+          } else {
+            *reinterpret_cast<uint2*>(data) = packed[side][0];
+            scales[0] = static_cast<uint8_t>(c0s);
+            if (both) {
+              *reinterpret_cast<uint2*>(data + 8) = packed[side][1];
+              scales[1] = static_cast<uint8_t>(c1s);
             }
           }
         }
       }
     }
+    __syncthreads();  // the tile's shared memory is overwritten next iteration
   }
 
   if constexpr (kAmaxOnly) {
@@ -442,15 +627,38 @@ void check_rowcol_shape(int64_t rows, int64_t cols) {
                                 std::to_string(cols) + " tensor: both dimensions must be positive multiples of 16");
 }
 
+// Blocks of a persistent grid for `kernel`: as many as fit on the device at once (each block
+// loops over tiles), so the per-block set-up (tensor scales, encode-scale table) is paid once per
+// resident block. The occupancy is cached per kernel variant.
+int persistent_blocks(const void* kernel, int64_t tiles) {
+  static std::mutex mutex;
+  static std::vector<std::pair<const void*, int>> cache;
+  int per_sm = 0;
+  {
+    const std::lock_guard<std::mutex> lock(mutex);
+    for (const auto& [k, n] : cache)
+      if (k == kernel) per_sm = n;
+    if (per_sm == 0) {
+      NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRowColThreads, 0));
+      if (per_sm < 1) per_sm = 1;
+      cache.emplace_back(kernel, per_sm);
+    }
+  }
+  int device = 0, sms = 0;
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
+  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return static_cast<int>(std::min<int64_t>(tiles, static_cast<int64_t>(per_sm) * sms));
+}
+
 // Picks the kernel variant for the spec's rounding modes and RHT switch.
 template <typename T, bool kAmaxOnly>
 void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, uint32_t* amax_out,
                    const uint32_t* amax_in, QuantBuffers row, QuantBuffers col, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols),
-                  static_cast<unsigned>((rows + kTileRows - 1) / kTileRows));
+  const int64_t tiles = ((cols + kTileCols - 1) / kTileCols) * ((rows + kTileRows - 1) / kTileRows);
   constexpr Rounding kRne = Rounding::kNearestEven, kSr = Rounding::kStochastic;
   const auto go = [&](auto kernel) {
-    kernel<<<grid, kRowColThreads, 0, stream>>>(x, rows, cols, spec, amax_out, amax_in, row, col);
+    const int blocks = persistent_blocks(reinterpret_cast<const void*>(kernel), tiles);
+    kernel<<<blocks, kRowColThreads, 0, stream>>>(x, rows, cols, spec, amax_out, amax_in, row, col);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
   };
   if constexpr (kAmaxOnly) {  // rounding plays no part in the amax pass
