@@ -58,7 +58,7 @@ class Gpt(nn.Module):
         for blk in self.blocks:
             x = blk(x)
         logits = F.linear(self.norm_f(x), self.tok.weight)  # tied LM head
-        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
 def main():
