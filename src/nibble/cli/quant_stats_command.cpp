@@ -165,6 +165,17 @@ void from_checkpoint(const QuantStatsOptions& o, QuantStatsReport& r) {
 // ---- output ----
 
 void print_table(const QuantStatsReport& r, std::ostream& out) {
+  const nlohmann::json& src = r.source;
+  if (src.value("kind", "") == "checkpoint") {
+    out << "checkpoint " << src["path"].get<std::string>() << " (model " << src["model"].get<std::string>()
+        << ", recipe " << src["recipe"].get<std::string>() << "): ";
+    if (src.contains("batch"))
+      out << "W, and X and dY from one forward/backward pass on " << src["batch"].get<int64_t>() << " x "
+          << src["seq_len"].get<int64_t>() << " tokens (loss "
+          << (src["loss"].is_null() ? std::string("non-finite") : fmt("%.4f", src["loss"].get<double>())) << ")\n";
+    else
+      out << "weights only (give --data for activations and gradients)\n";
+  }
   out << "schemes (every one rounds to nearest even; error measured in the tensor's own layout and domain):\n";
   size_t name_w = 0;
   for (const QuantScheme& s : r.schemes) name_w = std::max(name_w, s.name.size());
