@@ -126,6 +126,14 @@ TEST(QuantStats, NumbersEqualAnIndependentComputation) {
     EXPECT_NEAR(got->snr_db, -10.0 * std::log10(want), 1e-9) << name;
     EXPECT_GT(got->rel_mse, 0.0) << name << ": a tensor of random floats is not exactly representable";
   }
+  // An all-zero tensor is exact (SNR +inf); a NaN makes the error NaN, not a number that looks fine.
+  const std::vector<float> zeros(16 * 32, 0.0f);
+  EXPECT_EQ(scheme_error(zeros, 16, 32, named("nvfp4_1x16").spec)->rel_mse, 0.0);
+  EXPECT_EQ(scheme_error(zeros, 16, 32, named("nvfp4_1x16").spec)->snr_db, INFINITY);
+  std::vector<float> with_nan(x.begin(), x.begin() + 16 * 32);
+  with_nan[std::uniform_int_distribution<size_t>(0, with_nan.size() - 1)(rng)] = NAN;
+  for (const QuantScheme& s : quant_schemes())
+    EXPECT_TRUE(std::isnan(scheme_error(with_nan, 16, 32, s.spec).value().rel_mse)) << s.name;
   // A shape the blocks do not fit: not applicable rather than padded. 48 columns: no 1x32 blocks.
   EXPECT_FALSE(scheme_error(std::span<const float>(x).first(48 * 48), 48, 48, named("mxfp4_1x32").spec));
   EXPECT_TRUE(scheme_error(std::span<const float>(x).first(48 * 48), 48, 48, named("nvfp4_16x16").spec));
@@ -271,6 +279,16 @@ TEST(QuantStats, CheckpointGivesEveryLinearLayersWXdY) {
   EXPECT_EQ(rw.tensors[0].tensor, "W");
   EXPECT_EQ(rw.tensors[0].errors.size(), 2u);
   EXPECT_EQ(rw.tensors[0].errors[0]->rel_mse, r.tensors[0].errors[3]->rel_mse) << "the same weights, nvfp4_16x16";
+
+  // A checkpoint taken after the late switch to bf16: the pass runs in bf16, and says so.
+  const fs::path state_path = *w.checkpoint / "state.json";
+  nlohmann::json state = nlohmann::json::parse(std::ifstream(state_path));
+  state["bf16_everywhere"] = true;
+  std::ofstream(state_path) << state.dump();
+  w.data = o.data;
+  w.batch_size = 2;
+  std::ostringstream out_s;
+  EXPECT_EQ(run_quant_stats(w, out_s).source["recipe"], "nvfp4 (switched to bf16)");
 }
 
 // The captured X and dY are what the layers compute with: under the fp32 recipe each layer's

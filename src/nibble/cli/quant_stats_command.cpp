@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <limits>
 #include <map>
@@ -55,7 +56,7 @@ TensorStats measure(std::string layer, std::string tensor, std::span<const float
   for (float v : x) {
     t.amax = std::max(t.amax, std::fabs(static_cast<double>(v)));
     sum_sq += static_cast<double>(v) * v;
-    if (!std::isfinite(v)) t.amax = std::numeric_limits<double>::quiet_NaN();
+    if (std::isnan(v)) t.amax = std::numeric_limits<double>::quiet_NaN();
   }
   t.rms = std::sqrt(sum_sq / static_cast<double>(x.size()));
   for (const QuantScheme& s : schemes) t.errors.push_back(scheme_error(x, rows, cols, s.spec));
@@ -112,6 +113,14 @@ void from_checkpoint(const QuantStatsOptions& o, QuantStatsReport& r) {
   }
 
   model::Gpt model(config, recipe, /*init_seed=*/0, o.seed);
+  // A checkpoint taken after the late switch to bf16 trained every layer in bf16: so does the pass.
+  bool bf16_everywhere = false;
+  if (!o.recipe && fs::exists(weights_path.parent_path() / "state.json")) {
+    std::ifstream in(weights_path.parent_path() / "state.json");
+    const nlohmann::json state = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    bf16_everywhere = state.is_object() && state.value("bf16_everywhere", false);
+    model.set_bf16_everywhere(bf16_everywhere);
+  }
   for (model::Parameter& p : model.parameters()) {
     const SafetensorsEntry* e = weights.find(p.name);
     if (!e) throw std::runtime_error(file + ": no tensor '" + p.name + "' (does the model config match?)");
@@ -129,7 +138,8 @@ void from_checkpoint(const QuantStatsOptions& o, QuantStatsReport& r) {
     const std::span<const float> w = layer->weight();
     by_layer[name].push_back(measure(name, "W", w, layer->out_features(), layer->in_features(), r.schemes));
   }
-  r.source = {{"kind", "checkpoint"}, {"path", file}, {"model", config.name}, {"recipe", recipe.name}};
+  r.source = {{"kind", "checkpoint"}, {"path", file}, {"model", config.name},
+              {"recipe", bf16_everywhere ? recipe.name + " (switched to bf16)" : recipe.name}};
   if (!o.data.empty()) {
     const int64_t seq = o.seq_len > 0 ? o.seq_len : config.seq_len;
     if (o.batch_size <= 0 || seq <= 0 || seq > config.seq_len)

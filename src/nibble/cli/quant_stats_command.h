@@ -72,7 +72,8 @@ struct QuantStatsOptions {
   std::optional<std::string> synthetic;  // "ROWSxCOLS"
 
   // Checkpoint: the model config and the recipe of the forward/backward pass (default: those in
-  // the checkpoint's metadata), and the token data of the one batch (none: weights only).
+  // the checkpoint's metadata, fp32 for a recipe it lacks, all layers bf16 when its state.json says
+  // the run had switched), and the token data of the one batch (none: weights only).
   std::optional<std::filesystem::path> config;
   std::optional<std::string> recipe;
   std::vector<std::string> data;  // a `nibble prepare` directory or token files
