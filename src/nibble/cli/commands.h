@@ -11,5 +11,6 @@ void add_demo_command(CLI::App& app);
 void add_prepare_command(CLI::App& app);
 void add_train_command(CLI::App& app);
 void add_compare_command(CLI::App& app);
+void add_quant_stats_command(CLI::App& app);
 
 }  // namespace nibble::cli

@@ -12,6 +12,7 @@ int main(int argc, char** argv) {
   nibble::cli::add_prepare_command(app);
   nibble::cli::add_train_command(app);
   nibble::cli::add_compare_command(app);
+  nibble::cli::add_quant_stats_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -211,4 +211,17 @@ std::vector<Parameter> Gpt::parameters() {
   return ps;
 }
 
+std::vector<std::pair<std::string, nn::Linear*>> Gpt::linears() {
+  std::vector<std::pair<std::string, nn::Linear*>> out;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    Block& b = *blocks_[i];
+    const std::string p = "blocks." + std::to_string(i) + ".";
+    out.emplace_back(p + "attn.qkv", &b.attn.qkv());
+    out.emplace_back(p + "attn.proj", &b.attn.proj());
+    out.emplace_back(p + "mlp.fc", &b.mlp.fc());
+    out.emplace_back(p + "mlp.proj", &b.mlp.proj());
+  }
+  return out;
+}
+
 }  // namespace nibble::model

@@ -15,6 +15,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "nibble/model/config.h"
@@ -63,6 +64,9 @@ class Gpt {
   double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch, int64_t seq);
 
   std::vector<Parameter> parameters();
+  // The transformer blocks' linear layers, named as their weights without ".weight"
+  // ("blocks.0.attn.qkv", ...), in forward order.
+  std::vector<std::pair<std::string, nn::Linear*>> linears();
 
  private:
   struct Block;

@@ -67,6 +67,7 @@ std::vector<float> Linear::forward(std::span<const float> x, int64_t tokens) {
     throw std::invalid_argument(context(Operand::kFpropX) + ": X holds " + std::to_string(x.size()) +
                                 " elements, not tokens x in_features = " + std::to_string(tokens) + "x" +
                                 std::to_string(in_));
+  if (observer_) observer_->on_forward(*this, x, tokens);
   refresh_weight_copies();
   const uint64_t seed = sr_seed();
   const GemmOperand a = prepare(x, tokens, in_, Operand::kFpropX, seed).gemm_operand();
@@ -86,6 +87,7 @@ std::vector<float> Linear::backward(std::span<const float> dy) {
     throw std::invalid_argument(context(Operand::kDgradDy) + ": dY holds " + std::to_string(dy.size()) +
                                 " elements, not tokens x out_features = " + std::to_string(tokens) + "x" +
                                 std::to_string(out_));
+  if (observer_) observer_->on_backward(*this, dy, tokens);
   refresh_weight_copies();
   const uint64_t seed = sr_seed();
   // Dgrad: dX [tokens x in] = dY [tokens x out] . (W^T [in x out])^T

@@ -27,6 +27,17 @@
 
 namespace nibble::nn {
 
+class Linear;
+
+// Sees the high-precision tensors a linear layer receives before it prepares its GEMM operands
+// (`nibble quant-stats` measures their quantization error on a real forward/backward pass).
+class LinearObserver {
+ public:
+  virtual ~LinearObserver() = default;
+  virtual void on_forward(const Linear& layer, std::span<const float> x, int64_t tokens) = 0;  // X
+  virtual void on_backward(const Linear& layer, std::span<const float> dy, int64_t tokens) = 0;  // dY
+};
+
 struct LinearOptions {
   uint32_t layer_id = 0;  // distinct per layer of a model: separates the layers' random draws
   uint64_t run_seed = 0;
@@ -59,6 +70,9 @@ class Linear {
   int64_t saved_activation_bytes() const;
   int64_t bf16_activation_bytes(int64_t tokens) const { return tokens * in_ * 2; }
 
+  // Not owned; nullptr (the default) observes nothing.
+  void set_observer(LinearObserver* observer) { observer_ = observer; }
+
   // How many times the weight copies have been made (tests: once per step, not once per GEMM).
   int64_t weight_quantizations() const { return weight_quantizations_; }
   // Seed of the current step's draws for activations/gradients (micro-batch included) and weights.
@@ -83,6 +97,7 @@ class Linear {
 
   std::optional<OperandCopy> saved_x_t_;  // wgrad.x, saved by forward
   int64_t saved_tokens_ = 0;
+  LinearObserver* observer_ = nullptr;
 };
 
 }  // namespace nibble::nn
