@@ -74,6 +74,10 @@ def main():
     torch.manual_seed(0)
     dev = "cuda"
     model = Gpt(c).to(dev)
+    for name, p in model.named_parameters():  # GPT-2's initialisation, as nibble's (model/gpt.cpp)
+        if p.dim() == 2:
+            std = 0.02 / math.sqrt(2 * c["n_layers"]) if name.endswith(("proj.weight", "fc_proj.weight")) else 0.02
+            torch.nn.init.normal_(p, 0.0, std)
     n_params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     step_fn = torch.compile(model) if a.compile else model

@@ -144,20 +144,25 @@ int64_t element_bytes(GemmType t) { return t == GemmType::kF32 ? 4 : t == GemmTy
 void OperandCuda::allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t q_cols) {
   const int64_t n = q_rows * q_cols;
   const bool fp4 = spec.format == Format::kNvfp4 || spec.format == Format::kMxfp4;
-  data_.resize(static_cast<size_t>(fp4 ? n / 2 : n));
+  // Grow-only: the shared per-call operands of LinearContext serve layers of different shapes, and
+  // a reallocation (cudaFree synchronises the device) per layer would stall every step.
+  data_bytes_ = fp4 ? n / 2 : n;
+  data_.reserve(static_cast<size_t>(data_bytes_));
   int64_t scale_count = 0;
   if (spec.block == Block::k1x16) scale_count = n / 16;
   if (spec.block == Block::k16x16) scale_count = n / 256;
   if (spec.block == Block::k1x32) scale_count = n / 32;
-  scales_.resize(static_cast<size_t>(scale_count));
-  decode_scale_.resize(1);
-  amax_bits_.resize(2);
+  scale_bytes_ = scale_count;
+  scales_.reserve(static_cast<size_t>(scale_count));
+  decode_scale_.reserve(1);
+  amax_bits_.reserve(2);
 }
 
 template <typename T>
 void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandRecipe& r, Operand op,
                        RhtSigns signs, uint64_t seed, cudaStream_t stream) {
   const bool columnwise = operand_columnwise(op);
+  shared_values_ = nullptr;
   format_ = r.format;
   quantized_ = r.quantized();
   rows_ = columnwise ? cols : rows;
@@ -182,7 +187,9 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
   }
   const int64_t n = rows * cols;
   const bool bf16 = r.format == OperandFormat::kBf16;
-  data_.resize(static_cast<size_t>(n * (bf16 ? 2 : 4)));
+  data_bytes_ = n * (bf16 ? 2 : 4);
+  scale_bytes_ = 0;
+  data_.reserve(static_cast<size_t>(data_bytes_));
   if (r.rht) {
     if (cols_ % kRhtBlock != 0)
       throw std::invalid_argument(std::string(operand_name(op)) + ": the RHT needs the contiguous dimension (" +
@@ -212,6 +219,20 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
   const bool fused = operand_columnwise(col_op) && !operand_columnwise(row_op) && rr.quantized() && cr.quantized() &&
                      fused_pass_applies(operand_quant_spec(rr, row_op, recipe.rht_signs(), seed), rows, cols) &&
                      fused_pass_applies(operand_quant_spec(cr, col_op, recipe.rht_signs(), seed), rows, cols);
+  // Unquantized and untransformed on both sides (bf16, fp32): the columnwise operand is stored as the
+  // source tensor, so it holds the very bytes the rowwise one needs: convert once, share.
+  if (!rr.quantized() && rr == cr && !rr.rht && !operand_columnwise(row_op) && operand_columnwise(col_op)) {
+    col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream);
+    row.format_ = col.format_;
+    row.quantized_ = false;
+    row.stored_as_source_ = false;
+    row.rows_ = rows;
+    row.cols_ = cols;
+    row.data_bytes_ = col.data_bytes_;
+    row.scale_bytes_ = 0;
+    row.shared_values_ = col.data_.data();
+    return;
+  }
   if (!fused) {
     row.make(x, rows, cols, rr, row_op, recipe.rht_signs(), seed, stream);
     col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream);
@@ -220,6 +241,7 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
   nibble::cuda::RowColSpec s = rowcol_spec(recipe.rht_signs(), seed);
   for (auto [o, op, r] : {std::tuple{&row, row_op, &rr}, std::tuple{&col, col_op, &cr}}) {
     const bool columnwise = operand_columnwise(op);
+    o->shared_values_ = nullptr;
     o->format_ = OperandFormat::kNvfp4;
     o->quantized_ = true;
     o->stored_as_source_ = false;
@@ -271,7 +293,7 @@ GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8
   // source tensor is already the transpose.
   m.transposed = as_b != stored_as_source_;
   if (type == native_type() && !is_fp4(format_)) {
-    m.data = data_.data();
+    m.data = values();
     return m;
   }
   if (type != GemmType::kBF16 && type != GemmType::kF32)
@@ -295,7 +317,7 @@ GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8
       recode_kernel<<<blocks_for(n), kThreads, 0, stream>>>(spec_.format, data_.data(), n, out_f32);
   } else if (format_ == OperandFormat::kBf16 && !to_bf16) {  // BF16 meeting an FP32 operand
     recode_kernel<<<blocks_for(n), kThreads, 0, stream>>>(
-        Format::kNvfp4, reinterpret_cast<const uint16_t*>(data_.data()), n, out_f32);
+        Format::kNvfp4, reinterpret_cast<const uint16_t*>(values()), n, out_f32);
   } else {
     throw std::logic_error("OperandCuda::gemm_matrix: an FP32 operand is never narrowed (see gemm_types)");
   }
@@ -305,8 +327,7 @@ GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8
 }
 
 int64_t OperandCuda::bytes() const {
-  if (quantized_) return static_cast<int64_t>(data_.bytes() + scales_.bytes() + sizeof(float));
-  return static_cast<int64_t>(data_.bytes());
+  return data_bytes_ + scale_bytes_ + (quantized_ ? static_cast<int64_t>(sizeof(float)) : 0);
 }
 
 QuantizedTensor OperandCuda::download() const {
@@ -315,8 +336,11 @@ QuantizedTensor OperandCuda::download() const {
   q.spec = spec_;
   q.rows = rows_;
   q.cols = cols_;
-  q.data = data_.download();
-  q.scales = scales_.download();
+  q.data.resize(static_cast<size_t>(data_bytes_));
+  q.scales.resize(static_cast<size_t>(scale_bytes_));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(q.data.data(), data_.data(), q.data.size(), cudaMemcpyDeviceToHost));
+  if (!q.scales.empty())
+    NIBBLE_CUDA_CHECK(cudaMemcpy(q.scales.data(), scales_.data(), q.scales.size(), cudaMemcpyDeviceToHost));
   q.decode_scale = decode_scale_.download()[0];
   return q;
 }

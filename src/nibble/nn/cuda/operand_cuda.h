@@ -74,8 +74,15 @@ class OperandCuda {
   bool stored_as_source_ = false;
   OperandFormat format_ = OperandFormat::kFp32;
   QuantSpec spec_{};
+  // The values of an unquantized operand: its own buffer, or those of the operand it shares them
+  // with (make_pair), which must outlive this one's use.
+  const uint8_t* values() const { return shared_values_ ? shared_values_ : data_.data(); }
+
+  const uint8_t* shared_values_ = nullptr;
+  // Buffers only grow; data_bytes_ and scale_bytes_ say how much of them the operand uses.
   DeviceBuffer<uint8_t> data_;    // packed codes, or the BF16/FP32 values of an unquantized operand
   DeviceBuffer<uint8_t> scales_;  // block scale codes
+  int64_t data_bytes_ = 0, scale_bytes_ = 0;
   DeviceBuffer<float> decode_scale_;
   DeviceBuffer<uint32_t> amax_bits_;  // the quantizer's amax (two words for the fused pass)
 };
