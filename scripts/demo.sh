@@ -4,6 +4,8 @@
 # nvfp4 recipes with the same data, seed and steps, and compare their validation losses (a table,
 # and a plot of both loss curves and their gap in runs/demo-<time>.svg).
 #   scripts/demo.sh              (STEPS=300 by default; runs go to runs/demo-<recipe>-<time>/)
+# Training runs on the GPU when the build has the CUDA backend and nvidia-smi lists a GPU, else on
+# the CPU; DEVICE=cpu or DEVICE=cuda forces one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="/usr/local/cuda/bin:$PATH"
@@ -13,6 +15,10 @@ scripts/setup.sh
 cmake --preset default >/dev/null
 cmake --build --preset default --target nibble_cli
 nibble=build/default/src/nibble/cli/nibble
+device=${DEVICE:-cpu}
+if [ -z "${DEVICE:-}" ] && [ -f build/default/src/nibble/libnibble_cuda.a ] && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+  device=cuda
+fi
 
 data=data/demo-admin-guide-8k
 if [ ! -f "$data/manifest.json" ]; then
@@ -23,8 +29,8 @@ fi
 
 stamp=$(date +%Y%m%d-%H%M%S)
 for recipe in bf16 nvfp4; do
-  echo "== training the demo model under $recipe for $steps steps"
-  "$nibble" train --config configs/models/tiny-8k.toml --recipe "$recipe" --data "$data" \
+  echo "== training the demo model under $recipe for $steps steps on $device"
+  "$nibble" train --device "$device" --config configs/models/tiny-8k.toml --recipe "$recipe" --data "$data" \
     --out "runs/demo-$recipe-$stamp" --steps "$steps" --val-every 50 --seed 1337
 done
 
