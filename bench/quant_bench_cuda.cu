@@ -15,42 +15,11 @@
 #include <random>
 #include <vector>
 
+#include "cuda_timing.h"
 #include "nibble/quant/cuda/quantize_cuda.h"
 
-namespace {
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) {
-    std::fprintf(stderr, "%s: %s\n", what, cudaGetErrorString(e));
-    std::exit(1);
-  }
-}
-
-// Median time in ms of `fn` over `reps` runs, after warm-up, timed with CUDA events.
-float median_ms(const std::function<void()>& fn, int reps = 50) {
-  for (int i = 0; i < 5; ++i) fn();
-  check(cudaDeviceSynchronize(), "warm-up");
-  cudaEvent_t a, b;
-  cudaEventCreate(&a);
-  cudaEventCreate(&b);
-  std::vector<float> t;
-  for (int i = 0; i < reps; ++i) {
-    cudaEventRecord(a);
-    fn();
-    cudaEventRecord(b);
-    cudaEventSynchronize(b);
-    float ms = 0;
-    cudaEventElapsedTime(&ms, a, b);
-    t.push_back(ms);
-  }
-  check(cudaGetLastError(), "timed runs");
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
-}  // namespace
+using nibble::bench::check;
+using nibble::bench::median_ms;
 
 int main(int argc, char** argv) {
   using namespace nibble;
