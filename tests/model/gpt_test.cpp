@@ -117,12 +117,12 @@ TEST_P(GptGradTest, WholeModelGradientMatchesFiniteDifferences) {
     model.parameters();  // marks the linear layers' weight copies stale after a perturbation
     return model.loss(in, tg, batch, seq);
   };
-  // h = 2e-3, not 1e-2: through the tied embedding and the softmax the whole model is curved enough
-  // that h = 1e-2 gave a 10% truncation error on a rare element (NIBBLE_TEST_SEED=15587233524365975342,
-  // rope config, embed.weight[304]); with h = 2e-3 it agrees, and float rounding stays ~1e-4.
+  // Rare elements need check_gradient's second step size: NIBBLE_TEST_SEED=15587233524365975342
+  // (rope config: curvature, embed.weight[304] off by 10% at h = 1e-2) and 3133795168379652887
+  // (relu2 config: blocks.1.attn.qkv.weight[155], a gradient of 2e-4 against a scale of 1e-2).
   std::vector<Parameter> params = model.parameters();
   for (size_t i = 0; i < params.size(); ++i)
-    model::test::check_gradient(params[i].value, grads[i], loss, rng, 12, params[i].name, {2e-3f, 2e-3, 2e-2});
+    model::test::check_gradient(params[i].value, grads[i], loss, rng, 12, params[i].name, {1e-2f, 2e-3, 2e-2});
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -6,7 +6,10 @@
 // the float rounding inside the layer, about u * sum |r_i f_i| / h with u = 2^-24. With h ~ 1e-2 and
 // O(1) values both are around 1e-4 of the gradient's scale, so the check allows 1e-3 of the largest
 // sampled gradient plus 1e-2 relative; a wrong backward (a missing term, a transposed index) is off
-// by the size of the gradient itself.
+// by the size of the gradient itself. In a whole model either error can exceed that on a rare
+// element (strong curvature through the softmax, a kink of ReLU^2 within h; or rounding on a tiny
+// gradient), and the two move opposite ways with h: an element that disagrees at h is measured again
+// at h/4 and passes if it agrees there. A wrong backward disagrees at every h.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -36,19 +39,19 @@ inline void check_gradient(std::span<float> v, std::span<const float> analytic, 
   std::uniform_int_distribution<size_t> pick(0, v.size() - 1);
   std::vector<size_t> idx;
   for (int s = 0; s < samples; ++s) idx.push_back(pick(rng));
-  std::vector<double> fd(idx.size());
-  for (size_t s = 0; s < idx.size(); ++s) {
-    const size_t i = idx[s];
+  const auto central_difference = [&](size_t i, float h) {
     const float keep = v[i];
-    v[i] = keep + tol.h;
+    v[i] = keep + h;
     const double up_v = v[i];
     const double up = loss();
-    v[i] = keep - tol.h;
+    v[i] = keep - h;
     const double down_v = v[i];
     const double down = loss();
     v[i] = keep;
-    fd[s] = (up - down) / (up_v - down_v);
-  }
+    return (up - down) / (up_v - down_v);
+  };
+  std::vector<double> fd(idx.size());
+  for (size_t s = 0; s < idx.size(); ++s) fd[s] = central_difference(idx[s], tol.h);
   double scale = 0.0;
   for (size_t s = 0; s < idx.size(); ++s) scale = std::max(scale, std::fabs(static_cast<double>(analytic[idx[s]])));
   scale = std::max(scale, 1e-30);
@@ -56,8 +59,9 @@ inline void check_gradient(std::span<float> v, std::span<const float> analytic, 
   std::string first_bad;
   for (size_t s = 0; s < idx.size(); ++s) {
     const double an = analytic[idx[s]];
-    const double err = std::fabs(fd[s] - an);
-    if (!(err <= tol.scale_frac * scale + tol.rel * std::fabs(an))) {
+    const auto agrees = [&](double f) { return std::fabs(f - an) <= tol.scale_frac * scale + tol.rel * std::fabs(an); };
+    if (!agrees(fd[s]) && agrees(central_difference(idx[s], tol.h / 4))) continue;
+    if (!agrees(fd[s])) {
       if (bad++ == 0)
         first_bad = "element " + std::to_string(idx[s]) + ": analytic " + std::to_string(an) + ", finite difference " +
                     std::to_string(fd[s]);
