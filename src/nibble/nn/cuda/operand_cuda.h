@@ -34,8 +34,9 @@ class OperandCuda {
   void make(const T* x, int64_t rows, int64_t cols, const OperandRecipe& recipe, Operand op, RhtSigns signs,
             uint64_t seed, cudaStream_t stream);
   // Both operands that one tensor feeds (fprop.x with wgrad.x, or dgrad.dy with wgrad.dy), from one
-  // fused NVFP4 pass over x when both are NVFP4 1x16 (the rowwise one without RHT); otherwise two
-  // make() calls. Same bits either way.
+  // fused NVFP4 pass over x when both are NVFP4 1x16 (the rowwise one without RHT); from one
+  // conversion when both are the same unquantized format without RHT (`row` then reads `col`'s
+  // values, so `col` must outlive `row`'s use); otherwise two make() calls. Same bits either way.
   template <typename T>
   static void make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                         Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream);

@@ -96,7 +96,6 @@ GemmRunner::Plan& GemmRunner::plan(const Key& key) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
   const auto [m, n, k, batch, ta, tb, type_a, type_b, type_c, align_pack, stride_a, stride_b, stride_c] = key;
-  (void)align_pack;
   const bool trans_a = ta != 0, trans_b = tb != 0;
   const auto tya = static_cast<GemmType>(type_a), tyb = static_cast<GemmType>(type_b),
              tyc = static_cast<GemmType>(type_c);
