@@ -57,7 +57,7 @@ std::string read_text(const fs::path& p) {
 
 TEST(CompareCommand, TwoRunsGiveTableAndPlot) {
   std::mt19937_64 rng(test::fresh_seed());
-  test::ScratchDir dir;
+  test::TempDir dir;
   const SyntheticRun a = draw_run(rng, 40, 1.0), b = draw_run(rng, 40, 1.2);
   write_run(dir / "run-a", a, "bf16");
   write_run(dir / "run-b", b, "nvfp4");
@@ -99,7 +99,7 @@ TEST(CompareCommand, TwoRunsGiveTableAndPlot) {
 
 TEST(CompareCommand, BaselineOptionPutsThatRunFirst) {
   std::mt19937_64 rng(test::fresh_seed());
-  test::ScratchDir dir;
+  test::TempDir dir;
   const SyntheticRun a = draw_run(rng, 30, 1.0), b = draw_run(rng, 30, 0.8), c = draw_run(rng, 30, 1.1);
   write_run(dir / "a", a, "bf16");
   write_run(dir / "b", b, "");
@@ -162,7 +162,7 @@ TEST(CompareCommand, GapIsTakenAtMatchingTokenCounts) {
 
 TEST(CompareCommand, BadInputNamesFileAndLine) {
   std::mt19937_64 rng(test::fresh_seed());
-  test::ScratchDir dir;
+  test::TempDir dir;
   write_run(dir / "good", draw_run(rng, 20, 1.0), "bf16");
   CompareOptions o;
   o.out = dir / "p.svg";

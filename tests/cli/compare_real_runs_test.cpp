@@ -37,7 +37,7 @@ size_t count(const std::string& text, const std::string& what) {
 TEST(CompareRealRuns, Bf16AndNvfp4RunsGivePlotAndTable) {
   const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
-  test::ScratchDir dir;
+  test::TempDir dir;
   // Random tokens over a 64-id vocabulary: the loss falls from ln(64) towards the data's entropy.
   std::vector<uint32_t> tokens(20000);
   for (auto& t : tokens) t = static_cast<uint32_t>(rng() % 64);

@@ -198,7 +198,7 @@ TEST(QuantStats, RhtLowersTheErrorOfOutlierChannelsAlongTokens) {
 // ---- a real checkpoint ----
 
 struct TinyRun {
-  test::ScratchDir dir;
+  test::TempDir dir;
   fs::path run, tokens;
   TinyRun(const std::string& recipe, uint64_t seed) {
     std::mt19937_64 rng(seed);
@@ -347,7 +347,7 @@ std::string error_of(const QuantStatsOptions& o) {
 }
 
 TEST(QuantStats, ErrorsNameTheProblem) {
-  test::ScratchDir dir;
+  test::TempDir dir;
   QuantStatsOptions missing;
   missing.checkpoint = dir / "no-such-run";
   EXPECT_NE(error_of(missing).find("no-such-run: no such checkpoint"), std::string::npos) << error_of(missing);

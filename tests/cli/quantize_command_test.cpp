@@ -19,7 +19,7 @@ namespace nibble::cli {
 namespace {
 
 using test::expect_error;
-using test::ScratchDir;
+using test::TempDir;
 
 std::vector<float> gaussian(std::mt19937_64& rng, size_t n, float sigma = 1.0f) {
   std::normal_distribution<float> d(0.0f, sigma);
@@ -78,7 +78,7 @@ void expect_output_matches(SafetensorsReader& out, const std::string& name, cons
 TEST(QuantizeCommand, NpyFloat32EveryFormatAndOption) {
   const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
-  ScratchDir dir;
+  TempDir dir;
   const int64_t rows = 64, cols = 64;
   std::vector<float> x = gaussian(rng, rows * cols);
   x[5] *= 40.0f;  // an outlier
@@ -146,7 +146,7 @@ TEST(QuantizeCommand, DefaultBlocksFollowTheFormat) {
 
 TEST(QuantizeCommand, NpyBf16BitsNeedTheFlag) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   const std::vector<bf16_t> x = to_bf16(gaussian(rng, 16 * 32, 2.0f));
   write_npy(dir / "b.npy", HostTensor::bf16({16, 32}, x));
   QuantizeOptions o;
@@ -167,7 +167,7 @@ TEST(QuantizeCommand, NpyBf16BitsNeedTheFlag) {
 
 TEST(QuantizeCommand, SafetensorsCheckpointAllOrChosenTensors) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   const std::vector<float> w = gaussian(rng, 64 * 32, 0.02f);
   const std::vector<bf16_t> a = to_bf16(gaussian(rng, 32 * 48));
   const std::vector<float> norm = gaussian(rng, 32);
@@ -212,7 +212,7 @@ TEST(QuantizeCommand, SafetensorsCheckpointAllOrChosenTensors) {
 
 TEST(QuantizeCommand, SkipsIncompatibleShapesOnlyWhenAsked) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   const std::vector<float> good = gaussian(rng, 32 * 32), odd = gaussian(rng, 5 * 32);
   write_safetensors(dir / "in.safetensors", {{"good", HostTensor::f32({32, 32}, good)}, {"odd", HostTensor::f32({5, 32}, odd)}});
   QuantizeOptions o;
@@ -235,7 +235,7 @@ TEST(QuantizeCommand, SkipsIncompatibleShapesOnlyWhenAsked) {
 
 TEST(QuantizeCommand, NonFiniteInputIsMarked) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   std::vector<float> x = gaussian(rng, 16 * 32);
   x[rng() % x.size()] = NAN;
   write_npy(dir / "nan.npy", HostTensor::f32({16, 32}, x));
@@ -260,7 +260,7 @@ TEST(QuantizeCommand, NonFiniteInputIsMarked) {
 
 TEST(QuantizeCommand, FailuresLeaveNoOutputAndKeepAnExistingOne) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   const std::vector<float> x = gaussian(rng, 32 * 48);
   write_npy(dir / "x.npy", HostTensor::f32({32, 48}, x));
   write_npy(dir / "cube.npy", HostTensor::f32({2, 4, 4}, std::vector<float>(32, 1.0f)));
@@ -312,7 +312,7 @@ TEST(QuantizeCommand, FailuresLeaveNoOutputAndKeepAnExistingOne) {
 // Through the CLI11 front end, as `nibble quantize ...` parses it.
 TEST(QuantizeCommand, ParsesTheCommandLine) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   const std::vector<float> x = gaussian(rng, 32 * 32);
   write_npy(dir / "x.npy", HostTensor::f32({32, 32}, x));
   const std::string in = (dir / "x.npy").string(), out = (dir / "o.safetensors").string();

@@ -26,7 +26,7 @@ void run(std::vector<std::string> args) {
 
 TEST(PrepareCommand, WritesShardsAndManifest) {
   TempDir dir;
-  auto rng = data::testing::seeded_rng("PrepareCommand.WritesShardsAndManifest");
+  auto rng = std::mt19937_64(nibble::test::fresh_seed());
   std::string text;
   for (int line = 0; line < 200; ++line) text += "Line " + std::to_string(line) + ": " + data::testing::random_text(rng, 20) + "\n";
   data::testing::write_bytes(dir / "corpus.txt", text);

@@ -83,7 +83,7 @@ std::vector<std::string> documents_of(const Ids& stream) {
 }
 
 TEST(Prepare, ShardsHoldEveryDocumentOnceBehindASeparator) {
-  auto rng = testing::seeded_rng("Prepare.ShardsHoldEveryDocument");
+  auto rng = std::mt19937_64(nibble::test::fresh_seed());
   Corpus corpus(rng);
   for (TokenFormat format : {TokenFormat::llmc, TokenFormat::nanogpt, TokenFormat::megatron}) {
     PrepareOptions o;
@@ -128,7 +128,7 @@ TEST(Prepare, ShardsHoldEveryDocumentOnceBehindASeparator) {
 }
 
 TEST(Prepare, SameSeedSameFilesOtherSeedOtherSplit) {
-  auto rng = testing::seeded_rng("Prepare.Seeds");
+  auto rng = std::mt19937_64(nibble::test::fresh_seed());
   Corpus corpus(rng, 40);
   auto run = [&](std::uint64_t seed, const std::string& out, unsigned threads) {
     PrepareOptions o;
@@ -163,7 +163,7 @@ TEST(Prepare, SmallCorpusStillGetsAValidationSplit) {
 
 // A large document is cut at line starts and tokenized by several threads: same ids as in one go.
 TEST(Prepare, LargeDocumentsInPiecesGiveTheSameIds) {
-  auto rng = testing::seeded_rng("Prepare.LargeDocumentsInPieces");
+  auto rng = std::mt19937_64(nibble::test::fresh_seed());
   TempDir dir;
   std::string doc;
   const char* words[] = {"alpha", "Beta", "x", "42", "(y)", "--", "\xc3\xa9t\xc3\xa9", "'s", "z"};
@@ -219,7 +219,7 @@ TEST(Prepare, DocumentSplitModes) {
 
 // Bad input stops prepare with the file and offset named, and leaves an earlier output whole.
 TEST(Prepare, BadInputKeepsEarlierOutput) {
-  auto rng = testing::seeded_rng("Prepare.BadInput");
+  auto rng = std::mt19937_64(nibble::test::fresh_seed());
   Corpus corpus(rng);
   PrepareOptions o;
   o.inputs = {corpus.dir / "in"};

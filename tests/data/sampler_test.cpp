@@ -27,7 +27,7 @@ TokenDataset make_dataset(const TempDir& dir, const std::vector<std::size_t>& si
 
 TEST(WindowSampler, PermutationVisitsEveryWindowOnce) {
   TempDir dir;
-  auto rng = testing::seeded_rng("WindowSampler.Permutation");
+  auto rng = std::mt19937_64(nibble::test::fresh_seed());
   for (std::size_t tokens : {2, 9, 100, 1000, 4097}) {
     TokenDataset data = make_dataset(dir, {tokens});
     WindowSampler sampler(data, /*window=*/2, /*stride=*/1, rng());
@@ -58,7 +58,7 @@ TEST(WindowSampler, WindowsComeFromInsideOneFile) {
 
 TEST(WindowSampler, ResumeContinuesExactly) {
   TempDir dir;
-  auto rng = testing::seeded_rng("WindowSampler.Resume");
+  auto rng = std::mt19937_64(nibble::test::fresh_seed());
   TokenDataset data = make_dataset(dir, {1000, 777});
   const std::uint64_t seed = rng();
   const std::size_t window = 17, batch = 5;

@@ -18,7 +18,7 @@ class SentencePiece : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new TempDir;
-    auto rng = testing::seeded_rng("SentencePiece corpus");
+    auto rng = std::mt19937_64(nibble::test::fresh_seed());
     std::string corpus;
     // Mostly English with a few other scripts; characters it never saw are byte-encoded.
     const char* words[] = {"the", "model", "trains", "in", "four", "bits", "and", "loss", "goes", "down", "quickly",
@@ -46,7 +46,7 @@ class SentencePiece : public ::testing::Test {
 TempDir* SentencePiece::dir_ = nullptr;
 
 TEST_F(SentencePiece, TrainedModelsRoundTripVariedUnicode) {
-  auto rng = testing::seeded_rng("SentencePiece.RoundTrip");
+  auto rng = std::mt19937_64(nibble::test::fresh_seed());
   for (const char* type : {"bpe", "unigram"}) {
     SentencePieceTokenizer tok(*dir_ / (std::string(type) + ".model"));
     EXPECT_EQ(tok.vocab_size(), 360u);

@@ -12,34 +12,12 @@
 #include <string>
 #include <vector>
 
+#include "test_dir.h"
+#include "test_seed.h"
+
 namespace nibble::data::testing {
 
-// A fresh directory under $TMPDIR, removed at the end of the test.
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (std::filesystem::temp_directory_path() / "nibble-data-test-XXXXXX").string();
-    path_ = ::mkdtemp(pattern.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  std::string operator/(const std::string& name) const { return (std::filesystem::path(path_) / name).string(); }
-  const std::string& path() const { return path_; }
-
- private:
-  std::string path_;
-};
-
-// A seeded generator; the seed is printed so that a failure can be reproduced
-// (NIBBLE_TEST_SEED=... reruns with it).
-inline std::mt19937_64 seeded_rng(const char* what) {
-  std::uint64_t seed = std::random_device{}();
-  if (const char* s = std::getenv("NIBBLE_TEST_SEED")) seed = std::stoull(s);
-  std::printf("[ seed     ] %s: NIBBLE_TEST_SEED=%llu\n", what, static_cast<unsigned long long>(seed));
-  return std::mt19937_64(seed);
-}
+using nibble::test::TempDir;
 
 inline void write_bytes(const std::string& path, const std::string& bytes) {
   std::ofstream f(path, std::ios::binary);

@@ -47,7 +47,7 @@ Ids read_split(const std::string& dir, const std::vector<std::string>& files, To
 // Every writer's output reads back, through every reader, as the stream that went in; for a
 // narrow and a wide vocabulary (uint16 vs 32-bit storage).
 TEST(TokenFormats, WritersAndReadersAgree) {
-  auto rng = testing::seeded_rng("TokenFormats.WritersAndReadersAgree");
+  auto rng = std::mt19937_64(nibble::test::fresh_seed());
   for (std::uint32_t vocab : {50257u, 65536u, 128256u}) {
     auto docs = random_documents(rng, 40, vocab);
     const Ids expected = concat(docs);

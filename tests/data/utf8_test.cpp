@@ -25,7 +25,7 @@ TEST(Utf8, FindsTheFirstBadByte) {
 }
 
 TEST(Utf8, RandomTextIsValidAndCorruptionsAreFound) {
-  auto rng = testing::seeded_rng("Utf8.RandomText");
+  auto rng = std::mt19937_64(nibble::test::fresh_seed());
   for (int round = 0; round < 200; ++round) {
     std::string text = testing::random_text(rng, 1 + rng() % 200);
     ASSERT_EQ(find_invalid_utf8(text), kValidUtf8);

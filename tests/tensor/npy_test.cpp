@@ -11,7 +11,7 @@ namespace nibble {
 namespace {
 
 using test::expect_error;
-using test::ScratchDir;
+using test::TempDir;
 
 // The prefix numpy writes before a v1.0 header of `len` bytes.
 std::string v1_prefix(size_t len) {
@@ -43,7 +43,7 @@ std::vector<float> random_floats(std::mt19937_64& rng, size_t n) {
 
 TEST(Npy, RoundTripsFloat32OfEveryRank) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   std::uniform_int_distribution<int64_t> dim(1, 40);
   const std::vector<std::vector<int64_t>> shapes = {
       {}, {dim(rng)}, {dim(rng), dim(rng)}, {dim(rng), dim(rng), dim(rng)}, {0, dim(rng)}};
@@ -66,7 +66,7 @@ TEST(Npy, RoundTripsFloat32OfEveryRank) {
 
 TEST(Npy, Bf16TravelsAsU2) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   std::vector<bf16_t> v(48);
   for (bf16_t& x : v) x.bits = static_cast<uint16_t>(rng());
   write_npy(dir / "b.npy", HostTensor::bf16({3, 16}, v));
@@ -83,7 +83,7 @@ TEST(Npy, Bf16TravelsAsU2) {
 
 TEST(Npy, RoundTripsUint8) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   std::vector<uint8_t> v(77);
   for (uint8_t& x : v) x = static_cast<uint8_t>(rng());
   write_npy(dir / "u.npy", HostTensor::u8({77}, v));
@@ -95,7 +95,7 @@ TEST(Npy, RoundTripsUint8) {
 
 TEST(Npy, ReadsHeadersAsNumpyAndOthersWriteThem) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   const std::vector<float> v = random_floats(rng, 6);
   // Exactly numpy's v1.0 spelling; then variants: key order, double quotes, no trailing comma,
   // Python 2 long suffixes, a 1-tuple, versions 2.0 and 3.0.
@@ -125,7 +125,7 @@ TEST(Npy, ReadsHeadersAsNumpyAndOthersWriteThem) {
 }
 
 TEST(Npy, WritesVersion2WhenTheHeaderOutgrowsVersion1) {
-  ScratchDir dir;
+  TempDir dir;
   const std::vector<int64_t> shape(30000, 1);  // a 30000-dimensional single element
   const float x = 1.5f;
   write_npy(dir / "big.npy", HostTensor::f32(shape, {&x, 1}));
@@ -137,7 +137,7 @@ TEST(Npy, WritesVersion2WhenTheHeaderOutgrowsVersion1) {
 }
 
 TEST(Npy, RejectsBadFilesNamingThem) {
-  ScratchDir dir;
+  TempDir dir;
   const std::string data = f32_bytes({1, 2, 3, 4, 5, 6});
   const std::string good = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
   struct Case {
@@ -178,7 +178,7 @@ TEST(Npy, RejectsBadFilesNamingThem) {
 }
 
 TEST(Npy, FailedWritesLeaveExistingFilesAlone) {
-  ScratchDir dir;
+  TempDir dir;
   const std::string before = "precious";
   test::write_bytes(dir / "keep.npy", before);
   const std::vector<uint8_t> codes = {1, 2, 3, 4};

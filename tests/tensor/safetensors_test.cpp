@@ -10,7 +10,7 @@ namespace nibble {
 namespace {
 
 using test::expect_error;
-using test::ScratchDir;
+using test::TempDir;
 
 HostTensor random_tensor(std::mt19937_64& rng, DType dtype, std::vector<int64_t> shape) {
   std::vector<uint8_t> bytes(static_cast<size_t>(dtype_bytes(dtype, shape_numel(shape))));
@@ -20,7 +20,7 @@ HostTensor random_tensor(std::mt19937_64& rng, DType dtype, std::vector<int64_t>
 
 TEST(Safetensors, RoundTripsTensorsOfManyDtypesWithMetadata) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   std::uniform_int_distribution<int64_t> dim(1, 24);
   std::vector<NamedTensor> tensors = {
       {"layer.0.weight", random_tensor(rng, DType::kF32, {dim(rng), dim(rng)})},
@@ -58,7 +58,7 @@ TEST(Safetensors, RoundTripsTensorsOfManyDtypesWithMetadata) {
 }
 
 TEST(Safetensors, ReadsAFileWrittenByHand) {
-  ScratchDir dir;
+  TempDir dir;
   // Tensors listed out of data order, with no metadata, as another writer may produce them.
   const float a[2] = {1.5f, -2.0f};
   const uint16_t b[3] = {0x3F80, 0xC000, 0x7F80};  // BF16 1, -2, +inf
@@ -78,7 +78,7 @@ TEST(Safetensors, ReadsAFileWrittenByHand) {
 }
 
 TEST(Safetensors, RejectsBadFilesNamingThem) {
-  ScratchDir dir;
+  TempDir dir;
   const std::string d24(24, '\x11');
   const auto t = [](const std::string& body) { return "{" + body + "}"; };
   const std::string ok_a = R"("a":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]})";
@@ -134,7 +134,7 @@ TEST(Safetensors, RejectsBadFilesNamingThem) {
 
 TEST(Safetensors, WriterRejectsBadInputAndKeepsTheOldFile) {
   std::mt19937_64 rng(test::fresh_seed());
-  ScratchDir dir;
+  TempDir dir;
   const auto path = dir / "out.safetensors";
   test::write_bytes(path, "old contents");
   const HostTensor x = random_tensor(rng, DType::kF32, {4});

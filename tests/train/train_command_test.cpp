@@ -10,23 +10,14 @@
 #include "nibble/cli/commands.h"
 #include "nibble/data/token_formats.h"
 #include "nn/nn_test_util.h"
+#include "test_dir.h"
 
 namespace nibble::cli {
 namespace {
 
 namespace fs = std::filesystem;
 
-struct Dir {
-  Dir() {
-    std::string pattern = (fs::temp_directory_path() / "nibble-train-cli-XXXXXX").string();
-    path = ::mkdtemp(pattern.data());
-  }
-  ~Dir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  fs::path path;
-};
+using Dir = nibble::test::TempDir;
 
 void write(const fs::path& p, const std::string& text) { std::ofstream(p) << text; }
 
@@ -43,14 +34,14 @@ TEST(TrainCommand, TrainsOnTokenFilesAndWritesTheRun) {
   Dir dir;
   std::vector<uint32_t> tokens(6000);
   for (auto& t : tokens) t = static_cast<uint32_t>(rng() % 48);
-  data::write_llmc_file((dir.path / "train.bin").string(), tokens, 48);
-  data::write_llmc_file((dir.path / "val.bin").string(), std::vector<uint32_t>(tokens.begin(), tokens.begin() + 1000), 48);
-  write(dir.path / "model.toml",
+  data::write_llmc_file((dir.path() / "train.bin").string(), tokens, 48);
+  data::write_llmc_file((dir.path() / "val.bin").string(), std::vector<uint32_t>(tokens.begin(), tokens.begin() + 1000), 48);
+  write(dir.path() / "model.toml",
         "vocab_size = 48\nseq_len = 16\nd_model = 32\nn_layers = 2\nn_heads = 2\nmlp = \"swiglu\"\n"
         "norm = \"rmsnorm\"\npositions = \"rope\"\n");
-  const fs::path out = dir.path / "run";
-  run({"--config", (dir.path / "model.toml").string(), "--recipe", "nvfp4", "--recipe-set", "no_rht", "--data",
-       (dir.path / "train.bin").string(), "--val-data", (dir.path / "val.bin").string(), "--out", out.string(),
+  const fs::path out = dir.path() / "run";
+  run({"--config", (dir.path() / "model.toml").string(), "--recipe", "nvfp4", "--recipe-set", "no_rht", "--data",
+       (dir.path() / "train.bin").string(), "--val-data", (dir.path() / "val.bin").string(), "--out", out.string(),
        "--steps", "6", "--batch-size", "2", "--ckpt-every", "3", "--progress", "quiet"});
   std::ifstream metrics(out / "metrics.jsonl");
   int lines = 0;
@@ -59,26 +50,26 @@ TEST(TrainCommand, TrainsOnTokenFilesAndWritesTheRun) {
   EXPECT_TRUE(fs::exists(out / "checkpoints" / "step_00000003" / "model.safetensors"));
   EXPECT_TRUE(fs::exists(out / "checkpoints" / "step_00000006" / "state.json"));
   // Extending the run: resume with more steps continues from step 6.
-  run({"--config", (dir.path / "model.toml").string(), "--recipe", "nvfp4", "--recipe-set", "no_rht", "--data",
-       (dir.path / "train.bin").string(), "--out", out.string(), "--steps", "8", "--batch-size", "2", "--resume",
+  run({"--config", (dir.path() / "model.toml").string(), "--recipe", "nvfp4", "--recipe-set", "no_rht", "--data",
+       (dir.path() / "train.bin").string(), "--out", out.string(), "--steps", "8", "--batch-size", "2", "--resume",
        "--progress", "quiet"});
   EXPECT_TRUE(fs::exists(out / "checkpoints" / "step_00000008"));
 }
 
 TEST(TrainCommand, BadConfigNamesFileAndKey) {
   Dir dir;
-  data::write_llmc_file((dir.path / "train.bin").string(), std::vector<uint32_t>(100, 1), 48);
-  write(dir.path / "bad.toml", "vocab_size = 48\nseq_len = 16\nd_model = 32\nn_layers = 2\nn_heads = 3\n");
+  data::write_llmc_file((dir.path() / "train.bin").string(), std::vector<uint32_t>(100, 1), 48);
+  write(dir.path() / "bad.toml", "vocab_size = 48\nseq_len = 16\nd_model = 32\nn_layers = 2\nn_heads = 3\n");
   try {
-    run({"--config", (dir.path / "bad.toml").string(), "--data", (dir.path / "train.bin").string(), "--out",
-         (dir.path / "run").string(), "--steps", "2"});
+    run({"--config", (dir.path() / "bad.toml").string(), "--data", (dir.path() / "train.bin").string(), "--out",
+         (dir.path() / "run").string(), "--steps", "2"});
     FAIL() << "expected an error";
   } catch (const std::exception& e) {
     const std::string msg = e.what();
     EXPECT_NE(msg.find("bad.toml"), std::string::npos) << msg;
     EXPECT_NE(msg.find("n_heads"), std::string::npos) << msg;
   }
-  EXPECT_FALSE(fs::exists(dir.path / "run"));  // nothing written for a run that could not start
+  EXPECT_FALSE(fs::exists(dir.path() / "run"));  // nothing written for a run that could not start
 }
 
 }  // namespace

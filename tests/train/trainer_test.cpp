@@ -14,27 +14,14 @@
 #include "nibble/tensor/safetensors.h"
 #include "nibble/train/checkpoint.h"
 #include "nn/nn_test_util.h"
+#include "test_dir.h"
 
 namespace nibble::train {
 namespace {
 
 namespace fs = std::filesystem;
 
-class TempDir {
- public:
-  TempDir() {
-    std::string pattern = (fs::temp_directory_path() / "nibble-train-test-XXXXXX").string();
-    path_ = ::mkdtemp(pattern.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path_, ec);
-  }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
+using nibble::test::TempDir;
 
 constexpr int64_t kVocab = 64;
 
