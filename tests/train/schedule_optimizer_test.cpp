@@ -1,7 +1,9 @@
 // Learning-rate schedules and AdamW against formulas evaluated here in double.
 #include <gtest/gtest.h>
+#include <unistd.h>
 
 #include <cmath>
+#include <filesystem>
 #include <numbers>
 #include <random>
 
@@ -77,6 +79,26 @@ TEST(AdamW, MatchesTheFormulaAndSkipsDecayWhereAsked) {
     EXPECT_NEAR(b[i], rb[i], 1e-5) << i;
   }
   EXPECT_EQ(opt.steps(), 3);
+}
+
+// A checkpoint written before the first update (every step skipped as non-finite) has a step count
+// of 0 and no moments; it loads back, and the next update starts from zero moments.
+TEST(AdamW, StateBeforeTheFirstUpdateLoadsBack) {
+  std::vector<float> w{0.5f, -1.0f}, g{0.1f, 0.2f};
+  std::vector<model::Parameter> params{{"w", {2}, w, g, true}};
+  AdamW fresh(AdamWOptions{});
+  const auto path = std::filesystem::temp_directory_path() / ("nibble-adamw-" + std::to_string(::getpid()) + ".safetensors");
+  write_safetensors(path, fresh.state());
+  AdamW loaded(AdamWOptions{});
+  SafetensorsReader reader(path);
+  EXPECT_NO_THROW(loaded.load_state(reader, params));
+  std::filesystem::remove(path);
+  EXPECT_EQ(loaded.steps(), 0);
+  std::vector<float> w2 = w;
+  std::vector<model::Parameter> params2{{"w", {2}, w2, g, true}};
+  fresh.step(params, 1e-2, 1.0f);
+  loaded.step(params2, 1e-2, 1.0f);
+  EXPECT_EQ(w, w2);
 }
 
 TEST(AdamW, GlobalGradNorm) {

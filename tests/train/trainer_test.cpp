@@ -252,6 +252,21 @@ TEST(Train, ValidationDataTooShortFailsBeforeTraining) {
   EXPECT_FALSE(fs::exists(dir / "run" / "metrics.jsonl"));
 }
 
+TEST(Train, ValidationVocabularyLargerThanTheModelsFailsBeforeTraining) {
+  const uint64_t seed = nn::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  data::write_llmc_file((dir / "wide.bin").string(), markov_tokens(seed, 4000), 2 * kVocab);
+  const auto wide_val = data::TokenDataset::open_files({(dir / "wide.bin").string()}, data::TokenFormat::llmc, 2 * kVocab);
+  try {
+    train(tiny_config(), nn::make_recipe("bf16"), d.train, &wide_val, options(dir / "run", 3, seed));
+    FAIL() << "expected a TrainError";
+  } catch (const TrainError& e) {
+    EXPECT_NE(std::string(e.what()).find("validation data's vocabulary"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(dir / "run" / "metrics.jsonl"));
+}
+
 TEST(Train, SwitchesToBf16AfterTheRecipesFraction) {
   const uint64_t seed = nn::test::fresh_seed();
   TempDir dir;

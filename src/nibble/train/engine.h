@@ -30,7 +30,8 @@ class Engine {
   virtual void update(double lr, float grad_multiplier) = 0;
   virtual void to_host() {}    // the host model and optimizer now hold the engine's state
   virtual void from_host() {}  // the engine now holds the host model's and optimizer's state
-  // Memory of the run's arithmetic: the process's peak RSS on the CPU, the device memory in use on a GPU.
+  // Memory: the process's peak RSS on the CPU; on a GPU the most device memory seen in use
+  // (cudaMemGetInfo: the whole device, so the CUDA context and any other process count too).
   virtual double memory_mib() = 0;
   // Dense BF16 peak of the device in FLOP/s for model FLOPs utilisation (0: not reported).
   virtual double peak_flops() const { return 0.0; }

@@ -58,6 +58,8 @@ void AdamW::load_state(SafetensorsReader& reader, std::span<const model::Paramet
   std::memcpy(&t_, st.bytes.data(), 8);
   moments_.clear();
   for (const model::Parameter& p : params) {
+    // Before the first update (every step so far skipped as non-finite) there are no moments yet.
+    if (t_ == 0 && !reader.find(p.name + ".exp_avg") && !reader.find(p.name + ".exp_avg_sq")) continue;
     Moments m;
     m.shape = p.shape;
     for (const char* suffix : {".exp_avg", ".exp_avg_sq"}) {

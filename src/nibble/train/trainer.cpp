@@ -125,6 +125,9 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
   if (train_data.vocab_size() > static_cast<uint64_t>(config.vocab_size))
     throw TrainError("the training data's vocabulary (" + std::to_string(train_data.vocab_size()) +
                      " ids) does not fit the model's vocab_size " + std::to_string(config.vocab_size));
+  if (val_data && val_data->vocab_size() > static_cast<uint64_t>(config.vocab_size))
+    throw TrainError("the validation data's vocabulary (" + std::to_string(val_data->vocab_size()) +
+                     " ids) does not fit the model's vocab_size " + std::to_string(config.vocab_size));
 
   fs::create_directories(o.out_dir);
   model::Gpt model(config, recipe, init_seed(o.seed), o.seed);
@@ -249,6 +252,12 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
     progress.step({step + 1, o.steps, loss, lr, norm, static_cast<double>(tokens_per_step) / step_s, eta});
 
     const bool last = step + 1 == o.steps;
+    const bool stopping = o.stop_requested != nullptr && o.stop_requested->load() && !last;
+    // The checkpoint first: a validation that fails (bad validation data) loses no training.
+    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last || stopping) {
+      engine->to_host();
+      result.last_checkpoint = save_checkpoint(o.out_dir, model, optimizer, checkpoint_state(step + 1), o.keep_checkpoints);
+    }
     if (val_data && ((o.val_every > 0 && (step + 1) % o.val_every == 0) || last)) {
       const double vl = validation_loss(*engine, *val_sampler, val_start, o, seq);
       result.val.emplace_back(step + 1, vl);
@@ -256,11 +265,6 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
       char buf[96];
       std::snprintf(buf, sizeof buf, "step %lld: validation loss %.4f", static_cast<long long>(step + 1), vl);
       progress.message(buf);
-    }
-    const bool stopping = o.stop_requested != nullptr && o.stop_requested->load() && !last;
-    if ((o.ckpt_every > 0 && (step + 1) % o.ckpt_every == 0) || last || stopping) {
-      engine->to_host();
-      result.last_checkpoint = save_checkpoint(o.out_dir, model, optimizer, checkpoint_state(step + 1), o.keep_checkpoints);
     }
     if (stopping) {
       progress.message("interrupted after step " + std::to_string(step + 1) + "; saved " +

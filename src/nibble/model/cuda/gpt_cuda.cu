@@ -104,6 +104,9 @@ void GptCuda::upload_from(Gpt& host) {
 
 void GptCuda::download_to(Gpt& host) {
   const std::vector<Parameter> hp = host.parameters();
+  if (hp.size() != params_.size())
+    throw std::logic_error("GptCuda: the host model has " + std::to_string(hp.size()) + " parameters, the device " +
+                           std::to_string(params_.size()));
   for (size_t i = 0; i < hp.size(); ++i)
     NIBBLE_CUDA_CHECK(cudaMemcpyAsync(hp[i].value.data(), params_[i].value, hp[i].value.size() * sizeof(float),
                                       cudaMemcpyDeviceToHost, stream_));

@@ -45,19 +45,19 @@ std::string LinearCuda::context(Operand op) const {
 void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
   if (weight_copies_valid_) return;
   const uint64_t seed = weight_sr_seed();
-  try {
-    fprop_w_.make(weight_.data(), out_, in_, recipe_[Operand::kFpropW], Operand::kFpropW, recipe_.rht_signs(), seed,
-                  stream);
-    dgrad_w_.make(weight_.data(), out_, in_, recipe_[Operand::kDgradW], Operand::kDgradW, recipe_.rht_signs(), seed,
-                  stream);
-  } catch (const std::invalid_argument& e) {
-    throw std::invalid_argument(context(Operand::kFpropW) + ": " + e.what());
+  for (auto [copy, op] : {std::pair{&fprop_w_, Operand::kFpropW}, std::pair{&dgrad_w_, Operand::kDgradW}}) {
+    try {
+      copy->make(weight_.data(), out_, in_, recipe_[op], op, recipe_.rht_signs(), seed, stream);
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(context(op) + ": " + e.what());
+    }
   }
   weight_copies_valid_ = true;
   ++weight_quantizations_;
 }
 
-void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream) {
+void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream,
+                      const char* which) {
   const auto [ta, tb] = gemm_types(a, b);
   const GemmMatrix ma = a.gemm_matrix(ta, /*as_b=*/false, ctx_.scratch_a, stream);
   const GemmMatrix mb = b.gemm_matrix(tb, /*as_b=*/true, ctx_.scratch_b, stream);
@@ -68,8 +68,13 @@ void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool
   } else {
     alpha = a.decode_scale() ? a.decode_scale() : b.decode_scale();
   }
-  ctx_.gemm.run(a.rows(), b.rows(), a.cols(), ma, mb, nibble::cuda::GemmOutput{c, GemmType::kF32}, alpha, accumulate,
-                stream);
+  try {
+    ctx_.gemm.run(a.rows(), b.rows(), a.cols(), ma, mb, nibble::cuda::GemmOutput{c, GemmType::kF32}, alpha,
+                  accumulate, stream);
+  } catch (const std::exception& e) {
+    throw std::runtime_error("LinearCuda[layer " + std::to_string(options_.layer_id) + ", recipe " + recipe_.name +
+                             "] " + which + " GEMM: " + e.what());
+  }
 }
 
 void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t stream) {
@@ -82,7 +87,7 @@ void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t 
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kFpropX) + ": " + e.what());
   }
-  gemm(ctx_.x_rows, fprop_w_, y, /*accumulate=*/false, stream);
+  gemm(ctx_.x_rows, fprop_w_, y, /*accumulate=*/false, stream, "Fprop");
   saved_tokens_ = tokens;
 }
 
@@ -97,9 +102,9 @@ void LinearCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
     throw std::invalid_argument(context(Operand::kDgradDy) + ": " + e.what());
   }
   // Dgrad: dX [tokens x in] = dY [tokens x out] . (W^T [in x out])^T
-  if (dx != nullptr) gemm(ctx_.dy_rows, dgrad_w_, dx, /*accumulate=*/false, stream);
+  if (dx != nullptr) gemm(ctx_.dy_rows, dgrad_w_, dx, /*accumulate=*/false, stream, "Dgrad");
   // Wgrad: dW [out x in] += dY^T [out x tokens] . (X^T [in x tokens])^T
-  gemm(ctx_.dy_cols, saved_x_t_, weight_grad_.data(), /*accumulate=*/true, stream);
+  gemm(ctx_.dy_cols, saved_x_t_, weight_grad_.data(), /*accumulate=*/true, stream, "Wgrad");
   saved_x_t_.reset();
 }
 

@@ -1,6 +1,7 @@
 // The linear layer on the GPU: the device twin of nn::Linear (../linear.h), with the same
 // recipe, operand layouts, seeds and saved activations. Activations are FP32 device arrays;
-// every call is ordered on the given stream and nothing waits on the host.
+// every call is ordered on the given stream and waits on nothing, except when a buffer grows
+// (cudaMalloc/cudaFree, the first call at a new largest shape) and in upload_weight (a plain copy).
 //
 //   forward(X [tokens x in]) -> Y [tokens x out]         Fprop  Y  = X W^T
 //   backward(dY) -> dX [tokens x in], dW += dY^T X      Dgrad, Wgrad
@@ -8,7 +9,8 @@
 // Operands are prepared by OperandCuda (quantized, packed, RHT where the recipe says); the GEMMs
 // run in cuBLASLt (BF16 tensor cores for BF16 and FP4-decoded operands, FP8 tensor cores for FP8,
 // FP32 for fp32) with FP32 accumulation and alpha = g_a * g_b on the device. The results equal the
-// CPU layer's up to FP32 accumulation order.
+// CPU layer's up to FP32 accumulation order, except FP8 x FP8 GEMMs, whose tensor cores accumulate
+// in about 14 bits between promotions (docs/numerics.md, "GEMMs").
 #pragma once
 
 #include <cuda_runtime.h>
@@ -60,7 +62,8 @@ class LinearCuda {
   std::string context(Operand op) const;
   void refresh_weight_copies(cudaStream_t stream);
   // c [a.rows x b.rows] = g_a g_b A B^T (+ c when accumulate).
-  void gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream);
+  void gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream,
+            const char* which);
   uint64_t sr_seed() const { return layer_step_seed(options_.run_seed, options_.layer_id, step_, microbatch_); }
   uint64_t weight_sr_seed() const { return layer_step_seed(options_.run_seed, options_.layer_id, step_, 0); }
 

@@ -162,6 +162,11 @@ template <typename T>
 void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandRecipe& r, Operand op,
                        RhtSigns signs, uint64_t seed, cudaStream_t stream) {
   const bool columnwise = operand_columnwise(op);
+  // Checked before anything changes, so that a rejected shape leaves no half-made operand behind.
+  if (r.quantized()) validate(operand_quant_spec(r, op, signs, seed), rows, cols);
+  if (!r.quantized() && r.rht && (columnwise ? rows : cols) % kRhtBlock != 0)
+    throw std::invalid_argument(std::string(operand_name(op)) + ": the RHT needs the contiguous dimension (" +
+                                std::to_string(columnwise ? rows : cols) + ") to be a multiple of 16");
   shared_values_ = nullptr;
   format_ = r.format;
   quantized_ = r.quantized();
@@ -170,7 +175,6 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
   stored_as_source_ = false;
   if (quantized_) {
     spec_ = operand_quant_spec(r, op, signs, seed);
-    validate(spec_, rows, cols);
     allocate_packed(spec_, rows_, cols_);
     if (fused_pass_applies(spec_, rows, cols)) {  // the faster kernel, with one side switched off
       nibble::cuda::RowColSpec s = rowcol_spec(signs, seed);
@@ -191,9 +195,6 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
   scale_bytes_ = 0;
   data_.reserve(static_cast<size_t>(data_bytes_));
   if (r.rht) {
-    if (cols_ % kRhtBlock != 0)
-      throw std::invalid_argument(std::string(operand_name(op)) + ": the RHT needs the contiguous dimension (" +
-                                  std::to_string(cols_) + ") to be a multiple of 16");
     const int64_t segments = n / kRhtBlock;
     if (bf16)
       convert_rht_kernel<<<blocks_for(segments), kThreads, 0, stream>>>(
@@ -348,7 +349,8 @@ QuantizedTensor OperandCuda::download() const {
 std::pair<GemmType, GemmType> gemm_types(const OperandCuda& a, const OperandCuda& b) {
   const GemmType ta = a.native_type(), tb = b.native_type();
   const auto fp8 = [](GemmType t) { return t == GemmType::kE4M3 || t == GemmType::kE5M2; };
-  if (fp8(ta) && fp8(tb) && !(ta == GemmType::kE5M2 && tb == GemmType::kE5M2)) return {ta, tb};
+  const bool fp8_shape = a.rows() % 16 == 0 && b.rows() % 16 == 0 && a.cols() % 16 == 0;
+  if (fp8(ta) && fp8(tb) && !(ta == GemmType::kE5M2 && tb == GemmType::kE5M2) && fp8_shape) return {ta, tb};
   if (ta == GemmType::kF32 || tb == GemmType::kF32) return {GemmType::kF32, GemmType::kF32};
   return {GemmType::kBF16, GemmType::kBF16};
 }

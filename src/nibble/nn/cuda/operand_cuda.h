@@ -88,8 +88,9 @@ class OperandCuda {
   DeviceBuffer<uint32_t> amax_bits_;  // the quantizer's amax (two words for the fused pass)
 };
 
-// The types two operands meet in a GEMM: their FP8 code types when both are FP8 (and not both
-// E5M2), FP32 when either is FP32, BF16 otherwise.
+// The types two operands meet in a GEMM (a: M x K, b: N x K): their FP8 code types when both are
+// FP8, not both E5M2, and M, N, K are multiples of 16 (what Hopper's FP8 kernels take); FP32 when
+// either is FP32; BF16 otherwise (FP8 values are exact in BF16, so the fallback changes no value).
 std::pair<GemmType, GemmType> gemm_types(const OperandCuda& a, const OperandCuda& b);
 
 }  // namespace nibble::nn::cuda

@@ -11,8 +11,9 @@
 // (trans_a = false, trans_b = true: the "NT" layout of every operand in the recipe) and m, n, k
 // multiples of 16; other FP8 layouts are rejected with std::invalid_argument.
 //
-// The result equals the CPU emulation (tensor/gemm_cpu.h) on the same operand values up to the
-// order of FP32 accumulation.
+// With BF16 or FP32 operands the result equals the CPU emulation (tensor/gemm_cpu.h) on the same
+// operand values up to the order of FP32 accumulation; FP8 tensor cores accumulate in about 14 bits
+// between cuBLASLt's promotions to FP32 (docs/numerics.md, "GEMMs").
 #pragma once
 
 #include <cuda_runtime.h>

@@ -82,6 +82,7 @@ class CudaEngine final : public Engine {
     optimizer_.set_steps(adamw_.steps());
   }
   void from_host() override {
+    gpu_.set_bf16_everywhere(host_.bf16_everywhere());
     gpu_.upload_from(host_);
     from_host_moments();
   }
@@ -91,9 +92,14 @@ class CudaEngine final : public Engine {
     peak_ = std::max(peak_, static_cast<double>(total - free) / (1024.0 * 1024.0));
     return peak_;
   }
-  // H100 and H200 (SXM): 989 TFLOP/s dense BF16. Other devices: not reported.
+  // Dense BF16 peaks from NVIDIA's data sheets: H100/H200 SXM 989 TFLOP/s, NVL 835, H100 PCIe 756.
+  // Other devices: not reported (0).
   double peak_flops() const override {
-    return name_.find("H100") != std::string::npos || name_.find("H200") != std::string::npos ? 989.4e12 : 0.0;
+    const auto has = [&](const char* s) { return name_.find(s) != std::string::npos; };
+    if (!has("H100") && !has("H200")) return 0.0;
+    if (has("PCIe")) return 756e12;
+    if (has("NVL")) return 835e12;
+    return 989.4e12;
   }
 
  private:
