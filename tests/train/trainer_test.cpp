@@ -14,72 +14,12 @@
 #include "nibble/tensor/safetensors.h"
 #include "nibble/train/checkpoint.h"
 #include "nn/nn_test_util.h"
-#include "test_dir.h"
+#include "train/train_test_util.h"
 
 namespace nibble::train {
 namespace {
 
-namespace fs = std::filesystem;
-
-using nibble::test::TempDir;
-
-constexpr int64_t kVocab = 64;
-
-// A learnable stream: each token is a fixed random successor of the previous one, except for one
-// token in ten drawn uniformly. A bigram model reaches ~0.1 * ln(64) + small; a constant guess
-// stays at ln(64) = 4.16.
-std::vector<uint32_t> markov_tokens(uint64_t seed, size_t n) {
-  std::mt19937_64 rng(seed);
-  std::vector<uint32_t> next(kVocab);
-  for (uint32_t i = 0; i < kVocab; ++i) next[i] = i;
-  std::shuffle(next.begin(), next.end(), rng);
-  std::vector<uint32_t> t(n);
-  t[0] = 0;
-  for (size_t i = 1; i < n; ++i) t[i] = rng() % 10 == 0 ? static_cast<uint32_t>(rng() % kVocab) : next[t[i - 1]];
-  return t;
-}
-
-struct Data {
-  data::TokenDataset train, val;
-};
-
-Data make_data(const TempDir& dir, uint64_t seed) {
-  data::write_llmc_file((dir / "train.bin").string(), markov_tokens(seed, 40000), kVocab);
-  data::write_llmc_file((dir / "val.bin").string(), markov_tokens(seed, 4000), kVocab);  // same chain, other draws
-  return {data::TokenDataset::open_files({(dir / "train.bin").string()}, data::TokenFormat::llmc, kVocab),
-          data::TokenDataset::open_files({(dir / "val.bin").string()}, data::TokenFormat::llmc, kVocab)};
-}
-
-model::GptConfig tiny_config() {
-  model::GptConfig c;
-  c.name = "test";
-  c.vocab_size = kVocab;
-  c.seq_len = 32;
-  c.d_model = 32;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  model::finalize(c, "test");
-  return c;
-}
-
-TrainOptions options(const fs::path& out, int64_t steps, uint64_t seed) {
-  TrainOptions o;
-  o.out_dir = out;
-  o.steps = steps;
-  o.batch_size = 4;  // 4 x 32 = 128 tokens per micro-batch: whole 16-element blocks along tokens
-  o.schedule = {ScheduleKind::kCosine, 1e-2, 1e-3, std::min<int64_t>(5, steps), steps, 0};
-  o.seed = seed;
-  o.progress = Progress::Mode::kQuiet;
-  return o;
-}
-
-std::vector<nlohmann::json> read_jsonl(const fs::path& p) {
-  std::ifstream in(p);
-  std::vector<nlohmann::json> out;
-  std::string line;
-  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
-  return out;
-}
+using namespace nibble::train::test;
 
 class TrainLossFalls : public ::testing::TestWithParam<std::string> {};
 

@@ -1,0 +1,84 @@
+// Helpers of the training-loop tests (tests/train/trainer_test.cpp on the CPU,
+// tests/cuda/engine_cuda_test.cpp on the GPU): a learnable synthetic token stream, a tiny model
+// and the options of a short run.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "nibble/data/token_formats.h"
+#include "nibble/model/config.h"
+#include "nibble/train/trainer.h"
+#include "test_dir.h"
+
+namespace nibble::train::test {
+
+namespace fs = std::filesystem;
+using nibble::test::TempDir;
+
+constexpr int64_t kVocab = 64;
+
+// A learnable stream: each token is a fixed random successor of the previous one, except for one
+// token in ten drawn uniformly. A bigram model reaches ~0.1 * ln(64) + small; a constant guess
+// stays at ln(64) = 4.16.
+inline std::vector<uint32_t> markov_tokens(uint64_t seed, size_t n) {
+  std::mt19937_64 rng(seed);
+  std::vector<uint32_t> next(kVocab);
+  for (uint32_t i = 0; i < kVocab; ++i) next[i] = i;
+  std::shuffle(next.begin(), next.end(), rng);
+  std::vector<uint32_t> t(n);
+  t[0] = 0;
+  for (size_t i = 1; i < n; ++i) t[i] = rng() % 10 == 0 ? static_cast<uint32_t>(rng() % kVocab) : next[t[i - 1]];
+  return t;
+}
+
+struct Data {
+  data::TokenDataset train, val;
+};
+
+inline Data make_data(const TempDir& dir, uint64_t seed) {
+  data::write_llmc_file((dir / "train.bin").string(), markov_tokens(seed, 40000), kVocab);
+  data::write_llmc_file((dir / "val.bin").string(), markov_tokens(seed, 4000), kVocab);  // same chain, other draws
+  return {data::TokenDataset::open_files({(dir / "train.bin").string()}, data::TokenFormat::llmc, kVocab),
+          data::TokenDataset::open_files({(dir / "val.bin").string()}, data::TokenFormat::llmc, kVocab)};
+}
+
+inline model::GptConfig tiny_config() {
+  model::GptConfig c;
+  c.name = "test";
+  c.vocab_size = kVocab;
+  c.seq_len = 32;
+  c.d_model = 32;
+  c.n_layers = 2;
+  c.n_heads = 2;
+  model::finalize(c, "test");
+  return c;
+}
+
+inline TrainOptions options(const fs::path& out, int64_t steps, uint64_t seed) {
+  TrainOptions o;
+  o.out_dir = out;
+  o.steps = steps;
+  o.batch_size = 4;  // 4 x 32 = 128 tokens per micro-batch: whole 16-element blocks along tokens
+  o.schedule = {ScheduleKind::kCosine, 1e-2, 1e-3, std::min<int64_t>(5, steps), steps, 0};
+  o.seed = seed;
+  o.progress = Progress::Mode::kQuiet;
+  return o;
+}
+
+inline std::vector<nlohmann::json> read_jsonl(const fs::path& p) {
+  std::ifstream in(p);
+  std::vector<nlohmann::json> out;
+  std::string line;
+  while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+}  // namespace nibble::train::test
