@@ -227,7 +227,10 @@ TEST(StochasticRounding, MeanOverSeedsApproachesTheInput) {
   std::vector<SrCase> cases = {
       {make_spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic), {48, 80}, Dist::kNormal},
       {make_spec(Format::kNvfp4, Block::k16x16, Rounding::kStochastic, true), {112, 48}, Dist::kHeavyTail},
-      {make_spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic, true, true), {48, 80}, Dist::kOutliers},
+      // Heavy tails rather than the x300-column-times-1e4-spike outliers: with those, the RHT'd
+      // tensor's amax (up to ~1e6) pushes most blocks below E4M3's smallest scale (flushed, nothing
+      // left to round; seen at 94% of the elements), and the case tests nothing.
+      {make_spec(Format::kNvfp4, Block::k1x16, Rounding::kStochastic, true, true), {48, 80}, Dist::kHeavyTail},
       {make_spec(Format::kMxfp4, Block::k1x32, Rounding::kStochastic), {48, 96}, Dist::kUniform},
       {make_spec(Format::kFp8E4M3, Block::kTensor, Rounding::kStochastic), {16, 208}, Dist::kNormal},
       {make_spec(Format::kFp8E5M2, Block::kTensor, Rounding::kStochastic), {16, 208}, Dist::kHeavyTail},
@@ -257,10 +260,14 @@ TEST(StochasticRounding, MeanOverSeedsApproachesTheInput) {
     const RefMinifloat& fmt = element_format(c.spec.format);
     const std::vector<RefMinifloat::Entry> mags = fmt.magnitudes();
     const float fp8_scale = fp8_encode_scale(first);
-    int64_t checked = 0;
+    int64_t checked = 0, flushed = 0;
     for (int64_t r = 0; r < first.rows; ++r) {
       for (int64_t cc = 0; cc < first.cols; ++cc) {
         const ElementView v = element_view(first, m, r, cc, fp8_scale);
+        if (v.block_scale == 0) {  // a block below E4M3's range: flushed to zero, nothing to round
+          ++flushed;
+          continue;
+        }
         if (v.clamped) continue;
         RefMinifloat::Entry lo, hi;
         fmt.neighbours(std::fabs(static_cast<double>(v.y)), mags, lo, hi);
@@ -275,7 +282,14 @@ TEST(StochasticRounding, MeanOverSeedsApproachesTheInput) {
         ++checked;
       }
     }
-    EXPECT_GT(checked, first.numel() * 9 / 10);
+    // All but the clamped block maxima are checked, apart from whole blocks flushed to zero: with
+    // outlier inputs (a 1e4 spike in a x300 column, then the RHT), ordinary blocks can fall below
+    // E4M3's smallest scale relative to the tensor's amax; seen flushing up to 88% of one case.
+    std::printf("[ coverage ] %s: %lld of %lld elements checked, %lld in flushed blocks\n",
+                describe(c.spec).c_str(), static_cast<long long>(checked), static_cast<long long>(first.numel()),
+                static_cast<long long>(flushed));
+    EXPECT_GT(checked, (first.numel() - flushed) * 9 / 10);
+    EXPECT_GE(checked, 256);  // never vacuous
   }
 }
 
