@@ -49,31 +49,7 @@ TEST_P(GpuTrainLossFalls, WellBelowItsStart) {
 INSTANTIATE_TEST_SUITE_P(Recipes, GpuTrainLossFalls, ::testing::Values("bf16", "nvfp4"));
 
 TEST(GpuTrain, ResumeAfterInterruptionRepeatsTheRunBitForBit) {
-  const uint64_t seed = nibble::test::fresh_seed();
-  TempDir dir;
-  const Data d = make_data(dir, seed);
-  const nn::Recipe recipe = nn::make_recipe("nvfp4");
-  TrainOptions whole = on_gpu(options(dir / "a", 8, seed));
-  whole.grad_accum = 2;
-  whole.ckpt_every = 4;
-  const TrainResult a = train(tiny_config(), recipe, d.train, nullptr, whole);
-  TrainOptions part = whole;
-  part.out_dir = dir / "b";
-  part.stop_after = 5;
-  const TrainResult b1 = train(tiny_config(), recipe, d.train, nullptr, part);
-  ASSERT_EQ(b1.end_step, 5);
-  part.stop_after = 0;
-  part.resume = true;
-  const TrainResult b2 = train(tiny_config(), recipe, d.train, nullptr, part);
-  ASSERT_EQ(b2.start_step, 4);
-  ASSERT_EQ(b2.steps.size(), 4u);
-  for (size_t i = 0; i < 4; ++i) {
-    EXPECT_EQ(b2.steps[i].loss, a.steps[4 + i].loss) << "step " << 5 + i;
-    EXPECT_EQ(b2.steps[i].grad_norm, a.steps[4 + i].grad_norm) << "step " << 5 + i;
-  }
-  SafetensorsReader wa(dir / "a" / kCheckpointsDir / "step_00000008" / "model.safetensors");
-  SafetensorsReader wb(dir / "b" / kCheckpointsDir / "step_00000008" / "model.safetensors");
-  for (const auto& e : wa.entries()) EXPECT_EQ(wa.read(e.name).bytes, wb.read(e.name).bytes) << e.name;
+  expect_resume_repeats_the_run(nibble::test::fresh_seed(), on_gpu);
 }
 
 // Checkpoints are one format: a GPU run resumes on the CPU and a CPU run on the GPU. The devices'

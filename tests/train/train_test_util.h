@@ -3,9 +3,12 @@
 // and the options of a short run.
 #pragma once
 
+#include <gtest/gtest.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <fstream>
 #include <random>
 #include <string>
@@ -15,6 +18,9 @@
 
 #include "nibble/data/token_formats.h"
 #include "nibble/model/config.h"
+#include "nibble/nn/recipe.h"
+#include "nibble/tensor/safetensors.h"
+#include "nibble/train/checkpoint.h"
 #include "nibble/train/trainer.h"
 #include "test_dir.h"
 
@@ -79,6 +85,46 @@ inline std::vector<nlohmann::json> read_jsonl(const fs::path& p) {
   std::string line;
   while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
   return out;
+}
+
+// Trains 8 steps (nvfp4: stochastic rounding and RHT, 2 micro-batches, checkpoint at 4) once
+// uninterrupted and once interrupted after step 5 and resumed: the resumed run must repeat the
+// uninterrupted one bit for bit (losses, gradient norms, final weights, one metrics line a step).
+// `on_device` sets the engine (identity: the CPU).
+inline void expect_resume_repeats_the_run(uint64_t seed, const std::function<TrainOptions(TrainOptions)>& on_device) {
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  const nn::Recipe recipe = nn::make_recipe("nvfp4");
+  TrainOptions whole = on_device(options(dir / "a", 8, seed));
+  whole.grad_accum = 2;
+  whole.ckpt_every = 4;
+  const TrainResult a = train(tiny_config(), recipe, d.train, nullptr, whole);
+
+  TrainOptions part = whole;
+  part.out_dir = dir / "b";
+  part.stop_after = 5;  // checkpoint at 4, then one more step that is lost: an interruption
+  const TrainResult b1 = train(tiny_config(), recipe, d.train, nullptr, part);
+  ASSERT_EQ(b1.end_step, 5);
+  part.stop_after = 0;
+  part.resume = true;
+  const TrainResult b2 = train(tiny_config(), recipe, d.train, nullptr, part);
+  ASSERT_EQ(b2.start_step, 4);
+  ASSERT_EQ(b2.steps.size(), 4u);
+  for (size_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(b1.steps[i].loss, a.steps[i].loss) << "step " << i + 1;
+    EXPECT_EQ(b2.steps[i].loss, a.steps[4 + i].loss) << "step " << 5 + i;
+    EXPECT_EQ(b2.steps[i].grad_norm, a.steps[4 + i].grad_norm) << "step " << 5 + i;
+  }
+  // The final weights are identical too.
+  SafetensorsReader wa(dir / "a" / kCheckpointsDir / "step_00000008" / "model.safetensors");
+  SafetensorsReader wb(dir / "b" / kCheckpointsDir / "step_00000008" / "model.safetensors");
+  ASSERT_EQ(wa.entries().size(), wb.entries().size());
+  for (const auto& e : wa.entries()) EXPECT_EQ(wa.read(e.name).bytes, wb.read(e.name).bytes) << e.name;
+  // metrics.jsonl of the resumed run reads as one run: steps 1..8 once each.
+  const auto lines = read_jsonl(dir / "b" / "metrics.jsonl");
+  ASSERT_EQ(lines.size(), 8u);
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(lines[i]["step"], i + 1);
+  EXPECT_EQ(lines[4]["loss"].get<double>(), a.steps[4].loss);
 }
 
 }  // namespace nibble::train::test
