@@ -27,23 +27,7 @@ TrainOptions on_gpu(TrainOptions o) {
 class GpuTrainLossFalls : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(GpuTrainLossFalls, WellBelowItsStart) {
-  const uint64_t seed = nibble::test::fresh_seed();
-  TempDir dir;
-  const Data d = make_data(dir, seed);
-  TrainOptions o = on_gpu(options(dir / "run", 60, seed));
-  o.val_every = 30;
-  o.val_batches = 4;
-  const TrainResult r = train(tiny_config(), nn::make_recipe(GetParam()), d.train, &d.val, o);
-  ASSERT_EQ(r.steps.size(), 60u);
-  const double first = r.steps.front().loss;
-  double last = 0.0;
-  for (size_t i = 55; i < 60; ++i) last += r.steps[i].loss / 5.0;
-  std::printf("[ engine   ] %s on the GPU: loss %.3f -> %.3f, validation %.3f\n", GetParam().c_str(), first, last,
-              r.val.back().second);
-  EXPECT_LT(last, 0.5 * first);
-  EXPECT_LT(r.val.back().second, 0.5 * first);
-  const auto lines = read_jsonl(dir / "run" / "metrics.jsonl");
-  for (const char* key : {"memory_mib", "tokens_per_s"}) EXPECT_TRUE(lines[0].contains(key)) << key;
+  expect_loss_falls(GetParam(), nibble::test::fresh_seed(), on_gpu);
 }
 
 INSTANTIATE_TEST_SUITE_P(Recipes, GpuTrainLossFalls, ::testing::Values("bf16", "nvfp4"));

@@ -6,6 +6,8 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
@@ -85,6 +87,35 @@ inline std::vector<nlohmann::json> read_jsonl(const fs::path& p) {
   std::string line;
   while (std::getline(in, line)) out.push_back(nlohmann::json::parse(line));
   return out;
+}
+
+// Trains the tiny model 60 steps under `recipe` (validation at 30 and 60): the loss starts near
+// ln(vocab) and ends well below half of it, and metrics.jsonl has one line per step plus the two
+// validation lines. `on_device` sets the engine (identity: the CPU).
+inline void expect_loss_falls(const std::string& recipe, uint64_t seed,
+                              const std::function<TrainOptions(TrainOptions)>& on_device) {
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  TrainOptions o = on_device(options(dir / "run", 60, seed));
+  o.val_every = 30;
+  o.val_batches = 4;
+  const TrainResult r = train(tiny_config(), nn::make_recipe(recipe), d.train, &d.val, o);
+  ASSERT_EQ(r.steps.size(), 60u);
+  const double first = r.steps.front().loss;
+  double last = 0.0;
+  for (size_t i = 55; i < 60; ++i) last += r.steps[i].loss / 5.0;
+  std::printf("%s: loss %.3f -> %.3f, validation %.3f\n", recipe.c_str(), first, last, r.val.back().second);
+  EXPECT_NEAR(first, std::log(double(kVocab)), 0.5);  // small init: near-uniform predictions
+  EXPECT_LT(last, 0.5 * first);
+  ASSERT_EQ(r.val.size(), 2u);
+  EXPECT_LT(r.val.back().second, 0.5 * first);
+  // One metrics line per step, validation lines at 30 and 60.
+  const auto lines = read_jsonl(dir / "run" / "metrics.jsonl");
+  ASSERT_EQ(lines.size(), 62u);
+  EXPECT_EQ(lines[0]["step"], 1);
+  for (const char* key : {"loss", "lr", "grad_norm", "tokens_per_s", "peak_rss_mib", "memory_mib", "tokens"})
+    EXPECT_TRUE(lines[0].contains(key)) << key;
+  EXPECT_EQ(lines[30]["val_loss"], r.val[0].second);
 }
 
 // Trains 8 steps (nvfp4: stochastic rounding and RHT, 2 micro-batches, checkpoint at 4) once

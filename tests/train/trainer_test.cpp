@@ -24,29 +24,7 @@ using namespace nibble::train::test;
 class TrainLossFalls : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(TrainLossFalls, WellBelowItsStart) {
-  const uint64_t seed = nn::test::fresh_seed();
-  TempDir dir;
-  const Data d = make_data(dir, seed);
-  TrainOptions o = options(dir / "run", 60, seed);
-  o.val_every = 30;
-  o.val_batches = 4;
-  const TrainResult r = train(tiny_config(), nn::make_recipe(GetParam()), d.train, &d.val, o);
-  ASSERT_EQ(r.steps.size(), 60u);
-  const double first = r.steps.front().loss;
-  double last = 0.0;
-  for (size_t i = 55; i < 60; ++i) last += r.steps[i].loss / 5.0;
-  std::printf("%s: loss %.3f -> %.3f, validation %.3f\n", GetParam().c_str(), first, last, r.val.back().second);
-  EXPECT_NEAR(first, std::log(double(kVocab)), 0.5);  // small init: near-uniform predictions
-  EXPECT_LT(last, 0.5 * first);
-  ASSERT_EQ(r.val.size(), 2u);
-  EXPECT_LT(r.val.back().second, 0.5 * first);
-  // One metrics line per step, validation lines at 30 and 60.
-  const auto lines = read_jsonl(dir / "run" / "metrics.jsonl");
-  ASSERT_EQ(lines.size(), 62u);
-  EXPECT_EQ(lines[0]["step"], 1);
-  for (const char* key : {"loss", "lr", "grad_norm", "tokens_per_s", "peak_rss_mib", "tokens"})
-    EXPECT_TRUE(lines[0].contains(key)) << key;
-  EXPECT_EQ(lines[30]["val_loss"], r.val[0].second);
+  expect_loss_falls(GetParam(), nn::test::fresh_seed(), [](TrainOptions o) { return o; });
 }
 
 INSTANTIATE_TEST_SUITE_P(Recipes, TrainLossFalls, ::testing::Values("bf16", "nvfp4"));
