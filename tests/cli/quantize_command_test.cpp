@@ -13,6 +13,7 @@
 #include "nibble/cli/commands.h"
 #include "nibble/tensor/npy.h"
 #include "nibble/tensor/safetensors.h"
+#include "nn/nn_test_util.h"
 #include "tensor/tensor_test_util.h"
 
 namespace nibble::cli {
@@ -21,12 +22,7 @@ namespace {
 using test::expect_error;
 using test::TempDir;
 
-std::vector<float> gaussian(std::mt19937_64& rng, size_t n, float sigma = 1.0f) {
-  std::normal_distribution<float> d(0.0f, sigma);
-  std::vector<float> v(n);
-  for (float& x : v) x = d(rng);
-  return v;
-}
+using nn::test::random_normal;
 
 std::vector<bf16_t> to_bf16(const std::vector<float>& v) {
   std::vector<bf16_t> out(v.size());
@@ -80,7 +76,7 @@ TEST(QuantizeCommand, NpyFloat32EveryFormatAndOption) {
   std::mt19937_64 rng(seed);
   TempDir dir;
   const int64_t rows = 64, cols = 64;
-  std::vector<float> x = gaussian(rng, rows * cols);
+  std::vector<float> x = random_normal(rng, rows * cols);
   x[5] *= 40.0f;  // an outlier
   write_npy(dir / "act.npy", HostTensor::f32({rows, cols}, x));
 
@@ -147,7 +143,7 @@ TEST(QuantizeCommand, DefaultBlocksFollowTheFormat) {
 TEST(QuantizeCommand, NpyBf16BitsNeedTheFlag) {
   std::mt19937_64 rng(test::fresh_seed());
   TempDir dir;
-  const std::vector<bf16_t> x = to_bf16(gaussian(rng, 16 * 32, 2.0f));
+  const std::vector<bf16_t> x = to_bf16(random_normal(rng, 16 * 32, 2.0f));
   write_npy(dir / "b.npy", HostTensor::bf16({16, 32}, x));
   QuantizeOptions o;
   o.input = dir / "b.npy";
@@ -168,9 +164,9 @@ TEST(QuantizeCommand, NpyBf16BitsNeedTheFlag) {
 TEST(QuantizeCommand, SafetensorsCheckpointAllOrChosenTensors) {
   std::mt19937_64 rng(test::fresh_seed());
   TempDir dir;
-  const std::vector<float> w = gaussian(rng, 64 * 32, 0.02f);
-  const std::vector<bf16_t> a = to_bf16(gaussian(rng, 32 * 48));
-  const std::vector<float> norm = gaussian(rng, 32);
+  const std::vector<float> w = random_normal(rng, 64 * 32, 0.02f);
+  const std::vector<bf16_t> a = to_bf16(random_normal(rng, 32 * 48));
+  const std::vector<float> norm = random_normal(rng, 32);
   const int64_t step = 7;
   write_safetensors(dir / "ckpt.safetensors",
                     {{"wte", HostTensor::f32({64, 32}, w)},
@@ -213,7 +209,7 @@ TEST(QuantizeCommand, SafetensorsCheckpointAllOrChosenTensors) {
 TEST(QuantizeCommand, SkipsIncompatibleShapesOnlyWhenAsked) {
   std::mt19937_64 rng(test::fresh_seed());
   TempDir dir;
-  const std::vector<float> good = gaussian(rng, 32 * 32), odd = gaussian(rng, 5 * 32);
+  const std::vector<float> good = random_normal(rng, 32 * 32), odd = random_normal(rng, 5 * 32);
   write_safetensors(dir / "in.safetensors", {{"good", HostTensor::f32({32, 32}, good)}, {"odd", HostTensor::f32({5, 32}, odd)}});
   QuantizeOptions o;
   o.input = dir / "in.safetensors";
@@ -236,7 +232,7 @@ TEST(QuantizeCommand, SkipsIncompatibleShapesOnlyWhenAsked) {
 TEST(QuantizeCommand, NonFiniteInputIsMarked) {
   std::mt19937_64 rng(test::fresh_seed());
   TempDir dir;
-  std::vector<float> x = gaussian(rng, 16 * 32);
+  std::vector<float> x = random_normal(rng, 16 * 32);
   x[rng() % x.size()] = NAN;
   write_npy(dir / "nan.npy", HostTensor::f32({16, 32}, x));
   QuantizeOptions o;
@@ -261,7 +257,7 @@ TEST(QuantizeCommand, NonFiniteInputIsMarked) {
 TEST(QuantizeCommand, FailuresLeaveNoOutputAndKeepAnExistingOne) {
   std::mt19937_64 rng(test::fresh_seed());
   TempDir dir;
-  const std::vector<float> x = gaussian(rng, 32 * 48);
+  const std::vector<float> x = random_normal(rng, 32 * 48);
   write_npy(dir / "x.npy", HostTensor::f32({32, 48}, x));
   write_npy(dir / "cube.npy", HostTensor::f32({2, 4, 4}, std::vector<float>(32, 1.0f)));
   test::write_bytes(dir / "junk.bin", "this is neither format");
@@ -313,7 +309,7 @@ TEST(QuantizeCommand, FailuresLeaveNoOutputAndKeepAnExistingOne) {
 TEST(QuantizeCommand, ParsesTheCommandLine) {
   std::mt19937_64 rng(test::fresh_seed());
   TempDir dir;
-  const std::vector<float> x = gaussian(rng, 32 * 32);
+  const std::vector<float> x = random_normal(rng, 32 * 32);
   write_npy(dir / "x.npy", HostTensor::f32({32, 32}, x));
   const std::string in = (dir / "x.npy").string(), out = (dir / "o.safetensors").string();
   const auto parse = [](std::vector<std::string> args) {

@@ -30,20 +30,14 @@
 #include "nibble/train/cuda/adamw_cuda.h"
 #include "nibble/train/optimizer.h"
 #include "model/attention_bf16_tolerance.h"
+#include "nn/nn_test_util.h"
 #include "test_seed.h"
 
 namespace nibble::nn {
 namespace {
 
 using cuda::DeviceBuffer;
-using test::fresh_seed;
-
-std::vector<float> gaussian(int64_t n, float stddev, std::mt19937_64& rng) {
-  std::normal_distribution<float> d(0.0f, stddev);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& x : v) x = d(rng);
-  return v;
-}
+using nibble::test::fresh_seed;
 
 template <typename T>
 std::vector<T> download(const T* device, int64_t n) {
@@ -150,7 +144,7 @@ TEST(EmbeddingCuda, MatchesCpuBitForBit) {
   Stream stream;
   Embedding cpu(vocab, dim);
   cuda::EmbeddingCuda gpu(vocab, dim);
-  const auto w = gaussian(vocab * dim, 1.0f, rng);
+  const auto w = nibble::nn::test::random_normal(rng, vocab * dim, 1.0f);
   std::copy(w.begin(), w.end(), cpu.weight().begin());
   upload(gpu.weight(), w);
   // Half the ids from a small range, so that rows repeat and their gradients must add up.
@@ -159,7 +153,7 @@ TEST(EmbeddingCuda, MatchesCpuBitForBit) {
   DeviceBuffer<uint32_t> d_ids{std::span<const uint32_t>(ids)};
 
   // forward, then forward with accumulate (learned positions add onto token embeddings)
-  auto base = gaussian(n * dim, 1.0f, rng);
+  auto base = nibble::nn::test::random_normal(rng, n * dim, 1.0f);
   std::vector<float> out_cpu(base.size()), acc_cpu = base;
   cpu.forward(ids, out_cpu);
   cpu.forward(ids, acc_cpu, /*accumulate=*/true);
@@ -173,7 +167,7 @@ TEST(EmbeddingCuda, MatchesCpuBitForBit) {
   cpu.zero_grad();
   gpu.zero_grad(stream);
   for (int pass = 0; pass < 2; ++pass) {
-    const auto dout = gaussian(n * dim, 1.0f, rng);
+    const auto dout = nibble::nn::test::random_normal(rng, n * dim, 1.0f);
     cpu.backward(ids, dout);
     DeviceBuffer<float> d_dout{std::span<const float>(dout)};
     gpu.backward(d_ids.data(), n, d_dout.data(), stream);
@@ -203,11 +197,11 @@ TEST_P(NormCudaTest, MatchesCpu) {
   Stream stream;
   Norm cpu(dim, GetParam());
   cuda::NormCuda gpu(dim, GetParam());
-  const auto g = gaussian(dim, 1.0f, rng);
+  const auto g = nibble::nn::test::random_normal(rng, dim, 1.0f);
   std::copy(g.begin(), g.end(), cpu.weight().begin());
   upload(gpu.weight(), g);
   if (cpu.has_bias()) {
-    const auto b = gaussian(dim, 1.0f, rng);
+    const auto b = nibble::nn::test::random_normal(rng, dim, 1.0f);
     std::copy(b.begin(), b.end(), cpu.bias().begin());
     upload(gpu.bias(), b);
   }
@@ -215,10 +209,10 @@ TEST_P(NormCudaTest, MatchesCpu) {
   gpu.zero_grad(stream);
   DeviceBuffer<float> y(static_cast<size_t>(rows * dim)), dx(y.size());
   for (int pass = 0; pass < 2; ++pass) {  // gradients accumulate over two passes
-    auto x = gaussian(rows * dim, 2.0f, rng);
+    auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t i = 0; i < dim; ++i) x[r * dim + i] += static_cast<float>(r % 5);  // row means to remove
-    const auto dy = gaussian(rows * dim, 1.0f, rng);
+    const auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
     const auto y_cpu = cpu.forward(x, rows);
     const auto dx_cpu = cpu.backward(dy);
     DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
@@ -248,11 +242,11 @@ TEST_P(ActivationCudaTest, MatchesCpuMlpActivation) {
   const int64_t width = kind == MlpKind::kSwiglu ? 2 * hidden : hidden;
   Stream stream;
   Mlp cpu(d, hidden, kind, preset("fp32"), 0, 1);
-  const auto pre = gaussian(rows * width, 2.0f, rng);  // wide: GELU's tails, ReLU's negatives
+  const auto pre = nibble::nn::test::random_normal(rng, rows * width, 2.0f);  // wide: GELU's tails, ReLU's negatives
   plant(cpu.fc(), pre, rows);
   set_identity(cpu.proj());
   const auto act_cpu = cpu.forward(one_hot_rows(rows, d), rows);
-  const auto dact = gaussian(rows * hidden, 1.0f, rng);
+  const auto dact = nibble::nn::test::random_normal(rng, rows * hidden, 1.0f);
   cpu.backward(dact);
   const auto dpre_cpu = harvest_grad(cpu.fc(), rows);
 
@@ -273,8 +267,8 @@ TEST(ResidualAddCuda, IsExact) {
   std::mt19937_64 rng(fresh_seed());
   const int64_t n = 3 * 37 * 96 + 5;
   Stream stream;
-  auto x = gaussian(n, 1.0f, rng);
-  const auto y = gaussian(n, 1.0f, rng);
+  auto x = nibble::nn::test::random_normal(rng, n, 1.0f);
+  const auto y = nibble::nn::test::random_normal(rng, n, 1.0f);
   DeviceBuffer<float> d_x{std::span<const float>(x)}, d_y{std::span<const float>(y)};
   cuda::residual_add(d_x.data(), d_y.data(), n, stream);
   for (int64_t i = 0; i < n; ++i) x[i] += y[i];
@@ -291,10 +285,10 @@ struct AttentionCase {
 class AttentionCudaTest : public ::testing::TestWithParam<AttentionCase> {};
 
 // Tolerances and input scale: see model/attention_bf16_tolerance.h.
-using test::kAttnMaxBwd;
-using test::kAttnMaxFwd;
-using test::kAttnRmsBwd;
-using test::kAttnRmsFwd;
+using nibble::test::kAttnMaxBwd;
+using nibble::test::kAttnMaxFwd;
+using nibble::test::kAttnRmsBwd;
+using nibble::test::kAttnRmsFwd;
 
 TEST_P(AttentionCudaTest, MatchesCpuCore) {
   std::mt19937_64 rng(fresh_seed());
@@ -310,11 +304,11 @@ TEST_P(AttentionCudaTest, MatchesCpuCore) {
   ASSERT_EQ(out_width, c.d_model);  // proj can be the identity
   Stream stream;
 
-  const auto qkv = gaussian(rows * width, test::kAttnQkvStddev, rng);
+  const auto qkv = nibble::nn::test::random_normal(rng, rows * width, nibble::test::kAttnQkvStddev);
   plant(cpu.qkv(), qkv, rows);
   set_identity(cpu.proj());
   const auto out_cpu = cpu.forward(one_hot_rows(rows, c.d_model), c.batch, c.seq);
-  const auto dout = gaussian(rows * out_width, 1.0f, rng);
+  const auto dout = nibble::nn::test::random_normal(rng, rows * out_width, 1.0f);
   cpu.zero_grad();
   cpu.backward(dout);
   const auto dqkv_cpu = harvest_grad(cpu.qkv(), rows);
@@ -324,7 +318,7 @@ TEST_P(AttentionCudaTest, MatchesCpuCore) {
   gpu.forward(d_qkv_in.data(), c.batch, c.seq, out.data(), stream);
   {  // another layer sharing the workspace runs in between: nothing gpu saved may live there
     cuda::AttentionCoreCuda other(shape, gemm, workspace);
-    DeviceBuffer<float> other_qkv{std::span<const float>(gaussian(rows * width, 1.0f, rng))};
+    DeviceBuffer<float> other_qkv{std::span<const float>(nibble::nn::test::random_normal(rng, rows * width, 1.0f))};
     DeviceBuffer<float> other_out(out.size()), other_dqkv(dqkv.size());
     other.forward(other_qkv.data(), c.batch, c.seq, other_out.data(), stream);
     other.backward(other_out.data(), other_dqkv.data(), stream);
@@ -376,7 +370,7 @@ TEST(CrossEntropyCuda, MatchesCpu) {
   for (auto& t : targets) t = static_cast<uint32_t>(rng() % vocab);
   DeviceBuffer<uint32_t> d_targets{std::span<const uint32_t>(targets)};
   for (const float grad_scale : {0.5f / static_cast<float>(rows), 0.0f}) {
-    const auto logits = gaussian(rows * vocab, 3.0f, rng);
+    const auto logits = nibble::nn::test::random_normal(rng, rows * vocab, 3.0f);
     auto cpu = logits;
     const double want = softmax_cross_entropy(cpu, targets, vocab, grad_scale) / static_cast<double>(rows);
     DeviceBuffer<float> d_logits{std::span<const float>(logits)};
@@ -421,7 +415,7 @@ TEST(AdamWCuda, MatchesCpuBitForBit) {
     ranges.push_back({numel, sizes[i], decays[i]});
     numel += sizes[i];
   }
-  std::vector<float> w = nn::gaussian(numel, 0.5f, rng), g(static_cast<size_t>(numel));
+  std::vector<float> w = nn::test::random_normal(rng, numel, 0.5f), g(static_cast<size_t>(numel));
   std::vector<model::Parameter> params;
   for (size_t i = 0; i < sizes.size(); ++i)
     params.push_back({"p" + std::to_string(i), {sizes[i]}, std::span<float>(w).subspan(ranges[i].offset, sizes[i]),
@@ -431,7 +425,7 @@ TEST(AdamWCuda, MatchesCpuBitForBit) {
   cuda::AdamWCuda gpu(options, numel);
   DeviceBuffer<float> d_w{std::span<const float>(w)}, d_g(g.size()), d_mult(1);
   for (int step = 0; step < 3; ++step) {
-    const auto grad = nn::gaussian(numel, step == 1 ? 1e-3f : 1.0f, rng);
+    const auto grad = nn::test::random_normal(rng, numel, step == 1 ? 1e-3f : 1.0f);
     std::copy(grad.begin(), grad.end(), g.begin());
     d_g.upload(g);
     const double lr = 1e-3 * (step + 1);
@@ -468,7 +462,7 @@ TEST(GradNormCuda, MatchesCpuAndIsDeterministic) {
   std::vector<model::Parameter> params;
   std::vector<cuda::GradSpan> spans;
   for (int64_t n : sizes) {
-    grads.push_back(nn::gaussian(n, 0.01f, rng));
+    grads.push_back(nn::test::random_normal(rng, n, 0.01f));
     values.emplace_back(static_cast<size_t>(n));
   }
   for (size_t i = 0; i < sizes.size(); ++i) {

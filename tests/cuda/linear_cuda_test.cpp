@@ -24,6 +24,7 @@
 
 #include "nibble/nn/linear.h"
 #include "nibble/nn/operand.h"
+#include "nn/nn_test_util.h"
 #include "test_seed.h"
 
 namespace nibble::nn {
@@ -32,13 +33,6 @@ namespace {
 using cuda::DeviceBuffer;
 using cuda::LinearContext;
 using cuda::LinearCuda;
-
-std::vector<float> gaussian(int64_t n, float scale, std::mt19937_64& rng) {
-  std::normal_distribution<float> d(0.0f, scale);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& x : v) x = d(rng);
-  return v;
-}
 
 // B_ij = |g_a g_b| sum_k |a_ik| |b_jk| for the CPU's operands (a: M x K, b: N x K).
 std::vector<double> magnitude(const GemmOperand& a, const GemmOperand& b) {
@@ -103,11 +97,11 @@ TEST_P(LinearCudaTest, MatchesCpuLayer) {
   const uint32_t microbatch = 2;
 
   Linear cpu(in, out, recipe, options);
-  const std::vector<float> w = gaussian(in * out, 0.05f, rng);
+  const std::vector<float> w = test::random_normal(rng, in * out, 0.05f);
   std::copy(w.begin(), w.end(), cpu.mutable_weight().begin());
-  std::vector<float> x = gaussian(tokens * in, 1.0f, rng);
+  std::vector<float> x = test::random_normal(rng, tokens * in, 1.0f);
   for (int64_t t = 0; t < tokens; ++t) x[static_cast<size_t>(t * in + 13)] *= 40.0f;  // an outlier channel
-  const std::vector<float> dy = gaussian(tokens * out, 1e-3f, rng);
+  const std::vector<float> dy = test::random_normal(rng, tokens * out, 1e-3f);
 
   LinearContext ctx;
   LinearCuda gpu(in, out, recipe, options, ctx);
@@ -186,8 +180,8 @@ TEST(LinearCuda, QuantizesTheWeightOncePerStep) {
   std::mt19937_64 rng(test::fresh_seed());
   LinearContext ctx;
   LinearCuda gpu(64, 32, preset("nvfp4"), {}, ctx);
-  gpu.upload_weight(gaussian(64 * 32, 0.1f, rng));
-  const std::vector<float> x = gaussian(48 * 64, 1.0f, rng), dy = gaussian(48 * 32, 1.0f, rng);
+  gpu.upload_weight(test::random_normal(rng, 64 * 32, 0.1f));
+  const std::vector<float> x = test::random_normal(rng, 48 * 64, 1.0f), dy = test::random_normal(rng, 48 * 32, 1.0f);
   DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)}, d_y(48 * 32), d_dx(48 * 64);
   gpu.set_step(1);
   gpu.forward(d_x.data(), 48, d_y.data(), nullptr);
