@@ -8,7 +8,8 @@
 # RUN (default: all): bf16 fp8 nvfp4 nvfp4_no_rht nvfp4_no_2d nvfp4_no_sr nvfp4_all_fp4 mxfp4
 # nvfp4_bf16_switch. Environment: NIBBLE (binary, default build/cuda/src/nibble/cli/nibble),
 # CONFIG (default configs/models/gpt2-124m.toml), STEPS (default 2000 = 32.8 M tokens at BATCH 16 x
-# 1024), BATCH (16), DEVICE (cuda), SEED (1337), MINUTES (stop each run after this long, with a
+# 1024), BATCH (16), DEVICE (cuda), SEED (1337), VAL_EVERY (100), CKPT_EVERY (100; 0: at the end
+# only, for runs that must finish within one call), MINUTES (stop each run after this long, with a
 # checkpoint; default none). The table goes to OUT_DIR/table.md, the plot to OUT_DIR/compare.svg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ shift 2
 nibble=${NIBBLE:-build/cuda/src/nibble/cli/nibble}
 config=${CONFIG:-configs/models/gpt2-124m.toml}
 steps=${STEPS:-2000} batch=${BATCH:-16} device=${DEVICE:-cuda} seed=${SEED:-1337}
+val_every=${VAL_EVERY:-100} ckpt_every=${CKPT_EVERY:-100}
 all=(bf16 fp8 nvfp4 nvfp4_no_rht nvfp4_no_2d nvfp4_no_sr nvfp4_all_fp4 mxfp4 nvfp4_bf16_switch)
 runs=("$@")
 [ ${#runs[@]} -gt 0 ] || runs=("${all[@]}")
@@ -54,8 +56,8 @@ for run in "${runs[@]}"; do
   [ -n "${MINUTES:-}" ] && limit=(timeout -s INT "${MINUTES}m")
   # shellcheck disable=SC2086  # $args is a list of flags
   "${limit[@]}" "$nibble" train --device "$device" --config "$config" $args --data "$data" --out "$dir" \
-    --steps "$steps" --batch-size "$batch" --seed "$seed" --val-every 100 --val-batches 8 --ckpt-every 100 \
-    --progress plain --log-every 100 "${resume[@]}" || echo "== $run stopped (rc $?); rerun to resume"
+    --steps "$steps" --batch-size "$batch" --seed "$seed" --val-every "$val_every" --val-batches 8 \
+    --ckpt-every "$ckpt_every" --progress plain --log-every "$val_every" "${resume[@]}" || echo "== $run stopped (rc $?); rerun to resume"
 done
 
 done_runs=()
