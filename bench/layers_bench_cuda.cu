@@ -2,8 +2,10 @@
 // shapes of one GPT-2 124M training step: 16 x 1024 tokens, d_model 768, 12 heads, vocab 50304.
 // Prints the median time of each forward/backward and the memory traffic it implies (bytes the
 // kernels must read and write at least, over the time), to see which ones are far from the
-// device's bandwidth (~3 TB/s on an H100). The attention core is not a fused (flash) kernel: its
-// time is mostly the [seq x seq] score traffic, so it is reported against its GEMM FLOPs.
+// device's bandwidth (~3 TB/s on an H100). The attention core is reported against its FLOPs
+// instead, for both kernels side by side: the fused (flash-style) one that training uses and the
+// batched-GEMM one it replaced (kept as the fallback for head_dim > 128), with the device memory
+// each holds (saved tensors and workspace).
 //
 //   nibble_layers_bench_cuda
 #include <cuda_runtime.h>
@@ -78,20 +80,37 @@ int main() {
            }), 3 * h);
   }
   {
-    nibble::cuda::GemmRunner gemm;
-    ncu::AttentionWorkspace workspace;
-    ncu::AttentionCoreCuda attn({d, H, H, false, 10000.0f}, gemm, workspace);
+    // Useful FLOPs of causal attention: QK^T and PV over the T (T + 1) / 2 unmasked scores
+    // forward; backward 5 such products (dV, dP, dS Q, dS K, and the recomputed QK^T).
+    const double fwd_flops = 2.0 * 2.0 * B * H * (T * (T + 1) / 2.0) * (d / H);
+    const double bwd_flops = 2.5 * fwd_flops;
     auto qkv = random_buffer(tokens * 3 * d, 1.0f, 7), dout = random_buffer(tokens * d, 1.0f, 8);
     DeviceBuffer<float> out(static_cast<size_t>(tokens * d)), dqkv(qkv.size());
-    const double flops = 4.0 * B * H * T * T * (d / H);  // QK^T and PV, full (unmasked) squares
-    const float fwd = median_ms([&] { attn.forward(qkv.data(), B, T, out.data(), nullptr); }, 20);
-    const float both = median_ms([&] {
-      attn.forward(qkv.data(), B, T, out.data(), nullptr);
-      attn.backward(dout.data(), dqkv.data(), nullptr);
-    }, 20);
-    std::printf("%-34s %9.3f ms  %8.1f TFLOP/s (GEMMs, unmasked)\n", "attention core forward", fwd, flops / (fwd * 1e-3) / 1e12);
-    std::printf("%-34s %9.3f ms  %8.1f TFLOP/s (GEMMs, unmasked)\n", "attention core forward+backward", both,
-                3 * flops / (both * 1e-3) / 1e12);
+    float fused_both = 0.0f, gemm_both = 0.0f;
+    for (const auto kernel : {ncu::AttentionKernel::kFused, ncu::AttentionKernel::kGemm}) {
+      const char* name = kernel == ncu::AttentionKernel::kFused ? "fused" : "gemm ";
+      size_t free_before = 0, free_after = 0, total = 0;
+      nibble::bench::check(cudaMemGetInfo(&free_before, &total), "cudaMemGetInfo");
+      nibble::cuda::GemmRunner gemm;
+      ncu::AttentionWorkspace workspace;
+      ncu::AttentionCoreCuda attn({d, H, H, false, 10000.0f}, gemm, workspace, kernel);
+      const float fwd = median_ms([&] { attn.forward(qkv.data(), B, T, out.data(), nullptr); }, 20);
+      const float both = median_ms([&] {
+        attn.forward(qkv.data(), B, T, out.data(), nullptr);
+        attn.backward(dout.data(), dqkv.data(), nullptr);
+      }, 20);
+      nibble::bench::check(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
+      (kernel == ncu::AttentionKernel::kFused ? fused_both : gemm_both) = both;
+      std::printf("attention core %s forward          %9.3f ms  %8.1f TFLOP/s (causal)\n", name, fwd,
+                  fwd_flops / (fwd * 1e-3) / 1e12);
+      std::printf("attention core %s backward         %9.3f ms  %8.1f TFLOP/s (causal)\n", name, both - fwd,
+                  bwd_flops / ((both - fwd) * 1e-3) / 1e12);
+      std::printf("attention core %s forward+backward %9.3f ms  %8.1f TFLOP/s (causal), %.0f MiB held\n", name, both,
+                  (fwd_flops + bwd_flops) / (both * 1e-3) / 1e12,
+                  (static_cast<double>(free_before) - static_cast<double>(free_after)) / (1 << 20));
+    }
+    std::printf("attention core forward+backward: fused %.2fx faster than gemm (x 12 layers: %.1f ms saved a step)\n",
+                gemm_both / fused_both, 12 * (gemm_both - fused_both));
   }
   {
     ncu::CrossEntropyCuda ce;

@@ -21,6 +21,7 @@ echo "== compute-sanitizer (memcheck, racecheck) on small cases"
 filter='CudaQuantize.FusedSidesCanBeSwitchedOff:CudaQuantize.NonFiniteAndZeroTensorsMatchCpu:CudaQuantize.RejectsShapesItCannotQuantize'
 filter+=':EmbeddingCuda.*:Kinds/NormCudaTest.*:Shapes/AttentionCudaTest.*:CrossEntropyCuda.*:GradNormCuda.*'
 filter+=':LinearCuda.*:Recipes/LinearCudaTest.MatchesCpuLayer/nvfp4:GptCuda.*:GpuTrain.ResumeAfterInterruptionRepeatsTheRunBitForBit'
+filter+=':AttentionCudaDeterminism.*-*T1024*'  # the seq-1024 attention shapes are too slow under the tools
 for tool in memcheck racecheck; do
   compute-sanitizer --tool "$tool" --error-exitcode 9 "$build"/tests/nibble_cuda_tests --gtest_filter="$filter" \
     >"$out/sanitizer_$tool.log" 2>&1

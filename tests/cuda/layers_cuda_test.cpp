@@ -18,6 +18,7 @@
 #include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "nibble/nn/attention.h"
@@ -282,24 +283,42 @@ struct AttentionCase {
   bool rope;
 };
 
-class AttentionCudaTest : public ::testing::TestWithParam<AttentionCase> {};
+class AttentionCudaTest : public ::testing::TestWithParam<std::tuple<AttentionCase, cuda::AttentionKernel>> {};
 
-// Tolerances and input scale: see model/attention_bf16_tolerance.h.
+// Tolerances and input scale: see model/attention_bf16_tolerance.h (both kernels' roundings are
+// emulated there).
 using nibble::test::kAttnMaxBwd;
 using nibble::test::kAttnMaxFwd;
 using nibble::test::kAttnRmsBwd;
 using nibble::test::kAttnRmsFwd;
 
+// A part of d_qkv whose exact value is zero (dq and dk at seq 1, where each row attends only to
+// itself, so dS = P (dP - rowsum(P dP)) = 0): the GPU's may differ by FP32 rounding of dP against
+// the row sum, ~1e-7 of the gradients' scale.
+void expect_near_zero(std::span<const float> gpu, double scale, const std::string& what) {
+  double worst = 0.0;
+  for (float x : gpu) worst = std::max(worst, std::fabs(static_cast<double>(x)));  // NaN fails below
+  const double rel = worst / scale;
+  std::printf("[ compare  ] %-44s max |gpu| %.3e of the scale (want <= 1e-5, exact 0)\n", what.c_str(), rel);
+  EXPECT_LE(rel, 1e-5) << what;
+}
+
 TEST_P(AttentionCudaTest, MatchesCpuCore) {
   std::mt19937_64 rng(fresh_seed());
-  const AttentionCase c = GetParam();
+  const auto [c, kernel] = GetParam();
   const AttentionShape shape{c.d_model, c.heads, c.kv_heads, c.rope, 10000.0f};
+  nibble::cuda::GemmRunner gemm;
+  cuda::AttentionWorkspace workspace;
+  if (kernel == cuda::AttentionKernel::kFused && shape.head_dim() > 128) {  // beyond the fused kernels
+    EXPECT_THROW({ cuda::AttentionCoreCuda core(shape, gemm, workspace, kernel); }, std::invalid_argument);
+    EXPECT_EQ(cuda::AttentionCoreCuda(shape, gemm, workspace).kernel(), cuda::AttentionKernel::kGemm);
+    return;
+  }
   const int64_t rows = c.batch * c.seq;
   ASSERT_LE(rows, c.d_model);  // one-hot input rows
   CausalSelfAttention cpu(shape, preset("fp32"), 0, 1);
-  nibble::cuda::GemmRunner gemm;
-  cuda::AttentionWorkspace workspace;
-  cuda::AttentionCoreCuda gpu(shape, gemm, workspace);
+  cuda::AttentionCoreCuda gpu(shape, gemm, workspace, kernel);
+  ASSERT_EQ(gpu.kernel(), kernel);
   const int64_t width = gpu.qkv_width(), out_width = gpu.out_width();
   ASSERT_EQ(out_width, c.d_model);  // proj can be the identity
   Stream stream;
@@ -317,7 +336,7 @@ TEST_P(AttentionCudaTest, MatchesCpuCore) {
   DeviceBuffer<float> out(static_cast<size_t>(rows * out_width)), dqkv(qkv.size());
   gpu.forward(d_qkv_in.data(), c.batch, c.seq, out.data(), stream);
   {  // another layer sharing the workspace runs in between: nothing gpu saved may live there
-    cuda::AttentionCoreCuda other(shape, gemm, workspace);
+    cuda::AttentionCoreCuda other(shape, gemm, workspace, kernel);
     DeviceBuffer<float> other_qkv{std::span<const float>(nibble::nn::test::random_normal(rng, rows * width, 1.0f))};
     DeviceBuffer<float> other_out(out.size()), other_dqkv(dqkv.size());
     other.forward(other_qkv.data(), c.batch, c.seq, other_out.data(), stream);
@@ -329,6 +348,8 @@ TEST_P(AttentionCudaTest, MatchesCpuCore) {
   expect_close(out_gpu, out_cpu, kAttnMaxFwd, "attention forward");
   expect_close_rms(out_gpu, out_cpu, kAttnRmsFwd, "attention forward");
   expect_close(dq, dqkv_cpu, kAttnMaxBwd, "attention d_qkv");
+  double scale = 0.0;
+  for (float x : dqkv_cpu) scale = std::max(scale, std::fabs(static_cast<double>(x)));
   // The q, k and v parts separately (each has its own scale).
   const int64_t hd = shape.head_dim(), qw = c.heads * hd, kw = c.kv_heads * hd;
   const char* names[3] = {"attention dq", "attention dk", "attention dv"};
@@ -338,6 +359,11 @@ TEST_P(AttentionCudaTest, MatchesCpuCore) {
     for (int64_t row = 0; row < rows; ++row)
       for (int64_t j = begin[part]; j < begin[part] + size[part]; ++j)
         g.push_back(dq[row * width + j]), r.push_back(dqkv_cpu[row * width + j]);
+    if (std::all_of(r.begin(), r.end(), [](float x) { return x == 0.0f; })) {
+      ASSERT_EQ(c.seq, 1) << names[part] << ": the CPU reference is all zeros";
+      expect_near_zero(g, scale, names[part]);
+      continue;
+    }
     expect_close(g, r, kAttnMaxBwd, names[part]);
     expect_close_rms(g, r, kAttnRmsBwd, names[part]);
   }
@@ -345,16 +371,55 @@ TEST_P(AttentionCudaTest, MatchesCpuCore) {
 
 INSTANTIATE_TEST_SUITE_P(
     Shapes, AttentionCudaTest,
-    ::testing::Values(AttentionCase{96, 6, 2, 2, 37, true},     // hd 16, GQA groups of 3, RoPE
-                      AttentionCase{96, 6, 6, 3, 31, false},    // multi-head, no RoPE
-                      AttentionCase{192, 6, 3, 3, 37, true},    // hd 32, groups of 2
-                      AttentionCase{120, 6, 2, 2, 45, true},    // hd 20: padded head dimension
-                      AttentionCase{64, 4, 1, 1, 64, false}),   // multi-query, seq a multiple of 8
+    ::testing::Combine(
+        ::testing::Values(AttentionCase{96, 6, 2, 2, 37, true},       // hd 16, GQA groups of 3, RoPE
+                          AttentionCase{96, 6, 6, 3, 31, false},      // multi-head, no RoPE
+                          AttentionCase{192, 6, 3, 3, 37, true},      // hd 32, groups of 2
+                          AttentionCase{120, 6, 2, 2, 45, true},      // hd 20: padded head dimension
+                          AttentionCase{64, 4, 1, 1, 64, false},      // multi-query, seq one whole tile
+                          AttentionCase{192, 3, 3, 2, 67, false},     // hd 64, seq one past a tile
+                          AttentionCase{256, 2, 1, 2, 100, true},     // hd 128, multi-query, 2 tiles
+                          AttentionCase{256, 4, 2, 3, 1, true},       // seq 1
+                          AttentionCase{256, 4, 2, 1, 200, false},    // hd 64, 4 tiles, groups of 2
+                          AttentionCase{1024, 16, 4, 1, 1024, false}, // hd 64, seq 1024, groups of 4
+                          AttentionCase{1024, 8, 2, 1, 1024, true},   // hd 128, seq 1024, RoPE
+                          AttentionCase{288, 2, 2, 1, 37, false}),    // hd 144: the GEMM kernel only
+        ::testing::Values(cuda::AttentionKernel::kFused, cuda::AttentionKernel::kGemm)),
     [](const auto& info) {
-      const AttentionCase& c = info.param;
+      const AttentionCase& c = std::get<0>(info.param);
       return "D" + std::to_string(c.d_model) + "H" + std::to_string(c.heads) + "KV" + std::to_string(c.kv_heads) + "B" +
-             std::to_string(c.batch) + "T" + std::to_string(c.seq) + (c.rope ? "Rope" : "NoRope");
+             std::to_string(c.batch) + "T" + std::to_string(c.seq) + (c.rope ? "Rope" : "NoRope") +
+             (std::get<1>(info.param) == cuda::AttentionKernel::kFused ? "Fused" : "Gemm");
     });
+
+// Training resumes bit for bit only if backward is deterministic: the fused kernels use no
+// atomics, so two backward passes over the same saved forward give the same bits (and two
+// forwards the same outputs). Several key and query tiles, GQA, RoPE, both head sizes.
+TEST(AttentionCudaDeterminism, FusedBackwardRepeatsBitForBit) {
+  std::mt19937_64 rng(fresh_seed());
+  for (const AttentionShape shape : {AttentionShape{512, 8, 2, true, 10000.0f}, AttentionShape{512, 4, 2, false}}) {
+    const int64_t batch = 2, seq = 300;
+    nibble::cuda::GemmRunner gemm;
+    cuda::AttentionWorkspace workspace;
+    cuda::AttentionCoreCuda gpu(shape, gemm, workspace, cuda::AttentionKernel::kFused);
+    Stream stream;
+    const int64_t rows = batch * seq;
+    const auto qkv = nibble::nn::test::random_normal(rng, rows * gpu.qkv_width(), nibble::test::kAttnQkvStddev);
+    const auto dout = nibble::nn::test::random_normal(rng, rows * gpu.out_width(), 1.0f);
+    DeviceBuffer<float> d_qkv_in{std::span<const float>(qkv)}, d_dout{std::span<const float>(dout)};
+    DeviceBuffer<float> out(static_cast<size_t>(rows * gpu.out_width())), dqkv(qkv.size());
+    std::vector<float> outs[2], grads[2];
+    for (int run = 0; run < 2; ++run) {
+      gpu.forward(d_qkv_in.data(), batch, seq, out.data(), stream);
+      gpu.backward(d_dout.data(), dqkv.data(), stream);
+      outs[run] = download(out.data(), rows * gpu.out_width());
+      grads[run] = download(dqkv.data(), rows * gpu.qkv_width());
+    }
+    const std::string hd = " (hd " + std::to_string(shape.head_dim()) + ")";
+    expect_bits_equal(outs[1], outs[0], "fused attention forward, run 2 vs 1" + hd);
+    expect_bits_equal(grads[1], grads[0], "fused attention d_qkv, run 2 vs 1" + hd);
+  }
+}
 
 // ---------------------------------------------------------------- loss
 

@@ -1,12 +1,14 @@
 // Causal self-attention core on the GPU: packing kernels (RoPE, BF16 rounding, head-major padded
-// layout), cuBLASLt batched BF16 GEMMs with FP32 accumulation, FP32 softmax and its backward.
-// See layers_cuda.h for the layout and what is saved.
+// layout) shared by both implementations, the fused kernels' driver (attention_flash.cu holds the
+// kernels), and the batched-GEMM implementation (cuBLASLt BF16 GEMMs with FP32 accumulation, FP32
+// softmax and its backward). See layers_cuda.h for the layout and what is saved.
 #include <cuda_bf16.h>
 
 #include <cmath>
 #include <stdexcept>
 #include <string>
 
+#include "nibble/nn/cuda/attention_flash.cuh"
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
 
@@ -19,7 +21,7 @@ using nibble::cuda::GemmType;
 
 namespace {
 
-constexpr int64_t kPad = 8;  // BF16 rows padded to 16 bytes
+constexpr int64_t kPad = 8;  // kGemm: BF16 rows padded to 16 bytes
 
 struct Dims {
   int64_t B, T, Tp, H, KV, hd, hdp;
@@ -113,13 +115,25 @@ __global__ void unpack_out_kernel(const float* __restrict__ o, Dims d, float* __
   out[i] = o[((b * d.H + h) * d.Tp + t) * d.hdp + c];
 }
 
-// d_out [B*T x H*hd] -> dO [B, H, Tp, hdp] in BF16, zeros in the padding.
-__global__ void pack_dout_kernel(const float* __restrict__ dout, Dims d, __nv_bfloat16* __restrict__ packed) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= d.B * d.H * d.Tp * d.hdp) return;
-  const int64_t c = i % d.hdp, t = (i / d.hdp) % d.Tp, h = (i / (d.hdp * d.Tp)) % d.H, b = i / (d.hdp * d.Tp * d.H);
-  const float val = (t < d.T && c < d.hd) ? dout[(b * d.T + t) * d.H * d.hd + h * d.hd + c] : 0.0f;
-  packed[i] = __float2bfloat16_rn(val);
+// One warp per row (b, h, t): d_out [B*T x H*hd] -> dO [B, H, Tp, hdp] in BF16, zeros in the
+// padding; with `o` (kFused), also delta[row] = sum_c dO o over the BF16 values that backward
+// multiplies (D of the softmax backward, rowsum(P dP) in exact arithmetic).
+__global__ void pack_dout_kernel(const float* __restrict__ dout, Dims d, __nv_bfloat16* __restrict__ packed,
+                                 const __nv_bfloat16* __restrict__ o, float* __restrict__ delta) {
+  const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (r >= d.B * d.H * d.Tp) return;
+  const int64_t t = r % d.Tp, h = (r / d.Tp) % d.H, b = r / (d.Tp * d.H);
+  const float* src = dout + (b * d.T + t) * d.H * d.hd + h * d.hd;
+  float dot = 0.0f;
+  for (int64_t c = lane; c < d.hdp; c += 32) {
+    const __nv_bfloat16 val = __float2bfloat16_rn(t < d.T && c < d.hd ? src[c] : 0.0f);
+    packed[r * d.hdp + c] = val;
+    if (o != nullptr) dot += __bfloat162float(val) * __bfloat162float(o[r * d.hdp + c]);
+  }
+  if (o == nullptr) return;
+  dot = detail::warp_sum(dot);
+  if (lane == 0) delta[r] = dot;
 }
 
 // One warp per row: dS = scale * P (dP - sum_j P_j dP_j) over j <= t (the CPU's softmax backward
@@ -180,39 +194,36 @@ constexpr int kWarpRowsThreads = 128;  // 4 rows (warps) per block
 
 }  // namespace
 
-AttentionCoreCuda::AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm, AttentionWorkspace& workspace)
-    : shape_(shape), gemm_(gemm), ws_(workspace) {
+AttentionCoreCuda::AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm, AttentionWorkspace& workspace,
+                                     AttentionKernel kernel)
+    : shape_(shape), gemm_(gemm), ws_(workspace), kernel_(kernel) {
   if (shape.d_model <= 0 || shape.n_heads <= 0 || shape.n_kv_heads <= 0 || shape.d_model % shape.n_heads != 0 ||
       shape.n_heads % shape.n_kv_heads != 0 || (shape.rope && shape.head_dim() % 2 != 0))
     throw std::invalid_argument("AttentionCoreCuda: d_model " + std::to_string(shape.d_model) + ", n_heads " +
                                 std::to_string(shape.n_heads) + ", n_kv_heads " + std::to_string(shape.n_kv_heads) +
                                 " do not form valid heads (rope needs an even head dimension)");
-}
-
-void AttentionCoreCuda::scores(cudaStream_t stream) {
-  const int64_t group = shape_.n_heads / shape_.n_kv_heads, Tp = seq_pad_, hdp = hd_pad_;
-  // Scores of a KV group: [group*Tp x hdp] q rows against its k [Tp x hdp]^T, one GEMM per (b, group).
-  gemm_.run(group * Tp, Tp, hdp, bf16(q_.data(), false, group * Tp * hdp), bf16(k_.data(), true, Tp * hdp),
-            f32(ws_.scores.data(), group * Tp * Tp), nullptr, false, stream, batch_ * shape_.n_kv_heads);
+  const bool fused_fits = detail::flash_head_dim(shape.head_dim()) != 0;
+  if (kernel_ == AttentionKernel::kAuto) kernel_ = fused_fits ? AttentionKernel::kFused : AttentionKernel::kGemm;
+  if (kernel_ == AttentionKernel::kFused && !fused_fits)
+    throw std::invalid_argument("AttentionCoreCuda: the fused kernels take head_dim up to 128, not " +
+                                std::to_string(shape.head_dim()) + " (use AttentionKernel::kGemm or kAuto)");
 }
 
 void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream) {
   if (batch <= 0 || seq <= 0)
     throw std::invalid_argument("AttentionCoreCuda::forward: batch and seq must be positive");
+  const bool fused = kernel_ == AttentionKernel::kFused;
   const int64_t H = shape_.n_heads, KV = shape_.n_kv_heads, hd = shape_.head_dim();
   batch_ = batch;
   seq_ = seq;
-  seq_pad_ = detail::round_up(seq, kPad);
-  hd_pad_ = detail::round_up(hd, kPad);
-  const int64_t group = H / KV, Tp = seq_pad_, hdp = hd_pad_;
+  seq_pad_ = detail::round_up(seq, fused ? detail::kFlashTile : kPad);
+  hd_pad_ = fused ? detail::flash_head_dim(hd) : detail::round_up(hd, kPad);
+  const int64_t Tp = seq_pad_, hdp = hd_pad_;
   const auto n = [](int64_t v) { return static_cast<size_t>(v); };
   q_.reserve(n(batch * H * Tp * hdp));
   k_.reserve(n(batch * KV * Tp * hdp));
   v_.reserve(n(batch * KV * Tp * hdp));
   lse_.reserve(n(batch * H * Tp));
-  ws_.scores.reserve(n(batch * H * Tp * Tp));
-  ws_.probs.reserve(n(batch * H * Tp * Tp));
-  ws_.out_heads.reserve(n(batch * H * Tp * hdp));
   if (shape_.rope && seq > rope_seq_) {
     const int64_t half = hd / 2;
     rope_cos_.resize(n(seq * half));
@@ -223,43 +234,86 @@ void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, fl
     rope_seq_ = seq;
   }
   const Dims d{batch, seq, Tp, H, KV, hd, hdp};
-  const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-
   pack_qkv_kernel<<<blocks_for(batch * (H + 2 * KV) * Tp * hdp, 256), 256, 0, stream>>>(
       qkv, d, shape_.rope, rope_cos_.data(), rope_sin_.data(), q_.data(), k_.data(), v_.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
-  scores(stream);
-  const int64_t rows = batch * H * Tp;
-  softmax_kernel<<<blocks_for(rows * 32, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
-      ws_.scores.data(), ws_.probs.data(), lse_.data(), rows, seq, Tp, scale);
-  NIBBLE_CUDA_CHECK_LAUNCH();
-  // O = P v per group.
-  gemm_.run(group * Tp, hdp, Tp, bf16(ws_.probs.data(), false, group * Tp * Tp), bf16(v_.data(), false, Tp * hdp),
-            f32(ws_.out_heads.data(), group * Tp * hdp), nullptr, false, stream, batch * KV);
-  unpack_out_kernel<<<blocks_for(batch * seq * H * hd, 256), 256, 0, stream>>>(ws_.out_heads.data(), d, out);
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  if (fused) {
+    o_.reserve(n(batch * H * Tp * hdp));
+    const detail::FlashDims fd{batch, seq, Tp, H, KV, hd, hdp, 1.0f / std::sqrt(static_cast<float>(hd))};
+    detail::flash_forward(fd, q_.data(), k_.data(), v_.data(), out, o_.data(), lse_.data(), stream);
+  } else {
+    gemm_forward(out, stream);
+  }
   saved_ = true;
 }
 
 void AttentionCoreCuda::backward(const float* d_out, float* d_qkv, cudaStream_t stream) {
   if (!saved_) throw std::logic_error("AttentionCoreCuda::backward without a forward");
+  const bool fused = kernel_ == AttentionKernel::kFused;
+  const Dims d{batch_, seq_, seq_pad_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim(), hd_pad_};
+  const auto n = [](int64_t v) { return static_cast<size_t>(v); };
+  // Another layer may have used the workspace since this layer's forward (and grown it).
+  ws_.dout.reserve(n(d.B * d.H * d.Tp * d.hdp));
+  ws_.dq.reserve(n(d.B * d.H * d.Tp * d.hdp));
+  ws_.dk.reserve(n(d.B * d.KV * d.Tp * d.hdp));
+  ws_.dv.reserve(n(d.B * d.KV * d.Tp * d.hdp));
+  if (fused) ws_.delta.reserve(n(d.B * d.H * d.Tp));
+  pack_dout_kernel<<<blocks_for(d.B * d.H * d.Tp * 32, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
+      d_out, d, ws_.dout.data(), fused ? o_.data() : nullptr, fused ? ws_.delta.data() : nullptr);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  if (fused) {
+    const detail::FlashDims fd{d.B, d.T, d.Tp, d.H, d.KV, d.hd, d.hdp, 1.0f / std::sqrt(static_cast<float>(d.hd))};
+    detail::flash_backward(fd, q_.data(), k_.data(), v_.data(), ws_.dout.data(), lse_.data(), ws_.delta.data(),
+                           ws_.dq.data(), ws_.dk.data(), ws_.dv.data(), stream);
+  } else {
+    gemm_backward(stream);
+  }
+  unpack_dqkv_kernel<<<blocks_for(d.B * d.T * d.width(), 256), 256, 0, stream>>>(
+      ws_.dq.data(), ws_.dk.data(), ws_.dv.data(), d, shape_.rope, rope_cos_.data(), rope_sin_.data(), d_qkv);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  saved_ = false;
+}
+
+// ---------------------------------------------------------------- kGemm
+
+void AttentionCoreCuda::gemm_scores(cudaStream_t stream) {
+  const int64_t group = shape_.n_heads / shape_.n_kv_heads, Tp = seq_pad_, hdp = hd_pad_;
+  // Scores of a KV group: [group*Tp x hdp] q rows against its k [Tp x hdp]^T, one GEMM per (b, group).
+  gemm_.run(group * Tp, Tp, hdp, bf16(q_.data(), false, group * Tp * hdp), bf16(k_.data(), true, Tp * hdp),
+            f32(ws_.scores.data(), group * Tp * Tp), nullptr, false, stream, batch_ * shape_.n_kv_heads);
+}
+
+void AttentionCoreCuda::gemm_forward(float* out, cudaStream_t stream) {
   const Dims d{batch_, seq_, seq_pad_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim(), hd_pad_};
   const int64_t group = d.H / d.KV, Tp = d.Tp, hdp = d.hdp;
   const float scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
   const auto n = [](int64_t v) { return static_cast<size_t>(v); };
-  // Another layer may have used the workspace since this layer's forward (and grown it).
+  ws_.scores.reserve(n(d.B * d.H * Tp * Tp));
+  ws_.probs.reserve(n(d.B * d.H * Tp * Tp));
+  ws_.out_heads.reserve(n(d.B * d.H * Tp * hdp));
+  gemm_scores(stream);
+  const int64_t rows = d.B * d.H * Tp;
+  softmax_kernel<<<blocks_for(rows * 32, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
+      ws_.scores.data(), ws_.probs.data(), lse_.data(), rows, d.T, Tp, scale);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  // O = P v per group.
+  gemm_.run(group * Tp, hdp, Tp, bf16(ws_.probs.data(), false, group * Tp * Tp), bf16(v_.data(), false, Tp * hdp),
+            f32(ws_.out_heads.data(), group * Tp * hdp), nullptr, false, stream, d.B * d.KV);
+  unpack_out_kernel<<<blocks_for(d.B * d.T * d.H * d.hd, 256), 256, 0, stream>>>(ws_.out_heads.data(), d, out);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+// From ws_.dout (packed dO) to ws_.dq, dk, dv.
+void AttentionCoreCuda::gemm_backward(cudaStream_t stream) {
+  const Dims d{batch_, seq_, seq_pad_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim(), hd_pad_};
+  const int64_t group = d.H / d.KV, Tp = d.Tp, hdp = d.hdp;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d.hd));
+  const auto n = [](int64_t v) { return static_cast<size_t>(v); };
   ws_.scores.reserve(n(d.B * d.H * Tp * Tp));
   ws_.probs.reserve(n(d.B * d.H * Tp * Tp));
   ws_.dprobs.reserve(n(d.B * d.H * Tp * Tp));
-  ws_.dout.reserve(n(d.B * d.H * Tp * hdp));
-  ws_.dq.reserve(n(d.B * d.H * Tp * hdp));
-  ws_.dk.reserve(n(d.B * d.KV * Tp * hdp));
-  ws_.dv.reserve(n(d.B * d.KV * Tp * hdp));
-
-  pack_dout_kernel<<<blocks_for(d.B * d.H * Tp * hdp, 256), 256, 0, stream>>>(d_out, d, ws_.dout.data());
-  NIBBLE_CUDA_CHECK_LAUNCH();
   // Recompute the scores and P (BF16) from the saved log-sum-exp.
-  scores(stream);
+  gemm_scores(stream);
   const int64_t rows = d.B * d.H * Tp;
   probs_from_lse_kernel<<<blocks_for(rows * Tp, 256), 256, 0, stream>>>(ws_.scores.data(), lse_.data(),
                                                                         ws_.probs.data(), rows, d.T, Tp, scale);
@@ -281,10 +335,6 @@ void AttentionCoreCuda::backward(const float* d_out, float* d_qkv, cudaStream_t 
             f32(ws_.dq.data(), group * Tp * hdp), nullptr, false, stream, d.B * d.KV);
   gemm_.run(Tp, hdp, group * Tp, bf16(ds, true, group * Tp * Tp), bf16(q_.data(), false, group * Tp * hdp),
             f32(ws_.dk.data(), Tp * hdp), nullptr, false, stream, d.B * d.KV);
-  unpack_dqkv_kernel<<<blocks_for(d.B * d.T * d.width(), 256), 256, 0, stream>>>(
-      ws_.dq.data(), ws_.dk.data(), ws_.dv.data(), d, shape_.rope, rope_cos_.data(), rope_sin_.data(), d_qkv);
-  NIBBLE_CUDA_CHECK_LAUNCH();
-  saved_ = false;
 }
 
 }  // namespace nibble::nn::cuda

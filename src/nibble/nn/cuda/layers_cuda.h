@@ -120,32 +120,46 @@ void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream);
 // [batch*seq x H hd], with grouped-query attention and optional RoPE (rotate-half pairing, angles
 // as nn::CausalSelfAttention computes them, in double).
 //
-// The two batched matmuls are BF16 tensor-core GEMMs with FP32 accumulation (the paper's "high
-// precision" for attention): q, k, v, P, dO and dS are rounded to BF16 by the packing kernels;
-// scores, the softmax and its backward are FP32. Heads are laid out [batch, head, seq, head_dim]
-// with seq and head_dim padded to multiples of 8 (zeros; 16-byte rows for cuBLASLt), so that the
-// heads of one KV group are consecutive: each group is one GEMM of group*seq rows against its
-// shared k or v, and dk, dv sum over the group inside the GEMM's reduction.
+// Precision (the paper's "high precision" for attention): q, k, v (after RoPE), P, dO and dS are
+// BF16 operands of tensor-core products with FP32 accumulation; scores, the softmax and its
+// backward are FP32. Heads are packed head-major [batch, head, seq, head_dim] with zero padding,
+// so that the heads of one KV group are consecutive.
 //
-// Memory. Saved for backward, per layer: the BF16 q, k, v (after RoPE) and one FP32 log-sum-exp per
-// score row. Backward recomputes the scores (one more GEMM) and P = exp(score - lse) in FP32, as
-// flash attention does, instead of keeping the [seq x seq] probabilities of every layer. The
-// score-sized scratch (scores, P in BF16, dP: batch * H * seq_pad^2 * 10 bytes) and the other
-// per-call buffers live in an AttentionWorkspace, which all layers working on one stream share.
+// Two implementations (AttentionKernel):
+// - kFused (flash-style, attention_flash.cuh), for head_dim <= 128 (padded to 64 or 128; seq padded
+//   to a multiple of 64): scores live only in registers, one 64 x 64 tile at a time, with an
+//   online softmax; tiles above the diagonal are skipped. P is rounded to BF16 relative to the
+//   running row maximum. Backward recomputes P from the saved log-sum-exp in two kernels (dk and
+//   dv per key tile, dq per query tile) without atomics: the same bits on every run. Saved per
+//   layer: BF16 q, k, v and O, and one FP32 log-sum-exp per row. Workspace: per-call O(seq)
+//   buffers only (dO, rowsum(dO O), dq, dk, dv).
+// - kGemm (any head_dim; the fallback above 128 and the benchmark's reference): cuBLASLt batched
+//   GEMMs per KV group (group*seq rows against the group's k or v; dk and dv sum over the group
+//   inside the reduction) that materialise the FP32 scores [B, H, seq, seq] (and dP) in the
+//   workspace, FP32 softmax kernels, seq and head_dim padded to multiples of 8. Saves the same
+//   q, k, v and log-sum-exp and recomputes the scores and P in backward.
+// The workspace is shared by all layers working on one stream; nothing a layer saves lives there.
+enum class AttentionKernel { kAuto, kFused, kGemm };  // kAuto: kFused where head_dim <= 128
+
 struct AttentionWorkspace {
+  DeviceBuffer<__nv_bfloat16> dout;          // dO [B, H, Tp, hdp]
+  DeviceBuffer<float> delta;                 // kFused: rowsum(dO O) [B, H, Tp]
+  DeviceBuffer<float> dq, dk, dv;            // [B, H|Hkv|Hkv, Tp, hdp]
+  // kGemm only:
   DeviceBuffer<float> scores, dprobs;        // S (FP32) [B, H, Tp, Tp]; dP [B, H, Tp, Tp]
   DeviceBuffer<__nv_bfloat16> probs;         // P, then dS, in BF16 [B, H, Tp, Tp]
   DeviceBuffer<float> out_heads;             // O [B, H, Tp, hdp]
-  DeviceBuffer<__nv_bfloat16> dout;          // dO [B, H, Tp, hdp]
-  DeviceBuffer<float> dq, dk, dv;            // [B, H|Hkv|Hkv, Tp, hdp]
 };
 
 class AttentionCoreCuda {
  public:
-  // `gemm` and `workspace` are borrowed and must outlive the layer.
-  AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm, AttentionWorkspace& workspace);
+  // `gemm` and `workspace` are borrowed and must outlive the layer. Throws std::invalid_argument
+  // for kFused with head_dim > 128.
+  AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm, AttentionWorkspace& workspace,
+                    AttentionKernel kernel = AttentionKernel::kAuto);
 
   const AttentionShape& shape() const { return shape_; }
+  AttentionKernel kernel() const { return kernel_; }  // kFused or kGemm, as resolved
   int64_t qkv_width() const { return (shape_.n_heads + 2 * shape_.n_kv_heads) * shape_.head_dim(); }
   int64_t out_width() const { return shape_.n_heads * shape_.head_dim(); }
 
@@ -154,17 +168,23 @@ class AttentionCoreCuda {
   void backward(const float* d_out, float* d_qkv, cudaStream_t stream);
 
  private:
-  void scores(cudaStream_t stream);  // ws_.scores = q k^T per KV group
+  void gemm_forward(float* out, cudaStream_t stream);
+  void gemm_backward(cudaStream_t stream);
+  void gemm_scores(cudaStream_t stream);  // ws_.scores = q k^T per KV group
 
   AttentionShape shape_;
   nibble::cuda::GemmRunner& gemm_;
   AttentionWorkspace& ws_;
+  AttentionKernel kernel_;
   int64_t batch_ = 0, seq_ = 0, seq_pad_ = 0, hd_pad_ = 0;
   bool saved_ = false;
   int64_t rope_seq_ = 0;
   DeviceBuffer<float> rope_cos_, rope_sin_;  // [seq x hd/2]
   DeviceBuffer<__nv_bfloat16> q_, k_, v_;   // saved: [B, H|Hkv, Tp, hdp]
-  DeviceBuffer<float> lse_;                  // saved: [B, H, Tp] log-sum-exp of the scaled scores
+  DeviceBuffer<__nv_bfloat16> o_;            // saved (kFused): the normalised output [B, H, Tp, hdp]
+  // saved: [B, H, Tp] log-sum-exp of the scaled scores per row; natural log (kGemm) or base 2
+  // (kFused, which works with exp2).
+  DeviceBuffer<float> lse_;
 };
 
 // Softmax cross-entropy over the vocabulary, fused with its gradient, as nn::softmax_cross_entropy:

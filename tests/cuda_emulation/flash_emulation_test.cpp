@@ -1,0 +1,375 @@
+// Runs the fused attention kernels (src/nibble/nn/cuda/attention_flash.cu) on the CPU, without a
+// GPU: the file is compiled as host C++ with every CUDA thread of a block a std::thread, and the
+// warp-level instructions (ldmatrix, mma.sync m16n8k16, shuffles) emulated from their documented
+// per-lane layouts. cp.async copies are deferred to the wait that covers them, and shared memory
+// starts filled with NaNs, so reading a tile before it has landed (or past the kernel's shared
+// memory size, which is checked) shows up as a wrong result. The results are compared with a
+// double-precision attention on the same BF16 operands: the kernels' indexing, masking,
+// pipelining and GQA/padding handling are tested here; the numerics again on the device
+// (tests/cuda/layers_cuda_test.cpp).
+//
+// Tolerances: the kernels round P and dS to BF16 (2^-9 relative) and accumulate in FP32; errors
+// are a few 1e-3 of the output's scale (as tests/model/attention_bf16_emulation_test.cpp finds
+// for the same roundings), an indexing error gives errors of order 1: max normwise error 3e-2.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "nibble/nn/cuda/attention_flash.cuh"
+#include "test_seed.h"
+
+// ---------------------------------------------------------------- the emulated device
+
+namespace nibble::nn::cuda::detail {
+namespace {
+// The kernels' `extern __shared__ unsigned char smem[]` is this array.
+alignas(16) unsigned char smem[256 * 1024];
+}  // namespace
+}  // namespace nibble::nn::cuda::detail
+
+namespace emu {
+
+unsigned char (&shared)[sizeof(nibble::nn::cuda::detail::smem)] = nibble::nn::cuda::detail::smem;
+
+constexpr int kThreads = 128;  // the kernels' block size
+struct Block {
+  std::barrier<> sync{kThreads};
+  std::barrier<> warp_sync[kThreads / 32] = {std::barrier<>{32}, std::barrier<>{32}, std::barrier<>{32},
+                                             std::barrier<>{32}};
+  uint32_t words[kThreads][6];  // each lane's operands of the current warp instruction
+  float floats[kThreads][4];
+};
+Block* block = nullptr;
+uint3 block_idx, grid_dim;
+thread_local uint3 thread_idx;
+size_t shared_limit = 0;  // the launch's dynamic shared memory
+bool shared_overrun = false;
+
+int lane() { return static_cast<int>(thread_idx.x & 31); }
+int warp() { return static_cast<int>(thread_idx.x >> 5); }
+void warp_sync() { block->warp_sync[warp()].arrive_and_wait(); }
+void check_shared(uint32_t offset, uint32_t bytes) {
+  if (offset + bytes > shared_limit) shared_overrun = true;
+}
+
+// cp.async: this thread's pending copies, in groups; a wait performs the covered groups.
+struct Copy {
+  void* dst;
+  const void* src;
+};
+thread_local std::vector<std::vector<Copy>> groups;
+thread_local std::vector<Copy> open_group;
+
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define gridDim (emu::grid_dim)
+#undef __global__
+#define __global__
+#undef __launch_bounds__
+#define __launch_bounds__(n)
+#undef __shared__
+#define __shared__
+#undef __align__
+#define __align__(n)
+#define __syncthreads() (emu::block->sync.arrive_and_wait())
+
+inline float __shfl_xor_sync(unsigned, float v, int mask) {
+  emu::block->floats[emu::thread_idx.x][0] = v;
+  emu::warp_sync();
+  const float r = emu::block->floats[(emu::thread_idx.x & ~31u) + (emu::lane() ^ mask)][0];
+  emu::warp_sync();
+  return r;
+}
+
+namespace nibble::nn::cuda::detail {
+namespace {
+
+uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - emu::shared);
+}
+void cp_async16(void* dst, const void* src) {
+  emu::check_shared(smem_u32(dst), 16);
+  if (smem_u32(dst) % 16 != 0) emu::shared_overrun = true;
+  emu::open_group.push_back({dst, src});
+}
+void cp_async_commit() {
+  emu::groups.push_back(std::move(emu::open_group));
+  emu::open_group.clear();
+}
+void cp_async_wait_one() {
+  while (emu::groups.size() > 1) {
+    for (const auto& c : emu::groups.front())
+      if (smem_u32(c.dst) + 16 <= emu::shared_limit) std::memcpy(c.dst, c.src, 16);
+    emu::groups.erase(emu::groups.begin());
+  }
+}
+
+uint16_t shared_u16(uint32_t offset) {
+  emu::check_shared(offset, 2);
+  uint16_t v;
+  std::memcpy(&v, emu::shared + (offset < sizeof(emu::shared) - 2 ? offset : 0), 2);
+  return v;
+}
+// ldmatrix .x4: matrix i's row addresses come from lanes 8i..8i+7; without .trans lane l gets
+// row l/4, elements 2(l%4), 2(l%4)+1 of matrix i; with .trans, rows 2(l%4) and 2(l%4)+1 of column l/4.
+void ldsm(uint32_t (&r)[4], uint32_t addr, bool trans) {
+  const int lane = emu::lane();
+  emu::block->words[emu::thread_idx.x][0] = addr;
+  emu::warp_sync();
+  const uint32_t* base = &emu::block->words[emu::thread_idx.x & ~31u][0];
+  const auto row_addr = [&](int i) {
+    const uint32_t a = base[6 * i];
+    if (a % 16 != 0) emu::shared_overrun = true;
+    return a;
+  };
+  for (int i = 0; i < 4; ++i) {
+    uint16_t lo, hi;
+    if (!trans) {
+      const uint32_t a = row_addr(8 * i + lane / 4) + 4 * (lane % 4);
+      lo = shared_u16(a), hi = shared_u16(a + 2);
+    } else {
+      lo = shared_u16(row_addr(8 * i + 2 * (lane % 4)) + 2 * (lane / 4));
+      hi = shared_u16(row_addr(8 * i + 2 * (lane % 4) + 1) + 2 * (lane / 4));
+    }
+    r[i] = static_cast<uint32_t>(lo) | static_cast<uint32_t>(hi) << 16;
+  }
+  emu::warp_sync();
+}
+void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { ldsm(r, addr, false); }
+void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) { ldsm(r, addr, true); }
+
+float bf16_bits(uint32_t half) {
+  const uint32_t bits = half << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+// mma.sync m16n8k16 (lane l = 4g + t): a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..),
+// a3 (g+8, 2t+8..); b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g); c0,c1 (g, 2t..), c2,c3 (g+8, 2t..).
+void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  uint32_t* mine = emu::block->words[emu::thread_idx.x];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0, mine[5] = b1;
+  emu::warp_sync();
+  const uint32_t(*w)[6] = &emu::block->words[emu::thread_idx.x & ~31u];
+  float A[16][16], B[16][8];
+  for (int l = 0; l < 32; ++l) {
+    const int g = l / 4, t = l % 4;
+    const int rows[4] = {g, g + 8, g, g + 8}, cols[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+    for (int i = 0; i < 4; ++i) {
+      A[rows[i]][cols[i]] = bf16_bits(w[l][i] & 0xffff);
+      A[rows[i]][cols[i] + 1] = bf16_bits(w[l][i] >> 16);
+    }
+    B[2 * t][g] = bf16_bits(w[l][4] & 0xffff), B[2 * t + 1][g] = bf16_bits(w[l][4] >> 16);
+    B[2 * t + 8][g] = bf16_bits(w[l][5] & 0xffff), B[2 * t + 9][g] = bf16_bits(w[l][5] >> 16);
+  }
+  emu::warp_sync();
+  const int g = emu::lane() / 4, t = emu::lane() % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + e % 2;
+    float sum = c[e];
+    for (int k = 0; k < 16; ++k) sum += A[row][k] * B[k][col];
+    c[e] = sum;
+  }
+}
+
+}  // namespace
+}  // namespace nibble::nn::cuda::detail
+
+#define NIBBLE_FLASH_HOST_EMULATION
+#include "../../src/nibble/nn/cuda/attention_flash.cu"
+
+namespace emu {
+
+// Runs kernel() as every thread of every block of `grid`, one block after another.
+template <typename Kernel>
+void launch(dim3 grid, size_t shared_bytes, Kernel kernel) {
+  if (shared_bytes > sizeof(shared)) throw std::runtime_error("emulated shared memory too small");
+  grid_dim = {grid.x, grid.y, grid.z};
+  shared_limit = shared_bytes;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) {
+        block_idx = {x, y, z};
+        std::memset(shared, 0xff, sizeof(shared));  // NaNs in BF16 and FP32
+        Block b;
+        block = &b;
+        std::vector<std::thread> threads;
+        for (unsigned t = 0; t < kThreads; ++t)
+          threads.emplace_back([t, &kernel] {
+            thread_idx = {t, 0, 0};
+            groups.clear();
+            open_group.clear();
+            kernel();
+          });
+        for (auto& th : threads) th.join();
+      }
+}
+
+}  // namespace emu
+
+namespace nibble::nn::cuda::detail {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+struct Case {
+  int64_t B, T, H, KV, hd;
+};
+
+float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
+
+// Normwise max relative error over the first `rows` of each head block; prints it.
+double compare(const std::vector<float>& got, const std::vector<double>& want, const char* what) {
+  double err = 0, scale = 0;
+  bool nan = false;
+  for (size_t i = 0; i < want.size(); ++i) {
+    nan = nan || std::isnan(got[i]);
+    err = std::max(err, std::fabs(got[i] - want[i]));
+    scale = std::max(scale, std::fabs(want[i]));
+  }
+  const double rel = nan ? NAN : err / scale;
+  std::printf("[ compare  ] %-28s max rel err %.3e\n", what, rel);
+  return rel;
+}
+
+template <int HD>
+void run_case(const Case& c, std::mt19937_64& rng) {
+  const int64_t Tp = (c.T + kFlashTile - 1) / kFlashTile * kFlashTile, group = c.H / c.KV;
+  const FlashDims d{c.B, c.T, Tp, c.H, c.KV, c.hd, HD, 1.0f / std::sqrt(static_cast<float>(c.hd))};
+  std::normal_distribution<float> dist(0.0f, 1.5f), unit(0.0f, 1.0f);
+  // Packed operands as attention_cuda.cu writes them: zeros beyond T and hd.
+  const auto packed = [&](int64_t heads, std::normal_distribution<float>& nd) {
+    std::vector<bf16> x(static_cast<size_t>(c.B * heads * Tp * HD), __float2bfloat16_rn(0.0f));
+    for (int64_t r = 0; r < c.B * heads * Tp; ++r)
+      for (int64_t j = 0; j < c.hd; ++j)
+        if (r % Tp < c.T) x[r * HD + j] = __float2bfloat16_rn(nd(rng));
+    return x;
+  };
+  const auto q = packed(c.H, dist), k = packed(c.KV, dist), v = packed(c.KV, dist), dout = packed(c.H, unit);
+  const auto f = [](const std::vector<bf16>& x, int64_t i) { return static_cast<double>(__bfloat162float(x[i])); };
+
+  std::vector<float> out(static_cast<size_t>(c.B * c.T * c.H * c.hd), NAN), lse(static_cast<size_t>(c.B * c.H * Tp));
+  std::vector<bf16> o(q.size());
+  const dim3 q_grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
+  emu::launch(q_grid, kForwardSmem<HD>,
+              [&] { flash_forward_kernel<HD>(d, q.data(), k.data(), v.data(), out.data(), o.data(), lse.data()); });
+  std::vector<float> delta(lse.size(), 0.0f);  // as pack_dout_kernel computes it
+  for (size_t r = 0; r < delta.size(); ++r)
+    for (int64_t j = 0; j < HD; ++j) delta[r] += __bfloat162float(dout[r * HD + j]) * __bfloat162float(o[r * HD + j]);
+  std::vector<float> dq(q.size(), NAN), dk(k.size(), NAN), dv(v.size(), NAN);
+  const dim3 kv_grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.KV), static_cast<unsigned>(c.B));
+  emu::launch(kv_grid, kDkdvSmem<HD>, [&] {
+    flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(),
+                                            dk.data(), dv.data());
+  });
+  emu::launch(q_grid, kDqSmem<HD>, [&] {
+    flash_dq_kernel<HD>(d, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(), dq.data());
+  });
+  EXPECT_FALSE(emu::shared_overrun) << "a shared-memory access beyond the launch's size or misaligned";
+
+  // Reference in double on the same BF16 operands (rows < T; dk, dv summed over the group).
+  const double scale = d.scale;
+  std::vector<double> out_ref(out.size()), dq_ref, dk_ref(static_cast<size_t>(c.B * c.KV * c.T * c.hd), 0.0),
+      dv_ref(dk_ref.size(), 0.0);
+  std::vector<float> dq_got, dk_got, dv_got, lse_got;
+  std::vector<double> lse_ref;
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t h = 0; h < c.H; ++h) {
+      const int64_t qh = (b * c.H + h) * Tp, kh = (b * c.KV + h / group) * Tp;
+      std::vector<double> p(static_cast<size_t>(c.T * c.T), 0.0), ds(p.size(), 0.0);
+      for (int64_t i = 0; i < c.T; ++i) {
+        double mx = -INFINITY;
+        for (int64_t j = 0; j <= i; ++j) {
+          double s = 0;
+          for (int64_t x = 0; x < c.hd; ++x) s += f(q, (qh + i) * HD + x) * f(k, (kh + j) * HD + x);
+          p[i * c.T + j] = s * scale;
+          mx = std::max(mx, s * scale);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j <= i; ++j) sum += std::exp(p[i * c.T + j] - mx);
+        for (int64_t j = 0; j <= i; ++j) p[i * c.T + j] = std::exp(p[i * c.T + j] - mx) / sum;
+        lse_ref.push_back((mx + std::log(sum)) / std::log(2.0));
+        lse_got.push_back(lse[qh + i]);
+        double dsum = 0;
+        std::vector<double> dp(static_cast<size_t>(i + 1));
+        for (int64_t x = 0; x < c.hd; ++x) {
+          double ov = 0;
+          for (int64_t j = 0; j <= i; ++j) ov += p[i * c.T + j] * f(v, (kh + j) * HD + x);
+          out_ref[(b * c.T + i) * c.H * c.hd + h * c.hd + x] = ov;
+          dsum += ov * f(dout, (qh + i) * HD + x);
+        }
+        for (int64_t j = 0; j <= i; ++j) {
+          double s = 0;
+          for (int64_t x = 0; x < c.hd; ++x) s += f(dout, (qh + i) * HD + x) * f(v, (kh + j) * HD + x);
+          ds[i * c.T + j] = scale * p[i * c.T + j] * (s - dsum);
+        }
+      }
+      for (int64_t t = 0; t < c.T; ++t)
+        for (int64_t x = 0; x < c.hd; ++x) {
+          double a = 0, bk = 0, bv = 0;
+          for (int64_t j = 0; j <= t; ++j) a += ds[t * c.T + j] * f(k, (kh + j) * HD + x);
+          for (int64_t i = t; i < c.T; ++i)
+            bk += ds[i * c.T + t] * f(q, (qh + i) * HD + x), bv += p[i * c.T + t] * f(dout, (qh + i) * HD + x);
+          dq_ref.push_back(a);
+          dq_got.push_back(dq[(qh + t) * HD + x]);
+          const size_t kv = static_cast<size_t>(((b * c.KV + h / group) * c.T + t) * c.hd + x);
+          dk_ref[kv] += bk;
+          dv_ref[kv] += bv;
+        }
+    }
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t g = 0; g < c.KV; ++g)
+      for (int64_t t = 0; t < c.T; ++t)
+        for (int64_t x = 0; x < c.hd; ++x) {
+          dk_got.push_back(dk[((b * c.KV + g) * Tp + t) * HD + x]);
+          dv_got.push_back(dv[((b * c.KV + g) * Tp + t) * HD + x]);
+        }
+  EXPECT_LE(compare(out, out_ref, "flash forward out"), 3e-2);
+  EXPECT_LE(compare(lse_got, lse_ref, "flash forward lse (base 2)"), 1e-5);
+  if (c.T > 1) {
+    EXPECT_LE(compare(dq_got, dq_ref, "flash dq"), 3e-2);
+    EXPECT_LE(compare(dk_got, dk_ref, "flash dk"), 3e-2);
+  } else {  // each row attends only to itself: dS = P (dP - D) = 0 up to FP32 rounding
+    double dv_scale = 0, worst = 0;
+    for (double x : dv_ref) dv_scale = std::max(dv_scale, std::fabs(x));
+    for (float x : dq_got) worst = std::max(worst, std::fabs(static_cast<double>(x)));
+    for (float x : dk_got) worst = std::max(worst, std::fabs(static_cast<double>(x)));
+    std::printf("[ compare  ] seq 1: max |dq|, |dk| = %.3e of max |dv| (want <= 1e-5)\n", worst / dv_scale);
+    EXPECT_LE(worst, 1e-5 * dv_scale);
+  }
+  EXPECT_LE(compare(dv_got, dv_ref, "flash dv"), 3e-2);
+  // The padding of o: zeros beyond hd (v's zero columns), finite everywhere (backward reads it).
+  for (size_t i = 0; i < o.size(); ++i) {
+    const float x = __bfloat162float(o[i]);
+    ASSERT_TRUE(std::isfinite(x) && (static_cast<int64_t>(i % HD) < c.hd || x == 0.0f)) << "o[" << i << "] = " << x;
+  }
+}
+
+TEST(FlashAttentionEmulation, Hd64GqaSeqAcrossTiles) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  run_case<64>({1, 130, 2, 1, 64}, rng);  // three tiles, the last of two rows; two heads on one KV head
+}
+TEST(FlashAttentionEmulation, Hd128Padded) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  run_case<128>({1, 70, 2, 1, 100}, rng);  // hd 100 padded to 128, dk/dv steps of 32 queries
+}
+TEST(FlashAttentionEmulation, SmallHeadSeqOneBatch2) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  run_case<64>({2, 1, 3, 3, 20}, rng);
+}
+
+}  // namespace
+}  // namespace nibble::nn::cuda::detail
