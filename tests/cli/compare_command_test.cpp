@@ -214,5 +214,28 @@ TEST(PlotSvg, TicksAreRoundAndCoverTheRange) {
   EXPECT_EQ(train::tick_label(0.25), "0.25");
 }
 
+TEST(PlotSvg, LongLegendsWrapInsideTheFigure) {
+  train::Figure fig;
+  for (int i = 0; i < 9; ++i) fig.legend.push_back("nvfp4_bf16_switch_" + std::to_string(i) + " (nvfp4+no_rht)");
+  fig.panels.push_back({"loss", "tokens", "loss", {{{0, 1}, {2, 1}, 0, false}}, false});
+  const std::string svg = train::render_svg(fig);
+  const double width = 900;  // the figure's width (plot_svg.cpp)
+  size_t rows_seen = 0, labels = 0;
+  double last_y = -1;
+  for (size_t at = svg.find("<text x=\""); at != std::string::npos; at = svg.find("<text x=\"", at + 1)) {
+    const double x = std::stod(svg.substr(at + 9));
+    const size_t y_at = svg.find("y=\"", at) + 3;
+    const double y = std::stod(svg.substr(y_at));
+    const size_t open = svg.find('>', at) + 1;
+    const std::string label = svg.substr(open, svg.find('<', open) - open);
+    if (label.rfind("nvfp4_bf16_switch_", 0) != 0) continue;
+    ++labels;
+    EXPECT_LE(x + 7.0 * static_cast<double>(label.size()), width) << label << " runs off the figure";
+    if (y != last_y) ++rows_seen, last_y = y;
+  }
+  EXPECT_EQ(labels, 9u);
+  EXPECT_GE(rows_seen, 3u) << "nine 33-character labels need at least three rows at 900 px";
+}
+
 }  // namespace
 }  // namespace nibble::cli

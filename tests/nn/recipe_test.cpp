@@ -45,7 +45,13 @@ TEST(Recipe, Nvfp4PresetIsThePapersRecipe) {
   EXPECT_EQ(r.rht_signs().negative_mask, kDefaultRhtSigns.negative_mask);
   EXPECT_EQ(describe(r),
             "nvfp4: fprop x=nvfp4 1x16 rne w=nvfp4 16x16 rne | dgrad dy=nvfp4 1x16 sr w=nvfp4 16x16 rne | "
-            "wgrad dy=nvfp4 1x16 sr rht x=nvfp4 1x16 rne rht");
+            "wgrad dy=nvfp4 1x16 sr rht x=nvfp4 1x16 rne rht | bf16 blocks first=auto last=auto");
+  Recipe all_fp4 = r;
+  all_fp4.bf16_first_blocks = all_fp4.bf16_last_blocks = 0;
+  all_fp4.bf16_switch_fraction = 0.82;
+  const std::string text = describe(all_fp4);
+  EXPECT_EQ(text.find("bf16 blocks"), std::string::npos) << text;
+  EXPECT_NE(text.find(" | bf16 from 0.82 of steps"), std::string::npos) << text;
 }
 
 TEST(Recipe, EveryPresetValidates) {

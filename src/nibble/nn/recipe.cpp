@@ -446,6 +446,11 @@ std::string describe(const Recipe& r) {
     }
     if (o.rht) s += " rht";
   }
+  // Which blocks stay in BF16, and from when every layer does: part of the recipe a run used.
+  auto blocks = [](int n) { return n == kBf16BlocksPaperRatio ? std::string("auto") : std::to_string(n); };
+  if (r.bf16_first_blocks != 0 || r.bf16_last_blocks != 0)
+    s += " | bf16 blocks first=" + blocks(r.bf16_first_blocks) + " last=" + blocks(r.bf16_last_blocks);
+  if (r.bf16_switch_fraction < 1.0) s += " | bf16 from " + number_text(r.bf16_switch_fraction) + " of steps";
   return s;
 }
 

@@ -10,7 +10,7 @@
 namespace nibble::train {
 namespace {
 
-constexpr double kWidth = 900, kPanelHeight = 330, kLegendHeight = 34;
+constexpr double kWidth = 900, kPanelHeight = 330, kLegendHeight = 34, kLegendRow = 18;
 constexpr double kLeft = 78, kRight = 24, kTop = 34, kBottom = 52;  // plot area margins inside a panel
 // Colorblind-friendly (Okabe-Ito); runs beyond eight reuse them.
 const char* const kColors[] = {"#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442"};
@@ -141,19 +141,31 @@ std::string tick_label(double v) {
 }
 
 std::string render_svg(const Figure& f) {
-  const double height = kLegendHeight + kPanelHeight * static_cast<double>(f.panels.size());
+  // Legend: one swatch and label per color, in rows that wrap at the figure's width (labels are
+  // sized at ~7 px a character, enough for the 12 px sans-serif font).
+  struct Entry {
+    double x, y;
+  };
+  std::vector<Entry> at;
+  double x = kLeft, y = 18;
+  for (const std::string& label : f.legend) {
+    const double w = 40 + 7.0 * static_cast<double>(label.size());
+    if (x > kLeft && x + w > kWidth - kRight) x = kLeft, y += kLegendRow;
+    at.push_back({x, y});
+    x += w;
+  }
+  const double legend_height = kLegendHeight + (at.empty() ? 0.0 : at.back().y - 18);
+  const double height = legend_height + kPanelHeight * static_cast<double>(f.panels.size());
   std::ostringstream svg;
   svg << "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"" << kWidth << "\" height=\"" << height
       << "\" viewBox=\"0 0 " << kWidth << " " << height << "\" font-family=\"sans-serif\" font-size=\"12\">\n"
       << "<rect width=\"100%\" height=\"100%\" fill=\"#fff\"/>\n";
-  // Legend: one swatch and label per color, in a row.
-  double x = kLeft;
   for (size_t i = 0; i < f.legend.size(); ++i) {
-    svg << "<rect x=\"" << num(x) << "\" y=\"12\" width=\"18\" height=\"4\" fill=\"" << color(i) << "\"/>\n";
-    svg << "<text x=\"" << num(x + 24) << "\" y=\"18\">" << escape(f.legend[i]) << "</text>\n";
-    x += 40 + 7.0 * static_cast<double>(f.legend[i].size());
+    svg << "<rect x=\"" << num(at[i].x) << "\" y=\"" << num(at[i].y - 6) << "\" width=\"18\" height=\"4\" fill=\""
+        << color(i) << "\"/>\n";
+    svg << "<text x=\"" << num(at[i].x + 24) << "\" y=\"" << num(at[i].y) << "\">" << escape(f.legend[i]) << "</text>\n";
   }
-  for (size_t i = 0; i < f.panels.size(); ++i) draw_panel(svg, f.panels[i], kLegendHeight + kPanelHeight * i);
+  for (size_t i = 0; i < f.panels.size(); ++i) draw_panel(svg, f.panels[i], legend_height + kPanelHeight * i);
   svg << "</svg>\n";
   return svg.str();
 }
