@@ -3,7 +3,9 @@
 // Prints the median time of each forward/backward and the memory traffic it implies (bytes the
 // kernels must read and write at least, over the time), to see which ones are far from the
 // device's bandwidth (~3 TB/s on an H100). The attention core is not a fused (flash) kernel: its
-// time is mostly the [seq x seq] score traffic, so it is reported against its GEMM FLOPs.
+// time is mostly the [seq x seq] score traffic, so it is reported against its GEMM FLOPs. The LM
+// head + loss is timed before (full logits) and after chunking (LmHeadLossCuda), with the device
+// memory each one's buffers take.
 //
 //   nibble_layers_bench_cuda
 #include <cuda_runtime.h>
@@ -14,6 +16,8 @@
 
 #include "cuda_timing.h"
 #include "nibble/nn/cuda/layers_cuda.h"
+#include "nibble/nn/cuda/linear_cuda.h"
+#include "nibble/nn/cuda/lm_head_cuda.h"
 #include "nibble/train/cuda/adamw_cuda.h"
 
 namespace {
@@ -32,6 +36,12 @@ DeviceBuffer<float> random_buffer(int64_t n, float stddev, uint64_t seed) {
 
 void report(const char* what, float ms, double bytes) {
   std::printf("%-34s %9.3f ms  %8.1f GB/s\n", what, ms, bytes / (ms * 1e-3) / 1e9);
+}
+
+int64_t device_bytes_in_use() {
+  size_t free = 0, total = 0;
+  nibble::bench::check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return static_cast<int64_t>(total - free);
 }
 
 }  // namespace
@@ -100,6 +110,55 @@ int main() {
     report("cross-entropy fwd+bwd (in place)", median_ms([&] {
              ce.forward_backward(logits.data(), d_ids.data(), tokens, vocab, 1.0f / tokens, loss.data(), nullptr);
            }, 20), 4.0 * tokens * vocab * 4);
+  }
+  {
+    // The LM head + loss of one step, as GptCuda ran it before (LinearCuda under bf16 on the full FP32
+    // logits, the loss in place, the logits' gradient converted to BF16) and chunked (LmHeadLossCuda).
+    // Memory: what each one's buffers add on the device, measured around its first call.
+    auto h = random_buffer(tokens * d, 1.0f, 12), w = random_buffer(vocab * d, 0.02f, 13);
+    DeviceBuffer<float> dh(static_cast<size_t>(tokens * d)), dw(static_cast<size_t>(vocab * d));
+    DeviceBuffer<double> loss(1);
+    const float scale = 1.0f / tokens;
+    const double flops = 3 * 2.0 * tokens * vocab * d;  // Fprop, Dgrad, Wgrad
+    {
+      const int64_t before = device_bytes_in_use();
+      ncu::LinearContext ctx;
+      ncu::LinearCuda head(d, vocab, nibble::nn::preset("bf16"), {}, ctx);
+      head.upload_weight(w.download());
+      ncu::CrossEntropyCuda ce;
+      DeviceBuffer<float> logits(static_cast<size_t>(tokens * vocab));
+      const auto step = [&] {
+        head.weight_changed();  // as after an optimizer step
+        head.forward(h.data(), tokens, logits.data(), nullptr);
+        ce.forward_backward(logits.data(), d_ids.data(), tokens, vocab, scale, loss.data(), nullptr);
+        head.backward(logits.data(), dh.data(), nullptr);
+      };
+      step();
+      nibble::bench::check(cudaDeviceSynchronize(), "unchunked head");
+      const int64_t used = device_bytes_in_use() - before;
+      const float ms = median_ms(step, 20);
+      std::printf("%-34s %9.3f ms  %8.1f TFLOP/s  %lld MiB of buffers\n", "LM head+loss unchunked (before)", ms,
+                  flops / (ms * 1e-3) / 1e12, static_cast<long long>(used >> 20));
+    }
+    {
+      const int64_t before = device_bytes_in_use();
+      nibble::cuda::GemmRunner gemm;
+      ncu::LmHeadLossCuda head(d, vocab, gemm);
+      const auto step = [&] {
+        head.weight_changed();
+        head.forward_backward(w.data(), h.data(), d_ids.data(), tokens, scale, loss.data(), dh.data(), dw.data(),
+                              nullptr);
+      };
+      step();
+      nibble::bench::check(cudaDeviceSynchronize(), "chunked head");
+      const int64_t used = device_bytes_in_use() - before;
+      const float ms = median_ms(step, 20);
+      std::printf("%-34s %9.3f ms  %8.1f TFLOP/s  %lld MiB of buffers (chunks of %lld rows)\n",
+                  "LM head+loss chunked", ms, flops / (ms * 1e-3) / 1e12, static_cast<long long>(used >> 20),
+                  static_cast<long long>(head.chunk_rows()));
+      const float eval = median_ms([&] { head.loss(w.data(), h.data(), d_ids.data(), tokens, loss.data(), nullptr); }, 20);
+      std::printf("%-34s %9.3f ms\n", "LM head+loss chunked, eval only", eval);
+    }
   }
   {
     const int64_t n = 124'000'000;
