@@ -140,10 +140,15 @@ int main() {
       std::printf("%-34s %9.3f ms  %8.1f TFLOP/s  %lld MiB of buffers\n", "LM head+loss unchunked (before)", ms,
                   flops / (ms * 1e-3) / 1e12, static_cast<long long>(used >> 20));
     }
-    {
+    // The default chunk (LmHeadLossCuda::kChunkLogitBytes) and others around it, to choose that
+    // constant: smaller chunks save memory but re-read dW (vocab x d FP32) once more per chunk and
+    // give the Dgrad GEMM (chunk x d outputs) fewer tiles.
+    const int64_t default_rows = ncu::LmHeadLossCuda::default_chunk_rows(vocab);
+    for (const int64_t chunk : {default_rows / 2, default_rows, 2 * default_rows, 4 * default_rows, tokens}) {
       const int64_t before = device_bytes_in_use();
       nibble::cuda::GemmRunner gemm;
       ncu::LmHeadLossCuda head(d, vocab, gemm);
+      head.set_chunk_rows(chunk);
       const auto step = [&] {
         head.weight_changed();
         head.forward_backward(w.data(), h.data(), d_ids.data(), tokens, scale, loss.data(), dh.data(), dw.data(),
@@ -153,11 +158,16 @@ int main() {
       nibble::bench::check(cudaDeviceSynchronize(), "chunked head");
       const int64_t used = device_bytes_in_use() - before;
       const float ms = median_ms(step, 20);
-      std::printf("%-34s %9.3f ms  %8.1f TFLOP/s  %lld MiB of buffers (chunks of %lld rows)\n",
-                  "LM head+loss chunked", ms, flops / (ms * 1e-3) / 1e12, static_cast<long long>(used >> 20),
-                  static_cast<long long>(head.chunk_rows()));
-      const float eval = median_ms([&] { head.loss(w.data(), h.data(), d_ids.data(), tokens, loss.data(), nullptr); }, 20);
-      std::printf("%-34s %9.3f ms\n", "LM head+loss chunked, eval only", eval);
+      char what[64];
+      std::snprintf(what, sizeof what, "LM head+loss chunks of %lld%s", static_cast<long long>(chunk),
+                    chunk == default_rows ? " (default)" : "");
+      std::printf("%-34s %9.3f ms  %8.1f TFLOP/s  %lld MiB of buffers\n", what, ms, flops / (ms * 1e-3) / 1e12,
+                  static_cast<long long>(used >> 20));
+      if (chunk == default_rows) {
+        const float eval =
+            median_ms([&] { head.loss(w.data(), h.data(), d_ids.data(), tokens, loss.data(), nullptr); }, 20);
+        std::printf("%-34s %9.3f ms\n", "LM head+loss default, eval only", eval);
+      }
     }
   }
   {

@@ -18,13 +18,13 @@ using nibble::cuda::GemmType;
 constexpr int kThreads = 256;
 
 // FP32 -> BF16, nearest even: the rounding OperandCuda applies to a bf16 operand (BF16::encode).
-__global__ void to_bf16_kernel(const float* __restrict__ x, int64_t n, __nv_bfloat16* __restrict__ out) {
+__global__ void convert_to_bf16_kernel(const float* __restrict__ x, int64_t n, __nv_bfloat16* __restrict__ out) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) reinterpret_cast<uint16_t*>(out)[i] = BF16::encode(x[i], Rounding::kNearestEven);
 }
 
 void to_bf16(const float* x, int64_t n, __nv_bfloat16* out, cudaStream_t stream) {
-  to_bf16_kernel<<<detail::blocks_for(n, kThreads), kThreads, 0, stream>>>(x, n, out);
+  convert_to_bf16_kernel<<<detail::blocks_for(n, kThreads), kThreads, 0, stream>>>(x, n, out);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
