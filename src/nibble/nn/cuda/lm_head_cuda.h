@@ -35,9 +35,11 @@ namespace nibble::nn::cuda {
 class LmHeadLossCuda {
  public:
   // A chunk's FP32 logits take at most about this much memory (plus half as much for its BF16
-  // dlogits): small next to the activations, large enough that each chunk's GEMMs stay large
-  // (GPT-2: 1280 rows x 50304) and that dW's read-modify-write per chunk (vocab x d x 8 bytes)
-  // stays a small part of the head's time.
+  // dlogits): small next to the activations (GPT-2 124M at 16 x 1024 tokens: 1280-row chunks, 13 of
+  // them, 368 MiB in all instead of 4.6 GiB of FP32 logits and BF16 gradient), and large enough that
+  // each chunk's GEMMs stay large. The price of a chunk is one read-modify-write of dW (vocab x d x
+  // 8 bytes, 0.3 GB for GPT-2): fewer, larger chunks trade memory for that traffic
+  // (bench/layers_bench_cuda.cu times several sizes).
   static constexpr int64_t kChunkLogitBytes = int64_t{256} << 20;
   // Rows per chunk for this vocabulary: kChunkLogitBytes of FP32 logits, rounded down to a multiple
   // of 64 rows (at least 64).
