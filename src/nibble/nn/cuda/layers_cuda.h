@@ -183,8 +183,8 @@ class CrossEntropyCuda {
   void forward_backward(float* logits, const uint32_t* targets, int64_t rows, int64_t vocab, float grad_scale,
                         double* loss_mean, cudaStream_t stream);
 
-  // Rows [row0, row0 + rows) of a batch of total_rows: logits [rows x vocab] (read only), targets
-  // of those rows. Keeps the rows' losses; writes dlogits [rows x vocab] (BF16, the gradient or,
+  // Rows [row0, row0 + rows) of a batch of total_rows: logits [rows x vocab] (those rows only, read
+  // only), targets [total_rows] (the batch's). Keeps the rows' losses; writes dlogits [rows x vocab] (BF16, the gradient or,
   // with grad_scale 0, the probabilities) unless dlogits is nullptr. Bad targets are reported at
   // their position in the batch (row0 + r).
   void chunk(const float* logits, const uint32_t* targets, int64_t row0, int64_t rows, int64_t total_rows,
