@@ -3,9 +3,7 @@
 // Prints the median time of each forward/backward and the memory traffic it implies (bytes the
 // kernels must read and write at least, over the time), to see which ones are far from the
 // device's bandwidth (~3 TB/s on an H100). The attention core is not a fused (flash) kernel: its
-// time is mostly the [seq x seq] score traffic, so it is reported against its GEMM FLOPs. The LM
-// head + loss is timed before (full logits) and after chunking (LmHeadLossCuda), with the device
-// memory each one's buffers take.
+// time is mostly the [seq x seq] score traffic, so it is reported against its GEMM FLOPs.
 //
 //   nibble_layers_bench_cuda
 #include <cuda_runtime.h>
