@@ -16,6 +16,8 @@
 
 #include "cuda_timing.h"
 #include "nibble/nn/cuda/layers_cuda.h"
+#include "nibble/nn/cuda/linear_cuda.h"
+#include "nibble/nn/cuda/lm_head_cuda.h"
 #include "nibble/train/cuda/adamw_cuda.h"
 
 namespace {
@@ -34,6 +36,12 @@ DeviceBuffer<float> random_buffer(int64_t n, float stddev, uint64_t seed) {
 
 void report(const char* what, float ms, double bytes) {
   std::printf("%-34s %9.3f ms  %8.1f GB/s\n", what, ms, bytes / (ms * 1e-3) / 1e9);
+}
+
+int64_t device_bytes_in_use() {
+  size_t free = 0, total = 0;
+  nibble::bench::check(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return static_cast<int64_t>(total - free);
 }
 
 }  // namespace
@@ -119,6 +127,65 @@ int main() {
     report("cross-entropy fwd+bwd (in place)", median_ms([&] {
              ce.forward_backward(logits.data(), d_ids.data(), tokens, vocab, 1.0f / tokens, loss.data(), nullptr);
            }, 20), 4.0 * tokens * vocab * 4);
+  }
+  {
+    // The LM head + loss of one step, as GptCuda ran it before (LinearCuda under bf16 on the full FP32
+    // logits, the loss in place, the logits' gradient converted to BF16) and chunked (LmHeadLossCuda).
+    // Memory: what each one's buffers add on the device, measured around its first call.
+    auto h = random_buffer(tokens * d, 1.0f, 12), w = random_buffer(vocab * d, 0.02f, 13);
+    DeviceBuffer<float> dh(static_cast<size_t>(tokens * d)), dw(static_cast<size_t>(vocab * d));
+    DeviceBuffer<double> loss(1);
+    const float scale = 1.0f / tokens;
+    const double flops = 3 * 2.0 * tokens * vocab * d;  // Fprop, Dgrad, Wgrad
+    {
+      const int64_t before = device_bytes_in_use();
+      ncu::LinearContext ctx;
+      ncu::LinearCuda head(d, vocab, nibble::nn::preset("bf16"), {}, ctx);
+      head.upload_weight(w.download());
+      ncu::CrossEntropyCuda ce;
+      DeviceBuffer<float> logits(static_cast<size_t>(tokens * vocab));
+      const auto step = [&] {
+        head.weight_changed();  // as after an optimizer step
+        head.forward(h.data(), tokens, logits.data(), nullptr);
+        ce.forward_backward(logits.data(), d_ids.data(), tokens, vocab, scale, loss.data(), nullptr);
+        head.backward(logits.data(), dh.data(), nullptr);
+      };
+      step();
+      nibble::bench::check(cudaDeviceSynchronize(), "unchunked head");
+      const int64_t used = device_bytes_in_use() - before;
+      const float ms = median_ms(step, 20);
+      std::printf("%-34s %9.3f ms  %8.1f TFLOP/s  %lld MiB of buffers\n", "LM head+loss unchunked (before)", ms,
+                  flops / (ms * 1e-3) / 1e12, static_cast<long long>(used >> 20));
+    }
+    // The default chunk (LmHeadLossCuda::kChunkLogitBytes) and others around it, to choose that
+    // constant: smaller chunks save memory but re-read dW (vocab x d FP32) once more per chunk and
+    // give the Dgrad GEMM (chunk x d outputs) fewer tiles.
+    const int64_t default_rows = ncu::LmHeadLossCuda::default_chunk_rows(vocab);
+    for (const int64_t chunk : {default_rows / 2, default_rows, 2 * default_rows, 4 * default_rows, tokens}) {
+      const int64_t before = device_bytes_in_use();
+      nibble::cuda::GemmRunner gemm;
+      ncu::LmHeadLossCuda head(d, vocab, gemm);
+      head.set_chunk_rows(chunk);
+      const auto step = [&] {
+        head.weight_changed();
+        head.forward_backward(w.data(), h.data(), d_ids.data(), tokens, scale, loss.data(), dh.data(), dw.data(),
+                              nullptr);
+      };
+      step();
+      nibble::bench::check(cudaDeviceSynchronize(), "chunked head");
+      const int64_t used = device_bytes_in_use() - before;
+      const float ms = median_ms(step, 20);
+      char what[64];
+      std::snprintf(what, sizeof what, "LM head+loss chunks of %lld%s", static_cast<long long>(chunk),
+                    chunk == default_rows ? " (default)" : "");
+      std::printf("%-34s %9.3f ms  %8.1f TFLOP/s  %lld MiB of buffers\n", what, ms, flops / (ms * 1e-3) / 1e12,
+                  static_cast<long long>(used >> 20));
+      if (chunk == default_rows) {
+        const float eval =
+            median_ms([&] { head.loss(w.data(), h.data(), d_ids.data(), tokens, loss.data(), nullptr); }, 20);
+        std::printf("%-34s %9.3f ms\n", "LM head+loss default, eval only", eval);
+      }
+    }
   }
   {
     const int64_t n = 124'000'000;

@@ -53,6 +53,7 @@ struct Case {
   GptConfig config;
   std::string recipe;
   double loss_tol, grad_tol;  // relative: |loss| and per-parameter gradient norms
+  int64_t head_chunk_rows = 0;  // LM head and loss in chunks of this many rows (0: the default, one chunk here)
 };
 
 class GptCudaTest : public ::testing::TestWithParam<Case> {};
@@ -73,6 +74,7 @@ TEST_P(GptCudaTest, MatchesCpuModel) {
   Gpt cpu_bf16(tc.config, nn::preset("bf16"), seed, seed + 1);  // the recipe's own effect, for quantizing recipes
   Gpt host_for_gpu(tc.config, recipe, seed, seed + 1), host_other_seed(tc.config, recipe, seed, seed + 1);
   cuda::GptCuda gpu(host_for_gpu, seed + 1);
+  if (tc.head_chunk_rows > 0) gpu.set_lm_head_chunk_rows(tc.head_chunk_rows);
   const bool stochastic = recipe[nn::Operand::kWgradDy].rounding == Rounding::kStochastic;
   std::unique_ptr<cuda::GptCuda> gpu_other_seed;  // same weights, other rounding draws
   if (stochastic) gpu_other_seed = std::make_unique<cuda::GptCuda>(host_other_seed, seed + 2);
@@ -144,6 +146,12 @@ INSTANTIATE_TEST_SUITE_P(
              2e-3, 2e-2},
         Case{"llama_like_bf16", tiny(PositionKind::kRope, NormKind::kRmsNorm, MlpKind::kSwiglu, 2, false), "bf16",
              2e-3, 2e-2},
+        // The LM head in chunks of 50 rows (192 = 3 x 50 + 42), tied (gradient into the embedding
+        // table) and untied: the same tolerances as in one chunk, since chunking only reorders FP32 sums.
+        Case{"gpt2_like_bf16_head_chunks", tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true),
+             "bf16", 2e-3, 2e-2, 50},
+        Case{"llama_like_bf16_head_chunks", tiny(PositionKind::kRope, NormKind::kRmsNorm, MlpKind::kSwiglu, 2, false),
+             "bf16", 2e-3, 2e-2, 50},
         Case{"relu2_mqa_fp8", tiny(PositionKind::kLearned, NormKind::kRmsNorm, MlpKind::kRelu2, 1, false), "fp8",
              5e-3, 0.15},
         Case{"gpt2_like_nvfp4", tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true), "nvfp4",

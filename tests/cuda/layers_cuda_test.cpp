@@ -21,6 +21,7 @@
 #include <tuple>
 #include <vector>
 
+#include "nibble/formats/minifloat.h"
 #include "nibble/nn/attention.h"
 #include "nibble/nn/cuda/layers_cuda.h"
 #include "nibble/nn/embedding.h"
@@ -454,6 +455,94 @@ TEST(CrossEntropyCuda, MatchesCpu) {
   d_logits.zero();
   gpu.forward_backward(d_logits.data(), d_targets.data(), rows, vocab, 1.0f, loss.data(), stream);
   EXPECT_THROW(gpu.check_ids(vocab, stream), std::out_of_range);
+}
+
+// The chunked form (what the chunked LM head runs): chunks of rows that do not divide the batch,
+// logits read only, the gradient written in BF16. Claims, each checked exactly:
+// - the loss equals forward_backward()'s on the whole batch bit for bit (same device code, same
+//   row sums, same fixed-order mean), with or without the gradient;
+// - every BF16 gradient is the nearest-even rounding of forward_backward()'s FP32 value (the
+//   conversion the unchunked head's operand preparation applied);
+// - against the CPU: where the CPU's FP32 gradient has the GPU's bits, so does the BF16 value's
+//   source, hence the BF16 value is the rounding of the CPU's; elsewhere the GPU's expf and the
+//   CPU's std::exp differ by an ulp or so (the FP32 results agree to 1e-5, MatchesCpu above), which
+//   can move the BF16 rounding by one step at most, so there the BF16 codes differ by at most 1.
+TEST(CrossEntropyCuda, ChunkedBf16GradientIsTheRoundedFp32Gradient) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t rows = 3 * 37, vocab = 1000, chunk = 25;  // chunks of 25, 25, 25, 25, 11 rows
+  const float grad_scale = 0.5f / static_cast<float>(rows);
+  Stream stream;
+  std::vector<uint32_t> targets(static_cast<size_t>(rows));
+  for (auto& t : targets) t = static_cast<uint32_t>(rng() % vocab);
+  DeviceBuffer<uint32_t> d_targets{std::span<const uint32_t>(targets)};
+  const auto logits = nibble::nn::test::random_normal(rng, rows * vocab, 3.0f);
+
+  cuda::CrossEntropyCuda whole, chunked;
+  DeviceBuffer<double> loss_whole(1), loss_chunked(1), loss_eval(1);
+  DeviceBuffer<float> d_fp32{std::span<const float>(logits)}, d_logits{std::span<const float>(logits)};
+  whole.forward_backward(d_fp32.data(), d_targets.data(), rows, vocab, grad_scale, loss_whole.data(), stream);
+  DeviceBuffer<__nv_bfloat16> d_bf16(static_cast<size_t>(rows * vocab));
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    chunked.chunk(d_logits.data() + r0 * vocab, d_targets.data(), r0, n, rows, vocab, grad_scale,
+                  d_bf16.data() + r0 * vocab, stream);
+  }
+  chunked.mean(rows, loss_chunked.data(), stream);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk)  // evaluation: losses only
+    chunked.chunk(d_logits.data() + r0 * vocab, d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab, 0.0f,
+                  nullptr, stream);
+  chunked.mean(rows, loss_eval.data(), stream);
+
+  const double l_whole = download(loss_whole.data(), 1)[0], l_chunked = download(loss_chunked.data(), 1)[0],
+               l_eval = download(loss_eval.data(), 1)[0];
+  std::printf("[ compare  ] cross-entropy loss whole %.17g, chunked %.17g, chunked eval %.17g (want equal)\n", l_whole,
+              l_chunked, l_eval);
+  EXPECT_EQ(l_chunked, l_whole);
+  EXPECT_EQ(l_eval, l_whole);
+  EXPECT_EQ(download(d_logits.data(), rows * vocab), logits) << "chunk() must not write its input";
+
+  const std::vector<float> g32 = download(d_fp32.data(), rows * vocab);
+  std::vector<uint16_t> g16(g32.size());
+  NIBBLE_CUDA_CHECK(cudaMemcpy(g16.data(), d_bf16.data(), g16.size() * 2, cudaMemcpyDeviceToHost));
+  auto cpu = logits;
+  softmax_cross_entropy(cpu, targets, vocab, grad_scale);
+  size_t not_rounded = 0, first_not_rounded = 0, same_fp32 = 0, wrong_where_same = 0, beyond_one_step = 0;
+  for (size_t i = 0; i < g32.size(); ++i) {
+    if (g16[i] != BF16::encode(g32[i], Rounding::kNearestEven) && not_rounded++ == 0) first_not_rounded = i;
+    const uint16_t from_cpu = BF16::encode(cpu[i], Rounding::kNearestEven);
+    if (std::memcmp(&g32[i], &cpu[i], sizeof(float)) == 0) {
+      ++same_fp32;
+      if (g16[i] != from_cpu) ++wrong_where_same;
+    } else if (std::abs(static_cast<int>(g16[i]) - static_cast<int>(from_cpu)) > 1) {
+      ++beyond_one_step;
+    }
+  }
+  std::printf("[ compare  ] chunked BF16 gradient: %zu of %zu not the RNE rounding of the FP32 kernel's (want 0)\n",
+              not_rounded, g32.size());
+  std::printf("[ compare  ] vs the CPU: FP32 bits equal in %zu of %zu elements, of those %zu BF16 mismatches (want "
+              "0); elsewhere %zu BF16 codes more than one step apart (want 0)\n",
+              same_fp32, g32.size(), wrong_where_same, beyond_one_step);
+  EXPECT_EQ(not_rounded, 0u) << "first at " << first_not_rounded << ": fp32 " << g32[first_not_rounded] << " bf16 0x"
+                             << std::hex << g16[first_not_rounded];
+  EXPECT_EQ(wrong_where_same, 0u);
+  EXPECT_EQ(beyond_one_step, 0u);
+  EXPECT_GT(same_fp32, 0u) << "no element where the CPU's FP32 gradient has the GPU's bits: the claim is untested";
+
+  // A bad target in the third chunk: reported at its batch position, its BF16 row zeroed.
+  EXPECT_NO_THROW(chunked.check_ids(vocab, stream));
+  targets[60] = static_cast<uint32_t>(vocab + 7);
+  d_targets.upload(targets);
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk)
+    chunked.chunk(d_logits.data() + r0 * vocab, d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab,
+                  grad_scale, d_bf16.data() + r0 * vocab, stream);
+  NIBBLE_CUDA_CHECK(cudaMemcpy(g16.data(), d_bf16.data(), g16.size() * 2, cudaMemcpyDeviceToHost));
+  EXPECT_TRUE(std::all_of(g16.begin() + 60 * vocab, g16.begin() + 61 * vocab, [](uint16_t b) { return b == 0; }));
+  try {
+    chunked.check_ids(vocab, stream);
+    ADD_FAILURE() << "a bad target was not reported";
+  } catch (const std::out_of_range& e) {
+    EXPECT_NE(std::string(e.what()).find("position 60"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

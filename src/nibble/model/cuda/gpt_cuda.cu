@@ -3,7 +3,8 @@
 //   x_      the residual stream [rows x d]          ln_     a norm's output, or a gradient [rows x d]
 //   wide_   qkv, or d(fc output) [rows x max(qkv, fc)]   wide2_  the MLP activation, or its gradient
 //   narrow_ attention heads' output, or its gradient    dtmp_   a layer's output before the residual add
-//   dx_     the gradient of the residual stream      logits_ logits, then their gradient
+//   dx_     the gradient of the residual stream
+// The LM head and the loss (LmHeadLossCuda) keep only one chunk of logits at a time.
 // Every block keeps its fc output (`pre`) for the activation's backward; the linear layers keep
 // their own saved operands (packed when quantized); the attention core keeps q, k, v and the softmax's log-sum-exp.
 #include "nibble/model/cuda/gpt_cuda.h"
@@ -46,14 +47,18 @@ GptCuda::GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream)
     : host_(host),
       stream_(stream),
       tok_embed_(host.config().vocab_size, host.config().d_model),
-      norm_f_(host.config().d_model, host.config().norm, host.config().norm_eps) {
+      norm_f_(host.config().d_model, host.config().norm, host.config().norm_eps),
+      head_(host.config().d_model, host.config().vocab_size, linear_ctx_.gemm) {
   const GptConfig& c = host.config();
   if (c.positions == PositionKind::kLearned) pos_embed_ = std::make_unique<ncu::EmbeddingCuda>(c.seq_len, c.d_model);
   for (int64_t i = 0; i < c.n_layers; ++i)
     blocks_.push_back(std::make_unique<Block>(c, host.block_recipe(i), static_cast<uint32_t>(i), run_seed, linear_ctx_,
                                              attn_workspace_));
-  nn::Recipe head_recipe = nn::preset("bf16");
-  head_ = std::make_unique<ncu::LinearCuda>(c.d_model, c.vocab_size, head_recipe, nn::LinearOptions{}, linear_ctx_);
+  if (!c.tied_embeddings) {
+    head_weight_.resize(static_cast<size_t>(c.vocab_size * c.d_model));
+    head_grad_.resize(head_weight_.size());
+    head_grad_.zero();
+  }
 
   // The parameter list, in Gpt::parameters()'s order and names.
   const auto add = [&](std::string name, int64_t count, float* value, float* grad, bool decay) {
@@ -80,7 +85,7 @@ GptCuda::GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream)
     linear(p + "mlp.proj.weight", b.proj2);
   }
   norm("norm_f", norm_f_);
-  if (!c.tied_embeddings) linear("lm_head.weight", *head_);
+  if (!c.tied_embeddings) add("lm_head.weight", c.vocab_size * d, head_weight_.data(), head_grad_.data(), true);
   upload_from(host);
 }
 
@@ -116,8 +121,11 @@ void GptCuda::download_to(Gpt& host) {
 void GptCuda::weights_changed() {
   for (auto& b : blocks_)
     for (ncu::LinearCuda* l : b->linears()) l->weight_changed();
-  head_->weight_changed();
+  head_.weight_changed();
 }
+
+float* GptCuda::head_weight() { return host_.config().tied_embeddings ? tok_embed_.weight() : head_weight_.data(); }
+float* GptCuda::head_grad() { return host_.config().tied_embeddings ? tok_embed_.weight_grad() : head_grad_.data(); }
 
 void GptCuda::apply_recipes() {
   for (size_t i = 0; i < blocks_.size(); ++i) {
@@ -140,7 +148,7 @@ void GptCuda::set_step(uint64_t step, uint32_t microbatch) {
 void GptCuda::zero_grad() {
   tok_embed_.zero_grad(stream_);
   if (pos_embed_) pos_embed_->zero_grad(stream_);
-  head_->zero_grad(stream_);
+  head_grad_.zero(stream_);  // empty (a no-op) with tied embeddings
   norm_f_.zero_grad(stream_);
   for (auto& b : blocks_) {
     b->norm1.zero_grad(stream_);
@@ -168,7 +176,6 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
     for (DeviceBuffer<float>* b : {&x_, &hidden_, &ln_, &narrow_, &dx_, &dtmp_}) b->resize(sz(d));
     wide_.resize(sz(std::max(qkv, fc)));
     wide2_.resize(sz(c.mlp_hidden));
-    logits_.resize(sz(c.vocab_size));
     for (auto& b : blocks_) b->pre.resize(sz(fc));
     loss_dev_.resize(1);
     rows_ = rows;
@@ -182,7 +189,7 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
-void GptCuda::forward_logits(int64_t batch, int64_t seq) {
+void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   const GptConfig& c = host_.config();
   const int64_t rows = batch * seq, d = c.d_model;
   tok_embed_.forward(ids_.data(), rows, x_.data(), /*accumulate=*/false, stream_);
@@ -201,12 +208,6 @@ void GptCuda::forward_logits(int64_t batch, int64_t seq) {
     ncu::residual_add(x_.data(), dtmp_.data(), rows * d, stream_);
   }
   norm_f_.forward(x_.data(), rows, hidden_.data(), stream_);
-  if (c.tied_embeddings) {  // the head reads a copy of the token embedding
-    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(head_->weight(), tok_embed_.weight(), c.vocab_size * d * sizeof(float),
-                                      cudaMemcpyDeviceToDevice, stream_));
-    head_->weight_changed();
-  }
-  head_->forward(hidden_.data(), rows, logits_.data(), stream_);
 }
 
 double GptCuda::read_loss() {
@@ -214,16 +215,15 @@ double GptCuda::read_loss() {
   NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&loss, loss_dev_.data(), sizeof loss, cudaMemcpyDeviceToHost, stream_));
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
   tok_embed_.check_ids(stream_);
-  loss_.check_ids(host_.config().vocab_size, stream_);
+  head_.check_ids(stream_);
   return loss;
 }
 
 double GptCuda::loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
                      int64_t seq) {
   upload_tokens(inputs, targets, batch, seq);
-  forward_logits(batch, seq);
-  loss_.forward_backward(logits_.data(), targets_.data(), rows_, host_.config().vocab_size, 0.0f, loss_dev_.data(),
-                         stream_);
+  forward_hidden(batch, seq);
+  head_.loss(head_weight(), hidden_.data(), targets_.data(), rows_, loss_dev_.data(), stream_);
   return read_loss();
 }
 
@@ -232,16 +232,11 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
   const GptConfig& c = host_.config();
   upload_tokens(inputs, targets, batch, seq);
   const int64_t rows = rows_, d = c.d_model;
-  forward_logits(batch, seq);
-  // logits_ becomes d(loss * grad_scale)/d(logits), as on the CPU.
-  loss_.forward_backward(logits_.data(), targets_.data(), rows, c.vocab_size, grad_scale / static_cast<float>(rows),
-                         loss_dev_.data(), stream_);
-
-  head_->backward(logits_.data(), dtmp_.data(), stream_);
-  if (c.tied_embeddings) {  // the head's weight is the embedding: its gradient goes to the table
-    ncu::residual_add(tok_embed_.weight_grad(), head_->weight_grad(), c.vocab_size * d, stream_);
-    head_->zero_grad(stream_);
-  }
+  forward_hidden(batch, seq);
+  // The logits' gradient is grad_scale / rows * (softmax - onehot), as on the CPU; with tied
+  // embeddings the head's weight gradient goes straight into the table's, as on the CPU.
+  head_.forward_backward(head_weight(), hidden_.data(), targets_.data(), rows, grad_scale / static_cast<float>(rows),
+                         loss_dev_.data(), dtmp_.data(), head_grad(), stream_);
   norm_f_.backward(dtmp_.data(), dx_.data(), stream_);
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;

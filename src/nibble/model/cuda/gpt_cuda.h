@@ -2,7 +2,8 @@
 // configuration, recipe, parameter names and initial weights it copies. Layers are the CUDA layers
 // (nn/cuda): FP32 activations, linear layers through the recipe (LinearCuda), attention's batched
 // matmuls and the LM head as BF16 tensor-core GEMMs with FP32 accumulation (the paper's high
-// precision; the CPU model computes them in FP32), norms, softmax and loss in FP32.
+// precision; the CPU model computes them in FP32), norms, softmax and loss in FP32. The LM head and
+// the loss run a chunk of rows at a time (LmHeadLossCuda): no [tokens x vocab] logits tensor.
 //
 // The host model stays the home of everything that is not arithmetic: the per-block recipes
 // (selective BF16 and the late switch), the parameter list, checkpoints. download_to() and
@@ -20,6 +21,7 @@
 #include "nibble/model/gpt.h"
 #include "nibble/nn/cuda/layers_cuda.h"
 #include "nibble/nn/cuda/linear_cuda.h"
+#include "nibble/nn/cuda/lm_head_cuda.h"
 
 namespace nibble::model::cuda {
 
@@ -59,11 +61,16 @@ class GptCuda {
   void upload_from(Gpt& host);  // host weights -> device
   void download_to(Gpt& host);  // device weights -> host (synchronises)
   cudaStream_t stream() const { return stream_; }
+  // Rows per chunk of the LM head and loss (default: LmHeadLossCuda::default_chunk_rows); tests.
+  void set_lm_head_chunk_rows(int64_t rows) { head_.set_chunk_rows(rows); }
 
  private:
   struct Block;
-  // Runs the model up to the final norm's output (hidden_) and the logits; ids already on device.
-  void forward_logits(int64_t batch, int64_t seq);
+  // Runs the model up to the final norm's output (hidden_); ids already on device.
+  void forward_hidden(int64_t batch, int64_t seq);
+  // The LM head's weight and gradient: the token embedding's when tied.
+  float* head_weight();
+  float* head_grad();
   void upload_tokens(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch, int64_t seq);
   void apply_recipes();
   double read_loss();
@@ -76,15 +83,16 @@ class GptCuda {
   std::unique_ptr<nn::cuda::EmbeddingCuda> pos_embed_;
   std::vector<std::unique_ptr<Block>> blocks_;
   nn::cuda::NormCuda norm_f_;
-  // The LM head as a linear layer under the bf16 recipe; with tied embeddings its weight is a copy
-  // of the token embedding, refreshed before every use, and its gradient is added to the table's.
-  std::unique_ptr<nn::cuda::LinearCuda> head_;
-  nn::cuda::CrossEntropyCuda loss_;
+  // The LM head and the loss: BF16 GEMMs as under the bf16 recipe, in chunks of rows. With tied
+  // embeddings it reads the token embedding and adds its gradient to the table's; otherwise it
+  // reads head_weight_ [vocab x d] and accumulates into head_grad_.
+  nn::cuda::LmHeadLossCuda head_;
+  nn::cuda::DeviceBuffer<float> head_weight_, head_grad_;
   std::vector<DeviceParameter> params_;
 
   int64_t rows_ = 0;
   nn::cuda::DeviceBuffer<uint32_t> ids_, targets_, positions_;
-  nn::cuda::DeviceBuffer<float> x_, hidden_, ln_, wide_, wide2_, narrow_, dx_, dtmp_, logits_;
+  nn::cuda::DeviceBuffer<float> x_, hidden_, ln_, wide_, wide2_, narrow_, dx_, dtmp_;
   nn::cuda::DeviceBuffer<double> loss_dev_;
 };
 

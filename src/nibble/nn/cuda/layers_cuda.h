@@ -191,11 +191,27 @@ class AttentionCoreCuda {
 // logits [rows x vocab] are overwritten by grad_scale * (softmax - onehot(target)) when grad_scale
 // is non-zero, otherwise by the probabilities. *loss_mean (device) = the mean over rows of
 // -log softmax[target] (the CPU function returns the sum; the model divides it by rows). Row sums
-// in double; the mean is a fixed-order (deterministic) sum of the rows' losses.
+// in double; the mean is a fixed-order (deterministic) sum of the rows' losses. A row with a bad
+// target counts 0 and its output row is zeroed (check_ids() then throws).
+//
+// chunk()/mean() are the same computation a chunk of rows at a time, for the chunked LM head
+// (lm_head_cuda.h): the logits are read, not overwritten, and the gradient is written in BF16,
+// rounded to nearest even from the very FP32 values forward_backward() would write (the same
+// device code), i.e. the bits OperandCuda gives a bf16 operand made from forward_backward()'s output.
 class CrossEntropyCuda {
  public:
   void forward_backward(float* logits, const uint32_t* targets, int64_t rows, int64_t vocab, float grad_scale,
                         double* loss_mean, cudaStream_t stream);
+
+  // Rows [row0, row0 + rows) of a batch of total_rows: logits [rows x vocab] (those rows only, read
+  // only), targets [total_rows] (the batch's). Keeps the rows' losses; writes dlogits [rows x vocab] (BF16, the gradient or,
+  // with grad_scale 0, the probabilities) unless dlogits is nullptr. Bad targets are reported at
+  // their position in the batch (row0 + r).
+  void chunk(const float* logits, const uint32_t* targets, int64_t row0, int64_t rows, int64_t total_rows,
+             int64_t vocab, float grad_scale, __nv_bfloat16* dlogits, cudaStream_t stream);
+  // *loss_mean (device) = the fixed-order mean of the losses of rows [0, total_rows) that chunk() kept.
+  void mean(int64_t total_rows, double* loss_mean, cudaStream_t stream);
+
   void check_ids(int64_t vocab, cudaStream_t stream) { bad_target_.check("CrossEntropyCuda target", vocab, stream); }
 
  private:

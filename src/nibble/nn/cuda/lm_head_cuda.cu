@@ -1,0 +1,112 @@
+// The chunked LM head and loss (see lm_head_cuda.h).
+#include "nibble/nn/cuda/lm_head_cuda.h"
+
+#include <algorithm>
+#include <stdexcept>
+#include <string>
+
+#include "nibble/formats/minifloat.h"
+#include "nibble/nn/cuda/kernel_util.cuh"
+
+namespace nibble::nn::cuda {
+namespace {
+
+using nibble::cuda::GemmMatrix;
+using nibble::cuda::GemmOutput;
+using nibble::cuda::GemmType;
+
+constexpr int kThreads = 256;
+
+// FP32 -> BF16, nearest even: the rounding OperandCuda applies to a bf16 operand (BF16::encode).
+__global__ void convert_to_bf16_kernel(const float* __restrict__ x, int64_t n, __nv_bfloat16* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) reinterpret_cast<uint16_t*>(out)[i] = BF16::encode(x[i], Rounding::kNearestEven);
+}
+
+void to_bf16(const float* x, int64_t n, __nv_bfloat16* out, cudaStream_t stream) {
+  convert_to_bf16_kernel<<<detail::blocks_for(n, kThreads), kThreads, 0, stream>>>(x, n, out);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+int64_t LmHeadLossCuda::default_chunk_rows(int64_t vocab) {
+  if (vocab <= 0) throw std::invalid_argument("LmHeadLossCuda: vocab must be positive");
+  const int64_t rows = kChunkLogitBytes / (vocab * static_cast<int64_t>(sizeof(float)));
+  return std::max<int64_t>(64, rows / 64 * 64);
+}
+
+LmHeadLossCuda::LmHeadLossCuda(int64_t d_model, int64_t vocab, nibble::cuda::GemmRunner& gemm)
+    : d_(d_model), vocab_(vocab), chunk_rows_(0), gemm_(gemm) {
+  if (d_ <= 0 || vocab_ <= 0)
+    throw std::invalid_argument("LmHeadLossCuda: d_model " + std::to_string(d_) + " and vocab " +
+                                std::to_string(vocab_) + " must be positive");
+  chunk_rows_ = default_chunk_rows(vocab_);
+}
+
+void LmHeadLossCuda::set_chunk_rows(int64_t rows) {
+  if (rows <= 0) throw std::invalid_argument("LmHeadLossCuda: chunk rows must be positive, got " + std::to_string(rows));
+  chunk_rows_ = rows;
+}
+
+void LmHeadLossCuda::loss(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
+                          double* loss_mean, cudaStream_t stream) {
+  run(weight, hidden, targets, rows, 0.0f, /*backward=*/false, loss_mean, nullptr, nullptr, stream);
+}
+
+void LmHeadLossCuda::forward_backward(const float* weight, const float* hidden, const uint32_t* targets,
+                                      int64_t rows, float grad_scale, double* loss_mean, float* dhidden,
+                                      float* weight_grad, cudaStream_t stream) {
+  if (dhidden == nullptr || weight_grad == nullptr)
+    throw std::invalid_argument("LmHeadLossCuda::forward_backward: dhidden and weight_grad are required");
+  run(weight, hidden, targets, rows, grad_scale, /*backward=*/true, loss_mean, dhidden, weight_grad, stream);
+}
+
+void LmHeadLossCuda::run(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
+                         float grad_scale, bool backward, double* loss_mean, float* dhidden, float* weight_grad,
+                         cudaStream_t stream) {
+  if (rows <= 0) throw std::invalid_argument("LmHeadLossCuda: rows must be positive, got " + std::to_string(rows));
+  if (!weight_valid_ || weight != weight_source_) {
+    weight_bf16_.reserve(static_cast<size_t>(vocab_ * d_));
+    to_bf16(weight, vocab_ * d_, weight_bf16_.data(), stream);
+    weight_source_ = weight;
+    weight_valid_ = true;
+  }
+  hidden_bf16_.reserve(static_cast<size_t>(rows * d_));
+  to_bf16(hidden, rows * d_, hidden_bf16_.data(), stream);
+  const int64_t chunk = std::min(chunk_rows_, rows);
+  logits_.reserve(static_cast<size_t>(chunk * vocab_));
+  if (backward) dlogits_.reserve(static_cast<size_t>(chunk * vocab_));
+
+  // W is stored [vocab x d]: Fprop reads it as B transposed (op(B) = W^T, [d x vocab]), Dgrad as B
+  // as stored. The chunk's dlogits are stored [n x vocab]: Dgrad's A as stored, Wgrad's A transposed.
+  const GemmMatrix w_t{weight_bf16_.data(), GemmType::kBF16, /*transposed=*/true};
+  const GemmMatrix w{weight_bf16_.data(), GemmType::kBF16, /*transposed=*/false};
+  const auto gemm = [&](const char* which, int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const GemmMatrix& b,
+                        float* c, bool accumulate) {
+    try {
+      gemm_.run(m, n, k, a, b, GemmOutput{c, GemmType::kF32}, /*alpha=*/nullptr, accumulate, stream);
+    } catch (const std::exception& e) {
+      throw std::runtime_error(std::string("LmHeadLossCuda[") + std::to_string(d_) + "->" + std::to_string(vocab_) +
+                               "] " + which + " GEMM: " + e.what());
+    }
+  };
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    const int64_t n = std::min(chunk, rows - r0);
+    const GemmMatrix h{hidden_bf16_.data() + r0 * d_, GemmType::kBF16, /*transposed=*/false};
+    // logits [n x vocab] = H_chunk [n x d] . (W [vocab x d])^T
+    gemm("Fprop", n, vocab_, d_, h, w_t, logits_.data(), /*accumulate=*/false);
+    loss_.chunk(logits_.data(), targets, r0, n, rows, vocab_, backward ? grad_scale : 0.0f,
+                backward ? dlogits_.data() : nullptr, stream);
+    if (!backward) continue;
+    const GemmMatrix dl{dlogits_.data(), GemmType::kBF16, /*transposed=*/false};
+    const GemmMatrix dl_t{dlogits_.data(), GemmType::kBF16, /*transposed=*/true};
+    // Dgrad: dH_chunk [n x d] = dlogits [n x vocab] . W [vocab x d]
+    gemm("Dgrad", n, d_, vocab_, dl, w, dhidden + r0 * d_, /*accumulate=*/false);
+    // Wgrad: dW [vocab x d] += (dlogits [n x vocab])^T . H_chunk [n x d]
+    gemm("Wgrad", vocab_, d_, n, dl_t, h, weight_grad, /*accumulate=*/true);
+  }
+  loss_.mean(rows, loss_mean, stream);
+}
+
+}  // namespace nibble::nn::cuda

@@ -1,0 +1,87 @@
+// The LM head and the softmax cross-entropy loss on the GPU, a chunk of rows at a time, so that the
+// [tokens x vocab] logits never exist in full (GPT-2 124M at 16 x 1024 tokens: 3.3 GB in FP32):
+//
+//   logits = H W^T               BF16 operands, FP32 out        (W [vocab x d], H [tokens x d])
+//   loss   = mean_r -log softmax(logits_r)[target_r]            (CrossEntropyCuda, row sums in double)
+//   dH     = dlogits W           dlogits in BF16, FP32 out
+//   dW    += dlogits^T H         FP32, accumulated over the chunks (GEMM beta = 1)
+//
+// Per chunk, the Fprop GEMM writes the chunk's FP32 logits, the fused loss kernel turns them into
+// the rows' losses and the BF16 dlogits that the two backward GEMMs read, and those GEMMs run on the
+// chunk. This is the bf16 recipe's arithmetic for a linear layer (the LM head stays in high
+// precision): H, W and dlogits rounded to BF16 (nearest even), FP32 accumulation. Against the
+// unchunked head (LinearCuda under bf16 + CrossEntropyCuda::forward_backward on the full logits):
+// the logits, losses and BF16 dlogits are the same numbers (row-wise math; the GEMM kernel may differ
+// with the chunk's row count, which only reorders each logit's FP32 sum), dH rows likewise, and
+// dW differs in the order of its FP32 additions (per chunk, then across chunks).
+//
+// The weight is read through a pointer on each call (the head's own weight, or the token embedding
+// with tied embeddings); its BF16 copy is made on the first call after weight_changed(). The
+// gradient accumulates into the caller's FP32 buffer, so with tied embeddings it lands in the
+// embedding table's gradient directly, as in the CPU model.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "nibble/nn/cuda/layers_cuda.h"
+#include "nibble/tensor/cuda/device_buffer.h"
+#include "nibble/tensor/cuda/gemm_cuda.h"
+
+namespace nibble::nn::cuda {
+
+class LmHeadLossCuda {
+ public:
+  // A chunk's FP32 logits take at most about this much memory (plus half as much for its BF16
+  // dlogits): small next to the activations (GPT-2 124M at 16 x 1024 tokens: 1280-row chunks, 13 of
+  // them, 368 MiB in all instead of 4.6 GiB of FP32 logits and BF16 gradient), and large enough that
+  // each chunk's GEMMs stay large. The price of a chunk is one read-modify-write of dW (vocab x d x
+  // 8 bytes, 0.3 GB for GPT-2): fewer, larger chunks trade memory for that traffic
+  // (bench/layers_bench_cuda.cu times several sizes).
+  static constexpr int64_t kChunkLogitBytes = int64_t{256} << 20;
+  // Rows per chunk for this vocabulary: kChunkLogitBytes of FP32 logits, rounded down to a multiple
+  // of 64 rows (at least 64).
+  static int64_t default_chunk_rows(int64_t vocab);
+
+  // `gemm` is borrowed and must outlive the head.
+  LmHeadLossCuda(int64_t d_model, int64_t vocab, nibble::cuda::GemmRunner& gemm);
+
+  int64_t d_model() const { return d_; }
+  int64_t vocab() const { return vocab_; }
+  int64_t chunk_rows() const { return chunk_rows_; }
+  void set_chunk_rows(int64_t rows);  // tests and tuning; positive
+  // The weight's values changed (optimizer step, upload): re-round the BF16 copy on the next call.
+  void weight_changed() { weight_valid_ = false; }
+
+  // Evaluation: *loss_mean (device) = the mean loss of hidden [rows x d] against targets (device ids).
+  void loss(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows, double* loss_mean,
+            cudaStream_t stream);
+  // Training: also dhidden [rows x d] (overwritten) = d(loss * grad_scale)/d(hidden) and
+  // weight_grad [vocab x d] += d(loss * grad_scale)/dW, where grad_scale is the scale of each row's
+  // logit gradient as in CrossEntropyCuda (the model passes grad_scale / rows for the mean loss).
+  void forward_backward(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
+                        float grad_scale, double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream);
+
+  // Throws std::out_of_range for the first target >= vocab since the last check (synchronises).
+  void check_ids(cudaStream_t stream) { loss_.check_ids(vocab_, stream); }
+  // Device bytes of the per-chunk buffers (FP32 logits and BF16 dlogits of one chunk) as now grown.
+  int64_t chunk_buffer_bytes() const { return static_cast<int64_t>(logits_.bytes() + dlogits_.bytes()); }
+
+ private:
+  void run(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows, float grad_scale,
+           bool backward, double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream);
+
+  int64_t d_, vocab_, chunk_rows_;
+  nibble::cuda::GemmRunner& gemm_;
+  CrossEntropyCuda loss_;
+  const float* weight_source_ = nullptr;  // what weight_bf16_ was rounded from
+  bool weight_valid_ = false;
+  DeviceBuffer<__nv_bfloat16> weight_bf16_;  // [vocab x d]
+  DeviceBuffer<__nv_bfloat16> hidden_bf16_;  // [rows x d]
+  DeviceBuffer<float> logits_;               // one chunk [chunk x vocab]
+  DeviceBuffer<__nv_bfloat16> dlogits_;      // one chunk [chunk x vocab]
+};
+
+}  // namespace nibble::nn::cuda
