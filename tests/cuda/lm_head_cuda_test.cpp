@@ -174,9 +174,9 @@ INSTANTIATE_TEST_SUITE_P(Shapes, LmHeadLossCudaTest,
                          });
 
 TEST(LmHeadLossCuda, DefaultChunkRows) {
-  // GPT-2's padded vocabulary: floor(256 MiB / (50304 x 4 B)) = 1334 rows, down to a multiple of 64.
-  EXPECT_EQ(cuda::LmHeadLossCuda::default_chunk_rows(50304), 1280);
-  EXPECT_EQ(cuda::LmHeadLossCuda::default_chunk_rows(8192), 8192);
+  // GPT-2's padded vocabulary: floor(512 MiB / (50304 x 4 B)) = 2668 rows, down to a multiple of 64.
+  EXPECT_EQ(cuda::LmHeadLossCuda::default_chunk_rows(50304), 2624);
+  EXPECT_EQ(cuda::LmHeadLossCuda::default_chunk_rows(8192), 16384);
   EXPECT_EQ(cuda::LmHeadLossCuda::default_chunk_rows(int64_t{1} << 30), 64);  // at least 64
 }
 
