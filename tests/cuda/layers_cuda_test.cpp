@@ -31,6 +31,7 @@
 #include "nibble/tensor/cuda/gemm_cuda.h"
 #include "nibble/train/cuda/adamw_cuda.h"
 #include "nibble/train/optimizer.h"
+#include "cuda/cuda_test_util.h"
 #include "model/attention_bf16_tolerance.h"
 #include "nn/nn_test_util.h"
 #include "test_seed.h"
@@ -41,13 +42,7 @@ namespace {
 using cuda::DeviceBuffer;
 using nibble::test::fresh_seed;
 
-template <typename T>
-std::vector<T> download(const T* device, int64_t n) {
-  std::vector<T> host(static_cast<size_t>(n));
-  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-  NIBBLE_CUDA_CHECK(cudaMemcpy(host.data(), device, host.size() * sizeof(T), cudaMemcpyDeviceToHost));
-  return host;
-}
+using nibble::test::download;
 template <typename T>
 void upload(T* device, const std::vector<T>& host) {
   NIBBLE_CUDA_CHECK(cudaMemcpy(device, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice));
@@ -554,7 +549,7 @@ namespace nibble::train {
 namespace {
 
 using nibble::cuda::DeviceBuffer;
-using nibble::nn::download;
+using nibble::test::download;
 using nibble::nn::expect_bits_equal;
 using nibble::test::fresh_seed;
 

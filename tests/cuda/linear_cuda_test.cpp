@@ -24,6 +24,7 @@
 
 #include "nibble/nn/linear.h"
 #include "nibble/nn/operand.h"
+#include "cuda/cuda_test_util.h"
 #include "nn/nn_test_util.h"
 #include "test_seed.h"
 
@@ -73,11 +74,7 @@ bool fp8_gemm(const Recipe& r, Operand a, Operand b) {
   return f8(a) && f8(b) && !(r[a].format == OperandFormat::kFp8E5M2 && r[b].format == OperandFormat::kFp8E5M2);
 }
 
-std::vector<float> download(const float* p, int64_t n) {
-  std::vector<float> h(static_cast<size_t>(n));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(h.data(), p, n * sizeof(float), cudaMemcpyDeviceToHost));
-  return h;
-}
+using nibble::test::download;
 
 struct RecipeCase {
   std::string base;

@@ -29,6 +29,7 @@
 #include "nibble/formats/minifloat.h"
 #include "nibble/nn/cuda/linear_cuda.h"
 #include "nibble/nn/recipe.h"
+#include "cuda/cuda_test_util.h"
 #include "nn/nn_test_util.h"
 #include "test_seed.h"
 
@@ -37,13 +38,7 @@ namespace {
 
 using cuda::DeviceBuffer;
 
-template <typename T>
-std::vector<T> download(const T* device, int64_t n) {
-  std::vector<T> host(static_cast<size_t>(n));
-  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
-  NIBBLE_CUDA_CHECK(cudaMemcpy(host.data(), device, host.size() * sizeof(T), cudaMemcpyDeviceToHost));
-  return host;
-}
+using nibble::test::download;
 
 std::vector<float> grid_values(std::mt19937_64& rng, int64_t n) {
   std::uniform_int_distribution<int> q(-32, 32);
