@@ -9,6 +9,9 @@
 // for NVFP4, the decode to BF16. The weight operand (B) uses 16x16 blocks, the activation (A) 1x16,
 // both round-to-nearest-even, as in the paper's Fprop. "w pre-quantized" leaves B's quantization out:
 // in training the weight is quantized once per step and read by two GEMMs (Fprop and Dgrad).
+// On Blackwell (compute capability >= 10.0) a last column times the native NVFP4 GEMM (quantize
+// both, rearrange the block scales, cuBLASLt block-scaled FP4 GEMM); elsewhere it says n/a. That
+// column has never been measured (no Blackwell GPU here).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -99,12 +102,27 @@ void run_shape(const Shape& s, GemmRunner& gemm) {
              fb.gemm_matrix(GemmType::kE4M3, true, scratch_b, nullptr), out, alpha.data(), false, nullptr);
   });
 
+  // Native NVFP4 (Blackwell only): the same quantized operands, scales rearranged, FP4 tensor cores.
+  std::string native = "native n/a (compute capability < 10)";
+  if (nibble::cuda::native_fp4_available()) {
+    const float native_ms = median_ms([&] {
+      quantize_a();
+      quantize_b();
+      nibble::cuda::multiply_scalars(qa.decode_scale(), qb.decode_scale(), alpha.data(), nullptr);
+      gemm.run(s.m, s.n, s.k, qa.nvfp4_matrix(false, scratch_a, nullptr), qb.nvfp4_matrix(true, scratch_b, nullptr),
+               out, alpha.data(), false, nullptr);
+    });
+    char text[64];
+    std::snprintf(text, sizeof(text), "native %8.3f ms x%.2f", native_ms, native_ms / bf16_ms);
+    native = text;
+  }
+
   const double flop = 2.0 * s.m * s.n * s.k;
   std::printf("%-22s %6lld %6lld %6lld | bf16 %8.3f ms %6.0f TF/s | nvfp4 %8.3f ms (qA %.3f qW %.3f dec %.3f dec+gemm %.3f) "
-              "x%.2f, w pre-quantized x%.2f | fp8 %8.3f ms x%.2f\n",
+              "x%.2f, w pre-quantized x%.2f | fp8 %8.3f ms x%.2f | %s\n",
               s.name.c_str(), static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k),
               bf16_ms, flop / bf16_ms * 1e-9, nvfp4_ms, qa_ms, qb_ms, decode_ms, decode_gemm_ms, nvfp4_ms / bf16_ms,
-              nvfp4_wq_ms / bf16_ms, fp8_ms, fp8_ms / bf16_ms);
+              nvfp4_wq_ms / bf16_ms, fp8_ms, fp8_ms / bf16_ms, native.c_str());
 }
 
 }  // namespace

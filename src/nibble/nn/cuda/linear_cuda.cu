@@ -58,9 +58,16 @@ void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
 
 void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream,
                       const char* which) {
-  const auto [ta, tb] = gemm_types(a, b);
-  const GemmMatrix ma = a.gemm_matrix(ta, /*as_b=*/false, ctx_.scratch_a, stream);
-  const GemmMatrix mb = b.gemm_matrix(tb, /*as_b=*/true, ctx_.scratch_b, stream);
+  GemmMatrix ma, mb;
+  const bool native = use_native_nvfp4(a, b, ctx_.native_fp4);
+  if (native) {  // Blackwell: FP4 codes and block scales as they are
+    ma = a.nvfp4_matrix(/*as_b=*/false, ctx_.scratch_a, stream);
+    mb = b.nvfp4_matrix(/*as_b=*/true, ctx_.scratch_b, stream);
+  } else {  // Hopper path: FP4 decoded to BF16, FP8 as is, or unquantized
+    const auto [ta, tb] = gemm_types(a, b);
+    ma = a.gemm_matrix(ta, /*as_b=*/false, ctx_.scratch_a, stream);
+    mb = b.gemm_matrix(tb, /*as_b=*/true, ctx_.scratch_b, stream);
+  }
   const float* alpha = nullptr;
   if (a.decode_scale() && b.decode_scale()) {
     nibble::cuda::multiply_scalars(a.decode_scale(), b.decode_scale(), ctx_.alpha.data(), stream);
@@ -75,6 +82,8 @@ void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool
     throw std::runtime_error("LinearCuda[layer " + std::to_string(options_.layer_id) + ", recipe " + recipe_.name +
                              "] " + which + " GEMM: " + e.what());
   }
+  ++gemms_;
+  if (native) ++native_fp4_gemms_;
 }
 
 void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t stream) {

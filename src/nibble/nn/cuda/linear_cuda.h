@@ -11,6 +11,11 @@
 // FP32 for fp32) with FP32 accumulation and alpha = g_a * g_b on the device. The results equal the
 // CPU layer's up to FP32 accumulation order, except FP8 x FP8 GEMMs, whose tensor cores accumulate
 // in about 14 bits between promotions (docs/numerics.md, "GEMMs").
+//
+// On Blackwell (compute capability >= 10.0) a GEMM whose two operands are NVFP4 with 16-element
+// blocks along K (1x16, or the 16x16 weight tiles) runs in cuBLASLt's native block-scaled FP4 GEMM
+// instead of the BF16 decode (use_native_nvfp4 in operand_cuda.h): same operand values, FP32
+// accumulation in another order. Compiled for sm_100a but never run on hardware (README).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -30,6 +35,9 @@ struct LinearContext {
   DeviceBuffer<uint8_t> scratch_a, scratch_b;
   DeviceBuffer<float> alpha{1};
   OperandCuda x_rows, dy_rows, dy_cols;
+  // NVFP4 x NVFP4 GEMMs run natively (Blackwell) when true: set from the device at construction;
+  // set it false to force the Hopper path (BF16 decode) on a Blackwell GPU, e.g. to compare.
+  bool native_fp4 = nibble::cuda::native_fp4_available();
 };
 
 class LinearCuda {
@@ -56,6 +64,9 @@ class LinearCuda {
 
   int64_t saved_activation_bytes() const { return saved_x_t_.valid() ? saved_x_t_.bytes() : 0; }
   int64_t weight_quantizations() const { return weight_quantizations_; }
+  // GEMMs this layer has run in the native NVFP4 GEMM (Blackwell), of all it has run.
+  int64_t native_fp4_gemms() const { return native_fp4_gemms_; }
+  int64_t gemms() const { return gemms_; }
   const OperandCuda& saved_x_t() const { return saved_x_t_; }
 
  private:
@@ -77,6 +88,7 @@ class LinearCuda {
   bool weight_copies_valid_ = false;
   OperandCuda fprop_w_, dgrad_w_;
   int64_t weight_quantizations_ = 0;
+  int64_t native_fp4_gemms_ = 0, gemms_ = 0;
   OperandCuda saved_x_t_;
   int64_t saved_tokens_ = 0;
 };

@@ -9,6 +9,7 @@
 #include "nibble/nn/operand.h"
 #include "nibble/quant/cuda/quantize_cuda.h"
 #include "nibble/quant/rht.h"
+#include "nibble/tensor/block_scale_layout.h"
 
 namespace nibble::nn::cuda {
 namespace {
@@ -284,6 +285,26 @@ GemmType OperandCuda::native_type() const {
   }
 }
 
+bool OperandCuda::native_nvfp4() const {
+  return valid() && quantized_ && spec_.format == Format::kNvfp4 &&
+         (spec_.block == Block::k1x16 || spec_.block == Block::k16x16);
+}
+
+GemmMatrix OperandCuda::nvfp4_matrix(bool as_b, DeviceBuffer<uint8_t>& scratch, cudaStream_t stream) const {
+  if (!native_nvfp4())
+    throw std::logic_error("OperandCuda::nvfp4_matrix: the operand is not NVFP4 with 16-element blocks along K");
+  const int64_t scale_cols = cols_ / 16;
+  scratch.reserve(static_cast<size_t>(tiled_scale_bytes(rows_, scale_cols)));
+  nibble::cuda::tile_block_scales(scales_.data(), rows_, scale_cols, spec_.block == Block::k16x16 ? 16 : 1,
+                                  scratch.data(), stream);
+  GemmMatrix m;
+  m.data = data_.data();
+  m.type = GemmType::kNvfp4;
+  m.transposed = as_b;  // quantized operands are stored as the operand, never as the source
+  m.block_scales = scratch.data();
+  return m;
+}
+
 GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8_t>& scratch,
                                     cudaStream_t stream) const {
   if (!valid()) throw std::logic_error("OperandCuda::gemm_matrix: the operand was not made");
@@ -353,6 +374,11 @@ std::pair<GemmType, GemmType> gemm_types(const OperandCuda& a, const OperandCuda
   if (fp8(ta) && fp8(tb) && !(ta == GemmType::kE5M2 && tb == GemmType::kE5M2) && fp8_shape) return {ta, tb};
   if (ta == GemmType::kF32 || tb == GemmType::kF32) return {GemmType::kF32, GemmType::kF32};
   return {GemmType::kBF16, GemmType::kBF16};
+}
+
+bool use_native_nvfp4(const OperandCuda& a, const OperandCuda& b, bool native_available) {
+  return native_available && a.native_nvfp4() && b.native_nvfp4() && a.rows() % 16 == 0 && b.rows() % 16 == 0 &&
+         a.cols() % 32 == 0;
 }
 
 }  // namespace nibble::nn::cuda

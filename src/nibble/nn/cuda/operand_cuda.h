@@ -4,7 +4,9 @@
 // A quantized operand (nvfp4, mxfp4, fp8) is kept packed: codes, block scales and the per-tensor
 // decode scale g on the device. This is what the layer saves between forward and backward. For the
 // GEMM, FP4 operands are decoded to BF16 (code x block scale, exact: DESIGN.md "Hopper emulation")
-// and g goes to the GEMM's alpha; FP8 operands feed cuBLASLt's FP8 GEMM directly. Unquantized
+// and g goes to the GEMM's alpha; FP8 operands feed cuBLASLt's FP8 GEMM directly. On Blackwell,
+// NVFP4 operands can instead feed cuBLASLt's native block-scaled FP4 GEMM (nvfp4_matrix,
+// use_native_nvfp4): codes as stored, block scales rearranged into cuBLASLt's tiled layout. Unquantized
 // operands are held as BF16 (rounded to nearest even) or FP32, transposed and RHT-transformed as
 // their recipe says.
 #pragma once
@@ -48,6 +50,15 @@ class OperandCuda {
   // The type this operand feeds a GEMM in when nothing forces another: FP8 codes, BF16 for
   // FP4 and bf16 operands, FP32 for fp32 operands.
   GemmType native_type() const;
+  // Whether the operand has what cuBLASLt's native NVFP4 GEMM reads: NVFP4 codes with one E4M3
+  // scale per 16 elements along K (its cols). Both 1x16 blocks and 16x16 tiles qualify: a tile's
+  // scale is the scale of each of its 16 rows' 16-element blocks.
+  bool native_nvfp4() const;
+  // The operand as an NVFP4 GEMM operand A ([rows x cols]) or B (as_b: op(B) = its transpose, stored
+  // [rows x cols] = [n x k]): the packed codes in place, and the block scales rearranged into
+  // cuBLASLt's tiled layout in `scratch`, which must stay alive until the GEMM has run. Blackwell only
+  // (GemmType::kNvfp4); the rearrangement itself runs on any GPU.
+  GemmMatrix nvfp4_matrix(bool as_b, DeviceBuffer<uint8_t>& scratch, cudaStream_t stream) const;
   // Device pointer to g (quantized operands), nullptr when the operand carries no tensor scale.
   const float* decode_scale() const { return quantized_ ? decode_scale_.data() : nullptr; }
 
@@ -92,5 +103,12 @@ class OperandCuda {
 // FP8, not both E5M2, and M, N, K are multiples of 16 (what Hopper's FP8 kernels take); FP32 when
 // either is FP32; BF16 otherwise (FP8 values are exact in BF16, so the fallback changes no value).
 std::pair<GemmType, GemmType> gemm_types(const OperandCuda& a, const OperandCuda& b);
+
+// Whether the GEMM of a (M x K) and b (N x K) runs in cuBLASLt's native NVFP4 GEMM instead of
+// decoding both to BF16: `native_available` (the device has compute capability >= 10.0, see
+// LinearContext::native_fp4), both operands native_nvfp4(), and M, N multiples of 16 and K of 32
+// (what GemmRunner's kNvfp4 takes). The two paths multiply the same values (E2M1 x E4M3 is exact
+// in BF16) and differ only in the order of FP32 accumulation.
+bool use_native_nvfp4(const OperandCuda& a, const OperandCuda& b, bool native_available);
 
 }  // namespace nibble::nn::cuda

@@ -4,6 +4,10 @@
 // row-major product C = op(A) op(B) is computed as the column-major product C^T = op(B)^T op(A)^T:
 // cuBLASLt's first operand is our B, its second our A, and the transpose flags carry over
 // (our "B transposed" = B stored [n x k] = cuBLASLt's transa = T).
+//
+// NVFP4 GEMMs (Blackwell) are cuBLASLt's "TN" case: its first operand (our B, [n x k] row-major)
+// with transa = T, its second (our A, [m x k] row-major) with transb = N, both K-contiguous; so its
+// A scales are our B's and its B scales our A's.
 #include "nibble/tensor/cuda/gemm_cuda.h"
 
 #include <cublasLt.h>
@@ -11,6 +15,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "nibble/tensor/block_scale_layout.h"
 #include "nibble/tensor/cuda/device_buffer.h"
 
 namespace nibble::cuda {
@@ -42,6 +47,7 @@ cudaDataType_t cuda_type(GemmType t) {
     case GemmType::kBF16: return CUDA_R_16BF;
     case GemmType::kE4M3: return CUDA_R_8F_E4M3;
     case GemmType::kE5M2: return CUDA_R_8F_E5M2;
+    case GemmType::kNvfp4: return CUDA_R_4F_E2M1;
   }
   throw std::invalid_argument("GemmRunner: unknown GemmType");
 }
@@ -59,6 +65,17 @@ int64_t alignment(const void* p) {
 constexpr size_t kWorkspaceBytes = 32u << 20;  // cuBLASLt's recommendation for Hopper
 
 __global__ void multiply_scalars_kernel(const float* a, const float* b, float* out) { *out = *a * *b; }
+
+// One thread per slot of the padded scale matrix (padding included, so every byte of `tiled` is
+// written): the loop body of nibble::tile_block_scales (block_scale_layout.h), the same functions.
+__global__ void tile_block_scales_kernel(const uint8_t* __restrict__ scales, int64_t rows, int64_t scale_cols,
+                                         int64_t rows_per_scale_row, uint8_t* __restrict__ tiled) {
+  const int64_t padded_cols = tiled_scale_cols(scale_cols);
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= tiled_scale_rows(rows) * padded_cols) return;
+  const int64_t row = i / padded_cols, kb = i % padded_cols;
+  tiled[tiled_scale_offset(row, kb, scale_cols)] = source_scale(scales, rows, scale_cols, rows_per_scale_row, row, kb);
+}
 
 }  // namespace
 
@@ -92,7 +109,7 @@ GemmRunner::~GemmRunner() {
   if (handle_) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
 }
 
-GemmRunner::Plan& GemmRunner::plan(const Key& key) {
+GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, const void* scales_second) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
   const auto [m, n, k, batch, ta, tb, type_a, type_b, type_c, align_pack, stride_a, stride_b, stride_c] = key;
@@ -109,6 +126,18 @@ GemmRunner::Plan& GemmRunner::plan(const Key& key) {
   const cublasOperation_t op_second = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_first, sizeof(op_first)));
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_second, sizeof(op_second)));
+  if (tya == GemmType::kNvfp4) {  // E4M3 scales per 16 elements along K on both operands
+    const int32_t scale_mode = CUBLASLT_MATMUL_MATRIX_SCALE_VEC16_UE4M3;
+    NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &scale_mode,
+                                                       sizeof(scale_mode)));
+    NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &scale_mode,
+                                                       sizeof(scale_mode)));
+    // The scale pointers change per call (run() sets them); the heuristic sees the first call's.
+    NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &scales_first,
+                                                       sizeof(scales_first)));
+    NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales_second,
+                                                       sizeof(scales_second)));
+  }
 
   // Column-major shapes as stored: our B is [k x n] row-major (n x k col-major) or, transposed,
   // [n x k] row-major (k x n col-major); likewise A.
@@ -163,6 +192,25 @@ void GemmRunner::run(int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const
   if (c.type != GemmType::kF32 && c.type != GemmType::kBF16) {
     throw std::invalid_argument("GemmRunner: the output must be FP32 or BF16");
   }
+  if (a.type == GemmType::kNvfp4 || b.type == GemmType::kNvfp4) {
+    if (a.type != b.type) throw std::invalid_argument("GemmRunner: an NVFP4 GEMM needs both operands NVFP4");
+    if (!native_fp4_available()) {
+      throw std::invalid_argument(
+          "GemmRunner: NVFP4 GEMMs need compute capability >= 10.0 (Blackwell); on Hopper, decode FP4 "
+          "operands to BF16");
+    }
+    if (a.transposed || !b.transposed) {
+      throw std::invalid_argument("GemmRunner: NVFP4 GEMMs need A [m x k] and B [n x k] (reduction contiguous)");
+    }
+    if (m % 16 != 0 || n % 16 != 0 || k % 32 != 0) {
+      throw std::invalid_argument("GemmRunner: NVFP4 GEMMs need m, n multiples of 16 and k of 32, got m=" +
+                                  std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k));
+    }
+    if (a.block_scales == nullptr || b.block_scales == nullptr) {
+      throw std::invalid_argument("GemmRunner: NVFP4 GEMMs need both operands' tiled block scales");
+    }
+    if (batch != 1) throw std::invalid_argument("GemmRunner: NVFP4 GEMMs are not batched");
+  }
   if (is_fp8(a.type) != is_fp8(b.type) || (!is_fp8(a.type) && a.type != b.type)) {
     throw std::invalid_argument("GemmRunner: A and B must be both FP8 or of the same type");
   }
@@ -181,12 +229,36 @@ void GemmRunner::run(int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const
   const Key key{m, n, k, batch, a.transposed, b.transposed, static_cast<int>(a.type), static_cast<int>(b.type),
                 static_cast<int>(c.type), align_pack, batch > 1 ? a.batch_stride : 0,
                 batch > 1 ? b.batch_stride : 0, batch > 1 ? c.batch_stride : 0};
-  Plan& p = plan(key);
+  Plan& p = plan(key, b.block_scales, a.block_scales);
+  if (a.type == GemmType::kNvfp4) {  // cuBLASLt's A is our B (see the top of this file)
+    NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &b.block_scales,
+                                                       sizeof(b.block_scales)));
+    NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &a.block_scales,
+                                                       sizeof(a.block_scales)));
+  }
   const float* alpha_ptr = alpha != nullptr ? alpha : constants_;
   const float* beta_ptr = accumulate ? constants_ + 2 : constants_ + 1;
   NIBBLE_CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p.desc, alpha_ptr, b.data, p.layout_first,
                                      a.data, p.layout_second, beta_ptr, c.data, p.layout_c, c.data, p.layout_c, &p.algo,
                                      workspace_, workspace_bytes_, stream));
+}
+
+bool native_fp4_available() {
+  int device = 0, major = 0;
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
+  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major >= 10;
+}
+
+void tile_block_scales(const uint8_t* scales, int64_t rows, int64_t scale_cols, int64_t rows_per_scale_row,
+                       uint8_t* tiled, cudaStream_t stream) {
+  if (rows <= 0 || scale_cols <= 0 || rows_per_scale_row <= 0)
+    throw std::invalid_argument("tile_block_scales: empty scale matrix");
+  const int64_t slots = tiled_scale_bytes(rows, scale_cols);
+  constexpr int kThreads = 256;
+  tile_block_scales_kernel<<<static_cast<unsigned>((slots + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
+      scales, rows, scale_cols, rows_per_scale_row, tiled);
+  NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
 void multiply_scalars(const float* a, const float* b, float* out, cudaStream_t stream) {

@@ -2,7 +2,8 @@
 //
 //   C[m x n] = alpha * op(A) op(B) + beta * C,   op(X) = X or X^T,  all matrices row-major
 //
-// with FP32 accumulation always. A and B are BF16, FP8 (E4M3/E5M2) or FP32; C is FP32 or BF16.
+// with FP32 accumulation always. A and B are BF16, FP8 (E4M3/E5M2), FP32 or, on Blackwell only,
+// NVFP4 (see below); C is FP32 or BF16.
 // alpha is a device pointer (the product of the operands' per-tensor decode scales, which the
 // quantizers leave on the device; nullptr means 1), so nothing waits on the host. beta is 0 or 1
 // (overwrite or accumulate). Batched calls take element strides between the matrices of a batch.
@@ -14,6 +15,14 @@
 // With BF16 or FP32 operands the result equals the CPU emulation (tensor/gemm_cpu.h) on the same
 // operand values up to the order of FP32 accumulation; FP8 tensor cores accumulate in about 14 bits
 // between cuBLASLt's promotions to FP32 (docs/numerics.md, "GEMMs").
+//
+// NVFP4 (GemmType::kNvfp4, compute capability >= 10.0 only; compiled but never run on hardware
+// here): cuBLASLt's native block-scaled FP4 GEMM. Each operand is its packed E2M1 codes (two per
+// byte, element 2i in the low nibble, row-major with K contiguous: A [m x k], B [n x k], so
+// trans_a = false, trans_b = true as for FP8) plus `block_scales`, its E4M3 scales (one per 16
+// elements along K) already rearranged into cuBLASLt's tiled layout (tile_block_scales below,
+// tensor/block_scale_layout.h). The per-tensor decode scales go into alpha (g_a * g_b), as on the
+// Hopper path. m, n must be multiples of 16, k of 32 (rows of whole 16-byte lines); no batches.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -25,13 +34,14 @@
 
 namespace nibble::cuda {
 
-enum class GemmType : uint8_t { kF32, kBF16, kE4M3, kE5M2 };
+enum class GemmType : uint8_t { kF32, kBF16, kE4M3, kE5M2, kNvfp4 };
 
 struct GemmMatrix {
   const void* data = nullptr;
   GemmType type = GemmType::kBF16;
   bool transposed = false;  // op(X) = X^T: the stored matrix is [k x m] (A) or [n x k] (B)
   int64_t batch_stride = 0;  // elements between consecutive matrices of a batch
+  const void* block_scales = nullptr;  // kNvfp4 only: E4M3 block scales in cuBLASLt's tiled layout
 };
 
 struct GemmOutput {
@@ -55,7 +65,8 @@ class GemmRunner {
  private:
   struct Plan;
   using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int, int, int, int, int, int, int64_t, int64_t, int64_t>;
-  Plan& plan(const Key& key);
+  // scales_first/second: the tiled block scales of cuBLASLt's first/second operand (kNvfp4 only).
+  Plan& plan(const Key& key, const void* scales_first = nullptr, const void* scales_second = nullptr);
 
   void* handle_ = nullptr;  // cublasLtHandle_t
   void* workspace_ = nullptr;
@@ -63,6 +74,16 @@ class GemmRunner {
   float* constants_ = nullptr;  // device {1, 0, 1}: default alpha, beta = 0, beta = 1
   std::map<Key, std::unique_ptr<Plan>> plans_;
 };
+
+// Whether the current device can run kNvfp4 GEMMs (compute capability >= 10.0: Blackwell).
+bool native_fp4_available();
+
+// Rearranges an NVFP4 operand's block scales into cuBLASLt's tiled layout (tensor/block_scale_layout.h):
+// `scales` row-major [ceil(rows / rows_per_scale_row) x scale_cols] (rows_per_scale_row = 1 for
+// 1x16 blocks, 16 for 16x16 tiles) into `tiled`, tiled_scale_bytes(rows, scale_cols) bytes,
+// padding zeroed. Stream-ordered; runs on any GPU.
+void tile_block_scales(const uint8_t* scales, int64_t rows, int64_t scale_cols, int64_t rows_per_scale_row,
+                       uint8_t* tiled, cudaStream_t stream);
 
 // out = a * b (device scalars), e.g. alpha = g_a * g_b for a GEMM of two quantized operands.
 void multiply_scalars(const float* a, const float* b, float* out, cudaStream_t stream);
