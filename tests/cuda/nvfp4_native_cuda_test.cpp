@@ -233,7 +233,13 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Nvfp4NativeGemm,
                              GemmCase{144, 208, 160, Block::k16x16, GemmType::kF32, false},
                              GemmCase{48, 80, 160, Block::k1x16, GemmType::kF32, true},
                              GemmCase{272, 96, 96, Block::k1x16, GemmType::kBF16, false},
-                             GemmCase{256, 128, 512, Block::k1x16, GemmType::kBF16, true}));
+                             GemmCase{256, 128, 512, Block::k1x16, GemmType::kBF16, true}),
+                         [](const auto& info) {
+                           const GemmCase& g = info.param;
+                           return "m" + std::to_string(g.m) + "_n" + std::to_string(g.n) + "_k" + std::to_string(g.k) +
+                                  (g.b_block == Block::k16x16 ? "_w16x16" : "_w1x16") +
+                                  (g.out == GemmType::kF32 ? "_f32" : "_bf16") + (g.accumulate ? "_acc" : "");
+                         });
 
 // A whole linear layer under the nvfp4 recipe (16x16 weights, 1x16 activations, stochastic
 // rounding and RHT on the gradients), native against forced decode: the operands are bit-identical
