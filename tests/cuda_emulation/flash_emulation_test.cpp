@@ -234,7 +234,7 @@ struct Case {
   int64_t B, T, H, KV, hd;
 };
 
-// Normwise max relative error over the first `rows` of each head block; prints it.
+// Normwise max relative error max |got - want| / max |want| (NaN when got holds a NaN); prints it.
 double compare(const std::vector<float>& got, const std::vector<double>& want, const char* what) {
   double err = 0, scale = 0;
   bool nan = false;
