@@ -1,9 +1,16 @@
 // Runs the fused attention kernels (src/nibble/nn/cuda/attention_flash.cu) on the CPU, without a
 // GPU: the file is compiled as host C++ with every CUDA thread of a block a std::thread, and the
 // warp-level instructions (ldmatrix, mma.sync m16n8k16, shuffles) emulated from their documented
-// per-lane layouts. cp.async copies are deferred to the wait that covers them, and shared memory
-// starts filled with NaNs, so reading a tile before it has landed (or past the kernel's shared
-// memory size, which is checked) shows up as a wrong result. The results are compared with a
+// per-lane layouts. Every case runs twice, with the cp.async copies landing at the two ends of
+// the window the hardware may use:
+// - late, at the wait that covers them, with shared memory filled with NaNs at the start: reading
+//   a tile before its wait (or past the kernel's shared memory size, which is checked) shows up as
+//   a wrong result;
+// - early, as they are issued: refilling a buffer that other warps may still be reading (a missing
+//   __syncthreads before the next prefetch) overwrites it under them, which shows up as a wrong
+//   result when the threads interleave so, and always as a data race when this file is built with
+//   -fsanitize=thread (as a one-off check; the CI build is plain).
+// The results are compared with a
 // double-precision attention on the same BF16 operands: the kernels' indexing, masking,
 // pipelining and GQA/padding handling are tested here; the numerics again on the device
 // (tests/cuda/layers_cuda_test.cpp).
@@ -54,6 +61,8 @@ Block* block = nullptr;
 uint3 block_idx, grid_dim;
 thread_local uint3 thread_idx;
 size_t shared_limit = 0;  // the launch's dynamic shared memory
+enum class Landing { kLate, kEarly };  // when cp.async copies land (see the top of the file)
+Landing landing = Landing::kLate;
 std::atomic<bool> shared_overrun{false};     // set by any thread; reset by each test case
 std::atomic<bool> misaligned_global{false};  // a cp.async source not 16-byte aligned
 
@@ -107,7 +116,11 @@ void cp_async16(void* dst, const void* src) {
   // cp.async's 16-byte copies need a 16-byte aligned global source as well (the test's vectors are
   // 16-byte aligned, as cudaMalloc's are, so a misaligned source is the kernel's offset).
   if (reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::misaligned_global = true;
-  emu::open_group.push_back({dst, src});
+  if (emu::landing == emu::Landing::kLate) {
+    emu::open_group.push_back({dst, src});
+  } else if (smem_u32(dst) + 16 <= emu::shared_limit) {
+    std::memcpy(dst, src, 16);
+  }
 }
 void cp_async_commit() {
   emu::groups.push_back(std::move(emu::open_group));
@@ -249,7 +262,7 @@ double compare(const std::vector<float>& got, const std::vector<double>& want, c
 }
 
 template <int HD>
-void run_case(const Case& c, std::mt19937_64& rng) {
+void run_landing(const Case& c, std::mt19937_64& rng) {
   const int64_t Tp = (c.T + kFlashTile - 1) / kFlashTile * kFlashTile, group = c.H / c.KV;
   const FlashDims d{c.B, c.T, Tp, c.H, c.KV, c.hd, HD, 1.0f / std::sqrt(static_cast<float>(c.hd))};
   std::normal_distribution<float> dist(0.0f, 1.5f), unit(0.0f, 1.0f);
@@ -368,6 +381,24 @@ void run_case(const Case& c, std::mt19937_64& rng) {
     const float x = __bfloat162float(o[i]);
     ASSERT_TRUE(std::isfinite(x) && (static_cast<int64_t>(i % HD) < c.hd || x == 0.0f)) << "o[" << i << "] = " << x;
   }
+}
+
+// Both landings of the cp.async copies (see the top of the file), on fresh inputs each; the
+// ThreadSanitizer build (tests/CMakeLists.txt) only the early one, which is where races show.
+template <int HD>
+void run_case(const Case& c, std::mt19937_64& rng) {
+#ifdef NIBBLE_FLASH_EMULATION_TSAN
+  for (const emu::Landing l : {emu::Landing::kEarly}) {
+#else
+  for (const emu::Landing l : {emu::Landing::kLate, emu::Landing::kEarly}) {
+#endif
+    const std::string name = l == emu::Landing::kLate ? "late (at the wait)" : "early (at issue)";
+    SCOPED_TRACE("cp.async copies land " + name);
+    std::printf("[ landing  ] cp.async copies land %s\n", name.c_str());
+    emu::landing = l;
+    run_landing<HD>(c, rng);
+  }
+  emu::landing = emu::Landing::kLate;
 }
 
 TEST(FlashAttentionEmulation, Hd64GqaSeqAcrossTiles) {
