@@ -11,6 +11,7 @@
 # 1024), BATCH (16), DEVICE (cuda), SEED (1337), VAL_EVERY (100), CKPT_EVERY (100; 0: at the end
 # only, for runs that must finish within one call), MINUTES (stop each run after this long, with a
 # checkpoint; default none). The table goes to OUT_DIR/table.md, the plot to OUT_DIR/compare.svg.
+# Several seeds: one OUT_DIR per seed (SEED=7 ... runs/s7), then `nibble compare --paired` over them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 2 ] || { echo "usage: $0 DATA_DIR OUT_DIR [RUN...]" >&2; exit 2; }

@@ -2,6 +2,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <fstream>
 #include <random>
@@ -191,6 +192,69 @@ TEST(CompareCommand, BadInputNamesFileAndLine) {
   std::ofstream(dir / "corrupt" / "metrics.jsonl") << "";
   EXPECT_NE(message({dir / "corrupt"}).find("no training steps"), std::string::npos);
   EXPECT_FALSE(fs::exists(o.out)) << "nothing written on error";
+}
+
+TEST(CompareCommand, PairedGapsAreTakenWithinEachSeedSet) {
+  std::mt19937_64 rng(test::fresh_seed());
+  test::TempDir dir;
+  // Three seed sets; the offsets differ per set so that an unpaired gap would be visibly wrong.
+  const double offsets[3] = {1.0, 1.3, 0.8};
+  std::vector<SyntheticRun> bf16, nvfp4;
+  for (int s = 0; s < 3; ++s) {
+    bf16.push_back(draw_run(rng, 40, offsets[s]));
+    nvfp4.push_back(draw_run(rng, 40, offsets[s] + 0.02 * (s + 1)));
+    const fs::path set = dir / ("seed" + std::to_string(s));
+    write_run(set / "bf16", bf16.back(), "bf16");
+    write_run(set / "nvfp4", nvfp4.back(), "nvfp4");
+  }
+  CompareOptions o;
+  o.runs = {dir / "seed0/nvfp4", dir / "seed1/bf16", dir / "seed1/nvfp4", dir / "seed2/nvfp4", dir / "seed2/bf16"};
+  o.baseline = dir / "seed0/bf16";
+  o.paired = true;
+  o.out = dir / "paired.svg";
+  std::ostringstream out;
+  std::vector<SeedSummary> summary;
+  const std::vector<CompareRow> rows = run_compare(o, out, &summary);
+
+  ASSERT_EQ(rows.size(), 6u);
+  std::vector<double> gaps;
+  for (const CompareRow& r : rows) {
+    const int set = r.name[4] - '0';
+    ASSERT_TRUE(set >= 0 && set < 3) << r.name;
+    const bool is_base = r.name.substr(6) == "bf16";
+    EXPECT_EQ(r.baseline, is_base) << r.name;
+    if (is_base) continue;
+    const double want = 100.0 * (nvfp4[set].val.back() - bf16[set].val.back()) / bf16[set].val.back();
+    EXPECT_NEAR(r.val_gap, want, 1e-9) << r.name;
+    gaps.push_back(want);
+  }
+  ASSERT_EQ(gaps.size(), 3u);
+  ASSERT_EQ(summary.size(), 1u);
+  EXPECT_EQ(summary[0].name, "nvfp4");
+  EXPECT_EQ(summary[0].sets, 3);
+  const double mean = (gaps[0] + gaps[1] + gaps[2]) / 3;
+  double sq = 0;
+  for (double g : gaps) sq += (g - mean) * (g - mean);
+  EXPECT_NEAR(summary[0].mean_gap, mean, 1e-9);
+  EXPECT_NEAR(summary[0].gap_std, std::sqrt(sq / 2), 1e-9);
+  EXPECT_DOUBLE_EQ(summary[0].min_gap, *std::min_element(gaps.begin(), gaps.end()));
+  EXPECT_DOUBLE_EQ(summary[0].max_gap, *std::max_element(gaps.begin(), gaps.end()));
+  EXPECT_NEAR(summary[0].mean_val_loss,
+              (nvfp4[0].val.back() + nvfp4[1].val.back() + nvfp4[2].val.back()) / 3, 1e-12);
+  EXPECT_NE(out.str().find("over the seed sets"), std::string::npos) << out.str();
+  EXPECT_EQ(count(read_text(o.out), ">seed2/nvfp4 (nvfp4)</text>"), 1u) << "repeated names carry their folder";
+
+  // A run without its set's baseline is an error naming the missing folder; nothing is written.
+  write_run(dir / "seed3/nvfp4", draw_run(rng, 40, 1.0), "nvfp4");
+  o.runs.push_back(dir / "seed3/nvfp4");
+  o.out = dir / "other.svg";
+  try {
+    run_compare(o, out);
+    ADD_FAILURE() << "a run without a baseline beside it was accepted";
+  } catch (const std::invalid_argument& e) {
+    EXPECT_NE(std::string(e.what()).find("seed3"), std::string::npos) << e.what();
+  }
+  EXPECT_FALSE(fs::exists(o.out));
 }
 
 TEST(PlotSvg, TicksAreRoundAndCoverTheRange) {

@@ -205,5 +205,41 @@ TEST(LmHeadLossCuda, RejectsOutOfRangeTargets) {
   EXPECT_TRUE(std::isfinite(download(d_l.data(), 1)[0]));
 }
 
+// The head keeps a BF16 copy of the weight: weight_changed() (called by GptCuda after every
+// optimizer step) must make the next call re-read it; without it, the old copy is used. A head that
+// never saw the old weight gives the reference bits.
+TEST(LmHeadLossCuda, WeightChangedRereadsTheWeight) {
+  const int64_t rows = 64, d = 32, vocab = 40;
+  std::mt19937_64 rng(test::fresh_seed());
+  const std::vector<float> h = test::random_normal(rng, rows * d), w1 = test::random_normal(rng, vocab * d, 0.5f),
+                           w2 = test::random_normal(rng, vocab * d, 0.5f);
+  std::vector<uint32_t> targets(static_cast<size_t>(rows));
+  for (auto& t : targets) t = static_cast<uint32_t>(rng() % static_cast<uint64_t>(vocab));
+  DeviceBuffer<float> d_h{std::span<const float>(h)}, d_w{std::span<const float>(w1)};
+  DeviceBuffer<uint32_t> d_targets{std::span<const uint32_t>(targets)};
+  DeviceBuffer<double> d_l(1);
+  nibble::cuda::GemmRunner gemm;
+  cuda::LmHeadLossCuda head(d, vocab, gemm), fresh(d, vocab, gemm);
+  const auto loss = [&](cuda::LmHeadLossCuda& x) {
+    x.loss(d_w.data(), d_h.data(), d_targets.data(), rows, d_l.data(), nullptr);
+    return download(d_l.data(), 1)[0];
+  };
+  const double l1 = loss(head);
+  d_w.upload(w2);
+  const double stale = loss(head);
+  head.weight_changed();
+  const double l2 = loss(head), want = loss(fresh);
+  std::printf("[ compare  ] loss with w1 %.17g, w2 before weight_changed %.17g, after %.17g, fresh head %.17g\n", l1,
+              stale, l2, want);
+  EXPECT_EQ(stale, l1) << "the BF16 copy is kept until weight_changed()";
+  EXPECT_EQ(l2, want);
+  EXPECT_NE(l2, l1);
+  // grad_scale 0 would make the loss kernel write probabilities where the gradient goes.
+  DeviceBuffer<float> d_dh(static_cast<size_t>(rows * d)), d_dw(static_cast<size_t>(vocab * d));
+  EXPECT_THROW(head.forward_backward(d_w.data(), d_h.data(), d_targets.data(), rows, 0.0f, d_l.data(), d_dh.data(),
+                                     d_dw.data(), nullptr),
+               std::invalid_argument);
+}
+
 }  // namespace
 }  // namespace nibble::nn

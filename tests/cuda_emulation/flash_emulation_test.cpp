@@ -1,9 +1,16 @@
 // Runs the fused attention kernels (src/nibble/nn/cuda/attention_flash.cu) on the CPU, without a
 // GPU: the file is compiled as host C++ with every CUDA thread of a block a std::thread, and the
 // warp-level instructions (ldmatrix, mma.sync m16n8k16, shuffles) emulated from their documented
-// per-lane layouts. cp.async copies are deferred to the wait that covers them, and shared memory
-// starts filled with NaNs, so reading a tile before it has landed (or past the kernel's shared
-// memory size, which is checked) shows up as a wrong result. The results are compared with a
+// per-lane layouts. Every case runs twice, with the cp.async copies landing at the two ends of
+// the window the hardware may use:
+// - late, at the wait that covers them, with shared memory filled with NaNs at the start: reading
+//   a tile before its wait (or past the kernel's shared memory size, which is checked) shows up as
+//   a wrong result;
+// - early, as they are issued: refilling a buffer that other warps may still be reading (a missing
+//   __syncthreads before the next prefetch) overwrites it under them, which shows up as a wrong
+//   result when the threads interleave so, and always as a data race when this file is built with
+//   -fsanitize=thread (as a one-off check; the CI build is plain).
+// The results are compared with a
 // double-precision attention on the same BF16 operands: the kernels' indexing, masking,
 // pipelining and GQA/padding handling are tested here; the numerics again on the device
 // (tests/cuda/layers_cuda_test.cpp).
@@ -15,6 +22,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -53,7 +61,10 @@ Block* block = nullptr;
 uint3 block_idx, grid_dim;
 thread_local uint3 thread_idx;
 size_t shared_limit = 0;  // the launch's dynamic shared memory
-bool shared_overrun = false;
+enum class Landing { kLate, kEarly };  // when cp.async copies land (see the top of the file)
+Landing landing = Landing::kLate;
+std::atomic<bool> shared_overrun{false};     // set by any thread; reset by each test case
+std::atomic<bool> misaligned_global{false};  // a cp.async source not 16-byte aligned
 
 int lane() { return static_cast<int>(thread_idx.x & 31); }
 int warp() { return static_cast<int>(thread_idx.x >> 5); }
@@ -102,7 +113,14 @@ uint32_t smem_u32(const void* p) {
 void cp_async16(void* dst, const void* src) {
   emu::check_shared(smem_u32(dst), 16);
   if (smem_u32(dst) % 16 != 0) emu::shared_overrun = true;
-  emu::open_group.push_back({dst, src});
+  // cp.async's 16-byte copies need a 16-byte aligned global source as well (the test's vectors are
+  // 16-byte aligned, as cudaMalloc's are, so a misaligned source is the kernel's offset).
+  if (reinterpret_cast<uintptr_t>(src) % 16 != 0) emu::misaligned_global = true;
+  if (emu::landing == emu::Landing::kLate) {
+    emu::open_group.push_back({dst, src});
+  } else if (smem_u32(dst) + 16 <= emu::shared_limit) {
+    std::memcpy(dst, src, 16);
+  }
 }
 void cp_async_commit() {
   emu::groups.push_back(std::move(emu::open_group));
@@ -229,9 +247,7 @@ struct Case {
   int64_t B, T, H, KV, hd;
 };
 
-float round_bf16(float x) { return __bfloat162float(__float2bfloat16_rn(x)); }
-
-// Normwise max relative error over the first `rows` of each head block; prints it.
+// Normwise max relative error max |got - want| / max |want| (NaN when got holds a NaN); prints it.
 double compare(const std::vector<float>& got, const std::vector<double>& want, const char* what) {
   double err = 0, scale = 0;
   bool nan = false;
@@ -246,7 +262,7 @@ double compare(const std::vector<float>& got, const std::vector<double>& want, c
 }
 
 template <int HD>
-void run_case(const Case& c, std::mt19937_64& rng) {
+void run_landing(const Case& c, std::mt19937_64& rng) {
   const int64_t Tp = (c.T + kFlashTile - 1) / kFlashTile * kFlashTile, group = c.H / c.KV;
   const FlashDims d{c.B, c.T, Tp, c.H, c.KV, c.hd, HD, 1.0f / std::sqrt(static_cast<float>(c.hd))};
   std::normal_distribution<float> dist(0.0f, 1.5f), unit(0.0f, 1.0f);
@@ -259,14 +275,22 @@ void run_case(const Case& c, std::mt19937_64& rng) {
     return x;
   };
   const auto q = packed(c.H, dist), k = packed(c.KV, dist), v = packed(c.KV, dist), dout = packed(c.H, unit);
+  for (const auto* x : {&q, &k, &v, &dout})  // as cudaMalloc's are: the source check below relies on it
+    ASSERT_EQ(reinterpret_cast<uintptr_t>(x->data()) % 16, 0u) << "the host allocator's alignment";
+  emu::shared_overrun = false;
+  emu::misaligned_global = false;
   const auto f = [](const std::vector<bf16>& x, int64_t i) { return static_cast<double>(__bfloat162float(x[i])); };
 
-  std::vector<float> out(static_cast<size_t>(c.B * c.T * c.H * c.hd), NAN), lse(static_cast<size_t>(c.B * c.H * Tp));
-  std::vector<bf16> o(q.size());
+  // NaN-filled outputs: forward must write lse and o for every row up to Tp (backward reads the
+  // padding rows too: their dO is zero, so a NaN there would still reach dk and dv).
+  std::vector<float> out(static_cast<size_t>(c.B * c.T * c.H * c.hd), NAN), lse(static_cast<size_t>(c.B * c.H * Tp), NAN);
+  std::vector<bf16> o(q.size(), __float2bfloat16_rn(NAN));
   const dim3 q_grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
   emu::launch(q_grid, kForwardSmem<HD>,
               [&] { flash_forward_kernel<HD>(d, q.data(), k.data(), v.data(), out.data(), o.data(), lse.data()); });
   std::vector<float> delta(lse.size(), 0.0f);  // as pack_dout_kernel computes it
+  ASSERT_EQ(reinterpret_cast<uintptr_t>(lse.data()) % 16, 0u) << "the host allocator's alignment";
+  ASSERT_EQ(reinterpret_cast<uintptr_t>(delta.data()) % 16, 0u) << "the host allocator's alignment";
   for (size_t r = 0; r < delta.size(); ++r)
     for (int64_t j = 0; j < HD; ++j) delta[r] += __bfloat162float(dout[r * HD + j]) * __bfloat162float(o[r * HD + j]);
   std::vector<float> dq(q.size(), NAN), dk(k.size(), NAN), dv(v.size(), NAN);
@@ -279,6 +303,7 @@ void run_case(const Case& c, std::mt19937_64& rng) {
     flash_dq_kernel<HD>(d, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(), dq.data());
   });
   EXPECT_FALSE(emu::shared_overrun) << "a shared-memory access beyond the launch's size or misaligned";
+  EXPECT_FALSE(emu::misaligned_global) << "a cp.async from a global address not 16-byte aligned";
 
   // Reference in double on the same BF16 operands (rows < T; dk, dv summed over the group).
   const double scale = d.scale;
@@ -358,6 +383,24 @@ void run_case(const Case& c, std::mt19937_64& rng) {
   }
 }
 
+// Both landings of the cp.async copies (see the top of the file), on fresh inputs each; the
+// ThreadSanitizer build (tests/CMakeLists.txt) only the early one, which is where races show.
+template <int HD>
+void run_case(const Case& c, std::mt19937_64& rng) {
+#ifdef NIBBLE_FLASH_EMULATION_TSAN
+  for (const emu::Landing l : {emu::Landing::kEarly}) {
+#else
+  for (const emu::Landing l : {emu::Landing::kLate, emu::Landing::kEarly}) {
+#endif
+    const std::string name = l == emu::Landing::kLate ? "late (at the wait)" : "early (at issue)";
+    SCOPED_TRACE("cp.async copies land " + name);
+    std::printf("[ landing  ] cp.async copies land %s\n", name.c_str());
+    emu::landing = l;
+    run_landing<HD>(c, rng);
+  }
+  emu::landing = emu::Landing::kLate;
+}
+
 TEST(FlashAttentionEmulation, Hd64GqaSeqAcrossTiles) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
   run_case<64>({1, 130, 2, 1, 64}, rng);  // three tiles, the last of two rows; two heads on one KV head
@@ -369,6 +412,49 @@ TEST(FlashAttentionEmulation, Hd128Padded) {
 TEST(FlashAttentionEmulation, SmallHeadSeqOneBatch2) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
   run_case<64>({2, 1, 3, 3, 20}, rng);
+}
+// The cases above have one KV head (every head maps to 0) or one head per KV head (h / group ==
+// h % KV == h): a wrong head -> KV head mapping, or a wrong head in dk/dv's loop over the group,
+// passes them. Here 4 heads share 2 KV heads (0, 0, 1, 1), in 2 batches of 2 tiles.
+TEST(FlashAttentionEmulation, GqaTwoKvHeadsBatch2) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  run_case<64>({2, 100, 4, 2, 48}, rng);
+}
+TEST(FlashAttentionEmulation, Hd128GqaTwoKvHeads) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  run_case<128>({1, 90, 4, 2, 128}, rng);  // dk/dv in steps of 32 queries over 2 heads each
+}
+
+// The host-side checks of flash_forward / flash_backward (no kernel runs).
+TEST(FlashAttentionDims, RejectsWhatTheKernelsDoNotHandle) {
+  const FlashDims ok{2, 100, 128, 4, 2, 48, 64, 0.125f};
+  EXPECT_NO_THROW(check_flash_dims(ok));
+  const auto rejects = [](FlashDims d, const char* what) {
+    try {
+      check_flash_dims(d);
+      ADD_FAILURE() << what << ": not rejected";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("fused attention"), std::string::npos) << e.what();
+    }
+  };
+  const auto with = [&](auto field, int64_t value) {
+    FlashDims d = ok;
+    d.*field = value;
+    return d;
+  };
+  rejects(with(&FlashDims::HD, 96), "HD 96");
+  rejects(with(&FlashDims::hd, 65), "hd above HD");
+  rejects(with(&FlashDims::Tp, 100), "Tp not a multiple of 64");
+  rejects(with(&FlashDims::T, 129), "T above Tp");
+  rejects(with(&FlashDims::KV, 3), "H not a multiple of KV");
+  rejects(with(&FlashDims::B, 65536), "batch beyond gridDim.z");
+  rejects(with(&FlashDims::H, 2 * 65536), "heads beyond gridDim.y");
+  EXPECT_NO_THROW(check_flash_dims(with(&FlashDims::B, 65535)));
+  // What the dims check cannot see: shared memory, within Hopper's 227 KiB opt-in limit at both sizes.
+  EXPECT_EQ(flash_shared_bytes(64), kDkdvSmem<64>);
+  EXPECT_EQ(flash_shared_bytes(128), kDqSmem<128>);
+  EXPECT_LE(flash_shared_bytes(128), size_t{227} * 1024);
+  EXPECT_THROW(flash_shared_bytes(96), std::invalid_argument);
 }
 
 }  // namespace

@@ -77,6 +77,7 @@ RunMetrics read_run(const fs::path& dir) {
   fs::path canonical = fs::weakly_canonical(dir);
   if (canonical.filename().empty()) canonical = canonical.parent_path();  // "runs/x/"
   run.name = canonical.filename().string();
+  run.folder = canonical.parent_path();
   const fs::path path = dir / "metrics.jsonl";
   std::ifstream in(path);
   if (!in) throw std::runtime_error(path.string() + ": cannot open (is " + dir.string() + " a training run directory?)");
@@ -139,7 +140,51 @@ std::vector<double> relative_gap(const std::vector<double>& base_x, const std::v
   return gap;
 }
 
-std::vector<CompareRow> run_compare(const CompareOptions& o, std::ostream& out) {
+namespace {
+
+// The index of the run each run's gaps are taken against: the first run, or with `paired` the
+// first run's namesake in the run's own folder.
+std::vector<size_t> gap_bases(const std::vector<RunMetrics>& runs, bool paired) {
+  std::vector<size_t> base(runs.size(), 0);
+  if (!paired) return base;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    const auto beside = [&](const RunMetrics& c) { return c.name == runs[0].name && c.folder == runs[r].folder; };
+    const auto it = std::find_if(runs.begin(), runs.end(), beside);
+    if (it == runs.end())
+      throw std::invalid_argument("compare --paired: " + runs[r].dir.string() + " has no baseline run beside it (" +
+                                  (runs[r].folder / runs[0].name).string() + " is not among the runs)");
+    base[r] = static_cast<size_t>(it - runs.begin());
+  }
+  return base;
+}
+
+std::vector<SeedSummary> summarize_seeds(const std::vector<RunMetrics>& runs, const std::vector<CompareRow>& rows) {
+  std::vector<SeedSummary> out;
+  std::map<std::string, std::vector<size_t>> members;
+  for (size_t r = 0; r < runs.size(); ++r) {
+    if (rows[r].baseline || !std::isfinite(rows[r].val_gap)) continue;
+    if (!members.count(runs[r].name)) out.push_back({runs[r].name});
+    members[runs[r].name].push_back(r);
+  }
+  for (SeedSummary& s : out) {
+    const std::vector<size_t>& m = members[s.name];
+    s.sets = static_cast<int>(m.size());
+    s.min_gap = s.max_gap = rows[m[0]].val_gap;
+    for (size_t r : m) {
+      s.mean_val_loss += rows[r].val_loss / s.sets;
+      s.mean_gap += rows[r].val_gap / s.sets;
+      s.min_gap = std::min(s.min_gap, rows[r].val_gap), s.max_gap = std::max(s.max_gap, rows[r].val_gap);
+    }
+    double sq = 0;
+    for (size_t r : m) sq += (rows[r].val_gap - s.mean_gap) * (rows[r].val_gap - s.mean_gap);
+    s.gap_std = s.sets > 1 ? std::sqrt(sq / (s.sets - 1)) : 0.0;
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<CompareRow> run_compare(const CompareOptions& o, std::ostream& out, std::vector<SeedSummary>* summary) {
   if (o.x != "tokens" && o.x != "step") throw std::invalid_argument("compare: --x must be tokens or step, not " + o.x);
   if (!(o.smooth >= 0 && o.smooth < 1)) throw std::invalid_argument("compare: --smooth must be in [0, 1)");
   std::vector<fs::path> dirs = o.runs;
@@ -152,6 +197,13 @@ std::vector<CompareRow> run_compare(const CompareOptions& o, std::ostream& out) 
   if (dirs.empty()) throw std::invalid_argument("compare: no run directories given");
   std::vector<RunMetrics> runs;
   for (const fs::path& d : dirs) runs.push_back(read_run(d));
+  const std::vector<size_t> base = gap_bases(runs, o.paired);
+  // A run is named by its folder, or by parent/folder where two runs share a name (seed sets).
+  std::map<std::string, int> uses;
+  for (const RunMetrics& r : runs) ++uses[r.name];
+  std::vector<std::string> label;
+  for (const RunMetrics& r : runs)
+    label.push_back(uses[r.name] > 1 ? r.folder.filename().string() + "/" + r.name : r.name);
 
   const bool by_tokens = o.x == "tokens";
   std::vector<Curve> curves;
@@ -165,20 +217,22 @@ std::vector<CompareRow> run_compare(const CompareOptions& o, std::ostream& out) 
     c.y = o.smooth > 0 ? ema(raw, o.smooth) : raw;
     curves.push_back(std::move(c));
   }
-  std::map<double, double> base_val;
-  for (const RunMetrics::Val& v : runs[0].val) base_val[static_cast<double>(by_tokens ? v.tokens : v.step)] = v.loss;
 
   const std::string x_label = by_tokens ? "tokens" : "step";
   const std::string smoothing = o.smooth > 0 ? " (EMA " + fixed(o.smooth, "%g") + "), validation loss as dots" : ", validation loss as dots";
   train::Figure fig;
   train::PlotPanel loss{"training loss" + smoothing, x_label, "loss", {}, false};
-  train::PlotPanel gap{"loss relative to " + runs[0].name + ": (loss - baseline) / baseline", x_label, "gap (%)", {},
-                       true};
+  train::PlotPanel gap{"loss relative to " + runs[0].name + (o.paired ? " of the same seed set" : "") +
+                           ": (loss - baseline) / baseline",
+                       x_label, "gap (%)", {}, true};
   for (size_t r = 0; r < runs.size(); ++r) {
-    fig.legend.push_back(runs[r].name + (runs[r].recipe.empty() ? "" : " (" + runs[r].recipe + ")"));
+    const size_t b = base[r];
+    std::map<double, double> base_val;
+    for (const RunMetrics::Val& v : runs[b].val) base_val[static_cast<double>(by_tokens ? v.tokens : v.step)] = v.loss;
+    fig.legend.push_back(label[r] + (runs[r].recipe.empty() ? "" : " (" + runs[r].recipe + ")"));
     loss.lines.push_back({curves[r].x, curves[r].y, r, false});
     train::PlotLine val{{}, {}, r, true}, val_gap{{}, {}, r, true};
-    train::PlotLine g{curves[r].x, relative_gap(curves[0].x, curves[0].y, curves[r].x, curves[r].y), r, false};
+    train::PlotLine g{curves[r].x, relative_gap(curves[b].x, curves[b].y, curves[r].x, curves[r].y), r, false};
     for (const RunMetrics::Val& v : runs[r].val) {
       const double x = static_cast<double>(by_tokens ? v.tokens : v.step);
       val.x.push_back(x), val.y.push_back(v.loss);
@@ -198,12 +252,12 @@ std::vector<CompareRow> run_compare(const CompareOptions& o, std::ostream& out) 
   }
 
   std::vector<CompareRow> rows;
-  for (const RunMetrics& r : runs) {
-    CompareRow row{r.name, r.recipe.empty() ? "-" : r.recipe, r.steps.back().tokens, r.steps.back().loss,
-                   r.val.empty() ? kNaN : r.val.back().loss, kNaN, rows.empty()};
-    if (!rows.empty()) row.val_gap = relative_percent(row.val_loss, rows[0].val_loss);
-    rows.push_back(row);
-  }
+  for (size_t r = 0; r < runs.size(); ++r)
+    rows.push_back({label[r], runs[r].recipe.empty() ? "-" : runs[r].recipe, runs[r].steps.back().tokens,
+                    runs[r].steps.back().loss, runs[r].val.empty() ? kNaN : runs[r].val.back().loss, kNaN,
+                    base[r] == r});
+  for (size_t r = 0; r < runs.size(); ++r)
+    if (!rows[r].baseline) rows[r].val_gap = relative_percent(rows[r].val_loss, rows[base[r]].val_loss);
   size_t name_w = 3, recipe_w = 6;
   for (const CompareRow& r : rows) name_w = std::max(name_w, r.name.size()), recipe_w = std::max(recipe_w, r.recipe.size());
   char buf[512];
@@ -213,10 +267,24 @@ std::vector<CompareRow> run_compare(const CompareOptions& o, std::ostream& out) 
                   static_cast<int>(recipe_w), b.c_str(), c.c_str(), d.c_str(), e.c_str(), f.c_str());
     out << buf;
   };
-  print("run", "recipe", "tokens", "train loss", "val loss", "val loss vs " + rows[0].name);
+  print("run", "recipe", "tokens", "train loss", "val loss", "val loss vs " + runs[0].name);
   for (const CompareRow& r : rows)
     print(r.name, r.recipe, std::to_string(r.tokens), fixed(r.train_loss, "%.4f"), fixed(r.val_loss, "%.4f"),
           r.baseline ? "(baseline)" : fixed(r.val_gap, "%+.2f%%"));
+  if (o.paired) {
+    const std::vector<SeedSummary> seeds = summarize_seeds(runs, rows);
+    out << "  over the seed sets (each gap against " << runs[0].name << " of the same set):\n";
+    std::snprintf(buf, sizeof buf, "  %-*s  %4s  %13s  %8s  %7s  %s\n", static_cast<int>(name_w), "run", "sets",
+                  "mean val loss", "mean gap", "std", "range");
+    out << buf;
+    for (const SeedSummary& s : seeds) {
+      std::snprintf(buf, sizeof buf, "  %-*s  %4d  %13.4f  %+7.2f%%  %6.2f%%  [%+.2f%%, %+.2f%%]\n",
+                    static_cast<int>(name_w), s.name.c_str(), s.sets, s.mean_val_loss, s.mean_gap, s.gap_std,
+                    s.min_gap, s.max_gap);
+      out << buf;
+    }
+    if (summary) *summary = seeds;
+  }
   out << "  plot: " << o.out.string() << "\n";
   return rows;
 }
@@ -238,6 +306,9 @@ void add_compare_command(CLI::App& app) {
   cmd->add_option("--smooth", o->smooth, "EMA factor of the plotted training loss, in [0, 1) (0: raw)")
       ->check(CLI::Range(0.0, 0.999))
       ->capture_default_str();
+  cmd->add_flag("--paired", o->paired,
+                 "Runs over several seeds (SEEDSET/RUN folders): gaps against the baseline's namesake in the same "
+                 "folder, and each run name's mean gap and spread over the sets");
   cmd->callback([o, baseline] {
     if (!baseline->empty()) o->baseline = *baseline;
     run_compare(*o, std::cout);

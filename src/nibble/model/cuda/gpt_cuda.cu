@@ -3,10 +3,11 @@
 //   x_      the residual stream [rows x d]          ln_     a norm's output, or a gradient [rows x d]
 //   wide_   qkv, or d(fc output) [rows x max(qkv, fc)]   wide2_  the MLP activation, or its gradient
 //   narrow_ attention heads' output, or its gradient    dtmp_   a layer's output before the residual add
-//   dx_     the gradient of the residual stream
+//   dx_     the gradient of the residual stream     hidden_ the final norm's output (the LM head's input)
 // The LM head and the loss (LmHeadLossCuda) keep only one chunk of logits at a time.
 // Every block keeps its fc output (`pre`) for the activation's backward; the linear layers keep
-// their own saved operands (packed when quantized); the attention core keeps q, k, v and the softmax's log-sum-exp.
+// their own saved operands (packed when quantized); the attention core keeps q, k, v, the softmax's
+// log-sum-exp and, with the fused kernels, the BF16 output O.
 #include "nibble/model/cuda/gpt_cuda.h"
 
 #include <stdexcept>

@@ -202,11 +202,24 @@ AttentionCoreCuda::AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRun
     throw std::invalid_argument("AttentionCoreCuda: d_model " + std::to_string(shape.d_model) + ", n_heads " +
                                 std::to_string(shape.n_heads) + ", n_kv_heads " + std::to_string(shape.n_kv_heads) +
                                 " do not form valid heads (rope needs an even head dimension)");
-  const bool fused_fits = detail::flash_head_dim(shape.head_dim()) != 0;
-  if (kernel_ == AttentionKernel::kAuto) kernel_ = fused_fits ? AttentionKernel::kFused : AttentionKernel::kGemm;
-  if (kernel_ == AttentionKernel::kFused && !fused_fits)
-    throw std::invalid_argument("AttentionCoreCuda: the fused kernels take head_dim up to 128, not " +
-                                std::to_string(shape.head_dim()) + " (use AttentionKernel::kGemm or kAuto)");
+  // The fused kernels need head_dim <= 128 and, at head_dim > 64, more shared memory per block
+  // than GPUs of compute capability 8.6, 8.9 and 12.x allow (flash_shared_bytes).
+  const int64_t flash_hd = detail::flash_head_dim(shape.head_dim());
+  if (flash_hd == 0) {
+    if (kernel_ == AttentionKernel::kFused)
+      throw std::invalid_argument("AttentionCoreCuda: the fused kernels take head_dim up to 128, not " +
+                                  std::to_string(shape.head_dim()) + " (use AttentionKernel::kGemm or kAuto)");
+    kernel_ = AttentionKernel::kGemm;
+    return;
+  }
+  if (kernel_ == AttentionKernel::kGemm) return;
+  const bool fits = detail::flash_fits_device(flash_hd);
+  if (kernel_ == AttentionKernel::kFused && !fits)
+    throw std::invalid_argument("AttentionCoreCuda: the fused kernels at head_dim " + std::to_string(shape.head_dim()) +
+                                " need " + std::to_string(detail::flash_shared_bytes(flash_hd)) +
+                                " bytes of shared memory per block, more than this device allows (use "
+                                "AttentionKernel::kGemm or kAuto)");
+  kernel_ = fits ? AttentionKernel::kFused : AttentionKernel::kGemm;
 }
 
 void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream) {

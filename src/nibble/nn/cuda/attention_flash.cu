@@ -10,6 +10,7 @@
 // registers).
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <stdexcept>
@@ -158,8 +159,9 @@ __device__ inline float quad_sum(float v) {
 
 // ---------------------------------------------------------------- forward
 
-// Block: 64 queries of one (batch, head), grid (Tp / 64, H, B); the last query tiles (the most
-// key tiles) start first. Shared memory: Q, then two K and two V buffers.
+// Block: 64 queries of one (batch, head), grid (Tp / 64, H, B); blockIdx.x is reversed so that,
+// within each (batch, head), the last query tiles (the most key tiles) are issued first. Shared
+// memory: Q, then two K and two V buffers.
 template <int HD>
 __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, const bf16* __restrict__ q,
                                                                  const bf16* __restrict__ k,
@@ -344,9 +346,9 @@ __global__ void __launch_bounds__(kThreads) flash_dkdv_kernel(FlashDims d, const
 
 // ---------------------------------------------------------------- backward: dq
 
-// Block: 64 queries of one (batch, head), grid (Tp / 64, H, B), last tiles first. Loops over the
-// key tiles at or below the diagonal; dq stays in registers. Shared memory: Q, dO, then two K and
-// two V buffers.
+// Block: 64 queries of one (batch, head), grid (Tp / 64, H, B), last tiles issued first as in
+// forward. Loops over the key tiles at or below the diagonal; dq stays in registers. Shared memory:
+// Q, dO, then two K and two V buffers.
 template <int HD>
 __global__ void __launch_bounds__(kThreads) flash_dq_kernel(FlashDims d, const bf16* __restrict__ q,
                                                             const bf16* __restrict__ k, const bf16* __restrict__ v,
@@ -472,20 +474,48 @@ void backward_impl(const FlashDims& d, const bf16* q, const bf16* k, const bf16*
 
 }  // namespace
 
+void check_flash_dims(const FlashDims& d) {
+  const auto fail = [&](const std::string& what) {
+    throw std::invalid_argument("fused attention (B " + std::to_string(d.B) + ", T " + std::to_string(d.T) + ", Tp " +
+                                std::to_string(d.Tp) + ", H " + std::to_string(d.H) + ", KV " + std::to_string(d.KV) +
+                                ", hd " + std::to_string(d.hd) + ", HD " + std::to_string(d.HD) + "): " + what);
+  };
+  if (d.HD != 64 && d.HD != 128) fail("the padded head dimension must be 64 or 128");
+  if (d.hd <= 0 || d.hd > d.HD) fail("the head dimension must be in [1, HD]");
+  if (d.T <= 0 || d.T > d.Tp || d.Tp % kFlashTile != 0) fail("need 0 < T <= Tp and Tp a multiple of 64");
+  if (d.B <= 0 || d.H <= 0 || d.KV <= 0 || d.H % d.KV != 0) fail("need B, H, KV positive and H a multiple of KV");
+  // The grids are (Tp / 64, H or KV, B): y and z are at most 65535, x at most 2^31 - 1.
+  if (d.B > 65535 || d.H > 65535) fail("batch and heads must be at most 65535 (CUDA grid y/z limit)");
+  if (d.Tp / kFlashTile > 0x7fffffffLL) fail("too many query tiles for the grid");
+}
+
+size_t flash_shared_bytes(int64_t HD) {
+  if (HD == 64) return std::max({kForwardSmem<64>, kDkdvSmem<64>, kDqSmem<64>});
+  if (HD == 128) return std::max({kForwardSmem<128>, kDkdvSmem<128>, kDqSmem<128>});
+  throw std::invalid_argument("fused attention: padded head dimension " + std::to_string(HD) + " is not 64 or 128");
+}
+
 #ifndef NIBBLE_FLASH_HOST_EMULATION
+
+bool flash_fits_device(int64_t HD) {
+  int device = 0, optin = 0;
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
+  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return flash_shared_bytes(HD) <= static_cast<size_t>(optin);
+}
 
 void flash_forward(const FlashDims& d, const bf16* q, const bf16* k, const bf16* v, float* out, bf16* o, float* lse,
                    cudaStream_t stream) {
+  check_flash_dims(d);
   if (d.HD == 64) return forward_impl<64>(d, q, k, v, out, o, lse, stream);
-  if (d.HD == 128) return forward_impl<128>(d, q, k, v, out, o, lse, stream);
-  throw std::invalid_argument("flash_forward: padded head dimension " + std::to_string(d.HD) + " is not 64 or 128");
+  return forward_impl<128>(d, q, k, v, out, o, lse, stream);
 }
 
 void flash_backward(const FlashDims& d, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
                     const float* lse, const float* delta, float* dq, float* dk, float* dv, cudaStream_t stream) {
+  check_flash_dims(d);
   if (d.HD == 64) return backward_impl<64>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
-  if (d.HD == 128) return backward_impl<128>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
-  throw std::invalid_argument("flash_backward: padded head dimension " + std::to_string(d.HD) + " is not 64 or 128");
+  return backward_impl<128>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
 }
 
 #endif  // NIBBLE_FLASH_HOST_EMULATION

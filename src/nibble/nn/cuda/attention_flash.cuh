@@ -2,16 +2,17 @@
 // src/nibble/nn/cuda). Operands are the packed BF16 heads of attention_cuda.cu:
 //   q, o [B, H, Tp, HD], k, v [B, KV, Tp, HD]   (rows padded with zeros to Tp, a multiple of
 //   kFlashTile; head dimension padded with zeros to HD = 64 or 128, see flash_head_dim)
-// Scores never reach global memory: each block keeps a 64 x 64 tile of them in registers (BF16
-// tensor-core mma.sync m16n8k16, FP32 accumulation), with the online softmax in FP32 and the key
-// tiles above the diagonal skipped. Backward recomputes P from the saved log-sum-exp in two
-// kernels that each own their outputs (dk, dv per key tile; dq per query tile): no atomics, so
-// the result is the same bits on every run.
+// Scores never reach global memory: each block keeps a 64 x 64 tile of them (64 keys x 32 queries
+// in dk/dv at HD 128) in registers (BF16 tensor-core mma.sync m16n8k16, FP32 accumulation), with
+// the online softmax in FP32 and the key tiles above the diagonal skipped. Backward recomputes P
+// from the saved log-sum-exp in two kernels that each own their outputs (dk, dv per key tile; dq
+// per query tile): no atomics, so the result is the same bits on every run.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace nibble::nn::cuda::detail {
@@ -26,6 +27,21 @@ struct FlashDims {
   int64_t B, T, Tp, H, KV, hd, HD;  // hd: the model's head dimension; HD: padded (64 or 128)
   float scale;                      // 1 / sqrt(hd)
 };
+
+// Throws std::invalid_argument, naming the fused attention kernels, when d is outside what they
+// handle: HD 64 or 128 with 0 < hd <= HD, 0 < T <= Tp with Tp a multiple of kFlashTile, H a multiple
+// of KV, and B, H and KV within the grid's y and z limits (65535). flash_forward and
+// flash_backward call it; it is host code (tested on the CPU in tests/cuda_emulation).
+void check_flash_dims(const FlashDims& d);
+
+// Dynamic shared memory per block of the largest of the three kernels at padded head dimension HD
+// (64 or 128). Above 48 KiB a kernel must opt in, up to the device's
+// cudaDevAttrMaxSharedMemoryPerBlockOptin (227 KiB on Hopper; 99 KiB on GPUs of compute capability
+// 8.6, 8.9 and 12.x, which HD 128 exceeds).
+size_t flash_shared_bytes(int64_t HD);
+
+// Whether the current device lets the kernels at padded head dimension HD have their shared memory.
+bool flash_fits_device(int64_t HD);
 
 // Forward. Writes out [B*T x H*hd] (FP32, the heads' outputs), o (BF16 copy of the normalised
 // output, padded layout, for backward's rowsum(dO o)) and lse [B, H, Tp]: per row, the base-2

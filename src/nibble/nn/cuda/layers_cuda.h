@@ -127,19 +127,21 @@ void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream);
 //
 // Two implementations (AttentionKernel):
 // - kFused (flash-style, attention_flash.cuh), for head_dim <= 128 (padded to 64 or 128; seq padded
-//   to a multiple of 64): scores live only in registers, one 64 x 64 tile at a time, with an
+//   to a multiple of 64) where the device gives the kernels their shared memory (up to 102 KiB
+//   per block at head_dim > 64: Hopper does, compute capability 8.6/8.9/12.x does not): scores
+//   live only in registers, one 64 x 64 tile at a time (64 x 32 in dk/dv at head_dim > 64), with an
 //   online softmax; tiles above the diagonal are skipped. P is rounded to BF16 relative to the
 //   running row maximum. Backward recomputes P from the saved log-sum-exp in two kernels (dk and
 //   dv per key tile, dq per query tile) without atomics: the same bits on every run. Saved per
 //   layer: BF16 q, k, v and O, and one FP32 log-sum-exp per row. Workspace: per-call O(seq)
 //   buffers only (dO, rowsum(dO O), dq, dk, dv).
-// - kGemm (any head_dim; the fallback above 128 and the benchmark's reference): cuBLASLt batched
+// - kGemm (any head_dim; the fallback where kFused does not fit, and the benchmark's reference): cuBLASLt batched
 //   GEMMs per KV group (group*seq rows against the group's k or v; dk and dv sum over the group
 //   inside the reduction) that materialise the FP32 scores [B, H, seq, seq] (and dP) in the
 //   workspace, FP32 softmax kernels, seq and head_dim padded to multiples of 8. Saves the same
 //   q, k, v and log-sum-exp and recomputes the scores and P in backward.
 // The workspace is shared by all layers working on one stream; nothing a layer saves lives there.
-enum class AttentionKernel { kAuto, kFused, kGemm };  // kAuto: kFused where head_dim <= 128
+enum class AttentionKernel { kAuto, kFused, kGemm };  // kAuto: kFused where it fits (above), else kGemm
 
 struct AttentionWorkspace {
   DeviceBuffer<__nv_bfloat16> dout;          // dO [B, H, Tp, hdp]
@@ -154,7 +156,7 @@ struct AttentionWorkspace {
 class AttentionCoreCuda {
  public:
   // `gemm` and `workspace` are borrowed and must outlive the layer. Throws std::invalid_argument
-  // for kFused with head_dim > 128.
+  // for kFused with head_dim > 128 or on a device without the shared memory it needs.
   AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRunner& gemm, AttentionWorkspace& workspace,
                     AttentionKernel kernel = AttentionKernel::kAuto);
 
@@ -204,9 +206,9 @@ class CrossEntropyCuda {
                         double* loss_mean, cudaStream_t stream);
 
   // Rows [row0, row0 + rows) of a batch of total_rows: logits [rows x vocab] (those rows only, read
-  // only), targets [total_rows] (the batch's). Keeps the rows' losses; writes dlogits [rows x vocab] (BF16, the gradient or,
-  // with grad_scale 0, the probabilities) unless dlogits is nullptr. Bad targets are reported at
-  // their position in the batch (row0 + r).
+  // only), targets [total_rows] (the batch's). Keeps the rows' losses; writes dlogits [rows x vocab]
+  // (BF16, the gradient or, with grad_scale 0, the probabilities) unless dlogits is nullptr. Bad
+  // targets are reported at their position in the batch (row0 + r).
   void chunk(const float* logits, const uint32_t* targets, int64_t row0, int64_t rows, int64_t total_rows,
              int64_t vocab, float grad_scale, __nv_bfloat16* dlogits, cudaStream_t stream);
   // *loss_mean (device) = the fixed-order mean of the losses of rows [0, total_rows) that chunk() kept.

@@ -59,6 +59,10 @@ void LmHeadLossCuda::forward_backward(const float* weight, const float* hidden, 
                                       float* weight_grad, cudaStream_t stream) {
   if (dhidden == nullptr || weight_grad == nullptr)
     throw std::invalid_argument("LmHeadLossCuda::forward_backward: dhidden and weight_grad are required");
+  // CrossEntropyCuda reads grad_scale 0 as "write the probabilities": the backward GEMMs would take
+  // them for the gradient instead of zeros.
+  if (grad_scale == 0.0f)
+    throw std::invalid_argument("LmHeadLossCuda::forward_backward: grad_scale must be non-zero (use loss())");
   run(weight, hidden, targets, rows, grad_scale, /*backward=*/true, loss_mean, dhidden, weight_grad, stream);
 }
 

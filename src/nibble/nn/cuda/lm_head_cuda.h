@@ -61,7 +61,8 @@ class LmHeadLossCuda {
             cudaStream_t stream);
   // Training: also dhidden [rows x d] (overwritten) = d(loss * grad_scale)/d(hidden) and
   // weight_grad [vocab x d] += d(loss * grad_scale)/dW, where grad_scale is the scale of each row's
-  // logit gradient as in CrossEntropyCuda (the model passes grad_scale / rows for the mean loss).
+  // logit gradient as in CrossEntropyCuda (the model passes grad_scale / rows for the mean loss);
+  // non-zero (std::invalid_argument otherwise).
   void forward_backward(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
                         float grad_scale, double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream);
 
