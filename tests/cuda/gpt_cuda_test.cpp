@@ -27,10 +27,13 @@
 #include <vector>
 
 #include "nibble/model/gpt.h"
+#include "cuda/cuda_test_util.h"
 #include "test_seed.h"
 
 namespace nibble::model {
 namespace {
+
+using nibble::test::download;
 
 GptConfig tiny(PositionKind pos, NormKind norm, nn::MlpKind mlp, int64_t kv_heads, bool tied) {
   GptConfig c;
@@ -102,11 +105,9 @@ TEST_P(GptCudaTest, MatchesCpuModel) {
   std::string worst_name;
   for (size_t i = 0; i < ps.size(); ++i) {
     ASSERT_EQ(ps[i].name, ds[i].name);
-    std::vector<float> g(static_cast<size_t>(ds[i].count)), g_other(gpu_other_seed ? g.size() : 0);
-    NIBBLE_CUDA_CHECK(cudaMemcpy(g.data(), ds[i].grad, g.size() * 4, cudaMemcpyDeviceToHost));
-    if (gpu_other_seed)
-      NIBBLE_CUDA_CHECK(cudaMemcpy(g_other.data(), gpu_other_seed->parameters()[i].grad, g.size() * 4,
-                                   cudaMemcpyDeviceToHost));
+    const std::vector<float> g = download(ds[i].grad, ds[i].count);
+    const std::vector<float> g_other =
+        gpu_other_seed ? download(gpu_other_seed->parameters()[i].grad, ds[i].count) : std::vector<float>{};
     double diff = 0, ref = 0;
     for (size_t j = 0; j < g.size(); ++j) {
       const double c = ps[i].grad[j];
