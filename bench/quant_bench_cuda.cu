@@ -4,7 +4,8 @@
 //   nibble_quant_bench_cuda [rows cols]      (default 8192 8192)
 //
 // Bytes counted for the quantizer are the fewest it must move: the input read once and every output
-// written once (packed data, scales). The amax pass, which current scaling needs before any element
+// written once (packed data, scales, and the decoded BF16 values where asked for: 2 bytes per
+// element per side). The amax pass, which current scaling needs before any element
 // can be encoded, reads the input a second time; the table gives it separately and in the total.
 #include <cuda_runtime.h>
 
@@ -40,6 +41,7 @@ int main(int argc, char** argv) {
 
   bf16_t *x = nullptr, *copy_dst = nullptr;
   uint8_t *row_data, *row_scales, *col_data, *col_scales;
+  uint16_t *row_decoded, *col_decoded;
   float* decode;
   uint32_t* amax;
   check(cudaMalloc(&x, n * 2), "malloc");
@@ -48,6 +50,8 @@ int main(int argc, char** argv) {
   check(cudaMalloc(&col_data, n / 2), "malloc");
   check(cudaMalloc(&row_scales, n / 16), "malloc");
   check(cudaMalloc(&col_scales, n / 16), "malloc");
+  check(cudaMalloc(&row_decoded, n * 2), "malloc");
+  check(cudaMalloc(&col_decoded, n * 2), "malloc");
   check(cudaMalloc(&decode, 2 * sizeof(float)), "malloc");
   check(cudaMalloc(&amax, 2 * sizeof(uint32_t)), "malloc");
   check(cudaMemcpy(x, host.data(), n * 2, cudaMemcpyHostToDevice), "upload");
@@ -64,6 +68,7 @@ int main(int argc, char** argv) {
   struct Variant {
     const char* name;
     cuda::RowColSpec spec;
+    bool row_decoded = false, col_decoded = false;  // also write the decoded BF16 values
   };
   cuda::RowColSpec act;  // activations for Fprop + Wgrad: RNE, RHT on the columnwise copy
   act.col_rht = true;
@@ -75,24 +80,32 @@ int main(int argc, char** argv) {
   row_only.columnwise = false;
   cuda::RowColSpec col_only = act;
   col_only.rowwise = false;
+  // The X and dY variants as the linear layer runs them on Hopper: X's rowwise (Fprop) copy and both
+  // of dY's copies with their decoded BF16 values, which the GEMMs read instead of a decode pass.
   const Variant variants[] = {{"row+col, RNE, no RHT", plain},
                               {"row+col+RHT, RNE (X)", act},
                               {"row+col+RHT, SR (dY)", grad},
+                              {"X + decoded row", act, true, false},
+                              {"dY + decoded row+col", grad, true, true},
                               {"row only, RNE", row_only},
                               {"col only +RHT, RNE", col_only}};
 
   std::printf("\n%-24s %9s %9s %9s %11s %11s %11s\n", "fused nvfp4 pass", "amax ms", "quant ms", "total ms",
               "quant GB/s", "quant/copy", "total/copy");
   for (const Variant& v : variants) {
+    cuda::QuantBuffers row_out = row, col_out = col;
+    if (v.row_decoded) row_out.decoded = row_decoded;
+    if (v.col_decoded) col_out.decoded = col_decoded;
     const float amax_ms = median_ms([&] { cuda::nvfp4_amax(x, rows, cols, v.spec, amax, nullptr); });
     cuda::nvfp4_amax(x, rows, cols, v.spec, amax, nullptr);
     const float quant_ms =
-        median_ms([&] { cuda::nvfp4_quantize_rowcol(x, rows, cols, v.spec, amax, row, col, nullptr); });
+        median_ms([&] { cuda::nvfp4_quantize_rowcol(x, rows, cols, v.spec, amax, row_out, col_out, nullptr); });
     const float total_ms = median_ms([&] {
       cuda::nvfp4_amax(x, rows, cols, v.spec, amax, nullptr);
-      cuda::nvfp4_quantize_rowcol(x, rows, cols, v.spec, amax, row, col, nullptr);
+      cuda::nvfp4_quantize_rowcol(x, rows, cols, v.spec, amax, row_out, col_out, nullptr);
     });
-    const double out_bytes = (v.spec.rowwise + v.spec.columnwise) * copy_out_bytes;
+    const double out_bytes =
+        (v.spec.rowwise + v.spec.columnwise) * copy_out_bytes + (v.row_decoded + v.col_decoded) * 2.0 * n;
     const double quant_gbs = (in_bytes + out_bytes) / quant_ms / 1e6;
     const double total_gbs = (in_bytes + out_bytes) / total_ms / 1e6;
     std::printf("%-24s %9.3f %9.3f %9.3f %11.0f %10.1f%% %10.1f%%\n", v.name, amax_ms, quant_ms, total_ms, quant_gbs,

@@ -260,6 +260,139 @@ TEST(CudaQuantize, NonFiniteAndZeroTensorsMatchCpu) {
   }
 }
 
+// What decoding a packed NVFP4 1x16 copy to BF16 gives: the float32 product code x block scale that
+// decode_fp4_kernel (nn/cuda/operand_cuda.cu) computes, whose upper half it stores.
+std::vector<uint16_t> decode_to_bf16(const QuantizedTensor& q) {
+  std::vector<uint16_t> out(static_cast<size_t>(q.numel()));
+  for (int64_t i = 0; i < q.numel(); ++i) {
+    const uint8_t byte = q.data[static_cast<size_t>(i / 2)];
+    const uint8_t code = (i & 1) ? byte >> 4 : byte & 0xF;
+    const float value = E2M1::decode(code) * E4M3::decode(q.scales[static_cast<size_t>(i / 16)]);
+    out[static_cast<size_t>(i)] = static_cast<uint16_t>(bits(value) >> 16);
+  }
+  return out;
+}
+
+// The fused pass's decoded output against decode_to_bf16 of its packed output.
+::testing::AssertionResult decoded_matches(const QuantizedTensor& q, const std::vector<uint16_t>& decoded) {
+  const std::vector<uint16_t> expected = decode_to_bf16(q);
+  if (decoded.size() != expected.size())
+    return ::testing::AssertionFailure() << "decoded size " << decoded.size() << ", expected " << expected.size();
+  for (size_t i = 0; i < expected.size(); ++i)
+    if (decoded[i] != expected[i])
+      return ::testing::AssertionFailure() << "decoded element " << i << " (row " << i / q.cols << ", col "
+                                           << i % q.cols << "): expected 0x" << std::hex << expected[i] << ", got 0x"
+                                           << decoded[i];
+  return ::testing::AssertionSuccess();
+}
+
+// The pass with decoded output: packed copies unchanged from the pass without it, decoded values
+// equal to decoding those copies. `what` names the case in failure messages.
+template <typename T>
+void check_decoded_pass(const std::vector<T>& x, int64_t rows, int64_t cols, const cuda::RowColSpec& spec,
+                        const char* what) {
+  SCOPED_TRACE(what);
+  cuda::RowColDecoded dec;
+  const auto [row, col] = cuda::quantize_rowcol_on_gpu(std::span<const T>(x), rows, cols, spec, &dec);
+  const auto [row0, col0] = cuda::quantize_rowcol_on_gpu(std::span<const T>(x), rows, cols, spec);
+  if (spec.rowwise) {
+    EXPECT_TRUE(same_bits(row0, row)) << "rowwise copy changed by the decoded output";
+    EXPECT_TRUE(decoded_matches(row, dec.row)) << "rowwise";
+  } else {
+    EXPECT_TRUE(dec.row.empty());
+  }
+  if (spec.columnwise) {
+    EXPECT_TRUE(same_bits(col0, col)) << "columnwise copy changed by the decoded output";
+    EXPECT_TRUE(decoded_matches(col, dec.col)) << "columnwise";
+  } else {
+    EXPECT_TRUE(dec.col.empty());
+  }
+}
+
+TEST(CudaQuantize, FusedDecodedOutputEqualsDecodedPackedBitForBit) {
+  std::mt19937_64 rng(fresh_seed() + 6);
+  int cases = 0;
+  for (Shape sh : kShapes) {
+    for (Dist dist : {Dist::kGaussianOutliers, Dist::kUniform, Dist::kTiny, Dist::kSparseBlocks, Dist::kWideBlocks}) {
+      const std::vector<float> xf = draw(sh.rows, sh.cols, dist, rng);
+      const std::vector<bf16_t> xb = to_bf16(xf);
+      for (bool rht : {false, true}) {
+        for (Rounding rr : {Rounding::kNearestEven, Rounding::kStochastic}) {
+          for (Rounding cr : {Rounding::kNearestEven, Rounding::kStochastic}) {
+            cuda::RowColSpec spec;
+            spec.col_rht = rht;
+            spec.row_rounding = rr;
+            spec.col_rounding = cr;
+            spec.seed = fresh_seed() ^ 0x9ABC;
+            spec.rht_signs = rht_signs_from_seed(spec.seed);
+            SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " dist " +
+                         std::to_string(static_cast<int>(dist)) + " rht " + std::to_string(rht) + " row " +
+                         std::string(rounding_name(rr)) + " col " + std::string(rounding_name(cr)));
+            check_decoded_pass(xb, sh.rows, sh.cols, spec, "bf16 input");
+            check_decoded_pass(xf, sh.rows, sh.cols, spec, "float input");
+            cases += 2;
+          }
+        }
+      }
+    }
+  }
+  std::printf("fused path with decoded output: %d cases compared bit for bit\n", cases);
+}
+
+// Each side alone, and non-finite and all-zero tensors (decoded values all zero). Small enough for
+// compute-sanitizer (scripts/device_check.sh).
+TEST(CudaQuantize, FusedDecodedOutputSidesAndSpecialTensors) {
+  std::mt19937_64 rng(fresh_seed() + 7);
+  const std::vector<float> x = draw(96, 160, Dist::kGaussianOutliers, rng);
+  for (bool rht : {false, true}) {
+    cuda::RowColSpec spec;
+    spec.col_rht = rht;
+    spec.rht_signs = rht_signs_from_seed(rng());
+    spec.columnwise = false;
+    check_decoded_pass(x, 96, 160, spec, "rowwise only");
+    check_decoded_pass(to_bf16(x), 96, 160, spec, "rowwise only, bf16");
+    spec.columnwise = true;
+    spec.rowwise = false;
+    check_decoded_pass(x, 96, 160, spec, "columnwise only");
+    check_decoded_pass(to_bf16(x), 96, 160, spec, "columnwise only, bf16");
+  }
+
+
+  cuda::RowColSpec spec;
+  spec.col_rht = true;
+  for (float poison : {NAN, INFINITY, -INFINITY}) {
+    std::vector<float> p = draw(64, 96, Dist::kUniform, rng);
+    p[std::uniform_int_distribution<size_t>(0, p.size() - 1)(rng)] = poison;
+    cuda::RowColDecoded dec;
+    cuda::quantize_rowcol_on_gpu(std::span<const float>(p), 64, 96, spec, &dec);
+    for (const auto* side : {&dec.row, &dec.col})
+      for (size_t i = 0; i < side->size(); ++i) ASSERT_EQ((*side)[i], 0) << "poison " << poison << " element " << i;
+    check_decoded_pass(p, 64, 96, spec, "non-finite");
+  }
+  const std::vector<float> zeros(64 * 96, 0.0f);
+  cuda::RowColDecoded dec;
+  cuda::quantize_rowcol_on_gpu(std::span<const float>(zeros), 64, 96, spec, &dec);
+  for (const auto* side : {&dec.row, &dec.col})
+    for (size_t i = 0; i < side->size(); ++i) ASSERT_EQ((*side)[i], 0) << "zeros, element " << i;
+  check_decoded_pass(zeros, 64, 96, spec, "all zero");
+}
+
+// A grid whose blocks loop over several tiles (with the next tile's loads in flight on the RNE
+// variants), partial tiles at both edges.
+TEST(CudaQuantize, FusedDecodedOutputLoopsOverTiles) {
+  std::mt19937_64 rng(fresh_seed() + 8);
+  const std::vector<float> x = draw(2064, 4112, Dist::kGaussianOutliers, rng);
+  const std::vector<bf16_t> xb = to_bf16(x);
+  for (bool sr : {false, true}) {
+    cuda::RowColSpec spec;
+    spec.col_rht = true;
+    spec.row_rounding = spec.col_rounding = sr ? Rounding::kStochastic : Rounding::kNearestEven;
+    spec.seed = rng();
+    check_decoded_pass(xb, 2064, 4112, spec, sr ? "bf16, sr" : "bf16, rne");
+    check_decoded_pass(x, 2064, 4112, spec, sr ? "float, sr" : "float, rne");
+  }
+}
+
 TEST(CudaQuantize, DequantizeEqualsCpuBitForBit) {
   std::mt19937_64 rng(fresh_seed() + 4);
   const std::vector<float> x = draw(128, 2080, Dist::kGaussianOutliers, rng);
@@ -277,6 +410,11 @@ TEST(CudaQuantize, RejectsShapesItCannotQuantize) {
   EXPECT_THROW(cuda::quantize_rowcol_on_gpu(std::span<const float>(x), 40, 24, cuda::RowColSpec{}), std::invalid_argument);
   QuantSpec s;
   EXPECT_THROW(cuda::quantize_on_gpu(std::span<const float>(x), 40, 24, s), std::invalid_argument);
+  // Only the fused pass writes decoded values.
+  uint16_t decoded = 0;
+  EXPECT_THROW(cuda::quantize_segments(static_cast<const float*>(nullptr), 32, 32, s, nullptr,
+                                       cuda::QuantBuffers{nullptr, nullptr, nullptr, &decoded}, nullptr),
+               std::invalid_argument);
 }
 
 }  // namespace

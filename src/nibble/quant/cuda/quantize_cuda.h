@@ -26,6 +26,11 @@ struct QuantBuffers {
   uint8_t* data = nullptr;
   uint8_t* scales = nullptr;
   float* decode_scale = nullptr;  // one float
+  // Fused NVFP4 pass only (nullptr: not written): also the decoded values, code x block scale
+  // without the tensor scale, as BF16 bits in the copy's layout (rowwise [rows x cols], columnwise
+  // X^T [cols x rows]): exactly what decoding the packed output to BF16 gives (zeros where the
+  // tensor is non-finite), so that a BF16 GEMM can read them without a decode pass.
+  uint16_t* decoded = nullptr;
 };
 
 // What the fused NVFP4 pass produces. Each side can be switched off.
@@ -53,7 +58,7 @@ void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColS
                            const uint32_t* amax_bits, QuantBuffers row, QuantBuffers col, cudaStream_t stream);
 
 // Generic path for any valid QuantSpec: amax of the (transformed) quantized matrix, then one
-// thread per block segment.
+// thread per block segment. It writes no decoded values (out.decoded must be nullptr).
 template <typename T>
 void quantize_amax(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, uint32_t* amax_bits,
                    cudaStream_t stream);
@@ -69,10 +74,17 @@ void dequantize(const QuantSpec& spec, int64_t rows, int64_t cols, const uint8_t
 QuantizedTensor quantize_on_gpu(std::span<const float> x, int64_t rows, int64_t cols, const QuantSpec& spec);
 QuantizedTensor quantize_on_gpu(std::span<const bf16_t> x, int64_t rows, int64_t cols, const QuantSpec& spec);
 // The fused pass; returns {rowwise, columnwise} as QuantizedTensors with matching QuantSpecs.
+// With `decoded`, the pass also writes the decoded BF16 values (QuantBuffers::decoded) of each side
+// it makes, returned in decoded->row / decoded->col (empty for a side switched off).
+struct RowColDecoded {
+  std::vector<uint16_t> row, col;
+};
 std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_on_gpu(std::span<const bf16_t> x, int64_t rows,
-                                                                   int64_t cols, const RowColSpec& spec);
+                                                                   int64_t cols, const RowColSpec& spec,
+                                                                   RowColDecoded* decoded = nullptr);
 std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_on_gpu(std::span<const float> x, int64_t rows,
-                                                                   int64_t cols, const RowColSpec& spec);
+                                                                   int64_t cols, const RowColSpec& spec,
+                                                                   RowColDecoded* decoded = nullptr);
 std::vector<float> dequantize_on_gpu(const QuantizedTensor& q);
 
 // The QuantSpecs of the two outputs of a RowColSpec (what the CPU reference is called with).
