@@ -193,5 +193,113 @@ TEST(LinearCuda, QuantizesTheWeightOncePerStep) {
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
+// The fused pass's decoded BF16 values are what the separate decode pass makes of the packed codes,
+// and the pass writes the same packed codes with them: both operands of make_pair, float and bf16
+// input, with and without the RHT and stochastic rounding, shapes of partial 64 x 128 tiles.
+TEST(OperandCuda, DecodedValuesEqualTheDecodePass) {
+  std::mt19937_64 rng(test::fresh_seed());
+  struct Shape {
+    int64_t rows, cols;
+  };
+  for (const Shape sh : {Shape{96, 160}, Shape{48, 80}, Shape{1040, 272}}) {
+    for (const std::vector<std::string>& overrides :
+         {std::vector<std::string>{}, std::vector<std::string>{"no_rht"}, std::vector<std::string>{"no_sr"}}) {
+      const Recipe recipe = make_recipe("nvfp4", overrides);
+      std::vector<float> x = test::random_normal(rng, sh.rows * sh.cols, 1.0f);
+      for (int64_t r = 0; r < sh.rows; ++r) x[static_cast<size_t>(r * sh.cols + 3)] *= 30.0f;
+      std::vector<bf16_t> xb(x.size());
+      for (size_t i = 0; i < x.size(); ++i) xb[i] = bf16_t{BF16::encode(x[i], Rounding::kNearestEven)};
+      DeviceBuffer<float> d_x{std::span<const float>(x)};
+      DeviceBuffer<bf16_t> d_xb{std::span<const bf16_t>(xb)};
+      for (const bool bf16_input : {false, true}) {
+        for (const auto& [row_op, col_op] : {std::pair{Operand::kFpropX, Operand::kWgradX},
+                                            std::pair{Operand::kDgradDy, Operand::kWgradDy}}) {
+          SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " " + recipe.name +
+                       (bf16_input ? " bf16" : " float") + " " + operand_name(row_op));
+          cuda::OperandCuda row, col, row0, col0;
+          const uint64_t seed = rng();
+          const auto make = [&](cuda::OperandCuda& r, cuda::OperandCuda& c, bool decoded) {
+            if (bf16_input)
+              cuda::OperandCuda::make_pair(d_xb.data(), sh.rows, sh.cols, recipe, row_op, col_op, seed, r, c, nullptr,
+                                           decoded, decoded);
+            else
+              cuda::OperandCuda::make_pair(d_x.data(), sh.rows, sh.cols, recipe, row_op, col_op, seed, r, c, nullptr,
+                                           decoded, decoded);
+          };
+          make(row, col, true);
+          make(row0, col0, false);
+          for (const auto& [o, o0] : {std::pair{&row, &row0}, std::pair{&col, &col0}}) {
+            ASSERT_TRUE(o->has_decoded());
+            ASSERT_FALSE(o0->has_decoded());
+            const QuantizedTensor q = o->download(), q0 = o0->download();
+            EXPECT_EQ(q.data, q0.data) << "codes";
+            EXPECT_EQ(q.scales, q0.scales) << "block scales";
+            EXPECT_EQ(q.decode_scale, q0.decode_scale) << "tensor scale";
+            DeviceBuffer<uint8_t> scratch, scratch0;
+            for (const bool as_b : {false, true}) {
+              const cuda::GemmMatrix m = o->gemm_matrix(cuda::GemmType::kBF16, as_b, scratch, nullptr);
+              const cuda::GemmMatrix m0 = o0->gemm_matrix(cuda::GemmType::kBF16, as_b, scratch0, nullptr);
+              EXPECT_EQ(m.transposed, m0.transposed);
+              EXPECT_NE(m.data, static_cast<const void*>(scratch.data())) << "read from the decoded values";
+              const int64_t n = o->rows() * o->cols();
+              const std::vector<uint16_t> got = download(static_cast<const uint16_t*>(m.data), n);
+              const std::vector<uint16_t> want = download(static_cast<const uint16_t*>(m0.data), n);
+              size_t first = 0;
+              while (first < got.size() && got[first] == want[first]) ++first;
+              EXPECT_EQ(first, got.size()) << "first difference at element " << first << " of " << n;
+            }
+          }
+          // A make without the request drops the values.
+          make(row, col, false);
+          EXPECT_FALSE(row.has_decoded());
+          EXPECT_FALSE(col.has_decoded());
+        }
+      }
+    }
+  }
+}
+
+// The linear layer with the fused pass's decoded values (x_rows, dy_rows, dy_cols; never the saved
+// X^T) computes exactly what it computes with the separate decode pass: the GEMMs read the same
+// BF16 values.
+TEST(LinearCuda, FusedDecodeGivesTheSameBits) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const int64_t tokens = 96, in = 160, out = 224;
+  for (const std::vector<std::string>& overrides :
+       {std::vector<std::string>{}, std::vector<std::string>{"no_rht"}, std::vector<std::string>{"no_sr"}}) {
+    const Recipe recipe = make_recipe("nvfp4", overrides);
+    SCOPED_TRACE(recipe.name);
+    const std::vector<float> w = test::random_normal(rng, in * out, 0.05f);
+    const std::vector<float> x = test::random_normal(rng, tokens * in, 1.0f);
+    const std::vector<float> dy = test::random_normal(rng, tokens * out, 1e-3f);
+    DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
+    const LinearOptions options{/*layer_id=*/3, /*run_seed=*/rng()};
+    struct Result {
+      std::vector<float> y, dx, dw;
+    };
+    const auto run = [&](bool fused_decode) {
+      LinearContext ctx;
+      ctx.native_fp4 = false;  // the BF16 decode path, also on Blackwell
+      ctx.fused_decode = fused_decode;
+      LinearCuda layer(in, out, recipe, options, ctx);
+      layer.upload_weight(w);
+      layer.set_step(5);
+      DeviceBuffer<float> d_y(static_cast<size_t>(tokens * out)), d_dx(static_cast<size_t>(tokens * in));
+      layer.forward(d_x.data(), tokens, d_y.data(), nullptr);
+      EXPECT_EQ(ctx.x_rows.has_decoded(), fused_decode);
+      EXPECT_FALSE(layer.saved_x_t().has_decoded());
+      layer.backward(d_dy.data(), d_dx.data(), nullptr);
+      EXPECT_EQ(ctx.dy_rows.has_decoded(), fused_decode);
+      EXPECT_EQ(ctx.dy_cols.has_decoded(), fused_decode);
+      return Result{download(d_y.data(), tokens * out), download(d_dx.data(), tokens * in),
+                    download(layer.weight_grad(), in * out)};
+    };
+    const Result fused = run(true), separate = run(false);
+    EXPECT_EQ(fused.y, separate.y) << "Y";
+    EXPECT_EQ(fused.dx, separate.dx) << "dX";
+    EXPECT_EQ(fused.dw, separate.dw) << "dW";
+  }
+}
+
 }  // namespace
 }  // namespace nibble::nn

@@ -42,6 +42,14 @@ std::string LinearCuda::context(Operand op) const {
          std::to_string(out_) + ", recipe " + recipe_.name + "] " + operand_name(op);
 }
 
+bool LinearCuda::wants_decoded(const OperandCuda& other) const {
+  if (!ctx_.fused_decode) return false;
+  // The values are written only by the fused pass, whose operands are NVFP4 1x16 with rows and cols
+  // multiples of 16: their GEMM with `other` (same K, other.cols()) runs natively exactly when
+  // use_native_nvfp4 holds for `other` paired with itself. An FP32 GEMM reads FP32, not BF16.
+  return !use_native_nvfp4(other, other, ctx_.native_fp4) && other.native_type() != GemmType::kF32;
+}
+
 void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
   if (weight_copies_valid_) return;
   const uint64_t seed = weight_sr_seed();
@@ -91,8 +99,9 @@ void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t 
   refresh_weight_copies(stream);
   try {
     // fprop.x and the saved wgrad.x (X^T) from the high-precision X, in one pass when both are NVFP4.
+    // X's Fprop copy is used at once, so it may carry decoded values; the saved X^T stays packed.
     OperandCuda::make_pair(x, tokens, in_, recipe_, Operand::kFpropX, Operand::kWgradX, sr_seed(), ctx_.x_rows,
-                           saved_x_t_, stream);
+                           saved_x_t_, stream, /*row_decoded=*/wants_decoded(fprop_w_), /*col_decoded=*/false);
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kFpropX) + ": " + e.what());
   }
@@ -106,7 +115,9 @@ void LinearCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
   refresh_weight_copies(stream);
   try {
     OperandCuda::make_pair(dy, saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, sr_seed(),
-                           ctx_.dy_rows, ctx_.dy_cols, stream);
+                           ctx_.dy_rows, ctx_.dy_cols, stream,
+                           /*row_decoded=*/dx != nullptr && wants_decoded(dgrad_w_),
+                           /*col_decoded=*/wants_decoded(saved_x_t_));
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kDgradDy) + ": " + e.what());
   }

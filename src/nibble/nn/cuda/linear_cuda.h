@@ -38,6 +38,10 @@ struct LinearContext {
   // NVFP4 x NVFP4 GEMMs run natively (Blackwell) when true: set from the device at construction;
   // set it false to force the Hopper path (BF16 decode) on a Blackwell GPU, e.g. to compare.
   bool native_fp4 = nibble::cuda::native_fp4_available();
+  // On the BF16 decode path, the fused NVFP4 pass that makes x_rows, dy_rows and dy_cols also writes
+  // their decoded BF16 values, which the GEMMs read instead of decoding the packed codes in a
+  // separate pass (the saved X^T stays packed only). Set false for the separate pass (same values).
+  bool fused_decode = true;
 };
 
 class LinearCuda {
@@ -71,6 +75,8 @@ class LinearCuda {
 
  private:
   std::string context(Operand op) const;
+  // Whether an operand about to be made should carry decoded BF16 values for its GEMM with `other`.
+  bool wants_decoded(const OperandCuda& other) const;
   void refresh_weight_copies(cudaStream_t stream);
   // c [a.rows x b.rows] = g_a g_b A B^T (+ c when accumulate).
   void gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream,

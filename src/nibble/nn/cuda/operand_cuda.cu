@@ -161,7 +161,7 @@ void OperandCuda::allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t
 
 template <typename T>
 void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandRecipe& r, Operand op,
-                       RhtSigns signs, uint64_t seed, cudaStream_t stream) {
+                       RhtSigns signs, uint64_t seed, cudaStream_t stream, bool with_decoded) {
   const bool columnwise = operand_columnwise(op);
   // Checked before anything changes, so that a rejected shape leaves no half-made operand behind.
   if (r.quantized()) validate(operand_quant_spec(r, op, signs, seed), rows, cols);
@@ -169,6 +169,8 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
     throw std::invalid_argument(std::string(operand_name(op)) + ": the RHT needs the contiguous dimension (" +
                                 std::to_string(columnwise ? rows : cols) + ") to be a multiple of 16");
   shared_values_ = nullptr;
+  decoded_wanted_ = with_decoded;
+  decoded_valid_ = false;  // until run_fused writes them
   format_ = r.format;
   quantized_ = r.quantized();
   rows_ = columnwise ? cols : rows;
@@ -215,7 +217,8 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
 
 template <typename T>
 void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
-                            Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream) {
+                            Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
+                            bool row_decoded, bool col_decoded) {
   const OperandRecipe& rr = recipe[row_op];
   const OperandRecipe& cr = recipe[col_op];
   const bool fused = operand_columnwise(col_op) && !operand_columnwise(row_op) && rr.quantized() && cr.quantized() &&
@@ -233,17 +236,21 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
     row.data_bytes_ = col.data_bytes_;
     row.scale_bytes_ = 0;
     row.shared_values_ = col.data_.data();
+    row.decoded_valid_ = false;
     return;
   }
   if (!fused) {
-    row.make(x, rows, cols, rr, row_op, recipe.rht_signs(), seed, stream);
-    col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream);
+    row.make(x, rows, cols, rr, row_op, recipe.rht_signs(), seed, stream, row_decoded);
+    col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream, col_decoded);
     return;
   }
   nibble::cuda::RowColSpec s = rowcol_spec(recipe.rht_signs(), seed);
-  for (auto [o, op, r] : {std::tuple{&row, row_op, &rr}, std::tuple{&col, col_op, &cr}}) {
+  for (auto [o, op, r, decoded] :
+       {std::tuple{&row, row_op, &rr, row_decoded}, std::tuple{&col, col_op, &cr, col_decoded}}) {
     const bool columnwise = operand_columnwise(op);
     o->shared_values_ = nullptr;
+    o->decoded_wanted_ = decoded;
+    o->decoded_valid_ = false;
     o->format_ = OperandFormat::kNvfp4;
     o->quantized_ = true;
     o->stored_as_source_ = false;
@@ -261,20 +268,27 @@ template <typename T>
 void OperandCuda::run_fused(const T* x, int64_t rows, int64_t cols, const nibble::cuda::RowColSpec& s,
                             uint32_t* amax_bits, OperandCuda* row, OperandCuda* col, cudaStream_t stream) {
   const auto buffers = [](OperandCuda* o) {
-    return o ? QuantBuffers{o->data_.data(), o->scales_.data(), o->decode_scale_.data()} : QuantBuffers{};
+    if (!o) return QuantBuffers{};
+    QuantBuffers b{o->data_.data(), o->scales_.data(), o->decode_scale_.data()};
+    if (o->decoded_wanted_) {
+      o->decoded_.reserve(static_cast<size_t>(o->rows_ * o->cols_));
+      b.decoded = o->decoded_.data();
+      o->decoded_valid_ = true;
+    }
+    return b;
   };
   nibble::cuda::nvfp4_amax(x, rows, cols, s, amax_bits, stream);
   nibble::cuda::nvfp4_quantize_rowcol(x, rows, cols, s, amax_bits, buffers(row), buffers(col), stream);
 }
 
 template void OperandCuda::make(const float*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,
-                                cudaStream_t);
+                                cudaStream_t, bool);
 template void OperandCuda::make(const bf16_t*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,
-                                cudaStream_t);
+                                cudaStream_t, bool);
 template void OperandCuda::make_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
-                                     OperandCuda&, OperandCuda&, cudaStream_t);
+                                     OperandCuda&, OperandCuda&, cudaStream_t, bool, bool);
 template void OperandCuda::make_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
-                                     OperandCuda&, OperandCuda&, cudaStream_t);
+                                     OperandCuda&, OperandCuda&, cudaStream_t, bool, bool);
 
 GemmType OperandCuda::native_type() const {
   switch (format_) {
@@ -316,6 +330,10 @@ GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8
   m.transposed = as_b != stored_as_source_;
   if (type == native_type() && !is_fp4(format_)) {
     m.data = values();
+    return m;
+  }
+  if (type == GemmType::kBF16 && decoded_valid_) {  // written by the fused pass with the codes
+    m.data = decoded_.data();
     return m;
   }
   if (type != GemmType::kBF16 && type != GemmType::kF32)

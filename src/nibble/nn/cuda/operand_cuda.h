@@ -4,11 +4,12 @@
 // A quantized operand (nvfp4, mxfp4, fp8) is kept packed: codes, block scales and the per-tensor
 // decode scale g on the device. This is what the layer saves between forward and backward. For the
 // GEMM, FP4 operands are decoded to BF16 (code x block scale, exact: DESIGN.md "Hopper emulation")
-// and g goes to the GEMM's alpha; FP8 operands feed cuBLASLt's FP8 GEMM directly. On Blackwell,
-// NVFP4 operands can instead feed cuBLASLt's native block-scaled FP4 GEMM (nvfp4_matrix,
-// use_native_nvfp4): codes as stored, block scales rearranged into cuBLASLt's tiled layout. Unquantized
-// operands are held as BF16 (rounded to nearest even) or FP32, transposed and RHT-transformed as
-// their recipe says.
+// and g goes to the GEMM's alpha (an operand made by the fused NVFP4 pass can have that pass write
+// the decoded values as well, make's `with_decoded`, which saves the GEMM a separate decode pass);
+// FP8 operands feed cuBLASLt's FP8 GEMM directly. On Blackwell, NVFP4 operands can instead feed
+// cuBLASLt's native block-scaled FP4 GEMM (nvfp4_matrix, use_native_nvfp4): codes as stored, block
+// scales rearranged into cuBLASLt's tiled layout. Unquantized operands are held as BF16 (rounded to
+// nearest even) or FP32, transposed and RHT-transformed as their recipe says.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -32,21 +33,29 @@ class OperandCuda {
  public:
   // x: device [rows x cols] (the high-precision tensor, before any transpose), T = float or
   // bf16_t. Stream-ordered. Throws std::invalid_argument for shapes the operand's blocks cannot take.
+  // with_decoded: when the fused NVFP4 pass makes the operand, it also writes the decoded BF16
+  // values (2 bytes per element more, in a buffer of their own; see has_decoded). Ignored on the
+  // other paths, whose FP4 operands gemm_matrix decodes as before. Same packed bits either way.
   template <typename T>
   void make(const T* x, int64_t rows, int64_t cols, const OperandRecipe& recipe, Operand op, RhtSigns signs,
-            uint64_t seed, cudaStream_t stream);
+            uint64_t seed, cudaStream_t stream, bool with_decoded = false);
   // Both operands that one tensor feeds (fprop.x with wgrad.x, or dgrad.dy with wgrad.dy), from one
   // fused NVFP4 pass over x when both are NVFP4 1x16 (the rowwise one without RHT); from one
   // conversion when both are the same unquantized format without RHT (`row` then reads `col`'s
   // values, so `col` must outlive `row`'s use); otherwise two make() calls. Same bits either way.
+  // row_decoded / col_decoded: make's with_decoded for each side.
   template <typename T>
   static void make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
-                        Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream);
+                        Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
+                        bool row_decoded = false, bool col_decoded = false);
 
   // The operand as GEMM operand A (op(A) = the operand, [rows x cols]) or B (op(B) = its
   // transpose), in `type`: kBF16, kF32, or the FP8 code type of an FP8 operand. FP4 operands and
-  // type changes are decoded into `scratch`, which must stay alive until the GEMM has run.
+  // type changes are decoded into `scratch`, which must stay alive until the GEMM has run; except
+  // that an operand with decoded values (has_decoded) is read from them as kBF16.
   GemmMatrix gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8_t>& scratch, cudaStream_t stream) const;
+  // Whether the last make wrote the decoded BF16 values (asked for, and made by the fused pass).
+  bool has_decoded() const { return valid() && decoded_valid_; }
   // The type this operand feeds a GEMM in when nothing forces another: FP8 codes, BF16 for
   // FP4 and bf16 operands, FP32 for fp32 operands.
   GemmType native_type() const;
@@ -65,7 +74,10 @@ class OperandCuda {
   int64_t rows() const { return rows_; }  // of the operand (transposed for columnwise ones)
   int64_t cols() const { return cols_; }
   bool valid() const { return rows_ > 0; }
-  void reset() { rows_ = cols_ = 0; }
+  void reset() {
+    rows_ = cols_ = 0;
+    decoded_valid_ = false;
+  }
   // Bytes that represent the operand: packed codes + block scales + g, or 2 / 4 per element.
   int64_t bytes() const;
   const QuantSpec& spec() const { return spec_; }
@@ -97,6 +109,10 @@ class OperandCuda {
   int64_t data_bytes_ = 0, scale_bytes_ = 0;
   DeviceBuffer<float> decode_scale_;
   DeviceBuffer<uint32_t> amax_bits_;  // the quantizer's amax (two words for the fused pass)
+  // The decoded BF16 values [rows x cols] that the fused pass writes when asked (grow-only like the
+  // buffers above): decoded_wanted_ is the request of the make in progress, which run_fused reads.
+  DeviceBuffer<uint16_t> decoded_;
+  bool decoded_wanted_ = false, decoded_valid_ = false;
 };
 
 // The types two operands meet in a GEMM (a: M x K, b: N x K): their FP8 code types when both are
