@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "nibble/formats/minifloat.h"
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
 
@@ -26,18 +27,28 @@ __device__ inline float gelu_grad(float x) {
 }
 __device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
+// The activation in FP32, or in BF16 rounded to nearest even (for a linear layer that takes BF16 input).
+__device__ __forceinline__ uint32_t bf16_bits(float v) { return BF16::encode(v, Rounding::kNearestEven); }
+__device__ __forceinline__ void store(float* out, float v) { *out = v; }
+__device__ __forceinline__ void store(bf16_t* out, float v) { out->bits = static_cast<uint16_t>(bf16_bits(v)); }
+__device__ __forceinline__ void store4(float4* out, float a, float b, float c, float d) { *out = make_float4(a, b, c, d); }
+__device__ __forceinline__ void store4(uint2* out, float a, float b, float c, float d) {
+  *out = make_uint2(bf16_bits(a) | bf16_bits(b) << 16, bf16_bits(c) | bf16_bits(d) << 16);
+}
+
 // i indexes act/dact [rows x hidden]; SwiGLU's a and b sit at row * 2 hidden + col (+ hidden).
+template <typename Out>
 __global__ void activation_forward_kernel(MlpKind kind, const float* __restrict__ pre, int64_t n, int64_t hidden,
-                                          float* __restrict__ act) {
+                                          Out* __restrict__ act) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   switch (kind) {
-    case MlpKind::kGelu: act[i] = gelu(pre[i]); break;
-    case MlpKind::kRelu2: act[i] = pre[i] > 0.0f ? pre[i] * pre[i] : 0.0f; break;
+    case MlpKind::kGelu: store(act + i, gelu(pre[i])); break;
+    case MlpKind::kRelu2: store(act + i, pre[i] > 0.0f ? pre[i] * pre[i] : 0.0f); break;
     case MlpKind::kSwiglu: {
       const int64_t row = i / hidden, col = i % hidden;
       const float a = pre[row * 2 * hidden + col], b = pre[row * 2 * hidden + hidden + col];
-      act[i] = a * sigmoid(a) * b;
+      store(act + i, a * sigmoid(a) * b);
       break;
     }
   }
@@ -64,11 +75,12 @@ __global__ void activation_backward_kernel(MlpKind kind, const float* __restrict
 
 // GELU on 16-byte vectors (the MLP's activation in GPT-2; n % 4 == 0 and aligned pointers, checked by
 // the caller): the scalar kernels above issue 4-byte accesses and ran at ~60% of the copy bandwidth.
-__global__ void gelu_forward4_kernel(const float4* __restrict__ pre, int64_t n4, float4* __restrict__ act) {
+template <typename Out4>  // float4, or uint2 for four BF16 values
+__global__ void gelu_forward4_kernel(const float4* __restrict__ pre, int64_t n4, Out4* __restrict__ act) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n4) return;
   const float4 p = pre[i];
-  act[i] = make_float4(gelu(p.x), gelu(p.y), gelu(p.z), gelu(p.w));
+  store4(act + i, gelu(p.x), gelu(p.y), gelu(p.z), gelu(p.w));
 }
 __global__ void gelu_backward4_kernel(const float4* __restrict__ pre, const float4* __restrict__ dact, int64_t n4,
                                       float4* __restrict__ dpre) {
@@ -106,18 +118,28 @@ void check_shape(int64_t rows, int64_t hidden, const char* what) {
   if (rows <= 0 || hidden <= 0) throw std::invalid_argument(std::string(what) + ": rows and hidden must be positive");
 }
 
-}  // namespace
-
-void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, float* act,
-                        cudaStream_t stream) {
+template <typename Out, typename Out4>
+void activation_forward_impl(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, Out* act,
+                             cudaStream_t stream) {
   check_shape(rows, hidden, "activation_forward");
   const int64_t n = rows * hidden;
   if (kind == MlpKind::kGelu && vec4(n, {pre, act}))
     gelu_forward4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(reinterpret_cast<const float4*>(pre), n / 4,
-                                                                      reinterpret_cast<float4*>(act));
+                                                                      reinterpret_cast<Out4*>(act));
   else
     activation_forward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(kind, pre, n, hidden, act);
   NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, float* act,
+                        cudaStream_t stream) {
+  activation_forward_impl<float, float4>(kind, pre, rows, hidden, act, stream);
+}
+void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, bf16_t* act,
+                        cudaStream_t stream) {
+  activation_forward_impl<bf16_t, uint2>(kind, pre, rows, hidden, act, stream);
 }
 
 void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, float* dpre,

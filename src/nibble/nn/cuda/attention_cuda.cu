@@ -253,6 +253,17 @@ AttentionCoreCuda::AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRun
 }
 
 void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream) {
+  forward_impl(qkv, batch, seq, out, nullptr, stream);
+}
+
+void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream) {
+  if (!writes_bf16_output())
+    throw std::logic_error("AttentionCoreCuda::forward: BF16 output needs the fused kernels");
+  forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream);
+}
+
+void AttentionCoreCuda::forward_impl(const float* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
+                                     cudaStream_t stream) {
   if (batch <= 0 || seq <= 0)
     throw std::invalid_argument("AttentionCoreCuda::forward: batch and seq must be positive");
   const bool fused = kernel_ == AttentionKernel::kFused;
@@ -283,7 +294,7 @@ void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, fl
   if (fused) {
     o_.reserve(n(batch * H * Tp * hdp));
     const detail::FlashDims fd{batch, seq, Tp, H, KV, hd, hdp, 1.0f / std::sqrt(static_cast<float>(hd))};
-    detail::flash_forward(fd, q_.data(), k_.data(), v_.data(), out, o_.data(), lse_.data(), stream);
+    detail::flash_forward(fd, q_.data(), k_.data(), v_.data(), out, o_.data(), lse_.data(), stream, out16);
   } else {
     gemm_forward(out, stream);
   }

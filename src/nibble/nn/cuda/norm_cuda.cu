@@ -2,6 +2,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "nibble/formats/minifloat.h"
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
 
@@ -18,9 +19,14 @@ constexpr int64_t kChunkRows = 64;  // rows per partial sum of the parameter gra
 // One warp per row (rows are short: d_model elements; a block per row left most threads idle and
 // synchronised the block twice): mean (LayerNorm) and variance in double, two passes as the CPU
 // does. The row is re-read from L1 in each pass.
+// y in FP32, or in BF16 rounded to nearest even (for a linear layer that takes BF16 input).
+__device__ __forceinline__ void store(float* y, float v) { *y = v; }
+__device__ __forceinline__ void store(bf16_t* y, float v) { y->bits = BF16::encode(v, Rounding::kNearestEven); }
+
+template <typename Out>
 __global__ void __launch_bounds__(kRowThreads)
 norm_forward_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool centered, float eps,
-                    const float* __restrict__ weight, const float* __restrict__ bias, float* __restrict__ y,
+                    const float* __restrict__ weight, const float* __restrict__ bias, Out* __restrict__ y,
                     float* __restrict__ xhat, float* __restrict__ rstd_out) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
@@ -43,7 +49,7 @@ norm_forward_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool
   for (int64_t i = lane; i < dim; i += 32) {
     const float h = static_cast<float>((xr[i] - mean) * rstd);
     xhat[r * dim + i] = h;
-    y[r * dim + i] = h * weight[i] + (bias != nullptr ? bias[i] : 0.0f);
+    store(y + r * dim + i, h * weight[i] + (bias != nullptr ? bias[i] : 0.0f));
   }
 }
 
@@ -147,7 +153,11 @@ void NormCuda::zero_grad(cudaStream_t stream) {
   bias_grad_.zero(stream);
 }
 
-void NormCuda::forward(const float* x, int64_t rows, float* y, cudaStream_t stream) {
+void NormCuda::forward(const float* x, int64_t rows, float* y, cudaStream_t stream) { forward_impl(x, rows, y, stream); }
+void NormCuda::forward(const float* x, int64_t rows, bf16_t* y, cudaStream_t stream) { forward_impl(x, rows, y, stream); }
+
+template <typename Out>
+void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream) {
   if (rows <= 0) throw std::invalid_argument("NormCuda::forward: rows must be positive, got " + std::to_string(rows));
   saved_xhat_.reserve(static_cast<size_t>(rows * dim_));
   saved_rstd_.reserve(static_cast<size_t>(rows));

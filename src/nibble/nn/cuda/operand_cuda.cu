@@ -234,6 +234,41 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
+void OperandCuda::share_values_of(const OperandCuda& source, int64_t rows, int64_t cols) {
+  format_ = source.format_;
+  quantized_ = false;
+  stored_as_source_ = false;
+  rows_ = rows;
+  cols_ = cols;
+  data_bytes_ = source.data_bytes_;
+  scale_bytes_ = 0;
+  shared_values_ = source.data_.data();
+}
+
+bool OperandCuda::bf16_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op) {
+  const OperandRecipe& rr = recipe[row_op];
+  return rr.format == OperandFormat::kBf16 && !rr.rht && rr == recipe[col_op] && !operand_columnwise(row_op) &&
+         operand_columnwise(col_op);
+}
+
+bf16_t* OperandCuda::bf16_pair_source(int64_t rows, int64_t cols, OperandCuda& col) {
+  col.data_.reserve(static_cast<size_t>(rows * cols * 2));
+  return reinterpret_cast<bf16_t*>(col.data_.data());
+}
+
+void OperandCuda::adopt_bf16_pair(int64_t rows, int64_t cols, OperandCuda& row, OperandCuda& col) {
+  // What make() leaves in a columnwise bf16 operand without RHT: the source tensor's values as they are.
+  col.shared_values_ = nullptr;
+  col.format_ = OperandFormat::kBf16;
+  col.quantized_ = false;
+  col.stored_as_source_ = true;
+  col.rows_ = cols;
+  col.cols_ = rows;
+  col.data_bytes_ = rows * cols * 2;
+  col.scale_bytes_ = 0;
+  row.share_values_of(col, rows, cols);
+}
+
 template <typename T>
 void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                             Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream) {
@@ -246,14 +281,7 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
   // source tensor, so it holds the very bytes the rowwise one needs: convert once, share.
   if (!rr.quantized() && rr == cr && !rr.rht && !operand_columnwise(row_op) && operand_columnwise(col_op)) {
     col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream);
-    row.format_ = col.format_;
-    row.quantized_ = false;
-    row.stored_as_source_ = false;
-    row.rows_ = rows;
-    row.cols_ = cols;
-    row.data_bytes_ = col.data_bytes_;
-    row.scale_bytes_ = 0;
-    row.shared_values_ = col.data_.data();
+    row.share_values_of(col, rows, cols);
     return;
   }
   if (!fused) {
