@@ -18,7 +18,7 @@ CLASSES = [  # first match wins
     ("GEMM (cuBLASLt)", ("gemm", "sm90_xmma", "cutlass", "nvjet", "splitkreduce")),
     ("quantize / decode operands", ("rowcol", "segment", "amax", "dequantize", "decode_fp4", "convert", "recode",
                                     "multiply_scalars")),
-    ("attention (softmax, packing, RoPE)", ("softmax", "rope", "probs_from_lse", "pack_")),
+    ("attention (flash kernels, softmax, packing, RoPE)", ("flash", "softmax", "rope", "probs_from_lse", "pack_")),
     ("norms", ("norm",)),
     ("LM-head loss", ("cross_entropy", "mean_kernel")),
     ("embeddings", ("gather", "scatter", "radix", "sort", "cub::")),

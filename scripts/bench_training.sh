@@ -2,7 +2,7 @@
 # Training speed and memory on one GPU (issue 6): nibble's bf16 and nvfp4 steps and the PyTorch
 # reference (bench/pytorch_gpt2.py, eager and torch.compile) on the same model and batch, in one
 # call, then the table (bench/training_table.py). Run on the GPU machine:
-#   scripts/bench_training.sh DATA_DIR [NIBBLE_BINARY] [STEPS]
+#   [CONFIG=model.toml] scripts/bench_training.sh DATA_DIR [NIBBLE_BINARY] [STEPS]
 # DATA_DIR: GPT-2 tokens from `nibble prepare` (any text). Logs and the table go to $OUT (default ./out).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +11,7 @@ nibble=${2:-build/cuda/src/nibble/cli/nibble}
 steps=${3:-40}
 out=${OUT:-out}
 mkdir -p "$out"
-config=configs/models/gpt2-124m.toml
+config=${CONFIG:-configs/models/gpt2-124m.toml}  # CONFIG=configs/models/gpt2-350m.toml for the larger model
 for recipe in bf16 nvfp4; do
   rm -rf "/tmp/bench-$recipe"
   "$nibble" train --device cuda --config "$config" --recipe "$recipe" --data "$data" --out "/tmp/bench-$recipe" \

@@ -388,6 +388,72 @@ INSTANTIATE_TEST_SUITE_P(
              (std::get<1>(info.param) == cuda::AttentionKernel::kFused ? "Fused" : "Gemm");
     });
 
+// The producers of a linear layer's input can write it in BF16 (LinearCuda::bf16_input): those
+// values must be the nearest-even rounding of the FP32 outputs, bit for bit, whatever path the
+// kernels take (vectorised or not, even or odd head dimensions).
+std::vector<uint16_t> rounded(const std::vector<float>& x) {
+  std::vector<uint16_t> r(x.size());
+  for (size_t i = 0; i < x.size(); ++i) r[i] = BF16::encode(x[i], Rounding::kNearestEven);
+  return r;
+}
+std::vector<uint16_t> download_bits(const DeviceBuffer<bf16_t>& b, int64_t n) {
+  const std::vector<bf16_t> v = download(b.data(), n);
+  std::vector<uint16_t> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = v[i].bits;
+  return r;
+}
+
+TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
+  std::mt19937_64 rng(fresh_seed());
+  Stream stream;
+  for (const NormKind kind : {NormKind::kLayerNorm, NormKind::kRmsNorm}) {
+    const int64_t rows = 53, dim = 96;
+    cuda::NormCuda norm(dim, kind);
+    upload(norm.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
+    DeviceBuffer<float> x{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 2.0f))};
+    DeviceBuffer<float> y(static_cast<size_t>(rows * dim));
+    DeviceBuffer<bf16_t> y16(y.size());
+    norm.forward(x.data(), rows, y.data(), stream);
+    norm.forward(x.data(), rows, y16.data(), stream);
+    EXPECT_EQ(download_bits(y16, rows * dim), rounded(download(y.data(), rows * dim))) << "norm";
+  }
+  for (const MlpKind kind : {MlpKind::kGelu, MlpKind::kRelu2, MlpKind::kSwiglu})
+    for (const int64_t hidden : {int64_t{64}, int64_t{37}}) {  // 37: not a multiple of 4, the scalar kernel
+      const int64_t rows = 29, width = kind == MlpKind::kSwiglu ? 2 * hidden : hidden;
+      DeviceBuffer<float> pre{std::span<const float>(nibble::nn::test::random_normal(rng, rows * width, 2.0f))};
+      DeviceBuffer<float> act(static_cast<size_t>(rows * hidden));
+      DeviceBuffer<bf16_t> act16(act.size());
+      cuda::activation_forward(kind, pre.data(), rows, hidden, act.data(), stream);
+      cuda::activation_forward(kind, pre.data(), rows, hidden, act16.data(), stream);
+      EXPECT_EQ(download_bits(act16, rows * hidden), rounded(download(act.data(), rows * hidden)))
+          << "activation " << static_cast<int>(kind) << ", hidden " << hidden;
+    }
+  for (const AttentionShape shape : {AttentionShape{96, 6, 2, true, 10000.0f}, AttentionShape{105, 7, 7, false},
+                                     AttentionShape{256, 2, 1, false}}) {  // hd 16, 15 (odd), 128
+    nibble::cuda::GemmRunner gemm;
+    cuda::AttentionWorkspace workspace;
+    cuda::AttentionCoreCuda core(shape, gemm, workspace, cuda::AttentionKernel::kFused);
+    ASSERT_TRUE(core.writes_bf16_output());
+    const int64_t batch = 2, seq = 70, rows = batch * seq;
+    DeviceBuffer<float> qkv{std::span<const float>(nibble::nn::test::random_normal(rng, rows * core.qkv_width(), 1.0f))};
+    DeviceBuffer<float> out(static_cast<size_t>(rows * core.out_width()));
+    DeviceBuffer<bf16_t> out16(out.size());
+    core.forward(qkv.data(), batch, seq, out.data(), stream);
+    core.forward(qkv.data(), batch, seq, out16.data(), stream);
+    EXPECT_EQ(download_bits(out16, rows * core.out_width()), rounded(download(out.data(), rows * core.out_width())))
+        << "attention, head_dim " << shape.head_dim();
+  }
+  {  // the batched-GEMM attention has no BF16 output
+    nibble::cuda::GemmRunner gemm;
+    cuda::AttentionWorkspace workspace;
+    cuda::AttentionCoreCuda core(AttentionShape{96, 6, 2, false}, gemm, workspace, cuda::AttentionKernel::kGemm);
+    EXPECT_FALSE(core.writes_bf16_output());
+    DeviceBuffer<float> qkv(static_cast<size_t>(4 * core.qkv_width()));
+    DeviceBuffer<bf16_t> out16(static_cast<size_t>(4 * core.out_width()));
+    EXPECT_THROW(core.forward(qkv.data(), 1, 4, out16.data(), stream), std::logic_error);
+  }
+}
+
 // Training resumes bit for bit only if backward is deterministic: the fused kernels use no
 // atomics, so two backward passes over the same saved forward give the same bits (and two
 // forwards the same outputs). Several key and query tiles, GQA, RoPE, both head sizes.

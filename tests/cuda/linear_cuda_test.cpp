@@ -302,5 +302,48 @@ TEST(LinearCuda, FusedDecodeGivesTheSameBits) {
   }
 }
 
+// A BF16 input written by its producer (bf16_input + forward_bf16_input) gives the bits of an FP32
+// input converted by the layer: Y, dX, dW and the saved bytes; only recipes that keep X in BF16 as
+// it is on both of its GEMMs take one.
+TEST(LinearCuda, Bf16InputGivesTheBitsOfTheConvertedFp32Input) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const int64_t tokens = 40, in = 48, out = 24;
+  const std::vector<float> w = test::random_normal(rng, in * out, 0.1f);
+  const std::vector<float> x = test::random_normal(rng, tokens * in, 1.0f), dy = test::random_normal(rng, tokens * out, 1.0f);
+  std::vector<bf16_t> x16(x.size());
+  for (size_t i = 0; i < x.size(); ++i) x16[i].bits = BF16::encode(x[i], Rounding::kNearestEven);
+  LinearContext ctx;
+  DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
+  std::vector<float> results[2][3];  // [path][Y, dX, dW]
+  int64_t saved[2] = {};
+  for (int path = 0; path < 2; ++path) {
+    LinearCuda gpu(in, out, preset("bf16"), {}, ctx);
+    ASSERT_TRUE(gpu.takes_bf16_input());
+    gpu.upload_weight(w);
+    gpu.weight_changed();
+    DeviceBuffer<float> y(static_cast<size_t>(tokens * out)), dx(static_cast<size_t>(tokens * in));
+    if (path == 0) {
+      gpu.forward(d_x.data(), tokens, y.data(), nullptr);
+    } else {
+      NIBBLE_CUDA_CHECK(cudaMemcpy(gpu.bf16_input(tokens), x16.data(), x16.size() * sizeof(bf16_t),
+                                   cudaMemcpyHostToDevice));
+      gpu.forward_bf16_input(tokens, y.data(), nullptr);
+    }
+    saved[path] = gpu.saved_activation_bytes();
+    gpu.backward(d_dy.data(), dx.data(), nullptr);
+    results[path][0] = download(y.data(), tokens * out);
+    results[path][1] = download(dx.data(), tokens * in);
+    results[path][2] = download(gpu.weight_grad(), in * out);
+  }
+  EXPECT_EQ(saved[0], saved[1]);
+  for (int k = 0; k < 3; ++k) EXPECT_EQ(results[0][k], results[1][k]) << "output " << k << " (Y, dX, dW)";
+  for (const char* name : {"fp32", "nvfp4", "fp8"}) {
+    LinearCuda other(in, out, preset(name), {}, ctx);
+    EXPECT_FALSE(other.takes_bf16_input()) << name;
+    DeviceBuffer<float> y(static_cast<size_t>(tokens * out));
+    EXPECT_THROW(other.forward_bf16_input(tokens, y.data(), nullptr), std::logic_error) << name;
+  }
+}
+
 }  // namespace
 }  // namespace nibble::nn

@@ -248,7 +248,8 @@ TEST(QuantizeEdges, StochasticRoundingIsReproducibleAndStreamsDiffer) {
   }
 }
 
-// Element i of the quantized matrix (row-major, after any transpose) draws random_word(seed, stream, i).
+// Element i of the quantized matrix (row-major, after any transpose) draws fp4_random_word(seed, stream, i)
+// (FP4: 16 bits per element) or random_word(seed, stream, i) (FP8).
 TEST(QuantizeEdges, StochasticRoundingUsesEachElementsOwnRandomWord) {
   std::mt19937_64 rng(test::fresh_seed());
   const int64_t rows = 32, cols = 48;
@@ -264,7 +265,7 @@ TEST(QuantizeEdges, StochasticRoundingUsesEachElementsOwnRandomWord) {
         const int64_t i = r * q.cols + c;
         const float e_b = std::fmin(1.0f / (E4M3::decode(test::scale_at(q, r, c)) * q.decode_scale), FLT_MAX);
         const float y = std::fmin(std::fmax(m[i] * e_b, -6.0f), 6.0f);
-        const uint32_t word = random_word(s.seed, s.stream, static_cast<uint64_t>(i));
+        const uint32_t word = fp4_random_word(s.seed, s.stream, static_cast<uint64_t>(i));
         ASSERT_EQ(test::code_at(q, i), E2M1::encode(y, Rounding::kStochastic, word)) << "element " << i;
       }
     }

@@ -38,5 +38,18 @@ TEST(Philox, ElementWordIsIndependentOfGrouping) {
   EXPECT_NE(random_word(42, 7, 0), random_word(43, 7, 0));  // seeds differ
 }
 
+TEST(Philox, Fp4ElementTakesItsOwnHalfWordAsTheTopBits) {
+  // Element i of an FP4 stream: half-word i%8 of the group i/8 (low half first), in bits 16..31.
+  for (uint64_t i = 0; i < 128; ++i) {
+    const uint32_t word = random_words(42, 7, i / 8).v[(i % 8) / 2];
+    const uint32_t half = i % 2 == 0 ? word & 0xFFFFu : word >> 16;
+    EXPECT_EQ(fp4_random_word(42, 7, i), half << 16) << "element " << i;
+  }
+  // Neighbours draw different bits (a shared half-word would correlate their roundings).
+  int equal = 0;
+  for (uint64_t i = 0; i + 1 < 4096; ++i) equal += fp4_random_word(42, 7, i) == fp4_random_word(42, 7, i + 1);
+  EXPECT_LT(equal, 4);  // about 4096 / 65536 expected by chance
+}
+
 }  // namespace
 }  // namespace nibble

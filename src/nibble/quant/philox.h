@@ -48,4 +48,17 @@ NIBBLE_HD uint32_t random_word(uint64_t seed, uint32_t stream, uint64_t index) {
   return random_words(seed, stream, index >> 2).v[index & 3];
 }
 
+// FP4 (E2M1) elements draw 16 random bits each, half as many generator calls as a word each (the
+// generator is what stochastic rounding's quantization pass spends most of its time on): element
+// `index` takes half-word index % 8 (low half of word 0 first) of random_words(seed, stream, index / 8),
+// as the top 16 bits of its random word. E2M1's stochastic encoder compares the fraction below the
+// kept bit with the top 24 bits of the word, so the rounding probability is resolved to 2^-16 of a step.
+NIBBLE_HD uint32_t fp4_random_word(const Philox4x32& group_words, int element_in_group) {
+  const uint32_t w = group_words.v[element_in_group >> 1];
+  return (element_in_group & 1) ? (w & 0xFFFF0000u) : (w << 16);
+}
+NIBBLE_HD uint32_t fp4_random_word(uint64_t seed, uint32_t stream, uint64_t index) {
+  return fp4_random_word(random_words(seed, stream, index >> 3), static_cast<int>(index & 7));
+}
+
 }  // namespace nibble

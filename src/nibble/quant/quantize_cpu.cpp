@@ -101,18 +101,17 @@ void rht_blocks(std::span<float> x, int64_t rows, int64_t cols, RhtSigns signs, 
 
 namespace {
 
-// Encodes n FP4 elements (n a multiple of 4, index0 of v[0] a multiple of 4) with one element scale
-// into n/2 packed bytes; stochastic rounding draws one Philox block per 4 elements.
+// Encodes n FP4 elements (n a multiple of 8, index0 of v[0] a multiple of 8) with one element scale
+// into n/2 packed bytes; stochastic rounding draws one Philox block per 8 elements (fp4_random_word).
 void encode_fp4_run(const float* v, int n, float scale, const QuantSpec& s, int64_t index0, uint8_t* out) {
-  for (int g = 0; g < n; g += 4) {
+  for (int g = 0; g < n; g += 8) {
     Philox4x32 bits{{0, 0, 0, 0}};
-    if (s.rounding == Rounding::kStochastic) bits = random_words(s.seed, s.stream, static_cast<uint64_t>(index0 + g) >> 2);
-    const uint8_t c0 = fp4_encode_element(v[g], scale, s.rounding, bits.v[0]);
-    const uint8_t c1 = fp4_encode_element(v[g + 1], scale, s.rounding, bits.v[1]);
-    const uint8_t c2 = fp4_encode_element(v[g + 2], scale, s.rounding, bits.v[2]);
-    const uint8_t c3 = fp4_encode_element(v[g + 3], scale, s.rounding, bits.v[3]);
-    out[g / 2] = static_cast<uint8_t>(c0 | (c1 << 4));
-    out[g / 2 + 1] = static_cast<uint8_t>(c2 | (c3 << 4));
+    if (s.rounding == Rounding::kStochastic) bits = random_words(s.seed, s.stream, static_cast<uint64_t>(index0 + g) >> 3);
+    for (int j = 0; j < 8; j += 2) {
+      const uint8_t lo = fp4_encode_element(v[g + j], scale, s.rounding, fp4_random_word(bits, j));
+      const uint8_t hi = fp4_encode_element(v[g + j + 1], scale, s.rounding, fp4_random_word(bits, j + 1));
+      out[(g + j) / 2] = static_cast<uint8_t>(lo | (hi << 4));
+    }
   }
 }
 

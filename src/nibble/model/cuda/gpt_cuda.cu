@@ -195,17 +195,31 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq, d = c.d_model;
   tok_embed_.forward(ids_.data(), rows, x_.data(), /*accumulate=*/false, stream_);
   if (pos_embed_) pos_embed_->forward(positions_.data(), rows, x_.data(), /*accumulate=*/true, stream_);
+  // A linear layer's input is written by its producer straight into the layer's BF16 operand when
+  // the recipe keeps it in BF16 as it is (the same bits as an FP32 input converted by the layer),
+  // otherwise into the FP32 buffer `fp32`. `produce(dst)` writes the input to dst (float* or bf16_t*).
+  const auto linear_forward = [&](ncu::LinearCuda& linear, bool producer_writes_bf16, float* fp32, auto produce,
+                                  float* y) {
+    if (producer_writes_bf16 && linear.takes_bf16_input()) {
+      produce(linear.bf16_input(rows));
+      linear.forward_bf16_input(rows, y, stream_);
+    } else {
+      produce(fp32);
+      linear.forward(fp32, rows, y, stream_);
+    }
+  };
   for (auto& bp : blocks_) {
     Block& b = *bp;
-    b.norm1.forward(x_.data(), rows, ln_.data(), stream_);
-    b.qkv.forward(ln_.data(), rows, wide_.data(), stream_);
-    b.core.forward(wide_.data(), batch, seq, narrow_.data(), stream_);
-    b.proj.forward(narrow_.data(), rows, dtmp_.data(), stream_);
+    linear_forward(b.qkv, true, ln_.data(), [&](auto* dst) { b.norm1.forward(x_.data(), rows, dst, stream_); },
+                   wide_.data());
+    linear_forward(b.proj, b.core.writes_bf16_output(), narrow_.data(),
+                   [&](auto* dst) { b.core.forward(wide_.data(), batch, seq, dst, stream_); }, dtmp_.data());
     ncu::residual_add(x_.data(), dtmp_.data(), rows * d, stream_);
-    b.norm2.forward(x_.data(), rows, ln_.data(), stream_);
-    b.fc.forward(ln_.data(), rows, b.pre.data(), stream_);
-    ncu::activation_forward(b.mlp, b.pre.data(), rows, b.hidden, wide2_.data(), stream_);
-    b.proj2.forward(wide2_.data(), rows, dtmp_.data(), stream_);
+    linear_forward(b.fc, true, ln_.data(), [&](auto* dst) { b.norm2.forward(x_.data(), rows, dst, stream_); },
+                   b.pre.data());
+    linear_forward(b.proj2, true, wide2_.data(),
+                   [&](auto* dst) { ncu::activation_forward(b.mlp, b.pre.data(), rows, b.hidden, dst, stream_); },
+                   dtmp_.data());
     ncu::residual_add(x_.data(), dtmp_.data(), rows * d, stream_);
   }
   norm_f_.forward(x_.data(), rows, hidden_.data(), stream_);

@@ -42,33 +42,48 @@ __global__ void rope_table_kernel(int64_t seq, int64_t hd, double theta, float* 
 }
 
 // qkv [B*T x width] -> q [B, H, Tp, hdp], k and v [B, KV, Tp, hdp] in BF16, RoPE on q and k,
-// zeros in the padding. One thread per output element.
-__global__ void pack_qkv_kernel(const float* __restrict__ qkv, Dims d, bool rope, const float* __restrict__ cs,
-                                const float* __restrict__ sn, __nv_bfloat16* __restrict__ q,
-                                __nv_bfloat16* __restrict__ k, __nv_bfloat16* __restrict__ v) {
-  const int64_t heads = d.H + 2 * d.KV;
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= d.B * heads * d.Tp * d.hdp) return;
-  const int64_t c = i % d.hdp, t = (i / d.hdp) % d.Tp, hh = (i / (d.hdp * d.Tp)) % heads;
-  const int64_t b = i / (d.hdp * d.Tp * heads);
-  float val = 0.0f;
-  if (t < d.T && c < d.hd) {
-    const float* x = qkv + (b * d.T + t) * d.width() + hh * d.hd;
-    if (rope && hh < d.H + d.KV) {
-      const int64_t half = d.hd / 2, j = c % half;
-      const float co = cs[t * half + j], si = sn[t * half + j];
-      val = c < half ? x[c] * co - x[c + half] * si : x[c] * co + x[c - half] * si;
-    } else {
-      val = x[c];
+// zeros in the padding. One block per token slot (b, t < Tp); a thread writes 8 consecutive columns
+// (16 bytes) of one head, so the index arithmetic is per block and per 8 elements, in 32 bits
+// (hdp is a multiple of 8 for both implementations).
+constexpr int kPackThreads = 128;
+
+__global__ void __launch_bounds__(kPackThreads)
+pack_qkv_kernel(const float* __restrict__ qkv, Dims d, bool rope, const float* __restrict__ cs,
+                const float* __restrict__ sn, __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ k,
+                __nv_bfloat16* __restrict__ v) {
+  const int64_t b = blockIdx.x / d.Tp, t = blockIdx.x % d.Tp;
+  const int heads = static_cast<int>(d.H + 2 * d.KV), chunks = static_cast<int>(d.hdp / 8);
+  const int hd = static_cast<int>(d.hd), half = hd / 2;
+  const float* row = qkv + (b * d.T + t) * d.width();  // read only when t < T
+  for (int job = threadIdx.x; job < heads * chunks; job += blockDim.x) {
+    const int hh = job / chunks, c0 = (job % chunks) * 8;
+    const float* x = row + static_cast<int64_t>(hh) * hd;
+    const bool rotate = rope && hh < d.H + d.KV;
+    uint32_t packed[4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int c = c0 + j;
+      float val = 0.0f;
+      if (t < d.T && c < hd) {
+        if (rotate) {
+          const int jj = c % half;
+          const float co = cs[t * half + jj], si = sn[t * half + jj];
+          val = c < half ? x[c] * co - x[c + half] * si : x[c] * co + x[c - half] * si;
+        } else {
+          val = x[c];
+        }
+      }
+      const uint32_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(val));
+      packed[j / 2] = j % 2 == 0 ? bits : packed[j / 2] | (bits << 16);
     }
-  }
-  const __nv_bfloat16 out = __float2bfloat16_rn(val);
-  if (hh < d.H) {
-    q[((b * d.H + hh) * d.Tp + t) * d.hdp + c] = out;
-  } else if (hh < d.H + d.KV) {
-    k[((b * d.KV + hh - d.H) * d.Tp + t) * d.hdp + c] = out;
-  } else {
-    v[((b * d.KV + hh - d.H - d.KV) * d.Tp + t) * d.hdp + c] = out;
+    __nv_bfloat16* dst;
+    if (hh < d.H)
+      dst = q + ((b * d.H + hh) * d.Tp + t) * d.hdp;
+    else if (hh < d.H + d.KV)
+      dst = k + ((b * d.KV + hh - d.H) * d.Tp + t) * d.hdp;
+    else
+      dst = v + ((b * d.KV + hh - d.H - d.KV) * d.Tp + t) * d.hdp;
+    *reinterpret_cast<uint4*>(dst + c0) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
   }
 }
 
@@ -158,30 +173,45 @@ __global__ void softmax_backward_kernel(const float* __restrict__ s, const float
   }
 }
 
-// dq [B, H, Tp, hdp], dk and dv [B, KV, Tp, hdp] -> d_qkv [B*T x width], undoing RoPE on the q and
-// k parts (the rotation's transpose: the angle negated).
-__global__ void unpack_dqkv_kernel(const float* __restrict__ dq, const float* __restrict__ dk,
-                                   const float* __restrict__ dv, Dims d, bool rope, const float* __restrict__ cs,
-                                   const float* __restrict__ sn, float* __restrict__ dqkv) {
-  const int64_t width = d.width();
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= d.B * d.T * width) return;
-  const int64_t row = i / width, col = i % width;
-  const int64_t b = row / d.T, t = row % d.T, hh = col / d.hd, c = col % d.hd;
-  const float* g;
-  if (hh < d.H) {
-    g = dq + ((b * d.H + hh) * d.Tp + t) * d.hdp;
-  } else if (hh < d.H + d.KV) {
-    g = dk + ((b * d.KV + hh - d.H) * d.Tp + t) * d.hdp;
-  } else {
-    g = dv + ((b * d.KV + hh - d.H - d.KV) * d.Tp + t) * d.hdp;
-  }
-  if (rope && hh < d.H + d.KV) {
-    const int64_t half = d.hd / 2, j = c % half;
-    const float co = cs[t * half + j], si = sn[t * half + j];
-    dqkv[i] = c < half ? g[c] * co + g[c + half] * si : g[c] * co - g[c - half] * si;
-  } else {
-    dqkv[i] = g[c];
+// dq [B, H, Tp, hdp], dk and dv [B, KV, Tp, hdp] (FP32) -> dqkv [B*T x width], RoPE's transpose on
+// dq and dk. One block per token (b, t < T); a thread writes 4 consecutive columns of one head.
+__global__ void __launch_bounds__(kPackThreads)
+unpack_dqkv_kernel(const float* __restrict__ dq, const float* __restrict__ dk, const float* __restrict__ dv, Dims d,
+                   bool rope, const float* __restrict__ cs, const float* __restrict__ sn, float* __restrict__ dqkv) {
+  const int64_t b = blockIdx.x / d.T, t = blockIdx.x % d.T;
+  const int heads = static_cast<int>(d.H + 2 * d.KV), hd = static_cast<int>(d.hd), half = hd / 2;
+  const int chunks = (hd + 3) / 4;
+  float* out_row = dqkv + blockIdx.x * d.width();
+  for (int job = threadIdx.x; job < heads * chunks; job += blockDim.x) {
+    const int hh = job / chunks, c0 = (job % chunks) * 4;
+    const float* g;
+    if (hh < d.H)
+      g = dq + ((b * d.H + hh) * d.Tp + t) * d.hdp;
+    else if (hh < d.H + d.KV)
+      g = dk + ((b * d.KV + hh - d.H) * d.Tp + t) * d.hdp;
+    else
+      g = dv + ((b * d.KV + hh - d.H - d.KV) * d.Tp + t) * d.hdp;
+    const bool rotate = rope && hh < d.H + d.KV;
+    float val[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int c = c0 + j;
+      val[j] = 0.0f;
+      if (c >= hd) continue;
+      if (rotate) {
+        const int jj = c % half;
+        const float co = cs[t * half + jj], si = sn[t * half + jj];
+        val[j] = c < half ? g[c] * co + g[c + half] * si : g[c] * co - g[c - half] * si;
+      } else {
+        val[j] = g[c];
+      }
+    }
+    float* dst = out_row + static_cast<int64_t>(hh) * hd + c0;
+    if (hd % 4 == 0) {  // rows and heads start on 16-byte boundaries
+      *reinterpret_cast<float4*>(dst) = make_float4(val[0], val[1], val[2], val[3]);
+    } else {
+      for (int j = 0; j < 4 && c0 + j < hd; ++j) dst[j] = val[j];
+    }
   }
 }
 
@@ -223,6 +253,17 @@ AttentionCoreCuda::AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRun
 }
 
 void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream) {
+  forward_impl(qkv, batch, seq, out, nullptr, stream);
+}
+
+void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream) {
+  if (!writes_bf16_output())
+    throw std::logic_error("AttentionCoreCuda::forward: BF16 output needs the fused kernels");
+  forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream);
+}
+
+void AttentionCoreCuda::forward_impl(const float* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
+                                     cudaStream_t stream) {
   if (batch <= 0 || seq <= 0)
     throw std::invalid_argument("AttentionCoreCuda::forward: batch and seq must be positive");
   const bool fused = kernel_ == AttentionKernel::kFused;
@@ -247,13 +288,13 @@ void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, fl
     rope_seq_ = seq;
   }
   const Dims d{batch, seq, Tp, H, KV, hd, hdp};
-  pack_qkv_kernel<<<blocks_for(batch * (H + 2 * KV) * Tp * hdp, 256), 256, 0, stream>>>(
+  pack_qkv_kernel<<<blocks_for(batch * Tp, 1), kPackThreads, 0, stream>>>(
       qkv, d, shape_.rope, rope_cos_.data(), rope_sin_.data(), q_.data(), k_.data(), v_.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
   if (fused) {
     o_.reserve(n(batch * H * Tp * hdp));
     const detail::FlashDims fd{batch, seq, Tp, H, KV, hd, hdp, 1.0f / std::sqrt(static_cast<float>(hd))};
-    detail::flash_forward(fd, q_.data(), k_.data(), v_.data(), out, o_.data(), lse_.data(), stream);
+    detail::flash_forward(fd, q_.data(), k_.data(), v_.data(), out, o_.data(), lse_.data(), stream, out16);
   } else {
     gemm_forward(out, stream);
   }
@@ -281,7 +322,7 @@ void AttentionCoreCuda::backward(const float* d_out, float* d_qkv, cudaStream_t 
   } else {
     gemm_backward(stream);
   }
-  unpack_dqkv_kernel<<<blocks_for(d.B * d.T * d.width(), 256), 256, 0, stream>>>(
+  unpack_dqkv_kernel<<<blocks_for(d.B * d.T, 1), kPackThreads, 0, stream>>>(
       ws_.dq.data(), ws_.dk.data(), ws_.dv.data(), d, shape_.rope, rope_cos_.data(), rope_sin_.data(), d_qkv);
   NIBBLE_CUDA_CHECK_LAUNCH();
   saved_ = false;

@@ -166,7 +166,8 @@ template <int HD>
 __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, const bf16* __restrict__ q,
                                                                  const bf16* __restrict__ k,
                                                                  const bf16* __restrict__ v, float* __restrict__ out,
-                                                                 bf16* __restrict__ o, float* __restrict__ lse) {
+                                                                 bf16* __restrict__ o, float* __restrict__ lse,
+                                                                 bf16* __restrict__ out16 = nullptr) {
   constexpr int S = kStride<HD>, kTile = kT * S;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* sQ = reinterpret_cast<bf16*>(smem);
@@ -240,15 +241,28 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, co
     const float total = quad_sum(l[r]);  // >= 1: the maximum's own term
     const float inv = 1.0f / total;
     if (t4 == 0) lse[head * d.Tp + row] = m[r] + log2f(total);
-    float* dst = row < d.T ? out + (b * d.T + row) * out_width + h * d.hd : nullptr;
+    // out in FP32, or (out16) its BF16 rounding: the very values of o, in the unpadded layout.
+    const int64_t dst_offset = (b * d.T + row) * out_width + h * d.hd;
+    float* dst = row < d.T && out16 == nullptr ? out + dst_offset : nullptr;
+    bf16* dst16 = row < d.T && out16 != nullptr ? out16 + dst_offset : nullptr;
 #pragma unroll
     for (int nb = 0; nb < HD / 8; ++nb) {
       const int col = nb * 8 + 2 * t4;
       const float o0 = acc[nb][2 * r] * inv, o1 = acc[nb][2 * r + 1] * inv;
-      *reinterpret_cast<uint32_t*>(o + (head * d.Tp + row) * HD + col) = pack_bf16(o0, o1);
+      const uint32_t pair = pack_bf16(o0, o1);
+      *reinterpret_cast<uint32_t*>(o + (head * d.Tp + row) * HD + col) = pair;
       if (dst != nullptr) {
         if (col < d.hd) dst[col] = o0;
         if (col + 1 < d.hd) dst[col + 1] = o1;
+      }
+      if (dst16 != nullptr) {
+        uint16_t* dst_bits = reinterpret_cast<uint16_t*>(dst16);
+        if (d.hd % 2 == 0 && col + 1 < d.hd) {  // an even offset: one 4-byte store
+          *reinterpret_cast<uint32_t*>(dst_bits + col) = pair;
+        } else {
+          if (col < d.hd) dst_bits[col] = static_cast<uint16_t>(pair);
+          if (col + 1 < d.hd) dst_bits[col + 1] = static_cast<uint16_t>(pair >> 16);
+        }
       }
     }
   }
@@ -446,11 +460,11 @@ void allow_smem(Kernel kernel, size_t bytes) {  // above 48 KiB a kernel must op
 
 template <int HD>
 void forward_impl(const FlashDims& d, const bf16* q, const bf16* k, const bf16* v, float* out, bf16* o, float* lse,
-                  cudaStream_t stream) {
+                  bf16* out16, cudaStream_t stream) {
   const size_t bytes = kForwardSmem<HD>;
   allow_smem(flash_forward_kernel<HD>, bytes);
   const dim3 grid(static_cast<unsigned>(d.Tp / kT), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
-  flash_forward_kernel<HD><<<grid, kThreads, bytes, stream>>>(d, q, k, v, out, o, lse);
+  flash_forward_kernel<HD><<<grid, kThreads, bytes, stream>>>(d, q, k, v, out, o, lse, out16);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
@@ -505,10 +519,10 @@ bool flash_fits_device(int64_t HD) {
 }
 
 void flash_forward(const FlashDims& d, const bf16* q, const bf16* k, const bf16* v, float* out, bf16* o, float* lse,
-                   cudaStream_t stream) {
+                   cudaStream_t stream, bf16* out16) {
   check_flash_dims(d);
-  if (d.HD == 64) return forward_impl<64>(d, q, k, v, out, o, lse, stream);
-  return forward_impl<128>(d, q, k, v, out, o, lse, stream);
+  if (d.HD == 64) return forward_impl<64>(d, q, k, v, out, o, lse, out16, stream);
+  return forward_impl<128>(d, q, k, v, out, o, lse, out16, stream);
 }
 
 void flash_backward(const FlashDims& d, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,

@@ -45,9 +45,10 @@ bool flash_fits_device(int64_t HD);
 
 // Forward. Writes out [B*T x H*hd] (FP32, the heads' outputs), o (BF16 copy of the normalised
 // output, padded layout, for backward's rowsum(dO o)) and lse [B, H, Tp]: per row, the base-2
-// log-sum-exp log2(sum_j 2^(s_j * scale * log2 e)) of the row's causal scores.
+// log-sum-exp log2(sum_j 2^(s_j * scale * log2 e)) of the row's causal scores. With out16, the
+// heads' outputs go there in BF16 (the values of o) instead of to out (unused then).
 void flash_forward(const FlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                   float* out, __nv_bfloat16* o, float* lse, cudaStream_t stream);
+                   float* out, __nv_bfloat16* o, float* lse, cudaStream_t stream, __nv_bfloat16* out16 = nullptr);
 
 // Backward, from dO [B, H, Tp, HD] (BF16, zero rows beyond T) and delta [B, H, Tp] = rowsum(dO o).
 // Writes dq [B, H, Tp, HD], dk and dv [B, KV, Tp, HD] (FP32, overwritten; dk and dv summed over

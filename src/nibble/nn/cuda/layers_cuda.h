@@ -21,6 +21,7 @@
 
 #include <cstdint>
 
+#include "nibble/formats/minifloat.h"
 #include "nibble/nn/attention.h"
 #include "nibble/nn/mlp.h"
 #include "nibble/nn/norm.h"
@@ -92,6 +93,8 @@ class NormCuda {
   void zero_grad(cudaStream_t stream);
 
   void forward(const float* x, int64_t rows, float* y, cudaStream_t stream);
+  // The same with y in BF16 (nearest-even rounding of the FP32 y), for LinearCuda::bf16_input().
+  void forward(const float* x, int64_t rows, bf16_t* y, cudaStream_t stream);
   // dx = d(norm)/dx^T dy (overwrites dx); weight/bias gradients += their parts. Needs a forward.
   void backward(const float* dy, float* dx, cudaStream_t stream);
 
@@ -100,6 +103,9 @@ class NormCuda {
   NormKind kind_;
   float eps_;
   DeviceBuffer<float> weight_, bias_, weight_grad_, bias_grad_;
+  template <typename Out>
+  void forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream);
+
   DeviceBuffer<float> saved_xhat_, saved_rstd_;
   DeviceBuffer<double> partials_;  // [chunks x dim] for the weight, then for the bias
   int64_t saved_rows_ = 0;
@@ -109,6 +115,9 @@ class NormCuda {
 // squared ReLU; SwiGLU on pre = [a | b] rows of 2 * hidden). pre: fc's output [rows x width],
 // width = hidden (2 * hidden for SwiGLU); act: [rows x hidden].
 void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, float* act, cudaStream_t stream);
+// The same with act in BF16 (nearest-even rounding of the FP32 act), for LinearCuda::bf16_input().
+void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, bf16_t* act,
+                        cudaStream_t stream);
 // dpre (overwritten) = d act / d pre applied to dact.
 void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, float* dpre,
                          cudaStream_t stream);
@@ -166,10 +175,17 @@ class AttentionCoreCuda {
   int64_t out_width() const { return shape_.n_heads * shape_.head_dim(); }
 
   void forward(const float* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream);
+  // The same with out in BF16 (nearest-even rounding of the FP32 out), for LinearCuda::bf16_input();
+  // only where writes_bf16_output() (the fused kernels).
+  bool writes_bf16_output() const { return kernel_ == AttentionKernel::kFused; }
+  void forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream);
   // d_qkv (overwritten) from d_out [batch*seq x H hd]. Needs a forward.
   void backward(const float* d_out, float* d_qkv, cudaStream_t stream);
 
  private:
+  // out16 (BF16 output, fused kernels only) replaces out when not nullptr.
+  void forward_impl(const float* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
+                    cudaStream_t stream);
   void gemm_forward(float* out, cudaStream_t stream);
   void gemm_backward(cudaStream_t stream);
   void gemm_scores(cudaStream_t stream);  // ws_.scores = q k^T per KV group

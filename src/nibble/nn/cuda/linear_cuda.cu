@@ -109,6 +109,16 @@ void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t 
   saved_tokens_ = tokens;
 }
 
+void LinearCuda::forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream) {
+  if (tokens <= 0) throw std::invalid_argument(context(Operand::kFpropX) + ": tokens must be positive");
+  if (!takes_bf16_input())
+    throw std::logic_error(context(Operand::kFpropX) + ": the recipe does not take a BF16 input as it is");
+  refresh_weight_copies(stream);
+  OperandCuda::adopt_bf16_pair(tokens, in_, ctx_.x_rows, saved_x_t_);
+  gemm(ctx_.x_rows, fprop_w_, y, /*accumulate=*/false, stream, "Fprop");
+  saved_tokens_ = tokens;
+}
+
 void LinearCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
   if (!saved_x_t_.valid())
     throw std::logic_error(context(Operand::kWgradX) + ": backward() without a forward() to pair with");

@@ -63,6 +63,14 @@ class LinearCuda {
 
   // y [tokens x out] is overwritten.
   void forward(const float* x, int64_t tokens, float* y, cudaStream_t stream);
+  // Forward from a BF16 X written by the producer of X itself (a norm, the attention core, the MLP
+  // activation), when the recipe keeps X in BF16 on both of its GEMMs (takes_bf16_input()): write
+  // X's BF16 values (nearest-even rounding of the FP32 X forward() would be given) into
+  // bf16_input(tokens), then call forward_bf16_input(). The same bits as forward(), without the
+  // FP32 copy of X and the pass that converts it.
+  bool takes_bf16_input() const { return OperandCuda::bf16_pair_applies(recipe_, Operand::kFpropX, Operand::kWgradX); }
+  bf16_t* bf16_input(int64_t tokens) { return OperandCuda::bf16_pair_source(tokens, in_, saved_x_t_); }
+  void forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream);
   // dx [tokens x in] is overwritten (nullptr: Dgrad skipped); dW accumulates.
   void backward(const float* dy, float* dx, cudaStream_t stream);
 

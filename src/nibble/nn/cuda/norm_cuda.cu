@@ -2,6 +2,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "nibble/formats/minifloat.h"
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
 
@@ -11,56 +12,68 @@ using detail::blocks_for;
 
 namespace {
 
-constexpr int kRowThreads = 256;
+constexpr int kRowThreads = 256;  // 8 rows per block, one warp each
+constexpr int kRowsPerBlock = kRowThreads / 32;
 constexpr int64_t kChunkRows = 64;  // rows per partial sum of the parameter gradients
 
-// One block per row: mean (LayerNorm) and variance in double, two passes as the CPU does.
+// One warp per row (rows are short: d_model elements; a block per row left most threads idle and
+// synchronised the block twice): mean (LayerNorm) and variance in double, two passes as the CPU
+// does. The row is re-read from L1 in each pass.
+// y in FP32, or in BF16 rounded to nearest even (for a linear layer that takes BF16 input).
+__device__ __forceinline__ void store(float* y, float v) { *y = v; }
+__device__ __forceinline__ void store(bf16_t* y, float v) { y->bits = BF16::encode(v, Rounding::kNearestEven); }
+
+template <typename Out>
 __global__ void __launch_bounds__(kRowThreads)
-norm_forward_kernel(const float* __restrict__ x, int64_t dim, bool centered, float eps,
-                    const float* __restrict__ weight, const float* __restrict__ bias, float* __restrict__ y,
+norm_forward_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool centered, float eps,
+                    const float* __restrict__ weight, const float* __restrict__ bias, Out* __restrict__ y,
                     float* __restrict__ xhat, float* __restrict__ rstd_out) {
-  __shared__ double scratch[32];
-  const int64_t r = blockIdx.x;
+  const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (r >= rows) return;
   const float* xr = x + r * dim;
   double mean = 0.0;
   if (centered) {
     double s = 0.0;
-    for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) s += xr[i];
-    mean = detail::block_sum(s, scratch) / static_cast<double>(dim);
+    for (int64_t i = lane; i < dim; i += 32) s += xr[i];
+    mean = detail::warp_sum(s) / static_cast<double>(dim);
   }
   double v = 0.0;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+  for (int64_t i = lane; i < dim; i += 32) {
     const double c = xr[i] - mean;
     v += c * c;
   }
-  const double var = detail::block_sum(v, scratch) / static_cast<double>(dim);
+  const double var = detail::warp_sum(v) / static_cast<double>(dim);
   const double rstd = 1.0 / sqrt(var + static_cast<double>(eps));
-  if (threadIdx.x == 0) rstd_out[r] = static_cast<float>(rstd);
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+  if (lane == 0) rstd_out[r] = static_cast<float>(rstd);
+  for (int64_t i = lane; i < dim; i += 32) {
     const float h = static_cast<float>((xr[i] - mean) * rstd);
     xhat[r * dim + i] = h;
-    y[r * dim + i] = h * weight[i] + (bias != nullptr ? bias[i] : 0.0f);
+    store(y + r * dim + i, h * weight[i] + (bias != nullptr ? bias[i] : 0.0f));
   }
 }
 
 // dx = rstd * (dxhat - mean(dxhat) [LayerNorm] - xhat * mean(dxhat * xhat)), dxhat = dy * g.
+// One warp per row, as the forward.
 __global__ void __launch_bounds__(kRowThreads)
 norm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ xhat, const float* __restrict__ rstd,
-                     const float* __restrict__ weight, int64_t dim, bool centered, float* __restrict__ dx) {
-  __shared__ double scratch[32];
-  const int64_t r = blockIdx.x;
+                     const float* __restrict__ weight, int64_t rows, int64_t dim, bool centered,
+                     float* __restrict__ dx) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (r >= rows) return;
   const float* dyr = dy + r * dim;
   const float* xh = xhat + r * dim;
   double s1 = 0.0, s2 = 0.0;
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+  for (int64_t i = lane; i < dim; i += 32) {
     const double d = static_cast<double>(dyr[i]) * weight[i];
     s1 += d;
     s2 += d * xh[i];
   }
-  const double mean_dxhat = centered ? detail::block_sum(s1, scratch) / static_cast<double>(dim) : 0.0;
-  const double mean_dxhat_xhat = detail::block_sum(s2, scratch) / static_cast<double>(dim);
+  const double mean_dxhat = centered ? detail::warp_sum(s1) / static_cast<double>(dim) : 0.0;
+  const double mean_dxhat_xhat = detail::warp_sum(s2) / static_cast<double>(dim);
   const double rs = rstd[r];
-  for (int64_t i = threadIdx.x; i < dim; i += blockDim.x) {
+  for (int64_t i = lane; i < dim; i += 32) {
     const double d = static_cast<double>(dyr[i]) * weight[i];
     dx[r * dim + i] = static_cast<float>(rs * (d - mean_dxhat - xh[i] * mean_dxhat_xhat));
   }
@@ -84,15 +97,30 @@ __global__ void norm_param_partials_kernel(const float* __restrict__ dy, const f
   if (with_bias) pb[chunk * dim + col] = sb;
 }
 
-// grad[col] += sum over chunks, in chunk order.
-__global__ void norm_param_finish_kernel(const double* __restrict__ pw, const double* __restrict__ pb,
-                                         int64_t chunks, int64_t dim, float* __restrict__ gw, float* __restrict__ gb) {
-  const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (col >= dim) return;
+// grad[col] += sum over chunks. A block takes 32 columns; its 8 warps sum every 8th chunk in order,
+// then warp 0 adds the 8 partial sums in warp order: a fixed order (deterministic), and 8 x 24
+// warps at work for GPT-2's 768 columns instead of 24 (one thread per column walking 256 chunks).
+constexpr int kFinishWarps = 8;
+__global__ void __launch_bounds__(32 * kFinishWarps)
+norm_param_finish_kernel(const double* __restrict__ pw, const double* __restrict__ pb, int64_t chunks, int64_t dim,
+                         float* __restrict__ gw, float* __restrict__ gb) {
+  __shared__ double part[2][kFinishWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+  const int64_t col = blockIdx.x * 32 + lane;
   double sw = 0.0, sb = 0.0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    sw += pw[c * dim + col];
-    if (gb != nullptr) sb += pb[c * dim + col];
+  if (col < dim)
+    for (int64_t c = warp; c < chunks; c += kFinishWarps) {
+      sw += pw[c * dim + col];
+      if (gb != nullptr) sb += pb[c * dim + col];
+    }
+  part[0][warp][lane] = sw;
+  part[1][warp][lane] = sb;
+  __syncthreads();
+  if (warp != 0 || col >= dim) return;
+  sw = sb = 0.0;
+  for (int w = 0; w < kFinishWarps; ++w) {
+    sw += part[0][w][lane];
+    sb += part[1][w][lane];
   }
   gw[col] = static_cast<float>(gw[col] + sw);
   if (gb != nullptr) gb[col] = static_cast<float>(gb[col] + sb);
@@ -125,12 +153,16 @@ void NormCuda::zero_grad(cudaStream_t stream) {
   bias_grad_.zero(stream);
 }
 
-void NormCuda::forward(const float* x, int64_t rows, float* y, cudaStream_t stream) {
+void NormCuda::forward(const float* x, int64_t rows, float* y, cudaStream_t stream) { forward_impl(x, rows, y, stream); }
+void NormCuda::forward(const float* x, int64_t rows, bf16_t* y, cudaStream_t stream) { forward_impl(x, rows, y, stream); }
+
+template <typename Out>
+void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream) {
   if (rows <= 0) throw std::invalid_argument("NormCuda::forward: rows must be positive, got " + std::to_string(rows));
   saved_xhat_.reserve(static_cast<size_t>(rows * dim_));
   saved_rstd_.reserve(static_cast<size_t>(rows));
-  norm_forward_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
-      x, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), has_bias() ? bias_.data() : nullptr, y,
+  norm_forward_kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
+      x, rows, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), has_bias() ? bias_.data() : nullptr, y,
       saved_xhat_.data(), saved_rstd_.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
   saved_rows_ = rows;
@@ -140,8 +172,8 @@ void NormCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
   if (saved_rows_ == 0) throw std::logic_error("NormCuda::backward without a forward");
   const int64_t rows = saved_rows_;
   const bool centered = kind_ == NormKind::kLayerNorm;
-  norm_backward_kernel<<<static_cast<unsigned>(rows), kRowThreads, 0, stream>>>(
-      dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), dim_, centered, dx);
+  norm_backward_kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
+      dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, dx);
   NIBBLE_CUDA_CHECK_LAUNCH();
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   partials_.reserve(static_cast<size_t>(2 * chunks * dim_));
@@ -150,8 +182,8 @@ void NormCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
   const dim3 grid(blocks_for(dim_, 128), static_cast<unsigned>(chunks));
   norm_param_partials_kernel<<<grid, 128, 0, stream>>>(dy, saved_xhat_.data(), rows, dim_, has_bias(), pw, pb);
   NIBBLE_CUDA_CHECK_LAUNCH();
-  norm_param_finish_kernel<<<blocks_for(dim_, 128), 128, 0, stream>>>(pw, pb, chunks, dim_, weight_grad_.data(),
-                                                                      has_bias() ? bias_grad_.data() : nullptr);
+  norm_param_finish_kernel<<<blocks_for(dim_, 32), 32 * kFinishWarps, 0, stream>>>(
+      pw, pb, chunks, dim_, weight_grad_.data(), has_bias() ? bias_grad_.data() : nullptr);
   NIBBLE_CUDA_CHECK_LAUNCH();
   saved_rows_ = 0;
 }

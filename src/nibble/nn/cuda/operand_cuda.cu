@@ -4,6 +4,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "nibble/formats/minifloat.h"
 #include "nibble/nn/operand.h"
@@ -37,6 +38,18 @@ __global__ void convert_kernel(const T* __restrict__ x, int64_t n, Out* __restri
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) out[i] = from_float<Out>(to_float(x[i]));
 }
+
+// The same for FP32 -> BF16, four elements per thread (one 16-byte load, one 8-byte store): the
+// conversion every bf16 operand goes through. The caller checks n % 4 == 0 and the alignment.
+__global__ void convert_f32_bf16x4_kernel(const float4* __restrict__ x, int64_t n4, uint2* __restrict__ out) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n4) return;
+  const float4 v = x[i];
+  out[i] = make_uint2(from_float<uint16_t>(v.x) | static_cast<uint32_t>(from_float<uint16_t>(v.y)) << 16,
+                      from_float<uint16_t>(v.z) | static_cast<uint32_t>(from_float<uint16_t>(v.w)) << 16);
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // An unquantized copy with RHT: one thread per 16-element segment of the operand's row; the
 // operand is X^T when `transpose` (source rows x cols, operand cols x rows).
@@ -207,12 +220,57 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
                                                                          reinterpret_cast<float*>(data_.data()));
   } else {
     stored_as_source_ = columnwise;
+    if constexpr (std::is_same_v<T, float>) {
+      if (bf16 && n % 4 == 0 && aligned(x, 16)) {
+        convert_f32_bf16x4_kernel<<<blocks_for(n / 4), kThreads, 0, stream>>>(
+            reinterpret_cast<const float4*>(x), n / 4, reinterpret_cast<uint2*>(data_.data()));
+        NIBBLE_CUDA_CHECK_LAUNCH();
+        return;
+      }
+    }
     if (bf16)
       convert_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, reinterpret_cast<uint16_t*>(data_.data()));
     else
       convert_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n, reinterpret_cast<float*>(data_.data()));
   }
   NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void OperandCuda::share_values_of(const OperandCuda& source, int64_t rows, int64_t cols) {
+  format_ = source.format_;
+  quantized_ = false;
+  stored_as_source_ = false;
+  rows_ = rows;
+  cols_ = cols;
+  data_bytes_ = source.data_bytes_;
+  scale_bytes_ = 0;
+  shared_values_ = source.data_.data();
+  decoded_valid_ = false;
+}
+
+bool OperandCuda::bf16_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op) {
+  const OperandRecipe& rr = recipe[row_op];
+  return rr.format == OperandFormat::kBf16 && !rr.rht && rr == recipe[col_op] && !operand_columnwise(row_op) &&
+         operand_columnwise(col_op);
+}
+
+bf16_t* OperandCuda::bf16_pair_source(int64_t rows, int64_t cols, OperandCuda& col) {
+  col.data_.reserve(static_cast<size_t>(rows * cols * 2));
+  return reinterpret_cast<bf16_t*>(col.data_.data());
+}
+
+void OperandCuda::adopt_bf16_pair(int64_t rows, int64_t cols, OperandCuda& row, OperandCuda& col) {
+  // What make() leaves in a columnwise bf16 operand without RHT: the source tensor's values as they are.
+  col.shared_values_ = nullptr;
+  col.format_ = OperandFormat::kBf16;
+  col.quantized_ = false;
+  col.stored_as_source_ = true;
+  col.rows_ = cols;
+  col.cols_ = rows;
+  col.data_bytes_ = rows * cols * 2;
+  col.scale_bytes_ = 0;
+  col.decoded_valid_ = false;
+  row.share_values_of(col, rows, cols);
 }
 
 template <typename T>
@@ -228,15 +286,7 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
   // source tensor, so it holds the very bytes the rowwise one needs: convert once, share.
   if (!rr.quantized() && rr == cr && !rr.rht && !operand_columnwise(row_op) && operand_columnwise(col_op)) {
     col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream);
-    row.format_ = col.format_;
-    row.quantized_ = false;
-    row.stored_as_source_ = false;
-    row.rows_ = rows;
-    row.cols_ = cols;
-    row.data_bytes_ = col.data_bytes_;
-    row.scale_bytes_ = 0;
-    row.shared_values_ = col.data_.data();
-    row.decoded_valid_ = false;
+    row.share_values_of(col, rows, cols);
     return;
   }
   if (!fused) {
@@ -332,7 +382,7 @@ GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8
     m.data = values();
     return m;
   }
-  if (type == GemmType::kBF16 && decoded_valid_) {  // written by the fused pass with the codes
+  if (type == GemmType::kBF16 && decoded_valid_ && is_fp4(format_)) {  // written by the fused pass
     m.data = decoded_.data();
     return m;
   }

@@ -49,6 +49,15 @@ class OperandCuda {
                         Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
                         bool row_decoded = false, bool col_decoded = false);
 
+  // The pair make_pair() makes from one conversion (both operands the same unquantized BF16 without
+  // RHT, `row` rowwise and `col` columnwise), without the conversion: a producer writes the BF16
+  // values of x [rows x cols] (nearest-even rounding of what make_pair() would be given) into
+  // bf16_pair_source(), then adopt_bf16_pair() sets up both operands over them: the same bits as
+  // make_pair(), one pass over memory fewer.
+  static bool bf16_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op);
+  static bf16_t* bf16_pair_source(int64_t rows, int64_t cols, OperandCuda& col);
+  static void adopt_bf16_pair(int64_t rows, int64_t cols, OperandCuda& row, OperandCuda& col);
+
   // The operand as GEMM operand A (op(A) = the operand, [rows x cols]) or B (op(B) = its
   // transpose), in `type`: kBF16, kF32, or the FP8 code type of an FP8 operand. FP4 operands and
   // type changes are decoded into `scratch`, which must stay alive until the GEMM has run; except
@@ -86,6 +95,8 @@ class OperandCuda {
 
  private:
   void allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t q_cols);
+  // `this` reads the values of `source`, a columnwise operand stored as its source tensor [rows x cols].
+  void share_values_of(const OperandCuda& source, int64_t rows, int64_t cols);
   // The fused NVFP4 pass into `row` and/or `col` (nullptr: that side off).
   template <typename T>
   static void run_fused(const T* x, int64_t rows, int64_t cols, const nibble::cuda::RowColSpec& s,

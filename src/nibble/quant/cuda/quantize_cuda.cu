@@ -72,14 +72,13 @@ __device__ __forceinline__ void encode_fp4(const float* v, float scale, uint64_t
 #pragma unroll
   for (int w = 0; w < kN / 8; ++w) packed[w] = 0;
 #pragma unroll
-  for (int g = 0; g < kN / 4; ++g) {
+  for (int g = 0; g < kN / 8; ++g) {
     Philox4x32 bits{{0, 0, 0, 0}};
-    if constexpr (kRounding == Rounding::kStochastic) bits = random_words(seed, stream, (index0 >> 2) + g);
+    if constexpr (kRounding == Rounding::kStochastic) bits = random_words(seed, stream, (index0 >> 3) + g);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int k = 4 * g + j;
-      const uint32_t code = fp4_encode_element(v[k], scale, kRounding, bits.v[j]);
-      packed[k / 8] |= code << (4 * (k % 8));
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t code = fp4_encode_element(v[8 * g + j], scale, kRounding, fp4_random_word(bits, j));
+      packed[g] |= code << (4 * j);
     }
   }
 }
