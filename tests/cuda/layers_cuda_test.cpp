@@ -427,6 +427,13 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
       cuda::activation_forward(kind, pre.data(), rows, hidden, act16.data(), stream);
       EXPECT_EQ(download_bits(act16, rows * hidden), rounded(download(act.data(), rows * hidden)))
           << "activation " << static_cast<int>(kind) << ", hidden " << hidden;
+      DeviceBuffer<float> dact{std::span<const float>(nibble::nn::test::random_normal(rng, rows * hidden, 1.0f))};
+      DeviceBuffer<float> dpre(static_cast<size_t>(rows * width));
+      DeviceBuffer<bf16_t> dpre16(dpre.size());
+      cuda::activation_backward(kind, pre.data(), dact.data(), rows, hidden, dpre.data(), stream);
+      cuda::activation_backward(kind, pre.data(), dact.data(), rows, hidden, dpre16.data(), stream);
+      EXPECT_EQ(download_bits(dpre16, rows * width), rounded(download(dpre.data(), rows * width)))
+          << "activation backward " << static_cast<int>(kind) << ", hidden " << hidden;
     }
   for (const AttentionShape shape : {AttentionShape{96, 6, 2, true, 10000.0f}, AttentionShape{105, 7, 7, false},
                                      AttentionShape{256, 2, 1, false}}) {  // hd 16, 15 (odd), 128
@@ -442,6 +449,14 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
     core.forward(qkv.data(), batch, seq, out16.data(), stream);
     EXPECT_EQ(download_bits(out16, rows * core.out_width()), rounded(download(out.data(), rows * core.out_width())))
         << "attention, head_dim " << shape.head_dim();
+    DeviceBuffer<float> dout{std::span<const float>(nibble::nn::test::random_normal(rng, rows * core.out_width(), 1.0f))};
+    DeviceBuffer<float> dqkv(qkv.size());
+    DeviceBuffer<bf16_t> dqkv16(qkv.size());
+    core.backward(dout.data(), dqkv.data(), stream);
+    core.forward(qkv.data(), batch, seq, out.data(), stream);  // backward consumed the saved forward
+    core.backward(dout.data(), dqkv16.data(), stream);
+    EXPECT_EQ(download_bits(dqkv16, rows * core.qkv_width()), rounded(download(dqkv.data(), rows * core.qkv_width())))
+        << "attention backward, head_dim " << shape.head_dim();
   }
   {  // the batched-GEMM attention has no BF16 output
     nibble::cuda::GemmRunner gemm;

@@ -193,9 +193,9 @@ TEST(LinearCuda, QuantizesTheWeightOncePerStep) {
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
-// A BF16 input written by its producer (bf16_input + forward_bf16_input) gives the bits of an FP32
-// input converted by the layer: Y, dX, dW and the saved bytes; only recipes that keep X in BF16 as
-// it is on both of its GEMMs take one.
+// A BF16 input written by its producer (bf16_input + forward_bf16_input, bf16_dy_input +
+// backward_bf16_input) gives the bits of an FP32 input converted by the layer: Y, dX, dW and the
+// saved bytes; only recipes that keep X (dY) in BF16 as it is on both of its GEMMs take one.
 TEST(LinearCuda, Bf16InputGivesTheBitsOfTheConvertedFp32Input) {
   std::mt19937_64 rng(test::fresh_seed());
   const int64_t tokens = 40, in = 48, out = 24;
@@ -203,6 +203,8 @@ TEST(LinearCuda, Bf16InputGivesTheBitsOfTheConvertedFp32Input) {
   const std::vector<float> x = test::random_normal(rng, tokens * in, 1.0f), dy = test::random_normal(rng, tokens * out, 1.0f);
   std::vector<bf16_t> x16(x.size());
   for (size_t i = 0; i < x.size(); ++i) x16[i].bits = BF16::encode(x[i], Rounding::kNearestEven);
+  std::vector<bf16_t> dy16(dy.size());
+  for (size_t i = 0; i < dy.size(); ++i) dy16[i].bits = BF16::encode(dy[i], Rounding::kNearestEven);
   LinearContext ctx;
   DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
   std::vector<float> results[2][3];  // [path][Y, dX, dW]
@@ -221,7 +223,14 @@ TEST(LinearCuda, Bf16InputGivesTheBitsOfTheConvertedFp32Input) {
       gpu.forward_bf16_input(tokens, y.data(), nullptr);
     }
     saved[path] = gpu.saved_activation_bytes();
-    gpu.backward(d_dy.data(), dx.data(), nullptr);
+    if (path == 0) {
+      gpu.backward(d_dy.data(), dx.data(), nullptr);
+    } else {
+      ASSERT_TRUE(gpu.takes_bf16_dy());
+      NIBBLE_CUDA_CHECK(cudaMemcpy(gpu.bf16_dy_input(), dy16.data(), dy16.size() * sizeof(bf16_t),
+                                   cudaMemcpyHostToDevice));
+      gpu.backward_bf16_input(dx.data(), nullptr);
+    }
     results[path][0] = download(y.data(), tokens * out);
     results[path][1] = download(dx.data(), tokens * in);
     results[path][2] = download(gpu.weight_grad(), in * out);
@@ -231,6 +240,7 @@ TEST(LinearCuda, Bf16InputGivesTheBitsOfTheConvertedFp32Input) {
   for (const char* name : {"fp32", "nvfp4", "fp8"}) {
     LinearCuda other(in, out, preset(name), {}, ctx);
     EXPECT_FALSE(other.takes_bf16_input()) << name;
+    EXPECT_FALSE(other.takes_bf16_dy()) << name;
     DeviceBuffer<float> y(static_cast<size_t>(tokens * out));
     EXPECT_THROW(other.forward_bf16_input(tokens, y.data(), nullptr), std::logic_error) << name;
   }

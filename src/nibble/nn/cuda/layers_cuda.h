@@ -5,7 +5,9 @@
 //
 // Conventions of every call here:
 // - pointers are device pointers; activations are FP32 in and out, math is FP32 (statistics and
-//   sums in double where the CPU uses double);
+//   sums in double where the CPU uses double); the layers that feed a linear layer can also write
+//   their output in BF16 (nearest-even rounding of the FP32 output) straight into the linear
+//   layer's operand (LinearCuda::bf16_input / bf16_dy_input), saving a copy and a conversion pass;
 // - a cudaStream_t on every call; work is stream-ordered and nothing waits on the host, except
 //   buffer growth (cudaMalloc/cudaFree, first call at a new largest size) and the explicit
 //   check_ids() calls, which synchronise by design;
@@ -121,6 +123,9 @@ void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hi
 // dpre (overwritten) = d act / d pre applied to dact.
 void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, float* dpre,
                          cudaStream_t stream);
+// The same with dpre in BF16 (nearest-even rounding of the FP32 dpre), for LinearCuda::bf16_dy_input().
+void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, bf16_t* dpre,
+                         cudaStream_t stream);
 // x += y over n elements (the residual stream).
 void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream);
 
@@ -181,11 +186,15 @@ class AttentionCoreCuda {
   void forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream);
   // d_qkv (overwritten) from d_out [batch*seq x H hd]. Needs a forward.
   void backward(const float* d_out, float* d_qkv, cudaStream_t stream);
+  // The same with d_qkv in BF16 (nearest-even rounding of the FP32 d_qkv), for LinearCuda::bf16_dy_input().
+  void backward(const float* d_out, bf16_t* d_qkv, cudaStream_t stream);
 
  private:
   // out16 (BF16 output, fused kernels only) replaces out when not nullptr.
   void forward_impl(const float* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
                     cudaStream_t stream);
+  template <typename Out>
+  void backward_impl(const float* d_out, Out* d_qkv, cudaStream_t stream);
   void gemm_forward(float* out, cudaStream_t stream);
   void gemm_backward(cudaStream_t stream);
   void gemm_scores(cudaStream_t stream);  // ws_.scores = q k^T per KV group
