@@ -56,7 +56,8 @@ TEST(Tile16Layout, TransposeStepsTransposeTheWarpTile) {
       const int words[4] = {half, 2 + half, 4 + half, 6 + half};  // elements 0-7, 8-15, 16-23, 24-31
       for (int q = 0; q < 4; ++q)
         for (int k = 0; k < 8; ++k) {
-          ASSERT_EQ(nibble_of(w[l][words[q]], k), m[8 * q + k][c]) << "lane " << l << " W^T row " << c << " element " << 8 * q + k;
+          ASSERT_EQ(nibble_of(w[l][words[q]], k), m[8 * q + k][c])
+              << "lane " << l << " W^T row " << c << " element " << 8 * q + k;
           ++checked;
         }
     }
@@ -83,7 +84,8 @@ TEST(Tile16Layout, LanesCoverTheWarpTileOnceAndTilesStayTogether) {
     int group = 0;  // lanes reachable through the masks: must be the 8 lanes of l's tile column
     for (int other = 0; other < 32; ++other) {
       const int d = l ^ other;
-      const bool reachable = (d & ~(tile16::tile_lane_mask(0) | tile16::tile_lane_mask(1) | tile16::tile_lane_mask(2))) == 0;
+      const bool reachable =
+          (d & ~(tile16::tile_lane_mask(0) | tile16::tile_lane_mask(1) | tile16::tile_lane_mask(2))) == 0;
       EXPECT_EQ(reachable, tile16::tile_col(other) == tile16::tile_col(l)) << l << " " << other;
       group += reachable;
     }
@@ -134,8 +136,7 @@ std::pair<QuantizedTensor, QuantizedTensor> emulate(const std::vector<float>& x,
           amax[l][tr] = std::fmax(before[l][tr], before[l ^ tile16::tile_lane_mask(k)][tr]);
     }
     uint32_t own[32], code[32][2];
-    for (int l = 0; l < 32; ++l)
-      own[l] = finite ? nvfp4_block_scale_code(amax[l][(l & 8) ? 1 : 0], ts.encode) : 0u;
+    for (int l = 0; l < 32; ++l) own[l] = finite ? nvfp4_block_scale_code(amax[l][(l & 8) ? 1 : 0], ts.encode) : 0u;
     for (int l = 0; l < 32; ++l) {
       const bool odd = (l & 8) != 0;
       code[l][0] = odd ? own[l ^ 8] : own[l];
@@ -186,16 +187,19 @@ std::pair<QuantizedTensor, QuantizedTensor> emulate(const std::vector<float>& x,
 }
 
 ::testing::AssertionResult same_bits(const QuantizedTensor& ref, const QuantizedTensor& got) {
-  if (float_bits(ref.decode_scale) != float_bits(got.decode_scale) && !(ref.decode_scale != ref.decode_scale && got.decode_scale != got.decode_scale))
+  if (float_bits(ref.decode_scale) != float_bits(got.decode_scale) &&
+      !(ref.decode_scale != ref.decode_scale && got.decode_scale != got.decode_scale))
     return ::testing::AssertionFailure() << "decode scale " << ref.decode_scale << " vs " << got.decode_scale;
   if (ref.scales.size() != got.scales.size() || ref.data.size() != got.data.size())
     return ::testing::AssertionFailure() << "sizes differ";
   for (size_t i = 0; i < ref.scales.size(); ++i)
     if (ref.scales[i] != got.scales[i])
-      return ::testing::AssertionFailure() << "scale " << i << ": " << int(ref.scales[i]) << " vs " << int(got.scales[i]);
+      return ::testing::AssertionFailure()
+             << "scale " << i << ": " << int(ref.scales[i]) << " vs " << int(got.scales[i]);
   for (size_t i = 0; i < ref.data.size(); ++i)
     if (ref.data[i] != got.data[i])
-      return ::testing::AssertionFailure() << "data byte " << i << ": " << int(ref.data[i]) << " vs " << int(got.data[i]);
+      return ::testing::AssertionFailure()
+             << "data byte " << i << ": " << int(ref.data[i]) << " vs " << int(got.data[i]);
   return ::testing::AssertionSuccess();
 }
 
@@ -204,7 +208,8 @@ std::pair<QuantizedTensor, QuantizedTensor> emulate(const std::vector<float>& x,
 TEST(Tile16Layout, EmulatedKernelEqualsCpuReferenceForWAndWt) {
   std::mt19937_64 rng(test::fresh_seed());
   std::normal_distribution<float> normal(0.0f, 1.0f);
-  const std::pair<int64_t, int64_t> shapes[] = {{16, 16}, {32, 64}, {48, 80}, {16, 96}, {96, 112}, {80, 208}, {144, 48}};
+  const std::pair<int64_t, int64_t> shapes[] = {{16, 16},  {32, 64},  {48, 80}, {16, 96},
+                                                {96, 112}, {80, 208}, {144, 48}};
   int compared = 0;
   for (const auto& [rows, cols] : shapes) {
     for (int dist = 0; dist < 4; ++dist) {

@@ -568,7 +568,10 @@ __global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
     // Tile amaxes (finite tensor: float max of |v|), over the lane's words, then its tile's lanes.
     float amax[2] = {0.0f, 0.0f};
 #pragma unroll
-    for (int i = 0; i < tile16::kWords; ++i) amax[tile16::tile_row(i)] = fmaxf(amax[tile16::tile_row(i)], max_abs8(raw[i]));
+    for (int i = 0; i < tile16::kWords; ++i) {
+      const int tr = tile16::tile_row(i);
+      amax[tr] = fmaxf(amax[tr], max_abs8(raw[i]));
+    }
 #pragma unroll
     for (int k = 0; k < tile16::kTileLanesLog2; ++k) {
       amax[0] = fmaxf(amax[0], __shfl_xor_sync(kAll, amax[0], tile16::tile_lane_mask(k)));
@@ -611,9 +614,11 @@ __global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
     if (colwise) {
       tile16::transpose_step2(w);
 #pragma unroll
-      for (int i = 0; i < tile16::kWords; ++i) w[i] = tile16::transpose_step1(w[i], __shfl_xor_sync(kAll, w[i], 16), lane);
+      for (int i = 0; i < tile16::kWords; ++i)
+        w[i] = tile16::transpose_step1(w[i], __shfl_xor_sync(kAll, w[i], 16), lane);
 #pragma unroll
-      for (int i = 0; i < tile16::kWords; ++i) w[i] = tile16::transpose_step0(w[i], __shfl_xor_sync(kAll, w[i], 8), lane);
+      for (int i = 0; i < tile16::kWords; ++i)
+        w[i] = tile16::transpose_step0(w[i], __shfl_xor_sync(kAll, w[i], 8), lane);
       if (col_ok) {
 #pragma unroll
         for (int m = 0; m < 2; ++m) {
@@ -915,7 +920,8 @@ void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_
                            QuantBuffers wt, cudaStream_t stream) {
   validate(make_spec(Format::kNvfp4, Block::k16x16), rows, cols);
   if (!aligned16(x))
-    throw std::invalid_argument("nvfp4 16x16 quantization: the input must be 16-byte aligned (it is read in 16-byte vectors)");
+    throw std::invalid_argument(
+        "nvfp4 16x16 quantization: the input must be 16-byte aligned (it is read in 16-byte vectors)");
   if (w.data == nullptr && wt.data == nullptr) return;
   launch_tile16(x, rows, cols, amax_bits, w, wt, stream);
 }
