@@ -131,6 +131,16 @@ TEST_P(LinearCudaTest, MatchesCpuLayer) {
     EXPECT_EQ(q.decode_scale, x_t.packed()->decode_scale) << "wgrad.x tensor scale";
   }
 
+  // The weight's copies (W and W^T from one pass under 16x16 NVFP4 weights): bit-identical too.
+  for (Operand op : {Operand::kFpropW, Operand::kDgradW}) {
+    const OperandCopy cw = operand(w, out, in, op, wseed);
+    if (!cw.packed()) continue;
+    const QuantizedTensor q = (op == Operand::kFpropW ? gpu.fprop_w() : gpu.dgrad_w()).download();
+    EXPECT_EQ(q.data, cw.packed()->data) << operand_name(op) << " codes";
+    EXPECT_EQ(q.scales, cw.packed()->scales) << operand_name(op) << " block scales";
+    EXPECT_EQ(q.decode_scale, cw.packed()->decode_scale) << operand_name(op) << " tensor scale";
+  }
+
   std::vector<float> dx_cpu = cpu.backward(dy);
   gpu.backward(d_dy.data(), d_dx.data(), nullptr);
   const std::vector<float> dx_gpu = download(d_dx.data(), tokens * in);

@@ -45,11 +45,15 @@ std::string LinearCuda::context(Operand op) const {
 void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
   if (weight_copies_valid_) return;
   const uint64_t seed = weight_sr_seed();
-  for (auto [copy, op] : {std::pair{&fprop_w_, Operand::kFpropW}, std::pair{&dgrad_w_, Operand::kDgradW}}) {
-    try {
-      copy->make(weight_.data(), out_, in_, recipe_[op], op, recipe_.rht_signs(), seed, stream);
-    } catch (const std::invalid_argument& e) {
-      throw std::invalid_argument(context(op) + ": " + e.what());
+  // The paper's weights (NVFP4 16x16, RNE, on both copies): W and W^T from one pass.
+  if (!OperandCuda::make_tile16_pair(weight_.data(), out_, in_, recipe_, Operand::kFpropW, Operand::kDgradW, seed,
+                                     fprop_w_, dgrad_w_, stream)) {
+    for (auto [copy, op] : {std::pair{&fprop_w_, Operand::kFpropW}, std::pair{&dgrad_w_, Operand::kDgradW}}) {
+      try {
+        copy->make(weight_.data(), out_, in_, recipe_[op], op, recipe_.rht_signs(), seed, stream);
+      } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(context(op) + ": " + e.what());
+      }
     }
   }
   weight_copies_valid_ = true;

@@ -81,6 +81,9 @@ class LinearCuda {
   int64_t native_fp4_gemms() const { return native_fp4_gemms_; }
   int64_t gemms() const { return gemms_; }
   const OperandCuda& saved_x_t() const { return saved_x_t_; }
+  // The weight's GEMM copies of this step (fprop.w: W, dgrad.w: W^T), valid after forward().
+  const OperandCuda& fprop_w() const { return fprop_w_; }
+  const OperandCuda& dgrad_w() const { return dgrad_w_; }
 
  private:
   std::string context(Operand op) const;
