@@ -257,13 +257,15 @@ cross_entropy_staged_kernel(const float* logits, const uint32_t* __restrict__ ta
       if (out != nullptr) {
         Out* const out_row = out + r * vocab;
         const float4* quads = reinterpret_cast<const float4*>(stage);
+        // The quad holding the target (none: -1) loses grad_scale at element target % 4.
+        const int64_t target_quad = ok && grad_scale != 0.0f ? static_cast<int64_t>(target / 4) : -1;
+        const uint32_t target_lane = target % 4;
         const auto emit = [&](int64_t q, float4 e) {  // elements 4q .. 4q + 3
-          const float ev[4] = {e.x, e.y, e.z, e.w};
-          float g[4];
+          float g[4] = {e.x, e.y, e.z, e.w};
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
-            g[i] = ok ? __fmul_rn(ev[i], scale) : 0.0f;
-            if (ok && grad_scale != 0.0f && 4 * q + i == target) g[i] = __fsub_rn(g[i], grad_scale);
+            g[i] = ok ? __fmul_rn(g[i], scale) : 0.0f;
+            if (q == target_quad && target_lane == static_cast<uint32_t>(i)) g[i] = __fsub_rn(g[i], grad_scale);
           }
           store4(out_row + 4 * q, g);
         };
