@@ -621,8 +621,8 @@ TEST(CrossEntropyCuda, StagedMatchesStridedBitForBit) {
         }
         return out;
       };
-      const Out strided = run(cuda::CrossEntropyKernel::kStrided), staged = run(cuda::CrossEntropyKernel::kStaged),
-                again = run(cuda::CrossEntropyKernel::kStaged);
+      const Out strided = run(cuda::CrossEntropyKernel::kStrided);
+      const Out staged = run(cuda::CrossEntropyKernel::kStaged), again = run(cuda::CrossEntropyKernel::kStaged);
       for (size_t i = 0; i < strided.loss.size(); ++i) {
         EXPECT_EQ(std::memcmp(&staged.loss[i], &strided.loss[i], sizeof(double)), 0)
             << "loss " << i << ": staged " << staged.loss[i] << " strided " << strided.loss[i];

@@ -31,8 +31,8 @@ void check_shape(int64_t rows, int64_t vocab) {
 
 // The staged kernel for each output type: FP32 in place, BF16 chunks.
 const void* staged_kernel(size_t out_bytes) {
-  return out_bytes == sizeof(float) ? reinterpret_cast<const void*>(&detail::cross_entropy_staged_kernel<float>)
-                                    : reinterpret_cast<const void*>(&detail::cross_entropy_staged_kernel<__nv_bfloat16>);
+  if (out_bytes == sizeof(float)) return reinterpret_cast<const void*>(&detail::cross_entropy_staged_kernel<float>);
+  return reinterpret_cast<const void*>(&detail::cross_entropy_staged_kernel<__nv_bfloat16>);
 }
 
 }  // namespace
@@ -55,7 +55,8 @@ unsigned CrossEntropyCuda::staged_blocks(int64_t rows, int64_t vocab, const void
         NIBBLE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, staged_kernel(bytes)));
         static_bytes = std::max(static_bytes, attributes.sharedSizeBytes);
       }
-      if (static_cast<size_t>(optin) > static_bytes) limits.max_dynamic_shared = static_cast<size_t>(optin) - static_bytes;
+      if (static_cast<size_t>(optin) > static_bytes)
+        limits.max_dynamic_shared = static_cast<size_t>(optin) - static_bytes;
       for (const size_t bytes : {sizeof(float), sizeof(__nv_bfloat16)})
         NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(staged_kernel(bytes), cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(limits.max_dynamic_shared)));
@@ -66,9 +67,11 @@ unsigned CrossEntropyCuda::staged_blocks(int64_t rows, int64_t vocab, const void
   if (!detail::stage_fits(vocab, logits, out, out_bytes, stage_.max_dynamic_shared)) return 0;
   if (vocab != stage_.vocab) {
     const size_t bytes = detail::stage_shared_bytes(vocab);
-    for (int i = 0; i < 2; ++i)
-      NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &stage_.blocks_per_sm[i], staged_kernel(i == 0 ? sizeof(float) : sizeof(__nv_bfloat16)), kLossThreads, bytes));
+    for (int i = 0; i < 2; ++i) {
+      const void* kernel = staged_kernel(i == 0 ? sizeof(float) : sizeof(__nv_bfloat16));
+      NIBBLE_CUDA_CHECK(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&stage_.blocks_per_sm[i], kernel, kLossThreads, bytes));
+    }
     stage_.vocab = vocab;
   }
   const int64_t resident = static_cast<int64_t>(stage_.blocks_per_sm[out_bytes == sizeof(float) ? 0 : 1]) * stage_.sms;
@@ -108,7 +111,8 @@ void CrossEntropyCuda::chunk(const float* logits, const uint32_t* targets, int64
     throw std::logic_error("CrossEntropyCuda::chunk: a batch's first chunk must start at row 0");
   row_loss_.reserve(static_cast<size_t>(total_rows));
   if (const unsigned blocks = staged_blocks(rows, vocab, logits, dlogits, sizeof(__nv_bfloat16))) {
-    detail::cross_entropy_staged_kernel<__nv_bfloat16><<<blocks, kLossThreads, detail::stage_shared_bytes(vocab), stream>>>(
+    const size_t bytes = detail::stage_shared_bytes(vocab);
+    detail::cross_entropy_staged_kernel<__nv_bfloat16><<<blocks, kLossThreads, bytes, stream>>>(
         logits, targets, row0, rows, vocab, grad_scale, dlogits, row_loss_.data(), bad_target_.device());
   } else {
     detail::cross_entropy_chunk_kernel<<<static_cast<unsigned>(rows), kLossThreads, 0, stream>>>(
