@@ -241,8 +241,8 @@ class CrossEntropyCuda {
     int device = -1;
     size_t max_dynamic_shared = 0;  // 0: no staged kernel on this device
     int sms = 0;
-    int64_t vocab = -1;               // of blocks_per_sm
-    int blocks_per_sm[2] = {0, 0};    // FP32 (in place), BF16 (chunks) output
+    int64_t vocab = -1;             // of blocks_per_sm
+    int blocks_per_sm[2] = {0, 0};  // FP32 (in place), BF16 (chunks) output
   };
   CrossEntropyKernel kernel_;
   StageLimits stage_;
