@@ -225,8 +225,18 @@ class AttentionCoreCuda {
 // (lm_head_cuda.h): the logits are read, not overwritten, and the gradient is written in BF16,
 // rounded to nearest even from the very FP32 values forward_backward() would write (the same
 // device code), i.e. the bits OperandCuda gives a bf16 operand made from forward_backward()'s output.
+//
+// Kernels (loss_kernels.cuh), both giving the same bits: kStaged (the default) copies each row
+// into shared memory and reads the logits from global memory once; it needs the row to fit (vocab
+// * 4 bytes within the device's opt-in shared memory per block, 227 KiB on Hopper), vocab a
+// multiple of 4 and buffers aligned as cudaMalloc's, and falls back to kStrided otherwise, which
+// reads each row three times (any vocab).
+enum class CrossEntropyKernel { kStaged, kStrided };
+
 class CrossEntropyCuda {
  public:
+  explicit CrossEntropyCuda(CrossEntropyKernel kernel = CrossEntropyKernel::kStaged) : kernel_(kernel) {}
+
   void forward_backward(float* logits, const uint32_t* targets, int64_t rows, int64_t vocab, float grad_scale,
                         double* loss_mean, cudaStream_t stream);
 
@@ -241,7 +251,26 @@ class CrossEntropyCuda {
 
   void check_ids(int64_t vocab, cudaStream_t stream) { bad_target_.check("CrossEntropyCuda target", vocab, stream); }
 
+  // Whether rows of `vocab` logits run the staged kernel on the current device (with buffers
+  // aligned as cudaMalloc's).
+  bool staged(int64_t vocab);
+
  private:
+  // The staged kernel's grid for these rows (persistent blocks: at most as many as fit on the
+  // device at once), or 0 to run the strided one.
+  unsigned staged_blocks(int64_t rows, int64_t vocab, const void* logits, const void* out, size_t out_bytes);
+
+  // What the staged kernels may use on the device, found at the first call on it (when the
+  // kernels' opt-in shared memory is set, once rather than per launch).
+  struct StageLimits {
+    int device = -1;
+    size_t max_dynamic_shared = 0;  // 0: no staged kernel on this device
+    int sms = 0;
+    int64_t vocab = -1;             // of blocks_per_sm
+    int blocks_per_sm[2] = {0, 0};  // FP32 (in place), BF16 (chunks) output
+  };
+  CrossEntropyKernel kernel_;
+  StageLimits stage_;
   DeviceBuffer<double> row_loss_;
   IdErrorFlag bad_target_;
 };
