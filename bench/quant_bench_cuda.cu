@@ -7,6 +7,8 @@
 // written once (packed data, scales, and the decoded BF16 values where asked for: 2 bytes per
 // element per side). The amax pass, which current scaling needs before any element
 // can be encoded, reads the input a second time; the table gives it separately and in the total.
+// Then the NVFP4 16x16 weight kernel (one copy, and W with W^T) on BF16 and float input, and the
+// generic one-thread-per-segment kernels.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -112,15 +114,47 @@ int main(int argc, char** argv) {
                 100.0 * quant_gbs / copy_gbs, 100.0 * total_gbs / copy_gbs);
   }
 
-  // The generic path for the other specs (one output each), for reference.
+  // NVFP4 16x16 weights, round-to-nearest-even: the dedicated kernel (nvfp4_quantize_tile16), W alone
+  // or W and W^T from one pass, on BF16 and on float input (the layers' master weights are float).
+  // Counted: the input read once, each copy's codes (n/2 bytes) and tile scales (n/256) written once.
+  float* xf = nullptr;
+  check(cudaMalloc(&xf, n * 4), "malloc");
+  {
+    std::vector<float> host_f(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) host_f[i] = BF16::decode(host[i].bits);
+    check(cudaMemcpy(xf, host_f.data(), n * 4, cudaMemcpyHostToDevice), "upload");
+  }
+  const QuantSpec w16 = make_spec(Format::kNvfp4, Block::k16x16);
+  const cuda::QuantBuffers w_out{row_data, row_scales, decode}, t_out{col_data, col_scales, decode + 1};
+  std::printf("\n%-36s %9s %9s %9s %11s %11s %11s\n", "nvfp4 16x16 (weights) fast", "amax ms", "quant ms",
+              "total ms", "quant GB/s", "quant/copy", "total/copy");
+  const auto tile16_line = [&](const auto* input, const char* name, bool both) {
+    const double bytes = static_cast<double>(n) * sizeof(*input) + (both ? 2 : 1) * (n / 2.0 + n / 256.0);
+    const cuda::QuantBuffers wt = both ? t_out : cuda::QuantBuffers{};
+    const float amax_ms = median_ms([&] { cuda::quantize_amax(input, rows, cols, w16, amax, nullptr); });
+    const float quant_ms =
+        median_ms([&] { cuda::nvfp4_quantize_tile16(input, rows, cols, amax, w_out, wt, nullptr); });
+    const float total_ms = median_ms([&] {
+      cuda::quantize_amax(input, rows, cols, w16, amax, nullptr);
+      cuda::nvfp4_quantize_tile16(input, rows, cols, amax, w_out, wt, nullptr);
+    });
+    const double quant_gbs = bytes / quant_ms / 1e6, total_gbs = bytes / total_ms / 1e6;
+    std::printf("%-36s %9.3f %9.3f %9.3f %11.0f %10.1f%% %10.1f%%\n", name, amax_ms, quant_ms, total_ms, quant_gbs,
+                100.0 * quant_gbs / copy_gbs, 100.0 * total_gbs / copy_gbs);
+  };
+  tile16_line(x, "nvfp4 16x16 (weights) fast, bf16", false);
+  tile16_line(x, "nvfp4 16x16 fast W and W^T, bf16", true);
+  tile16_line(xf, "nvfp4 16x16 (weights) fast, fp32", false);
+  tile16_line(xf, "nvfp4 16x16 fast W and W^T, fp32", true);
+
+  // The generic one-thread-per-segment kernels (quantize_*_generic; quantize_amax +
+  // quantize_segments take the 16x16 kernel above for 16x16 RNE), one output each, for reference.
   std::printf("\n%-24s %9s %11s %11s\n", "generic path", "total ms", "GB/s", "of copy");
   struct GenericVariant {
     const char* name;
     QuantSpec spec;
     double out_bytes;
   };
-  QuantSpec w16;
-  w16.block = Block::k16x16;
   QuantSpec mx;
   mx.format = Format::kMxfp4;
   mx.block = Block::k1x32;
@@ -132,8 +166,9 @@ int main(int argc, char** argv) {
                                     {"fp8 e4m3 per-tensor", f8, static_cast<double>(n)}};
   for (const GenericVariant& g : generic) {
     const float ms = median_ms([&] {
-      cuda::quantize_amax(x, rows, cols, g.spec, amax, nullptr);
-      cuda::quantize_segments(x, rows, cols, g.spec, amax, cuda::QuantBuffers{row_data, row_scales, decode}, nullptr);
+      cuda::quantize_amax_generic(x, rows, cols, g.spec, amax, nullptr);
+      cuda::quantize_segments_generic(x, rows, cols, g.spec, amax, cuda::QuantBuffers{row_data, row_scales, decode},
+                                      nullptr);
     });
     const double gbs = (in_bytes + g.out_bytes) / ms / 1e6;
     std::printf("%-24s %9.3f %11.0f %10.1f%%\n", g.name, ms, gbs, 100.0 * gbs / copy_gbs);

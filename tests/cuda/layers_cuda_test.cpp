@@ -427,6 +427,13 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
       cuda::activation_forward(kind, pre.data(), rows, hidden, act16.data(), stream);
       EXPECT_EQ(download_bits(act16, rows * hidden), rounded(download(act.data(), rows * hidden)))
           << "activation " << static_cast<int>(kind) << ", hidden " << hidden;
+      DeviceBuffer<float> dact{std::span<const float>(nibble::nn::test::random_normal(rng, rows * hidden, 1.0f))};
+      DeviceBuffer<float> dpre(static_cast<size_t>(rows * width));
+      DeviceBuffer<bf16_t> dpre16(dpre.size());
+      cuda::activation_backward(kind, pre.data(), dact.data(), rows, hidden, dpre.data(), stream);
+      cuda::activation_backward(kind, pre.data(), dact.data(), rows, hidden, dpre16.data(), stream);
+      EXPECT_EQ(download_bits(dpre16, rows * width), rounded(download(dpre.data(), rows * width)))
+          << "activation backward " << static_cast<int>(kind) << ", hidden " << hidden;
     }
   for (const AttentionShape shape : {AttentionShape{96, 6, 2, true, 10000.0f}, AttentionShape{105, 7, 7, false},
                                      AttentionShape{256, 2, 1, false}}) {  // hd 16, 15 (odd), 128
@@ -442,6 +449,14 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
     core.forward(qkv.data(), batch, seq, out16.data(), stream);
     EXPECT_EQ(download_bits(out16, rows * core.out_width()), rounded(download(out.data(), rows * core.out_width())))
         << "attention, head_dim " << shape.head_dim();
+    DeviceBuffer<float> dout{std::span<const float>(nibble::nn::test::random_normal(rng, rows * core.out_width(), 1.0f))};
+    DeviceBuffer<float> dqkv(qkv.size());
+    DeviceBuffer<bf16_t> dqkv16(qkv.size());
+    core.backward(dout.data(), dqkv.data(), stream);
+    core.forward(qkv.data(), batch, seq, out.data(), stream);  // backward consumed the saved forward
+    core.backward(dout.data(), dqkv16.data(), stream);
+    EXPECT_EQ(download_bits(dqkv16, rows * core.qkv_width()), rounded(download(dqkv.data(), rows * core.qkv_width())))
+        << "attention backward, head_dim " << shape.head_dim();
   }
   {  // the batched-GEMM attention has no BF16 output
     nibble::cuda::GemmRunner gemm;
@@ -603,6 +618,116 @@ TEST(CrossEntropyCuda, ChunkedBf16GradientIsTheRoundedFp32Gradient) {
     ADD_FAILURE() << "a bad target was not reported";
   } catch (const std::out_of_range& e) {
     EXPECT_NE(std::string(e.what()).find("position 60"), std::string::npos) << e.what();
+  }
+}
+
+// The staged kernel (the default where the row fits) against the strided one (the fallback)
+// through both calls, bit for bit: the losses' mean, the FP32 gradient in place, the BF16 chunk
+// gradient, the probabilities (grad_scale 0), losses only, and the bad targets reported. Vocabs
+// within one 32 KiB copy chunk, one and a sliver, and GPT-2's; more rows than the staged grid
+// holds at once (each block takes several rows). A second batch makes the order of the double row
+// sums show in the loss: every row's max (its target, so the loss is log(sum) ~ 1e-12) is one
+// thread's first element and every other exp is ~0.63 * 2^-53, which rounds away when added to
+// that thread's running 1 one at a time, and would not all round away in another order.
+TEST(CrossEntropyCuda, StagedMatchesStridedBitForBit) {
+  std::mt19937_64 rng(fresh_seed());
+  Stream stream;
+  cuda::CrossEntropyCuda probe;
+  ASSERT_TRUE(probe.staged(50304)) << "the staged kernel does not run GPT-2's vocab on this device";
+  EXPECT_TRUE(probe.staged(1000));
+  EXPECT_FALSE(probe.staged(1003)) << "vocab not a multiple of 4";
+  EXPECT_FALSE(probe.staged(1 << 20)) << "row beyond shared memory";
+  EXPECT_FALSE(cuda::CrossEntropyCuda(cuda::CrossEntropyKernel::kStrided).staged(1000));
+  int sms = 0;
+  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  struct Case {
+    int64_t vocab, rows;
+  };
+  // More rows than the staged grid holds (at most 8 blocks per SM, by threads; 1 at vocab 50304).
+  for (const Case c : {Case{1000, 8 * sms + 100}, Case{8196, 7 * sms + 50}, Case{50304, 2 * sms + 37}}) {
+    for (const bool sensitive : {false, true}) {
+      const int64_t rows = c.rows, vocab = c.vocab;
+      SCOPED_TRACE("vocab " + std::to_string(vocab) + (sensitive ? ", order-sensitive rows" : ""));
+      std::vector<float> logits;
+      std::vector<uint32_t> targets(static_cast<size_t>(rows));
+      if (sensitive) {
+        logits.assign(static_cast<size_t>(rows * vocab), -37.2f);
+        for (int64_t r = 0; r < rows; ++r) {
+          targets[r] = static_cast<uint32_t>(rng() % 256);
+          logits[r * vocab + targets[r]] = 0.0f;
+        }
+      } else {
+        logits = nibble::nn::test::random_normal(rng, rows * vocab, 3.0f);
+        for (auto& t : targets) t = static_cast<uint32_t>(rng() % vocab);
+        targets[7] = static_cast<uint32_t>(vocab + 3);  // bad targets: row zeroed, first reported
+        targets[rows - 2] = ~0u;
+      }
+      DeviceBuffer<uint32_t> d_targets{std::span<const uint32_t>(targets)};
+      const float grad_scale = 1.0f / static_cast<float>(rows);
+      struct Out {
+        std::vector<double> loss;  // in place with and without gradient, chunked with, losses only
+        std::vector<float> fp32[2];
+        std::vector<__nv_bfloat16> bf16;
+        std::string bad;
+      };
+      const auto run = [&](cuda::CrossEntropyKernel kernel) {
+        cuda::CrossEntropyCuda ce(kernel);
+        Out out;
+        DeviceBuffer<double> loss(1);
+        for (int i = 0; i < 2; ++i) {
+          DeviceBuffer<float> d_logits{std::span<const float>(logits)};
+          ce.forward_backward(d_logits.data(), d_targets.data(), rows, vocab, i == 0 ? grad_scale : 0.0f, loss.data(),
+                              stream);
+          out.loss.push_back(download(loss.data(), 1)[0]);
+          out.fp32[i] = download(d_logits.data(), rows * vocab);
+        }
+        DeviceBuffer<float> d_logits{std::span<const float>(logits)};
+        DeviceBuffer<__nv_bfloat16> d_bf16(static_cast<size_t>(rows * vocab));
+        const int64_t chunk = rows / 2 + 1;  // two chunks, the second shorter
+        for (int64_t r0 = 0; r0 < rows; r0 += chunk)
+          ce.chunk(d_logits.data() + r0 * vocab, d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab,
+                   grad_scale, d_bf16.data() + r0 * vocab, stream);
+        ce.mean(rows, loss.data(), stream);
+        out.loss.push_back(download(loss.data(), 1)[0]);
+        out.bf16 = download(d_bf16.data(), rows * vocab);
+        for (int64_t r0 = 0; r0 < rows; r0 += chunk)
+          ce.chunk(d_logits.data() + r0 * vocab, d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab, 0.0f,
+                   nullptr, stream);
+        ce.mean(rows, loss.data(), stream);
+        out.loss.push_back(download(loss.data(), 1)[0]);
+        try {
+          ce.check_ids(vocab, stream);
+        } catch (const std::out_of_range& e) {
+          out.bad = e.what();
+        }
+        return out;
+      };
+      const Out strided = run(cuda::CrossEntropyKernel::kStrided);
+      const Out staged = run(cuda::CrossEntropyKernel::kStaged), again = run(cuda::CrossEntropyKernel::kStaged);
+      for (size_t i = 0; i < strided.loss.size(); ++i) {
+        EXPECT_EQ(std::memcmp(&staged.loss[i], &strided.loss[i], sizeof(double)), 0)
+            << "loss " << i << ": staged " << staged.loss[i] << " strided " << strided.loss[i];
+        EXPECT_EQ(std::memcmp(&again.loss[i], &staged.loss[i], sizeof(double)), 0) << "loss " << i << ", run 2";
+      }
+      std::printf("[ compare  ] vocab %lld, %lld rows%s: mean loss staged %.17g, strided %.17g (want equal)\n",
+                  static_cast<long long>(vocab), static_cast<long long>(rows), sensitive ? " (order-sensitive)" : "",
+                  staged.loss[0], strided.loss[0]);
+      expect_bits_equal(staged.fp32[0], strided.fp32[0], "cross-entropy staged gradient, in place");
+      expect_bits_equal(staged.fp32[1], strided.fp32[1], "cross-entropy staged probabilities, in place");
+      expect_bits_equal(again.fp32[0], staged.fp32[0], "cross-entropy staged gradient, run 2");
+      size_t bf16_diff = 0;
+      for (size_t i = 0; i < strided.bf16.size(); ++i)
+        bf16_diff += std::memcmp(&staged.bf16[i], &strided.bf16[i], 2) != 0 ||
+                     std::memcmp(&again.bf16[i], &staged.bf16[i], 2) != 0;
+      std::printf("[ compare  ] cross-entropy staged BF16 chunk gradient: %zu elements differ (want 0)\n", bf16_diff);
+      EXPECT_EQ(bf16_diff, 0u);
+      EXPECT_EQ(staged.bad, strided.bad);
+      if (sensitive) {
+        EXPECT_TRUE(staged.bad.empty()) << staged.bad;
+      } else {
+        EXPECT_NE(staged.bad.find("position 7"), std::string::npos) << staged.bad;
+      }
+    }
   }
 }
 

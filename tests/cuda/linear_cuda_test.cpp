@@ -131,6 +131,16 @@ TEST_P(LinearCudaTest, MatchesCpuLayer) {
     EXPECT_EQ(q.decode_scale, x_t.packed()->decode_scale) << "wgrad.x tensor scale";
   }
 
+  // The weight's copies (W and W^T from one pass under 16x16 NVFP4 weights): bit-identical too.
+  for (Operand op : {Operand::kFpropW, Operand::kDgradW}) {
+    const OperandCopy cw = operand(w, out, in, op, wseed);
+    if (!cw.packed()) continue;
+    const QuantizedTensor q = (op == Operand::kFpropW ? gpu.fprop_w() : gpu.dgrad_w()).download();
+    EXPECT_EQ(q.data, cw.packed()->data) << operand_name(op) << " codes";
+    EXPECT_EQ(q.scales, cw.packed()->scales) << operand_name(op) << " block scales";
+    EXPECT_EQ(q.decode_scale, cw.packed()->decode_scale) << operand_name(op) << " tensor scale";
+  }
+
   std::vector<float> dx_cpu = cpu.backward(dy);
   gpu.backward(d_dy.data(), d_dx.data(), nullptr);
   const std::vector<float> dx_gpu = download(d_dx.data(), tokens * in);
@@ -302,9 +312,9 @@ TEST(LinearCuda, FusedDecodeGivesTheSameBits) {
   }
 }
 
-// A BF16 input written by its producer (bf16_input + forward_bf16_input) gives the bits of an FP32
-// input converted by the layer: Y, dX, dW and the saved bytes; only recipes that keep X in BF16 as
-// it is on both of its GEMMs take one.
+// A BF16 input written by its producer (bf16_input + forward_bf16_input, bf16_dy_input +
+// backward_bf16_input) gives the bits of an FP32 input converted by the layer: Y, dX, dW and the
+// saved bytes; only recipes that keep X (dY) in BF16 as it is on both of its GEMMs take one.
 TEST(LinearCuda, Bf16InputGivesTheBitsOfTheConvertedFp32Input) {
   std::mt19937_64 rng(test::fresh_seed());
   const int64_t tokens = 40, in = 48, out = 24;
@@ -312,6 +322,8 @@ TEST(LinearCuda, Bf16InputGivesTheBitsOfTheConvertedFp32Input) {
   const std::vector<float> x = test::random_normal(rng, tokens * in, 1.0f), dy = test::random_normal(rng, tokens * out, 1.0f);
   std::vector<bf16_t> x16(x.size());
   for (size_t i = 0; i < x.size(); ++i) x16[i].bits = BF16::encode(x[i], Rounding::kNearestEven);
+  std::vector<bf16_t> dy16(dy.size());
+  for (size_t i = 0; i < dy.size(); ++i) dy16[i].bits = BF16::encode(dy[i], Rounding::kNearestEven);
   LinearContext ctx;
   DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
   std::vector<float> results[2][3];  // [path][Y, dX, dW]
@@ -330,7 +342,14 @@ TEST(LinearCuda, Bf16InputGivesTheBitsOfTheConvertedFp32Input) {
       gpu.forward_bf16_input(tokens, y.data(), nullptr);
     }
     saved[path] = gpu.saved_activation_bytes();
-    gpu.backward(d_dy.data(), dx.data(), nullptr);
+    if (path == 0) {
+      gpu.backward(d_dy.data(), dx.data(), nullptr);
+    } else {
+      ASSERT_TRUE(gpu.takes_bf16_dy());
+      NIBBLE_CUDA_CHECK(cudaMemcpy(gpu.bf16_dy_input(), dy16.data(), dy16.size() * sizeof(bf16_t),
+                                   cudaMemcpyHostToDevice));
+      gpu.backward_bf16_input(dx.data(), nullptr);
+    }
     results[path][0] = download(y.data(), tokens * out);
     results[path][1] = download(dx.data(), tokens * in);
     results[path][2] = download(gpu.weight_grad(), in * out);
@@ -340,6 +359,7 @@ TEST(LinearCuda, Bf16InputGivesTheBitsOfTheConvertedFp32Input) {
   for (const char* name : {"fp32", "nvfp4", "fp8"}) {
     LinearCuda other(in, out, preset(name), {}, ctx);
     EXPECT_FALSE(other.takes_bf16_input()) << name;
+    EXPECT_FALSE(other.takes_bf16_dy()) << name;
     DeviceBuffer<float> y(static_cast<size_t>(tokens * out));
     EXPECT_THROW(other.forward_bf16_input(tokens, y.data(), nullptr), std::logic_error) << name;
   }

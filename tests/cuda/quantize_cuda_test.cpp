@@ -5,6 +5,8 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -150,6 +152,15 @@ TEST(CudaQuantize, GenericPathEqualsCpuBitForBit) {
                               cuda::quantize_on_gpu(std::span<const bf16_t>(xb), sh.rows, sh.cols, s)))
             << "bf16 input";
         compared += 2;
+        if (s.block == Block::k16x16) {  // quantize_on_gpu takes the 16x16 kernel for RNE: the generic one too
+          EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, s),
+                                cuda::quantize_on_gpu_generic(std::span<const float>(xf), sh.rows, sh.cols, s)))
+              << "float input, generic kernels";
+          EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, s),
+                                cuda::quantize_on_gpu_generic(std::span<const bf16_t>(xb), sh.rows, sh.cols, s)))
+              << "bf16 input, generic kernels";
+          compared += 2;
+        }
       }
     }
   }
@@ -393,6 +404,109 @@ TEST(CudaQuantize, FusedDecodedOutputLoopsOverTiles) {
   }
 }
 
+// The NVFP4 16x16 weight kernel (W alone, W^T alone, and both from one pass) against the CPU
+// reference and the generic kernels, on input T (float or bf16_t) of shape rows x cols.
+template <typename T>
+int check_tile16(const std::vector<T>& x, int64_t rows, int64_t cols) {
+  const std::span<const T> in(x);
+  const QuantSpec w_spec = make_spec(Format::kNvfp4, Block::k16x16);
+  const QuantSpec t_spec = make_spec(Format::kNvfp4, Block::k16x16, Rounding::kNearestEven, /*columnwise=*/true);
+  EXPECT_TRUE(cuda::nvfp4_tile16_applies(w_spec) && cuda::nvfp4_tile16_applies(t_spec));
+  const QuantizedTensor cpu_w = quantize(in, rows, cols, w_spec), cpu_t = quantize(in, rows, cols, t_spec);
+  const auto [w, wt] = cuda::quantize_tile16_pair_on_gpu(in, rows, cols);
+  EXPECT_TRUE(same_bits(cpu_w, w)) << "W from the pair pass";
+  EXPECT_TRUE(same_bits(cpu_t, wt)) << "W^T from the pair pass";
+  EXPECT_TRUE(same_bits(cpu_w, cuda::quantize_on_gpu(in, rows, cols, w_spec))) << "W alone";
+  EXPECT_TRUE(same_bits(cpu_t, cuda::quantize_on_gpu(in, rows, cols, t_spec))) << "W^T alone";
+  // The pair equals two separate quantizations by the generic kernels.
+  EXPECT_TRUE(same_bits(cuda::quantize_on_gpu_generic(in, rows, cols, w_spec), w)) << "W vs generic";
+  EXPECT_TRUE(same_bits(cuda::quantize_on_gpu_generic(in, rows, cols, t_spec), wt)) << "W^T vs generic";
+  return 6;
+}
+
+// Shapes with every remainder of rows mod 32 and of cols mod 64 (the kernel's 32 x 64 warp tiles),
+// and tile scales over E4M3's whole range (kWideBlocks: subnormal and zero scales, saturation).
+TEST(CudaQuantize, Tile16KernelEqualsCpuBitForBit) {
+  std::mt19937_64 rng(fresh_seed() + 6);
+  std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
+  shapes.push_back({96, 176});
+  shapes.push_back({160, 48});
+  int compared = 0;
+  for (Shape sh : shapes) {
+    for (Dist dist : {Dist::kGaussianOutliers, Dist::kUniform, Dist::kTiny, Dist::kSparseBlocks, Dist::kWideBlocks}) {
+      SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " dist " +
+                   std::to_string(static_cast<int>(dist)));
+      const std::vector<float> xf = draw(sh.rows, sh.cols, dist, rng);
+      compared += check_tile16(xf, sh.rows, sh.cols);
+      compared += check_tile16(to_bf16(xf), sh.rows, sh.cols);
+    }
+  }
+  std::printf("16x16 kernel: %d quantized copies compared bit for bit\n", compared);
+}
+
+// More warp tiles than the GPU holds warps at once, so that each warp of the persistent grid loops.
+TEST(CudaQuantize, Tile16KernelLoopsOverWarpTilesBitForBit) {
+  std::mt19937_64 rng(fresh_seed() + 7);
+  for (Shape sh : {Shape{2064, 4112}, Shape{4160, 1296}}) {
+    SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols));
+    const std::vector<float> xf = draw(sh.rows, sh.cols, Dist::kWideBlocks, rng);
+    check_tile16(xf, sh.rows, sh.cols);
+    check_tile16(to_bf16(xf), sh.rows, sh.cols);
+  }
+}
+
+TEST(CudaQuantize, Tile16KernelNonFiniteAndZeroTensors) {
+  std::mt19937_64 rng(fresh_seed() + 8);
+  for (float poison : {NAN, INFINITY, -INFINITY}) {
+    SCOPED_TRACE("poison " + std::to_string(poison));
+    std::vector<float> x = draw(80, 208, Dist::kUniform, rng);
+    x[std::uniform_int_distribution<size_t>(0, x.size() - 1)(rng)] = poison;
+    check_tile16(x, 80, 208);
+    check_tile16(to_bf16(x), 80, 208);
+    EXPECT_FALSE(cuda::quantize_tile16_pair_on_gpu(std::span<const float>(x), 80, 208).second.finite());
+  }
+  const std::vector<float> zeros(80 * 208, 0.0f);
+  check_tile16(zeros, 80, 208);
+  EXPECT_EQ(cuda::quantize_tile16_pair_on_gpu(std::span<const float>(zeros), 80, 208).first.decode_scale,
+            1.0f / FLT_MAX);
+}
+
+// An input that is not 16-byte aligned: quantize_amax + quantize_segments fall back to the generic
+// kernels (same bits); the 16x16 kernel itself refuses it.
+TEST(CudaQuantize, Tile16UnalignedInputTakesTheGenericKernels) {
+  std::mt19937_64 rng(fresh_seed() + 9);
+  const int64_t rows = 64, cols = 96, n = rows * cols;
+  const std::vector<float> x = draw(rows, cols, Dist::kGaussianOutliers, rng);
+  const QuantSpec spec = make_spec(Format::kNvfp4, Block::k16x16);
+  float* dx = nullptr;
+  uint8_t *data = nullptr, *scales = nullptr;
+  float* g = nullptr;
+  uint32_t* amax = nullptr;
+  ASSERT_EQ(cudaMalloc(&dx, (n + 1) * sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&data, n / 2), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&scales, n / 256), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&g, sizeof(float)), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&amax, sizeof(uint32_t)), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(dx + 1, x.data(), n * sizeof(float), cudaMemcpyHostToDevice), cudaSuccess);
+  const cuda::QuantBuffers out{data, scales, g};
+  EXPECT_THROW(cuda::nvfp4_quantize_tile16(dx + 1, rows, cols, amax, out, cuda::QuantBuffers{}, nullptr),
+               std::invalid_argument);
+  cuda::quantize_amax(dx + 1, rows, cols, spec, amax, nullptr);
+  cuda::quantize_segments(dx + 1, rows, cols, spec, amax, out, nullptr);
+  QuantizedTensor q = quantize(std::span<const float>(x), rows, cols, spec);
+  const QuantizedTensor cpu = q;
+  uint32_t amax_bits = 0;
+  ASSERT_EQ(cudaMemcpy(q.data.data(), data, q.data.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(q.scales.data(), scales, q.scales.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(&q.decode_scale, g, sizeof(float), cudaMemcpyDeviceToHost), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(&amax_bits, amax, sizeof(uint32_t), cudaMemcpyDeviceToHost), cudaSuccess);
+  q.amax = std::bit_cast<float>(amax_bits);
+  EXPECT_TRUE(same_bits(cpu, q));
+  for (void* p : {static_cast<void*>(dx), static_cast<void*>(data), static_cast<void*>(scales), static_cast<void*>(g),
+                  static_cast<void*>(amax)})
+    cudaFree(p);
+}
+
 TEST(CudaQuantize, DequantizeEqualsCpuBitForBit) {
   std::mt19937_64 rng(fresh_seed() + 4);
   const std::vector<float> x = draw(128, 2080, Dist::kGaussianOutliers, rng);
@@ -415,6 +529,9 @@ TEST(CudaQuantize, RejectsShapesItCannotQuantize) {
   EXPECT_THROW(cuda::quantize_segments(static_cast<const float*>(nullptr), 32, 32, s, nullptr,
                                        cuda::QuantBuffers{nullptr, nullptr, nullptr, &decoded}, nullptr),
                std::invalid_argument);
+
+  EXPECT_THROW(cuda::quantize_tile16_pair_on_gpu(std::span<const float>(x), 40, 24), std::invalid_argument);
+  EXPECT_THROW(cuda::quantize_tile16_pair_on_gpu(std::span<const float>(x), 24, 40), std::invalid_argument);
 }
 
 }  // namespace

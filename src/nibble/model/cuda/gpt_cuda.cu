@@ -253,16 +253,27 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
   head_.forward_backward(head_weight(), hidden_.data(), targets_.data(), rows, grad_scale / static_cast<float>(rows),
                          loss_dev_.data(), dtmp_.data(), head_grad(), stream_);
   norm_f_.backward(dtmp_.data(), dx_.data(), stream_);
+  // As in forward_hidden: dY straight into the layer's BF16 operands where the recipe keeps it in BF16.
+  const auto linear_backward = [&](ncu::LinearCuda& linear, float* fp32, auto produce, float* dx) {
+    if (linear.takes_bf16_dy()) {
+      produce(linear.bf16_dy_input());
+      linear.backward_bf16_input(dx, stream_);
+    } else {
+      produce(fp32);
+      linear.backward(fp32, dx, stream_);
+    }
+  };
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
     b.proj2.backward(dx_.data(), wide2_.data(), stream_);
-    ncu::activation_backward(b.mlp, b.pre.data(), wide2_.data(), rows, b.hidden, wide_.data(), stream_);
-    b.fc.backward(wide_.data(), ln_.data(), stream_);
+    linear_backward(b.fc, wide_.data(), [&](auto* dst) {
+      ncu::activation_backward(b.mlp, b.pre.data(), wide2_.data(), rows, b.hidden, dst, stream_);
+    }, ln_.data());
     b.norm2.backward(ln_.data(), dtmp_.data(), stream_);
     ncu::residual_add(dx_.data(), dtmp_.data(), rows * d, stream_);
     b.proj.backward(dx_.data(), narrow_.data(), stream_);
-    b.core.backward(narrow_.data(), wide_.data(), stream_);
-    b.qkv.backward(wide_.data(), ln_.data(), stream_);
+    linear_backward(b.qkv, wide_.data(), [&](auto* dst) { b.core.backward(narrow_.data(), dst, stream_); },
+                    ln_.data());
     b.norm1.backward(ln_.data(), dtmp_.data(), stream_);
     ncu::residual_add(dx_.data(), dtmp_.data(), rows * d, stream_);
   }

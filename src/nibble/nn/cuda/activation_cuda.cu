@@ -54,20 +54,21 @@ __global__ void activation_forward_kernel(MlpKind kind, const float* __restrict_
   }
 }
 
+template <typename Out>
 __global__ void activation_backward_kernel(MlpKind kind, const float* __restrict__ pre,
                                            const float* __restrict__ dact, int64_t n, int64_t hidden,
-                                           float* __restrict__ dpre) {
+                                           Out* __restrict__ dpre) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   switch (kind) {
-    case MlpKind::kGelu: dpre[i] = dact[i] * gelu_grad(pre[i]); break;
-    case MlpKind::kRelu2: dpre[i] = pre[i] > 0.0f ? 2.0f * pre[i] * dact[i] : 0.0f; break;
+    case MlpKind::kGelu: store(dpre + i, dact[i] * gelu_grad(pre[i])); break;
+    case MlpKind::kRelu2: store(dpre + i, pre[i] > 0.0f ? 2.0f * pre[i] * dact[i] : 0.0f); break;
     case MlpKind::kSwiglu: {
       const int64_t row = i / hidden, col = i % hidden;
       const int64_t ia = row * 2 * hidden + col, ib = ia + hidden;
       const float a = pre[ia], b = pre[ib], s = sigmoid(a), d = dact[i];
-      dpre[ib] = d * a * s;
-      dpre[ia] = d * b * s * (1.0f + a * (1.0f - s));  // silu'(a) = s (1 + a (1 - s))
+      store(dpre + ib, d * a * s);
+      store(dpre + ia, d * b * s * (1.0f + a * (1.0f - s)));  // silu'(a) = s (1 + a (1 - s))
       break;
     }
   }
@@ -82,12 +83,13 @@ __global__ void gelu_forward4_kernel(const float4* __restrict__ pre, int64_t n4,
   const float4 p = pre[i];
   store4(act + i, gelu(p.x), gelu(p.y), gelu(p.z), gelu(p.w));
 }
+template <typename Out4>
 __global__ void gelu_backward4_kernel(const float4* __restrict__ pre, const float4* __restrict__ dact, int64_t n4,
-                                      float4* __restrict__ dpre) {
+                                      Out4* __restrict__ dpre) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n4) return;
   const float4 p = pre[i], d = dact[i];
-  dpre[i] = make_float4(d.x * gelu_grad(p.x), d.y * gelu_grad(p.y), d.z * gelu_grad(p.z), d.w * gelu_grad(p.w));
+  store4(dpre + i, d.x * gelu_grad(p.x), d.y * gelu_grad(p.y), d.z * gelu_grad(p.z), d.w * gelu_grad(p.w));
 }
 
 bool vec4(int64_t n, std::initializer_list<const void*> pointers) {
@@ -131,6 +133,20 @@ void activation_forward_impl(MlpKind kind, const float* pre, int64_t rows, int64
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
+template <typename Out, typename Out4>
+void activation_backward_impl(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden,
+                              Out* dpre, cudaStream_t stream) {
+  check_shape(rows, hidden, "activation_backward");
+  const int64_t n = rows * hidden;
+  if (kind == MlpKind::kGelu && vec4(n, {pre, dact, dpre}))
+    gelu_backward4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(
+        reinterpret_cast<const float4*>(pre), reinterpret_cast<const float4*>(dact), n / 4,
+        reinterpret_cast<Out4*>(dpre));
+  else
+    activation_backward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(kind, pre, dact, n, hidden, dpre);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
 }  // namespace
 
 void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, float* act,
@@ -144,15 +160,11 @@ void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hi
 
 void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, float* dpre,
                          cudaStream_t stream) {
-  check_shape(rows, hidden, "activation_backward");
-  const int64_t n = rows * hidden;
-  if (kind == MlpKind::kGelu && vec4(n, {pre, dact, dpre}))
-    gelu_backward4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(
-        reinterpret_cast<const float4*>(pre), reinterpret_cast<const float4*>(dact), n / 4,
-        reinterpret_cast<float4*>(dpre));
-  else
-    activation_backward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(kind, pre, dact, n, hidden, dpre);
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  activation_backward_impl<float, float4>(kind, pre, dact, rows, hidden, dpre, stream);
+}
+void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, bf16_t* dpre,
+                         cudaStream_t stream) {
+  activation_backward_impl<bf16_t, uint2>(kind, pre, dact, rows, hidden, dpre, stream);
 }
 
 void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream) {

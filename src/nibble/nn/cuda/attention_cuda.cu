@@ -7,6 +7,7 @@
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "nibble/nn/cuda/attention_flash.cuh"
 #include "nibble/nn/cuda/kernel_util.cuh"
@@ -175,13 +176,14 @@ __global__ void softmax_backward_kernel(const float* __restrict__ s, const float
 
 // dq [B, H, Tp, hdp], dk and dv [B, KV, Tp, hdp] (FP32) -> dqkv [B*T x width], RoPE's transpose on
 // dq and dk. One block per token (b, t < T); a thread writes 4 consecutive columns of one head.
+template <typename Out>
 __global__ void __launch_bounds__(kPackThreads)
 unpack_dqkv_kernel(const float* __restrict__ dq, const float* __restrict__ dk, const float* __restrict__ dv, Dims d,
-                   bool rope, const float* __restrict__ cs, const float* __restrict__ sn, float* __restrict__ dqkv) {
+                   bool rope, const float* __restrict__ cs, const float* __restrict__ sn, Out* __restrict__ dqkv) {
   const int64_t b = blockIdx.x / d.T, t = blockIdx.x % d.T;
   const int heads = static_cast<int>(d.H + 2 * d.KV), hd = static_cast<int>(d.hd), half = hd / 2;
   const int chunks = (hd + 3) / 4;
-  float* out_row = dqkv + blockIdx.x * d.width();
+  Out* out_row = dqkv + blockIdx.x * d.width();
   for (int job = threadIdx.x; job < heads * chunks; job += blockDim.x) {
     const int hh = job / chunks, c0 = (job % chunks) * 4;
     const float* g;
@@ -206,11 +208,22 @@ unpack_dqkv_kernel(const float* __restrict__ dq, const float* __restrict__ dk, c
         val[j] = g[c];
       }
     }
-    float* dst = out_row + static_cast<int64_t>(hh) * hd + c0;
-    if (hd % 4 == 0) {  // rows and heads start on 16-byte boundaries
-      *reinterpret_cast<float4*>(dst) = make_float4(val[0], val[1], val[2], val[3]);
-    } else {
+    Out* dst = out_row + static_cast<int64_t>(hh) * hd + c0;
+    if constexpr (std::is_same_v<Out, float>) {
+      if (hd % 4 == 0) {  // rows and heads start on 16-byte boundaries
+        *reinterpret_cast<float4*>(dst) = make_float4(val[0], val[1], val[2], val[3]);
+        continue;
+      }
       for (int j = 0; j < 4 && c0 + j < hd; ++j) dst[j] = val[j];
+    } else {  // BF16, nearest even
+      uint16_t bits[4];
+      for (int j = 0; j < 4; ++j) bits[j] = __bfloat16_as_ushort(__float2bfloat16_rn(val[j]));
+      if (hd % 4 == 0) {  // 8-byte boundaries
+        *reinterpret_cast<uint2*>(dst) = make_uint2(bits[0] | static_cast<uint32_t>(bits[1]) << 16,
+                                                    bits[2] | static_cast<uint32_t>(bits[3]) << 16);
+        continue;
+      }
+      for (int j = 0; j < 4 && c0 + j < hd; ++j) reinterpret_cast<uint16_t*>(dst)[j] = bits[j];
     }
   }
 }
@@ -302,6 +315,14 @@ void AttentionCoreCuda::forward_impl(const float* qkv, int64_t batch, int64_t se
 }
 
 void AttentionCoreCuda::backward(const float* d_out, float* d_qkv, cudaStream_t stream) {
+  backward_impl(d_out, d_qkv, stream);
+}
+void AttentionCoreCuda::backward(const float* d_out, bf16_t* d_qkv, cudaStream_t stream) {
+  backward_impl(d_out, d_qkv, stream);
+}
+
+template <typename Out>
+void AttentionCoreCuda::backward_impl(const float* d_out, Out* d_qkv, cudaStream_t stream) {
   if (!saved_) throw std::logic_error("AttentionCoreCuda::backward without a forward");
   const bool fused = kernel_ == AttentionKernel::kFused;
   const Dims d{batch_, seq_, seq_pad_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim(), hd_pad_};

@@ -5,7 +5,9 @@
 //
 // Conventions of every call here:
 // - pointers are device pointers; activations are FP32 in and out, math is FP32 (statistics and
-//   sums in double where the CPU uses double);
+//   sums in double where the CPU uses double); the layers that feed a linear layer can also write
+//   their output in BF16 (nearest-even rounding of the FP32 output) straight into the linear
+//   layer's operand (LinearCuda::bf16_input / bf16_dy_input), saving a copy and a conversion pass;
 // - a cudaStream_t on every call; work is stream-ordered and nothing waits on the host, except
 //   buffer growth (cudaMalloc/cudaFree, first call at a new largest size) and the explicit
 //   check_ids() calls, which synchronise by design;
@@ -121,6 +123,9 @@ void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hi
 // dpre (overwritten) = d act / d pre applied to dact.
 void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, float* dpre,
                          cudaStream_t stream);
+// The same with dpre in BF16 (nearest-even rounding of the FP32 dpre), for LinearCuda::bf16_dy_input().
+void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, bf16_t* dpre,
+                         cudaStream_t stream);
 // x += y over n elements (the residual stream).
 void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream);
 
@@ -181,11 +186,15 @@ class AttentionCoreCuda {
   void forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream);
   // d_qkv (overwritten) from d_out [batch*seq x H hd]. Needs a forward.
   void backward(const float* d_out, float* d_qkv, cudaStream_t stream);
+  // The same with d_qkv in BF16 (nearest-even rounding of the FP32 d_qkv), for LinearCuda::bf16_dy_input().
+  void backward(const float* d_out, bf16_t* d_qkv, cudaStream_t stream);
 
  private:
   // out16 (BF16 output, fused kernels only) replaces out when not nullptr.
   void forward_impl(const float* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
                     cudaStream_t stream);
+  template <typename Out>
+  void backward_impl(const float* d_out, Out* d_qkv, cudaStream_t stream);
   void gemm_forward(float* out, cudaStream_t stream);
   void gemm_backward(cudaStream_t stream);
   void gemm_scores(cudaStream_t stream);  // ws_.scores = q k^T per KV group
@@ -216,8 +225,18 @@ class AttentionCoreCuda {
 // (lm_head_cuda.h): the logits are read, not overwritten, and the gradient is written in BF16,
 // rounded to nearest even from the very FP32 values forward_backward() would write (the same
 // device code), i.e. the bits OperandCuda gives a bf16 operand made from forward_backward()'s output.
+//
+// Kernels (loss_kernels.cuh), both giving the same bits: kStaged (the default) copies each row
+// into shared memory and reads the logits from global memory once; it needs the row to fit (vocab
+// * 4 bytes within the device's opt-in shared memory per block, 227 KiB on Hopper), vocab a
+// multiple of 4 and buffers aligned as cudaMalloc's, and falls back to kStrided otherwise, which
+// reads each row three times (any vocab).
+enum class CrossEntropyKernel { kStaged, kStrided };
+
 class CrossEntropyCuda {
  public:
+  explicit CrossEntropyCuda(CrossEntropyKernel kernel = CrossEntropyKernel::kStaged) : kernel_(kernel) {}
+
   void forward_backward(float* logits, const uint32_t* targets, int64_t rows, int64_t vocab, float grad_scale,
                         double* loss_mean, cudaStream_t stream);
 
@@ -232,7 +251,26 @@ class CrossEntropyCuda {
 
   void check_ids(int64_t vocab, cudaStream_t stream) { bad_target_.check("CrossEntropyCuda target", vocab, stream); }
 
+  // Whether rows of `vocab` logits run the staged kernel on the current device (with buffers
+  // aligned as cudaMalloc's).
+  bool staged(int64_t vocab);
+
  private:
+  // The staged kernel's grid for these rows (persistent blocks: at most as many as fit on the
+  // device at once), or 0 to run the strided one.
+  unsigned staged_blocks(int64_t rows, int64_t vocab, const void* logits, const void* out, size_t out_bytes);
+
+  // What the staged kernels may use on the device, found at the first call on it (when the
+  // kernels' opt-in shared memory is set, once rather than per launch).
+  struct StageLimits {
+    int device = -1;
+    size_t max_dynamic_shared = 0;  // 0: no staged kernel on this device
+    int sms = 0;
+    int64_t vocab = -1;             // of blocks_per_sm
+    int blocks_per_sm[2] = {0, 0};  // FP32 (in place), BF16 (chunks) output
+  };
+  CrossEntropyKernel kernel_;
+  StageLimits stage_;
   DeviceBuffer<double> row_loss_;
   IdErrorFlag bad_target_;
 };

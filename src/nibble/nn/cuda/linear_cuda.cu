@@ -53,11 +53,15 @@ bool LinearCuda::wants_decoded(const OperandCuda& other) const {
 void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
   if (weight_copies_valid_) return;
   const uint64_t seed = weight_sr_seed();
-  for (auto [copy, op] : {std::pair{&fprop_w_, Operand::kFpropW}, std::pair{&dgrad_w_, Operand::kDgradW}}) {
-    try {
-      copy->make(weight_.data(), out_, in_, recipe_[op], op, recipe_.rht_signs(), seed, stream);
-    } catch (const std::invalid_argument& e) {
-      throw std::invalid_argument(context(op) + ": " + e.what());
+  // The paper's weights (NVFP4 16x16, RNE, on both copies): W and W^T from one pass.
+  if (!OperandCuda::make_tile16_pair(weight_.data(), out_, in_, recipe_, Operand::kFpropW, Operand::kDgradW, seed,
+                                     fprop_w_, dgrad_w_, stream)) {
+    for (auto [copy, op] : {std::pair{&fprop_w_, Operand::kFpropW}, std::pair{&dgrad_w_, Operand::kDgradW}}) {
+      try {
+        copy->make(weight_.data(), out_, in_, recipe_[op], op, recipe_.rht_signs(), seed, stream);
+      } catch (const std::invalid_argument& e) {
+        throw std::invalid_argument(context(op) + ": " + e.what());
+      }
     }
   }
   weight_copies_valid_ = true;
@@ -131,6 +135,26 @@ void LinearCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kDgradDy) + ": " + e.what());
   }
+  backward_gemms(dx, stream);
+}
+
+bf16_t* LinearCuda::bf16_dy_input() {
+  if (!saved_x_t_.valid())
+    throw std::logic_error(context(Operand::kWgradX) + ": bf16_dy_input() without a forward() to pair with");
+  return OperandCuda::bf16_pair_source(saved_tokens_, out_, ctx_.dy_cols);
+}
+
+void LinearCuda::backward_bf16_input(float* dx, cudaStream_t stream) {
+  if (!saved_x_t_.valid())
+    throw std::logic_error(context(Operand::kWgradX) + ": backward() without a forward() to pair with");
+  if (!takes_bf16_dy())
+    throw std::logic_error(context(Operand::kDgradDy) + ": the recipe does not take a BF16 gradient as it is");
+  refresh_weight_copies(stream);
+  OperandCuda::adopt_bf16_pair(saved_tokens_, out_, ctx_.dy_rows, ctx_.dy_cols);
+  backward_gemms(dx, stream);
+}
+
+void LinearCuda::backward_gemms(float* dx, cudaStream_t stream) {
   // Dgrad: dX [tokens x in] = dY [tokens x out] . (W^T [in x out])^T
   if (dx != nullptr) gemm(ctx_.dy_rows, dgrad_w_, dx, /*accumulate=*/false, stream, "Dgrad");
   // Wgrad: dW [out x in] += dY^T [out x tokens] . (X^T [in x tokens])^T

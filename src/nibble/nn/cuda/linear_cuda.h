@@ -73,6 +73,11 @@ class LinearCuda {
   void forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream);
   // dx [tokens x in] is overwritten (nullptr: Dgrad skipped); dW accumulates.
   void backward(const float* dy, float* dx, cudaStream_t stream);
+  // The same for dY [tokens x out] written in BF16 by its producer (the MLP activation's or the
+  // attention core's backward) into bf16_dy_input(), when takes_bf16_dy(): the bits of backward().
+  bool takes_bf16_dy() const { return OperandCuda::bf16_pair_applies(recipe_, Operand::kDgradDy, Operand::kWgradDy); }
+  bf16_t* bf16_dy_input();
+  void backward_bf16_input(float* dx, cudaStream_t stream);
 
   int64_t saved_activation_bytes() const { return saved_x_t_.valid() ? saved_x_t_.bytes() : 0; }
   int64_t weight_quantizations() const { return weight_quantizations_; }
@@ -80,12 +85,16 @@ class LinearCuda {
   int64_t native_fp4_gemms() const { return native_fp4_gemms_; }
   int64_t gemms() const { return gemms_; }
   const OperandCuda& saved_x_t() const { return saved_x_t_; }
+  // The weight's GEMM copies of this step (fprop.w: W, dgrad.w: W^T), valid after forward().
+  const OperandCuda& fprop_w() const { return fprop_w_; }
+  const OperandCuda& dgrad_w() const { return dgrad_w_; }
 
  private:
   std::string context(Operand op) const;
   // Whether an operand about to be made should carry decoded BF16 values for its GEMM with `other`.
   bool wants_decoded(const OperandCuda& other) const;
   void refresh_weight_copies(cudaStream_t stream);
+  void backward_gemms(float* dx, cudaStream_t stream);  // Dgrad and Wgrad from ctx_.dy_rows / dy_cols
   // c [a.rows x b.rows] = g_a g_b A B^T (+ c when accumulate).
   void gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream,
             const char* which);

@@ -1,90 +1,20 @@
 // Fused softmax cross-entropy and its gradient on the GPU, mirroring nn::softmax_cross_entropy
 // (see layers_cuda.h).
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
-#include "nibble/formats/minifloat.h"
-#include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
+#include "nibble/nn/cuda/loss_kernels.cuh"
 
 namespace nibble::nn::cuda {
 
 namespace {
 
-constexpr int kThreads = 256;
-
-// How one gradient value is stored: FP32 as computed, or BF16 rounded to nearest even exactly as
-// OperandCuda rounds a bf16 operand (BF16::encode), so that the chunked head's BF16 dlogits are the
-// bits the unchunked head fed its GEMMs.
-__device__ __forceinline__ void store(float* out, float g) { *out = g; }
-__device__ __forceinline__ void store(__nv_bfloat16* out, float g) {
-  *reinterpret_cast<uint16_t*>(out) = BF16::encode(g, Rounding::kNearestEven);
-}
-
-// One row, one block: max, sum of exp in double, then out (when not nullptr) = scale * exp(x - max)
-// (scale = grad_scale / sum, or 1 / sum for the probabilities) and the target's entry loses
-// grad_scale. `out` may be `row` itself (each thread rewrites only the entries it read). A bad
-// target zeroes the output row, counts 0 and is flagged at its batch position.
-//
-// Every instantiation runs the same float operations in the same order (the per-thread strided
-// sums and the block tree depend only on the block size); the multiply and the subtraction are
-// written as _rn intrinsics so that no instantiation contracts them into an FMA, which would round
-// once instead of twice. That is what makes the BF16 output the rounding of the FP32 one, bit for bit.
-template <typename Out>
-__device__ void cross_entropy_row(const float* row, uint32_t target, int64_t vocab, float grad_scale, int64_t position,
-                                  Out* out, double* row_loss, unsigned long long* bad) {
-  __shared__ float fscratch[32];
-  __shared__ double dscratch[32];
-  if (target >= vocab) {
-    if (threadIdx.x == 0) {
-      detail::flag_bad_id(bad, position, target);
-      *row_loss = 0.0;
-    }
-    if (out != nullptr)
-      for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) store(out + j, 0.0f);
-    return;
-  }
-  float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, row[j]);
-  mx = detail::block_max(mx, fscratch);
-  const float target_logit = row[target];
-  double sum = 0.0;
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) sum += expf(row[j] - mx);
-  sum = detail::block_sum(sum, dscratch);
-  // Every thread has read row[target] before any thread writes (block_sum synchronises).
-  if (out != nullptr) {
-    const float scale = static_cast<float>((grad_scale != 0.0f ? grad_scale : 1.0f) / sum);
-    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-      float g = __fmul_rn(expf(row[j] - mx), scale);
-      if (grad_scale != 0.0f && j == target) g = __fsub_rn(g, grad_scale);
-      store(out + j, g);
-    }
-  }
-  if (threadIdx.x == 0) *row_loss = log(sum) - static_cast<double>(target_logit - mx);
-}
-
-// In place: the logits become the gradient (or the probabilities).
-__global__ void __launch_bounds__(kThreads)
-cross_entropy_kernel(float* __restrict__ logits, const uint32_t* __restrict__ targets, int64_t vocab,
-                     float grad_scale, double* __restrict__ row_loss, unsigned long long* bad) {
-  const int64_t r = blockIdx.x;
-  float* row = logits + r * vocab;
-  cross_entropy_row(row, targets[r], vocab, grad_scale, r, row, row_loss + r, bad);
-}
-
-// A chunk of rows [row0, row0 + gridDim.x) of a batch: logits and dlogits hold the chunk's rows;
-// targets and row_loss are the batch's.
-__global__ void __launch_bounds__(kThreads)
-cross_entropy_chunk_kernel(const float* __restrict__ logits, const uint32_t* __restrict__ targets, int64_t row0,
-                           int64_t vocab, float grad_scale, __nv_bfloat16* __restrict__ dlogits,
-                           double* __restrict__ row_loss, unsigned long long* bad) {
-  const int64_t r = blockIdx.x, position = row0 + r;
-  cross_entropy_row(logits + r * vocab, targets[position], vocab, grad_scale, position,
-                    dlogits != nullptr ? dlogits + r * vocab : nullptr, row_loss + position, bad);
-}
+using detail::kLossThreads;
 
 // One block: the rows' losses summed in a fixed order (strided per thread, then the block tree).
-__global__ void __launch_bounds__(kThreads) mean_kernel(const double* __restrict__ v, int64_t n, double* out) {
+__global__ void __launch_bounds__(kLossThreads) mean_kernel(const double* __restrict__ v, int64_t n, double* out) {
   __shared__ double scratch[32];
   double s = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) s += v[i];
@@ -99,14 +29,71 @@ void check_shape(int64_t rows, int64_t vocab) {
   if (rows > 0x7fffffffLL) throw std::invalid_argument("CrossEntropyCuda: more rows than a grid takes");
 }
 
+// The staged kernel for each output type: FP32 in place, BF16 chunks.
+const void* staged_kernel(size_t out_bytes) {
+  if (out_bytes == sizeof(float)) return reinterpret_cast<const void*>(&detail::cross_entropy_staged_kernel<float>);
+  return reinterpret_cast<const void*>(&detail::cross_entropy_staged_kernel<__nv_bfloat16>);
+}
+
 }  // namespace
+
+unsigned CrossEntropyCuda::staged_blocks(int64_t rows, int64_t vocab, const void* logits, const void* out,
+                                         size_t out_bytes) {
+  if (kernel_ != CrossEntropyKernel::kStaged) return 0;
+  int device = 0;
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
+  if (device != stage_.device) {
+    StageLimits limits;
+    int major = 0, optin = 0;
+    NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&limits.sms, cudaDevAttrMultiProcessorCount, device));
+    if (major >= 9) {  // bulk copies and mbarrier transaction counts: sm_90 and later
+      size_t static_bytes = 0;
+      for (const size_t bytes : {sizeof(float), sizeof(__nv_bfloat16)}) {
+        cudaFuncAttributes attributes{};
+        NIBBLE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, staged_kernel(bytes)));
+        static_bytes = std::max(static_bytes, attributes.sharedSizeBytes);
+      }
+      if (static_cast<size_t>(optin) > static_bytes)
+        limits.max_dynamic_shared = static_cast<size_t>(optin) - static_bytes;
+      for (const size_t bytes : {sizeof(float), sizeof(__nv_bfloat16)})
+        NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(staged_kernel(bytes), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(limits.max_dynamic_shared)));
+    }
+    limits.device = device;
+    stage_ = limits;
+  }
+  if (!detail::stage_fits(vocab, logits, out, out_bytes, stage_.max_dynamic_shared)) return 0;
+  if (vocab != stage_.vocab) {
+    const size_t bytes = detail::stage_shared_bytes(vocab);
+    for (int i = 0; i < 2; ++i) {
+      const void* kernel = staged_kernel(i == 0 ? sizeof(float) : sizeof(__nv_bfloat16));
+      NIBBLE_CUDA_CHECK(
+          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&stage_.blocks_per_sm[i], kernel, kLossThreads, bytes));
+    }
+    stage_.vocab = vocab;
+  }
+  const int64_t resident = static_cast<int64_t>(stage_.blocks_per_sm[out_bytes == sizeof(float) ? 0 : 1]) * stage_.sms;
+  return static_cast<unsigned>(std::min(rows, resident));  // 0 when none fits: the strided kernel
+}
+
+bool CrossEntropyCuda::staged(int64_t vocab) {
+  return vocab > 0 && staged_blocks(1, vocab, nullptr, nullptr, sizeof(__nv_bfloat16)) > 0 &&
+         staged_blocks(1, vocab, nullptr, nullptr, sizeof(float)) > 0;
+}
 
 void CrossEntropyCuda::forward_backward(float* logits, const uint32_t* targets, int64_t rows, int64_t vocab,
                                         float grad_scale, double* loss_mean, cudaStream_t stream) {
   check_shape(rows, vocab);
   row_loss_.reserve(static_cast<size_t>(rows));
-  cross_entropy_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(logits, targets, vocab, grad_scale,
-                                                                             row_loss_.data(), bad_target_.device());
+  if (const unsigned blocks = staged_blocks(rows, vocab, logits, logits, sizeof(float))) {
+    detail::cross_entropy_staged_kernel<float><<<blocks, kLossThreads, detail::stage_shared_bytes(vocab), stream>>>(
+        logits, targets, 0, rows, vocab, grad_scale, logits, row_loss_.data(), bad_target_.device());
+  } else {
+    detail::cross_entropy_kernel<<<static_cast<unsigned>(rows), kLossThreads, 0, stream>>>(
+        logits, targets, vocab, grad_scale, row_loss_.data(), bad_target_.device());
+  }
   NIBBLE_CUDA_CHECK_LAUNCH();
   mean(rows, loss_mean, stream);
 }
@@ -123,8 +110,14 @@ void CrossEntropyCuda::chunk(const float* logits, const uint32_t* targets, int64
   if (row_loss_.size() < static_cast<size_t>(total_rows) && row0 != 0)
     throw std::logic_error("CrossEntropyCuda::chunk: a batch's first chunk must start at row 0");
   row_loss_.reserve(static_cast<size_t>(total_rows));
-  cross_entropy_chunk_kernel<<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-      logits, targets, row0, vocab, grad_scale, dlogits, row_loss_.data(), bad_target_.device());
+  if (const unsigned blocks = staged_blocks(rows, vocab, logits, dlogits, sizeof(__nv_bfloat16))) {
+    const size_t bytes = detail::stage_shared_bytes(vocab);
+    detail::cross_entropy_staged_kernel<__nv_bfloat16><<<blocks, kLossThreads, bytes, stream>>>(
+        logits, targets, row0, rows, vocab, grad_scale, dlogits, row_loss_.data(), bad_target_.device());
+  } else {
+    detail::cross_entropy_chunk_kernel<<<static_cast<unsigned>(rows), kLossThreads, 0, stream>>>(
+        logits, targets, row0, vocab, grad_scale, dlogits, row_loss_.data(), bad_target_.device());
+  }
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
@@ -132,7 +125,7 @@ void CrossEntropyCuda::mean(int64_t total_rows, double* loss_mean, cudaStream_t 
   if (total_rows <= 0 || row_loss_.size() < static_cast<size_t>(total_rows))
     throw std::invalid_argument("CrossEntropyCuda::mean: " + std::to_string(total_rows) +
                                 " rows, but the losses of only " + std::to_string(row_loss_.size()) + " are kept");
-  mean_kernel<<<1, kThreads, 0, stream>>>(row_loss_.data(), total_rows, loss_mean);
+  mean_kernel<<<1, kLossThreads, 0, stream>>>(row_loss_.data(), total_rows, loss_mean);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

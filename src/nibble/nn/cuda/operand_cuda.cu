@@ -331,6 +331,37 @@ void OperandCuda::run_fused(const T* x, int64_t rows, int64_t cols, const nibble
   nibble::cuda::nvfp4_quantize_rowcol(x, rows, cols, s, amax_bits, buffers(row), buffers(col), stream);
 }
 
+template <typename T>
+bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
+                                   Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col,
+                                   cudaStream_t stream) {
+  const OperandRecipe& rr = recipe[row_op];
+  const OperandRecipe& cr = recipe[col_op];
+  if (!rr.quantized() || !cr.quantized() || operand_columnwise(row_op) || !operand_columnwise(col_op)) return false;
+  const QuantSpec row_spec = operand_quant_spec(rr, row_op, recipe.rht_signs(), seed);
+  const QuantSpec col_spec = operand_quant_spec(cr, col_op, recipe.rht_signs(), seed);
+  if (!nibble::cuda::nvfp4_tile16_applies(row_spec) || !nibble::cuda::nvfp4_tile16_applies(col_spec)) return false;
+  if (rows <= 0 || cols <= 0 || rows % 16 != 0 || cols % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0)
+    return false;  // make() reports the shape with the operand's name
+  for (auto [o, spec] : {std::pair{&row, row_spec}, std::pair{&col, col_spec}}) {
+    o->shared_values_ = nullptr;
+    o->decoded_valid_ = false;
+    o->format_ = OperandFormat::kNvfp4;
+    o->quantized_ = true;
+    o->stored_as_source_ = false;
+    o->rows_ = spec.columnwise ? cols : rows;
+    o->cols_ = spec.columnwise ? rows : cols;
+    o->spec_ = spec;
+    o->allocate_packed(spec, o->rows_, o->cols_);
+  }
+  const auto buffers = [](OperandCuda& o) {
+    return QuantBuffers{o.data_.data(), o.scales_.data(), o.decode_scale_.data()};
+  };
+  nibble::cuda::quantize_amax(w, rows, cols, row_spec, row.amax_bits_.data(), stream);
+  nibble::cuda::nvfp4_quantize_tile16(w, rows, cols, row.amax_bits_.data(), buffers(row), buffers(col), stream);
+  return true;
+}
+
 template void OperandCuda::make(const float*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,
                                 cudaStream_t, bool);
 template void OperandCuda::make(const bf16_t*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,
@@ -339,6 +370,10 @@ template void OperandCuda::make_pair(const float*, int64_t, int64_t, const Recip
                                      OperandCuda&, OperandCuda&, cudaStream_t, bool, bool);
 template void OperandCuda::make_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
                                      OperandCuda&, OperandCuda&, cudaStream_t, bool, bool);
+template bool OperandCuda::make_tile16_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
+                                            OperandCuda&, OperandCuda&, cudaStream_t);
+template bool OperandCuda::make_tile16_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand,
+                                            uint64_t, OperandCuda&, OperandCuda&, cudaStream_t);
 
 GemmType OperandCuda::native_type() const {
   switch (format_) {

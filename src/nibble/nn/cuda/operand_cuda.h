@@ -58,6 +58,15 @@ class OperandCuda {
   static bf16_t* bf16_pair_source(int64_t rows, int64_t cols, OperandCuda& col);
   static void adopt_bf16_pair(int64_t rows, int64_t cols, OperandCuda& row, OperandCuda& col);
 
+  // fprop.w and dgrad.w (W and W^T, from w = W [rows x cols]) from one NVFP4 16x16 pass when both
+  // operands are NVFP4 16x16 with round-to-nearest-even, rowwise `row_op` and columnwise `col_op`
+  // (one amax; each code encoded once, written to both: nibble::cuda::nvfp4_quantize_tile16).
+  // Returns false, leaving both operands untouched, when that pass does not apply (other recipes, shapes
+  // the tiles cannot take, an unaligned w): then make() each. Same bits either way.
+  template <typename T>
+  static bool make_tile16_pair(const T* w, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
+                               Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream);
+
   // The operand as GEMM operand A (op(A) = the operand, [rows x cols]) or B (op(B) = its
   // transpose), in `type`: kBF16, kF32, or the FP8 code type of an FP8 operand. FP4 operands and
   // type changes are decoded into `scratch`, which must stay alive until the GEMM has run; except

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "nibble/quant/fp4_decode_bf16.h"
+#include "nibble/quant/cuda/tile16_layout.h"
 #include "nibble/quant/philox.h"
 #include "nibble/quant/quantize.h"
 #include "nibble/quant/rht.h"
@@ -480,6 +481,187 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
 }
 
 // ---------------------------------------------------------------------------------------------
+// NVFP4 16x16 tiles, round-to-nearest-even (the paper's weights): W and, in the same pass, W^T.
+//
+// Each warp quantizes 32 x 64 warp tiles of W (layout in tile16_layout.h): it loads them with
+// whole-row 16-byte loads, reduces each tile's amax over the 8 lanes that hold the tile, encodes
+// every element once (its 8 codes per word are W's packed output as they stand), and transposes
+// the words as 16 x 16 nibble matrices for W^T: the same codes, since a tile of W^T has the tile's
+// scale and values. No shared memory but the encode-scale table and no block barriers in the
+// loop; grid-stride over warp tiles (persistent grid), so each block builds the table once.
+// The tile scale is the shared nvfp4_block_scale_code, the element encode scale the shared
+// nvfp4_element_encode_scale (looked up by code), the elements pack8_rne as in the fused pass.
+
+constexpr int kTile16Threads = 128;
+constexpr int kTile16Warps = kTile16Threads / 32;
+
+// 8 elements of one word: one 16-byte vector of BF16, two of float.
+template <typename T>
+struct Raw8 {
+  static constexpr int kVecs = 8 * sizeof(T) / 16;
+  uint4 vec[kVecs];
+};
+
+__device__ __forceinline__ void unpack8(const Raw8<bf16_t>& r, float v[8]) {
+  const uint32_t w[4] = {r.vec[0].x, r.vec[0].y, r.vec[0].z, r.vec[0].w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    v[2 * j] = bits_float(w[j] << 16);
+    v[2 * j + 1] = bits_float(w[j] & 0xFFFF0000u);
+  }
+}
+__device__ __forceinline__ void unpack8(const Raw8<float>& r, float v[8]) {
+#pragma unroll
+  for (int q = 0; q < 2; ++q) {
+    v[4 * q] = bits_float(r.vec[q].x);
+    v[4 * q + 1] = bits_float(r.vec[q].y);
+    v[4 * q + 2] = bits_float(r.vec[q].z);
+    v[4 * q + 3] = bits_float(r.vec[q].w);
+  }
+}
+
+// max |v| over the 8 elements of a word, for a finite tensor. BF16: the 16-bit halves compared as
+// unsigned integers with their sign bits cleared (the order of the values, for non-NaN), which
+// needs neither the float values nor a float max per element.
+__device__ __forceinline__ float max_abs8(const Raw8<bf16_t>& r) {
+  const uint32_t w[4] = {r.vec[0].x, r.vec[0].y, r.vec[0].z, r.vec[0].w};
+  uint32_t m = 0;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) m = __vmaxu2(m, w[j] & 0x7FFF7FFFu);
+  return fmaxf(bits_float(m << 16), bits_float(m & 0xFFFF0000u));
+}
+__device__ __forceinline__ float max_abs8(const Raw8<float>& r) {
+  float v[8];
+  unpack8(r, v);
+  return max_abs_finite<8>(v);
+}
+
+// Resident blocks per SM the register allocation must allow: 20 warps for BF16 input (96
+// registers), 16 for float, whose 8 words in flight take 64 registers (128): enough loads in
+// flight either way to cover the memory latency.
+template <typename T>
+constexpr int kTile16MinBlocks = sizeof(T) == 2 ? 5 : 4;
+
+// w_out: W's codes and tile scales (rows/16 x cols/16); t_out: W^T's (cols/16 x rows/16). A side
+// whose data pointer is null is not written. amax_in: max |x| bits of the whole tensor.
+template <typename T>
+__global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
+    nvfp4_tile16_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, const uint32_t* __restrict__ amax_in,
+                        QuantBuffers w_out, QuantBuffers t_out) {
+  __shared__ float enc_scale[kE4m3Codes];  // element encode scale e_b by E4M3 code
+  const uint32_t amax_bits = *amax_in;
+  const bool finite = amax_is_finite(amax_bits);
+  const TensorScale ts = nvfp4_tensor_scale(bits_float(amax_bits));
+  for (int c = threadIdx.x; c < kE4m3Codes; c += kTile16Threads)
+    enc_scale[c] = nvfp4_element_encode_scale(static_cast<uint8_t>(c), ts.decode);
+  const bool rowwise = w_out.data != nullptr, colwise = t_out.data != nullptr;
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    const float g = finite ? ts.decode : __int_as_float(0x7FC00000);
+    if (rowwise) *w_out.decode_scale = g;
+    if (colwise) *t_out.decode_scale = g;
+  }
+  __syncthreads();
+
+  constexpr uint32_t kAll = 0xFFFFFFFFu;
+  const int lane = threadIdx.x % 32;
+  const int tc = tile16::tile_col(lane);
+  const int64_t scale_cols = cols / 16, t_scale_cols = rows / 16;
+  const int64_t count = tile16::warp_tiles(rows, cols);
+  // Warp-uniform loop (every lane of a warp takes the same trips), so the shuffles see full warps.
+  for (int64_t wt = static_cast<int64_t>(blockIdx.x) * kTile16Warps + threadIdx.x / 32; wt < count;
+       wt += static_cast<int64_t>(gridDim.x) * kTile16Warps) {
+    const tile16::WarpTile t = tile16::warp_tile(wt, cols);
+    const bool col_ok = t.c0 + tile16::word_col(lane) < cols;  // this lane's tile column exists
+    const bool row1_ok = t.r0 + 16 < rows;                     // tile row 1 exists (row 0 always)
+
+    Raw8<T> raw[tile16::kWords];
+#pragma unroll
+    for (int i = 0; i < tile16::kWords; ++i) {
+      const bool ok = finite && col_ok && (tile16::tile_row(i) == 0 || row1_ok);
+      const T* p = x + (t.r0 + tile16::word_row(lane, i)) * cols + t.c0 + tile16::word_col(lane);
+#pragma unroll
+      for (int q = 0; q < Raw8<T>::kVecs; ++q)
+        raw[i].vec[q] = ok ? __ldg(reinterpret_cast<const uint4*>(p) + q) : make_uint4(0, 0, 0, 0);
+    }
+
+    // Tile amaxes (finite tensor: float max of |v|), over the lane's words, then its tile's lanes.
+    float amax[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < tile16::kWords; ++i) {
+      const int tr = tile16::tile_row(i);
+      amax[tr] = fmaxf(amax[tr], max_abs8(raw[i]));
+    }
+#pragma unroll
+    for (int k = 0; k < tile16::kTileLanesLog2; ++k) {
+      amax[0] = fmaxf(amax[0], __shfl_xor_sync(kAll, amax[0], tile16::tile_lane_mask(k)));
+      amax[1] = fmaxf(amax[1], __shfl_xor_sync(kAll, amax[1], tile16::tile_lane_mask(k)));
+    }
+    // Each lane encodes one of its two tile scales and trades it with lane ^ 8 (same tiles).
+    const bool odd = (lane & 8) != 0;
+    const uint32_t own = finite ? nvfp4_block_scale_code(odd ? amax[1] : amax[0], ts.encode) : 0u;
+    const uint32_t other = __shfl_xor_sync(kAll, own, 8);
+    const uint32_t code[2] = {odd ? other : own, odd ? own : other};
+    const float e[2] = {enc_scale[code[0] & 0x7Fu], enc_scale[code[1] & 0x7Fu]};
+    // Below 7 no element needs E2M1's saturation (see encode16).
+    const bool saturate[2] = {!(amax[0] * e[0] < 7.0f), !(amax[1] * e[1] < 7.0f)};
+
+    uint32_t w[tile16::kWords];
+#pragma unroll
+    for (int i = 0; i < tile16::kWords; ++i) {
+      float v[8];
+      unpack8(raw[i], v);
+      const int tr = tile16::tile_row(i);
+      w[i] = saturate[tr] ? pack8_rne<true>(v, e[tr]) : pack8_rne<false>(v, e[tr]);
+    }
+    // Tile scales: one lane per tile column writes both tile rows' (lane 2 tc).
+    const bool scale_lane = col_ok && lane == 2 * tc;
+
+    if (rowwise && col_ok) {
+#pragma unroll
+      for (int i = 0; i < tile16::kWords; ++i) {
+        if (tile16::tile_row(i) == 1 && !row1_ok) continue;
+        const int64_t r = t.r0 + tile16::word_row(lane, i);
+        *reinterpret_cast<uint32_t*>(w_out.data + (r * cols + t.c0 + tile16::word_col(lane)) / 2) = w[i];
+      }
+    }
+    if (rowwise && scale_lane) {
+      const int64_t s = (t.r0 / 16) * scale_cols + t.c0 / 16 + tc;
+      w_out.scales[s] = static_cast<uint8_t>(code[0]);
+      if (row1_ok) w_out.scales[s + scale_cols] = static_cast<uint8_t>(code[1]);
+    }
+
+    if (colwise) {
+      tile16::transpose_step2(w);
+#pragma unroll
+      for (int i = 0; i < tile16::kWords; ++i)
+        w[i] = tile16::transpose_step1(w[i], __shfl_xor_sync(kAll, w[i], 16), lane);
+#pragma unroll
+      for (int i = 0; i < tile16::kWords; ++i)
+        w[i] = tile16::transpose_step0(w[i], __shfl_xor_sync(kAll, w[i], 8), lane);
+      if (col_ok) {
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          // W^T row t.c0 + transposed_row, elements t.r0 .. t.r0 + 31: 16 bytes, or 8 when tile row
+          // 1 is missing; 16-byte aligned when rows % 32 == 0, 8-byte aligned always.
+          uint8_t* dst = t_out.data + ((t.c0 + tile16::transposed_row(lane, m)) * rows + t.r0) / 2;
+          if (row1_ok && rows % 32 == 0) {
+            *reinterpret_cast<uint4*>(dst) = make_uint4(w[m], w[2 + m], w[4 + m], w[6 + m]);
+          } else {
+            *reinterpret_cast<uint2*>(dst) = make_uint2(w[m], w[2 + m]);
+            if (row1_ok) *reinterpret_cast<uint2*>(dst + 8) = make_uint2(w[4 + m], w[6 + m]);
+          }
+        }
+      }
+      if (scale_lane) {
+        const int64_t s = (t.c0 / 16 + tc) * t_scale_cols + t.r0 / 16;
+        t_out.scales[s] = static_cast<uint8_t>(code[0]);
+        if (row1_ok) t_out.scales[s + 1] = static_cast<uint8_t>(code[1]);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Generic path: one thread per block segment of kW elements along the quantized matrix's
 // contiguous dimension; for 16x16 tiles, 16 neighbouring lanes hold the 16 rows of one tile.
 
@@ -699,6 +881,33 @@ void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spe
   }
 }
 
+// NVFP4 with 16x16 tiles: the specs whose amax the fused pass's amax kernel computes (the
+// rounding plays no part in it), and those the 16x16 kernel quantizes. Both kernels read 16-byte
+// vectors, so x must be 16-byte aligned (the shapes are multiples of 16 by validate()).
+bool is_tile16(const QuantSpec& spec) { return spec.format == Format::kNvfp4 && spec.block == Block::k16x16; }
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+void launch_tile16_amax(const T* x, int64_t rows, int64_t cols, uint32_t* amax_bits, cudaStream_t stream) {
+  NIBBLE_CUDA_CHECK(cudaMemsetAsync(amax_bits, 0, sizeof(uint32_t), stream));
+  RowColSpec s;  // rowwise only, no RHT: the kernel writes max |x| to amax_bits[0] alone
+  s.columnwise = false;
+  launch_rowcol<T, true>(x, rows, cols, s, amax_bits, nullptr, {}, {}, stream);
+}
+
+static_assert(kTile16Threads == kRowColThreads, "persistent_blocks sizes the grid for kRowColThreads");
+
+template <typename T>
+void launch_tile16(const T* x, int64_t rows, int64_t cols, const uint32_t* amax_bits, QuantBuffers w, QuantBuffers wt,
+                   cudaStream_t stream) {
+  const int64_t warp_tiles = tile16::warp_tiles(rows, cols);
+  const auto kernel = nvfp4_tile16_kernel<T>;
+  const int blocks = persistent_blocks(reinterpret_cast<const void*>(kernel),
+                                       (warp_tiles + kTile16Warps - 1) / kTile16Warps);
+  kernel<<<blocks, kTile16Threads, 0, stream>>>(x, rows, cols, amax_bits, w, wt);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -721,11 +930,28 @@ void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColS
   launch_rowcol<T, false>(x, rows, cols, spec, nullptr, amax_bits, row, col, stream);
 }
 
+bool nvfp4_tile16_applies(const QuantSpec& spec) {
+  return is_tile16(spec) && spec.rounding == Rounding::kNearestEven && !spec.rht;
+}
+
+template <typename T>
+void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_t* amax_bits, QuantBuffers w,
+                           QuantBuffers wt, cudaStream_t stream) {
+  validate(make_spec(Format::kNvfp4, Block::k16x16), rows, cols);
+  if (!aligned16(x))
+    throw std::invalid_argument(
+        "nvfp4 16x16 quantization: the input must be 16-byte aligned (it is read in 16-byte vectors)");
+  if (w.decoded != nullptr || wt.decoded != nullptr)
+    throw std::invalid_argument("nvfp4 16x16 quantization: decoded BF16 output is written only by the fused 1x16 pass");
+  if (w.data == nullptr && wt.data == nullptr) return;
+  launch_tile16(x, rows, cols, amax_bits, w, wt, stream);
+}
+
 constexpr int kSegmentThreads = 256;
 
 template <typename T>
-void quantize_amax(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, uint32_t* amax_bits,
-                   cudaStream_t stream) {
+void quantize_amax_generic(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, uint32_t* amax_bits,
+                           cudaStream_t stream) {
   validate(spec, rows, cols);
   NIBBLE_CUDA_CHECK(cudaMemsetAsync(amax_bits, 0, sizeof(uint32_t), stream));
   const SegmentGeometry g = geometry(spec, rows, cols);
@@ -738,8 +964,8 @@ void quantize_amax(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec
 }
 
 template <typename T>
-void quantize_segments(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, const uint32_t* amax_bits,
-                       QuantBuffers out, cudaStream_t stream) {
+void quantize_segments_generic(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec,
+                               const uint32_t* amax_bits, QuantBuffers out, cudaStream_t stream) {
   validate(spec, rows, cols);
   if (out.decoded != nullptr)
     throw std::invalid_argument("quantize_segments: decoded BF16 output is written only by the fused NVFP4 pass");
@@ -750,6 +976,29 @@ void quantize_segments(const T* x, int64_t rows, int64_t cols, const QuantSpec& 
   else
     segment_quantize_kernel<16><<<blocks, kSegmentThreads, 0, stream>>>(x, cols, spec, g, amax_bits, out);
   NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+template <typename T>
+void quantize_amax(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, uint32_t* amax_bits,
+                   cudaStream_t stream) {
+  validate(spec, rows, cols);
+  // 16x16 tiles (W or W^T, the same values): the fused pass's amax kernel.
+  if (is_tile16(spec) && aligned16(x))
+    launch_tile16_amax(x, rows, cols, amax_bits, stream);
+  else
+    quantize_amax_generic(x, rows, cols, spec, amax_bits, stream);
+}
+
+template <typename T>
+void quantize_segments(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, const uint32_t* amax_bits,
+                       QuantBuffers out, cudaStream_t stream) {
+  validate(spec, rows, cols);
+  if (nvfp4_tile16_applies(spec) && aligned16(x)) {  // W (rowwise) or W^T (columnwise) alone
+    const QuantBuffers none{};
+    launch_tile16(x, rows, cols, amax_bits, spec.columnwise ? none : out, spec.columnwise ? out : none, stream);
+  } else {
+    quantize_segments_generic(x, rows, cols, spec, amax_bits, out, stream);
+  }
 }
 
 void dequantize(const QuantSpec& spec, int64_t rows, int64_t cols, const uint8_t* data, const uint8_t* scales,
@@ -771,6 +1020,17 @@ template void quantize_segments<bf16_t>(const bf16_t*, int64_t, int64_t, const Q
                                         QuantBuffers, cudaStream_t);
 template void quantize_segments<float>(const float*, int64_t, int64_t, const QuantSpec&, const uint32_t*,
                                        QuantBuffers, cudaStream_t);
+template void quantize_amax_generic<bf16_t>(const bf16_t*, int64_t, int64_t, const QuantSpec&, uint32_t*,
+                                            cudaStream_t);
+template void quantize_amax_generic<float>(const float*, int64_t, int64_t, const QuantSpec&, uint32_t*, cudaStream_t);
+template void quantize_segments_generic<bf16_t>(const bf16_t*, int64_t, int64_t, const QuantSpec&, const uint32_t*,
+                                                QuantBuffers, cudaStream_t);
+template void quantize_segments_generic<float>(const float*, int64_t, int64_t, const QuantSpec&, const uint32_t*,
+                                               QuantBuffers, cudaStream_t);
+template void nvfp4_quantize_tile16<bf16_t>(const bf16_t*, int64_t, int64_t, const uint32_t*, QuantBuffers,
+                                            QuantBuffers, cudaStream_t);
+template void nvfp4_quantize_tile16<float>(const float*, int64_t, int64_t, const uint32_t*, QuantBuffers, QuantBuffers,
+                                           cudaStream_t);
 
 // ---------------------------------------------------------------------------------------------
 // Host-memory wrappers
@@ -824,19 +1084,45 @@ struct DeviceQuant {
 };
 
 template <typename T>
-QuantizedTensor quantize_on_gpu_impl(std::span<const T> x, int64_t rows, int64_t cols, const QuantSpec& spec) {
+QuantizedTensor quantize_on_gpu_impl(std::span<const T> x, int64_t rows, int64_t cols, const QuantSpec& spec,
+                                     bool generic) {
   validate(spec, rows, cols);
   if (static_cast<int64_t>(x.size()) != rows * cols) throw std::invalid_argument("quantize_on_gpu: size mismatch");
   DeviceArray<T> dx(x.size());
   dx.upload(x.data());
   DeviceArray<uint32_t> amax(1);
   DeviceQuant out(spec, rows, cols);
-  quantize_amax(dx.ptr, rows, cols, spec, amax.ptr, nullptr);
-  quantize_segments(dx.ptr, rows, cols, spec, amax.ptr, out.buffers(), nullptr);
+  if (generic) {
+    quantize_amax_generic(dx.ptr, rows, cols, spec, amax.ptr, nullptr);
+    quantize_segments_generic(dx.ptr, rows, cols, spec, amax.ptr, out.buffers(), nullptr);
+  } else {
+    quantize_amax(dx.ptr, rows, cols, spec, amax.ptr, nullptr);
+    quantize_segments(dx.ptr, rows, cols, spec, amax.ptr, out.buffers(), nullptr);
+  }
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   uint32_t amax_bits = 0;
   amax.download(&amax_bits);
   return out.fetch(amax_bits);
+}
+
+template <typename T>
+std::pair<QuantizedTensor, QuantizedTensor> quantize_tile16_pair_impl(std::span<const T> x, int64_t rows,
+                                                                      int64_t cols) {
+  const QuantSpec w_spec = make_spec(Format::kNvfp4, Block::k16x16);
+  const QuantSpec t_spec = make_spec(Format::kNvfp4, Block::k16x16, Rounding::kNearestEven, /*columnwise=*/true);
+  validate(w_spec, rows, cols);
+  if (static_cast<int64_t>(x.size()) != rows * cols)
+    throw std::invalid_argument("quantize_tile16_pair_on_gpu: size mismatch");
+  DeviceArray<T> dx(x.size());
+  dx.upload(x.data());
+  DeviceArray<uint32_t> amax(1);
+  DeviceQuant w(w_spec, rows, cols), wt(t_spec, rows, cols);
+  quantize_amax(dx.ptr, rows, cols, w_spec, amax.ptr, nullptr);
+  nvfp4_quantize_tile16(dx.ptr, rows, cols, amax.ptr, w.buffers(), wt.buffers(), nullptr);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  uint32_t amax_bits = 0;
+  amax.download(&amax_bits);
+  return {w.fetch(amax_bits), wt.fetch(amax_bits)};
 }
 
 template <typename T>
@@ -894,10 +1180,24 @@ QuantSpec col_spec(const RowColSpec& s) {
 }
 
 QuantizedTensor quantize_on_gpu(std::span<const float> x, int64_t rows, int64_t cols, const QuantSpec& spec) {
-  return quantize_on_gpu_impl(x, rows, cols, spec);
+  return quantize_on_gpu_impl(x, rows, cols, spec, false);
 }
 QuantizedTensor quantize_on_gpu(std::span<const bf16_t> x, int64_t rows, int64_t cols, const QuantSpec& spec) {
-  return quantize_on_gpu_impl(x, rows, cols, spec);
+  return quantize_on_gpu_impl(x, rows, cols, spec, false);
+}
+QuantizedTensor quantize_on_gpu_generic(std::span<const float> x, int64_t rows, int64_t cols, const QuantSpec& spec) {
+  return quantize_on_gpu_impl(x, rows, cols, spec, true);
+}
+QuantizedTensor quantize_on_gpu_generic(std::span<const bf16_t> x, int64_t rows, int64_t cols, const QuantSpec& spec) {
+  return quantize_on_gpu_impl(x, rows, cols, spec, true);
+}
+std::pair<QuantizedTensor, QuantizedTensor> quantize_tile16_pair_on_gpu(std::span<const float> x, int64_t rows,
+                                                                        int64_t cols) {
+  return quantize_tile16_pair_impl(x, rows, cols);
+}
+std::pair<QuantizedTensor, QuantizedTensor> quantize_tile16_pair_on_gpu(std::span<const bf16_t> x, int64_t rows,
+                                                                        int64_t cols) {
+  return quantize_tile16_pair_impl(x, rows, cols);
 }
 std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_on_gpu(std::span<const bf16_t> x, int64_t rows,
                                                                    int64_t cols, const RowColSpec& spec,

@@ -5,7 +5,10 @@
 // - device-pointer kernels for the training path (stream-ordered, no host synchronisation):
 //   nvfp4_amax + nvfp4_quantize_rowcol is the fused pair the Wgrad GEMM needs (rowwise 1x16 of
 //   X and columnwise 1x16 of X^T, the RHT optionally on the columnwise copy, in one pass);
-//   quantize_amax + quantize_segments cover every other QuantSpec (16x16 weights, MXFP4, FP8).
+//   nvfp4_quantize_tile16 is the NVFP4 16x16 round-to-nearest-even pass of the weights (W and, in
+//   the same pass, W^T); quantize_amax + quantize_segments cover every QuantSpec, through those
+//   kernels where they apply (16x16 RNE) and one-thread-per-segment kernels otherwise (16x16 SR,
+//   MXFP4, FP8).
 // - host-memory wrappers (quantize_on_gpu, ...) that upload, run and download, for tests and tools.
 #pragma once
 
@@ -57,14 +60,38 @@ template <typename T>
 void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec,
                            const uint32_t* amax_bits, QuantBuffers row, QuantBuffers col, cudaStream_t stream);
 
-// Generic path for any valid QuantSpec: amax of the (transformed) quantized matrix, then one
-// thread per block segment. It writes no decoded values (out.decoded must be nullptr).
+// NVFP4 16x16 tiles with round-to-nearest-even, from x = W [rows x cols] (both multiples of 16,
+// x 16-byte aligned): W's codes and tile scales into `w` (the rowwise copy, QuantSpec
+// make_spec(kNvfp4, k16x16)) and W^T's into `wt` (its columnwise twin), in one pass. A tile of W^T
+// has the scale and the values of the tile of W it transposes, so each element is encoded once and
+// its code written to both. A copy whose data pointer is null is not made; no decoded values are
+// written (QuantBuffers::decoded must be nullptr). amax_bits: the one word quantize_amax computes for
+// either spec. Same bits as the CPU reference (and the generic kernels).
+template <typename T>
+void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_t* amax_bits, QuantBuffers w,
+                           QuantBuffers wt, cudaStream_t stream);
+// Whether quantize_segments runs nvfp4_quantize_tile16 for this spec (NVFP4, 16x16, RNE; with an
+// input that is 16-byte aligned).
+bool nvfp4_tile16_applies(const QuantSpec& spec);
+
+// Any valid QuantSpec: amax of the (transformed) quantized matrix into amax_bits[0] (zeroed here
+// first), then the quantization. NVFP4 16x16 tiles take the fused pass's amax kernel and, with
+// RNE, nvfp4_quantize_tile16; every other spec one thread per block segment. It writes no decoded
+// values (out.decoded must be nullptr).
 template <typename T>
 void quantize_amax(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, uint32_t* amax_bits,
                    cudaStream_t stream);
 template <typename T>
 void quantize_segments(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec,
                        const uint32_t* amax_bits, QuantBuffers out, cudaStream_t stream);
+// The one-thread-per-segment kernels for every spec, also where a specialised kernel exists: the
+// reference those are tested and timed against.
+template <typename T>
+void quantize_amax_generic(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, uint32_t* amax_bits,
+                           cudaStream_t stream);
+template <typename T>
+void quantize_segments_generic(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec,
+                               const uint32_t* amax_bits, QuantBuffers out, cudaStream_t stream);
 
 // x' = code * block_scale * decode_scale, as a row-major rows x cols float matrix.
 void dequantize(const QuantSpec& spec, int64_t rows, int64_t cols, const uint8_t* data, const uint8_t* scales,
@@ -73,6 +100,14 @@ void dequantize(const QuantSpec& spec, int64_t rows, int64_t cols, const uint8_t
 // ---- host-memory wrappers (synchronous) ----
 QuantizedTensor quantize_on_gpu(std::span<const float> x, int64_t rows, int64_t cols, const QuantSpec& spec);
 QuantizedTensor quantize_on_gpu(std::span<const bf16_t> x, int64_t rows, int64_t cols, const QuantSpec& spec);
+// The same through quantize_amax_generic + quantize_segments_generic.
+QuantizedTensor quantize_on_gpu_generic(std::span<const float> x, int64_t rows, int64_t cols, const QuantSpec& spec);
+QuantizedTensor quantize_on_gpu_generic(std::span<const bf16_t> x, int64_t rows, int64_t cols, const QuantSpec& spec);
+// nvfp4_quantize_tile16 with both copies; returns {W, W^T}.
+std::pair<QuantizedTensor, QuantizedTensor> quantize_tile16_pair_on_gpu(std::span<const float> x, int64_t rows,
+                                                                        int64_t cols);
+std::pair<QuantizedTensor, QuantizedTensor> quantize_tile16_pair_on_gpu(std::span<const bf16_t> x, int64_t rows,
+                                                                        int64_t cols);
 // The fused pass; returns {rowwise, columnwise} as QuantizedTensors with matching QuantSpecs.
 // With `decoded`, the pass also writes the decoded BF16 values (QuantBuffers::decoded) of each side
 // it makes, returned in decoded->row / decoded->col (empty for a side switched off).
