@@ -312,56 +312,85 @@ TEST(LinearCuda, FusedDecodeGivesTheSameBits) {
   }
 }
 
-// A BF16 input written by its producer (bf16_input + forward_bf16_input, bf16_dy_input +
-// backward_bf16_input) gives the bits of an FP32 input converted by the layer: Y, dX, dW and the
-// saved bytes; only recipes that keep X (dY) in BF16 as it is on both of its GEMMs take one.
-TEST(LinearCuda, Bf16InputGivesTheBitsOfTheConvertedFp32Input) {
-  std::mt19937_64 rng(test::fresh_seed());
-  const int64_t tokens = 40, in = 48, out = 24;
-  const std::vector<float> w = test::random_normal(rng, in * out, 0.1f);
-  const std::vector<float> x = test::random_normal(rng, tokens * in, 1.0f), dy = test::random_normal(rng, tokens * out, 1.0f);
-  std::vector<bf16_t> x16(x.size());
-  for (size_t i = 0; i < x.size(); ++i) x16[i].bits = BF16::encode(x[i], Rounding::kNearestEven);
-  std::vector<bf16_t> dy16(dy.size());
-  for (size_t i = 0; i < dy.size(); ++i) dy16[i].bits = BF16::encode(dy[i], Rounding::kNearestEven);
-  LinearContext ctx;
-  DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
-  std::vector<float> results[2][3];  // [path][Y, dX, dW]
-  int64_t saved[2] = {};
-  for (int path = 0; path < 2; ++path) {
-    LinearCuda gpu(in, out, preset("bf16"), {}, ctx);
-    ASSERT_TRUE(gpu.takes_bf16_input());
-    gpu.upload_weight(w);
-    gpu.weight_changed();
-    DeviceBuffer<float> y(static_cast<size_t>(tokens * out)), dx(static_cast<size_t>(tokens * in));
-    if (path == 0) {
-      gpu.forward(d_x.data(), tokens, y.data(), nullptr);
-    } else {
-      NIBBLE_CUDA_CHECK(cudaMemcpy(gpu.bf16_input(tokens), x16.data(), x16.size() * sizeof(bf16_t),
-                                   cudaMemcpyHostToDevice));
-      gpu.forward_bf16_input(tokens, y.data(), nullptr);
-    }
-    saved[path] = gpu.saved_activation_bytes();
-    if (path == 0) {
-      gpu.backward(d_dy.data(), dx.data(), nullptr);
-    } else {
-      ASSERT_TRUE(gpu.takes_bf16_dy());
-      NIBBLE_CUDA_CHECK(cudaMemcpy(gpu.bf16_dy_input(), dy16.data(), dy16.size() * sizeof(bf16_t),
-                                   cudaMemcpyHostToDevice));
-      gpu.backward_bf16_input(dx.data(), nullptr);
-    }
-    results[path][0] = download(y.data(), tokens * out);
-    results[path][1] = download(dx.data(), tokens * in);
-    results[path][2] = download(gpu.weight_grad(), in * out);
+// "base key=value ..." as the recipe tests write them.
+Recipe recipe_named(const std::string& text) {
+  std::vector<std::string> words;
+  for (size_t i = 0; i < text.size();) {
+    const size_t j = std::min(text.find(' ', i), text.size());
+    if (j > i) words.push_back(text.substr(i, j - i));
+    i = j + 1;
   }
-  EXPECT_EQ(saved[0], saved[1]);
-  for (int k = 0; k < 3; ++k) EXPECT_EQ(results[0][k], results[1][k]) << "output " << k << " (Y, dX, dW)";
-  for (const char* name : {"fp32", "nvfp4", "fp8"}) {
-    LinearCuda other(in, out, preset(name), {}, ctx);
-    EXPECT_FALSE(other.takes_bf16_input()) << name;
-    EXPECT_FALSE(other.takes_bf16_dy()) << name;
+  return make_recipe(words.front(), std::span<const std::string>(words).subspan(1));
+}
+
+// A BF16 input written by its producer (bf16_input + forward_bf16_input, bf16_dy_input +
+// backward_bf16_input) gives the bits of forward()/backward() given the same values in FP32: Y, dX,
+// dW and the saved bytes, under every recipe without an FP32 operand (bf16 operands are then the
+// producer's buffer itself; quantized ones are made from it). Recipes with FP32 operands refuse.
+TEST(LinearCuda, Bf16InputGivesTheBitsOfTheSameValuesInFp32) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const int64_t tokens = 48, in = 64, out = 32;
+  const std::vector<float> w = test::random_normal(rng, in * out, 0.1f);
+  const auto to_bf16 = [](const std::vector<float>& v) {
+    std::vector<bf16_t> r(v.size());
+    for (size_t i = 0; i < v.size(); ++i) r[i].bits = BF16::encode(v[i], Rounding::kNearestEven);
+    return r;
+  };
+  const auto to_float = [](const std::vector<bf16_t>& v) {
+    std::vector<float> r(v.size());
+    for (size_t i = 0; i < v.size(); ++i) r[i] = BF16::decode(v[i].bits);
+    return r;
+  };
+  const std::vector<bf16_t> x16 = to_bf16(test::random_normal(rng, tokens * in, 1.0f));
+  const std::vector<bf16_t> dy16 = to_bf16(test::random_normal(rng, tokens * out, 1.0f));
+  DeviceBuffer<float> d_x{std::span<const float>(to_float(x16))}, d_dy{std::span<const float>(to_float(dy16))};
+  for (const char* name : {"bf16", "nvfp4", "fp8", "mxfp4", "nvfp4 wgrad.x.format=bf16 wgrad.x.rht=true"}) {
+    LinearContext ctx;
+    std::vector<float> results[2][3];  // [path][Y, dX, dW]
+    int64_t saved[2] = {};
+    for (int path = 0; path < 2; ++path) {
+      LinearCuda gpu(in, out, recipe_named(name), {}, ctx);
+      ASSERT_TRUE(gpu.takes_bf16_input()) << name;
+      ASSERT_TRUE(gpu.takes_bf16_dy()) << name;
+      gpu.upload_weight(w);
+      gpu.set_step(3);
+      DeviceBuffer<float> y(static_cast<size_t>(tokens * out)), dx(static_cast<size_t>(tokens * in));
+      if (path == 0) {
+        gpu.forward(d_x.data(), tokens, y.data(), nullptr);
+      } else {
+        NIBBLE_CUDA_CHECK(cudaMemcpy(gpu.bf16_input(tokens), x16.data(), x16.size() * sizeof(bf16_t),
+                                     cudaMemcpyHostToDevice));
+        gpu.forward_bf16_input(tokens, y.data(), nullptr);
+      }
+      saved[path] = gpu.saved_activation_bytes();
+      if (path == 0) {
+        gpu.backward(d_dy.data(), dx.data(), nullptr);
+      } else {
+        NIBBLE_CUDA_CHECK(cudaMemcpy(gpu.bf16_dy_input(), dy16.data(), dy16.size() * sizeof(bf16_t),
+                                     cudaMemcpyHostToDevice));
+        gpu.backward_bf16_input(dx.data(), nullptr);
+      }
+      results[path][0] = download(y.data(), tokens * out);
+      results[path][1] = download(dx.data(), tokens * in);
+      results[path][2] = download(gpu.weight_grad(), in * out);
+    }
+    EXPECT_EQ(saved[0], saved[1]) << name;
+    for (int k = 0; k < 3; ++k) EXPECT_EQ(results[0][k], results[1][k]) << name << ": output " << k << " (Y, dX, dW)";
+  }
+  struct Refusal {
+    const char* name;
+    bool x, dy;  // takes_bf16_input(), takes_bf16_dy()
+  };
+  for (const Refusal& c : {Refusal{"fp32", false, false}, Refusal{"nvfp4 wgrad.x.format=fp32", false, true},
+                           Refusal{"bf16 dgrad.dy.format=fp32", true, false}}) {
+    LinearContext ctx;
+    LinearCuda other(in, out, recipe_named(c.name), {}, ctx);
+    EXPECT_EQ(other.takes_bf16_input(), c.x) << c.name;
+    EXPECT_EQ(other.takes_bf16_dy(), c.dy) << c.name;
     DeviceBuffer<float> y(static_cast<size_t>(tokens * out));
-    EXPECT_THROW(other.forward_bf16_input(tokens, y.data(), nullptr), std::logic_error) << name;
+    if (!c.x) {
+      EXPECT_THROW(other.forward_bf16_input(tokens, y.data(), nullptr), std::logic_error) << c.name;
+    }
   }
 }
 

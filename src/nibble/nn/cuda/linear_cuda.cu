@@ -101,24 +101,61 @@ void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool
 void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t stream) {
   if (tokens <= 0) throw std::invalid_argument(context(Operand::kFpropX) + ": tokens must be positive");
   refresh_weight_copies(stream);
+  make_x_operands(x, tokens, stream);
+  gemm(ctx_.x_rows, fprop_w_, y, /*accumulate=*/false, stream, "Fprop");
+  saved_tokens_ = tokens;
+}
+
+template <typename T>
+void LinearCuda::make_x_operands(const T* x, int64_t tokens, cudaStream_t stream) {
   try {
-    // fprop.x and the saved wgrad.x (X^T) from the high-precision X, in one pass when both are NVFP4.
-    // X's Fprop copy is used at once, so it may carry decoded values; the saved X^T stays packed.
+    // fprop.x and the saved wgrad.x (X^T) from X, in one pass when both are NVFP4. X's Fprop copy is
+    // used at once, so it may carry decoded values; the saved X^T stays packed.
     OperandCuda::make_pair(x, tokens, in_, recipe_, Operand::kFpropX, Operand::kWgradX, sr_seed(), ctx_.x_rows,
                            saved_x_t_, stream, /*row_decoded=*/wants_decoded(fprop_w_), /*col_decoded=*/false);
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kFpropX) + ": " + e.what());
   }
-  gemm(ctx_.x_rows, fprop_w_, y, /*accumulate=*/false, stream, "Fprop");
-  saved_tokens_ = tokens;
+}
+
+template <typename T>
+void LinearCuda::make_dy_operands(const T* dy, bool with_dx, cudaStream_t stream) {
+  try {
+    OperandCuda::make_pair(dy, saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, sr_seed(),
+                           ctx_.dy_rows, ctx_.dy_cols, stream,
+                           /*row_decoded=*/with_dx && wants_decoded(dgrad_w_),
+                           /*col_decoded=*/wants_decoded(saved_x_t_));
+  } catch (const std::invalid_argument& e) {
+    throw std::invalid_argument(context(Operand::kDgradDy) + ": " + e.what());
+  }
+}
+
+bool LinearCuda::takes_bf16_input() const {
+  return recipe_[Operand::kFpropX].format != OperandFormat::kFp32 &&
+         recipe_[Operand::kWgradX].format != OperandFormat::kFp32;
+}
+
+bool LinearCuda::takes_bf16_dy() const {
+  return recipe_[Operand::kDgradDy].format != OperandFormat::kFp32 &&
+         recipe_[Operand::kWgradDy].format != OperandFormat::kFp32;
+}
+
+bf16_t* LinearCuda::bf16_input(int64_t tokens) {
+  if (OperandCuda::bf16_pair_applies(recipe_, Operand::kFpropX, Operand::kWgradX))
+    return OperandCuda::bf16_pair_source(tokens, in_, saved_x_t_);  // becomes the operands themselves
+  ctx_.bf16_input.reserve(static_cast<size_t>(tokens * in_));
+  return ctx_.bf16_input.data();
 }
 
 void LinearCuda::forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream) {
   if (tokens <= 0) throw std::invalid_argument(context(Operand::kFpropX) + ": tokens must be positive");
   if (!takes_bf16_input())
-    throw std::logic_error(context(Operand::kFpropX) + ": the recipe does not take a BF16 input as it is");
+    throw std::logic_error(context(Operand::kFpropX) + ": the recipe keeps an FP32 copy of X");
   refresh_weight_copies(stream);
-  OperandCuda::adopt_bf16_pair(tokens, in_, ctx_.x_rows, saved_x_t_);
+  if (OperandCuda::bf16_pair_applies(recipe_, Operand::kFpropX, Operand::kWgradX))
+    OperandCuda::adopt_bf16_pair(tokens, in_, ctx_.x_rows, saved_x_t_);
+  else
+    make_x_operands(ctx_.bf16_input.data(), tokens, stream);
   gemm(ctx_.x_rows, fprop_w_, y, /*accumulate=*/false, stream, "Fprop");
   saved_tokens_ = tokens;
 }
@@ -127,30 +164,29 @@ void LinearCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
   if (!saved_x_t_.valid())
     throw std::logic_error(context(Operand::kWgradX) + ": backward() without a forward() to pair with");
   refresh_weight_copies(stream);
-  try {
-    OperandCuda::make_pair(dy, saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, sr_seed(),
-                           ctx_.dy_rows, ctx_.dy_cols, stream,
-                           /*row_decoded=*/dx != nullptr && wants_decoded(dgrad_w_),
-                           /*col_decoded=*/wants_decoded(saved_x_t_));
-  } catch (const std::invalid_argument& e) {
-    throw std::invalid_argument(context(Operand::kDgradDy) + ": " + e.what());
-  }
+  make_dy_operands(dy, dx != nullptr, stream);
   backward_gemms(dx, stream);
 }
 
 bf16_t* LinearCuda::bf16_dy_input() {
   if (!saved_x_t_.valid())
     throw std::logic_error(context(Operand::kWgradX) + ": bf16_dy_input() without a forward() to pair with");
-  return OperandCuda::bf16_pair_source(saved_tokens_, out_, ctx_.dy_cols);
+  if (OperandCuda::bf16_pair_applies(recipe_, Operand::kDgradDy, Operand::kWgradDy))
+    return OperandCuda::bf16_pair_source(saved_tokens_, out_, ctx_.dy_cols);
+  ctx_.bf16_input.reserve(static_cast<size_t>(saved_tokens_ * out_));
+  return ctx_.bf16_input.data();
 }
 
 void LinearCuda::backward_bf16_input(float* dx, cudaStream_t stream) {
   if (!saved_x_t_.valid())
     throw std::logic_error(context(Operand::kWgradX) + ": backward() without a forward() to pair with");
   if (!takes_bf16_dy())
-    throw std::logic_error(context(Operand::kDgradDy) + ": the recipe does not take a BF16 gradient as it is");
+    throw std::logic_error(context(Operand::kDgradDy) + ": the recipe keeps an FP32 copy of dY");
   refresh_weight_copies(stream);
-  OperandCuda::adopt_bf16_pair(saved_tokens_, out_, ctx_.dy_rows, ctx_.dy_cols);
+  if (OperandCuda::bf16_pair_applies(recipe_, Operand::kDgradDy, Operand::kWgradDy))
+    OperandCuda::adopt_bf16_pair(saved_tokens_, out_, ctx_.dy_rows, ctx_.dy_cols);
+  else
+    make_dy_operands(ctx_.bf16_input.data(), dx != nullptr, stream);
   backward_gemms(dx, stream);
 }
 

@@ -42,6 +42,8 @@ struct LinearContext {
   // their decoded BF16 values, which the GEMMs read instead of decoding the packed codes in a
   // separate pass (the saved X^T stays packed only). Set false for the separate pass (same values).
   bool fused_decode = true;
+  // A quantized layer's BF16 input (X or dY) as its producer writes it (LinearCuda::bf16_input).
+  DeviceBuffer<bf16_t> bf16_input;
 };
 
 class LinearCuda {
@@ -63,21 +65,26 @@ class LinearCuda {
 
   // y [tokens x out] is overwritten.
   void forward(const float* x, int64_t tokens, float* y, cudaStream_t stream);
-  // Forward from a BF16 X written by the producer of X itself (a norm, the attention core, the MLP
-  // activation), when the recipe keeps X in BF16 on both of its GEMMs (takes_bf16_input()): write
-  // X's BF16 values (nearest-even rounding of the FP32 X forward() would be given) into
-  // bf16_input(tokens), then call forward_bf16_input(). The same bits as forward(), without the
-  // FP32 copy of X and the pass that converts it.
-  bool takes_bf16_input() const { return OperandCuda::bf16_pair_applies(recipe_, Operand::kFpropX, Operand::kWgradX); }
-  bf16_t* bf16_input(int64_t tokens) { return OperandCuda::bf16_pair_source(tokens, in_, saved_x_t_); }
+  // Forward and backward from a BF16 X (dY) written by its producer (a norm, the attention core, the
+  // MLP activation; their backward for dY), when no operand made from it is FP32 (takes_bf16_input(),
+  // takes_bf16_dy()): write the BF16 values into bf16_input(tokens) (bf16_dy_input()), then call
+  // forward_bf16_input() (backward_bf16_input()). This is how the GPU model feeds its linear layers
+  // (BF16 activations at linear inputs, as in TransformerEngine), saving the FP32 copy and a pass:
+  // - bf16 operands without RHT: the producer writes the operands themselves; the bits of forward()
+  //   (backward()) given the FP32 tensor, since both round it to nearest even;
+  // - quantized operands (and bf16 with RHT) are made from the BF16 values, i.e. from the tensor
+  //   rounded to BF16 first: within 2^-9 relative of what forward() (backward()) quantizes, far below
+  //   4-bit or 8-bit quantization error, but not the same bits. The CPU layer quantizes FP32 values.
+  // The BF16 input of a quantized recipe lives in the context, shared by its layers: write it just
+  // before the call that consumes it.
+  bool takes_bf16_input() const;
+  bf16_t* bf16_input(int64_t tokens);
   void forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream);
+  bool takes_bf16_dy() const;
+  bf16_t* bf16_dy_input();  // after forward(), for dY [tokens x out]
+  void backward_bf16_input(float* dx, cudaStream_t stream);
   // dx [tokens x in] is overwritten (nullptr: Dgrad skipped); dW accumulates.
   void backward(const float* dy, float* dx, cudaStream_t stream);
-  // The same for dY [tokens x out] written in BF16 by its producer (the MLP activation's or the
-  // attention core's backward) into bf16_dy_input(), when takes_bf16_dy(): the bits of backward().
-  bool takes_bf16_dy() const { return OperandCuda::bf16_pair_applies(recipe_, Operand::kDgradDy, Operand::kWgradDy); }
-  bf16_t* bf16_dy_input();
-  void backward_bf16_input(float* dx, cudaStream_t stream);
 
   int64_t saved_activation_bytes() const { return saved_x_t_.valid() ? saved_x_t_.bytes() : 0; }
   int64_t weight_quantizations() const { return weight_quantizations_; }
@@ -95,6 +102,10 @@ class LinearCuda {
   bool wants_decoded(const OperandCuda& other) const;
   void refresh_weight_copies(cudaStream_t stream);
   void backward_gemms(float* dx, cudaStream_t stream);  // Dgrad and Wgrad from ctx_.dy_rows / dy_cols
+  template <typename T>
+  void make_x_operands(const T* x, int64_t tokens, cudaStream_t stream);  // ctx_.x_rows and saved_x_t_
+  template <typename T>
+  void make_dy_operands(const T* dy, bool with_dx, cudaStream_t stream);  // ctx_.dy_rows and dy_cols
   // c [a.rows x b.rows] = g_a g_b A B^T (+ c when accumulate).
   void gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream,
             const char* which);
