@@ -329,7 +329,7 @@ Recipe recipe_named(const std::string& text) {
 // producer's buffer itself; quantized ones are made from it). Recipes with FP32 operands refuse.
 TEST(LinearCuda, Bf16InputGivesTheBitsOfTheSameValuesInFp32) {
   std::mt19937_64 rng(test::fresh_seed());
-  const int64_t tokens = 48, in = 64, out = 32;
+  const int64_t tokens = 64, in = 64, out = 32;  // multiples of 32: MXFP4 blocks X^T along tokens
   const std::vector<float> w = test::random_normal(rng, in * out, 0.1f);
   const auto to_bf16 = [](const std::vector<float>& v) {
     std::vector<bf16_t> r(v.size());
