@@ -5,6 +5,9 @@
 //   narrow_ attention heads' output, or its gradient    dtmp_   a layer's output before the residual add
 //   dx_     the gradient of the residual stream     hidden_ the final norm's output (the LM head's input)
 // The LM head and the loss (LmHeadLossCuda) keep only one chunk of logits at a time.
+// A linear layer whose recipe has no FP32 operand gets its input (and dY) in BF16, written by the
+// producer straight into the layer (LinearCuda::bf16_input, docs/numerics.md "The GPU model's
+// activations"); ln_, narrow_, wide_ and wide2_ then hold nothing for that layer.
 // Every block keeps its fc output (`pre`) for the activation's backward; the linear layers keep
 // their own saved operands (packed when quantized); the attention core keeps q, k, v, the softmax's
 // log-sum-exp and, with the fused kernels, the BF16 output O.
