@@ -7,7 +7,7 @@
 // The LM head and the loss (LmHeadLossCuda) keep only one chunk of logits at a time.
 // A linear layer whose recipe has no FP32 operand gets its input (and dY) in BF16, written by the
 // producer straight into the layer (LinearCuda::bf16_input, docs/numerics.md "The GPU model's
-// activations"); ln_, narrow_, wide_ and wide2_ then hold nothing for that layer.
+// activations"); ln_, narrow_ and wide2_ then carry no forward activation for it.
 // Every block keeps its fc output (`pre`) for the activation's backward; the linear layers keep
 // their own saved operands (packed when quantized); the attention core keeps q, k, v, the softmax's
 // log-sum-exp and, with the fused kernels, the BF16 output O.
