@@ -168,6 +168,18 @@ TEST(CudaQuantize, GenericPathEqualsCpuBitForBit) {
   EXPECT_GT(compared, 500);
 }
 
+// A fused-pass spec with both sides on: the RHT on the columnwise side or not, each side's rounding,
+// the seed and the RHT signs drawn from it.
+cuda::RowColSpec rowcol_spec(bool rht, Rounding row, Rounding col, uint64_t seed) {
+  cuda::RowColSpec spec;
+  spec.col_rht = rht;
+  spec.row_rounding = row;
+  spec.col_rounding = col;
+  spec.seed = seed;
+  spec.rht_signs = rht_signs_from_seed(seed);
+  return spec;
+}
+
 TEST(CudaQuantize, FusedRowColEqualsCpuBitForBit) {
   std::mt19937_64 rng(fresh_seed() + 1);
   int compared = 0;
@@ -178,12 +190,7 @@ TEST(CudaQuantize, FusedRowColEqualsCpuBitForBit) {
       for (bool rht : {false, true}) {
         for (Rounding rr : {Rounding::kNearestEven, Rounding::kStochastic}) {
           for (Rounding cr : {Rounding::kNearestEven, Rounding::kStochastic}) {
-            cuda::RowColSpec spec;
-            spec.col_rht = rht;
-            spec.row_rounding = rr;
-            spec.col_rounding = cr;
-            spec.seed = fresh_seed() ^ 0x1234;
-            spec.rht_signs = rht_signs_from_seed(spec.seed);
+            const cuda::RowColSpec spec = rowcol_spec(rht, rr, cr, fresh_seed() ^ 0x1234);
             SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " rht " + std::to_string(rht) +
                          " row " + std::string(rounding_name(rr)) + " col " + std::string(rounding_name(cr)));
             const auto [row_b, col_b] = cuda::quantize_rowcol_on_gpu(std::span<const bf16_t>(xb), sh.rows, sh.cols, spec);
@@ -330,12 +337,7 @@ TEST(CudaQuantize, FusedDecodedOutputEqualsDecodedPackedBitForBit) {
       for (bool rht : {false, true}) {
         for (Rounding rr : {Rounding::kNearestEven, Rounding::kStochastic}) {
           for (Rounding cr : {Rounding::kNearestEven, Rounding::kStochastic}) {
-            cuda::RowColSpec spec;
-            spec.col_rht = rht;
-            spec.row_rounding = rr;
-            spec.col_rounding = cr;
-            spec.seed = fresh_seed() ^ 0x9ABC;
-            spec.rht_signs = rht_signs_from_seed(spec.seed);
+            const cuda::RowColSpec spec = rowcol_spec(rht, rr, cr, fresh_seed() ^ 0x9ABC);
             SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " dist " +
                          std::to_string(static_cast<int>(dist)) + " rht " + std::to_string(rht) + " row " +
                          std::string(rounding_name(rr)) + " col " + std::string(rounding_name(cr)));
