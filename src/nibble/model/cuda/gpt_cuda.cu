@@ -198,9 +198,10 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq, d = c.d_model;
   tok_embed_.forward(ids_.data(), rows, x_.data(), /*accumulate=*/false, stream_);
   if (pos_embed_) pos_embed_->forward(positions_.data(), rows, x_.data(), /*accumulate=*/true, stream_);
-  // A linear layer's input is written by its producer straight into the layer's BF16 operand when
-  // the recipe keeps it in BF16 as it is (the same bits as an FP32 input converted by the layer),
-  // otherwise into the FP32 buffer `fp32`. `produce(dst)` writes the input to dst (float* or bf16_t*).
+  // A linear layer's input is written by its producer in BF16 straight into the layer when no operand
+  // made from it is FP32 (LinearCuda::takes_bf16_input: bf16 layers get the bits an FP32 input would
+  // give, quantized layers quantize the BF16 values), otherwise into the FP32 buffer `fp32`.
+  // `produce(dst)` writes the input to dst (float* or bf16_t*).
   const auto linear_forward = [&](ncu::LinearCuda& linear, bool producer_writes_bf16, float* fp32, auto produce,
                                   float* y) {
     if (producer_writes_bf16 && linear.takes_bf16_input()) {
@@ -256,7 +257,7 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
   head_.forward_backward(head_weight(), hidden_.data(), targets_.data(), rows, grad_scale / static_cast<float>(rows),
                          loss_dev_.data(), dtmp_.data(), head_grad(), stream_);
   norm_f_.backward(dtmp_.data(), dx_.data(), stream_);
-  // As in forward_hidden: dY straight into the layer's BF16 operands where the recipe keeps it in BF16.
+  // As in forward_hidden: dY in BF16 straight into the layer where no operand made from it is FP32.
   const auto linear_backward = [&](ncu::LinearCuda& linear, float* fp32, auto produce, float* dx) {
     if (linear.takes_bf16_dy()) {
       produce(linear.bf16_dy_input());
