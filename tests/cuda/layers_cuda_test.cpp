@@ -372,6 +372,7 @@ INSTANTIATE_TEST_SUITE_P(
                           AttentionCase{96, 6, 6, 3, 31, false},      // multi-head, no RoPE
                           AttentionCase{192, 6, 3, 3, 37, true},      // hd 32, groups of 2
                           AttentionCase{120, 6, 2, 2, 45, true},      // hd 20: padded head dimension
+                          AttentionCase{90, 3, 1, 2, 37, true},       // hd 30: d_qkv's scalar stores
                           AttentionCase{64, 4, 1, 1, 64, false},      // multi-query, seq one whole tile
                           AttentionCase{192, 3, 3, 2, 67, false},     // hd 64, seq one past a tile
                           AttentionCase{256, 2, 1, 2, 100, true},     // hd 128, multi-query, 2 tiles
@@ -467,6 +468,47 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
     DeviceBuffer<bf16_t> out16(static_cast<size_t>(4 * core.out_width()));
     EXPECT_THROW(core.forward(qkv.data(), 1, 4, out16.data(), stream), std::logic_error);
   }
+}
+
+// The attention core's outputs through pointers into larger buffers, one element in (a caller's
+// chunk of a bigger array): the kernels' paired and 4-element stores need aligned destinations, so
+// they must fall back to narrower stores there, with the same bits. hd 16 and 64: the vector paths.
+TEST(Bf16Outputs, AttentionTakesPointersIntoLargerBuffers) {
+  std::mt19937_64 rng(fresh_seed());
+  Stream stream;
+  for (const cuda::AttentionKernel kernel : {cuda::AttentionKernel::kFused, cuda::AttentionKernel::kGemm})
+    for (const AttentionShape shape : {AttentionShape{96, 6, 2, true, 10000.0f}, AttentionShape{128, 2, 1, false}}) {
+      SCOPED_TRACE("head_dim " + std::to_string(shape.head_dim()) +
+                   (kernel == cuda::AttentionKernel::kFused ? ", fused" : ", gemm"));
+      nibble::cuda::GemmRunner gemm;
+      cuda::AttentionWorkspace workspace;
+      cuda::AttentionCoreCuda core(shape, gemm, workspace, kernel);
+      const int64_t batch = 2, seq = 37, rows = batch * seq;
+      const int64_t n_out = rows * core.out_width(), n_qkv = rows * core.qkv_width();
+      DeviceBuffer<float> qkv{std::span<const float>(nibble::nn::test::random_normal(rng, n_qkv, 1.0f))};
+      DeviceBuffer<float> dout{std::span<const float>(nibble::nn::test::random_normal(rng, n_out, 1.0f))};
+      DeviceBuffer<float> out(static_cast<size_t>(n_out)), dqkv(static_cast<size_t>(n_qkv));
+      DeviceBuffer<float> dqkv_in(static_cast<size_t>(n_qkv + 1));
+      DeviceBuffer<bf16_t> dqkv16_in(static_cast<size_t>(n_qkv + 1));
+      core.forward(qkv.data(), batch, seq, out.data(), stream);
+      core.backward(dout.data(), dqkv.data(), stream);
+      core.forward(qkv.data(), batch, seq, out.data(), stream);
+      core.backward(dout.data(), dqkv_in.data() + 1, stream);
+      core.forward(qkv.data(), batch, seq, out.data(), stream);
+      core.backward(dout.data(), dqkv16_in.data() + 1, stream);
+      const std::vector<float> want = download(dqkv.data(), n_qkv);
+      expect_bits_equal(download(dqkv_in.data() + 1, n_qkv), want, "d_qkv one element into a buffer");
+      std::vector<uint16_t> got16 = download_bits(dqkv16_in, n_qkv + 1);
+      got16.erase(got16.begin());
+      EXPECT_EQ(got16, rounded(want)) << "BF16 d_qkv one element into a buffer";
+      if (kernel != cuda::AttentionKernel::kFused) continue;
+      DeviceBuffer<bf16_t> out16_in(static_cast<size_t>(n_out + 1));
+      core.forward(qkv.data(), batch, seq, out16_in.data() + 1, stream);
+      std::vector<uint16_t> got = download_bits(out16_in, n_out + 1);
+      got.erase(got.begin());
+      EXPECT_EQ(got, rounded(download(out.data(), n_out))) << "BF16 out one element into a buffer";
+      core.backward(dout.data(), dqkv.data(), stream);  // consume the saved forward
+    }
 }
 
 // Training resumes bit for bit only if backward is deterministic: the fused kernels use no

@@ -504,6 +504,11 @@ TEST(CudaQuantize, Tile16UnalignedInputTakesTheGenericKernels) {
   ASSERT_EQ(cudaMemcpy(&amax_bits, amax, sizeof(uint32_t), cudaMemcpyDeviceToHost), cudaSuccess);
   q.amax = std::bit_cast<float>(amax_bits);
   EXPECT_TRUE(same_bits(cpu, q));
+  // Decoded values are the fused 1x16 pass's alone: asked of either 16x16 kernel, a refusal, not silence.
+  cuda::QuantBuffers with_decoded = out;
+  with_decoded.decoded = reinterpret_cast<uint16_t*>(dx);  // never written: the call throws first
+  EXPECT_THROW(cuda::quantize_segments(dx, rows, cols, spec, amax, with_decoded, nullptr), std::invalid_argument);
+  EXPECT_THROW(cuda::quantize_segments(dx + 1, rows, cols, spec, amax, with_decoded, nullptr), std::invalid_argument);
   for (void* p : {static_cast<void*>(dx), static_cast<void*>(data), static_cast<void*>(scales), static_cast<void*>(g),
                   static_cast<void*>(amax)})
     cudaFree(p);

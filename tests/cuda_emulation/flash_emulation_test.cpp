@@ -425,6 +425,61 @@ TEST(FlashAttentionEmulation, Hd128GqaTwoKvHeads) {
   run_case<128>({1, 90, 4, 2, 128}, rng);  // dk/dv in steps of 32 queries over 2 heads each
 }
 
+// The forward kernel's BF16 output (out16: a linear layer's BF16 input, written instead of out) is
+// the nearest-even rounding of the FP32 output, bit for bit, with nothing written outside the
+// B*T x H*hd elements: at an aligned pointer (an even hd stores pairs of columns in 4-byte words)
+// and one element past it, as a pointer into a larger buffer may be (2-byte stores; the device test
+// Bf16Outputs.AttentionTakesPointersIntoLargerBuffers shows the paired stores are not taken there).
+template <int HD>
+void check_out16(const Case& c, std::mt19937_64& rng) {
+  const int64_t Tp = (c.T + kFlashTile - 1) / kFlashTile * kFlashTile;
+  const FlashDims d{c.B, c.T, Tp, c.H, c.KV, c.hd, HD, 1.0f / std::sqrt(static_cast<float>(c.hd))};
+  std::normal_distribution<float> dist(0.0f, 1.5f);
+  const auto packed = [&](int64_t heads) {
+    std::vector<bf16> x(static_cast<size_t>(c.B * heads * Tp * HD), __float2bfloat16_rn(0.0f));
+    for (int64_t r = 0; r < c.B * heads * Tp; ++r)
+      for (int64_t j = 0; j < c.hd; ++j)
+        if (r % Tp < c.T) x[r * HD + j] = __float2bfloat16_rn(dist(rng));
+    return x;
+  };
+  const auto q = packed(c.H), k = packed(c.KV), v = packed(c.KV);
+  const size_t n = static_cast<size_t>(c.B * c.T * c.H * c.hd);
+  std::vector<float> out(n, NAN), lse(static_cast<size_t>(c.B * c.H * Tp), NAN);
+  std::vector<bf16> o(q.size());
+  const dim3 grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
+  emu::launch(grid, kForwardSmem<HD>,
+              [&] { flash_forward_kernel<HD>(d, q.data(), k.data(), v.data(), out.data(), o.data(), lse.data()); });
+  const auto bits = [](bf16 x) { return static_cast<__nv_bfloat16_raw>(x).x; };
+  constexpr uint16_t kUnwritten = 0x7FC1;  // a NaN the kernel never writes
+  __nv_bfloat16_raw unwritten;
+  unwritten.x = kUnwritten;
+  for (const size_t offset : {size_t{0}, size_t{1}}) {
+    SCOPED_TRACE("out16 at element offset " + std::to_string(offset));
+    std::vector<bf16> buffer(n + 2, bf16(unwritten));
+    bf16* out16 = buffer.data() + offset;
+    ASSERT_EQ(reinterpret_cast<uintptr_t>(buffer.data()) % 16, 0u) << "the host allocator's alignment";
+    emu::launch(grid, kForwardSmem<HD>, [&] {
+      flash_forward_kernel<HD>(d, q.data(), k.data(), v.data(), nullptr, o.data(), lse.data(), out16);
+    });
+    size_t wrong = 0, first = n;
+    for (size_t i = 0; i < n; ++i)
+      if (bits(out16[i]) != bits(__float2bfloat16_rn(out[i])) && wrong++ == 0) first = i;
+    EXPECT_EQ(wrong, 0u) << "first at element " << first;
+    for (size_t i = 0; i < buffer.size(); ++i) {
+      if (i < offset || i >= offset + n) {
+        EXPECT_EQ(bits(buffer[i]), kUnwritten) << "buffer element " << i;
+      }
+    }
+  }
+}
+
+TEST(FlashAttentionEmulation, Bf16OutputIsTheRoundedFp32Output) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  check_out16<64>({2, 70, 2, 1, 48}, rng);    // even hd: pairs of columns
+  check_out16<64>({1, 70, 3, 3, 15}, rng);    // odd hd: single columns
+  check_out16<128>({1, 65, 2, 1, 100}, rng);  // padded to 128
+}
+
 // The host-side checks of flash_forward / flash_backward (no kernel runs).
 TEST(FlashAttentionDims, RejectsWhatTheKernelsDoNotHandle) {
   const FlashDims ok{2, 100, 128, 4, 2, 48, 64, 0.125f};

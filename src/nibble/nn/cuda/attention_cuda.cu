@@ -183,6 +183,9 @@ unpack_dqkv_kernel(const float* __restrict__ dq, const float* __restrict__ dk, c
   const int64_t b = blockIdx.x / d.T, t = blockIdx.x % d.T;
   const int heads = static_cast<int>(d.H + 2 * d.KV), hd = static_cast<int>(d.hd), half = hd / 2;
   const int chunks = (hd + 3) / 4;
+  // Whole 4-element stores need every row and head to start on a 4-element boundary, and dqkv itself
+  // aligned to 4 elements: a caller's pointer may point into a larger buffer at any element.
+  const bool vec = hd % 4 == 0 && reinterpret_cast<uintptr_t>(dqkv) % (4 * sizeof(Out)) == 0;
   Out* out_row = dqkv + blockIdx.x * d.width();
   for (int job = threadIdx.x; job < heads * chunks; job += blockDim.x) {
     const int hh = job / chunks, c0 = (job % chunks) * 4;
@@ -210,7 +213,7 @@ unpack_dqkv_kernel(const float* __restrict__ dq, const float* __restrict__ dk, c
     }
     Out* dst = out_row + static_cast<int64_t>(hh) * hd + c0;
     if constexpr (std::is_same_v<Out, float>) {
-      if (hd % 4 == 0) {  // rows and heads start on 16-byte boundaries
+      if (vec) {
         *reinterpret_cast<float4*>(dst) = make_float4(val[0], val[1], val[2], val[3]);
         continue;
       }
@@ -218,7 +221,7 @@ unpack_dqkv_kernel(const float* __restrict__ dq, const float* __restrict__ dk, c
     } else {  // BF16, nearest even
       uint16_t bits[4];
       for (int j = 0; j < 4; ++j) bits[j] = __bfloat16_as_ushort(__float2bfloat16_rn(val[j]));
-      if (hd % 4 == 0) {  // 8-byte boundaries
+      if (vec) {
         *reinterpret_cast<uint2*>(dst) = make_uint2(bits[0] | static_cast<uint32_t>(bits[1]) << 16,
                                                     bits[2] | static_cast<uint32_t>(bits[3]) << 16);
         continue;

@@ -245,6 +245,9 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, co
     const int64_t dst_offset = (b * d.T + row) * out_width + h * d.hd;
     float* dst = row < d.T && out16 == nullptr ? out + dst_offset : nullptr;
     bf16* dst16 = row < d.T && out16 != nullptr ? out16 + dst_offset : nullptr;
+    // Pairs of columns in one 4-byte store: an even head dimension and out16 itself 4-byte aligned
+    // (the caller's pointer may point into a larger buffer at an odd element).
+    const bool pairs = d.hd % 2 == 0 && reinterpret_cast<uintptr_t>(out16) % 4 == 0;
 #pragma unroll
     for (int nb = 0; nb < HD / 8; ++nb) {
       const int col = nb * 8 + 2 * t4;
@@ -257,7 +260,7 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, co
       }
       if (dst16 != nullptr) {
         uint16_t* dst_bits = reinterpret_cast<uint16_t*>(dst16);
-        if (d.hd % 2 == 0 && col + 1 < d.hd) {  // an even offset: one 4-byte store
+        if (pairs && col + 1 < d.hd) {  // an even offset: one 4-byte store
           *reinterpret_cast<uint32_t*>(dst_bits + col) = pair;
         } else {
           if (col < d.hd) dst_bits[col] = static_cast<uint16_t>(pair);

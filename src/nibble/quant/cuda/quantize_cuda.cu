@@ -993,6 +993,9 @@ template <typename T>
 void quantize_segments(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec, const uint32_t* amax_bits,
                        QuantBuffers out, cudaStream_t stream) {
   validate(spec, rows, cols);
+  // Checked here, not only in the generic kernels' launcher: the 16x16 kernel would ignore it.
+  if (out.decoded != nullptr)
+    throw std::invalid_argument("quantize_segments: decoded BF16 output is written only by the fused NVFP4 pass");
   if (nvfp4_tile16_applies(spec) && aligned16(x)) {  // W (rowwise) or W^T (columnwise) alone
     const QuantBuffers none{};
     launch_tile16(x, rows, cols, amax_bits, spec.columnwise ? none : out, spec.columnwise ? out : none, stream);
