@@ -5,7 +5,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "nibble/formats/minifloat.h"
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
 
@@ -27,10 +26,9 @@ __device__ inline float gelu_grad(float x) {
 }
 __device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-// The activation in FP32, or in BF16 rounded to nearest even (for a linear layer that takes BF16 input).
-__device__ __forceinline__ uint32_t bf16_bits(float v) { return BF16::encode(v, Rounding::kNearestEven); }
-__device__ __forceinline__ void store(float* out, float v) { *out = v; }
-__device__ __forceinline__ void store(bf16_t* out, float v) { out->bits = static_cast<uint16_t>(bf16_bits(v)); }
+// Four activation values in FP32, or in BF16 (detail::write_out's rounding), in one vector store.
+using detail::bf16_bits;
+using detail::write_out;
 __device__ __forceinline__ void store4(float4* out, float a, float b, float c, float d) { *out = make_float4(a, b, c, d); }
 __device__ __forceinline__ void store4(uint2* out, float a, float b, float c, float d) {
   *out = make_uint2(bf16_bits(a) | bf16_bits(b) << 16, bf16_bits(c) | bf16_bits(d) << 16);
@@ -43,12 +41,12 @@ __global__ void activation_forward_kernel(MlpKind kind, const float* __restrict_
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   switch (kind) {
-    case MlpKind::kGelu: store(act + i, gelu(pre[i])); break;
-    case MlpKind::kRelu2: store(act + i, pre[i] > 0.0f ? pre[i] * pre[i] : 0.0f); break;
+    case MlpKind::kGelu: write_out(act + i, gelu(pre[i])); break;
+    case MlpKind::kRelu2: write_out(act + i, pre[i] > 0.0f ? pre[i] * pre[i] : 0.0f); break;
     case MlpKind::kSwiglu: {
       const int64_t row = i / hidden, col = i % hidden;
       const float a = pre[row * 2 * hidden + col], b = pre[row * 2 * hidden + hidden + col];
-      store(act + i, a * sigmoid(a) * b);
+      write_out(act + i, a * sigmoid(a) * b);
       break;
     }
   }
@@ -61,14 +59,14 @@ __global__ void activation_backward_kernel(MlpKind kind, const float* __restrict
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   switch (kind) {
-    case MlpKind::kGelu: store(dpre + i, dact[i] * gelu_grad(pre[i])); break;
-    case MlpKind::kRelu2: store(dpre + i, pre[i] > 0.0f ? 2.0f * pre[i] * dact[i] : 0.0f); break;
+    case MlpKind::kGelu: write_out(dpre + i, dact[i] * gelu_grad(pre[i])); break;
+    case MlpKind::kRelu2: write_out(dpre + i, pre[i] > 0.0f ? 2.0f * pre[i] * dact[i] : 0.0f); break;
     case MlpKind::kSwiglu: {
       const int64_t row = i / hidden, col = i % hidden;
       const int64_t ia = row * 2 * hidden + col, ib = ia + hidden;
       const float a = pre[ia], b = pre[ib], s = sigmoid(a), d = dact[i];
-      store(dpre + ib, d * a * s);
-      store(dpre + ia, d * b * s * (1.0f + a * (1.0f - s)));  // silu'(a) = s (1 + a (1 - s))
+      write_out(dpre + ib, d * a * s);
+      write_out(dpre + ia, d * b * s * (1.0f + a * (1.0f - s)));  // silu'(a) = s (1 + a (1 - s))
       break;
     }
   }

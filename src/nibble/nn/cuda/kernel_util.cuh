@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "nibble/formats/minifloat.h"
+
 namespace nibble::nn::cuda::detail {
 
 inline unsigned blocks_for(int64_t n, int threads) {
@@ -49,6 +51,12 @@ __device__ inline float block_max(float v, float* scratch) {
   v = lane < warps ? scratch[lane] : -INFINITY;
   return warp_max(v);
 }
+
+// A layer's output element in FP32, or in BF16 rounded to nearest even (the input of a linear layer
+// that takes BF16, LinearCuda::bf16_input): the bits OperandCuda gives a bf16 operand of the FP32 value.
+__device__ __forceinline__ uint32_t bf16_bits(float v) { return BF16::encode(v, Rounding::kNearestEven); }
+__device__ __forceinline__ void write_out(float* out, float v) { *out = v; }
+__device__ __forceinline__ void write_out(bf16_t* out, float v) { out->bits = static_cast<uint16_t>(bf16_bits(v)); }
 
 // Records (position, id) of an out-of-range id; the smallest position wins.
 __device__ inline void flag_bad_id(unsigned long long* flag, int64_t position, uint32_t id) {

@@ -2,7 +2,6 @@
 #include <stdexcept>
 #include <string>
 
-#include "nibble/formats/minifloat.h"
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
 
@@ -19,10 +18,6 @@ constexpr int64_t kChunkRows = 64;  // rows per partial sum of the parameter gra
 // One warp per row (rows are short: d_model elements; a block per row left most threads idle and
 // synchronised the block twice): mean (LayerNorm) and variance in double, two passes as the CPU
 // does. The row is re-read from L1 in each pass.
-// y in FP32, or in BF16 rounded to nearest even (for a linear layer that takes BF16 input).
-__device__ __forceinline__ void store(float* y, float v) { *y = v; }
-__device__ __forceinline__ void store(bf16_t* y, float v) { y->bits = BF16::encode(v, Rounding::kNearestEven); }
-
 template <typename Out>
 __global__ void __launch_bounds__(kRowThreads)
 norm_forward_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool centered, float eps,
@@ -49,7 +44,7 @@ norm_forward_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool
   for (int64_t i = lane; i < dim; i += 32) {
     const float h = static_cast<float>((xr[i] - mean) * rstd);
     xhat[r * dim + i] = h;
-    store(y + r * dim + i, h * weight[i] + (bias != nullptr ? bias[i] : 0.0f));
+    detail::write_out(y + r * dim + i, h * weight[i] + (bias != nullptr ? bias[i] : 0.0f));
   }
 }
 

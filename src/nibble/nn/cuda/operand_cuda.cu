@@ -248,10 +248,14 @@ void OperandCuda::share_values_of(const OperandCuda& source, int64_t rows, int64
   decoded_valid_ = false;
 }
 
-bool OperandCuda::bf16_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op) {
+bool OperandCuda::shared_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op) {
   const OperandRecipe& rr = recipe[row_op];
-  return rr.format == OperandFormat::kBf16 && !rr.rht && rr == recipe[col_op] && !operand_columnwise(row_op) &&
+  return !rr.quantized() && !rr.rht && rr == recipe[col_op] && !operand_columnwise(row_op) &&
          operand_columnwise(col_op);
+}
+
+bool OperandCuda::bf16_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op) {
+  return recipe[row_op].format == OperandFormat::kBf16 && shared_pair_applies(recipe, row_op, col_op);
 }
 
 bf16_t* OperandCuda::bf16_pair_source(int64_t rows, int64_t cols, OperandCuda& col) {
@@ -284,7 +288,7 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
                      fused_pass_applies(operand_quant_spec(cr, col_op, recipe.rht_signs(), seed), rows, cols);
   // Unquantized and untransformed on both sides (bf16, fp32): the columnwise operand is stored as the
   // source tensor, so it holds the very bytes the rowwise one needs: convert once, share.
-  if (!rr.quantized() && rr == cr && !rr.rht && !operand_columnwise(row_op) && operand_columnwise(col_op)) {
+  if (shared_pair_applies(recipe, row_op, col_op)) {
     col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream);
     row.share_values_of(col, rows, cols);
     return;

@@ -104,6 +104,9 @@ class OperandCuda {
 
  private:
   void allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t q_cols);
+  // Both operands of make_pair unquantized, the same and without RHT (rowwise `row_op`, columnwise
+  // `col_op`): one copy of the values serves both.
+  static bool shared_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op);
   // `this` reads the values of `source`, a columnwise operand stored as its source tensor [rows x cols].
   void share_values_of(const OperandCuda& source, int64_t rows, int64_t cols);
   // The fused NVFP4 pass into `row` and/or `col` (nullptr: that side off).
