@@ -1,7 +1,9 @@
 // CUDA quantization benchmark: the fused NVFP4 rowwise + columnwise (+RHT) pass on a BF16 tensor,
 // against the device's copy bandwidth measured in the same run.
 //
-//   nibble_quant_bench_cuda [rows cols]      (default 8192 8192)
+//   nibble_quant_bench_cuda [rows cols [fused-only]]      (default 8192 8192)
+//
+// With a third argument, only the fused passes whose name contains it (to profile one with ncu).
 //
 // Bytes counted for the quantizer are the fewest it must move: the input read once and every output
 // written once (packed data, scales, and the decoded BF16 values where asked for: 2 bytes per
@@ -14,6 +16,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
 #include <random>
 #include <vector>
@@ -29,6 +32,7 @@ int main(int argc, char** argv) {
   const int64_t rows = argc > 2 ? std::atoll(argv[1]) : 8192;
   const int64_t cols = argc > 2 ? std::atoll(argv[2]) : 8192;
   const int64_t n = rows * cols;
+  const char* only = argc > 3 ? argv[3] : nullptr;
 
   cudaDeviceProp prop{};
   check(cudaGetDeviceProperties(&prop, 0), "device properties");
@@ -95,6 +99,7 @@ int main(int argc, char** argv) {
   std::printf("\n%-24s %9s %9s %9s %11s %11s %11s\n", "fused nvfp4 pass", "amax ms", "quant ms", "total ms",
               "quant GB/s", "quant/copy", "total/copy");
   for (const Variant& v : variants) {
+    if (only != nullptr && std::strstr(v.name, only) == nullptr) continue;
     cuda::QuantBuffers row_out = row, col_out = col;
     if (v.row_decoded) row_out.decoded = row_decoded;
     if (v.col_decoded) col_out.decoded = col_decoded;
@@ -113,6 +118,8 @@ int main(int argc, char** argv) {
     std::printf("%-24s %9.3f %9.3f %9.3f %11.0f %10.1f%% %10.1f%%\n", v.name, amax_ms, quant_ms, total_ms, quant_gbs,
                 100.0 * quant_gbs / copy_gbs, 100.0 * total_gbs / copy_gbs);
   }
+
+  if (only != nullptr) return 0;
 
   // NVFP4 16x16 weights, round-to-nearest-even: the dedicated kernel (nvfp4_quantize_tile16), W alone
   // or W and W^T from one pass, on BF16 and on float input (the layers' master weights are float).

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "nibble/quant/fp4_decode_bf16.h"
+#include "nibble/quant/cuda/e2m1_pack.cuh"
 #include "nibble/quant/cuda/tile16_layout.h"
 #include "nibble/quant/philox.h"
 #include "nibble/quant/quantize.h"
@@ -125,7 +126,9 @@ __device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
 // The quantizing pass is bound by instruction issue, not by memory, so the inner loops are
 // written for few instructions per element (see docs/benchmarks.md for the measurements):
 // - E2M1 round-to-nearest-even takes three FFMAs and two or three FMNMXs (e2m1_rne_magic), and
-//   the codes are packed with integer multiply-adds and byte permutes (pack8_rne);
+//   the codes are packed with integer multiply-adds and byte permutes (pack8_rne); stochastic
+//   rounding three FFMAs and three FADDs rounded upward, with no integer/float conversions
+//   (e2m1_sr_magic, pack8_sr), and one Philox call per 8 elements (e2m1_pack.cuh);
 // - the block scale is one hardware E4M3 conversion (for two blocks at once on the column side),
 //   and the element encode scale a lookup in a table of its 127 possible values, which each
 //   resident block computes once with the shared nvfp4_element_encode_scale;
@@ -150,60 +153,6 @@ __device__ __forceinline__ uint32_t e4m3x2_rn_satfinite(float hi, float lo) {
   return d;
 }
 
-// E2M1 round-to-nearest-even magnitude code of |y|, returned as the float 2^23 + code.
-// Adding 2^23 in an FFMA rounds the exact a*m + c to an integer, ties to even, in one step, so
-//   lo = rint(2a), mid = rint(a) + 2, hi = rint(a/2) + 4
-// are the codes of a on E2M1's three grids (step 0.5 below 2, 1 below 4, 2 above). Each is exact on
-// its own range and larger than the true code elsewhere (E2M1's value-to-code map is concave), so
-// the code is their minimum, capped at 7 (saturation at 6, and |y| = inf). Checked against
-// E2M1::encode on every non-negative float (2^31 values) when written; the CUDA tests compare the
-// kernels bit for bit with the CPU reference. The cap is needed only where |y| >= 7 (hi <= 7 below):
-// kSaturate = false leaves it out for blocks whose largest |y| is below 7.
-template <bool kSaturate>
-__device__ __forceinline__ float e2m1_rne_magic(float y) {
-  constexpr float kMagic = 8388608.0f;  // 2^23: ulp 1 on [2^23, 2^24)
-  const float a = fabsf(y);
-  const float lo = __fmaf_rn(a, 2.0f, kMagic);
-  const float mid = __fmaf_rn(a, 1.0f, kMagic + 2.0f);
-  const float hi = __fmaf_rn(a, 0.5f, kMagic + 4.0f);
-  return kSaturate ? fminf(fminf(lo, mid), fminf(hi, kMagic + 7.0f)) : fminf(fminf(lo, mid), hi);
-}
-
-// PTX prmt (default mode): byte i of the result is byte sel[4i+2:4i] of {b:a}; with sel bit 4i+3
-// set, that byte's top bit replicated over all 8 bits. (__byte_perm documents only the 3 index bits.)
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
-
-// Eight E2M1 RNE codes of v[k] * scale, packed (element k in nibble k).
-// Magnitudes: the words 2^23 + code of e2m1_rne_magic are summed as sum_k bits_k * 16^k (Horner,
-// by integer multiply-adds, which run on the FMA pipe; the multiplier is hidden from the compiler,
-// which would otherwise turn them into shift-adds on the busier integer pipe). Codes are at most
-// 7, so no nibble carries into the next, and the magic's 0x4B000000 in every term adds up to the
-// constant 0x4B000000 * 0x11111111 = 0xFB000000 (mod 2^32), which kBiasFix cancels.
-// Signs: y = v * scale has v's sign (scale > 0; -0 included), so bit 3 of nibble k is the sign
-// bit of v[k]. A byte permute with sign replication turns the sign of a float into a 0x00/0xFF
-// byte; the even elements' bytes and the odd elements' bytes are merged nibble-wise and masked
-// into the nibbles' bit 3, which the magnitudes leave clear (so adding them is OR-ing them).
-template <bool kSaturate>
-__device__ __forceinline__ uint32_t pack8_rne(const float* v, float scale) {
-  constexpr uint32_t kBiasFix = 0u - 0x4B000000u * 0x11111111u;
-  uint32_t sixteen = 16;
-  asm("" : "+r"(sixteen));
-  uint32_t mags = 0;
-#pragma unroll
-  for (int k = 7; k >= 0; --k) mags = mags * sixteen + float_bits(e2m1_rne_magic<kSaturate>(v[k] * scale));
-  // Selector 0xFBFB: bytes 0 and 2 replicate the sign of the first operand's top byte (byte 3),
-  // bytes 1 and 3 that of the second's (byte 7).
-  const auto signs2 = [](float a, float b) { return prmt(float_bits(a), float_bits(b), 0xFBFBu); };
-  const uint32_t even = prmt(signs2(v[0], v[2]), signs2(v[4], v[6]), 0x5410u);  // bytes S0 S2 S4 S6
-  const uint32_t odd = prmt(signs2(v[1], v[3]), signs2(v[5], v[7]), 0x5410u);   // bytes S1 S3 S5 S7
-  const uint32_t signs = (even & 0x0F0F0F0Fu) | (odd & 0xF0F0F0F0u);  // nibble k: S_k
-  return mags + kBiasFix + (signs & 0x88888888u);
-}
-
 // One 1x16 block: packed codes of v * scale, elements 0-7 in .x. `amax` = max |v| (for RNE: the
 // elements' |v * scale| are at most amax * scale, rounding being monotonic, so below 7 no code
 // needs the saturation cap).
@@ -214,9 +163,9 @@ __device__ __forceinline__ uint2 encode16(const float v[16], float amax, float s
     if (amax * scale < 7.0f) return make_uint2(pack8_rne<false>(v, scale), pack8_rne<false>(v + 8, scale));
     return make_uint2(pack8_rne<true>(v, scale), pack8_rne<true>(v + 8, scale));
   } else {
-    uint32_t p[2];
-    encode_fp4<16, kRounding>(v, scale, seed, stream, index0, p);
-    return make_uint2(p[0], p[1]);
+    const uint64_t group = index0 >> 3;  // index0 is a multiple of 16: two whole Philox groups
+    return make_uint2(pack8_sr(v, scale, random_words(seed, stream, group)),
+                      pack8_sr(v + 8, scale, random_words(seed, stream, group + 1)));
   }
 }
 
