@@ -223,6 +223,28 @@ TEST_P(NormCudaTest, MatchesCpu) {
   if (cpu.has_bias()) expect_close(download(gpu.bias_grad(), dim), cpu.bias_grad(), 5e-5, "norm bias grad");
 }
 
+// backward(accumulate = true) adds the same dx onto what the buffer holds, in one FP32 addition:
+// the residual connection's gradient the GPU model adds there instead of in a separate pass.
+TEST_P(NormCudaTest, BackwardAccumulatesTheSameDx) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t rows = 2 * 41, dim = 160;
+  Stream stream;
+  cuda::NormCuda gpu(dim, GetParam());
+  upload(gpu.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
+  const auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
+  const auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
+  auto residual = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
+  DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
+  DeviceBuffer<float> y(x.size()), dx(x.size()), acc{std::span<const float>(residual)};
+  gpu.forward(d_x.data(), rows, y.data(), stream);
+  gpu.backward(d_dy.data(), dx.data(), stream);
+  gpu.forward(d_x.data(), rows, y.data(), stream);
+  gpu.backward(d_dy.data(), acc.data(), stream, /*accumulate=*/true);
+  const auto g = download(dx.data(), rows * dim);
+  for (size_t i = 0; i < residual.size(); ++i) residual[i] += g[i];
+  expect_bits_equal(download(acc.data(), rows * dim), residual, "norm dx accumulated");
+}
+
 INSTANTIATE_TEST_SUITE_P(Kinds, NormCudaTest, ::testing::Values(NormKind::kLayerNorm, NormKind::kRmsNorm),
                          [](const auto& info) { return info.param == NormKind::kLayerNorm ? "LayerNorm" : "RmsNorm"; });
 
@@ -259,18 +281,6 @@ INSTANTIATE_TEST_SUITE_P(Kinds, ActivationCudaTest,
                          ::testing::Values(MlpKind::kGelu, MlpKind::kRelu2, MlpKind::kSwiglu), [](const auto& info) {
                            return info.param == MlpKind::kGelu ? "Gelu" : info.param == MlpKind::kRelu2 ? "Relu2" : "Swiglu";
                          });
-
-TEST(ResidualAddCuda, IsExact) {
-  std::mt19937_64 rng(fresh_seed());
-  const int64_t n = 3 * 37 * 96 + 5;
-  Stream stream;
-  auto x = nibble::nn::test::random_normal(rng, n, 1.0f);
-  const auto y = nibble::nn::test::random_normal(rng, n, 1.0f);
-  DeviceBuffer<float> d_x{std::span<const float>(x)}, d_y{std::span<const float>(y)};
-  cuda::residual_add(d_x.data(), d_y.data(), n, stream);
-  for (int64_t i = 0; i < n; ++i) x[i] += y[i];
-  expect_bits_equal(download(d_x.data(), n), x, "residual add");
-}
 
 // ---------------------------------------------------------------- attention core
 

@@ -312,6 +312,35 @@ TEST(LinearCuda, FusedDecodeGivesTheSameBits) {
   }
 }
 
+// forward(accumulate = true) adds X W^T onto y in the GEMM (the GPU model's residual connections):
+// the bits of y + forward() where the GEMM's scale is 1 (bf16); under nvfp4 the epilogue may fuse
+// the scale and the addition into one rounding: within 2^-22 of |y| + |X W^T|.
+TEST(LinearCuda, ForwardAccumulatesOntoY) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const int64_t tokens = 64, in = 96, out = 128;
+  for (const char* name : {"bf16", "nvfp4"}) {
+    SCOPED_TRACE(name);
+    const Recipe recipe = make_recipe(name, {});
+    const std::vector<float> w = test::random_normal(rng, in * out, 0.05f);
+    const std::vector<float> x = test::random_normal(rng, tokens * in, 1.0f);
+    const std::vector<float> y0 = test::random_normal(rng, tokens * out, 1.0f);
+    LinearContext ctx;
+    LinearCuda layer(in, out, recipe, LinearOptions{/*layer_id=*/1, /*run_seed=*/rng()}, ctx);
+    layer.upload_weight(w);
+    DeviceBuffer<float> d_x{std::span<const float>(x)}, d_y(y0.size()), d_acc{std::span<const float>(y0)};
+    layer.forward(d_x.data(), tokens, d_y.data(), nullptr);
+    layer.forward(d_x.data(), tokens, d_acc.data(), nullptr, /*accumulate=*/true);
+    const std::vector<float> y = download(d_y.data(), tokens * out), acc = download(d_acc.data(), tokens * out);
+    for (size_t i = 0; i < y.size(); ++i) {
+      const float want = y0[i] + y[i];
+      if (recipe.name == "bf16")
+        ASSERT_EQ(acc[i], want) << "element " << i;
+      else
+        ASSERT_LE(std::fabs(acc[i] - want), std::ldexp(std::fabs(y0[i]) + std::fabs(y[i]), -22)) << "element " << i;
+    }
+  }
+}
+
 // "base key=value ..." as the recipe tests write them.
 Recipe recipe_named(const std::string& text) {
   std::vector<std::string> words;

@@ -2,7 +2,7 @@
 // explicit device buffers in place of the CPU's vectors:
 //   x_      the residual stream [rows x d]          ln_     a norm's output, or a gradient [rows x d]
 //   wide_   qkv, or d(fc output) [rows x max(qkv, fc)]   wide2_  the MLP activation, or its gradient
-//   narrow_ attention heads' output, or its gradient    dtmp_   a layer's output before the residual add
+//   narrow_ attention heads' output, or its gradient    dtmp_   the LM head's gradient of hidden_
 //   dx_     the gradient of the residual stream     hidden_ the final norm's output (the LM head's input)
 // The LM head and the loss (LmHeadLossCuda) keep only one chunk of logits at a time.
 // A linear layer whose recipe has no FP32 operand gets its input (and dY) in BF16, written by the
@@ -194,37 +194,35 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
 }
 
 void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
-  const GptConfig& c = host_.config();
-  const int64_t rows = batch * seq, d = c.d_model;
+  const int64_t rows = batch * seq;
   tok_embed_.forward(ids_.data(), rows, x_.data(), /*accumulate=*/false, stream_);
   if (pos_embed_) pos_embed_->forward(positions_.data(), rows, x_.data(), /*accumulate=*/true, stream_);
   // A linear layer's input is written by its producer in BF16 straight into the layer when no operand
   // made from it is FP32 (LinearCuda::takes_bf16_input: bf16 layers get the bits an FP32 input would
   // give, quantized layers quantize the BF16 values), otherwise into the FP32 buffer `fp32`.
   // `produce(dst)` writes the input to dst (float* or bf16_t*).
+  // With `residual` the output is added to y (the residual stream) in the GEMM itself.
   const auto linear_forward = [&](ncu::LinearCuda& linear, bool producer_writes_bf16, float* fp32, auto produce,
-                                  float* y) {
+                                  float* y, bool residual) {
     if (producer_writes_bf16 && linear.takes_bf16_input()) {
       produce(linear.bf16_input(rows));
-      linear.forward_bf16_input(rows, y, stream_);
+      linear.forward_bf16_input(rows, y, stream_, residual);
     } else {
       produce(fp32);
-      linear.forward(fp32, rows, y, stream_);
+      linear.forward(fp32, rows, y, stream_, residual);
     }
   };
   for (auto& bp : blocks_) {
     Block& b = *bp;
     linear_forward(b.qkv, true, ln_.data(), [&](auto* dst) { b.norm1.forward(x_.data(), rows, dst, stream_); },
-                   wide_.data());
+                   wide_.data(), false);
     linear_forward(b.proj, b.core.writes_bf16_output(), narrow_.data(),
-                   [&](auto* dst) { b.core.forward(wide_.data(), batch, seq, dst, stream_); }, dtmp_.data());
-    ncu::residual_add(x_.data(), dtmp_.data(), rows * d, stream_);
+                   [&](auto* dst) { b.core.forward(wide_.data(), batch, seq, dst, stream_); }, x_.data(), true);
     linear_forward(b.fc, true, ln_.data(), [&](auto* dst) { b.norm2.forward(x_.data(), rows, dst, stream_); },
-                   b.pre.data());
+                   b.pre.data(), false);
     linear_forward(b.proj2, true, wide2_.data(),
                    [&](auto* dst) { ncu::activation_forward(b.mlp, b.pre.data(), rows, b.hidden, dst, stream_); },
-                   dtmp_.data());
-    ncu::residual_add(x_.data(), dtmp_.data(), rows * d, stream_);
+                   x_.data(), true);
   }
   norm_f_.forward(x_.data(), rows, hidden_.data(), stream_);
 }
@@ -248,9 +246,8 @@ double GptCuda::loss(std::span<const uint32_t> inputs, std::span<const uint32_t>
 
 double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
                                  int64_t seq, float grad_scale) {
-  const GptConfig& c = host_.config();
   upload_tokens(inputs, targets, batch, seq);
-  const int64_t rows = rows_, d = c.d_model;
+  const int64_t rows = rows_;
   forward_hidden(batch, seq);
   // The logits' gradient is grad_scale / rows * (softmax - onehot), as on the CPU; with tied
   // embeddings the head's weight gradient goes straight into the table's, as on the CPU.
@@ -273,13 +270,11 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
     linear_backward(b.fc, wide_.data(), [&](auto* dst) {
       ncu::activation_backward(b.mlp, b.pre.data(), wide2_.data(), rows, b.hidden, dst, stream_);
     }, ln_.data());
-    b.norm2.backward(ln_.data(), dtmp_.data(), stream_);
-    ncu::residual_add(dx_.data(), dtmp_.data(), rows * d, stream_);
+    b.norm2.backward(ln_.data(), dx_.data(), stream_, /*accumulate=*/true);  // + the residual path's
     b.proj.backward(dx_.data(), narrow_.data(), stream_);
     linear_backward(b.qkv, wide_.data(), [&](auto* dst) { b.core.backward(narrow_.data(), dst, stream_); },
                     ln_.data());
-    b.norm1.backward(ln_.data(), dtmp_.data(), stream_);
-    ncu::residual_add(dx_.data(), dtmp_.data(), rows * d, stream_);
+    b.norm1.backward(ln_.data(), dx_.data(), stream_, /*accumulate=*/true);
   }
   tok_embed_.backward(ids_.data(), rows, dx_.data(), stream_);
   if (pos_embed_) pos_embed_->backward(positions_.data(), rows, dx_.data(), stream_);

@@ -97,23 +97,6 @@ bool vec4(int64_t n, std::initializer_list<const void*> pointers) {
   return true;
 }
 
-__global__ void residual_add_kernel(float* __restrict__ x, const float* __restrict__ y, int64_t n) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i < n) x[i] += y[i];
-}
-// Four elements per thread with 16-byte accesses (n % 4 == 0 and aligned pointers, checked by the caller).
-__global__ void residual_add4_kernel(float4* __restrict__ x, const float4* __restrict__ y, int64_t n4) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n4) return;
-  float4 a = x[i];
-  const float4 b = y[i];
-  a.x += b.x;
-  a.y += b.y;
-  a.z += b.z;
-  a.w += b.w;
-  x[i] = a;
-}
-
 void check_shape(int64_t rows, int64_t hidden, const char* what) {
   if (rows <= 0 || hidden <= 0) throw std::invalid_argument(std::string(what) + ": rows and hidden must be positive");
 }
@@ -163,16 +146,6 @@ void activation_backward(MlpKind kind, const float* pre, const float* dact, int6
 void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, bf16_t* dpre,
                          cudaStream_t stream) {
   activation_backward_impl<bf16_t, uint2>(kind, pre, dact, rows, hidden, dpre, stream);
-}
-
-void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream) {
-  if (n <= 0) return;
-  if (vec4(n, {x, y}))
-    residual_add4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(reinterpret_cast<float4*>(x),
-                                                                       reinterpret_cast<const float4*>(y), n / 4);
-  else
-    residual_add_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(x, y, n);
-  NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace nibble::nn::cuda

@@ -54,7 +54,10 @@ __global__ void sort_input_kernel(const uint32_t* __restrict__ ids, int64_t n, u
 }
 
 // One block per sorted entry; only the first entry of each run of equal ids works: its threads
-// (one per column) add the run's gradient rows in position order, as the CPU does.
+// (one per column) add the run's gradient rows in position order, as the CPU does. The additions
+// are a chain, but the loads are not: kBatch rows are loaded before they are added, so a frequent
+// token (runs of thousands in a batch) waits for one load latency per kBatch rows, not per row.
+constexpr int kScatterBatch = 16;
 __global__ void scatter_add_kernel(const uint32_t* __restrict__ keys, const uint32_t* __restrict__ positions,
                                    int64_t n, uint32_t rows, int64_t dim, const float* __restrict__ dout,
                                    float* __restrict__ grad) {
@@ -65,7 +68,15 @@ __global__ void scatter_add_kernel(const uint32_t* __restrict__ keys, const uint
   while (end < n && keys[end] == id) ++end;
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
     float g = grad[static_cast<int64_t>(id) * dim + d];
-    for (int64_t j = i; j < end; ++j) g += dout[static_cast<int64_t>(positions[j]) * dim + d];
+    for (int64_t j0 = i; j0 < end; j0 += kScatterBatch) {
+      float v[kScatterBatch];
+#pragma unroll
+      for (int k = 0; k < kScatterBatch; ++k)
+        v[k] = j0 + k < end ? dout[static_cast<int64_t>(positions[j0 + k]) * dim + d] : 0.0f;
+#pragma unroll
+      for (int k = 0; k < kScatterBatch; ++k)
+        if (j0 + k < end) g += v[k];
+    }
     grad[static_cast<int64_t>(id) * dim + d] = g;
   }
 }

@@ -97,8 +97,10 @@ class NormCuda {
   void forward(const float* x, int64_t rows, float* y, cudaStream_t stream);
   // The same with y in BF16 (nearest-even rounding of the FP32 y), for LinearCuda::bf16_input().
   void forward(const float* x, int64_t rows, bf16_t* y, cudaStream_t stream);
-  // dx = d(norm)/dx^T dy (overwrites dx); weight/bias gradients += their parts. Needs a forward.
-  void backward(const float* dy, float* dx, cudaStream_t stream);
+  // dx = d(norm)/dx^T dy (overwrites dx; with `accumulate` dx += it, as a residual connection's
+  // gradient, in the same FP32 addition a separate pass would do); weight/bias gradients += their
+  // parts. Needs a forward.
+  void backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate = false);
 
  private:
   int64_t dim_;
@@ -126,8 +128,6 @@ void activation_backward(MlpKind kind, const float* pre, const float* dact, int6
 // The same with dpre in BF16 (nearest-even rounding of the FP32 dpre), for LinearCuda::bf16_dy_input().
 void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, bf16_t* dpre,
                          cudaStream_t stream);
-// x += y over n elements (the residual stream).
-void residual_add(float* x, const float* y, int64_t n, cudaStream_t stream);
 
 // Causal self-attention without its two linear layers: from qkv [batch*seq x (H + 2 Hkv) hd]
 // (columns [q heads | k heads | v heads], as the qkv Linear outputs them) to the heads' outputs

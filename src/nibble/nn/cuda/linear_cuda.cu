@@ -98,11 +98,11 @@ void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool
   if (native) ++native_fp4_gemms_;
 }
 
-void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t stream) {
+void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t stream, bool accumulate) {
   if (tokens <= 0) throw std::invalid_argument(context(Operand::kFpropX) + ": tokens must be positive");
   refresh_weight_copies(stream);
   make_x_operands(x, tokens, stream);
-  gemm(ctx_.x_rows, fprop_w_, y, /*accumulate=*/false, stream, "Fprop");
+  gemm(ctx_.x_rows, fprop_w_, y, accumulate, stream, "Fprop");
   saved_tokens_ = tokens;
 }
 
@@ -147,7 +147,7 @@ bf16_t* LinearCuda::bf16_input(int64_t tokens) {
   return ctx_.bf16_input.data();
 }
 
-void LinearCuda::forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream) {
+void LinearCuda::forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream, bool accumulate) {
   if (tokens <= 0) throw std::invalid_argument(context(Operand::kFpropX) + ": tokens must be positive");
   if (!takes_bf16_input())
     throw std::logic_error(context(Operand::kFpropX) + ": the recipe keeps an FP32 copy of X");
@@ -156,7 +156,7 @@ void LinearCuda::forward_bf16_input(int64_t tokens, float* y, cudaStream_t strea
     OperandCuda::adopt_bf16_pair(tokens, in_, ctx_.x_rows, saved_x_t_);
   else
     make_x_operands(ctx_.bf16_input.data(), tokens, stream);
-  gemm(ctx_.x_rows, fprop_w_, y, /*accumulate=*/false, stream, "Fprop");
+  gemm(ctx_.x_rows, fprop_w_, y, accumulate, stream, "Fprop");
   saved_tokens_ = tokens;
 }
 

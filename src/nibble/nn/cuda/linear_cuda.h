@@ -63,8 +63,9 @@ class LinearCuda {
   float* weight_grad() { return weight_grad_.data(); }  // device [out x in] FP32
   void zero_grad(cudaStream_t stream) { weight_grad_.zero(stream); }
 
-  // y [tokens x out] is overwritten.
-  void forward(const float* x, int64_t tokens, float* y, cudaStream_t stream);
+  // y [tokens x out] is overwritten, or with `accumulate` added to (y += X W^T in the GEMM's
+  // epilogue: a residual connection without a separate pass).
+  void forward(const float* x, int64_t tokens, float* y, cudaStream_t stream, bool accumulate = false);
   // Forward and backward from a BF16 X (dY) written by its producer (a norm, the attention core, the
   // MLP activation; their backward for dY), when no operand made from it is FP32 (takes_bf16_input(),
   // takes_bf16_dy()): write the BF16 values into bf16_input(tokens) (bf16_dy_input()), then call
@@ -79,7 +80,7 @@ class LinearCuda {
   // before the call that consumes it.
   bool takes_bf16_input() const;
   bf16_t* bf16_input(int64_t tokens);
-  void forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream);
+  void forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream, bool accumulate = false);
   bool takes_bf16_dy() const;
   bf16_t* bf16_dy_input();  // after forward(), for dY [tokens x out]
   void backward_bf16_input(float* dx, cudaStream_t stream);
