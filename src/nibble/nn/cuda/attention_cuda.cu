@@ -42,6 +42,15 @@ __global__ void rope_table_kernel(int64_t seq, int64_t hd, double theta, float* 
   sin_out[idx] = static_cast<float>(sin(angle));
 }
 
+// Row t of head hh of sequence b in the head-major arrays q [B, H, Tp, hdp], k and v [B, KV, Tp,
+// hdp]: the qkv row's heads are the H query heads, then the KV key heads, then the KV value heads.
+template <typename P>
+__device__ __forceinline__ P* head_row(P* q, P* k, P* v, const Dims& d, int64_t b, int hh, int64_t t) {
+  if (hh < d.H) return q + ((b * d.H + hh) * d.Tp + t) * d.hdp;
+  if (hh < d.H + d.KV) return k + ((b * d.KV + hh - d.H) * d.Tp + t) * d.hdp;
+  return v + ((b * d.KV + hh - d.H - d.KV) * d.Tp + t) * d.hdp;
+}
+
 // qkv [B*T x width] -> q [B, H, Tp, hdp], k and v [B, KV, Tp, hdp] in BF16, RoPE on q and k,
 // zeros in the padding. One block per token slot (b, t < Tp); a thread writes 8 consecutive columns
 // (16 bytes) of one head, so the index arithmetic is per block and per 8 elements, in 32 bits
@@ -77,13 +86,7 @@ pack_qkv_kernel(const float* __restrict__ qkv, Dims d, bool rope, const float* _
       const uint32_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(val));
       packed[j / 2] = j % 2 == 0 ? bits : packed[j / 2] | (bits << 16);
     }
-    __nv_bfloat16* dst;
-    if (hh < d.H)
-      dst = q + ((b * d.H + hh) * d.Tp + t) * d.hdp;
-    else if (hh < d.H + d.KV)
-      dst = k + ((b * d.KV + hh - d.H) * d.Tp + t) * d.hdp;
-    else
-      dst = v + ((b * d.KV + hh - d.H - d.KV) * d.Tp + t) * d.hdp;
+    __nv_bfloat16* dst = head_row(q, k, v, d, b, hh, t);
     *reinterpret_cast<uint4*>(dst + c0) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
   }
 }
@@ -189,13 +192,7 @@ unpack_dqkv_kernel(const float* __restrict__ dq, const float* __restrict__ dk, c
   Out* out_row = dqkv + blockIdx.x * d.width();
   for (int job = threadIdx.x; job < heads * chunks; job += blockDim.x) {
     const int hh = job / chunks, c0 = (job % chunks) * 4;
-    const float* g;
-    if (hh < d.H)
-      g = dq + ((b * d.H + hh) * d.Tp + t) * d.hdp;
-    else if (hh < d.H + d.KV)
-      g = dk + ((b * d.KV + hh - d.H) * d.Tp + t) * d.hdp;
-    else
-      g = dv + ((b * d.KV + hh - d.H - d.KV) * d.Tp + t) * d.hdp;
+    const float* g = head_row(dq, dk, dv, d, b, hh, t);
     const bool rotate = rope && hh < d.H + d.KV;
     float val[4];
 #pragma unroll

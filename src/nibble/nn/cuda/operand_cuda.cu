@@ -181,14 +181,7 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
   if (!r.quantized() && r.rht && (columnwise ? rows : cols) % kRhtBlock != 0)
     throw std::invalid_argument(std::string(operand_name(op)) + ": the RHT needs the contiguous dimension (" +
                                 std::to_string(columnwise ? rows : cols) + ") to be a multiple of 16");
-  shared_values_ = nullptr;
-  decoded_wanted_ = with_decoded;
-  decoded_valid_ = false;  // until run_fused writes them
-  format_ = r.format;
-  quantized_ = r.quantized();
-  rows_ = columnwise ? cols : rows;
-  cols_ = columnwise ? rows : cols;
-  stored_as_source_ = false;
+  begin(r.format, r.quantized(), columnwise ? cols : rows, columnwise ? rows : cols, with_decoded);
   if (quantized_) {
     spec_ = operand_quant_spec(r, op, signs, seed);
     allocate_packed(spec_, rows_, cols_);
@@ -236,16 +229,22 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-void OperandCuda::share_values_of(const OperandCuda& source, int64_t rows, int64_t cols) {
-  format_ = source.format_;
-  quantized_ = false;
-  stored_as_source_ = false;
+void OperandCuda::begin(OperandFormat format, bool quantized, int64_t rows, int64_t cols, bool decoded_wanted) {
+  format_ = format;
+  quantized_ = quantized;
   rows_ = rows;
   cols_ = cols;
+  stored_as_source_ = false;
+  shared_values_ = nullptr;
+  decoded_wanted_ = decoded_wanted;
+  decoded_valid_ = false;  // until run_fused writes them
+}
+
+void OperandCuda::share_values_of(const OperandCuda& source, int64_t rows, int64_t cols) {
+  begin(source.format_, /*quantized=*/false, rows, cols);
   data_bytes_ = source.data_bytes_;
   scale_bytes_ = 0;
   shared_values_ = source.data_.data();
-  decoded_valid_ = false;
 }
 
 bool OperandCuda::shared_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op) {
@@ -265,15 +264,10 @@ bf16_t* OperandCuda::bf16_pair_source(int64_t rows, int64_t cols, OperandCuda& c
 
 void OperandCuda::adopt_bf16_pair(int64_t rows, int64_t cols, OperandCuda& row, OperandCuda& col) {
   // What make() leaves in a columnwise bf16 operand without RHT: the source tensor's values as they are.
-  col.shared_values_ = nullptr;
-  col.format_ = OperandFormat::kBf16;
-  col.quantized_ = false;
+  col.begin(OperandFormat::kBf16, /*quantized=*/false, cols, rows);
   col.stored_as_source_ = true;
-  col.rows_ = cols;
-  col.cols_ = rows;
   col.data_bytes_ = rows * cols * 2;
   col.scale_bytes_ = 0;
-  col.decoded_valid_ = false;
   row.share_values_of(col, rows, cols);
 }
 
@@ -302,14 +296,7 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
   for (auto [o, op, r, decoded] :
        {std::tuple{&row, row_op, &rr, row_decoded}, std::tuple{&col, col_op, &cr, col_decoded}}) {
     const bool columnwise = operand_columnwise(op);
-    o->shared_values_ = nullptr;
-    o->decoded_wanted_ = decoded;
-    o->decoded_valid_ = false;
-    o->format_ = OperandFormat::kNvfp4;
-    o->quantized_ = true;
-    o->stored_as_source_ = false;
-    o->rows_ = columnwise ? cols : rows;
-    o->cols_ = columnwise ? rows : cols;
+    o->begin(OperandFormat::kNvfp4, /*quantized=*/true, columnwise ? cols : rows, columnwise ? rows : cols, decoded);
     o->spec_ = operand_quant_spec(*r, op, recipe.rht_signs(), seed);
     o->allocate_packed(o->spec_, o->rows_, o->cols_);
     set_side(s, columnwise, o->spec_);
@@ -348,13 +335,7 @@ bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const
   if (rows <= 0 || cols <= 0 || rows % 16 != 0 || cols % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0)
     return false;  // make() reports the shape with the operand's name
   for (auto [o, spec] : {std::pair{&row, row_spec}, std::pair{&col, col_spec}}) {
-    o->shared_values_ = nullptr;
-    o->decoded_valid_ = false;
-    o->format_ = OperandFormat::kNvfp4;
-    o->quantized_ = true;
-    o->stored_as_source_ = false;
-    o->rows_ = spec.columnwise ? cols : rows;
-    o->cols_ = spec.columnwise ? rows : cols;
+    o->begin(OperandFormat::kNvfp4, /*quantized=*/true, spec.columnwise ? cols : rows, spec.columnwise ? rows : cols);
     o->spec_ = spec;
     o->allocate_packed(spec, o->rows_, o->cols_);
   }

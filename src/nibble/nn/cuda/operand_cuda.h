@@ -103,6 +103,10 @@ class OperandCuda {
   QuantizedTensor download() const;
 
  private:
+  // Starts a new operand [rows x cols] as the GEMM reads it: every state field but the spec and the
+  // byte counts is set here (the buffers keep their memory), so that no make path carries state
+  // over from the operand made before.
+  void begin(OperandFormat format, bool quantized, int64_t rows, int64_t cols, bool decoded_wanted = false);
   void allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t q_cols);
   // Both operands of make_pair unquantized, the same and without RHT (rowwise `row_op`, columnwise
   // `col_op`): one copy of the values serves both.

@@ -238,16 +238,18 @@ struct SideScale {
 
 // Resident blocks per SM that the register allocation must allow, and whether a block loads its
 // next tile while it works on the columns of this one (32 more registers with BF16 input, 64 with
-// float). Chosen by measurement with BF16 input on an H200 (2026-11-23, see docs/benchmarks.md):
-// round-to-nearest ran best with 5 blocks (96 registers, no spills) and the prefetch; the
-// Philox-bound stochastic-rounding variants with 6 blocks (some spills) and no prefetch. Float
-// input (not measured) takes 4 blocks and no prefetch, which keeps its spills small.
+// float). Chosen by measurement with BF16 input on an H200 (docs/benchmarks.md): round-to-nearest
+// runs best with 5 blocks (96 registers, no spills) and the prefetch (2026-11-23); stochastic
+// rounding, since its encoder has no conversions (2026-12-02), with 4 blocks (128 registers) and
+// the prefetch: SR pass 0.247 -> 0.225 ms and with both decoded copies 0.397 -> 0.328 ms against
+// 6 blocks without it (5 blocks: 0.237 / 0.374). Float input (not measured) takes 4 blocks and no
+// prefetch, which keeps its spills small.
 template <Rounding kRowRounding, Rounding kColRounding>
 constexpr bool kAnyStochastic = kRowRounding == Rounding::kStochastic || kColRounding == Rounding::kStochastic;
 template <typename T, Rounding kRowRounding, Rounding kColRounding>
-constexpr int kMinBlocksPerSm = sizeof(T) == 4 ? 4 : kAnyStochastic<kRowRounding, kColRounding> ? 6 : 5;
-template <typename T, Rounding kRowRounding, Rounding kColRounding>
-constexpr bool kPrefetchTile = sizeof(T) == 2 && !kAnyStochastic<kRowRounding, kColRounding>;
+constexpr int kMinBlocksPerSm = sizeof(T) == 4 ? 4 : kAnyStochastic<kRowRounding, kColRounding> ? 4 : 5;
+template <typename T>
+constexpr bool kPrefetchTile = sizeof(T) == 2;
 
 template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht>
 __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRounding, kColRounding>))
@@ -305,7 +307,7 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
       if (r < rows && c < cols) raw[i] = load_raw16(x + r * cols + c);
     }
   };
-  constexpr bool kPrefetch = kPrefetchTile<T, kRowRounding, kColRounding>;
+  constexpr bool kPrefetch = kPrefetchTile<T>;
   if (kPrefetch && blockIdx.x < tiles) load_tile(blockIdx.x);
 
   for (int64_t tile_index = blockIdx.x; tile_index < tiles; tile_index += gridDim.x) {
