@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "nibble/tensor/cuda/device_buffer.h"
+#include "test_seed.h"
 #include "nibble/formats/minifloat.h"
 #include "nibble/quant/cuda/e2m1_pack.cuh"
 #include "nibble/quant/philox.h"
@@ -70,7 +71,7 @@ __global__ void packed_words_kernel(const float* v, const float* scales, int wor
 
 
 TEST(E2m1PackCuda, MagnitudeCodesEqualTheReferenceOnEveryFloatUpTo16) {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = test::fresh_seed();
   DeviceBuffer<Mismatches> m(2);
   m.zero();
   magnitude_codes_kernel<<<132 * 16, 256>>>(float_bits(16.0f), seed, m.data(), m.data() + 1);
@@ -85,7 +86,7 @@ TEST(E2m1PackCuda, MagnitudeCodesEqualTheReferenceOnEveryFloatUpTo16) {
 }
 
 TEST(E2m1PackCuda, PackedWordsOfSignedValuesEqualTheElementEncoders) {
-  const uint64_t seed = std::random_device{}();
+  const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
   constexpr int kWords = 1 << 16;
   std::vector<float> v(8 * kWords), scales(kWords);

@@ -53,8 +53,8 @@ __device__ __forceinline__ P* head_row(P* q, P* k, P* v, const Dims& d, int64_t 
 
 // qkv [B*T x width] -> q [B, H, Tp, hdp], k and v [B, KV, Tp, hdp] in BF16, RoPE on q and k,
 // zeros in the padding. One block per token slot (b, t < Tp); a thread writes 8 consecutive columns
-// (16 bytes) of one head, so the index arithmetic is per block and per 8 elements, in 32 bits
-// (hdp is a multiple of 8 for both implementations).
+// (16 bytes) of one head, so the index arithmetic is per block and per 8 elements (hdp is a
+// multiple of 8 for both implementations).
 constexpr int kPackThreads = 128;
 
 __global__ void __launch_bounds__(kPackThreads)

@@ -99,7 +99,7 @@ class NormCuda {
   void forward(const float* x, int64_t rows, bf16_t* y, cudaStream_t stream);
   // dx = d(norm)/dx^T dy (overwrites dx; with `accumulate` dx += it, as a residual connection's
   // gradient, in the same FP32 addition a separate pass would do); weight/bias gradients += their
-  // parts. Needs a forward.
+  // parts. Needs a forward. dx must not overlap dy.
   void backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate = false);
 
  private:

@@ -1,8 +1,10 @@
 // E2M1 encoders of the fused NVFP4 passes: eight elements times their element scale, encoded and
 // packed into one 32-bit word (element k in nibble k) in few instructions per element, round-to-
 // nearest-even and stochastic rounding. Bit for bit E2M1::encode / e2m1_encode_sr_fast
-// (minifloat.h): tests/cuda/e2m1_pack_cuda_test.cu compares them on every float in [0, 16] and
-// on random words, and the CUDA quantizer tests compare whole kernels with the CPU reference.
+// (minifloat.h) for finite values and infinities: tests/cuda/e2m1_pack_cuda_test.cu compares them
+// on every float in [0, 16] and on random words, and the CUDA quantizer tests compare whole kernels
+// with the CPU reference. NaN is not handled (the reference's code 0x7 is not produced): the fused
+// passes encode no element of a tensor whose amax is not finite (its copy is all zeros).
 //
 // Both work on |y| by "magic" float arithmetic: with an integer M in [2^23, 2^24), where floats are
 // the integers, M + c rounded to a float is an integer rounding of c, done by the FPU in the same
@@ -50,8 +52,8 @@ __device__ __forceinline__ float e2m1_rne_magic(float y) {
 // upward gives ru(q - 1 - u) from neg_one_minus_u = -(1 + u), a float the caller builds from the
 // bits (no conversion); ceil of that equals ceil(q - 1 - u), since the integers next to it are
 // floats. The FADD rounded upward then adds M + 1 and takes the ceiling in one step, as every float
-// in [2^23, 2^24) is an integer (q - 1 - u >= -2, so the sum stays in that range until a >= 2^22,
-// where the cap applies anyway). The minimum over the grids holds as for rounding to nearest, since
+// in [2^23, 2^24) is an integer (q - 1 - u >= -2, so the sum stays in that range while q < 2^22;
+// above, rounding upward only overshoots, and the cap at 7 applies anyway). The minimum over the grids holds as for rounding to nearest, since
 // ceil(. - u) is monotonic too. Always capped: a code of 8 comes from any |y| in (6, 8).
 inline constexpr float kE2m1SrMagic = 12582912.0f;  // 1.5 * 2^23
 __device__ __forceinline__ float e2m1_sr_magic(float y, float neg_one_minus_u) {
