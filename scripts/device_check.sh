@@ -3,40 +3,95 @@
 # check of the kernels, and the CUDA benchmarks, with logs under $OUT (default ./out).
 # Build first, where the toolchain and GoogleTest are (nvcc 13.0, sm_90a and sm_100a):
 #   cmake --preset cuda && cmake --build --preset cuda
-# then bring build/cuda/tests and build/cuda/bench along (the device tool's `carry`) and run this
-# (BUILD_DIR=other/build to use another build folder).
+# then bring the binaries along (the device tool's `carry`): build/cuda/tests, build/cuda/bench and
+# build/cuda/src/nibble/cli (BUILD_DIR=other/build to use another build folder), or the compressed
+# bundle of scripts/device_bundle.sh (BUNDLE=build/device: unpacked to /tmp/nibble-device).
+#
+# PHASES picks what runs, in order (default "tests sanitizers benches"):
+#   tests       the CUDA tests; FILTER=<gtest filter> runs some of them
+#   sanitizers  compute-sanitizer memcheck and racecheck on the small cases
+#   benches     the quantization, layer and GEMM benchmarks
+#   train       scripts/bench_training.sh: nibble bf16/nvfp4 against PyTorch (DATA=<nibble prepare
+#               output>, or the bundle's data; CONFIG and STEPS as there, STEPS default 40)
+#   profile     per-kernel time of one training step under ncu, grouped by bench/kernel_breakdown.py,
+#               for each of RECIPES (default "nvfp4")
+# The logs of each phase go to $OUT as it ends, so a call cut short keeps what finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-out}
 build=${BUILD_DIR:-build/cuda}
 mkdir -p "$out"
+if [ -n "${BUNDLE:-}" ]; then
+  build=/tmp/nibble-device/bin
+  mkdir -p "$build"
+  tar -C "$build" -xJf "$BUNDLE/bin.tar.xz" || { echo "device_check: cannot unpack $BUNDLE/bin.tar.xz" >&2; exit 1; }
+  if [ -f "$BUNDLE/data.tar.xz" ] && [ -z "${DATA:-}" ]; then
+    tar -C /tmp/nibble-device -xJf "$BUNDLE/data.tar.xz" || exit 1
+    DATA=$(dirname "$(ls /tmp/nibble-device/*/manifest.json | head -1)")
+  fi
+fi
+nibble=$build/src/nibble/cli/nibble
 status=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/gpu.txt"
 
-echo "== CUDA tests"
-"$build"/tests/nibble_cuda_tests 2>&1 | tee "$out/cuda_tests.log" | grep -E "^\[  (PASSED|FAILED) |^\[==========\]|compared|random seed|Failure|linear   \]|gpt      \]|nvfp4    \]|SKIPPED" | head -80
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+run_tests() {
+  echo "== CUDA tests${FILTER:+ ($FILTER)}"
+  "$build"/tests/nibble_cuda_tests ${FILTER:+--gtest_filter="$FILTER"} 2>&1 | tee "$out/cuda_tests.log" |
+    grep -E "^\[  (PASSED|FAILED) |^\[==========\]|compared|random seed|Failure|linear   \]|gpt      \]|nvfp4    \]|SKIPPED" | head -80
+  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+}
 
-echo "== compute-sanitizer (memcheck, racecheck) on small cases"
-filter='CudaQuantize.FusedSidesCanBeSwitchedOff:CudaQuantize.NonFiniteAndZeroTensorsMatchCpu:CudaQuantize.RejectsShapesItCannotQuantize'
-filter+=':CudaQuantize.FusedDecodedOutputSidesAndSpecialTensors:OperandCuda.*'
-filter+=':CudaQuantize.Tile16KernelNonFiniteAndZeroTensors:CudaQuantize.Tile16UnalignedInputTakesTheGenericKernels'
-filter+=':EmbeddingCuda.*:Kinds/NormCudaTest.*:Shapes/AttentionCudaTest.*:CrossEntropyCuda.*:LmHeadLossCuda.*:GradNormCuda.*'
-filter+=':LinearCuda.*:Recipes/LinearCudaTest.MatchesCpuLayer/nvfp4:GptCuda.*:GpuTrain.ResumeAfterInterruptionRepeatsTheRunBitForBit'
-filter+=':Nvfp4Native.*:AttentionCudaDeterminism.*-*T1024*'  # the seq-1024 attention shapes are too slow under the tools
-for tool in memcheck racecheck; do
-  compute-sanitizer --tool "$tool" --error-exitcode 9 "$build"/tests/nibble_cuda_tests --gtest_filter="$filter" \
-    >"$out/sanitizer_$tool.log" 2>&1
-  rc=$?
-  echo "$tool: exit $rc ($(grep -E 'SUMMARY' "$out/sanitizer_$tool.log" | tail -1))"
-  [ "$rc" -eq 0 ] || status=1
+run_sanitizers() {
+  echo "== compute-sanitizer (memcheck, racecheck) on small cases"
+  local filter='CudaQuantize.FusedSidesCanBeSwitchedOff:CudaQuantize.NonFiniteAndZeroTensorsMatchCpu:CudaQuantize.RejectsShapesItCannotQuantize'
+  filter+=':CudaQuantize.FusedDecodedOutputSidesAndSpecialTensors:OperandCuda.*'
+  filter+=':CudaQuantize.Tile16KernelNonFiniteAndZeroTensors:CudaQuantize.Tile16UnalignedInputTakesTheGenericKernels'
+  filter+=':EmbeddingCuda.*:Kinds/NormCudaTest.*:Shapes/AttentionCudaTest.*:CrossEntropyCuda.*:LmHeadLossCuda.*:GradNormCuda.*'
+  filter+=':LinearCuda.*:Recipes/LinearCudaTest.MatchesCpuLayer/nvfp4:GptCuda.*:GpuTrain.ResumeAfterInterruptionRepeatsTheRunBitForBit'
+  filter+=':Nvfp4Native.*:AttentionCudaDeterminism.*-*T1024*'  # the seq-1024 attention shapes are too slow under the tools
+  for tool in memcheck racecheck; do
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$build"/tests/nibble_cuda_tests --gtest_filter="$filter" \
+      >"$out/sanitizer_$tool.log" 2>&1
+    local rc=$?
+    echo "$tool: exit $rc ($(grep -E 'SUMMARY' "$out/sanitizer_$tool.log" | tail -1))"
+    [ "$rc" -eq 0 ] || status=1
+  done
+}
+
+run_benches() {
+  echo "== CUDA benchmarks"
+  for b in quant layers gemm; do
+    "$build"/bench/nibble_${b}_bench_cuda 2>&1 | tee "$out/${b}_bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
+}
+
+run_train() {
+  echo "== training speed against PyTorch"
+  [ -n "${DATA:-}" ] || { echo "device_check: the train phase needs DATA (or a bundle with data)" >&2; status=1; return; }
+  OUT="$out" scripts/bench_training.sh "$DATA" "$nibble" "${STEPS:-40}" || status=1
+}
+
+run_profile() {
+  [ -n "${DATA:-}" ] || { echo "device_check: the profile phase needs DATA (or a bundle with data)" >&2; status=1; return; }
+  for recipe in ${RECIPES:-nvfp4}; do
+    echo "== one $recipe step by kernel (ncu)"
+    rm -rf "/tmp/profile-$recipe"
+    ncu --clock-control none --metrics gpu__time_duration.sum --csv "$nibble" train --device cuda \
+      --config "${CONFIG:-configs/models/gpt2-124m.toml}" --recipe "$recipe" --data "$DATA" --out "/tmp/profile-$recipe" \
+      --steps 1 --batch-size 16 --progress quiet --val-batches 1 >"$out/ncu_$recipe.csv" 2>"$out/ncu_$recipe.err" || status=1
+    python3 bench/kernel_breakdown.py "$out/ncu_$recipe.csv" | tee "$out/kernels_$recipe.md" || status=1
+  done
+}
+
+for phase in ${PHASES:-tests sanitizers benches}; do
+  case "$phase" in
+    tests) run_tests ;;
+    sanitizers) run_sanitizers ;;
+    benches) run_benches ;;
+    train) run_train ;;
+    profile) run_profile ;;
+    *) echo "device_check: unknown phase '$phase' (tests, sanitizers, benches, train, profile)" >&2; exit 2 ;;
+  esac
 done
-
-echo "== CUDA benchmarks"
-"$build"/bench/nibble_quant_bench_cuda 2>&1 | tee "$out/quant_bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-"$build"/bench/nibble_layers_bench_cuda 2>&1 | tee "$out/layers_bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-"$build"/bench/nibble_gemm_bench_cuda 2>&1 | tee "$out/gemm_bench.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status
