@@ -5,6 +5,8 @@
 // on every float in [0, 16] and on random words, and the CUDA quantizer tests compare whole kernels
 // with the CPU reference. NaN is not handled (the reference's code 0x7 is not produced): the fused
 // passes encode no element of a tensor whose amax is not finite (its copy is all zeros).
+// tests/cuda_emulation/rowcol_emulation_test.cpp compiles this header as host C++ with its own
+// __fmaf_rn, __fmaf_ru and __fadd_ru (the CPU's FMA and addition under the rounding mode asked for).
 //
 // Both work on |y| by "magic" float arithmetic: with an integer M in [2^23, 2^24), where floats are
 // the integers, M + c rounded to a float is an integer rounding of c, done by the FPU in the same
@@ -17,17 +19,10 @@
 #include <cstdint>
 
 #include "nibble/formats/host_device.h"
+#include "nibble/quant/fp4_decode_bf16.h"  // byte_perm: PTX prmt
 #include "nibble/quant/philox.h"
 
 namespace nibble::cuda {
-
-// PTX prmt (default mode): byte i of the result is byte sel[4i+2:4i] of {b:a}; with sel bit 4i+3
-// set, that byte's top bit replicated over all 8 bits. (__byte_perm documents only the 3 index bits.)
-__device__ __forceinline__ uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-  uint32_t d;
-  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
-  return d;
-}
 
 // Round-to-nearest-even magnitude code of |y|, returned as the float 2^23 + code. Adding 2^23 in an
 // FFMA rounds the exact a*m + c to an integer, ties to even, in one step:
@@ -92,9 +87,9 @@ __device__ __forceinline__ uint32_t pack8_codes(const float* v, const float* mag
   for (int k = 7; k >= 0; --k) mags = mags * sixteen + float_bits(magic_codes[k]);
   // Selector 0xFBFB: bytes 0 and 2 replicate the sign of the first operand's top byte (byte 3),
   // bytes 1 and 3 that of the second's (byte 7).
-  const auto signs2 = [](float a, float b) { return prmt(float_bits(a), float_bits(b), 0xFBFBu); };
-  const uint32_t even = prmt(signs2(v[0], v[2]), signs2(v[4], v[6]), 0x5410u);  // bytes S0 S2 S4 S6
-  const uint32_t odd = prmt(signs2(v[1], v[3]), signs2(v[5], v[7]), 0x5410u);   // bytes S1 S3 S5 S7
+  const auto signs2 = [](float a, float b) { return byte_perm(float_bits(a), float_bits(b), 0xFBFBu); };
+  const uint32_t even = byte_perm(signs2(v[0], v[2]), signs2(v[4], v[6]), 0x5410u);  // bytes S0 S2 S4 S6
+  const uint32_t odd = byte_perm(signs2(v[1], v[3]), signs2(v[5], v[7]), 0x5410u);   // bytes S1 S3 S5 S7
   const uint32_t signs = (even & 0x0F0F0F0Fu) | (odd & 0xF0F0F0F0u);  // nibble k: S_k
   return mags + kBiasFix + (signs & 0x88888888u);
 }

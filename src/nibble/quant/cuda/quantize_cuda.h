@@ -123,7 +123,23 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_on_gpu(std::span<con
 std::vector<float> dequantize_on_gpu(const QuantizedTensor& q);
 
 // The QuantSpecs of the two outputs of a RowColSpec (what the CPU reference is called with).
-QuantSpec row_spec(const RowColSpec& s);
-QuantSpec col_spec(const RowColSpec& s);
+inline QuantSpec row_spec(const RowColSpec& s) {
+  QuantSpec q;
+  q.rounding = s.row_rounding;
+  q.seed = s.seed;
+  q.stream = s.row_stream;
+  return q;
+}
+
+inline QuantSpec col_spec(const RowColSpec& s) {
+  QuantSpec q;
+  q.columnwise = true;
+  q.rht = s.col_rht;
+  q.rht_signs = s.rht_signs;
+  q.rounding = s.col_rounding;
+  q.seed = s.seed;
+  q.stream = s.col_stream;
+  return q;
+}
 
 }  // namespace nibble::cuda

@@ -1,0 +1,428 @@
+// The fused NVFP4 rowwise + columnwise (+RHT) pass (nvfp4_rowcol_kernel) and the device helpers
+// the other quantizer kernels of quantize_cuda.cu share with it. Included by quantize_cuda.cu, and
+// compiled as host C++ by tests/cuda_emulation/rowcol_emulation_test.cpp
+// (NIBBLE_ROWCOL_HOST_EMULATION, which brings its own versions of the PTX wrapper below and of the
+// CUDA intrinsics), so that the kernel's bits are checked against the CPU reference without a GPU.
+#pragma once
+
+#include <cstdint>
+
+#include "nibble/formats/minifloat.h"
+#include "nibble/quant/cuda/e2m1_pack.cuh"
+#include "nibble/quant/cuda/quantize_cuda.h"
+#include "nibble/quant/fp4_decode_bf16.h"
+#include "nibble/quant/philox.h"
+#include "nibble/quant/quantize.h"
+#include "nibble/quant/rht.h"
+#include "nibble/quant/scaling.h"
+
+namespace nibble::cuda {
+namespace {
+
+// ---------------------------------------------------------------------------------------------
+// Device helpers
+
+// 16 consecutive elements as loaded from memory with 16-byte loads: kept raw until needed, so that
+// a thread can have all its loads in flight before it uses the first one.
+template <typename T>
+struct Raw16 {
+  static constexpr int kVecs = 16 * sizeof(T) / 16;
+  uint4 vec[kVecs];
+};
+
+template <typename T>
+__device__ __forceinline__ Raw16<T> load_raw16(const T* p) {  // p 16-byte aligned
+  Raw16<T> r;
+#pragma unroll
+  for (int i = 0; i < Raw16<T>::kVecs; ++i) r.vec[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  return r;
+}
+
+template <int kN>
+__device__ __forceinline__ uint32_t max_abs_bits(const float* v) {
+  uint32_t a = 0;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) a = max(a, abs_bits(v[i]));
+  return a;
+}
+
+// max |v| of finite values (one FMNMX per element, where abs_bits + integer max take two). Equal
+// to bits_float(max_abs_bits(v)) whenever every v is finite, which the quantizers check first.
+template <int kN>
+__device__ __forceinline__ float max_abs_finite(const float* v) {
+  float a = 0.0f;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) a = fmaxf(a, fabsf(v[i]));
+  return a;
+}
+
+// Encodes kN (16 or 32) FP4 elements with one element scale and packs them (element 2i in the low
+// nibble of byte i) into kN/8 32-bit words. `index0` is the row-major index of v[0] in the
+// quantized matrix; it is a multiple of 16, so the Philox groups line up with the CPU's.
+template <int kN, Rounding kRounding>
+__device__ __forceinline__ void encode_fp4(const float* v, float scale, uint64_t seed, uint32_t stream,
+                                           uint64_t index0, uint32_t* packed) {
+#pragma unroll
+  for (int w = 0; w < kN / 8; ++w) packed[w] = 0;
+#pragma unroll
+  for (int g = 0; g < kN / 8; ++g) {
+    Philox4x32 bits{{0, 0, 0, 0}};
+    if constexpr (kRounding == Rounding::kStochastic) bits = random_words(seed, stream, (index0 >> 3) + g);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t code = fp4_encode_element(v[8 * g + j], scale, kRounding, fp4_random_word(bits, j));
+      packed[g] |= code << (4 * j);
+    }
+  }
+}
+
+// encode_fp4 with the spec's rounding chosen at run time (generic path).
+template <int kN>
+__device__ __forceinline__ void encode_fp4_any(const float* v, float scale, const QuantSpec& spec, uint64_t index0,
+                                               uint32_t* packed) {
+  if (spec.rounding == Rounding::kStochastic)
+    encode_fp4<kN, Rounding::kStochastic>(v, scale, spec.seed, spec.stream, index0, packed);
+  else
+    encode_fp4<kN, Rounding::kNearestEven>(v, scale, spec.seed, spec.stream, index0, packed);
+}
+
+// Max over the thread block, then atomicMax into *out. Called by all threads of the block.
+__device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
+  __shared__ uint32_t warp_max[32];
+  __syncthreads();  // warp_max may still be read by an earlier call
+  v = __reduce_max_sync(0xFFFFFFFFu, v);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane == 0) warp_max[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    const int nwarps = (blockDim.x + 31) / 32;
+    uint32_t m = lane < nwarps ? warp_max[lane] : 0;
+    m = __reduce_max_sync(0xFFFFFFFFu, m);
+    if (lane == 0 && m != 0) atomicMax(out, m);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fused NVFP4 rowwise + columnwise (+ RHT) pass over 64 x 128 tiles, persistent grid.
+//
+// Per tile, each thread block
+//   1. loads the tile with 16-byte loads (every thread's loads in flight before it uses one),
+//      quantizes 16-element row segments as rowwise 1x16 blocks straight from registers, and
+//      parks the values as float32 in shared memory (the RHT signs already applied, see below);
+//   2. reads the tile back by columns (two neighbouring columns per 8-byte load), applies the RHT
+//      butterfly if asked, and quantizes 16-row column blocks into the columnwise copy.
+// The next tile's loads are issued before step 2, so they are in flight while it computes.
+// The same kernel with kAmaxOnly computes the two absolute maxima that current scaling needs.
+//
+// The quantizing pass is bound by instruction issue, not by memory, so the inner loops are
+// written for few instructions per element (see docs/benchmarks.md for the measurements):
+// - E2M1 round-to-nearest-even takes three FFMAs and two or three FMNMXs (e2m1_rne_magic), and
+//   the codes are packed with integer multiply-adds and byte permutes (pack8_rne); stochastic
+//   rounding three FFMAs and three FADDs rounded upward, with no integer/float conversions
+//   (e2m1_sr_magic, pack8_sr), and one Philox call per 8 elements (e2m1_pack.cuh);
+// - the block scale is one hardware E4M3 conversion (for two blocks at once on the column side),
+//   and the element encode scale a lookup in a table of its 127 possible values, which each
+//   resident block computes once with the shared nvfp4_element_encode_scale;
+// - the RHT signs cost nothing: they flip the float sign bit while the tile is unpacked.
+
+constexpr int kTileRows = 64;
+constexpr int kTileCols = 128;
+constexpr int kRowColThreads = 128;
+constexpr int kSegsPerRow = kTileCols / 16;                                   // 8
+constexpr int kRowsPerPass = kRowColThreads / kSegsPerRow;                    // 16
+constexpr int kRowIters = kTileRows / kRowsPerPass;                           // 4
+constexpr int kColPairs = kTileCols / 2;                                      // 64
+constexpr int kColBlocksPerThread = kTileRows / 16 / (kRowColThreads / kColPairs);  // 2
+constexpr int kE4m3Codes = 128;  // E4M3 codes of non-negative finite values: 0 .. 0x7E (448)
+
+// E4M3 codes of (hi, lo) in the high and low byte: round-to-nearest-even, saturating at 448.
+// Equals E4M3::encode(min(v, 448), kNearestEven) for every non-negative non-NaN v (the block
+// amaxes of a finite tensor), which is what nvfp4_block_scale_code computes.
+#ifndef NIBBLE_ROWCOL_HOST_EMULATION
+__device__ __forceinline__ uint32_t e4m3x2_rn_satfinite(float hi, float lo) {
+  uint16_t d;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+#endif
+
+// One 1x16 block: packed codes of v * scale, elements 0-7 in .x. `amax` = max |v| (for RNE: the
+// elements' |v * scale| are at most amax * scale, rounding being monotonic, so below 7 no code
+// needs the saturation cap).
+template <Rounding kRounding>
+__device__ __forceinline__ uint2 encode16(const float v[16], float amax, float scale, uint64_t seed,
+                                          uint32_t stream, uint64_t index0) {
+  if constexpr (kRounding == Rounding::kNearestEven) {
+    if (amax * scale < 7.0f) return make_uint2(pack8_rne<false>(v, scale), pack8_rne<false>(v + 8, scale));
+    return make_uint2(pack8_rne<true>(v, scale), pack8_rne<true>(v + 8, scale));
+  } else {
+    const uint64_t group = index0 >> 3;  // index0 is a multiple of 16: two whole Philox groups
+    return make_uint2(pack8_sr(v, scale, random_words(seed, stream, group)),
+                      pack8_sr(v + 8, scale, random_words(seed, stream, group + 1)));
+  }
+}
+
+// rht16 (rht.h) without its first step, the multiplication by the signs, which the fused pass
+// applies while staging the tile: the same float32 operations in the same order.
+__device__ __forceinline__ void rht16_butterfly(float v[16]) {
+#pragma unroll
+  for (int stage = 0; stage < 4; ++stage) {
+    const int h = 1 << stage;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const int j = (k / h) * 2 * h + k % h;
+      const float a = v[j], b = v[j + h];
+      v[j] = a + b;
+      v[j + h] = a - b;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 16; ++i) v[i] *= 0.25f;
+}
+
+// Shared-memory position of column c's float in a tile row. The row pass stores 16-byte chunks
+// with 8 threads of a row at once (one per 16-column segment), whose chunks would share banks
+// pairwise; rotating the 4 chunks of segment s by s/2 spreads them over all 32 banks. The column
+// pass reads 8-byte pairs along a row, which stay conflict-free.
+__device__ __forceinline__ int tile_col(int c) {
+  const int s = c / 16, j = (c / 4) % 4;
+  return s * 16 + ((j + s / 2) % 4) * 4 + c % 4;
+}
+
+// 16 elements of a row segment as float32, their sign bits XORed with `flip` (0 or 0x80000000).
+__device__ __forceinline__ void unpack16(const Raw16<bf16_t>& r, uint32_t flip, float v[16]) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t w[4] = {r.vec[i].x, r.vec[i].y, r.vec[i].z, r.vec[i].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      v[8 * i + 2 * j] = bits_float((w[j] << 16) + flip);  // + flip == ^ flip on bit 31
+      v[8 * i + 2 * j + 1] = bits_float((w[j] & 0xFFFF0000u) ^ flip);
+    }
+  }
+}
+__device__ __forceinline__ void unpack16(const Raw16<float>& r, uint32_t flip, float v[16]) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t w[4] = {r.vec[i].x, r.vec[i].y, r.vec[i].z, r.vec[i].w};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) v[4 * i + j] = bits_float(w[j] ^ flip);
+  }
+}
+
+// The BF16 decode of one 1x16 block (QuantBuffers::decoded) from the block's final packed codes
+// (elements 0-7 in .x) and E4M3 scale code: two 16-byte stores to dst, which is 32-byte aligned.
+// About 2.5 instructions per element (fp4_decode_bf16.h), from registers the encoder has just filled.
+__device__ __forceinline__ void store_decoded16(uint16_t* dst, uint2 packed, uint32_t scale_code) {
+  const uint32_t scale2 = e4m3_scale_bf16x2(scale_code);
+  uint32_t lo[4], hi[4];
+  decode8_bf16(packed.x, scale2, lo);
+  decode8_bf16(packed.y, scale2, hi);
+  uint4* d = reinterpret_cast<uint4*>(dst);
+  d[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  d[1] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+}
+
+// Per-tensor constants of one output copy.
+struct SideScale {
+  float k;     // S * (1/6): block amax -> E4M3 block scale
+  bool ok;     // tensor amax finite (otherwise the copy is all zeros, decode scale NaN)
+};
+
+// Resident blocks per SM that the register allocation must allow, and whether a block loads its
+// next tile while it works on the columns of this one (32 more registers with BF16 input, 64 with
+// float). Chosen by measurement with BF16 input on an H200 (docs/benchmarks.md): round-to-nearest
+// runs best with 5 blocks (96 registers, no spills) and the prefetch (2026-11-23); stochastic
+// rounding, since its encoder has no conversions (2026-12-02), with 4 blocks (128 registers) and
+// the prefetch: SR pass 0.247 -> 0.225 ms and with both decoded copies 0.397 -> 0.328 ms against
+// 6 blocks without it (5 blocks: 0.237 / 0.374). Float input (not measured) takes 4 blocks and no
+// prefetch, which keeps its spills small.
+template <Rounding kRowRounding, Rounding kColRounding>
+constexpr bool kAnyStochastic = kRowRounding == Rounding::kStochastic || kColRounding == Rounding::kStochastic;
+template <typename T, Rounding kRowRounding, Rounding kColRounding>
+constexpr int kMinBlocksPerSm = sizeof(T) == 4 ? 4 : kAnyStochastic<kRowRounding, kColRounding> ? 4 : 5;
+template <typename T>
+constexpr bool kPrefetchTile = sizeof(T) == 2;
+
+template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht>
+__global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRounding, kColRounding>))
+    nvfp4_rowcol_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowColSpec spec,
+                        uint32_t* __restrict__ amax_out, const uint32_t* __restrict__ amax_in, QuantBuffers row,
+                        QuantBuffers col) {
+  __shared__ __align__(16) float tile[kTileRows][kTileCols];
+  __shared__ float enc_scale[2][kE4m3Codes];  // element encode scale e_b by E4M3 code: row, col
+  const int t = threadIdx.x;
+  const int64_t tiles_x = (cols + kTileCols - 1) / kTileCols;
+  const int64_t tiles = tiles_x * ((rows + kTileRows - 1) / kTileRows);
+
+  SideScale rs{}, cs{};
+  if constexpr (!kAmaxOnly) {
+    rs.ok = amax_is_finite(amax_in[0]);
+    cs.ok = amax_is_finite(amax_in[1]);
+    const TensorScale row_ts = nvfp4_tensor_scale(bits_float(amax_in[0]));
+    const TensorScale col_ts = nvfp4_tensor_scale(bits_float(amax_in[1]));
+    rs.k = row_ts.encode * (1.0f / kE2M1Max);  // the float ops of nvfp4_block_scale_code
+    cs.k = col_ts.encode * (1.0f / kE2M1Max);
+    for (int i = t; i < 2 * kE4m3Codes; i += kRowColThreads) {
+      const int code = i % kE4m3Codes;
+      enc_scale[i / kE4m3Codes][code] =
+          nvfp4_element_encode_scale(static_cast<uint8_t>(code), i < kE4m3Codes ? row_ts.decode : col_ts.decode);
+    }
+    if (blockIdx.x == 0 && t == 0) {
+      if (spec.rowwise) *row.decode_scale = rs.ok ? row_ts.decode : __int_as_float(0x7FC00000);
+      if (spec.columnwise) *col.decode_scale = cs.ok ? col_ts.decode : __int_as_float(0x7FC00000);
+    }
+    __syncthreads();
+  }
+
+  // The columnwise pass needs the tile in shared memory (the amax pass only when the RHT is on).
+  const bool stage_tile = spec.columnwise && (!kAmaxOnly || kRht);
+  const bool encode_rows = !kAmaxOnly && spec.rowwise;
+  const int seg = t % kSegsPerRow;
+  // RHT: row lr of the tile takes sign (lr % 16) of the vector; this thread's rows all have
+  // lr % 16 == t / kSegsPerRow. Flipping the sign bit is the multiplication by -1 of rht16, and the
+  // rowwise copy encodes the flipped values and flips its sign bits back (both E2M1 encoders,
+  // RNE and SR, treat the sign separately from the magnitude).
+  const uint32_t flip = kRht && stage_tile && ((spec.rht_signs.negative_mask >> (t / kSegsPerRow)) & 1u)
+                            ? 0x80000000u : 0u;
+  const uint32_t code_flip = flip ? 0x88888888u : 0u;
+  const int pair = t % kColPairs;
+  const int first_block = (t / kColPairs) * kColBlocksPerThread;
+  const int tcol = tile_col(2 * pair);
+  uint32_t row_amax = 0, col_amax = 0;
+
+  Raw16<T> raw[kRowIters];
+  const auto load_tile = [&](int64_t tile_index) {
+    const int64_t r0 = (tile_index / tiles_x) * kTileRows, c0 = (tile_index % tiles_x) * kTileCols;
+#pragma unroll
+    for (int i = 0; i < kRowIters; ++i) {
+      const int64_t r = r0 + t / kSegsPerRow + i * kRowsPerPass, c = c0 + seg * 16;
+      if (r < rows && c < cols) raw[i] = load_raw16(x + r * cols + c);
+    }
+  };
+  constexpr bool kPrefetch = kPrefetchTile<T>;
+  if (kPrefetch && blockIdx.x < tiles) load_tile(blockIdx.x);
+
+  for (int64_t tile_index = blockIdx.x; tile_index < tiles; tile_index += gridDim.x) {
+    if (!kPrefetch) load_tile(tile_index);
+    const int64_t r0 = (tile_index / tiles_x) * kTileRows, c0 = (tile_index % tiles_x) * kTileCols;
+    const int tile_rows = rows - r0 < kTileRows ? static_cast<int>(rows - r0) : kTileRows;
+    const int tile_cols = cols - c0 < kTileCols ? static_cast<int>(cols - c0) : kTileCols;
+    const bool seg_ok = seg * 16 < tile_cols;
+
+    // ---- rows: one 16-element segment per step
+#pragma unroll
+    for (int i = 0; i < kRowIters; ++i) {
+      const int lr = t / kSegsPerRow + i * kRowsPerPass;
+      if (lr >= tile_rows || !seg_ok) continue;
+      float v[16];
+      unpack16(raw[i], flip, v);
+      if (stage_tile) {
+        float* dst = &tile[lr][0];
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          *reinterpret_cast<float4*>(dst + tile_col(seg * 16 + 4 * j)) =
+              make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+      }
+      if constexpr (kAmaxOnly) {
+        row_amax = max(row_amax, max_abs_bits<16>(v));
+      } else if (encode_rows) {
+        const uint64_t gi = static_cast<uint64_t>(r0 + lr) * static_cast<uint64_t>(cols) + c0 + seg * 16;
+        uint2 packed = make_uint2(0, 0);
+        uint32_t code = 0;
+        if (rs.ok) {
+          const float amax = max_abs_finite<16>(v);
+          code = e4m3x2_rn_satfinite(amax * rs.k, amax * rs.k) & 0xFFu;
+          packed = encode16<kRowRounding>(v, amax, enc_scale[0][code], spec.seed, spec.row_stream, gi);
+          packed.x ^= code_flip;
+          packed.y ^= code_flip;
+        }
+        *reinterpret_cast<uint2*>(row.data + gi / 2) = packed;
+        row.scales[gi / 16] = static_cast<uint8_t>(code);
+        // Decoded from the codes as stored (sign flips of the RHT trick undone), zeros when !rs.ok.
+        if (row.decoded != nullptr) store_decoded16(row.decoded + gi, packed, code);
+      }
+    }
+
+    // The registers of this tile are consumed: start loading the next one.
+    if (kPrefetch && tile_index + gridDim.x < tiles) load_tile(tile_index + gridDim.x);
+    if (!stage_tile) continue;
+    __syncthreads();
+
+    // ---- columns: two neighbouring columns, blocks of 16 rows
+    if (2 * pair < tile_cols) {
+      // X^T index of this thread's first element in column 2*pair; column 2*pair + 1 is `rows` later.
+      const uint64_t q0 = static_cast<uint64_t>(c0 + 2 * pair) * static_cast<uint64_t>(rows) +
+                          static_cast<uint64_t>(r0 + first_block * 16);
+      uint2 packed[2][kColBlocksPerThread];  // [column][block]
+      uint32_t codes[kColBlocksPerThread];   // E4M3 codes of both columns (low byte: column 2*pair)
+#pragma unroll
+      for (int bi = 0; bi < kColBlocksPerThread; ++bi) {
+        const int b = first_block + bi;
+        packed[0][bi] = packed[1][bi] = make_uint2(0, 0);
+        codes[bi] = 0;
+        if (b * 16 < tile_rows) {
+          float va[16], vb[16];  // columns 2*pair and 2*pair + 1
+#pragma unroll
+          for (int k = 0; k < 16; ++k) {
+            const float2 w = *reinterpret_cast<const float2*>(&tile[b * 16 + k][tcol]);
+            va[k] = w.x;
+            vb[k] = w.y;
+          }
+          if constexpr (kRht) {
+            rht16_butterfly(va);
+            rht16_butterfly(vb);
+          }
+          if constexpr (kAmaxOnly) {
+            col_amax = max(col_amax, max(max_abs_bits<16>(va), max_abs_bits<16>(vb)));
+          } else if (cs.ok) {
+            const float amax_a = max_abs_finite<16>(va), amax_b = max_abs_finite<16>(vb);
+            codes[bi] = e4m3x2_rn_satfinite(amax_b * cs.k, amax_a * cs.k);
+            const uint64_t qi = q0 + bi * 16;
+            packed[0][bi] = encode16<kColRounding>(va, amax_a, enc_scale[1][codes[bi] & 0xFFu], spec.seed,
+                                                   spec.col_stream, qi);
+            packed[1][bi] = encode16<kColRounding>(vb, amax_b, enc_scale[1][codes[bi] >> 8], spec.seed,
+                                                   spec.col_stream, qi + static_cast<uint64_t>(rows));
+          }
+        }
+      }
+      if (!kAmaxOnly && first_block * 16 < tile_rows) {
+        // A column's two blocks are 16 contiguous bytes of X^T (and 2 of its scales): one store each
+        // where they are aligned, which they are when rows % 32 == 0 (q0 is then a multiple of 32).
+        const bool both = (first_block + 1) * 16 < tile_rows;
+#pragma unroll
+        for (int side = 0; side < 2; ++side) {
+          const uint64_t q = q0 + side * static_cast<uint64_t>(rows);
+          uint8_t* data = col.data + q / 2;
+          uint8_t* scales = col.scales + q / 16;
+          const uint32_t c0s = (codes[0] >> (8 * side)) & 0xFFu, c1s = (codes[1] >> (8 * side)) & 0xFFu;
+          if (both && rows % 32 == 0) {
+            *reinterpret_cast<uint4*>(data) =
+                make_uint4(packed[side][0].x, packed[side][0].y, packed[side][1].x, packed[side][1].y);
+            *reinterpret_cast<uint16_t*>(scales) = static_cast<uint16_t>(c0s | c1s << 8);
+          } else {
+            *reinterpret_cast<uint2*>(data) = packed[side][0];
+            scales[0] = static_cast<uint8_t>(c0s);
+            if (both) {
+              *reinterpret_cast<uint2*>(data + 8) = packed[side][1];
+              scales[1] = static_cast<uint8_t>(c1s);
+            }
+          }
+          if (col.decoded != nullptr) {  // q is a multiple of 16: the blocks' 32-byte rows are aligned
+            store_decoded16(col.decoded + q, packed[side][0], c0s);
+            if (both) store_decoded16(col.decoded + q + 16, packed[side][1], c1s);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the tile's shared memory is overwritten next iteration
+  }
+
+  if constexpr (kAmaxOnly) {
+    block_max_to_global(row_amax, amax_out);
+    if constexpr (kRht) block_max_to_global(col_amax, amax_out + 1);
+  }
+}
+
+}  // namespace
+}  // namespace nibble::cuda

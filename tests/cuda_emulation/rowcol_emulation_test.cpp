@@ -1,0 +1,361 @@
+// Runs the fused NVFP4 pass (src/nibble/quant/cuda/nvfp4_rowcol.cuh: the amax kernel, then the
+// rowwise + columnwise (+RHT) quantization with round-to-nearest or stochastic rounding, and the
+// decoded BF16 outputs) on the CPU, without a GPU, and holds every output to the CPU reference
+// (quant/quantize.h) bit for bit: packed codes, block scales, decode scales, amaxes. The header is
+// compiled as host C++ with every CUDA thread of a block a std::thread (blocks one after another,
+// a grid smaller than the tile count, so that each block loops over several tiles as the
+// persistent grid does), __shared__ arrays as statics shared by the block's threads, warp
+// reductions through a warp barrier, and the kernel's intrinsics emulated from their definitions:
+// __fmaf_ru and __fadd_ru as the CPU's FMA and addition rounded upward (fesetround; the target is
+// built with -frounding-math), cvt.rn.satfinite.e4m3x2 as the reference E4M3 encoder. This puts the
+// kernel's logic (tiling, staging, index arithmetic, the encoders of e2m1_pack.cuh, the RHT sign
+// trick) under CI, which has no GPU; tests/cuda/quantize_cuda_test.cpp checks the same on the device.
+// The ThreadSanitizer build (tests/CMakeLists.txt) also sees a missing barrier around the shared tile.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <barrier>
+#include <cfenv>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "nibble/formats/minifloat.h"
+#include "test_seed.h"
+
+// ---------------------------------------------------------------- the emulated device
+
+namespace emu {
+
+constexpr int kThreads = 128;  // nvfp4_rowcol_kernel's block size (kRowColThreads)
+struct Block {
+  std::barrier<> sync{kThreads};
+  std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
+  uint32_t words[kThreads];  // each thread's warp-reduction operand
+  Block() {
+    for (int w = 0; w < kThreads / 32; ++w) warp_sync.push_back(std::make_unique<std::barrier<>>(32));
+  }
+};
+Block* block = nullptr;
+uint3 block_idx, grid_dim, block_dim{kThreads, 1, 1};
+thread_local uint3 thread_idx;
+
+int lane() { return static_cast<int>(thread_idx.x & 31); }
+int warp() { return static_cast<int>(thread_idx.x >> 5); }
+void warp_sync() { block->warp_sync[warp()]->arrive_and_wait(); }
+
+// The CPU's float operations under a rounding mode (this thread's floating-point environment).
+template <typename F>
+float rounded(int mode, F f) {
+  std::fesetround(mode);
+  const volatile float r = f();
+  std::fesetround(FE_TONEAREST);
+  return r;
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::thread_idx)
+#define blockIdx (emu::block_idx)
+#define blockDim (emu::block_dim)
+#define gridDim (emu::grid_dim)
+#undef __global__
+#define __global__
+#undef __launch_bounds__
+#define __launch_bounds__(...)
+#undef __shared__
+#define __shared__ static
+#undef __align__
+#define __align__(n) __attribute__((aligned(n)))
+#define __syncthreads() (emu::block->sync.arrive_and_wait())
+
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, 4);
+  return f;
+}
+inline uint32_t max(uint32_t a, uint32_t b) { return a > b ? a : b; }
+inline uint32_t __reduce_max_sync(unsigned, uint32_t v) {
+  emu::block->words[emu::thread_idx.x] = v;
+  emu::warp_sync();
+  uint32_t m = 0;
+  for (int l = 0; l < 32; ++l) m = max(m, emu::block->words[(emu::thread_idx.x & ~31u) + l]);
+  emu::warp_sync();
+  return m;
+}
+inline uint32_t atomicMax(uint32_t* p, uint32_t v) {
+  std::atomic_ref<uint32_t> a(*p);
+  uint32_t old = a.load();
+  while (old < v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
+inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+inline float __fmaf_ru(float a, float b, float c) {
+  return emu::rounded(FE_UPWARD, [&] { return std::fma(a, b, c); });
+}
+inline float __fadd_ru(float a, float b) {
+  return emu::rounded(FE_UPWARD, [&] { return a + b; });
+}
+
+namespace nibble::cuda {
+namespace {
+// cvt.rn.satfinite.e4m3x2.f32: nearest-even E4M3 codes of (hi, lo), saturating at 448 (the inputs
+// are non-negative and not NaN), hi in the high byte.
+uint32_t e4m3x2_rn_satfinite(float hi, float lo) {
+  return static_cast<uint32_t>(E4M3::encode(hi, Rounding::kNearestEven)) << 8 | E4M3::encode(lo, Rounding::kNearestEven);
+}
+}  // namespace
+}  // namespace nibble::cuda
+
+#define NIBBLE_ROWCOL_HOST_EMULATION
+#include "../../src/nibble/quant/cuda/nvfp4_rowcol.cuh"
+
+namespace emu {
+
+// Runs kernel() as every thread of every block of `grid` blocks, one block after another.
+void launch(unsigned grid, const std::function<void()>& kernel) {
+  grid_dim = {grid, 1, 1};
+  for (unsigned x = 0; x < grid; ++x) {
+    block_idx = {x, 0, 0};
+    Block b;
+    block = &b;
+    std::vector<std::thread> threads;
+    for (unsigned t = 0; t < kThreads; ++t)
+      threads.emplace_back([&, t] {
+        thread_idx = {t, 0, 0};
+        kernel();
+      });
+    for (auto& th : threads) th.join();
+    block = nullptr;
+  }
+}
+
+}  // namespace emu
+
+namespace nibble::cuda {
+namespace {
+
+// The outputs of the fused pass (amax kernel, then the quantizing kernel of `spec`, as
+// nvfp4_amax and nvfp4_quantize_rowcol launch them).
+struct Outputs {
+  uint32_t amax[2] = {0, 0};
+  std::vector<uint8_t> row_data, row_scales, col_data, col_scales;
+  std::vector<uint16_t> row_decoded, col_decoded;
+  float decode_scale[2] = {0, 0};
+};
+
+template <typename T, bool kAmaxOnly, Rounding kRow, Rounding kCol, bool kRht>
+void run_kernel(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t cols, const RowColSpec& spec,
+                uint32_t* amax_out, const uint32_t* amax_in, QuantBuffers row, QuantBuffers col) {
+  emu::launch(grid, [&] {
+    nvfp4_rowcol_kernel<T, kAmaxOnly, kRow, kCol, kRht>(x.data(), rows, cols, spec, amax_out, amax_in, row, col);
+  });
+}
+
+template <typename T, bool kRht>
+void quantize_with(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t cols, const RowColSpec& spec,
+                   QuantBuffers row, QuantBuffers col, uint32_t* amax) {
+  constexpr Rounding kRne = Rounding::kNearestEven, kSr = Rounding::kStochastic;
+  const bool rs = spec.row_rounding == kSr, cs = spec.col_rounding == kSr;
+  if (rs && cs) run_kernel<T, false, kSr, kSr, kRht>(grid, x, rows, cols, spec, nullptr, amax, row, col);
+  else if (rs) run_kernel<T, false, kSr, kRne, kRht>(grid, x, rows, cols, spec, nullptr, amax, row, col);
+  else if (cs) run_kernel<T, false, kRne, kSr, kRht>(grid, x, rows, cols, spec, nullptr, amax, row, col);
+  else run_kernel<T, false, kRne, kRne, kRht>(grid, x, rows, cols, spec, nullptr, amax, row, col);
+}
+
+template <typename T>
+Outputs run_fused(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t cols, const RowColSpec& spec,
+                  bool decoded) {
+  Outputs o;
+  const size_t n = static_cast<size_t>(rows * cols);
+  o.row_data.assign(n / 2, 0xAB), o.col_data.assign(n / 2, 0xAB);  // not what any output writes
+  o.row_scales.assign(n / 16, 0xAB), o.col_scales.assign(n / 16, 0xAB);
+  if (decoded) o.row_decoded.assign(n, 0xABCD), o.col_decoded.assign(n, 0xABCD);
+  const QuantBuffers row{o.row_data.data(), o.row_scales.data(), &o.decode_scale[0],
+                         decoded ? o.row_decoded.data() : nullptr};
+  const QuantBuffers col{o.col_data.data(), o.col_scales.data(), &o.decode_scale[1],
+                         decoded ? o.col_decoded.data() : nullptr};
+  constexpr Rounding kRne = Rounding::kNearestEven;
+  if (spec.col_rht) {
+    run_kernel<T, true, kRne, kRne, true>(grid, x, rows, cols, spec, o.amax, nullptr, {}, {});
+    quantize_with<T, true>(grid, x, rows, cols, spec, row, col, o.amax);
+  } else {
+    run_kernel<T, true, kRne, kRne, false>(grid, x, rows, cols, spec, o.amax, nullptr, {}, {});
+    o.amax[1] = o.amax[0];  // as nvfp4_amax does: the columnwise copy holds the same values
+    quantize_with<T, false>(grid, x, rows, cols, spec, row, col, o.amax);
+  }
+  return o;
+}
+
+bool same_float(float a, float b) { return (a != a && b != b) || float_bits(a) == float_bits(b); }
+
+// The decoded BF16 value of every element of a reference copy: code x block scale, exact in BF16
+// (so the top half of the float product); zeros where the tensor is not finite.
+std::vector<uint16_t> decoded_reference(const QuantizedTensor& q) {
+  std::vector<uint16_t> d(static_cast<size_t>(q.rows * q.cols), 0);
+  if (q.decode_scale != q.decode_scale) return d;
+  for (size_t i = 0; i < d.size(); ++i) {
+    const uint8_t code = (q.data[i / 2] >> (4 * (i % 2))) & 0xF;
+    d[i] = static_cast<uint16_t>(float_bits(E2M1::decode(code) * E4M3::decode(q.scales[i / 16])) >> 16);
+  }
+  return d;
+}
+
+// Every output of one side against the reference; the first difference in the message.
+::testing::AssertionResult side_matches(const QuantizedTensor& ref, uint32_t amax_bits, float decode_scale,
+                                        const std::vector<uint8_t>& data, const std::vector<uint8_t>& scales,
+                                        const std::vector<uint16_t>& decoded) {
+  if (!same_float(ref.amax, bits_float(amax_bits)))
+    return ::testing::AssertionFailure() << "amax " << ref.amax << " vs " << bits_float(amax_bits);
+  if (!same_float(ref.decode_scale, decode_scale))
+    return ::testing::AssertionFailure() << "decode scale " << ref.decode_scale << " vs " << decode_scale;
+  for (size_t i = 0; i < ref.scales.size(); ++i)
+    if (ref.scales[i] != scales[i])
+      return ::testing::AssertionFailure() << "scale " << i << ": " << int(ref.scales[i]) << " vs " << int(scales[i]);
+  for (size_t i = 0; i < ref.data.size(); ++i)
+    if (ref.data[i] != data[i])
+      return ::testing::AssertionFailure() << "data byte " << i << ": " << int(ref.data[i]) << " vs " << int(data[i]);
+  if (!decoded.empty()) {
+    const std::vector<uint16_t> want = decoded_reference(ref);
+    for (size_t i = 0; i < want.size(); ++i)
+      if (want[i] != decoded[i])
+        return ::testing::AssertionFailure() << "decoded " << i << ": " << want[i] << " vs " << decoded[i];
+  }
+  return ::testing::AssertionSuccess();
+}
+
+enum class Values { kOutliers, kWideBlocks, kWithInfinity, kZeros };
+
+std::vector<float> draw(int64_t rows, int64_t cols, Values kind, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      float v = normal(rng);
+      if (kind == Values::kOutliers && c % 37 == 5) v *= 80.0f;
+      if (kind == Values::kWideBlocks) v = std::ldexp(v, -static_cast<int>((r / 16 * 7 + c / 16 * 13) % 41));
+      if (kind == Values::kZeros) v = 0.0f;
+      x[static_cast<size_t>(r * cols + c)] = v;
+    }
+  if (kind == Values::kWithInfinity) x[x.size() / 3] = -INFINITY;
+  return x;
+}
+
+struct Case {
+  int64_t rows, cols;
+  unsigned grid;
+};
+
+// One tensor through the fused pass, in BF16 and in float, against the CPU reference of each side.
+void check(const Case& k, const std::vector<float>& xf, const RowColSpec& spec, bool decoded) {
+  std::vector<bf16_t> xb(xf.size());
+  for (size_t i = 0; i < xf.size(); ++i) xb[i] = bf16_t{BF16::encode(xf[i], Rounding::kNearestEven)};
+  const auto compare = [&](const auto& x, const char* type) {
+    SCOPED_TRACE(type);
+    using T = typename std::decay_t<decltype(x)>::value_type;
+    const Outputs o = run_fused(k.grid, x, k.rows, k.cols, spec, decoded);
+    const std::span<const T> in(x);
+    EXPECT_TRUE(side_matches(quantize(in, k.rows, k.cols, row_spec(spec)), o.amax[0], o.decode_scale[0], o.row_data,
+                             o.row_scales, o.row_decoded));
+    EXPECT_TRUE(side_matches(quantize(in, k.rows, k.cols, col_spec(spec)), o.amax[1], o.decode_scale[1], o.col_data,
+                             o.col_scales, o.col_decoded));
+  };
+  compare(xb, "bf16");
+  compare(xf, "float");
+}
+
+RowColSpec make_spec(bool rht, Rounding row, Rounding col, uint64_t seed) {
+  RowColSpec spec;
+  spec.col_rht = rht;
+  spec.row_rounding = row;
+  spec.col_rounding = col;
+  spec.seed = seed;
+  spec.rht_signs = rht_signs_from_seed(seed);
+  return spec;
+}
+
+// The magnitude encoders of e2m1_pack.cuh (as emulated here: the CPU's FMA under the rounding mode
+// asked for) against minifloat.h's on the floats where rounding decides: a sweep of [0, 16], every
+// float near each grid point and midpoint of E2M1's three grids, tiny values down to the smallest
+// subnormal; with the extreme half-words (0: round up when anything is above the grid point,
+// 0xFFFF) and random ones. The device test E2m1PackCuda.* sweeps every float in [0, 16] on the GPU.
+TEST(RowColEmulation, MagnitudeEncodersEqualTheReference) {
+  std::mt19937_64 rng(test::fresh_seed());
+  std::vector<float> ys;
+  for (uint32_t b = 0; b <= float_bits(16.0f); b += 331) ys.push_back(bits_float(b));
+  for (float g = 0.0f; g <= 16.0f; g += 0.25f)
+    for (int d = -64; d <= 64; ++d) ys.push_back(bits_float(static_cast<uint32_t>(static_cast<int64_t>(float_bits(g)) + d)));
+  for (uint32_t b = 1; b < 64; ++b) ys.push_back(bits_float(b));
+  for (int e = -149; e <= 4; ++e) ys.push_back(std::ldexp(1.0f, e));
+  ys.push_back(INFINITY);
+  int64_t compared = 0;
+  for (float y : ys) {
+    if (!(y >= 0.0f)) continue;  // the d < 0 neighbours of 0 are NaNs
+    const uint32_t rne = float_bits(e2m1_rne_magic<true>(y)) - float_bits(kE2m1RneMagic);
+    ASSERT_EQ(rne, e2m1_encode_rne_fast(y)) << "round to nearest, y = " << y;
+    for (uint32_t h : {0u, 1u, 0x8000u, 0xFFFFu, static_cast<uint32_t>(rng() & 0xFFFF)}) {
+      const Philox4x32 group{{h, 0, 0, 0}};  // element 0 draws the low half of word 0
+      const uint32_t sr = float_bits(e2m1_sr_magic(y, sr_neg_one_minus_u(group, 0))) - float_bits(kE2m1SrMagic);
+      ASSERT_EQ(sr, e2m1_encode_sr_fast(y, h << 16)) << "stochastic rounding, y = " << y << ", half-word " << h;
+      ++compared;
+    }
+  }
+  std::printf("E2M1 magnitude encoders: %lld stochastic and %zu nearest-even codes compared\n",
+              static_cast<long long>(compared), ys.size());
+}
+
+// Shapes with partial 64 x 128 tiles at both edges, and grids of fewer blocks than tiles.
+const Case kCases[] = {{16, 16, 1}, {48, 80, 1}, {64, 128, 1}, {112, 272, 2}, {208, 144, 3}};
+
+TEST(RowColEmulation, EqualsTheCpuReferenceBitForBit) {
+  std::mt19937_64 rng(test::fresh_seed());
+  for (const Case& k : kCases) {
+    for (Values kind : {Values::kOutliers, Values::kWideBlocks}) {
+      const std::vector<float> x = draw(k.rows, k.cols, kind, rng);
+      for (bool rht : {false, true})
+        for (Rounding rr : {Rounding::kNearestEven, Rounding::kStochastic})
+          for (Rounding cr : {Rounding::kNearestEven, Rounding::kStochastic}) {
+            SCOPED_TRACE(std::to_string(k.rows) + "x" + std::to_string(k.cols) + " values " +
+                         std::to_string(static_cast<int>(kind)) + " rht " + std::to_string(rht) + " row " +
+                         std::string(rounding_name(rr)) + " col " + std::string(rounding_name(cr)));
+            check(k, x, make_spec(rht, rr, cr, rng()), /*decoded=*/rr == cr);
+          }
+    }
+  }
+}
+
+TEST(RowColEmulation, NonFiniteAndZeroTensors) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const Case k{48, 144, 2};
+  for (Values kind : {Values::kWithInfinity, Values::kZeros})
+    for (bool rht : {false, true}) {
+      SCOPED_TRACE("values " + std::to_string(static_cast<int>(kind)) + " rht " + std::to_string(rht));
+      check(k, draw(k.rows, k.cols, kind, rng), make_spec(rht, Rounding::kStochastic, Rounding::kNearestEven, rng()),
+            /*decoded=*/true);
+    }
+}
+
+// The ThreadSanitizer build runs this one (every kernel variant once, several tiles per block).
+TEST(RowColEmulation, SeveralTilesPerBlock) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const Case k{144, 272, 2};
+  const std::vector<float> x = draw(k.rows, k.cols, Values::kOutliers, rng);
+  check(k, x, make_spec(true, Rounding::kStochastic, Rounding::kStochastic, rng()), /*decoded=*/true);
+  check(k, x, make_spec(true, Rounding::kNearestEven, Rounding::kNearestEven, rng()), /*decoded=*/true);
+}
+
+}  // namespace
+}  // namespace nibble::cuda
