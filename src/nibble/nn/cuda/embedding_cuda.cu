@@ -55,8 +55,8 @@ __global__ void sort_input_kernel(const uint32_t* __restrict__ ids, int64_t n, u
 
 // One block per sorted entry; only the first entry of each run of equal ids works: its threads
 // (one per column) add the run's gradient rows in position order, as the CPU does. The additions
-// are a chain, but the loads are not: kBatch rows are loaded before they are added, so a frequent
-// token (runs of thousands in a batch) waits for one load latency per kBatch rows, not per row.
+// are a chain, but the loads are not: kScatterBatch rows are loaded before they are added, so a frequent
+// token (runs of thousands in a batch) waits for one load latency per kScatterBatch rows, not per row.
 constexpr int kScatterBatch = 16;
 __global__ void scatter_add_kernel(const uint32_t* __restrict__ keys, const uint32_t* __restrict__ positions,
                                    int64_t n, uint32_t rows, int64_t dim, const float* __restrict__ dout,
