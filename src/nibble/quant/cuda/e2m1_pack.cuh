@@ -5,7 +5,7 @@
 // on every float in [0, 16] and on random words, and the CUDA quantizer tests compare whole kernels
 // with the CPU reference. NaN is not handled (the reference's code 0x7 is not produced): the fused
 // passes encode no element of a tensor whose amax is not finite (its copy is all zeros).
-// tests/cuda_emulation/rowcol_emulation_test.cpp compiles this header as host C++ with its own
+// tests/cuda_emulation/quantize_emulation_test.cpp compiles this header as host C++ with its own
 // __fmaf_rn, __fmaf_ru and __fadd_ru (the CPU's FMA and addition under the rounding mode asked for).
 //
 // Both work on |y| by "magic" float arithmetic: with an integer M in [2^23, 2^24), where floats are

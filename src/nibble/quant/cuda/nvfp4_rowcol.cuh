@@ -1,6 +1,6 @@
 // The fused NVFP4 rowwise + columnwise (+RHT) pass (nvfp4_rowcol_kernel) and the device helpers
 // the other quantizer kernels of quantize_cuda.cu share with it. Included by quantize_cuda.cu, and
-// compiled as host C++ by tests/cuda_emulation/rowcol_emulation_test.cpp
+// compiled as host C++ by tests/cuda_emulation/quantize_emulation_test.cpp
 // (NIBBLE_ROWCOL_HOST_EMULATION, which brings its own versions of the PTX wrapper below and of the
 // CUDA intrinsics), so that the kernel's bits are checked against the CPU reference without a GPU.
 #pragma once

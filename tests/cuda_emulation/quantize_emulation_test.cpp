@@ -1,19 +1,21 @@
 // Runs the fused NVFP4 pass (src/nibble/quant/cuda/nvfp4_rowcol.cuh: the amax kernel, then the
 // rowwise + columnwise (+RHT) quantization with round-to-nearest or stochastic rounding, and the
-// decoded BF16 outputs) on the CPU, without a GPU, and holds every output to the CPU reference
-// (quant/quantize.h) bit for bit: packed codes, block scales, decode scales, amaxes. The header is
-// compiled as host C++ with every CUDA thread of a block a std::thread (blocks one after another,
-// a grid smaller than the tile count, so that each block loops over several tiles as the
-// persistent grid does), __shared__ arrays as statics shared by the block's threads, warp
-// reductions through a warp barrier, and the kernel's intrinsics emulated from their definitions:
-// __fmaf_ru and __fadd_ru as the CPU's FMA and addition rounded upward (fesetround; the target is
-// built with -frounding-math), cvt.rn.satfinite.e4m3x2 as the reference E4M3 encoder. This puts the
-// kernel's logic (tiling, staging, index arithmetic, the encoders of e2m1_pack.cuh, the RHT sign
-// trick) under CI, which has no GPU; tests/cuda/quantize_cuda_test.cpp checks the same on the device.
-// The ThreadSanitizer build (tests/CMakeLists.txt) also sees a missing barrier around the shared tile.
+// decoded BF16 outputs) and the 16x16 weight kernel (nvfp4_tile16.cuh: W and W^T) on the CPU,
+// without a GPU, and holds every output to the CPU reference (quant/quantize.h) bit for bit: packed
+// codes, block scales, decode scales, amaxes. The headers are compiled as host C++ with every CUDA
+// thread of a block a std::thread (blocks one after another, a grid smaller than the work, so that
+// each block loops as the persistent grids do), __shared__ arrays as statics shared by the block's
+// threads, warp shuffles and reductions through a warp barrier, and the kernels' intrinsics
+// emulated from their definitions: __fmaf_ru and __fadd_ru as the CPU's FMA and addition rounded
+// upward (fesetround; the target is built with -frounding-math), cvt.rn.satfinite.e4m3x2 as the
+// reference E4M3 encoder. This puts the kernels' logic (tiling, staging, index arithmetic, the
+// encoders of e2m1_pack.cuh, the RHT sign trick, the nibble transposes) under CI, which has no GPU;
+// tests/cuda/quantize_cuda_test.cpp checks the same on the device. The ThreadSanitizer build
+// (tests/CMakeLists.txt) also sees a missing barrier around the fused pass's shared tile.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <barrier>
 #include <cfenv>
@@ -35,11 +37,11 @@
 
 namespace emu {
 
-constexpr int kThreads = 128;  // nvfp4_rowcol_kernel's block size (kRowColThreads)
+constexpr int kThreads = 128;  // the block size of both kernels (kRowColThreads, kTile16Threads)
 struct Block {
   std::barrier<> sync{kThreads};
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
-  uint32_t words[kThreads];  // each thread's warp-reduction operand
+  uint32_t words[kThreads];  // each thread's shuffle or warp-reduction operand
   Block() {
     for (int w = 0; w < kThreads / 32; ++w) warp_sync.push_back(std::make_unique<std::barrier<>>(32));
   }
@@ -95,6 +97,22 @@ inline uint32_t __reduce_max_sync(unsigned, uint32_t v) {
   emu::warp_sync();
   return m;
 }
+// __shfl_xor_sync for 32-bit values (float, uint32_t).
+template <typename V>
+V __shfl_xor_sync(unsigned, V v, int mask) {
+  static_assert(sizeof(V) == 4);
+  std::memcpy(&emu::block->words[emu::thread_idx.x], &v, 4);
+  emu::warp_sync();
+  V r;
+  std::memcpy(&r, &emu::block->words[(emu::thread_idx.x & ~31u) + (emu::lane() ^ mask)], 4);
+  emu::warp_sync();
+  return r;
+}
+// Per 16-bit half, the unsigned maximum.
+inline uint32_t __vmaxu2(uint32_t a, uint32_t b) {
+  const uint32_t lo = std::max(a & 0xFFFFu, b & 0xFFFFu), hi = std::max(a >> 16, b >> 16);
+  return hi << 16 | lo;
+}
 inline uint32_t atomicMax(uint32_t* p, uint32_t v) {
   std::atomic_ref<uint32_t> a(*p);
   uint32_t old = a.load();
@@ -122,6 +140,7 @@ uint32_t e4m3x2_rn_satfinite(float hi, float lo) {
 
 #define NIBBLE_ROWCOL_HOST_EMULATION
 #include "../../src/nibble/quant/cuda/nvfp4_rowcol.cuh"
+#include "../../src/nibble/quant/cuda/nvfp4_tile16.cuh"
 
 namespace emu {
 
@@ -254,6 +273,12 @@ std::vector<float> draw(int64_t rows, int64_t cols, Values kind, std::mt19937_64
   return x;
 }
 
+std::vector<bf16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<bf16_t> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = bf16_t{BF16::encode(x[i], Rounding::kNearestEven)};
+  return y;
+}
+
 struct Case {
   int64_t rows, cols;
   unsigned grid;
@@ -261,8 +286,7 @@ struct Case {
 
 // One tensor through the fused pass, in BF16 and in float, against the CPU reference of each side.
 void check(const Case& k, const std::vector<float>& xf, const RowColSpec& spec, bool decoded) {
-  std::vector<bf16_t> xb(xf.size());
-  for (size_t i = 0; i < xf.size(); ++i) xb[i] = bf16_t{BF16::encode(xf[i], Rounding::kNearestEven)};
+  const std::vector<bf16_t> xb = to_bf16(xf);
   const auto compare = [&](const auto& x, const char* type) {
     SCOPED_TRACE(type);
     using T = typename std::decay_t<decltype(x)>::value_type;
@@ -292,7 +316,7 @@ RowColSpec make_spec(bool rht, Rounding row, Rounding col, uint64_t seed) {
 // float near each grid point and midpoint of E2M1's three grids, tiny values down to the smallest
 // subnormal; with the extreme half-words (0: round up when anything is above the grid point,
 // 0xFFFF) and random ones. The device test E2m1PackCuda.* sweeps every float in [0, 16] on the GPU.
-TEST(RowColEmulation, MagnitudeEncodersEqualTheReference) {
+TEST(QuantizeEmulation, MagnitudeEncodersEqualTheReference) {
   std::mt19937_64 rng(test::fresh_seed());
   std::vector<float> ys;
   for (uint32_t b = 0; b <= float_bits(16.0f); b += 331) ys.push_back(bits_float(b));
@@ -320,7 +344,7 @@ TEST(RowColEmulation, MagnitudeEncodersEqualTheReference) {
 // Shapes with partial 64 x 128 tiles at both edges, and grids of fewer blocks than tiles.
 const Case kCases[] = {{16, 16, 1}, {48, 80, 1}, {64, 128, 1}, {112, 272, 2}, {208, 144, 3}};
 
-TEST(RowColEmulation, EqualsTheCpuReferenceBitForBit) {
+TEST(QuantizeEmulation, RowColEqualsTheCpuReferenceBitForBit) {
   std::mt19937_64 rng(test::fresh_seed());
   for (const Case& k : kCases) {
     for (Values kind : {Values::kOutliers, Values::kWideBlocks}) {
@@ -337,7 +361,7 @@ TEST(RowColEmulation, EqualsTheCpuReferenceBitForBit) {
   }
 }
 
-TEST(RowColEmulation, NonFiniteAndZeroTensors) {
+TEST(QuantizeEmulation, RowColNonFiniteAndZeroTensors) {
   std::mt19937_64 rng(test::fresh_seed());
   const Case k{48, 144, 2};
   for (Values kind : {Values::kWithInfinity, Values::kZeros})
@@ -349,12 +373,61 @@ TEST(RowColEmulation, NonFiniteAndZeroTensors) {
 }
 
 // The ThreadSanitizer build runs this one (every kernel variant once, several tiles per block).
-TEST(RowColEmulation, SeveralTilesPerBlock) {
+TEST(QuantizeEmulation, RowColSeveralTilesPerBlock) {
   std::mt19937_64 rng(test::fresh_seed());
   const Case k{144, 272, 2};
   const std::vector<float> x = draw(k.rows, k.cols, Values::kOutliers, rng);
   check(k, x, make_spec(true, Rounding::kStochastic, Rounding::kStochastic, rng()), /*decoded=*/true);
   check(k, x, make_spec(true, Rounding::kNearestEven, Rounding::kNearestEven, rng()), /*decoded=*/true);
+}
+
+// ---------------------------------------------------------------- 16x16 weight kernel
+
+// W and/or W^T of x through the 16x16 kernel (after the amax kernel with the columnwise side off,
+// as quantize_amax runs it for 16x16), against the CPU reference of each; `grid` blocks of 4 warps
+// loop over the 32 x 64 warp tiles.
+template <typename T>
+void check_tile16(const std::vector<T>& x, int64_t rows, int64_t cols, unsigned grid, bool w_side, bool t_side) {
+  const size_t n = x.size();
+  uint32_t amax[2] = {0, 0};
+  RowColSpec amax_spec;
+  amax_spec.columnwise = false;
+  run_kernel<T, true, Rounding::kNearestEven, Rounding::kNearestEven, false>(grid, x, rows, cols, amax_spec, amax,
+                                                                              nullptr, {}, {});
+  std::vector<uint8_t> w_data(n / 2, 0xAB), t_data(n / 2, 0xAB), w_scales(n / 256, 0xAB), t_scales(n / 256, 0xAB);
+  float g[2] = {0, 0};
+  const QuantBuffers w_out = w_side ? QuantBuffers{w_data.data(), w_scales.data(), &g[0]} : QuantBuffers{};
+  const QuantBuffers t_out = t_side ? QuantBuffers{t_data.data(), t_scales.data(), &g[1]} : QuantBuffers{};
+  emu::launch(grid, [&] { nvfp4_tile16_kernel<T>(x.data(), rows, cols, amax, w_out, t_out); });
+  const std::span<const T> in(x);
+  QuantSpec w_spec;
+  w_spec.block = Block::k16x16;
+  QuantSpec t_spec = w_spec;
+  t_spec.columnwise = true;
+  if (w_side) {
+    EXPECT_TRUE(side_matches(quantize(in, rows, cols, w_spec), amax[0], g[0], w_data, w_scales, {})) << "W";
+  }
+  if (t_side) {
+    EXPECT_TRUE(side_matches(quantize(in, rows, cols, t_spec), amax[0], g[1], t_data, t_scales, {})) << "W^T";
+  }
+}
+
+// Shapes with remainders of rows mod 32 and cols mod 64 (partial warp tiles); grids of fewer warps
+// than warp tiles; tile scales over E4M3's whole range (kWideBlocks), a non-finite and a zero tensor.
+TEST(QuantizeEmulation, Tile16EqualsTheCpuReferenceBitForBit) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const Case cases[] = {{16, 16, 1}, {48, 80, 1}, {96, 176, 1}, {160, 48, 2}, {208, 336, 1}};
+  for (const Case& k : cases)
+    for (Values kind : {Values::kOutliers, Values::kWideBlocks, Values::kWithInfinity, Values::kZeros}) {
+      SCOPED_TRACE(std::to_string(k.rows) + "x" + std::to_string(k.cols) + " values " +
+                   std::to_string(static_cast<int>(kind)));
+      const std::vector<float> x = draw(k.rows, k.cols, kind, rng);
+      check_tile16(x, k.rows, k.cols, k.grid, true, true);
+      check_tile16(to_bf16(x), k.rows, k.cols, k.grid, true, true);
+    }
+  const std::vector<float> x = draw(80, 208, Values::kOutliers, rng);  // one side alone
+  check_tile16(x, 80, 208, 1, true, false);
+  check_tile16(x, 80, 208, 1, false, true);
 }
 
 }  // namespace
