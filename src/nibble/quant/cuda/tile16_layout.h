@@ -1,4 +1,4 @@
-// Data layout of the NVFP4 16x16 weight quantizer (nvfp4_tile16_kernel in quantize_cuda.cu):
+// Data layout of the NVFP4 16x16 weight quantizer (nvfp4_tile16_kernel in nvfp4_tile16.cuh):
 // which elements each lane of a warp holds, and the nibble transpose that turns W's codes into
 // W^T's. Host and device code, so that a CPU test (tests/quant/tile16_layout_test.cpp) can run the
 // same index math and transpose steps lane by lane, with the shuffles emulated.
