@@ -14,6 +14,8 @@
 #include <vector>
 
 #include "nibble/quant/quantize.h"
+#include "cuda/fused_pass_spec.h"
+#include "quant/test_inputs.h"
 
 namespace nibble {
 namespace {
@@ -52,12 +54,6 @@ std::vector<float> draw(int64_t rows, int64_t cols, Dist dist, std::mt19937_64& 
     }
   }
   return x;
-}
-
-std::vector<bf16_t> to_bf16(const std::vector<float>& x) {
-  std::vector<bf16_t> y(x.size());
-  for (size_t i = 0; i < x.size(); ++i) y[i] = bf16_t{BF16::encode(x[i], Rounding::kNearestEven)};
-  return y;
 }
 
 uint32_t bits(float f) {
@@ -140,7 +136,7 @@ TEST(CudaQuantize, GenericPathEqualsCpuBitForBit) {
   for (Shape sh : kShapes) {
     for (Dist dist : {Dist::kGaussianOutliers, Dist::kUniform, Dist::kTiny, Dist::kSparseBlocks}) {
       const std::vector<float> xf = draw(sh.rows, sh.cols, dist, rng);
-      const std::vector<bf16_t> xb = to_bf16(xf);
+      const std::vector<bf16_t> xb = test::to_bf16(xf);
       for (const QuantSpec& s : all_specs()) {
         if (!shape_ok(s, sh)) continue;
         SCOPED_TRACE(describe(s) + " " + std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " dist " +
@@ -168,43 +164,44 @@ TEST(CudaQuantize, GenericPathEqualsCpuBitForBit) {
   EXPECT_GT(compared, 500);
 }
 
-// A fused-pass spec with both sides on: the RHT on the columnwise side or not, each side's rounding,
-// the seed and the RHT signs drawn from it.
-cuda::RowColSpec rowcol_spec(bool rht, Rounding row, Rounding col, uint64_t seed) {
-  cuda::RowColSpec spec;
-  spec.col_rht = rht;
-  spec.row_rounding = row;
-  spec.col_rounding = col;
-  spec.seed = seed;
-  spec.rht_signs = rht_signs_from_seed(seed);
-  return spec;
-}
+using test::fused_pass_spec;
 
-TEST(CudaQuantize, FusedRowColEqualsCpuBitForBit) {
-  std::mt19937_64 rng(fresh_seed() + 1);
-  int compared = 0;
+// Every case of the fused-pass tests below: shapes x distributions x RHT x each side's rounding,
+// fn(shape, x as float, x as BF16, spec) under a trace naming the case; each spec's seed is
+// fresh_seed() ^ salt.
+template <typename Fn>
+void for_each_fused_case(std::mt19937_64& rng, uint64_t salt, Fn fn) {
   for (Shape sh : kShapes) {
     for (Dist dist : {Dist::kGaussianOutliers, Dist::kUniform, Dist::kTiny, Dist::kSparseBlocks, Dist::kWideBlocks}) {
       const std::vector<float> xf = draw(sh.rows, sh.cols, dist, rng);
-      const std::vector<bf16_t> xb = to_bf16(xf);
+      const std::vector<bf16_t> xb = test::to_bf16(xf);
       for (bool rht : {false, true}) {
         for (Rounding rr : {Rounding::kNearestEven, Rounding::kStochastic}) {
           for (Rounding cr : {Rounding::kNearestEven, Rounding::kStochastic}) {
-            const cuda::RowColSpec spec = rowcol_spec(rht, rr, cr, fresh_seed() ^ 0x1234);
-            SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " rht " + std::to_string(rht) +
-                         " row " + std::string(rounding_name(rr)) + " col " + std::string(rounding_name(cr)));
-            const auto [row_b, col_b] = cuda::quantize_rowcol_on_gpu(std::span<const bf16_t>(xb), sh.rows, sh.cols, spec);
-            EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::row_spec(spec)), row_b));
-            EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::col_spec(spec)), col_b));
-            const auto [row_f, col_f] = cuda::quantize_rowcol_on_gpu(std::span<const float>(xf), sh.rows, sh.cols, spec);
-            EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::row_spec(spec)), row_f));
-            EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::col_spec(spec)), col_f));
-            compared += 4;
+            SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " dist " +
+                         std::to_string(static_cast<int>(dist)) + " rht " + std::to_string(rht) + " row " +
+                         std::string(rounding_name(rr)) + " col " + std::string(rounding_name(cr)));
+            fn(sh, xf, xb, fused_pass_spec(rht, rr, cr, fresh_seed() ^ salt));
           }
         }
       }
     }
   }
+}
+
+TEST(CudaQuantize, FusedRowColEqualsCpuBitForBit) {
+  std::mt19937_64 rng(fresh_seed() + 1);
+  int compared = 0;
+  for_each_fused_case(rng, 0x1234, [&](Shape sh, const std::vector<float>& xf, const std::vector<bf16_t>& xb,
+                                       const cuda::RowColSpec& spec) {
+    const auto [row_b, col_b] = cuda::quantize_rowcol_on_gpu(std::span<const bf16_t>(xb), sh.rows, sh.cols, spec);
+    EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::row_spec(spec)), row_b));
+    EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::col_spec(spec)), col_b));
+    const auto [row_f, col_f] = cuda::quantize_rowcol_on_gpu(std::span<const float>(xf), sh.rows, sh.cols, spec);
+    EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::row_spec(spec)), row_f));
+    EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::col_spec(spec)), col_f));
+    compared += 4;
+  });
   std::printf("fused path: %d quantized copies compared bit for bit\n", compared);
 }
 
@@ -217,7 +214,7 @@ TEST(CudaQuantize, FusedRowColLoopsOverTilesBitForBit) {
   int compared = 0;
   for (Shape sh : shapes) {
     const std::vector<float> xf = draw(sh.rows, sh.cols, Dist::kGaussianOutliers, rng);
-    const std::vector<bf16_t> xb = to_bf16(xf);
+    const std::vector<bf16_t> xb = test::to_bf16(xf);
     for (bool sr : {false, true}) {
       cuda::RowColSpec spec;
       spec.col_rht = true;
@@ -278,22 +275,9 @@ TEST(CudaQuantize, NonFiniteAndZeroTensorsMatchCpu) {
   }
 }
 
-// What decoding a packed NVFP4 1x16 copy to BF16 gives: the float32 product code x block scale that
-// decode_fp4_kernel (nn/cuda/operand_cuda.cu) computes, whose upper half it stores.
-std::vector<uint16_t> decode_to_bf16(const QuantizedTensor& q) {
-  std::vector<uint16_t> out(static_cast<size_t>(q.numel()));
-  for (int64_t i = 0; i < q.numel(); ++i) {
-    const uint8_t byte = q.data[static_cast<size_t>(i / 2)];
-    const uint8_t code = (i & 1) ? byte >> 4 : byte & 0xF;
-    const float value = E2M1::decode(code) * E4M3::decode(q.scales[static_cast<size_t>(i / 16)]);
-    out[static_cast<size_t>(i)] = static_cast<uint16_t>(bits(value) >> 16);
-  }
-  return out;
-}
-
-// The fused pass's decoded output against decode_to_bf16 of its packed output.
+// The fused pass's decoded output against the BF16 decode of its packed output.
 ::testing::AssertionResult decoded_matches(const QuantizedTensor& q, const std::vector<uint16_t>& decoded) {
-  const std::vector<uint16_t> expected = decode_to_bf16(q);
+  const std::vector<uint16_t> expected = test::nvfp4_decoded_bf16(q);
   if (decoded.size() != expected.size())
     return ::testing::AssertionFailure() << "decoded size " << decoded.size() << ", expected " << expected.size();
   for (size_t i = 0; i < expected.size(); ++i)
@@ -330,25 +314,12 @@ void check_decoded_pass(const std::vector<T>& x, int64_t rows, int64_t cols, con
 TEST(CudaQuantize, FusedDecodedOutputEqualsDecodedPackedBitForBit) {
   std::mt19937_64 rng(fresh_seed() + 6);
   int cases = 0;
-  for (Shape sh : kShapes) {
-    for (Dist dist : {Dist::kGaussianOutliers, Dist::kUniform, Dist::kTiny, Dist::kSparseBlocks, Dist::kWideBlocks}) {
-      const std::vector<float> xf = draw(sh.rows, sh.cols, dist, rng);
-      const std::vector<bf16_t> xb = to_bf16(xf);
-      for (bool rht : {false, true}) {
-        for (Rounding rr : {Rounding::kNearestEven, Rounding::kStochastic}) {
-          for (Rounding cr : {Rounding::kNearestEven, Rounding::kStochastic}) {
-            const cuda::RowColSpec spec = rowcol_spec(rht, rr, cr, fresh_seed() ^ 0x9ABC);
-            SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + " dist " +
-                         std::to_string(static_cast<int>(dist)) + " rht " + std::to_string(rht) + " row " +
-                         std::string(rounding_name(rr)) + " col " + std::string(rounding_name(cr)));
-            check_decoded_pass(xb, sh.rows, sh.cols, spec, "bf16 input");
-            check_decoded_pass(xf, sh.rows, sh.cols, spec, "float input");
-            cases += 2;
-          }
-        }
-      }
-    }
-  }
+  for_each_fused_case(rng, 0x9ABC, [&](Shape sh, const std::vector<float>& xf, const std::vector<bf16_t>& xb,
+                                       const cuda::RowColSpec& spec) {
+    check_decoded_pass(xb, sh.rows, sh.cols, spec, "bf16 input");
+    check_decoded_pass(xf, sh.rows, sh.cols, spec, "float input");
+    cases += 2;
+  });
   std::printf("fused path with decoded output: %d cases compared bit for bit\n", cases);
 }
 
@@ -363,11 +334,11 @@ TEST(CudaQuantize, FusedDecodedOutputSidesAndSpecialTensors) {
     spec.rht_signs = rht_signs_from_seed(rng());
     spec.columnwise = false;
     check_decoded_pass(x, 96, 160, spec, "rowwise only");
-    check_decoded_pass(to_bf16(x), 96, 160, spec, "rowwise only, bf16");
+    check_decoded_pass(test::to_bf16(x), 96, 160, spec, "rowwise only, bf16");
     spec.columnwise = true;
     spec.rowwise = false;
     check_decoded_pass(x, 96, 160, spec, "columnwise only");
-    check_decoded_pass(to_bf16(x), 96, 160, spec, "columnwise only, bf16");
+    check_decoded_pass(test::to_bf16(x), 96, 160, spec, "columnwise only, bf16");
   }
 
 
@@ -395,7 +366,7 @@ TEST(CudaQuantize, FusedDecodedOutputSidesAndSpecialTensors) {
 TEST(CudaQuantize, FusedDecodedOutputLoopsOverTiles) {
   std::mt19937_64 rng(fresh_seed() + 8);
   const std::vector<float> x = draw(2064, 4112, Dist::kGaussianOutliers, rng);
-  const std::vector<bf16_t> xb = to_bf16(x);
+  const std::vector<bf16_t> xb = test::to_bf16(x);
   for (bool sr : {false, true}) {
     cuda::RowColSpec spec;
     spec.col_rht = true;
@@ -440,7 +411,7 @@ TEST(CudaQuantize, Tile16KernelEqualsCpuBitForBit) {
                    std::to_string(static_cast<int>(dist)));
       const std::vector<float> xf = draw(sh.rows, sh.cols, dist, rng);
       compared += check_tile16(xf, sh.rows, sh.cols);
-      compared += check_tile16(to_bf16(xf), sh.rows, sh.cols);
+      compared += check_tile16(test::to_bf16(xf), sh.rows, sh.cols);
     }
   }
   std::printf("16x16 kernel: %d quantized copies compared bit for bit\n", compared);
@@ -453,7 +424,7 @@ TEST(CudaQuantize, Tile16KernelLoopsOverWarpTilesBitForBit) {
     SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols));
     const std::vector<float> xf = draw(sh.rows, sh.cols, Dist::kWideBlocks, rng);
     check_tile16(xf, sh.rows, sh.cols);
-    check_tile16(to_bf16(xf), sh.rows, sh.cols);
+    check_tile16(test::to_bf16(xf), sh.rows, sh.cols);
   }
 }
 
@@ -464,7 +435,7 @@ TEST(CudaQuantize, Tile16KernelNonFiniteAndZeroTensors) {
     std::vector<float> x = draw(80, 208, Dist::kUniform, rng);
     x[std::uniform_int_distribution<size_t>(0, x.size() - 1)(rng)] = poison;
     check_tile16(x, 80, 208);
-    check_tile16(to_bf16(x), 80, 208);
+    check_tile16(test::to_bf16(x), 80, 208);
     EXPECT_FALSE(cuda::quantize_tile16_pair_on_gpu(std::span<const float>(x), 80, 208).second.finite());
   }
   const std::vector<float> zeros(80 * 208, 0.0f);

@@ -31,6 +31,7 @@
 #include <thread>
 #include <vector>
 
+#include "cuda_emulation/emulated_grid.h"
 #include "test_seed.h"
 
 // ---------------------------------------------------------------- the emulated device
@@ -47,8 +48,7 @@ struct Block {
   }
 };
 Block* block = nullptr;
-uint3 block_idx, grid_dim, block_dim{kThreads, 1, 1};
-thread_local uint3 thread_idx;
+uint3 block_dim{kThreads, 1, 1};
 
 alignas(16) unsigned char shared[256 * 1024];  // the dynamic shared memory
 size_t shared_limit = 0;                       // the launch's size of it
@@ -191,21 +191,13 @@ namespace emu {
 template <typename Kernel>
 void launch(unsigned grid, size_t shared_bytes, Kernel kernel) {
   if (shared_bytes > sizeof(shared)) throw std::runtime_error("emulated shared memory too small");
-  grid_dim = {grid, 1, 1};
   shared_limit = shared_bytes;
   std::memset(shared, 0xff, sizeof(shared));  // NaNs
-  for (unsigned x = 0; x < grid; ++x) {
-    block_idx = {x, 0, 0};
-    Block b;
-    block = &b;
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < kThreads; ++t)
-      threads.emplace_back([t, &kernel] {
-        thread_idx = {t, 0, 0};
-        kernel();
-      });
-    for (auto& th : threads) th.join();
-  }
+  run_grid(dim3(grid), kThreads, [] {
+    auto b = std::make_unique<Block>();
+    block = b.get();
+    return b;
+  }, kernel);
   std::lock_guard<std::mutex> lock(barriers_mutex);
   for (const auto& [address, b] : barriers)
     if (!b.pending.empty() || b.tx != 0 || b.arrivals != 0) bad_copy = true;  // a copy still in flight at exit

@@ -28,12 +28,14 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <random>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "nibble/nn/cuda/attention_flash.cuh"
+#include "cuda_emulation/emulated_grid.h"
 #include "test_seed.h"
 
 // ---------------------------------------------------------------- the emulated device
@@ -58,8 +60,6 @@ struct Block {
   float floats[kThreads][4];
 };
 Block* block = nullptr;
-uint3 block_idx, grid_dim;
-thread_local uint3 thread_idx;
 size_t shared_limit = 0;  // the launch's dynamic shared memory
 enum class Landing { kLate, kEarly };  // when cp.async copies land (see the top of the file)
 Landing landing = Landing::kLate;
@@ -215,25 +215,17 @@ namespace emu {
 template <typename Kernel>
 void launch(dim3 grid, size_t shared_bytes, Kernel kernel) {
   if (shared_bytes > sizeof(shared)) throw std::runtime_error("emulated shared memory too small");
-  grid_dim = {grid.x, grid.y, grid.z};
   shared_limit = shared_bytes;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) {
-        block_idx = {x, y, z};
-        std::memset(shared, 0xff, sizeof(shared));  // NaNs in BF16 and FP32
-        Block b;
-        block = &b;
-        std::vector<std::thread> threads;
-        for (unsigned t = 0; t < kThreads; ++t)
-          threads.emplace_back([t, &kernel] {
-            thread_idx = {t, 0, 0};
-            groups.clear();
-            open_group.clear();
-            kernel();
-          });
-        for (auto& th : threads) th.join();
-      }
+  run_grid(grid, kThreads, [] {
+    std::memset(shared, 0xff, sizeof(shared));  // NaNs in BF16 and FP32
+    auto b = std::make_unique<Block>();
+    block = b.get();
+    return b;
+  }, [&kernel] {
+    groups.clear();
+    open_group.clear();
+    kernel();
+  });
 }
 
 }  // namespace emu

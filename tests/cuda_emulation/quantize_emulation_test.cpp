@@ -30,7 +30,10 @@
 #include <thread>
 #include <vector>
 
+#include "cuda/fused_pass_spec.h"
 #include "nibble/formats/minifloat.h"
+#include "quant/test_inputs.h"
+#include "cuda_emulation/emulated_grid.h"
 #include "test_seed.h"
 
 // ---------------------------------------------------------------- the emulated device
@@ -47,8 +50,7 @@ struct Block {
   }
 };
 Block* block = nullptr;
-uint3 block_idx, grid_dim, block_dim{kThreads, 1, 1};
-thread_local uint3 thread_idx;
+uint3 block_dim{kThreads, 1, 1};
 
 int lane() { return static_cast<int>(thread_idx.x & 31); }
 int warp() { return static_cast<int>(thread_idx.x >> 5); }
@@ -146,20 +148,11 @@ namespace emu {
 
 // Runs kernel() as every thread of every block of `grid` blocks, one block after another.
 void launch(unsigned grid, const std::function<void()>& kernel) {
-  grid_dim = {grid, 1, 1};
-  for (unsigned x = 0; x < grid; ++x) {
-    block_idx = {x, 0, 0};
-    Block b;
-    block = &b;
-    std::vector<std::thread> threads;
-    for (unsigned t = 0; t < kThreads; ++t)
-      threads.emplace_back([&, t] {
-        thread_idx = {t, 0, 0};
-        kernel();
-      });
-    for (auto& th : threads) th.join();
-    block = nullptr;
-  }
+  run_grid(dim3(grid), kThreads, [] {
+    auto b = std::make_unique<Block>();
+    block = b.get();
+    return b;
+  }, kernel);
 }
 
 }  // namespace emu
@@ -219,36 +212,19 @@ Outputs run_fused(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t 
   return o;
 }
 
-bool same_float(float a, float b) { return (a != a && b != b) || float_bits(a) == float_bits(b); }
-
-// The decoded BF16 value of every element of a reference copy: code x block scale, exact in BF16
-// (so the top half of the float product); zeros where the tensor is not finite.
-std::vector<uint16_t> decoded_reference(const QuantizedTensor& q) {
-  std::vector<uint16_t> d(static_cast<size_t>(q.rows * q.cols), 0);
-  if (q.decode_scale != q.decode_scale) return d;
-  for (size_t i = 0; i < d.size(); ++i) {
-    const uint8_t code = (q.data[i / 2] >> (4 * (i % 2))) & 0xF;
-    d[i] = static_cast<uint16_t>(float_bits(E2M1::decode(code) * E4M3::decode(q.scales[i / 16])) >> 16);
-  }
-  return d;
-}
-
-// Every output of one side against the reference; the first difference in the message.
+// Every output of one side against the reference (test::same_quantized on the packed copy, then
+// the decoded values when asked for); the first difference in the message.
 ::testing::AssertionResult side_matches(const QuantizedTensor& ref, uint32_t amax_bits, float decode_scale,
                                         const std::vector<uint8_t>& data, const std::vector<uint8_t>& scales,
                                         const std::vector<uint16_t>& decoded) {
-  if (!same_float(ref.amax, bits_float(amax_bits)))
-    return ::testing::AssertionFailure() << "amax " << ref.amax << " vs " << bits_float(amax_bits);
-  if (!same_float(ref.decode_scale, decode_scale))
-    return ::testing::AssertionFailure() << "decode scale " << ref.decode_scale << " vs " << decode_scale;
-  for (size_t i = 0; i < ref.scales.size(); ++i)
-    if (ref.scales[i] != scales[i])
-      return ::testing::AssertionFailure() << "scale " << i << ": " << int(ref.scales[i]) << " vs " << int(scales[i]);
-  for (size_t i = 0; i < ref.data.size(); ++i)
-    if (ref.data[i] != data[i])
-      return ::testing::AssertionFailure() << "data byte " << i << ": " << int(ref.data[i]) << " vs " << int(data[i]);
+  QuantizedTensor got = ref;
+  got.amax = bits_float(amax_bits);
+  got.decode_scale = decode_scale;
+  got.data = data;
+  got.scales = scales;
+  if (::testing::AssertionResult same = test::same_quantized(ref, got); !same) return same;
   if (!decoded.empty()) {
-    const std::vector<uint16_t> want = decoded_reference(ref);
+    const std::vector<uint16_t> want = test::nvfp4_decoded_bf16(ref);
     for (size_t i = 0; i < want.size(); ++i)
       if (want[i] != decoded[i])
         return ::testing::AssertionFailure() << "decoded " << i << ": " << want[i] << " vs " << decoded[i];
@@ -273,12 +249,6 @@ std::vector<float> draw(int64_t rows, int64_t cols, Values kind, std::mt19937_64
   return x;
 }
 
-std::vector<bf16_t> to_bf16(const std::vector<float>& x) {
-  std::vector<bf16_t> y(x.size());
-  for (size_t i = 0; i < x.size(); ++i) y[i] = bf16_t{BF16::encode(x[i], Rounding::kNearestEven)};
-  return y;
-}
-
 struct Case {
   int64_t rows, cols;
   unsigned grid;
@@ -286,7 +256,7 @@ struct Case {
 
 // One tensor through the fused pass, in BF16 and in float, against the CPU reference of each side.
 void check(const Case& k, const std::vector<float>& xf, const RowColSpec& spec, bool decoded) {
-  const std::vector<bf16_t> xb = to_bf16(xf);
+  const std::vector<bf16_t> xb = test::to_bf16(xf);
   const auto compare = [&](const auto& x, const char* type) {
     SCOPED_TRACE(type);
     using T = typename std::decay_t<decltype(x)>::value_type;
@@ -299,16 +269,6 @@ void check(const Case& k, const std::vector<float>& xf, const RowColSpec& spec, 
   };
   compare(xb, "bf16");
   compare(xf, "float");
-}
-
-RowColSpec make_spec(bool rht, Rounding row, Rounding col, uint64_t seed) {
-  RowColSpec spec;
-  spec.col_rht = rht;
-  spec.row_rounding = row;
-  spec.col_rounding = col;
-  spec.seed = seed;
-  spec.rht_signs = rht_signs_from_seed(seed);
-  return spec;
 }
 
 // The magnitude encoders of e2m1_pack.cuh (as emulated here: the CPU's FMA under the rounding mode
@@ -355,7 +315,7 @@ TEST(QuantizeEmulation, RowColEqualsTheCpuReferenceBitForBit) {
             SCOPED_TRACE(std::to_string(k.rows) + "x" + std::to_string(k.cols) + " values " +
                          std::to_string(static_cast<int>(kind)) + " rht " + std::to_string(rht) + " row " +
                          std::string(rounding_name(rr)) + " col " + std::string(rounding_name(cr)));
-            check(k, x, make_spec(rht, rr, cr, rng()), /*decoded=*/rr == cr);
+            check(k, x, test::fused_pass_spec(rht, rr, cr, rng()), /*decoded=*/rr == cr);
           }
     }
   }
@@ -367,7 +327,7 @@ TEST(QuantizeEmulation, RowColNonFiniteAndZeroTensors) {
   for (Values kind : {Values::kWithInfinity, Values::kZeros})
     for (bool rht : {false, true}) {
       SCOPED_TRACE("values " + std::to_string(static_cast<int>(kind)) + " rht " + std::to_string(rht));
-      check(k, draw(k.rows, k.cols, kind, rng), make_spec(rht, Rounding::kStochastic, Rounding::kNearestEven, rng()),
+      check(k, draw(k.rows, k.cols, kind, rng), test::fused_pass_spec(rht, Rounding::kStochastic, Rounding::kNearestEven, rng()),
             /*decoded=*/true);
     }
 }
@@ -377,8 +337,8 @@ TEST(QuantizeEmulation, RowColSeveralTilesPerBlock) {
   std::mt19937_64 rng(test::fresh_seed());
   const Case k{144, 272, 2};
   const std::vector<float> x = draw(k.rows, k.cols, Values::kOutliers, rng);
-  check(k, x, make_spec(true, Rounding::kStochastic, Rounding::kStochastic, rng()), /*decoded=*/true);
-  check(k, x, make_spec(true, Rounding::kNearestEven, Rounding::kNearestEven, rng()), /*decoded=*/true);
+  check(k, x, test::fused_pass_spec(true, Rounding::kStochastic, Rounding::kStochastic, rng()), /*decoded=*/true);
+  check(k, x, test::fused_pass_spec(true, Rounding::kNearestEven, Rounding::kNearestEven, rng()), /*decoded=*/true);
 }
 
 // ---------------------------------------------------------------- 16x16 weight kernel
@@ -423,7 +383,7 @@ TEST(QuantizeEmulation, Tile16EqualsTheCpuReferenceBitForBit) {
                    std::to_string(static_cast<int>(kind)));
       const std::vector<float> x = draw(k.rows, k.cols, kind, rng);
       check_tile16(x, k.rows, k.cols, k.grid, true, true);
-      check_tile16(to_bf16(x), k.rows, k.cols, k.grid, true, true);
+      check_tile16(test::to_bf16(x), k.rows, k.cols, k.grid, true, true);
     }
   const std::vector<float> x = draw(80, 208, Values::kOutliers, rng);  // one side alone
   check_tile16(x, 80, 208, 1, true, false);

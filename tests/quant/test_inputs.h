@@ -123,4 +123,23 @@ inline uint8_t scale_at(const QuantizedTensor& q, int64_t r, int64_t c) {
   return 0;
 }
 
+// x rounded to BF16, nearest even (the quantizers' BF16 input).
+inline std::vector<bf16_t> to_bf16(const std::vector<float>& x) {
+  std::vector<bf16_t> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i].bits = BF16::encode(x[i], Rounding::kNearestEven);
+  return y;
+}
+
+// The BF16 decode of a packed NVFP4 1x16 copy (code x block scale, without the tensor scale): exact
+// in BF16, so the upper half of the float32 product; what the fused pass's decoded output holds
+// (zeros for a non-finite tensor, whose codes and scales are zero).
+inline std::vector<uint16_t> nvfp4_decoded_bf16(const QuantizedTensor& q) {
+  std::vector<uint16_t> out(static_cast<size_t>(q.numel()));
+  for (int64_t i = 0; i < q.numel(); ++i) {
+    const float value = E2M1::decode(fp4_code_at(q.data, i)) * E4M3::decode(q.scales[static_cast<size_t>(i / 16)]);
+    out[static_cast<size_t>(i)] = static_cast<uint16_t>(float_bits_of(value) >> 16);
+  }
+  return out;
+}
+
 }  // namespace nibble::test
