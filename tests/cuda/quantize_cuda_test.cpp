@@ -189,18 +189,24 @@ void for_each_fused_case(std::mt19937_64& rng, uint64_t salt, Fn fn) {
   }
 }
 
+// Both copies of the fused pass on x (BF16 and float) against the CPU reference; returns the number
+// of copies compared.
+int check_fused(const std::vector<float>& xf, const std::vector<bf16_t>& xb, Shape sh, const cuda::RowColSpec& spec) {
+  const auto [row_b, col_b] = cuda::quantize_rowcol_on_gpu(std::span<const bf16_t>(xb), sh.rows, sh.cols, spec);
+  EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::row_spec(spec)), row_b));
+  EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::col_spec(spec)), col_b));
+  const auto [row_f, col_f] = cuda::quantize_rowcol_on_gpu(std::span<const float>(xf), sh.rows, sh.cols, spec);
+  EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::row_spec(spec)), row_f));
+  EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::col_spec(spec)), col_f));
+  return 4;
+}
+
 TEST(CudaQuantize, FusedRowColEqualsCpuBitForBit) {
   std::mt19937_64 rng(fresh_seed() + 1);
   int compared = 0;
   for_each_fused_case(rng, 0x1234, [&](Shape sh, const std::vector<float>& xf, const std::vector<bf16_t>& xb,
                                        const cuda::RowColSpec& spec) {
-    const auto [row_b, col_b] = cuda::quantize_rowcol_on_gpu(std::span<const bf16_t>(xb), sh.rows, sh.cols, spec);
-    EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::row_spec(spec)), row_b));
-    EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::col_spec(spec)), col_b));
-    const auto [row_f, col_f] = cuda::quantize_rowcol_on_gpu(std::span<const float>(xf), sh.rows, sh.cols, spec);
-    EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::row_spec(spec)), row_f));
-    EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::col_spec(spec)), col_f));
-    compared += 4;
+    compared += check_fused(xf, xb, sh, spec);
   });
   std::printf("fused path: %d quantized copies compared bit for bit\n", compared);
 }
@@ -221,13 +227,7 @@ TEST(CudaQuantize, FusedRowColLoopsOverTilesBitForBit) {
       spec.row_rounding = spec.col_rounding = sr ? Rounding::kStochastic : Rounding::kNearestEven;
       spec.seed = fresh_seed() ^ 0x5678;
       SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + (sr ? " sr" : " rne"));
-      const auto [row_b, col_b] = cuda::quantize_rowcol_on_gpu(std::span<const bf16_t>(xb), sh.rows, sh.cols, spec);
-      EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::row_spec(spec)), row_b));
-      EXPECT_TRUE(same_bits(quantize(std::span<const bf16_t>(xb), sh.rows, sh.cols, cuda::col_spec(spec)), col_b));
-      const auto [row_f, col_f] = cuda::quantize_rowcol_on_gpu(std::span<const float>(xf), sh.rows, sh.cols, spec);
-      EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::row_spec(spec)), row_f));
-      EXPECT_TRUE(same_bits(quantize(std::span<const float>(xf), sh.rows, sh.cols, cuda::col_spec(spec)), col_f));
-      compared += 4;
+      compared += check_fused(xf, xb, sh, spec);
     }
   }
   std::printf("fused path, many tiles: %d quantized copies compared bit for bit\n", compared);
