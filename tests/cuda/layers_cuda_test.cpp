@@ -427,6 +427,12 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
     norm.forward(x.data(), rows, y.data(), stream);
     norm.forward(x.data(), rows, y16.data(), stream);
     EXPECT_EQ(download_bits(y16, rows * dim), rounded(download(y.data(), rows * dim))) << "norm";
+    // Backward's BF16 copy of dx: the final dx (after adding onto the residual gradient) rounded.
+    DeviceBuffer<float> dy{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 1.0f))};
+    DeviceBuffer<float> dx{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 1.0f))};
+    DeviceBuffer<bf16_t> dx16(dx.size());
+    norm.backward(dy.data(), dx.data(), stream, /*accumulate=*/true, dx16.data());
+    EXPECT_EQ(download_bits(dx16, rows * dim), rounded(download(dx.data(), rows * dim))) << "norm backward";
   }
   for (const MlpKind kind : {MlpKind::kGelu, MlpKind::kRelu2, MlpKind::kSwiglu})
     for (const int64_t hidden : {int64_t{64}, int64_t{37}}) {  // 37: not a multiple of 4, the scalar kernel

@@ -13,6 +13,7 @@
 // log-sum-exp and, with the fused kernels, the BF16 output O.
 #include "nibble/model/cuda/gpt_cuda.h"
 
+#include <iterator>
 #include <stdexcept>
 #include <string>
 
@@ -253,7 +254,6 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
   // embeddings the head's weight gradient goes straight into the table's, as on the CPU.
   head_.forward_backward(head_weight(), hidden_.data(), targets_.data(), rows, grad_scale / static_cast<float>(rows),
                          loss_dev_.data(), dtmp_.data(), head_grad(), stream_);
-  norm_f_.backward(dtmp_.data(), dx_.data(), stream_);
   // As in forward_hidden: dY in BF16 straight into the layer where no operand made from it is FP32.
   const auto linear_backward = [&](ncu::LinearCuda& linear, float* fp32, auto produce, float* dx) {
     if (linear.takes_bf16_dy()) {
@@ -264,17 +264,30 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
       linear.backward(fp32, dx, stream_);
     }
   };
+  // The output projections' dY is the residual stream's gradient dx_, which a norm's backward has
+  // just finished (adding its part): that norm writes it in BF16 for the projection as well.
+  const auto dx_bf16_for = [&](ncu::LinearCuda* next) -> bf16_t* {
+    return next != nullptr && next->takes_bf16_dy() ? next->bf16_dy_input() : nullptr;
+  };
+  const auto residual_backward = [&](ncu::LinearCuda& linear, float* dx) {
+    if (linear.takes_bf16_dy())
+      linear.backward_bf16_input(dx, stream_);
+    else
+      linear.backward(dx_.data(), dx, stream_);
+  };
+  norm_f_.backward(dtmp_.data(), dx_.data(), stream_, /*accumulate=*/false, dx_bf16_for(blocks_.empty() ? nullptr : &blocks_.back()->proj2));
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
-    b.proj2.backward(dx_.data(), wide2_.data(), stream_);
+    residual_backward(b.proj2, wide2_.data());
     linear_backward(b.fc, wide_.data(), [&](auto* dst) {
       ncu::activation_backward(b.mlp, b.pre.data(), wide2_.data(), rows, b.hidden, dst, stream_);
     }, ln_.data());
-    b.norm2.backward(ln_.data(), dx_.data(), stream_, /*accumulate=*/true);  // + the residual path's
-    b.proj.backward(dx_.data(), narrow_.data(), stream_);
+    b.norm2.backward(ln_.data(), dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(&b.proj));  // + the residual path's
+    residual_backward(b.proj, narrow_.data());
     linear_backward(b.qkv, wide_.data(), [&](auto* dst) { b.core.backward(narrow_.data(), dst, stream_); },
                     ln_.data());
-    b.norm1.backward(ln_.data(), dx_.data(), stream_, /*accumulate=*/true);
+    Block* below = std::next(it) != blocks_.rend() ? std::next(it)->get() : nullptr;
+    b.norm1.backward(ln_.data(), dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(below ? &below->proj2 : nullptr));
   }
   tok_embed_.backward(ids_.data(), rows, dx_.data(), stream_);
   if (pos_embed_) pos_embed_->backward(positions_.data(), rows, dx_.data(), stream_);

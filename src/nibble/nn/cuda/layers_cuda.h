@@ -99,8 +99,10 @@ class NormCuda {
   void forward(const float* x, int64_t rows, bf16_t* y, cudaStream_t stream);
   // dx = d(norm)/dx^T dy (overwrites dx; with `accumulate` dx += it, as a residual connection's
   // gradient, in the same FP32 addition a separate pass would do); weight/bias gradients += their
-  // parts. Needs a forward. dx must not overlap dy.
-  void backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate = false);
+  // parts. Needs a forward. dx must not overlap dy. dx_bf16 (optional): the final dx (after the
+  // addition) also rounded to BF16 to nearest even, for the next linear layer's
+  // LinearCuda::bf16_dy_input() (the residual stream's gradient is that layer's dY).
+  void backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate = false, bf16_t* dx_bf16 = nullptr);
 
  private:
   int64_t dim_;

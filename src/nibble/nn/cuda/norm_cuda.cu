@@ -49,11 +49,11 @@ norm_forward_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool
 }
 
 // dx = rstd * (dxhat - mean(dxhat) [LayerNorm] - xhat * mean(dxhat * xhat)), dxhat = dy * g.
-// One warp per row, as the forward.
+// One warp per row, as the forward. dx16 (optional): the final dx rounded to BF16 as well.
 __global__ void __launch_bounds__(kRowThreads)
 norm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ xhat, const float* __restrict__ rstd,
                      const float* __restrict__ weight, int64_t rows, int64_t dim, bool centered, bool accumulate,
-                     float* __restrict__ dx) {
+                     float* __restrict__ dx, bf16_t* __restrict__ dx16) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
@@ -71,7 +71,9 @@ norm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ xha
   for (int64_t i = lane; i < dim; i += 32) {
     const double d = static_cast<double>(dyr[i]) * weight[i];
     const float g = static_cast<float>(rs * (d - mean_dxhat - xh[i] * mean_dxhat_xhat));
-    dx[r * dim + i] = accumulate ? dx[r * dim + i] + g : g;
+    const float out = accumulate ? dx[r * dim + i] + g : g;
+    dx[r * dim + i] = out;
+    if (dx16 != nullptr) detail::write_out(dx16 + r * dim + i, out);
   }
 }
 
@@ -164,12 +166,12 @@ void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t s
   saved_rows_ = rows;
 }
 
-void NormCuda::backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate) {
+void NormCuda::backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16) {
   if (saved_rows_ == 0) throw std::logic_error("NormCuda::backward without a forward");
   const int64_t rows = saved_rows_;
   const bool centered = kind_ == NormKind::kLayerNorm;
   norm_backward_kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
-      dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx);
+      dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16);
   NIBBLE_CUDA_CHECK_LAUNCH();
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   partials_.reserve(static_cast<size_t>(2 * chunks * dim_));
