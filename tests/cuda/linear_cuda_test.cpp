@@ -17,6 +17,7 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <random>
 #include <string>
@@ -228,16 +229,39 @@ TEST(OperandCuda, DecodedValuesEqualTheDecodePass) {
                        (bf16_input ? " bf16" : " float") + " " + operand_name(row_op));
           cuda::OperandCuda row, col, row0, col0;
           const uint64_t seed = rng();
+          // With the values, the GEMM alphas against a partner (another NVFP4 operand, of x / 8).
+          cuda::OperandCuda partner, partner_col;
+          std::vector<float> x8(x);
+          for (float& v : x8) v *= 0.125f;
+          const DeviceBuffer<float> d_x8{std::span<const float>(x8)};
+          const auto make_partner = [&] {
+            cuda::OperandCuda::make_pair(d_x8.data(), sh.rows, sh.cols, recipe, row_op, col_op, seed + 1, partner,
+                                         partner_col, nullptr);
+          };
+          make_partner();
           const auto make = [&](cuda::OperandCuda& r, cuda::OperandCuda& c, bool decoded) {
+            const cuda::OperandForGemm for_gemm{decoded, decoded ? &partner : nullptr};
             if (bf16_input)
               cuda::OperandCuda::make_pair(d_xb.data(), sh.rows, sh.cols, recipe, row_op, col_op, seed, r, c, nullptr,
-                                           decoded, decoded);
+                                           for_gemm, for_gemm);
             else
               cuda::OperandCuda::make_pair(d_x.data(), sh.rows, sh.cols, recipe, row_op, col_op, seed, r, c, nullptr,
-                                           decoded, decoded);
+                                           for_gemm, for_gemm);
           };
           make(row, col, true);
           make(row0, col0, false);
+          const float g_partner = partner.download().decode_scale;
+          for (const auto* o : {&row, &col}) {
+            ASSERT_NE(o->alpha_with(partner), nullptr);
+            const float alpha = download(o->alpha_with(partner), 1)[0];
+            EXPECT_EQ(std::bit_cast<uint32_t>(alpha), std::bit_cast<uint32_t>(o->download().decode_scale * g_partner))
+                << "alpha " << alpha;
+            EXPECT_EQ(o->alpha_with(partner_col), nullptr) << "an alpha for an operand it was not made for";
+          }
+          EXPECT_EQ(row0.alpha_with(partner), nullptr);
+          make_partner();  // the partner made again: the alphas are stale
+          EXPECT_EQ(row.alpha_with(partner), nullptr);
+          EXPECT_EQ(col.alpha_with(partner), nullptr);
           for (const auto& [o, o0] : {std::pair{&row, &row0}, std::pair{&col, &col0}}) {
             ASSERT_TRUE(o->has_decoded());
             ASSERT_FALSE(o0->has_decoded());

@@ -288,24 +288,38 @@ TEST(CudaQuantize, NonFiniteAndZeroTensorsMatchCpu) {
   return ::testing::AssertionSuccess();
 }
 
-// The pass with decoded output: packed copies unchanged from the pass without it, decoded values
-// equal to decoding those copies. `what` names the case in failure messages.
+// A GEMM alpha the pass wrote against the float product of the two decode scales (NaN when the
+// tensor is not finite).
+::testing::AssertionResult alpha_matches(float alpha, float decode_scale, float partner) {
+  const float want = decode_scale * partner;
+  if (float_bits(alpha) == float_bits(want) || (std::isnan(want) && std::isnan(alpha)))
+    return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "alpha " << alpha << ", expected " << want;
+}
+
+// The pass with decoded output and GEMM alphas: packed copies unchanged from the pass without
+// them, decoded values equal to decoding those copies, alphas the products of the decode scales.
+// `what` names the case in failure messages.
 template <typename T>
 void check_decoded_pass(const std::vector<T>& x, int64_t rows, int64_t cols, const cuda::RowColSpec& spec,
                         const char* what) {
   SCOPED_TRACE(what);
-  cuda::RowColDecoded dec;
+  cuda::RowColExtras dec;
+  dec.row_partner = 0.625f;
+  dec.col_partner = 3.1e-5f;
   const auto [row, col] = cuda::quantize_rowcol_on_gpu(std::span<const T>(x), rows, cols, spec, &dec);
   const auto [row0, col0] = cuda::quantize_rowcol_on_gpu(std::span<const T>(x), rows, cols, spec);
   if (spec.rowwise) {
     EXPECT_TRUE(same_bits(row0, row)) << "rowwise copy changed by the decoded output";
     EXPECT_TRUE(decoded_matches(row, dec.row)) << "rowwise";
+    EXPECT_TRUE(alpha_matches(dec.row_alpha, row.decode_scale, dec.row_partner)) << "rowwise";
   } else {
     EXPECT_TRUE(dec.row.empty());
   }
   if (spec.columnwise) {
     EXPECT_TRUE(same_bits(col0, col)) << "columnwise copy changed by the decoded output";
     EXPECT_TRUE(decoded_matches(col, dec.col)) << "columnwise";
+    EXPECT_TRUE(alpha_matches(dec.col_alpha, col.decode_scale, dec.col_partner)) << "columnwise";
   } else {
     EXPECT_TRUE(dec.col.empty());
   }
@@ -347,14 +361,14 @@ TEST(CudaQuantize, FusedDecodedOutputSidesAndSpecialTensors) {
   for (float poison : {NAN, INFINITY, -INFINITY}) {
     std::vector<float> p = draw(64, 96, Dist::kUniform, rng);
     p[std::uniform_int_distribution<size_t>(0, p.size() - 1)(rng)] = poison;
-    cuda::RowColDecoded dec;
+    cuda::RowColExtras dec;
     cuda::quantize_rowcol_on_gpu(std::span<const float>(p), 64, 96, spec, &dec);
     for (const auto* side : {&dec.row, &dec.col})
       for (size_t i = 0; i < side->size(); ++i) ASSERT_EQ((*side)[i], 0) << "poison " << poison << " element " << i;
     check_decoded_pass(p, 64, 96, spec, "non-finite");
   }
   const std::vector<float> zeros(64 * 96, 0.0f);
-  cuda::RowColDecoded dec;
+  cuda::RowColExtras dec;
   cuda::quantize_rowcol_on_gpu(std::span<const float>(zeros), 64, 96, spec, &dec);
   for (const auto* side : {&dec.row, &dec.col})
     for (size_t i = 0; i < side->size(); ++i) ASSERT_EQ((*side)[i], 0) << "zeros, element " << i;
@@ -480,6 +494,10 @@ TEST(CudaQuantize, Tile16UnalignedInputTakesTheGenericKernels) {
   with_decoded.decoded = reinterpret_cast<uint16_t*>(dx);  // never written: the call throws first
   EXPECT_THROW(cuda::quantize_segments(dx, rows, cols, spec, amax, with_decoded, nullptr), std::invalid_argument);
   EXPECT_THROW(cuda::quantize_segments(dx + 1, rows, cols, spec, amax, with_decoded, nullptr), std::invalid_argument);
+  cuda::QuantBuffers with_alpha = out;  // so are GEMM alphas
+  with_alpha.alpha_partner = g;
+  with_alpha.alpha = reinterpret_cast<float*>(dx);
+  EXPECT_THROW(cuda::quantize_segments(dx, rows, cols, spec, amax, with_alpha, nullptr), std::invalid_argument);
   for (void* p : {static_cast<void*>(dx), static_cast<void*>(data), static_cast<void*>(scales), static_cast<void*>(g),
                   static_cast<void*>(amax)})
     cudaFree(p);

@@ -167,6 +167,10 @@ struct Outputs {
   std::vector<uint8_t> row_data, row_scales, col_data, col_scales;
   std::vector<uint16_t> row_decoded, col_decoded;
   float decode_scale[2] = {0, 0};
+  // With the decoded values (the layer's GEMM operands), also each side's GEMM alpha against a
+  // partner decode scale (QuantBuffers::alpha_partner).
+  float partner[2] = {0.375f, 1.7e-3f};
+  float alpha[2] = {-1.0f, -1.0f};
 };
 
 template <typename T, bool kAmaxOnly, Rounding kRow, Rounding kCol, bool kRht>
@@ -197,9 +201,11 @@ Outputs run_fused(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t 
   o.row_scales.assign(n / 16, 0xAB), o.col_scales.assign(n / 16, 0xAB);
   if (decoded) o.row_decoded.assign(n, 0xABCD), o.col_decoded.assign(n, 0xABCD);
   const QuantBuffers row{o.row_data.data(), o.row_scales.data(), &o.decode_scale[0],
-                         decoded ? o.row_decoded.data() : nullptr};
+                         decoded ? o.row_decoded.data() : nullptr, decoded ? &o.partner[0] : nullptr,
+                         decoded ? &o.alpha[0] : nullptr};
   const QuantBuffers col{o.col_data.data(), o.col_scales.data(), &o.decode_scale[1],
-                         decoded ? o.col_decoded.data() : nullptr};
+                         decoded ? o.col_decoded.data() : nullptr, decoded ? &o.partner[1] : nullptr,
+                         decoded ? &o.alpha[1] : nullptr};
   constexpr Rounding kRne = Rounding::kNearestEven;
   if (spec.col_rht) {
     run_kernel<T, true, kRne, kRne, true>(grid, x, rows, cols, spec, o.amax, nullptr, {}, {});
@@ -266,6 +272,11 @@ void check(const Case& k, const std::vector<float>& xf, const RowColSpec& spec, 
                              o.row_scales, o.row_decoded));
     EXPECT_TRUE(side_matches(quantize(in, k.rows, k.cols, col_spec(spec)), o.amax[1], o.decode_scale[1], o.col_data,
                              o.col_scales, o.col_decoded));
+    for (int side = 0; side < 2 && decoded; ++side) {  // the float product (NaN for a non-finite tensor)
+      const float want = o.decode_scale[side] * o.partner[side];
+      EXPECT_TRUE(float_bits(o.alpha[side]) == float_bits(want) || (std::isnan(want) && std::isnan(o.alpha[side])))
+          << "alpha of side " << side << ": " << o.alpha[side] << ", expected " << want;
+    }
   };
   compare(xb, "bf16");
   compare(xf, "float");

@@ -42,12 +42,13 @@ std::string LinearCuda::context(Operand op) const {
          std::to_string(out_) + ", recipe " + recipe_.name + "] " + operand_name(op);
 }
 
-bool LinearCuda::wants_decoded(const OperandCuda& other) const {
-  if (!ctx_.fused_decode) return false;
-  // The values are written only by the fused pass, whose operands are NVFP4 1x16 with rows and cols
-  // multiples of 16: their GEMM with `other` (same K, other.cols()) runs natively exactly when
-  // use_native_nvfp4 holds for `other` paired with itself. An FP32 GEMM reads FP32, not BF16.
-  return !use_native_nvfp4(other, other, ctx_.native_fp4) && other.native_type() != GemmType::kF32;
+OperandCuda::ForGemm LinearCuda::for_gemm_with(const OperandCuda& other) const {
+  // The decoded values are written only by the fused pass, whose operands are NVFP4 1x16 with rows
+  // and cols multiples of 16: their GEMM with `other` (same K, other.cols()) runs natively exactly
+  // when use_native_nvfp4 holds for `other` paired with itself. An FP32 GEMM reads FP32, not BF16.
+  const bool decoded =
+      ctx_.fused_decode && !use_native_nvfp4(other, other, ctx_.native_fp4) && other.native_type() != GemmType::kF32;
+  return {decoded, &other};
 }
 
 void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
@@ -80,10 +81,14 @@ void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool
     ma = a.gemm_matrix(ta, /*as_b=*/false, ctx_.scratch_a, stream);
     mb = b.gemm_matrix(tb, /*as_b=*/true, ctx_.scratch_b, stream);
   }
+  // alpha = g_a g_b: written by the fused pass that made a or b (OperandCuda::ForGemm) where it could.
   const float* alpha = nullptr;
   if (a.decode_scale() && b.decode_scale()) {
-    nibble::cuda::multiply_scalars(a.decode_scale(), b.decode_scale(), ctx_.alpha.data(), stream);
-    alpha = ctx_.alpha.data();
+    alpha = a.alpha_with(b) ? a.alpha_with(b) : b.alpha_with(a);
+    if (alpha == nullptr) {
+      nibble::cuda::multiply_scalars(a.decode_scale(), b.decode_scale(), ctx_.alpha.data(), stream);
+      alpha = ctx_.alpha.data();
+    }
   } else {
     alpha = a.decode_scale() ? a.decode_scale() : b.decode_scale();
   }
@@ -110,9 +115,9 @@ template <typename T>
 void LinearCuda::make_x_operands(const T* x, int64_t tokens, cudaStream_t stream) {
   try {
     // fprop.x and the saved wgrad.x (X^T) from X, in one pass when both are NVFP4. X's Fprop copy is
-    // used at once, so it may carry decoded values; the saved X^T stays packed.
+    // used at once, so it may carry decoded values (and the Fprop alpha); the saved X^T stays packed.
     OperandCuda::make_pair(x, tokens, in_, recipe_, Operand::kFpropX, Operand::kWgradX, sr_seed(), ctx_.x_rows,
-                           saved_x_t_, stream, /*row_decoded=*/wants_decoded(fprop_w_), /*col_decoded=*/false);
+                           saved_x_t_, stream, for_gemm_with(fprop_w_), /*col_gemm=*/{});
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kFpropX) + ": " + e.what());
   }
@@ -123,8 +128,7 @@ void LinearCuda::make_dy_operands(const T* dy, bool with_dx, cudaStream_t stream
   try {
     OperandCuda::make_pair(dy, saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, sr_seed(),
                            ctx_.dy_rows, ctx_.dy_cols, stream,
-                           /*row_decoded=*/with_dx && wants_decoded(dgrad_w_),
-                           /*col_decoded=*/wants_decoded(saved_x_t_));
+                           with_dx ? for_gemm_with(dgrad_w_) : OperandCuda::ForGemm{}, for_gemm_with(saved_x_t_));
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kDgradDy) + ": " + e.what());
   }

@@ -99,8 +99,9 @@ class LinearCuda {
 
  private:
   std::string context(Operand op) const;
-  // Whether an operand about to be made should carry decoded BF16 values for its GEMM with `other`.
-  bool wants_decoded(const OperandCuda& other) const;
+  // What an operand about to be made prepares for its GEMM with `other`: decoded BF16 values where
+  // the GEMM reads them (the Hopper path; ctx_.fused_decode), and the GEMM's alpha.
+  OperandCuda::ForGemm for_gemm_with(const OperandCuda& other) const;
   void refresh_weight_copies(cudaStream_t stream);
   void backward_gemms(float* dx, cudaStream_t stream);  // Dgrad and Wgrad from ctx_.dy_rows / dy_cols
   template <typename T>

@@ -174,14 +174,14 @@ void OperandCuda::allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t
 
 template <typename T>
 void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandRecipe& r, Operand op,
-                       RhtSigns signs, uint64_t seed, cudaStream_t stream, bool with_decoded) {
+                       RhtSigns signs, uint64_t seed, cudaStream_t stream, ForGemm for_gemm) {
   const bool columnwise = operand_columnwise(op);
   // Checked before anything changes, so that a rejected shape leaves no half-made operand behind.
   if (r.quantized()) validate(operand_quant_spec(r, op, signs, seed), rows, cols);
   if (!r.quantized() && r.rht && (columnwise ? rows : cols) % kRhtBlock != 0)
     throw std::invalid_argument(std::string(operand_name(op)) + ": the RHT needs the contiguous dimension (" +
                                 std::to_string(columnwise ? rows : cols) + ") to be a multiple of 16");
-  begin(r.format, r.quantized(), columnwise ? cols : rows, columnwise ? rows : cols, with_decoded);
+  begin(r.format, r.quantized(), columnwise ? cols : rows, columnwise ? rows : cols, for_gemm);
   if (quantized_) {
     spec_ = operand_quant_spec(r, op, signs, seed);
     allocate_packed(spec_, rows_, cols_);
@@ -229,15 +229,22 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-void OperandCuda::begin(OperandFormat format, bool quantized, int64_t rows, int64_t cols, bool decoded_wanted) {
+void OperandCuda::begin(OperandFormat format, bool quantized, int64_t rows, int64_t cols, ForGemm for_gemm) {
   format_ = format;
   quantized_ = quantized;
   rows_ = rows;
   cols_ = cols;
   stored_as_source_ = false;
   shared_values_ = nullptr;
-  decoded_wanted_ = decoded_wanted;
+  ++made_;
+  decoded_wanted_ = for_gemm.decoded;
   decoded_valid_ = false;  // until run_fused writes them
+  // The alpha needs the partner's decode scale; an unquantized partner has none (the GEMM then
+  // takes this operand's decode scale as its alpha).
+  const bool alpha_wanted = quantized && for_gemm.partner != nullptr && for_gemm.partner->decode_scale() != nullptr;
+  alpha_partner_ = alpha_wanted ? for_gemm.partner : nullptr;
+  alpha_partner_made_ = alpha_wanted ? for_gemm.partner->made_ : 0;
+  alpha_valid_ = false;  // until run_fused writes it
 }
 
 void OperandCuda::share_values_of(const OperandCuda& source, int64_t rows, int64_t cols) {
@@ -274,7 +281,7 @@ void OperandCuda::adopt_bf16_pair(int64_t rows, int64_t cols, OperandCuda& row, 
 template <typename T>
 void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                             Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
-                            bool row_decoded, bool col_decoded) {
+                            ForGemm row_gemm, ForGemm col_gemm) {
   const OperandRecipe& rr = recipe[row_op];
   const OperandRecipe& cr = recipe[col_op];
   const bool fused = operand_columnwise(col_op) && !operand_columnwise(row_op) && rr.quantized() && cr.quantized() &&
@@ -288,15 +295,15 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
     return;
   }
   if (!fused) {
-    row.make(x, rows, cols, rr, row_op, recipe.rht_signs(), seed, stream, row_decoded);
-    col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream, col_decoded);
+    row.make(x, rows, cols, rr, row_op, recipe.rht_signs(), seed, stream, row_gemm);
+    col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream, col_gemm);
     return;
   }
   nibble::cuda::RowColSpec s = rowcol_spec(recipe.rht_signs(), seed);
-  for (auto [o, op, r, decoded] :
-       {std::tuple{&row, row_op, &rr, row_decoded}, std::tuple{&col, col_op, &cr, col_decoded}}) {
+  for (auto [o, op, r, for_gemm] :
+       {std::tuple{&row, row_op, &rr, row_gemm}, std::tuple{&col, col_op, &cr, col_gemm}}) {
     const bool columnwise = operand_columnwise(op);
-    o->begin(OperandFormat::kNvfp4, /*quantized=*/true, columnwise ? cols : rows, columnwise ? rows : cols, decoded);
+    o->begin(OperandFormat::kNvfp4, /*quantized=*/true, columnwise ? cols : rows, columnwise ? rows : cols, for_gemm);
     o->spec_ = operand_quant_spec(*r, op, recipe.rht_signs(), seed);
     o->allocate_packed(o->spec_, o->rows_, o->cols_);
     set_side(s, columnwise, o->spec_);
@@ -315,6 +322,12 @@ void OperandCuda::run_fused(const T* x, int64_t rows, int64_t cols, const nibble
       o->decoded_.reserve(static_cast<size_t>(o->rows_ * o->cols_));
       b.decoded = o->decoded_.data();
       o->decoded_valid_ = true;
+    }
+    if (o->alpha_partner_ != nullptr) {
+      o->alpha_.reserve(1);
+      b.alpha_partner = o->alpha_partner_->decode_scale();
+      b.alpha = o->alpha_.data();
+      o->alpha_valid_ = true;
     }
     return b;
   };
@@ -348,13 +361,13 @@ bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const
 }
 
 template void OperandCuda::make(const float*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,
-                                cudaStream_t, bool);
+                                cudaStream_t, ForGemm);
 template void OperandCuda::make(const bf16_t*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,
-                                cudaStream_t, bool);
+                                cudaStream_t, ForGemm);
 template void OperandCuda::make_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
-                                     OperandCuda&, OperandCuda&, cudaStream_t, bool, bool);
+                                     OperandCuda&, OperandCuda&, cudaStream_t, ForGemm, ForGemm);
 template void OperandCuda::make_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
-                                     OperandCuda&, OperandCuda&, cudaStream_t, bool, bool);
+                                     OperandCuda&, OperandCuda&, cudaStream_t, ForGemm, ForGemm);
 template bool OperandCuda::make_tile16_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
                                             OperandCuda&, OperandCuda&, cudaStream_t);
 template bool OperandCuda::make_tile16_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand,

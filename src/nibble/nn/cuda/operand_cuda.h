@@ -5,7 +5,8 @@
 // decode scale g on the device. This is what the layer saves between forward and backward. For the
 // GEMM, FP4 operands are decoded to BF16 (code x block scale, exact: DESIGN.md "Hopper emulation")
 // and g goes to the GEMM's alpha (an operand made by the fused NVFP4 pass can have that pass write
-// the decoded values as well, make's `with_decoded`, which saves the GEMM a separate decode pass);
+// the decoded values and the alpha g_a g_b as well, make's ForGemm, which saves the GEMM a separate
+// decode pass and a launch);
 // FP8 operands feed cuBLASLt's FP8 GEMM directly. On Blackwell, NVFP4 operands can instead feed
 // cuBLASLt's native block-scaled FP4 GEMM (nvfp4_matrix, use_native_nvfp4): codes as stored, block
 // scales rearranged into cuBLASLt's tiled layout. Unquantized operands are held as BF16 (rounded to
@@ -29,25 +30,38 @@ using nibble::cuda::DeviceBuffer;
 using nibble::cuda::GemmMatrix;
 using nibble::cuda::GemmType;
 
+class OperandCuda;
+
+// What the fused NVFP4 pass, when it makes an operand, also prepares for the GEMM the operand feeds
+// next (ignored on the other paths, which leave both to the GEMM call: gemm_matrix decodes FP4
+// operands, LinearCuda multiplies the decode scales). Same packed bits either way.
+// - decoded: the decoded BF16 values (2 bytes per element more, in a buffer of their own; see
+//   OperandCuda::has_decoded);
+// - partner: the operand it will meet, already made, whose decode scale the pass multiplies by
+//   its own into the GEMM's alpha (see OperandCuda::alpha_with).
+struct OperandForGemm {
+  bool decoded = false;
+  const OperandCuda* partner = nullptr;
+};
+
 class OperandCuda {
  public:
+  using ForGemm = OperandForGemm;
+
   // x: device [rows x cols] (the high-precision tensor, before any transpose), T = float or
   // bf16_t. Stream-ordered. Throws std::invalid_argument for shapes the operand's blocks cannot take.
-  // with_decoded: when the fused NVFP4 pass makes the operand, it also writes the decoded BF16
-  // values (2 bytes per element more, in a buffer of their own; see has_decoded). Ignored on the
-  // other paths, whose FP4 operands gemm_matrix decodes as before. Same packed bits either way.
   template <typename T>
   void make(const T* x, int64_t rows, int64_t cols, const OperandRecipe& recipe, Operand op, RhtSigns signs,
-            uint64_t seed, cudaStream_t stream, bool with_decoded = false);
+            uint64_t seed, cudaStream_t stream, ForGemm for_gemm = {});
   // Both operands that one tensor feeds (fprop.x with wgrad.x, or dgrad.dy with wgrad.dy), from one
   // fused NVFP4 pass over x when both are NVFP4 1x16 (the rowwise one without RHT); from one
   // conversion when both are the same unquantized format without RHT (`row` then reads `col`'s
   // values, so `col` must outlive `row`'s use); otherwise two make() calls. Same bits either way.
-  // row_decoded / col_decoded: make's with_decoded for each side.
+  // row_gemm / col_gemm: make's for_gemm for each side.
   template <typename T>
   static void make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                         Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
-                        bool row_decoded = false, bool col_decoded = false);
+                        ForGemm row_gemm = {}, ForGemm col_gemm = {});
 
   // The pair make_pair() makes from one conversion (both operands the same unquantized BF16 without
   // RHT, `row` rowwise and `col` columnwise), without the conversion: a producer writes the BF16
@@ -88,6 +102,12 @@ class OperandCuda {
   GemmMatrix nvfp4_matrix(bool as_b, DeviceBuffer<uint8_t>& scratch, cudaStream_t stream) const;
   // Device pointer to g (quantized operands), nullptr when the operand carries no tensor scale.
   const float* decode_scale() const { return quantized_ ? decode_scale_.data() : nullptr; }
+  // Device pointer to g x g_partner, the alpha of the GEMM with `partner`, when the fused pass that
+  // made this operand wrote it (ForGemm::partner) and `partner` has not been made again since;
+  // nullptr otherwise.
+  const float* alpha_with(const OperandCuda& partner) const {
+    return alpha_valid_ && alpha_partner_ == &partner && alpha_partner_made_ == partner.made_ ? alpha_.data() : nullptr;
+  }
 
   int64_t rows() const { return rows_; }  // of the operand (transposed for columnwise ones)
   int64_t cols() const { return cols_; }
@@ -106,7 +126,7 @@ class OperandCuda {
   // Starts a new operand [rows x cols] as the GEMM reads it: every state field but the spec and the
   // byte counts is set here (the buffers keep their memory), so that no make path carries state
   // over from the operand made before.
-  void begin(OperandFormat format, bool quantized, int64_t rows, int64_t cols, bool decoded_wanted = false);
+  void begin(OperandFormat format, bool quantized, int64_t rows, int64_t cols, ForGemm for_gemm = {});
   void allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t q_cols);
   // Both operands of make_pair unquantized, the same and without RHT (rowwise `row_op`, columnwise
   // `col_op`): one copy of the values serves both.
@@ -140,6 +160,14 @@ class OperandCuda {
   // buffers above): decoded_wanted_ is the request of the make in progress, which run_fused reads.
   DeviceBuffer<uint16_t> decoded_;
   bool decoded_wanted_ = false, decoded_valid_ = false;
+  // Counts the operands begun in this object (alpha_with's check that a partner is unchanged).
+  uint64_t made_ = 0;
+  // The GEMM alpha the fused pass writes (ForGemm::partner): requested for alpha_partner_ as made
+  // alpha_partner_made_-th; valid once run_fused has launched the pass.
+  DeviceBuffer<float> alpha_;
+  const OperandCuda* alpha_partner_ = nullptr;
+  uint64_t alpha_partner_made_ = 0;
+  bool alpha_valid_ = false;
 };
 
 // The types two operands meet in a GEMM (a: M x K, b: N x K): their FP8 code types when both are

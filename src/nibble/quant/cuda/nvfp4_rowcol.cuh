@@ -269,8 +269,12 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
           nvfp4_element_encode_scale(static_cast<uint8_t>(code), i < kE4m3Codes ? row_ts.decode : col_ts.decode);
     }
     if (blockIdx.x == 0 && t == 0) {
-      if (spec.rowwise) *row.decode_scale = rs.ok ? row_ts.decode : __int_as_float(0x7FC00000);
-      if (spec.columnwise) *col.decode_scale = cs.ok ? col_ts.decode : __int_as_float(0x7FC00000);
+      const float row_decode = rs.ok ? row_ts.decode : __int_as_float(0x7FC00000);
+      const float col_decode = cs.ok ? col_ts.decode : __int_as_float(0x7FC00000);
+      if (spec.rowwise) *row.decode_scale = row_decode;
+      if (spec.columnwise) *col.decode_scale = col_decode;
+      if (spec.rowwise && row.alpha != nullptr) *row.alpha = row_decode * *row.alpha_partner;
+      if (spec.columnwise && col.alpha != nullptr) *col.alpha = col_decode * *col.alpha_partner;
     }
     __syncthreads();
   }

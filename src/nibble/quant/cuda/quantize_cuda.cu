@@ -309,8 +309,9 @@ void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_
   if (!aligned16(x))
     throw std::invalid_argument(
         "nvfp4 16x16 quantization: the input must be 16-byte aligned (it is read in 16-byte vectors)");
-  if (w.decoded != nullptr || wt.decoded != nullptr)
-    throw std::invalid_argument("nvfp4 16x16 quantization: decoded BF16 output is written only by the fused 1x16 pass");
+  if (w.decoded != nullptr || wt.decoded != nullptr || w.alpha != nullptr || wt.alpha != nullptr)
+    throw std::invalid_argument(
+        "nvfp4 16x16 quantization: decoded BF16 output and GEMM alphas are written only by the fused 1x16 pass");
   if (w.data == nullptr && wt.data == nullptr) return;
   launch_tile16(x, rows, cols, amax_bits, w, wt, stream);
 }
@@ -335,8 +336,9 @@ template <typename T>
 void quantize_segments_generic(const T* x, int64_t rows, int64_t cols, const QuantSpec& spec,
                                const uint32_t* amax_bits, QuantBuffers out, cudaStream_t stream) {
   validate(spec, rows, cols);
-  if (out.decoded != nullptr)
-    throw std::invalid_argument("quantize_segments: decoded BF16 output is written only by the fused NVFP4 pass");
+  if (out.decoded != nullptr || out.alpha != nullptr)
+    throw std::invalid_argument(
+        "quantize_segments: decoded BF16 output and GEMM alphas are written only by the fused NVFP4 pass");
   const SegmentGeometry g = geometry(spec, rows, cols);
   const int blocks = blocks_for(g.count, kSegmentThreads);
   if (spec.block == Block::k1x32)
@@ -362,8 +364,9 @@ void quantize_segments(const T* x, int64_t rows, int64_t cols, const QuantSpec& 
                        QuantBuffers out, cudaStream_t stream) {
   validate(spec, rows, cols);
   // Checked here, not only in the generic kernels' launcher: the 16x16 kernel would ignore it.
-  if (out.decoded != nullptr)
-    throw std::invalid_argument("quantize_segments: decoded BF16 output is written only by the fused NVFP4 pass");
+  if (out.decoded != nullptr || out.alpha != nullptr)
+    throw std::invalid_argument(
+        "quantize_segments: decoded BF16 output and GEMM alphas are written only by the fused NVFP4 pass");
   if (nvfp4_tile16_applies(spec) && aligned16(x)) {  // W (rowwise) or W^T (columnwise) alone
     const QuantBuffers none{};
     launch_tile16(x, rows, cols, amax_bits, spec.columnwise ? none : out, spec.columnwise ? out : none, stream);
@@ -498,33 +501,45 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_tile16_pair_impl(std::span<
 
 template <typename T>
 std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_impl(std::span<const T> x, int64_t rows, int64_t cols,
-                                                                 const RowColSpec& spec, RowColDecoded* decoded) {
+                                                                 const RowColSpec& spec, RowColExtras* extras) {
   if (static_cast<int64_t>(x.size()) != rows * cols) throw std::invalid_argument("quantize_rowcol_on_gpu: size mismatch");
   check_rowcol_shape(rows, cols);
   DeviceArray<T> dx(x.size());
   dx.upload(x.data());
   DeviceArray<uint32_t> amax(2);
   DeviceQuant row(row_spec(spec), rows, cols), col(col_spec(spec), rows, cols);
-  // Decoded outputs, poisoned like the packed ones; one element when not asked for.
-  const auto decoded_size = [&](bool side) { return static_cast<size_t>(decoded && side ? rows * cols : 1); };
+  // Decoded outputs and alphas, poisoned like the packed ones; one element when not asked for.
+  const auto decoded_size = [&](bool side) { return static_cast<size_t>(extras && side ? rows * cols : 1); };
   DeviceArray<uint16_t> row_dec(decoded_size(spec.rowwise)), col_dec(decoded_size(spec.columnwise));
   NIBBLE_CUDA_CHECK(cudaMemset(row_dec.ptr, 0xA5, row_dec.n * sizeof(uint16_t)));
   NIBBLE_CUDA_CHECK(cudaMemset(col_dec.ptr, 0xA5, col_dec.n * sizeof(uint16_t)));
+  DeviceArray<float> partners(2), alphas(2);
+  NIBBLE_CUDA_CHECK(cudaMemset(alphas.ptr, 0xA5, 2 * sizeof(float)));
   QuantBuffers row_out = row.buffers(), col_out = col.buffers();
-  if (decoded) {
+  if (extras) {
+    const float partner_values[2] = {extras->row_partner, extras->col_partner};
+    partners.upload(partner_values);
     row_out.decoded = row_dec.ptr;
     col_out.decoded = col_dec.ptr;
+    row_out.alpha_partner = partners.ptr;
+    col_out.alpha_partner = partners.ptr + 1;
+    row_out.alpha = alphas.ptr;
+    col_out.alpha = alphas.ptr + 1;
   }
   nvfp4_amax(dx.ptr, rows, cols, spec, amax.ptr, nullptr);
   nvfp4_quantize_rowcol(dx.ptr, rows, cols, spec, amax.ptr, row_out, col_out, nullptr);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
   uint32_t amax_bits[2];
   amax.download(amax_bits);
-  if (decoded) {
-    decoded->row.assign(spec.rowwise ? row_dec.n : 0, 0);
-    decoded->col.assign(spec.columnwise ? col_dec.n : 0, 0);
-    if (spec.rowwise) row_dec.download(decoded->row.data());
-    if (spec.columnwise) col_dec.download(decoded->col.data());
+  if (extras) {
+    extras->row.assign(spec.rowwise ? row_dec.n : 0, 0);
+    extras->col.assign(spec.columnwise ? col_dec.n : 0, 0);
+    if (spec.rowwise) row_dec.download(extras->row.data());
+    if (spec.columnwise) col_dec.download(extras->col.data());
+    float alpha_values[2];
+    alphas.download(alpha_values);
+    extras->row_alpha = alpha_values[0];
+    extras->col_alpha = alpha_values[1];
   }
   return {row.fetch(amax_bits[0]), col.fetch(amax_bits[1])};
 }
@@ -553,13 +568,13 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_tile16_pair_on_gpu(std::spa
 }
 std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_on_gpu(std::span<const bf16_t> x, int64_t rows,
                                                                    int64_t cols, const RowColSpec& spec,
-                                                                   RowColDecoded* decoded) {
-  return quantize_rowcol_impl(x, rows, cols, spec, decoded);
+                                                                   RowColExtras* extras) {
+  return quantize_rowcol_impl(x, rows, cols, spec, extras);
 }
 std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_on_gpu(std::span<const float> x, int64_t rows,
                                                                    int64_t cols, const RowColSpec& spec,
-                                                                   RowColDecoded* decoded) {
-  return quantize_rowcol_impl(x, rows, cols, spec, decoded);
+                                                                   RowColExtras* extras) {
+  return quantize_rowcol_impl(x, rows, cols, spec, extras);
 }
 
 std::vector<float> dequantize_on_gpu(const QuantizedTensor& q) {

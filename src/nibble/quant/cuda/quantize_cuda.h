@@ -34,6 +34,12 @@ struct QuantBuffers {
   // X^T [cols x rows]): exactly what decoding the packed output to BF16 gives (zeros where the
   // tensor is non-finite), so that a BF16 GEMM can read them without a decode pass.
   uint16_t* decoded = nullptr;
+  // Fused NVFP4 pass only (nullptr: not written): with alpha_partner, the decode scale of the
+  // operand this copy meets in its GEMM (a device float, final when the pass runs), the pass also
+  // writes that GEMM's alpha = decode_scale x *alpha_partner (one float product, as
+  // multiply_scalars computes it), so that no separate launch multiplies the two.
+  const float* alpha_partner = nullptr;
+  float* alpha = nullptr;
 };
 
 // What the fused NVFP4 pass produces. Each side can be switched off.
@@ -109,17 +115,21 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_tile16_pair_on_gpu(std::spa
 std::pair<QuantizedTensor, QuantizedTensor> quantize_tile16_pair_on_gpu(std::span<const bf16_t> x, int64_t rows,
                                                                         int64_t cols);
 // The fused pass; returns {rowwise, columnwise} as QuantizedTensors with matching QuantSpecs.
-// With `decoded`, the pass also writes the decoded BF16 values (QuantBuffers::decoded) of each side
-// it makes, returned in decoded->row / decoded->col (empty for a side switched off).
-struct RowColDecoded {
-  std::vector<uint16_t> row, col;
+// With `extras`, the pass also writes the decoded BF16 values (QuantBuffers::decoded) of each side
+// it makes, returned in extras->row / extras->col (empty for a side switched off), and each side's
+// GEMM alpha with the partner decode scale given in row_partner / col_partner
+// (QuantBuffers::alpha_partner), returned in row_alpha / col_alpha.
+struct RowColExtras {
+  float row_partner = 1.0f, col_partner = 1.0f;  // in
+  std::vector<uint16_t> row, col;                // out
+  float row_alpha = 0.0f, col_alpha = 0.0f;      // out
 };
 std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_on_gpu(std::span<const bf16_t> x, int64_t rows,
                                                                    int64_t cols, const RowColSpec& spec,
-                                                                   RowColDecoded* decoded = nullptr);
+                                                                   RowColExtras* extras = nullptr);
 std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_on_gpu(std::span<const float> x, int64_t rows,
                                                                    int64_t cols, const RowColSpec& spec,
-                                                                   RowColDecoded* decoded = nullptr);
+                                                                   RowColExtras* extras = nullptr);
 std::vector<float> dequantize_on_gpu(const QuantizedTensor& q);
 
 // The QuantSpecs of the two outputs of a RowColSpec (what the CPU reference is called with).
