@@ -2,8 +2,9 @@
 # Training speed and memory on one GPU (issue 6): nibble's bf16 and nvfp4 steps and the PyTorch
 # reference (bench/pytorch_gpt2.py, eager and torch.compile) on the same model and batch, in one
 # call, then the table (bench/training_table.py). Run on the GPU machine:
-#   [CONFIG=model.toml] scripts/bench_training.sh DATA_DIR [NIBBLE_BINARY] [STEPS]
+#   [CONFIG=model.toml] [PYTORCH=0] scripts/bench_training.sh DATA_DIR [NIBBLE_BINARY] [STEPS]
 # DATA_DIR: GPT-2 tokens from `nibble prepare` (any text). Logs and the table go to $OUT (default ./out).
+# PYTORCH=0 leaves the PyTorch runs out (nibble's own rows and the nvfp4 / bf16 ratios only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=$1
@@ -19,6 +20,8 @@ for recipe in bf16 nvfp4; do
   cp "/tmp/bench-$recipe/metrics.jsonl" "$out/nibble-$recipe.jsonl"
 done
 : >"$out/pytorch.jsonl"
-python3 bench/pytorch_gpt2.py --config "$config" --batch 16 --steps 30 >>"$out/pytorch.jsonl"
-python3 bench/pytorch_gpt2.py --config "$config" --batch 16 --steps 30 --compile >>"$out/pytorch.jsonl" 2>"$out/compile.log"
+if [ "${PYTORCH:-1}" != 0 ]; then
+  python3 bench/pytorch_gpt2.py --config "$config" --batch 16 --steps 30 >>"$out/pytorch.jsonl"
+  python3 bench/pytorch_gpt2.py --config "$config" --batch 16 --steps 30 --compile >>"$out/pytorch.jsonl" 2>"$out/compile.log"
+fi
 python3 bench/training_table.py --nibble bf16=/tmp/bench-bf16 nvfp4=/tmp/bench-nvfp4 --pytorch "$out/pytorch.jsonl" | tee "$out/table.md"

@@ -12,7 +12,7 @@
 #   sanitizers  compute-sanitizer memcheck and racecheck on the small cases
 #   benches     the quantization, layer and GEMM benchmarks
 #   train       scripts/bench_training.sh: nibble bf16/nvfp4 against PyTorch (DATA=<nibble prepare
-#               output>, or the bundle's data; CONFIG and STEPS as there, STEPS default 40)
+#               output>, or the bundle's data; CONFIG, STEPS and PYTORCH as there, STEPS default 40)
 #   profile     per-kernel time of one training step under ncu, grouped by bench/kernel_breakdown.py,
 #               for each of RECIPES (default "nvfp4")
 # The logs of each phase go to $OUT as it ends, so a call cut short keeps what finished.
