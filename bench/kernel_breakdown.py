@@ -56,7 +56,7 @@ def main(path):
         print(f"| {cls} | {count[cls]} | {ms:.2f} | {100 * ms / all_ms:.1f}% |")
     print(f"| all kernels | {sum(count.values())} | {all_ms:.2f} | 100% |")
     print("\nlargest kernels:")
-    for n, ms in sorted(names.items(), key=lambda kv: -kv[1])[:12]:
+    for n, ms in sorted(names.items(), key=lambda kv: -kv[1])[:25]:
         print(f"  {ms:8.2f} ms  {n}")
 
 

@@ -14,7 +14,8 @@
 #   train       scripts/bench_training.sh: nibble bf16/nvfp4 against PyTorch (DATA=<nibble prepare
 #               output>, or the bundle's data; CONFIG, STEPS and PYTORCH as there, STEPS default 40)
 #   profile     per-kernel time of one training step under ncu, grouped by bench/kernel_breakdown.py,
-#               for each of RECIPES (default "nvfp4")
+#               for each of RECIPES (default "nvfp4"); NCU_CACHE=none keeps the caches warm between
+#               kernels as in the training run (default "all": ncu flushes them before each kernel)
 # The logs of each phase go to $OUT as it ends, so a call cut short keeps what finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -77,7 +78,8 @@ run_profile() {
   for recipe in ${RECIPES:-nvfp4}; do
     echo "== one $recipe step by kernel (ncu)"
     rm -rf "/tmp/profile-$recipe"
-    ncu --clock-control none --metrics gpu__time_duration.sum --csv "$nibble" train --device cuda \
+    ncu --clock-control none --cache-control "${NCU_CACHE:-all}" --metrics gpu__time_duration.sum --csv \
+      "$nibble" train --device cuda \
       --config "${CONFIG:-configs/models/gpt2-124m.toml}" --recipe "$recipe" --data "$DATA" --out "/tmp/profile-$recipe" \
       --steps 1 --batch-size 16 --progress quiet --val-batches 1 >"$out/ncu_$recipe.csv" 2>"$out/ncu_$recipe.err" || status=1
     python3 bench/kernel_breakdown.py "$out/ncu_$recipe.csv" | tee "$out/kernels_$recipe.md" || status=1
