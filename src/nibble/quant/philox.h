@@ -14,36 +14,55 @@ struct Philox4x32 {
   uint32_t v[4];
 };
 
-NIBBLE_HD Philox4x32 philox4x32_10(Philox4x32 ctr, uint32_t k0, uint32_t k1) {
-  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
+// The ten round keys of a key (k0, k1): round r uses k0 + r W0 and k1 + r W1. Computed once, they
+// let a kernel keep them for all its calls (they depend on the seed only, so they are the same in
+// every thread) instead of adding the constants again in every call.
+struct PhiloxKeys {
+  uint32_t k0[10], k1[10];
+};
+NIBBLE_HD PhiloxKeys philox_round_keys(uint32_t k0, uint32_t k1) {
   constexpr uint32_t kW0 = 0x9E3779B9u, kW1 = 0xBB67AE85u;
+  PhiloxKeys k;
+NIBBLE_UNROLL
+  for (int round = 0; round < 10; ++round) {
+    k.k0[round] = k0 + static_cast<uint32_t>(round) * kW0;
+    k.k1[round] = k1 + static_cast<uint32_t>(round) * kW1;
+  }
+  return k;
+}
+
+NIBBLE_HD Philox4x32 philox4x32_10(Philox4x32 ctr, const PhiloxKeys& keys) {
+  constexpr uint32_t kM0 = 0xD2511F53u, kM1 = 0xCD9E8D57u;
 NIBBLE_UNROLL
   for (int round = 0; round < 10; ++round) {
     const uint64_t p0 = static_cast<uint64_t>(kM0) * ctr.v[0];
     const uint64_t p1 = static_cast<uint64_t>(kM1) * ctr.v[2];
     const uint32_t hi0 = static_cast<uint32_t>(p0 >> 32), lo0 = static_cast<uint32_t>(p0);
     const uint32_t hi1 = static_cast<uint32_t>(p1 >> 32), lo1 = static_cast<uint32_t>(p1);
-    ctr = Philox4x32{{hi1 ^ ctr.v[1] ^ k0, lo1, hi0 ^ ctr.v[3] ^ k1, lo0}};
-    k0 += kW0;
-    k1 += kW1;
+    ctr = Philox4x32{{hi1 ^ ctr.v[1] ^ keys.k0[round], lo1, hi0 ^ ctr.v[3] ^ keys.k1[round], lo0}};
   }
   return ctr;
 }
 
-// Streams separate independent uses of one seed (the rowwise and columnwise copies of a tensor,
-// each layer's gradient, the RHT signs), so that they never share random bits.
-// Counter layout: {group lo, group hi, stream, kCounterTag} with group = index / 4; the element
-// takes word index % 4 of the block.
-inline constexpr uint32_t kCounterTag = 0x6E69626Cu;  // "nibl"
-
-// The four random words for elements 4*group .. 4*group+3 of a stream.
-NIBBLE_HD Philox4x32 random_words(uint64_t seed, uint32_t stream, uint64_t group) {
-  return philox4x32_10(
-      Philox4x32{{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), stream, kCounterTag}},
-      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+NIBBLE_HD Philox4x32 philox4x32_10(Philox4x32 ctr, uint32_t k0, uint32_t k1) {
+  return philox4x32_10(ctr, philox_round_keys(k0, k1));
 }
 
-// The random word of element `index` of a stream.
+inline constexpr uint32_t kCounterTag = 0x6E69626Cu;  // "nibl"
+
+// The round keys of a 64-bit seed (low word k0, high word k1).
+NIBBLE_HD PhiloxKeys philox_round_keys(uint64_t seed) {
+  return philox_round_keys(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+// The four random words for elements 4*group .. 4*group+3 of a stream (seed_keys: philox_round_keys(seed)).
+NIBBLE_HD Philox4x32 random_words(const PhiloxKeys& seed_keys, uint32_t stream, uint64_t group) {
+  return philox4x32_10(
+      Philox4x32{{static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), stream, kCounterTag}}, seed_keys);
+}
+NIBBLE_HD Philox4x32 random_words(uint64_t seed, uint32_t stream, uint64_t group) {
+  return random_words(philox_round_keys(seed), stream, group);
+}
+
 NIBBLE_HD uint32_t random_word(uint64_t seed, uint32_t stream, uint64_t index) {
   return random_words(seed, stream, index >> 2).v[index & 3];
 }

@@ -150,15 +150,15 @@ __device__ __forceinline__ uint32_t e4m3x2_rn_satfinite(float hi, float lo) {
 // elements' |v * scale| are at most amax * scale, rounding being monotonic, so below 7 no code
 // needs the saturation cap).
 template <Rounding kRounding>
-__device__ __forceinline__ uint2 encode16(const float v[16], float amax, float scale, uint64_t seed,
+__device__ __forceinline__ uint2 encode16(const float v[16], float amax, float scale, const PhiloxKeys& seed_keys,
                                           uint32_t stream, uint64_t index0) {
   if constexpr (kRounding == Rounding::kNearestEven) {
     if (amax * scale < 7.0f) return make_uint2(pack8_rne<false>(v, scale), pack8_rne<false>(v + 8, scale));
     return make_uint2(pack8_rne<true>(v, scale), pack8_rne<true>(v + 8, scale));
   } else {
     const uint64_t group = index0 >> 3;  // index0 is a multiple of 16: two whole Philox groups
-    return make_uint2(pack8_sr(v, scale, random_words(seed, stream, group)),
-                      pack8_sr(v + 8, scale, random_words(seed, stream, group + 1)));
+    return make_uint2(pack8_sr(v, scale, random_words(seed_keys, stream, group)),
+                      pack8_sr(v + 8, scale, random_words(seed_keys, stream, group + 1)));
   }
 }
 
@@ -256,6 +256,8 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   const int64_t tiles = tiles_x * ((rows + kTileRows - 1) / kTileRows);
 
   SideScale rs{}, cs{};
+  // The seed's Philox round keys, once per thread (uniform across the grid) rather than per call.
+  const PhiloxKeys seed_keys = philox_round_keys(spec.seed);
   if constexpr (!kAmaxOnly) {
     rs.ok = amax_is_finite(amax_in[0]);
     cs.ok = amax_is_finite(amax_in[1]);
@@ -337,7 +339,7 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
         if (rs.ok) {
           const float amax = max_abs_finite<16>(v);
           code = e4m3x2_rn_satfinite(amax * rs.k, amax * rs.k) & 0xFFu;
-          packed = encode16<kRowRounding>(v, amax, enc_scale[0][code], spec.seed, spec.row_stream, gi);
+          packed = encode16<kRowRounding>(v, amax, enc_scale[0][code], seed_keys, spec.row_stream, gi);
           packed.x ^= code_flip;
           packed.y ^= code_flip;
         }
@@ -383,9 +385,9 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
             const float amax_a = max_abs_finite<16>(va), amax_b = max_abs_finite<16>(vb);
             codes[bi] = e4m3x2_rn_satfinite(amax_b * cs.k, amax_a * cs.k);
             const uint64_t qi = q0 + bi * 16;
-            packed[0][bi] = encode16<kColRounding>(va, amax_a, enc_scale[1][codes[bi] & 0xFFu], spec.seed,
+            packed[0][bi] = encode16<kColRounding>(va, amax_a, enc_scale[1][codes[bi] & 0xFFu], seed_keys,
                                                    spec.col_stream, qi);
-            packed[1][bi] = encode16<kColRounding>(vb, amax_b, enc_scale[1][codes[bi] >> 8], spec.seed,
+            packed[1][bi] = encode16<kColRounding>(vb, amax_b, enc_scale[1][codes[bi] >> 8], seed_keys,
                                                    spec.col_stream, qi + static_cast<uint64_t>(rows));
           }
         }
