@@ -9,6 +9,8 @@
 // for NVFP4, the decode to BF16. The weight operand (B) uses 16x16 blocks, the activation (A) 1x16,
 // both round-to-nearest-even, as in the paper's Fprop. "w pre-quantized" leaves B's quantization out:
 // in training the weight is quantized once per step and read by two GEMMs (Fprop and Dgrad).
+// "layer path" is what LinearCuda's Fprop runs: A's quantizing pass also writes A's decoded BF16
+// values and the alpha, so only B is decoded in a pass of its own (no multiply_scalars launch).
 // On Blackwell (compute capability >= 10.0) a last column times the native NVFP4 GEMM (quantize
 // both, rearrange the block scales, cuBLASLt block-scaled FP4 GEMM); elsewhere it says n/a. That
 // column has never been measured (no Blackwell GPU here).
@@ -90,6 +92,27 @@ void run_shape(const Shape& s, GemmRunner& gemm) {
     quantize_a();
     emulated_gemm();
   });
+  // The layer's Fprop path (LinearCuda): A's quantizing pass also writes A's decoded BF16 values and
+  // the GEMM's alpha (OperandForGemm), so only the weight is decoded in a pass of its own.
+  OperandCuda qa_fused;
+  const auto quantize_a_fused = [&] {
+    qa_fused.make(a.data(), s.m, s.k, act, Operand::kFpropX, kDefaultRhtSigns, 0, nullptr,
+                  nibble::nn::cuda::OperandForGemm{true, &qb});
+  };
+  const auto fused_gemm = [&] {
+    const GemmMatrix ma = qa_fused.gemm_matrix(GemmType::kBF16, false, scratch_a, nullptr);
+    const GemmMatrix mb = qb.gemm_matrix(GemmType::kBF16, true, scratch_b, nullptr);
+    gemm.run(s.m, s.n, s.k, ma, mb, out, qa_fused.alpha_with(qb), false, nullptr);
+  };
+  const float layer_ms = median_ms([&] {
+    quantize_b();
+    quantize_a_fused();
+    fused_gemm();
+  });
+  const float layer_wq_ms = median_ms([&] {
+    quantize_a_fused();
+    fused_gemm();
+  });
 
   // FP8 (E4M3 per-tensor current scaling) for comparison: quantize both, FP8 tensor-core GEMM.
   const OperandRecipe fp8{OperandFormat::kFp8E4M3, Block::kTensor, Rounding::kNearestEven, false};
@@ -119,10 +142,11 @@ void run_shape(const Shape& s, GemmRunner& gemm) {
 
   const double flop = 2.0 * s.m * s.n * s.k;
   std::printf("%-22s %6lld %6lld %6lld | bf16 %8.3f ms %6.0f TF/s | nvfp4 %8.3f ms (qA %.3f qW %.3f dec %.3f dec+gemm %.3f) "
-              "x%.2f, w pre-quantized x%.2f | fp8 %8.3f ms x%.2f | %s\n",
+              "x%.2f, w pre-quantized x%.2f | layer path %8.3f ms x%.2f, w pre-quantized x%.2f | fp8 %8.3f ms x%.2f | %s\n",
               s.name.c_str(), static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k),
               bf16_ms, flop / bf16_ms * 1e-9, nvfp4_ms, qa_ms, qb_ms, decode_ms, decode_gemm_ms, nvfp4_ms / bf16_ms,
-              nvfp4_wq_ms / bf16_ms, fp8_ms, fp8_ms / bf16_ms, native.c_str());
+              nvfp4_wq_ms / bf16_ms, layer_ms, layer_ms / bf16_ms, layer_wq_ms / bf16_ms, fp8_ms, fp8_ms / bf16_ms,
+              native.c_str());
 }
 
 }  // namespace

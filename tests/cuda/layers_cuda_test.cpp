@@ -451,6 +451,27 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
       cuda::activation_backward(kind, pre.data(), dact.data(), rows, hidden, dpre16.data(), stream);
       EXPECT_EQ(download_bits(dpre16, rows * width), rounded(download(dpre.data(), rows * width)))
           << "activation backward " << static_cast<int>(kind) << ", hidden " << hidden;
+      // `pre` in BF16 (the GPU model's fc output): the outputs of the FP32 kernels given the same
+      // values, bit for bit (a BF16 value is exact in FP32).
+      const std::vector<uint16_t> pre_bits = rounded(download(pre.data(), rows * width));
+      std::vector<bf16_t> pre16_host(pre_bits.size());
+      std::vector<float> pre_rounded(pre_bits.size());
+      for (size_t i = 0; i < pre_bits.size(); ++i) {
+        pre16_host[i].bits = pre_bits[i];
+        pre_rounded[i] = BF16::decode(pre_bits[i]);
+      }
+      DeviceBuffer<bf16_t> pre16{std::span<const bf16_t>(pre16_host)};
+      DeviceBuffer<float> pre_r{std::span<const float>(pre_rounded)};
+      cuda::activation_forward(kind, pre_r.data(), rows, hidden, act16.data(), stream);
+      DeviceBuffer<bf16_t> act16b(act.size());
+      cuda::activation_forward(kind, pre16.data(), rows, hidden, act16b.data(), stream);
+      EXPECT_EQ(download_bits(act16b, rows * hidden), download_bits(act16, rows * hidden))
+          << "activation of BF16 pre " << static_cast<int>(kind) << ", hidden " << hidden;
+      cuda::activation_backward(kind, pre_r.data(), dact.data(), rows, hidden, dpre16.data(), stream);
+      DeviceBuffer<bf16_t> dpre16b(dpre.size());
+      cuda::activation_backward(kind, pre16.data(), dact.data(), rows, hidden, dpre16b.data(), stream);
+      EXPECT_EQ(download_bits(dpre16b, rows * width), download_bits(dpre16, rows * width))
+          << "activation backward of BF16 pre " << static_cast<int>(kind) << ", hidden " << hidden;
     }
   for (const AttentionShape shape : {AttentionShape{96, 6, 2, true, 10000.0f}, AttentionShape{105, 7, 7, false},
                                      AttentionShape{256, 2, 1, false}}) {  // hd 16, 15 (odd), 128

@@ -8,9 +8,9 @@
 // A linear layer whose recipe has no FP32 operand gets its input (and dY) in BF16, written by the
 // producer straight into the layer (LinearCuda::bf16_input, docs/numerics.md "The GPU model's
 // activations"); ln_, narrow_ and wide2_ then carry no forward activation for it.
-// Every block keeps its fc output (`pre`) for the activation's backward; the linear layers keep
-// their own saved operands (packed when quantized); the attention core keeps q, k, v, the softmax's
-// log-sum-exp and, with the fused kernels, the BF16 output O.
+// Every block keeps its fc output (`pre`, BF16 unless fc has FP32 operands) for the activation's
+// backward; the linear layers keep their own saved operands (packed when quantized); the attention
+// core keeps q, k, v, the softmax's log-sum-exp and, with the fused kernels, the BF16 output O.
 #include "nibble/model/cuda/gpt_cuda.h"
 
 #include <iterator>
@@ -28,7 +28,19 @@ struct GptCuda::Block {
   ncu::AttentionCoreCuda core;
   nn::MlpKind mlp;
   int64_t hidden, fc_width;
-  DeviceBuffer<float> pre;  // fc's output, saved for the activation's backward
+  // fc's output, saved for the activation's backward: in BF16 as fc's GEMM writes it where fc takes
+  // BF16 input (bf16 and quantized recipes; pre_bf16), else in FP32. Only the one in use is allocated.
+  DeviceBuffer<float> pre;
+  DeviceBuffer<bf16_t> pre16;
+  bool pre_bf16 = false;
+  // f(pre) with the saved fc output, whichever its type.
+  template <typename F>
+  void with_pre(F&& f) {
+    if (pre_bf16)
+      f(static_cast<const bf16_t*>(pre16.data()));
+    else
+      f(static_cast<const float*>(pre.data()));
+  }
 
   Block(const GptConfig& c, const nn::Recipe& recipe, uint32_t index, uint64_t seed, ncu::LinearContext& ctx,
         ncu::AttentionWorkspace& attn_workspace)
@@ -181,7 +193,6 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
     for (DeviceBuffer<float>* b : {&x_, &hidden_, &ln_, &narrow_, &dx_, &dtmp_}) b->resize(sz(d));
     wide_.resize(sz(std::max(qkv, fc)));
     wide2_.resize(sz(c.mlp_hidden));
-    for (auto& b : blocks_) b->pre.resize(sz(fc));
     loss_dev_.resize(1);
     rows_ = rows;
   }
@@ -219,11 +230,21 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
                    wide_.data(), false);
     linear_forward(b.proj, b.core.writes_bf16_output(), narrow_.data(),
                    [&](auto* dst) { b.core.forward(wide_.data(), batch, seq, dst, stream_); }, x_.data(), true);
-    linear_forward(b.fc, true, ln_.data(), [&](auto* dst) { b.norm2.forward(x_.data(), rows, dst, stream_); },
-                   b.pre.data(), false);
-    linear_forward(b.proj2, true, wide2_.data(),
-                   [&](auto* dst) { ncu::activation_forward(b.mlp, b.pre.data(), rows, b.hidden, dst, stream_); },
-                   x_.data(), true);
+    b.pre_bf16 = b.fc.takes_bf16_input();
+    if (b.pre_bf16) {  // fc's output in BF16, as its GEMM's epilogue rounds it (what the activation reads)
+      b.norm2.forward(x_.data(), rows, b.fc.bf16_input(rows), stream_);
+      b.pre16.reserve(static_cast<size_t>(rows * b.fc_width));
+      b.fc.forward_bf16_input(rows, b.pre16.data(), stream_);
+    } else {
+      b.pre.reserve(static_cast<size_t>(rows * b.fc_width));
+      linear_forward(b.fc, true, ln_.data(), [&](auto* dst) { b.norm2.forward(x_.data(), rows, dst, stream_); },
+                     b.pre.data(), false);
+    }
+    b.with_pre([&](const auto* pre) {
+      linear_forward(b.proj2, true, wide2_.data(),
+                     [&](auto* dst) { ncu::activation_forward(b.mlp, pre, rows, b.hidden, dst, stream_); }, x_.data(),
+                     true);
+    });
   }
   norm_f_.forward(x_.data(), rows, hidden_.data(), stream_);
 }
@@ -279,9 +300,11 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
     residual_backward(b.proj2, wide2_.data());
-    linear_backward(b.fc, wide_.data(), [&](auto* dst) {
-      ncu::activation_backward(b.mlp, b.pre.data(), wide2_.data(), rows, b.hidden, dst, stream_);
-    }, ln_.data());
+    b.with_pre([&](const auto* pre) {
+      linear_backward(b.fc, wide_.data(), [&](auto* dst) {
+        ncu::activation_backward(b.mlp, pre, wide2_.data(), rows, b.hidden, dst, stream_);
+      }, ln_.data());
+    });
     b.norm2.backward(ln_.data(), dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(&b.proj));  // + the residual path's
     residual_backward(b.proj, narrow_.data());
     linear_backward(b.qkv, wide_.data(), [&](auto* dst) { b.core.backward(narrow_.data(), dst, stream_); },

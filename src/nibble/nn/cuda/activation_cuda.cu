@@ -1,9 +1,10 @@
-// MLP activations (GELU tanh approximation, squared ReLU, SwiGLU) and the residual add, elementwise
-// in FP32 with the same formulas as nn::Mlp (see layers_cuda.h).
+// MLP activations (GELU tanh approximation, squared ReLU, SwiGLU), elementwise in FP32 with the
+// same formulas as nn::Mlp (see layers_cuda.h); `pre` in FP32 or BF16 (read as FP32, exactly).
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
@@ -35,36 +36,44 @@ __device__ __forceinline__ void store4(uint2* out, float a, float b, float c, fl
 }
 
 // i indexes act/dact [rows x hidden]; SwiGLU's a and b sit at row * 2 hidden + col (+ hidden).
-template <typename Out>
-__global__ void activation_forward_kernel(MlpKind kind, const float* __restrict__ pre, int64_t n, int64_t hidden,
+template <typename In, typename Out>
+__global__ void activation_forward_kernel(MlpKind kind, const In* __restrict__ pre, int64_t n, int64_t hidden,
                                           Out* __restrict__ act) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   switch (kind) {
-    case MlpKind::kGelu: write_out(act + i, gelu(pre[i])); break;
-    case MlpKind::kRelu2: write_out(act + i, pre[i] > 0.0f ? pre[i] * pre[i] : 0.0f); break;
+    case MlpKind::kGelu: write_out(act + i, gelu(to_float(pre[i]))); break;
+    case MlpKind::kRelu2: {
+      const float p = to_float(pre[i]);
+      write_out(act + i, p > 0.0f ? p * p : 0.0f);
+      break;
+    }
     case MlpKind::kSwiglu: {
       const int64_t row = i / hidden, col = i % hidden;
-      const float a = pre[row * 2 * hidden + col], b = pre[row * 2 * hidden + hidden + col];
+      const float a = to_float(pre[row * 2 * hidden + col]), b = to_float(pre[row * 2 * hidden + hidden + col]);
       write_out(act + i, a * sigmoid(a) * b);
       break;
     }
   }
 }
 
-template <typename Out>
-__global__ void activation_backward_kernel(MlpKind kind, const float* __restrict__ pre,
+template <typename In, typename Out>
+__global__ void activation_backward_kernel(MlpKind kind, const In* __restrict__ pre,
                                            const float* __restrict__ dact, int64_t n, int64_t hidden,
                                            Out* __restrict__ dpre) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   switch (kind) {
-    case MlpKind::kGelu: write_out(dpre + i, dact[i] * gelu_grad(pre[i])); break;
-    case MlpKind::kRelu2: write_out(dpre + i, pre[i] > 0.0f ? 2.0f * pre[i] * dact[i] : 0.0f); break;
+    case MlpKind::kGelu: write_out(dpre + i, dact[i] * gelu_grad(to_float(pre[i]))); break;
+    case MlpKind::kRelu2: {
+      const float p = to_float(pre[i]);
+      write_out(dpre + i, p > 0.0f ? 2.0f * p * dact[i] : 0.0f);
+      break;
+    }
     case MlpKind::kSwiglu: {
       const int64_t row = i / hidden, col = i % hidden;
       const int64_t ia = row * 2 * hidden + col, ib = ia + hidden;
-      const float a = pre[ia], b = pre[ib], s = sigmoid(a), d = dact[i];
+      const float a = to_float(pre[ia]), b = to_float(pre[ib]), s = sigmoid(a), d = dact[i];
       write_out(dpre + ib, d * a * s);
       write_out(dpre + ia, d * b * s * (1.0f + a * (1.0f - s)));  // silu'(a) = s (1 + a (1 - s))
       break;
@@ -72,21 +81,30 @@ __global__ void activation_backward_kernel(MlpKind kind, const float* __restrict
   }
 }
 
-// GELU on 16-byte vectors (the MLP's activation in GPT-2; n % 4 == 0 and aligned pointers, checked by
-// the caller): the scalar kernels above issue 4-byte accesses and ran at ~60% of the copy bandwidth.
-template <typename Out4>  // float4, or uint2 for four BF16 values
-__global__ void gelu_forward4_kernel(const float4* __restrict__ pre, int64_t n4, Out4* __restrict__ act) {
+// Four consecutive `pre` values as FP32: one 16-byte load of FP32, or one 8-byte load of BF16.
+__device__ __forceinline__ float4 load4(const float* p, int64_t i) { return reinterpret_cast<const float4*>(p)[i]; }
+__device__ __forceinline__ float4 load4(const bf16_t* p, int64_t i) {
+  const uint2 w = reinterpret_cast<const uint2*>(p)[i];
+  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xFFFF0000u), __uint_as_float(w.y << 16),
+                     __uint_as_float(w.y & 0xFFFF0000u));
+}
+
+// GELU on vectors of 4 (the MLP's activation in GPT-2; n % 4 == 0 and 16-byte aligned pointers,
+// checked by the caller): the scalar kernels above issue 4-byte accesses and ran at ~60% of the copy
+// bandwidth.
+template <typename In, typename Out4>  // Out4: float4, or uint2 for four BF16 values
+__global__ void gelu_forward4_kernel(const In* __restrict__ pre, int64_t n4, Out4* __restrict__ act) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n4) return;
-  const float4 p = pre[i];
+  const float4 p = load4(pre, i);
   store4(act + i, gelu(p.x), gelu(p.y), gelu(p.z), gelu(p.w));
 }
-template <typename Out4>
-__global__ void gelu_backward4_kernel(const float4* __restrict__ pre, const float4* __restrict__ dact, int64_t n4,
+template <typename In, typename Out4>
+__global__ void gelu_backward4_kernel(const In* __restrict__ pre, const float4* __restrict__ dact, int64_t n4,
                                       Out4* __restrict__ dpre) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n4) return;
-  const float4 p = pre[i], d = dact[i];
+  const float4 p = load4(pre, i), d = dact[i];
   store4(dpre + i, d.x * gelu_grad(p.x), d.y * gelu_grad(p.y), d.z * gelu_grad(p.z), d.w * gelu_grad(p.w));
 }
 
@@ -101,28 +119,29 @@ void check_shape(int64_t rows, int64_t hidden, const char* what) {
   if (rows <= 0 || hidden <= 0) throw std::invalid_argument(std::string(what) + ": rows and hidden must be positive");
 }
 
-template <typename Out, typename Out4>
-void activation_forward_impl(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, Out* act,
+template <typename Out>
+using Vec4 = std::conditional_t<std::is_same_v<Out, float>, float4, uint2>;
+
+template <typename In, typename Out>
+void activation_forward_impl(MlpKind kind, const In* pre, int64_t rows, int64_t hidden, Out* act,
                              cudaStream_t stream) {
   check_shape(rows, hidden, "activation_forward");
   const int64_t n = rows * hidden;
   if (kind == MlpKind::kGelu && vec4(n, {pre, act}))
-    gelu_forward4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(reinterpret_cast<const float4*>(pre), n / 4,
-                                                                      reinterpret_cast<Out4*>(act));
+    gelu_forward4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(pre, n / 4, reinterpret_cast<Vec4<Out>*>(act));
   else
     activation_forward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(kind, pre, n, hidden, act);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-template <typename Out, typename Out4>
-void activation_backward_impl(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden,
+template <typename In, typename Out>
+void activation_backward_impl(MlpKind kind, const In* pre, const float* dact, int64_t rows, int64_t hidden,
                               Out* dpre, cudaStream_t stream) {
   check_shape(rows, hidden, "activation_backward");
   const int64_t n = rows * hidden;
   if (kind == MlpKind::kGelu && vec4(n, {pre, dact, dpre}))
     gelu_backward4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(
-        reinterpret_cast<const float4*>(pre), reinterpret_cast<const float4*>(dact), n / 4,
-        reinterpret_cast<Out4*>(dpre));
+        pre, reinterpret_cast<const float4*>(dact), n / 4, reinterpret_cast<Vec4<Out>*>(dpre));
   else
     activation_backward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(kind, pre, dact, n, hidden, dpre);
   NIBBLE_CUDA_CHECK_LAUNCH();
@@ -130,22 +149,23 @@ void activation_backward_impl(MlpKind kind, const float* pre, const float* dact,
 
 }  // namespace
 
-void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, float* act,
-                        cudaStream_t stream) {
-  activation_forward_impl<float, float4>(kind, pre, rows, hidden, act, stream);
+template <typename In, typename Out>
+void activation_forward(MlpKind kind, const In* pre, int64_t rows, int64_t hidden, Out* act, cudaStream_t stream) {
+  activation_forward_impl(kind, pre, rows, hidden, act, stream);
 }
-void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, bf16_t* act,
-                        cudaStream_t stream) {
-  activation_forward_impl<bf16_t, uint2>(kind, pre, rows, hidden, act, stream);
+template <typename In, typename Out>
+void activation_backward(MlpKind kind, const In* pre, const float* dact, int64_t rows, int64_t hidden, Out* dpre,
+                         cudaStream_t stream) {
+  activation_backward_impl(kind, pre, dact, rows, hidden, dpre, stream);
 }
 
-void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, float* dpre,
-                         cudaStream_t stream) {
-  activation_backward_impl<float, float4>(kind, pre, dact, rows, hidden, dpre, stream);
-}
-void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, bf16_t* dpre,
-                         cudaStream_t stream) {
-  activation_backward_impl<bf16_t, uint2>(kind, pre, dact, rows, hidden, dpre, stream);
-}
+#define NIBBLE_ACTIVATION(In, Out)                                                                              \
+  template void activation_forward(MlpKind, const In*, int64_t, int64_t, Out*, cudaStream_t);                  \
+  template void activation_backward(MlpKind, const In*, const float*, int64_t, int64_t, Out*, cudaStream_t);
+NIBBLE_ACTIVATION(float, float)
+NIBBLE_ACTIVATION(float, bf16_t)
+NIBBLE_ACTIVATION(bf16_t, float)
+NIBBLE_ACTIVATION(bf16_t, bf16_t)
+#undef NIBBLE_ACTIVATION
 
 }  // namespace nibble::nn::cuda

@@ -119,16 +119,15 @@ class NormCuda {
 
 // The MLP's activation between fc and proj, as nn::Mlp computes it (GELU: tanh approximation;
 // squared ReLU; SwiGLU on pre = [a | b] rows of 2 * hidden). pre: fc's output [rows x width],
-// width = hidden (2 * hidden for SwiGLU); act: [rows x hidden].
-void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, float* act, cudaStream_t stream);
-// The same with act in BF16 (nearest-even rounding of the FP32 act), for LinearCuda::bf16_input().
-void activation_forward(MlpKind kind, const float* pre, int64_t rows, int64_t hidden, bf16_t* act,
-                        cudaStream_t stream);
-// dpre (overwritten) = d act / d pre applied to dact.
-void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, float* dpre,
-                         cudaStream_t stream);
-// The same with dpre in BF16 (nearest-even rounding of the FP32 dpre), for LinearCuda::bf16_dy_input().
-void activation_backward(MlpKind kind, const float* pre, const float* dact, int64_t rows, int64_t hidden, bf16_t* dpre,
+// width = hidden (2 * hidden for SwiGLU), in FP32 or BF16 (In = float or bf16_t; the GPU model keeps
+// it in BF16 where fc's operands are BF16 or quantized, as fc's GEMM writes it); act: [rows x hidden]
+// in FP32, or in BF16 (Out = bf16_t: nearest-even rounding of the FP32 act) for LinearCuda::bf16_input().
+template <typename In, typename Out>
+void activation_forward(MlpKind kind, const In* pre, int64_t rows, int64_t hidden, Out* act, cudaStream_t stream);
+// dpre (overwritten) = d act / d pre applied to dact; in BF16 (Out = bf16_t: nearest-even rounding of
+// the FP32 dpre) for LinearCuda::bf16_dy_input().
+template <typename In, typename Out>
+void activation_backward(MlpKind kind, const In* pre, const float* dact, int64_t rows, int64_t hidden, Out* dpre,
                          cudaStream_t stream);
 
 // Causal self-attention without its two linear layers: from qkv [batch*seq x (H + 2 Hkv) hd]

@@ -69,8 +69,8 @@ void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
   ++weight_quantizations_;
 }
 
-void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream,
-                      const char* which) {
+void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, nibble::cuda::GemmOutput c, bool accumulate,
+                      cudaStream_t stream, const char* which) {
   GemmMatrix ma, mb;
   const bool native = use_native_nvfp4(a, b, ctx_.native_fp4);
   if (native) {  // Blackwell: FP4 codes and block scales as they are
@@ -93,8 +93,7 @@ void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool
     alpha = a.decode_scale() ? a.decode_scale() : b.decode_scale();
   }
   try {
-    ctx_.gemm.run(a.rows(), b.rows(), a.cols(), ma, mb, nibble::cuda::GemmOutput{c, GemmType::kF32}, alpha,
-                  accumulate, stream);
+    ctx_.gemm.run(a.rows(), b.rows(), a.cols(), ma, mb, c, alpha, accumulate, stream);
   } catch (const std::exception& e) {
     throw std::runtime_error("LinearCuda[layer " + std::to_string(options_.layer_id) + ", recipe " + recipe_.name +
                              "] " + which + " GEMM: " + e.what());
@@ -107,7 +106,7 @@ void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t 
   if (tokens <= 0) throw std::invalid_argument(context(Operand::kFpropX) + ": tokens must be positive");
   refresh_weight_copies(stream);
   make_x_operands(x, tokens, stream);
-  gemm(ctx_.x_rows, fprop_w_, y, accumulate, stream, "Fprop");
+  gemm(ctx_.x_rows, fprop_w_, f32_output(y), accumulate, stream, "Fprop");
   saved_tokens_ = tokens;
 }
 
@@ -152,6 +151,15 @@ bf16_t* LinearCuda::bf16_input(int64_t tokens) {
 }
 
 void LinearCuda::forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream, bool accumulate) {
+  forward_bf16_input_to(tokens, f32_output(y), stream, accumulate);
+}
+
+void LinearCuda::forward_bf16_input(int64_t tokens, bf16_t* y, cudaStream_t stream) {
+  forward_bf16_input_to(tokens, nibble::cuda::GemmOutput{y, GemmType::kBF16}, stream, /*accumulate=*/false);
+}
+
+void LinearCuda::forward_bf16_input_to(int64_t tokens, nibble::cuda::GemmOutput y, cudaStream_t stream,
+                                       bool accumulate) {
   if (tokens <= 0) throw std::invalid_argument(context(Operand::kFpropX) + ": tokens must be positive");
   if (!takes_bf16_input())
     throw std::logic_error(context(Operand::kFpropX) + ": the recipe keeps an FP32 copy of X");
@@ -196,9 +204,9 @@ void LinearCuda::backward_bf16_input(float* dx, cudaStream_t stream) {
 
 void LinearCuda::backward_gemms(float* dx, cudaStream_t stream) {
   // Dgrad: dX [tokens x in] = dY [tokens x out] . (W^T [in x out])^T
-  if (dx != nullptr) gemm(ctx_.dy_rows, dgrad_w_, dx, /*accumulate=*/false, stream, "Dgrad");
+  if (dx != nullptr) gemm(ctx_.dy_rows, dgrad_w_, f32_output(dx), /*accumulate=*/false, stream, "Dgrad");
   // Wgrad: dW [out x in] += dY^T [out x tokens] . (X^T [in x tokens])^T
-  gemm(ctx_.dy_cols, saved_x_t_, weight_grad_.data(), /*accumulate=*/true, stream, "Wgrad");
+  gemm(ctx_.dy_cols, saved_x_t_, f32_output(weight_grad_.data()), /*accumulate=*/true, stream, "Wgrad");
   saved_x_t_.reset();
 }
 

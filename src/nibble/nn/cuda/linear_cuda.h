@@ -81,6 +81,11 @@ class LinearCuda {
   bool takes_bf16_input() const;
   bf16_t* bf16_input(int64_t tokens);
   void forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream, bool accumulate = false);
+  // The same with Y in BF16: the GEMM's epilogue rounds the FP32 result to nearest even (for an
+  // output that only BF16 consumers read, e.g. the MLP's fc output; half the bytes). cuBLASLt may
+  // pick another algorithm for a BF16 output, so Y can differ from the FP32 Y rounded by the FP32
+  // accumulation order: within one BF16 ulp of it (test).
+  void forward_bf16_input(int64_t tokens, bf16_t* y, cudaStream_t stream);
   bool takes_bf16_dy() const;
   bf16_t* bf16_dy_input();  // after forward(), for dY [tokens x out]
   void backward_bf16_input(float* dx, cudaStream_t stream);
@@ -109,8 +114,10 @@ class LinearCuda {
   template <typename T>
   void make_dy_operands(const T* dy, bool with_dx, cudaStream_t stream);  // ctx_.dy_rows and dy_cols
   // c [a.rows x b.rows] = g_a g_b A B^T (+ c when accumulate).
-  void gemm(const OperandCuda& a, const OperandCuda& b, float* c, bool accumulate, cudaStream_t stream,
-            const char* which);
+  void gemm(const OperandCuda& a, const OperandCuda& b, nibble::cuda::GemmOutput c, bool accumulate,
+            cudaStream_t stream, const char* which);
+  static nibble::cuda::GemmOutput f32_output(float* c) { return {c, GemmType::kF32}; }
+  void forward_bf16_input_to(int64_t tokens, nibble::cuda::GemmOutput y, cudaStream_t stream, bool accumulate);
   uint64_t sr_seed() const { return layer_step_seed(options_.run_seed, options_.layer_id, step_, microbatch_); }
   uint64_t weight_sr_seed() const { return layer_step_seed(options_.run_seed, options_.layer_id, step_, 0); }
 
