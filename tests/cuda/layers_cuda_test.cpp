@@ -507,6 +507,77 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
   }
 }
 
+// The backward kernels that read a linear layer's dX in BF16 (the GPU model's Dgrad output under
+// bf16 and quantized recipes): the bits they give for the same values in FP32 (exact in FP32).
+struct Bf16Values {
+  DeviceBuffer<bf16_t> b16;
+  DeviceBuffer<float> f32;
+};
+Bf16Values bf16_values(std::mt19937_64& rng, int64_t n, float scale) {
+  const std::vector<uint16_t> bits = rounded(nibble::nn::test::random_normal(rng, n, scale));
+  std::vector<bf16_t> b(bits.size());
+  std::vector<float> f(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) {
+    b[i].bits = bits[i];
+    f[i] = BF16::decode(bits[i]);
+  }
+  return {DeviceBuffer<bf16_t>{std::span<const bf16_t>(b)}, DeviceBuffer<float>{std::span<const float>(f)}};
+}
+
+TEST(Bf16Inputs, BackwardGivesTheBitsOfTheSameValuesInFp32) {
+  std::mt19937_64 rng(fresh_seed());
+  Stream stream;
+  for (const NormKind kind : {NormKind::kLayerNorm, NormKind::kRmsNorm}) {
+    const int64_t rows = 53, dim = 96;
+    cuda::NormCuda norm(dim, kind);
+    upload(norm.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
+    DeviceBuffer<float> x{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 2.0f))};
+    DeviceBuffer<float> y(x.size()), dx(x.size()), dx16(x.size());
+    const Bf16Values dy = bf16_values(rng, rows * dim, 1.0f);
+    std::vector<float> grads[2];
+    for (int path = 0; path < 2; ++path) {
+      norm.zero_grad(stream);
+      norm.forward(x.data(), rows, y.data(), stream);
+      if (path == 0)
+        norm.backward(dy.f32.data(), dx.data(), stream);
+      else
+        norm.backward(dy.b16.data(), dx16.data(), stream);
+      grads[path] = download(norm.weight_grad(), dim);
+      if (norm.has_bias()) {
+        const std::vector<float> gb = download(norm.bias_grad(), dim);
+        grads[path].insert(grads[path].end(), gb.begin(), gb.end());
+      }
+    }
+    expect_bits_equal(download(dx16.data(), rows * dim), download(dx.data(), rows * dim), "norm dx from BF16 dy");
+    expect_bits_equal(grads[1], grads[0], "norm parameter gradients from BF16 dy");
+  }
+  for (const MlpKind kind : {MlpKind::kGelu, MlpKind::kRelu2, MlpKind::kSwiglu})
+    for (const int64_t hidden : {int64_t{64}, int64_t{37}}) {  // 37: the scalar kernel
+      const int64_t rows = 29, width = kind == MlpKind::kSwiglu ? 2 * hidden : hidden;
+      const Bf16Values pre = bf16_values(rng, rows * width, 2.0f), dact = bf16_values(rng, rows * hidden, 1.0f);
+      DeviceBuffer<bf16_t> a(static_cast<size_t>(rows * width)), b(a.size());
+      cuda::activation_backward(kind, pre.b16.data(), dact.f32.data(), rows, hidden, a.data(), stream);
+      cuda::activation_backward(kind, pre.b16.data(), dact.b16.data(), rows, hidden, b.data(), stream);
+      EXPECT_EQ(download_bits(b, rows * width), download_bits(a, rows * width))
+          << "activation backward of BF16 dact " << static_cast<int>(kind) << ", hidden " << hidden;
+    }
+  for (const cuda::AttentionKernel kernel : {cuda::AttentionKernel::kFused, cuda::AttentionKernel::kGemm}) {
+    nibble::cuda::GemmRunner gemm;
+    cuda::AttentionWorkspace workspace;
+    cuda::AttentionCoreCuda core(AttentionShape{96, 6, 2, true, 10000.0f}, gemm, workspace, kernel);
+    const int64_t batch = 2, seq = 70, rows = batch * seq;
+    DeviceBuffer<float> qkv{std::span<const float>(nibble::nn::test::random_normal(rng, rows * core.qkv_width(), 1.0f))};
+    DeviceBuffer<float> out(static_cast<size_t>(rows * core.out_width())), dqkv(qkv.size()), dqkv16(qkv.size());
+    const Bf16Values dout = bf16_values(rng, rows * core.out_width(), 1.0f);
+    core.forward(qkv.data(), batch, seq, out.data(), stream);
+    core.backward(dout.f32.data(), dqkv.data(), stream);
+    core.forward(qkv.data(), batch, seq, out.data(), stream);
+    core.backward(dout.b16.data(), dqkv16.data(), stream);
+    expect_bits_equal(download(dqkv16.data(), rows * core.qkv_width()), download(dqkv.data(), rows * core.qkv_width()),
+                      kernel == cuda::AttentionKernel::kFused ? "fused attention, BF16 d_out" : "GEMM attention, BF16 d_out");
+  }
+}
+
 // The attention core's outputs through pointers into larger buffers, one element in (a caller's
 // chunk of a bigger array): the kernels' paired and 4-element stores need aligned destinations, so
 // they must fall back to narrower stores there, with the same bits. hd 16 and 64: the vector paths.

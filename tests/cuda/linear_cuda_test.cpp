@@ -447,43 +447,55 @@ TEST(LinearCuda, Bf16InputGivesTheBitsOfTheSameValuesInFp32) {
   }
 }
 
-// Y written in BF16 by the GEMM's epilogue (forward_bf16_input with a bf16_t* Y, how the GPU model
-// keeps the MLP's fc output) is the FP32 Y rounded to BF16, up to the FP32 accumulation order of the
-// algorithm cuBLASLt picks for each output type: never more than one BF16 ulp from RN(Y).
+// Y (dX) written in BF16 by the GEMM's epilogue (forward_bf16_input with a bf16_t* Y, how the GPU
+// model keeps the MLP's fc output; backward_bf16_input with a bf16_t* dX, its linear layers' dX) is
+// the FP32 Y (dX) rounded to BF16, up to the FP32 accumulation order of the algorithm cuBLASLt picks
+// for each output type: never more than one BF16 ulp from RN(Y).
 TEST(LinearCuda, Bf16OutputIsTheFp32OutputRounded) {
   std::mt19937_64 rng(test::fresh_seed());
   const int64_t tokens = 256, in = 512, out = 384;
   const std::vector<float> w = test::random_normal(rng, in * out, 0.05f);
   std::vector<bf16_t> x16(static_cast<size_t>(tokens * in));
-  for (bf16_t& v : x16) v.bits = BF16::encode(std::normal_distribution<float>(0.0f, 1.0f)(rng), Rounding::kNearestEven);
+  std::vector<bf16_t> dy16(static_cast<size_t>(tokens * out));
+  for (auto* v : {&x16, &dy16})
+    for (bf16_t& e : *v) e.bits = BF16::encode(std::normal_distribution<float>(0.0f, 1.0f)(rng), Rounding::kNearestEven);
   for (const char* name : {"bf16", "nvfp4"}) {
     LinearContext ctx;
     LinearCuda gpu(in, out, recipe_named(name), {}, ctx);
     gpu.upload_weight(w);
     gpu.set_step(5);
-    DeviceBuffer<float> y(static_cast<size_t>(tokens * out));
-    DeviceBuffer<bf16_t> y16(y.size());
-    for (int pass = 0; pass < 2; ++pass) {  // the same operands both times (same step, same input)
+    DeviceBuffer<float> y(static_cast<size_t>(tokens * out)), dx(static_cast<size_t>(tokens * in));
+    DeviceBuffer<bf16_t> y16(y.size()), dx16(dx.size());
+    for (int pass = 0; pass < 2; ++pass) {  // the same operands both times (same step, same inputs)
       NIBBLE_CUDA_CHECK(
           cudaMemcpy(gpu.bf16_input(tokens), x16.data(), x16.size() * sizeof(bf16_t), cudaMemcpyHostToDevice));
       if (pass == 0)
         gpu.forward_bf16_input(tokens, y.data(), nullptr);
       else
         gpu.forward_bf16_input(tokens, y16.data(), nullptr);
+      NIBBLE_CUDA_CHECK(
+          cudaMemcpy(gpu.bf16_dy_input(), dy16.data(), dy16.size() * sizeof(bf16_t), cudaMemcpyHostToDevice));
+      if (pass == 0)
+        gpu.backward_bf16_input(dx.data(), nullptr);
+      else
+        gpu.backward_bf16_input(dx16.data(), nullptr);
     }
-    const std::vector<float> y32 = download(y.data(), tokens * out);
-    const std::vector<bf16_t> got = download(y16.data(), tokens * out);
-    int64_t exact = 0, worst = 0;
-    for (size_t i = 0; i < y32.size(); ++i) {
-      const int64_t want = BF16::encode(y32[i], Rounding::kNearestEven);
-      // Adjacent BF16 values of one sign differ by one in their bits (zeros of either sign count as equal).
-      const int64_t ulps = y32[i] == 0.0f && (got[i].bits & 0x7FFF) == 0 ? 0 : std::abs(int64_t{got[i].bits} - want);
-      exact += ulps == 0;
-      worst = std::max(worst, ulps);
+    for (const auto& [f32, b16, what] : {std::tuple{&y, &y16, "Y"}, std::tuple{&dx, &dx16, "dX"}}) {
+      const std::vector<float> want32 = download(f32->data(), static_cast<int64_t>(f32->size()));
+      const std::vector<bf16_t> got = download(b16->data(), static_cast<int64_t>(b16->size()));
+      int64_t exact = 0, worst = 0;
+      for (size_t i = 0; i < want32.size(); ++i) {
+        const int64_t want = BF16::encode(want32[i], Rounding::kNearestEven);
+        // Adjacent BF16 values of one sign differ by one in their bits (zeros of either sign count as equal).
+        const int64_t ulps =
+            want32[i] == 0.0f && (got[i].bits & 0x7FFF) == 0 ? 0 : std::abs(int64_t{got[i].bits} - want);
+        exact += ulps == 0;
+        worst = std::max(worst, ulps);
+      }
+      EXPECT_LE(worst, 1) << name << " " << what;
+      std::printf("[ linear   ] %s BF16 %s: %lld of %zu elements equal RN(FP32 %s), the rest one ulp away\n", name,
+                  what, static_cast<long long>(exact), want32.size(), what);
     }
-    EXPECT_LE(worst, 1) << name;
-    std::printf("[ linear   ] %s BF16 output: %lld of %zu elements equal RN(FP32 output), the rest one ulp away\n",
-                name, static_cast<long long>(exact), y32.size());
   }
 }
 

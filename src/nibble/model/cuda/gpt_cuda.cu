@@ -3,6 +3,8 @@
 //   x_      the residual stream [rows x d]          ln_     a norm's output, or a gradient [rows x d]
 //   wide_   qkv, or d(fc output) [rows x max(qkv, fc)]   wide2_  the MLP activation, or its gradient
 //   narrow_ attention heads' output, or its gradient    dtmp_   the LM head's gradient of hidden_
+//   ln16_, wide2_16_, narrow16_: the same gradients in BF16, where the layers' dX is BF16
+// (ln_, wide2_, narrow_ and the BF16 ones are allocated on first use.)
 //   dx_     the gradient of the residual stream     hidden_ the final norm's output (the LM head's input)
 // The LM head and the loss (LmHeadLossCuda) keep only one chunk of logits at a time.
 // A linear layer whose recipe has no FP32 operand gets its input (and dY) in BF16, written by the
@@ -21,6 +23,21 @@ namespace nibble::model::cuda {
 
 using nibble::cuda::DeviceBuffer;
 namespace ncu = nibble::nn::cuda;
+
+namespace {
+// A gradient between layers in backward, FP32 or BF16 (exactly one set); visit(f) calls f with it.
+struct Grad {
+  const float* f32 = nullptr;
+  const bf16_t* b16 = nullptr;
+  template <typename F>
+  void visit(F&& f) const {
+    if (b16 != nullptr)
+      f(b16);
+    else
+      f(f32);
+  }
+};
+}  // namespace
 
 struct GptCuda::Block {
   ncu::NormCuda norm1, norm2;
@@ -190,9 +207,8 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
     ids_.resize(sz(1));
     targets_.resize(sz(1));
     positions_.resize(sz(1));
-    for (DeviceBuffer<float>* b : {&x_, &hidden_, &ln_, &narrow_, &dx_, &dtmp_}) b->resize(sz(d));
+    for (DeviceBuffer<float>* b : {&x_, &hidden_, &dx_, &dtmp_}) b->resize(sz(d));
     wide_.resize(sz(std::max(qkv, fc)));
-    wide2_.resize(sz(c.mlp_hidden));
     loss_dev_.resize(1);
     rows_ = rows;
   }
@@ -211,24 +227,25 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   if (pos_embed_) pos_embed_->forward(positions_.data(), rows, x_.data(), /*accumulate=*/true, stream_);
   // A linear layer's input is written by its producer in BF16 straight into the layer when no operand
   // made from it is FP32 (LinearCuda::takes_bf16_input: bf16 layers get the bits an FP32 input would
-  // give, quantized layers quantize the BF16 values), otherwise into the FP32 buffer `fp32`.
-  // `produce(dst)` writes the input to dst (float* or bf16_t*).
-  // With `residual` the output is added to y (the residual stream) in the GEMM itself.
-  const auto linear_forward = [&](ncu::LinearCuda& linear, bool producer_writes_bf16, float* fp32, auto produce,
-                                  float* y, bool residual) {
+  // give, quantized layers quantize the BF16 values), otherwise into the FP32 buffer `fp32` (allocated
+  // on first use: the bf16 and quantized recipes never touch it). `produce(dst)` writes the input to
+  // dst (float* or bf16_t*). With `residual` the output is added to y (the residual stream) in the GEMM.
+  const auto linear_forward = [&](ncu::LinearCuda& linear, bool producer_writes_bf16, DeviceBuffer<float>& fp32,
+                                  auto produce, float* y, bool residual) {
     if (producer_writes_bf16 && linear.takes_bf16_input()) {
       produce(linear.bf16_input(rows));
       linear.forward_bf16_input(rows, y, stream_, residual);
     } else {
-      produce(fp32);
-      linear.forward(fp32, rows, y, stream_, residual);
+      fp32.reserve(static_cast<size_t>(rows * linear.in_features()));
+      produce(fp32.data());
+      linear.forward(fp32.data(), rows, y, stream_, residual);
     }
   };
   for (auto& bp : blocks_) {
     Block& b = *bp;
-    linear_forward(b.qkv, true, ln_.data(), [&](auto* dst) { b.norm1.forward(x_.data(), rows, dst, stream_); },
+    linear_forward(b.qkv, true, ln_, [&](auto* dst) { b.norm1.forward(x_.data(), rows, dst, stream_); },
                    wide_.data(), false);
-    linear_forward(b.proj, b.core.writes_bf16_output(), narrow_.data(),
+    linear_forward(b.proj, b.core.writes_bf16_output(), narrow_,
                    [&](auto* dst) { b.core.forward(wide_.data(), batch, seq, dst, stream_); }, x_.data(), true);
     b.pre_bf16 = b.fc.takes_bf16_input();
     if (b.pre_bf16) {  // fc's output in BF16, as its GEMM's epilogue rounds it (what the activation reads)
@@ -237,11 +254,11 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
       b.fc.forward_bf16_input(rows, b.pre16.data(), stream_);
     } else {
       b.pre.reserve(static_cast<size_t>(rows * b.fc_width));
-      linear_forward(b.fc, true, ln_.data(), [&](auto* dst) { b.norm2.forward(x_.data(), rows, dst, stream_); },
+      linear_forward(b.fc, true, ln_, [&](auto* dst) { b.norm2.forward(x_.data(), rows, dst, stream_); },
                      b.pre.data(), false);
     }
     b.with_pre([&](const auto* pre) {
-      linear_forward(b.proj2, true, wide2_.data(),
+      linear_forward(b.proj2, true, wide2_,
                      [&](auto* dst) { ncu::activation_forward(b.mlp, pre, rows, b.hidden, dst, stream_); }, x_.data(),
                      true);
     });
@@ -275,42 +292,53 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
   // embeddings the head's weight gradient goes straight into the table's, as on the CPU.
   head_.forward_backward(head_weight(), hidden_.data(), targets_.data(), rows, grad_scale / static_cast<float>(rows),
                          loss_dev_.data(), dtmp_.data(), head_grad(), stream_);
-  // As in forward_hidden: dY in BF16 straight into the layer where no operand made from it is FP32.
-  const auto linear_backward = [&](ncu::LinearCuda& linear, float* fp32, auto produce, float* dx) {
+  // As in forward_hidden: dY in BF16 straight into the layer where no operand made from it is FP32
+  // (`produce(dst)` writes it, float* or bf16_t*; fp32 is the FP32 dY buffer otherwise). dX is then
+  // BF16 too, rounded by the Dgrad GEMM's epilogue into dx16 (what the next backward reads), else
+  // FP32 into dx32.
+  const auto linear_backward = [&](ncu::LinearCuda& linear, float* fp32, auto produce, DeviceBuffer<float>& dx32,
+                                   DeviceBuffer<bf16_t>& dx16) {
     if (linear.takes_bf16_dy()) {
       produce(linear.bf16_dy_input());
-      linear.backward_bf16_input(dx, stream_);
-    } else {
-      produce(fp32);
-      linear.backward(fp32, dx, stream_);
+      dx16.reserve(static_cast<size_t>(rows * linear.in_features()));
+      linear.backward_bf16_input(dx16.data(), stream_);
+      return Grad{nullptr, dx16.data()};
     }
+    produce(fp32);
+    dx32.reserve(static_cast<size_t>(rows * linear.in_features()));
+    linear.backward(fp32, dx32.data(), stream_);
+    return Grad{dx32.data(), nullptr};
   };
   // The output projections' dY is the residual stream's gradient dx_, which a norm's backward has
   // just finished (adding its part): that norm writes it in BF16 for the projection as well.
   const auto dx_bf16_for = [&](ncu::LinearCuda* next) -> bf16_t* {
     return next != nullptr && next->takes_bf16_dy() ? next->bf16_dy_input() : nullptr;
   };
-  const auto residual_backward = [&](ncu::LinearCuda& linear, float* dx) {
-    if (linear.takes_bf16_dy())
-      linear.backward_bf16_input(dx, stream_);
-    else
-      linear.backward(dx_.data(), dx, stream_);
-  };
-  norm_f_.backward(dtmp_.data(), dx_.data(), stream_, /*accumulate=*/false, dx_bf16_for(blocks_.empty() ? nullptr : &blocks_.back()->proj2));
+  const auto already_there = [](auto*) {};
+  norm_f_.backward(dtmp_.data(), dx_.data(), stream_, /*accumulate=*/false,
+                   dx_bf16_for(blocks_.empty() ? nullptr : &blocks_.back()->proj2));
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
-    residual_backward(b.proj2, wide2_.data());
-    b.with_pre([&](const auto* pre) {
-      linear_backward(b.fc, wide_.data(), [&](auto* dst) {
-        ncu::activation_backward(b.mlp, pre, wide2_.data(), rows, b.hidden, dst, stream_);
-      }, ln_.data());
-    });
-    b.norm2.backward(ln_.data(), dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(&b.proj));  // + the residual path's
-    residual_backward(b.proj, narrow_.data());
-    linear_backward(b.qkv, wide_.data(), [&](auto* dst) { b.core.backward(narrow_.data(), dst, stream_); },
-                    ln_.data());
     Block* below = std::next(it) != blocks_.rend() ? std::next(it)->get() : nullptr;
-    b.norm1.backward(ln_.data(), dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(below ? &below->proj2 : nullptr));
+    Grad dln;
+    // MLP: proj2, the activation (its backward writes fc's dY), fc, then norm2 adds its part to dx_.
+    const Grad dact = linear_backward(b.proj2, dx_.data(), already_there, wide2_, wide2_16_);
+    b.with_pre([&](const auto* pre) {
+      dact.visit([&](const auto* d) {
+        dln = linear_backward(b.fc, wide_.data(), [&](auto* dst) {
+          ncu::activation_backward(b.mlp, pre, d, rows, b.hidden, dst, stream_);
+        }, ln_, ln16_);
+      });
+    });
+    dln.visit([&](const auto* g) { b.norm2.backward(g, dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(&b.proj)); });
+    // Attention: proj, the attention core (its backward writes qkv's dY), qkv, then norm1.
+    const Grad dout = linear_backward(b.proj, dx_.data(), already_there, narrow_, narrow16_);
+    dout.visit([&](const auto* g) {
+      dln = linear_backward(b.qkv, wide_.data(), [&](auto* dst) { b.core.backward(g, dst, stream_); }, ln_, ln16_);
+    });
+    dln.visit([&](const auto* g) {
+      b.norm1.backward(g, dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(below ? &below->proj2 : nullptr));
+    });
   }
   tok_embed_.backward(ids_.data(), rows, dx_.data(), stream_);
   if (pos_embed_) pos_embed_->backward(positions_.data(), rows, dx_.data(), stream_);

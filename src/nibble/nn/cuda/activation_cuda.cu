@@ -57,23 +57,22 @@ __global__ void activation_forward_kernel(MlpKind kind, const In* __restrict__ p
   }
 }
 
-template <typename In, typename Out>
-__global__ void activation_backward_kernel(MlpKind kind, const In* __restrict__ pre,
-                                           const float* __restrict__ dact, int64_t n, int64_t hidden,
-                                           Out* __restrict__ dpre) {
+template <typename In, typename D, typename Out>
+__global__ void activation_backward_kernel(MlpKind kind, const In* __restrict__ pre, const D* __restrict__ dact,
+                                           int64_t n, int64_t hidden, Out* __restrict__ dpre) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n) return;
   switch (kind) {
-    case MlpKind::kGelu: write_out(dpre + i, dact[i] * gelu_grad(to_float(pre[i]))); break;
+    case MlpKind::kGelu: write_out(dpre + i, to_float(dact[i]) * gelu_grad(to_float(pre[i]))); break;
     case MlpKind::kRelu2: {
       const float p = to_float(pre[i]);
-      write_out(dpre + i, p > 0.0f ? 2.0f * p * dact[i] : 0.0f);
+      write_out(dpre + i, p > 0.0f ? 2.0f * p * to_float(dact[i]) : 0.0f);
       break;
     }
     case MlpKind::kSwiglu: {
       const int64_t row = i / hidden, col = i % hidden;
       const int64_t ia = row * 2 * hidden + col, ib = ia + hidden;
-      const float a = to_float(pre[ia]), b = to_float(pre[ib]), s = sigmoid(a), d = dact[i];
+      const float a = to_float(pre[ia]), b = to_float(pre[ib]), s = sigmoid(a), d = to_float(dact[i]);
       write_out(dpre + ib, d * a * s);
       write_out(dpre + ia, d * b * s * (1.0f + a * (1.0f - s)));  // silu'(a) = s (1 + a (1 - s))
       break;
@@ -81,7 +80,7 @@ __global__ void activation_backward_kernel(MlpKind kind, const In* __restrict__ 
   }
 }
 
-// Four consecutive `pre` values as FP32: one 16-byte load of FP32, or one 8-byte load of BF16.
+// Four consecutive values as FP32: one 16-byte load of FP32, or one 8-byte load of BF16.
 __device__ __forceinline__ float4 load4(const float* p, int64_t i) { return reinterpret_cast<const float4*>(p)[i]; }
 __device__ __forceinline__ float4 load4(const bf16_t* p, int64_t i) {
   const uint2 w = reinterpret_cast<const uint2*>(p)[i];
@@ -99,12 +98,12 @@ __global__ void gelu_forward4_kernel(const In* __restrict__ pre, int64_t n4, Out
   const float4 p = load4(pre, i);
   store4(act + i, gelu(p.x), gelu(p.y), gelu(p.z), gelu(p.w));
 }
-template <typename In, typename Out4>
-__global__ void gelu_backward4_kernel(const In* __restrict__ pre, const float4* __restrict__ dact, int64_t n4,
+template <typename In, typename D, typename Out4>
+__global__ void gelu_backward4_kernel(const In* __restrict__ pre, const D* __restrict__ dact, int64_t n4,
                                       Out4* __restrict__ dpre) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n4) return;
-  const float4 p = load4(pre, i), d = dact[i];
+  const float4 p = load4(pre, i), d = load4(dact, i);
   store4(dpre + i, d.x * gelu_grad(p.x), d.y * gelu_grad(p.y), d.z * gelu_grad(p.z), d.w * gelu_grad(p.w));
 }
 
@@ -134,14 +133,14 @@ void activation_forward_impl(MlpKind kind, const In* pre, int64_t rows, int64_t 
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-template <typename In, typename Out>
-void activation_backward_impl(MlpKind kind, const In* pre, const float* dact, int64_t rows, int64_t hidden,
-                              Out* dpre, cudaStream_t stream) {
+template <typename In, typename D, typename Out>
+void activation_backward_impl(MlpKind kind, const In* pre, const D* dact, int64_t rows, int64_t hidden, Out* dpre,
+                              cudaStream_t stream) {
   check_shape(rows, hidden, "activation_backward");
   const int64_t n = rows * hidden;
   if (kind == MlpKind::kGelu && vec4(n, {pre, dact, dpre}))
-    gelu_backward4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(
-        pre, reinterpret_cast<const float4*>(dact), n / 4, reinterpret_cast<Vec4<Out>*>(dpre));
+    gelu_backward4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(pre, dact, n / 4,
+                                                                       reinterpret_cast<Vec4<Out>*>(dpre));
   else
     activation_backward_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(kind, pre, dact, n, hidden, dpre);
   NIBBLE_CUDA_CHECK_LAUNCH();
@@ -153,15 +152,16 @@ template <typename In, typename Out>
 void activation_forward(MlpKind kind, const In* pre, int64_t rows, int64_t hidden, Out* act, cudaStream_t stream) {
   activation_forward_impl(kind, pre, rows, hidden, act, stream);
 }
-template <typename In, typename Out>
-void activation_backward(MlpKind kind, const In* pre, const float* dact, int64_t rows, int64_t hidden, Out* dpre,
+template <typename In, typename D, typename Out>
+void activation_backward(MlpKind kind, const In* pre, const D* dact, int64_t rows, int64_t hidden, Out* dpre,
                          cudaStream_t stream) {
   activation_backward_impl(kind, pre, dact, rows, hidden, dpre, stream);
 }
 
 #define NIBBLE_ACTIVATION(In, Out)                                                                              \
   template void activation_forward(MlpKind, const In*, int64_t, int64_t, Out*, cudaStream_t);                  \
-  template void activation_backward(MlpKind, const In*, const float*, int64_t, int64_t, Out*, cudaStream_t);
+  template void activation_backward(MlpKind, const In*, const float*, int64_t, int64_t, Out*, cudaStream_t);   \
+  template void activation_backward(MlpKind, const In*, const bf16_t*, int64_t, int64_t, Out*, cudaStream_t);
 NIBBLE_ACTIVATION(float, float)
 NIBBLE_ACTIVATION(float, bf16_t)
 NIBBLE_ACTIVATION(bf16_t, float)

@@ -137,16 +137,17 @@ __global__ void unpack_out_kernel(const float* __restrict__ o, Dims d, float* __
 // One warp per row (b, h, t): d_out [B*T x H*hd] -> dO [B, H, Tp, hdp] in BF16, zeros in the
 // padding; with `o` (kFused), also delta[row] = sum_c dO o over the BF16 values that backward
 // multiplies (D of the softmax backward, rowsum(P dP) in exact arithmetic).
-__global__ void pack_dout_kernel(const float* __restrict__ dout, Dims d, __nv_bfloat16* __restrict__ packed,
+template <typename In>  // float, or bf16_t (the GPU model's proj dX in BF16: the same bits as its FP32 rounded)
+__global__ void pack_dout_kernel(const In* __restrict__ dout, Dims d, __nv_bfloat16* __restrict__ packed,
                                  const __nv_bfloat16* __restrict__ o, float* __restrict__ delta) {
   const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
   if (r >= d.B * d.H * d.Tp) return;
   const int64_t t = r % d.Tp, h = (r / d.Tp) % d.H, b = r / (d.Tp * d.H);
-  const float* src = dout + (b * d.T + t) * d.H * d.hd + h * d.hd;
+  const In* src = dout + (b * d.T + t) * d.H * d.hd + h * d.hd;
   float dot = 0.0f;
   for (int64_t c = lane; c < d.hdp; c += 32) {
-    const __nv_bfloat16 val = __float2bfloat16_rn(t < d.T && c < d.hd ? src[c] : 0.0f);
+    const __nv_bfloat16 val = __float2bfloat16_rn(t < d.T && c < d.hd ? to_float(src[c]) : 0.0f);
     packed[r * d.hdp + c] = val;
     if (o != nullptr) dot += __bfloat162float(val) * __bfloat162float(o[r * d.hdp + c]);
   }
@@ -320,9 +321,15 @@ void AttentionCoreCuda::backward(const float* d_out, float* d_qkv, cudaStream_t 
 void AttentionCoreCuda::backward(const float* d_out, bf16_t* d_qkv, cudaStream_t stream) {
   backward_impl(d_out, d_qkv, stream);
 }
+void AttentionCoreCuda::backward(const bf16_t* d_out, float* d_qkv, cudaStream_t stream) {
+  backward_impl(d_out, d_qkv, stream);
+}
+void AttentionCoreCuda::backward(const bf16_t* d_out, bf16_t* d_qkv, cudaStream_t stream) {
+  backward_impl(d_out, d_qkv, stream);
+}
 
-template <typename Out>
-void AttentionCoreCuda::backward_impl(const float* d_out, Out* d_qkv, cudaStream_t stream) {
+template <typename In, typename Out>
+void AttentionCoreCuda::backward_impl(const In* d_out, Out* d_qkv, cudaStream_t stream) {
   if (!saved_) throw std::logic_error("AttentionCoreCuda::backward without a forward");
   const bool fused = kernel_ == AttentionKernel::kFused;
   const Dims d{batch_, seq_, seq_pad_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim(), hd_pad_};

@@ -103,6 +103,8 @@ class NormCuda {
   // addition) also rounded to BF16 to nearest even, for the next linear layer's
   // LinearCuda::bf16_dy_input() (the residual stream's gradient is that layer's dY).
   void backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate = false, bf16_t* dx_bf16 = nullptr);
+  // The same with dy in BF16 (the GPU model's linear dX, LinearCuda::backward_bf16_input's BF16 dX).
+  void backward(const bf16_t* dy, float* dx, cudaStream_t stream, bool accumulate = false, bf16_t* dx_bf16 = nullptr);
 
  private:
   int64_t dim_;
@@ -111,6 +113,8 @@ class NormCuda {
   DeviceBuffer<float> weight_, bias_, weight_grad_, bias_grad_;
   template <typename Out>
   void forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream);
+  template <typename DyT>
+  void backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16);
 
   DeviceBuffer<float> saved_xhat_, saved_rstd_;
   DeviceBuffer<double> partials_;  // [chunks x dim] for the weight, then for the bias
@@ -124,10 +128,11 @@ class NormCuda {
 // in FP32, or in BF16 (Out = bf16_t: nearest-even rounding of the FP32 act) for LinearCuda::bf16_input().
 template <typename In, typename Out>
 void activation_forward(MlpKind kind, const In* pre, int64_t rows, int64_t hidden, Out* act, cudaStream_t stream);
-// dpre (overwritten) = d act / d pre applied to dact; in BF16 (Out = bf16_t: nearest-even rounding of
-// the FP32 dpre) for LinearCuda::bf16_dy_input().
-template <typename In, typename Out>
-void activation_backward(MlpKind kind, const In* pre, const float* dact, int64_t rows, int64_t hidden, Out* dpre,
+// dpre (overwritten) = d act / d pre applied to dact (FP32 or BF16, D = float or bf16_t: the GPU
+// model's proj dX in BF16); in BF16 (Out = bf16_t: nearest-even rounding of the FP32 dpre) for
+// LinearCuda::bf16_dy_input().
+template <typename In, typename D, typename Out>
+void activation_backward(MlpKind kind, const In* pre, const D* dact, int64_t rows, int64_t hidden, Out* dpre,
                          cudaStream_t stream);
 
 // Causal self-attention without its two linear layers: from qkv [batch*seq x (H + 2 Hkv) hd]
@@ -189,13 +194,17 @@ class AttentionCoreCuda {
   void backward(const float* d_out, float* d_qkv, cudaStream_t stream);
   // The same with d_qkv in BF16 (nearest-even rounding of the FP32 d_qkv), for LinearCuda::bf16_dy_input().
   void backward(const float* d_out, bf16_t* d_qkv, cudaStream_t stream);
+  // The same from d_out in BF16 (the GPU model's proj dX): dO is packed in BF16 anyway, so these give
+  // the bits of the calls given d_out's values in FP32.
+  void backward(const bf16_t* d_out, float* d_qkv, cudaStream_t stream);
+  void backward(const bf16_t* d_out, bf16_t* d_qkv, cudaStream_t stream);
 
  private:
   // out16 (BF16 output, fused kernels only) replaces out when not nullptr.
   void forward_impl(const float* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
                     cudaStream_t stream);
-  template <typename Out>
-  void backward_impl(const float* d_out, Out* d_qkv, cudaStream_t stream);
+  template <typename In, typename Out>
+  void backward_impl(const In* d_out, Out* d_qkv, cudaStream_t stream);
   void gemm_forward(float* out, cudaStream_t stream);
   void gemm_backward(cudaStream_t stream);
   void gemm_scores(cudaStream_t stream);  // ws_.scores = q k^T per KV group

@@ -177,7 +177,7 @@ void LinearCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
     throw std::logic_error(context(Operand::kWgradX) + ": backward() without a forward() to pair with");
   refresh_weight_copies(stream);
   make_dy_operands(dy, dx != nullptr, stream);
-  backward_gemms(dx, stream);
+  backward_gemms(f32_output(dx), stream);
 }
 
 bf16_t* LinearCuda::bf16_dy_input() {
@@ -189,7 +189,12 @@ bf16_t* LinearCuda::bf16_dy_input() {
   return ctx_.bf16_input.data();
 }
 
-void LinearCuda::backward_bf16_input(float* dx, cudaStream_t stream) {
+void LinearCuda::backward_bf16_input(float* dx, cudaStream_t stream) { backward_bf16_input_to(f32_output(dx), stream); }
+void LinearCuda::backward_bf16_input(bf16_t* dx, cudaStream_t stream) {
+  backward_bf16_input_to(nibble::cuda::GemmOutput{dx, GemmType::kBF16}, stream);
+}
+
+void LinearCuda::backward_bf16_input_to(nibble::cuda::GemmOutput dx, cudaStream_t stream) {
   if (!saved_x_t_.valid())
     throw std::logic_error(context(Operand::kWgradX) + ": backward() without a forward() to pair with");
   if (!takes_bf16_dy())
@@ -198,13 +203,13 @@ void LinearCuda::backward_bf16_input(float* dx, cudaStream_t stream) {
   if (OperandCuda::bf16_pair_applies(recipe_, Operand::kDgradDy, Operand::kWgradDy))
     OperandCuda::adopt_bf16_pair(saved_tokens_, out_, ctx_.dy_rows, ctx_.dy_cols);
   else
-    make_dy_operands(ctx_.bf16_input.data(), dx != nullptr, stream);
+    make_dy_operands(ctx_.bf16_input.data(), dx.data != nullptr, stream);
   backward_gemms(dx, stream);
 }
 
-void LinearCuda::backward_gemms(float* dx, cudaStream_t stream) {
+void LinearCuda::backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream) {
   // Dgrad: dX [tokens x in] = dY [tokens x out] . (W^T [in x out])^T
-  if (dx != nullptr) gemm(ctx_.dy_rows, dgrad_w_, f32_output(dx), /*accumulate=*/false, stream, "Dgrad");
+  if (dx.data != nullptr) gemm(ctx_.dy_rows, dgrad_w_, dx, /*accumulate=*/false, stream, "Dgrad");
   // Wgrad: dW [out x in] += dY^T [out x tokens] . (X^T [in x tokens])^T
   gemm(ctx_.dy_cols, saved_x_t_, f32_output(weight_grad_.data()), /*accumulate=*/true, stream, "Wgrad");
   saved_x_t_.reset();

@@ -89,6 +89,8 @@ class LinearCuda {
   bool takes_bf16_dy() const;
   bf16_t* bf16_dy_input();  // after forward(), for dY [tokens x out]
   void backward_bf16_input(float* dx, cudaStream_t stream);
+  // The same with dX in BF16, rounded by the Dgrad GEMM's epilogue (see forward_bf16_input's BF16 Y).
+  void backward_bf16_input(bf16_t* dx, cudaStream_t stream);
   // dx [tokens x in] is overwritten (nullptr: Dgrad skipped); dW accumulates.
   void backward(const float* dy, float* dx, cudaStream_t stream);
 
@@ -108,7 +110,9 @@ class LinearCuda {
   // the GEMM reads them (the Hopper path; ctx_.fused_decode), and the GEMM's alpha.
   OperandCuda::ForGemm for_gemm_with(const OperandCuda& other) const;
   void refresh_weight_copies(cudaStream_t stream);
-  void backward_gemms(float* dx, cudaStream_t stream);  // Dgrad and Wgrad from ctx_.dy_rows / dy_cols
+  // Dgrad (skipped when dx.data is nullptr) and Wgrad from ctx_.dy_rows / dy_cols.
+  void backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream);
+  void backward_bf16_input_to(nibble::cuda::GemmOutput dx, cudaStream_t stream);
   template <typename T>
   void make_x_operands(const T* x, int64_t tokens, cudaStream_t stream);  // ctx_.x_rows and saved_x_t_
   template <typename T>

@@ -50,18 +50,20 @@ norm_forward_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool
 
 // dx = rstd * (dxhat - mean(dxhat) [LayerNorm] - xhat * mean(dxhat * xhat)), dxhat = dy * g.
 // One warp per row, as the forward. dx16 (optional): the final dx rounded to BF16 as well.
+// dy in FP32 or BF16 (DyT; the GPU model's linear dX in BF16), read as FP32 (exact).
+template <typename DyT>
 __global__ void __launch_bounds__(kRowThreads)
-norm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ xhat, const float* __restrict__ rstd,
+norm_backward_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat, const float* __restrict__ rstd,
                      const float* __restrict__ weight, int64_t rows, int64_t dim, bool centered, bool accumulate,
                      float* __restrict__ dx, bf16_t* __restrict__ dx16) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
-  const float* dyr = dy + r * dim;
+  const DyT* dyr = dy + r * dim;
   const float* xh = xhat + r * dim;
   double s1 = 0.0, s2 = 0.0;
   for (int64_t i = lane; i < dim; i += 32) {
-    const double d = static_cast<double>(dyr[i]) * weight[i];
+    const double d = static_cast<double>(to_float(dyr[i])) * weight[i];
     s1 += d;
     s2 += d * xh[i];
   }
@@ -69,7 +71,7 @@ norm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ xha
   const double mean_dxhat_xhat = detail::warp_sum(s2) / static_cast<double>(dim);
   const double rs = rstd[r];
   for (int64_t i = lane; i < dim; i += 32) {
-    const double d = static_cast<double>(dyr[i]) * weight[i];
+    const double d = static_cast<double>(to_float(dyr[i])) * weight[i];
     const float g = static_cast<float>(rs * (d - mean_dxhat - xh[i] * mean_dxhat_xhat));
     const float out = accumulate ? dx[r * dim + i] + g : g;
     dx[r * dim + i] = out;
@@ -78,7 +80,8 @@ norm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ xha
 }
 
 // Parameter-gradient partials: one thread per (column, chunk of kChunkRows rows), in double.
-__global__ void norm_param_partials_kernel(const float* __restrict__ dy, const float* __restrict__ xhat,
+template <typename DyT>
+__global__ void norm_param_partials_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat,
                                            int64_t rows, int64_t dim, bool with_bias, double* __restrict__ pw,
                                            double* __restrict__ pb) {
   const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -87,7 +90,7 @@ __global__ void norm_param_partials_kernel(const float* __restrict__ dy, const f
   const int64_t r0 = chunk * kChunkRows, r1 = min(rows, r0 + kChunkRows);
   double sw = 0.0, sb = 0.0;
   for (int64_t r = r0; r < r1; ++r) {
-    const float d = dy[r * dim + col];
+    const float d = to_float(dy[r * dim + col]);
     sw += static_cast<double>(d) * xhat[r * dim + col];
     sb += d;
   }
@@ -167,6 +170,14 @@ void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t s
 }
 
 void NormCuda::backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16) {
+  backward_impl(dy, dx, stream, accumulate, dx_bf16);
+}
+void NormCuda::backward(const bf16_t* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16) {
+  backward_impl(dy, dx, stream, accumulate, dx_bf16);
+}
+
+template <typename DyT>
+void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16) {
   if (saved_rows_ == 0) throw std::logic_error("NormCuda::backward without a forward");
   const int64_t rows = saved_rows_;
   const bool centered = kind_ == NormKind::kLayerNorm;
