@@ -507,8 +507,9 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
   }
 }
 
-// The backward kernels that read a linear layer's dX in BF16 (the GPU model's Dgrad output under
-// bf16 and quantized recipes): the bits they give for the same values in FP32 (exact in FP32).
+// The kernels that read a linear layer's output in BF16 (the GPU model's qkv output and Dgrad
+// outputs under bf16 and quantized recipes): the bits they give for the same values in FP32 (exact
+// in FP32).
 struct Bf16Values {
   DeviceBuffer<bf16_t> b16;
   DeviceBuffer<float> f32;
@@ -524,7 +525,7 @@ Bf16Values bf16_values(std::mt19937_64& rng, int64_t n, float scale) {
   return {DeviceBuffer<bf16_t>{std::span<const bf16_t>(b)}, DeviceBuffer<float>{std::span<const float>(f)}};
 }
 
-TEST(Bf16Inputs, BackwardGivesTheBitsOfTheSameValuesInFp32) {
+TEST(Bf16Inputs, GiveTheBitsOfTheSameValuesInFp32) {
   std::mt19937_64 rng(fresh_seed());
   Stream stream;
   for (const NormKind kind : {NormKind::kLayerNorm, NormKind::kRmsNorm}) {
@@ -560,6 +561,32 @@ TEST(Bf16Inputs, BackwardGivesTheBitsOfTheSameValuesInFp32) {
       cuda::activation_backward(kind, pre.b16.data(), dact.b16.data(), rows, hidden, b.data(), stream);
       EXPECT_EQ(download_bits(b, rows * width), download_bits(a, rows * width))
           << "activation backward of BF16 dact " << static_cast<int>(kind) << ", hidden " << hidden;
+    }
+  // The attention core's forward from BF16 qkv (the GPU model's qkv output), with and without RoPE:
+  // the outputs, and the backward from what the forward saved.
+  for (const cuda::AttentionKernel kernel : {cuda::AttentionKernel::kFused, cuda::AttentionKernel::kGemm})
+    for (const bool rope : {true, false}) {
+      nibble::cuda::GemmRunner gemm;
+      cuda::AttentionWorkspace workspace;
+      cuda::AttentionCoreCuda core(AttentionShape{96, 6, 2, rope, 10000.0f}, gemm, workspace, kernel);
+      const int64_t batch = 2, seq = 70, rows = batch * seq;
+      const Bf16Values qkv = bf16_values(rng, rows * core.qkv_width(), 1.0f);
+      DeviceBuffer<float> dout{std::span<const float>(nibble::nn::test::random_normal(rng, rows * core.out_width(), 1.0f))};
+      std::vector<float> results[2][2];  // [path][out, dqkv]
+      for (int path = 0; path < 2; ++path) {
+        DeviceBuffer<float> out(static_cast<size_t>(rows * core.out_width())), dqkv(qkv.f32.size());
+        if (path == 0)
+          core.forward(qkv.f32.data(), batch, seq, out.data(), stream);
+        else
+          core.forward(qkv.b16.data(), batch, seq, out.data(), stream);
+        core.backward(dout.data(), dqkv.data(), stream);
+        results[path][0] = download(out.data(), rows * core.out_width());
+        results[path][1] = download(dqkv.data(), rows * core.qkv_width());
+      }
+      const std::string what = std::string(kernel == cuda::AttentionKernel::kFused ? "fused" : "GEMM") +
+                               " attention from BF16 qkv" + (rope ? ", RoPE" : "");
+      expect_bits_equal(results[1][0], results[0][0], what + ": out");
+      expect_bits_equal(results[1][1], results[0][1], what + ": dqkv");
     }
   for (const cuda::AttentionKernel kernel : {cuda::AttentionKernel::kFused, cuda::AttentionKernel::kGemm}) {
     nibble::cuda::GemmRunner gemm;

@@ -3,9 +3,9 @@
 //   x_      the residual stream [rows x d]          ln_     a norm's output, or a gradient [rows x d]
 //   wide_   qkv, or d(fc output) [rows x max(qkv, fc)]   wide2_  the MLP activation, or its gradient
 //   narrow_ attention heads' output, or its gradient    dtmp_   the LM head's gradient of hidden_
-//   ln16_, wide2_16_, narrow16_: the same gradients in BF16, where the layers' dX is BF16
-// (ln_, wide2_, narrow_ and the BF16 ones are allocated on first use.)
 //   dx_     the gradient of the residual stream     hidden_ the final norm's output (the LM head's input)
+//   wide16_ qkv in BF16, and ln16_, wide2_16_, narrow16_ the gradients in BF16, where the layers
+//   take BF16 (bf16 and quantized recipes); all but x_, hidden_, dx_, dtmp_ allocated on first use.
 // The LM head and the loss (LmHeadLossCuda) keep only one chunk of logits at a time.
 // A linear layer whose recipe has no FP32 operand gets its input (and dY) in BF16, written by the
 // producer straight into the layer (LinearCuda::bf16_input, docs/numerics.md "The GPU model's
@@ -25,8 +25,8 @@ using nibble::cuda::DeviceBuffer;
 namespace ncu = nibble::nn::cuda;
 
 namespace {
-// A gradient between layers in backward, FP32 or BF16 (exactly one set); visit(f) calls f with it.
-struct Grad {
+// A tensor between layers, FP32 or BF16 (exactly one set); visit(f) calls f with it.
+struct Values {
   const float* f32 = nullptr;
   const bf16_t* b16 = nullptr;
   template <typename F>
@@ -46,18 +46,11 @@ struct GptCuda::Block {
   nn::MlpKind mlp;
   int64_t hidden, fc_width;
   // fc's output, saved for the activation's backward: in BF16 as fc's GEMM writes it where fc takes
-  // BF16 input (bf16 and quantized recipes; pre_bf16), else in FP32. Only the one in use is allocated.
-  DeviceBuffer<float> pre;
+  // BF16 input (bf16 and quantized recipes), else in FP32; `pre` points at the one in use, the only
+  // one allocated.
+  DeviceBuffer<float> pre32;
   DeviceBuffer<bf16_t> pre16;
-  bool pre_bf16 = false;
-  // f(pre) with the saved fc output, whichever its type.
-  template <typename F>
-  void with_pre(F&& f) {
-    if (pre_bf16)
-      f(static_cast<const bf16_t*>(pre16.data()));
-    else
-      f(static_cast<const float*>(pre.data()));
-  }
+  Values pre;
 
   Block(const GptConfig& c, const nn::Recipe& recipe, uint32_t index, uint64_t seed, ncu::LinearContext& ctx,
         ncu::AttentionWorkspace& attn_workspace)
@@ -208,7 +201,6 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
     targets_.resize(sz(1));
     positions_.resize(sz(1));
     for (DeviceBuffer<float>* b : {&x_, &hidden_, &dx_, &dtmp_}) b->resize(sz(d));
-    wide_.resize(sz(std::max(qkv, fc)));
     loss_dev_.resize(1);
     rows_ = rows;
   }
@@ -241,23 +233,31 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
       linear.forward(fp32.data(), rows, y, stream_, residual);
     }
   };
+  // A linear layer after a norm whose output only BF16-reading consumers use (the attention core, the
+  // MLP activation): Y in BF16 where the layer takes BF16 input, rounded by its GEMM's epilogue (the
+  // consumers give the bits of the same values in FP32), else in FP32. Returns where Y went.
+  const auto norm_then_linear = [&](ncu::NormCuda& norm, ncu::LinearCuda& linear, DeviceBuffer<float>& y32,
+                                    DeviceBuffer<bf16_t>& y16) {
+    const auto n = static_cast<size_t>(rows * linear.out_features());
+    if (linear.takes_bf16_input()) {
+      norm.forward(x_.data(), rows, linear.bf16_input(rows), stream_);
+      y16.reserve(n);
+      linear.forward_bf16_input(rows, y16.data(), stream_);
+      return Values{nullptr, y16.data()};
+    }
+    y32.reserve(n);
+    linear_forward(linear, true, ln_, [&](auto* dst) { norm.forward(x_.data(), rows, dst, stream_); }, y32.data(),
+                   false);
+    return Values{y32.data(), nullptr};
+  };
   for (auto& bp : blocks_) {
     Block& b = *bp;
-    linear_forward(b.qkv, true, ln_, [&](auto* dst) { b.norm1.forward(x_.data(), rows, dst, stream_); },
-                   wide_.data(), false);
-    linear_forward(b.proj, b.core.writes_bf16_output(), narrow_,
-                   [&](auto* dst) { b.core.forward(wide_.data(), batch, seq, dst, stream_); }, x_.data(), true);
-    b.pre_bf16 = b.fc.takes_bf16_input();
-    if (b.pre_bf16) {  // fc's output in BF16, as its GEMM's epilogue rounds it (what the activation reads)
-      b.norm2.forward(x_.data(), rows, b.fc.bf16_input(rows), stream_);
-      b.pre16.reserve(static_cast<size_t>(rows * b.fc_width));
-      b.fc.forward_bf16_input(rows, b.pre16.data(), stream_);
-    } else {
-      b.pre.reserve(static_cast<size_t>(rows * b.fc_width));
-      linear_forward(b.fc, true, ln_, [&](auto* dst) { b.norm2.forward(x_.data(), rows, dst, stream_); },
-                     b.pre.data(), false);
-    }
-    b.with_pre([&](const auto* pre) {
+    norm_then_linear(b.norm1, b.qkv, wide_, wide16_).visit([&](const auto* qkv) {
+      linear_forward(b.proj, b.core.writes_bf16_output(), narrow_,
+                     [&](auto* dst) { b.core.forward(qkv, batch, seq, dst, stream_); }, x_.data(), true);
+    });
+    b.pre = norm_then_linear(b.norm2, b.fc, b.pre32, b.pre16);
+    b.pre.visit([&](const auto* pre) {
       linear_forward(b.proj2, true, wide2_,
                      [&](auto* dst) { ncu::activation_forward(b.mlp, pre, rows, b.hidden, dst, stream_); }, x_.data(),
                      true);
@@ -296,18 +296,19 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
   // (`produce(dst)` writes it, float* or bf16_t*; fp32 is the FP32 dY buffer otherwise). dX is then
   // BF16 too, rounded by the Dgrad GEMM's epilogue into dx16 (what the next backward reads), else
   // FP32 into dx32.
-  const auto linear_backward = [&](ncu::LinearCuda& linear, float* fp32, auto produce, DeviceBuffer<float>& dx32,
-                                   DeviceBuffer<bf16_t>& dx16) {
+  const auto linear_backward = [&](ncu::LinearCuda& linear, DeviceBuffer<float>& fp32, auto produce,
+                                   DeviceBuffer<float>& dx32, DeviceBuffer<bf16_t>& dx16) {
     if (linear.takes_bf16_dy()) {
       produce(linear.bf16_dy_input());
       dx16.reserve(static_cast<size_t>(rows * linear.in_features()));
       linear.backward_bf16_input(dx16.data(), stream_);
-      return Grad{nullptr, dx16.data()};
+      return Values{nullptr, dx16.data()};
     }
-    produce(fp32);
+    fp32.reserve(static_cast<size_t>(rows * linear.out_features()));
+    produce(fp32.data());
     dx32.reserve(static_cast<size_t>(rows * linear.in_features()));
-    linear.backward(fp32, dx32.data(), stream_);
-    return Grad{dx32.data(), nullptr};
+    linear.backward(fp32.data(), dx32.data(), stream_);
+    return Values{dx32.data(), nullptr};
   };
   // The output projections' dY is the residual stream's gradient dx_, which a norm's backward has
   // just finished (adding its part): that norm writes it in BF16 for the projection as well.
@@ -320,21 +321,21 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
     Block* below = std::next(it) != blocks_.rend() ? std::next(it)->get() : nullptr;
-    Grad dln;
+    Values dln;
     // MLP: proj2, the activation (its backward writes fc's dY), fc, then norm2 adds its part to dx_.
-    const Grad dact = linear_backward(b.proj2, dx_.data(), already_there, wide2_, wide2_16_);
-    b.with_pre([&](const auto* pre) {
+    const Values dact = linear_backward(b.proj2, dx_, already_there, wide2_, wide2_16_);
+    b.pre.visit([&](const auto* pre) {
       dact.visit([&](const auto* d) {
-        dln = linear_backward(b.fc, wide_.data(), [&](auto* dst) {
+        dln = linear_backward(b.fc, wide_, [&](auto* dst) {
           ncu::activation_backward(b.mlp, pre, d, rows, b.hidden, dst, stream_);
         }, ln_, ln16_);
       });
     });
     dln.visit([&](const auto* g) { b.norm2.backward(g, dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(&b.proj)); });
     // Attention: proj, the attention core (its backward writes qkv's dY), qkv, then norm1.
-    const Grad dout = linear_backward(b.proj, dx_.data(), already_there, narrow_, narrow16_);
+    const Values dout = linear_backward(b.proj, dx_, already_there, narrow_, narrow16_);
     dout.visit([&](const auto* g) {
-      dln = linear_backward(b.qkv, wide_.data(), [&](auto* dst) { b.core.backward(g, dst, stream_); }, ln_, ln16_);
+      dln = linear_backward(b.qkv, wide_, [&](auto* dst) { b.core.backward(g, dst, stream_); }, ln_, ln16_);
     });
     dln.visit([&](const auto* g) {
       b.norm1.backward(g, dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(below ? &below->proj2 : nullptr));

@@ -93,8 +93,9 @@ class GptCuda {
   int64_t rows_ = 0;
   nn::cuda::DeviceBuffer<uint32_t> ids_, targets_, positions_;
   nn::cuda::DeviceBuffer<float> x_, hidden_, ln_, wide_, wide2_, narrow_, dx_, dtmp_;
-  // A linear layer's dX in BF16 (where its dY is BF16), in place of ln_, wide2_ and narrow_.
-  nn::cuda::DeviceBuffer<bf16_t> ln16_, wide2_16_, narrow16_;
+  // qkv's output in BF16 (in place of wide_) and a linear layer's dX in BF16 (in place of ln_, wide2_
+  // and narrow_), where the layers take BF16.
+  nn::cuda::DeviceBuffer<bf16_t> wide16_, ln16_, wide2_16_, narrow16_;
   nn::cuda::DeviceBuffer<double> loss_dev_;
 };
 

@@ -57,17 +57,19 @@ __device__ __forceinline__ P* head_row(P* q, P* k, P* v, const Dims& d, int64_t 
 // multiple of 8 for both implementations).
 constexpr int kPackThreads = 128;
 
+// qkv in FP32, or in BF16 (In = bf16_t: the GPU model's qkv output; read as FP32, exactly).
+template <typename In>
 __global__ void __launch_bounds__(kPackThreads)
-pack_qkv_kernel(const float* __restrict__ qkv, Dims d, bool rope, const float* __restrict__ cs,
+pack_qkv_kernel(const In* __restrict__ qkv, Dims d, bool rope, const float* __restrict__ cs,
                 const float* __restrict__ sn, __nv_bfloat16* __restrict__ q, __nv_bfloat16* __restrict__ k,
                 __nv_bfloat16* __restrict__ v) {
   const int64_t b = blockIdx.x / d.Tp, t = blockIdx.x % d.Tp;
   const int heads = static_cast<int>(d.H + 2 * d.KV), chunks = static_cast<int>(d.hdp / 8);
   const int hd = static_cast<int>(d.hd), half = hd / 2;
-  const float* row = qkv + (b * d.T + t) * d.width();  // read only when t < T
+  const In* row = qkv + (b * d.T + t) * d.width();  // read only when t < T
   for (int job = threadIdx.x; job < heads * chunks; job += blockDim.x) {
     const int hh = job / chunks, c0 = (job % chunks) * 8;
-    const float* x = row + static_cast<int64_t>(hh) * hd;
+    const In* x = row + static_cast<int64_t>(hh) * hd;
     const bool rotate = rope && hh < d.H + d.KV;
     uint32_t packed[4];
 #pragma unroll
@@ -78,9 +80,10 @@ pack_qkv_kernel(const float* __restrict__ qkv, Dims d, bool rope, const float* _
         if (rotate) {
           const int jj = c % half;
           const float co = cs[t * half + jj], si = sn[t * half + jj];
-          val = c < half ? x[c] * co - x[c + half] * si : x[c] * co + x[c - half] * si;
+          val = c < half ? to_float(x[c]) * co - to_float(x[c + half]) * si
+                         : to_float(x[c]) * co + to_float(x[c - half]) * si;
         } else {
-          val = x[c];
+          val = to_float(x[c]);
         }
       }
       const uint32_t bits = __bfloat16_as_ushort(__float2bfloat16_rn(val));
@@ -269,14 +272,23 @@ AttentionCoreCuda::AttentionCoreCuda(AttentionShape shape, nibble::cuda::GemmRun
 void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream) {
   forward_impl(qkv, batch, seq, out, nullptr, stream);
 }
+void AttentionCoreCuda::forward(const bf16_t* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream) {
+  forward_impl(qkv, batch, seq, out, nullptr, stream);
+}
 
 void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream) {
   if (!writes_bf16_output())
     throw std::logic_error("AttentionCoreCuda::forward: BF16 output needs the fused kernels");
   forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream);
 }
+void AttentionCoreCuda::forward(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream) {
+  if (!writes_bf16_output())
+    throw std::logic_error("AttentionCoreCuda::forward: BF16 output needs the fused kernels");
+  forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream);
+}
 
-void AttentionCoreCuda::forward_impl(const float* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
+template <typename In>
+void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
                                      cudaStream_t stream) {
   if (batch <= 0 || seq <= 0)
     throw std::invalid_argument("AttentionCoreCuda::forward: batch and seq must be positive");

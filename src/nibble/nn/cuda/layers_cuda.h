@@ -190,6 +190,10 @@ class AttentionCoreCuda {
   // only where writes_bf16_output() (the fused kernels).
   bool writes_bf16_output() const { return kernel_ == AttentionKernel::kFused; }
   void forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream);
+  // The same from qkv in BF16 (the GPU model's qkv output): q, k, v are packed in BF16 anyway, so
+  // these give the bits of the calls given qkv's values in FP32.
+  void forward(const bf16_t* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream);
+  void forward(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream);
   // d_qkv (overwritten) from d_out [batch*seq x H hd]. Needs a forward.
   void backward(const float* d_out, float* d_qkv, cudaStream_t stream);
   // The same with d_qkv in BF16 (nearest-even rounding of the FP32 d_qkv), for LinearCuda::bf16_dy_input().
@@ -201,8 +205,8 @@ class AttentionCoreCuda {
 
  private:
   // out16 (BF16 output, fused kernels only) replaces out when not nullptr.
-  void forward_impl(const float* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
-                    cudaStream_t stream);
+  template <typename In>
+  void forward_impl(const In* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16, cudaStream_t stream);
   template <typename In, typename Out>
   void backward_impl(const In* d_out, Out* d_qkv, cudaStream_t stream);
   void gemm_forward(float* out, cudaStream_t stream);
