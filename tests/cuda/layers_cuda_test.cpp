@@ -414,6 +414,22 @@ std::vector<uint16_t> download_bits(const DeviceBuffer<bf16_t>& b, int64_t n) {
   return r;
 }
 
+// BF16 values drawn at random, on the device as BF16 and as the same values in FP32.
+struct Bf16Values {
+  DeviceBuffer<bf16_t> b16;
+  DeviceBuffer<float> f32;
+};
+Bf16Values bf16_values(std::mt19937_64& rng, int64_t n, float scale) {
+  const std::vector<uint16_t> bits = rounded(nibble::nn::test::random_normal(rng, n, scale));
+  std::vector<bf16_t> b(bits.size());
+  std::vector<float> f(bits.size());
+  for (size_t i = 0; i < bits.size(); ++i) {
+    b[i].bits = bits[i];
+    f[i] = BF16::decode(bits[i]);
+  }
+  return {DeviceBuffer<bf16_t>{std::span<const bf16_t>(b)}, DeviceBuffer<float>{std::span<const float>(f)}};
+}
+
 TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
   std::mt19937_64 rng(fresh_seed());
   Stream stream;
@@ -453,23 +469,15 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
           << "activation backward " << static_cast<int>(kind) << ", hidden " << hidden;
       // `pre` in BF16 (the GPU model's fc output): the outputs of the FP32 kernels given the same
       // values, bit for bit (a BF16 value is exact in FP32).
-      const std::vector<uint16_t> pre_bits = rounded(download(pre.data(), rows * width));
-      std::vector<bf16_t> pre16_host(pre_bits.size());
-      std::vector<float> pre_rounded(pre_bits.size());
-      for (size_t i = 0; i < pre_bits.size(); ++i) {
-        pre16_host[i].bits = pre_bits[i];
-        pre_rounded[i] = BF16::decode(pre_bits[i]);
-      }
-      DeviceBuffer<bf16_t> pre16{std::span<const bf16_t>(pre16_host)};
-      DeviceBuffer<float> pre_r{std::span<const float>(pre_rounded)};
-      cuda::activation_forward(kind, pre_r.data(), rows, hidden, act16.data(), stream);
+      const Bf16Values pre16 = bf16_values(rng, rows * width, 2.0f);
+      cuda::activation_forward(kind, pre16.f32.data(), rows, hidden, act16.data(), stream);
       DeviceBuffer<bf16_t> act16b(act.size());
-      cuda::activation_forward(kind, pre16.data(), rows, hidden, act16b.data(), stream);
+      cuda::activation_forward(kind, pre16.b16.data(), rows, hidden, act16b.data(), stream);
       EXPECT_EQ(download_bits(act16b, rows * hidden), download_bits(act16, rows * hidden))
           << "activation of BF16 pre " << static_cast<int>(kind) << ", hidden " << hidden;
-      cuda::activation_backward(kind, pre_r.data(), dact.data(), rows, hidden, dpre16.data(), stream);
+      cuda::activation_backward(kind, pre16.f32.data(), dact.data(), rows, hidden, dpre16.data(), stream);
       DeviceBuffer<bf16_t> dpre16b(dpre.size());
-      cuda::activation_backward(kind, pre16.data(), dact.data(), rows, hidden, dpre16b.data(), stream);
+      cuda::activation_backward(kind, pre16.b16.data(), dact.data(), rows, hidden, dpre16b.data(), stream);
       EXPECT_EQ(download_bits(dpre16b, rows * width), download_bits(dpre16, rows * width))
           << "activation backward of BF16 pre " << static_cast<int>(kind) << ", hidden " << hidden;
     }
@@ -510,21 +518,6 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
 // The kernels that read a linear layer's output in BF16 (the GPU model's qkv output and Dgrad
 // outputs under bf16 and quantized recipes): the bits they give for the same values in FP32 (exact
 // in FP32).
-struct Bf16Values {
-  DeviceBuffer<bf16_t> b16;
-  DeviceBuffer<float> f32;
-};
-Bf16Values bf16_values(std::mt19937_64& rng, int64_t n, float scale) {
-  const std::vector<uint16_t> bits = rounded(nibble::nn::test::random_normal(rng, n, scale));
-  std::vector<bf16_t> b(bits.size());
-  std::vector<float> f(bits.size());
-  for (size_t i = 0; i < bits.size(); ++i) {
-    b[i].bits = bits[i];
-    f[i] = BF16::decode(bits[i]);
-  }
-  return {DeviceBuffer<bf16_t>{std::span<const bf16_t>(b)}, DeviceBuffer<float>{std::span<const float>(f)}};
-}
-
 TEST(Bf16Inputs, GiveTheBitsOfTheSameValuesInFp32) {
   std::mt19937_64 rng(fresh_seed());
   Stream stream;
