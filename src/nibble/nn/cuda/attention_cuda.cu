@@ -277,19 +277,17 @@ void AttentionCoreCuda::forward(const bf16_t* qkv, int64_t batch, int64_t seq, f
 }
 
 void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream) {
-  if (!writes_bf16_output())
-    throw std::logic_error("AttentionCoreCuda::forward: BF16 output needs the fused kernels");
   forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream);
 }
 void AttentionCoreCuda::forward(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream) {
-  if (!writes_bf16_output())
-    throw std::logic_error("AttentionCoreCuda::forward: BF16 output needs the fused kernels");
   forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream);
 }
 
 template <typename In>
 void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
                                      cudaStream_t stream) {
+  if (out16 != nullptr && !writes_bf16_output())
+    throw std::logic_error("AttentionCoreCuda::forward: BF16 output needs the fused kernels");
   if (batch <= 0 || seq <= 0)
     throw std::invalid_argument("AttentionCoreCuda::forward: batch and seq must be positive");
   const bool fused = kernel_ == AttentionKernel::kFused;

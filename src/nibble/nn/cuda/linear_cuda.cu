@@ -84,7 +84,8 @@ void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, nibble::cuda::
   // alpha = g_a g_b: written by the fused pass that made a or b (OperandCuda::ForGemm) where it could.
   const float* alpha = nullptr;
   if (a.decode_scale() && b.decode_scale()) {
-    alpha = a.alpha_with(b) ? a.alpha_with(b) : b.alpha_with(a);
+    alpha = a.alpha_with(b);
+    if (alpha == nullptr) alpha = b.alpha_with(a);
     if (alpha == nullptr) {
       nibble::cuda::multiply_scalars(a.decode_scale(), b.decode_scale(), ctx_.alpha.data(), stream);
       alpha = ctx_.alpha.data();
