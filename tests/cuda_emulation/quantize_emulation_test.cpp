@@ -18,11 +18,13 @@
 #include <algorithm>
 #include <atomic>
 #include <barrier>
+#include <bit>
 #include <cfenv>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <random>
 #include <span>
@@ -137,6 +139,11 @@ namespace {
 uint32_t e4m3x2_rn_satfinite(float hi, float lo) {
   return static_cast<uint32_t>(E4M3::encode(hi, Rounding::kNearestEven)) << 8 | E4M3::encode(lo, Rounding::kNearestEven);
 }
+// max.NaN.f32 of m and |v|: the canonical NaN 0x7FFFFFFF if either is NaN.
+float fmax_abs_nan(float m, float v) {
+  if (std::isnan(m) || std::isnan(v)) return std::bit_cast<float>(0x7FFFFFFFu);
+  return std::max(m, std::fabs(v));
+}
 }  // namespace
 }  // namespace nibble::cuda
 
@@ -238,7 +245,9 @@ Outputs run_fused(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t 
   return ::testing::AssertionSuccess();
 }
 
-enum class Values { kOutliers, kWideBlocks, kWithInfinity, kZeros };
+// kInfinitiesMeet: two +Inf in one column block, which the RHT's butterfly subtracts (NaN on the
+// columnwise side only, where the rowwise amax is +Inf); kWithNaN: one NaN.
+enum class Values { kOutliers, kWideBlocks, kWithInfinity, kZeros, kInfinitiesMeet, kWithNaN };
 
 std::vector<float> draw(int64_t rows, int64_t cols, Values kind, std::mt19937_64& rng) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -252,6 +261,8 @@ std::vector<float> draw(int64_t rows, int64_t cols, Values kind, std::mt19937_64
       x[static_cast<size_t>(r * cols + c)] = v;
     }
   if (kind == Values::kWithInfinity) x[x.size() / 3] = -INFINITY;
+  if (kind == Values::kInfinitiesMeet) x[static_cast<size_t>(16 * cols + 5)] = x[static_cast<size_t>(17 * cols + 5)] = INFINITY;
+  if (kind == Values::kWithNaN) x[x.size() / 3] = std::numeric_limits<float>::quiet_NaN();
   return x;
 }
 
@@ -335,7 +346,7 @@ TEST(QuantizeEmulation, RowColEqualsTheCpuReferenceBitForBit) {
 TEST(QuantizeEmulation, RowColNonFiniteAndZeroTensors) {
   std::mt19937_64 rng(test::fresh_seed());
   const Case k{48, 144, 2};
-  for (Values kind : {Values::kWithInfinity, Values::kZeros})
+  for (Values kind : {Values::kWithInfinity, Values::kZeros, Values::kInfinitiesMeet, Values::kWithNaN})
     for (bool rht : {false, true}) {
       SCOPED_TRACE("values " + std::to_string(static_cast<int>(kind)) + " rht " + std::to_string(rht));
       check(k, draw(k.rows, k.cols, kind, rng), test::fused_pass_spec(rht, Rounding::kStochastic, Rounding::kNearestEven, rng()),

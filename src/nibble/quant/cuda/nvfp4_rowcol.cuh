@@ -56,6 +56,24 @@ __device__ __forceinline__ float max_abs_finite(const float* v) {
   return a;
 }
 
+// max(m, |v[i]|) over kN elements, NaN if m or any v[i] is NaN (one FMNMX per element, where the
+// integer maximum of abs_bits takes two): the amax passes' maximum. Its bits equal the maximum of
+// abs_bits (the CPU reference's amax_bits_of) whenever that is not a NaN; the fused passes treat all
+// NaN amaxes alike (not finite: the copy is all zeros).
+#ifndef NIBBLE_ROWCOL_HOST_EMULATION
+__device__ __forceinline__ float fmax_abs_nan(float m, float v) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(m), "f"(fabsf(v)));
+  return r;
+}
+#endif
+template <int kN>
+__device__ __forceinline__ float max_abs_nan(float m, const float* v) {
+#pragma unroll
+  for (int i = 0; i < kN; ++i) m = fmax_abs_nan(m, v[i]);
+  return m;
+}
+
 // Encodes kN (16 or 32) FP4 elements with one element scale and packs them (element 2i in the low
 // nibble of byte i) into kN/8 32-bit words. `index0` is the row-major index of v[0] in the
 // quantized matrix; it is a multiple of 16, so the Philox groups line up with the CPU's.
@@ -163,7 +181,10 @@ __device__ __forceinline__ uint2 encode16(const float v[16], float amax, float s
 }
 
 // rht16 (rht.h) without its first step, the multiplication by the signs, which the fused pass
-// applies while staging the tile: the same float32 operations in the same order.
+// applies while staging the tile: the same float32 operations in the same order. kScale = false
+// leaves out the last step, the multiplication by 1/4 (the amax pass applies it to the maximum
+// instead: rounding is monotonic, so max |RN(x / 4)| = RN(max |x| / 4), NaN and infinities included).
+template <bool kScale = true>
 __device__ __forceinline__ void rht16_butterfly(float v[16]) {
 #pragma unroll
   for (int stage = 0; stage < 4; ++stage) {
@@ -176,8 +197,10 @@ __device__ __forceinline__ void rht16_butterfly(float v[16]) {
       v[j + h] = a - b;
     }
   }
+  if constexpr (kScale) {
 #pragma unroll
-  for (int i = 0; i < 16; ++i) v[i] *= 0.25f;
+    for (int i = 0; i < 16; ++i) v[i] *= 0.25f;
+  }
 }
 
 // Shared-memory position of column c's float in a tile row. The row pass stores 16-byte chunks
@@ -295,7 +318,7 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   const int pair = t % kColPairs;
   const int first_block = (t / kColPairs) * kColBlocksPerThread;
   const int tcol = tile_col(2 * pair);
-  uint32_t row_amax = 0, col_amax = 0;
+  float row_amax = 0.0f, col_amax = 0.0f;  // kAmaxOnly; col_amax before the RHT's 1/4
 
   Raw16<T> raw[kRowIters];
   const auto load_tile = [&](int64_t tile_index) {
@@ -331,7 +354,7 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
               make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
       }
       if constexpr (kAmaxOnly) {
-        row_amax = max(row_amax, max_abs_bits<16>(v));
+        row_amax = max_abs_nan<16>(row_amax, v);
       } else if (encode_rows) {
         const uint64_t gi = static_cast<uint64_t>(r0 + lr) * static_cast<uint64_t>(cols) + c0 + seg * 16;
         uint2 packed = make_uint2(0, 0);
@@ -376,11 +399,11 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
             vb[k] = w.y;
           }
           if constexpr (kRht) {
-            rht16_butterfly(va);
-            rht16_butterfly(vb);
+            rht16_butterfly<!kAmaxOnly>(va);
+            rht16_butterfly<!kAmaxOnly>(vb);
           }
           if constexpr (kAmaxOnly) {
-            col_amax = max(col_amax, max(max_abs_bits<16>(va), max_abs_bits<16>(vb)));
+            col_amax = max_abs_nan<16>(max_abs_nan<16>(col_amax, va), vb);
           } else if (cs.ok) {
             const float amax_a = max_abs_finite<16>(va), amax_b = max_abs_finite<16>(vb);
             codes[bi] = e4m3x2_rn_satfinite(amax_b * cs.k, amax_a * cs.k);
@@ -425,8 +448,8 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   }
 
   if constexpr (kAmaxOnly) {
-    block_max_to_global(row_amax, amax_out);
-    if constexpr (kRht) block_max_to_global(col_amax, amax_out + 1);
+    block_max_to_global(float_bits(row_amax), amax_out);
+    if constexpr (kRht) block_max_to_global(float_bits(col_amax * 0.25f), amax_out + 1);
   }
 }
 
