@@ -598,6 +598,53 @@ TEST(Bf16Inputs, GiveTheBitsOfTheSameValuesInFp32) {
   }
 }
 
+// forward_kept + backward with BF16 d_out and d_qkv, where nothing is padded: the kernels read q, k,
+// v and dO in place and write d_qkv in place; the bits of the packed route (FP32 qkv and d_out,
+// rounded). Also at pointers one element into larger buffers, where the layer packs instead.
+TEST(Bf16Inputs, AttentionReadsKeptQkvInPlace) {
+  std::mt19937_64 rng(fresh_seed());
+  Stream stream;
+  for (const AttentionShape shape : {AttentionShape{256, 4, 2, false}, AttentionShape{256, 2, 2, false}}) {  // hd 64 GQA, 128
+    SCOPED_TRACE("head_dim " + std::to_string(shape.head_dim()));
+    nibble::cuda::GemmRunner gemm;
+    cuda::AttentionWorkspace workspace;
+    cuda::AttentionCoreCuda core(shape, gemm, workspace, cuda::AttentionKernel::kFused);
+    const int64_t batch = 2, seq = 128, rows = batch * seq;
+    const int64_t n_out = rows * core.out_width(), n_qkv = rows * core.qkv_width();
+    EXPECT_TRUE(core.reads_kept_qkv(seq));
+    EXPECT_FALSE(core.reads_kept_qkv(seq - 1));
+    const Bf16Values qkv = bf16_values(rng, n_qkv, 1.0f), dout = bf16_values(rng, n_out, 1.0f);
+    DeviceBuffer<float> out(static_cast<size_t>(n_out)), dqkv(static_cast<size_t>(n_qkv));
+    core.forward(qkv.f32.data(), batch, seq, out.data(), stream);
+    core.backward(dout.f32.data(), dqkv.data(), stream);
+    const std::vector<uint16_t> want_out = rounded(download(out.data(), n_out));
+    const std::vector<uint16_t> want_dqkv = rounded(download(dqkv.data(), n_qkv));
+    for (const int64_t offset : {int64_t{0}, int64_t{1}}) {
+      SCOPED_TRACE("offset " + std::to_string(offset));
+      DeviceBuffer<bf16_t> qkv_at(static_cast<size_t>(n_qkv + offset)), dout_at(static_cast<size_t>(n_out + offset));
+      NIBBLE_CUDA_CHECK(cudaMemcpy(qkv_at.data() + offset, qkv.b16.data(), n_qkv * 2, cudaMemcpyDeviceToDevice));
+      NIBBLE_CUDA_CHECK(cudaMemcpy(dout_at.data() + offset, dout.b16.data(), n_out * 2, cudaMemcpyDeviceToDevice));
+      DeviceBuffer<bf16_t> out16(static_cast<size_t>(n_out + offset)), dqkv16(static_cast<size_t>(n_qkv + offset));
+      core.forward_kept(qkv_at.data() + offset, batch, seq, out16.data() + offset, stream);
+      core.backward(dout_at.data() + offset, dqkv16.data() + offset, stream);
+      std::vector<uint16_t> got_out = download_bits(out16, n_out + offset), got_dqkv = download_bits(dqkv16, n_qkv + offset);
+      got_out.erase(got_out.begin(), got_out.begin() + offset);
+      got_dqkv.erase(got_dqkv.begin(), got_dqkv.begin() + offset);
+      EXPECT_EQ(got_out, want_out) << "out";
+      EXPECT_EQ(got_dqkv, want_dqkv) << "d_qkv";
+    }
+  }
+  nibble::cuda::GemmRunner gemm;
+  cuda::AttentionWorkspace workspace;
+  EXPECT_FALSE(cuda::AttentionCoreCuda(AttentionShape{256, 4, 2, true, 10000.0f}, gemm, workspace).reads_kept_qkv(128))
+      << "RoPE";
+  EXPECT_FALSE(cuda::AttentionCoreCuda(AttentionShape{192, 4, 2, false}, gemm, workspace).reads_kept_qkv(128))
+      << "head_dim 48, padded";
+  EXPECT_FALSE(cuda::AttentionCoreCuda(AttentionShape{256, 4, 2, false}, gemm, workspace, cuda::AttentionKernel::kGemm)
+                   .reads_kept_qkv(128))
+      << "batched-GEMM kernels";
+}
+
 // The attention core's outputs through pointers into larger buffers, one element in (a caller's
 // chunk of a bigger array): the kernels' paired and 4-element stores need aligned destinations, so
 // they must fall back to narrower stores there, with the same bits. hd 16 and 64: the vector paths.

@@ -239,6 +239,10 @@ struct Case {
   int64_t B, T, H, KV, hd;
 };
 
+// The packed views of the test's head-major vectors (q, o, dq: H heads; k, v, dk, dv: KV heads).
+BF16Heads heads(const FlashDims& d, const std::vector<bf16>& x, int64_t n) { return packed_heads(x.data(), d, n); }
+HeadGrad grad(const FlashDims& d, std::vector<float>& x, int64_t n) { return {packed_heads(x.data(), d, n), {}}; }
+
 // Normwise max relative error max |got - want| / max |want| (NaN when got holds a NaN); prints it.
 double compare(const std::vector<float>& got, const std::vector<double>& want, const char* what) {
   double err = 0, scale = 0;
@@ -279,7 +283,7 @@ void run_landing(const Case& c, std::mt19937_64& rng) {
   std::vector<bf16> o(q.size(), __float2bfloat16_rn(NAN));
   const dim3 q_grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
   emu::launch(q_grid, kForwardSmem<HD>,
-              [&] { flash_forward_kernel<HD>(d, q.data(), k.data(), v.data(), out.data(), o.data(), lse.data()); });
+              [&] { flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(), o.data(), lse.data()); });
   std::vector<float> delta(lse.size(), 0.0f);  // as pack_dout_kernel computes it
   ASSERT_EQ(reinterpret_cast<uintptr_t>(lse.data()) % 16, 0u) << "the host allocator's alignment";
   ASSERT_EQ(reinterpret_cast<uintptr_t>(delta.data()) % 16, 0u) << "the host allocator's alignment";
@@ -288,11 +292,13 @@ void run_landing(const Case& c, std::mt19937_64& rng) {
   std::vector<float> dq(q.size(), NAN), dk(k.size(), NAN), dv(v.size(), NAN);
   const dim3 kv_grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.KV), static_cast<unsigned>(c.B));
   emu::launch(kv_grid, kDkdvSmem<HD>, [&] {
-    flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(),
-                                            dk.data(), dv.data());
+    flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV),
+                                            heads(d, dout, c.H), lse.data(), delta.data(), grad(d, dk, c.KV),
+                                            grad(d, dv, c.KV));
   });
   emu::launch(q_grid, kDqSmem<HD>, [&] {
-    flash_dq_kernel<HD>(d, q.data(), k.data(), v.data(), dout.data(), lse.data(), delta.data(), dq.data());
+    flash_dq_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), heads(d, dout, c.H), lse.data(),
+                        delta.data(), grad(d, dq, c.H));
   });
   EXPECT_FALSE(emu::shared_overrun) << "a shared-memory access beyond the launch's size or misaligned";
   EXPECT_FALSE(emu::misaligned_global) << "a cp.async from a global address not 16-byte aligned";
@@ -440,7 +446,7 @@ void check_out16(const Case& c, std::mt19937_64& rng) {
   std::vector<bf16> o(q.size());
   const dim3 grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
   emu::launch(grid, kForwardSmem<HD>,
-              [&] { flash_forward_kernel<HD>(d, q.data(), k.data(), v.data(), out.data(), o.data(), lse.data()); });
+              [&] { flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(), o.data(), lse.data()); });
   const auto bits = [](bf16 x) { return static_cast<__nv_bfloat16_raw>(x).x; };
   constexpr uint16_t kUnwritten = 0x7FC1;  // a NaN the kernel never writes
   __nv_bfloat16_raw unwritten;
@@ -451,7 +457,8 @@ void check_out16(const Case& c, std::mt19937_64& rng) {
     bf16* out16 = buffer.data() + offset;
     ASSERT_EQ(reinterpret_cast<uintptr_t>(buffer.data()) % 16, 0u) << "the host allocator's alignment";
     emu::launch(grid, kForwardSmem<HD>, [&] {
-      flash_forward_kernel<HD>(d, q.data(), k.data(), v.data(), nullptr, o.data(), lse.data(), out16);
+      flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), nullptr, o.data(), lse.data(),
+                               out16);
     });
     size_t wrong = 0, first = n;
     for (size_t i = 0; i < n; ++i)
@@ -470,6 +477,103 @@ TEST(FlashAttentionEmulation, Bf16OutputIsTheRoundedFp32Output) {
   check_out16<64>({2, 70, 2, 1, 48}, rng);    // even hd: pairs of columns
   check_out16<64>({1, 70, 3, 3, 15}, rng);    // odd hd: single columns
   check_out16<128>({1, 65, 2, 1, 100}, rng);  // padded to 128
+}
+
+// The kernels reading q, k, v and dO in place from the rows of qkv [B*T x (H + 2 KV) hd] and dO
+// [B*T x H hd], and writing dq, dk, dv in BF16 in place into d_qkv (as AttentionCoreCuda does where
+// nothing is padded), against the packed route on the same values: the same lse, o and output bits,
+// and d_qkv the nearest-even rounding of the packed FP32 gradients.
+template <int HD>
+void check_in_place(const Case& c, std::mt19937_64& rng) {
+  ASSERT_EQ(c.hd, HD);
+  ASSERT_EQ(c.T % kFlashTile, 0);
+  const FlashDims d{c.B, c.T, c.T, c.H, c.KV, c.hd, HD, 1.0f / std::sqrt(static_cast<float>(c.hd))};
+  const int64_t width = (c.H + 2 * c.KV) * c.hd, rows = c.B * c.T;
+  std::normal_distribution<float> dist(0.0f, 1.5f);
+  std::vector<bf16> qkv(static_cast<size_t>(rows * width)), dout_rows(static_cast<size_t>(rows * c.H * c.hd));
+  for (auto& x : qkv) x = __float2bfloat16_rn(dist(rng));
+  for (auto& x : dout_rows) x = __float2bfloat16_rn(dist(rng));
+  // The packed copies of the same values.
+  const auto pack = [&](const std::vector<bf16>& m, int64_t m_width, int64_t col0, int64_t n) {
+    std::vector<bf16> x(static_cast<size_t>(c.B * n * c.T * HD));
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t h = 0; h < n; ++h)
+        for (int64_t t = 0; t < c.T; ++t)
+          for (int64_t j = 0; j < HD; ++j)
+            x[((b * n + h) * c.T + t) * HD + j] = m[(b * c.T + t) * m_width + col0 + h * HD + j];
+    return x;
+  };
+  const auto q = pack(qkv, width, 0, c.H), k = pack(qkv, width, c.H * HD, c.KV), v = pack(qkv, width, (c.H + c.KV) * HD, c.KV);
+  const auto dout = pack(dout_rows, c.H * HD, 0, c.H);
+  const BF16Heads q_in = heads_in_rows<const bf16>(qkv.data(), d, width, 0);
+  const BF16Heads k_in = heads_in_rows<const bf16>(qkv.data(), d, width, c.H * HD);
+  const BF16Heads v_in = heads_in_rows<const bf16>(qkv.data(), d, width, (c.H + c.KV) * HD);
+  const BF16Heads dout_in = heads_in_rows<const bf16>(dout_rows.data(), d, c.H * HD, 0);
+  EXPECT_NO_THROW(check_flash_views(d, {q_in, k_in, v_in, dout_in}));
+  const auto bits = [](bf16 x) { return static_cast<__nv_bfloat16_raw>(x).x; };
+  emu::misaligned_global = false;
+
+  const dim3 q_grid(static_cast<unsigned>(c.T / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
+  const dim3 kv_grid(static_cast<unsigned>(c.T / kFlashTile), static_cast<unsigned>(c.KV), static_cast<unsigned>(c.B));
+  const size_t n_out = static_cast<size_t>(rows * c.H * c.hd), n_lse = static_cast<size_t>(c.B * c.H * c.T);
+  std::vector<float> out_p(n_out), out_i(n_out), lse_p(n_lse), lse_i(n_lse);
+  std::vector<bf16> o_p(q.size()), o_i(q.size());
+  emu::launch(q_grid, kForwardSmem<HD>, [&] {
+    flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out_p.data(), o_p.data(),
+                             lse_p.data());
+  });
+  emu::launch(q_grid, kForwardSmem<HD>,
+              [&] { flash_forward_kernel<HD>(d, q_in, k_in, v_in, out_i.data(), o_i.data(), lse_i.data()); });
+  EXPECT_EQ(std::memcmp(out_p.data(), out_i.data(), n_out * 4), 0) << "out";
+  EXPECT_EQ(std::memcmp(lse_p.data(), lse_i.data(), n_lse * 4), 0) << "lse";
+  EXPECT_EQ(std::memcmp(o_p.data(), o_i.data(), o_p.size() * 2), 0) << "o";
+
+  std::vector<float> delta(n_lse, 0.0f);
+  for (size_t r = 0; r < delta.size(); ++r)
+    for (int64_t j = 0; j < HD; ++j) delta[r] += __bfloat162float(dout[r * HD + j]) * __bfloat162float(o_p[r * HD + j]);
+  std::vector<float> dq(q.size()), dk(k.size()), dv(v.size());
+  std::vector<bf16> dqkv(qkv.size(), __float2bfloat16_rn(NAN));
+  HeadGrad dq_in, dk_in, dv_in;
+  dq_in.b16 = heads_in_rows(dqkv.data(), d, width, 0);
+  dk_in.b16 = heads_in_rows(dqkv.data(), d, width, c.H * HD);
+  dv_in.b16 = heads_in_rows(dqkv.data(), d, width, (c.H + c.KV) * HD);
+  EXPECT_NO_THROW(check_flash_views(d, {}, {dq_in, dk_in, dv_in}));
+  emu::launch(kv_grid, kDkdvSmem<HD>, [&] {
+    flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV),
+                                            heads(d, dout, c.H), lse_p.data(), delta.data(), grad(d, dk, c.KV),
+                                            grad(d, dv, c.KV));
+  });
+  emu::launch(q_grid, kDqSmem<HD>, [&] {
+    flash_dq_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), heads(d, dout, c.H), lse_p.data(),
+                        delta.data(), grad(d, dq, c.H));
+  });
+  emu::launch(kv_grid, kDkdvSmem<HD>, [&] {
+    flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, q_in, k_in, v_in, dout_in, lse_i.data(), delta.data(), dk_in, dv_in);
+  });
+  emu::launch(q_grid, kDqSmem<HD>,
+              [&] { flash_dq_kernel<HD>(d, q_in, k_in, v_in, dout_in, lse_i.data(), delta.data(), dq_in); });
+  EXPECT_FALSE(emu::misaligned_global) << "a cp.async from a global address not 16-byte aligned";
+  size_t wrong = 0;
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t t = 0; t < c.T; ++t)
+      for (int64_t hh = 0; hh < c.H + 2 * c.KV; ++hh)
+        for (int64_t j = 0; j < HD; ++j) {
+          const std::vector<float>& g = hh < c.H ? dq : hh < c.H + c.KV ? dk : dv;
+          const int64_t h = hh < c.H ? hh : hh < c.H + c.KV ? hh - c.H : hh - c.H - c.KV;
+          const int64_t n = hh < c.H ? c.H : c.KV;
+          const float want = g[((b * n + h) * c.T + t) * HD + j];
+          const bf16 got = dqkv[(b * c.T + t) * width + hh * HD + j];
+          if (bits(got) != bits(__float2bfloat16_rn(want)) && wrong++ < 3)
+            ADD_FAILURE() << "d_qkv row " << b * c.T + t << " column " << hh * HD + j << ": " << __bfloat162float(got)
+                          << ", expected " << want;
+        }
+  EXPECT_EQ(wrong, 0u);
+}
+
+TEST(FlashAttentionEmulation, InPlaceHeadsGiveThePackedBits) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  check_in_place<64>({2, 128, 4, 2, 64}, rng);  // GQA: dk, dv summed over two heads each
+  check_in_place<128>({1, 64, 2, 2, 128}, rng);
 }
 
 // The host-side checks of flash_forward / flash_backward (no kernel runs).
@@ -502,6 +606,32 @@ TEST(FlashAttentionDims, RejectsWhatTheKernelsDoNotHandle) {
   EXPECT_EQ(flash_shared_bytes(128), kDqSmem<128>);
   EXPECT_LE(flash_shared_bytes(128), size_t{227} * 1024);
   EXPECT_THROW(flash_shared_bytes(96), std::invalid_argument);
+
+  // Views: packed ones with padding are fine; in place ones need T = Tp, hd = HD and aligned rows.
+  alignas(16) static bf16 buffer[64];
+  alignas(16) static float fbuffer[64];
+  const auto views_reject = [](const FlashDims& d, std::initializer_list<BF16Heads> in,
+                               std::initializer_list<HeadGrad> out, const char* what) {
+    try {
+      check_flash_views(d, in, out);
+      ADD_FAILURE() << what << ": not rejected";
+    } catch (const std::invalid_argument& e) {
+      EXPECT_NE(std::string(e.what()).find("fused attention"), std::string::npos) << e.what();
+    }
+  };
+  const BF16Heads packed = packed_heads<const bf16>(buffer, ok, ok.H);
+  EXPECT_NO_THROW(check_flash_views(ok, {packed}, {HeadGrad{packed_heads(fbuffer, ok, ok.H), {}}}));
+  views_reject(ok, {heads_in_rows<const bf16>(buffer, ok, 384, 0)}, {}, "in place with T < Tp and hd < HD");
+  FlashDims full = ok;
+  full.T = full.Tp;
+  full.hd = full.HD;
+  EXPECT_NO_THROW(check_flash_views(full, {heads_in_rows<const bf16>(buffer, full, 512, 64)}));
+  views_reject(full, {heads_in_rows<const bf16>(buffer, full, 512, 4)}, {}, "rows not 16-byte aligned");
+  views_reject(full, {heads_in_rows<const bf16>(buffer, full, 516, 0)}, {}, "row stride not 16-byte aligned");
+  HeadGrad odd;
+  odd.b16 = heads_in_rows(buffer + 1, full, 512, 0);
+  views_reject(full, {}, {odd}, "BF16 gradient at an odd element");
+  views_reject(full, {}, {HeadGrad{}}, "a gradient with no destination");
 }
 
 }  // namespace

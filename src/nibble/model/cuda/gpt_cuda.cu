@@ -18,6 +18,7 @@
 #include <iterator>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace nibble::model::cuda {
 
@@ -37,6 +38,16 @@ struct Values {
       f(f32);
   }
 };
+
+// The attention core's forward; from a BF16 qkv that stays until backward (`kept`) where both are BF16.
+template <typename In, typename Out>
+void attention_forward(ncu::AttentionCoreCuda& core, const In* qkv, bool kept, int64_t batch, int64_t seq, Out* out,
+                       cudaStream_t stream) {
+  if constexpr (std::is_same_v<In, bf16_t> && std::is_same_v<Out, bf16_t>) {
+    if (kept) return core.forward_kept(qkv, batch, seq, out, stream);
+  }
+  core.forward(qkv, batch, seq, out, stream);
+}
 }  // namespace
 
 struct GptCuda::Block {
@@ -51,6 +62,9 @@ struct GptCuda::Block {
   DeviceBuffer<float> pre32;
   DeviceBuffer<bf16_t> pre16;
   Values pre;
+  // qkv's BF16 output, kept until backward where the attention core reads q, k and v in place
+  // (AttentionCoreCuda::reads_kept_qkv; it then saves no packed copies); unused otherwise.
+  DeviceBuffer<bf16_t> qkv16;
 
   Block(const GptConfig& c, const nn::Recipe& recipe, uint32_t index, uint64_t seed, ncu::LinearContext& ctx,
         ncu::AttentionWorkspace& attn_workspace)
@@ -252,9 +266,11 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   };
   for (auto& bp : blocks_) {
     Block& b = *bp;
-    norm_then_linear(b.norm1, b.qkv, wide_, wide16_).visit([&](const auto* qkv) {
+    const bool keep_qkv = b.core.reads_kept_qkv(seq);
+    norm_then_linear(b.norm1, b.qkv, wide_, keep_qkv ? b.qkv16 : wide16_).visit([&](const auto* qkv) {
       linear_forward(b.proj, b.core.writes_bf16_output(), narrow_,
-                     [&](auto* dst) { b.core.forward(qkv, batch, seq, dst, stream_); }, x_.data(), true);
+                     [&](auto* dst) { attention_forward(b.core, qkv, keep_qkv, batch, seq, dst, stream_); }, x_.data(),
+                     true);
     });
     b.pre = norm_then_linear(b.norm2, b.fc, b.pre32, b.pre16);
     b.pre.visit([&](const auto* pre) {

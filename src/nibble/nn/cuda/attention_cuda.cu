@@ -139,7 +139,8 @@ __global__ void unpack_out_kernel(const float* __restrict__ o, Dims d, float* __
 
 // One warp per row (b, h, t): d_out [B*T x H*hd] -> dO [B, H, Tp, hdp] in BF16, zeros in the
 // padding; with `o` (kFused), also delta[row] = sum_c dO o over the BF16 values that backward
-// multiplies (D of the softmax backward, rowsum(P dP) in exact arithmetic).
+// multiplies (D of the softmax backward, rowsum(P dP) in exact arithmetic). packed = nullptr: delta
+// alone (the fused kernels read dO in place).
 template <typename In>  // float, or bf16_t (the GPU model's proj dX in BF16: the same bits as its FP32 rounded)
 __global__ void pack_dout_kernel(const In* __restrict__ dout, Dims d, __nv_bfloat16* __restrict__ packed,
                                  const __nv_bfloat16* __restrict__ o, float* __restrict__ delta) {
@@ -151,7 +152,7 @@ __global__ void pack_dout_kernel(const In* __restrict__ dout, Dims d, __nv_bfloa
   float dot = 0.0f;
   for (int64_t c = lane; c < d.hdp; c += 32) {
     const __nv_bfloat16 val = __float2bfloat16_rn(t < d.T && c < d.hd ? to_float(src[c]) : 0.0f);
-    packed[r * d.hdp + c] = val;
+    if (packed != nullptr) packed[r * d.hdp + c] = val;
     if (o != nullptr) dot += __bfloat162float(val) * __bfloat162float(o[r * d.hdp + c]);
   }
   if (o == nullptr) return;
@@ -283,9 +284,19 @@ void AttentionCoreCuda::forward(const bf16_t* qkv, int64_t batch, int64_t seq, b
   forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream);
 }
 
+bool AttentionCoreCuda::reads_kept_qkv(int64_t seq) const {
+  const int64_t hd = shape_.head_dim();
+  return kernel_ == AttentionKernel::kFused && !shape_.rope && detail::flash_head_dim(hd) == hd &&
+         seq % detail::kFlashTile == 0;
+}
+
+void AttentionCoreCuda::forward_kept(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream) {
+  forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream, /*kept=*/true);
+}
+
 template <typename In>
 void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
-                                     cudaStream_t stream) {
+                                     cudaStream_t stream, bool kept) {
   if (out16 != nullptr && !writes_bf16_output())
     throw std::logic_error("AttentionCoreCuda::forward: BF16 output needs the fused kernels");
   if (batch <= 0 || seq <= 0)
@@ -298,10 +309,28 @@ void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, 
   hd_pad_ = fused ? detail::flash_head_dim(hd) : detail::round_up(hd, kPad);
   const int64_t Tp = seq_pad_, hdp = hd_pad_;
   const auto n = [](int64_t v) { return static_cast<size_t>(v); };
-  q_.reserve(n(batch * H * Tp * hdp));
-  k_.reserve(n(batch * KV * Tp * hdp));
-  v_.reserve(n(batch * KV * Tp * hdp));
   lse_.reserve(n(batch * H * Tp));
+  const detail::FlashDims fd{batch, seq, Tp, H, KV, hd, hdp, 1.0f / std::sqrt(static_cast<float>(hd))};
+  // The fused kernels read q, k and v in place from a BF16 qkv that stays until backward (no RoPE
+  // to apply, no padding), else from packed copies.
+  in_place_ = false;
+  if constexpr (std::is_same_v<In, bf16_t>) {
+    in_place_ = kept && reads_kept_qkv(seq) && reinterpret_cast<uintptr_t>(qkv) % 16 == 0;
+    if (in_place_) {
+      const auto* base = reinterpret_cast<const __nv_bfloat16*>(qkv);
+      q_heads_ = detail::heads_in_rows(base, fd, qkv_width(), 0);
+      k_heads_ = detail::heads_in_rows(base, fd, qkv_width(), H * hd);
+      v_heads_ = detail::heads_in_rows(base, fd, qkv_width(), (H + KV) * hd);
+    }
+  }
+  if (!in_place_) {
+    q_.reserve(n(batch * H * Tp * hdp));
+    k_.reserve(n(batch * KV * Tp * hdp));
+    v_.reserve(n(batch * KV * Tp * hdp));
+    q_heads_ = detail::packed_heads<const __nv_bfloat16>(q_.data(), fd, H);
+    k_heads_ = detail::packed_heads<const __nv_bfloat16>(k_.data(), fd, KV);
+    v_heads_ = detail::packed_heads<const __nv_bfloat16>(v_.data(), fd, KV);
+  }
   if (shape_.rope && seq > rope_seq_) {
     const int64_t half = hd / 2;
     rope_cos_.resize(n(seq * half));
@@ -312,13 +341,14 @@ void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, 
     rope_seq_ = seq;
   }
   const Dims d{batch, seq, Tp, H, KV, hd, hdp};
-  pack_qkv_kernel<<<blocks_for(batch * Tp, 1), kPackThreads, 0, stream>>>(
-      qkv, d, shape_.rope, rope_cos_.data(), rope_sin_.data(), q_.data(), k_.data(), v_.data());
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  if (!in_place_) {
+    pack_qkv_kernel<<<blocks_for(batch * Tp, 1), kPackThreads, 0, stream>>>(
+        qkv, d, shape_.rope, rope_cos_.data(), rope_sin_.data(), q_.data(), k_.data(), v_.data());
+    NIBBLE_CUDA_CHECK_LAUNCH();
+  }
   if (fused) {
     o_.reserve(n(batch * H * Tp * hdp));
-    const detail::FlashDims fd{batch, seq, Tp, H, KV, hd, hdp, 1.0f / std::sqrt(static_cast<float>(hd))};
-    detail::flash_forward(fd, q_.data(), k_.data(), v_.data(), out, o_.data(), lse_.data(), stream, out16);
+    detail::flash_forward(fd, q_heads_, k_heads_, v_heads_, out, o_.data(), lse_.data(), stream, out16);
   } else {
     gemm_forward(out, stream);
   }
@@ -344,25 +374,51 @@ void AttentionCoreCuda::backward_impl(const In* d_out, Out* d_qkv, cudaStream_t 
   const bool fused = kernel_ == AttentionKernel::kFused;
   const Dims d{batch_, seq_, seq_pad_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim(), hd_pad_};
   const auto n = [](int64_t v) { return static_cast<size_t>(v); };
+  const detail::FlashDims fd{d.B, d.T, d.Tp, d.H, d.KV, d.hd, d.hdp, 1.0f / std::sqrt(static_cast<float>(d.hd))};
+  // The fused kernels read a BF16 d_out in place and write a BF16 d_qkv in place (no RoPE to
+  // undo) where nothing is padded: the bits of the packed route, two passes over memory fewer.
+  const bool unpadded = fused && d.T == d.Tp && d.hd == d.hdp;
+  detail::BF16Heads dout_heads;
+  if constexpr (std::is_same_v<In, bf16_t>) {
+    if (unpadded && reinterpret_cast<uintptr_t>(d_out) % 16 == 0)
+      dout_heads = detail::heads_in_rows(reinterpret_cast<const __nv_bfloat16*>(d_out), fd, out_width(), 0);
+  }
+  detail::HeadGrad dq, dk, dv;
+  if constexpr (std::is_same_v<Out, bf16_t>) {
+    if (unpadded && !shape_.rope && reinterpret_cast<uintptr_t>(d_qkv) % 4 == 0) {
+      auto* base = reinterpret_cast<__nv_bfloat16*>(d_qkv);
+      dq.b16 = detail::heads_in_rows(base, fd, qkv_width(), 0);
+      dk.b16 = detail::heads_in_rows(base, fd, qkv_width(), d.H * d.hd);
+      dv.b16 = detail::heads_in_rows(base, fd, qkv_width(), (d.H + d.KV) * d.hd);
+    }
+  }
   // Another layer may have used the workspace since this layer's forward (and grown it).
-  ws_.dout.reserve(n(d.B * d.H * d.Tp * d.hdp));
-  ws_.dq.reserve(n(d.B * d.H * d.Tp * d.hdp));
-  ws_.dk.reserve(n(d.B * d.KV * d.Tp * d.hdp));
-  ws_.dv.reserve(n(d.B * d.KV * d.Tp * d.hdp));
+  if (dout_heads.base == nullptr) ws_.dout.reserve(n(d.B * d.H * d.Tp * d.hdp));
+  if (dq.b16.base == nullptr) {
+    ws_.dq.reserve(n(d.B * d.H * d.Tp * d.hdp));
+    ws_.dk.reserve(n(d.B * d.KV * d.Tp * d.hdp));
+    ws_.dv.reserve(n(d.B * d.KV * d.Tp * d.hdp));
+    dq.f32 = detail::packed_heads(ws_.dq.data(), fd, d.H);
+    dk.f32 = detail::packed_heads(ws_.dk.data(), fd, d.KV);
+    dv.f32 = detail::packed_heads(ws_.dv.data(), fd, d.KV);
+  }
   if (fused) ws_.delta.reserve(n(d.B * d.H * d.Tp));
   pack_dout_kernel<<<blocks_for(d.B * d.H * d.Tp * 32, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
-      d_out, d, ws_.dout.data(), fused ? o_.data() : nullptr, fused ? ws_.delta.data() : nullptr);
+      d_out, d, dout_heads.base == nullptr ? ws_.dout.data() : nullptr, fused ? o_.data() : nullptr,
+      fused ? ws_.delta.data() : nullptr);
   NIBBLE_CUDA_CHECK_LAUNCH();
   if (fused) {
-    const detail::FlashDims fd{d.B, d.T, d.Tp, d.H, d.KV, d.hd, d.hdp, 1.0f / std::sqrt(static_cast<float>(d.hd))};
-    detail::flash_backward(fd, q_.data(), k_.data(), v_.data(), ws_.dout.data(), lse_.data(), ws_.delta.data(),
-                           ws_.dq.data(), ws_.dk.data(), ws_.dv.data(), stream);
+    if (dout_heads.base == nullptr) dout_heads = detail::packed_heads<const __nv_bfloat16>(ws_.dout.data(), fd, d.H);
+    detail::flash_backward(fd, q_heads_, k_heads_, v_heads_, dout_heads, lse_.data(), ws_.delta.data(), dq, dk, dv,
+                           stream);
   } else {
     gemm_backward(stream);
   }
-  unpack_dqkv_kernel<<<blocks_for(d.B * d.T, 1), kPackThreads, 0, stream>>>(
-      ws_.dq.data(), ws_.dk.data(), ws_.dv.data(), d, shape_.rope, rope_cos_.data(), rope_sin_.data(), d_qkv);
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  if (dq.b16.base == nullptr) {
+    unpack_dqkv_kernel<<<blocks_for(d.B * d.T, 1), kPackThreads, 0, stream>>>(
+        ws_.dq.data(), ws_.dk.data(), ws_.dv.data(), d, shape_.rope, rope_cos_.data(), rope_sin_.data(), d_qkv);
+    NIBBLE_CUDA_CHECK_LAUNCH();
+  }
   saved_ = false;
 }
 

@@ -78,12 +78,19 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
 template <int HD>
 constexpr int kStride = HD + 8;
 
-// rows x HD contiguous BF16 at gmem -> smem (stride kStride), asynchronously.
+// rows x HD BF16 at gmem, `stride` elements from row to row -> smem (stride kStride), asynchronously.
 template <int ROWS, int HD>
-__device__ inline void load_tile(bf16* smem, const bf16* gmem) {
+__device__ inline void load_tile(bf16* smem, const bf16* gmem, int64_t stride) {
   constexpr int kChunks = HD / 8;  // 16-byte chunks per row
   for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads)
-    cp_async16(smem + (i / kChunks) * kStride<HD> + (i % kChunks) * 8, gmem + i * 8);
+    cp_async16(smem + (i / kChunks) * kStride<HD> + (i % kChunks) * 8, gmem + (i / kChunks) * stride + (i % kChunks) * 8);
+}
+// Columns col, col + 1 of row t of head h of sequence b of a gradient, in FP32 or in BF16.
+__device__ inline void store_pair(const HeadGrad& g, int64_t b, int64_t h, int64_t t, int col, float x, float y) {
+  if (g.f32.base != nullptr)
+    *reinterpret_cast<float2*>(g.f32.at(b, h, t) + col) = make_float2(x, y);
+  else
+    *reinterpret_cast<uint32_t*>(g.b16.at(b, h, t) + col) = pack_bf16(x, y);
 }
 // N contiguous floats (N a multiple of 4, gmem 16-byte aligned) -> smem, asynchronously.
 template <int N>
@@ -163,10 +170,9 @@ __device__ inline float quad_sum(float v) {
 // within each (batch, head), the last query tiles (the most key tiles) are issued first. Shared
 // memory: Q, then two K and two V buffers.
 template <int HD>
-__global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, const bf16* __restrict__ q,
-                                                                 const bf16* __restrict__ k,
-                                                                 const bf16* __restrict__ v, float* __restrict__ out,
-                                                                 bf16* __restrict__ o, float* __restrict__ lse,
+__global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v,
+                                                                 float* __restrict__ out, bf16* __restrict__ o,
+                                                                 float* __restrict__ lse,
                                                                  bf16* __restrict__ out16 = nullptr) {
   constexpr int S = kStride<HD>, kTile = kT * S;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -175,12 +181,12 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, co
   bf16* sV = sK + 2 * kTile;   // [2][kTile]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
   const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t head = b * d.H + h, kv_head = b * d.KV + h / (d.H / d.KV);
-  const bf16* kg = k + kv_head * d.Tp * HD;
-  const bf16* vg = v + kv_head * d.Tp * HD;
-  load_tile<kT, HD>(sQ, q + (head * d.Tp + qt * kT) * HD);
-  load_tile<kT, HD>(sK, kg);
-  load_tile<kT, HD>(sV, vg);
+  const int64_t head = b * d.H + h, kvh = h / (d.H / d.KV);
+  const bf16* kg = k.at(b, kvh, 0);
+  const bf16* vg = v.at(b, kvh, 0);
+  load_tile<kT, HD>(sQ, q.at(b, h, qt * kT), q.row);
+  load_tile<kT, HD>(sK, kg, k.row);
+  load_tile<kT, HD>(sV, vg, v.row);
   cp_async_commit();
 
   const float c = d.scale * kLog2e;  // scores in base-2 units: exp(s scale) = 2^(s c)
@@ -191,8 +197,8 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, co
   for (int64_t it = 0; it < n_kv; ++it) {
     const int buf = static_cast<int>(it & 1);
     if (it + 1 < n_kv) {
-      load_tile<kT, HD>(sK + (buf ^ 1) * kTile, kg + (it + 1) * kT * HD);
-      load_tile<kT, HD>(sV + (buf ^ 1) * kTile, vg + (it + 1) * kT * HD);
+      load_tile<kT, HD>(sK + (buf ^ 1) * kTile, kg + (it + 1) * kT * k.row, k.row);
+      load_tile<kT, HD>(sV + (buf ^ 1) * kTile, vg + (it + 1) * kT * v.row, v.row);
     }
     cp_async_commit();  // possibly empty: keeps the wait below uniform
     cp_async_wait_one();
@@ -278,12 +284,10 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, co
 // order; dk and dv stay in registers. Shared memory: K, V, then two buffers each of Q, dO
 // (BQ x HD), lse and delta (BQ floats).
 template <int HD, int BQ>
-__global__ void __launch_bounds__(kThreads) flash_dkdv_kernel(FlashDims d, const bf16* __restrict__ q,
-                                                              const bf16* __restrict__ k, const bf16* __restrict__ v,
-                                                              const bf16* __restrict__ dout,
-                                                              const float* __restrict__ lse,
-                                                              const float* __restrict__ delta, float* __restrict__ dk,
-                                                              float* __restrict__ dv) {
+__global__ void __launch_bounds__(kThreads) flash_dkdv_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v,
+                                                              BF16Heads dout, const float* __restrict__ lse,
+                                                              const float* __restrict__ delta, HeadGrad dk,
+                                                              HeadGrad dv) {
   constexpr int S = kStride<HD>, kTile = kT * S, kQTile = BQ * S;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* sK = reinterpret_cast<bf16*>(smem);
@@ -294,16 +298,15 @@ __global__ void __launch_bounds__(kThreads) flash_dkdv_kernel(FlashDims d, const
   float* sD = sL + 2 * BQ;                                 // [2][BQ]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
   const int64_t kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, group = d.H / d.KV;
-  const int64_t kv_row = ((b * d.KV + kvh) * d.Tp + kt * kT);
-  load_tile<kT, HD>(sK, k + kv_row * HD);
-  load_tile<kT, HD>(sV, v + kv_row * HD);
+  load_tile<kT, HD>(sK, k.at(b, kvh, kt * kT), k.row);
+  load_tile<kT, HD>(sV, v.at(b, kvh, kt * kT), v.row);
   // Steps: (head of the group, query tile), query tiles from the one holding this tile's first key.
   const int64_t first = kt * kT / BQ, n_q = d.Tp / BQ - first, steps = group * n_q;
   const auto load_step = [&](int64_t step, int buf) {
     const int64_t h = kvh * group + step / n_q, qi = first + step % n_q;
-    const int64_t row = (b * d.H + h) * d.Tp + qi * BQ;
-    load_tile<BQ, HD>(sQ + buf * kQTile, q + row * HD);
-    load_tile<BQ, HD>(sdO + buf * kQTile, dout + row * HD);
+    const int64_t row = (b * d.H + h) * d.Tp + qi * BQ;  // of lse and delta
+    load_tile<BQ, HD>(sQ + buf * kQTile, q.at(b, h, qi * BQ), q.row);
+    load_tile<BQ, HD>(sdO + buf * kQTile, dout.at(b, h, qi * BQ), dout.row);
     load_floats<BQ>(sL + buf * BQ, lse + row);
     load_floats<BQ>(sD + buf * BQ, delta + row);
   };
@@ -351,12 +354,12 @@ __global__ void __launch_bounds__(kThreads) flash_dkdv_kernel(FlashDims d, const
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t row = kv_row + warp * 16 + g + 8 * r;
+    const int64_t t = kt * kT + warp * 16 + g + 8 * r;
 #pragma unroll
     for (int nb = 0; nb < HD / 8; ++nb) {
       const int col = nb * 8 + 2 * t4;
-      *reinterpret_cast<float2*>(dk + row * HD + col) = make_float2(dka[nb][2 * r], dka[nb][2 * r + 1]);
-      *reinterpret_cast<float2*>(dv + row * HD + col) = make_float2(dva[nb][2 * r], dva[nb][2 * r + 1]);
+      store_pair(dk, b, kvh, t, col, dka[nb][2 * r], dka[nb][2 * r + 1]);
+      store_pair(dv, b, kvh, t, col, dva[nb][2 * r], dva[nb][2 * r + 1]);
     }
   }
 }
@@ -367,11 +370,9 @@ __global__ void __launch_bounds__(kThreads) flash_dkdv_kernel(FlashDims d, const
 // forward. Loops over the key tiles at or below the diagonal; dq stays in registers. Shared memory:
 // Q, dO, then two K and two V buffers.
 template <int HD>
-__global__ void __launch_bounds__(kThreads) flash_dq_kernel(FlashDims d, const bf16* __restrict__ q,
-                                                            const bf16* __restrict__ k, const bf16* __restrict__ v,
-                                                            const bf16* __restrict__ dout,
-                                                            const float* __restrict__ lse,
-                                                            const float* __restrict__ delta, float* __restrict__ dq) {
+__global__ void __launch_bounds__(kThreads) flash_dq_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v,
+                                                            BF16Heads dout, const float* __restrict__ lse,
+                                                            const float* __restrict__ delta, HeadGrad dq) {
   constexpr int S = kStride<HD>, kTile = kT * S;
   extern __shared__ __align__(16) unsigned char smem[];
   bf16* sQ = reinterpret_cast<bf16*>(smem);
@@ -380,13 +381,13 @@ __global__ void __launch_bounds__(kThreads) flash_dq_kernel(FlashDims d, const b
   bf16* sV = sK + 2 * kTile;   // [2][kTile]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t4 = lane & 3;
   const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t head = b * d.H + h, kv_head = b * d.KV + h / (d.H / d.KV);
-  const bf16* kg = k + kv_head * d.Tp * HD;
-  const bf16* vg = v + kv_head * d.Tp * HD;
-  load_tile<kT, HD>(sQ, q + (head * d.Tp + qt * kT) * HD);
-  load_tile<kT, HD>(sdO, dout + (head * d.Tp + qt * kT) * HD);
-  load_tile<kT, HD>(sK, kg);
-  load_tile<kT, HD>(sV, vg);
+  const int64_t head = b * d.H + h, kvh = h / (d.H / d.KV);
+  const bf16* kg = k.at(b, kvh, 0);
+  const bf16* vg = v.at(b, kvh, 0);
+  load_tile<kT, HD>(sQ, q.at(b, h, qt * kT), q.row);
+  load_tile<kT, HD>(sdO, dout.at(b, h, qt * kT), dout.row);
+  load_tile<kT, HD>(sK, kg, k.row);
+  load_tile<kT, HD>(sV, vg, v.row);
   cp_async_commit();
 
   const float c = d.scale * kLog2e;
@@ -398,8 +399,8 @@ __global__ void __launch_bounds__(kThreads) flash_dq_kernel(FlashDims d, const b
   for (int64_t it = 0; it < n_kv; ++it) {
     const int buf = static_cast<int>(it & 1);
     if (it + 1 < n_kv) {
-      load_tile<kT, HD>(sK + (buf ^ 1) * kTile, kg + (it + 1) * kT * HD);
-      load_tile<kT, HD>(sV + (buf ^ 1) * kTile, vg + (it + 1) * kT * HD);
+      load_tile<kT, HD>(sK + (buf ^ 1) * kTile, kg + (it + 1) * kT * k.row, k.row);
+      load_tile<kT, HD>(sV + (buf ^ 1) * kTile, vg + (it + 1) * kT * v.row, v.row);
     }
     cp_async_commit();
     cp_async_wait_one();
@@ -430,12 +431,9 @@ __global__ void __launch_bounds__(kThreads) flash_dq_kernel(FlashDims d, const b
   }
 
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = head * d.Tp + row0 + 8 * r;
+  for (int r = 0; r < 2; ++r)
 #pragma unroll
-    for (int nb = 0; nb < HD / 8; ++nb)
-      *reinterpret_cast<float2*>(dq + row * HD + nb * 8 + 2 * t4) = make_float2(acc[nb][2 * r], acc[nb][2 * r + 1]);
-  }
+    for (int nb = 0; nb < HD / 8; ++nb) store_pair(dq, b, h, row0 + 8 * r, nb * 8 + 2 * t4, acc[nb][2 * r], acc[nb][2 * r + 1]);
 }
 
 // ---------------------------------------------------------------- launchers
@@ -462,7 +460,7 @@ void allow_smem(Kernel kernel, size_t bytes) {  // above 48 KiB a kernel must op
 }
 
 template <int HD>
-void forward_impl(const FlashDims& d, const bf16* q, const bf16* k, const bf16* v, float* out, bf16* o, float* lse,
+void forward_impl(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, bf16* o, float* lse,
                   bf16* out16, cudaStream_t stream) {
   const size_t bytes = kForwardSmem<HD>;
   allow_smem(flash_forward_kernel<HD>, bytes);
@@ -472,8 +470,8 @@ void forward_impl(const FlashDims& d, const bf16* q, const bf16* k, const bf16* 
 }
 
 template <int HD>
-void backward_impl(const FlashDims& d, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                   const float* lse, const float* delta, float* dq, float* dk, float* dv, cudaStream_t stream) {
+void backward_impl(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
+                   const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream) {
   constexpr int BQ = kDkdvQueries<HD>;
   const size_t dkdv_bytes = kDkdvSmem<HD>;
   allow_smem(flash_dkdv_kernel<HD, BQ>, dkdv_bytes);
@@ -506,6 +504,35 @@ void check_flash_dims(const FlashDims& d) {
   if (d.Tp / kFlashTile > 0x7fffffffLL) fail("too many query tiles for the grid");
 }
 
+void check_flash_views(const FlashDims& d, std::initializer_list<BF16Heads> in, std::initializer_list<HeadGrad> out) {
+  const auto fail = [&](const std::string& what) {
+    throw std::invalid_argument("fused attention (T " + std::to_string(d.T) + ", Tp " + std::to_string(d.Tp) + ", hd " +
+                                std::to_string(d.hd) + ", HD " + std::to_string(d.HD) + "): " + what);
+  };
+  // Elements of `bytes` size at p, p + stride, ...: p and the strides multiples of `align` bytes.
+  const auto aligned = [](const void* p, std::initializer_list<int64_t> strides, int64_t bytes, int64_t align) {
+    if (reinterpret_cast<uintptr_t>(p) % align != 0) return false;
+    for (int64_t s : strides)
+      if (s * bytes % align != 0) return false;
+    return true;
+  };
+  // Anything but the packed layout holds exactly T rows of hd columns per head.
+  const auto unpadded = [&](int64_t head, int64_t row) { return (row == d.HD && head == d.Tp * d.HD) || (d.T == d.Tp && d.hd == d.HD); };
+  for (const BF16Heads& v : in) {
+    if (v.base == nullptr || !aligned(v.base, {v.batch, v.head, v.row}, 2, 16))
+      fail("an operand's rows are not 16-byte aligned");
+    if (!unpadded(v.head, v.row)) fail("operands in place (not packed) need T = Tp and hd = HD");
+  }
+  for (const HeadGrad& g : out) {
+    if ((g.f32.base == nullptr) == (g.b16.base == nullptr)) fail("a gradient needs one of f32 and b16");
+    const bool ok = g.f32.base ? aligned(g.f32.base, {g.f32.batch, g.f32.head, g.f32.row}, 4, 8)
+                               : aligned(g.b16.base, {g.b16.batch, g.b16.head, g.b16.row}, 2, 4);
+    if (!ok) fail("a gradient's rows are not aligned for pairs of columns");
+    if (!(g.f32.base ? unpadded(g.f32.head, g.f32.row) : unpadded(g.b16.head, g.b16.row)))
+      fail("gradients in place (not packed) need T = Tp and hd = HD");
+  }
+}
+
 size_t flash_shared_bytes(int64_t HD) {
   if (HD == 64) return std::max({kForwardSmem<64>, kDkdvSmem<64>, kDqSmem<64>});
   if (HD == 128) return std::max({kForwardSmem<128>, kDkdvSmem<128>, kDqSmem<128>});
@@ -521,16 +548,18 @@ bool flash_fits_device(int64_t HD) {
   return flash_shared_bytes(HD) <= static_cast<size_t>(optin);
 }
 
-void flash_forward(const FlashDims& d, const bf16* q, const bf16* k, const bf16* v, float* out, bf16* o, float* lse,
+void flash_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, bf16* o, float* lse,
                    cudaStream_t stream, bf16* out16) {
   check_flash_dims(d);
+  check_flash_views(d, {q, k, v});
   if (d.HD == 64) return forward_impl<64>(d, q, k, v, out, o, lse, out16, stream);
   return forward_impl<128>(d, q, k, v, out, o, lse, out16, stream);
 }
 
-void flash_backward(const FlashDims& d, const bf16* q, const bf16* k, const bf16* v, const bf16* dout,
-                    const float* lse, const float* delta, float* dq, float* dk, float* dv, cudaStream_t stream) {
+void flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
+                    const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream) {
   check_flash_dims(d);
+  check_flash_views(d, {q, k, v, dout}, {dq, dk, dv});
   if (d.HD == 64) return backward_impl<64>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
   return backward_impl<128>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
 }

@@ -1,7 +1,11 @@
 // Fused (flash-style) causal attention kernels behind AttentionCoreCuda (internal to
-// src/nibble/nn/cuda). Operands are the packed BF16 heads of attention_cuda.cu:
+// src/nibble/nn/cuda). Operands are BF16 heads, each a HeadRows view: the packed heads of
+// attention_cuda.cu,
 //   q, o [B, H, Tp, HD], k, v [B, KV, Tp, HD]   (rows padded with zeros to Tp, a multiple of
 //   kFlashTile; head dimension padded with zeros to HD = 64 or 128, see flash_head_dim)
+// or, where nothing needs padding (T = Tp, hd = HD), the heads in place in the rows of a matrix:
+// q, k and v in the qkv projection's output [B*T x (H + 2 KV) hd], dO in the output gradient
+// [B*T x H hd]; backward writes dq, dk and dv the same two ways (FP32 packed, or BF16 in place).
 // Scores never reach global memory: each block keeps a 64 x 64 tile of them (64 keys x 32 queries
 // in dk/dv at HD 128) in registers (BF16 tensor-core mma.sync m16n8k16, FP32 accumulation), with
 // the online softmax in FP32 and the key tiles above the diagonal skipped. Backward recomputes P
@@ -14,6 +18,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 
 namespace nibble::nn::cuda::detail {
 
@@ -28,11 +33,40 @@ struct FlashDims {
   float scale;                      // 1 / sqrt(hd)
 };
 
+// Row t of head h of sequence b: base + b * batch + h * head + t * row (strides in elements). The
+// kernels read HD elements of up to Tp rows from it, 16 bytes at a time (base and strides 16-byte
+// aligned; check_flash_views).
+template <typename E>
+struct HeadRows {
+  E* base = nullptr;
+  int64_t batch = 0, head = 0, row = 0;
+  __host__ __device__ E* at(int64_t b, int64_t h, int64_t t) const { return base + b * batch + h * head + t * row; }
+};
+// The packed layout [B, heads, Tp, HD].
+template <typename E>
+HeadRows<E> packed_heads(E* p, const FlashDims& d, int64_t heads) {
+  return {p, heads * d.Tp * d.HD, d.Tp * d.HD, d.HD};
+}
+// Heads in place in the rows of a [B*T x width] matrix, the first at column `col0`.
+template <typename E>
+HeadRows<E> heads_in_rows(E* p, const FlashDims& d, int64_t width, int64_t col0) {
+  return {p + col0, d.T * width, d.hd, width};
+}
+// Where backward's dq, dk or dv go: FP32 (f32) or BF16 rounded to nearest even (b16), one of them.
+struct HeadGrad {
+  HeadRows<float> f32;
+  HeadRows<__nv_bfloat16> b16;
+};
+
 // Throws std::invalid_argument, naming the fused attention kernels, when d is outside what they
 // handle: HD 64 or 128 with 0 < hd <= HD, 0 < T <= Tp with Tp a multiple of kFlashTile, H a multiple
 // of KV, and B, H and KV within the grid's y and z limits (65535). flash_forward and
 // flash_backward call it; it is host code (tested on the CPU in tests/cuda_emulation).
 void check_flash_dims(const FlashDims& d);
+// Throws std::invalid_argument unless the views' pointers and strides are 16-byte aligned and, where
+// they are not the packed layout, T = Tp and hd = HD (the kernels read whole tiles of HD columns).
+void check_flash_views(const FlashDims& d, std::initializer_list<HeadRows<const __nv_bfloat16>> in,
+                       std::initializer_list<HeadGrad> out = {});
 
 // Dynamic shared memory per block of the largest of the three kernels at padded head dimension HD
 // (64 or 128). Above 48 KiB a kernel must opt in, up to the device's
@@ -47,14 +81,14 @@ bool flash_fits_device(int64_t HD);
 // output, padded layout, for backward's rowsum(dO o)) and lse [B, H, Tp]: per row, the base-2
 // log-sum-exp log2(sum_j 2^(s_j * scale * log2 e)) of the row's causal scores. With out16, the
 // heads' outputs go there in BF16 (the values of o) instead of to out (unused then).
-void flash_forward(const FlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                   float* out, __nv_bfloat16* o, float* lse, cudaStream_t stream, __nv_bfloat16* out16 = nullptr);
+using BF16Heads = HeadRows<const __nv_bfloat16>;
+void flash_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, __nv_bfloat16* o, float* lse,
+                   cudaStream_t stream, __nv_bfloat16* out16 = nullptr);
 
-// Backward, from dO [B, H, Tp, HD] (BF16, zero rows beyond T) and delta [B, H, Tp] = rowsum(dO o).
-// Writes dq [B, H, Tp, HD], dk and dv [B, KV, Tp, HD] (FP32, overwritten; dk and dv summed over
-// the heads of each KV group in a fixed order).
-void flash_backward(const FlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k, const __nv_bfloat16* v,
-                    const __nv_bfloat16* dout, const float* lse, const float* delta, float* dq, float* dk, float* dv,
-                    cudaStream_t stream);
+// Backward, from dO (BF16, zero rows beyond T) and delta [B, H, Tp] = rowsum(dO o). Writes dq
+// (H heads), dk and dv (KV heads; overwritten, every row up to Tp of a packed view; dk and dv
+// summed over the heads of each KV group in a fixed order).
+void flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
+                    const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream);
 
 }  // namespace nibble::nn::cuda::detail

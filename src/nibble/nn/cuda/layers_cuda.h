@@ -25,6 +25,7 @@
 
 #include "nibble/formats/minifloat.h"
 #include "nibble/nn/attention.h"
+#include "nibble/nn/cuda/attention_flash.cuh"
 #include "nibble/nn/mlp.h"
 #include "nibble/nn/norm.h"
 #include "nibble/tensor/cuda/device_buffer.h"
@@ -194,6 +195,13 @@ class AttentionCoreCuda {
   // these give the bits of the calls given qkv's values in FP32.
   void forward(const bf16_t* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream);
   void forward(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream);
+  // Whether forward_kept() reads q, k and v in place at this seq: the fused kernels, no RoPE, head_dim
+  // 64 or 128 and seq a multiple of 64 (nothing to rotate or pad).
+  bool reads_kept_qkv(int64_t seq) const;
+  // forward() from a BF16 qkv that the caller keeps unchanged until backward() has run: where
+  // reads_kept_qkv(seq), the kernels read q, k and v from it and the layer saves no copies of its
+  // own (the same bits). Otherwise as forward().
+  void forward_kept(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream);
   // d_qkv (overwritten) from d_out [batch*seq x H hd]. Needs a forward.
   void backward(const float* d_out, float* d_qkv, cudaStream_t stream);
   // The same with d_qkv in BF16 (nearest-even rounding of the FP32 d_qkv), for LinearCuda::bf16_dy_input().
@@ -206,7 +214,8 @@ class AttentionCoreCuda {
  private:
   // out16 (BF16 output, fused kernels only) replaces out when not nullptr.
   template <typename In>
-  void forward_impl(const In* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16, cudaStream_t stream);
+  void forward_impl(const In* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16, cudaStream_t stream,
+                    bool kept = false);
   template <typename In, typename Out>
   void backward_impl(const In* d_out, Out* d_qkv, cudaStream_t stream);
   void gemm_forward(float* out, cudaStream_t stream);
@@ -221,7 +230,10 @@ class AttentionCoreCuda {
   bool saved_ = false;
   int64_t rope_seq_ = 0;
   DeviceBuffer<float> rope_cos_, rope_sin_;  // [seq x hd/2]
-  DeviceBuffer<__nv_bfloat16> q_, k_, v_;   // saved: [B, H|Hkv, Tp, hdp]
+  DeviceBuffer<__nv_bfloat16> q_, k_, v_;   // saved: [B, H|Hkv, Tp, hdp], unless read in place
+  // kFused: where the kernels find q, k and v (q_, k_, v_, or the caller's kept qkv).
+  detail::BF16Heads q_heads_, k_heads_, v_heads_;
+  bool in_place_ = false;
   DeviceBuffer<__nv_bfloat16> o_;            // saved (kFused): the normalised output [B, H, Tp, hdp]
   // saved: [B, H, Tp] log-sum-exp of the scaled scores per row; natural log (kGemm) or base 2
   // (kFused, which works with exp2).
