@@ -52,7 +52,7 @@ int main(int argc, char** argv) {
   uint32_t* amax;
   check(cudaMalloc(&x, n * 2), "malloc");
   check(cudaMalloc(&copy_dst, n * 2), "malloc");
-  check(cudaMalloc(&row_data, n / 2), "malloc");
+  check(cudaMalloc(&row_data, n), "malloc");  // n bytes: the generic FP8 line writes one code per element
   check(cudaMalloc(&col_data, n / 2), "malloc");
   check(cudaMalloc(&row_scales, n / 16), "malloc");
   check(cudaMalloc(&col_scales, n / 16), "malloc");

@@ -294,6 +294,48 @@ TEST(OperandCuda, DecodedValuesEqualTheDecodePass) {
   }
 }
 
+// The separate decode pass (gemm_matrix into scratch: the GEMM input of operands made without the
+// fused pass's values, such as the saved X^T and the weights) against the CPU's code x block scale,
+// bit for bit: NVFP4 1x16 and 16x16 (the BF16 kernel of decode8_bf16), MXFP4 (the generic kernel);
+// rows of fewer segments than a warp and of more than a block.
+TEST(OperandCuda, DecodePassEqualsTheCpuDecode) {
+  std::mt19937_64 rng(test::fresh_seed());
+  struct Case {
+    const char* recipe;
+    Operand op;
+  };
+  for (const Case c : {Case{"nvfp4", Operand::kFpropX}, Case{"nvfp4", Operand::kFpropW}, Case{"mxfp4", Operand::kFpropX}})
+    for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{48, 160}, std::pair<int64_t, int64_t>{272, 4352}}) {
+      SCOPED_TRACE(std::string(c.recipe) + " " + operand_name(c.op) + " " + std::to_string(rows) + "x" +
+                   std::to_string(cols));
+      const Recipe recipe = make_recipe(c.recipe);
+      std::vector<float> x = test::random_normal(rng, rows * cols, 1.0f);
+      for (int64_t i = 0; i < rows * cols; i += 37) x[static_cast<size_t>(i)] *= 1e3f;  // wide block scales
+      const DeviceBuffer<float> d_x{std::span<const float>(x)};
+      cuda::OperandCuda o;
+      o.make(d_x.data(), rows, cols, recipe[c.op], c.op, recipe.rht_signs(), rng(), nullptr);
+      const QuantizedTensor q = o.download();
+      DeviceBuffer<uint8_t> scratch;
+      const cuda::GemmMatrix m = o.gemm_matrix(cuda::GemmType::kBF16, /*as_b=*/false, scratch, nullptr);
+      const std::vector<uint16_t> got = download(static_cast<const uint16_t*>(m.data), rows * cols);
+      const bool tiles16 = q.spec.block == Block::k16x16, mx = q.spec.format == Format::kMxfp4;
+      size_t wrong = 0;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t col = 0; col < cols; ++col) {
+          const int64_t i = r * cols + col;
+          const float scale = mx ? E8M0::decode(q.scales[static_cast<size_t>(i / 32)])
+                                 : E4M3::decode(q.scales[static_cast<size_t>(
+                                       tiles16 ? (r / 16) * (cols / 16) + col / 16 : i / 16)]);
+          const uint8_t byte = q.data[static_cast<size_t>(i / 2)];
+          const float value = E2M1::decode(i % 2 == 0 ? byte & 0xF : byte >> 4) * scale;
+          const auto want = static_cast<uint16_t>(std::bit_cast<uint32_t>(value) >> 16);
+          if (got[static_cast<size_t>(i)] != want && wrong++ < 3)
+            ADD_FAILURE() << "element (" << r << ", " << col << "): " << got[static_cast<size_t>(i)] << ", expected " << want;
+        }
+      EXPECT_EQ(wrong, 0u);
+    }
+}
+
 // The linear layer with the fused pass's decoded values (x_rows, dy_rows, dy_cols; never the saved
 // X^T) computes exactly what it computes with the separate decode pass: the GEMMs read the same
 // BF16 values.

@@ -2,12 +2,14 @@
 // unquantized operand must round exactly as the CPU's (quant/rht.h is shared code).
 #include "nibble/nn/cuda/operand_cuda.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
 
 #include "nibble/formats/minifloat.h"
 #include "nibble/nn/operand.h"
+#include "nibble/quant/fp4_decode_bf16.h"
 #include "nibble/quant/cuda/quantize_cuda.h"
 #include "nibble/quant/rht.h"
 #include "nibble/tensor/block_scale_layout.h"
@@ -106,6 +108,25 @@ __global__ void decode_fp4_kernel(Format format, Block block, int64_t rows, int6
 #pragma unroll
     for (int q = 0; q < 4; ++q) dst[q] = make_uint4(bits[4 * q], bits[4 * q + 1], bits[4 * q + 2], bits[4 * q + 3]);
   }
+}
+
+// NVFP4 codes x E4M3 block scales to BF16, the bits of decode_fp4_kernel in about 3 instructions
+// per element (decode8_bf16, as the fused pass writes its decoded values): grid (segments of a row /
+// kThreads, rows), 16 elements a thread, no 64-bit division. `tiles16`: one scale per 16 x 16 tile.
+__global__ void decode_nvfp4_bf16_kernel(int64_t cols, bool tiles16, const uint8_t* __restrict__ data,
+                                         const uint8_t* __restrict__ scales, uint16_t* __restrict__ out) {
+  const int64_t r = blockIdx.y, segs = cols / 16;
+  const int64_t seg = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (seg >= segs) return;
+  const int64_t i0 = r * cols + seg * 16;
+  const uint32_t scale2 = e4m3_scale_bf16x2(scales[(tiles16 ? r / 16 : r) * segs + seg]);
+  const uint2 packed = *reinterpret_cast<const uint2*>(data + i0 / 2);
+  uint32_t lo[4], hi[4];
+  decode8_bf16(packed.x, scale2, lo);
+  decode8_bf16(packed.y, scale2, hi);
+  uint4* dst = reinterpret_cast<uint4*>(out + i0);
+  dst[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+  dst[1] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
 }
 
 // FP8 codes (or BF16 / FP32 values) to another GEMM type, element by element, exact.
@@ -425,7 +446,12 @@ GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8
   const bool to_bf16 = type == GemmType::kBF16;
   auto* out_bf16 = reinterpret_cast<uint16_t*>(scratch.data());
   auto* out_f32 = reinterpret_cast<float*>(scratch.data());
-  if (is_fp4(format_)) {
+  if (format_ == OperandFormat::kNvfp4 && to_bf16 && rows_ <= 65535) {  // grid y limit
+    const int64_t segs = cols_ / 16, threads = std::min<int64_t>(kThreads, (segs + 31) / 32 * 32);  // short rows
+    const dim3 grid(static_cast<unsigned>((segs + threads - 1) / threads), static_cast<unsigned>(rows_));
+    decode_nvfp4_bf16_kernel<<<grid, static_cast<unsigned>(threads), 0, stream>>>(
+        cols_, spec_.block == Block::k16x16, data_.data(), scales_.data(), out_bf16);
+  } else if (is_fp4(format_)) {
     const int grid = blocks_for(n / 16);
     if (to_bf16)
       decode_fp4_kernel<<<grid, kThreads, 0, stream>>>(spec_.format, spec_.block, rows_, cols_, data_.data(),
