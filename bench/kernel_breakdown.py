@@ -18,7 +18,7 @@ from collections import defaultdict
 
 CLASSES = [  # first match wins
     ("GEMM (cuBLASLt)", ("gemm", "sm90_xmma", "cutlass", "nvjet", "splitkreduce")),
-    ("quantize / decode operands", ("rowcol", "tile16", "segment", "amax", "dequantize", "decode_fp4", "convert", "recode",
+    ("quantize / decode operands", ("rowcol", "tile16", "segment", "amax", "dequantize", "decode_fp4", "decode_nvfp4", "convert", "recode",
                                     "multiply_scalars")),
     ("attention (flash kernels, softmax, packing, RoPE)", ("flash", "softmax", "rope", "probs_from_lse", "pack_")),
     ("norms", ("norm",)),

@@ -137,27 +137,48 @@ __global__ void unpack_out_kernel(const float* __restrict__ o, Dims d, float* __
   out[i] = o[((b * d.H + h) * d.Tp + t) * d.hdp + c];
 }
 
-// One warp per row (b, h, t): d_out [B*T x H*hd] -> dO [B, H, Tp, hdp] in BF16, zeros in the
-// padding; with `o` (kFused), also delta[row] = sum_c dO o over the BF16 values that backward
-// multiplies (D of the softmax backward, rowsum(P dP) in exact arithmetic). packed = nullptr: delta
-// alone (the fused kernels read dO in place).
+// Eight lanes per row (b, h, t), 8 consecutive columns each at a time: d_out [B*T x H*hd] -> dO
+// [B, H, Tp, hdp] in BF16, zeros in the padding (packed = nullptr: not written; the fused kernels
+// read dO in place); with `o` (kFused), also delta[row] = sum_c dO o over the BF16 values that
+// backward multiplies (D of the softmax backward, rowsum(P dP) in exact arithmetic): each lane's
+// columns in order, then the 8 lanes' sums pairwise. hdp is a multiple of 8 for both kernels.
+constexpr int kDoutLanes = 8;
 template <typename In>  // float, or bf16_t (the GPU model's proj dX in BF16: the same bits as its FP32 rounded)
 __global__ void pack_dout_kernel(const In* __restrict__ dout, Dims d, __nv_bfloat16* __restrict__ packed,
                                  const __nv_bfloat16* __restrict__ o, float* __restrict__ delta) {
-  const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
-  const int lane = threadIdx.x & 31;
-  if (r >= d.B * d.H * d.Tp) return;
-  const int64_t t = r % d.Tp, h = (r / d.Tp) % d.H, b = r / (d.Tp * d.H);
-  const In* src = dout + (b * d.T + t) * d.H * d.hd + h * d.hd;
+  const int64_t r = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / kDoutLanes;
+  const int sub = threadIdx.x % kDoutLanes;
+  const bool row_ok = r < d.B * d.H * d.Tp;  // the whole group of 8 lanes agrees (no early return: shuffles)
   float dot = 0.0f;
-  for (int64_t c = lane; c < d.hdp; c += 32) {
-    const __nv_bfloat16 val = __float2bfloat16_rn(t < d.T && c < d.hd ? to_float(src[c]) : 0.0f);
-    if (packed != nullptr) packed[r * d.hdp + c] = val;
-    if (o != nullptr) dot += __bfloat162float(val) * __bfloat162float(o[r * d.hdp + c]);
+  if (row_ok) {
+    const int64_t t = r % d.Tp, h = (r / d.Tp) % d.H, b = r / (d.Tp * d.H);
+    const In* src = dout + (b * d.T + t) * d.H * d.hd + h * d.hd;
+    for (int64_t c0 = sub * 8; c0 < d.hdp; c0 += kDoutLanes * 8) {
+      uint32_t bits[4];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int64_t c = c0 + j;
+        const uint32_t b16 = __bfloat16_as_ushort(__float2bfloat16_rn(t < d.T && c < d.hd ? to_float(src[c]) : 0.0f));
+        bits[j / 2] = j % 2 == 0 ? b16 : bits[j / 2] | b16 << 16;
+      }
+      if (packed != nullptr)
+        *reinterpret_cast<uint4*>(packed + r * d.hdp + c0) = make_uint4(bits[0], bits[1], bits[2], bits[3]);
+      if (o != nullptr) {
+        const uint4 ov = *reinterpret_cast<const uint4*>(o + r * d.hdp + c0);
+        const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float dv = __uint_as_float((j % 2 == 0 ? bits[j / 2] << 16 : bits[j / 2] & 0xFFFF0000u));
+          const float ovj = __uint_as_float((j % 2 == 0 ? ow[j / 2] << 16 : ow[j / 2] & 0xFFFF0000u));
+          dot += dv * ovj;
+        }
+      }
+    }
   }
-  if (o == nullptr) return;
-  dot = detail::warp_sum(dot);
-  if (lane == 0) delta[r] = dot;
+  if (o == nullptr) return;  // uniform across the grid
+#pragma unroll
+  for (int m = 1; m < kDoutLanes; m *= 2) dot += __shfl_xor_sync(0xFFFFFFFFu, dot, m);
+  if (row_ok && sub == 0) delta[r] = dot;
 }
 
 // One warp per row: dS = scale * P (dP - sum_j P_j dP_j) over j <= t (the CPU's softmax backward
@@ -403,7 +424,7 @@ void AttentionCoreCuda::backward_impl(const In* d_out, Out* d_qkv, cudaStream_t 
     dv.f32 = detail::packed_heads(ws_.dv.data(), fd, d.KV);
   }
   if (fused) ws_.delta.reserve(n(d.B * d.H * d.Tp));
-  pack_dout_kernel<<<blocks_for(d.B * d.H * d.Tp * 32, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
+  pack_dout_kernel<<<blocks_for(d.B * d.H * d.Tp * kDoutLanes, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
       d_out, d, dout_heads.base == nullptr ? ws_.dout.data() : nullptr, fused ? o_.data() : nullptr,
       fused ? ws_.delta.data() : nullptr);
   NIBBLE_CUDA_CHECK_LAUNCH();
