@@ -1,6 +1,7 @@
 // Embedding lookup and its deterministic scatter-add backward; the id-error flag. See layers_cuda.h.
 #include <cub/device/device_radix_sort.cuh>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -54,28 +55,42 @@ __global__ void sort_input_kernel(const uint32_t* __restrict__ ids, int64_t n, u
 }
 
 // One block per sorted entry; only the first entry of each run of equal ids works: its threads
-// (one per column) add the run's gradient rows in position order, as the CPU does. The additions
-// are a chain, but the loads are not: kScatterBatch rows are loaded before they are added, so a frequent
-// token (runs of thousands in a batch) waits for one load latency per kScatterBatch rows, not per row.
+// (one per column, up to kScatterThreads) add the run's gradient rows in position order, as the CPU
+// does. The additions are a chain per column, but the loads are not: a frequent token (runs of
+// thousands in a batch of real text) would otherwise wait one memory latency per row. Rows are
+// loaded kScatterBatch at a time, the next batch while the current one is added, and the run's end
+// is found by binary search over the sorted keys, not by walking them.
 constexpr int kScatterBatch = 16;
-__global__ void scatter_add_kernel(const uint32_t* __restrict__ keys, const uint32_t* __restrict__ positions,
+constexpr int kScatterThreads = 1024;
+__global__ void __launch_bounds__(kScatterThreads) scatter_add_kernel(const uint32_t* __restrict__ keys, const uint32_t* __restrict__ positions,
                                    int64_t n, uint32_t rows, int64_t dim, const float* __restrict__ dout,
                                    float* __restrict__ grad) {
   const int64_t i = blockIdx.x;
   const uint32_t id = keys[i];
   if (id >= rows || (i > 0 && keys[i - 1] == id)) return;
-  int64_t end = i + 1;
-  while (end < n && keys[end] == id) ++end;
+  int64_t lo = i + 1, hi = n;  // the run ends at the first key above id
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (keys[mid] == id) lo = mid + 1;
+    else hi = mid;
+  }
+  const int64_t end = lo;
+  const auto load = [&](int64_t j0, int64_t d, float (&v)[kScatterBatch]) {
+#pragma unroll
+    for (int k = 0; k < kScatterBatch; ++k)
+      v[k] = j0 + k < end ? dout[static_cast<int64_t>(positions[j0 + k]) * dim + d] : 0.0f;
+  };
   for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
     float g = grad[static_cast<int64_t>(id) * dim + d];
+    float v[kScatterBatch], next[kScatterBatch];
+    load(i, d, v);
     for (int64_t j0 = i; j0 < end; j0 += kScatterBatch) {
-      float v[kScatterBatch];
-#pragma unroll
-      for (int k = 0; k < kScatterBatch; ++k)
-        v[k] = j0 + k < end ? dout[static_cast<int64_t>(positions[j0 + k]) * dim + d] : 0.0f;
+      if (j0 + kScatterBatch < end) load(j0 + kScatterBatch, d, next);
 #pragma unroll
       for (int k = 0; k < kScatterBatch; ++k)
         if (j0 + k < end) g += v[k];
+#pragma unroll
+      for (int k = 0; k < kScatterBatch; ++k) v[k] = next[k];
     }
     grad[static_cast<int64_t>(id) * dim + d] = g;
   }
@@ -124,7 +139,7 @@ void EmbeddingCuda::backward(const uint32_t* ids, int64_t n, const float* dout, 
   NIBBLE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(sort_scratch_.data(), scratch_bytes, keys_in_.data(),
                                                     keys_out_.data(), pos_in_.data(), pos_out_.data(),
                                                     static_cast<int>(n), 0, end_bit, stream));
-  const int threads = dim_ >= 256 ? 256 : static_cast<int>(detail::round_up(dim_, 32));
+  const int threads = static_cast<int>(std::min<int64_t>(kScatterThreads, detail::round_up(dim_, 32)));
   scatter_add_kernel<<<static_cast<unsigned>(n), threads, 0, stream>>>(keys_out_.data(), pos_out_.data(), n, rows,
                                                                        dim_, dout, grad_.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
