@@ -55,20 +55,30 @@ __global__ void sort_input_kernel(const uint32_t* __restrict__ ids, int64_t n, u
 }
 
 // One block per sorted entry; only the first entry of each run of equal ids works: its threads
-// (one per column, up to kScatterThreads) add the run's gradient rows in position order, as the CPU
-// does. The additions are a chain per column, but the loads are not: a frequent token (runs of
-// thousands in a batch of real text) would otherwise wait one memory latency per row. Rows are
-// loaded kScatterBatch at a time, the next batch while the current one is added, and the run's end
-// is found by binary search over the sorted keys, not by walking them.
+// (one per column) add the run's gradient rows in position order, as the CPU does. The additions
+// are a chain per column, but the loads are not: a frequent token (runs of thousands in a batch of
+// real text) would otherwise wait one memory latency per row. Rows are loaded kScatterBatch at a
+// time, the next batch while the current one is added. The run's end: galloping over the sorted
+// keys (one load for a run of one, the common case), then binary search in the last gap. 256
+// threads a block (a thread walks several columns) keep 8 runs resident per SM, which the many short
+// runs need: they wait on a few dependent loads each.
 constexpr int kScatterBatch = 16;
-constexpr int kScatterThreads = 1024;
-__global__ void __launch_bounds__(kScatterThreads) scatter_add_kernel(const uint32_t* __restrict__ keys, const uint32_t* __restrict__ positions,
-                                   int64_t n, uint32_t rows, int64_t dim, const float* __restrict__ dout,
-                                   float* __restrict__ grad) {
+constexpr int kScatterThreads = 256;
+__global__ void __launch_bounds__(kScatterThreads) scatter_add_kernel(const uint32_t* __restrict__ keys,
+                                                                      const uint32_t* __restrict__ positions,
+                                                                      int64_t n, uint32_t rows, int64_t dim,
+                                                                      const float* __restrict__ dout,
+                                                                      float* __restrict__ grad) {
   const int64_t i = blockIdx.x;
   const uint32_t id = keys[i];
   if (id >= rows || (i > 0 && keys[i - 1] == id)) return;
-  int64_t lo = i + 1, hi = n;  // the run ends at the first key above id
+  int64_t lo = i + 1, hi = i + 1, step = 1;  // keys[lo - 1] == id throughout
+  while (hi < n && keys[hi] == id) {
+    lo = hi + 1;
+    step *= 2;
+    hi = i + step;
+  }
+  hi = hi < n ? hi : n;  // keys[hi] != id, or hi == n
   while (lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
     if (keys[mid] == id) lo = mid + 1;
