@@ -154,8 +154,9 @@ void activation_backward(MlpKind kind, const In* pre, const D* dact, int64_t row
 //   online softmax; tiles above the diagonal are skipped. P is rounded to BF16 relative to the
 //   running row maximum. Backward recomputes P from the saved log-sum-exp in two kernels (dk and
 //   dv per key tile, dq per query tile) without atomics: the same bits on every run. Saved per
-//   layer: BF16 q, k, v and O, and one FP32 log-sum-exp per row. Workspace: per-call O(seq)
-//   buffers only (dO, rowsum(dO O), dq, dk, dv).
+//   layer: BF16 q, k, v (none of its own with forward_kept where nothing is padded or rotated: the
+//   caller's qkv) and O, and one FP32 log-sum-exp per row. Workspace: per-call O(seq)
+//   buffers only (rowsum(dO O); dO, dq, dk, dv where they are packed, not read or written in place).
 // - kGemm (any head_dim; the fallback where kFused does not fit, and the benchmark's reference): cuBLASLt batched
 //   GEMMs per KV group (group*seq rows against the group's k or v; dk and dv sum over the group
 //   inside the reduction) that materialise the FP32 scores [B, H, seq, seq] (and dP) in the
