@@ -243,6 +243,17 @@ struct Case {
 BF16Heads heads(const FlashDims& d, const std::vector<bf16>& x, int64_t n) { return packed_heads(x.data(), d, n); }
 HeadGrad grad(const FlashDims& d, std::vector<float>& x, int64_t n) { return {packed_heads(x.data(), d, n), {}}; }
 
+// Both backward kernels on views of the operands, as flash_backward launches them.
+template <int HD>
+void run_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
+                  const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv) {
+  const auto tiles = static_cast<unsigned>(d.Tp / kFlashTile), batch = static_cast<unsigned>(d.B);
+  emu::launch(dim3(tiles, static_cast<unsigned>(d.KV), batch), kDkdvSmem<HD>,
+              [&] { flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, q, k, v, dout, lse, delta, dk, dv); });
+  emu::launch(dim3(tiles, static_cast<unsigned>(d.H), batch), kDqSmem<HD>,
+              [&] { flash_dq_kernel<HD>(d, q, k, v, dout, lse, delta, dq); });
+}
+
 // Normwise max relative error max |got - want| / max |want| (NaN when got holds a NaN); prints it.
 double compare(const std::vector<float>& got, const std::vector<double>& want, const char* what) {
   double err = 0, scale = 0;
@@ -283,23 +294,18 @@ void run_landing(const Case& c, std::mt19937_64& rng) {
   std::vector<bf16> o(q.size(), __float2bfloat16_rn(NAN));
   const dim3 q_grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
   emu::launch(q_grid, kForwardSmem<HD>,
-              [&] { flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(), o.data(), lse.data()); });
+              [&] {
+                flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(),
+                                         o.data(), lse.data());
+              });
   std::vector<float> delta(lse.size(), 0.0f);  // as pack_dout_kernel computes it
   ASSERT_EQ(reinterpret_cast<uintptr_t>(lse.data()) % 16, 0u) << "the host allocator's alignment";
   ASSERT_EQ(reinterpret_cast<uintptr_t>(delta.data()) % 16, 0u) << "the host allocator's alignment";
   for (size_t r = 0; r < delta.size(); ++r)
     for (int64_t j = 0; j < HD; ++j) delta[r] += __bfloat162float(dout[r * HD + j]) * __bfloat162float(o[r * HD + j]);
   std::vector<float> dq(q.size(), NAN), dk(k.size(), NAN), dv(v.size(), NAN);
-  const dim3 kv_grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.KV), static_cast<unsigned>(c.B));
-  emu::launch(kv_grid, kDkdvSmem<HD>, [&] {
-    flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV),
-                                            heads(d, dout, c.H), lse.data(), delta.data(), grad(d, dk, c.KV),
-                                            grad(d, dv, c.KV));
-  });
-  emu::launch(q_grid, kDqSmem<HD>, [&] {
-    flash_dq_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), heads(d, dout, c.H), lse.data(),
-                        delta.data(), grad(d, dq, c.H));
-  });
+  run_backward<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), heads(d, dout, c.H), lse.data(),
+                   delta.data(), grad(d, dq, c.H), grad(d, dk, c.KV), grad(d, dv, c.KV));
   EXPECT_FALSE(emu::shared_overrun) << "a shared-memory access beyond the launch's size or misaligned";
   EXPECT_FALSE(emu::misaligned_global) << "a cp.async from a global address not 16-byte aligned";
 
@@ -446,7 +452,10 @@ void check_out16(const Case& c, std::mt19937_64& rng) {
   std::vector<bf16> o(q.size());
   const dim3 grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
   emu::launch(grid, kForwardSmem<HD>,
-              [&] { flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(), o.data(), lse.data()); });
+              [&] {
+                flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(),
+                                         o.data(), lse.data());
+              });
   const auto bits = [](bf16 x) { return static_cast<__nv_bfloat16_raw>(x).x; };
   constexpr uint16_t kUnwritten = 0x7FC1;  // a NaN the kernel never writes
   __nv_bfloat16_raw unwritten;
@@ -514,7 +523,6 @@ void check_in_place(const Case& c, std::mt19937_64& rng) {
   emu::misaligned_global = false;
 
   const dim3 q_grid(static_cast<unsigned>(c.T / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
-  const dim3 kv_grid(static_cast<unsigned>(c.T / kFlashTile), static_cast<unsigned>(c.KV), static_cast<unsigned>(c.B));
   const size_t n_out = static_cast<size_t>(rows * c.H * c.hd), n_lse = static_cast<size_t>(c.B * c.H * c.T);
   std::vector<float> out_p(n_out), out_i(n_out), lse_p(n_lse), lse_i(n_lse);
   std::vector<bf16> o_p(q.size()), o_i(q.size());
@@ -538,20 +546,9 @@ void check_in_place(const Case& c, std::mt19937_64& rng) {
   dk_in.b16 = heads_in_rows(dqkv.data(), d, width, c.H * HD);
   dv_in.b16 = heads_in_rows(dqkv.data(), d, width, (c.H + c.KV) * HD);
   EXPECT_NO_THROW(check_flash_views(d, {}, {dq_in, dk_in, dv_in}));
-  emu::launch(kv_grid, kDkdvSmem<HD>, [&] {
-    flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV),
-                                            heads(d, dout, c.H), lse_p.data(), delta.data(), grad(d, dk, c.KV),
-                                            grad(d, dv, c.KV));
-  });
-  emu::launch(q_grid, kDqSmem<HD>, [&] {
-    flash_dq_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), heads(d, dout, c.H), lse_p.data(),
-                        delta.data(), grad(d, dq, c.H));
-  });
-  emu::launch(kv_grid, kDkdvSmem<HD>, [&] {
-    flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, q_in, k_in, v_in, dout_in, lse_i.data(), delta.data(), dk_in, dv_in);
-  });
-  emu::launch(q_grid, kDqSmem<HD>,
-              [&] { flash_dq_kernel<HD>(d, q_in, k_in, v_in, dout_in, lse_i.data(), delta.data(), dq_in); });
+  run_backward<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), heads(d, dout, c.H), lse_p.data(),
+                   delta.data(), grad(d, dq, c.H), grad(d, dk, c.KV), grad(d, dv, c.KV));
+  run_backward<HD>(d, q_in, k_in, v_in, dout_in, lse_i.data(), delta.data(), dq_in, dk_in, dv_in);
   EXPECT_FALSE(emu::misaligned_global) << "a cp.async from a global address not 16-byte aligned";
   size_t wrong = 0;
   for (int64_t b = 0; b < c.B; ++b)

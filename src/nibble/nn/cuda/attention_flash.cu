@@ -83,7 +83,8 @@ template <int ROWS, int HD>
 __device__ inline void load_tile(bf16* smem, const bf16* gmem, int64_t stride) {
   constexpr int kChunks = HD / 8;  // 16-byte chunks per row
   for (int i = threadIdx.x; i < ROWS * kChunks; i += kThreads)
-    cp_async16(smem + (i / kChunks) * kStride<HD> + (i % kChunks) * 8, gmem + (i / kChunks) * stride + (i % kChunks) * 8);
+    cp_async16(smem + (i / kChunks) * kStride<HD> + (i % kChunks) * 8,
+               gmem + (i / kChunks) * stride + (i % kChunks) * 8);
 }
 // Columns col, col + 1 of row t of head h of sequence b of a gradient, in FP32 or in BF16.
 __device__ inline void store_pair(const HeadGrad& g, int64_t b, int64_t h, int64_t t, int col, float x, float y) {
@@ -433,7 +434,8 @@ __global__ void __launch_bounds__(kThreads) flash_dq_kernel(FlashDims d, BF16Hea
 #pragma unroll
   for (int r = 0; r < 2; ++r)
 #pragma unroll
-    for (int nb = 0; nb < HD / 8; ++nb) store_pair(dq, b, h, row0 + 8 * r, nb * 8 + 2 * t4, acc[nb][2 * r], acc[nb][2 * r + 1]);
+    for (int nb = 0; nb < HD / 8; ++nb)
+      store_pair(dq, b, h, row0 + 8 * r, nb * 8 + 2 * t4, acc[nb][2 * r], acc[nb][2 * r + 1]);
 }
 
 // ---------------------------------------------------------------- launchers
@@ -517,7 +519,9 @@ void check_flash_views(const FlashDims& d, std::initializer_list<BF16Heads> in, 
     return true;
   };
   // Anything but the packed layout holds exactly T rows of hd columns per head.
-  const auto unpadded = [&](int64_t head, int64_t row) { return (row == d.HD && head == d.Tp * d.HD) || (d.T == d.Tp && d.hd == d.HD); };
+  const auto unpadded = [&](int64_t head, int64_t row) {
+    return (row == d.HD && head == d.Tp * d.HD) || (d.T == d.Tp && d.hd == d.HD);
+  };
   for (const BF16Heads& v : in) {
     if (v.base == nullptr || !aligned(v.base, {v.batch, v.head, v.row}, 2, 16))
       fail("an operand's rows are not 16-byte aligned");
