@@ -208,8 +208,7 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
   if (static_cast<int64_t>(inputs.size()) != rows || static_cast<int64_t>(targets.size()) != rows)
     throw std::invalid_argument("GptCuda: expected " + std::to_string(rows) + " input and target ids");
   if (rows != rows_) {
-    const int64_t d = c.d_model, qkv = (c.n_heads + 2 * c.n_kv_heads) * c.head_dim();
-    const int64_t fc = c.mlp == nn::MlpKind::kSwiglu ? 2 * c.mlp_hidden : c.mlp_hidden;
+    const int64_t d = c.d_model;
     const auto sz = [&](int64_t width) { return static_cast<size_t>(rows * width); };
     ids_.resize(sz(1));
     targets_.resize(sz(1));

@@ -334,17 +334,17 @@ void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, 
   const detail::FlashDims fd{batch, seq, Tp, H, KV, hd, hdp, 1.0f / std::sqrt(static_cast<float>(hd))};
   // The fused kernels read q, k and v in place from a BF16 qkv that stays until backward (no RoPE
   // to apply, no padding), else from packed copies.
-  in_place_ = false;
+  bool in_place = false;
   if constexpr (std::is_same_v<In, bf16_t>) {
-    in_place_ = kept && reads_kept_qkv(seq) && reinterpret_cast<uintptr_t>(qkv) % 16 == 0;
-    if (in_place_) {
+    in_place = kept && reads_kept_qkv(seq) && reinterpret_cast<uintptr_t>(qkv) % 16 == 0;
+    if (in_place) {
       const auto* base = reinterpret_cast<const __nv_bfloat16*>(qkv);
       q_heads_ = detail::heads_in_rows(base, fd, qkv_width(), 0);
       k_heads_ = detail::heads_in_rows(base, fd, qkv_width(), H * hd);
       v_heads_ = detail::heads_in_rows(base, fd, qkv_width(), (H + KV) * hd);
     }
   }
-  if (!in_place_) {
+  if (!in_place) {
     q_.reserve(n(batch * H * Tp * hdp));
     k_.reserve(n(batch * KV * Tp * hdp));
     v_.reserve(n(batch * KV * Tp * hdp));
@@ -362,7 +362,7 @@ void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, 
     rope_seq_ = seq;
   }
   const Dims d{batch, seq, Tp, H, KV, hd, hdp};
-  if (!in_place_) {
+  if (!in_place) {
     pack_qkv_kernel<<<blocks_for(batch * Tp, 1), kPackThreads, 0, stream>>>(
         qkv, d, shape_.rope, rope_cos_.data(), rope_sin_.data(), q_.data(), k_.data(), v_.data());
     NIBBLE_CUDA_CHECK_LAUNCH();

@@ -234,7 +234,6 @@ class AttentionCoreCuda {
   DeviceBuffer<__nv_bfloat16> q_, k_, v_;   // saved: [B, H|Hkv, Tp, hdp], unless read in place
   // kFused: where the kernels find q, k and v (q_, k_, v_, or the caller's kept qkv).
   detail::BF16Heads q_heads_, k_heads_, v_heads_;
-  bool in_place_ = false;
   DeviceBuffer<__nv_bfloat16> o_;            // saved (kFused): the normalised output [B, H, Tp, hdp]
   // saved: [B, H, Tp] log-sum-exp of the scaled scores per row; natural log (kGemm) or base 2
   // (kFused, which works with exp2).
