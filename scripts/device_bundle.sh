@@ -6,7 +6,9 @@
 #   scripts/device_bundle.sh [DATA_DIR]       -> build/device/bin.tar.xz [, build/device/data.tar.xz]
 # Then, on the GPU machine, from a copy of the repository holding build/device:
 #   BUNDLE=build/device PHASES="tests train" DATA=... scripts/device_check.sh
-# (BUILD_DIR=other/build packs another build folder.)
+# (BUILD_DIR=other/build packs another build folder.) For before / after figures in one call, keep the
+# older bundle first (mkdir -p build/base && cp build/device/bin.tar.xz build/base/), rebuild and
+# repack, carry both folders and add BASE_BUNDLE=build/base.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 build=${BUILD_DIR:-build/cuda}

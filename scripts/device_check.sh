@@ -16,6 +16,10 @@
 #   profile     per-kernel time of one training step under ncu, grouped by bench/kernel_breakdown.py,
 #               for each of RECIPES (default "nvfp4"); NCU_CACHE=none keeps the caches warm between
 #               kernels as in the training run (default "all": ncu flushes them before each kernel)
+# BASE_BUNDLE=<folder holding an older build's bin.tar.xz> (for example build/base, a copy of
+# build/device/bin.tar.xz made before rebuilding) runs that build's benchmarks and training runs as
+# well, in the same call, after the current ones (logs under $OUT/base; the train phase without
+# PyTorch): before / after figures measured side by side, as docs/benchmarks.md reports them.
 # The logs of each phase go to $OUT as it ends, so a call cut short keeps what finished.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +36,12 @@ if [ -n "${BUNDLE:-}" ]; then
   fi
 fi
 nibble=$build/src/nibble/cli/nibble
+base=""
+if [ -n "${BASE_BUNDLE:-}" ]; then
+  base=/tmp/nibble-base
+  mkdir -p "$base" "$out/base"
+  tar -C "$base" -xJf "$BASE_BUNDLE/bin.tar.xz" || { echo "device_check: cannot unpack $BASE_BUNDLE/bin.tar.xz" >&2; exit 1; }
+fi
 status=0
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$out/gpu.txt"
 
@@ -65,12 +75,21 @@ run_benches() {
     "$build"/bench/nibble_${b}_bench_cuda 2>&1 | tee "$out/${b}_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
+  [ -n "$base" ] || return
+  echo "== CUDA benchmarks of the base build"
+  for b in quant layers gemm; do
+    "$base"/bench/nibble_${b}_bench_cuda 2>&1 | tee "$out/base/${b}_bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
 }
 
 run_train() {
   echo "== training speed against PyTorch"
   [ -n "${DATA:-}" ] || { echo "device_check: the train phase needs DATA (or a bundle with data)" >&2; status=1; return; }
   OUT="$out" scripts/bench_training.sh "$DATA" "$nibble" "${STEPS:-40}" || status=1
+  [ -n "$base" ] || return
+  echo "== training speed of the base build"
+  OUT="$out/base" PYTORCH=0 scripts/bench_training.sh "$DATA" "$base/src/nibble/cli/nibble" "${STEPS:-40}" || status=1
 }
 
 run_profile() {
