@@ -13,6 +13,7 @@ ms before and after), as docs/benchmarks.md records changes. Then the largest ke
 """
 import argparse
 import csv
+import signal
 import sys
 from collections import defaultdict
 
@@ -86,4 +87,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quiet when piped into head
     main(sys.argv[1:])
