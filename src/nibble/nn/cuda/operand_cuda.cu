@@ -9,7 +9,7 @@
 
 #include "nibble/formats/minifloat.h"
 #include "nibble/nn/operand.h"
-#include "nibble/quant/fp4_decode_bf16.h"
+#include "nibble/quant/cuda/fp4_decode_store.cuh"
 #include "nibble/quant/cuda/quantize_cuda.h"
 #include "nibble/quant/rht.h"
 #include "nibble/tensor/block_scale_layout.h"
@@ -111,7 +111,7 @@ __global__ void decode_fp4_kernel(Format format, Block block, int64_t rows, int6
 }
 
 // NVFP4 codes x E4M3 block scales to BF16, the bits of decode_fp4_kernel in about 3 instructions
-// per element (decode8_bf16, as the fused pass writes its decoded values): grid (segments of a row /
+// per element (store_decoded16, as the fused pass writes its decoded values): grid (segments of a row /
 // kThreads, rows), 16 elements a thread, no 64-bit division. `tiles16`: one scale per 16 x 16 tile.
 __global__ void decode_nvfp4_bf16_kernel(int64_t cols, bool tiles16, const uint8_t* __restrict__ data,
                                          const uint8_t* __restrict__ scales, uint16_t* __restrict__ out) {
@@ -119,14 +119,8 @@ __global__ void decode_nvfp4_bf16_kernel(int64_t cols, bool tiles16, const uint8
   const int64_t seg = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (seg >= segs) return;
   const int64_t i0 = r * cols + seg * 16;
-  const uint32_t scale2 = e4m3_scale_bf16x2(scales[(tiles16 ? r / 16 : r) * segs + seg]);
-  const uint2 packed = *reinterpret_cast<const uint2*>(data + i0 / 2);
-  uint32_t lo[4], hi[4];
-  decode8_bf16(packed.x, scale2, lo);
-  decode8_bf16(packed.y, scale2, hi);
-  uint4* dst = reinterpret_cast<uint4*>(out + i0);
-  dst[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-  dst[1] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+  nibble::cuda::store_decoded16(out + i0, *reinterpret_cast<const uint2*>(data + i0 / 2),
+                                scales[(tiles16 ? r / 16 : r) * segs + seg]);
 }
 
 // FP8 codes (or BF16 / FP32 values) to another GEMM type, element by element, exact.

@@ -9,6 +9,7 @@
 
 #include "nibble/formats/minifloat.h"
 #include "nibble/quant/cuda/e2m1_pack.cuh"
+#include "nibble/quant/cuda/fp4_decode_store.cuh"
 #include "nibble/quant/cuda/quantize_cuda.h"
 #include "nibble/quant/fp4_decode_bf16.h"
 #include "nibble/quant/philox.h"
@@ -231,19 +232,6 @@ __device__ __forceinline__ void unpack16(const Raw16<float>& r, uint32_t flip, f
 #pragma unroll
     for (int j = 0; j < 4; ++j) v[4 * i + j] = bits_float(w[j] ^ flip);
   }
-}
-
-// The BF16 decode of one 1x16 block (QuantBuffers::decoded) from the block's final packed codes
-// (elements 0-7 in .x) and E4M3 scale code: two 16-byte stores to dst, which is 32-byte aligned.
-// About 2.5 instructions per element (fp4_decode_bf16.h), from registers the encoder has just filled.
-__device__ __forceinline__ void store_decoded16(uint16_t* dst, uint2 packed, uint32_t scale_code) {
-  const uint32_t scale2 = e4m3_scale_bf16x2(scale_code);
-  uint32_t lo[4], hi[4];
-  decode8_bf16(packed.x, scale2, lo);
-  decode8_bf16(packed.y, scale2, hi);
-  uint4* d = reinterpret_cast<uint4*>(dst);
-  d[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
-  d[1] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
 }
 
 // Per-tensor constants of one output copy.
