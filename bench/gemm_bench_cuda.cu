@@ -13,7 +13,9 @@
 // values and the alpha, so only B is decoded in a pass of its own (no multiply_scalars launch).
 // On Blackwell (compute capability >= 10.0) a last column times the native NVFP4 GEMM (quantize
 // both, rearrange the block scales, cuBLASLt block-scaled FP4 GEMM); elsewhere it says n/a. That
-// column has never been measured (no Blackwell GPU here).
+// column has never been measured (no Blackwell GPU here). On Hopper, "packed" times the GEMM that
+// decodes the packed operands in its operand load (gemm_nvfp4_sm90.h): the GEMM alone on quantized
+// operands, and the path with both quantizations (A's pass writing no decoded copy).
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -125,6 +127,32 @@ void run_shape(const Shape& s, GemmRunner& gemm) {
              fb.gemm_matrix(GemmType::kE4M3, true, scratch_b, nullptr), out, alpha.data(), false, nullptr);
   });
 
+  // Hopper's fused-decode GEMM (gemm_nvfp4_sm90.h) on the same packed operands: the A pass writes no
+  // decoded copy and nothing is decoded in a pass of its own.
+  std::string packed = "packed n/a";
+  const GemmOutput packed_out{c.data(), GemmType::kF32};
+  if (nibble::cuda::nvfp4_fused_gemm_applies(s.m, s.n, s.k, qa.nvfp4_operand(), qb.nvfp4_operand(), packed_out)) {
+    const auto packed_gemm = [&] {
+      nibble::cuda::multiply_scalars(qa.decode_scale(), qb.decode_scale(), alpha.data(), nullptr);
+      nibble::cuda::nvfp4_fused_gemm(s.m, s.n, s.k, qa.nvfp4_operand(), qb.nvfp4_operand(), packed_out, alpha.data(),
+                                     false, nullptr);
+    };
+    const float gemm_ms = median_ms(packed_gemm);
+    const float path_ms = median_ms([&] {
+      quantize_b();
+      quantize_a();
+      packed_gemm();
+    });
+    const float path_wq_ms = median_ms([&] {
+      quantize_a();
+      packed_gemm();
+    });
+    char text[160];
+    std::snprintf(text, sizeof(text), "packed gemm %8.3f ms %6.0f TF/s, path %8.3f ms x%.2f, w pre-quantized x%.2f",
+                  gemm_ms, 2.0 * s.m * s.n * s.k / gemm_ms * 1e-9, path_ms, path_ms / bf16_ms, path_wq_ms / bf16_ms);
+    packed = text;
+  }
+
   // Native NVFP4 (Blackwell only): the same quantized operands, scales rearranged, FP4 tensor cores.
   std::string native = "native n/a (compute capability < 10)";
   if (nibble::cuda::native_fp4_available()) {
@@ -142,10 +170,10 @@ void run_shape(const Shape& s, GemmRunner& gemm) {
 
   const double flop = 2.0 * s.m * s.n * s.k;
   std::printf("%-22s %6lld %6lld %6lld | bf16 %8.3f ms %6.0f TF/s | nvfp4 %8.3f ms (qA %.3f qW %.3f dec %.3f dec+gemm %.3f) "
-              "x%.2f, w pre-quantized x%.2f | layer path %8.3f ms x%.2f, w pre-quantized x%.2f | fp8 %8.3f ms x%.2f | %s\n",
+              "x%.2f, w pre-quantized x%.2f | layer path %8.3f ms x%.2f, w pre-quantized x%.2f | %s | fp8 %8.3f ms x%.2f | %s\n",
               s.name.c_str(), static_cast<long long>(s.m), static_cast<long long>(s.n), static_cast<long long>(s.k),
               bf16_ms, flop / bf16_ms * 1e-9, nvfp4_ms, qa_ms, qb_ms, decode_ms, decode_gemm_ms, nvfp4_ms / bf16_ms,
-              nvfp4_wq_ms / bf16_ms, layer_ms, layer_ms / bf16_ms, layer_wq_ms / bf16_ms, fp8_ms, fp8_ms / bf16_ms,
+              nvfp4_wq_ms / bf16_ms, layer_ms, layer_ms / bf16_ms, layer_wq_ms / bf16_ms, packed.c_str(), fp8_ms, fp8_ms / bf16_ms,
               native.c_str());
 }
 

@@ -357,6 +357,7 @@ TEST(LinearCuda, FusedDecodeGivesTheSameBits) {
     const auto run = [&](bool fused_decode) {
       LinearContext ctx;
       ctx.native_fp4 = false;  // the BF16 decode path, also on Blackwell
+      ctx.packed_gemm = false;
       ctx.fused_decode = fused_decode;
       LinearCuda layer(in, out, recipe, options, ctx);
       layer.upload_weight(w);

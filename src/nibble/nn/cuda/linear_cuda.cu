@@ -42,12 +42,17 @@ std::string LinearCuda::context(Operand op) const {
          std::to_string(out_) + ", recipe " + recipe_.name + "] " + operand_name(op);
 }
 
-OperandCuda::ForGemm LinearCuda::for_gemm_with(const OperandCuda& other) const {
+bool LinearCuda::packed_gemm_applies(int64_t m, const OperandCuda& b) const {
+  return ctx_.packed_gemm && b.native_nvfp4() && nibble::cuda::nvfp4_fused_gemm_shape_ok(m, b.rows(), b.cols());
+}
+
+OperandCuda::ForGemm LinearCuda::for_gemm_with(const OperandCuda& other, int64_t rows) const {
   // The decoded values are written only by the fused pass, whose operands are NVFP4 1x16 with rows
   // and cols multiples of 16: their GEMM with `other` (same K, other.cols()) runs natively exactly
-  // when use_native_nvfp4 holds for `other` paired with itself. An FP32 GEMM reads FP32, not BF16.
-  const bool decoded =
-      ctx_.fused_decode && !use_native_nvfp4(other, other, ctx_.native_fp4) && other.native_type() != GemmType::kF32;
+  // when use_native_nvfp4 holds for `other` paired with itself, and reads the packed codes when
+  // packed_gemm_applies. An FP32 GEMM reads FP32, not BF16.
+  const bool decoded = ctx_.fused_decode && !use_native_nvfp4(other, other, ctx_.native_fp4) &&
+                       !packed_gemm_applies(rows, other) && other.native_type() != GemmType::kF32;
   return {decoded, &other};
 }
 
@@ -71,16 +76,6 @@ void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
 
 void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, nibble::cuda::GemmOutput c, bool accumulate,
                       cudaStream_t stream, const char* which) {
-  GemmMatrix ma, mb;
-  const bool native = use_native_nvfp4(a, b, ctx_.native_fp4);
-  if (native) {  // Blackwell: FP4 codes and block scales as they are
-    ma = a.nvfp4_matrix(/*as_b=*/false, ctx_.scratch_a, stream);
-    mb = b.nvfp4_matrix(/*as_b=*/true, ctx_.scratch_b, stream);
-  } else {  // Hopper path: FP4 decoded to BF16, FP8 as is, or unquantized
-    const auto [ta, tb] = gemm_types(a, b);
-    ma = a.gemm_matrix(ta, /*as_b=*/false, ctx_.scratch_a, stream);
-    mb = b.gemm_matrix(tb, /*as_b=*/true, ctx_.scratch_b, stream);
-  }
   // alpha = g_a g_b: written by the fused pass that made a or b (OperandCuda::ForGemm) where it could.
   const float* alpha = nullptr;
   if (a.decode_scale() && b.decode_scale()) {
@@ -93,14 +88,33 @@ void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, nibble::cuda::
   } else {
     alpha = a.decode_scale() ? a.decode_scale() : b.decode_scale();
   }
+  const bool native = use_native_nvfp4(a, b, ctx_.native_fp4);
+  const bool packed = !native && a.native_nvfp4() && packed_gemm_applies(a.rows(), b) &&
+                      nibble::cuda::nvfp4_fused_gemm_applies(a.rows(), b.rows(), a.cols(), a.nvfp4_operand(),
+                                                             b.nvfp4_operand(), c);
   try {
-    ctx_.gemm.run(a.rows(), b.rows(), a.cols(), ma, mb, c, alpha, accumulate, stream);
+    if (packed) {  // Hopper: FP4 codes and block scales as they are, decoded in the GEMM's operand load
+      nibble::cuda::nvfp4_fused_gemm(a.rows(), b.rows(), a.cols(), a.nvfp4_operand(), b.nvfp4_operand(), c, alpha,
+                                     accumulate, stream);
+    } else {
+      GemmMatrix ma, mb;
+      if (native) {  // Blackwell: FP4 codes and block scales as they are
+        ma = a.nvfp4_matrix(/*as_b=*/false, ctx_.scratch_a, stream);
+        mb = b.nvfp4_matrix(/*as_b=*/true, ctx_.scratch_b, stream);
+      } else {  // Hopper decode path: FP4 decoded to BF16, FP8 as is, or unquantized
+        const auto [ta, tb] = gemm_types(a, b);
+        ma = a.gemm_matrix(ta, /*as_b=*/false, ctx_.scratch_a, stream);
+        mb = b.gemm_matrix(tb, /*as_b=*/true, ctx_.scratch_b, stream);
+      }
+      ctx_.gemm.run(a.rows(), b.rows(), a.cols(), ma, mb, c, alpha, accumulate, stream);
+    }
   } catch (const std::exception& e) {
     throw std::runtime_error("LinearCuda[layer " + std::to_string(options_.layer_id) + ", recipe " + recipe_.name +
                              "] " + which + " GEMM: " + e.what());
   }
   ++gemms_;
   if (native) ++native_fp4_gemms_;
+  if (packed) ++packed_gemms_;
 }
 
 void LinearCuda::forward(const float* x, int64_t tokens, float* y, cudaStream_t stream, bool accumulate) {
@@ -117,7 +131,7 @@ void LinearCuda::make_x_operands(const T* x, int64_t tokens, cudaStream_t stream
     // fprop.x and the saved wgrad.x (X^T) from X, in one pass when both are NVFP4. X's Fprop copy is
     // used at once, so it may carry decoded values (and the Fprop alpha); the saved X^T stays packed.
     OperandCuda::make_pair(x, tokens, in_, recipe_, Operand::kFpropX, Operand::kWgradX, sr_seed(), ctx_.x_rows,
-                           saved_x_t_, stream, for_gemm_with(fprop_w_), /*col_gemm=*/{});
+                           saved_x_t_, stream, for_gemm_with(fprop_w_, tokens), /*col_gemm=*/{});
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kFpropX) + ": " + e.what());
   }
@@ -128,7 +142,8 @@ void LinearCuda::make_dy_operands(const T* dy, bool with_dx, cudaStream_t stream
   try {
     OperandCuda::make_pair(dy, saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, sr_seed(),
                            ctx_.dy_rows, ctx_.dy_cols, stream,
-                           with_dx ? for_gemm_with(dgrad_w_) : OperandCuda::ForGemm{}, for_gemm_with(saved_x_t_));
+                           with_dx ? for_gemm_with(dgrad_w_, saved_tokens_) : OperandCuda::ForGemm{},
+                           for_gemm_with(saved_x_t_, out_));
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kDgradDy) + ": " + e.what());
   }

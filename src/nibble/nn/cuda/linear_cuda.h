@@ -42,6 +42,11 @@ struct LinearContext {
   // their decoded BF16 values, which the GEMMs read instead of decoding the packed codes in a
   // separate pass (the saved X^T stays packed only). Set false for the separate pass (same values).
   bool fused_decode = true;
+  // On Hopper, when true, NVFP4 x NVFP4 GEMMs whose sizes the kernel takes read the packed operands
+  // and decode them in their operand load (tensor/cuda/gemm_nvfp4_sm90.h): no decoded copies are
+  // written (same values as the BF16 decode path, another FP32 accumulation order). Off by default:
+  // that kernel is still slower than decode + cuBLASLt (docs/benchmarks.md).
+  bool packed_gemm = false;
   // A quantized layer's BF16 input (X or dY) as its producer writes it (LinearCuda::bf16_input).
   DeviceBuffer<bf16_t> bf16_input;
 };
@@ -96,8 +101,10 @@ class LinearCuda {
 
   int64_t saved_activation_bytes() const { return saved_x_t_.valid() ? saved_x_t_.bytes() : 0; }
   int64_t weight_quantizations() const { return weight_quantizations_; }
-  // GEMMs this layer has run in the native NVFP4 GEMM (Blackwell), of all it has run.
+  // GEMMs this layer has run in the native NVFP4 GEMM (Blackwell), in Hopper's packed-operand GEMM,
+  // of all it has run.
   int64_t native_fp4_gemms() const { return native_fp4_gemms_; }
+  int64_t packed_gemms() const { return packed_gemms_; }
   int64_t gemms() const { return gemms_; }
   const OperandCuda& saved_x_t() const { return saved_x_t_; }
   // The weight's GEMM copies of this step (fprop.w: W, dgrad.w: W^T), valid after forward().
@@ -106,9 +113,11 @@ class LinearCuda {
 
  private:
   std::string context(Operand op) const;
-  // What an operand about to be made prepares for its GEMM with `other`: decoded BF16 values where
-  // the GEMM reads them (the Hopper path; ctx_.fused_decode), and the GEMM's alpha.
-  OperandCuda::ForGemm for_gemm_with(const OperandCuda& other) const;
+  // What an operand of `rows` rows about to be made prepares for its GEMM with `other`: decoded BF16
+  // values where the GEMM reads them (the Hopper decode path; ctx_.fused_decode), and the GEMM's alpha.
+  OperandCuda::ForGemm for_gemm_with(const OperandCuda& other, int64_t rows) const;
+  // Whether the GEMM of NVFP4 operands a [m x k] and b [n x k] runs in Hopper's packed-operand GEMM.
+  bool packed_gemm_applies(int64_t m, const OperandCuda& b) const;
   void refresh_weight_copies(cudaStream_t stream);
   // Dgrad (skipped when dx.data is nullptr) and Wgrad from ctx_.dy_rows / dy_cols.
   void backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream);
@@ -135,7 +144,7 @@ class LinearCuda {
   bool weight_copies_valid_ = false;
   OperandCuda fprop_w_, dgrad_w_;
   int64_t weight_quantizations_ = 0;
-  int64_t native_fp4_gemms_ = 0, gemms_ = 0;
+  int64_t native_fp4_gemms_ = 0, packed_gemms_ = 0, gemms_ = 0;
   OperandCuda saved_x_t_;
   int64_t saved_tokens_ = 0;
 };

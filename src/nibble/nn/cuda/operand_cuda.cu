@@ -417,6 +417,12 @@ GemmMatrix OperandCuda::nvfp4_matrix(bool as_b, DeviceBuffer<uint8_t>& scratch, 
   return m;
 }
 
+nibble::cuda::Nvfp4Operand OperandCuda::nvfp4_operand() const {
+  if (!native_nvfp4())
+    throw std::logic_error("OperandCuda::nvfp4_operand: the operand is not NVFP4 with 16-element blocks along K");
+  return nibble::cuda::Nvfp4Operand{data_.data(), scales_.data(), spec_.block == Block::k16x16 ? 16 : 1};
+}
+
 GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8_t>& scratch,
                                     cudaStream_t stream) const {
   if (!valid()) throw std::logic_error("OperandCuda::gemm_matrix: the operand was not made");
