@@ -95,7 +95,7 @@ void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, nibble::cuda::
   try {
     if (packed) {  // Hopper: FP4 codes and block scales as they are, decoded in the GEMM's operand load
       nibble::cuda::nvfp4_fused_gemm(a.rows(), b.rows(), a.cols(), a.nvfp4_operand(), b.nvfp4_operand(), c, alpha,
-                                     accumulate, stream);
+                                     accumulate, stream, &ctx_.split_workspace);
     } else {
       GemmMatrix ma, mb;
       if (native) {  // Blackwell: FP4 codes and block scales as they are

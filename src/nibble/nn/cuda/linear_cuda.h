@@ -47,6 +47,7 @@ struct LinearContext {
   // written (same values as the BF16 decode path, another FP32 accumulation order). Off by default:
   // that kernel is still slower than decode + cuBLASLt (docs/benchmarks.md).
   bool packed_gemm = false;
+  DeviceBuffer<float> split_workspace;  // the packed-operand GEMM's partial sums when it splits K
   // A quantized layer's BF16 input (X or dY) as its producer writes it (LinearCuda::bf16_input).
   DeviceBuffer<bf16_t> bf16_input;
 };

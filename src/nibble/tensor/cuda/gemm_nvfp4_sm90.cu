@@ -1,20 +1,26 @@
-// The NVFP4-reading Hopper GEMM (gemm_nvfp4_sm90.h): wgmma on BF16 tiles that the CTA decodes from
-// the packed operands into shared memory, k-tile by k-tile.
+// The NVFP4-reading Hopper GEMM (gemm_nvfp4_sm90.h): wgmma on BF16 tiles that one warpgroup decodes
+// from the packed operands into shared memory while two others multiply.
 //
-// CTA tile 128 x 128, k-tile 64, 256 threads = two warpgroups; warpgroup g computes rows 64g..64g+63
-// of the tile with wgmma m64n128k16 (64 FP32 accumulators a thread). Every thread also decodes: per
-// k-tile it loads 16 bytes of A's codes and 16 of B's (one half of a 64-element row slice, 32
-// elements, two scales each) a whole k-tile ahead of their use, decodes them with decode8_bf16 and
-// stores the BF16 values into the stage's tiles in the layout wgmma reads: K-major, 128-byte rows
-// (64 BF16), 16-byte chunk c of row r at chunk c ^ (r % 8) (the 128-byte swizzle), 1024-byte aligned.
-// Three stages: a stage is rewritten two k-tiles after the wgmma that read it was issued; every
-// warpgroup waits for all but its latest group of wgmma before the next barrier, so by the time a
-// stage is rewritten no warpgroup still reads it. With 96 KB of shared memory and at most 128
-// registers a thread, two CTAs share an SM, so one CTA's decoding overlaps the other's MMAs.
+// Persistent CTAs (one per SM, 384 threads) walk the output tiles of 128 x 256; per tile, k-tiles of
+// 64 pass through a ring of four shared-memory stages:
+// - warpgroup 0, the producer, loads each k-tile's packed codes and scales two k-tiles ahead into
+//   registers, decodes them with decode8_bf16 (code x block scale, exact) and stores the BF16 values
+//   in the layout wgmma reads: K-major, 128-byte rows (64 BF16), 16-byte chunk c of row r at chunk
+//   c ^ (r % 8) (the 128-byte swizzle), stages 1024-byte aligned. It then arrives on the stage's
+//   `full` barrier, after a proxy fence (the tensor cores read through the async proxy).
+// - warpgroups 1 and 2, the consumers, wait for `full`, multiply rows 64c..64c+63 of the A tile by
+//   the whole B tile (wgmma m64n256k16, 128 FP32 accumulators a thread), and arrive on the stage's
+//   `empty` barrier once the wgmma that read it has completed (one group stays in flight). After the
+//   last k-tile they scale the sums by alpha and store them, while the producer already decodes the
+//   next tile's first k-tiles.
+// Barriers follow the usual phase parity: k-tile t (counted across tiles) uses stage t % 4 in round
+// t / 4; `full` completes a phase per round when the producer's 128 threads arrive, `empty` when the
+// consumers' 256 arrive, and the producer waits for round n - 1's `empty` before writing round n.
 #include "nibble/tensor/cuda/gemm_nvfp4_sm90.h"
 
 #include <cuda_bf16.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -24,10 +30,13 @@
 namespace nibble::cuda {
 namespace {
 
-constexpr int kTileM = 128, kTileN = 128, kTileK = 64, kStages = 3, kThreads = 256;
-constexpr int kTileBytes = kTileM * kTileK * 2;           // one operand's BF16 k-tile: 16 KB (kTileM == kTileN)
-constexpr int kStageBytes = 2 * kTileBytes;               // A then B
-constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + room to align the stages to 1024 bytes
+constexpr int kTileM = 128, kTileN = 256, kTileK = 64, kStages = 4, kThreads = 384;
+[[maybe_unused]] constexpr int kLoadsAhead = 2;  // k-tiles the producer loads ahead of its decoding
+constexpr int kRowBytes = kTileK * 2;                         // one BF16 row of a k-tile: 128 bytes
+[[maybe_unused]] constexpr int kATileBytes = kTileM * kRowBytes;  // 16 KB
+constexpr int kStageBytes = (kTileM + kTileN) * kRowBytes;     // A then B: 48 KB
+constexpr int kBarrierBytes = 2 * kStages * 8;                 // full[], empty[]
+constexpr int kSmemBytes = kStages * kStageBytes + kBarrierBytes + 1024;  // + room to align to 1024
 
 // The device helpers exist for sm_90a (and the host pass) only; other device passes (sm_100a) keep a
 // kernel that traps, which the host never launches there.
@@ -36,7 +45,6 @@ constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + room to align the
 #endif
 
 #ifdef NIBBLE_SM90A_HELPERS
-
 // wgmma's shared-memory matrix descriptor for a K-major tile with 128-byte swizzle: start address,
 // leading byte offset 16 (unused by this layout), stride 1024 bytes between groups of 8 rows.
 __device__ __forceinline__ uint64_t tile_descriptor(uint32_t smem_addr) {
@@ -66,24 +74,52 @@ __device__ __forceinline__ void store_slice(uint32_t tile_addr, int r, int half,
     uint32_t v[4];
     decode8_bf16(words[j], scale2, v);
     const uint32_t chunk = static_cast<uint32_t>(4 * half + j) ^ static_cast<uint32_t>(r & 7);
-    const uint32_t addr = tile_addr + static_cast<uint32_t>(r) * 128u + chunk * 16u;
+    const uint32_t addr = tile_addr + static_cast<uint32_t>(r) * kRowBytes + chunk * 16u;
     asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v[0]), "r"(v[1]), "r"(v[2]),
                  "r"(v[3])
                  : "memory");
   }
 }
 
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+__device__ __forceinline__ void barrier_init(uint32_t bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void barrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+
+// Returns once the barrier's phase of this parity has completed.
+__device__ __forceinline__ void barrier_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done = 0;
+  do {
+    asm volatile(
+        "{\n"
+        ".reg .pred p;\n"
+        "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        "selp.u32 %0, 1, 0, p;\n"
+        "}\n"
+        : "=r"(done)
+        : "r"(bar), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
+
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t desc_a, uint64_t desc_b) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
-      "setp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "setp.ne.b32 p, %130, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
       "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
       "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-      "%64, %65, p, 1, 1, 0, 0;\n"
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "
+      "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "
+      "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "
+      "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "
+      "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "%128, %129, p, 1, 1, 0, 0;\n"
       "}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
         "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
@@ -92,100 +128,225 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t desc_a
         "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
         "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
         "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
       : "l"(desc_a), "l"(desc_b), "r"(1));
 }
 
 // Keeps the compiler from moving accumulator reads or writes across the asynchronous wgmma.
-__device__ __forceinline__ void fence_accumulators(float (&d)[64]) {
+__device__ __forceinline__ void fence_accumulators(float (&d)[128]) {
 #pragma unroll
-  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+// The producer's share of one k-tile: slices j = 0..5 (A rows p/2 and 64 + p/2, B rows p/2 + 64i),
+// half p % 2 of each row.
+struct ProducerLoads {
+  RowSlice s[6];
+};
 #endif  // NIBBLE_SM90A_HELPERS
 
+
 template <bool kBf16Out>
-__global__ void __launch_bounds__(kThreads, 2)
-    nvfp4_gemm_kernel(int64_t n, int64_t k, Nvfp4Operand a, Nvfp4Operand b, void* c, const float* alpha,
-                      bool accumulate) {
+__global__ void __launch_bounds__(kThreads, 1)
+    nvfp4_gemm_kernel(int64_t m, int64_t n, int64_t k, Nvfp4Operand a, Nvfp4Operand b, void* c, const float* alpha,
+                      bool accumulate, int splits, float* partials) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  const uint32_t full_bar = smem + kStages * kStageBytes, empty_bar = full_bar + kStages * 8;
   const int tid = threadIdx.x, warpgroup = tid / 128;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTileM, n0 = static_cast<int64_t>(blockIdx.x) * kTileN;
-
-  // This thread's slices: row `r` of the A and B tiles, elements 32 half .. 32 half + 31 of each k-tile.
-  const int r = tid / 2, half = tid % 2;
-  const int64_t scale_cols = k / 16;
-  const uint8_t* a_codes = a.codes + (m0 + r) * (k / 2) + 16 * half;
-  const uint8_t* b_codes = b.codes + (n0 + r) * (k / 2) + 16 * half;
-  const uint8_t* a_scales = a.scales + ((m0 + r) / a.rows_per_scale) * scale_cols + 2 * half;
-  const uint8_t* b_scales = b.scales + ((n0 + r) / b.rows_per_scale) * scale_cols + 2 * half;
-
-  float acc[64];
-#pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-
-  const int k_tiles = static_cast<int>(k / kTileK);
-  RowSlice next_a = load_slice(a_codes, a_scales), next_b = load_slice(b_codes, b_scales);
-  for (int t = 0; t < k_tiles; ++t) {
-    const RowSlice cur_a = next_a, cur_b = next_b;
-    if (t + 1 < k_tiles) {  // one k-tile ahead: 32 bytes of codes and 4 of scales per k-tile a row
-      next_a = load_slice(a_codes + 32 * (t + 1), a_scales + 4 * (t + 1));
-      next_b = load_slice(b_codes + 32 * (t + 1), b_scales + 4 * (t + 1));
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      barrier_init(full_bar + 8 * s, 128);
+      barrier_init(empty_bar + 8 * s, 256);
     }
-    const uint32_t stage = smem + static_cast<uint32_t>(t % kStages) * kStageBytes;
-    store_slice(stage, r, half, cur_a);
-    store_slice(stage + kTileBytes, r, half, cur_b);
-    // The tensor cores read shared memory through the async proxy: order the stores before them.
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    __syncthreads();
-
-    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-    const uint64_t desc_a = tile_descriptor(stage + static_cast<uint32_t>(warpgroup) * (kTileBytes / 2));
-    const uint64_t desc_b = tile_descriptor(stage + kTileBytes);
-#pragma unroll
-    for (int kk = 0; kk < kTileK / 16; ++kk)  // 16 elements = 32 bytes = 2 descriptor address units
-      wgmma_m64n128k16(acc, desc_a + 2 * kk, desc_b + 2 * kk);
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
   }
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-  fence_accumulators(acc);
+  __syncthreads();
 
-  // Accumulator layout of wgmma m64nNk16: warp w of the warpgroup holds rows 16w..16w+15; lane l
-  // holds rows l/4 and l/4 + 8, columns 8j + 2(l%4) and the next, for j = 0..N/8-1.
-  const float scale = alpha != nullptr ? *alpha : 1.0f;
+  // Work units: output tiles, each split into `splits` ranges of k-tiles (unit u: tile u / splits,
+  // k-tiles [u % splits * k_tiles, ...)); with splits > 1 each unit writes its unscaled FP32 sums to
+  // its slice of `partials` and reduce_partials_kernel finishes C.
+  const int64_t tiles_n = n / kTileN, units = (m / kTileM) * tiles_n * splits;
+  const int k_tiles = static_cast<int>(k / kTileK) / splits;
+  const int64_t row_bytes = k / 2, scale_cols = k / 16;
+
+  if (warpgroup == 0) {  // producer: load, decode, store, arrive on full
+    const int p = tid, half = p % 2;
+    // Slice j's row of the A tile (j < 2) or the B tile (j >= 2).
+    const auto slice_row = [&](int j) { return j < 2 ? p / 2 + 64 * j : p / 2 + 64 * (j - 2); };
+    const auto load = [&](int64_t unit, int local_kt) {
+      const int64_t tile = unit / splits;
+      const int kt = static_cast<int>(unit % splits) * k_tiles + local_kt;
+      const int64_t m0 = (tile / tiles_n) * kTileM, n0 = (tile % tiles_n) * kTileN;
+      ProducerLoads l;
+#pragma unroll
+      for (int j = 0; j < 6; ++j) {
+        const Nvfp4Operand& op = j < 2 ? a : b;
+        const int64_t row = (j < 2 ? m0 : n0) + slice_row(j);
+        l.s[j] = load_slice(op.codes + row * row_bytes + 32 * kt + 16 * half,
+                            op.scales + (row / op.rows_per_scale) * scale_cols + 4 * kt + 2 * half);
+      }
+      return l;
+    };
+    // Loads run kLoadsAhead k-tiles ahead of the decoding (a load cursor ahead of the decode cursor),
+    // so that their latency (a few microseconds from DRAM under load) hides behind that many
+    // k-tiles of decoding; the register ring is indexed by the unrolled position.
+    const auto advance = [&](int64_t& u, int& kt) {
+      if (++kt == k_tiles) {
+        kt = 0;
+        u += gridDim.x;
+      }
+    };
+    ProducerLoads ahead[kLoadsAhead];
+    int64_t load_unit = blockIdx.x;
+    int load_kt = 0;
+#pragma unroll
+    for (int d = 0; d < kLoadsAhead; ++d) {
+      if (load_unit < units) ahead[d] = load(load_unit, load_kt);
+      advance(load_unit, load_kt);
+    }
+    int64_t unit = blockIdx.x;
+    int kt = 0;
+    uint32_t t = 0;
+    while (unit < units) {
+#pragma unroll
+      for (int d = 0; d < kLoadsAhead; ++d) {
+        if (unit >= units) break;
+        const ProducerLoads cur = ahead[d];
+        if (load_unit < units) ahead[d] = load(load_unit, load_kt);
+        advance(load_unit, load_kt);
+        const uint32_t s = t % kStages, round = t / kStages;
+        if (round > 0) barrier_wait(empty_bar + 8 * s, (round - 1) & 1);
+        const uint32_t stage = smem + s * kStageBytes;
+#pragma unroll
+        for (int j = 0; j < 6; ++j)
+          store_slice(j < 2 ? stage : stage + kATileBytes, slice_row(j), half, cur.s[j]);
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+        barrier_arrive(full_bar + 8 * s);
+        advance(unit, kt);
+        ++t;
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup 1 takes rows 0..63 of each tile, warpgroup 2 rows 64..127.
+  const int consumer = warpgroup - 1;
   const int warp = (tid / 32) % 4, lane = tid % 32;
-  const int64_t row0 = m0 + 64 * warpgroup + 16 * warp + lane / 4;
+  const float scale = alpha != nullptr ? *alpha : 1.0f;
+  uint32_t t = 0;
+  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    float acc[128];
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const int64_t col = n0 + 8 * j + 2 * (lane % 4);
+    for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    uint32_t prev_stage = 0;
+    for (int kt = 0; kt < k_tiles; ++kt, ++t) {
+      const uint32_t s = t % kStages, round = t / kStages;
+      barrier_wait(full_bar + 8 * s, round & 1);
+      const uint32_t stage = smem + s * kStageBytes;
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      const uint64_t desc_a = tile_descriptor(stage + static_cast<uint32_t>(consumer) * (kATileBytes / 2));
+      const uint64_t desc_b = tile_descriptor(stage + kATileBytes);
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int64_t i = (row0 + 8 * h) * n + col;
-      float x = scale * acc[4 * j + 2 * h], y = scale * acc[4 * j + 2 * h + 1];
-      if constexpr (kBf16Out) {
-        __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(c) + i);
-        if (accumulate) {
-          const float2 old = __bfloat1622float2(*out);
-          x += old.x;
-          y += old.y;
+      for (int kk = 0; kk < kTileK / 16; ++kk)  // 16 elements = 32 bytes = 2 descriptor address units
+        wgmma_m64n256k16(acc, desc_a + 2 * kk, desc_b + 2 * kk);
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+      if (kt > 0) barrier_arrive(empty_bar + 8 * prev_stage);  // the previous k-tile's wgmma is done
+      prev_stage = s;
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    fence_accumulators(acc);
+    barrier_arrive(empty_bar + 8 * prev_stage);
+
+    // Accumulator layout of wgmma m64nNk16: warp w of the warpgroup holds rows 16w..16w+15; lane l
+    // holds rows l/4 and l/4 + 8, columns 8j + 2(l%4) and the next, for j = 0..N/8-1.
+    const int64_t tile = unit / splits;
+    const int64_t m0 = (tile / tiles_n) * kTileM, n0 = (tile % tiles_n) * kTileN;
+    const int64_t row0 = m0 + 64 * consumer + 16 * warp + lane / 4;
+    float* partial = splits > 1 ? partials + (unit % splits) * m * n : nullptr;
+#pragma unroll
+    for (int j = 0; j < kTileN / 8; ++j) {
+      const int64_t col = n0 + 8 * j + 2 * (lane % 4);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int64_t i = (row0 + 8 * h) * n + col;
+        if (partial != nullptr) {
+          *reinterpret_cast<float2*>(partial + i) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
+          continue;
         }
-        *out = __floats2bfloat162_rn(x, y);
-      } else {
-        float2* out = reinterpret_cast<float2*>(static_cast<float*>(c) + i);
-        if (accumulate) {
-          const float2 old = *out;
-          x += old.x;
-          y += old.y;
+        float x = scale * acc[4 * j + 2 * h], y = scale * acc[4 * j + 2 * h + 1];
+        if constexpr (kBf16Out) {
+          __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(c) + i);
+          if (accumulate) {
+            const float2 old = __bfloat1622float2(*out);
+            x += old.x;
+            y += old.y;
+          }
+          *out = __floats2bfloat162_rn(x, y);
+        } else {
+          float2* out = reinterpret_cast<float2*>(static_cast<float*>(c) + i);
+          if (accumulate) {
+            const float2 old = *out;
+            x += old.x;
+            y += old.y;
+          }
+          *out = make_float2(x, y);
         }
-        *out = make_float2(x, y);
       }
     }
   }
 #else
   __trap();  // wgmma exists on sm_90a only; the host side never launches this elsewhere
 #endif
+}
+
+// C = alpha * (sum of the splits' partial sums, in split order) (+ C): deterministic, unlike
+// atomic additions. Four elements a thread.
+template <bool kBf16Out>
+__global__ void reduce_partials_kernel(int64_t count4, int splits, const float4* __restrict__ partials, void* c,
+                                       const float* alpha, bool accumulate) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= count4) return;
+  float4 sum = partials[i];
+  for (int s = 1; s < splits; ++s) {
+    const float4 p = partials[s * count4 + i];
+    sum.x += p.x;
+    sum.y += p.y;
+    sum.z += p.z;
+    sum.w += p.w;
+  }
+  const float scale = alpha != nullptr ? *alpha : 1.0f;
+  float v[4] = {scale * sum.x, scale * sum.y, scale * sum.z, scale * sum.w};
+  if constexpr (kBf16Out) {
+    __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(c) + 2 * i;
+    if (accumulate) {
+      const float2 lo = __bfloat1622float2(out[0]), hi = __bfloat1622float2(out[1]);
+      v[0] += lo.x;
+      v[1] += lo.y;
+      v[2] += hi.x;
+      v[3] += hi.y;
+    }
+    out[0] = __floats2bfloat162_rn(v[0], v[1]);
+    out[1] = __floats2bfloat162_rn(v[2], v[3]);
+  } else {
+    float4* out = reinterpret_cast<float4*>(c) + i;
+    if (accumulate) {
+      const float4 old = *out;
+      v[0] += old.x;
+      v[1] += old.y;
+      v[2] += old.z;
+      v[3] += old.w;
+    }
+    *out = make_float4(v[0], v[1], v[2], v[3]);
+  }
 }
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -198,6 +359,48 @@ int device_compute_capability() {
   return 10 * major + minor;
 }
 
+int multiprocessors() {
+  int device = 0, count = 0;
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
+  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
+// Splits of K for a call with few output tiles: the smallest power of two that gives every SM a
+// unit, keeping at least 8 k-tiles a split (and dividing the k-tiles evenly).
+int split_count(int64_t tiles, int64_t k_tiles, int sms) {
+  int splits = 1;
+  while (tiles * splits < sms && k_tiles % (2 * splits) == 0 && k_tiles / (2 * splits) >= 8) splits *= 2;
+  return splits;
+}
+
+template <bool kBf16Out>
+void launch(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b, void* c,
+            const float* alpha, bool accumulate, DeviceBuffer<float>* workspace, cudaStream_t stream) {
+  static const int sms = [] {
+    NIBBLE_CUDA_CHECK(
+        cudaFuncSetAttribute(nvfp4_gemm_kernel<kBf16Out>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+    return multiprocessors();
+  }();
+  const int64_t tiles = (m / kTileM) * (n / kTileN);
+  const int splits = workspace != nullptr ? split_count(tiles, k / kTileK, sms) : 1;
+  float* partials = nullptr;
+  if (splits > 1) {
+    workspace->reserve(static_cast<size_t>(splits * m * n));
+    partials = workspace->data();
+  }
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(tiles * splits, sms));
+  nvfp4_gemm_kernel<kBf16Out><<<grid, kThreads, kSmemBytes, stream>>>(m, n, k, a, b, c, alpha, accumulate, splits,
+                                                                      partials);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  if (splits > 1) {
+    const int64_t count4 = m * n / 4;
+    reduce_partials_kernel<kBf16Out><<<static_cast<unsigned>((count4 + 255) / 256), 256, 0, stream>>>(
+        count4, splits, reinterpret_cast<const float4*>(partials), c, alpha, accumulate);
+    NIBBLE_CUDA_CHECK_LAUNCH();
+  }
+}
+
 }  // namespace
 
 bool nvfp4_fused_gemm_available() {
@@ -206,7 +409,7 @@ bool nvfp4_fused_gemm_available() {
 }
 
 bool nvfp4_fused_gemm_shape_ok(int64_t m, int64_t n, int64_t k) {
-  return m > 0 && n > 0 && k > 0 && m % kTileM == 0 && n % kTileN == 0 && k % kTileK == 0 && m / kTileM <= 65535;
+  return m > 0 && n > 0 && k > 0 && m % kTileM == 0 && n % kTileN == 0 && k % kTileK == 0;
 }
 
 bool nvfp4_fused_gemm_applies(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,
@@ -219,30 +422,16 @@ bool nvfp4_fused_gemm_applies(int64_t m, int64_t n, int64_t k, const Nvfp4Operan
 }
 
 void nvfp4_fused_gemm(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,
-                      const GemmOutput& c, const float* alpha, bool accumulate, cudaStream_t stream) {
+                      const GemmOutput& c, const float* alpha, bool accumulate, cudaStream_t stream,
+                      DeviceBuffer<float>* split_workspace) {
   if (!nvfp4_fused_gemm_applies(m, n, k, a, b, c))
-    throw std::invalid_argument("nvfp4_fused_gemm: needs compute capability 9.0, m and n multiples of 128, k of 64, "
-                                "16-byte aligned codes and an FP32 or BF16 output; got m " +
+    throw std::invalid_argument("nvfp4_fused_gemm: needs compute capability 9.0, m a multiple of 128, n of 256, k of "
+                                "64, 16-byte aligned codes and an FP32 or BF16 output; got m " +
                                 std::to_string(m) + ", n " + std::to_string(n) + ", k " + std::to_string(k));
-  const dim3 grid(static_cast<unsigned>(n / kTileN), static_cast<unsigned>(m / kTileM));
-  if (c.type == GemmType::kBF16) {
-    static const bool attr = [] {
-      NIBBLE_CUDA_CHECK(
-          cudaFuncSetAttribute(nvfp4_gemm_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-      return true;
-    }();
-    (void)attr;
-    nvfp4_gemm_kernel<true><<<grid, kThreads, kSmemBytes, stream>>>(n, k, a, b, c.data, alpha, accumulate);
-  } else {
-    static const bool attr = [] {
-      NIBBLE_CUDA_CHECK(
-          cudaFuncSetAttribute(nvfp4_gemm_kernel<false>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-      return true;
-    }();
-    (void)attr;
-    nvfp4_gemm_kernel<false><<<grid, kThreads, kSmemBytes, stream>>>(n, k, a, b, c.data, alpha, accumulate);
-  }
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  if (c.type == GemmType::kBF16)
+    launch<true>(m, n, k, a, b, c.data, alpha, accumulate, split_workspace, stream);
+  else
+    launch<false>(m, n, k, a, b, c.data, alpha, accumulate, split_workspace, stream);
 }
 
 }  // namespace nibble::cuda
