@@ -39,6 +39,7 @@ struct TrainArgs {
   bool resume = false, skip_nonfinite = false;
   std::string progress = "auto";
   std::string device = "cpu";
+  std::string fp4_gemm = "decode";
 };
 
 // Ctrl-C asks the trainer to checkpoint and stop after the current step; a second one kills.
@@ -82,11 +83,14 @@ void run_train(const TrainArgs& a) {
   o.val_batches = a.val_batches;
   o.ckpt_every = a.ckpt_every;
   o.keep_checkpoints = a.keep;
+  if (a.fp4_gemm != "decode" && a.device != "cuda")
+    throw std::runtime_error("--fp4-gemm " + a.fp4_gemm + " needs --device cuda (the CPU's GEMMs are FP32 emulation)");
   if (a.device == "cuda") {
 #ifdef NIBBLE_HAVE_CUDA
     const uint64_t run_seed = a.seed;
-    o.make_engine = [run_seed](model::Gpt& model, train::AdamW& optimizer) {
-      return train::cuda::make_cuda_engine(model, optimizer, run_seed);
+    const train::cuda::CudaEngineOptions engine_options{a.fp4_gemm == "packed"};
+    o.make_engine = [run_seed, engine_options](model::Gpt& model, train::AdamW& optimizer) {
+      return train::cuda::make_cuda_engine(model, optimizer, run_seed, engine_options);
     };
 #else
     throw std::runtime_error("--device cuda: this nibble was built without CUDA (configure with the cuda preset)");
@@ -165,6 +169,10 @@ void add_train_command(CLI::App& app) {
   cmd->add_option("--keep", args->keep, "Checkpoints to keep (0: all)")->capture_default_str();
   cmd->add_option("--device", args->device, "Where to train: cpu, or cuda (one GPU)")
       ->capture_default_str()->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--fp4-gemm", args->fp4_gemm,
+                  "NVFP4 GEMMs on a Hopper GPU: decode (operands decoded to BF16, cuBLASLt) or packed (nibble's "
+                  "GEMM reads the 4.5-bit operands; experimental, slower so far). Blackwell runs them natively")
+      ->capture_default_str()->check(CLI::IsMember({"decode", "packed"}));
   cmd->add_flag("--resume", args->resume, "Continue the run in --out from its newest checkpoint");
   cmd->add_flag("--skip-nonfinite", args->skip_nonfinite, "Skip steps whose loss or gradient is not finite instead of stopping");
   cmd->add_option("--log-every", args->log_every, "Plain progress lines every N steps")->capture_default_str();

@@ -61,6 +61,9 @@ class GptCuda {
   void upload_from(Gpt& host);  // host weights -> device
   void download_to(Gpt& host);  // device weights -> host (synchronises)
   cudaStream_t stream() const { return stream_; }
+  // NVFP4 GEMMs on Hopper through the GEMM that reads the packed operands (LinearContext::packed_gemm)
+  // instead of BF16 copies and cuBLASLt.
+  void set_packed_fp4_gemm(bool on) { linear_ctx_.packed_gemm = on; }
   // Rows per chunk of the LM head and loss (default: LmHeadLossCuda::default_chunk_rows); tests.
   void set_lm_head_chunk_rows(int64_t rows) { head_.set_chunk_rows(rows); }
 

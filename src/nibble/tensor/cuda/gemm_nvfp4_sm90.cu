@@ -3,7 +3,7 @@
 //
 // Persistent CTAs (one per SM, 384 threads) walk the output tiles of 128 x 256; per tile, k-tiles of
 // 64 pass through a ring of four shared-memory stages:
-// - warpgroup 0, the producer, loads each k-tile's packed codes and scales two k-tiles ahead into
+// - warpgroup 0, the producer, loads B's packed codes and scales of each k-tile two k-tiles ahead into
 //   registers, decodes them with decode8_bf16 (code x block scale, exact) and stores the BF16 values
 //   in the layout wgmma reads: K-major, 128-byte rows (64 BF16), 16-byte chunk c of row r at chunk
 //   c ^ (r % 8) (the 128-byte swizzle), stages 1024-byte aligned. It then arrives on the stage's
@@ -145,10 +145,9 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[128]) {
 #pragma unroll
   for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
-// The producer's share of one k-tile: slices j = 0..5 (A rows p/2 and 64 + p/2, B rows p/2 + 64i),
-// half p % 2 of each row.
+// The producer's share of one k-tile of B: half p % 2 of rows p / 2 + 64 i, i = 0..3.
 struct ProducerLoads {
-  RowSlice s[6];
+  RowSlice s[4];
 };
 #endif  // NIBBLE_SM90A_HELPERS
 
@@ -177,68 +176,70 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int k_tiles = static_cast<int>(k / kTileK) / splits;
   const int64_t row_bytes = k / 2, scale_cols = k / 16;
 
-  if (warpgroup == 0) {  // producer: load, decode, store, arrive on full
+  // Where a unit's rows start: the codes and scales of `row` at the unit's first k-tile, in the
+  // slice of half `half` (the one division by rows_per_scale per unit, not per k-tile).
+  const auto unit_base = [&](const Nvfp4Operand& op, int64_t unit, int64_t row, int half, const uint8_t*& codes,
+                             const uint8_t*& scales) {
+    const int kt0 = static_cast<int>(unit % splits) * k_tiles;
+    codes = op.codes + row * row_bytes + 16 * half + 32 * kt0;
+    scales = op.scales + (row / op.rows_per_scale) * scale_cols + 2 * half + 4 * kt0;
+  };
+
+  if (warpgroup == 0) {  // producer: B's k-tiles: load, decode, store, arrive on full
+    // Thread p decodes half p % 2 of B tile rows p / 2 + 64 i, i = 0..3.
     const int p = tid, half = p % 2;
-    // Slice j's row of the A tile (j < 2) or the B tile (j >= 2).
-    const auto slice_row = [&](int j) { return j < 2 ? p / 2 + 64 * j : p / 2 + 64 * (j - 2); };
-    const auto load = [&](int64_t unit, int local_kt) {
-      const int64_t tile = unit / splits;
-      const int kt = static_cast<int>(unit % splits) * k_tiles + local_kt;
-      const int64_t m0 = (tile / tiles_n) * kTileM, n0 = (tile % tiles_n) * kTileN;
+    const int64_t codes_step = 64 * row_bytes, scales_step = (64 / b.rows_per_scale) * scale_cols;
+    const auto load = [&](const uint8_t* codes, const uint8_t* scales, int kt) {
       ProducerLoads l;
 #pragma unroll
-      for (int j = 0; j < 6; ++j) {
-        const Nvfp4Operand& op = j < 2 ? a : b;
-        const int64_t row = (j < 2 ? m0 : n0) + slice_row(j);
-        l.s[j] = load_slice(op.codes + row * row_bytes + 32 * kt + 16 * half,
-                            op.scales + (row / op.rows_per_scale) * scale_cols + 4 * kt + 2 * half);
-      }
+      for (int i = 0; i < 4; ++i)
+        l.s[i] = load_slice(codes + i * codes_step + 32 * kt, scales + i * scales_step + 4 * kt);
       return l;
     };
     // Loads run kLoadsAhead k-tiles ahead of the decoding (a load cursor ahead of the decode cursor),
     // so that their latency (a few microseconds from DRAM under load) hides behind that many
     // k-tiles of decoding; the register ring is indexed by the unrolled position.
-    const auto advance = [&](int64_t& u, int& kt) {
-      if (++kt == k_tiles) {
-        kt = 0;
-        u += gridDim.x;
+    const uint8_t *load_codes = nullptr, *load_scales = nullptr;
+    int64_t load_unit = blockIdx.x;
+    int load_kt = 0;
+    const auto load_next = [&](ProducerLoads& into) {
+      if (load_unit >= units) return;
+      if (load_kt == 0)
+        unit_base(b, load_unit, (load_unit / splits % tiles_n) * kTileN + p / 2, half, load_codes, load_scales);
+      into = load(load_codes, load_scales, load_kt);
+      if (++load_kt == k_tiles) {
+        load_kt = 0;
+        load_unit += gridDim.x;
       }
     };
     ProducerLoads ahead[kLoadsAhead];
-    int64_t load_unit = blockIdx.x;
-    int load_kt = 0;
 #pragma unroll
-    for (int d = 0; d < kLoadsAhead; ++d) {
-      if (load_unit < units) ahead[d] = load(load_unit, load_kt);
-      advance(load_unit, load_kt);
-    }
-    int64_t unit = blockIdx.x;
-    int kt = 0;
-    uint32_t t = 0;
-    while (unit < units) {
+    for (int d = 0; d < kLoadsAhead; ++d) load_next(ahead[d]);
+    const uint32_t total = static_cast<uint32_t>((units - blockIdx.x + gridDim.x - 1) / gridDim.x) * k_tiles;
+    for (uint32_t t = 0; t < total;) {
 #pragma unroll
-      for (int d = 0; d < kLoadsAhead; ++d) {
-        if (unit >= units) break;
+      for (int d = 0; d < kLoadsAhead; ++d, ++t) {
+        if (t >= total) break;
         const ProducerLoads cur = ahead[d];
-        if (load_unit < units) ahead[d] = load(load_unit, load_kt);
-        advance(load_unit, load_kt);
+        load_next(ahead[d]);
         const uint32_t s = t % kStages, round = t / kStages;
         if (round > 0) barrier_wait(empty_bar + 8 * s, (round - 1) & 1);
-        const uint32_t stage = smem + s * kStageBytes;
+        const uint32_t b_tile = smem + s * kStageBytes + kATileBytes;
 #pragma unroll
-        for (int j = 0; j < 6; ++j)
-          store_slice(j < 2 ? stage : stage + kATileBytes, slice_row(j), half, cur.s[j]);
+        for (int i = 0; i < 4; ++i) store_slice(b_tile, p / 2 + 64 * i, half, cur.s[i]);
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
         barrier_arrive(full_bar + 8 * s);
-        advance(unit, kt);
-        ++t;
       }
     }
     return;
   }
 
-  // Consumers: warpgroup 1 takes rows 0..63 of each tile, warpgroup 2 rows 64..127.
-  const int consumer = warpgroup - 1;
+  // Consumers: warpgroup 1 takes rows 0..63 of each tile, warpgroup 2 rows 64..127, and decodes
+  // them itself (half q % 2 of row q / 2 of its 64 a thread) into the stage before multiplying:
+  // the stage's A rows were last read by this warpgroup's own wgmma four k-tiles before, long
+  // complete, so only the warpgroup's 128 threads need to meet (named barrier 1 + consumer).
+  const int consumer = warpgroup - 1, q = tid % 128;
+  const int a_row = 64 * consumer + q / 2, a_half = q % 2;
   const int warp = (tid / 32) % 4, lane = tid % 32;
   const float scale = alpha != nullptr ? *alpha : 1.0f;
   uint32_t t = 0;
@@ -246,11 +247,18 @@ __global__ void __launch_bounds__(kThreads, 1)
     float acc[128];
 #pragma unroll
     for (int i = 0; i < 128; ++i) acc[i] = 0.0f;
+    const uint8_t *a_codes, *a_scales;
+    unit_base(a, unit, (unit / splits / tiles_n) * kTileM + a_row, a_half, a_codes, a_scales);
+    RowSlice next_a = load_slice(a_codes, a_scales);
     uint32_t prev_stage = 0;
     for (int kt = 0; kt < k_tiles; ++kt, ++t) {
       const uint32_t s = t % kStages, round = t / kStages;
-      barrier_wait(full_bar + 8 * s, round & 1);
       const uint32_t stage = smem + s * kStageBytes;
+      store_slice(stage, a_row, a_half, next_a);  // then the next k-tile's slice, in flight meanwhile
+      if (kt + 1 < k_tiles) next_a = load_slice(a_codes + 32 * (kt + 1), a_scales + 4 * (kt + 1));
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      asm volatile("bar.sync %0, 128;" ::"r"(1 + consumer) : "memory");
+      barrier_wait(full_bar + 8 * s, round & 1);
       asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
       const uint64_t desc_a = tile_descriptor(stage + static_cast<uint32_t>(consumer) * (kATileBytes / 2));
       const uint64_t desc_b = tile_descriptor(stage + kATileBytes);

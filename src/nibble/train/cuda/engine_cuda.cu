@@ -22,7 +22,7 @@ int64_t total_count(const std::vector<model::cuda::DeviceParameter>& ps) {
 
 class CudaEngine final : public Engine {
  public:
-  CudaEngine(model::Gpt& host, AdamW& optimizer, uint64_t run_seed)
+  CudaEngine(model::Gpt& host, AdamW& optimizer, uint64_t run_seed, const CudaEngineOptions& options)
       : host_(host),
         optimizer_(optimizer),
         gpu_(host, run_seed),
@@ -37,6 +37,7 @@ class CudaEngine final : public Engine {
     cudaDeviceProp prop{};
     NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     name_ = prop.name;
+    gpu_.set_packed_fp4_gemm(options.packed_fp4_gemm);
     from_host_moments();
   }
 
@@ -135,13 +136,14 @@ class CudaEngine final : public Engine {
 
 }  // namespace
 
-std::unique_ptr<Engine> make_cuda_engine(model::Gpt& model, AdamW& optimizer, uint64_t run_seed) {
+std::unique_ptr<Engine> make_cuda_engine(model::Gpt& model, AdamW& optimizer, uint64_t run_seed,
+                                         const CudaEngineOptions& options) {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess || count == 0)
     throw std::runtime_error(std::string("--device cuda: no usable CUDA device (") +
                              (err != cudaSuccess ? cudaGetErrorString(err) : "none found") + ")");
-  return std::make_unique<CudaEngine>(model, optimizer, run_seed);
+  return std::make_unique<CudaEngine>(model, optimizer, run_seed, options);
 }
 
 }  // namespace nibble::train::cuda

@@ -9,7 +9,13 @@
 
 namespace nibble::train::cuda {
 
+struct CudaEngineOptions {
+  // NVFP4 GEMMs on Hopper read the packed operands (GptCuda::set_packed_fp4_gemm); else BF16 copies.
+  bool packed_fp4_gemm = false;
+};
+
 // Throws std::runtime_error when no CUDA device can be used (the message says why).
-std::unique_ptr<Engine> make_cuda_engine(model::Gpt& model, AdamW& optimizer, uint64_t run_seed);
+std::unique_ptr<Engine> make_cuda_engine(model::Gpt& model, AdamW& optimizer, uint64_t run_seed,
+                                         const CudaEngineOptions& options = {});
 
 }  // namespace nibble::train::cuda
