@@ -127,15 +127,15 @@ void run_shape(const Shape& s, GemmRunner& gemm) {
              fb.gemm_matrix(GemmType::kE4M3, true, scratch_b, nullptr), out, alpha.data(), false, nullptr);
   });
 
-  // Hopper's fused-decode GEMM (gemm_nvfp4_sm90.h) on the same packed operands: the A pass writes no
+  // Hopper's packed-operand GEMM (gemm_nvfp4_sm90.h) on the same packed operands: the A pass writes no
   // decoded copy and nothing is decoded in a pass of its own.
   std::string packed = "packed n/a";
   DeviceBuffer<float> split_workspace;
   const GemmOutput packed_out{c.data(), GemmType::kF32};
-  if (nibble::cuda::nvfp4_fused_gemm_applies(s.m, s.n, s.k, qa.nvfp4_operand(), qb.nvfp4_operand(), packed_out)) {
+  if (nibble::cuda::nvfp4_packed_gemm_applies(s.m, s.n, s.k, qa.nvfp4_operand(), qb.nvfp4_operand(), packed_out)) {
     const auto packed_gemm = [&] {
       nibble::cuda::multiply_scalars(qa.decode_scale(), qb.decode_scale(), alpha.data(), nullptr);
-      nibble::cuda::nvfp4_fused_gemm(s.m, s.n, s.k, qa.nvfp4_operand(), qb.nvfp4_operand(), packed_out, alpha.data(),
+      nibble::cuda::nvfp4_packed_gemm(s.m, s.n, s.k, qa.nvfp4_operand(), qb.nvfp4_operand(), packed_out, alpha.data(),
                                      false, nullptr, &split_workspace);
     };
     const float gemm_ms = median_ms(packed_gemm);

@@ -276,24 +276,24 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Nvfp4NativeGemm,
 // Hopper's GEMM that decodes the packed operands in its operand load (gemm_nvfp4_sm90.h): same
 // comparison. Shapes: one tile and one k-tile; k-tiles that cycle through the four stages; GPT-2's
 // shapes with 16x16 weights; BF16 outputs and accumulation; more tiles than SMs; k split.
-class Nvfp4FusedGemm : public ::testing::TestWithParam<GemmCase> {};
+class Nvfp4PackedGemm : public ::testing::TestWithParam<GemmCase> {};
 
-TEST_P(Nvfp4FusedGemm, MatchesDecodedBf16Gemm) {
-  if (compute_capability_major() != 9) GTEST_SKIP() << "the fused-decode GEMM runs on compute capability 9.0 only";
+TEST_P(Nvfp4PackedGemm, MatchesDecodedBf16Gemm) {
+  if (compute_capability_major() != 9) GTEST_SKIP() << "the packed-operand GEMM runs on compute capability 9.0 only";
   DeviceBuffer<float> split_workspace;
   check_packed_gemm(
       GetParam(),
       [&](const GemmCase& gc, const DeviceNvfp4& a, const DeviceNvfp4& b, const GemmOutput& c, const float* alpha) {
         const cuda::Nvfp4Operand fa{a.codes.data(), a.scales.data(), a.rows_per_scale};
         const cuda::Nvfp4Operand fb{b.codes.data(), b.scales.data(), b.rows_per_scale};
-        ASSERT_TRUE(cuda::nvfp4_fused_gemm_applies(gc.m, gc.n, gc.k, fa, fb, c));
-        cuda::nvfp4_fused_gemm(gc.m, gc.n, gc.k, fa, fb, c, alpha, gc.accumulate, nullptr, &split_workspace);
+        ASSERT_TRUE(cuda::nvfp4_packed_gemm_applies(gc.m, gc.n, gc.k, fa, fb, c));
+        cuda::nvfp4_packed_gemm(gc.m, gc.n, gc.k, fa, fb, c, alpha, gc.accumulate, nullptr, &split_workspace);
         NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
       },
-      "fused");
+      "packed");
 }
 
-INSTANTIATE_TEST_SUITE_P(Shapes, Nvfp4FusedGemm,
+INSTANTIATE_TEST_SUITE_P(Shapes, Nvfp4PackedGemm,
                          ::testing::Values(GemmCase{128, 256, 64, Block::k1x16, GemmType::kF32, false},
                                            GemmCase{256, 512, 192, Block::k16x16, GemmType::kF32, false},
                                            GemmCase{384, 256, 1024, Block::k1x16, GemmType::kF32, true},
@@ -311,19 +311,19 @@ INSTANTIATE_TEST_SUITE_P(Shapes, Nvfp4FusedGemm,
                          case_name);
 
 // Shapes and pointers the kernel does not take are refused with a message, not run.
-TEST(Nvfp4FusedGemm, RefusesShapesItDoesNotTake) {
-  if (compute_capability_major() != 9) GTEST_SKIP() << "the fused-decode GEMM runs on compute capability 9.0 only";
+TEST(Nvfp4PackedGemm, RefusesShapesItDoesNotTake) {
+  if (compute_capability_major() != 9) GTEST_SKIP() << "the packed-operand GEMM runs on compute capability 9.0 only";
   DeviceBuffer<uint8_t> codes(256 * 128 / 2), scales(256 * 128 / 16);
   DeviceBuffer<float> c(256 * 256);
   const cuda::Nvfp4Operand op{codes.data(), scales.data(), 1};
   const GemmOutput out{c.data(), GemmType::kF32};
-  EXPECT_TRUE(cuda::nvfp4_fused_gemm_applies(256, 256, 128, op, op, out));
-  EXPECT_FALSE(cuda::nvfp4_fused_gemm_applies(144, 256, 128, op, op, out));  // m not a multiple of 128
-  EXPECT_FALSE(cuda::nvfp4_fused_gemm_applies(256, 128, 128, op, op, out));  // n not a multiple of 256
-  EXPECT_FALSE(cuda::nvfp4_fused_gemm_applies(256, 256, 96, op, op, out));   // k not a multiple of 64
+  EXPECT_TRUE(cuda::nvfp4_packed_gemm_applies(256, 256, 128, op, op, out));
+  EXPECT_FALSE(cuda::nvfp4_packed_gemm_applies(144, 256, 128, op, op, out));  // m not a multiple of 128
+  EXPECT_FALSE(cuda::nvfp4_packed_gemm_applies(256, 128, 128, op, op, out));  // n not a multiple of 256
+  EXPECT_FALSE(cuda::nvfp4_packed_gemm_applies(256, 256, 96, op, op, out));   // k not a multiple of 64
   const cuda::Nvfp4Operand odd{codes.data() + 8, scales.data(), 1};
-  EXPECT_FALSE(cuda::nvfp4_fused_gemm_applies(128, 256, 64, odd, op, out));  // codes not 16-byte aligned
-  EXPECT_THROW(cuda::nvfp4_fused_gemm(144, 256, 128, op, op, out, nullptr, false, nullptr), std::invalid_argument);
+  EXPECT_FALSE(cuda::nvfp4_packed_gemm_applies(128, 256, 64, odd, op, out));  // codes not 16-byte aligned
+  EXPECT_THROW(cuda::nvfp4_packed_gemm(144, 256, 128, op, op, out, nullptr, false, nullptr), std::invalid_argument);
 }
 
 // A whole linear layer under the nvfp4 recipe (16x16 weights, 1x16 activations, stochastic
@@ -395,8 +395,8 @@ TEST(Nvfp4Native, LinearLayerMatchesDecodePath) {
 }
 
 // Every GEMM's sizes fit the packed-operand GEMM's tiles (m multiples of 128, n of 256).
-TEST(Nvfp4FusedGemm, LinearLayerMatchesDecodePath) {
-  if (compute_capability_major() != 9) GTEST_SKIP() << "the fused-decode GEMM runs on compute capability 9.0 only";
+TEST(Nvfp4PackedGemm, LinearLayerMatchesDecodePath) {
+  if (compute_capability_major() != 9) GTEST_SKIP() << "the packed-operand GEMM runs on compute capability 9.0 only";
   check_layer_against_decode_path(PackedPath::kHopper, 256, 256, 512);
 }
 

@@ -43,7 +43,7 @@ std::string LinearCuda::context(Operand op) const {
 }
 
 bool LinearCuda::packed_gemm_applies(int64_t m, const OperandCuda& b) const {
-  return ctx_.packed_gemm && b.native_nvfp4() && nibble::cuda::nvfp4_fused_gemm_shape_ok(m, b.rows(), b.cols());
+  return ctx_.packed_gemm && b.native_nvfp4() && nibble::cuda::nvfp4_packed_gemm_shape_ok(m, b.rows(), b.cols());
 }
 
 OperandCuda::ForGemm LinearCuda::for_gemm_with(const OperandCuda& other, int64_t rows) const {
@@ -90,11 +90,11 @@ void LinearCuda::gemm(const OperandCuda& a, const OperandCuda& b, nibble::cuda::
   }
   const bool native = use_native_nvfp4(a, b, ctx_.native_fp4);
   const bool packed = !native && a.native_nvfp4() && packed_gemm_applies(a.rows(), b) &&
-                      nibble::cuda::nvfp4_fused_gemm_applies(a.rows(), b.rows(), a.cols(), a.nvfp4_operand(),
+                      nibble::cuda::nvfp4_packed_gemm_applies(a.rows(), b.rows(), a.cols(), a.nvfp4_operand(),
                                                              b.nvfp4_operand(), c);
   try {
     if (packed) {  // Hopper: FP4 codes and block scales as they are, decoded in the GEMM's operand load
-      nibble::cuda::nvfp4_fused_gemm(a.rows(), b.rows(), a.cols(), a.nvfp4_operand(), b.nvfp4_operand(), c, alpha,
+      nibble::cuda::nvfp4_packed_gemm(a.rows(), b.rows(), a.cols(), a.nvfp4_operand(), b.nvfp4_operand(), c, alpha,
                                      accumulate, stream, &ctx_.split_workspace);
     } else {
       GemmMatrix ma, mb;

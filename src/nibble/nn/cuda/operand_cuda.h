@@ -101,7 +101,7 @@ class OperandCuda {
   // cuBLASLt's tiled layout in `scratch`, which must stay alive until the GEMM has run. Blackwell only
   // (GemmType::kNvfp4); the rearrangement itself runs on any GPU.
   GemmMatrix nvfp4_matrix(bool as_b, DeviceBuffer<uint8_t>& scratch, cudaStream_t stream) const;
-  // The operand as Hopper's fused-decode GEMM reads it (tensor/cuda/gemm_nvfp4_sm90.h): codes and
+  // The operand as Hopper's packed-operand GEMM reads it (tensor/cuda/gemm_nvfp4_sm90.h): codes and
   // block scales in place. Needs native_nvfp4().
   nibble::cuda::Nvfp4Operand nvfp4_operand() const;
   // Device pointer to g (quantized operands), nullptr when the operand carries no tensor scale.

@@ -1,21 +1,24 @@
-// The NVFP4-reading Hopper GEMM (gemm_nvfp4_sm90.h): wgmma on BF16 tiles that one warpgroup decodes
-// from the packed operands into shared memory while two others multiply.
+// The NVFP4-reading Hopper GEMM (gemm_nvfp4_sm90.h): wgmma on BF16 tiles that the CTA decodes from
+// the packed operands into shared memory, one warpgroup decoding B while two others multiply.
 //
-// Persistent CTAs (one per SM, 384 threads) walk the output tiles of 128 x 256; per tile, k-tiles of
-// 64 pass through a ring of four shared-memory stages:
+// Persistent CTAs (one per SM, 384 threads) walk work units (output tiles of 128 x 256, or a range
+// of k of one when K is split); per unit, k-tiles of 64 pass through a ring of four shared-memory
+// stages. Each decoded row lands in the layout wgmma reads: K-major, 128-byte rows (64 BF16),
+// 16-byte chunk c of row r at chunk c ^ (r % 8) (the 128-byte swizzle), stages 1024-byte aligned.
 // - warpgroup 0, the producer, loads B's packed codes and scales of each k-tile two k-tiles ahead into
-//   registers, decodes them with decode8_bf16 (code x block scale, exact) and stores the BF16 values
-//   in the layout wgmma reads: K-major, 128-byte rows (64 BF16), 16-byte chunk c of row r at chunk
-//   c ^ (r % 8) (the 128-byte swizzle), stages 1024-byte aligned. It then arrives on the stage's
-//   `full` barrier, after a proxy fence (the tensor cores read through the async proxy).
-// - warpgroups 1 and 2, the consumers, wait for `full`, multiply rows 64c..64c+63 of the A tile by
-//   the whole B tile (wgmma m64n256k16, 128 FP32 accumulators a thread), and arrive on the stage's
-//   `empty` barrier once the wgmma that read it has completed (one group stays in flight). After the
-//   last k-tile they scale the sums by alpha and store them, while the producer already decodes the
-//   next tile's first k-tiles.
-// Barriers follow the usual phase parity: k-tile t (counted across tiles) uses stage t % 4 in round
+//   registers, decodes them with decode8_bf16 (code x block scale, exact) and stores the BF16 values.
+//   It then arrives on the stage's `full` barrier, after a proxy fence (the tensor cores read shared
+//   memory through the async proxy).
+// - warpgroups 1 and 2, the consumers, each decode their own 64 rows of the A tile into the stage
+//   (meet at a named barrier), wait for `full`, multiply their rows by the whole B tile (wgmma
+//   m64n256k16, 128 FP32 accumulators a thread), and arrive on the stage's `empty` barrier once the
+//   wgmma that read it has completed (one group stays in flight). After the last k-tile they scale
+//   the sums by alpha and store them, while the producer already decodes the next unit.
+// Barriers follow the usual phase parity: k-tile t (counted across units) uses stage t % 4 in round
 // t / 4; `full` completes a phase per round when the producer's 128 threads arrive, `empty` when the
 // consumers' 256 arrive, and the producer waits for round n - 1's `empty` before writing round n.
+// Speed (docs/benchmarks.md, session 8): the decoding bounds it, about 450 TFLOP/s at 8192^3 on an
+// H200, below cuBLASLt's BF16 GEMM on decoded operands.
 #include "nibble/tensor/cuda/gemm_nvfp4_sm90.h"
 
 #include <cuda_bf16.h>
@@ -411,29 +414,29 @@ void launch(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4O
 
 }  // namespace
 
-bool nvfp4_fused_gemm_available() {
+bool nvfp4_packed_gemm_available() {
   static const bool hopper = device_compute_capability() == 90;
   return hopper;
 }
 
-bool nvfp4_fused_gemm_shape_ok(int64_t m, int64_t n, int64_t k) {
+bool nvfp4_packed_gemm_shape_ok(int64_t m, int64_t n, int64_t k) {
   return m > 0 && n > 0 && k > 0 && m % kTileM == 0 && n % kTileN == 0 && k % kTileK == 0;
 }
 
-bool nvfp4_fused_gemm_applies(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,
+bool nvfp4_packed_gemm_applies(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,
                               const GemmOutput& c) {
   const auto rps_ok = [](int rps) { return rps == 1 || rps == 16; };
-  return nvfp4_fused_gemm_available() && nvfp4_fused_gemm_shape_ok(m, n, k) && rps_ok(a.rows_per_scale) &&
+  return nvfp4_packed_gemm_available() && nvfp4_packed_gemm_shape_ok(m, n, k) && rps_ok(a.rows_per_scale) &&
          rps_ok(b.rows_per_scale) && aligned(a.codes, 16) && aligned(b.codes, 16) && aligned(a.scales, 2) &&
          aligned(b.scales, 2) && (c.type == GemmType::kF32 || c.type == GemmType::kBF16) && aligned(c.data, 8) &&
          c.batch_stride == 0;
 }
 
-void nvfp4_fused_gemm(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,
+void nvfp4_packed_gemm(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,
                       const GemmOutput& c, const float* alpha, bool accumulate, cudaStream_t stream,
                       DeviceBuffer<float>* split_workspace) {
-  if (!nvfp4_fused_gemm_applies(m, n, k, a, b, c))
-    throw std::invalid_argument("nvfp4_fused_gemm: needs compute capability 9.0, m a multiple of 128, n of 256, k of "
+  if (!nvfp4_packed_gemm_applies(m, n, k, a, b, c))
+    throw std::invalid_argument("nvfp4_packed_gemm: needs compute capability 9.0, m a multiple of 128, n of 256, k of "
                                 "64, 16-byte aligned codes and an FP32 or BF16 output; got m " +
                                 std::to_string(m) + ", n " + std::to_string(n) + ", k " + std::to_string(k));
   if (c.type == GemmType::kBF16)

@@ -13,7 +13,7 @@
 // FP32 sums. So the result equals the decode + cuBLASLt path up to the order of FP32 accumulation.
 //
 // Runs on compute capability 9.0 only (wgmma); shapes: m a multiple of 128, n of 256, k of 64, codes
-// 16-byte and scales 2-byte aligned. nvfp4_fused_gemm_applies says whether a call can run; callers
+// 16-byte and scales 2-byte aligned. nvfp4_packed_gemm_applies says whether a call can run; callers
 // fall back to the decode + cuBLASLt path otherwise.
 #pragma once
 
@@ -33,19 +33,19 @@ struct Nvfp4Operand {
 };
 
 // Whether this GPU runs the kernel (compute capability 9.0).
-bool nvfp4_fused_gemm_available();
+bool nvfp4_packed_gemm_available();
 // Whether the kernel takes these sizes (m a multiple of 128, n of 256, k of 64), on any GPU.
-bool nvfp4_fused_gemm_shape_ok(int64_t m, int64_t n, int64_t k);
+bool nvfp4_packed_gemm_shape_ok(int64_t m, int64_t n, int64_t k);
 // Whether a call can run: available, shape_ok, rows_per_scale 1 or 16, aligned pointers, an
 // unbatched FP32 or BF16 output.
-bool nvfp4_fused_gemm_applies(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,
+bool nvfp4_packed_gemm_applies(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,
                               const GemmOutput& c);
 
-// Stream-ordered; throws std::invalid_argument where nvfp4_fused_gemm_applies is false. With a
+// Stream-ordered; throws std::invalid_argument where nvfp4_packed_gemm_applies is false. With a
 // `split_workspace` (grown as needed, kept by the caller), a call with fewer output tiles than the
 // GPU has SMs (Wgrad: small m x n, long k) splits k, writes each split's FP32 sums there and adds
 // them in a fixed order in a second kernel: the same result on every run.
-void nvfp4_fused_gemm(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,
+void nvfp4_packed_gemm(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,
                       const GemmOutput& c, const float* alpha, bool accumulate, cudaStream_t stream,
                       DeviceBuffer<float>* split_workspace = nullptr);
 
