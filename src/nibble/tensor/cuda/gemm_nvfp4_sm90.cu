@@ -148,12 +148,12 @@ __device__ __forceinline__ void fence_accumulators(float (&d)[128]) {
 #pragma unroll
   for (int i = 0; i < 128; ++i) asm volatile("" : "+f"(d[i])::"memory");
 }
+
 // The producer's share of one k-tile of B: half p % 2 of rows p / 2 + 64 i, i = 0..3.
 struct ProducerLoads {
   RowSlice s[4];
 };
 #endif  // NIBBLE_SM90A_HELPERS
-
 
 template <bool kBf16Out>
 __global__ void __launch_bounds__(kThreads, 1)
