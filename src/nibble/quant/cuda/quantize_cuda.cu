@@ -12,6 +12,7 @@
 #include "nibble/quant/fp4_decode_bf16.h"
 #include "nibble/quant/cuda/nvfp4_rowcol.cuh"
 #include "nibble/quant/cuda/nvfp4_tile16.cuh"
+#include "nibble/tensor/cuda/device_buffer.h"
 #include "nibble/quant/cuda/tile16_layout.h"
 #include "nibble/quant/philox.h"
 #include "nibble/quant/quantize.h"
@@ -21,13 +22,6 @@
 namespace nibble::cuda {
 
 namespace {
-
-void check_cuda(cudaError_t e, const char* what, const char* file, int line) {
-  if (e != cudaSuccess)
-    throw std::runtime_error(std::string(file) + ":" + std::to_string(line) + ": " + what + ": " +
-                             cudaGetErrorString(e));
-}
-#define NIBBLE_CUDA_CHECK(expr) check_cuda((expr), #expr, __FILE__, __LINE__)
 
 // ---------------------------------------------------------------------------------------------
 // Generic path: one thread per block segment of kW elements along the quantized matrix's
@@ -213,9 +207,7 @@ int persistent_blocks(const void* kernel, int64_t tiles) {
       cache.emplace_back(kernel, per_sm);
     }
   }
-  int device = 0, sms = 0;
-  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
-  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int sms = device_attribute(cudaDevAttrMultiProcessorCount);
   return static_cast<int>(std::min<int64_t>(tiles, static_cast<int64_t>(per_sm) * sms));
 }
 

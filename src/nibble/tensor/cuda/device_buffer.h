@@ -32,6 +32,14 @@ namespace nibble::cuda {
 // the next synchronising call.
 #define NIBBLE_CUDA_CHECK_LAUNCH() NIBBLE_CUDA_CHECK(cudaGetLastError())
 
+// An attribute of the current device (compute capability, multiprocessor count, ...).
+inline int device_attribute(cudaDeviceAttr attr) {
+  int device = 0, value = 0;
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
+  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&value, attr, device));
+  return value;
+}
+
 template <typename T>
 class DeviceBuffer {
  public:

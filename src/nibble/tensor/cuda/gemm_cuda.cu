@@ -243,12 +243,7 @@ void GemmRunner::run(int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const
                                      workspace_, workspace_bytes_, stream));
 }
 
-bool native_fp4_available() {
-  int device = 0, major = 0;
-  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
-  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  return major >= 10;
-}
+bool native_fp4_available() { return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 10; }
 
 void tile_block_scales(const uint8_t* scales, int64_t rows, int64_t scale_cols, int64_t rows_per_scale_row,
                        uint8_t* tiled, cudaStream_t stream) {

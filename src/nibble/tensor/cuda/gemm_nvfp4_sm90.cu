@@ -362,21 +362,6 @@ __global__ void reduce_partials_kernel(int64_t count4, int splits, const float4*
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
-int device_compute_capability() {
-  int device = 0, major = 0, minor = 0;
-  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
-  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return 10 * major + minor;
-}
-
-int multiprocessors() {
-  int device = 0, count = 0;
-  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
-  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  return count;
-}
-
 // Splits of K for a call with few output tiles: the smallest power of two that gives every SM a
 // unit, keeping at least 8 k-tiles a split (and dividing the k-tiles evenly).
 int split_count(int64_t tiles, int64_t k_tiles, int sms) {
@@ -391,7 +376,7 @@ void launch(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4O
   static const int sms = [] {
     NIBBLE_CUDA_CHECK(
         cudaFuncSetAttribute(nvfp4_gemm_kernel<kBf16Out>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
-    return multiprocessors();
+    return device_attribute(cudaDevAttrMultiProcessorCount);
   }();
   const int64_t tiles = (m / kTileM) * (n / kTileN);
   const int splits = workspace != nullptr ? split_count(tiles, k / kTileK, sms) : 1;
@@ -415,7 +400,8 @@ void launch(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4O
 }  // namespace
 
 bool nvfp4_packed_gemm_available() {
-  static const bool hopper = device_compute_capability() == 90;
+  static const bool hopper = device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+                             device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
   return hopper;
 }
 
