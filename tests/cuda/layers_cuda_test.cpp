@@ -209,12 +209,13 @@ class NormCudaTest : public ::testing::TestWithParam<NormKind> {};
 // summation order inside double sums, ~1e-7 of the output's scale: tolerance 1e-5.
 // Gain/bias gradients: the CPU adds rows one by one in float (error up to rows * 2^-24 of the sum
 // of |terms|, ~7e-6 for 111 rows); the GPU sums in double: tolerance 5e-5.
-TEST_P(NormCudaTest, MatchesCpu) {
+void check_norm_against_cpu(NormKind kind, int64_t dim) {
+  SCOPED_TRACE("dim " + std::to_string(dim));
   std::mt19937_64 rng(fresh_seed());
-  const int64_t rows = 3 * 37, dim = 96;
+  const int64_t rows = 3 * 37;
   Stream stream;
-  Norm cpu(dim, GetParam());
-  cuda::NormCuda gpu(dim, GetParam());
+  Norm cpu(dim, kind);
+  cuda::NormCuda gpu(dim, kind);
   const auto g = nibble::nn::test::random_normal(rng, dim, 1.0f);
   std::copy(g.begin(), g.end(), cpu.weight().begin());
   upload(gpu.weight(), g);
@@ -244,26 +245,34 @@ TEST_P(NormCudaTest, MatchesCpu) {
   if (cpu.has_bias()) expect_close(download(gpu.bias_grad(), dim), cpu.bias_grad(), 5e-5, "norm bias grad");
 }
 
+// Widths: 96 takes the strided kernels, 768 the vector ones (rows of a multiple of 128 elements).
+TEST_P(NormCudaTest, MatchesCpu) {
+  for (const int64_t dim : {int64_t{96}, int64_t{768}}) check_norm_against_cpu(GetParam(), dim);
+}
+
 // backward(accumulate = true) adds the same dx onto what the buffer holds, in one FP32 addition:
 // the residual connection's gradient the GPU model adds there instead of in a separate pass.
 TEST_P(NormCudaTest, BackwardAccumulatesTheSameDx) {
-  std::mt19937_64 rng(fresh_seed());
-  const int64_t rows = 2 * 41, dim = 160;
-  Stream stream;
-  cuda::NormCuda gpu(dim, GetParam());
-  upload(gpu.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
-  const auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
-  const auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
-  auto residual = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
-  DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
-  DeviceBuffer<float> y(x.size()), dx(x.size()), acc{std::span<const float>(residual)};
-  gpu.forward(d_x.data(), rows, y.data(), stream);
-  gpu.backward(d_dy.data(), dx.data(), stream);
-  gpu.forward(d_x.data(), rows, y.data(), stream);
-  gpu.backward(d_dy.data(), acc.data(), stream, /*accumulate=*/true);
-  const auto g = download(dx.data(), rows * dim);
-  for (size_t i = 0; i < residual.size(); ++i) residual[i] += g[i];
-  expect_bits_equal(download(acc.data(), rows * dim), residual, "norm dx accumulated");
+  for (const int64_t dim : {int64_t{160}, int64_t{1024}}) {  // the strided and the vector kernels
+    SCOPED_TRACE("dim " + std::to_string(dim));
+    std::mt19937_64 rng(fresh_seed());
+    const int64_t rows = 2 * 41;
+    Stream stream;
+    cuda::NormCuda gpu(dim, GetParam());
+    upload(gpu.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
+    const auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
+    const auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
+    auto residual = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
+    DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
+    DeviceBuffer<float> y(x.size()), dx(x.size()), acc{std::span<const float>(residual)};
+    gpu.forward(d_x.data(), rows, y.data(), stream);
+    gpu.backward(d_dy.data(), dx.data(), stream);
+    gpu.forward(d_x.data(), rows, y.data(), stream);
+    gpu.backward(d_dy.data(), acc.data(), stream, /*accumulate=*/true);
+    const auto g = download(dx.data(), rows * dim);
+    for (size_t i = 0; i < residual.size(); ++i) residual[i] += g[i];
+    expect_bits_equal(download(acc.data(), rows * dim), residual, "norm dx accumulated");
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, NormCudaTest, ::testing::Values(NormKind::kLayerNorm, NormKind::kRmsNorm),
@@ -454,23 +463,24 @@ Bf16Values bf16_values(std::mt19937_64& rng, int64_t n, float scale) {
 TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
   std::mt19937_64 rng(fresh_seed());
   Stream stream;
-  for (const NormKind kind : {NormKind::kLayerNorm, NormKind::kRmsNorm}) {
-    const int64_t rows = 53, dim = 96;
-    cuda::NormCuda norm(dim, kind);
-    upload(norm.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
-    DeviceBuffer<float> x{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 2.0f))};
-    DeviceBuffer<float> y(static_cast<size_t>(rows * dim));
-    DeviceBuffer<bf16_t> y16(y.size());
-    norm.forward(x.data(), rows, y.data(), stream);
-    norm.forward(x.data(), rows, y16.data(), stream);
-    EXPECT_EQ(download_bits(y16, rows * dim), rounded(download(y.data(), rows * dim))) << "norm";
-    // Backward's BF16 copy of dx: the final dx (after adding onto the residual gradient) rounded.
-    DeviceBuffer<float> dy{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 1.0f))};
-    DeviceBuffer<float> dx{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 1.0f))};
-    DeviceBuffer<bf16_t> dx16(dx.size());
-    norm.backward(dy.data(), dx.data(), stream, /*accumulate=*/true, dx16.data());
-    EXPECT_EQ(download_bits(dx16, rows * dim), rounded(download(dx.data(), rows * dim))) << "norm backward";
-  }
+  for (const NormKind kind : {NormKind::kLayerNorm, NormKind::kRmsNorm})
+    for (const int64_t dim : {int64_t{96}, int64_t{256}}) {  // the strided and the vector norm kernels
+      const int64_t rows = 53;
+      cuda::NormCuda norm(dim, kind);
+      upload(norm.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
+      DeviceBuffer<float> x{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 2.0f))};
+      DeviceBuffer<float> y(static_cast<size_t>(rows * dim));
+      DeviceBuffer<bf16_t> y16(y.size());
+      norm.forward(x.data(), rows, y.data(), stream);
+      norm.forward(x.data(), rows, y16.data(), stream);
+      EXPECT_EQ(download_bits(y16, rows * dim), rounded(download(y.data(), rows * dim))) << "norm";
+      // Backward's BF16 copy of dx: the final dx (after adding onto the residual gradient) rounded.
+      DeviceBuffer<float> dy{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 1.0f))};
+      DeviceBuffer<float> dx{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 1.0f))};
+      DeviceBuffer<bf16_t> dx16(dx.size());
+      norm.backward(dy.data(), dx.data(), stream, /*accumulate=*/true, dx16.data());
+      EXPECT_EQ(download_bits(dx16, rows * dim), rounded(download(dx.data(), rows * dim))) << "norm backward";
+    }
   for (const MlpKind kind : {MlpKind::kGelu, MlpKind::kRelu2, MlpKind::kSwiglu})
     for (const int64_t hidden : {int64_t{64}, int64_t{37}}) {  // 37: not a multiple of 4, the scalar kernel
       const int64_t rows = 29, width = kind == MlpKind::kSwiglu ? 2 * hidden : hidden;
@@ -542,30 +552,31 @@ TEST(Bf16Outputs, AreTheFp32OutputsRoundedToNearestEven) {
 TEST(Bf16Inputs, GiveTheBitsOfTheSameValuesInFp32) {
   std::mt19937_64 rng(fresh_seed());
   Stream stream;
-  for (const NormKind kind : {NormKind::kLayerNorm, NormKind::kRmsNorm}) {
-    const int64_t rows = 53, dim = 96;
-    cuda::NormCuda norm(dim, kind);
-    upload(norm.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
-    DeviceBuffer<float> x{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 2.0f))};
-    DeviceBuffer<float> y(x.size()), dx(x.size()), dx16(x.size());
-    const Bf16Values dy = bf16_values(rng, rows * dim, 1.0f);
-    std::vector<float> grads[2];
-    for (int path = 0; path < 2; ++path) {
-      norm.zero_grad(stream);
-      norm.forward(x.data(), rows, y.data(), stream);
-      if (path == 0)
-        norm.backward(dy.f32.data(), dx.data(), stream);
-      else
-        norm.backward(dy.b16.data(), dx16.data(), stream);
-      grads[path] = download(norm.weight_grad(), dim);
-      if (norm.has_bias()) {
-        const std::vector<float> gb = download(norm.bias_grad(), dim);
-        grads[path].insert(grads[path].end(), gb.begin(), gb.end());
+  for (const NormKind kind : {NormKind::kLayerNorm, NormKind::kRmsNorm})
+    for (const int64_t dim : {int64_t{96}, int64_t{256}}) {  // the strided and the vector norm kernels
+      const int64_t rows = 53;
+      cuda::NormCuda norm(dim, kind);
+      upload(norm.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
+      DeviceBuffer<float> x{std::span<const float>(nibble::nn::test::random_normal(rng, rows * dim, 2.0f))};
+      DeviceBuffer<float> y(x.size()), dx(x.size()), dx16(x.size());
+      const Bf16Values dy = bf16_values(rng, rows * dim, 1.0f);
+      std::vector<float> grads[2];
+      for (int path = 0; path < 2; ++path) {
+        norm.zero_grad(stream);
+        norm.forward(x.data(), rows, y.data(), stream);
+        if (path == 0)
+          norm.backward(dy.f32.data(), dx.data(), stream);
+        else
+          norm.backward(dy.b16.data(), dx16.data(), stream);
+        grads[path] = download(norm.weight_grad(), dim);
+        if (norm.has_bias()) {
+          const std::vector<float> gb = download(norm.bias_grad(), dim);
+          grads[path].insert(grads[path].end(), gb.begin(), gb.end());
+        }
       }
+      expect_bits_equal(download(dx16.data(), rows * dim), download(dx.data(), rows * dim), "norm dx from BF16 dy");
+      expect_bits_equal(grads[1], grads[0], "norm parameter gradients from BF16 dy");
     }
-    expect_bits_equal(download(dx16.data(), rows * dim), download(dx.data(), rows * dim), "norm dx from BF16 dy");
-    expect_bits_equal(grads[1], grads[0], "norm parameter gradients from BF16 dy");
-  }
   for (const MlpKind kind : {MlpKind::kGelu, MlpKind::kRelu2, MlpKind::kSwiglu})
     for (const int64_t hidden : {int64_t{64}, int64_t{37}}) {  // 37: the scalar kernel
       const int64_t rows = 29, width = kind == MlpKind::kSwiglu ? 2 * hidden : hidden;

@@ -80,14 +80,6 @@ __global__ void activation_backward_kernel(MlpKind kind, const In* __restrict__ 
   }
 }
 
-// Four consecutive values as FP32: one 16-byte load of FP32, or one 8-byte load of BF16.
-__device__ __forceinline__ float4 load4(const float* p, int64_t i) { return reinterpret_cast<const float4*>(p)[i]; }
-__device__ __forceinline__ float4 load4(const bf16_t* p, int64_t i) {
-  const uint2 w = reinterpret_cast<const uint2*>(p)[i];
-  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xFFFF0000u), __uint_as_float(w.y << 16),
-                     __uint_as_float(w.y & 0xFFFF0000u));
-}
-
 // GELU on vectors of 4 (the MLP's activation in GPT-2; n % 4 == 0 and 16-byte aligned pointers,
 // checked by the caller): the scalar kernels above issue 4-byte accesses and ran at ~60% of the copy
 // bandwidth.
@@ -95,7 +87,7 @@ template <typename In, typename Out4>  // Out4: float4, or uint2 for four BF16 v
 __global__ void gelu_forward4_kernel(const In* __restrict__ pre, int64_t n4, Out4* __restrict__ act) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n4) return;
-  const float4 p = load4(pre, i);
+  const float4 p = detail::load4(pre + 4 * i);
   store4(act + i, gelu(p.x), gelu(p.y), gelu(p.z), gelu(p.w));
 }
 template <typename In, typename D, typename Out4>
@@ -103,7 +95,7 @@ __global__ void gelu_backward4_kernel(const In* __restrict__ pre, const D* __res
                                       Out4* __restrict__ dpre) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n4) return;
-  const float4 p = load4(pre, i), d = load4(dact, i);
+  const float4 p = detail::load4(pre + 4 * i), d = detail::load4(dact + 4 * i);
   store4(dpre + i, d.x * gelu_grad(p.x), d.y * gelu_grad(p.y), d.z * gelu_grad(p.z), d.w * gelu_grad(p.w));
 }
 

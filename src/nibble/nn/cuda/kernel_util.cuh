@@ -58,6 +58,19 @@ __device__ __forceinline__ uint32_t bf16_bits(float v) { return BF16::encode(v, 
 __device__ __forceinline__ void write_out(float* out, float v) { *out = v; }
 __device__ __forceinline__ void write_out(bf16_t* out, float v) { out->bits = static_cast<uint16_t>(bf16_bits(v)); }
 
+// Four consecutive elements as FP32 (one 16-byte load of FP32, or one 8-byte load of BF16, exact),
+// and back (BF16 rounded as write_out does): p aligned to 4 elements.
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const bf16_t* p) {
+  const uint2 w = *reinterpret_cast<const uint2*>(p);
+  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xFFFF0000u), __uint_as_float(w.y << 16),
+                     __uint_as_float(w.y & 0xFFFF0000u));
+}
+__device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ void store4(bf16_t* p, float4 v) {
+  *reinterpret_cast<uint2*>(p) = make_uint2(bf16_bits(v.x) | bf16_bits(v.y) << 16, bf16_bits(v.z) | bf16_bits(v.w) << 16);
+}
+
 // Records (position, id) of an out-of-range id; the smallest position wins.
 __device__ inline void flag_bad_id(unsigned long long* flag, int64_t position, uint32_t id) {
   atomicMin(flag, (static_cast<unsigned long long>(position) << 32) | id);

@@ -8,6 +8,8 @@
 namespace nibble::nn::cuda {
 
 using detail::blocks_for;
+using detail::load4;
+using detail::store4;
 
 namespace {
 
@@ -48,6 +50,71 @@ norm_forward_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool
   }
 }
 
+// The same forward for rows of a multiple of 128 elements, up to 128 * kVecChunks (GPT-2's 768 and
+// 1024): each lane holds its 4-element chunks 4 lane + 128 c in registers, loaded with 16-byte
+// loads all at once (the strided kernel above keeps few loads in flight and re-reads the row), and
+// adds them in double in the same per-element expressions.
+constexpr int kVecChunks = 8;
+
+__device__ __forceinline__ float get(const float4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+__device__ __forceinline__ void set(float4& v, int j, float x) {
+  if (j == 0) v.x = x;
+  else if (j == 1) v.y = x;
+  else if (j == 2) v.z = x;
+  else v.w = x;
+}
+
+template <typename Out>
+__global__ void __launch_bounds__(kRowThreads)
+norm_forward_vec_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool centered, float eps,
+                        const float* __restrict__ weight, const float* __restrict__ bias, Out* __restrict__ y,
+                        float* __restrict__ xhat, float* __restrict__ rstd_out) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31, chunks = static_cast<int>(dim / 128);
+  if (r >= rows) return;
+  const int64_t row = r * dim + 4 * lane;
+  float4 v[kVecChunks];
+#pragma unroll
+  for (int c = 0; c < kVecChunks; ++c)
+    if (c < chunks) v[c] = load4(x + row + 128 * c);
+  double mean = 0.0;
+  if (centered) {
+    double s = 0.0;
+#pragma unroll
+    for (int c = 0; c < kVecChunks; ++c)
+      if (c < chunks)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s += get(v[c], j);
+    mean = detail::warp_sum(s) / static_cast<double>(dim);
+  }
+  double sq = 0.0;
+#pragma unroll
+  for (int c = 0; c < kVecChunks; ++c)
+    if (c < chunks)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const double d = get(v[c], j) - mean;
+        sq += d * d;
+      }
+  const double var = detail::warp_sum(sq) / static_cast<double>(dim);
+  const double rstd = 1.0 / sqrt(var + static_cast<double>(eps));
+  if (lane == 0) rstd_out[r] = static_cast<float>(rstd);
+#pragma unroll
+  for (int c = 0; c < kVecChunks; ++c) {
+    if (c >= chunks) continue;
+    const int64_t col = 4 * lane + 128 * c;
+    const float4 w = load4(weight + col), b = bias != nullptr ? load4(bias + col) : make_float4(0, 0, 0, 0);
+    float4 h, out;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      set(h, j, static_cast<float>((get(v[c], j) - mean) * rstd));
+      set(out, j, get(h, j) * get(w, j) + get(b, j));
+    }
+    store4(xhat + row + 128 * c, h);
+    store4(y + row + 128 * c, out);
+  }
+}
+
 // dx = rstd * (dxhat - mean(dxhat) [LayerNorm] - xhat * mean(dxhat * xhat)), dxhat = dy * g.
 // One warp per row, as the forward. dx16 (optional): the final dx rounded to BF16 as well.
 // dy in FP32 or BF16 (DyT; the GPU model's linear dX in BF16), read as FP32 (exact).
@@ -76,6 +143,54 @@ norm_backward_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat,
     const float out = accumulate ? dx[r * dim + i] + g : g;
     dx[r * dim + i] = out;
     if (dx16 != nullptr) detail::write_out(dx16 + r * dim + i, out);
+  }
+}
+
+// The same backward with 16-byte loads and the row in registers (rows as norm_forward_vec_kernel's).
+template <typename DyT>
+__global__ void __launch_bounds__(kRowThreads)
+norm_backward_vec_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat, const float* __restrict__ rstd,
+                         const float* __restrict__ weight, int64_t rows, int64_t dim, bool centered, bool accumulate,
+                         float* __restrict__ dx, bf16_t* __restrict__ dx16) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31, chunks = static_cast<int>(dim / 128);
+  if (r >= rows) return;
+  const int64_t row = r * dim + 4 * lane;
+  float4 g[kVecChunks], xh[kVecChunks];
+#pragma unroll
+  for (int c = 0; c < kVecChunks; ++c)
+    if (c < chunks) {
+      g[c] = load4(dy + row + 128 * c);
+      xh[c] = load4(xhat + row + 128 * c);
+    }
+  double s1 = 0.0, s2 = 0.0;
+#pragma unroll
+  for (int c = 0; c < kVecChunks; ++c)
+    if (c < chunks) {
+      const float4 w = load4(weight + 4 * lane + 128 * c);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const double d = static_cast<double>(get(g[c], j)) * get(w, j);
+        s1 += d;
+        s2 += d * get(xh[c], j);
+      }
+    }
+  const double mean_dxhat = centered ? detail::warp_sum(s1) / static_cast<double>(dim) : 0.0;
+  const double mean_dxhat_xhat = detail::warp_sum(s2) / static_cast<double>(dim);
+  const double rs = rstd[r];
+#pragma unroll
+  for (int c = 0; c < kVecChunks; ++c) {
+    if (c >= chunks) continue;
+    const float4 w = load4(weight + 4 * lane + 128 * c);
+    float4 out = accumulate ? load4(dx + row + 128 * c) : make_float4(0, 0, 0, 0);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const double d = static_cast<double>(get(g[c], j)) * get(w, j);
+      const float gj = static_cast<float>(rs * (d - mean_dxhat - get(xh[c], j) * mean_dxhat_xhat));
+      set(out, j, accumulate ? get(out, j) + gj : gj);
+    }
+    store4(dx + row + 128 * c, out);
+    if (dx16 != nullptr) store4(dx16 + row + 128 * c, out);
   }
 }
 
@@ -132,6 +247,14 @@ __global__ void fill_kernel(float* p, int64_t n, float v) {
   if (i < n) p[i] = v;
 }
 
+// Whether rows take the vector kernels: a multiple of 128 elements, at most 128 * kVecChunks, and
+// rows aligned for 4-element loads and stores at the given input and output.
+template <typename In, typename Out>
+bool vector_rows(int64_t dim, const In* in, const Out* out) {
+  const auto ok = [](const void* p, size_t elem) { return reinterpret_cast<uintptr_t>(p) % (4 * elem) == 0; };
+  return dim % 128 == 0 && dim <= 128 * kVecChunks && ok(in, sizeof(In)) && ok(out, sizeof(Out));
+}
+
 }  // namespace
 
 NormCuda::NormCuda(int64_t dim, NormKind kind, float eps) : dim_(dim), kind_(kind), eps_(eps) {
@@ -162,7 +285,8 @@ void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t s
   if (rows <= 0) throw std::invalid_argument("NormCuda::forward: rows must be positive, got " + std::to_string(rows));
   saved_xhat_.reserve(static_cast<size_t>(rows * dim_));
   saved_rstd_.reserve(static_cast<size_t>(rows));
-  norm_forward_kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
+  const auto kernel = vector_rows(dim_, x, y) ? norm_forward_vec_kernel<Out> : norm_forward_kernel<Out>;
+  kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
       x, rows, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), has_bias() ? bias_.data() : nullptr, y,
       saved_xhat_.data(), saved_rstd_.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
@@ -181,7 +305,9 @@ void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool
   if (saved_rows_ == 0) throw std::logic_error("NormCuda::backward without a forward");
   const int64_t rows = saved_rows_;
   const bool centered = kind_ == NormKind::kLayerNorm;
-  norm_backward_kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
+  const bool vector = vector_rows(dim_, dy, dx) && (dx_bf16 == nullptr || vector_rows(dim_, dx_bf16, dx));
+  const auto kernel = vector ? norm_backward_vec_kernel<DyT> : norm_backward_kernel<DyT>;
+  kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
       dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16);
   NIBBLE_CUDA_CHECK_LAUNCH();
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
