@@ -155,6 +155,29 @@ struct ProducerLoads {
 };
 #endif  // NIBBLE_SM90A_HELPERS
 
+// C[i], C[i + 1] = (x, y) (+ their old values when accumulating), in FP32 or rounded to BF16: the
+// last step of both the GEMM's epilogue and the split-K reduction.
+template <bool kBf16Out>
+__device__ __forceinline__ void store_pair(void* c, int64_t i, float x, float y, bool accumulate) {
+  if constexpr (kBf16Out) {
+    __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(c) + i);
+    if (accumulate) {
+      const float2 old = __bfloat1622float2(*out);
+      x += old.x;
+      y += old.y;
+    }
+    *out = __floats2bfloat162_rn(x, y);
+  } else {
+    float2* out = reinterpret_cast<float2*>(static_cast<float*>(c) + i);
+    if (accumulate) {
+      const float2 old = *out;
+      x += old.x;
+      y += old.y;
+    }
+    *out = make_float2(x, y);
+  }
+}
+
 template <bool kBf16Out>
 __global__ void __launch_bounds__(kThreads, 1)
     nvfp4_gemm_kernel(int64_t m, int64_t n, int64_t k, Nvfp4Operand a, Nvfp4Operand b, void* c, const float* alpha,
@@ -293,24 +316,7 @@ __global__ void __launch_bounds__(kThreads, 1)
           *reinterpret_cast<float2*>(partial + i) = make_float2(acc[4 * j + 2 * h], acc[4 * j + 2 * h + 1]);
           continue;
         }
-        float x = scale * acc[4 * j + 2 * h], y = scale * acc[4 * j + 2 * h + 1];
-        if constexpr (kBf16Out) {
-          __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(static_cast<__nv_bfloat16*>(c) + i);
-          if (accumulate) {
-            const float2 old = __bfloat1622float2(*out);
-            x += old.x;
-            y += old.y;
-          }
-          *out = __floats2bfloat162_rn(x, y);
-        } else {
-          float2* out = reinterpret_cast<float2*>(static_cast<float*>(c) + i);
-          if (accumulate) {
-            const float2 old = *out;
-            x += old.x;
-            y += old.y;
-          }
-          *out = make_float2(x, y);
-        }
+        store_pair<kBf16Out>(c, i, scale * acc[4 * j + 2 * h], scale * acc[4 * j + 2 * h + 1], accumulate);
       }
     }
   }
@@ -335,29 +341,8 @@ __global__ void reduce_partials_kernel(int64_t count4, int splits, const float4*
     sum.w += p.w;
   }
   const float scale = alpha != nullptr ? *alpha : 1.0f;
-  float v[4] = {scale * sum.x, scale * sum.y, scale * sum.z, scale * sum.w};
-  if constexpr (kBf16Out) {
-    __nv_bfloat162* out = reinterpret_cast<__nv_bfloat162*>(c) + 2 * i;
-    if (accumulate) {
-      const float2 lo = __bfloat1622float2(out[0]), hi = __bfloat1622float2(out[1]);
-      v[0] += lo.x;
-      v[1] += lo.y;
-      v[2] += hi.x;
-      v[3] += hi.y;
-    }
-    out[0] = __floats2bfloat162_rn(v[0], v[1]);
-    out[1] = __floats2bfloat162_rn(v[2], v[3]);
-  } else {
-    float4* out = reinterpret_cast<float4*>(c) + i;
-    if (accumulate) {
-      const float4 old = *out;
-      v[0] += old.x;
-      v[1] += old.y;
-      v[2] += old.z;
-      v[3] += old.w;
-    }
-    *out = make_float4(v[0], v[1], v[2], v[3]);
-  }
+  store_pair<kBf16Out>(c, 4 * i, scale * sum.x, scale * sum.y, accumulate);
+  store_pair<kBf16Out>(c, 4 * i + 2, scale * sum.z, scale * sum.w, accumulate);
 }
 
 bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
