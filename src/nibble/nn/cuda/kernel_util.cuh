@@ -63,8 +63,8 @@ __device__ __forceinline__ void write_out(bf16_t* out, float v) { out->bits = st
 __device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 __device__ __forceinline__ float4 load4(const bf16_t* p) {
   const uint2 w = *reinterpret_cast<const uint2*>(p);
-  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xFFFF0000u), __uint_as_float(w.y << 16),
-                     __uint_as_float(w.y & 0xFFFF0000u));
+  return make_float4(bits_float(w.x << 16), bits_float(w.x & 0xFFFF0000u), bits_float(w.y << 16),
+                     bits_float(w.y & 0xFFFF0000u));
 }
 __device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 __device__ __forceinline__ void store4(bf16_t* p, float4 v) {
