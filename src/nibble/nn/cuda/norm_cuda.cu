@@ -305,7 +305,7 @@ void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool
   if (saved_rows_ == 0) throw std::logic_error("NormCuda::backward without a forward");
   const int64_t rows = saved_rows_;
   const bool centered = kind_ == NormKind::kLayerNorm;
-  const bool vector = vector_rows(dim_, dy, dx) && (dx_bf16 == nullptr || vector_rows(dim_, dx_bf16, dx));
+  const bool vector = vector_rows(dim_, dy, dx) && (dx_bf16 == nullptr || vector_rows(dim_, dx_bf16, dx_bf16));
   const auto kernel = vector ? norm_backward_vec_kernel<DyT> : norm_backward_kernel<DyT>;
   kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
       dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16);
