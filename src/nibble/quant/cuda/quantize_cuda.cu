@@ -12,12 +12,12 @@
 #include "nibble/quant/fp4_decode_bf16.h"
 #include "nibble/quant/cuda/nvfp4_rowcol.cuh"
 #include "nibble/quant/cuda/nvfp4_tile16.cuh"
-#include "nibble/tensor/cuda/device_buffer.h"
 #include "nibble/quant/cuda/tile16_layout.h"
 #include "nibble/quant/philox.h"
 #include "nibble/quant/quantize.h"
 #include "nibble/quant/rht.h"
 #include "nibble/quant/scaling.h"
+#include "nibble/tensor/cuda/device_buffer.h"
 
 namespace nibble::cuda {
 
