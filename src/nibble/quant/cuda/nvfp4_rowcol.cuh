@@ -129,7 +129,8 @@ __device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
 //      quantizes 16-element row segments as rowwise 1x16 blocks straight from registers, and
 //      parks the values as float32 in shared memory (the RHT signs already applied, see below);
 //   2. reads the tile back by columns (two neighbouring columns per 8-byte load), applies the RHT
-//      butterfly if asked, and quantizes 16-row column blocks into the columnwise copy.
+//      butterfly if asked, and quantizes 16-row column blocks into the columnwise copy; its decoded
+//      BF16 values, where asked for, go out through shared memory (staged_chunk).
 // The next tile's loads are issued before step 2, so they are in flight while it computes.
 // The same kernel with kAmaxOnly computes the two absolute maxima that current scaling needs.
 //
@@ -213,6 +214,14 @@ __device__ __forceinline__ int tile_col(int c) {
   return s * 16 + ((j + s / 2) % 4) * 4 + c % 4;
 }
 
+// The columnwise copy's decoded BF16 values leave through shared memory, so that a warp's global
+// stores fill whole 128-byte lines (a thread's own values are 32 bytes of each of two X^T rows, and
+// storing them directly puts 32 rows into every store instruction). Once the tile's floats are read,
+// its first 16 KiB hold the tile's 128 X^T rows of 64 BF16 (8 chunks of 16 bytes each); chunk j of
+// row r sits at chunk j ^ ((r ^ r >> 3) % 8), which keeps both the writes (8 lanes: 8 even or 8 odd
+// rows, one chunk column) and the reads (8 lanes: one row, all its chunks) free of bank conflicts.
+__device__ __forceinline__ int staged_chunk(int r, int j) { return r * 8 + (j ^ ((r ^ (r >> 3)) & 7)); }
+
 // 16 elements of a row segment as float32, their sign bits XORed with `flip` (0 or 0x80000000).
 __device__ __forceinline__ void unpack16(const Raw16<bf16_t>& r, uint32_t flip, float v[16]) {
 #pragma unroll
@@ -263,8 +272,10 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   __shared__ __align__(16) float tile[kTileRows][kTileCols];
   __shared__ float enc_scale[2][kE4m3Codes];  // element encode scale e_b by E4M3 code: row, col
   const int t = threadIdx.x;
-  const int64_t tiles_x = (cols + kTileCols - 1) / kTileCols;
-  const int64_t tiles = tiles_x * ((rows + kTileRows - 1) / kTileRows);
+  // Tile indices in 32 bits (launch_rowcol checks that they fit): a 64-bit division per tile is
+  // dozens of instructions.
+  const uint32_t tiles_x = static_cast<uint32_t>((cols + kTileCols - 1) / kTileCols);
+  const uint32_t tiles = tiles_x * static_cast<uint32_t>((rows + kTileRows - 1) / kTileRows);
 
   SideScale rs{}, cs{};
   // The seed's Philox round keys, once per thread (uniform across the grid) rather than per call.
@@ -309,8 +320,9 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   float row_amax = 0.0f, col_amax = 0.0f;  // kAmaxOnly; col_amax before the RHT's 1/4
 
   Raw16<T> raw[kRowIters];
-  const auto load_tile = [&](int64_t tile_index) {
-    const int64_t r0 = (tile_index / tiles_x) * kTileRows, c0 = (tile_index % tiles_x) * kTileCols;
+  const auto load_tile = [&](uint32_t tile_index) {
+    const int64_t r0 = static_cast<int64_t>(tile_index / tiles_x) * kTileRows;
+    const int64_t c0 = static_cast<int64_t>(tile_index % tiles_x) * kTileCols;
 #pragma unroll
     for (int i = 0; i < kRowIters; ++i) {
       const int64_t r = r0 + t / kSegsPerRow + i * kRowsPerPass, c = c0 + seg * 16;
@@ -320,9 +332,10 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   constexpr bool kPrefetch = kPrefetchTile<T>;
   if (kPrefetch && blockIdx.x < tiles) load_tile(blockIdx.x);
 
-  for (int64_t tile_index = blockIdx.x; tile_index < tiles; tile_index += gridDim.x) {
+  for (uint32_t tile_index = blockIdx.x; tile_index < tiles; tile_index += gridDim.x) {
     if (!kPrefetch) load_tile(tile_index);
-    const int64_t r0 = (tile_index / tiles_x) * kTileRows, c0 = (tile_index % tiles_x) * kTileCols;
+    const int64_t r0 = static_cast<int64_t>(tile_index / tiles_x) * kTileRows;
+    const int64_t c0 = static_cast<int64_t>(tile_index % tiles_x) * kTileCols;
     const int tile_rows = rows - r0 < kTileRows ? static_cast<int>(rows - r0) : kTileRows;
     const int tile_cols = cols - c0 < kTileCols ? static_cast<int>(cols - c0) : kTileCols;
     const bool seg_ok = seg * 16 < tile_cols;
@@ -367,17 +380,20 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
     __syncthreads();
 
     // ---- columns: two neighbouring columns, blocks of 16 rows
+    uint2 packed[2][kColBlocksPerThread];  // [column][block]
+    uint32_t codes[kColBlocksPerThread];   // E4M3 codes of both columns (low byte: column 2*pair)
+#pragma unroll
+    for (int bi = 0; bi < kColBlocksPerThread; ++bi) {
+      packed[0][bi] = packed[1][bi] = make_uint2(0, 0);
+      codes[bi] = 0;
+    }
     if (2 * pair < tile_cols) {
       // X^T index of this thread's first element in column 2*pair; column 2*pair + 1 is `rows` later.
       const uint64_t q0 = static_cast<uint64_t>(c0 + 2 * pair) * static_cast<uint64_t>(rows) +
                           static_cast<uint64_t>(r0 + first_block * 16);
-      uint2 packed[2][kColBlocksPerThread];  // [column][block]
-      uint32_t codes[kColBlocksPerThread];   // E4M3 codes of both columns (low byte: column 2*pair)
 #pragma unroll
       for (int bi = 0; bi < kColBlocksPerThread; ++bi) {
         const int b = first_block + bi;
-        packed[0][bi] = packed[1][bi] = make_uint2(0, 0);
-        codes[bi] = 0;
         if (b * 16 < tile_rows) {
           float va[16], vb[16];  // columns 2*pair and 2*pair + 1
 #pragma unroll
@@ -425,11 +441,29 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
               scales[1] = static_cast<uint8_t>(c1s);
             }
           }
-          if (col.decoded != nullptr) {  // q is a multiple of 16: the blocks' 32-byte rows are aligned
-            store_decoded16(col.decoded + q, packed[side][0], c0s);
-            if (both) store_decoded16(col.decoded + q + 16, packed[side][1], c1s);
-          }
         }
+      }
+    }
+    if (!kAmaxOnly && col.decoded != nullptr) {  // through shared memory (staged_chunk)
+      __syncthreads();  // every thread has read its columns out of the tile
+      uint4* stage = reinterpret_cast<uint4*>(&tile[0][0]);
+      if (2 * pair < tile_cols) {
+#pragma unroll
+        for (int side = 0; side < 2; ++side)
+#pragma unroll
+          for (int bi = 0; bi < kColBlocksPerThread; ++bi) {
+            const int r = 2 * pair + side, j = 2 * (first_block + bi);
+            decode16_bf16(packed[side][bi], (codes[bi] >> (8 * side)) & 0xFFu, stage[staged_chunk(r, j)],
+                          stage[staged_chunk(r, j + 1)]);
+          }
+      }
+      __syncthreads();
+      // X^T row c0 + r, elements r0 + 8j .. + 7: 16-byte aligned, as rows % 16 == 0.
+      for (int i = t; i < kTileCols * 8; i += kRowColThreads) {
+        const int r = i / 8, j = i % 8;
+        if (r < tile_cols && 8 * j < tile_rows)
+          *reinterpret_cast<uint4*>(col.decoded + static_cast<uint64_t>(c0 + r) * static_cast<uint64_t>(rows) +
+                                    static_cast<uint64_t>(r0 + 8 * j)) = stage[staged_chunk(r, j)];
       }
     }
     __syncthreads();  // the tile's shared memory is overwritten next iteration

@@ -3,6 +3,7 @@
 #include "nibble/quant/cuda/quantize_cuda.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -216,6 +217,9 @@ template <typename T, bool kAmaxOnly>
 void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, uint32_t* amax_out,
                    const uint32_t* amax_in, QuantBuffers row, QuantBuffers col, cudaStream_t stream) {
   const int64_t tiles = ((cols + kTileCols - 1) / kTileCols) * ((rows + kTileRows - 1) / kTileRows);
+  if (tiles > INT32_MAX)  // the kernel counts tiles in 32 bits
+    throw std::invalid_argument("nvfp4 fused quantization of a " + std::to_string(rows) + "x" + std::to_string(cols) +
+                                " tensor: more than 2^31 tiles");
   constexpr Rounding kRne = Rounding::kNearestEven, kSr = Rounding::kStochastic;
   const auto go = [&](auto kernel) {
     const int blocks = persistent_blocks(reinterpret_cast<const void*>(kernel), tiles);
