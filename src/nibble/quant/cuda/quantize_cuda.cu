@@ -7,6 +7,7 @@
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -231,17 +232,26 @@ void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spe
     return;
   } else {
     const bool rs = spec.row_rounding == kSr, cs = spec.col_rounding == kSr;
-    if (spec.col_rht) {
-      if (rs && cs) go(nvfp4_rowcol_kernel<T, false, kSr, kSr, true>);
-      else if (rs) go(nvfp4_rowcol_kernel<T, false, kSr, kRne, true>);
-      else if (cs) go(nvfp4_rowcol_kernel<T, false, kRne, kSr, true>);
-      else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, true>);
-    } else {
-      if (rs && cs) go(nvfp4_rowcol_kernel<T, false, kSr, kSr, false>);
-      else if (rs) go(nvfp4_rowcol_kernel<T, false, kSr, kRne, false>);
-      else if (cs) go(nvfp4_rowcol_kernel<T, false, kRne, kSr, false>);
-      else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, false>);
+    const auto pick = [&](auto stage_col) {
+      constexpr bool kStage = decltype(stage_col)::value;
+      if (spec.col_rht) {
+        if (rs && cs) go(nvfp4_rowcol_kernel<T, false, kSr, kSr, true, kStage>);
+        else if (rs) go(nvfp4_rowcol_kernel<T, false, kSr, kRne, true, kStage>);
+        else if (cs) go(nvfp4_rowcol_kernel<T, false, kRne, kSr, true, kStage>);
+        else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, true, kStage>);
+      } else {
+        if (rs && cs) go(nvfp4_rowcol_kernel<T, false, kSr, kSr, false, kStage>);
+        else if (rs) go(nvfp4_rowcol_kernel<T, false, kSr, kRne, false, kStage>);
+        else if (cs) go(nvfp4_rowcol_kernel<T, false, kRne, kSr, false, kStage>);
+        else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, false, kStage>);
+      }
+    };
+    // The staged variants only for BF16 input (the training step's): float input stores its
+    // decoded columns directly.
+    if constexpr (sizeof(T) == 2) {
+      if (spec.columnwise && col.decoded != nullptr) return pick(std::true_type{});
     }
+    pick(std::false_type{});
   }
 }
 
