@@ -487,12 +487,17 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
           }
       }
       __syncthreads();
-      // X^T row c0 + r, elements r0 + 8j .. + 7: 16-byte aligned, as rows % 16 == 0.
-      for (int i = t; i < kTileCols * 8; i += kRowColThreads) {
-        const int r = i / 8, j = i % 8;
-        if (r < tile_cols && 8 * j < tile_rows)
-          *reinterpret_cast<uint4*>(col.decoded + static_cast<uint64_t>(c0 + r) * static_cast<uint64_t>(rows) +
-                                    static_cast<uint64_t>(r0 + 8 * j)) = stage[staged_chunk(r, j)];
+      // Thread t copies chunk j = t % 8 of the tile's X^T rows t / 8 + 16 k: X^T row c0 + r, elements
+      // r0 + 8 j .. + 7, 16-byte aligned as rows % 16 == 0. The address steps by 16 rows.
+      constexpr int kCopyRows = kRowColThreads / 8;
+      const int j = t % 8, r_first = t / 8;
+      const uint64_t step = kCopyRows * static_cast<uint64_t>(rows);
+      uint16_t* dst = col.decoded + static_cast<uint64_t>(c0 + r_first) * static_cast<uint64_t>(rows) +
+                      static_cast<uint64_t>(r0 + 8 * j);
+#pragma unroll
+      for (int k = 0; k < kTileCols / kCopyRows; ++k, dst += step) {
+        const int r = r_first + kCopyRows * k;
+        if (r < tile_cols && 8 * j < tile_rows) *reinterpret_cast<uint4*>(dst) = stage[staged_chunk(r, j)];
       }
     }
     __syncthreads();  // the tile's shared memory is overwritten next iteration
