@@ -30,6 +30,7 @@
 #include <span>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "cuda/fused_pass_spec.h"
@@ -180,23 +181,33 @@ struct Outputs {
   float alpha[2] = {-1.0f, -1.0f};
 };
 
-template <typename T, bool kAmaxOnly, Rounding kRow, Rounding kCol, bool kRht>
+template <typename T, bool kAmaxOnly, Rounding kRow, Rounding kCol, bool kRht, bool kStageCol = false>
 void run_kernel(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t cols, const RowColSpec& spec,
                 uint32_t* amax_out, const uint32_t* amax_in, QuantBuffers row, QuantBuffers col) {
   emu::launch(grid, [&] {
-    nvfp4_rowcol_kernel<T, kAmaxOnly, kRow, kCol, kRht>(x.data(), rows, cols, spec, amax_out, amax_in, row, col);
+    nvfp4_rowcol_kernel<T, kAmaxOnly, kRow, kCol, kRht, kStageCol>(x.data(), rows, cols, spec, amax_out, amax_in,
+                                                                   row, col);
   });
 }
 
+// The variant launch_rowcol picks: the staged column decode (kStageCol) for BF16 input whose decoded
+// columns are asked for.
 template <typename T, bool kRht>
 void quantize_with(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t cols, const RowColSpec& spec,
                    QuantBuffers row, QuantBuffers col, uint32_t* amax) {
   constexpr Rounding kRne = Rounding::kNearestEven, kSr = Rounding::kStochastic;
   const bool rs = spec.row_rounding == kSr, cs = spec.col_rounding == kSr;
-  if (rs && cs) run_kernel<T, false, kSr, kSr, kRht>(grid, x, rows, cols, spec, nullptr, amax, row, col);
-  else if (rs) run_kernel<T, false, kSr, kRne, kRht>(grid, x, rows, cols, spec, nullptr, amax, row, col);
-  else if (cs) run_kernel<T, false, kRne, kSr, kRht>(grid, x, rows, cols, spec, nullptr, amax, row, col);
-  else run_kernel<T, false, kRne, kRne, kRht>(grid, x, rows, cols, spec, nullptr, amax, row, col);
+  const auto pick = [&](auto stage_col) {
+    constexpr bool kStage = decltype(stage_col)::value;
+    if (rs && cs) run_kernel<T, false, kSr, kSr, kRht, kStage>(grid, x, rows, cols, spec, nullptr, amax, row, col);
+    else if (rs) run_kernel<T, false, kSr, kRne, kRht, kStage>(grid, x, rows, cols, spec, nullptr, amax, row, col);
+    else if (cs) run_kernel<T, false, kRne, kSr, kRht, kStage>(grid, x, rows, cols, spec, nullptr, amax, row, col);
+    else run_kernel<T, false, kRne, kRne, kRht, kStage>(grid, x, rows, cols, spec, nullptr, amax, row, col);
+  };
+  if constexpr (sizeof(T) == 2) {
+    if (spec.columnwise && col.decoded != nullptr) return pick(std::true_type{});
+  }
+  pick(std::false_type{});
 }
 
 template <typename T>

@@ -126,7 +126,8 @@ __device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
 //
 // Per tile, each thread block
 //   1. loads the tile with 16-byte loads (every thread's loads in flight before it uses one),
-//      quantizes 16-element row segments as rowwise 1x16 blocks straight from registers, and
+//      quantizes 16-element row segments as rowwise 1x16 blocks straight from registers (with
+//      stochastic rounding: from shared memory once the tile is staged, kRowsFromTile), and
 //      parks the values as float32 in shared memory (the RHT signs already applied, see below);
 //   2. reads the tile back by columns (two neighbouring columns per 8-byte load), applies the RHT
 //      butterfly if asked, and quantizes 16-row column blocks into the columnwise copy; its decoded
