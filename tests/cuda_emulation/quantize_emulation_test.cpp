@@ -190,8 +190,7 @@ void run_kernel(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t co
   });
 }
 
-// The variant launch_rowcol picks: the staged column decode (kStageCol) for BF16 input whose decoded
-// columns are asked for.
+// The variant launch_rowcol picks (stage_col_decode).
 template <typename T, bool kRht>
 void quantize_with(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t cols, const RowColSpec& spec,
                    QuantBuffers row, QuantBuffers col, uint32_t* amax) {
@@ -205,7 +204,7 @@ void quantize_with(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t
     else run_kernel<T, false, kRne, kRne, kRht, kStage>(grid, x, rows, cols, spec, nullptr, amax, row, col);
   };
   if constexpr (sizeof(T) == 2) {
-    if (spec.columnwise && col.decoded != nullptr) return pick(std::true_type{});
+    if (stage_col_decode<T>(spec, col)) return pick(std::true_type{});
   }
   pick(std::false_type{});
 }

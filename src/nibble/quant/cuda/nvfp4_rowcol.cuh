@@ -267,7 +267,13 @@ constexpr bool kPrefetchTile = sizeof(T) == 2;
 
 // kStageCol: the columnwise copy's decoded values leave through shared memory (staged_chunk); a
 // variant of its own, as the staging keeps the column codes in registers past a barrier, which the
-// kernels that write no decoded columns cannot spare (they spill).
+// kernels that write no decoded columns cannot spare (they spill). stage_col_decode says which
+// launches take it: BF16 input (the training step's) with decoded columns asked for; float input
+// stores its decoded columns directly.
+template <typename T>
+bool stage_col_decode(const RowColSpec& spec, const QuantBuffers& col) {
+  return sizeof(T) == 2 && spec.columnwise && col.decoded != nullptr;
+}
 template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht, bool kStageCol = false>
 __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRounding, kColRounding>))
     nvfp4_rowcol_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowColSpec spec,

@@ -246,10 +246,8 @@ void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spe
         else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, false, kStage>);
       }
     };
-    // The staged variants only for BF16 input (the training step's): float input stores its
-    // decoded columns directly.
-    if constexpr (sizeof(T) == 2) {
-      if (spec.columnwise && col.decoded != nullptr) return pick(std::true_type{});
+    if constexpr (sizeof(T) == 2) {  // no staged variants for float input (stage_col_decode)
+      if (stage_col_decode<T>(spec, col)) return pick(std::true_type{});
     }
     pick(std::false_type{});
   }
