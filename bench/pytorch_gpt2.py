@@ -7,10 +7,14 @@ attention through scaled_dot_product_attention (flash), BF16 autocast, fused Ada
 clipping at 1.0. Tokens are random ids (throughput does not depend on them).
 
     python3 bench/pytorch_gpt2.py --config configs/models/gpt2-124m.toml --batch 16 --steps 30 [--compile]
+        [--profile FILE]
 
 Prints one JSON line: tokens/s (median over the steps after warm-up), model FLOPs utilisation
 (6 N + 12 L d T per token, against 989.4 TFLOP/s dense BF16 on H100/H200), peak memory (PyTorch's
 max allocated, and device memory in use as cudaMemGetInfo sees it, which is what nibble reports).
+--profile FILE then runs 3 more steps under torch.profiler and writes their GPU kernels, CUDA time per
+step, largest first, to FILE: the counterpart of nibble's per-kernel breakdown (device_check.sh's
+profile phase), to see where the two steps differ.
 """
 import argparse
 import json
@@ -61,6 +65,24 @@ class Gpt(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+def write_profile(path, step, steps):
+    """GPU kernels of `steps` steps under torch.profiler, total CUDA time per step, largest first."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    def device_us(e):  # the attribute's name changed from cuda_ to device_ in PyTorch 2.4
+        return getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+    rows = [(device_us(e) / steps / 1000, e.count / steps, e.key) for e in prof.key_averages() if device_us(e) > 0]
+    rows.sort(reverse=True)
+    with open(path, "w") as f:
+        f.write(f"# {sum(r[0] for r in rows):.2f} ms of kernels per step, {sum(r[1] for r in rows):.0f} launches\n")
+        f.write("ms_per_step\tlaunches_per_step\tkernel\n")
+        for ms, n, key in rows:
+            f.write(f"{ms:.3f}\t{n:.0f}\t{key}\n")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/models/gpt2-124m.toml")
@@ -68,6 +90,7 @@ def main():
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--profile", metavar="FILE", help="write the kernels of 3 profiled steps to FILE")
     a = ap.parse_args()
     with open(a.config, "rb") as f:
         c = tomllib.load(f)
@@ -82,20 +105,27 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     step_fn = torch.compile(model) if a.compile else model
     t = c["seq_len"]
-    times = []
-    for i in range(a.warmup + a.steps):
+
+    def step():
         ids = torch.randint(0, c["vocab_size"], (a.batch, t + 1), device=dev)
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step_fn(ids[:, :-1], ids[:, 1:])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    times = []
+    for i in range(a.warmup + a.steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = step()
         torch.cuda.synchronize()
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
+    if a.profile:
+        write_profile(a.profile, step, 3)
     tokens = a.batch * t
     tps = tokens / statistics.median(times)
     flops_per_token = 6 * n_params + 12 * c["n_layers"] * c["d_model"] * t

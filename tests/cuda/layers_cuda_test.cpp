@@ -23,6 +23,7 @@
 
 #include "nibble/formats/minifloat.h"
 #include "nibble/nn/attention.h"
+#include "nibble/nn/cuda/attention_flash.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
 #include "nibble/nn/embedding.h"
 #include "nibble/nn/loss.h"
@@ -319,7 +320,21 @@ struct AttentionCase {
   bool rope;
 };
 
-class AttentionCudaTest : public ::testing::TestWithParam<std::tuple<AttentionCase, cuda::AttentionKernel>> {};
+// The kernel under test: the fused kernels with the Hopper (wgmma) forward where it applies (HD 64,
+// Tp a multiple of 128, an sm_90 device), the fused kernels with mma.sync only, or the GEMM core.
+struct AttentionKernelChoice {
+  cuda::AttentionKernel kernel;
+  bool wgmma;
+  const char* name;
+};
+// Sets the process-wide choice of the fused forward for a scope.
+class FlashWgmmaScope {
+ public:
+  explicit FlashWgmmaScope(bool on) { cuda::detail::set_flash_wgmma(on); }
+  ~FlashWgmmaScope() { cuda::detail::set_flash_wgmma(true); }
+};
+
+class AttentionCudaTest : public ::testing::TestWithParam<std::tuple<AttentionCase, AttentionKernelChoice>> {};
 
 // Tolerances and input scale: see model/attention_bf16_tolerance.h (both kernels' roundings are
 // emulated there).
@@ -341,7 +356,9 @@ void expect_near_zero(std::span<const float> gpu, double scale, const std::strin
 
 TEST_P(AttentionCudaTest, MatchesCpuCore) {
   std::mt19937_64 rng(fresh_seed());
-  const auto [c, kernel] = GetParam();
+  const auto [c, choice] = GetParam();
+  const cuda::AttentionKernel kernel = choice.kernel;
+  const FlashWgmmaScope wgmma(choice.wgmma);
   const AttentionShape shape{c.d_model, c.heads, c.kv_heads, c.rope, 10000.0f};
   nibble::cuda::GemmRunner gemm;
   cuda::AttentionWorkspace workspace;
@@ -421,12 +438,14 @@ INSTANTIATE_TEST_SUITE_P(
                           AttentionCase{1024, 16, 4, 1, 1024, false}, // hd 64, seq 1024, groups of 4
                           AttentionCase{1024, 8, 2, 1, 1024, true},   // hd 128, seq 1024, RoPE
                           AttentionCase{288, 2, 2, 1, 37, false}),    // hd 144: the GEMM kernel only
-        ::testing::Values(cuda::AttentionKernel::kFused, cuda::AttentionKernel::kGemm)),
+        ::testing::Values(AttentionKernelChoice{cuda::AttentionKernel::kFused, true, "Fused"},
+                          AttentionKernelChoice{cuda::AttentionKernel::kFused, false, "FusedMmaSync"},
+                          AttentionKernelChoice{cuda::AttentionKernel::kGemm, true, "Gemm"})),
     [](const auto& info) {
       const AttentionCase& c = std::get<0>(info.param);
       return "D" + std::to_string(c.d_model) + "H" + std::to_string(c.heads) + "KV" + std::to_string(c.kv_heads) + "B" +
              std::to_string(c.batch) + "T" + std::to_string(c.seq) + (c.rope ? "Rope" : "NoRope") +
-             (std::get<1>(info.param) == cuda::AttentionKernel::kFused ? "Fused" : "Gemm");
+             std::get<1>(info.param).name;
     });
 
 // The producers of a linear layer's input can write it in BF16 (LinearCuda::bf16_input): those

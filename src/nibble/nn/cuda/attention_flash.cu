@@ -63,6 +63,14 @@ __device__ inline void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, u
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+// 2^x by the SFU's approximation with results below FLT_MIN flushed to zero: one instruction,
+// where exp2f's handling of subnormal results takes three more. A probability that small adds
+// nothing to a row whose largest term is 1.
+__device__ inline float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 #endif  // NIBBLE_FLASH_HOST_EMULATION
 
 // Two floats rounded to BF16 (nearest even) in one register, lo in the low half (lower column).
@@ -222,14 +230,14 @@ __global__ void __launch_bounds__(kThreads) flash_forward_kernel(FlashDims d, BF
       // Finite: key tile 0 comes first and every row attends to key 0. (c > 0: the maximum of
       // the scaled scores is the scaled maximum.)
       const float m_new = fmaxf(m[r], quad_max(mx) * c);
-      const float alpha = exp2f(m[r] - m_new);  // 0 on the first tile
+      const float alpha = exp2_ftz(m[r] - m_new);  // 0 on the first tile
       m[r] = m_new;
       float sum = 0.0f;
 #pragma unroll
       for (int nb = 0; nb < kT / 8; ++nb)
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          const float p = exp2f(fmaf(s[nb][2 * r + j], c, -m_new));  // 0 where masked
+          const float p = exp2_ftz(fmaf(s[nb][2 * r + j], c, -m_new));  // 0 where masked
           s[nb][2 * r + j] = p;
           sum += p;
         }
@@ -333,7 +341,7 @@ __global__ void __launch_bounds__(kThreads) flash_dkdv_kernel(FlashDims d, BF16H
 #pragma unroll
     for (int nb = 0; nb < BQ / 8; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) p[nb][e] = exp2f(fmaf(p[nb][e], c, -cL[nb * 8 + 2 * t4 + (e & 1)]));
+      for (int e = 0; e < 4; ++e) p[nb][e] = exp2_ftz(fmaf(p[nb][e], c, -cL[nb * 8 + 2 * t4 + (e & 1)]));
     if (q0 < (kt + 1) * kT) {  // a tile crossing the diagonal: mask the queries before each key
       const int q_off = static_cast<int>(q0 - kt * kT);  // of the query tile in the key tile
 #pragma unroll
@@ -413,7 +421,7 @@ __global__ void __launch_bounds__(kThreads) flash_dq_kernel(FlashDims d, BF16Hea
 #pragma unroll
     for (int nb = 0; nb < kT / 8; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) p[nb][e] = exp2f(fmaf(p[nb][e], c, -L[e >> 1]));
+      for (int e = 0; e < 4; ++e) p[nb][e] = exp2_ftz(fmaf(p[nb][e], c, -L[e >> 1]));
     if (it == qt) {  // the diagonal tile: mask the keys after each query
 #pragma unroll
       for (int nb = 0; nb < kT / 8; ++nb)
@@ -556,6 +564,7 @@ void flash_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, fl
                    cudaStream_t stream, bf16* out16) {
   check_flash_dims(d);
   check_flash_views(d, {q, k, v});
+  if (flash_sm90_applies(d)) return flash_forward_sm90(d, q, k, v, out, o, lse, out16, stream);
   if (d.HD == 64) return forward_impl<64>(d, q, k, v, out, o, lse, out16, stream);
   return forward_impl<128>(d, q, k, v, out, o, lse, out16, stream);
 }

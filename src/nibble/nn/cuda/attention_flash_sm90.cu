@@ -1,0 +1,301 @@
+// Fused causal attention on Hopper's warpgroup tensor-core instructions (wgmma, sm_90a), for the
+// padded head dimension 64 (GPT-2's): the forward kernel behind flash_forward where
+// flash_sm90_applies (attention_flash.cuh). Same inputs, outputs and math as the mma.sync forward of
+// attention_flash.cu, with 128-query blocks (the online softmax meets the key tiles in other
+// groupings, so the results agree to rounding, not bit for bit).
+//
+// A block is two warpgroups (256 threads) and owns 128 queries of one (batch, head); warpgroup w
+// multiplies queries 64w..64w+63. Per key tile of 64:
+//   S = Q K^T      wgmma m64n64k16, Q and K from shared memory (K-major tiles)
+//   online softmax on S in registers (FP32), P rounded to BF16 pairs in registers
+//   O += P V       wgmma m64n64k16 with P from registers and V from shared memory (MN-major)
+// The tiles are in shared memory as wgmma reads them: rows of 64 BF16 = 128 bytes, the 16-byte chunk
+// c of row r at chunk c ^ (r % 8) (the 128-byte swizzle), tiles 1024-byte aligned. All threads load
+// the next key and value tiles by cp.async while the current ones are multiplied.
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "nibble/nn/cuda/attention_flash.cuh"
+#include "nibble/tensor/cuda/device_buffer.h"
+
+namespace nibble::nn::cuda::detail {
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kThreads = 256;  // two warpgroups
+constexpr int kRows = 128;     // queries per block
+constexpr int kHd = 64;        // head dimension: one 128-byte row
+constexpr int kKeys = 64;      // keys per tile
+// Shared memory: the Q tile, then two buffers each of K and V tiles; + room to align.
+constexpr size_t kSmemBytes = (kRows + 4 * kKeys) * 128 + 1024;
+
+// The kernels exist for sm_90a only; the other device passes (sm_100a) keep a stub that traps, which
+// the host never launches there (flash_sm90_applies).
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NIBBLE_FLASH_SM90 1
+#endif
+
+#ifdef NIBBLE_FLASH_SM90
+__device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+// A thread's share of loading a tile of rows of 64 BF16 (`stride` elements apart in global memory)
+// into its swizzled layout: chunk c = tid % 8 of rows tid / 8 + 32 j. The swizzled chunk is the
+// same for all j (32 is a multiple of 8), so each j steps both addresses by a constant.
+struct TileLoader {
+  uint32_t smem_offset;  // of the thread's first chunk in a tile
+  int64_t row_offset;    // elements from a tile's first row to the thread's first chunk
+  int64_t step;          // 32 rows, in elements
+  __device__ explicit TileLoader(int64_t stride) {
+    const int r = threadIdx.x >> 3, c = threadIdx.x & 7;
+    smem_offset = static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
+    row_offset = r * stride + c * 8;
+    step = 32 * stride;
+  }
+  // ROWS rows from gmem (a tile's first row) -> the tile at smem, asynchronously.
+  template <int ROWS>
+  __device__ __forceinline__ void load(uint32_t smem, const bf16* gmem) const {
+    const bf16* src = gmem + row_offset;
+#pragma unroll
+    for (int j = 0; j < ROWS * 8 / kThreads; ++j, src += step) cp_async16(smem + smem_offset + j * 4096, src);
+  }
+};
+
+// Shared-memory matrix descriptor, 128-byte swizzle, groups of 8 rows 1024 bytes apart. K-major
+// tiles (rows along M or N, 64 elements of the reduction each) use the stride byte offset; MN-major
+// ones (rows along the reduction) the leading one as well, for which both say 1024.
+__device__ __forceinline__ uint64_t descriptor(uint32_t smem_addr) {
+  return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) | (uint64_t{1024 >> 4} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Keeps the compiler from moving accumulator reads or writes across the asynchronous wgmma.
+template <int N>
+__device__ __forceinline__ void fence_registers(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (+)= A B with A and B K-major tiles in shared memory (d overwritten when accumulate is 0), or
+// (rs) d += A B with A in registers (BF16 pairs, the mma.sync A-fragment layout per warp) and B an
+// MN-major tile: wgmma m64nNk16 for one warpgroup.
+__device__ __forceinline__ void wgmma_ss_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+__device__ __forceinline__ void wgmma_rs_m64n64k16_bt(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
+}
+
+
+// 2^x by the SFU's approximation, results below FLT_MIN flushed to zero (as attention_flash.cu).
+__device__ __forceinline__ float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+__device__ __forceinline__ float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+#endif  // NIBBLE_FLASH_SM90
+
+// Grid (Tp / 128, H, B), blockIdx.x reversed (the query tiles with the most key tiles first). Two
+// blocks an SM (106 registers a thread). Key tiles of 128 were slower: 64 x 128 scores a warpgroup
+// take 156 registers, one block an SM.
+// Accumulator layout (wgmma m64nNk16): warp w of a warpgroup holds its rows 16w..16w+15; lane 4g + t
+// holds rows 16w + g and 16w + g + 8, columns 8j + 2t and 8j + 2t + 1 in registers 4j..4j+3 (row g:
+// 4j, 4j+1; row g + 8: 4j+2, 4j+3).
+__global__ void __launch_bounds__(kThreads, 2)
+    flash_forward_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, float* __restrict__ out,
+                              bf16* __restrict__ o, float* __restrict__ lse, bf16* __restrict__ out16) {
+#ifdef NIBBLE_FLASH_SM90
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t sQ = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  constexpr uint32_t kQBytes = kRows * 128, kKvBytes = kKeys * 128;
+  const uint32_t sK = sQ + kQBytes, sV = sK + 2 * kKvBytes;  // two buffers each
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t head = b * d.H + h, kvh = h / (d.H / d.KV);
+  const bf16* kg = k.at(b, kvh, 0);
+  const bf16* vg = v.at(b, kvh, 0);
+  const TileLoader q_loader(q.row), k_loader(k.row), v_loader(v.row);
+  q_loader.load<kRows>(sQ, q.at(b, h, qt * kRows));
+  k_loader.load<kKeys>(sK, kg);
+  v_loader.load<kKeys>(sV, vg);
+  cp_async_commit();
+
+  const float c = d.scale * 1.4426950408889634f;  // scores in base-2 units: exp(s scale) = 2^(s c)
+  const int row_in_tile = 64 * wg + 16 * warp + g;  // this thread's rows: it and it + 8
+  const uint64_t desc_q = descriptor(sQ + wg * (kQBytes / 2));
+  float acc[32] = {};
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // running max (base 2), partial sums
+  // Key tiles up to the query tile's last key: those beyond are all masked.
+  const int64_t n_kv = (qt + 1) * (kRows / kKeys);
+  for (int64_t it = 0; it < n_kv; ++it) {
+    const uint32_t buf = static_cast<uint32_t>(it & 1) * kKvBytes;
+    cp_async_wait_all();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async's writes -> wgmma's reads
+    __syncthreads();  // also: every warpgroup is done with the other buffers, refilled next
+    if (it + 1 < n_kv) {
+      k_loader.load<kKeys>(sK + (kKvBytes - buf), kg + (it + 1) * kKeys * k.row);
+      v_loader.load<kKeys>(sV + (kKvBytes - buf), vg + (it + 1) * kKeys * v.row);
+    }
+    cp_async_commit();
+
+    constexpr int NJ = kKeys / 8;  // column groups of the score tile
+    float s[4 * NJ];
+    wgmma_fence();
+    const uint64_t desc_k = descriptor(sK + buf);
+#pragma unroll
+    for (int kk = 0; kk < kHd / 16; ++kk)  // 16 elements = 32 bytes = 2 descriptor units
+      wgmma_ss_m64n64k16(s, desc_q + 2 * kk, desc_k + 2 * kk, kk);
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_registers(s);
+
+    const int key0 = static_cast<int>(it * kKeys - qt * kRows);  // of the tile, from the query tile's first row
+    if (key0 + kKeys > 0) {  // a tile on the diagonal: mask the keys after each query
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (key0 + 8 * j + 2 * t4 + (e & 1) > row_in_tile + 8 * (e >> 1)) s[4 * j + e] = -INFINITY;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
+      // Finite: key tile 0 comes first and every row attends to key 0. (A tile past a row's last
+      // key gives mx = -inf, and the row's m, l and acc stay as they were.)
+      const float m_new = fmaxf(m[r], quad_max(mx) * c);
+      const float alpha = exp2_ftz(m[r] - m_new);  // 0 on the first tile
+      m[r] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float p = exp2_ftz(fmaf(s[4 * j + 2 * r + e], c, -m_new));  // 0 where masked
+          s[4 * j + 2 * r + e] = p;
+          sum += p;
+        }
+      l[r] = l[r] * alpha + sum;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[4 * j + 2 * r] *= alpha, acc[4 * j + 2 * r + 1] *= alpha;
+    }
+
+    // O += bf16(P) V: k-step kk covers keys 16kk..16kk+15, the accumulator's column groups 2kk and
+    // 2kk + 1. All of P is packed before the fence (wgmma may not read registers written after it).
+    uint32_t pa[kKeys / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[kk][i] = pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+    const uint64_t desc_v = descriptor(sV + buf);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk)
+      wgmma_rs_m64n64k16_bt(acc, pa[kk], desc_v + kk * (16 * 128 >> 4));  // 16 rows of 128 bytes a k-step
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_registers(acc);
+  }
+
+  const int64_t out_width = d.H * d.hd;
+  const bool pairs = d.hd % 2 == 0 && reinterpret_cast<uintptr_t>(out16) % 4 == 0;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = qt * kRows + row_in_tile + 8 * r;
+    const float total = quad_sum(l[r]);  // >= 1: the maximum's own term
+    const float inv = 1.0f / total;
+    if (t4 == 0) lse[head * d.Tp + row] = m[r] + log2f(total);
+    // out in FP32, or (out16) its BF16 rounding: the very values of o, in the unpadded layout.
+    const int64_t dst_offset = (b * d.T + row) * out_width + h * d.hd;
+    float* dst = row < d.T && out16 == nullptr ? out + dst_offset : nullptr;
+    uint16_t* dst16 = row < d.T && out16 != nullptr ? reinterpret_cast<uint16_t*>(out16 + dst_offset) : nullptr;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const int col = 8 * j + 2 * t4;
+      const float o0 = acc[4 * j + 2 * r] * inv, o1 = acc[4 * j + 2 * r + 1] * inv;
+      const uint32_t pair = pack_bf16(o0, o1);
+      *reinterpret_cast<uint32_t*>(o + (head * d.Tp + row) * kHd + col) = pair;
+      if (dst != nullptr) {
+        if (col < d.hd) dst[col] = o0;
+        if (col + 1 < d.hd) dst[col + 1] = o1;
+      }
+      if (dst16 != nullptr) {
+        if (pairs && col + 1 < d.hd) {
+          *reinterpret_cast<uint32_t*>(dst16 + col) = pair;
+        } else {
+          if (col < d.hd) dst16[col] = static_cast<uint16_t>(pair);
+          if (col + 1 < d.hd) dst16[col + 1] = static_cast<uint16_t>(pair >> 16);
+        }
+      }
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
+}  // namespace
+
+namespace {
+bool wgmma_enabled = true;
+}
+
+void set_flash_wgmma(bool enabled) { wgmma_enabled = enabled; }
+
+bool flash_sm90_applies(const FlashDims& d) {
+  if (!wgmma_enabled || d.HD != kHd || d.Tp % kRows != 0) return false;
+  int device = 0, major = 0, minor = 0;
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
+  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
+  return major == 9 && minor == 0;
+}
+
+void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, bf16* o, float* lse,
+                        bf16* out16, cudaStream_t stream) {
+  NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_forward_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kSmemBytes)));
+  const dim3 grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
+  flash_forward_sm90_kernel<<<grid, kThreads, kSmemBytes, stream>>>(d, q, k, v, out, o, lse, out16);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace nibble::nn::cuda::detail
