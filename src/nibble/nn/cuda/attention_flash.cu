@@ -17,6 +17,7 @@
 #include <string>
 
 #include "nibble/nn/cuda/attention_flash.cuh"
+#include "nibble/nn/cuda/attention_flash_util.cuh"
 #include "nibble/tensor/cuda/device_buffer.h"
 
 namespace nibble::nn::cuda::detail {
@@ -63,22 +64,7 @@ __device__ inline void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, u
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
-// 2^x by the SFU's approximation with results below FLT_MIN flushed to zero: one instruction,
-// where exp2f's handling of subnormal results takes three more. A probability that small adds
-// nothing to a row whose largest term is 1. The forward kernels use it; in the backward kernels it
-// measured 4% slower (0.545 -> 0.566 ms, nibble_layers_bench_cuda), so they keep exp2f.
-__device__ inline float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 #endif  // NIBBLE_FLASH_HOST_EMULATION
-
-// Two floats rounded to BF16 (nearest even) in one register, lo in the low half (lower column).
-__device__ inline uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
 
 // ---------------------------------------------------------------- tiles in shared memory
 
@@ -163,15 +149,6 @@ __device__ inline void mma_pb(float (&acc)[HD / 8][4], const float (&p)[KB][4], 
       mma(acc[nb + 1], af, bf[2], bf[3]);
     }
   }
-}
-
-__device__ inline float quad_max(float v) {
-  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
-  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
-}
-__device__ inline float quad_sum(float v) {
-  v += __shfl_xor_sync(0xffffffffu, v, 1);
-  return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
 // ---------------------------------------------------------------- forward

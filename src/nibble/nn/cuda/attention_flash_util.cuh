@@ -1,0 +1,41 @@
+// Register-level helpers of the fused attention kernels (attention_flash.cu, attention_flash_sm90.cu),
+// for accumulators in the mma.sync / wgmma layout, where a row's values sit in the 4 lanes of a quad.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+namespace nibble::nn::cuda::detail {
+namespace {
+
+// Two floats rounded to BF16 (nearest even) in one register, lo in the low half (lower column).
+__device__ inline uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ inline float quad_max(float v) {
+  v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+  return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
+__device__ inline float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  return v + __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// NIBBLE_FLASH_HOST_EMULATION: tests/cuda_emulation/flash_emulation_test.cpp brings its own.
+#ifndef NIBBLE_FLASH_HOST_EMULATION
+// 2^x by the SFU's approximation with results below FLT_MIN flushed to zero: one instruction,
+// where exp2f's handling of subnormal results takes three more. A probability that small adds
+// nothing to a row whose largest term is 1. The forward kernels use it; in the backward kernels it
+// measured 4% slower (0.545 -> 0.566 ms, nibble_layers_bench_cuda), so they keep exp2f.
+__device__ inline float exp2_ftz(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+#endif
+
+}  // namespace
+}  // namespace nibble::nn::cuda::detail
