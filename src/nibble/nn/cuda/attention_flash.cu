@@ -81,13 +81,6 @@ __device__ inline void load_tile(bf16* smem, const bf16* gmem, int64_t stride) {
     cp_async16(smem + (i / kChunks) * kStride<HD> + (i % kChunks) * 8,
                gmem + (i / kChunks) * stride + (i % kChunks) * 8);
 }
-// Columns col, col + 1 of row t of head h of sequence b of a gradient, in FP32 or in BF16.
-__device__ inline void store_pair(const HeadGrad& g, int64_t b, int64_t h, int64_t t, int col, float x, float y) {
-  if (g.f32.base != nullptr)
-    *reinterpret_cast<float2*>(g.f32.at(b, h, t) + col) = make_float2(x, y);
-  else
-    *reinterpret_cast<uint32_t*>(g.b16.at(b, h, t) + col) = pack_bf16(x, y);
-}
 // N contiguous floats (N a multiple of 4, gmem 16-byte aligned) -> smem, asynchronously.
 template <int N>
 __device__ inline void load_floats(float* smem, const float* gmem) {
@@ -551,6 +544,7 @@ void flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, B
                     const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream) {
   check_flash_dims(d);
   check_flash_views(d, {q, k, v, dout}, {dq, dk, dv});
+  if (flash_sm90_applies(d)) return flash_backward_sm90(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
   if (d.HD == 64) return backward_impl<64>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
   return backward_impl<128>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
 }

@@ -99,5 +99,7 @@ bool flash_sm90_applies(const FlashDims& d);
 void set_flash_wgmma(bool enabled);
 void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, __nv_bfloat16* o,
                         float* lse, __nv_bfloat16* out16, cudaStream_t stream);
+void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
+                         const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream);
 
 }  // namespace nibble::nn::cuda::detail

@@ -253,6 +253,220 @@ __global__ void __launch_bounds__(kThreads, 2)
 #endif
 }
 
+
+// ---------------------------------------------------------------- backward: dq
+
+// Grid (Tp / 128, H, B), reversed as in forward. 128 queries a block (64 a warpgroup), key tiles of
+// 64 up to the diagonal:
+//   S = Q K^T, dP = dO V^T   wgmma m64n64k16 from shared memory (K-major tiles)
+//   dS = scale P (dP - delta), P = 2^(S c - lse), in registers
+//   dQ += dS K               wgmma with dS from registers and K as an MN-major tile
+// Shared memory: Q and dO (128 rows each), then two buffers each of K and V.
+constexpr size_t kDqSmemBytes = (2 * kRows + 4 * kKeys) * 128 + 1024;
+
+__global__ void __launch_bounds__(kThreads, 2)
+    flash_dq_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout,
+                         const float* __restrict__ lse, const float* __restrict__ delta, HeadGrad dq) {
+#ifdef NIBBLE_FLASH_SM90
+  extern __shared__ uint8_t smem_raw[];
+  constexpr uint32_t kQBytes = kRows * 128, kKvBytes = kKeys * 128;
+  const uint32_t sQ = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  const uint32_t sdO = sQ + kQBytes, sK = sdO + kQBytes, sV = sK + 2 * kKvBytes;  // K, V: two buffers each
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
+  const int64_t head = b * d.H + h, kvh = h / (d.H / d.KV);
+  const bf16* kg = k.at(b, kvh, 0);
+  const bf16* vg = v.at(b, kvh, 0);
+  const TileLoader q_loader(q.row), o_loader(dout.row), k_loader(k.row), v_loader(v.row);
+  q_loader.load<kRows>(sQ, q.at(b, h, qt * kRows));
+  o_loader.load<kRows>(sdO, dout.at(b, h, qt * kRows));
+  k_loader.load<kKeys>(sK, kg);
+  v_loader.load<kKeys>(sV, vg);
+  cp_async_commit();
+
+  const float c = d.scale * 1.4426950408889634f;
+  const int row_in_tile = 64 * wg + 16 * warp + g;  // this thread's rows: it and it + 8
+  const int64_t row0 = qt * kRows + row_in_tile;
+  const float L[2] = {lse[head * d.Tp + row0], lse[head * d.Tp + row0 + 8]};
+  const float D[2] = {delta[head * d.Tp + row0], delta[head * d.Tp + row0 + 8]};
+  const uint64_t desc_q = descriptor(sQ + wg * (kQBytes / 2)), desc_do = descriptor(sdO + wg * (kQBytes / 2));
+  float acc[32] = {};
+  const int64_t n_kv = (qt + 1) * (kRows / kKeys);
+  for (int64_t it = 0; it < n_kv; ++it) {
+    const uint32_t buf = static_cast<uint32_t>(it & 1) * kKvBytes;
+    cp_async_wait_all();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    if (it + 1 < n_kv) {
+      k_loader.load<kKeys>(sK + (kKvBytes - buf), kg + (it + 1) * kKeys * k.row);
+      v_loader.load<kKeys>(sV + (kKvBytes - buf), vg + (it + 1) * kKeys * v.row);
+    }
+    cp_async_commit();
+
+    float s[32], dp[32];
+    const uint64_t desc_k = descriptor(sK + buf), desc_v = descriptor(sV + buf);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHd / 16; ++kk) wgmma_ss_m64n64k16(s, desc_q + 2 * kk, desc_k + 2 * kk, kk);
+#pragma unroll
+    for (int kk = 0; kk < kHd / 16; ++kk) wgmma_ss_m64n64k16(dp, desc_do + 2 * kk, desc_v + 2 * kk, kk);
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_registers(s);
+    fence_registers(dp);
+
+    const int key0 = static_cast<int>(it * kKeys - qt * kRows);
+    const bool diagonal = key0 + kKeys > 0;
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float p = exp2f(fmaf(s[4 * j + e], c, -L[e >> 1]));
+        if (diagonal && key0 + 8 * j + 2 * t4 + (e & 1) > row_in_tile + 8 * (e >> 1)) p = 0.0f;
+        s[4 * j + e] = d.scale * p * (dp[4 * j + e] - D[e >> 1]);  // dS
+      }
+    uint32_t pa[kKeys / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pa[kk][i] = pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs_m64n64k16_bt(acc, pa[kk], desc_k + kk * (16 * 128 >> 4));
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_registers(acc);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      store_pair(dq, b, h, row0 + 8 * r, 8 * j + 2 * t4, acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
+#else
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------- backward: dk, dv
+
+// Grid (Tp / 128, KV, B). 128 keys a block (64 a warpgroup); loops over the heads of the group and,
+// for each, over the query tiles of 64 from the block's first key on, in a fixed order (dk and dv
+// summed over the group's heads in that order, in registers):
+//   S^T = K Q^T, dP^T = V dO^T   wgmma from shared memory (K-major tiles)
+//   P^T, dS^T in registers
+//   dV += P^T dO, dK += dS^T Q   wgmma with P^T, dS^T from registers and dO, Q as MN-major tiles
+// Shared memory: K and V (128 rows each), then two buffers each of Q, dO (64 rows), lse and delta
+// (64 floats).
+constexpr size_t kDkdvSmemBytes = (2 * kRows + 4 * kKeys) * 128 + 4 * kKeys * sizeof(float) + 1024;
+
+__global__ void __launch_bounds__(kThreads, 1)
+    flash_dkdv_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout,
+                           const float* __restrict__ lse, const float* __restrict__ delta, HeadGrad dk,
+                           HeadGrad dv) {
+#ifdef NIBBLE_FLASH_SM90
+  extern __shared__ uint8_t smem_raw[];
+  constexpr uint32_t kKvTile = kRows * 128, kQTile = kKeys * 128;
+  const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t sK = (raw + 1023u) & ~1023u;
+  const uint32_t sV = sK + kKvTile, sQ = sV + kKvTile, sdO = sQ + 2 * kQTile;  // Q, dO: two buffers each
+  float* sL = reinterpret_cast<float*>(smem_raw + (sdO + 2 * kQTile - raw));  // [2][64]
+  float* sD = sL + 2 * kKeys;                                                  // [2][64]
+  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, group = d.H / d.KV;
+  const TileLoader k_loader(k.row), v_loader(v.row), q_loader(q.row), o_loader(dout.row);
+  k_loader.load<kRows>(sK, k.at(b, kvh, kt * kRows));
+  v_loader.load<kRows>(sV, v.at(b, kvh, kt * kRows));
+  // Steps: (head of the group, query tile), query tiles from the one holding the block's first key.
+  const int64_t first = kt * kRows / kKeys, n_q = d.Tp / kKeys - first, steps = group * n_q;
+  const auto load_step = [&](int64_t step, int buf) {
+    const int64_t h = kvh * group + step / n_q, qi = first + step % n_q;
+    q_loader.load<kKeys>(sQ + buf * kQTile, q.at(b, h, qi * kKeys));
+    o_loader.load<kKeys>(sdO + buf * kQTile, dout.at(b, h, qi * kKeys));
+    if (threadIdx.x < 32) {  // 16 chunks of lse, then 16 of delta
+      const int64_t row = (b * d.H + h) * d.Tp + qi * kKeys;
+      const int i = threadIdx.x & 15;
+      const float* src = (threadIdx.x < 16 ? lse : delta) + row + 4 * i;
+      float* dst = (threadIdx.x < 16 ? sL : sD) + buf * kKeys + 4 * i;
+      cp_async16(static_cast<uint32_t>(__cvta_generic_to_shared(dst)), src);
+    }
+  };
+  load_step(0, 0);
+  cp_async_commit();
+
+  const float c = d.scale * 1.4426950408889634f;
+  const int key_in_tile = 64 * wg + 16 * warp + g;  // this thread's keys: it and it + 8
+  const uint64_t desc_k = descriptor(sK + wg * (kKvTile / 2)), desc_v = descriptor(sV + wg * (kKvTile / 2));
+  float dka[32] = {}, dva[32] = {};
+  for (int64_t step = 0; step < steps; ++step) {
+    const int buf = static_cast<int>(step & 1);
+    cp_async_wait_all();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    if (step + 1 < steps) load_step(step + 1, buf ^ 1);
+    cp_async_commit();
+    const int q_off = static_cast<int>((first + step % n_q) * kKeys - kt * kRows);  // of the query tile
+    const uint64_t desc_qt = descriptor(sQ + buf * kQTile), desc_ot = descriptor(sdO + buf * kQTile);
+    const float* cL = sL + buf * kKeys;
+    const float* cD = sD + buf * kKeys;
+
+    float s[32], dp[32];  // S^T and dP^T: rows keys, columns queries
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHd / 16; ++kk) wgmma_ss_m64n64k16(s, desc_k + 2 * kk, desc_qt + 2 * kk, kk);
+#pragma unroll
+    for (int kk = 0; kk < kHd / 16; ++kk) wgmma_ss_m64n64k16(dp, desc_v + 2 * kk, desc_ot + 2 * kk, kk);
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_registers(s);
+    fence_registers(dp);
+
+    const bool diagonal = q_off < kRows;  // a query tile crossing the block's keys: mask queries before keys
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * t4 + (e & 1);
+        float p = exp2f(fmaf(s[4 * j + e], c, -cL[col]));
+        if (diagonal && q_off + col < key_in_tile + 8 * (e >> 1)) p = 0.0f;
+        s[4 * j + e] = p;
+        dp[4 * j + e] = d.scale * p * (dp[4 * j + e] - cD[col]);  // dS^T
+      }
+    uint32_t pp[kKeys / 16][4], pds[kKeys / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        pp[kk][i] = pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+        pds[kk][i] = pack_bf16(dp[8 * kk + 2 * i], dp[8 * kk + 2 * i + 1]);
+      }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs_m64n64k16_bt(dva, pp[kk], desc_ot + kk * (16 * 128 >> 4));
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk) wgmma_rs_m64n64k16_bt(dka, pds[kk], desc_qt + kk * (16 * 128 >> 4));
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_registers(dka);
+    fence_registers(dva);
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t t = kt * kRows + key_in_tile + 8 * r;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      store_pair(dk, b, kvh, t, 8 * j + 2 * t4, dka[4 * j + 2 * r], dka[4 * j + 2 * r + 1]);
+      store_pair(dv, b, kvh, t, 8 * j + 2 * t4, dva[4 * j + 2 * r], dva[4 * j + 2 * r + 1]);
+    }
+  }
+#else
+  __trap();
+#endif
+}
+
 }  // namespace
 
 namespace {
@@ -276,6 +490,20 @@ void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads 
                                          static_cast<int>(kSmemBytes)));
   const dim3 grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
   flash_forward_sm90_kernel<<<grid, kThreads, kSmemBytes, stream>>>(d, q, k, v, out, o, lse, out16);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
+                         const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream) {
+  NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dkdv_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kDkdvSmemBytes)));
+  const dim3 kv_grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.KV), static_cast<unsigned>(d.B));
+  flash_dkdv_sm90_kernel<<<kv_grid, kThreads, kDkdvSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dk, dv);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dq_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kDqSmemBytes)));
+  const dim3 q_grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
+  flash_dq_sm90_kernel<<<q_grid, kThreads, kDqSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dq);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

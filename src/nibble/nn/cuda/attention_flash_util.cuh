@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "nibble/nn/cuda/attention_flash.cuh"
+
 namespace nibble::nn::cuda::detail {
 namespace {
 
@@ -13,6 +15,14 @@ namespace {
 __device__ inline uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// Columns col, col + 1 of row t of head h of sequence b of a gradient, in FP32 or in BF16.
+__device__ inline void store_pair(const HeadGrad& g, int64_t b, int64_t h, int64_t t, int col, float x, float y) {
+  if (g.f32.base != nullptr)
+    *reinterpret_cast<float2*>(g.f32.at(b, h, t) + col) = make_float2(x, y);
+  else
+    *reinterpret_cast<uint32_t*>(g.b16.at(b, h, t) + col) = pack_bf16(x, y);
 }
 
 __device__ inline float quad_max(float v) {
