@@ -43,7 +43,7 @@
 namespace nibble::nn::cuda::detail {
 namespace {
 // The kernels' `extern __shared__ unsigned char smem[]` is this array.
-alignas(16) unsigned char smem[256 * 1024];
+alignas(1024) unsigned char smem[256 * 1024];
 }  // namespace
 }  // namespace nibble::nn::cuda::detail
 
@@ -51,13 +51,16 @@ namespace emu {
 
 unsigned char (&shared)[sizeof(nibble::nn::cuda::detail::smem)] = nibble::nn::cuda::detail::smem;
 
-constexpr int kThreads = 128;  // the kernels' block size
+constexpr int kThreads = 128;     // the mma.sync kernels' block size
+constexpr int kMaxThreads = 256;  // the wgmma kernels' (attention_flash_sm90.cu)
 struct Block {
-  std::barrier<> sync{kThreads};
-  std::barrier<> warp_sync[kThreads / 32] = {std::barrier<>{32}, std::barrier<>{32}, std::barrier<>{32},
-                                             std::barrier<>{32}};
-  uint32_t words[kThreads][6];  // each lane's operands of the current warp instruction
-  float floats[kThreads][4];
+  explicit Block(int threads) : sync(threads) {}
+  std::barrier<> sync;
+  std::barrier<> warp_sync[kMaxThreads / 32] = {std::barrier<>{32}, std::barrier<>{32}, std::barrier<>{32},
+                                                std::barrier<>{32}, std::barrier<>{32}, std::barrier<>{32},
+                                                std::barrier<>{32}, std::barrier<>{32}};
+  uint32_t words[kMaxThreads][6];  // each lane's operands of the current warp instruction
+  float floats[kMaxThreads][4];
 };
 Block* block = nullptr;
 size_t shared_limit = 0;  // the launch's dynamic shared memory
@@ -89,7 +92,7 @@ thread_local std::vector<Copy> open_group;
 #undef __global__
 #define __global__
 #undef __launch_bounds__
-#define __launch_bounds__(n)
+#define __launch_bounds__(...)
 #undef __shared__
 #define __shared__
 #undef __align__
@@ -203,6 +206,71 @@ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   }
 }
 
+// ---- the wgmma kernels' instructions (attention_flash_sm90.cu). Shared-memory addresses are offsets
+// into `smem` (1024-byte aligned, as the kernels align their tiles). wgmma runs at issue, so fence,
+// commit and wait have nothing left to do.
+uint32_t emu_cvta_shared(const void* p) { return smem_u32(p); }
+void cp_async16(uint32_t dst, const void* src) { cp_async16(emu::shared + dst, src); }
+void cp_async_wait_all() {
+  cp_async_commit();
+  cp_async_wait_one();  // all but the (empty) group just committed
+  emu::groups.clear();
+}
+void fence_proxy_async() {}
+void wgmma_fence() {}
+void wgmma_commit() {}
+void wgmma_wait_all() {}
+template <int N>
+void fence_registers(float (&)[N]) {}
+
+// One element of a tile that a descriptor describes: 128-byte swizzle (the 16-byte chunk bits 4..6
+// of an address XOR its bits 7..9), rows of 128 bytes in groups of 8, groups `stride byte offset`
+// apart. K-major: element (row, k) of the M or N rows; MN-major: element (k, n), the rows along the
+// reduction, n < 64 (one 128-byte row; wider tiles would use the leading byte offset).
+float described_bf16(uint64_t desc, int row, int col) {
+  if (desc >> 62 != 1 || col >= 64) emu::shared_overrun = true;  // not a layout these kernels use
+  const uint32_t start = static_cast<uint32_t>(desc & 0x3FFF) << 4;
+  const uint32_t stride = static_cast<uint32_t>((desc >> 32) & 0x3FFF) << 4;
+  const uint32_t addr = start + static_cast<uint32_t>(row / 8) * stride + static_cast<uint32_t>(row % 8) * 128 + 2 * col;
+  return bf16_bits(shared_u16(addr ^ (((addr >> 7) & 7) << 4)));
+}
+// wgmma m64n64k16 for the warpgroup: this thread's accumulator (warp w of the warpgroup: rows
+// 16w + g and 16w + g + 8, columns 8j + 2t and 8j + 2t + 1 in d[4j..4j+3]).
+template <typename A, typename B>
+void wgmma_m64n64k16(float (&d)[32], bool accumulate, A a, B b) {
+  const int w = static_cast<int>((emu::thread_idx.x >> 5) & 3), g = emu::lane() / 4, t = emu::lane() % 4;
+  for (int j = 0; j < 8; ++j)
+    for (int e = 0; e < 4; ++e) {
+      const int row = 16 * w + g + 8 * (e / 2), col = 8 * j + 2 * t + e % 2;
+      float sum = accumulate ? d[4 * j + e] : 0.0f;
+      for (int k = 0; k < 16; ++k) sum += a(row, k) * b(k, col);
+      d[4 * j + e] = sum;
+    }
+}
+void wgmma_ss_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+  wgmma_m64n64k16(d, accumulate != 0, [&](int row, int k) { return described_bf16(desc_a, row, k); },
+                  [&](int k, int col) { return described_bf16(desc_b, col, k); });
+}
+// A from registers: the rows of this thread's quad, in the mma.sync A layout (see mma above).
+void wgmma_rs_m64n64k16_bt(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
+  uint32_t* mine = emu::block->words[emu::thread_idx.x];
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  emu::warp_sync();
+  const int w = static_cast<int>((emu::thread_idx.x >> 5) & 3), g = emu::lane() / 4;
+  float rows[2][16];  // rows g and g + 8 of the warp's 16
+  for (int t = 0; t < 4; ++t) {
+    const uint32_t* q = emu::block->words[(emu::thread_idx.x & ~31u) + 4 * g + t];
+    const int r[4] = {0, 1, 0, 1}, c[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+    for (int i = 0; i < 4; ++i) {
+      rows[r[i]][c[i]] = bf16_bits(q[i] & 0xffff);
+      rows[r[i]][c[i] + 1] = bf16_bits(q[i] >> 16);
+    }
+  }
+  emu::warp_sync();
+  wgmma_m64n64k16(d, true, [&](int row, int k) { return rows[(row - 16 * w - g) / 8][k]; },
+                  [&](int k, int col) { return described_bf16(desc_b, k, col); });
+}
+
 // ex2.approx.ftz.f32: 2^x (the approximation's last-bit error is below the tolerances here), with
 // subnormal results flushed to zero.
 float exp2_ftz(float x) {
@@ -215,17 +283,20 @@ float exp2_ftz(float x) {
 
 #define NIBBLE_FLASH_HOST_EMULATION
 #include "../../src/nibble/nn/cuda/attention_flash.cu"
+#define __cvta_generic_to_shared(p) emu_cvta_shared(p)
+#define smem_raw smem
+#include "../../src/nibble/nn/cuda/attention_flash_sm90.cu"
 
 namespace emu {
 
 // Runs kernel() as every thread of every block of `grid`, one block after another.
 template <typename Kernel>
-void launch(dim3 grid, size_t shared_bytes, Kernel kernel) {
+void launch(dim3 grid, size_t shared_bytes, Kernel kernel, int threads = kThreads) {
   if (shared_bytes > sizeof(shared)) throw std::runtime_error("emulated shared memory too small");
   shared_limit = shared_bytes;
-  run_grid(grid, kThreads, [] {
+  run_grid(grid, static_cast<unsigned>(threads), [threads] {
     std::memset(shared, 0xff, sizeof(shared));  // NaNs in BF16 and FP32
-    auto b = std::make_unique<Block>();
+    auto b = std::make_unique<Block>(threads);
     block = b.get();
     return b;
   }, [&kernel] {
@@ -275,9 +346,14 @@ double compare(const std::vector<float>& got, const std::vector<double>& want, c
   return rel;
 }
 
+// The forward kernel under test: mma.sync (attention_flash.cu), or wgmma (attention_flash_sm90.cu:
+// HD 64, Tp a multiple of its 128-query blocks), which flash_forward takes on Hopper.
+enum class Forward { kMmaSync, kWgmma };
+
 template <int HD>
-void run_landing(const Case& c, std::mt19937_64& rng) {
-  const int64_t Tp = (c.T + kFlashTile - 1) / kFlashTile * kFlashTile, group = c.H / c.KV;
+void run_landing(const Case& c, std::mt19937_64& rng, Forward forward) {
+  const int64_t rows = forward == Forward::kWgmma ? kRows : kFlashTile;  // Tp's multiple
+  const int64_t Tp = (c.T + rows - 1) / rows * rows, group = c.H / c.KV;
   const FlashDims d{c.B, c.T, Tp, c.H, c.KV, c.hd, HD, 1.0f / std::sqrt(static_cast<float>(c.hd))};
   std::normal_distribution<float> dist(0.0f, 1.5f), unit(0.0f, 1.0f);
   // Packed operands as attention_cuda.cu writes them: zeros beyond T and hd.
@@ -299,12 +375,22 @@ void run_landing(const Case& c, std::mt19937_64& rng) {
   // padding rows too: their dO is zero, so a NaN there would still reach dk and dv).
   std::vector<float> out(static_cast<size_t>(c.B * c.T * c.H * c.hd), NAN), lse(static_cast<size_t>(c.B * c.H * Tp), NAN);
   std::vector<bf16> o(q.size(), __float2bfloat16_rn(NAN));
-  const dim3 q_grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
-  emu::launch(q_grid, kForwardSmem<HD>,
-              [&] {
-                flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(),
-                                         o.data(), lse.data());
-              });
+  const dim3 q_grid(static_cast<unsigned>(Tp / rows), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
+  if (forward == Forward::kWgmma) {
+    static_assert(HD == kHd || HD != 64);
+    emu::launch(q_grid, kSmemBytes,
+                [&] {
+                  flash_forward_sm90_kernel(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(),
+                                            o.data(), lse.data(), nullptr);
+                },
+                kBlockThreads);
+  } else {
+    emu::launch(q_grid, kForwardSmem<HD>,
+                [&] {
+                  flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(),
+                                           o.data(), lse.data());
+                });
+  }
   std::vector<float> delta(lse.size(), 0.0f);  // as pack_dout_kernel computes it
   ASSERT_EQ(reinterpret_cast<uintptr_t>(lse.data()) % 16, 0u) << "the host allocator's alignment";
   ASSERT_EQ(reinterpret_cast<uintptr_t>(delta.data()) % 16, 0u) << "the host allocator's alignment";
@@ -397,7 +483,7 @@ void run_landing(const Case& c, std::mt19937_64& rng) {
 // Both landings of the cp.async copies (see the top of the file), on fresh inputs each; the
 // ThreadSanitizer build (tests/CMakeLists.txt) only the early one, which is where races show.
 template <int HD>
-void run_case(const Case& c, std::mt19937_64& rng) {
+void run_case(const Case& c, std::mt19937_64& rng, Forward forward = Forward::kMmaSync) {
 #ifdef NIBBLE_FLASH_EMULATION_TSAN
   for (const emu::Landing l : {emu::Landing::kEarly}) {
 #else
@@ -407,7 +493,7 @@ void run_case(const Case& c, std::mt19937_64& rng) {
     SCOPED_TRACE("cp.async copies land " + name);
     std::printf("[ landing  ] cp.async copies land %s\n", name.c_str());
     emu::landing = l;
-    run_landing<HD>(c, rng);
+    run_landing<HD>(c, rng, forward);
   }
   emu::landing = emu::Landing::kLate;
 }
@@ -415,6 +501,19 @@ void run_case(const Case& c, std::mt19937_64& rng) {
 TEST(FlashAttentionEmulation, Hd64GqaSeqAcrossTiles) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
   run_case<64>({1, 130, 2, 1, 64}, rng);  // three tiles, the last of two rows; two heads on one KV head
+}
+// The Hopper forward (wgmma), then the mma.sync backward on its lse and o, as training runs them.
+TEST(FlashAttentionEmulation, WgmmaForwardGqaPaddedRows) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  run_case<64>({1, 200, 2, 1, 64}, rng, Forward::kWgmma);  // two query blocks, the last padded from 200
+}
+TEST(FlashAttentionEmulation, WgmmaForwardPaddedHeadBatch2) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  run_case<64>({2, 128, 4, 2, 48}, rng, Forward::kWgmma);  // hd 48 in 64 columns, groups of 2
+}
+TEST(FlashAttentionEmulation, WgmmaForwardSeqOne) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  run_case<64>({1, 1, 2, 2, 64}, rng, Forward::kWgmma);
 }
 TEST(FlashAttentionEmulation, Hd128Padded) {
   std::mt19937_64 rng(nibble::test::fresh_seed());

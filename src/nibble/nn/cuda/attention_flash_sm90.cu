@@ -26,7 +26,7 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-constexpr int kThreads = 256;  // two warpgroups
+constexpr int kBlockThreads = 256;  // two warpgroups
 constexpr int kRows = 128;     // queries per block
 constexpr int kHd = 64;        // head dimension: one 128-byte row
 constexpr int kKeys = 64;      // keys per tile
@@ -34,9 +34,14 @@ constexpr int kKeys = 64;      // keys per tile
 constexpr size_t kSmemBytes = (kRows + 4 * kKeys) * 128 + 1024;
 
 // The kernels exist for sm_90a only; the other device passes (sm_100a) keep a stub that traps, which
-// the host never launches there (flash_sm90_applies).
+// the host never launches there (flash_sm90_applies). NIBBLE_FLASH_HOST_EMULATION:
+// tests/cuda_emulation/flash_emulation_test.cpp compiles the kernels as host C++ with its own (CPU)
+// versions of the PTX wrappers (NIBBLE_FLASH_SM90's), and its own launchers.
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NIBBLE_FLASH_SM90 1
+#endif
+#if defined(NIBBLE_FLASH_SM90) || defined(NIBBLE_FLASH_HOST_EMULATION)
+#define NIBBLE_FLASH_SM90_KERNELS 1
 #endif
 
 #ifdef NIBBLE_FLASH_SM90
@@ -45,7 +50,11 @@ __device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// cp.async's writes (generic proxy) -> wgmma's reads (async proxy).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+#endif  // NIBBLE_FLASH_SM90
 
+#ifdef NIBBLE_FLASH_SM90_KERNELS
 // A thread's share of loading a tile of rows of 64 BF16 (`stride` elements apart in global memory)
 // into its swizzled layout: chunk c = tid % 8 of rows tid / 8 + 32 j. The swizzled chunk is the
 // same for all j (32 is a multiple of 8), so each j steps both addresses by a constant.
@@ -64,7 +73,7 @@ struct TileLoader {
   __device__ __forceinline__ void load(uint32_t smem, const bf16* gmem) const {
     const bf16* src = gmem + row_offset;
 #pragma unroll
-    for (int j = 0; j < ROWS * 8 / kThreads; ++j, src += step) cp_async16(smem + smem_offset + j * 4096, src);
+    for (int j = 0; j < ROWS * 8 / kBlockThreads; ++j, src += step) cp_async16(smem + smem_offset + j * 4096, src);
   }
 };
 
@@ -75,7 +84,9 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t smem_addr) {
   return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) | (uint64_t{1024 >> 4} << 16) |
          (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
 }
+#endif  // NIBBLE_FLASH_SM90_KERNELS
 
+#ifdef NIBBLE_FLASH_SM90
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
@@ -118,10 +129,10 @@ __device__ __forceinline__ void wgmma_rs_m64n64k16_bt(float (&d)[32], const uint
 // Accumulator layout (wgmma m64nNk16): warp w of a warpgroup holds its rows 16w..16w+15; lane 4g + t
 // holds rows 16w + g and 16w + g + 8, columns 8j + 2t and 8j + 2t + 1 in registers 4j..4j+3 (row g:
 // 4j, 4j+1; row g + 8: 4j+2, 4j+3).
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kBlockThreads, 2)
     flash_forward_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, float* __restrict__ out,
                               bf16* __restrict__ o, float* __restrict__ lse, bf16* __restrict__ out16) {
-#ifdef NIBBLE_FLASH_SM90
+#ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sQ = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
   constexpr uint32_t kQBytes = kRows * 128, kKvBytes = kKeys * 128;
@@ -148,7 +159,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t it = 0; it < n_kv; ++it) {
     const uint32_t buf = static_cast<uint32_t>(it & 1) * kKvBytes;
     cp_async_wait_all();
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async's writes -> wgmma's reads
+    fence_proxy_async();
     __syncthreads();  // also: every warpgroup is done with the other buffers, refilled next
     if (it + 1 < n_kv) {
       k_loader.load<kKeys>(sK + (kKvBytes - buf), kg + (it + 1) * kKeys * k.row);
@@ -469,6 +480,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
+#ifndef NIBBLE_FLASH_HOST_EMULATION
 namespace {
 bool wgmma_enabled = true;
 }
@@ -489,9 +501,10 @@ void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads 
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_forward_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kSmemBytes)));
   const dim3 grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
-  flash_forward_sm90_kernel<<<grid, kThreads, kSmemBytes, stream>>>(d, q, k, v, out, o, lse, out16);
+  flash_forward_sm90_kernel<<<grid, kBlockThreads, kSmemBytes, stream>>>(d, q, k, v, out, o, lse, out16);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
+#endif  // NIBBLE_FLASH_HOST_EMULATION
 
 void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
                          const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream) {
