@@ -321,10 +321,35 @@ struct Case {
 BF16Heads heads(const FlashDims& d, const std::vector<bf16>& x, int64_t n) { return packed_heads(x.data(), d, n); }
 HeadGrad grad(const FlashDims& d, std::vector<float>& x, int64_t n) { return {packed_heads(x.data(), d, n), {}}; }
 
+// The kernels under test: mma.sync (attention_flash.cu), or wgmma (attention_flash_sm90.cu: HD 64, Tp
+// a multiple of its 128-row blocks), which flash_forward and flash_backward take on Hopper.
+enum class Kernels { kMmaSync, kWgmma };
+
+// The forward kernel on views of the operands, as flash_forward launches it.
+template <int HD>
+void run_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, bf16* o, float* lse,
+                 Kernels kernels) {
+  if (kernels == Kernels::kWgmma) {
+    emu::launch(dim3(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B)),
+                kSmemBytes, [&] { flash_forward_sm90_kernel(d, q, k, v, out, o, lse, nullptr); }, kBlockThreads);
+    return;
+  }
+  emu::launch(dim3(static_cast<unsigned>(d.Tp / kFlashTile), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B)),
+              kForwardSmem<HD>, [&] { flash_forward_kernel<HD>(d, q, k, v, out, o, lse); });
+}
+
 // Both backward kernels on views of the operands, as flash_backward launches them.
 template <int HD>
 void run_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                  const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv) {
+                  const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, Kernels kernels = Kernels::kMmaSync) {
+  if (kernels == Kernels::kWgmma) {  // attention_flash_sm90.cu: blocks of 128 queries or keys, 256 threads
+    const auto blocks = static_cast<unsigned>(d.Tp / kRows), batch = static_cast<unsigned>(d.B);
+    emu::launch(dim3(blocks, static_cast<unsigned>(d.KV), batch), kDkdvSmemBytes,
+                [&] { flash_dkdv_sm90_kernel(d, q, k, v, dout, lse, delta, dk, dv); }, kBlockThreads);
+    emu::launch(dim3(blocks, static_cast<unsigned>(d.H), batch), kDqSmemBytes,
+                [&] { flash_dq_sm90_kernel(d, q, k, v, dout, lse, delta, dq); }, kBlockThreads);
+    return;
+  }
   const auto tiles = static_cast<unsigned>(d.Tp / kFlashTile), batch = static_cast<unsigned>(d.B);
   emu::launch(dim3(tiles, static_cast<unsigned>(d.KV), batch), kDkdvSmem<HD>,
               [&] { flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, q, k, v, dout, lse, delta, dk, dv); });
@@ -346,13 +371,9 @@ double compare(const std::vector<float>& got, const std::vector<double>& want, c
   return rel;
 }
 
-// The forward kernel under test: mma.sync (attention_flash.cu), or wgmma (attention_flash_sm90.cu:
-// HD 64, Tp a multiple of its 128-query blocks), which flash_forward takes on Hopper.
-enum class Forward { kMmaSync, kWgmma };
-
 template <int HD>
-void run_landing(const Case& c, std::mt19937_64& rng, Forward forward) {
-  const int64_t rows = forward == Forward::kWgmma ? kRows : kFlashTile;  // Tp's multiple
+void run_landing(const Case& c, std::mt19937_64& rng, Kernels kernels) {
+  const int64_t rows = kernels == Kernels::kWgmma ? kRows : kFlashTile;  // Tp's multiple
   const int64_t Tp = (c.T + rows - 1) / rows * rows, group = c.H / c.KV;
   const FlashDims d{c.B, c.T, Tp, c.H, c.KV, c.hd, HD, 1.0f / std::sqrt(static_cast<float>(c.hd))};
   std::normal_distribution<float> dist(0.0f, 1.5f), unit(0.0f, 1.0f);
@@ -375,22 +396,8 @@ void run_landing(const Case& c, std::mt19937_64& rng, Forward forward) {
   // padding rows too: their dO is zero, so a NaN there would still reach dk and dv).
   std::vector<float> out(static_cast<size_t>(c.B * c.T * c.H * c.hd), NAN), lse(static_cast<size_t>(c.B * c.H * Tp), NAN);
   std::vector<bf16> o(q.size(), __float2bfloat16_rn(NAN));
-  const dim3 q_grid(static_cast<unsigned>(Tp / rows), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
-  if (forward == Forward::kWgmma) {
-    static_assert(HD == kHd || HD != 64);
-    emu::launch(q_grid, kSmemBytes,
-                [&] {
-                  flash_forward_sm90_kernel(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(),
-                                            o.data(), lse.data(), nullptr);
-                },
-                kBlockThreads);
-  } else {
-    emu::launch(q_grid, kForwardSmem<HD>,
-                [&] {
-                  flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(),
-                                           o.data(), lse.data());
-                });
-  }
+  run_forward<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(), o.data(), lse.data(),
+                  kernels);
   std::vector<float> delta(lse.size(), 0.0f);  // as pack_dout_kernel computes it
   ASSERT_EQ(reinterpret_cast<uintptr_t>(lse.data()) % 16, 0u) << "the host allocator's alignment";
   ASSERT_EQ(reinterpret_cast<uintptr_t>(delta.data()) % 16, 0u) << "the host allocator's alignment";
@@ -398,7 +405,7 @@ void run_landing(const Case& c, std::mt19937_64& rng, Forward forward) {
     for (int64_t j = 0; j < HD; ++j) delta[r] += __bfloat162float(dout[r * HD + j]) * __bfloat162float(o[r * HD + j]);
   std::vector<float> dq(q.size(), NAN), dk(k.size(), NAN), dv(v.size(), NAN);
   run_backward<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), heads(d, dout, c.H), lse.data(),
-                   delta.data(), grad(d, dq, c.H), grad(d, dk, c.KV), grad(d, dv, c.KV));
+                   delta.data(), grad(d, dq, c.H), grad(d, dk, c.KV), grad(d, dv, c.KV), kernels);
   EXPECT_FALSE(emu::shared_overrun) << "a shared-memory access beyond the launch's size or misaligned";
   EXPECT_FALSE(emu::misaligned_global) << "a cp.async from a global address not 16-byte aligned";
 
@@ -483,7 +490,7 @@ void run_landing(const Case& c, std::mt19937_64& rng, Forward forward) {
 // Both landings of the cp.async copies (see the top of the file), on fresh inputs each; the
 // ThreadSanitizer build (tests/CMakeLists.txt) only the early one, which is where races show.
 template <int HD>
-void run_case(const Case& c, std::mt19937_64& rng, Forward forward = Forward::kMmaSync) {
+void run_case(const Case& c, std::mt19937_64& rng, Kernels kernels = Kernels::kMmaSync) {
 #ifdef NIBBLE_FLASH_EMULATION_TSAN
   for (const emu::Landing l : {emu::Landing::kEarly}) {
 #else
@@ -493,7 +500,7 @@ void run_case(const Case& c, std::mt19937_64& rng, Forward forward = Forward::kM
     SCOPED_TRACE("cp.async copies land " + name);
     std::printf("[ landing  ] cp.async copies land %s\n", name.c_str());
     emu::landing = l;
-    run_landing<HD>(c, rng, forward);
+    run_landing<HD>(c, rng, kernels);
   }
   emu::landing = emu::Landing::kLate;
 }
@@ -502,18 +509,18 @@ TEST(FlashAttentionEmulation, Hd64GqaSeqAcrossTiles) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
   run_case<64>({1, 130, 2, 1, 64}, rng);  // three tiles, the last of two rows; two heads on one KV head
 }
-// The Hopper forward (wgmma), then the mma.sync backward on its lse and o, as training runs them.
-TEST(FlashAttentionEmulation, WgmmaForwardGqaPaddedRows) {
+// The Hopper kernels (wgmma), forward and backward.
+TEST(FlashAttentionEmulation, WgmmaGqaPaddedRows) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
-  run_case<64>({1, 200, 2, 1, 64}, rng, Forward::kWgmma);  // two query blocks, the last padded from 200
+  run_case<64>({1, 200, 2, 1, 64}, rng, Kernels::kWgmma);  // two query blocks, the last padded from 200
 }
-TEST(FlashAttentionEmulation, WgmmaForwardPaddedHeadBatch2) {
+TEST(FlashAttentionEmulation, WgmmaPaddedHeadBatch2) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
-  run_case<64>({2, 128, 4, 2, 48}, rng, Forward::kWgmma);  // hd 48 in 64 columns, groups of 2
+  run_case<64>({2, 128, 4, 2, 48}, rng, Kernels::kWgmma);  // hd 48 in 64 columns, groups of 2
 }
-TEST(FlashAttentionEmulation, WgmmaForwardSeqOne) {
+TEST(FlashAttentionEmulation, WgmmaSeqOne) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
-  run_case<64>({1, 1, 2, 2, 64}, rng, Forward::kWgmma);
+  run_case<64>({1, 1, 2, 2, 64}, rng, Kernels::kWgmma);
 }
 TEST(FlashAttentionEmulation, Hd128Padded) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
@@ -599,9 +606,9 @@ TEST(FlashAttentionEmulation, Bf16OutputIsTheRoundedFp32Output) {
 // nothing is padded), against the packed route on the same values: the same lse, o and output bits,
 // and d_qkv the nearest-even rounding of the packed FP32 gradients.
 template <int HD>
-void check_in_place(const Case& c, std::mt19937_64& rng) {
+void check_in_place(const Case& c, std::mt19937_64& rng, Kernels kernels = Kernels::kMmaSync) {
   ASSERT_EQ(c.hd, HD);
-  ASSERT_EQ(c.T % kFlashTile, 0);
+  ASSERT_EQ(c.T % (kernels == Kernels::kWgmma ? kRows : kFlashTile), 0);
   const FlashDims d{c.B, c.T, c.T, c.H, c.KV, c.hd, HD, 1.0f / std::sqrt(static_cast<float>(c.hd))};
   const int64_t width = (c.H + 2 * c.KV) * c.hd, rows = c.B * c.T;
   std::normal_distribution<float> dist(0.0f, 1.5f);
@@ -628,16 +635,12 @@ void check_in_place(const Case& c, std::mt19937_64& rng) {
   const auto bits = [](bf16 x) { return static_cast<__nv_bfloat16_raw>(x).x; };
   emu::misaligned_global = false;
 
-  const dim3 q_grid(static_cast<unsigned>(c.T / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
   const size_t n_out = static_cast<size_t>(rows * c.H * c.hd), n_lse = static_cast<size_t>(c.B * c.H * c.T);
   std::vector<float> out_p(n_out), out_i(n_out), lse_p(n_lse), lse_i(n_lse);
   std::vector<bf16> o_p(q.size()), o_i(q.size());
-  emu::launch(q_grid, kForwardSmem<HD>, [&] {
-    flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out_p.data(), o_p.data(),
-                             lse_p.data());
-  });
-  emu::launch(q_grid, kForwardSmem<HD>,
-              [&] { flash_forward_kernel<HD>(d, q_in, k_in, v_in, out_i.data(), o_i.data(), lse_i.data()); });
+  run_forward<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out_p.data(), o_p.data(), lse_p.data(),
+                  kernels);
+  run_forward<HD>(d, q_in, k_in, v_in, out_i.data(), o_i.data(), lse_i.data(), kernels);
   EXPECT_EQ(std::memcmp(out_p.data(), out_i.data(), n_out * 4), 0) << "out";
   EXPECT_EQ(std::memcmp(lse_p.data(), lse_i.data(), n_lse * 4), 0) << "lse";
   EXPECT_EQ(std::memcmp(o_p.data(), o_i.data(), o_p.size() * 2), 0) << "o";
@@ -653,8 +656,8 @@ void check_in_place(const Case& c, std::mt19937_64& rng) {
   dv_in.b16 = heads_in_rows(dqkv.data(), d, width, (c.H + c.KV) * HD);
   EXPECT_NO_THROW(check_flash_views(d, {}, {dq_in, dk_in, dv_in}));
   run_backward<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), heads(d, dout, c.H), lse_p.data(),
-                   delta.data(), grad(d, dq, c.H), grad(d, dk, c.KV), grad(d, dv, c.KV));
-  run_backward<HD>(d, q_in, k_in, v_in, dout_in, lse_i.data(), delta.data(), dq_in, dk_in, dv_in);
+                   delta.data(), grad(d, dq, c.H), grad(d, dk, c.KV), grad(d, dv, c.KV), kernels);
+  run_backward<HD>(d, q_in, k_in, v_in, dout_in, lse_i.data(), delta.data(), dq_in, dk_in, dv_in, kernels);
   EXPECT_FALSE(emu::misaligned_global) << "a cp.async from a global address not 16-byte aligned";
   size_t wrong = 0;
   for (int64_t b = 0; b < c.B; ++b)
@@ -677,6 +680,7 @@ TEST(FlashAttentionEmulation, InPlaceHeadsGiveThePackedBits) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
   check_in_place<64>({2, 128, 4, 2, 64}, rng);  // GQA: dk, dv summed over two heads each
   check_in_place<128>({1, 64, 2, 2, 128}, rng);
+  check_in_place<64>({2, 256, 4, 2, 64}, rng, Kernels::kWgmma);
 }
 
 // The host-side checks of flash_forward / flash_backward (no kernel runs).

@@ -275,10 +275,10 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
 // Shared memory: Q and dO (128 rows each), then two buffers each of K and V.
 constexpr size_t kDqSmemBytes = (2 * kRows + 4 * kKeys) * 128 + 1024;
 
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kBlockThreads, 2)
     flash_dq_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout,
                          const float* __restrict__ lse, const float* __restrict__ delta, HeadGrad dq) {
-#ifdef NIBBLE_FLASH_SM90
+#ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
   constexpr uint32_t kQBytes = kRows * 128, kKvBytes = kKeys * 128;
   const uint32_t sQ = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
@@ -307,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int64_t it = 0; it < n_kv; ++it) {
     const uint32_t buf = static_cast<uint32_t>(it & 1) * kKvBytes;
     cp_async_wait_all();
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    fence_proxy_async();
     __syncthreads();
     if (it + 1 < n_kv) {
       k_loader.load<kKeys>(sK + (kKvBytes - buf), kg + (it + 1) * kKeys * k.row);
@@ -372,11 +372,11 @@ __global__ void __launch_bounds__(kThreads, 2)
 // (64 floats).
 constexpr size_t kDkdvSmemBytes = (2 * kRows + 4 * kKeys) * 128 + 4 * kKeys * sizeof(float) + 1024;
 
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kBlockThreads, 1)
     flash_dkdv_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout,
                            const float* __restrict__ lse, const float* __restrict__ delta, HeadGrad dk,
                            HeadGrad dv) {
-#ifdef NIBBLE_FLASH_SM90
+#ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
   constexpr uint32_t kKvTile = kRows * 128, kQTile = kKeys * 128;
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -414,7 +414,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int64_t step = 0; step < steps; ++step) {
     const int buf = static_cast<int>(step & 1);
     cp_async_wait_all();
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    fence_proxy_async();
     __syncthreads();
     if (step + 1 < steps) load_step(step + 1, buf ^ 1);
     cp_async_commit();
@@ -504,20 +504,20 @@ void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads 
   flash_forward_sm90_kernel<<<grid, kBlockThreads, kSmemBytes, stream>>>(d, q, k, v, out, o, lse, out16);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
-#endif  // NIBBLE_FLASH_HOST_EMULATION
 
 void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
                          const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream) {
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dkdv_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kDkdvSmemBytes)));
   const dim3 kv_grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.KV), static_cast<unsigned>(d.B));
-  flash_dkdv_sm90_kernel<<<kv_grid, kThreads, kDkdvSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dk, dv);
+  flash_dkdv_sm90_kernel<<<kv_grid, kBlockThreads, kDkdvSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dk, dv);
   NIBBLE_CUDA_CHECK_LAUNCH();
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dq_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kDqSmemBytes)));
   const dim3 q_grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
-  flash_dq_sm90_kernel<<<q_grid, kThreads, kDqSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dq);
+  flash_dq_sm90_kernel<<<q_grid, kBlockThreads, kDqSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dq);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
+#endif  // NIBBLE_FLASH_HOST_EMULATION
 
 }  // namespace nibble::nn::cuda::detail
