@@ -1,7 +1,9 @@
-// Runs the fused attention kernels (src/nibble/nn/cuda/attention_flash.cu) on the CPU, without a
-// GPU: the file is compiled as host C++ with every CUDA thread of a block a std::thread, and the
-// warp-level instructions (ldmatrix, mma.sync m16n8k16, shuffles) emulated from their documented
-// per-lane layouts. Every case runs twice, with the cp.async copies landing at the two ends of
+// Runs the fused attention kernels (src/nibble/nn/cuda/attention_flash.cu, and the Hopper forward of
+// attention_flash_sm90.cu) on the CPU, without a GPU: the files are compiled as host C++ with every
+// CUDA thread of a block a std::thread, and the warp-level instructions (ldmatrix, mma.sync
+// m16n8k16, shuffles) emulated from their documented per-lane layouts; wgmma from its accumulator
+// layout and the shared-memory descriptor's 128-byte-swizzled tiles, as the kernels use them (the
+// model the H200 runs agree with: the same forward passes there, tests/cuda/layers_cuda_test.cpp). Every case runs twice, with the cp.async copies landing at the two ends of
 // the window the hardware may use:
 // - late, at the wait that covers them, with shared memory filled with NaNs at the start: reading
 //   a tile before its wait (or past the kernel's shared memory size, which is checked) shows up as
@@ -321,6 +323,23 @@ struct Case {
 BF16Heads heads(const FlashDims& d, const std::vector<bf16>& x, int64_t n) { return packed_heads(x.data(), d, n); }
 HeadGrad grad(const FlashDims& d, std::vector<float>& x, int64_t n) { return {packed_heads(x.data(), d, n), {}}; }
 
+// The forward kernel under test: mma.sync (attention_flash.cu), or wgmma (attention_flash_sm90.cu:
+// HD 64, Tp a multiple of its 128-query blocks), which flash_forward takes on Hopper.
+enum class Forward { kMmaSync, kWgmma };
+
+// The forward kernel on views of the operands, as flash_forward launches it.
+template <int HD>
+void run_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, bf16* o, float* lse,
+                 Forward forward) {
+  if (forward == Forward::kWgmma) {
+    emu::launch(dim3(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B)),
+                kSmemBytes, [&] { flash_forward_sm90_kernel(d, q, k, v, out, o, lse, nullptr); }, kBlockThreads);
+    return;
+  }
+  emu::launch(dim3(static_cast<unsigned>(d.Tp / kFlashTile), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B)),
+              kForwardSmem<HD>, [&] { flash_forward_kernel<HD>(d, q, k, v, out, o, lse); });
+}
+
 // Both backward kernels on views of the operands, as flash_backward launches them.
 template <int HD>
 void run_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
@@ -345,10 +364,6 @@ double compare(const std::vector<float>& got, const std::vector<double>& want, c
   std::printf("[ compare  ] %-28s max rel err %.3e\n", what, rel);
   return rel;
 }
-
-// The forward kernel under test: mma.sync (attention_flash.cu), or wgmma (attention_flash_sm90.cu:
-// HD 64, Tp a multiple of its 128-query blocks), which flash_forward takes on Hopper.
-enum class Forward { kMmaSync, kWgmma };
 
 template <int HD>
 void run_landing(const Case& c, std::mt19937_64& rng, Forward forward) {
@@ -375,22 +390,8 @@ void run_landing(const Case& c, std::mt19937_64& rng, Forward forward) {
   // padding rows too: their dO is zero, so a NaN there would still reach dk and dv).
   std::vector<float> out(static_cast<size_t>(c.B * c.T * c.H * c.hd), NAN), lse(static_cast<size_t>(c.B * c.H * Tp), NAN);
   std::vector<bf16> o(q.size(), __float2bfloat16_rn(NAN));
-  const dim3 q_grid(static_cast<unsigned>(Tp / rows), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
-  if (forward == Forward::kWgmma) {
-    static_assert(HD == kHd || HD != 64);
-    emu::launch(q_grid, kSmemBytes,
-                [&] {
-                  flash_forward_sm90_kernel(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(),
-                                            o.data(), lse.data(), nullptr);
-                },
-                kBlockThreads);
-  } else {
-    emu::launch(q_grid, kForwardSmem<HD>,
-                [&] {
-                  flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(),
-                                           o.data(), lse.data());
-                });
-  }
+  run_forward<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(), o.data(), lse.data(),
+                  forward);
   std::vector<float> delta(lse.size(), 0.0f);  // as pack_dout_kernel computes it
   ASSERT_EQ(reinterpret_cast<uintptr_t>(lse.data()) % 16, 0u) << "the host allocator's alignment";
   ASSERT_EQ(reinterpret_cast<uintptr_t>(delta.data()) % 16, 0u) << "the host allocator's alignment";
@@ -599,9 +600,9 @@ TEST(FlashAttentionEmulation, Bf16OutputIsTheRoundedFp32Output) {
 // nothing is padded), against the packed route on the same values: the same lse, o and output bits,
 // and d_qkv the nearest-even rounding of the packed FP32 gradients.
 template <int HD>
-void check_in_place(const Case& c, std::mt19937_64& rng) {
+void check_in_place(const Case& c, std::mt19937_64& rng, Forward forward = Forward::kMmaSync) {
   ASSERT_EQ(c.hd, HD);
-  ASSERT_EQ(c.T % kFlashTile, 0);
+  ASSERT_EQ(c.T % (forward == Forward::kWgmma ? kRows : kFlashTile), 0);
   const FlashDims d{c.B, c.T, c.T, c.H, c.KV, c.hd, HD, 1.0f / std::sqrt(static_cast<float>(c.hd))};
   const int64_t width = (c.H + 2 * c.KV) * c.hd, rows = c.B * c.T;
   std::normal_distribution<float> dist(0.0f, 1.5f);
@@ -628,16 +629,12 @@ void check_in_place(const Case& c, std::mt19937_64& rng) {
   const auto bits = [](bf16 x) { return static_cast<__nv_bfloat16_raw>(x).x; };
   emu::misaligned_global = false;
 
-  const dim3 q_grid(static_cast<unsigned>(c.T / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
   const size_t n_out = static_cast<size_t>(rows * c.H * c.hd), n_lse = static_cast<size_t>(c.B * c.H * c.T);
   std::vector<float> out_p(n_out), out_i(n_out), lse_p(n_lse), lse_i(n_lse);
   std::vector<bf16> o_p(q.size()), o_i(q.size());
-  emu::launch(q_grid, kForwardSmem<HD>, [&] {
-    flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out_p.data(), o_p.data(),
-                             lse_p.data());
-  });
-  emu::launch(q_grid, kForwardSmem<HD>,
-              [&] { flash_forward_kernel<HD>(d, q_in, k_in, v_in, out_i.data(), o_i.data(), lse_i.data()); });
+  run_forward<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out_p.data(), o_p.data(), lse_p.data(),
+                  forward);
+  run_forward<HD>(d, q_in, k_in, v_in, out_i.data(), o_i.data(), lse_i.data(), forward);
   EXPECT_EQ(std::memcmp(out_p.data(), out_i.data(), n_out * 4), 0) << "out";
   EXPECT_EQ(std::memcmp(lse_p.data(), lse_i.data(), n_lse * 4), 0) << "lse";
   EXPECT_EQ(std::memcmp(o_p.data(), o_i.data(), o_p.size() * 2), 0) << "o";
@@ -677,6 +674,7 @@ TEST(FlashAttentionEmulation, InPlaceHeadsGiveThePackedBits) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
   check_in_place<64>({2, 128, 4, 2, 64}, rng);  // GQA: dk, dv summed over two heads each
   check_in_place<128>({1, 64, 2, 2, 128}, rng);
+  check_in_place<64>({2, 256, 4, 2, 64}, rng, Forward::kWgmma);
 }
 
 // The host-side checks of flash_forward / flash_backward (no kernel runs).
