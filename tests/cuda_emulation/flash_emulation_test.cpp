@@ -1,7 +1,9 @@
-// Runs the fused attention kernels (src/nibble/nn/cuda/attention_flash.cu) on the CPU, without a
-// GPU: the file is compiled as host C++ with every CUDA thread of a block a std::thread, and the
-// warp-level instructions (ldmatrix, mma.sync m16n8k16, shuffles) emulated from their documented
-// per-lane layouts. Every case runs twice, with the cp.async copies landing at the two ends of
+// Runs the fused attention kernels (src/nibble/nn/cuda/attention_flash.cu, and the Hopper kernels of
+// attention_flash_sm90.cu) on the CPU, without a GPU: the files are compiled as host C++ with every
+// CUDA thread of a block a std::thread, and the warp-level instructions (ldmatrix, mma.sync
+// m16n8k16, shuffles) emulated from their documented per-lane layouts; wgmma from its accumulator
+// layout and the shared-memory descriptor's 128-byte-swizzled tiles, as the kernels use them (the
+// model the H200 runs agree with: the same wgmma forward passes there, tests/cuda/layers_cuda_test.cpp). Every case runs twice, with the cp.async copies landing at the two ends of
 // the window the hardware may use:
 // - late, at the wait that covers them, with shared memory filled with NaNs at the start: reading
 //   a tile before its wait (or past the kernel's shared memory size, which is checked) shows up as
