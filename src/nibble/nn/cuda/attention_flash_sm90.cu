@@ -27,12 +27,11 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 constexpr int kBlockThreads = 256;  // two warpgroups
-constexpr int kRows = 128;     // queries per block
-constexpr int kHd = 64;        // head dimension: one 128-byte row
-constexpr int kKeys = 64;      // keys per tile
+constexpr int kRows = 128;          // queries per block
+constexpr int kHd = 64;             // head dimension: one 128-byte row
+constexpr int kKeys = 64;           // keys per tile
 // Shared memory: the Q tile, then two buffers each of K and V tiles; + room to align.
 constexpr size_t kSmemBytes = (kRows + 4 * kKeys) * 128 + 1024;
-
 // The kernels exist for sm_90a only; the other device passes (sm_100a) keep a stub that traps, which
 // the host never launches there (flash_sm90_applies). NIBBLE_FLASH_HOST_EMULATION:
 // tests/cuda_emulation/flash_emulation_test.cpp compiles the kernels as host C++ with its own (CPU)
@@ -124,7 +123,7 @@ __device__ __forceinline__ void wgmma_rs_m64n64k16_bt(float (&d)[32], const uint
 #endif  // NIBBLE_FLASH_SM90
 
 // Grid (Tp / 128, H, B), blockIdx.x reversed (the query tiles with the most key tiles first). Two
-// blocks an SM (106 registers a thread). Key tiles of 128 were slower: 64 x 128 scores a warpgroup
+// blocks an SM (110 registers a thread). Key tiles of 128 were slower: 64 x 128 scores a warpgroup
 // take 156 registers, one block an SM.
 // Accumulator layout (wgmma m64nNk16): warp w of a warpgroup holds its rows 16w..16w+15; lane 4g + t
 // holds rows 16w + g and 16w + g + 8, columns 8j + 2t and 8j + 2t + 1 in registers 4j..4j+3 (row g:
