@@ -91,10 +91,10 @@ void flash_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, fl
 void flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
                     const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream);
 
-// Hopper (sm_90a) forward for HD 64 with Tp a multiple of 128 (attention_flash_sm90.cu: wgmma, blocks
-// of 128 queries, key tiles of 64), which flash_forward takes where flash_sm90_applies: on a device
-// of compute capability 9.0, unless set_flash_wgmma(false) keeps the mma.sync kernels (process-wide;
-// for the benchmarks and tests that compare the two).
+// Hopper (sm_90a) kernels for HD 64 with Tp a multiple of 128 (attention_flash_sm90.cu: wgmma, blocks
+// of 128 queries or keys, tiles of 64 of the other), which flash_forward and flash_backward take where
+// flash_sm90_applies: on a device of compute capability 9.0, unless set_flash_wgmma(false) keeps the
+// mma.sync kernels (process-wide; for the benchmarks and tests that compare the two).
 bool flash_sm90_applies(const FlashDims& d);
 void set_flash_wgmma(bool enabled);
 void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, __nv_bfloat16* o,

@@ -1,6 +1,6 @@
 // Fused causal attention on Hopper's warpgroup tensor-core instructions (wgmma, sm_90a), for the
-// padded head dimension 64 (GPT-2's): the forward kernel behind flash_forward where
-// flash_sm90_applies (attention_flash.cuh). Same inputs, outputs and math as the mma.sync forward of
+// padded head dimension 64 (GPT-2's): the kernels behind flash_forward and flash_backward where
+// flash_sm90_applies (attention_flash.cuh); the backward kernels are at the end of the file. Same inputs, outputs and math as the mma.sync forward of
 // attention_flash.cu, with 128-query blocks (the online softmax meets the key tiles in other
 // groupings, so the results agree to rounding, not bit for bit).
 //
