@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 
 #include "nibble/nn/cuda/attention_flash.cuh"
 #include "nibble/nn/cuda/attention_flash_util.cuh"
@@ -54,25 +55,28 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 #endif  // NIBBLE_FLASH_SM90
 
 #ifdef NIBBLE_FLASH_SM90_KERNELS
-// A thread's share of loading a tile of rows of 64 BF16 (`stride` elements apart in global memory)
-// into its swizzled layout: chunk c = tid % 8 of rows tid / 8 + 32 j. The swizzled chunk is the
-// same for all j (32 is a multiple of 8), so each j steps both addresses by a constant.
+// A thread's share (of THREADS) of loading a tile of rows of 64 BF16 (`stride` elements apart in
+// global memory) into its swizzled layout: chunk c = tid % 8 of rows tid / 8 + (THREADS / 8) j. The
+// swizzled chunk is the same for all j (THREADS / 8 is a multiple of 8), so each j steps both
+// addresses by a constant.
+template <int THREADS = kBlockThreads>
 struct TileLoader {
+  static constexpr int kRowStep = THREADS / 8;
   uint32_t smem_offset;  // of the thread's first chunk in a tile
   int64_t row_offset;    // elements from a tile's first row to the thread's first chunk
-  int64_t step;          // 32 rows, in elements
+  int64_t step;          // kRowStep rows, in elements
   __device__ explicit TileLoader(int64_t stride) {
     const int r = threadIdx.x >> 3, c = threadIdx.x & 7;
     smem_offset = static_cast<uint32_t>(r * 128 + ((c ^ (r & 7)) << 4));
     row_offset = r * stride + c * 8;
-    step = 32 * stride;
+    step = kRowStep * stride;
   }
   // ROWS rows from gmem (a tile's first row) -> the tile at smem, asynchronously.
   template <int ROWS>
   __device__ __forceinline__ void load(uint32_t smem, const bf16* gmem) const {
     const bf16* src = gmem + row_offset;
 #pragma unroll
-    for (int j = 0; j < ROWS * 8 / kBlockThreads; ++j, src += step) cp_async16(smem + smem_offset + j * 4096, src);
+    for (int j = 0; j < ROWS / kRowStep; ++j, src += step) cp_async16(smem + smem_offset + j * kRowStep * 128, src);
   }
 };
 
@@ -142,7 +146,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   const int64_t head = b * d.H + h, kvh = h / (d.H / d.KV);
   const bf16* kg = k.at(b, kvh, 0);
   const bf16* vg = v.at(b, kvh, 0);
-  const TileLoader q_loader(q.row), k_loader(k.row), v_loader(v.row);
+  const TileLoader<> q_loader(q.row), k_loader(k.row), v_loader(v.row);
   q_loader.load<kRows>(sQ, q.at(b, h, qt * kRows));
   k_loader.load<kKeys>(sK, kg);
   v_loader.load<kKeys>(sV, vg);
@@ -288,7 +292,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   const int64_t head = b * d.H + h, kvh = h / (d.H / d.KV);
   const bf16* kg = k.at(b, kvh, 0);
   const bf16* vg = v.at(b, kvh, 0);
-  const TileLoader q_loader(q.row), o_loader(dout.row), k_loader(k.row), v_loader(v.row);
+  const TileLoader<> q_loader(q.row), o_loader(dout.row), k_loader(k.row), v_loader(v.row);
   q_loader.load<kRows>(sQ, q.at(b, h, qt * kRows));
   o_loader.load<kRows>(sdO, dout.at(b, h, qt * kRows));
   k_loader.load<kKeys>(sK, kg);
@@ -361,23 +365,27 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
 
 // ---------------------------------------------------------------- backward: dk, dv
 
-// Grid (Tp / 128, KV, B). 128 keys a block (64 a warpgroup); loops over the heads of the group and,
+// Grid (Tp / (64 WGS), KV, B). 64 WGS keys a block (64 a warpgroup); loops over the heads of the group and,
 // for each, over the query tiles of 64 from the block's first key on, in a fixed order (dk and dv
 // summed over the group's heads in that order, in registers):
 //   S^T = K Q^T, dP^T = V dO^T   wgmma from shared memory (K-major tiles)
 //   P^T, dS^T in registers
 //   dV += P^T dO, dK += dS^T Q   wgmma with P^T, dS^T from registers and dO, Q as MN-major tiles
-// Shared memory: K and V (128 rows each), then two buffers each of Q, dO (64 rows), lse and delta
-// (64 floats).
-constexpr size_t kDkdvSmemBytes = (2 * kRows + 4 * kKeys) * 128 + 4 * kKeys * sizeof(float) + 1024;
+// Shared memory: K and V (64 WGS rows each), then two buffers each of Q, dO (64 rows), lse and delta
+// (64 floats). WGS 2: one block an SM (191 registers); WGS 1 (EXPERIMENT): three blocks of one
+// warpgroup, which overlap each other's softmax and wgmma.
+template <int WGS>
+constexpr size_t kDkdvSmemBytes = (2 * 64 * WGS + 4 * kKeys) * 128 + 4 * kKeys * sizeof(float) + 1024;
 
-__global__ void __launch_bounds__(kBlockThreads, 1)
+template <int WGS>
+__global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 3 : 1)
     flash_dkdv_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout,
                            const float* __restrict__ lse, const float* __restrict__ delta, HeadGrad dk,
                            HeadGrad dv) {
 #ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
-  constexpr uint32_t kKvTile = kRows * 128, kQTile = kKeys * 128;
+  constexpr int kBlockKeys = 64 * WGS;
+  constexpr uint32_t kKvTile = kBlockKeys * 128, kQTile = kKeys * 128;
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t sK = (raw + 1023u) & ~1023u;
   const uint32_t sV = sK + kKvTile, sQ = sV + kKvTile, sdO = sQ + 2 * kQTile;  // Q, dO: two buffers each
@@ -386,15 +394,15 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const int64_t kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, group = d.H / d.KV;
-  const TileLoader k_loader(k.row), v_loader(v.row), q_loader(q.row), o_loader(dout.row);
-  k_loader.load<kRows>(sK, k.at(b, kvh, kt * kRows));
-  v_loader.load<kRows>(sV, v.at(b, kvh, kt * kRows));
+  const TileLoader<128 * WGS> k_loader(k.row), v_loader(v.row), q_loader(q.row), o_loader(dout.row);
+  k_loader.template load<kBlockKeys>(sK, k.at(b, kvh, kt * kBlockKeys));
+  v_loader.template load<kBlockKeys>(sV, v.at(b, kvh, kt * kBlockKeys));
   // Steps: (head of the group, query tile), query tiles from the one holding the block's first key.
-  const int64_t first = kt * kRows / kKeys, n_q = d.Tp / kKeys - first, steps = group * n_q;
+  const int64_t first = kt * kBlockKeys / kKeys, n_q = d.Tp / kKeys - first, steps = group * n_q;
   const auto load_step = [&](int64_t step, int buf) {
     const int64_t h = kvh * group + step / n_q, qi = first + step % n_q;
-    q_loader.load<kKeys>(sQ + buf * kQTile, q.at(b, h, qi * kKeys));
-    o_loader.load<kKeys>(sdO + buf * kQTile, dout.at(b, h, qi * kKeys));
+    q_loader.template load<kKeys>(sQ + buf * kQTile, q.at(b, h, qi * kKeys));
+    o_loader.template load<kKeys>(sdO + buf * kQTile, dout.at(b, h, qi * kKeys));
     if (threadIdx.x < 32) {  // 16 chunks of lse, then 16 of delta
       const int64_t row = (b * d.H + h) * d.Tp + qi * kKeys;
       const int i = threadIdx.x & 15;
@@ -417,7 +425,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     __syncthreads();
     if (step + 1 < steps) load_step(step + 1, buf ^ 1);
     cp_async_commit();
-    const int q_off = static_cast<int>((first + step % n_q) * kKeys - kt * kRows);  // of the query tile
+    const int q_off = static_cast<int>((first + step % n_q) * kKeys - kt * kBlockKeys);  // of the query tile
     const uint64_t desc_qt = descriptor(sQ + buf * kQTile), desc_ot = descriptor(sdO + buf * kQTile);
     const float* cL = sL + buf * kKeys;
     const float* cD = sD + buf * kKeys;
@@ -433,7 +441,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     fence_registers(s);
     fence_registers(dp);
 
-    const bool diagonal = q_off < kRows;  // a query tile crossing the block's keys: mask queries before keys
+    const bool diagonal = q_off < kBlockKeys;  // a query tile crossing the block's keys: mask queries before keys
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -465,7 +473,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t t = kt * kRows + key_in_tile + 8 * r;
+    const int64_t t = kt * kBlockKeys + key_in_tile + 8 * r;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       store_pair(dk, b, kvh, t, 8 * j + 2 * t4, dka[4 * j + 2 * r], dka[4 * j + 2 * r + 1]);
@@ -504,13 +512,25 @@ void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads 
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
+namespace {
+template <int WGS>
+void launch_dkdv(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
+                 const float* delta, HeadGrad dk, HeadGrad dv, cudaStream_t stream) {
+  NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dkdv_sm90_kernel<WGS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kDkdvSmemBytes<WGS>)));
+  const dim3 grid(static_cast<unsigned>(d.Tp / (64 * WGS)), static_cast<unsigned>(d.KV), static_cast<unsigned>(d.B));
+  flash_dkdv_sm90_kernel<WGS><<<grid, 128 * WGS, kDkdvSmemBytes<WGS>, stream>>>(d, q, k, v, dout, lse, delta, dk, dv);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+}  // namespace
+
 void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
                          const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream) {
-  NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dkdv_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kDkdvSmemBytes)));
-  const dim3 kv_grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.KV), static_cast<unsigned>(d.B));
-  flash_dkdv_sm90_kernel<<<kv_grid, kBlockThreads, kDkdvSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dk, dv);
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  static const bool one_warpgroup = std::getenv("NIBBLE_FLASH_DKDV_WG1") != nullptr;  // EXPERIMENT
+  if (one_warpgroup)
+    launch_dkdv<1>(d, q, k, v, dout, lse, delta, dk, dv, stream);
+  else
+    launch_dkdv<2>(d, q, k, v, dout, lse, delta, dk, dv, stream);
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dq_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kDqSmemBytes)));
   const dim3 q_grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
