@@ -27,7 +27,6 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 128;  // 4 warps
 constexpr int kT = static_cast<int>(kFlashTile);
-constexpr float kLog2e = 1.4426950408889634f;
 
 // ---------------------------------------------------------------- PTX wrappers
 

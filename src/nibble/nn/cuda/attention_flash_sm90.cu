@@ -33,7 +33,7 @@ constexpr int kHd = 64;             // head dimension: one 128-byte row
 constexpr int kKeys = 64;           // keys per tile
 // Shared memory: the Q tile, then two buffers each of K and V tiles; + room to align.
 constexpr size_t kSmemBytes = (kRows + 4 * kKeys) * 128 + 1024;
-// The kernels exist for sm_90a only; the other device passes (sm_100a) keep a stub that traps, which
+// The kernels exist for sm_90a only; the other device passes (sm_100a) keep a body that traps, which
 // the host never launches there (flash_sm90_applies). NIBBLE_FLASH_HOST_EMULATION:
 // tests/cuda_emulation/flash_emulation_test.cpp compiles the kernels as host C++ with its own (CPU)
 // versions of the PTX wrappers (NIBBLE_FLASH_SM90's), and its own launchers.
@@ -152,7 +152,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   v_loader.load<kKeys>(sV, vg);
   cp_async_commit();
 
-  const float c = d.scale * 1.4426950408889634f;  // scores in base-2 units: exp(s scale) = 2^(s c)
+  const float c = d.scale * kLog2e;  // scores in base-2 units: exp(s scale) = 2^(s c)
   const int row_in_tile = 64 * wg + 16 * warp + g;  // this thread's rows: it and it + 8
   const uint64_t desc_q = descriptor(sQ + wg * (kQBytes / 2));
   float acc[32] = {};

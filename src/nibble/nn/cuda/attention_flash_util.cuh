@@ -9,6 +9,9 @@
 #include "nibble/nn/cuda/attention_flash.cuh"
 
 namespace nibble::nn::cuda::detail {
+
+inline constexpr float kLog2e = 1.4426950408889634f;  // scores in base-2 units: exp(x) = 2^(x log2 e)
+
 namespace {
 
 // Two floats rounded to BF16 (nearest even) in one register, lo in the low half (lower column).
