@@ -299,7 +299,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   v_loader.load<kKeys>(sV, vg);
   cp_async_commit();
 
-  const float c = d.scale * 1.4426950408889634f;
+  const float c = d.scale * kLog2e;
   const int row_in_tile = 64 * wg + 16 * warp + g;  // this thread's rows: it and it + 8
   const int64_t row0 = qt * kRows + row_in_tile;
   const float L[2] = {lse[head * d.Tp + row0], lse[head * d.Tp + row0 + 8]};
@@ -414,7 +414,7 @@ __global__ void __launch_bounds__(128 * WGS, WGS == 1 ? 3 : 1)
   load_step(0, 0);
   cp_async_commit();
 
-  const float c = d.scale * 1.4426950408889634f;
+  const float c = d.scale * kLog2e;
   const int key_in_tile = 64 * wg + 16 * warp + g;  // this thread's keys: it and it + 8
   const uint64_t desc_k = descriptor(sK + wg * (kKvTile / 2)), desc_v = descriptor(sV + wg * (kKvTile / 2));
   float dka[32] = {}, dva[32] = {};
