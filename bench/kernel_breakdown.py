@@ -1,10 +1,15 @@
 #!/usr/bin/env python3
-"""Per-kernel-class time of a training step from Nsight Compute's per-launch CSV.
+"""Per-kernel-class time of a training step from Nsight Compute's per-launch CSV, or from the
+kernel trace of bench/kernel_trace.cpp (CUPTI, at the clocks the program runs at).
 
-On the GPU machine (nsys is not there; ncu times every launch with its clocks left alone):
+On the GPU machine (nsys is not there; ncu times every launch with its clocks left alone, but runs
+them one at a time, about 30% above the real step):
     ncu --clock-control none --metrics gpu__time_duration.sum --csv \\
         nibble train --device cuda ... --steps 1 > ncu.csv
     python3 bench/kernel_breakdown.py ncu.csv [--before OLD.csv]
+or, with the trace of a run of 11 steps and of the same run with 1 step (--minus: the difference is
+the 10 extra steps, which --steps 10 turns into one step's time):
+    python3 bench/kernel_breakdown.py trace11.tsv --minus trace1.tsv --steps 10
 
 Kernels are grouped by what their names say (ours are named after their job; cuBLASLt's GEMM
 kernels contain "gemm" or the sm90 kernel prefixes). Prints a Markdown table: class, launches, ms,
@@ -38,8 +43,37 @@ def kernel_class(name):
     return "other"
 
 
+def read_trace(path):
+    """{class: ms}, {class: launches}, {kernel name: ms} of one kernel_trace.cpp TSV."""
+    total = defaultdict(float)
+    count = defaultdict(int)
+    names = defaultdict(float)
+    for line in open(path, encoding="utf-8", errors="replace"):
+        if line.startswith("#") or line.startswith("ms\t"):
+            continue
+        ms, launches, name = line.rstrip("\n").split("\t", 2)
+        cls = kernel_class(name)
+        total[cls] += float(ms)
+        count[cls] += int(launches)
+        names[name[:90]] += float(ms)
+    return total, count, names
+
+
+def trace_span(path):
+    """(span ms, busy ms) from a kernel trace's header, or None for an ncu CSV."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        head = f.readline()
+    if not head.startswith("# kernels"):
+        return None
+    fields = dict(part.strip().split(" ", 1) for part in head[2:].split(","))
+    return float(fields["span"].split()[0]), float(fields["busy"].split()[0])
+
+
 def read(path):
-    """{class: ms}, {class: launches}, {kernel name: ms} of one ncu CSV."""
+    """{class: ms}, {class: launches}, {kernel name: ms} of one ncu CSV or kernel trace."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        if f.readline().startswith("# kernels"):
+            return read_trace(path)
     scale = {"nsecond": 1e-6, "ns": 1e-6, "usecond": 1e-3, "us": 1e-3, "msecond": 1.0, "ms": 1.0}
     lines = [l for l in open(path, encoding="utf-8", errors="replace") if l.startswith('"')]
     total = defaultdict(float)
@@ -62,11 +96,28 @@ def main(argv):
     ap = argparse.ArgumentParser(description="Per-kernel-class time of a training step from ncu's CSV.")
     ap.add_argument("csv")
     ap.add_argument("--before", help="the same step of older code, for a before / after table")
+    ap.add_argument("--minus", help="a shorter run of the same command, subtracted (kernel traces)")
+    ap.add_argument("--steps", type=float, default=1.0, help="divide by this many steps (after --minus)")
     a = ap.parse_args(argv)
-    total, count, names = read(a.csv)
+
+    def load(path):
+        total, count, names = read(path)
+        if a.minus:
+            t0, c0, n0 = read(a.minus)
+            for d, d0 in ((total, t0), (count, c0), (names, n0)):
+                for k, v in d0.items():
+                    d[k] -= v
+        for d in (total, names):
+            for k in d:
+                d[k] /= a.steps
+        for k in count:
+            count[k] = round(count[k] / a.steps)
+        return total, count, names
+
+    total, count, names = load(a.csv)
     all_ms = sum(total.values())
     if a.before:
-        total0, count0, _ = read(a.before)
+        total0, count0, _ = load(a.before)
         all0 = sum(total0.values())
         print("| kernel class | launches before | ms before | launches | ms | change ms |")
         print("|---|---|---|---|---|---|")
@@ -81,6 +132,14 @@ def main(argv):
         for cls, ms in sorted(total.items(), key=lambda kv: -kv[1]):
             print(f"| {cls} | {count[cls]} | {ms:.2f} | {100 * ms / all_ms:.1f}% |")
         print(f"| all kernels | {sum(count.values())} | {all_ms:.2f} | 100% |")
+    span = trace_span(a.csv)
+    if span is not None:
+        if a.minus and trace_span(a.minus) is not None:
+            s0 = trace_span(a.minus)
+            span = (span[0] - s0[0], span[1] - s0[1])
+        step_span, step_busy = span[0] / a.steps, span[1] / a.steps
+        print(f"\nkernels' span {step_span:.2f} ms, busy {step_busy:.2f} ms: the GPU idles "
+              f"{100 * (1 - step_busy / step_span) if step_span > 0 else 0:.1f}% of the span between kernels")
     print("\nlargest kernels:")
     for n, ms in sorted(names.items(), key=lambda kv: -kv[1])[:25]:
         print(f"  {ms:8.2f} ms  {n}")

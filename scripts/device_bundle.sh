@@ -22,6 +22,12 @@ for f in tests/nibble_cuda_tests bench/nibble_quant_bench_cuda bench/nibble_laye
   cp "$build/$f" "$stage/$f"
   strip "$stage/$f"
 done
+# The CUPTI kernel trace (bench/kernel_trace.cpp) and the toolkit's CUPTI, where the build has them.
+if [ -f "$build/bench/libnibble_kernel_trace.so" ]; then
+  cp "$build/bench/libnibble_kernel_trace.so" "$stage/bench/"
+  cupti=$(ldd "$build/bench/libnibble_kernel_trace.so" | awk '/libcupti/ {print $3}')
+  if [ -n "$cupti" ]; then mkdir -p "$stage/lib" && cp -L "$cupti" "$stage/lib/"; fi
+fi
 mkdir -p "$dest"
 tar -C "$stage" -cJf "$dest/bin.tar.xz.tmp" . && mv "$dest/bin.tar.xz.tmp" "$dest/bin.tar.xz"
 if [ $# -ge 1 ]; then

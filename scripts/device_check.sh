@@ -16,6 +16,10 @@
 #   profile     per-kernel time of one training step under ncu, grouped by bench/kernel_breakdown.py,
 #               for each of RECIPES (default "nvfp4"); NCU_CACHE=none keeps the caches warm between
 #               kernels as in the training run (default "all": ncu flushes them before each kernel)
+#   trace       per-kernel time of a training step at the clocks training runs at (CUPTI, through
+#               bench/kernel_trace.cpp's injection library): runs of 11 and of 1 step, the difference
+#               over 10 steps grouped by bench/kernel_breakdown.py, with the GPU's idle share, for each
+#               of RECIPES
 # BASE_BUNDLE=<folder holding an older build's bin.tar.xz> (for example build/base, a copy of
 # build/device/bin.tar.xz made before rebuilding) runs that build's benchmarks and training runs as
 # well, in the same call, after the current ones (logs under $OUT/base; the train phase without
@@ -105,6 +109,23 @@ run_profile() {
   done
 }
 
+run_trace() {
+  [ -n "${DATA:-}" ] || { echo "device_check: the trace phase needs DATA (or a bundle with data)" >&2; status=1; return; }
+  [ -f "$build/bench/libnibble_kernel_trace.so" ] || { echo "device_check: no libnibble_kernel_trace.so in the build" >&2; status=1; return; }
+  for recipe in ${RECIPES:-nvfp4}; do
+    echo "== one $recipe step by kernel (CUPTI trace)"
+    for steps in 1 11; do
+      rm -rf "/tmp/trace-$recipe"
+      CUDA_INJECTION64_PATH="$build/bench/libnibble_kernel_trace.so" LD_LIBRARY_PATH="$build/lib:${LD_LIBRARY_PATH:-}" \
+        NIBBLE_KERNEL_TRACE="$out/trace_${recipe}_$steps.tsv" "$nibble" train --device cuda \
+        --config "${CONFIG:-configs/models/gpt2-124m.toml}" --recipe "$recipe" --data "$DATA" --out "/tmp/trace-$recipe" \
+        --steps "$steps" --batch-size 16 --progress quiet --val-batches 1 >"$out/trace_$recipe.log" 2>&1 || status=1
+    done
+    python3 bench/kernel_breakdown.py "$out/trace_${recipe}_11.tsv" --minus "$out/trace_${recipe}_1.tsv" --steps 10 |
+      tee "$out/trace_kernels_$recipe.md" || status=1
+  done
+}
+
 for phase in ${PHASES:-tests sanitizers benches}; do
   case "$phase" in
     tests) run_tests ;;
@@ -112,7 +133,8 @@ for phase in ${PHASES:-tests sanitizers benches}; do
     benches) run_benches ;;
     train) run_train ;;
     profile) run_profile ;;
-    *) echo "device_check: unknown phase '$phase' (tests, sanitizers, benches, train, profile)" >&2; exit 2 ;;
+    trace) run_trace ;;
+    *) echo "device_check: unknown phase '$phase' (tests, sanitizers, benches, train, profile, trace)" >&2; exit 2 ;;
   esac
 done
 exit $status

@@ -1,0 +1,108 @@
+// A CUDA injection library that times every kernel a program launches, at the clocks it runs at:
+// CUPTI's activity records (the source torch.profiler reads), unlike ncu, which serialises the
+// kernels and lets the clocks drop between them. Nothing in the program changes:
+//   CUDA_INJECTION64_PATH=build/cuda/bench/libnibble_kernel_trace.so NIBBLE_KERNEL_TRACE=trace.tsv
+//       nibble train --device cuda ... --steps 11
+// At exit it writes trace.tsv: a header with the kernels' span (first start to last end) and busy
+// time (the union of their intervals: the rest is the GPU idle between kernels), then per kernel
+// name the total ms and the launches, largest first. bench/kernel_breakdown.py groups it by class;
+// its --minus takes a shorter run of the same command (--steps 1), so that the difference over the
+// extra steps is the steady per-step time without the one-time costs.
+#include <cupti.h>
+
+#include <cxxabi.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace {
+
+struct Interval {
+  uint64_t start, end;
+};
+
+std::mutex lock;
+std::map<std::string, std::pair<double, long>> totals;  // name -> (ns, launches)
+std::vector<Interval> intervals;
+bool failed = false;
+
+void check(CUptiResult r, const char* what) {
+  if (r == CUPTI_SUCCESS) return;
+  const char* text = nullptr;
+  cuptiGetResultString(r, &text);
+  std::fprintf(stderr, "nibble kernel trace: %s failed: %s\n", what, text ? text : "unknown error");
+  failed = true;
+}
+
+std::string demangled(const char* name) {
+  int status = 0;
+  char* d = abi::__cxa_demangle(name, nullptr, nullptr, &status);
+  std::string out = status == 0 && d != nullptr ? d : name;
+  std::free(d);
+  return out;
+}
+
+void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
+  *size = 8 << 20;
+  *buffer = static_cast<uint8_t*>(std::aligned_alloc(8, *size));
+  *max_records = 0;
+}
+
+void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
+  CUpti_Activity* record = nullptr;
+  std::lock_guard<std::mutex> guard(lock);
+  while (cuptiActivityGetNextRecord(buffer, valid, &record) == CUPTI_SUCCESS) {
+    if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) continue;
+    const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
+    auto& t = totals[demangled(k->name)];
+    t.first += static_cast<double>(k->end - k->start);
+    t.second += 1;
+    intervals.push_back({k->start, k->end});
+  }
+  std::free(buffer);
+}
+
+void write_trace() {
+  check(cuptiActivityFlushAll(1), "cuptiActivityFlushAll");
+  const char* path = std::getenv("NIBBLE_KERNEL_TRACE");
+  if (path == nullptr) path = "kernel_trace.tsv";
+  std::lock_guard<std::mutex> guard(lock);
+  std::sort(intervals.begin(), intervals.end(), [](const Interval& a, const Interval& b) { return a.start < b.start; });
+  uint64_t busy = 0, covered_to = 0;
+  for (const Interval& i : intervals) {  // the union of the intervals (kernels may overlap)
+    const uint64_t from = std::max(i.start, covered_to);
+    if (i.end > from) busy += i.end - from;
+    covered_to = std::max(covered_to, i.end);
+  }
+  const double span = intervals.empty() ? 0.0 : static_cast<double>(covered_to - intervals.front().start);
+  std::vector<std::pair<std::string, std::pair<double, long>>> rows(totals.begin(), totals.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
+  const std::string tmp = std::string(path) + ".tmp";
+  FILE* f = std::fopen(tmp.c_str(), "w");
+  if (f == nullptr) {
+    std::fprintf(stderr, "nibble kernel trace: cannot write %s\n", tmp.c_str());
+    return;
+  }
+  std::fprintf(f, "# kernels %zu, span %.3f ms, busy %.3f ms%s\n", intervals.size(), span * 1e-6, busy * 1e-6,
+               failed ? ", CUPTI reported errors (stderr)" : "");
+  std::fprintf(f, "ms\tlaunches\tkernel\n");
+  for (const auto& [name, t] : rows) std::fprintf(f, "%.4f\t%ld\t%s\n", t.first * 1e-6, t.second, name.c_str());
+  const bool ok = std::fclose(f) == 0 && std::rename(tmp.c_str(), path) == 0;
+  if (!ok) std::fprintf(stderr, "nibble kernel trace: cannot write %s\n", path);
+}
+
+}  // namespace
+
+// Called by the CUDA driver when CUDA_INJECTION64_PATH names this library.
+extern "C" int InitializeInjection(void) {
+  check(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed), "cuptiActivityRegisterCallbacks");
+  check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "cuptiActivityEnable");
+  std::atexit(write_trace);
+  return 1;
+}
