@@ -59,14 +59,18 @@ def read_trace(path):
     return total, count, names
 
 
-def trace_span(path):
-    """(span ms, busy ms) from a kernel trace's header, or None for an ncu CSV."""
+def trace_window(path):
+    """(window ms, busy ms in it, its kernel) from a kernel trace's header: the stretch from the first
+    to the last launch of the step's closing kernel (the optimizer), which holds every step but the
+    first; None for an ncu CSV or a trace without the window."""
     with open(path, encoding="utf-8", errors="replace") as f:
         head = f.readline()
     if not head.startswith("# kernels"):
         return None
-    fields = dict(part.strip().split(" ", 1) for part in head[2:].split(","))
-    return float(fields["span"].split()[0]), float(fields["busy"].split()[0])
+    fields = dict(part.strip().split(" ", 1) for part in head[2:].split(",") if " " in part.strip())
+    if "window" not in fields or float(fields["window"].split()[0]) <= 0:
+        return None
+    return float(fields["window"].split()[0]), float(fields["window_busy"].split()[0]), fields["window_kernel"]
 
 
 def read(path):
@@ -132,14 +136,11 @@ def main(argv):
         for cls, ms in sorted(total.items(), key=lambda kv: -kv[1]):
             print(f"| {cls} | {count[cls]} | {ms:.2f} | {100 * ms / all_ms:.1f}% |")
         print(f"| all kernels | {sum(count.values())} | {all_ms:.2f} | 100% |")
-    span = trace_span(a.csv)
-    if span is not None:
-        if a.minus and trace_span(a.minus) is not None:
-            s0 = trace_span(a.minus)
-            span = (span[0] - s0[0], span[1] - s0[1])
-        step_span, step_busy = span[0] / a.steps, span[1] / a.steps
-        print(f"\nkernels' span {step_span:.2f} ms, busy {step_busy:.2f} ms: the GPU idles "
-              f"{100 * (1 - step_busy / step_span) if step_span > 0 else 0:.1f}% of the span between kernels")
+    window = trace_window(a.csv)
+    if window is not None:  # the longer run's window covers --steps steps (all but its first)
+        wall, busy, kernel = window[0] / a.steps, window[1] / a.steps, window[2]
+        print(f"\nfrom the first to the last {kernel} launch, per step: {wall:.2f} ms, kernels busy "
+              f"{busy:.2f} ms: the GPU idles {100 * (1 - busy / wall) if wall > 0 else 0:.1f}% of the step")
     print("\nlargest kernels:")
     for n, ms in sorted(names.items(), key=lambda kv: -kv[1])[:25]:
         print(f"  {ms:8.2f} ms  {n}")

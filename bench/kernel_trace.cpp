@@ -4,8 +4,11 @@
 //   CUDA_INJECTION64_PATH=build/cuda/bench/libnibble_kernel_trace.so NIBBLE_KERNEL_TRACE=trace.tsv
 //       nibble train --device cuda ... --steps 11
 // At exit it writes trace.tsv: a header with the kernels' span (first start to last end) and busy
-// time (the union of their intervals: the rest is the GPU idle between kernels), then per kernel
-// name the total ms and the launches, largest first. bench/kernel_breakdown.py groups it by class;
+// time (the union of their intervals), the same two over the window from the first to the last
+// launch of the kernel NIBBLE_KERNEL_TRACE_WINDOW names (default adamw_kernel: the optimizer ends
+// each step, so the window holds all steps but the first, without start-up and shutdown; what it
+// does not cover is the GPU idle between kernels), then per kernel name the total ms and the
+// launches, largest first. bench/kernel_breakdown.py groups it by class;
 // its --minus takes a shorter run of the same command (--steps 1), so that the difference over the
 // extra steps is the steady per-step time without the one-time costs.
 #include <cupti.h>
@@ -25,12 +28,14 @@ namespace {
 
 struct Interval {
   uint64_t start, end;
+  bool marks_window;  // a launch of the window's kernel
 };
 
 std::mutex lock;
 std::map<std::string, std::pair<double, long>> totals;  // name -> (ns, launches)
 std::vector<Interval> intervals;
 bool failed = false;
+std::string window_kernel = "adamw_kernel";
 
 void check(CUptiResult r, const char* what) {
   if (r == CUPTI_SUCCESS) return;
@@ -60,10 +65,11 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
   while (cuptiActivityGetNextRecord(buffer, valid, &record) == CUPTI_SUCCESS) {
     if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) continue;
     const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
-    auto& t = totals[demangled(k->name)];
+    const std::string name = demangled(k->name);
+    auto& t = totals[name];
     t.first += static_cast<double>(k->end - k->start);
     t.second += 1;
-    intervals.push_back({k->start, k->end});
+    intervals.push_back({k->start, k->end, name.find(window_kernel) != std::string::npos});
   }
   std::free(buffer);
 }
@@ -74,13 +80,26 @@ void write_trace() {
   if (path == nullptr) path = "kernel_trace.tsv";
   std::lock_guard<std::mutex> guard(lock);
   std::sort(intervals.begin(), intervals.end(), [](const Interval& a, const Interval& b) { return a.start < b.start; });
-  uint64_t busy = 0, covered_to = 0;
-  for (const Interval& i : intervals) {  // the union of the intervals (kernels may overlap)
-    const uint64_t from = std::max(i.start, covered_to);
-    if (i.end > from) busy += i.end - from;
-    covered_to = std::max(covered_to, i.end);
+  // The union of the intervals (kernels may overlap) that fall in [from, to].
+  const auto busy_in = [](uint64_t from, uint64_t to) {
+    uint64_t busy = 0, covered_to = from;
+    for (const Interval& i : intervals) {
+      const uint64_t start = std::max(i.start, covered_to), end = std::min(i.end, to);
+      if (end > start) busy += end - start;
+      covered_to = std::max(covered_to, std::min(i.end, to));
+    }
+    return static_cast<double>(busy);
+  };
+  uint64_t first = 0, last = 0, window_from = UINT64_MAX, window_to = 0;
+  for (const Interval& i : intervals) {
+    last = std::max(last, i.end);
+    if (i.marks_window) window_from = std::min(window_from, i.start), window_to = std::max(window_to, i.end);
   }
-  const double span = intervals.empty() ? 0.0 : static_cast<double>(covered_to - intervals.front().start);
+  if (!intervals.empty()) first = intervals.front().start;
+  const double span = static_cast<double>(last - first), busy = busy_in(first, last);
+  const bool window = window_to > window_from;
+  const double window_span = window ? static_cast<double>(window_to - window_from) : 0.0;
+  const double window_busy = window ? busy_in(window_from, window_to) : 0.0;
   std::vector<std::pair<std::string, std::pair<double, long>>> rows(totals.begin(), totals.end());
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
   const std::string tmp = std::string(path) + ".tmp";
@@ -89,8 +108,9 @@ void write_trace() {
     std::fprintf(stderr, "nibble kernel trace: cannot write %s\n", tmp.c_str());
     return;
   }
-  std::fprintf(f, "# kernels %zu, span %.3f ms, busy %.3f ms%s\n", intervals.size(), span * 1e-6, busy * 1e-6,
-               failed ? ", CUPTI reported errors (stderr)" : "");
+  std::fprintf(f, "# kernels %zu, span %.3f ms, busy %.3f ms, window %.3f ms, window_busy %.3f ms, window_kernel %s%s\n",
+               intervals.size(), span * 1e-6, busy * 1e-6, window_span * 1e-6, window_busy * 1e-6,
+               window_kernel.c_str(), failed ? ", CUPTI reported errors (stderr)" : "");
   std::fprintf(f, "ms\tlaunches\tkernel\n");
   for (const auto& [name, t] : rows) std::fprintf(f, "%.4f\t%ld\t%s\n", t.first * 1e-6, t.second, name.c_str());
   const bool ok = std::fclose(f) == 0 && std::rename(tmp.c_str(), path) == 0;
@@ -101,6 +121,7 @@ void write_trace() {
 
 // Called by the CUDA driver when CUDA_INJECTION64_PATH names this library.
 extern "C" int InitializeInjection(void) {
+  if (const char* name = std::getenv("NIBBLE_KERNEL_TRACE_WINDOW"); name != nullptr && *name != '\0') window_kernel = name;
   check(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed), "cuptiActivityRegisterCallbacks");
   check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "cuptiActivityEnable");
   std::atexit(write_trace);
