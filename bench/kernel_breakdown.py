@@ -141,6 +141,12 @@ def main(argv):
         wall, busy, kernel = window[0] / a.steps, window[1] / a.steps, window[2]
         print(f"\nfrom the first to the last {kernel} launch, per step: {wall:.2f} ms, kernels busy "
               f"{busy:.2f} ms: the GPU idles {100 * (1 - busy / wall) if wall > 0 else 0:.1f}% of the step")
+        gaps = [l.rstrip("\n").split("\t")[1:] for l in open(a.csv, encoding="utf-8", errors="replace")
+                if l.startswith("# gap\t")]
+        if gaps:
+            print("\nlargest idle gaps, per step (ms, count, kernel before -> kernel after):")
+            for ms, n, before, after in gaps:
+                print(f"  {float(ms) / a.steps:6.3f} ms {int(n) / a.steps:6.1f}x  {before[:50]} -> {after[:50]}")
     print("\nlargest kernels:")
     for n, ms in sorted(names.items(), key=lambda kv: -kv[1])[:25]:
         print(f"  {ms:8.2f} ms  {n}")

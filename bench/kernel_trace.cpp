@@ -8,7 +8,8 @@
 // launch of the kernel NIBBLE_KERNEL_TRACE_WINDOW names (default adamw_kernel: the optimizer ends
 // each step, so the window holds all steps but the first, without start-up and shutdown; what it
 // does not cover is the GPU idle between kernels), then per kernel name the total ms and the
-// launches, largest first. bench/kernel_breakdown.py groups it by class;
+// launches, largest first. Lines "# gap" list the largest idle stretches in the window, summed by
+// the kernels on either side of them. bench/kernel_breakdown.py groups it by class;
 // its --minus takes a shorter run of the same command (--steps 1), so that the difference over the
 // extra steps is the steady per-step time without the one-time costs.
 #include <cupti.h>
@@ -29,11 +30,14 @@ namespace {
 struct Interval {
   uint64_t start, end;
   bool marks_window;  // a launch of the window's kernel
+  int name;           // index into names
 };
 
 std::mutex lock;
 std::map<std::string, std::pair<double, long>> totals;  // name -> (ns, launches)
 std::vector<Interval> intervals;
+std::vector<std::string> names;
+std::map<std::string, int> name_ids;
 bool failed = false;
 std::string window_kernel = "adamw_kernel";
 
@@ -69,7 +73,9 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
     auto& t = totals[name];
     t.first += static_cast<double>(k->end - k->start);
     t.second += 1;
-    intervals.push_back({k->start, k->end, name.find(window_kernel) != std::string::npos});
+    const auto [it, added] = name_ids.try_emplace(name, static_cast<int>(names.size()));
+    if (added) names.push_back(name);
+    intervals.push_back({k->start, k->end, name.find(window_kernel) != std::string::npos, it->second});
   }
   std::free(buffer);
 }
@@ -100,6 +106,24 @@ void write_trace() {
   const bool window = window_to > window_from;
   const double window_span = window ? static_cast<double>(window_to - window_from) : 0.0;
   const double window_busy = window ? busy_in(window_from, window_to) : 0.0;
+  // The idle gaps inside the window, summed by the pair of kernels around them (the one that ended
+  // last before the gap, the one after it): where the GPU waits for the host.
+  std::map<std::pair<int, int>, std::pair<double, long>> gaps;
+  if (window) {
+    uint64_t covered_to = 0;
+    int last_name = -1;
+    for (const Interval& i : intervals) {
+      if (i.end <= window_from || i.start >= window_to) continue;
+      if (last_name >= 0 && i.start > covered_to) {
+        auto& g = gaps[{last_name, i.name}];
+        g.first += static_cast<double>(i.start - covered_to);
+        g.second += 1;
+      }
+      if (i.end >= covered_to) covered_to = i.end, last_name = i.name;
+    }
+  }
+  std::vector<std::pair<std::pair<int, int>, std::pair<double, long>>> gap_rows(gaps.begin(), gaps.end());
+  std::sort(gap_rows.begin(), gap_rows.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
   std::vector<std::pair<std::string, std::pair<double, long>>> rows(totals.begin(), totals.end());
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
   const std::string tmp = std::string(path) + ".tmp";
@@ -111,6 +135,10 @@ void write_trace() {
   std::fprintf(f, "# kernels %zu, span %.3f ms, busy %.3f ms, window %.3f ms, window_busy %.3f ms, window_kernel %s%s\n",
                intervals.size(), span * 1e-6, busy * 1e-6, window_span * 1e-6, window_busy * 1e-6,
                window_kernel.c_str(), failed ? ", CUPTI reported errors (stderr)" : "");
+  const auto short_name = [](int id) { return names[static_cast<size_t>(id)].substr(0, 70); };
+  for (size_t r = 0; r < gap_rows.size() && r < 15; ++r)
+    std::fprintf(f, "# gap\t%.4f\t%ld\t%s\t%s\n", gap_rows[r].second.first * 1e-6, gap_rows[r].second.second,
+                 short_name(gap_rows[r].first.first).c_str(), short_name(gap_rows[r].first.second).c_str());
   std::fprintf(f, "ms\tlaunches\tkernel\n");
   for (const auto& [name, t] : rows) std::fprintf(f, "%.4f\t%ld\t%s\n", t.first * 1e-6, t.second, name.c_str());
   const bool ok = std::fclose(f) == 0 && std::rename(tmp.c_str(), path) == 0;
