@@ -1059,6 +1059,49 @@ TEST(AdamWCuda, MatchesCpuBitForBit) {
   EXPECT_EQ(gpu.steps(), cpu.steps());
 }
 
+// The engine's form: tensors in separate allocations, updated in one launch from a table of segments,
+// with the list of tensors changing between steps (the table is uploaded again) and an empty tensor.
+TEST(AdamWCuda, TensorsInSeparateAllocationsMatchCpuBitForBit) {
+  std::mt19937_64 rng(fresh_seed());
+  const std::vector<int64_t> sizes = {3 * 1024 + 5, 1, 0, 2048, 333};
+  const std::vector<bool> decays = {true, false, true, false, true};
+  const std::vector<std::string> names = {"a", "b", "c", "d", "e"};
+  const AdamWOptions options{0.9f, 0.95f, 1e-8f, 0.1f};
+  std::vector<std::vector<float>> w, g;
+  std::vector<DeviceBuffer<float>> d_w, d_g;
+  std::vector<int64_t> offsets;
+  int64_t numel = 0;
+  for (int64_t n : sizes) {
+    w.push_back(nn::test::random_normal(rng, n, 0.5f));
+    g.emplace_back(static_cast<size_t>(n));
+    d_w.emplace_back(std::span<const float>(w.back()));
+    d_g.emplace_back(static_cast<size_t>(n));
+    offsets.push_back(numel);
+    numel += n;
+  }
+  AdamW cpu(options);
+  cuda::AdamWCuda gpu(options, numel);
+  const std::vector<std::vector<size_t>> lists = {{0, 1, 2, 3, 4}, {4, 0, 2}, {0, 1, 2, 3, 4}};
+  for (size_t step = 0; step < lists.size(); ++step) {
+    std::vector<model::Parameter> params;
+    std::vector<cuda::ParamTensor> tensors;
+    for (size_t i : lists[step]) {
+      g[i] = nn::test::random_normal(rng, sizes[i], 1.0f);
+      if (sizes[i] > 0) d_g[i].upload(g[i]);
+      params.push_back({names[i], {sizes[i]}, w[i], g[i], decays[i]});
+      tensors.push_back({d_w[i].data(), d_g[i].data(), sizes[i], decays[i], offsets[i]});
+    }
+    const double lr = 1e-3 * static_cast<double>(step + 1);
+    cpu.step(params, lr, 1.0f);
+    gpu.step(tensors, lr, nullptr, nullptr);
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      char what[64];
+      std::snprintf(what, sizeof what, "tensor %zu after step %zu", i, step + 1);
+      if (sizes[i] > 0) expect_bits_equal(download(d_w[i].data(), sizes[i]), w[i], what);
+    }
+  }
+}
+
 // Both sides sum squares in double (different orders: ~1e-16 relative); the GPU's order is fixed,
 // so two runs agree bit for bit.
 TEST(GradNormCuda, MatchesCpuAndIsDeterministic) {
@@ -1082,12 +1125,17 @@ TEST(GradNormCuda, MatchesCpuAndIsDeterministic) {
   cuda::GradNormCuda norm;
   DeviceBuffer<double> out(2);
   norm.compute(spans, out.data(), nullptr);
+  norm.compute(std::vector<cuda::GradSpan>{spans[3], spans[0]}, out.data(), nullptr);  // another table between
   norm.compute(spans, out.data() + 1, nullptr);
   const auto got = download(out.data(), 2);
   std::printf("[ compare  ] grad norm gpu %.17g cpu %.17g (rel err %.2e, tol 1e-12)\n", got[0], want,
               std::fabs(got[0] - want) / want);
   EXPECT_NEAR(got[0], want, 1e-12 * want);
   EXPECT_EQ(std::memcmp(&got[0], &got[1], sizeof(double)), 0) << "two runs differ";
+  DeviceBuffer<double> sub(1);
+  norm.compute(std::vector<cuda::GradSpan>{spans[3], spans[0]}, sub.data(), nullptr);
+  const double want_sub = global_grad_norm(std::vector<model::Parameter>{params[3], params[0]});
+  EXPECT_NEAR(download(sub.data(), 1)[0], want_sub, 1e-12 * want_sub) << "norm of two of the arrays";
 
   // The clipping factor, as the trainer computes it, for a threshold below, above and off.
   DeviceBuffer<float> mult(1);

@@ -15,6 +15,7 @@
 // core keeps q, k, v, the softmax's log-sum-exp and, with the fused kernels, the BF16 output O.
 #include "nibble/model/cuda/gpt_cuda.h"
 
+#include <algorithm>
 #include <iterator>
 #include <stdexcept>
 #include <string>
@@ -217,13 +218,16 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
     loss_dev_.resize(1);
     rows_ = rows;
   }
-  std::vector<uint32_t> positions(static_cast<size_t>(rows));
-  for (int64_t r = 0; r < rows; ++r) positions[static_cast<size_t>(r)] = static_cast<uint32_t>(r % seq);
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ids_.data(), inputs.data(), rows * 4, cudaMemcpyHostToDevice, stream_));
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(targets_.data(), targets.data(), rows * 4, cudaMemcpyHostToDevice, stream_));
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(positions_.data(), positions.data(), rows * 4, cudaMemcpyHostToDevice, stream_));
-  // Both copies read pageable host memory; wait so that the caller may reuse its vectors.
-  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  // Through pinned memory: the caller may reuse its vectors at once, and the host does not wait for
+  // the GPU (which may still be running the previous step's optimizer).
+  uint32_t* staged = token_staging_.write(static_cast<size_t>(3 * rows));
+  std::copy(inputs.begin(), inputs.end(), staged);
+  std::copy(targets.begin(), targets.end(), staged + rows);
+  for (int64_t r = 0; r < rows; ++r) staged[2 * rows + r] = static_cast<uint32_t>(r % seq);
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ids_.data(), staged, rows * 4, cudaMemcpyHostToDevice, stream_));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(targets_.data(), staged + rows, rows * 4, cudaMemcpyHostToDevice, stream_));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(positions_.data(), staged + 2 * rows, rows * 4, cudaMemcpyHostToDevice, stream_));
+  token_staging_.copied(stream_);
 }
 
 void GptCuda::forward_hidden(int64_t batch, int64_t seq) {

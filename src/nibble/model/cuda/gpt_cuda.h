@@ -95,6 +95,7 @@ class GptCuda {
 
   int64_t rows_ = 0;
   nn::cuda::DeviceBuffer<uint32_t> ids_, targets_, positions_;
+  nibble::cuda::HostStaging<uint32_t> token_staging_;  // ids, targets, positions on their way up
   nn::cuda::DeviceBuffer<float> x_, hidden_, ln_, wide_, wide2_, narrow_, dx_, dtmp_;
   // qkv's output in BF16 (in place of wide_) and a linear layer's dX in BF16 (in place of ln_, wide2_
   // and narrow_), where the layers take BF16.

@@ -3,6 +3,7 @@
 // NIBBLE_CUDA_CHECK(call) throws std::runtime_error naming the call, the file and the line; a CUDA
 // error is never silently dropped. DeviceBuffer<T> owns one cudaMalloc allocation (no managed
 // memory: see the device notes in docs/benchmarks.md) and copies to and from host spans.
+// HostStaging<T> is pinned host memory for copies to the device that do not block the host.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -98,6 +99,47 @@ class DeviceBuffer {
     count_ = 0;
   }
   T* ptr_ = nullptr;
+  size_t count_ = 0;
+};
+
+// Pinned host memory that asynchronous copies to the device read from: write() waits until the
+// last copy out of it (marked by copied()) has run, so the host never overwrites data in flight,
+// and otherwise never waits for the device.
+template <typename T>
+class HostStaging {
+ public:
+  HostStaging() = default;
+  ~HostStaging() { release(); }
+  HostStaging(const HostStaging&) = delete;
+  HostStaging& operator=(const HostStaging&) = delete;
+
+  // `count` elements to fill, valid until the next write().
+  T* write(size_t count) {
+    if (event_ != nullptr) NIBBLE_CUDA_CHECK(cudaEventSynchronize(event_));
+    if (count > count_) {
+      release();
+      NIBBLE_CUDA_CHECK(cudaMallocHost(&ptr_, count * sizeof(T)));
+      NIBBLE_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
+      count_ = count;
+    }
+    return ptr_;
+  }
+  // Marks the copies issued on `stream` so far as the last ones that read the memory.
+  void copied(cudaStream_t stream) { NIBBLE_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+
+ private:
+  void release() {
+    if (event_ != nullptr) {
+      cudaEventSynchronize(event_);
+      cudaEventDestroy(event_);
+    }
+    if (ptr_ != nullptr) cudaFreeHost(ptr_);
+    ptr_ = nullptr;
+    event_ = nullptr;
+    count_ = 0;
+  }
+  T* ptr_ = nullptr;
+  cudaEvent_t event_ = nullptr;
   size_t count_ = 0;
 };
 

@@ -15,32 +15,64 @@ using nibble::nn::cuda::detail::blocks_for;
 namespace {
 
 struct StepArgs {
-  float b1, b2, eps, bias1, bias2, lr, decay;
+  float b1, b2, eps, bias1, bias2, lr;
 };
 
-__global__ void adamw_kernel(float* __restrict__ w, const float* __restrict__ g, float* __restrict__ m,
-                             float* __restrict__ v, int64_t n, StepArgs a, const float* __restrict__ multiplier) {
-  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (i >= n) return;
+// The step runs as one launch over every tensor: block b updates kAdamWBlockElements elements of the
+// segment whose blocks start at or before b (found by binary search in the table, which the host
+// builds once per list of tensors).
+constexpr int kAdamWThreads = 256;
+constexpr int kAdamWPerThread = 4;
+constexpr int64_t kAdamWBlockElements = kAdamWThreads * kAdamWPerThread;
+
+// The first segment whose blocks start at or before `block`, of segments sorted by first_block.
+template <typename Segment>
+__device__ const Segment& segment_of(const Segment* segs, int n, unsigned block) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (segs[mid].first_block <= block) lo = mid;
+    else hi = mid - 1;
+  }
+  return segs[lo];
+}
+
+__global__ void __launch_bounds__(kAdamWThreads)
+    adamw_kernel(const AdamWSegment* __restrict__ segs, int n_segs, float* __restrict__ m, float* __restrict__ v,
+                 StepArgs a, const float* __restrict__ multiplier) {
+  const AdamWSegment& seg = segment_of(segs, n_segs, blockIdx.x);
+  float* __restrict__ w = seg.value;
+  const float* __restrict__ g = seg.grad;
+  const float decay = seg.decay;
   const float mult = multiplier != nullptr ? *multiplier : 1.0f;
-  const float gi = g[i] * mult;
-  const float mi = a.b1 * m[i] + (1.0f - a.b1) * gi;
-  const float vi = a.b2 * v[i] + (1.0f - a.b2) * gi * gi;
-  m[i] = mi;
-  v[i] = vi;
-  const float update = (mi / a.bias1) / (sqrtf(vi / a.bias2) + a.eps);
-  w[i] -= a.lr * (update + a.decay * w[i]);
+  const int64_t begin = (blockIdx.x - seg.first_block) * kAdamWBlockElements;
+#pragma unroll
+  for (int k = 0; k < kAdamWPerThread; ++k) {
+    const int64_t i = begin + k * kAdamWThreads + threadIdx.x;
+    if (i >= seg.count) break;
+    const int64_t j = seg.moment_offset + i;
+    const float gi = g[i] * mult;
+    const float mi = a.b1 * m[j] + (1.0f - a.b1) * gi;
+    const float vi = a.b2 * v[j] + (1.0f - a.b2) * gi * gi;
+    m[j] = mi;
+    v[j] = vi;
+    const float update = (mi / a.bias1) / (sqrtf(vi / a.bias2) + a.eps);
+    w[i] -= a.lr * (update + decay * w[i]);
+  }
 }
 
 constexpr int kNormThreads = 256;
 constexpr int64_t kNormChunk = kNormThreads * 16;  // elements per partial sum
 
+// One launch over every gradient array: block b sums the squares of chunk b of the concatenated
+// chunk list (each array cut into chunks of kNormChunk from its start).
 __global__ void __launch_bounds__(kNormThreads)
-sq_partials_kernel(const float* __restrict__ g, int64_t n, double* __restrict__ partials) {
+    sq_partials_kernel(const NormSegment* __restrict__ segs, int n_segs, double* __restrict__ partials) {
   __shared__ double scratch[32];
-  const int64_t begin = blockIdx.x * kNormChunk, end = min(n, begin + kNormChunk);
+  const NormSegment& seg = segment_of(segs, n_segs, blockIdx.x);
+  const int64_t begin = (blockIdx.x - seg.first_block) * kNormChunk, end = min(seg.count, begin + kNormChunk);
   double s = 0.0;
-  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) s += static_cast<double>(g[i]) * g[i];
+  for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) s += static_cast<double>(seg.data[i]) * seg.data[i];
   s = nibble::nn::cuda::detail::block_sum(s, scratch);
   if (threadIdx.x == 0) partials[blockIdx.x] = s;
 }
@@ -86,31 +118,42 @@ void AdamWCuda::step(std::span<const ParamTensor> tensors, double lr, const floa
   ++t_;
   // The CPU optimizer's bias corrections: pow in double, rounded to float, subtracted in float.
   const float b1 = options_.beta1, b2 = options_.beta2;
-  StepArgs a{b1, b2, options_.eps,
-             1.0f - static_cast<float>(std::pow(static_cast<double>(b1), static_cast<double>(t_))),
-             1.0f - static_cast<float>(std::pow(static_cast<double>(b2), static_cast<double>(t_))),
-             static_cast<float>(lr), 0.0f};
+  const StepArgs a{b1, b2, options_.eps,
+                   1.0f - static_cast<float>(std::pow(static_cast<double>(b1), static_cast<double>(t_))),
+                   1.0f - static_cast<float>(std::pow(static_cast<double>(b2), static_cast<double>(t_))),
+                   static_cast<float>(lr)};
+  std::vector<AdamWSegment> segs;
+  int64_t blocks = 0;
   for (const ParamTensor& t : tensors) {
     if (t.count == 0) continue;
-    a.decay = t.weight_decay ? options_.weight_decay : 0.0f;
-    adamw_kernel<<<blocks_for(t.count, 256), 256, 0, stream>>>(t.value, t.grad, m_.data() + t.offset,
-                                                               v_.data() + t.offset, t.count, a, grad_multiplier);
-    NIBBLE_CUDA_CHECK_LAUNCH();
+    segs.push_back({t.value, t.grad, t.offset, t.count, t.weight_decay ? options_.weight_decay : 0.0f,
+                    static_cast<uint32_t>(blocks)});
+    blocks += (t.count + kAdamWBlockElements - 1) / kAdamWBlockElements;
   }
+  if (segs.empty()) return;
+  if (blocks > 0x7fffffffLL) throw std::invalid_argument("AdamWCuda::step: too many parameters for one launch");
+  segments_.set(segs, stream);
+  adamw_kernel<<<static_cast<unsigned>(blocks), kAdamWThreads, 0, stream>>>(
+      segments_.device(), static_cast<int>(segs.size()), m_.data(), v_.data(), a, grad_multiplier);
+  NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
 void GradNormCuda::compute(std::span<const GradSpan> grads, double* norm_out, cudaStream_t stream) {
+  std::vector<NormSegment> segs;
   int64_t total = 0;
-  for (const GradSpan& g : grads) total += (g.count + kNormChunk - 1) / kNormChunk;
-  partials_.reserve(static_cast<size_t>(total > 0 ? total : 1));
-  int64_t offset = 0;
   for (const GradSpan& g : grads) {
     const int64_t chunks = (g.count + kNormChunk - 1) / kNormChunk;
     if (chunks == 0) continue;
-    sq_partials_kernel<<<static_cast<unsigned>(chunks), kNormThreads, 0, stream>>>(g.data, g.count,
-                                                                                   partials_.data() + offset);
+    segs.push_back({g.data, g.count, static_cast<uint32_t>(total)});
+    total += chunks;
+  }
+  if (total > 0x7fffffffLL) throw std::invalid_argument("GradNormCuda::compute: too many gradients for one launch");
+  partials_.reserve(static_cast<size_t>(total > 0 ? total : 1));
+  if (!segs.empty()) {
+    segments_.set(segs, stream);
+    sq_partials_kernel<<<static_cast<unsigned>(total), kNormThreads, 0, stream>>>(
+        segments_.device(), static_cast<int>(segs.size()), partials_.data());
     NIBBLE_CUDA_CHECK_LAUNCH();
-    offset += chunks;
   }
   sqrt_sum_kernel<<<1, kNormThreads, 0, stream>>>(partials_.data(), total, norm_out);
   NIBBLE_CUDA_CHECK_LAUNCH();

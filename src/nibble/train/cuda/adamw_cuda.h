@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <span>
+#include <vector>
 
 #include "nibble/tensor/cuda/device_buffer.h"
 #include "nibble/train/optimizer.h"
@@ -34,6 +35,45 @@ struct ParamTensor {
   int64_t count = 0;
   bool weight_decay = true;
   int64_t offset = 0;  // elements into m and v
+};
+
+// The optimizer and the gradient norm each run as one launch over all tensors, reading a table of
+// segments (one a tensor) from device memory; the table is uploaded when the list of tensors changes
+// (in training: on the first step).
+struct AdamWSegment {
+  float* value = nullptr;
+  const float* grad = nullptr;
+  int64_t moment_offset = 0;  // into m and v
+  int64_t count = 0;
+  float decay = 0.0f;
+  uint32_t first_block = 0;  // the launch's blocks before this segment's
+  bool operator==(const AdamWSegment&) const = default;
+};
+
+struct NormSegment {
+  const float* data = nullptr;
+  int64_t count = 0;
+  uint32_t first_block = 0;
+  bool operator==(const NormSegment&) const = default;
+};
+
+template <typename Segment>
+class SegmentTable {
+ public:
+  // Makes device() hold `segs`, copying them only when they differ from the last ones (the copy is
+  // ordered on `stream` after the launches that read the previous table).
+  void set(const std::vector<Segment>& segs, cudaStream_t stream) {
+    if (segs == host_) return;
+    host_ = segs;
+    device_.reserve(host_.size());
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(device_.data(), host_.data(), host_.size() * sizeof(Segment),
+                                      cudaMemcpyHostToDevice, stream));
+  }
+  const Segment* device() const { return device_.data(); }
+
+ private:
+  std::vector<Segment> host_;
+  nibble::cuda::DeviceBuffer<Segment> device_;
 };
 
 class AdamWCuda {
@@ -60,6 +100,7 @@ class AdamWCuda {
   int64_t numel_;
   int64_t t_ = 0;
   nibble::cuda::DeviceBuffer<float> m_, v_;
+  SegmentTable<AdamWSegment> segments_;
 };
 
 struct GradSpan {
@@ -75,6 +116,7 @@ class GradNormCuda {
 
  private:
   nibble::cuda::DeviceBuffer<double> partials_;
+  SegmentTable<NormSegment> segments_;
 };
 
 // *multiplier = (max_norm > 0 && *norm > max_norm) ? float(max_norm / *norm) : 1, as the trainer does.

@@ -60,13 +60,17 @@ class CudaEngine final : public Engine {
     NIBBLE_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream()));
     return n;
   }
+  // Returns without waiting for the step: the host prepares the next batch (and writes the metrics)
+  // while the GPU runs the optimizer; the next read of the loss or the norm waits for it.
   void update(double lr, float grad_multiplier) override {
     multiplier_.resize(1);
-    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(multiplier_.data(), &grad_multiplier, sizeof(float), cudaMemcpyHostToDevice,
-                                      gpu_.stream()));
+    float* staged = multiplier_host_.write(1);
+    *staged = grad_multiplier;
+    NIBBLE_CUDA_CHECK(
+        cudaMemcpyAsync(multiplier_.data(), staged, sizeof(float), cudaMemcpyHostToDevice, gpu_.stream()));
+    multiplier_host_.copied(gpu_.stream());
     adamw_.step(tensors_, lr, multiplier_.data(), gpu_.stream());
     gpu_.weights_changed();
-    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream()));  // the host value above must outlive the copy
   }
   void to_host() override {
     gpu_.download_to(host_);
@@ -130,6 +134,7 @@ class CudaEngine final : public Engine {
   std::vector<GradSpan> grads_;
   DeviceBuffer<double> norm_;
   DeviceBuffer<float> multiplier_;
+  nibble::cuda::HostStaging<float> multiplier_host_;
   std::string name_;
   double peak_ = 0;
 };
