@@ -14,6 +14,7 @@
 // the next key and value tiles by cp.async while the current ones are multiplied.
 #include <cuda_bf16.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -495,11 +496,20 @@ void set_flash_wgmma(bool enabled) { wgmma_enabled = enabled; }
 
 bool flash_sm90_applies(const FlashDims& d) {
   if (!wgmma_enabled || d.HD != kHd || d.Tp % kRows != 0) return false;
-  int device = 0, major = 0, minor = 0;
+  // Whether each device is an sm_90 one, asked once per device (the attention runs 24 times a step).
+  constexpr int kDevices = 64;
+  static std::atomic<signed char> is_sm90[kDevices];  // 0 not asked yet, 1 yes, -1 no
+  int device = 0;
   NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
-  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
-  NIBBLE_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device));
-  return major == 9 && minor == 0;
+  if (device >= kDevices) return false;
+  signed char known = is_sm90[device].load(std::memory_order_relaxed);
+  if (known == 0) {
+    const bool sm90 = nibble::cuda::device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+                      nibble::cuda::device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
+    known = sm90 ? 1 : -1;
+    is_sm90[device].store(known, std::memory_order_relaxed);
+  }
+  return known == 1;
 }
 
 void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, bf16* o, float* lse,
