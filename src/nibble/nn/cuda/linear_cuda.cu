@@ -59,9 +59,18 @@ OperandCuda::ForGemm LinearCuda::for_gemm_with(const OperandCuda& other, int64_t
 void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
   if (weight_copies_valid_) return;
   const uint64_t seed = weight_sr_seed();
-  // The paper's weights (NVFP4 16x16, RNE, on both copies): W and W^T from one pass.
-  if (!OperandCuda::make_tile16_pair(weight_.data(), out_, in_, recipe_, Operand::kFpropW, Operand::kDgradW, seed,
-                                     fprop_w_, dgrad_w_, stream)) {
+  // Unquantized weights (bf16, fp32): W^T is kept as W is stored, so one conversion serves both GEMMs
+  // (make_pair shares it). The paper's weights (NVFP4 16x16, RNE, on both copies): W and W^T from one
+  // pass. Anything else: each copy on its own.
+  if (!recipe_[Operand::kFpropW].quantized() && !recipe_[Operand::kDgradW].quantized()) {
+    try {
+      OperandCuda::make_pair(weight_.data(), out_, in_, recipe_, Operand::kFpropW, Operand::kDgradW, seed, fprop_w_,
+                             dgrad_w_, stream, {}, {});
+    } catch (const std::invalid_argument& e) {
+      throw std::invalid_argument(context(Operand::kFpropW) + ": " + e.what());
+    }
+  } else if (!OperandCuda::make_tile16_pair(weight_.data(), out_, in_, recipe_, Operand::kFpropW, Operand::kDgradW,
+                                            seed, fprop_w_, dgrad_w_, stream)) {
     for (auto [copy, op] : {std::pair{&fprop_w_, Operand::kFpropW}, std::pair{&dgrad_w_, Operand::kDgradW}}) {
       try {
         copy->make(weight_.data(), out_, in_, recipe_[op], op, recipe_.rht_signs(), seed, stream);
