@@ -23,7 +23,9 @@ import sys
 from collections import defaultdict
 
 CLASSES = [  # first match wins
+    ("memsets, copies (kernel traces only)", ("[memset]", "[memcpy")),
     ("GEMM (cuBLASLt)", ("gemm", "sm90_xmma", "cutlass", "nvjet", "splitkreduce")),
+    ("optimizer, gradient norm", ("adamw", "sq_partials", "sqrt_sum", "clip")),  # before "segment"
     ("quantize / decode operands", ("rowcol", "tile16", "segment", "amax", "dequantize", "decode_fp4", "decode_nvfp4", "convert", "recode",
                                     "multiply_scalars")),
     ("attention (flash kernels, softmax, packing, RoPE)", ("flash", "softmax", "rope", "probs_from_lse", "pack_")),
@@ -31,7 +33,6 @@ CLASSES = [  # first match wins
     ("LM-head loss", ("cross_entropy", "mean_kernel")),
     ("embeddings", ("gather", "scatter", "radix", "sort", "cub::")),
     ("MLP activation, residual", ("gelu", "relu", "swiglu", "activation", "residual")),
-    ("optimizer, gradient norm", ("adamw", "sq_partials", "sqrt_sum", "clip")),
 ]
 
 
@@ -139,8 +140,8 @@ def main(argv):
     window = trace_window(a.csv)
     if window is not None:  # the longer run's window covers --steps steps (all but its first)
         wall, busy, kernel = window[0] / a.steps, window[1] / a.steps, window[2]
-        print(f"\nfrom the first to the last {kernel} launch, per step: {wall:.2f} ms, kernels busy "
-              f"{busy:.2f} ms: the GPU idles {100 * (1 - busy / wall) if wall > 0 else 0:.1f}% of the step")
+        print(f"\nfrom the first to the last {kernel} launch, per step: {wall:.2f} ms, busy "
+              f"{busy:.2f} ms (kernels, memsets, copies): the GPU idles {100 * (1 - busy / wall) if wall > 0 else 0:.1f}% of the step")
         gaps = [l.rstrip("\n").split("\t")[1:] for l in open(a.csv, encoding="utf-8", errors="replace")
                 if l.startswith("# gap\t")]
         if gaps:

@@ -1,4 +1,5 @@
-// A CUDA injection library that times every kernel a program launches, at the clocks it runs at:
+// A CUDA injection library that times every kernel a program launches (and its memsets and copies,
+// listed as "[memset]", "[memcpy HtoD]", ...), at the clocks it runs at:
 // CUPTI's activity records (the source torch.profiler reads), unlike ncu, which serialises the
 // kernels and lets the clocks drop between them. Nothing in the program changes:
 //   CUDA_INJECTION64_PATH=build/cuda/bench/libnibble_kernel_trace.so NIBBLE_KERNEL_TRACE=trace.tsv
@@ -63,19 +64,38 @@ void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_recor
   *max_records = 0;
 }
 
+void add_interval(const std::string& name, uint64_t start, uint64_t end) {
+  auto& t = totals[name];
+  t.first += static_cast<double>(end - start);
+  t.second += 1;
+  const auto [it, added] = name_ids.try_emplace(name, static_cast<int>(names.size()));
+  if (added) names.push_back(name);
+  intervals.push_back({start, end, name.find(window_kernel) != std::string::npos, it->second});
+}
+
+const char* copy_name(uint8_t kind) {
+  switch (kind) {
+    case CUPTI_ACTIVITY_MEMCPY_KIND_HTOD: return "[memcpy HtoD]";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOH: return "[memcpy DtoH]";
+    case CUPTI_ACTIVITY_MEMCPY_KIND_DTOD: return "[memcpy DtoD]";
+    default: return "[memcpy other]";
+  }
+}
+
 void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, size_t valid) {
   CUpti_Activity* record = nullptr;
   std::lock_guard<std::mutex> guard(lock);
   while (cuptiActivityGetNextRecord(buffer, valid, &record) == CUPTI_SUCCESS) {
-    if (record->kind != CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) continue;
-    const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
-    const std::string name = demangled(k->name);
-    auto& t = totals[name];
-    t.first += static_cast<double>(k->end - k->start);
-    t.second += 1;
-    const auto [it, added] = name_ids.try_emplace(name, static_cast<int>(names.size()));
-    if (added) names.push_back(name);
-    intervals.push_back({k->start, k->end, name.find(window_kernel) != std::string::npos, it->second});
+    if (record->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL) {
+      const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
+      add_interval(demangled(k->name), k->start, k->end);
+    } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMSET) {  // GPU work too (zeroed gradients)
+      const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(record);
+      add_interval("[memset]", m->start, m->end);
+    } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
+      const auto* c = reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
+      add_interval(copy_name(c->copyKind), c->start, c->end);
+    }
   }
   std::free(buffer);
 }
@@ -151,7 +171,9 @@ void write_trace() {
 extern "C" int InitializeInjection(void) {
   if (const char* name = std::getenv("NIBBLE_KERNEL_TRACE_WINDOW"); name != nullptr && *name != '\0') window_kernel = name;
   check(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed), "cuptiActivityRegisterCallbacks");
-  check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "cuptiActivityEnable");
+  check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "cuptiActivityEnable(kernels)");
+  check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET), "cuptiActivityEnable(memsets)");
+  check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY), "cuptiActivityEnable(copies)");
   std::atexit(write_trace);
   return 1;
 }
