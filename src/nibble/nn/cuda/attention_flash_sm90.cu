@@ -270,6 +270,24 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
 
 // ---------------------------------------------------------------- backward: dq
 
+#ifdef NIBBLE_FLASH_SM90_KERNELS
+// The backward's two score products of one tile, both 64 x 64 over the head dimension, from shared
+// memory: s = A1 B1^T and dp = A2 B2^T (dq: S = Q K^T, dP = dO V^T; dk/dv: their transposes), issued
+// together and waited for once.
+__device__ __forceinline__ void score_products(float (&s)[32], float (&dp)[32], uint64_t a1, uint64_t b1,
+                                               uint64_t a2, uint64_t b2) {
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kHd / 16; ++kk) wgmma_ss_m64n64k16(s, a1 + 2 * kk, b1 + 2 * kk, kk);
+#pragma unroll
+  for (int kk = 0; kk < kHd / 16; ++kk) wgmma_ss_m64n64k16(dp, a2 + 2 * kk, b2 + 2 * kk, kk);
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_registers(s);
+  fence_registers(dp);
+}
+#endif
+
 // Grid (Tp / 128, H, B), reversed as in forward. 128 queries a block (64 a warpgroup), key tiles of
 // 64 up to the diagonal:
 //   S = Q K^T, dP = dO V^T   wgmma m64n64k16 from shared memory (K-major tiles)
@@ -319,16 +337,8 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
     cp_async_commit();
 
     float s[32], dp[32];
-    const uint64_t desc_k = descriptor(sK + buf), desc_v = descriptor(sV + buf);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHd / 16; ++kk) wgmma_ss_m64n64k16(s, desc_q + 2 * kk, desc_k + 2 * kk, kk);
-#pragma unroll
-    for (int kk = 0; kk < kHd / 16; ++kk) wgmma_ss_m64n64k16(dp, desc_do + 2 * kk, desc_v + 2 * kk, kk);
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_registers(s);
-    fence_registers(dp);
+    const uint64_t desc_k = descriptor(sK + buf);
+    score_products(s, dp, desc_q, desc_k, desc_do, descriptor(sV + buf));
 
     const int key0 = static_cast<int>(it * kKeys - qt * kRows);
     const bool diagonal = key0 + kKeys > 0;
@@ -431,15 +441,7 @@ __global__ void __launch_bounds__(kDkdvThreads, 3)
     const float* cD = sD + buf * kKeys;
 
     float s[32], dp[32];  // S^T and dP^T: rows keys, columns queries
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kHd / 16; ++kk) wgmma_ss_m64n64k16(s, desc_k + 2 * kk, desc_qt + 2 * kk, kk);
-#pragma unroll
-    for (int kk = 0; kk < kHd / 16; ++kk) wgmma_ss_m64n64k16(dp, desc_v + 2 * kk, desc_ot + 2 * kk, kk);
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_registers(s);
-    fence_registers(dp);
+    score_products(s, dp, desc_k, desc_qt, desc_v, desc_ot);
 
     const bool diagonal = q_off < kBlockKeys;  // a query tile crossing the block's keys: mask queries before keys
 #pragma unroll
