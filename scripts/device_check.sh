@@ -18,8 +18,8 @@
 #               kernels as in the training run (default "all": ncu flushes them before each kernel)
 #   trace       per-kernel time of a training step at the clocks training runs at (CUPTI, through
 #               bench/kernel_trace.cpp's injection library): runs of 11 and of 1 step, the difference
-#               over 10 steps grouped by bench/kernel_breakdown.py, with the GPU's idle share, for each
-#               of RECIPES
+#               over 10 steps grouped by bench/kernel_breakdown.py, then the GPU's idle share and its
+#               largest idle gaps over steps 2-11 of the longer run, for each of RECIPES
 # BASE_BUNDLE=<folder holding an older build's bin.tar.xz> (for example build/base, a copy of
 # build/device/bin.tar.xz made before rebuilding) runs that build's benchmarks and training runs as
 # well, in the same call, after the current ones (logs under $OUT/base; the train phase without
