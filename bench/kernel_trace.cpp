@@ -143,7 +143,8 @@ void write_trace() {
     }
   }
   std::vector<std::pair<std::pair<int, int>, std::pair<double, long>>> gap_rows(gaps.begin(), gaps.end());
-  std::sort(gap_rows.begin(), gap_rows.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
+  std::sort(gap_rows.begin(), gap_rows.end(),
+            [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
   std::vector<std::pair<std::string, std::pair<double, long>>> rows(totals.begin(), totals.end());
   std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
   const std::string tmp = std::string(path) + ".tmp";
@@ -152,7 +153,8 @@ void write_trace() {
     std::fprintf(stderr, "nibble kernel trace: cannot write %s\n", tmp.c_str());
     return;
   }
-  std::fprintf(f, "# kernels %zu, span %.3f ms, busy %.3f ms, window %.3f ms, window_busy %.3f ms, window_kernel %s%s\n",
+  std::fprintf(f,
+               "# kernels %zu, span %.3f ms, busy %.3f ms, window %.3f ms, window_busy %.3f ms, window_kernel %s%s\n",
                intervals.size(), span * 1e-6, busy * 1e-6, window_span * 1e-6, window_busy * 1e-6,
                window_kernel.c_str(), failed ? ", CUPTI reported errors (stderr)" : "");
   const auto short_name = [](int id) { return names[static_cast<size_t>(id)].substr(0, 70); };
@@ -169,7 +171,8 @@ void write_trace() {
 
 // Called by the CUDA driver when CUDA_INJECTION64_PATH names this library.
 extern "C" int InitializeInjection(void) {
-  if (const char* name = std::getenv("NIBBLE_KERNEL_TRACE_WINDOW"); name != nullptr && *name != '\0') window_kernel = name;
+  const char* name = std::getenv("NIBBLE_KERNEL_TRACE_WINDOW");
+  if (name != nullptr && *name != '\0') window_kernel = name;
   check(cuptiActivityRegisterCallbacks(buffer_requested, buffer_completed), "cuptiActivityRegisterCallbacks");
   check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL), "cuptiActivityEnable(kernels)");
   check(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET), "cuptiActivityEnable(memsets)");
