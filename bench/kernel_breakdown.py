@@ -142,8 +142,9 @@ def main(argv):
     window = trace_window(a.csv)
     if window is not None:  # the longer run's window covers --steps steps (all but its first)
         wall, busy, kernel = window[0] / a.steps, window[1] / a.steps, window[2]
+        idle = 100 * (1 - busy / wall) if wall > 0 else 0
         print(f"\nfrom the first to the last {kernel} launch, per step: {wall:.2f} ms, busy "
-              f"{busy:.2f} ms (kernels, memsets, copies): the GPU idles {100 * (1 - busy / wall) if wall > 0 else 0:.1f}% of the step")
+              f"{busy:.2f} ms (kernels, memsets, copies): the GPU idles {idle:.1f}% of the step")
         gaps = [l.rstrip("\n").split("\t")[1:] for l in open(a.csv, encoding="utf-8", errors="replace")
                 if l.startswith("# gap\t")]
         if gaps:

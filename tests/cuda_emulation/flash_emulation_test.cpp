@@ -3,8 +3,9 @@
 // CUDA thread of a block a std::thread, and the warp-level instructions (ldmatrix, mma.sync
 // m16n8k16, shuffles) emulated from their documented per-lane layouts; wgmma from its accumulator
 // layout and the shared-memory descriptor's 128-byte-swizzled tiles, as the kernels use them (the
-// model the H200 runs agree with: the same wgmma forward passes there, tests/cuda/layers_cuda_test.cpp). Every case runs twice, with the cp.async copies landing at the two ends of
-// the window the hardware may use:
+// model the H200 runs agree with: the same wgmma kernels pass tests/cuda/layers_cuda_test.cpp there).
+// Every case runs twice, with the cp.async copies landing at the two ends of the window the
+// hardware may use:
 // - late, at the wait that covers them, with shared memory filled with NaNs at the start: reading
 //   a tile before its wait (or past the kernel's shared memory size, which is checked) shows up as
 //   a wrong result;

@@ -43,6 +43,9 @@ constexpr size_t kSmemBytes = (kRows + 4 * kKeys) * 128 + 1024;
 #if defined(NIBBLE_FLASH_SM90) || defined(NIBBLE_FLASH_HOST_EMULATION)
 #define NIBBLE_FLASH_SM90_KERNELS 1
 #endif
+#ifdef NIBBLE_FLASH_SM90_KERNELS
+constexpr uint32_t kTileBytes = kKeys * 128;  // a tile of 64 rows (keys, or the dk/dv kernel's queries)
+#endif
 
 #ifdef NIBBLE_FLASH_SM90
 __device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
@@ -126,6 +129,22 @@ __device__ __forceinline__ void wgmma_rs_m64n64k16_bt(float (&d)[32], const uint
 }
 #endif  // NIBBLE_FLASH_SM90
 
+#ifdef NIBBLE_FLASH_SM90_KERNELS
+// Where a thread of a forward or dq block stands: its warpgroup, warp, and quad row g and lane t4
+// (see the accumulator layout below); the block's query tile qt (blockIdx.x reversed: the query
+// tiles with the most key tiles first), head h, sequence b, their row block `head` and KV head.
+struct QueryBlock {
+  int wg, warp, g, t4;
+  int64_t qt, h, b, head, kvh;
+};
+__device__ __forceinline__ QueryBlock query_block(const FlashDims& d) {
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int64_t h = blockIdx.y, b = blockIdx.z;
+  return {static_cast<int>(threadIdx.x >> 7), static_cast<int>((threadIdx.x >> 5) & 3), lane >> 2, lane & 3,
+          static_cast<int64_t>(gridDim.x - 1 - blockIdx.x), h, b, b * d.H + h, h / (d.H / d.KV)};
+}
+#endif
+
 // Grid (Tp / 128, H, B), blockIdx.x reversed (the query tiles with the most key tiles first). Two
 // blocks an SM (110 registers a thread). Key tiles of 128 were slower: 64 x 128 scores a warpgroup
 // take 156 registers, one block an SM.
@@ -138,12 +157,9 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
 #ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
   const uint32_t sQ = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
-  constexpr uint32_t kQBytes = kRows * 128, kKvBytes = kKeys * 128;
-  const uint32_t sK = sQ + kQBytes, sV = sK + 2 * kKvBytes;  // two buffers each
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t head = b * d.H + h, kvh = h / (d.H / d.KV);
+  constexpr uint32_t kQBytes = kRows * 128;
+  const uint32_t sK = sQ + kQBytes, sV = sK + 2 * kTileBytes;  // two buffers each
+  const auto [wg, warp, g, t4, qt, h, b, head, kvh] = query_block(d);
   const bf16* kg = k.at(b, kvh, 0);
   const bf16* vg = v.at(b, kvh, 0);
   const TileLoader<> q_loader(q.row), k_loader(k.row), v_loader(v.row);
@@ -160,13 +176,13 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   // Key tiles up to the query tile's last key: those beyond are all masked.
   const int64_t n_kv = (qt + 1) * (kRows / kKeys);
   for (int64_t it = 0; it < n_kv; ++it) {
-    const uint32_t buf = static_cast<uint32_t>(it & 1) * kKvBytes;
+    const uint32_t buf = static_cast<uint32_t>(it & 1) * kTileBytes;
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();  // also: every warpgroup is done with the other buffers, refilled next
     if (it + 1 < n_kv) {
-      k_loader.load<kKeys>(sK + (kKvBytes - buf), kg + (it + 1) * kKeys * k.row);
-      v_loader.load<kKeys>(sV + (kKvBytes - buf), vg + (it + 1) * kKeys * v.row);
+      k_loader.load<kKeys>(sK + (kTileBytes - buf), kg + (it + 1) * kKeys * k.row);
+      v_loader.load<kKeys>(sV + (kTileBytes - buf), vg + (it + 1) * kKeys * v.row);
     }
     cp_async_commit();
 
@@ -301,13 +317,10 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
                          const float* __restrict__ lse, const float* __restrict__ delta, HeadGrad dq) {
 #ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
-  constexpr uint32_t kQBytes = kRows * 128, kKvBytes = kKeys * 128;
+  constexpr uint32_t kQBytes = kRows * 128;
   const uint32_t sQ = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
-  const uint32_t sdO = sQ + kQBytes, sK = sdO + kQBytes, sV = sK + 2 * kKvBytes;  // K, V: two buffers each
-  const int wg = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t4 = lane & 3;
-  const int64_t qt = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z;
-  const int64_t head = b * d.H + h, kvh = h / (d.H / d.KV);
+  const uint32_t sdO = sQ + kQBytes, sK = sdO + kQBytes, sV = sK + 2 * kTileBytes;  // K, V: two buffers each
+  const auto [wg, warp, g, t4, qt, h, b, head, kvh] = query_block(d);
   const bf16* kg = k.at(b, kvh, 0);
   const bf16* vg = v.at(b, kvh, 0);
   const TileLoader<> q_loader(q.row), o_loader(dout.row), k_loader(k.row), v_loader(v.row);
@@ -326,13 +339,13 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   float acc[32] = {};
   const int64_t n_kv = (qt + 1) * (kRows / kKeys);
   for (int64_t it = 0; it < n_kv; ++it) {
-    const uint32_t buf = static_cast<uint32_t>(it & 1) * kKvBytes;
+    const uint32_t buf = static_cast<uint32_t>(it & 1) * kTileBytes;
     cp_async_wait_all();
     fence_proxy_async();
     __syncthreads();
     if (it + 1 < n_kv) {
-      k_loader.load<kKeys>(sK + (kKvBytes - buf), kg + (it + 1) * kKeys * k.row);
-      v_loader.load<kKeys>(sV + (kKvBytes - buf), vg + (it + 1) * kKeys * v.row);
+      k_loader.load<kKeys>(sK + (kTileBytes - buf), kg + (it + 1) * kKeys * k.row);
+      v_loader.load<kKeys>(sV + (kTileBytes - buf), vg + (it + 1) * kKeys * v.row);
     }
     cp_async_commit();
 
@@ -383,8 +396,8 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
 //   dV += P^T dO, dK += dS^T Q   wgmma with P^T, dS^T from registers and dO, Q as MN-major tiles
 // Shared memory: K and V (64 rows each), then two buffers each of Q, dO (64 rows), lse and delta
 // (64 floats). 158 registers, three blocks an SM, which overlap each other's softmax and wgmma: on an
-// H200 the backward of a GPT-2 layer took 0.376 ms so, 0.417 ms with two warpgroups and 128 keys a
-// block (191 registers, one block an SM).
+// H200 the backward of a GPT-2 layer took 0.376 ms this way, 0.417 ms with two warpgroups and 128 keys
+// a block (191 registers, one block an SM).
 constexpr int kDkdvThreads = 128;
 constexpr size_t kDkdvSmemBytes = (2 * kKeys + 4 * kKeys) * 128 + 4 * kKeys * sizeof(float) + 1024;
 
@@ -394,25 +407,23 @@ __global__ void __launch_bounds__(kDkdvThreads, 3)
                            HeadGrad dv) {
 #ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
-  constexpr int kBlockKeys = kKeys;
-  constexpr uint32_t kKvTile = kBlockKeys * 128, kQTile = kKeys * 128;
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
   const uint32_t sK = (raw + 1023u) & ~1023u;
-  const uint32_t sV = sK + kKvTile, sQ = sV + kKvTile, sdO = sQ + 2 * kQTile;  // Q, dO: two buffers each
-  float* sL = reinterpret_cast<float*>(smem_raw + (sdO + 2 * kQTile - raw));  // [2][64]
+  const uint32_t sV = sK + kTileBytes, sQ = sV + kTileBytes, sdO = sQ + 2 * kTileBytes;  // Q, dO: two buffers each
+  float* sL = reinterpret_cast<float*>(smem_raw + (sdO + 2 * kTileBytes - raw));  // [2][64]
   float* sD = sL + 2 * kKeys;                                                  // [2][64]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t4 = lane & 3;
   const int64_t kt = blockIdx.x, kvh = blockIdx.y, b = blockIdx.z, group = d.H / d.KV;
   const TileLoader<kDkdvThreads> k_loader(k.row), v_loader(v.row), q_loader(q.row), o_loader(dout.row);
-  k_loader.template load<kBlockKeys>(sK, k.at(b, kvh, kt * kBlockKeys));
-  v_loader.template load<kBlockKeys>(sV, v.at(b, kvh, kt * kBlockKeys));
+  k_loader.load<kKeys>(sK, k.at(b, kvh, kt * kKeys));
+  v_loader.load<kKeys>(sV, v.at(b, kvh, kt * kKeys));
   // Steps: (head of the group, query tile), query tiles from the one holding the block's first key.
-  const int64_t first = kt * kBlockKeys / kKeys, n_q = d.Tp / kKeys - first, steps = group * n_q;
+  const int64_t n_q = d.Tp / kKeys - kt, steps = group * n_q;
   const auto load_step = [&](int64_t step, int buf) {
-    const int64_t h = kvh * group + step / n_q, qi = first + step % n_q;
-    q_loader.template load<kKeys>(sQ + buf * kQTile, q.at(b, h, qi * kKeys));
-    o_loader.template load<kKeys>(sdO + buf * kQTile, dout.at(b, h, qi * kKeys));
+    const int64_t h = kvh * group + step / n_q, qi = kt + step % n_q;
+    q_loader.load<kKeys>(sQ + buf * kTileBytes, q.at(b, h, qi * kKeys));
+    o_loader.load<kKeys>(sdO + buf * kTileBytes, dout.at(b, h, qi * kKeys));
     if (threadIdx.x < 32) {  // 16 chunks of lse, then 16 of delta
       const int64_t row = (b * d.H + h) * d.Tp + qi * kKeys;
       const int i = threadIdx.x & 15;
@@ -435,15 +446,15 @@ __global__ void __launch_bounds__(kDkdvThreads, 3)
     __syncthreads();
     if (step + 1 < steps) load_step(step + 1, buf ^ 1);
     cp_async_commit();
-    const int q_off = static_cast<int>((first + step % n_q) * kKeys - kt * kBlockKeys);  // of the query tile
-    const uint64_t desc_qt = descriptor(sQ + buf * kQTile), desc_ot = descriptor(sdO + buf * kQTile);
+    const int q_off = static_cast<int>((step % n_q) * kKeys);  // of the query tile, from the block's first key
+    const uint64_t desc_qt = descriptor(sQ + buf * kTileBytes), desc_ot = descriptor(sdO + buf * kTileBytes);
     const float* cL = sL + buf * kKeys;
     const float* cD = sD + buf * kKeys;
 
     float s[32], dp[32];  // S^T and dP^T: rows keys, columns queries
     score_products(s, dp, desc_k, desc_qt, desc_v, desc_ot);
 
-    const bool diagonal = q_off < kBlockKeys;  // a query tile crossing the block's keys: mask queries before keys
+    const bool diagonal = q_off == 0;  // the query tile of the block's keys: mask the queries before each key
 #pragma unroll
     for (int j = 0; j < 8; ++j)
 #pragma unroll
@@ -475,7 +486,7 @@ __global__ void __launch_bounds__(kDkdvThreads, 3)
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int64_t t = kt * kBlockKeys + key_in_tile + 8 * r;
+    const int64_t t = kt * kKeys + key_in_tile + 8 * r;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       store_pair(dk, b, kvh, t, 8 * j + 2 * t4, dka[4 * j + 2 * r], dka[4 * j + 2 * r + 1]);
