@@ -9,8 +9,10 @@
 // for NVFP4, the decode to BF16. The weight operand (B) uses 16x16 blocks, the activation (A) 1x16,
 // both round-to-nearest-even, as in the paper's Fprop. "w pre-quantized" leaves B's quantization out:
 // in training the weight is quantized once per step and read by two GEMMs (Fprop and Dgrad).
-// "layer path" is what LinearCuda's Fprop runs: A's quantizing pass also writes A's decoded BF16
-// values and the alpha, so only B is decoded in a pass of its own (no multiply_scalars launch).
+// "layer path" is LinearCuda's Fprop with the weight's decoded values kept: A's quantizing pass also
+// writes A's decoded BF16 values and the alpha (no multiply_scalars launch), B's 16x16 pass B's
+// decoded values, so nothing is decoded in a pass of its own. (In training LinearCuda decodes the
+// weight in a pass of its own instead, so as not to keep 2 bytes per weight more.)
 // On Blackwell (compute capability >= 10.0) a last column times the native NVFP4 GEMM (quantize
 // both, rearrange the block scales, cuBLASLt block-scaled FP4 GEMM); elsewhere it says n/a. That
 // column has never been measured (no Blackwell GPU here). On Hopper, "packed" times the GEMM that
@@ -94,20 +96,25 @@ void run_shape(const Shape& s, GemmRunner& gemm) {
     quantize_a();
     emulated_gemm();
   });
-  // The layer's Fprop path (LinearCuda): A's quantizing pass also writes A's decoded BF16 values and
-  // the GEMM's alpha (OperandForGemm), so only the weight is decoded in a pass of its own.
-  OperandCuda qa_fused;
+  // The layer's Fprop path (LinearCuda): each quantizing pass also writes its operand's decoded BF16
+  // values, and A's the GEMM's alpha (OperandForGemm), so nothing is decoded in a pass of its own.
+  OperandCuda qa_fused, qb_fused;
+  const auto quantize_b_fused = [&] {
+    qb_fused.make(b.data(), s.n, s.k, wgt, Operand::kFpropW, kDefaultRhtSigns, 0, nullptr,
+                  nibble::nn::cuda::OperandForGemm{true, nullptr});
+  };
   const auto quantize_a_fused = [&] {
     qa_fused.make(a.data(), s.m, s.k, act, Operand::kFpropX, kDefaultRhtSigns, 0, nullptr,
-                  nibble::nn::cuda::OperandForGemm{true, &qb});
+                  nibble::nn::cuda::OperandForGemm{true, &qb_fused});
   };
+  quantize_b_fused();
   const auto fused_gemm = [&] {
     const GemmMatrix ma = qa_fused.gemm_matrix(GemmType::kBF16, false, scratch_a, nullptr);
-    const GemmMatrix mb = qb.gemm_matrix(GemmType::kBF16, true, scratch_b, nullptr);
-    gemm.run(s.m, s.n, s.k, ma, mb, out, qa_fused.alpha_with(qb), false, nullptr);
+    const GemmMatrix mb = qb_fused.gemm_matrix(GemmType::kBF16, true, scratch_b, nullptr);
+    gemm.run(s.m, s.n, s.k, ma, mb, out, qa_fused.alpha_with(qb_fused), false, nullptr);
   };
   const float layer_ms = median_ms([&] {
-    quantize_b();
+    quantize_b_fused();
     quantize_a_fused();
     fused_gemm();
   });

@@ -297,7 +297,9 @@ TEST(OperandCuda, DecodedValuesEqualTheDecodePass) {
 // The separate decode pass (gemm_matrix into scratch: the GEMM input of operands made without the
 // fused pass's values, such as the saved X^T and the weights) against the CPU's code x block scale,
 // bit for bit: NVFP4 1x16 and 16x16 (the BF16 kernel of decode8_bf16), MXFP4 (the generic kernel);
-// rows of fewer segments than a warp and of more than a block.
+// rows of fewer segments than a warp and of more than a block. With `for_gemm.decoded`, the values
+// the quantizing pass writes itself (NVFP4: the fused 1x16 pass, and the 16x16 pass for W), which the
+// GEMM then reads instead of decoding.
 TEST(OperandCuda, DecodePassEqualsTheCpuDecode) {
   std::mt19937_64 rng(test::fresh_seed());
   struct Case {
@@ -305,18 +307,22 @@ TEST(OperandCuda, DecodePassEqualsTheCpuDecode) {
     Operand op;
   };
   for (const Case c : {Case{"nvfp4", Operand::kFpropX}, Case{"nvfp4", Operand::kFpropW}, Case{"mxfp4", Operand::kFpropX}})
-    for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{48, 160}, std::pair<int64_t, int64_t>{272, 4352}}) {
+    for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{48, 160}, std::pair<int64_t, int64_t>{272, 4352}})
+    for (const bool pass_decodes : {false, true}) {
       SCOPED_TRACE(std::string(c.recipe) + " " + operand_name(c.op) + " " + std::to_string(rows) + "x" +
-                   std::to_string(cols));
+                   std::to_string(cols) + (pass_decodes ? " decoded by the quantizing pass" : ""));
       const Recipe recipe = make_recipe(c.recipe);
       std::vector<float> x = test::random_normal(rng, rows * cols, 1.0f);
       for (int64_t i = 0; i < rows * cols; i += 37) x[static_cast<size_t>(i)] *= 1e3f;  // wide block scales
       const DeviceBuffer<float> d_x{std::span<const float>(x)};
       cuda::OperandCuda o;
-      o.make(d_x.data(), rows, cols, recipe[c.op], c.op, recipe.rht_signs(), rng(), nullptr);
+      o.make(d_x.data(), rows, cols, recipe[c.op], c.op, recipe.rht_signs(), rng(), nullptr,
+             cuda::OperandForGemm{pass_decodes, nullptr});
+      EXPECT_EQ(o.has_decoded(), pass_decodes && std::string(c.recipe) == "nvfp4");
       const QuantizedTensor q = o.download();
       DeviceBuffer<uint8_t> scratch;
       const cuda::GemmMatrix m = o.gemm_matrix(cuda::GemmType::kBF16, /*as_b=*/false, scratch, nullptr);
+      EXPECT_EQ(scratch.size() == 0, o.has_decoded()) << "a decode pass for an operand with decoded values";
       const std::vector<uint16_t> got = download(static_cast<const uint16_t*>(m.data), rows * cols);
       const bool tiles16 = q.spec.block == Block::k16x16, mx = q.spec.format == Format::kMxfp4;
       size_t wrong = 0;

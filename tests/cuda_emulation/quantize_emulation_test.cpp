@@ -183,7 +183,7 @@ struct Outputs {
 
 template <typename T, bool kAmaxOnly, Rounding kRow, Rounding kCol, bool kRht, bool kStageCol = false>
 void run_kernel(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t cols, const RowColSpec& spec,
-                uint32_t* amax_out, const uint32_t* amax_in, QuantBuffers row, QuantBuffers col) {
+                AmaxSlots amax_out, const uint32_t* amax_in, QuantBuffers row, QuantBuffers col) {
   emu::launch(grid, [&] {
     nvfp4_rowcol_kernel<T, kAmaxOnly, kRow, kCol, kRht, kStageCol>(x.data(), rows, cols, spec, amax_out, amax_in,
                                                                    row, col);
@@ -198,10 +198,10 @@ void quantize_with(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t
   const bool rs = spec.row_rounding == kSr, cs = spec.col_rounding == kSr;
   const auto pick = [&](auto stage_col) {
     constexpr bool kStage = decltype(stage_col)::value;
-    if (rs && cs) run_kernel<T, false, kSr, kSr, kRht, kStage>(grid, x, rows, cols, spec, nullptr, amax, row, col);
-    else if (rs) run_kernel<T, false, kSr, kRne, kRht, kStage>(grid, x, rows, cols, spec, nullptr, amax, row, col);
-    else if (cs) run_kernel<T, false, kRne, kSr, kRht, kStage>(grid, x, rows, cols, spec, nullptr, amax, row, col);
-    else run_kernel<T, false, kRne, kRne, kRht, kStage>(grid, x, rows, cols, spec, nullptr, amax, row, col);
+    if (rs && cs) run_kernel<T, false, kSr, kSr, kRht, kStage>(grid, x, rows, cols, spec, {}, amax, row, col);
+    else if (rs) run_kernel<T, false, kSr, kRne, kRht, kStage>(grid, x, rows, cols, spec, {}, amax, row, col);
+    else if (cs) run_kernel<T, false, kRne, kSr, kRht, kStage>(grid, x, rows, cols, spec, {}, amax, row, col);
+    else run_kernel<T, false, kRne, kRne, kRht, kStage>(grid, x, rows, cols, spec, {}, amax, row, col);
   };
   if constexpr (sizeof(T) == 2) {
     if (stage_col_decode<T>(spec, col)) return pick(std::true_type{});
@@ -224,14 +224,18 @@ Outputs run_fused(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t 
                          decoded ? o.col_decoded.data() : nullptr, decoded ? &o.partner[1] : nullptr,
                          decoded ? &o.alpha[1] : nullptr};
   constexpr Rounding kRne = Rounding::kNearestEven;
+  // The amax pass takes its maxima into o.amax (zeros) and zeroes the next pass's slot
+  // (AmaxSlots), here filled with what no pass writes.
+  uint32_t next_slot[2] = {0xDEADBEEFu, 0xDEADBEEFu};
   if (spec.col_rht) {
-    run_kernel<T, true, kRne, kRne, true>(grid, x, rows, cols, spec, o.amax, nullptr, {}, {});
+    run_kernel<T, true, kRne, kRne, true>(grid, x, rows, cols, spec, AmaxSlots{o.amax, next_slot}, nullptr, {}, {});
     quantize_with<T, true>(grid, x, rows, cols, spec, row, col, o.amax);
   } else {
-    run_kernel<T, true, kRne, kRne, false>(grid, x, rows, cols, spec, o.amax, nullptr, {}, {});
-    o.amax[1] = o.amax[0];  // as nvfp4_amax does: the columnwise copy holds the same values
+    run_kernel<T, true, kRne, kRne, false>(grid, x, rows, cols, spec, AmaxSlots{o.amax, next_slot}, nullptr, {}, {});
     quantize_with<T, false>(grid, x, rows, cols, spec, row, col, o.amax);
   }
+  EXPECT_EQ(next_slot[0], 0u);
+  EXPECT_EQ(next_slot[1], 0u);
   return o;
 }
 
@@ -375,20 +379,23 @@ TEST(QuantizeEmulation, RowColSeveralTilesPerBlock) {
 
 // ---------------------------------------------------------------- 16x16 weight kernel
 
-// W and/or W^T of x through the 16x16 kernel (after the amax kernel with the columnwise side off,
-// as quantize_amax runs it for 16x16), against the CPU reference of each; `grid` blocks of 4 warps
-// loop over the 32 x 64 warp tiles.
+// W (with its decoded values) and/or W^T of x through the 16x16 kernel (after the amax kernel with
+// the columnwise side off, as quantize_amax runs it for 16x16), against the CPU reference of each;
+// `grid` blocks of 4 warps loop over the 32 x 64 warp tiles.
 template <typename T>
 void check_tile16(const std::vector<T>& x, int64_t rows, int64_t cols, unsigned grid, bool w_side, bool t_side) {
   const size_t n = x.size();
   uint32_t amax[2] = {0, 0};
   RowColSpec amax_spec;
   amax_spec.columnwise = false;
-  run_kernel<T, true, Rounding::kNearestEven, Rounding::kNearestEven, false>(grid, x, rows, cols, amax_spec, amax,
-                                                                              nullptr, {}, {});
+  run_kernel<T, true, Rounding::kNearestEven, Rounding::kNearestEven, false>(grid, x, rows, cols, amax_spec,
+                                                                              AmaxSlots{amax, nullptr}, nullptr, {}, {});
   std::vector<uint8_t> w_data(n / 2, 0xAB), t_data(n / 2, 0xAB), w_scales(n / 256, 0xAB), t_scales(n / 256, 0xAB);
   float g[2] = {0, 0};
-  const QuantBuffers w_out = w_side ? QuantBuffers{w_data.data(), w_scales.data(), &g[0]} : QuantBuffers{};
+  // W's decoded BF16 values too (QuantBuffers::decoded), filled first with what no decode gives.
+  std::vector<uint16_t> w_decoded(w_side ? n : 0, 0xABCD);
+  const QuantBuffers w_out =
+      w_side ? QuantBuffers{w_data.data(), w_scales.data(), &g[0], w_decoded.data()} : QuantBuffers{};
   const QuantBuffers t_out = t_side ? QuantBuffers{t_data.data(), t_scales.data(), &g[1]} : QuantBuffers{};
   emu::launch(grid, [&] { nvfp4_tile16_kernel<T>(x.data(), rows, cols, amax, w_out, t_out); });
   const std::span<const T> in(x);
@@ -397,7 +404,7 @@ void check_tile16(const std::vector<T>& x, int64_t rows, int64_t cols, unsigned 
   QuantSpec t_spec = w_spec;
   t_spec.columnwise = true;
   if (w_side) {
-    EXPECT_TRUE(side_matches(quantize(in, rows, cols, w_spec), amax[0], g[0], w_data, w_scales, {})) << "W";
+    EXPECT_TRUE(side_matches(quantize(in, rows, cols, w_spec), amax[0], g[0], w_data, w_scales, w_decoded)) << "W";
   }
   if (t_side) {
     EXPECT_TRUE(side_matches(quantize(in, rows, cols, t_spec), amax[0], g[1], t_data, t_scales, {})) << "W^T";

@@ -130,13 +130,16 @@ inline std::vector<bf16_t> to_bf16(const std::vector<float>& x) {
   return y;
 }
 
-// The BF16 decode of a packed NVFP4 1x16 copy (code x block scale, without the tensor scale): exact
-// in BF16, so the upper half of the float32 product; what the fused pass's decoded output holds
-// (zeros for a non-finite tensor, whose codes and scales are zero).
+// The BF16 decode of a packed NVFP4 copy with 1x16 blocks or 16x16 tiles (code x block scale,
+// without the tensor scale): exact in BF16, so the upper half of the float32 product; what the
+// quantizers' decoded outputs hold (zeros for a non-finite tensor, whose codes and scales are zero).
 inline std::vector<uint16_t> nvfp4_decoded_bf16(const QuantizedTensor& q) {
   std::vector<uint16_t> out(static_cast<size_t>(q.numel()));
+  const bool tiles = q.spec.block == Block::k16x16;
   for (int64_t i = 0; i < q.numel(); ++i) {
-    const float value = E2M1::decode(fp4_code_at(q.data, i)) * E4M3::decode(q.scales[static_cast<size_t>(i / 16)]);
+    const int64_t r = i / q.cols, c = i % q.cols;
+    const int64_t s = tiles ? (r / 16) * (q.cols / 16) + c / 16 : i / 16;
+    const float value = E2M1::decode(fp4_code_at(q.data, i)) * E4M3::decode(q.scales[static_cast<size_t>(s)]);
     out[static_cast<size_t>(i)] = static_cast<uint16_t>(float_bits_of(value) >> 16);
   }
   return out;

@@ -184,7 +184,22 @@ void OperandCuda::allocate_packed(const QuantSpec& spec, int64_t q_rows, int64_t
   scale_bytes_ = scale_count;
   scales_.reserve(static_cast<size_t>(scale_count));
   decode_scale_.reserve(1);
-  amax_bits_.reserve(2);
+}
+
+nibble::cuda::AmaxSlots AmaxSlotPair::take(cudaStream_t stream) {
+  words_.reserve(4);
+  const int current = turn_, next = 1 - turn_;
+  if (!zero_[current]) NIBBLE_CUDA_CHECK(cudaMemsetAsync(words_.data() + 2 * current, 0, 2 * sizeof(uint32_t), stream));
+  zero_[current] = false;
+  zero_[next] = true;  // the pass zeroes it
+  turn_ = next;
+  return {words_.data() + 2 * current, words_.data() + 2 * next};
+}
+
+uint32_t* AmaxSlotPair::take_self_zeroing() {
+  words_.reserve(4);
+  zero_[turn_] = false;
+  return words_.data() + 2 * turn_;
 }
 
 template <typename T>
@@ -204,12 +219,16 @@ void OperandCuda::make(const T* x, int64_t rows, int64_t cols, const OperandReci
       nibble::cuda::RowColSpec s = rowcol_spec(signs, seed);
       (columnwise ? s.rowwise : s.columnwise) = false;
       set_side(s, columnwise, spec_);
-      run_fused(x, rows, cols, s, amax_bits_.data(), columnwise ? nullptr : this, columnwise ? this : nullptr,
-                stream);
+      run_fused(x, rows, cols, s, amax_, columnwise ? nullptr : this, columnwise ? this : nullptr, stream);
       return;
     }
-    nibble::cuda::quantize_amax(x, rows, cols, spec_, amax_bits_.data(), stream);
-    nibble::cuda::quantize_segments(x, rows, cols, spec_, amax_bits_.data(),
+    if (nibble::cuda::nvfp4_tile16_applies(spec_) && aligned(x, 16)) {  // W or W^T alone, 16x16 tiles
+      run_tile16(x, rows, cols, amax_, columnwise ? nullptr : this, columnwise ? this : nullptr, stream);
+      return;
+    }
+    uint32_t* amax = amax_.take_self_zeroing();
+    nibble::cuda::quantize_amax(x, rows, cols, spec_, amax, stream);
+    nibble::cuda::quantize_segments(x, rows, cols, spec_, amax,
                                     QuantBuffers{data_.data(), scales_.data(), decode_scale_.data()}, stream);
     return;
   }
@@ -323,13 +342,13 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
     o->allocate_packed(o->spec_, o->rows_, o->cols_);
     set_side(s, columnwise, o->spec_);
   }
-  // The pass's amax words live in the row operand's buffer (two words: rowwise, columnwise).
-  run_fused(x, rows, cols, s, row.amax_bits_.data(), &row, &col, stream);
+  // The pass's amax words (rowwise, columnwise) live in the row operand's slots.
+  run_fused(x, rows, cols, s, row.amax_, &row, &col, stream);
 }
 
 template <typename T>
 void OperandCuda::run_fused(const T* x, int64_t rows, int64_t cols, const nibble::cuda::RowColSpec& s,
-                            uint32_t* amax_bits, OperandCuda* row, OperandCuda* col, cudaStream_t stream) {
+                            AmaxSlotPair& amax, OperandCuda* row, OperandCuda* col, cudaStream_t stream) {
   const auto buffers = [](OperandCuda* o) {
     if (!o) return QuantBuffers{};
     QuantBuffers b{o->data_.data(), o->scales_.data(), o->decode_scale_.data()};
@@ -346,8 +365,9 @@ void OperandCuda::run_fused(const T* x, int64_t rows, int64_t cols, const nibble
     }
     return b;
   };
-  nibble::cuda::nvfp4_amax(x, rows, cols, s, amax_bits, stream);
-  nibble::cuda::nvfp4_quantize_rowcol(x, rows, cols, s, amax_bits, buffers(row), buffers(col), stream);
+  const nibble::cuda::AmaxSlots slots = amax.take(stream);
+  nibble::cuda::nvfp4_amax(x, rows, cols, s, slots, stream);
+  nibble::cuda::nvfp4_quantize_rowcol(x, rows, cols, s, slots.current, buffers(row), buffers(col), stream);
 }
 
 template <typename T>
@@ -367,12 +387,28 @@ bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const
     o->spec_ = spec;
     o->allocate_packed(spec, o->rows_, o->cols_);
   }
-  const auto buffers = [](OperandCuda& o) {
-    return QuantBuffers{o.data_.data(), o.scales_.data(), o.decode_scale_.data()};
-  };
-  nibble::cuda::quantize_amax(w, rows, cols, row_spec, row.amax_bits_.data(), stream);
-  nibble::cuda::nvfp4_quantize_tile16(w, rows, cols, row.amax_bits_.data(), buffers(row), buffers(col), stream);
+  run_tile16(w, rows, cols, row.amax_, &row, &col, stream);
   return true;
+}
+
+template <typename T>
+void OperandCuda::run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPair& amax, OperandCuda* row,
+                             OperandCuda* col, cudaStream_t stream) {
+  QuantBuffers w_out, wt_out;
+  if (row) {
+    w_out = QuantBuffers{row->data_.data(), row->scales_.data(), row->decode_scale_.data()};
+    if (row->decoded_wanted_) {  // W's decoded values; W^T's are decoded by gemm_matrix
+      row->decoded_.reserve(static_cast<size_t>(rows * cols));
+      w_out.decoded = row->decoded_.data();
+      row->decoded_valid_ = true;
+    }
+  }
+  if (col) wt_out = QuantBuffers{col->data_.data(), col->scales_.data(), col->decode_scale_.data()};
+  nibble::cuda::RowColSpec amax_spec;  // max |w| alone: the 16x16 tiles take no RHT
+  amax_spec.columnwise = false;
+  const nibble::cuda::AmaxSlots slots = amax.take(stream);
+  nibble::cuda::nvfp4_amax(w, rows, cols, amax_spec, slots, stream);
+  nibble::cuda::nvfp4_quantize_tile16(w, rows, cols, slots.current, w_out, wt_out, stream);
 }
 
 template void OperandCuda::make(const float*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,

@@ -33,11 +33,28 @@ using nibble::cuda::GemmType;
 
 class OperandCuda;
 
+// The amax words of an operand's NVFP4 passes: two slots of two words taken in turn
+// (nibble::cuda::AmaxSlots), each amax pass zeroing the slot the next one takes, so that a pass
+// needs no memset of its own. A slot whose zeros are not known (just allocated, or last used by a
+// pass that zeroes its own words) gets one memset. The passes must run in one stream's order.
+class AmaxSlotPair {
+ public:
+  // For an amax pass that zeroes the other slot (nvfp4_amax with AmaxSlots).
+  nibble::cuda::AmaxSlots take(cudaStream_t stream);
+  // Two words for a pass that zeroes them itself (quantize_amax); the turn stays.
+  uint32_t* take_self_zeroing();
+
+ private:
+  DeviceBuffer<uint32_t> words_;
+  int turn_ = 0;
+  bool zero_[2] = {false, false};
+};
+
 // What the fused NVFP4 pass, when it makes an operand, also prepares for the GEMM the operand feeds
 // next (ignored on the other paths, which leave both to the GEMM call: gemm_matrix decodes FP4
 // operands, LinearCuda multiplies the decode scales). Same packed bits either way.
 // - decoded: the decoded BF16 values (2 bytes per element more, in a buffer of their own; see
-//   OperandCuda::has_decoded);
+//   OperandCuda::has_decoded); the NVFP4 16x16 pass of a rowwise weight (W) writes them too;
 // - partner: the operand it will meet, already made, whose decode scale the pass multiplies by
 //   its own into the GEMM's alpha (see OperandCuda::alpha_with).
 struct OperandForGemm {
@@ -87,7 +104,8 @@ class OperandCuda {
   // type changes are decoded into `scratch`, which must stay alive until the GEMM has run; except
   // that an operand with decoded values (has_decoded) is read from them as kBF16.
   GemmMatrix gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8_t>& scratch, cudaStream_t stream) const;
-  // Whether the last make wrote the decoded BF16 values (asked for, and made by the fused pass).
+  // Whether the last make wrote the decoded BF16 values (asked for, and made by the fused pass or,
+  // for W, by the 16x16 pass).
   bool has_decoded() const { return valid() && decoded_valid_; }
   // The type this operand feeds a GEMM in when nothing forces another: FP8 codes, BF16 for
   // FP4 and bf16 operands, FP32 for fp32 operands.
@@ -140,7 +158,12 @@ class OperandCuda {
   // The fused NVFP4 pass into `row` and/or `col` (nullptr: that side off).
   template <typename T>
   static void run_fused(const T* x, int64_t rows, int64_t cols, const nibble::cuda::RowColSpec& s,
-                        uint32_t* amax_bits, OperandCuda* row, OperandCuda* col, cudaStream_t stream);
+                        AmaxSlotPair& amax, OperandCuda* row, OperandCuda* col, cudaStream_t stream);
+  // The NVFP4 16x16 pass of w into `row` (W, with its decoded values where asked for) and/or `col`
+  // (W^T) (nullptr: that side off).
+  template <typename T>
+  static void run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPair& amax, OperandCuda* row,
+                         OperandCuda* col, cudaStream_t stream);
 
   int64_t rows_ = 0, cols_ = 0;
   bool quantized_ = false;
@@ -159,9 +182,10 @@ class OperandCuda {
   DeviceBuffer<uint8_t> scales_;  // block scale codes
   int64_t data_bytes_ = 0, scale_bytes_ = 0;
   DeviceBuffer<float> decode_scale_;
-  DeviceBuffer<uint32_t> amax_bits_;  // the quantizer's amax (two words for the fused pass)
+  AmaxSlotPair amax_;  // the quantizer's amax
   // The decoded BF16 values [rows x cols] that the fused pass writes when asked (grow-only like the
-  // buffers above): decoded_wanted_ is the request of the make in progress, which run_fused reads.
+  // buffers above): decoded_wanted_ is the request of the make in progress, which run_fused and
+  // run_tile16 read.
   DeviceBuffer<uint16_t> decoded_;
   bool decoded_wanted_ = false, decoded_valid_ = false;
   // Counts the operands begun in this object (alpha_with's check that a partner is unchanged).

@@ -277,7 +277,7 @@ bool stage_col_decode(const RowColSpec& spec, const QuantBuffers& col) {
 template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht, bool kStageCol = false>
 __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRounding, kColRounding>))
     nvfp4_rowcol_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowColSpec spec,
-                        uint32_t* __restrict__ amax_out, const uint32_t* __restrict__ amax_in, QuantBuffers row,
+                        AmaxSlots amax_out, const uint32_t* __restrict__ amax_in, QuantBuffers row,
                         QuantBuffers col) {
   __shared__ __align__(16) float tile[kTileRows][kTileCols];
   __shared__ float enc_scale[2][kE4m3Codes];  // element encode scale e_b by E4M3 code: row, col
@@ -330,7 +330,11 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   float row_amax = 0.0f, col_amax = 0.0f;  // kAmaxOnly; col_amax before the RHT's 1/4
 
   Raw16<T> raw[kRowIters];
-  const auto load_tile = [&](uint32_t tile_index) {
+  // The quantizing pass walks the tiles from the last one back: the amax pass before it read them
+  // first to last, so the end of a tensor larger than the L2 cache is still there when it starts.
+  const auto tile_at = [&](uint32_t step) { return kAmaxOnly ? step : tiles - 1 - step; };
+  const auto load_tile = [&](uint32_t step) {
+    const uint32_t tile_index = tile_at(step);
     const int64_t r0 = static_cast<int64_t>(tile_index / tiles_x) * kTileRows;
     const int64_t c0 = static_cast<int64_t>(tile_index % tiles_x) * kTileCols;
 #pragma unroll
@@ -342,8 +346,9 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   constexpr bool kPrefetch = kPrefetchTile<T>;
   if (kPrefetch && blockIdx.x < tiles) load_tile(blockIdx.x);
 
-  for (uint32_t tile_index = blockIdx.x; tile_index < tiles; tile_index += gridDim.x) {
-    if (!kPrefetch) load_tile(tile_index);
+  for (uint32_t step = blockIdx.x; step < tiles; step += gridDim.x) {
+    if (!kPrefetch) load_tile(step);
+    const uint32_t tile_index = tile_at(step);
     const int64_t r0 = static_cast<int64_t>(tile_index / tiles_x) * kTileRows;
     const int64_t c0 = static_cast<int64_t>(tile_index % tiles_x) * kTileCols;
     const int tile_rows = rows - r0 < kTileRows ? static_cast<int>(rows - r0) : kTileRows;
@@ -395,7 +400,7 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
     }
 
     // The registers of this tile are consumed: start loading the next one.
-    if (kPrefetch && tile_index + gridDim.x < tiles) load_tile(tile_index + gridDim.x);
+    if (kPrefetch && step + gridDim.x < tiles) load_tile(step + gridDim.x);
     if (!stage_tile) continue;
     __syncthreads();
     if (kRowsFromTile && encode_rows) {
@@ -511,8 +516,11 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   }
 
   if constexpr (kAmaxOnly) {
-    block_max_to_global(float_bits(row_amax), amax_out);
-    if constexpr (kRht) block_max_to_global(float_bits(col_amax * 0.25f), amax_out + 1);
+    if (blockIdx.x == 0 && t == 0 && amax_out.zero_next != nullptr) amax_out.zero_next[0] = amax_out.zero_next[1] = 0;
+    block_max_to_global(float_bits(row_amax), amax_out.current);
+    // Without the RHT the columnwise copy holds the same values, so the same amax. Without the
+    // columnwise side the second word is left alone (quantize_amax's callers give it one word).
+    if (spec.columnwise) block_max_to_global(float_bits(kRht ? col_amax * 0.25f : row_amax), amax_out.current + 1);
   }
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "nibble/quant/cuda/fp4_decode_store.cuh"
 #include "nibble/quant/cuda/nvfp4_rowcol.cuh"
 #include "nibble/quant/cuda/tile16_layout.h"
 
@@ -153,6 +154,20 @@ __global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
         if (tile16::tile_row(i) == 1 && !row1_ok) continue;
         const int64_t r = t.r0 + tile16::word_row(lane, i);
         *reinterpret_cast<uint32_t*>(w_out.data + (r * cols + t.c0 + tile16::word_col(lane)) / 2) = w[i];
+      }
+    }
+    // W's decoded BF16 values where asked for (w_out.decoded: a GEMM operand without a decode pass
+    // of its own), from the codes as stored: each word is 8 elements of one row, one 16-byte store.
+    if (w_out.decoded != nullptr && col_ok) {
+      const uint32_t scale2[2] = {e4m3_scale_bf16x2(code[0]), e4m3_scale_bf16x2(code[1])};
+#pragma unroll
+      for (int i = 0; i < tile16::kWords; ++i) {
+        if (tile16::tile_row(i) == 1 && !row1_ok) continue;
+        const int64_t r = t.r0 + tile16::word_row(lane, i);
+        uint32_t d[4];
+        decode8_bf16(w[i], scale2[tile16::tile_row(i)], d);
+        *reinterpret_cast<uint4*>(w_out.decoded + r * cols + t.c0 + tile16::word_col(lane)) =
+            make_uint4(d[0], d[1], d[2], d[3]);
       }
     }
     if (rowwise && scale_lane) {

@@ -215,7 +215,7 @@ int persistent_blocks(const void* kernel, int64_t tiles) {
 
 // Picks the kernel variant for the spec's rounding modes and RHT switch.
 template <typename T, bool kAmaxOnly>
-void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, uint32_t* amax_out,
+void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, AmaxSlots amax_out,
                    const uint32_t* amax_in, QuantBuffers row, QuantBuffers col, cudaStream_t stream) {
   const int64_t tiles = ((cols + kTileCols - 1) / kTileCols) * ((rows + kTileRows - 1) / kTileRows);
   if (tiles > INT32_MAX)  // the kernel counts tiles in 32 bits
@@ -264,7 +264,7 @@ void launch_tile16_amax(const T* x, int64_t rows, int64_t cols, uint32_t* amax_b
   NIBBLE_CUDA_CHECK(cudaMemsetAsync(amax_bits, 0, sizeof(uint32_t), stream));
   RowColSpec s;  // rowwise only, no RHT: the kernel writes max |x| to amax_bits[0] alone
   s.columnwise = false;
-  launch_rowcol<T, true>(x, rows, cols, s, amax_bits, nullptr, {}, {}, stream);
+  launch_rowcol<T, true>(x, rows, cols, s, AmaxSlots{amax_bits, nullptr}, nullptr, {}, {}, stream);
 }
 
 static_assert(kTile16Threads == kRowColThreads, "persistent_blocks sizes the grid for kRowColThreads");
@@ -290,16 +290,21 @@ void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, 
                 cudaStream_t stream) {
   check_rowcol_shape(rows, cols);
   NIBBLE_CUDA_CHECK(cudaMemsetAsync(amax_bits, 0, 2 * sizeof(uint32_t), stream));
-  launch_rowcol<T, true>(x, rows, cols, spec, amax_bits, nullptr, {}, {}, stream);
-  if (!spec.col_rht)  // the columnwise copy holds the same values
-    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(amax_bits + 1, amax_bits, sizeof(uint32_t), cudaMemcpyDeviceToDevice, stream));
+  launch_rowcol<T, true>(x, rows, cols, spec, AmaxSlots{amax_bits, nullptr}, nullptr, {}, {}, stream);
+}
+
+template <typename T>
+void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, AmaxSlots slots,
+                cudaStream_t stream) {
+  check_rowcol_shape(rows, cols);
+  launch_rowcol<T, true>(x, rows, cols, spec, slots, nullptr, {}, {}, stream);
 }
 
 template <typename T>
 void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec,
                            const uint32_t* amax_bits, QuantBuffers row, QuantBuffers col, cudaStream_t stream) {
   check_rowcol_shape(rows, cols);
-  launch_rowcol<T, false>(x, rows, cols, spec, nullptr, amax_bits, row, col, stream);
+  launch_rowcol<T, false>(x, rows, cols, spec, AmaxSlots{}, amax_bits, row, col, stream);
 }
 
 bool nvfp4_tile16_applies(const QuantSpec& spec) {
@@ -313,9 +318,9 @@ void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_
   if (!aligned16(x))
     throw std::invalid_argument(
         "nvfp4 16x16 quantization: the input must be 16-byte aligned (it is read in 16-byte vectors)");
-  if (w.decoded != nullptr || wt.decoded != nullptr || w.alpha != nullptr || wt.alpha != nullptr)
+  if ((w.decoded != nullptr && w.data == nullptr) || wt.decoded != nullptr || w.alpha != nullptr || wt.alpha != nullptr)
     throw std::invalid_argument(
-        "nvfp4 16x16 quantization: decoded BF16 output and GEMM alphas are written only by the fused 1x16 pass");
+        "nvfp4 16x16 quantization: decoded BF16 output only for W with its packed copy, and no GEMM alphas");
   if (w.data == nullptr && wt.data == nullptr) return;
   launch_tile16(x, rows, cols, amax_bits, w, wt, stream);
 }
@@ -388,6 +393,8 @@ void dequantize(const QuantSpec& spec, int64_t rows, int64_t cols, const uint8_t
 
 template void nvfp4_amax<bf16_t>(const bf16_t*, int64_t, int64_t, const RowColSpec&, uint32_t*, cudaStream_t);
 template void nvfp4_amax<float>(const float*, int64_t, int64_t, const RowColSpec&, uint32_t*, cudaStream_t);
+template void nvfp4_amax<bf16_t>(const bf16_t*, int64_t, int64_t, const RowColSpec&, AmaxSlots, cudaStream_t);
+template void nvfp4_amax<float>(const float*, int64_t, int64_t, const RowColSpec&, AmaxSlots, cudaStream_t);
 template void nvfp4_quantize_rowcol<bf16_t>(const bf16_t*, int64_t, int64_t, const RowColSpec&, const uint32_t*,
                                             QuantBuffers, QuantBuffers, cudaStream_t);
 template void nvfp4_quantize_rowcol<float>(const float*, int64_t, int64_t, const RowColSpec&, const uint32_t*,

@@ -29,10 +29,11 @@ struct QuantBuffers {
   uint8_t* data = nullptr;
   uint8_t* scales = nullptr;
   float* decode_scale = nullptr;  // one float
-  // Fused NVFP4 pass only (nullptr: not written): also the decoded values, code x block scale
-  // without the tensor scale, as BF16 bits in the copy's layout (rowwise [rows x cols], columnwise
-  // X^T [cols x rows]): exactly what decoding the packed output to BF16 gives (zeros where the
-  // tensor is non-finite), so that a BF16 GEMM can read them without a decode pass.
+  // Fused NVFP4 pass and W of the 16x16 pass only (nullptr: not written): also the decoded
+  // values, code x block scale without the tensor scale, as BF16 bits in the copy's layout (rowwise
+  // [rows x cols], columnwise X^T [cols x rows]): exactly what decoding the packed output to BF16
+  // gives (zeros where the tensor is non-finite), so that a BF16 GEMM can read them without a
+  // decode pass.
   uint16_t* decoded = nullptr;
   // Fused NVFP4 pass only (nullptr: not written): with alpha_partner, the decode scale of the
   // operand this copy meets in its GEMM (a device float, final when the pass runs), the pass also
@@ -62,6 +63,20 @@ template <typename T>
 void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, uint32_t* amax_bits,
                 cudaStream_t stream);
 
+// Where an amax pass puts its two words without a memset before it (a memset is a launch of its
+// own, about 2 us of GPU time each, 80 a training step): the pass takes the maxima into `current`,
+// which must hold zeros when it starts, and zeroes the two words of `zero_next` (nullptr: none). A
+// caller that alternates between two slots, each pass zeroing the other, keeps that invariant with
+// one memset when the slots are allocated (nn/cuda/operand_cuda.h, AmaxSlotPair).
+struct AmaxSlots {
+  uint32_t* current = nullptr;
+  uint32_t* zero_next = nullptr;
+};
+// nvfp4_amax into slots.current, zeroing slots.zero_next in the same launch.
+template <typename T>
+void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, AmaxSlots slots,
+                cudaStream_t stream);
+
 template <typename T>
 void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec,
                            const uint32_t* amax_bits, QuantBuffers row, QuantBuffers col, cudaStream_t stream);
@@ -70,9 +85,10 @@ void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColS
 // x 16-byte aligned): W's codes and tile scales into `w` (the rowwise copy, QuantSpec
 // make_spec(kNvfp4, k16x16)) and W^T's into `wt` (its columnwise twin), in one pass. A tile of W^T
 // has the scale and the values of the tile of W it transposes, so each element is encoded once and
-// its code written to both. A copy whose data pointer is null is not made; no decoded values are
-// written (QuantBuffers::decoded must be nullptr). amax_bits: the one word quantize_amax computes for
-// either spec. Same bits as the CPU reference (and the generic kernels).
+// its code written to both. A copy whose data pointer is null is not made. w.decoded (optional)
+// receives W's decoded BF16 values [rows x cols], as in the fused pass; wt.decoded and the alphas
+// must be nullptr. amax_bits: the one word quantize_amax computes for either spec. Same bits as the
+// CPU reference (and the generic kernels).
 template <typename T>
 void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_t* amax_bits, QuantBuffers w,
                            QuantBuffers wt, cudaStream_t stream);
