@@ -146,51 +146,92 @@ norm_backward_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat,
   }
 }
 
-// The same backward with 16-byte loads and the row in registers (rows as norm_forward_vec_kernel's).
+// The same backward with 16-byte loads and the row in registers (rows as norm_forward_vec_kernel's),
+// and the parameter-gradient partials of its rows in the same pass (norm_param_partials_kernel's
+// output, without its second read of dy and xhat: 75 MB a call at GPT-2's shapes). A block takes
+// one chunk of kChunkRows rows, each warp every kRowsPerBlock-th of them. A warp adds dy * xhat and
+// dy for its rows in FP32 (fmaf) into its own shared-memory row of sums (no atomics: a lane owns its
+// columns); then the block adds the warps' sums in double, in warp order, into the chunk's partials.
+// Deterministic. The FP32 sums are over kChunkRows / kRowsPerBlock = 8 rows: relative error about
+// 8 x 2^-24 of their terms, within NormCudaTest's tolerance (5e-5).
+// Shared memory (dynamic): [warp][dim] weight sums, then [warp][dim] bias sums where there is a bias.
 template <typename DyT>
 __global__ void __launch_bounds__(kRowThreads)
-norm_backward_vec_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat, const float* __restrict__ rstd,
-                         const float* __restrict__ weight, int64_t rows, int64_t dim, bool centered, bool accumulate,
-                         float* __restrict__ dx, bf16_t* __restrict__ dx16) {
-  const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31, chunks = static_cast<int>(dim / 128);
-  if (r >= rows) return;
-  const int64_t row = r * dim + 4 * lane;
-  float4 g[kVecChunks], xh[kVecChunks];
+norm_backward_params_vec_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat,
+                                const float* __restrict__ rstd, const float* __restrict__ weight, int64_t rows,
+                                int64_t dim, bool centered, bool accumulate, float* __restrict__ dx,
+                                bf16_t* __restrict__ dx16, bool with_bias, double* __restrict__ pw,
+                                double* __restrict__ pb) {
+  extern __shared__ float4 sums[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, chunks = static_cast<int>(dim / 128);
+  const int64_t chunk = blockIdx.x, vecs = dim / 4;
+  float4* sum_w = sums + warp * vecs;
+  float4* sum_b = sums + (kRowsPerBlock + warp) * vecs;
 #pragma unroll
   for (int c = 0; c < kVecChunks; ++c)
     if (c < chunks) {
-      g[c] = load4(dy + row + 128 * c);
-      xh[c] = load4(xhat + row + 128 * c);
+      sum_w[lane + 32 * c] = make_float4(0, 0, 0, 0);
+      if (with_bias) sum_b[lane + 32 * c] = make_float4(0, 0, 0, 0);
     }
-  double s1 = 0.0, s2 = 0.0;
+  for (int64_t r = chunk * kChunkRows + warp; r < min(rows, (chunk + 1) * kChunkRows); r += kRowsPerBlock) {
+    const int64_t row = r * dim + 4 * lane;
+    float4 g[kVecChunks], xh[kVecChunks];
 #pragma unroll
-  for (int c = 0; c < kVecChunks; ++c)
-    if (c < chunks) {
+    for (int c = 0; c < kVecChunks; ++c)
+      if (c < chunks) {
+        g[c] = load4(dy + row + 128 * c);
+        xh[c] = load4(xhat + row + 128 * c);
+      }
+    double s1 = 0.0, s2 = 0.0;
+#pragma unroll
+    for (int c = 0; c < kVecChunks; ++c)
+      if (c < chunks) {
+        const float4 w = load4(weight + 4 * lane + 128 * c);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const double d = static_cast<double>(get(g[c], j)) * get(w, j);
+          s1 += d;
+          s2 += d * get(xh[c], j);
+        }
+      }
+    const double mean_dxhat = centered ? detail::warp_sum(s1) / static_cast<double>(dim) : 0.0;
+    const double mean_dxhat_xhat = detail::warp_sum(s2) / static_cast<double>(dim);
+    const double rs = rstd[r];
+#pragma unroll
+    for (int c = 0; c < kVecChunks; ++c) {
+      if (c >= chunks) continue;
       const float4 w = load4(weight + 4 * lane + 128 * c);
+      float4 out = accumulate ? load4(dx + row + 128 * c) : make_float4(0, 0, 0, 0);
+      float4 sw = sum_w[lane + 32 * c];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         const double d = static_cast<double>(get(g[c], j)) * get(w, j);
-        s1 += d;
-        s2 += d * get(xh[c], j);
+        const float gj = static_cast<float>(rs * (d - mean_dxhat - get(xh[c], j) * mean_dxhat_xhat));
+        set(out, j, accumulate ? get(out, j) + gj : gj);
+        set(sw, j, fmaf(get(g[c], j), get(xh[c], j), get(sw, j)));
       }
+      sum_w[lane + 32 * c] = sw;
+      if (with_bias) {
+        float4 sb = sum_b[lane + 32 * c];
+        sb.x += g[c].x, sb.y += g[c].y, sb.z += g[c].z, sb.w += g[c].w;
+        sum_b[lane + 32 * c] = sb;
+      }
+      store4(dx + row + 128 * c, out);
+      if (dx16 != nullptr) store4(dx16 + row + 128 * c, out);
     }
-  const double mean_dxhat = centered ? detail::warp_sum(s1) / static_cast<double>(dim) : 0.0;
-  const double mean_dxhat_xhat = detail::warp_sum(s2) / static_cast<double>(dim);
-  const double rs = rstd[r];
+  }
+  __syncthreads();
+  const float* fw = reinterpret_cast<const float*>(sums);
+  const float* fb = fw + kRowsPerBlock * dim;
+  for (int64_t col = threadIdx.x; col < dim; col += kRowThreads) {
+    double tw = 0.0, tb = 0.0;
 #pragma unroll
-  for (int c = 0; c < kVecChunks; ++c) {
-    if (c >= chunks) continue;
-    const float4 w = load4(weight + 4 * lane + 128 * c);
-    float4 out = accumulate ? load4(dx + row + 128 * c) : make_float4(0, 0, 0, 0);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const double d = static_cast<double>(get(g[c], j)) * get(w, j);
-      const float gj = static_cast<float>(rs * (d - mean_dxhat - get(xh[c], j) * mean_dxhat_xhat));
-      set(out, j, accumulate ? get(out, j) + gj : gj);
+    for (int w = 0; w < kRowsPerBlock; ++w) {
+      tw += fw[w * dim + col];
+      if (with_bias) tb += fb[w * dim + col];
     }
-    store4(dx + row + 128 * c, out);
-    if (dx16 != nullptr) store4(dx16 + row + 128 * c, out);
+    pw[chunk * dim + col] = tw;
+    if (with_bias) pb[chunk * dim + col] = tb;
   }
 }
 
@@ -306,17 +347,27 @@ void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool
   const int64_t rows = saved_rows_;
   const bool centered = kind_ == NormKind::kLayerNorm;
   const bool vector = vector_rows(dim_, dy, dx) && (dx_bf16 == nullptr || vector_rows(dim_, dx_bf16, dx_bf16));
-  const auto kernel = vector ? norm_backward_vec_kernel<DyT> : norm_backward_kernel<DyT>;
-  kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
-      dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16);
-  NIBBLE_CUDA_CHECK_LAUNCH();
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   partials_.reserve(static_cast<size_t>(2 * chunks * dim_));
   double* pw = partials_.data();
   double* pb = pw + chunks * dim_;
-  const dim3 grid(blocks_for(dim_, 128), static_cast<unsigned>(chunks));
-  norm_param_partials_kernel<<<grid, 128, 0, stream>>>(dy, saved_xhat_.data(), rows, dim_, has_bias(), pw, pb);
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  if (vector) {  // dx and the partials in one pass
+    const auto kernel = norm_backward_params_vec_kernel<DyT>;
+    const size_t smem = static_cast<size_t>((has_bias() ? 2 : 1) * kRowsPerBlock * dim_) * sizeof(float);
+    if (smem > 48 * 1024)  // dim 1024 with a bias: 64 KiB
+      NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<static_cast<unsigned>(chunks), kRowThreads, smem, stream>>>(
+        dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16,
+        has_bias(), pw, pb);
+    NIBBLE_CUDA_CHECK_LAUNCH();
+  } else {
+    norm_backward_kernel<DyT><<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
+        dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16);
+    NIBBLE_CUDA_CHECK_LAUNCH();
+    const dim3 grid(blocks_for(dim_, 128), static_cast<unsigned>(chunks));
+    norm_param_partials_kernel<<<grid, 128, 0, stream>>>(dy, saved_xhat_.data(), rows, dim_, has_bias(), pw, pb);
+    NIBBLE_CUDA_CHECK_LAUNCH();
+  }
   norm_param_finish_kernel<<<blocks_for(dim_, 32), 32 * kFinishWarps, 0, stream>>>(
       pw, pb, chunks, dim_, weight_grad_.data(), has_bias() ? bias_grad_.data() : nullptr);
   NIBBLE_CUDA_CHECK_LAUNCH();
