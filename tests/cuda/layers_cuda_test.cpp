@@ -1102,6 +1102,29 @@ TEST(AdamWCuda, TensorsInSeparateAllocationsMatchCpuBitForBit) {
   }
 }
 
+// One launch zeroes every array it is given, of sizes below, at and across its blocks' chunks of
+// 4096 elements, and nothing around them: the arrays are pieces of one buffer of random values with
+// gaps between them; a second call with another list zeroes only that list.
+TEST(GradZeroCuda, ZeroesTheArraysAndNothingElse) {
+  std::mt19937_64 rng(fresh_seed());
+  const std::vector<std::pair<int64_t, int64_t>> pieces = {{0, 1}, {3, 4096}, {4100, 4097}, {8200, 20000}, {28300, 0}};
+  std::vector<float> host = nn::test::random_normal(rng, 30000, 1.0f);
+  for (float& v : host) v = v == 0.0f ? 1.0f : v;  // no zeros before the call
+  DeviceBuffer<float> buf{std::span<const float>(host)};
+  std::vector<cuda::GradBuffer> arrays;
+  for (const auto& [offset, count] : pieces) arrays.push_back({buf.data() + offset, count});
+  cuda::GradZeroCuda zero;
+  zero.zero(arrays, nullptr);
+  std::vector<float> want = host;
+  for (const auto& [offset, count] : pieces) std::fill_n(want.begin() + offset, count, 0.0f);
+  expect_bits_equal(download(buf.data(), static_cast<int64_t>(host.size())), want, "after zeroing the arrays");
+  buf.upload(std::span<const float>(host));
+  zero.zero(std::vector<cuda::GradBuffer>{arrays[2]}, nullptr);  // another table
+  want = host;
+  std::fill_n(want.begin() + pieces[2].first, pieces[2].second, 0.0f);
+  expect_bits_equal(download(buf.data(), static_cast<int64_t>(host.size())), want, "after zeroing one array");
+}
+
 // Both sides sum squares in double (different orders: ~1e-16 relative); the GPU's order is fixed,
 // so two runs agree bit for bit.
 TEST(GradNormCuda, MatchesCpuAndIsDeterministic) {

@@ -85,6 +85,15 @@ __global__ void __launch_bounds__(kNormThreads) sqrt_sum_kernel(const double* __
   if (threadIdx.x == 0) *out = sqrt(s);
 }
 
+constexpr int kZeroThreads = 256;
+constexpr int64_t kZeroChunk = kZeroThreads * 16;  // elements a block zeroes
+
+__global__ void __launch_bounds__(kZeroThreads) zero_kernel(const ZeroSegment* __restrict__ segs, int n_segs) {
+  const ZeroSegment& seg = segment_of(segs, n_segs, blockIdx.x);
+  const int64_t begin = (blockIdx.x - seg.first_block) * kZeroChunk, end = min(seg.count, begin + kZeroChunk);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kZeroThreads) seg.data[i] = 0.0f;
+}
+
 __global__ void clip_kernel(const double* norm, double max_norm, float* multiplier) {
   const double nv = *norm;
   *multiplier = max_norm > 0 && nv > max_norm ? static_cast<float>(max_norm / nv) : 1.0f;
@@ -156,6 +165,23 @@ void GradNormCuda::compute(std::span<const GradSpan> grads, double* norm_out, cu
     NIBBLE_CUDA_CHECK_LAUNCH();
   }
   sqrt_sum_kernel<<<1, kNormThreads, 0, stream>>>(partials_.data(), total, norm_out);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void GradZeroCuda::zero(std::span<const GradBuffer> arrays, cudaStream_t stream) {
+  std::vector<ZeroSegment> segs;
+  int64_t total = 0;
+  for (const GradBuffer& a : arrays) {
+    const int64_t chunks = (a.count + kZeroChunk - 1) / kZeroChunk;
+    if (chunks == 0) continue;
+    segs.push_back({a.data, a.count, static_cast<uint32_t>(total)});
+    total += chunks;
+  }
+  if (total > 0x7fffffffLL) throw std::invalid_argument("GradZeroCuda::zero: too many elements for one launch");
+  if (segs.empty()) return;
+  segments_.set(segs, stream);
+  zero_kernel<<<static_cast<unsigned>(total), kZeroThreads, 0, stream>>>(segments_.device(),
+                                                                         static_cast<int>(segs.size()));
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

@@ -119,6 +119,26 @@ class GradNormCuda {
   SegmentTable<NormSegment> segments_;
 };
 
+// Zeroes several device arrays in one launch: the gradients before a step (GPT-2 124M has 101 of
+// them, whose memsets left 0.16 ms of gaps a step between them).
+struct GradBuffer {
+  float* data = nullptr;
+  int64_t count = 0;
+};
+struct ZeroSegment {
+  float* data = nullptr;
+  int64_t count = 0;
+  uint32_t first_block = 0;
+  bool operator==(const ZeroSegment&) const = default;
+};
+class GradZeroCuda {
+ public:
+  void zero(std::span<const GradBuffer> arrays, cudaStream_t stream);
+
+ private:
+  SegmentTable<ZeroSegment> segments_;
+};
+
 // *multiplier = (max_norm > 0 && *norm > max_norm) ? float(max_norm / *norm) : 1, as the trainer does.
 void clip_multiplier(const double* norm, double max_norm, float* multiplier, cudaStream_t stream);
 
