@@ -54,15 +54,18 @@ __global__ void sort_input_kernel(const uint32_t* __restrict__ ids, int64_t n, u
   positions[i] = static_cast<uint32_t>(i);
 }
 
-// One block per sorted entry; only the first entry of each run of equal ids works: its threads
-// (one per column) add the run's gradient rows in position order, as the CPU does. The additions
+// One block per sorted entry and slice of kScatterThreads columns (blockIdx.y); only the first entry of
+// each run of equal ids works: its threads (one per column) add the run's gradient rows in position
+// order, as the CPU does. The column slices run a long run's columns side by side, not one after
+// another in each thread (GPT-2's 768 columns took three chains a thread). The additions
 // are a chain per column, but the loads are not: a frequent token (runs of thousands in a batch of
 // real text) would otherwise wait one memory latency per row. Rows are loaded kScatterBatch at a
 // time, the next batch while the current one is added. The run's end: galloping over the sorted
 // keys (one load for a run of one, the common case), then binary search in the last gap.
-// Threads per block: 256 (a thread walks several columns) keep 8 runs resident per SM for the many
-// short runs. Measured on an H200 at GPT-2's shapes (layers bench): 0.18 ms with uniform ids, 0.35 ms
-// with Zipf ids; a thread per column (768) gave 0.30 and 0.19 ms (docs/benchmarks.md, session 7).
+// Threads per block: 256 keep 8 runs resident per SM for the many short runs. Measured on an H200 at
+// GPT-2's shapes (layers bench): one slice (a thread walking 3 columns) 0.18 ms with uniform ids and
+// 0.35 ms with Zipf ids, 3 slices 0.23 and 0.24 ms (session 13; real text is Zipf-like); a block of
+// 768 threads gave 0.30 and 0.19 ms (docs/benchmarks.md, session 7).
 constexpr int kScatterBatch = 16;
 constexpr int kScatterThreads = 256;
 __global__ void __launch_bounds__(kScatterThreads) scatter_add_kernel(const uint32_t* __restrict__ keys,
@@ -91,7 +94,8 @@ __global__ void __launch_bounds__(kScatterThreads) scatter_add_kernel(const uint
     for (int k = 0; k < kScatterBatch; ++k)
       v[k] = j0 + k < end ? dout[static_cast<int64_t>(positions[j0 + k]) * dim + d] : 0.0f;
   };
-  for (int64_t d = threadIdx.x; d < dim; d += blockDim.x) {
+  for (int64_t d = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; d < dim;
+       d += static_cast<int64_t>(gridDim.y) * blockDim.x) {
     float g = grad[static_cast<int64_t>(id) * dim + d];
     float v[kScatterBatch], next[kScatterBatch];
     load(i, d, v);
@@ -151,7 +155,8 @@ void EmbeddingCuda::backward(const uint32_t* ids, int64_t n, const float* dout, 
                                                     keys_out_.data(), pos_in_.data(), pos_out_.data(),
                                                     static_cast<int>(n), 0, end_bit, stream));
   const int threads = static_cast<int>(std::min<int64_t>(kScatterThreads, detail::round_up(dim_, 32)));
-  scatter_add_kernel<<<static_cast<unsigned>(n), threads, 0, stream>>>(keys_out_.data(), pos_out_.data(), n, rows,
+  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((dim_ + threads - 1) / threads));
+  scatter_add_kernel<<<grid, threads, 0, stream>>>(keys_out_.data(), pos_out_.data(), n, rows,
                                                                        dim_, dout, grad_.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
