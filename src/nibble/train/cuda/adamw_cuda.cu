@@ -147,16 +147,28 @@ void AdamWCuda::step(std::span<const ParamTensor> tensors, double lr, const floa
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-void GradNormCuda::compute(std::span<const GradSpan> grads, double* norm_out, cudaStream_t stream) {
-  std::vector<NormSegment> segs;
+namespace {
+
+// The segments of a launch in which block b handles chunk b of the arrays' chunks of `chunk`
+// elements (each array cut from its start; empty arrays have none). Returns the number of blocks.
+template <typename Segment, typename Array>
+int64_t chunk_segments(std::span<const Array> arrays, int64_t chunk, std::vector<Segment>& segs, const char* what) {
   int64_t total = 0;
-  for (const GradSpan& g : grads) {
-    const int64_t chunks = (g.count + kNormChunk - 1) / kNormChunk;
+  for (const Array& a : arrays) {
+    const int64_t chunks = (a.count + chunk - 1) / chunk;
     if (chunks == 0) continue;
-    segs.push_back({g.data, g.count, static_cast<uint32_t>(total)});
+    segs.push_back({a.data, a.count, static_cast<uint32_t>(total)});
     total += chunks;
   }
-  if (total > 0x7fffffffLL) throw std::invalid_argument("GradNormCuda::compute: too many gradients for one launch");
+  if (total > 0x7fffffffLL) throw std::invalid_argument(std::string(what) + ": too many elements for one launch");
+  return total;
+}
+
+}  // namespace
+
+void GradNormCuda::compute(std::span<const GradSpan> grads, double* norm_out, cudaStream_t stream) {
+  std::vector<NormSegment> segs;
+  const int64_t total = chunk_segments(grads, kNormChunk, segs, "GradNormCuda::compute");
   partials_.reserve(static_cast<size_t>(total > 0 ? total : 1));
   if (!segs.empty()) {
     segments_.set(segs, stream);
@@ -170,14 +182,7 @@ void GradNormCuda::compute(std::span<const GradSpan> grads, double* norm_out, cu
 
 void GradZeroCuda::zero(std::span<const GradBuffer> arrays, cudaStream_t stream) {
   std::vector<ZeroSegment> segs;
-  int64_t total = 0;
-  for (const GradBuffer& a : arrays) {
-    const int64_t chunks = (a.count + kZeroChunk - 1) / kZeroChunk;
-    if (chunks == 0) continue;
-    segs.push_back({a.data, a.count, static_cast<uint32_t>(total)});
-    total += chunks;
-  }
-  if (total > 0x7fffffffLL) throw std::invalid_argument("GradZeroCuda::zero: too many elements for one launch");
+  const int64_t total = chunk_segments(arrays, kZeroChunk, segs, "GradZeroCuda::zero");
   if (segs.empty()) return;
   segments_.set(segs, stream);
   zero_kernel<<<static_cast<unsigned>(total), kZeroThreads, 0, stream>>>(segments_.device(),
