@@ -54,12 +54,12 @@ __global__ void sort_input_kernel(const uint32_t* __restrict__ ids, int64_t n, u
   positions[i] = static_cast<uint32_t>(i);
 }
 
-// One block per sorted entry and slice of kScatterThreads columns (blockIdx.y); only the first entry of
-// each run of equal ids works: its threads (one per column) add the run's gradient rows in position
-// order, as the CPU does. The column slices run a long run's columns side by side, not one after
-// another in each thread (GPT-2's 768 columns took three chains a thread). The additions
-// are a chain per column, but the loads are not: a frequent token (runs of thousands in a batch of
-// real text) would otherwise wait one memory latency per row. Rows are loaded kScatterBatch at a
+// One block per sorted entry and slice of kScatterThreads columns (blockIdx.y); only the first entry
+// of each run of equal ids works: its threads (one per column) add the run's gradient rows in
+// position order, as the CPU does. The slices run a long run's columns side by side, not one after
+// another in each thread (GPT-2's 768 columns took three chains a thread). The additions are a
+// chain per column, but the loads are not: a frequent token (runs of thousands in a batch of real
+// text) would otherwise wait one memory latency per row. Rows are loaded kScatterBatch at a
 // time, the next batch while the current one is added. The run's end: galloping over the sorted
 // keys (one load for a run of one, the common case), then binary search in the last gap.
 // Threads per block: 256 keep 8 runs resident per SM for the many short runs. Measured on an H200 at
@@ -156,8 +156,8 @@ void EmbeddingCuda::backward(const uint32_t* ids, int64_t n, const float* dout, 
                                                     static_cast<int>(n), 0, end_bit, stream));
   const int threads = static_cast<int>(std::min<int64_t>(kScatterThreads, detail::round_up(dim_, 32)));
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((dim_ + threads - 1) / threads));
-  scatter_add_kernel<<<grid, threads, 0, stream>>>(keys_out_.data(), pos_out_.data(), n, rows,
-                                                                       dim_, dout, grad_.data());
+  scatter_add_kernel<<<grid, threads, 0, stream>>>(keys_out_.data(), pos_out_.data(), n, rows, dim_, dout,
+                                                   grad_.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
