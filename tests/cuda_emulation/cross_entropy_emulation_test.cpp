@@ -17,7 +17,6 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
-#include <barrier>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -31,24 +30,11 @@
 #include <thread>
 #include <vector>
 
-#include "cuda_emulation/emulated_grid.h"
 #include "test_seed.h"
 
 // ---------------------------------------------------------------- the emulated device
 
 namespace emu {
-
-constexpr int kThreads = 256;  // the kernels' block size
-struct Block {
-  std::barrier<> sync{kThreads};
-  std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
-  double lanes[kThreads];  // each thread's shuffle operand (floats and doubles both fit exactly)
-  Block() {
-    for (int w = 0; w < kThreads / 32; ++w) warp_sync.push_back(std::make_unique<std::barrier<>>(32));
-  }
-};
-Block* block = nullptr;
-uint3 block_dim{kThreads, 1, 1};
 
 alignas(16) unsigned char shared[256 * 1024];  // the dynamic shared memory
 size_t shared_limit = 0;                       // the launch's size of it
@@ -83,43 +69,12 @@ void land(Barrier& b, const Copy& c) {
   b.tx -= c.bytes;
 }
 
-int lane() { return static_cast<int>(thread_idx.x & 31); }
-int warp() { return static_cast<int>(thread_idx.x >> 5); }
-
-template <typename T>
-T shfl_xor(T v, int mask) {
-  block->lanes[thread_idx.x] = static_cast<double>(v);
-  block->warp_sync[warp()]->arrive_and_wait();
-  const T r = static_cast<T>(block->lanes[(thread_idx.x & ~31u) + (lane() ^ mask)]);
-  block->warp_sync[warp()]->arrive_and_wait();
-  return r;
-}
-
 }  // namespace emu
 
-#define threadIdx (emu::thread_idx)
-#define blockIdx (emu::block_idx)
-#define gridDim (emu::grid_dim)
-#define blockDim (emu::block_dim)
-#undef __global__
-#define __global__
-#undef __launch_bounds__
-#define __launch_bounds__(...)
-#undef __shared__
-#define __shared__ static  // one block runs at a time: a static is the block's shared variable
-#define __syncthreads() (emu::block->sync.arrive_and_wait())
+#include "cuda_emulation/emulated_kernel_syntax.h"
 
-inline float __shfl_xor_sync(unsigned, float v, int mask) { return emu::shfl_xor(v, mask); }
-inline double __shfl_xor_sync(unsigned, double v, int mask) { return emu::shfl_xor(v, mask); }
 inline float __fmul_rn(float a, float b) { return a * b; }  // -ffp-contract=off: no FMA
 inline float __fsub_rn(float a, float b) { return a - b; }
-inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
-  std::atomic_ref<unsigned long long> a(*p);
-  unsigned long long old = a.load();
-  while (v < old && !a.compare_exchange_weak(old, v)) {
-  }
-  return old;
-}
 
 namespace nibble::nn::cuda::detail {
 namespace {
@@ -193,11 +148,7 @@ void launch(unsigned grid, size_t shared_bytes, Kernel kernel) {
   if (shared_bytes > sizeof(shared)) throw std::runtime_error("emulated shared memory too small");
   shared_limit = shared_bytes;
   std::memset(shared, 0xff, sizeof(shared));  // NaNs
-  run_grid(dim3(grid), kThreads, [] {
-    auto b = std::make_unique<Block>();
-    block = b.get();
-    return b;
-  }, kernel);
+  run_grid(dim3(grid), kBlockThreads, start_block, kernel);
   std::lock_guard<std::mutex> lock(barriers_mutex);
   for (const auto& [address, b] : barriers)
     if (!b.pending.empty() || b.tx != 0 || b.arrivals != 0) bad_copy = true;  // a copy still in flight at exit

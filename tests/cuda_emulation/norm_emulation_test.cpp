@@ -1,0 +1,184 @@
+// Runs the LayerNorm / RMSNorm backward kernels (src/nibble/nn/cuda/norm_kernels.cuh) on the CPU,
+// without a GPU: the header compiled as host C++, every CUDA thread of a block a std::thread (blocks
+// one after another), warp shuffles and block barriers emulated, the dynamic shared memory filled
+// with NaNs at each launch. It holds the vector-row backward that also makes the parameter-gradient
+// partials (norm_backward_params_vec_kernel) to the strided kernels it replaced for such rows:
+// - dx (and its BF16 copy) to norm_backward_kernel: the same double expressions per element; the
+//   row sums s1, s2 are added in another order, so the two agree to a few float ulps, not bit for bit;
+// - the partials to norm_param_partials_kernel's double sums over the same 64-row chunks: the new
+//   kernel adds each warp's 8 rows in FP32 first (relative error about 8 x 2^-24 of the terms);
+// - the finished gradients (norm_param_finish_kernel over them) to double sums over all rows.
+// Shapes: a partial last chunk, GPT-2's width with a bias and FP32 dy, RMSNorm (no bias) with BF16
+// dy and accumulate, and 1024 wide (64 KiB of shared memory). The ThreadSanitizer build runs the
+// first case: without the block barrier before the cross-warp sums, it reports the race.
+#include <cuda_runtime.h>
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <random>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "test_seed.h"
+
+// ---------------------------------------------------------------- the emulated device
+
+namespace emu {
+alignas(16) unsigned char shared[128 * 1024];  // the dynamic shared memory
+}  // namespace emu
+
+#include "cuda_emulation/emulated_kernel_syntax.h"
+
+inline int64_t min(int64_t a, int64_t b) { return a < b ? a : b; }
+
+namespace nibble::nn::cuda {
+namespace {
+float4* dynamic_sums() { return reinterpret_cast<float4*>(emu::shared); }
+}  // namespace
+}  // namespace nibble::nn::cuda
+
+#define NIBBLE_NORM_HOST_EMULATION
+#include "../../src/nibble/nn/cuda/norm_kernels.cuh"
+
+namespace emu {
+
+// Runs kernel() as every thread of every block of `grid`, `threads` a block, one block after
+// another; `shared_bytes` of dynamic shared memory, NaN-filled (no kernel may read what it did not write).
+template <typename Kernel>
+void launch(dim3 grid, unsigned threads, size_t shared_bytes, Kernel kernel) {
+  if (shared_bytes > sizeof(shared)) throw std::runtime_error("emulated shared memory too small");
+  std::memset(shared, 0xff, sizeof(shared));
+  block_dim = {threads, 1, 1};
+  run_grid(grid, threads, start_block, kernel);
+}
+
+}  // namespace emu
+
+namespace nibble::nn::cuda {
+namespace {
+
+struct Case {
+  int64_t rows, dim;
+  bool centered, bf16_dy, accumulate;
+};
+
+std::vector<float> normal(std::mt19937_64& rng, int64_t n, float scale) {
+  std::normal_distribution<float> d(0.0f, scale);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (float& x : v) x = d(rng);
+  return v;
+}
+
+template <typename DyT>
+void check(const Case& k, std::mt19937_64& rng) {
+  SCOPED_TRACE(std::to_string(k.rows) + " x " + std::to_string(k.dim) + (k.centered ? " LayerNorm" : " RMSNorm") +
+               (k.bf16_dy ? ", BF16 dy" : "") + (k.accumulate ? ", accumulate" : ""));
+  const int64_t n = k.rows * k.dim, chunks = (k.rows + kChunkRows - 1) / kChunkRows;
+  const bool with_bias = k.centered;
+  std::vector<DyT> dy(static_cast<size_t>(n));
+  const std::vector<float> dy_values = normal(rng, n, 1.0f);
+  for (size_t i = 0; i < dy.size(); ++i) {
+    if constexpr (std::is_same_v<DyT, bf16_t>) dy[i].bits = static_cast<uint16_t>(BF16::encode(dy_values[i], Rounding::kNearestEven));
+    else dy[i] = dy_values[i];
+  }
+  const std::vector<float> xhat = normal(rng, n, 1.0f), weight = normal(rng, k.dim, 1.0f);
+  std::vector<float> rstd = normal(rng, k.rows, 1.0f);
+  for (float& r : rstd) r = 0.5f + std::fabs(r);
+  const std::vector<float> dx0 = normal(rng, n, 1.0f);  // what accumulate adds onto
+
+  // The strided kernels: dx, then the partials.
+  std::vector<float> dx_ref = dx0;
+  std::vector<bf16_t> dx16_ref(static_cast<size_t>(n));
+  std::vector<double> partials_ref(static_cast<size_t>(2 * chunks * k.dim), NAN);
+  double* pw_ref = partials_ref.data();
+  double* pb_ref = pw_ref + chunks * k.dim;
+  emu::launch(dim3(static_cast<unsigned>((k.rows + kRowsPerBlock - 1) / kRowsPerBlock)), kRowThreads, 0, [&] {
+    norm_backward_kernel<DyT>(dy.data(), xhat.data(), rstd.data(), weight.data(), k.rows, k.dim, k.centered,
+                              k.accumulate, dx_ref.data(), dx16_ref.data());
+  });
+  emu::launch(dim3(static_cast<unsigned>((k.dim + 127) / 128), static_cast<unsigned>(chunks)), 128, 0, [&] {
+    norm_param_partials_kernel<DyT>(dy.data(), xhat.data(), k.rows, k.dim, with_bias, pw_ref, pb_ref);
+  });
+
+  // The vector kernel with the partials.
+  std::vector<float> dx = dx0;
+  std::vector<bf16_t> dx16(static_cast<size_t>(n));
+  std::vector<double> partials(static_cast<size_t>(2 * chunks * k.dim), NAN);
+  double* pw = partials.data();
+  double* pb = pw + chunks * k.dim;
+  const size_t smem = static_cast<size_t>((with_bias ? 2 : 1) * kRowsPerBlock * k.dim) * sizeof(float);
+  emu::launch(dim3(static_cast<unsigned>(chunks)), kRowThreads, smem, [&] {
+    norm_backward_params_vec_kernel<DyT>(dy.data(), xhat.data(), rstd.data(), weight.data(), k.rows, k.dim,
+                                         k.centered, k.accumulate, dx.data(), dx16.data(), with_bias, pw, pb);
+  });
+
+  // dx: the same per-element double expression, the row sums in another order.
+  int64_t dx_wrong = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float tol = 4e-7f * (std::fabs(dx_ref[i]) + 1.0f);
+    if (!(std::fabs(dx[i] - dx_ref[i]) <= tol) && dx_wrong++ < 3)
+      ADD_FAILURE() << "dx " << i << ": " << dx[i] << " vs " << dx_ref[i];
+    const uint16_t want16 = static_cast<uint16_t>(BF16::encode(dx[i], Rounding::kNearestEven));
+    if (dx16[i].bits != want16 && dx_wrong++ < 3) ADD_FAILURE() << "dx16 " << i << " is not dx rounded";
+  }
+  EXPECT_EQ(dx_wrong, 0);
+
+  // Partials: FP32 sums of 8 rows, then double, against double sums; bound by the sum of |terms|.
+  int64_t p_wrong = 0;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t col = 0; col < k.dim; ++col) {
+      double abs_w = 0.0, abs_b = 0.0;
+      for (int64_t r = c * kChunkRows; r < std::min(k.rows, (c + 1) * kChunkRows); ++r) {
+        const double d = to_float(dy[static_cast<size_t>(r * k.dim + col)]);
+        abs_w += std::fabs(d * xhat[static_cast<size_t>(r * k.dim + col)]);
+        abs_b += std::fabs(d);
+      }
+      const int64_t i = c * k.dim + col;
+      if (!(std::fabs(pw[i] - pw_ref[i]) <= 1e-6 * abs_w) && p_wrong++ < 3)
+        ADD_FAILURE() << "weight partial, chunk " << c << " column " << col << ": " << pw[i] << " vs " << pw_ref[i];
+      if (with_bias && !(std::fabs(pb[i] - pb_ref[i]) <= 1e-6 * abs_b) && p_wrong++ < 3)
+        ADD_FAILURE() << "bias partial, chunk " << c << " column " << col << ": " << pb[i] << " vs " << pb_ref[i];
+    }
+  EXPECT_EQ(p_wrong, 0);
+
+  // The finished gradients (norm_param_finish_kernel over the new partials) against double sums
+  // over all rows.
+  std::vector<float> gw(static_cast<size_t>(k.dim), 0.0f), gb(static_cast<size_t>(k.dim), 0.0f);
+  emu::launch(dim3(static_cast<unsigned>((k.dim + 31) / 32)), 32 * kFinishWarps, 0, [&] {
+    norm_param_finish_kernel(pw, pb, chunks, k.dim, gw.data(), with_bias ? gb.data() : nullptr);
+  });
+  int64_t g_wrong = 0;
+  for (int64_t col = 0; col < k.dim; ++col) {
+    double sw = 0.0, sb = 0.0, abs_w = 0.0, abs_b = 0.0;
+    for (int64_t r = 0; r < k.rows; ++r) {
+      const double d = to_float(dy[static_cast<size_t>(r * k.dim + col)]);
+      sw += d * xhat[static_cast<size_t>(r * k.dim + col)];
+      abs_w += std::fabs(d * xhat[static_cast<size_t>(r * k.dim + col)]);
+      sb += d;
+      abs_b += std::fabs(d);
+    }
+    // 1e-6 of the terms for the FP32 sums of 8, 1e-7 of the result for its rounding to float.
+    if (!(std::fabs(gw[col] - sw) <= 1e-6 * abs_w + 1e-7 * std::fabs(sw)) && g_wrong++ < 3)
+      ADD_FAILURE() << "weight gradient " << col << ": " << gw[col] << " vs " << sw;
+    if (with_bias && !(std::fabs(gb[col] - sb) <= 1e-6 * abs_b + 1e-7 * std::fabs(sb)) && g_wrong++ < 3)
+      ADD_FAILURE() << "bias gradient " << col << ": " << gb[col] << " vs " << sb;
+  }
+  EXPECT_EQ(g_wrong, 0);
+}
+
+TEST(NormEmulation, BackwardWithPartialsMatchesTheStridedKernels) {
+  std::mt19937_64 rng(test::fresh_seed());
+  check<float>(Case{111, 768, true, false, false}, rng);  // a partial last chunk (47 rows)
+#ifndef NIBBLE_NORM_EMULATION_TSAN
+  check<bf16_t>(Case{128, 256, false, true, true}, rng);
+  check<bf16_t>(Case{70, 1024, true, true, false}, rng);
+#endif
+}
+
+}  // namespace
+}  // namespace nibble::nn::cuda
