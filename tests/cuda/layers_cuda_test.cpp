@@ -1111,7 +1111,7 @@ TEST(GradZeroCuda, ZeroesTheArraysAndNothingElse) {
   std::vector<float> host = nn::test::random_normal(rng, 30000, 1.0f);
   for (float& v : host) v = v == 0.0f ? 1.0f : v;  // no zeros before the call
   DeviceBuffer<float> buf{std::span<const float>(host)};
-  std::vector<cuda::GradBuffer> arrays;
+  std::vector<cuda::GradSpan> arrays;
   for (const auto& [offset, count] : pieces) arrays.push_back({buf.data() + offset, count});
   cuda::GradZeroCuda zero;
   zero.zero(arrays, nullptr);
@@ -1119,7 +1119,7 @@ TEST(GradZeroCuda, ZeroesTheArraysAndNothingElse) {
   for (const auto& [offset, count] : pieces) std::fill_n(want.begin() + offset, count, 0.0f);
   expect_bits_equal(download(buf.data(), static_cast<int64_t>(host.size())), want, "after zeroing the arrays");
   buf.upload(std::span<const float>(host));
-  zero.zero(std::vector<cuda::GradBuffer>{arrays[2]}, nullptr);  // another table
+  zero.zero(std::vector<cuda::GradSpan>{arrays[2]}, nullptr);  // another table
   want = host;
   std::fill_n(want.begin() + pieces[2].first, pieces[2].second, 0.0f);
   expect_bits_equal(download(buf.data(), static_cast<int64_t>(host.size())), want, "after zeroing one array");

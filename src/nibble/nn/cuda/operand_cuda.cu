@@ -349,25 +349,26 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
 template <typename T>
 void OperandCuda::run_fused(const T* x, int64_t rows, int64_t cols, const nibble::cuda::RowColSpec& s,
                             AmaxSlotPair& amax, OperandCuda* row, OperandCuda* col, cudaStream_t stream) {
-  const auto buffers = [](OperandCuda* o) {
-    if (!o) return QuantBuffers{};
-    QuantBuffers b{o->data_.data(), o->scales_.data(), o->decode_scale_.data()};
-    if (o->decoded_wanted_) {
-      o->decoded_.reserve(static_cast<size_t>(o->rows_ * o->cols_));
-      b.decoded = o->decoded_.data();
-      o->decoded_valid_ = true;
-    }
-    if (o->alpha_partner_ != nullptr) {
-      o->alpha_.reserve(1);
-      b.alpha_partner = o->alpha_partner_->decode_scale();
-      b.alpha = o->alpha_.data();
-      o->alpha_valid_ = true;
-    }
-    return b;
-  };
+  const auto buffers = [](OperandCuda* o) { return o ? o->pass_buffers(true, true) : QuantBuffers{}; };
   const nibble::cuda::AmaxSlots slots = amax.take(stream);
   nibble::cuda::nvfp4_amax(x, rows, cols, s, slots, stream);
   nibble::cuda::nvfp4_quantize_rowcol(x, rows, cols, s, slots.current, buffers(row), buffers(col), stream);
+}
+
+QuantBuffers OperandCuda::pass_buffers(bool decoded, bool alpha) {
+  QuantBuffers b{data_.data(), scales_.data(), decode_scale_.data()};
+  if (decoded && decoded_wanted_) {
+    decoded_.reserve(static_cast<size_t>(rows_ * cols_));
+    b.decoded = decoded_.data();
+    decoded_valid_ = true;
+  }
+  if (alpha && alpha_partner_ != nullptr) {
+    alpha_.reserve(1);
+    b.alpha_partner = alpha_partner_->decode_scale();
+    b.alpha = alpha_.data();
+    alpha_valid_ = true;
+  }
+  return b;
 }
 
 template <typename T>
@@ -394,16 +395,9 @@ bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const
 template <typename T>
 void OperandCuda::run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPair& amax, OperandCuda* row,
                              OperandCuda* col, cudaStream_t stream) {
-  QuantBuffers w_out, wt_out;
-  if (row) {
-    w_out = QuantBuffers{row->data_.data(), row->scales_.data(), row->decode_scale_.data()};
-    if (row->decoded_wanted_) {  // W's decoded values; W^T's are decoded by gemm_matrix
-      row->decoded_.reserve(static_cast<size_t>(rows * cols));
-      w_out.decoded = row->decoded_.data();
-      row->decoded_valid_ = true;
-    }
-  }
-  if (col) wt_out = QuantBuffers{col->data_.data(), col->scales_.data(), col->decode_scale_.data()};
+  // W's decoded values where asked for (W^T's are decoded by gemm_matrix); no alphas.
+  const QuantBuffers w_out = row ? row->pass_buffers(true, false) : QuantBuffers{};
+  const QuantBuffers wt_out = col ? col->pass_buffers(false, false) : QuantBuffers{};
   nibble::cuda::RowColSpec amax_spec;  // max |w| alone: the 16x16 tiles take no RHT
   amax_spec.columnwise = false;
   const nibble::cuda::AmaxSlots slots = amax.take(stream);

@@ -159,6 +159,10 @@ class OperandCuda {
   template <typename T>
   static void run_fused(const T* x, int64_t rows, int64_t cols, const nibble::cuda::RowColSpec& s,
                         AmaxSlotPair& amax, OperandCuda* row, OperandCuda* col, cudaStream_t stream);
+  // A quantizing pass's outputs for this operand: the packed buffers and, where make asked for them
+  // and the pass can write them (`decoded`, `alpha`), the decoded values and the GEMM alpha, which
+  // are then marked valid.
+  nibble::cuda::QuantBuffers pass_buffers(bool decoded, bool alpha);
   // The NVFP4 16x16 pass of w into `row` (W, with its decoded values where asked for) and/or `col`
   // (W^T) (nullptr: that side off).
   template <typename T>

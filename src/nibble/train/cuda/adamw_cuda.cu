@@ -67,9 +67,9 @@ constexpr int64_t kNormChunk = kNormThreads * 16;  // elements per partial sum
 // One launch over every gradient array: block b sums the squares of chunk b of the concatenated
 // chunk list (each array cut into chunks of kNormChunk from its start).
 __global__ void __launch_bounds__(kNormThreads)
-    sq_partials_kernel(const NormSegment* __restrict__ segs, int n_segs, double* __restrict__ partials) {
+    sq_partials_kernel(const ChunkSegment* __restrict__ segs, int n_segs, double* __restrict__ partials) {
   __shared__ double scratch[32];
-  const NormSegment& seg = segment_of(segs, n_segs, blockIdx.x);
+  const ChunkSegment& seg = segment_of(segs, n_segs, blockIdx.x);
   const int64_t begin = (blockIdx.x - seg.first_block) * kNormChunk, end = min(seg.count, begin + kNormChunk);
   double s = 0.0;
   for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) s += static_cast<double>(seg.data[i]) * seg.data[i];
@@ -88,8 +88,8 @@ __global__ void __launch_bounds__(kNormThreads) sqrt_sum_kernel(const double* __
 constexpr int kZeroThreads = 256;
 constexpr int64_t kZeroChunk = kZeroThreads * 16;  // elements a block zeroes
 
-__global__ void __launch_bounds__(kZeroThreads) zero_kernel(const ZeroSegment* __restrict__ segs, int n_segs) {
-  const ZeroSegment& seg = segment_of(segs, n_segs, blockIdx.x);
+__global__ void __launch_bounds__(kZeroThreads) zero_kernel(const ChunkSegment* __restrict__ segs, int n_segs) {
+  const ChunkSegment& seg = segment_of(segs, n_segs, blockIdx.x);
   const int64_t begin = (blockIdx.x - seg.first_block) * kZeroChunk, end = min(seg.count, begin + kZeroChunk);
   for (int64_t i = begin + threadIdx.x; i < end; i += kZeroThreads) seg.data[i] = 0.0f;
 }
@@ -151,10 +151,10 @@ namespace {
 
 // The segments of a launch in which block b handles chunk b of the arrays' chunks of `chunk`
 // elements (each array cut from its start; empty arrays have none). Returns the number of blocks.
-template <typename Segment, typename Array>
-int64_t chunk_segments(std::span<const Array> arrays, int64_t chunk, std::vector<Segment>& segs, const char* what) {
+int64_t chunk_segments(std::span<const GradSpan> arrays, int64_t chunk, std::vector<ChunkSegment>& segs,
+                       const char* what) {
   int64_t total = 0;
-  for (const Array& a : arrays) {
+  for (const GradSpan& a : arrays) {
     const int64_t chunks = (a.count + chunk - 1) / chunk;
     if (chunks == 0) continue;
     segs.push_back({a.data, a.count, static_cast<uint32_t>(total)});
@@ -167,7 +167,7 @@ int64_t chunk_segments(std::span<const Array> arrays, int64_t chunk, std::vector
 }  // namespace
 
 void GradNormCuda::compute(std::span<const GradSpan> grads, double* norm_out, cudaStream_t stream) {
-  std::vector<NormSegment> segs;
+  std::vector<ChunkSegment> segs;
   const int64_t total = chunk_segments(grads, kNormChunk, segs, "GradNormCuda::compute");
   partials_.reserve(static_cast<size_t>(total > 0 ? total : 1));
   if (!segs.empty()) {
@@ -180,8 +180,8 @@ void GradNormCuda::compute(std::span<const GradSpan> grads, double* norm_out, cu
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-void GradZeroCuda::zero(std::span<const GradBuffer> arrays, cudaStream_t stream) {
-  std::vector<ZeroSegment> segs;
+void GradZeroCuda::zero(std::span<const GradSpan> arrays, cudaStream_t stream) {
+  std::vector<ChunkSegment> segs;
   const int64_t total = chunk_segments(arrays, kZeroChunk, segs, "GradZeroCuda::zero");
   if (segs.empty()) return;
   segments_.set(segs, stream);

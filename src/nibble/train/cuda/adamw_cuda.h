@@ -50,11 +50,12 @@ struct AdamWSegment {
   bool operator==(const AdamWSegment&) const = default;
 };
 
-struct NormSegment {
-  const float* data = nullptr;
+// A gradient array cut into chunks, one block each (gradient norm, zeroing).
+struct ChunkSegment {
+  float* data = nullptr;
   int64_t count = 0;
   uint32_t first_block = 0;
-  bool operator==(const NormSegment&) const = default;
+  bool operator==(const ChunkSegment&) const = default;
 };
 
 template <typename Segment>
@@ -103,8 +104,9 @@ class AdamWCuda {
   SegmentTable<AdamWSegment> segments_;
 };
 
+// A gradient array on the device (the norm reads it, the zeroing writes it).
 struct GradSpan {
-  const float* data = nullptr;
+  float* data = nullptr;
   int64_t count = 0;
 };
 
@@ -116,27 +118,17 @@ class GradNormCuda {
 
  private:
   nibble::cuda::DeviceBuffer<double> partials_;
-  SegmentTable<NormSegment> segments_;
+  SegmentTable<ChunkSegment> segments_;
 };
 
 // Zeroes several device arrays in one launch: the gradients before a step (GPT-2 124M has 101 of
 // them, whose memsets left 0.16 ms of gaps a step between them).
-struct GradBuffer {
-  float* data = nullptr;
-  int64_t count = 0;
-};
-struct ZeroSegment {
-  float* data = nullptr;
-  int64_t count = 0;
-  uint32_t first_block = 0;
-  bool operator==(const ZeroSegment&) const = default;
-};
 class GradZeroCuda {
  public:
-  void zero(std::span<const GradBuffer> arrays, cudaStream_t stream);
+  void zero(std::span<const GradSpan> arrays, cudaStream_t stream);
 
  private:
-  SegmentTable<ZeroSegment> segments_;
+  SegmentTable<ChunkSegment> segments_;
 };
 
 // *multiplier = (max_norm > 0 && *norm > max_norm) ? float(max_norm / *norm) : 1, as the trainer does.

@@ -32,7 +32,6 @@ class CudaEngine final : public Engine {
     for (const auto& p : gpu_.parameters()) {
       tensors_.push_back({p.value, p.grad, p.count, p.weight_decay, offset});
       grads_.push_back({p.grad, p.count});
-      grad_buffers_.push_back({p.grad, p.count});
       offset += p.count;
     }
     cudaDeviceProp prop{};
@@ -46,7 +45,7 @@ class CudaEngine final : public Engine {
   void set_bf16_everywhere(bool on) override { gpu_.set_bf16_everywhere(on); }
   // Every gradient is a parameter's (parameters()), so one launch over them zeroes what
   // GptCuda::zero_grad's memsets do.
-  void zero_grad() override { grad_zero_.zero(grad_buffers_, gpu_.stream()); }
+  void zero_grad() override { grad_zero_.zero(grads_, gpu_.stream()); }
   double forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
                           std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) override {
     gpu_.set_step(step, microbatch);
@@ -136,7 +135,6 @@ class CudaEngine final : public Engine {
   GradZeroCuda grad_zero_;
   std::vector<ParamTensor> tensors_;
   std::vector<GradSpan> grads_;
-  std::vector<GradBuffer> grad_buffers_;
   DeviceBuffer<double> norm_;
   DeviceBuffer<float> multiplier_;
   nibble::cuda::HostStaging<float> multiplier_host_;
