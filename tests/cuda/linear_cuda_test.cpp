@@ -342,9 +342,9 @@ TEST(OperandCuda, DecodePassEqualsTheCpuDecode) {
     }
 }
 
-// The linear layer with the fused pass's decoded values (x_rows, dy_rows, dy_cols; never the saved
-// X^T) computes exactly what it computes with the separate decode pass: the GEMMs read the same
-// BF16 values.
+// The linear layer with the fused pass's decoded values (x_rows, dy_rows, dy_cols, which then have
+// no packed copy; never the saved X^T) computes exactly what it computes with the packed copies and
+// the separate decode pass: the GEMMs read the same BF16 values.
 TEST(LinearCuda, FusedDecodeGivesTheSameBits) {
   std::mt19937_64 rng(test::fresh_seed());
   const int64_t tokens = 96, in = 160, out = 224;
@@ -371,10 +371,14 @@ TEST(LinearCuda, FusedDecodeGivesTheSameBits) {
       DeviceBuffer<float> d_y(static_cast<size_t>(tokens * out)), d_dx(static_cast<size_t>(tokens * in));
       layer.forward(d_x.data(), tokens, d_y.data(), nullptr);
       EXPECT_EQ(ctx.x_rows.has_decoded(), fused_decode);
+      EXPECT_EQ(ctx.x_rows.has_packed(), !fused_decode);  // the decoded values alone
       EXPECT_FALSE(layer.saved_x_t().has_decoded());
+      EXPECT_TRUE(layer.saved_x_t().has_packed());
       layer.backward(d_dy.data(), d_dx.data(), nullptr);
       EXPECT_EQ(ctx.dy_rows.has_decoded(), fused_decode);
       EXPECT_EQ(ctx.dy_cols.has_decoded(), fused_decode);
+      EXPECT_EQ(ctx.dy_rows.has_packed(), !fused_decode);
+      EXPECT_EQ(ctx.dy_cols.has_packed(), !fused_decode);
       return Result{download(d_y.data(), tokens * out), download(d_dx.data(), tokens * in),
                     download(layer.weight_grad(), in * out)};
     };

@@ -298,7 +298,8 @@ TEST(CudaQuantize, NonFiniteAndZeroTensorsMatchCpu) {
 }
 
 // The pass with decoded output and GEMM alphas: packed copies unchanged from the pass without
-// them, decoded values equal to decoding those copies, alphas the products of the decode scales.
+// them, decoded values equal to decoding those copies, alphas the products of the decode scales;
+// and the same decoded values and alphas from the pass that writes no packed copies.
 // `what` names the case in failure messages.
 template <typename T>
 void check_decoded_pass(const std::vector<T>& x, int64_t rows, int64_t cols, const cuda::RowColSpec& spec,
@@ -309,6 +310,13 @@ void check_decoded_pass(const std::vector<T>& x, int64_t rows, int64_t cols, con
   dec.col_partner = 3.1e-5f;
   const auto [row, col] = cuda::quantize_rowcol_on_gpu(std::span<const T>(x), rows, cols, spec, &dec);
   const auto [row0, col0] = cuda::quantize_rowcol_on_gpu(std::span<const T>(x), rows, cols, spec);
+  // The decoded values alone (no packed codes or scales written): the same values and alphas.
+  cuda::RowColExtras only = dec;
+  only.packed = false;
+  cuda::quantize_rowcol_on_gpu(std::span<const T>(x), rows, cols, spec, &only);
+  EXPECT_TRUE(only.row == dec.row && only.col == dec.col) << "decoded values without the packed copies";
+  EXPECT_EQ(float_bits(only.row_alpha), float_bits(dec.row_alpha));
+  EXPECT_EQ(float_bits(only.col_alpha), float_bits(dec.col_alpha));
   if (spec.rowwise) {
     EXPECT_TRUE(same_bits(row0, row)) << "rowwise copy changed by the decoded output";
     EXPECT_TRUE(decoded_matches(row, dec.row)) << "rowwise";

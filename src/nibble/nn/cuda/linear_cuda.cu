@@ -50,10 +50,11 @@ OperandCuda::ForGemm LinearCuda::for_gemm_with(const OperandCuda& other, int64_t
   // The decoded values are written only by the fused pass, whose operands are NVFP4 1x16 with rows
   // and cols multiples of 16: their GEMM with `other` (same K, other.cols()) runs natively exactly
   // when use_native_nvfp4 holds for `other` paired with itself, and reads the packed codes when
-  // packed_gemm_applies. An FP32 GEMM reads FP32, not BF16.
+  // packed_gemm_applies. An FP32 GEMM reads FP32, not BF16. The operands made with this (ctx_'s
+  // per-call copies) are read by that GEMM alone, so with decoded values they need no packed copy.
   const bool decoded = ctx_.fused_decode && !use_native_nvfp4(other, other, ctx_.native_fp4) &&
                        !packed_gemm_applies(rows, other) && other.native_type() != GemmType::kF32;
-  return {decoded, &other};
+  return {decoded, &other, /*packed=*/!decoded};
 }
 
 void LinearCuda::refresh_weight_copies(cudaStream_t stream) {

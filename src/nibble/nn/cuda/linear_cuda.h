@@ -40,7 +40,8 @@ struct LinearContext {
   bool native_fp4 = nibble::cuda::native_fp4_available();
   // On the BF16 decode path, the fused NVFP4 pass that makes x_rows, dy_rows and dy_cols also writes
   // their decoded BF16 values, which the GEMMs read instead of decoding the packed codes in a
-  // separate pass (the saved X^T stays packed only). Set false for the separate pass (same values).
+  // separate pass, and then no packed codes (the saved X^T stays packed only). Set false for the
+  // packed copies and the separate decode pass (same values).
   bool fused_decode = true;
   // On Hopper, when true, NVFP4 x NVFP4 GEMMs whose sizes the kernel takes read the packed operands
   // and decode them in their operand load (tensor/cuda/gemm_nvfp4_sm90.h): no decoded copies are

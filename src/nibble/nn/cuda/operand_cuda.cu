@@ -273,6 +273,8 @@ void OperandCuda::begin(OperandFormat format, bool quantized, int64_t rows, int6
   ++made_;
   decoded_wanted_ = for_gemm.decoded;
   decoded_valid_ = false;  // until run_fused writes them
+  packed_wanted_ = for_gemm.packed;
+  packed_skipped_ = false;
   // The alpha needs the partner's decode scale; an unquantized partner has none (the GEMM then
   // takes this operand's decode scale as its alpha).
   const bool alpha_wanted = quantized && for_gemm.partner != nullptr && for_gemm.partner->decode_scale() != nullptr;
@@ -361,6 +363,10 @@ QuantBuffers OperandCuda::pass_buffers(bool decoded, bool alpha) {
     decoded_.reserve(static_cast<size_t>(rows_ * cols_));
     b.decoded = decoded_.data();
     decoded_valid_ = true;
+    if (!packed_wanted_) {  // the 16x16 pass refuses this (W keeps its packed copy)
+      b.data = b.scales = nullptr;
+      packed_skipped_ = true;
+    }
   }
   if (alpha && alpha_partner_ != nullptr) {
     alpha_.reserve(1);
@@ -428,7 +434,7 @@ GemmType OperandCuda::native_type() const {
 }
 
 bool OperandCuda::native_nvfp4() const {
-  return valid() && quantized_ && spec_.format == Format::kNvfp4 &&
+  return has_packed() && spec_.format == Format::kNvfp4 &&
          (spec_.block == Block::k1x16 || spec_.block == Block::k16x16);
 }
 
@@ -472,6 +478,8 @@ GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8
   }
   if (type != GemmType::kBF16 && type != GemmType::kF32)
     throw std::invalid_argument("OperandCuda::gemm_matrix: cannot feed this operand as FP8");
+  if (quantized_ && !has_packed())
+    throw std::logic_error("OperandCuda::gemm_matrix: the operand was made with its decoded BF16 values only");
   scratch.reserve(static_cast<size_t>(n * element_bytes(type)));
   const bool to_bf16 = type == GemmType::kBF16;
   auto* out_bf16 = reinterpret_cast<uint16_t*>(scratch.data());
@@ -511,6 +519,7 @@ int64_t OperandCuda::bytes() const {
 
 QuantizedTensor OperandCuda::download() const {
   if (!quantized_) throw std::logic_error("OperandCuda::download: the operand is not quantized");
+  if (!has_packed()) throw std::logic_error("OperandCuda::download: the operand was made without its packed copy");
   QuantizedTensor q;
   q.spec = spec_;
   q.rows = rows_;

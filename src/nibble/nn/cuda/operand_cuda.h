@@ -56,10 +56,14 @@ class AmaxSlotPair {
 // - decoded: the decoded BF16 values (2 bytes per element more, in a buffer of their own; see
 //   OperandCuda::has_decoded); the NVFP4 16x16 pass of a rowwise weight (W) writes them too;
 // - partner: the operand it will meet, already made, whose decode scale the pass multiplies by
-//   its own into the GEMM's alpha (see OperandCuda::alpha_with).
+//   its own into the GEMM's alpha (see OperandCuda::alpha_with);
+// - packed: whether the fused pass writes the packed codes and block scales beside the decoded
+//   values (false: for an operand that only that GEMM reads and nobody keeps, such as LinearCuda's
+//   per-call copies; it then has no packed form, see OperandCuda::has_packed).
 struct OperandForGemm {
   bool decoded = false;
   const OperandCuda* partner = nullptr;
+  bool packed = true;
 };
 
 class OperandCuda {
@@ -107,6 +111,10 @@ class OperandCuda {
   // Whether the last make wrote the decoded BF16 values (asked for, and made by the fused pass or,
   // for W, by the 16x16 pass).
   bool has_decoded() const { return valid() && decoded_valid_; }
+  // Whether a quantized operand has its packed codes and block scales: always, but where the last
+  // make asked for the decoded values alone (ForGemm::packed) and got them. Without them the operand
+  // feeds BF16 GEMMs only: download, nvfp4_matrix and nvfp4_operand refuse it.
+  bool has_packed() const { return valid() && quantized_ && !packed_skipped_; }
   // The type this operand feeds a GEMM in when nothing forces another: FP8 codes, BF16 for
   // FP4 and bf16 operands, FP32 for fp32 operands.
   GemmType native_type() const;
@@ -136,7 +144,7 @@ class OperandCuda {
   bool valid() const { return rows_ > 0; }
   void reset() {
     rows_ = cols_ = 0;
-    decoded_valid_ = false;
+    decoded_valid_ = packed_skipped_ = false;
   }
   // Bytes that represent the operand: packed codes + block scales + g, or 2 / 4 per element.
   int64_t bytes() const;
@@ -192,6 +200,8 @@ class OperandCuda {
   // run_tile16 read.
   DeviceBuffer<uint16_t> decoded_;
   bool decoded_wanted_ = false, decoded_valid_ = false;
+  // ForGemm::packed of the make in progress, and whether its pass wrote the decoded values alone.
+  bool packed_wanted_ = true, packed_skipped_ = false;
   // Counts the operands begun in this object (alpha_with's check that a partner is unchanged).
   uint64_t made_ = 0;
   // The GEMM alpha the fused pass writes (ForGemm::partner): requested for alpha_partner_ as made

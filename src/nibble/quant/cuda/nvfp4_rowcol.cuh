@@ -367,8 +367,10 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
         packed.x ^= code_flip;
         packed.y ^= code_flip;
       }
-      *reinterpret_cast<uint2*>(row.data + gi / 2) = packed;
-      row.scales[gi / 16] = static_cast<uint8_t>(code);
+      if (row.data != nullptr) {  // nullptr: only the decoded values (QuantBuffers::data)
+        *reinterpret_cast<uint2*>(row.data + gi / 2) = packed;
+        row.scales[gi / 16] = static_cast<uint8_t>(code);
+      }
       // Decoded from the codes as stored (sign flips of the RHT trick undone), zeros when !rs.ok.
       if (row.decoded != nullptr) store_decoded16(row.decoded + gi, packed, code);
     };
@@ -466,7 +468,8 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
           uint8_t* data = col.data + q / 2;
           uint8_t* scales = col.scales + q / 16;
           const uint32_t c0s = (codes[0] >> (8 * side)) & 0xFFu, c1s = (codes[1] >> (8 * side)) & 0xFFu;
-          if (both && rows % 32 == 0) {
+          if (col.data == nullptr) {  // only the decoded values (QuantBuffers::data)
+          } else if (both && rows % 32 == 0) {
             *reinterpret_cast<uint4*>(data) =
                 make_uint4(packed[side][0].x, packed[side][0].y, packed[side][1].x, packed[side][1].y);
             *reinterpret_cast<uint16_t*>(scales) = static_cast<uint16_t>(c0s | c1s << 8);

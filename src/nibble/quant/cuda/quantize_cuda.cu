@@ -304,6 +304,15 @@ template <typename T>
 void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec,
                            const uint32_t* amax_bits, QuantBuffers row, QuantBuffers col, cudaStream_t stream) {
   check_rowcol_shape(rows, cols);
+  const auto check_outputs = [](bool made, const QuantBuffers& out, const char* side) {
+    const bool packed = out.data != nullptr && out.scales != nullptr;
+    const bool decoded_only = out.data == nullptr && out.scales == nullptr && out.decoded != nullptr;
+    if (made && !packed && !decoded_only)
+      throw std::invalid_argument(std::string("nvfp4 fused pass: the ") + side +
+                                  " copy needs both its packed codes and scales, or neither and its decoded values");
+  };
+  check_outputs(spec.rowwise, row, "rowwise");
+  check_outputs(spec.columnwise, col, "columnwise");
   launch_rowcol<T, false>(x, rows, cols, spec, AmaxSlots{}, amax_bits, row, col, stream);
 }
 
@@ -527,6 +536,7 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_rowcol_impl(std::span<const
   DeviceArray<float> partners(2), alphas(2);
   NIBBLE_CUDA_CHECK(cudaMemset(alphas.ptr, 0xA5, 2 * sizeof(float)));
   QuantBuffers row_out = row.buffers(), col_out = col.buffers();
+  if (extras && !extras->packed) row_out.data = row_out.scales = col_out.data = col_out.scales = nullptr;
   if (extras) {
     const float partner_values[2] = {extras->row_partner, extras->col_partner};
     partners.upload(partner_values);

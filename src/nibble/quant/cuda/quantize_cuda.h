@@ -26,6 +26,9 @@ namespace nibble::cuda {
 
 // Device buffers of one quantized output, sized as QuantizedTensor describes.
 struct QuantBuffers {
+  // The packed codes and block scales. The fused NVFP4 pass accepts nullptr for both when it writes
+  // the decoded values: an operand that a BF16 GEMM reads once and nobody keeps needs no packed copy
+  // (0.5625 bytes an element fewer written).
   uint8_t* data = nullptr;
   uint8_t* scales = nullptr;
   float* decode_scale = nullptr;  // one float
@@ -135,8 +138,11 @@ std::pair<QuantizedTensor, QuantizedTensor> quantize_tile16_pair_on_gpu(std::spa
 // it makes, returned in extras->row / extras->col (empty for a side switched off), and each side's
 // GEMM alpha with the partner decode scale given in row_partner / col_partner
 // (QuantBuffers::alpha_partner), returned in row_alpha / col_alpha.
+// With packed = false, the pass writes no packed codes or block scales (QuantBuffers::data), and the
+// returned tensors hold the poison their buffers were filled with.
 struct RowColExtras {
   float row_partner = 1.0f, col_partner = 1.0f;  // in
+  bool packed = true;                            // in
   std::vector<uint16_t> row, col;                // out
   float row_alpha = 0.0f, col_alpha = 0.0f;      // out
 };
