@@ -21,6 +21,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <random>
 #include <string>
@@ -162,6 +163,36 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"gpt2_like_mxfp4", tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true), "mxfp4",
              1e-2, 0.35}),
     [](const auto& info) { return info.param.name; });
+
+// The GELU computing the amax of the NVFP4 passes over its outputs (fc2's X, fc's dY) gives the
+// bits of the passes computing their own: the loss and every gradient after two steps.
+TEST(GptCuda, ProducerAmaxGivesTheSameBits) {
+  const uint64_t seed = test::fresh_seed();
+  std::mt19937_64 rng(seed);
+  const GptConfig c = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true);
+  const int64_t batch = 3, seq = 64, rows = batch * seq;
+  std::vector<uint32_t> inputs(rows), targets(rows);
+  std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
+  for (int64_t i = 0; i < rows; ++i) inputs[i] = id(rng), targets[i] = id(rng);
+  Gpt host_a(c, nn::preset("nvfp4"), seed, seed + 1), host_b(c, nn::preset("nvfp4"), seed, seed + 1);
+  cuda::GptCuda produced(host_a, seed + 1), own(host_b, seed + 1);
+  own.set_producer_amax(false);
+  for (uint64_t step : {3u, 4u}) {
+    produced.set_step(step, 1);
+    own.set_step(step, 1);
+    const double la = produced.forward_backward(inputs, targets, batch, seq, 0.5f);
+    const double lb = own.forward_backward(inputs, targets, batch, seq, 0.5f);
+    EXPECT_EQ(la, lb) << "step " << step;
+  }
+  // Two GELUs a block (forward and backward) in each of the 3 blocks and 2 steps.
+  EXPECT_EQ(produced.producer_amaxes(), 2 * 3 * 2);
+  EXPECT_EQ(own.producer_amaxes(), 0);
+  for (size_t i = 0; i < produced.parameters().size(); ++i) {
+    const cuda::DeviceParameter& p = produced.parameters()[i];
+    const std::vector<float> ga = download(p.grad, p.count), gb = download(own.parameters()[i].grad, p.count);
+    EXPECT_EQ(0, std::memcmp(ga.data(), gb.data(), ga.size() * sizeof(float))) << p.name;
+  }
+}
 
 // Bad token ids fail with the id and its position, as on the CPU.
 TEST(GptCuda, RejectsOutOfRangeIds) {

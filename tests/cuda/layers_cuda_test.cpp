@@ -313,6 +313,70 @@ INSTANTIATE_TEST_SUITE_P(Kinds, ActivationCudaTest,
                            return info.param == MlpKind::kGelu ? "Gelu" : info.param == MlpKind::kRelu2 ? "Relu2" : "Swiglu";
                          });
 
+// GELU forward and backward with the amax of the fused NVFP4 pass over their BF16 output
+// (ProducerAmax): the output bits of the plain kernels, the two words nvfp4_amax computes from that
+// output (with and without the RHT, random signs), and the next slot zeroed. Rows of 16 row blocks
+// and a grid whose last block is partial.
+TEST(ActivationCuda, GeluComputesTheNvfp4PassAmax) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t rows = 16 * 13, hidden = 400;
+  const size_t n = static_cast<size_t>(rows * hidden);
+  Stream stream;
+  std::vector<float> pre = nibble::nn::test::random_normal(rng, n, 2.0f);
+  std::vector<float> dact = nibble::nn::test::random_normal(rng, n, 1e-3f);
+  pre[n / 3] = 40.0f, dact[n / 5] = -0.5f;  // outliers: one element decides each amax
+  const auto bf16 = [](const std::vector<float>& v) {
+    std::vector<bf16_t> b(v.size());
+    for (size_t i = 0; i < v.size(); ++i) b[i].bits = static_cast<uint16_t>(BF16::encode(v[i], Rounding::kNearestEven));
+    return b;
+  };
+  const std::vector<bf16_t> pre16 = bf16(pre), dact16 = bf16(dact);
+  DeviceBuffer<bf16_t> d_pre{std::span<const bf16_t>(pre16)}, d_dact{std::span<const bf16_t>(dact16)};
+  DeviceBuffer<bf16_t> plain(n), produced(n);
+  DeviceBuffer<uint32_t> slots(4), want(2);
+  for (bool backward : {false, true})
+    for (bool rht : {false, true}) {
+      SCOPED_TRACE(std::string(backward ? "backward" : "forward") + (rht ? ", RHT" : ", no RHT"));
+      const std::vector<uint32_t> start{0, 0, 0xDEADBEEFu, 0xDEADBEEFu};
+      slots.upload(start);
+      nibble::cuda::ProducerAmax amax;
+      amax.slots = {slots.data(), slots.data() + 2};
+      amax.col_rht = rht;
+      amax.rht_signs = rht_signs_from_seed(rng());
+      const auto run = [&](bf16_t* out, nibble::cuda::ProducerAmax a) {
+        if (backward)
+          cuda::activation_backward(MlpKind::kGelu, d_pre.data(), d_dact.data(), rows, hidden, out, stream, a);
+        else
+          cuda::activation_forward(MlpKind::kGelu, d_pre.data(), rows, hidden, out, stream, a);
+      };
+      run(plain.data(), {});
+      run(produced.data(), amax);
+      nibble::cuda::RowColSpec spec;
+      spec.col_rht = rht;
+      spec.rht_signs = amax.rht_signs;
+      nibble::cuda::nvfp4_amax(plain.data(), rows, hidden, spec, want.data(), stream);
+      NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const std::vector<bf16_t> a = plain.download(), b = produced.download();
+      ASSERT_TRUE(std::equal(a.begin(), a.end(), b.begin(), [](bf16_t x, bf16_t y) { return x.bits == y.bits; }))
+          << "the output differs from the plain kernel's";
+      const std::vector<uint32_t> got = slots.download(), expected = want.download();
+      EXPECT_EQ(got[0], expected[0]) << "rowwise amax";
+      EXPECT_EQ(got[1], expected[1]) << "columnwise amax";
+      if (rht) {
+        EXPECT_NE(expected[0], expected[1]) << "the RHT should change the columnwise amax";
+      }
+      EXPECT_EQ(got[2], 0u);
+      EXPECT_EQ(got[3], 0u);
+    }
+  // Shapes the kernel cannot take are refused, not computed wrong.
+  nibble::cuda::ProducerAmax amax;
+  amax.slots = {slots.data(), slots.data() + 2};
+  EXPECT_THROW(cuda::activation_forward(MlpKind::kGelu, d_pre.data(), rows - 8, hidden, plain.data(), stream, amax),
+               std::invalid_argument);
+  EXPECT_THROW(cuda::activation_forward(MlpKind::kRelu2, d_pre.data(), rows, hidden, plain.data(), stream, amax),
+               std::invalid_argument);
+}
+
 // ---------------------------------------------------------------- attention core
 
 struct AttentionCase {

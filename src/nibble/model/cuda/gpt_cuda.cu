@@ -230,6 +230,21 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
   token_staging_.copied(stream_);
 }
 
+namespace {
+
+// The amax of the NVFP4 pass over a linear layer's BF16 input (get() asks the layer), for the GELU
+// that writes that input (activation_forward / activation_backward take it with GELU only); none
+// for an FP32 input.
+template <typename Dst, typename Get>
+nibble::cuda::ProducerAmax gelu_amax(nn::MlpKind kind, Dst*, Get get) {
+  if constexpr (std::is_same_v<Dst, bf16_t>) {
+    if (kind == nn::MlpKind::kGelu) return get();
+  }
+  return {};
+}
+
+}  // namespace
+
 void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq;
   tok_embed_.forward(ids_.data(), rows, x_.data(), /*accumulate=*/false, stream_);
@@ -277,9 +292,11 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
     });
     b.pre = norm_then_linear(b.norm2, b.fc, b.pre32, b.pre16);
     b.pre.visit([&](const auto* pre) {
-      linear_forward(b.proj2, true, wide2_,
-                     [&](auto* dst) { ncu::activation_forward(b.mlp, pre, rows, b.hidden, dst, stream_); }, x_.data(),
-                     true);
+      linear_forward(b.proj2, true, wide2_, [&](auto* dst) {
+        ncu::activation_forward(b.mlp, pre, rows, b.hidden, dst, stream_, gelu_amax(b.mlp, dst, [&] {
+          return b.proj2.bf16_input_amax(rows, stream_);
+        }));
+      }, x_.data(), true);
     });
   }
   norm_f_.forward(x_.data(), rows, hidden_.data(), stream_);
@@ -346,7 +363,8 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
     b.pre.visit([&](const auto* pre) {
       dact.visit([&](const auto* d) {
         dln = linear_backward(b.fc, wide_, [&](auto* dst) {
-          ncu::activation_backward(b.mlp, pre, d, rows, b.hidden, dst, stream_);
+          ncu::activation_backward(b.mlp, pre, d, rows, b.hidden, dst, stream_,
+                                   gelu_amax(b.mlp, dst, [&] { return b.fc.bf16_dy_amax(stream_); }));
         }, ln_, ln16_);
       });
     });

@@ -64,6 +64,10 @@ class GptCuda {
   // NVFP4 GEMMs on Hopper through the GEMM that reads the packed operands (LinearContext::packed_gemm)
   // instead of BF16 copies and cuBLASLt.
   void set_packed_fp4_gemm(bool on) { linear_ctx_.packed_gemm = on; }
+  // The GELU computes the amax of the NVFP4 pass over its output (LinearContext::producer_amax;
+  // default on; same bits either way). Tests.
+  void set_producer_amax(bool on) { linear_ctx_.producer_amax = on; }
+  int64_t producer_amaxes() const { return linear_ctx_.producer_amaxes; }
   // Rows per chunk of the LM head and loss (default: LmHeadLossCuda::default_chunk_rows); tests.
   void set_lm_head_chunk_rows(int64_t rows) { head_.set_chunk_rows(rows); }
 

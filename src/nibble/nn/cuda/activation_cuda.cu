@@ -8,6 +8,7 @@
 
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
+#include "nibble/quant/cuda/amax_device.cuh"
 
 namespace nibble::nn::cuda {
 
@@ -43,6 +44,12 @@ using detail::write_out;
 __device__ __forceinline__ void store4(float4* out, float a, float b, float c, float d) { *out = make_float4(a, b, c, d); }
 __device__ __forceinline__ void store4(uint2* out, float a, float b, float c, float d) {
   *out = make_uint2(bf16_bits(a) | bf16_bits(b) << 16, bf16_bits(c) | bf16_bits(d) << 16);
+}
+// The values store4 writes, as floats.
+__device__ __forceinline__ float4 stored_values(const float4*, float4 v) { return v; }
+__device__ __forceinline__ float4 stored_values(const uint2*, float4 v) {
+  const auto f = [](float x) { return __uint_as_float(bf16_bits(x) << 16); };
+  return make_float4(f(v.x), f(v.y), f(v.z), f(v.w));
 }
 
 // i indexes act/dact [rows x hidden]; SwiGLU's a and b sit at row * 2 hidden + col (+ hidden).
@@ -109,6 +116,41 @@ __global__ void gelu_backward4_kernel(const In* __restrict__ pre, const D* __res
   store4(dpre + i, d.x * gelu_grad(p.x), d.y * gelu_grad(p.y), d.z * gelu_grad(p.z), d.w * gelu_grad(p.w));
 }
 
+// GELU forward (kBackward false: out = gelu(pre)) or backward (out = dact gelu'(pre)) that also
+// computes the amax of the fused NVFP4 pass over `out` (ProducerAmax), from the values as stored
+// (BF16-rounded for BF16 output). A thread takes 4 columns of 16 rows, a block of the columnwise
+// copy's RHT, so that the butterfly runs in registers. Needs rows % 16 == 0, hidden % 4 == 0 and
+// 16-byte aligned pointers (checked by the caller).
+template <bool kBackward, typename In, typename D, typename Out4>
+__global__ void __launch_bounds__(128)
+    gelu_amax_kernel(const In* __restrict__ pre, const D* __restrict__ dact, int64_t rows, int64_t hidden,
+                     Out4* __restrict__ out, nibble::cuda::ProducerAmax amax) {
+  const int64_t quads = hidden / 4;
+  const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  const int64_t group = tid / quads, q = tid % quads;
+  float row_max = 0.0f, col_max = 0.0f;
+  if (group < rows / 16) {
+    float v[16][4];
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int64_t i = (group * 16 + r) * hidden + 4 * q;
+      const float4 p = detail::load4(pre + i);
+      float4 y;
+      if constexpr (kBackward) {
+        const float4 d = detail::load4(dact + i);
+        y = make_float4(d.x * gelu_grad(p.x), d.y * gelu_grad(p.y), d.z * gelu_grad(p.z), d.w * gelu_grad(p.w));
+      } else {
+        y = make_float4(gelu(p.x), gelu(p.y), gelu(p.z), gelu(p.w));
+      }
+      store4(out + i / 4, y.x, y.y, y.z, y.w);
+      const float4 stored = stored_values(out, y);
+      v[r][0] = stored.x, v[r][1] = stored.y, v[r][2] = stored.z, v[r][3] = stored.w;
+    }
+    nibble::cuda::accumulate_amax16<4>(v, amax, row_max, col_max);
+  }
+  nibble::cuda::finish_amax(row_max, col_max, amax.slots, amax.col_rht);
+}
+
 bool vec4(int64_t n, std::initializer_list<const void*> pointers) {
   if (n % 4 != 0) return false;
   for (const void* p : pointers)
@@ -123,11 +165,30 @@ void check_shape(int64_t rows, int64_t hidden, const char* what) {
 template <typename Out>
 using Vec4 = std::conditional_t<std::is_same_v<Out, float>, float4, uint2>;
 
+// The GELU kernels with the amax, where `amax` asks for it; throws std::invalid_argument where they
+// cannot take it (the GPU model asks only where they can).
+template <bool kBackward, typename In, typename D, typename Out>
+bool launch_gelu_amax(MlpKind kind, const In* pre, const D* dact, int64_t rows, int64_t hidden, Out* out,
+                      const nibble::cuda::ProducerAmax& amax, cudaStream_t stream) {
+  if (!amax) return false;
+  if (kind != MlpKind::kGelu || rows % 16 != 0 || !vec4(hidden, {pre, dact, out}))
+    throw std::invalid_argument(std::string(kBackward ? "activation_backward" : "activation_forward") +
+                                ": the NVFP4 amax is computed with GELU only, on rows that are a multiple of 16 and "
+                                "columns of 4 (16-byte aligned), got " +
+                                std::to_string(rows) + " x " + std::to_string(hidden));
+  const int64_t threads = rows / 16 * (hidden / 4);
+  gelu_amax_kernel<kBackward><<<blocks_for(threads, 128), 128, 0, stream>>>(pre, dact, rows, hidden,
+                                                                         reinterpret_cast<Vec4<Out>*>(out), amax);
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  return true;
+}
+
 template <typename In, typename Out>
 void activation_forward_impl(MlpKind kind, const In* pre, int64_t rows, int64_t hidden, Out* act,
-                             cudaStream_t stream) {
+                             const nibble::cuda::ProducerAmax& amax, cudaStream_t stream) {
   check_shape(rows, hidden, "activation_forward");
   const int64_t n = rows * hidden;
+  if (launch_gelu_amax<false>(kind, pre, pre, rows, hidden, act, amax, stream)) return;
   if (kind == MlpKind::kGelu && vec4(n, {pre, act}))
     gelu_forward4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(pre, n / 4, reinterpret_cast<Vec4<Out>*>(act));
   else
@@ -137,9 +198,10 @@ void activation_forward_impl(MlpKind kind, const In* pre, int64_t rows, int64_t 
 
 template <typename In, typename D, typename Out>
 void activation_backward_impl(MlpKind kind, const In* pre, const D* dact, int64_t rows, int64_t hidden, Out* dpre,
-                              cudaStream_t stream) {
+                              const nibble::cuda::ProducerAmax& amax, cudaStream_t stream) {
   check_shape(rows, hidden, "activation_backward");
   const int64_t n = rows * hidden;
+  if (launch_gelu_amax<true>(kind, pre, dact, rows, hidden, dpre, amax, stream)) return;
   if (kind == MlpKind::kGelu && vec4(n, {pre, dact, dpre}))
     gelu_backward4_kernel<<<blocks_for(n / 4, 256), 256, 0, stream>>>(pre, dact, n / 4,
                                                                        reinterpret_cast<Vec4<Out>*>(dpre));
@@ -151,19 +213,23 @@ void activation_backward_impl(MlpKind kind, const In* pre, const D* dact, int64_
 }  // namespace
 
 template <typename In, typename Out>
-void activation_forward(MlpKind kind, const In* pre, int64_t rows, int64_t hidden, Out* act, cudaStream_t stream) {
-  activation_forward_impl(kind, pre, rows, hidden, act, stream);
+void activation_forward(MlpKind kind, const In* pre, int64_t rows, int64_t hidden, Out* act, cudaStream_t stream,
+                        nibble::cuda::ProducerAmax amax) {
+  activation_forward_impl(kind, pre, rows, hidden, act, amax, stream);
 }
 template <typename In, typename D, typename Out>
 void activation_backward(MlpKind kind, const In* pre, const D* dact, int64_t rows, int64_t hidden, Out* dpre,
-                         cudaStream_t stream) {
-  activation_backward_impl(kind, pre, dact, rows, hidden, dpre, stream);
+                         cudaStream_t stream, nibble::cuda::ProducerAmax amax) {
+  activation_backward_impl(kind, pre, dact, rows, hidden, dpre, amax, stream);
 }
 
-#define NIBBLE_ACTIVATION(In, Out)                                                                              \
-  template void activation_forward(MlpKind, const In*, int64_t, int64_t, Out*, cudaStream_t);                  \
-  template void activation_backward(MlpKind, const In*, const float*, int64_t, int64_t, Out*, cudaStream_t);   \
-  template void activation_backward(MlpKind, const In*, const bf16_t*, int64_t, int64_t, Out*, cudaStream_t);
+#define NIBBLE_ACTIVATION(In, Out)                                                                             \
+  template void activation_forward(MlpKind, const In*, int64_t, int64_t, Out*, cudaStream_t,                  \
+                                   nibble::cuda::ProducerAmax);                                                \
+  template void activation_backward(MlpKind, const In*, const float*, int64_t, int64_t, Out*, cudaStream_t,   \
+                                    nibble::cuda::ProducerAmax);                                               \
+  template void activation_backward(MlpKind, const In*, const bf16_t*, int64_t, int64_t, Out*, cudaStream_t,  \
+                                    nibble::cuda::ProducerAmax);
 NIBBLE_ACTIVATION(float, float)
 NIBBLE_ACTIVATION(float, bf16_t)
 NIBBLE_ACTIVATION(bf16_t, float)

@@ -28,6 +28,7 @@
 #include "nibble/nn/cuda/attention_flash.cuh"
 #include "nibble/nn/mlp.h"
 #include "nibble/nn/norm.h"
+#include "nibble/quant/cuda/quantize_cuda.h"
 #include "nibble/tensor/cuda/device_buffer.h"
 #include "nibble/tensor/cuda/gemm_cuda.h"
 
@@ -127,14 +128,18 @@ class NormCuda {
 // width = hidden (2 * hidden for SwiGLU), in FP32 or BF16 (In = float or bf16_t; the GPU model keeps
 // it in BF16 where fc's operands are BF16 or quantized, as fc's GEMM writes it); act: [rows x hidden]
 // in FP32, or in BF16 (Out = bf16_t: nearest-even rounding of the FP32 act) for LinearCuda::bf16_input().
+// With `amax` (GELU only, rows a multiple of 16, hidden of 4, 16-byte aligned pointers; otherwise
+// std::invalid_argument), also the amax of the fused NVFP4 pass that will quantize act
+// (LinearCuda::bf16_input_amax), in the same pass over memory.
 template <typename In, typename Out>
-void activation_forward(MlpKind kind, const In* pre, int64_t rows, int64_t hidden, Out* act, cudaStream_t stream);
+void activation_forward(MlpKind kind, const In* pre, int64_t rows, int64_t hidden, Out* act, cudaStream_t stream,
+                        nibble::cuda::ProducerAmax amax = {});
 // dpre (overwritten) = d act / d pre applied to dact (FP32 or BF16, D = float or bf16_t: the GPU
 // model's proj dX in BF16); in BF16 (Out = bf16_t: nearest-even rounding of the FP32 dpre) for
-// LinearCuda::bf16_dy_input().
+// LinearCuda::bf16_dy_input(), with `amax` as for activation_forward (LinearCuda::bf16_dy_amax).
 template <typename In, typename D, typename Out>
 void activation_backward(MlpKind kind, const In* pre, const D* dact, int64_t rows, int64_t hidden, Out* dpre,
-                         cudaStream_t stream);
+                         cudaStream_t stream, nibble::cuda::ProducerAmax amax = {});
 
 // Causal self-attention without its two linear layers: from qkv [batch*seq x (H + 2 Hkv) hd]
 // (columns [q heads | k heads | v heads], as the qkv Linear outputs them) to the heads' outputs

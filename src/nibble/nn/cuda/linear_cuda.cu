@@ -176,6 +176,22 @@ bf16_t* LinearCuda::bf16_input(int64_t tokens) {
   return ctx_.bf16_input.data();
 }
 
+nibble::cuda::ProducerAmax LinearCuda::bf16_input_amax(int64_t tokens, cudaStream_t stream) {
+  if (!ctx_.producer_amax) return {};
+  const nibble::cuda::ProducerAmax amax =
+      OperandCuda::producer_amax(tokens, in_, recipe_, Operand::kFpropX, Operand::kWgradX, ctx_.x_rows, stream);
+  if (amax) ++ctx_.producer_amaxes;
+  return amax;
+}
+
+nibble::cuda::ProducerAmax LinearCuda::bf16_dy_amax(cudaStream_t stream) {
+  if (!ctx_.producer_amax) return {};
+  const nibble::cuda::ProducerAmax amax = OperandCuda::producer_amax(
+      saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, ctx_.dy_rows, stream);
+  if (amax) ++ctx_.producer_amaxes;
+  return amax;
+}
+
 void LinearCuda::forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream, bool accumulate) {
   forward_bf16_input_to(tokens, f32_output(y), stream, accumulate);
 }

@@ -48,6 +48,10 @@ struct LinearContext {
   // written (same values as the BF16 decode path, another FP32 accumulation order). Off by default:
   // that kernel is still slower than decode + cuBLASLt (docs/benchmarks.md).
   bool packed_gemm = false;
+  // Whether bf16_input_amax / bf16_dy_amax hand the fused pass's amax to the producer of the BF16
+  // input (false: the pass computes its own; same bits). producer_amaxes counts those handed out.
+  bool producer_amax = true;
+  int64_t producer_amaxes = 0;
   DeviceBuffer<float> split_workspace;  // the packed-operand GEMM's partial sums when it splits K
   // A quantized layer's BF16 input (X or dY) as its producer writes it (LinearCuda::bf16_input).
   DeviceBuffer<bf16_t> bf16_input;
@@ -85,8 +89,13 @@ class LinearCuda {
   //   4-bit or 8-bit quantization error, but not the same bits. The CPU layer quantizes FP32 values.
   // The BF16 input of a quantized recipe lives in the context, shared by its layers: write it just
   // before the call that consumes it.
+  // A producer may also compute the amax of the fused NVFP4 pass that will quantize the BF16 values
+  // (nibble::cuda::ProducerAmax, from bf16_input_amax() / bf16_dy_amax(), called before it runs;
+  // empty where no such pass runs): forward_bf16_input() (backward_bf16_input()) then skips its
+  // amax pass. A producer given a non-empty one must compute it.
   bool takes_bf16_input() const;
   bf16_t* bf16_input(int64_t tokens);
+  nibble::cuda::ProducerAmax bf16_input_amax(int64_t tokens, cudaStream_t stream);
   void forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream, bool accumulate = false);
   // The same with Y in BF16: the GEMM's epilogue rounds the FP32 result to nearest even (for an
   // output that only BF16 consumers read, e.g. the MLP's fc output; half the bytes). cuBLASLt may
@@ -95,6 +104,7 @@ class LinearCuda {
   void forward_bf16_input(int64_t tokens, bf16_t* y, cudaStream_t stream);
   bool takes_bf16_dy() const;
   bf16_t* bf16_dy_input();  // after forward(), for dY [tokens x out]
+  nibble::cuda::ProducerAmax bf16_dy_amax(cudaStream_t stream);
   void backward_bf16_input(float* dx, cudaStream_t stream);
   // The same with dX in BF16, rounded by the Dgrad GEMM's epilogue (see forward_bf16_input's BF16 Y).
   void backward_bf16_input(bf16_t* dx, cudaStream_t stream);

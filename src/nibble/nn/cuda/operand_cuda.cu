@@ -275,6 +275,7 @@ void OperandCuda::begin(OperandFormat format, bool quantized, int64_t rows, int6
   decoded_valid_ = false;  // until run_fused writes them
   packed_wanted_ = for_gemm.packed;
   packed_skipped_ = false;
+  produced_amax_ = {};  // only the make_pair right after producer_amax reads it (taken before begin)
   // The alpha needs the partner's decode scale; an unquantized partner has none (the GEMM then
   // takes this operand's decode scale as its alpha).
   const bool alpha_wanted = quantized && for_gemm.partner != nullptr && for_gemm.partner->decode_scale() != nullptr;
@@ -320,9 +321,8 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
                             ForGemm row_gemm, ForGemm col_gemm) {
   const OperandRecipe& rr = recipe[row_op];
   const OperandRecipe& cr = recipe[col_op];
-  const bool fused = operand_columnwise(col_op) && !operand_columnwise(row_op) && rr.quantized() && cr.quantized() &&
-                     fused_pass_applies(operand_quant_spec(rr, row_op, recipe.rht_signs(), seed), rows, cols) &&
-                     fused_pass_applies(operand_quant_spec(cr, col_op, recipe.rht_signs(), seed), rows, cols);
+  const bool fused = fused_pair_applies(rows, cols, recipe, row_op, col_op);
+  const nibble::cuda::AmaxSlots produced = std::exchange(row.produced_amax_, {});
   // Unquantized and untransformed on both sides (bf16, fp32): the columnwise operand is stored as the
   // source tensor, so it holds the very bytes the rowwise one needs: convert once, share.
   if (shared_pair_applies(recipe, row_op, col_op)) {
@@ -345,15 +345,43 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
     set_side(s, columnwise, o->spec_);
   }
   // The pass's amax words (rowwise, columnwise) live in the row operand's slots.
-  run_fused(x, rows, cols, s, row.amax_, &row, &col, stream);
+  run_fused(x, rows, cols, s, row.amax_, &row, &col, stream, produced);
+}
+
+bool OperandCuda::fused_pair_applies(int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
+                                     Operand col_op) {
+  const OperandRecipe& rr = recipe[row_op];
+  const OperandRecipe& cr = recipe[col_op];
+  // The seed does not decide whether the pass applies.
+  return operand_columnwise(col_op) && !operand_columnwise(row_op) && rr.quantized() && cr.quantized() &&
+         fused_pass_applies(operand_quant_spec(rr, row_op, recipe.rht_signs(), 0), rows, cols) &&
+         fused_pass_applies(operand_quant_spec(cr, col_op, recipe.rht_signs(), 0), rows, cols);
+}
+
+nibble::cuda::ProducerAmax OperandCuda::producer_amax(int64_t rows, int64_t cols, const Recipe& recipe,
+                                                      Operand row_op, Operand col_op, OperandCuda& row,
+                                                      cudaStream_t stream) {
+  row.produced_amax_ = {};
+  if (!fused_pair_applies(rows, cols, recipe, row_op, col_op)) return {};
+  const QuantSpec col_spec = operand_quant_spec(recipe[col_op], col_op, recipe.rht_signs(), 0);
+  nibble::cuda::ProducerAmax p;
+  p.slots = row.amax_.take(stream);
+  p.col_rht = col_spec.rht;
+  p.rht_signs = col_spec.rht_signs;
+  row.produced_amax_ = p.slots;
+  return p;
 }
 
 template <typename T>
 void OperandCuda::run_fused(const T* x, int64_t rows, int64_t cols, const nibble::cuda::RowColSpec& s,
-                            AmaxSlotPair& amax, OperandCuda* row, OperandCuda* col, cudaStream_t stream) {
+                            AmaxSlotPair& amax, OperandCuda* row, OperandCuda* col, cudaStream_t stream,
+                            nibble::cuda::AmaxSlots produced) {
   const auto buffers = [](OperandCuda* o) { return o ? o->pass_buffers(true, true) : QuantBuffers{}; };
-  const nibble::cuda::AmaxSlots slots = amax.take(stream);
-  nibble::cuda::nvfp4_amax(x, rows, cols, s, slots, stream);
+  nibble::cuda::AmaxSlots slots = produced;
+  if (slots.current == nullptr) {
+    slots = amax.take(stream);
+    nibble::cuda::nvfp4_amax(x, rows, cols, s, slots, stream);
+  }
   nibble::cuda::nvfp4_quantize_rowcol(x, rows, cols, s, slots.current, buffers(row), buffers(col), stream);
 }
 

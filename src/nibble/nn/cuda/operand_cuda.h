@@ -85,6 +85,14 @@ class OperandCuda {
                         Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
                         ForGemm row_gemm = {}, ForGemm col_gemm = {});
 
+  // For a producer that computes the amax of make_pair's fused NVFP4 pass while it writes x
+  // (nibble::cuda::ProducerAmax): what to compute and where (row's amax slots), when make_pair(x
+  // [rows x cols], recipe, row_op, col_op, .., row, ..) will run that pass; empty otherwise. The next
+  // make_pair into `row` then reads those words instead of running its amax pass: the producer must
+  // run between the two, in the same stream.
+  static nibble::cuda::ProducerAmax producer_amax(int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
+                                                  Operand col_op, OperandCuda& row, cudaStream_t stream);
+
   // The pair make_pair() makes from one conversion (both operands the same unquantized BF16 without
   // RHT, `row` rowwise and `col` columnwise), without the conversion: a producer writes the BF16
   // values of x [rows x cols] (nearest-even rounding of what make_pair() would be given) into
@@ -161,12 +169,16 @@ class OperandCuda {
   // Both operands of make_pair unquantized, the same and without RHT (rowwise `row_op`, columnwise
   // `col_op`): one copy of the values serves both.
   static bool shared_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op);
+  // Whether make_pair runs the fused NVFP4 pass over x [rows x cols].
+  static bool fused_pair_applies(int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op, Operand col_op);
   // `this` reads the values of `source`, a columnwise operand stored as its source tensor [rows x cols].
   void share_values_of(const OperandCuda& source, int64_t rows, int64_t cols);
   // The fused NVFP4 pass into `row` and/or `col` (nullptr: that side off).
+  // `produced`: the amax words a producer computed (producer_amax), or none: the pass's own amax pass.
   template <typename T>
   static void run_fused(const T* x, int64_t rows, int64_t cols, const nibble::cuda::RowColSpec& s,
-                        AmaxSlotPair& amax, OperandCuda* row, OperandCuda* col, cudaStream_t stream);
+                        AmaxSlotPair& amax, OperandCuda* row, OperandCuda* col, cudaStream_t stream,
+                        nibble::cuda::AmaxSlots produced = {});
   // A quantizing pass's outputs for this operand: the packed buffers and, where make asked for them
   // and the pass can write them (`decoded`, `alpha`), the decoded values and the GEMM alpha, which
   // are then marked valid.
@@ -195,6 +207,7 @@ class OperandCuda {
   int64_t data_bytes_ = 0, scale_bytes_ = 0;
   DeviceBuffer<float> decode_scale_;
   AmaxSlotPair amax_;  // the quantizer's amax
+  nibble::cuda::AmaxSlots produced_amax_{};  // given out by producer_amax, for the next make_pair
   // The decoded BF16 values [rows x cols] that the fused pass writes when asked (grow-only like the
   // buffers above): decoded_wanted_ is the request of the make in progress, which run_fused and
   // run_tile16 read.

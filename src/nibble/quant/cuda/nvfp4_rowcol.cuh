@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "nibble/formats/minifloat.h"
+#include "nibble/quant/cuda/amax_device.cuh"
 #include "nibble/quant/cuda/e2m1_pack.cuh"
 #include "nibble/quant/cuda/fp4_decode_store.cuh"
 #include "nibble/quant/cuda/quantize_cuda.h"
@@ -57,23 +58,6 @@ __device__ __forceinline__ float max_abs_finite(const float* v) {
   return a;
 }
 
-// max(m, |v[i]|) over kN elements, NaN if m or any v[i] is NaN (one FMNMX per element, where the
-// integer maximum of abs_bits takes two): the amax passes' maximum. Its bits equal the maximum of
-// abs_bits (the CPU reference's amax_bits_of) whenever that is not a NaN; the fused passes treat all
-// NaN amaxes alike (not finite: the copy is all zeros).
-#ifndef NIBBLE_ROWCOL_HOST_EMULATION
-__device__ __forceinline__ float fmax_abs_nan(float m, float v) {
-  float r;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(m), "f"(fabsf(v)));
-  return r;
-}
-#endif
-template <int kN>
-__device__ __forceinline__ float max_abs_nan(float m, const float* v) {
-#pragma unroll
-  for (int i = 0; i < kN; ++i) m = fmax_abs_nan(m, v[i]);
-  return m;
-}
 
 // Encodes kN (16 or 32) FP4 elements with one element scale and packs them (element 2i in the low
 // nibble of byte i) into kN/8 32-bit words. `index0` is the row-major index of v[0] in the
@@ -105,21 +89,6 @@ __device__ __forceinline__ void encode_fp4_any(const float* v, float scale, cons
     encode_fp4<kN, Rounding::kNearestEven>(v, scale, spec.seed, spec.stream, index0, packed);
 }
 
-// Max over the thread block, then atomicMax into *out. Called by all threads of the block.
-__device__ __forceinline__ void block_max_to_global(uint32_t v, uint32_t* out) {
-  __shared__ uint32_t warp_max[32];
-  __syncthreads();  // warp_max may still be read by an earlier call
-  v = __reduce_max_sync(0xFFFFFFFFu, v);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane == 0) warp_max[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    const int nwarps = (blockDim.x + 31) / 32;
-    uint32_t m = lane < nwarps ? warp_max[lane] : 0;
-    m = __reduce_max_sync(0xFFFFFFFFu, m);
-    if (lane == 0 && m != 0) atomicMax(out, m);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Fused NVFP4 rowwise + columnwise (+ RHT) pass over 64 x 128 tiles, persistent grid.
@@ -183,28 +152,6 @@ __device__ __forceinline__ uint2 encode16(const float v[16], float amax, float s
   }
 }
 
-// rht16 (rht.h) without its first step, the multiplication by the signs, which the fused pass
-// applies while staging the tile: the same float32 operations in the same order. kScale = false
-// leaves out the last step, the multiplication by 1/4 (the amax pass applies it to the maximum
-// instead: rounding is monotonic, so max |RN(x / 4)| = RN(max |x| / 4), NaN and infinities included).
-template <bool kScale = true>
-__device__ __forceinline__ void rht16_butterfly(float v[16]) {
-#pragma unroll
-  for (int stage = 0; stage < 4; ++stage) {
-    const int h = 1 << stage;
-#pragma unroll
-    for (int k = 0; k < 8; ++k) {
-      const int j = (k / h) * 2 * h + k % h;
-      const float a = v[j], b = v[j + h];
-      v[j] = a + b;
-      v[j + h] = a - b;
-    }
-  }
-  if constexpr (kScale) {
-#pragma unroll
-    for (int i = 0; i < 16; ++i) v[i] *= 0.25f;
-  }
-}
 
 // Shared-memory position of column c's float in a tile row. The row pass stores 16-byte chunks
 // with 8 threads of a row at once (one per 16-column segment), whose chunks would share banks
@@ -518,13 +465,7 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
     __syncthreads();  // the tile's shared memory is overwritten next iteration
   }
 
-  if constexpr (kAmaxOnly) {
-    if (blockIdx.x == 0 && t == 0 && amax_out.zero_next != nullptr) amax_out.zero_next[0] = amax_out.zero_next[1] = 0;
-    block_max_to_global(float_bits(row_amax), amax_out.current);
-    // Without the RHT the columnwise copy holds the same values, so the same amax. Without the
-    // columnwise side the second word is left alone (quantize_amax's callers give it one word).
-    if (spec.columnwise) block_max_to_global(float_bits(kRht ? col_amax * 0.25f : row_amax), amax_out.current + 1);
-  }
+  if constexpr (kAmaxOnly) finish_amax(row_amax, col_amax, amax_out, kRht, spec.columnwise);
 }
 
 }  // namespace

@@ -75,6 +75,17 @@ struct AmaxSlots {
   uint32_t* current = nullptr;
   uint32_t* zero_next = nullptr;
 };
+// The two words of nvfp4_amax for a fused pass over x with its columnwise side, computed instead
+// by the kernel that writes x and has its values in registers anyway (the MLP activation,
+// nn/cuda/layers_cuda.h): one read of x fewer. Into slots as nvfp4_amax(AmaxSlots) puts them;
+// slots.current nullptr: nothing to compute. Device helpers in amax_device.cuh.
+struct ProducerAmax {
+  AmaxSlots slots;
+  bool col_rht = false;
+  RhtSigns rht_signs = kDefaultRhtSigns;
+  explicit operator bool() const { return slots.current != nullptr; }
+};
+
 // nvfp4_amax into slots.current, zeroing slots.zero_next in the same launch.
 template <typename T>
 void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, AmaxSlots slots,
