@@ -101,6 +101,46 @@ int main() {
            }), 3 * h);
   }
   {
+    // The GELU as the nvfp4 step runs it (BF16 in and out): alone, followed by the amax pass of the
+    // fused NVFP4 pass over its output (RHT on the columnwise side), and computing that amax itself
+    // (nibble::cuda::ProducerAmax, what training does).
+    const auto bf16_buffer = [](int64_t n, float stddev, uint64_t seed) {
+      std::mt19937_64 r(seed);
+      std::normal_distribution<float> dist(0.0f, stddev);
+      std::vector<nibble::bf16_t> v(static_cast<size_t>(n));
+      for (auto& x : v) x.bits = static_cast<uint16_t>(nibble::BF16::encode(dist(r), nibble::Rounding::kNearestEven));
+      return DeviceBuffer<nibble::bf16_t>(std::span<const nibble::bf16_t>(v));
+    };
+    auto pre = bf16_buffer(tokens * hidden, 1.0f, 7), dact = bf16_buffer(tokens * hidden, 1e-3f, 8);
+    DeviceBuffer<nibble::bf16_t> out(pre.size());
+    DeviceBuffer<uint32_t> words(4);
+    words.zero();
+    nibble::cuda::RowColSpec spec;
+    spec.col_rht = true;
+    nibble::cuda::ProducerAmax amax;
+    amax.slots = {words.data(), words.data() + 2};
+    amax.col_rht = true;
+    const double h = static_cast<double>(tokens * hidden) * 2;
+    const auto gelu = [&](bool backward, nibble::cuda::ProducerAmax a) {
+      if (backward)
+        ncu::activation_backward(nibble::nn::MlpKind::kGelu, pre.data(), dact.data(), tokens, hidden, out.data(),
+                                 nullptr, a);
+      else
+        ncu::activation_forward(nibble::nn::MlpKind::kGelu, pre.data(), tokens, hidden, out.data(), nullptr, a);
+    };
+    for (bool backward : {false, true}) {
+      const double bytes = (backward ? 3 : 2) * h;
+      report(backward ? "gelu backward bf16" : "gelu forward bf16", median_ms([&] { gelu(backward, {}); }), bytes);
+      report(backward ? "gelu backward bf16 + amax pass" : "gelu forward bf16 + amax pass", median_ms([&] {
+               gelu(backward, {});
+               nibble::cuda::nvfp4_amax(out.data(), tokens, hidden, spec, nibble::cuda::AmaxSlots{words.data(), nullptr},
+                                        nullptr);
+             }), bytes + h);
+      report(backward ? "gelu backward bf16, amax in it" : "gelu forward bf16, amax in it",
+             median_ms([&] { gelu(backward, amax); }), bytes);
+    }
+  }
+  {
     // Useful FLOPs of causal attention: QK^T and PV over the T (T + 1) / 2 unmasked scores
     // forward; backward 5 such products (dV, dP, dS Q, dS K, and the recomputed QK^T).
     const double fwd_flops = 2.0 * 2.0 * B * H * (T * (T + 1) / 2.0) * (d / H);

@@ -315,11 +315,13 @@ INSTANTIATE_TEST_SUITE_P(Kinds, ActivationCudaTest,
 
 // GELU forward and backward with the amax of the fused NVFP4 pass over their BF16 output
 // (ProducerAmax): the output bits of the plain kernels, the two words nvfp4_amax computes from that
-// output (with and without the RHT, random signs), and the next slot zeroed. Rows of 16 row blocks
-// and a grid whose last block is partial.
-TEST(ActivationCuda, GeluComputesTheNvfp4PassAmax) {
+// output (with and without the RHT, random signs), and the next slot zeroed.
+// The larger shape has more 4-column items than the grid has threads (the kernel loops).
+class GeluAmaxTest : public ::testing::TestWithParam<std::pair<int64_t, int64_t>> {};
+
+TEST_P(GeluAmaxTest, ComputesTheNvfp4PassAmax) {
   std::mt19937_64 rng(fresh_seed());
-  const int64_t rows = 16 * 13, hidden = 400;
+  const auto [rows, hidden] = GetParam();
   const size_t n = static_cast<size_t>(rows * hidden);
   Stream stream;
   std::vector<float> pre = nibble::nn::test::random_normal(rng, n, 2.0f);
@@ -376,6 +378,13 @@ TEST(ActivationCuda, GeluComputesTheNvfp4PassAmax) {
   EXPECT_THROW(cuda::activation_forward(MlpKind::kRelu2, d_pre.data(), rows, hidden, plain.data(), stream, amax),
                std::invalid_argument);
 }
+
+INSTANTIATE_TEST_SUITE_P(Shapes, GeluAmaxTest,
+                         ::testing::Values(std::pair<int64_t, int64_t>{16 * 13, 400},
+                                           std::pair<int64_t, int64_t>{16 * 96, 3072}),
+                         [](const auto& info) {
+                           return std::to_string(info.param.first) + "x" + std::to_string(info.param.second);
+                         });
 
 // ---------------------------------------------------------------- attention core
 

@@ -1,5 +1,6 @@
 // MLP activations (GELU tanh approximation, squared ReLU, SwiGLU), elementwise in FP32 with the
 // same formulas as nn::Mlp (see layers_cuda.h); `pre` in FP32 or BF16 (read as FP32, exactly).
+#include <algorithm>
 #include <cstdint>
 #include <initializer_list>
 #include <stdexcept>
@@ -119,17 +120,19 @@ __global__ void gelu_backward4_kernel(const In* __restrict__ pre, const D* __res
 // GELU forward (kBackward false: out = gelu(pre)) or backward (out = dact gelu'(pre)) that also
 // computes the amax of the fused NVFP4 pass over `out` (ProducerAmax), from the values as stored
 // (BF16-rounded for BF16 output). A thread takes 4 columns of 16 rows, a block of the columnwise
-// copy's RHT, so that the butterfly runs in registers. Needs rows % 16 == 0, hidden % 4 == 0 and
-// 16-byte aligned pointers (checked by the caller).
+// copy's RHT, so that the butterfly runs in registers; the grid holds as many blocks as fit on the
+// device at once and loops, so that few blocks add their maxima into the two words (atomics on one
+// address). Needs rows % 16 == 0, hidden % 4 == 0 and 16-byte aligned pointers (checked by the caller).
+constexpr int kGeluAmaxThreads = 128;
 template <bool kBackward, typename In, typename D, typename Out4>
-__global__ void __launch_bounds__(128)
+__global__ void __launch_bounds__(kGeluAmaxThreads)
     gelu_amax_kernel(const In* __restrict__ pre, const D* __restrict__ dact, int64_t rows, int64_t hidden,
                      Out4* __restrict__ out, nibble::cuda::ProducerAmax amax) {
-  const int64_t quads = hidden / 4;
-  const int64_t tid = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  const int64_t group = tid / quads, q = tid % quads;
+  const int64_t quads = hidden / 4, items = rows / 16 * quads;
   float row_max = 0.0f, col_max = 0.0f;
-  if (group < rows / 16) {
+  for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < items;
+       item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t group = item / quads, q = item % quads;
     float v[16][4];
 #pragma unroll
     for (int r = 0; r < 16; ++r) {
@@ -176,9 +179,16 @@ bool launch_gelu_amax(MlpKind kind, const In* pre, const D* dact, int64_t rows, 
                                 ": the NVFP4 amax is computed with GELU only, on rows that are a multiple of 16 and "
                                 "columns of 4 (16-byte aligned), got " +
                                 std::to_string(rows) + " x " + std::to_string(hidden));
-  const int64_t threads = rows / 16 * (hidden / 4);
-  gelu_amax_kernel<kBackward><<<blocks_for(threads, 128), 128, 0, stream>>>(pre, dact, rows, hidden,
-                                                                         reinterpret_cast<Vec4<Out>*>(out), amax);
+  const auto kernel = gelu_amax_kernel<kBackward, In, D, Vec4<Out>>;
+  static const int per_sm = [&] {  // resident blocks per SM, once per kernel variant
+    int n = 0;
+    NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kGeluAmaxThreads, 0));
+    return std::max(n, 1);
+  }();
+  const int64_t resident = static_cast<int64_t>(per_sm) * nibble::cuda::device_attribute(cudaDevAttrMultiProcessorCount);
+  const int64_t blocks = std::min<int64_t>(blocks_for(rows / 16 * (hidden / 4), kGeluAmaxThreads), resident);
+  kernel<<<static_cast<unsigned>(blocks), kGeluAmaxThreads, 0, stream>>>(pre, dact, rows, hidden,
+                                                                        reinterpret_cast<Vec4<Out>*>(out), amax);
   NIBBLE_CUDA_CHECK_LAUNCH();
   return true;
 }
