@@ -75,6 +75,7 @@ int main(int argc, char** argv) {
     const char* name;
     cuda::RowColSpec spec;
     bool row_decoded = false, col_decoded = false;  // also write the decoded BF16 values
+    bool row_packed = true, col_packed = true;      // false: that side's decoded values alone
   };
   cuda::RowColSpec act;  // activations for Fprop + Wgrad: RNE, RHT on the columnwise copy
   act.col_rht = true;
@@ -87,12 +88,16 @@ int main(int argc, char** argv) {
   cuda::RowColSpec col_only = act;
   col_only.rowwise = false;
   // The X and dY variants as the linear layer runs them on Hopper: X's rowwise (Fprop) copy and both
-  // of dY's copies with their decoded BF16 values, which the GEMMs read instead of a decode pass.
+  // of dY's copies with their decoded BF16 values, which the GEMMs read instead of a decode pass;
+  // and, as training runs them, those copies as decoded values alone (no packed codes: LinearCuda's
+  // per-call operands), X's columnwise copy packed (saved for Wgrad).
   const Variant variants[] = {{"row+col, RNE, no RHT", plain},
                               {"row+col+RHT, RNE (X)", act},
                               {"row+col+RHT, SR (dY)", grad},
                               {"X + decoded row", act, true, false},
                               {"dY + decoded row+col", grad, true, true},
+                              {"X, row decoded only", act, true, false, false, true},
+                              {"dY, decoded only", grad, true, true, false, false},
                               {"row only, RNE", row_only},
                               {"col only +RHT, RNE", col_only}};
 
@@ -103,6 +108,8 @@ int main(int argc, char** argv) {
     cuda::QuantBuffers row_out = row, col_out = col;
     if (v.row_decoded) row_out.decoded = row_decoded;
     if (v.col_decoded) col_out.decoded = col_decoded;
+    if (!v.row_packed) row_out.data = row_out.scales = nullptr;
+    if (!v.col_packed) col_out.data = col_out.scales = nullptr;
     const float amax_ms = median_ms([&] { cuda::nvfp4_amax(x, rows, cols, v.spec, amax, nullptr); });
     cuda::nvfp4_amax(x, rows, cols, v.spec, amax, nullptr);
     const float quant_ms =
@@ -111,8 +118,8 @@ int main(int argc, char** argv) {
       cuda::nvfp4_amax(x, rows, cols, v.spec, amax, nullptr);
       cuda::nvfp4_quantize_rowcol(x, rows, cols, v.spec, amax, row_out, col_out, nullptr);
     });
-    const double out_bytes =
-        (v.spec.rowwise + v.spec.columnwise) * copy_out_bytes + (v.row_decoded + v.col_decoded) * 2.0 * n;
+    const double out_bytes = ((v.spec.rowwise && v.row_packed) + (v.spec.columnwise && v.col_packed)) * copy_out_bytes +
+                             (v.row_decoded + v.col_decoded) * 2.0 * n;
     const double quant_gbs = (in_bytes + out_bytes) / quant_ms / 1e6;
     const double total_gbs = (in_bytes + out_bytes) / total_ms / 1e6;
     std::printf("%-24s %9.3f %9.3f %9.3f %11.0f %10.1f%% %10.1f%%\n", v.name, amax_ms, quant_ms, total_ms, quant_gbs,
