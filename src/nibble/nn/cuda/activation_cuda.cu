@@ -46,12 +46,6 @@ __device__ __forceinline__ void store4(float4* out, float a, float b, float c, f
 __device__ __forceinline__ void store4(uint2* out, float a, float b, float c, float d) {
   *out = make_uint2(bf16_bits(a) | bf16_bits(b) << 16, bf16_bits(c) | bf16_bits(d) << 16);
 }
-// The values store4 writes, as floats.
-__device__ __forceinline__ float4 stored_values(const float4*, float4 v) { return v; }
-__device__ __forceinline__ float4 stored_values(const uint2*, float4 v) {
-  const auto f = [](float x) { return __uint_as_float(bf16_bits(x) << 16); };
-  return make_float4(f(v.x), f(v.y), f(v.z), f(v.w));
-}
 
 // i indexes act/dact [rows x hidden]; SwiGLU's a and b sit at row * 2 hidden + col (+ hidden).
 template <typename In, typename Out>
@@ -117,39 +111,58 @@ __global__ void gelu_backward4_kernel(const In* __restrict__ pre, const D* __res
   store4(dpre + i, d.x * gelu_grad(p.x), d.y * gelu_grad(p.y), d.z * gelu_grad(p.z), d.w * gelu_grad(p.w));
 }
 
+// Two neighbouring elements (p 2-element aligned) as floats, and their store (BF16: nearest even).
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load2(const bf16_t* p) {
+  const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+  return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+}
+__device__ __forceinline__ float2 store2(float* p, float2 v) {  // returns the values as stored
+  *reinterpret_cast<float2*>(p) = v;
+  return v;
+}
+__device__ __forceinline__ float2 store2(bf16_t* p, float2 v) {
+  const uint32_t a = bf16_bits(v.x), b = bf16_bits(v.y);
+  *reinterpret_cast<uint32_t*>(p) = a | b << 16;
+  return make_float2(__uint_as_float(a << 16), __uint_as_float(b << 16));
+}
+
 // GELU forward (kBackward false: out = gelu(pre)) or backward (out = dact gelu'(pre)) that also
 // computes the amax of the fused NVFP4 pass over `out` (ProducerAmax), from the values as stored
-// (BF16-rounded for BF16 output). A thread takes 4 columns of 16 rows, a block of the columnwise
-// copy's RHT, so that the butterfly runs in registers; the grid holds as many blocks as fit on the
-// device at once and loops, so that few blocks add their maxima into the two words (atomics on one
-// address). Needs rows % 16 == 0, hidden % 4 == 0 and 16-byte aligned pointers (checked by the caller).
+// (BF16-rounded for BF16 output). A thread takes 2 columns of 16 rows, a block of the columnwise
+// copy's RHT, so that the butterfly runs in registers: it loads all 16 rows first (a warp reads
+// whole 128-byte lines of a row), then computes and stores them. The grid holds a few times as many
+// blocks as fit on the device at once and loops, so that few blocks add their maxima into the two
+// words (atomics on one address). Needs rows % 16 == 0, hidden % 2 == 0 and aligned pairs (checked
+// by the caller).
 constexpr int kGeluAmaxThreads = 128;
-template <bool kBackward, typename In, typename D, typename Out4>
+template <bool kBackward, typename In, typename D, typename Out>
 __global__ void __launch_bounds__(kGeluAmaxThreads)
     gelu_amax_kernel(const In* __restrict__ pre, const D* __restrict__ dact, int64_t rows, int64_t hidden,
-                     Out4* __restrict__ out, nibble::cuda::ProducerAmax amax) {
-  const int64_t quads = hidden / 4, items = rows / 16 * quads;
+                     Out* __restrict__ out, nibble::cuda::ProducerAmax amax) {
+  const int64_t pairs = hidden / 2, items = rows / 16 * pairs;
   float row_max = 0.0f, col_max = 0.0f;
   for (int64_t item = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; item < items;
        item += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t group = item / quads, q = item % quads;
-    float v[16][4];
+    const int64_t first = (item / pairs) * 16 * hidden + 2 * (item % pairs);
+    float2 p[16], d[16];
 #pragma unroll
     for (int r = 0; r < 16; ++r) {
-      const int64_t i = (group * 16 + r) * hidden + 4 * q;
-      const float4 p = detail::load4(pre + i);
-      float4 y;
-      if constexpr (kBackward) {
-        const float4 d = detail::load4(dact + i);
-        y = make_float4(d.x * gelu_grad(p.x), d.y * gelu_grad(p.y), d.z * gelu_grad(p.z), d.w * gelu_grad(p.w));
-      } else {
-        y = make_float4(gelu(p.x), gelu(p.y), gelu(p.z), gelu(p.w));
-      }
-      store4(out + i / 4, y.x, y.y, y.z, y.w);
-      const float4 stored = stored_values(out, y);
-      v[r][0] = stored.x, v[r][1] = stored.y, v[r][2] = stored.z, v[r][3] = stored.w;
+      p[r] = load2(pre + first + r * hidden);
+      if constexpr (kBackward) d[r] = load2(dact + first + r * hidden);
     }
-    nibble::cuda::accumulate_amax16<4>(v, amax, row_max, col_max);
+    float v[16][2];
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      float2 y;
+      if constexpr (kBackward)
+        y = make_float2(d[r].x * gelu_grad(p[r].x), d[r].y * gelu_grad(p[r].y));
+      else
+        y = make_float2(gelu(p[r].x), gelu(p[r].y));
+      const float2 stored = store2(out + first + r * hidden, y);
+      v[r][0] = stored.x, v[r][1] = stored.y;
+    }
+    nibble::cuda::accumulate_amax16<2>(v, amax, row_max, col_max);
   }
   nibble::cuda::finish_amax(row_max, col_max, amax.slots, amax.col_rht);
 }
@@ -179,16 +192,15 @@ bool launch_gelu_amax(MlpKind kind, const In* pre, const D* dact, int64_t rows, 
                                 ": the NVFP4 amax is computed with GELU only, on rows that are a multiple of 16 and "
                                 "columns of 4 (16-byte aligned), got " +
                                 std::to_string(rows) + " x " + std::to_string(hidden));
-  const auto kernel = gelu_amax_kernel<kBackward, In, D, Vec4<Out>>;
+  const auto kernel = gelu_amax_kernel<kBackward, In, D, Out>;
   static const int per_sm = [&] {  // resident blocks per SM, once per kernel variant
     int n = 0;
     NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kGeluAmaxThreads, 0));
     return std::max(n, 1);
   }();
   const int64_t resident = static_cast<int64_t>(per_sm) * nibble::cuda::device_attribute(cudaDevAttrMultiProcessorCount);
-  const int64_t blocks = std::min<int64_t>(blocks_for(rows / 16 * (hidden / 4), kGeluAmaxThreads), resident);
-  kernel<<<static_cast<unsigned>(blocks), kGeluAmaxThreads, 0, stream>>>(pre, dact, rows, hidden,
-                                                                        reinterpret_cast<Vec4<Out>*>(out), amax);
+  const int64_t blocks = std::min<int64_t>(blocks_for(rows / 16 * (hidden / 2), kGeluAmaxThreads), 4 * resident);
+  kernel<<<static_cast<unsigned>(blocks), kGeluAmaxThreads, 0, stream>>>(pre, dact, rows, hidden, out, amax);
   NIBBLE_CUDA_CHECK_LAUNCH();
   return true;
 }
