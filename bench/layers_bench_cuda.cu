@@ -83,6 +83,25 @@ int main() {
     auto x = random_buffer(tokens * d, 1.0f, 3), dy = random_buffer(tokens * d, 1.0f, 4);
     DeviceBuffer<float> y(x.size()), dx(x.size());
     report("layernorm forward", median_ms([&] { norm.forward(x.data(), tokens, y.data(), nullptr); }), 3 * act);
+    // BF16 output, as the nvfp4 step writes qkv's and fc's input: alone, followed by the amax pass of
+    // the fused NVFP4 pass over it, and computing that amax itself (nibble::cuda::ProducerAmax).
+    DeviceBuffer<nibble::bf16_t> y16(x.size());
+    DeviceBuffer<uint32_t> words(4);
+    words.zero();
+    nibble::cuda::RowColSpec spec;
+    spec.col_rht = true;
+    nibble::cuda::ProducerAmax amax;
+    amax.slots = {words.data(), words.data() + 2};
+    amax.col_rht = true;
+    report("layernorm forward bf16", median_ms([&] { norm.forward(x.data(), tokens, y16.data(), nullptr); }),
+           2.5 * act);
+    report("layernorm forward bf16 + amax pass", median_ms([&] {
+             norm.forward(x.data(), tokens, y16.data(), nullptr);
+             nibble::cuda::nvfp4_amax(y16.data(), tokens, d, spec, nibble::cuda::AmaxSlots{words.data(), nullptr},
+                                      nullptr);
+           }), 3 * act);
+    report("layernorm forward bf16, amax in it",
+           median_ms([&] { norm.forward(x.data(), tokens, y16.data(), nullptr, amax); }), 2.5 * act);
     report("layernorm backward", median_ms([&] {
              norm.forward(x.data(), tokens, y.data(), nullptr);
              norm.backward(dy.data(), dx.data(), nullptr);

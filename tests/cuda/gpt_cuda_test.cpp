@@ -164,8 +164,9 @@ INSTANTIATE_TEST_SUITE_P(
              1e-2, 0.35}),
     [](const auto& info) { return info.param.name; });
 
-// The GELU computing the amax of the NVFP4 passes over its outputs (fc2's X, fc's dY) gives the
-// bits of the passes computing their own: the loss and every gradient after two steps.
+// The norms and the GELU computing the amax of the NVFP4 passes over their outputs (qkv's and fc's
+// X, fc2's X, fc's dY) give the bits of the passes computing their own: the loss and every gradient
+// after two steps.
 TEST(GptCuda, ProducerAmaxGivesTheSameBits) {
   const uint64_t seed = test::fresh_seed();
   std::mt19937_64 rng(seed);
@@ -184,8 +185,8 @@ TEST(GptCuda, ProducerAmaxGivesTheSameBits) {
     const double lb = own.forward_backward(inputs, targets, batch, seq, 0.5f);
     EXPECT_EQ(la, lb) << "step " << step;
   }
-  // Two GELUs a block (forward and backward) in each of the 3 blocks and 2 steps.
-  EXPECT_EQ(produced.producer_amaxes(), 2 * 3 * 2);
+  // Two norms and two GELUs (forward and backward) a block, in each of the 3 blocks and 2 steps.
+  EXPECT_EQ(produced.producer_amaxes(), 4 * 3 * 2);
   EXPECT_EQ(own.producer_amaxes(), 0);
   for (size_t i = 0; i < produced.parameters().size(); ++i) {
     const cuda::DeviceParameter& p = produced.parameters()[i];

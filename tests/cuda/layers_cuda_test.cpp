@@ -276,6 +276,48 @@ TEST_P(NormCudaTest, BackwardAccumulatesTheSameDx) {
   }
 }
 
+// forward() with the amax of the fused NVFP4 pass over its BF16 output (ProducerAmax): the y bits
+// of the plain forward, and the two words nvfp4_amax computes from y (with and without
+// the RHT), the next slot zeroed. 768 takes the kernel that computes the amax; 208 (not a multiple
+// of 128) the plain kernels, then the amax pass.
+TEST_P(NormCudaTest, ForwardComputesTheNvfp4PassAmax) {
+  for (const int64_t dim : {int64_t{208}, int64_t{768}})
+    for (bool rht : {false, true}) {
+      SCOPED_TRACE("dim " + std::to_string(dim) + (rht ? ", RHT" : ", no RHT"));
+      std::mt19937_64 rng(fresh_seed());
+      const int64_t rows = 16 * 11;
+      Stream stream;
+      cuda::NormCuda gpu(dim, GetParam());
+      upload(gpu.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
+      if (gpu.has_bias()) upload(gpu.bias(), nibble::nn::test::random_normal(rng, dim, 0.5f));
+      auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
+      x[x.size() / 3] = 90.0f;  // an outlier row
+      DeviceBuffer<float> d_x{std::span<const float>(x)};
+      DeviceBuffer<bf16_t> plain(x.size()), produced(x.size());
+      DeviceBuffer<uint32_t> slots(4), want(2);
+      slots.upload(std::vector<uint32_t>{0, 0, 0xDEADBEEFu, 0xDEADBEEFu});
+      nibble::cuda::ProducerAmax amax;
+      amax.slots = {slots.data(), slots.data() + 2};
+      amax.col_rht = rht;
+      amax.rht_signs = rht_signs_from_seed(rng());
+      gpu.forward(d_x.data(), rows, plain.data(), stream);
+      gpu.forward(d_x.data(), rows, produced.data(), stream, amax);
+      nibble::cuda::RowColSpec spec;
+      spec.col_rht = rht;
+      spec.rht_signs = amax.rht_signs;
+      nibble::cuda::nvfp4_amax(plain.data(), rows, dim, spec, want.data(), stream);
+      NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const std::vector<bf16_t> a = plain.download(), b = produced.download();
+      ASSERT_TRUE(std::equal(a.begin(), a.end(), b.begin(), [](bf16_t u, bf16_t v) { return u.bits == v.bits; }))
+          << "y differs from the plain forward's";
+      const std::vector<uint32_t> got = slots.download(), expected = want.download();
+      EXPECT_EQ(got[0], expected[0]) << "rowwise amax";
+      EXPECT_EQ(got[1], expected[1]) << "columnwise amax";
+      EXPECT_EQ(got[2], 0u);
+      EXPECT_EQ(got[3], 0u);
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(Kinds, NormCudaTest, ::testing::Values(NormKind::kLayerNorm, NormKind::kRmsNorm),
                          [](const auto& info) { return info.param == NormKind::kLayerNorm ? "LayerNorm" : "RmsNorm"; });
 

@@ -272,7 +272,8 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
                                     DeviceBuffer<bf16_t>& y16) {
     const auto n = static_cast<size_t>(rows * linear.out_features());
     if (linear.takes_bf16_input()) {
-      norm.forward(x_.data(), rows, linear.bf16_input(rows), stream_);
+      bf16_t* input = linear.bf16_input(rows);
+      norm.forward(x_.data(), rows, input, stream_, linear.bf16_input_amax(rows, stream_));
       y16.reserve(n);
       linear.forward_bf16_input(rows, y16.data(), stream_);
       return Values{nullptr, y16.data()};

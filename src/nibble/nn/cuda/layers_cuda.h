@@ -98,7 +98,10 @@ class NormCuda {
 
   void forward(const float* x, int64_t rows, float* y, cudaStream_t stream);
   // The same with y in BF16 (nearest-even rounding of the FP32 y), for LinearCuda::bf16_input().
-  void forward(const float* x, int64_t rows, bf16_t* y, cudaStream_t stream);
+  // With `amax`, also the amax of the fused NVFP4 pass that will quantize y (LinearCuda::bf16_input_amax):
+  // in the same kernel for vector rows (a multiple of 128 elements, at most 1024) and rows a multiple
+  // of 16; otherwise by that pass's amax kernel after the forward.
+  void forward(const float* x, int64_t rows, bf16_t* y, cudaStream_t stream, nibble::cuda::ProducerAmax amax = {});
   // dx = d(norm)/dx^T dy (overwrites dx; with `accumulate` dx += it, as a residual connection's
   // gradient, in the same FP32 addition a separate pass would do); weight/bias gradients += their
   // parts. Needs a forward. dx must not overlap dy. dx_bf16 (optional): the final dx (after the

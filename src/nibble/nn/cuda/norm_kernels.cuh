@@ -65,14 +65,15 @@ __device__ __forceinline__ void set(float4& v, int j, float x) {
   else v.w = x;
 }
 
+// Row r of the vector forward, by one warp; `out` (nullptr: none) receives the lane's output values
+// (as computed, before any BF16 rounding of y), kVecChunks float4s.
 template <typename Out>
-__global__ void __launch_bounds__(kRowThreads)
-norm_forward_vec_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool centered, float eps,
-                        const float* __restrict__ weight, const float* __restrict__ bias, Out* __restrict__ y,
-                        float* __restrict__ xhat, float* __restrict__ rstd_out) {
-  const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
+__device__ __forceinline__ void norm_forward_row_vec(const float* __restrict__ x, int64_t r, int64_t dim,
+                                                     bool centered, float eps, const float* __restrict__ weight,
+                                                     const float* __restrict__ bias, Out* __restrict__ y,
+                                                     float* __restrict__ xhat, float* __restrict__ rstd_out,
+                                                     float4* out) {
   const int lane = threadIdx.x & 31, chunks = static_cast<int>(dim / 128);
-  if (r >= rows) return;
   const int64_t row = r * dim + 4 * lane;
   float4 v[kVecChunks];
 #pragma unroll
@@ -105,15 +106,26 @@ norm_forward_vec_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, 
     if (c >= chunks) continue;
     const int64_t col = 4 * lane + 128 * c;
     const float4 w = load4(weight + col), b = bias != nullptr ? load4(bias + col) : make_float4(0, 0, 0, 0);
-    float4 h, out;
+    float4 h, o;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       set(h, j, static_cast<float>((get(v[c], j) - mean) * rstd));
-      set(out, j, get(h, j) * get(w, j) + get(b, j));
+      set(o, j, get(h, j) * get(w, j) + get(b, j));
     }
     store4(xhat + row + 128 * c, h);
-    store4(y + row + 128 * c, out);
+    store4(y + row + 128 * c, o);
+    if (out != nullptr) out[c] = o;
   }
+}
+
+template <typename Out>
+__global__ void __launch_bounds__(kRowThreads)
+norm_forward_vec_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool centered, float eps,
+                        const float* __restrict__ weight, const float* __restrict__ bias, Out* __restrict__ y,
+                        float* __restrict__ xhat, float* __restrict__ rstd_out) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
+  if (r >= rows) return;
+  norm_forward_row_vec(x, r, dim, centered, eps, weight, bias, y, xhat, rstd_out, static_cast<float4*>(nullptr));
 }
 
 // dx = rstd * (dxhat - mean(dxhat) [LayerNorm] - xhat * mean(dxhat * xhat)), dxhat = dy * g.
