@@ -1,7 +1,8 @@
 // The CUDA syntax that kernels compiled as host C++ use, for the emulation tests that run a block's
-// threads as std::threads (emulated_grid.h): a block of 256 threads with its barriers and warp
-// shuffles, the built-in indices, the qualifiers defined away, __syncthreads as the block's barrier,
-// and atomicMin. A test starts each block's state with emu::start_block (run_grid's start_block).
+// threads as std::threads (emulated_grid.h): a block (of block_dim.x threads, 256 unless a test sets
+// it) with its barriers and warp shuffles, the built-in indices, the qualifiers defined away,
+// __syncthreads as the block's barrier, __reduce_max_sync, atomicMax and atomicMin. A test starts
+// each block's state with emu::start_block (run_grid's start_block).
 #pragma once
 
 #include <atomic>
@@ -13,20 +14,21 @@
 
 namespace emu {
 
-constexpr int kBlockThreads = 256;
+constexpr int kBlockThreads = 256;  // the default block size
 struct Block {
-  std::barrier<> sync{kBlockThreads};
+  std::barrier<> sync;
   std::vector<std::unique_ptr<std::barrier<>>> warp_sync;
-  double lanes[kBlockThreads];  // each thread's shuffle operand (floats and doubles both fit exactly)
-  Block() {
-    for (int w = 0; w < kBlockThreads / 32; ++w) warp_sync.push_back(std::make_unique<std::barrier<>>(32));
+  std::vector<double> lanes;  // each thread's shuffle operand (floats, doubles and 32-bit words fit exactly)
+  explicit Block(unsigned threads) : sync(threads), lanes(threads) {
+    for (unsigned w = 0; w < threads / 32; ++w) warp_sync.push_back(std::make_unique<std::barrier<>>(32));
   }
 };
 inline Block* block = nullptr;
 inline uint3 block_dim{kBlockThreads, 1, 1};
 
+// A block of block_dim.x threads (a multiple of 32).
 inline std::unique_ptr<Block> start_block() {
-  auto b = std::make_unique<Block>();
+  auto b = std::make_unique<Block>(block_dim.x);
   block = b.get();
   return b;
 }
@@ -58,6 +60,21 @@ T shfl_xor(T v, int mask) {
 
 inline float __shfl_xor_sync(unsigned, float v, int mask) { return emu::shfl_xor(v, mask); }
 inline double __shfl_xor_sync(unsigned, double v, int mask) { return emu::shfl_xor(v, mask); }
+// The warp's maximum of 32-bit words (amax_device.cuh's block maximum).
+inline uint32_t __reduce_max_sync(unsigned, uint32_t v) {
+  for (int mask = 16; mask >= 1; mask /= 2) {
+    const uint32_t o = emu::shfl_xor(v, mask);
+    v = v > o ? v : o;
+  }
+  return v;
+}
+inline uint32_t atomicMax(uint32_t* p, uint32_t v) {
+  std::atomic_ref<uint32_t> a(*p);
+  uint32_t old = a.load();
+  while (old < v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
+}
 // kernel_util.cuh's flag_bad_id: the smallest value wins.
 inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
   std::atomic_ref<unsigned long long> a(*p);

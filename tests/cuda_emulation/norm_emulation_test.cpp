@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -42,8 +43,17 @@ float4* dynamic_sums() { return reinterpret_cast<float4*>(emu::shared); }
 }  // namespace
 }  // namespace nibble::nn::cuda
 
+namespace nibble::cuda {
+namespace {
+// max.NaN.f32 of m and |v| (amax_device.cuh): the inputs here are finite.
+float fmax_abs_nan(float m, float v) { return std::max(m, std::fabs(v)); }
+}  // namespace
+}  // namespace nibble::cuda
+
 #define NIBBLE_NORM_HOST_EMULATION
+#define NIBBLE_ROWCOL_HOST_EMULATION
 #include "../../src/nibble/nn/cuda/norm_kernels.cuh"
+#include "nibble/quant/rht.h"
 
 namespace emu {
 
@@ -177,6 +187,67 @@ TEST(NormEmulation, BackwardWithPartialsMatchesTheStridedKernels) {
 #ifndef NIBBLE_NORM_EMULATION_TSAN
   check<bf16_t>(Case{128, 256, false, true, true}, rng);
   check<bf16_t>(Case{70, 1024, true, true, false}, rng);
+#endif
+}
+
+// The vector forward with BF16 output that also computes the fused NVFP4 pass's amax
+// (norm_forward_vec_amax_kernel: 16 warps a block, the rows staged in shared memory): y, xhat and
+// rstd equal to the plain vector kernel's, and the two words equal to the maxima over its y: max |y|
+// and, with the RHT, max |rht16(16-row column block)| (quant/rht.h, the CPU reference), the next
+// slot zeroed.
+void check_forward_amax(int64_t rows, int64_t dim, bool centered, bool rht, std::mt19937_64& rng) {
+  SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(dim) + (centered ? " LayerNorm" : " RMSNorm") +
+               (rht ? ", RHT" : ""));
+  const int64_t n = rows * dim;
+  std::vector<float> x = normal(rng, n, 2.0f);
+  x[static_cast<size_t>(n / 3)] = 60.0f;  // an outlier
+  const std::vector<float> weight = normal(rng, dim, 1.0f), bias = normal(rng, dim, 0.5f);
+  const float* b = centered ? bias.data() : nullptr;
+  std::vector<bf16_t> y_ref(static_cast<size_t>(n)), y(static_cast<size_t>(n));
+  std::vector<float> xhat_ref(static_cast<size_t>(n)), xhat(static_cast<size_t>(n));
+  std::vector<float> rstd_ref(static_cast<size_t>(rows)), rstd(static_cast<size_t>(rows));
+  emu::launch(dim3(static_cast<unsigned>(rows / kRowsPerBlock)), kRowThreads, 0, [&] {
+    norm_forward_vec_kernel<bf16_t>(x.data(), rows, dim, centered, 1e-5f, weight.data(), b, y_ref.data(),
+                                    xhat_ref.data(), rstd_ref.data());
+  });
+  uint32_t words[4] = {0, 0, 0xDEADBEEFu, 0xDEADBEEFu};
+  nibble::cuda::ProducerAmax amax;
+  amax.slots = {words, words + 2};
+  amax.col_rht = rht;
+  amax.rht_signs = rht_signs_from_seed(rng());
+  emu::launch(dim3(static_cast<unsigned>(rows / kAmaxRows)), 32 * kAmaxRows, 0, [&] {
+    norm_forward_vec_amax_kernel(x.data(), dim, centered, 1e-5f, weight.data(), b, y.data(), xhat.data(), rstd.data(),
+                                 amax);
+  });
+  int64_t wrong = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if ((y[i].bits != y_ref[i].bits || float_bits(xhat[i]) != float_bits(xhat_ref[i])) && wrong++ < 3)
+      ADD_FAILURE() << "element " << i << ": y " << y[i].bits << " vs " << y_ref[i].bits;
+  EXPECT_EQ(wrong, 0);
+  EXPECT_EQ(0, std::memcmp(rstd.data(), rstd_ref.data(), rstd.size() * sizeof(float)));
+  float row_max = 0.0f, col_max = 0.0f;
+  for (int64_t c = 0; c < dim; ++c)
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      float v[kRhtBlock];
+      for (int k = 0; k < 16; ++k) {
+        v[k] = to_float(y_ref[static_cast<size_t>((r0 + k) * dim + c)]);
+        row_max = std::max(row_max, std::fabs(v[k]));
+      }
+      rht16(v, amax.rht_signs);
+      for (float e : v) col_max = std::max(col_max, std::fabs(e));
+    }
+  EXPECT_EQ(words[0], float_bits(row_max));
+  EXPECT_EQ(words[1], float_bits(rht ? col_max : row_max));
+  EXPECT_EQ(words[2], 0u);
+  EXPECT_EQ(words[3], 0u);
+}
+
+TEST(NormEmulation, ForwardComputesTheNvfp4PassAmax) {
+  std::mt19937_64 rng(test::fresh_seed());
+  check_forward_amax(48, 768, true, true, rng);
+#ifndef NIBBLE_NORM_EMULATION_TSAN
+  check_forward_amax(32, 1024, false, true, rng);
+  check_forward_amax(32, 256, true, false, rng);
 #endif
 }
 

@@ -1,12 +1,14 @@
 // LayerNorm / RMSNorm kernels behind NormCuda (layers_cuda.h); included by norm_cuda.cu only, and
 // compiled as host C++ by tests/cuda_emulation/norm_emulation_test.cpp (NIBBLE_NORM_HOST_EMULATION,
-// which brings its own shuffles, barriers and dynamic shared memory).
+// which brings its own shuffles, barriers, atomics and dynamic shared memory, and, through
+// NIBBLE_ROWCOL_HOST_EMULATION, amax_device.cuh's fmax_abs_nan).
 #pragma once
 
 #include <cstdint>
 
 #include "nibble/formats/minifloat.h"
 #include "nibble/nn/cuda/kernel_util.cuh"
+#include "nibble/quant/cuda/amax_device.cuh"
 
 namespace nibble::nn::cuda {
 namespace {
@@ -126,6 +128,42 @@ norm_forward_vec_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, 
   const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
   if (r >= rows) return;
   norm_forward_row_vec(x, r, dim, centered, eps, weight, bias, y, xhat, rstd_out, static_cast<float4*>(nullptr));
+}
+
+// The vector forward with BF16 output that also computes the amax of the fused NVFP4 pass over y
+// (ProducerAmax): 16 rows a block, one warp each; the rows' BF16 values are staged in shared
+// memory, then each thread takes pairs of columns of the 16 rows (a block of the columnwise copy's
+// RHT) for the maxima. Grid: rows / 16 blocks (rows a multiple of 16).
+constexpr int kAmaxRows = 16;
+__global__ void __launch_bounds__(32 * kAmaxRows)
+    norm_forward_vec_amax_kernel(const float* __restrict__ x, int64_t dim, bool centered, float eps,
+                                 const float* __restrict__ weight, const float* __restrict__ bias,
+                                 bf16_t* __restrict__ y, float* __restrict__ xhat, float* __restrict__ rstd_out,
+                                 nibble::cuda::ProducerAmax amax) {
+  __shared__ uint32_t staged[kAmaxRows][kVecChunks * 128 / 2];  // BF16 pairs, as y holds them
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, chunks = static_cast<int>(dim / 128);
+  float4 out[kVecChunks];
+  norm_forward_row_vec(x, blockIdx.x * static_cast<int64_t>(kAmaxRows) + warp, dim, centered, eps, weight, bias, y,
+                       xhat, rstd_out, out);
+#pragma unroll
+  for (int c = 0; c < kVecChunks; ++c) {
+    if (c >= chunks) continue;
+    const int pair = 2 * lane + 64 * c;  // the chunk's 4 elements: columns 4 lane + 128 c ..
+    staged[warp][pair] = detail::bf16_bits(out[c].x) | detail::bf16_bits(out[c].y) << 16;
+    staged[warp][pair + 1] = detail::bf16_bits(out[c].z) | detail::bf16_bits(out[c].w) << 16;
+  }
+  __syncthreads();
+  float row_max = 0.0f, col_max = 0.0f;
+  for (int pair = threadIdx.x; pair < dim / 2; pair += blockDim.x) {
+    float v[kAmaxRows][2];
+#pragma unroll
+    for (int r = 0; r < kAmaxRows; ++r) {
+      v[r][0] = bits_float(staged[r][pair] << 16);
+      v[r][1] = bits_float(staged[r][pair] & 0xFFFF0000u);
+    }
+    nibble::cuda::accumulate_amax16<2>(v, amax, row_max, col_max);
+  }
+  nibble::cuda::finish_amax(row_max, col_max, amax.slots, amax.col_rht);
 }
 
 // dx = rstd * (dxhat - mean(dxhat) [LayerNorm] - xhat * mean(dxhat * xhat)), dxhat = dy * g.
