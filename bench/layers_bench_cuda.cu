@@ -36,6 +36,31 @@ DeviceBuffer<float> random_buffer(int64_t n, float stddev, uint64_t seed) {
   return DeviceBuffer<float>(std::span<const float>(v));
 }
 
+DeviceBuffer<nibble::bf16_t> random_bf16_buffer(int64_t n, float stddev, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> d(0.0f, stddev);
+  std::vector<nibble::bf16_t> v(static_cast<size_t>(n));
+  for (auto& x : v) x.bits = static_cast<uint16_t>(nibble::BF16::encode(d(rng), nibble::Rounding::kNearestEven));
+  return DeviceBuffer<nibble::bf16_t>(std::span<const nibble::bf16_t>(v));
+}
+
+// The amax of a fused NVFP4 pass with the RHT on its columnwise side, for the lines that time a
+// producer with that pass's amax kernel after it (amax_pass) or with the amax computed in it (producer).
+struct PassAmax {
+  DeviceBuffer<uint32_t> words;
+  nibble::cuda::RowColSpec spec;
+  nibble::cuda::ProducerAmax producer;
+  PassAmax() : words(4) {
+    words.zero();
+    spec.col_rht = true;
+    producer.slots = {words.data(), words.data() + 2};
+    producer.col_rht = true;
+  }
+  void amax_pass(const nibble::bf16_t* x, int64_t rows, int64_t cols) {
+    nibble::cuda::nvfp4_amax(x, rows, cols, spec, nibble::cuda::AmaxSlots{words.data(), nullptr}, nullptr);
+  }
+};
+
 void report(const char* what, float ms, double bytes) {
   std::printf("%-34s %9.3f ms  %8.1f GB/s\n", what, ms, bytes / (ms * 1e-3) / 1e9);
 }
@@ -86,22 +111,15 @@ int main() {
     // BF16 output, as the nvfp4 step writes qkv's and fc's input: alone, followed by the amax pass of
     // the fused NVFP4 pass over it, and computing that amax itself (nibble::cuda::ProducerAmax).
     DeviceBuffer<nibble::bf16_t> y16(x.size());
-    DeviceBuffer<uint32_t> words(4);
-    words.zero();
-    nibble::cuda::RowColSpec spec;
-    spec.col_rht = true;
-    nibble::cuda::ProducerAmax amax;
-    amax.slots = {words.data(), words.data() + 2};
-    amax.col_rht = true;
+    PassAmax amax;
     report("layernorm forward bf16", median_ms([&] { norm.forward(x.data(), tokens, y16.data(), nullptr); }),
            2.5 * act);
     report("layernorm forward bf16 + amax pass", median_ms([&] {
              norm.forward(x.data(), tokens, y16.data(), nullptr);
-             nibble::cuda::nvfp4_amax(y16.data(), tokens, d, spec, nibble::cuda::AmaxSlots{words.data(), nullptr},
-                                      nullptr);
+             amax.amax_pass(y16.data(), tokens, d);
            }), 3 * act);
     report("layernorm forward bf16, amax in it",
-           median_ms([&] { norm.forward(x.data(), tokens, y16.data(), nullptr, amax); }), 2.5 * act);
+           median_ms([&] { norm.forward(x.data(), tokens, y16.data(), nullptr, amax.producer); }), 2.5 * act);
     report("layernorm backward", median_ms([&] {
              norm.forward(x.data(), tokens, y.data(), nullptr);
              norm.backward(dy.data(), dx.data(), nullptr);
@@ -123,22 +141,9 @@ int main() {
     // The GELU as the nvfp4 step runs it (BF16 in and out): alone, followed by the amax pass of the
     // fused NVFP4 pass over its output (RHT on the columnwise side), and computing that amax itself
     // (nibble::cuda::ProducerAmax, what training does).
-    const auto bf16_buffer = [](int64_t n, float stddev, uint64_t seed) {
-      std::mt19937_64 r(seed);
-      std::normal_distribution<float> dist(0.0f, stddev);
-      std::vector<nibble::bf16_t> v(static_cast<size_t>(n));
-      for (auto& x : v) x.bits = static_cast<uint16_t>(nibble::BF16::encode(dist(r), nibble::Rounding::kNearestEven));
-      return DeviceBuffer<nibble::bf16_t>(std::span<const nibble::bf16_t>(v));
-    };
-    auto pre = bf16_buffer(tokens * hidden, 1.0f, 7), dact = bf16_buffer(tokens * hidden, 1e-3f, 8);
+    auto pre = random_bf16_buffer(tokens * hidden, 1.0f, 7), dact = random_bf16_buffer(tokens * hidden, 1e-3f, 8);
     DeviceBuffer<nibble::bf16_t> out(pre.size());
-    DeviceBuffer<uint32_t> words(4);
-    words.zero();
-    nibble::cuda::RowColSpec spec;
-    spec.col_rht = true;
-    nibble::cuda::ProducerAmax amax;
-    amax.slots = {words.data(), words.data() + 2};
-    amax.col_rht = true;
+    PassAmax amax;
     const double h = static_cast<double>(tokens * hidden) * 2;
     const auto gelu = [&](bool backward, nibble::cuda::ProducerAmax a) {
       if (backward)
@@ -152,11 +157,10 @@ int main() {
       report(backward ? "gelu backward bf16" : "gelu forward bf16", median_ms([&] { gelu(backward, {}); }), bytes);
       report(backward ? "gelu backward bf16 + amax pass" : "gelu forward bf16 + amax pass", median_ms([&] {
                gelu(backward, {});
-               nibble::cuda::nvfp4_amax(out.data(), tokens, hidden, spec, nibble::cuda::AmaxSlots{words.data(), nullptr},
-                                        nullptr);
+               amax.amax_pass(out.data(), tokens, hidden);
              }), bytes + h);
       report(backward ? "gelu backward bf16, amax in it" : "gelu forward bf16, amax in it",
-             median_ms([&] { gelu(backward, amax); }), bytes);
+             median_ms([&] { gelu(backward, amax.producer); }), bytes);
     }
   }
   {
