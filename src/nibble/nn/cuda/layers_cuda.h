@@ -117,7 +117,7 @@ class NormCuda {
   float eps_;
   DeviceBuffer<float> weight_, bias_, weight_grad_, bias_grad_;
   template <typename Out>
-  void forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream);
+  void forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream, const nibble::cuda::ProducerAmax& amax);
   template <typename DyT>
   void backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16);
 

@@ -176,20 +176,20 @@ bf16_t* LinearCuda::bf16_input(int64_t tokens) {
   return ctx_.bf16_input.data();
 }
 
-nibble::cuda::ProducerAmax LinearCuda::bf16_input_amax(int64_t tokens, cudaStream_t stream) {
+nibble::cuda::ProducerAmax LinearCuda::producer_amax(int64_t rows, int64_t cols, Operand row_op, Operand col_op,
+                                                     OperandCuda& row, cudaStream_t stream) {
   if (!ctx_.producer_amax) return {};
-  const nibble::cuda::ProducerAmax amax =
-      OperandCuda::producer_amax(tokens, in_, recipe_, Operand::kFpropX, Operand::kWgradX, ctx_.x_rows, stream);
+  const nibble::cuda::ProducerAmax amax = OperandCuda::producer_amax(rows, cols, recipe_, row_op, col_op, row, stream);
   if (amax) ++ctx_.producer_amaxes;
   return amax;
 }
 
+nibble::cuda::ProducerAmax LinearCuda::bf16_input_amax(int64_t tokens, cudaStream_t stream) {
+  return producer_amax(tokens, in_, Operand::kFpropX, Operand::kWgradX, ctx_.x_rows, stream);
+}
+
 nibble::cuda::ProducerAmax LinearCuda::bf16_dy_amax(cudaStream_t stream) {
-  if (!ctx_.producer_amax) return {};
-  const nibble::cuda::ProducerAmax amax = OperandCuda::producer_amax(
-      saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, ctx_.dy_rows, stream);
-  if (amax) ++ctx_.producer_amaxes;
-  return amax;
+  return producer_amax(saved_tokens_, out_, Operand::kDgradDy, Operand::kWgradDy, ctx_.dy_rows, stream);
 }
 
 void LinearCuda::forward_bf16_input(int64_t tokens, float* y, cudaStream_t stream, bool accumulate) {

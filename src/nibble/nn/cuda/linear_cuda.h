@@ -128,6 +128,10 @@ class LinearCuda {
   // What an operand of `rows` rows about to be made prepares for its GEMM with `other`: decoded BF16
   // values where the GEMM reads them (the Hopper decode path; ctx_.fused_decode), and the GEMM's alpha.
   OperandCuda::ForGemm for_gemm_with(const OperandCuda& other, int64_t rows) const;
+  // OperandCuda::producer_amax for the pair make_pair will make into `row`, unless the context
+  // switches it off; counted in ctx_.producer_amaxes.
+  nibble::cuda::ProducerAmax producer_amax(int64_t rows, int64_t cols, Operand row_op, Operand col_op,
+                                           OperandCuda& row, cudaStream_t stream);
   // Whether the GEMM of NVFP4 operands a [m x k] and b [n x k] runs in Hopper's packed-operand GEMM.
   bool packed_gemm_applies(int64_t m, const OperandCuda& b) const;
   void refresh_weight_copies(cudaStream_t stream);

@@ -1,6 +1,7 @@
 // LayerNorm / RMSNorm forward and backward on the GPU, mirroring nn::Norm (see layers_cuda.h).
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
@@ -47,38 +48,42 @@ void NormCuda::zero_grad(cudaStream_t stream) {
   bias_grad_.zero(stream);
 }
 
-void NormCuda::forward(const float* x, int64_t rows, float* y, cudaStream_t stream) { forward_impl(x, rows, y, stream); }
+void NormCuda::forward(const float* x, int64_t rows, float* y, cudaStream_t stream) { forward_impl(x, rows, y, stream, {}); }
 void NormCuda::forward(const float* x, int64_t rows, bf16_t* y, cudaStream_t stream,
                        nibble::cuda::ProducerAmax amax) {
-  if (!amax) return forward_impl(x, rows, y, stream);
+  forward_impl(x, rows, y, stream, amax);
+}
+
+template <typename Out>
+void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream,
+                            const nibble::cuda::ProducerAmax& amax) {
   if (rows <= 0) throw std::invalid_argument("NormCuda::forward: rows must be positive, got " + std::to_string(rows));
-  if (rows % kAmaxRows != 0 || !vector_rows(dim_, x, y)) {  // the plain kernels, then the amax pass
-    forward_impl(x, rows, y, stream);
+  saved_xhat_.reserve(static_cast<size_t>(rows * dim_));
+  saved_rstd_.reserve(static_cast<size_t>(rows));
+  const bool vector = vector_rows(dim_, x, y);
+  const float* bias = has_bias() ? bias_.data() : nullptr;
+  bool amax_done = false;
+  if constexpr (std::is_same_v<Out, bf16_t>) {
+    if (amax && vector && rows % kAmaxRows == 0) {  // the amax in the same kernel
+      norm_forward_vec_amax_kernel<<<static_cast<unsigned>(rows / kAmaxRows), 32 * kAmaxRows, 0, stream>>>(
+          x, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), bias, y, saved_xhat_.data(),
+          saved_rstd_.data(), amax);
+      amax_done = true;
+    }
+  }
+  if (!amax_done) {
+    const auto kernel = vector ? norm_forward_vec_kernel<Out> : norm_forward_kernel<Out>;
+    kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
+        x, rows, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), bias, y, saved_xhat_.data(),
+        saved_rstd_.data());
+  }
+  NIBBLE_CUDA_CHECK_LAUNCH();
+  if (amax && !amax_done) {  // other shapes: the fused pass's own amax kernel, after the forward
     nibble::cuda::RowColSpec spec;
     spec.col_rht = amax.col_rht;
     spec.rht_signs = amax.rht_signs;
     nibble::cuda::nvfp4_amax(y, rows, dim_, spec, amax.slots, stream);
-    return;
   }
-  saved_xhat_.reserve(static_cast<size_t>(rows * dim_));
-  saved_rstd_.reserve(static_cast<size_t>(rows));
-  norm_forward_vec_amax_kernel<<<static_cast<unsigned>(rows / kAmaxRows), 32 * kAmaxRows, 0, stream>>>(
-      x, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), has_bias() ? bias_.data() : nullptr, y,
-      saved_xhat_.data(), saved_rstd_.data(), amax);
-  NIBBLE_CUDA_CHECK_LAUNCH();
-  saved_rows_ = rows;
-}
-
-template <typename Out>
-void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream) {
-  if (rows <= 0) throw std::invalid_argument("NormCuda::forward: rows must be positive, got " + std::to_string(rows));
-  saved_xhat_.reserve(static_cast<size_t>(rows * dim_));
-  saved_rstd_.reserve(static_cast<size_t>(rows));
-  const auto kernel = vector_rows(dim_, x, y) ? norm_forward_vec_kernel<Out> : norm_forward_kernel<Out>;
-  kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
-      x, rows, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), has_bias() ? bias_.data() : nullptr, y,
-      saved_xhat_.data(), saved_rstd_.data());
-  NIBBLE_CUDA_CHECK_LAUNCH();
   saved_rows_ = rows;
 }
 
