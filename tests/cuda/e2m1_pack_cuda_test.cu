@@ -33,7 +33,7 @@ __device__ void record(Mismatches* m, uint32_t bits, uint32_t word) {
 }
 
 // Every non-negative float with bits in [0, end], plus +inf: the magnitude code of e2m1_rne_magic and
-// of e2m1_sr_magic with three random half-words (one drawn per float from `seed`, and 0 and 0xFFFF).
+// of e2m1_sr_magic with three random bytes (one drawn per float from `seed`, and 0 and 0xFF).
 __global__ void magnitude_codes_kernel(uint32_t end, uint64_t seed, Mismatches* rne, Mismatches* sr) {
   for (uint64_t i = blockIdx.x * static_cast<uint64_t>(blockDim.x) + threadIdx.x; i <= end + 1ull;
        i += static_cast<uint64_t>(gridDim.x) * blockDim.x) {
@@ -43,11 +43,11 @@ __global__ void magnitude_codes_kernel(uint32_t end, uint64_t seed, Mismatches* 
     if (rne_code != e2m1_encode_rne_fast(y)) record(rne, bits, 0);
     if (y < 7.0f && float_bits(e2m1_rne_magic<false>(y)) != float_bits(e2m1_rne_magic<true>(y))) record(rne, bits, 1);
     const Philox4x32 group = random_words(seed, 0, i);
-    const uint32_t halves[3] = {group.v[0] & 0xFFFFu, 0u, 0xFFFFu};
-    for (uint32_t h : halves) {
-      Philox4x32 g{{h, 0, 0, 0}};  // element 0 of a group draws the low half of word 0
+    const uint32_t bytes[3] = {group.v[0] & 0xFFu, 0u, 0xFFu};
+    for (uint32_t b : bytes) {
+      Philox4x32 g{{b, 0, 0, 0}};  // element 0 of a group draws the low byte of word 0
       const uint32_t sr_code = float_bits(e2m1_sr_magic(y, sr_neg_one_minus_u(g, 0))) - float_bits(kE2m1SrMagic);
-      if (sr_code != e2m1_encode_sr_fast(y, h << 16)) record(sr, bits, h);
+      if (sr_code != e2m1_encode_sr_fast(y, fp4_random_word(g, 0))) record(sr, bits, b);
     }
   }
 }
@@ -59,14 +59,16 @@ __global__ void packed_words_kernel(const float* v, const float* scales, int wor
   if (w >= words) return;
   const float* x = v + 8 * w;
   const float scale = scales[w];
-  const Philox4x32 group = random_words(seed, 3, w);
+  const Philox4x32 group = random_words(seed, 3, w / 2);  // word w takes half w % 2 of a group's bytes
+  const int half = w % 2;
   uint32_t want_rne = 0, want_sr = 0;
   for (int k = 0; k < 8; ++k) {
     want_rne |= static_cast<uint32_t>(e2m1_encode_rne_fast(x[k] * scale)) << (4 * k);
-    want_sr |= static_cast<uint32_t>(e2m1_encode_sr_fast(x[k] * scale, fp4_random_word(group, k))) << (4 * k);
+    want_sr |= static_cast<uint32_t>(e2m1_encode_sr_fast(x[k] * scale, fp4_random_word(group, 8 * half + k))) << (4 * k);
   }
   if (pack8_rne<true>(x, scale) != want_rne) record(rne, w, 0);
-  if (pack8_sr(x, scale, group) != want_sr) record(sr, w, group.v[0]);
+  const uint32_t got_sr = half == 0 ? pack8_sr<0>(x, scale, group) : pack8_sr<1>(x, scale, group);
+  if (got_sr != want_sr) record(sr, w, group.v[0]);
 }
 
 
@@ -82,7 +84,7 @@ TEST(E2m1PackCuda, MagnitudeCodesEqualTheReferenceOnEveryFloatUpTo16) {
   EXPECT_EQ(r.count, 0u) << "round to nearest: first at float bits 0x" << std::hex << r.first_bits << " (check "
                          << r.first_word << ")";
   EXPECT_EQ(s.count, 0u) << "stochastic rounding: first at float bits 0x" << std::hex << s.first_bits
-                         << ", half-word 0x" << s.first_word << " (seed " << std::dec << seed << ")";
+                         << ", random byte 0x" << s.first_word << " (seed " << std::dec << seed << ")";
 }
 
 TEST(E2m1PackCuda, PackedWordsOfSignedValuesEqualTheElementEncoders) {

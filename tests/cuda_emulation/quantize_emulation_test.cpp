@@ -320,8 +320,8 @@ void check(const Case& k, const std::vector<float>& xf, const RowColSpec& spec, 
 // The magnitude encoders of e2m1_pack.cuh (as emulated here: the CPU's FMA under the rounding mode
 // asked for) against minifloat.h's on the floats where rounding decides: a sweep of [0, 16], every
 // float near each grid point and midpoint of E2M1's three grids, tiny values down to the smallest
-// subnormal; with the extreme half-words (0: round up when anything is above the grid point,
-// 0xFFFF) and random ones. The device test E2m1PackCuda.* sweeps every float in [0, 16] on the GPU.
+// subnormal; with the extreme bytes (0: round up from half a 1/256 step above the grid point; 0xFF)
+// and random ones, at each byte position of a Philox group. The device test E2m1PackCuda.* sweeps every float in [0, 16] on the GPU.
 TEST(QuantizeEmulation, MagnitudeEncodersEqualTheReference) {
   std::mt19937_64 rng(test::fresh_seed());
   std::vector<float> ys;
@@ -336,11 +336,15 @@ TEST(QuantizeEmulation, MagnitudeEncodersEqualTheReference) {
     if (!(y >= 0.0f)) continue;  // the d < 0 neighbours of 0 are NaNs
     const uint32_t rne = float_bits(e2m1_rne_magic<true>(y)) - float_bits(kE2m1RneMagic);
     ASSERT_EQ(rne, e2m1_encode_rne_fast(y)) << "round to nearest, y = " << y;
-    for (uint32_t h : {0u, 1u, 0x8000u, 0xFFFFu, static_cast<uint32_t>(rng() & 0xFFFF)}) {
-      const Philox4x32 group{{h, 0, 0, 0}};  // element 0 draws the low half of word 0
-      const uint32_t sr = float_bits(e2m1_sr_magic(y, sr_neg_one_minus_u(group, 0))) - float_bits(kE2m1SrMagic);
-      ASSERT_EQ(sr, e2m1_encode_sr_fast(y, h << 16)) << "stochastic rounding, y = " << y << ", half-word " << h;
-      ++compared;
+    const uint32_t word = static_cast<uint32_t>(rng());
+    for (uint32_t w : {0u, 0x01010101u, 0x80808080u, 0xFFFFFFFFu, word}) {
+      const Philox4x32 group{{w, ~w, w, ~w}};
+      for (int j : {0, 5, 10, 15}) {  // each byte position of a word, and each word
+        const uint32_t sr = float_bits(e2m1_sr_magic(y, sr_neg_one_minus_u(group, j))) - float_bits(kE2m1SrMagic);
+        ASSERT_EQ(sr, e2m1_encode_sr_fast(y, fp4_random_word(group, j)))
+            << "stochastic rounding, y = " << y << ", element " << j << " of a group with word " << w;
+        ++compared;
+      }
     }
   }
   std::printf("E2M1 magnitude encoders: %lld stochastic and %zu nearest-even codes compared\n",

@@ -249,7 +249,7 @@ TEST(QuantizeEdges, StochasticRoundingIsReproducibleAndStreamsDiffer) {
 }
 
 // Element i of the quantized matrix (row-major, after any transpose) draws fp4_random_word(seed, stream, i)
-// (FP4: 16 bits per element) or random_word(seed, stream, i) (FP8).
+// (FP4: 8 bits per element) or random_word(seed, stream, i) (FP8).
 TEST(QuantizeEdges, StochasticRoundingUsesEachElementsOwnRandomWord) {
   std::mt19937_64 rng(test::fresh_seed());
   const int64_t rows = 32, cols = 48;

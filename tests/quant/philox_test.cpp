@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <vector>
+
 namespace nibble {
 namespace {
 
@@ -38,17 +40,25 @@ TEST(Philox, ElementWordIsIndependentOfGrouping) {
   EXPECT_NE(random_word(42, 7, 0), random_word(43, 7, 0));  // seeds differ
 }
 
-TEST(Philox, Fp4ElementTakesItsOwnHalfWordAsTheTopBits) {
-  // Element i of an FP4 stream: half-word i%8 of the group i/8 (low half first), in bits 16..31.
-  for (uint64_t i = 0; i < 128; ++i) {
-    const uint32_t word = random_words(42, 7, i / 8).v[(i % 8) / 2];
-    const uint32_t half = i % 2 == 0 ? word & 0xFFFFu : word >> 16;
-    EXPECT_EQ(fp4_random_word(42, 7, i), half << 16) << "element " << i;
+TEST(Philox, Fp4ElementTakesItsOwnByteAsTheTopBits) {
+  // Element i of an FP4 stream: byte i%4 of word (i%16)/4 of the group i/16 (low byte first), in
+  // bits 24..31, with bit 23 set (the threshold in the middle of the byte's 1/256 interval).
+  for (uint64_t i = 0; i < 256; ++i) {
+    const uint32_t word = random_words(42, 7, i / 16).v[(i % 16) / 4];
+    const uint32_t byte = (word >> (8 * (i % 4))) & 0xFFu;
+    EXPECT_EQ(fp4_random_word(42, 7, i), (byte << 24) | 0x00800000u) << "element " << i;
   }
-  // Neighbours draw different bits (a shared half-word would correlate their roundings).
+  // Neighbours draw different bytes often enough (a shared byte would correlate their roundings).
   int equal = 0;
   for (uint64_t i = 0; i + 1 < 4096; ++i) equal += fp4_random_word(42, 7, i) == fp4_random_word(42, 7, i + 1);
-  EXPECT_LT(equal, 4);  // about 4096 / 65536 expected by chance
+  EXPECT_LT(equal, 40);  // about 4096 / 256 = 16 expected by chance
+  // Every byte value turns up (the generator's bytes are uniform).
+  std::vector<int> seen(256, 0);
+  for (uint64_t i = 0; i < 16384; ++i) seen[fp4_random_word(42, 9, i) >> 24]++;
+  for (int b = 0; b < 256; ++b) {
+    EXPECT_GT(seen[b], 20) << "byte " << b;  // 64 expected: P(< 21) is below 1e-10 per byte
+    EXPECT_LT(seen[b], 120) << "byte " << b;
+  }
 }
 
 }  // namespace

@@ -67,17 +67,23 @@ NIBBLE_HD uint32_t random_word(uint64_t seed, uint32_t stream, uint64_t index) {
   return random_words(seed, stream, index >> 2).v[index & 3];
 }
 
-// FP4 (E2M1) elements draw 16 random bits each, half as many generator calls as a word each (the
-// generator is what stochastic rounding's quantization pass spends most of its time on): element
-// `index` takes half-word index % 8 (low half of word 0 first) of random_words(seed, stream, index / 8),
-// as the top 16 bits of its random word. E2M1's stochastic encoder compares the fraction below the
-// kept bit with the top 24 bits of the word, so the rounding probability is resolved to 2^-16 of a step.
+// FP4 (E2M1) elements draw 8 random bits each, as Blackwell's stochastic conversion does (one 32-bit
+// word for four values in cvt.rs.satfinite.e2m1x4.f32), so one generator call serves a 16-element
+// block (the generator is what stochastic rounding's quantization pass spends most of its time on).
+// Element `index` takes byte index % 4 of word index % 16 / 4 of random_words(seed, stream, index / 16).
+// With byte b the element's random word is b * 2^24 + 2^23: E2M1's stochastic encoder rounds up when
+// the fraction below the kept bit exceeds the word's top 24 bits, u = (b + 1/2) / 256, so the
+// threshold sits in the middle of each 1/256 interval and the rounding probability is within 2^-9 of
+// a step of the exact fraction, with no bias on average over the fraction.
+inline constexpr int kFp4ElementsPerGroup = 16;
+inline constexpr uint32_t kFp4RandomHalfStep = 0x00800000u;  // the 1/2 in (b + 1/2) / 256
 NIBBLE_HD uint32_t fp4_random_word(const Philox4x32& group_words, int element_in_group) {
-  const uint32_t w = group_words.v[element_in_group >> 1];
-  return (element_in_group & 1) ? (w & 0xFFFF0000u) : (w << 16);
+  const uint32_t byte = (group_words.v[element_in_group >> 2] >> (8 * (element_in_group & 3))) & 0xFFu;
+  return (byte << 24) | kFp4RandomHalfStep;
 }
 NIBBLE_HD uint32_t fp4_random_word(uint64_t seed, uint32_t stream, uint64_t index) {
-  return fp4_random_word(random_words(seed, stream, index >> 3), static_cast<int>(index & 7));
+  return fp4_random_word(random_words(seed, stream, index / kFp4ElementsPerGroup),
+                         static_cast<int>(index % kFp4ElementsPerGroup));
 }
 
 }  // namespace nibble

@@ -101,17 +101,18 @@ void rht_blocks(std::span<float> x, int64_t rows, int64_t cols, RhtSigns signs, 
 
 namespace {
 
-// Encodes n FP4 elements (n a multiple of 8, index0 of v[0] a multiple of 8) with one element scale
-// into n/2 packed bytes; stochastic rounding draws one Philox block per 8 elements (fp4_random_word).
+// Encodes n FP4 elements (n and index0, the index of v[0], even) with one element scale into n/2
+// packed bytes; stochastic rounding draws one Philox block per 16 elements (fp4_random_word).
 void encode_fp4_run(const float* v, int n, float scale, const QuantSpec& s, int64_t index0, uint8_t* out) {
-  for (int g = 0; g < n; g += 8) {
-    Philox4x32 bits{{0, 0, 0, 0}};
-    if (s.rounding == Rounding::kStochastic) bits = random_words(s.seed, s.stream, static_cast<uint64_t>(index0 + g) >> 3);
-    for (int j = 0; j < 8; j += 2) {
-      const uint8_t lo = fp4_encode_element(v[g + j], scale, s.rounding, fp4_random_word(bits, j));
-      const uint8_t hi = fp4_encode_element(v[g + j + 1], scale, s.rounding, fp4_random_word(bits, j + 1));
-      out[(g + j) / 2] = static_cast<uint8_t>(lo | (hi << 4));
-    }
+  Philox4x32 bits{{0, 0, 0, 0}};
+  for (int j = 0; j < n; j += 2) {
+    const uint64_t index = static_cast<uint64_t>(index0 + j);
+    const int in_group = static_cast<int>(index % kFp4ElementsPerGroup);
+    if (s.rounding == Rounding::kStochastic && (j == 0 || in_group == 0))
+      bits = random_words(s.seed, s.stream, index / kFp4ElementsPerGroup);
+    const uint8_t lo = fp4_encode_element(v[j], scale, s.rounding, fp4_random_word(bits, in_group));
+    const uint8_t hi = fp4_encode_element(v[j + 1], scale, s.rounding, fp4_random_word(bits, in_group + 1));
+    out[j / 2] = static_cast<uint8_t>(lo | (hi << 4));
   }
 }
 

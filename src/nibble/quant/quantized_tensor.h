@@ -38,7 +38,7 @@ struct QuantSpec {
   bool rht = false;
   RhtSigns rht_signs = kDefaultRhtSigns;
   // Stochastic rounding: element i of the quantized matrix (row-major index) draws
-  // fp4_random_word(seed, stream, i) (FP4 formats: 16 bits) or random_word(seed, stream, i) (FP8).
+  // fp4_random_word(seed, stream, i) (FP4 formats: 8 bits) or random_word(seed, stream, i) (FP8).
   uint64_t seed = 0;
   uint32_t stream = 0;
 };

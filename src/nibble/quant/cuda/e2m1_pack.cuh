@@ -40,7 +40,7 @@ __device__ __forceinline__ float e2m1_rne_magic(float y) {
   return kSaturate ? fminf(fminf(lo, mid), fminf(hi, kMagic + 7.0f)) : fminf(fminf(lo, mid), hi);
 }
 
-// Stochastic-rounding magnitude code of |y| with the 16 random bits h (u = h / 2^16), returned as
+// Stochastic-rounding magnitude code of |y| with the random byte b (u = (b + 1/2) / 256), returned as
 // the float M + code, M = 1.5 * 2^23. The rule (E2M1::encode): on a grid where a is q steps, the code
 // is floor(q) + 1 when frac(q) > u, else floor(q); that is ceil(q - u), exactly (frac > u puts
 // q - u in (floor(q), floor(q) + 1); frac <= u in (floor(q) - 1, floor(q)]). The FFMA rounded
@@ -60,12 +60,14 @@ __device__ __forceinline__ float e2m1_sr_magic(float y, float neg_one_minus_u) {
   return fminf(fminf(lo, mid), fminf(hi, kMagic + 7.0f));
 }
 
-// -(1 + h / 2^16) for the half-word h that element j of a Philox group draws (fp4_random_word:
-// half j % 2 of word j / 2, low half first): h goes to the top 16 mantissa bits of -1.0f.
+// -(1 + u) for the byte b that element j (0..15) of a Philox group draws (fp4_random_word: byte
+// j % 4 of word j / 4), u = (b + 1/2) / 256: b goes to the top 8 mantissa bits of -1.0f and the half
+// to the bit below them.
 __device__ __forceinline__ float sr_neg_one_minus_u(const Philox4x32& group, int j) {
-  const uint32_t w = group.v[j >> 1];
-  const uint32_t mant = (j & 1) ? (w >> 9) & 0x007FFF80u : (w << 7) & 0x007FFF80u;
-  return bits_float(0xBF800000u | mant);
+  const uint32_t w = group.v[j >> 2];
+  const int shift = 8 * (j & 3);
+  const uint32_t mant = (shift <= 15 ? w << (15 - shift) : w >> (shift - 15)) & 0x007F8000u;
+  return bits_float(0xBF804000u | mant);
 }
 
 // Packs eight magnitude codes M + c_k (as float bits) and the signs of v[k] into one word.
@@ -103,12 +105,13 @@ __device__ __forceinline__ uint32_t pack8_rne(const float* v, float scale) {
   return pack8_codes<0x4B000000u>(v, m);
 }
 
-// Eight E2M1 stochastic-rounding codes of v[k] * scale, packed; element k draws half-word k of the
-// Philox group (the CPU's fp4_random_word(group, k)).
+// Eight E2M1 stochastic-rounding codes of v[k] * scale, packed; element k draws byte 8 * kHalf + k
+// of the Philox group (the CPU's fp4_random_word(group, 8 * kHalf + k)).
+template <int kHalf>
 __device__ __forceinline__ uint32_t pack8_sr(const float* v, float scale, const Philox4x32& group) {
   float m[8];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) m[k] = e2m1_sr_magic(v[k] * scale, sr_neg_one_minus_u(group, k));
+  for (int k = 0; k < 8; ++k) m[k] = e2m1_sr_magic(v[k] * scale, sr_neg_one_minus_u(group, 8 * kHalf + k));
   return pack8_codes<0x4B400000u>(v, m);
 }
 

@@ -61,20 +61,21 @@ __device__ __forceinline__ float max_abs_finite(const float* v) {
 
 // Encodes kN (16 or 32) FP4 elements with one element scale and packs them (element 2i in the low
 // nibble of byte i) into kN/8 32-bit words. `index0` is the row-major index of v[0] in the
-// quantized matrix; it is a multiple of 16, so the Philox groups line up with the CPU's.
+// quantized matrix; it is a multiple of 16, so the Philox groups (16 elements) line up with the CPU's.
 template <int kN, Rounding kRounding>
 __device__ __forceinline__ void encode_fp4(const float* v, float scale, uint64_t seed, uint32_t stream,
                                            uint64_t index0, uint32_t* packed) {
 #pragma unroll
   for (int w = 0; w < kN / 8; ++w) packed[w] = 0;
 #pragma unroll
-  for (int g = 0; g < kN / 8; ++g) {
+  for (int g = 0; g < kN / kFp4ElementsPerGroup; ++g) {
     Philox4x32 bits{{0, 0, 0, 0}};
-    if constexpr (kRounding == Rounding::kStochastic) bits = random_words(seed, stream, (index0 >> 3) + g);
+    if constexpr (kRounding == Rounding::kStochastic)
+      bits = random_words(seed, stream, index0 / kFp4ElementsPerGroup + g);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      const uint32_t code = fp4_encode_element(v[8 * g + j], scale, kRounding, fp4_random_word(bits, j));
-      packed[g] |= code << (4 * j);
+    for (int j = 0; j < kFp4ElementsPerGroup; ++j) {
+      const uint32_t code = fp4_encode_element(v[16 * g + j], scale, kRounding, fp4_random_word(bits, j));
+      packed[2 * g + j / 8] |= code << (4 * (j % 8));
     }
   }
 }
@@ -109,7 +110,7 @@ __device__ __forceinline__ void encode_fp4_any(const float* v, float scale, cons
 // - E2M1 round-to-nearest-even takes three FFMAs and two or three FMNMXs (e2m1_rne_magic), and
 //   the codes are packed with integer multiply-adds and byte permutes (pack8_rne); stochastic
 //   rounding three FFMAs and three FADDs rounded upward, with no integer/float conversions
-//   (e2m1_sr_magic, pack8_sr), and one Philox call per 8 elements (e2m1_pack.cuh);
+//   (e2m1_sr_magic, pack8_sr), and one Philox call per 16 elements (e2m1_pack.cuh);
 // - the block scale is one hardware E4M3 conversion (for two blocks at once on the column side),
 //   and the element encode scale a lookup in a table of its 127 possible values, which each
 //   resident block computes once with the shared nvfp4_element_encode_scale;
@@ -146,9 +147,9 @@ __device__ __forceinline__ uint2 encode16(const float v[16], float amax, float s
     if (amax * scale < 7.0f) return make_uint2(pack8_rne<false>(v, scale), pack8_rne<false>(v + 8, scale));
     return make_uint2(pack8_rne<true>(v, scale), pack8_rne<true>(v + 8, scale));
   } else {
-    const uint64_t group = index0 >> 3;  // index0 is a multiple of 16: two whole Philox groups
-    return make_uint2(pack8_sr(v, scale, random_words(seed_keys, stream, group)),
-                      pack8_sr(v + 8, scale, random_words(seed_keys, stream, group + 1)));
+    // index0 is a multiple of 16: the block is one Philox group
+    const Philox4x32 group = random_words(seed_keys, stream, index0 / kFp4ElementsPerGroup);
+    return make_uint2(pack8_sr<0>(v, scale, group), pack8_sr<1>(v + 8, scale, group));
   }
 }
 
