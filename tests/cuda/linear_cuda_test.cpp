@@ -27,6 +27,7 @@
 #include "nibble/nn/operand.h"
 #include "cuda/cuda_test_util.h"
 #include "nn/nn_test_util.h"
+#include "quant/test_inputs.h"
 #include "test_seed.h"
 
 namespace nibble::nn {
@@ -132,14 +133,36 @@ TEST_P(LinearCudaTest, MatchesCpuLayer) {
     EXPECT_EQ(q.decode_scale, x_t.packed()->decode_scale) << "wgrad.x tensor scale";
   }
 
-  // The weight's copies (W and W^T from one pass under 16x16 NVFP4 weights): bit-identical too.
+  // The weight's copies (W and W^T from one pass under 16x16 NVFP4 weights): bit-identical too. On
+  // the BF16 decode path they are W's decoded values alone (W^T reads them transposed): those against
+  // the CPU's codes x tile scales, and g.
   for (Operand op : {Operand::kFpropW, Operand::kDgradW}) {
     const OperandCopy cw = operand(w, out, in, op, wseed);
     if (!cw.packed()) continue;
-    const QuantizedTensor q = (op == Operand::kFpropW ? gpu.fprop_w() : gpu.dgrad_w()).download();
-    EXPECT_EQ(q.data, cw.packed()->data) << operand_name(op) << " codes";
-    EXPECT_EQ(q.scales, cw.packed()->scales) << operand_name(op) << " block scales";
-    EXPECT_EQ(q.decode_scale, cw.packed()->decode_scale) << operand_name(op) << " tensor scale";
+    const cuda::OperandCuda& o = op == Operand::kFpropW ? gpu.fprop_w() : gpu.dgrad_w();
+    if (o.has_packed()) {
+      const QuantizedTensor q = o.download();
+      EXPECT_EQ(q.data, cw.packed()->data) << operand_name(op) << " codes";
+      EXPECT_EQ(q.scales, cw.packed()->scales) << operand_name(op) << " block scales";
+      EXPECT_EQ(q.decode_scale, cw.packed()->decode_scale) << operand_name(op) << " tensor scale";
+      continue;
+    }
+    ASSERT_TRUE(o.has_decoded()) << operand_name(op);
+    const float g = download(o.decode_scale(), 1)[0];
+    EXPECT_EQ(std::bit_cast<uint32_t>(g), std::bit_cast<uint32_t>(cw.packed()->decode_scale))
+        << operand_name(op) << " tensor scale";
+    DeviceBuffer<uint8_t> scratch;
+    const cuda::GemmMatrix m = o.gemm_matrix(cuda::GemmType::kBF16, /*as_b=*/false, scratch, nullptr);
+    const int64_t r = o.rows(), c = o.cols();
+    const std::vector<uint16_t> got = download(static_cast<const uint16_t*>(m.data), r * c);
+    const std::vector<uint16_t> want = nibble::test::nvfp4_decoded_bf16(*cw.packed());
+    size_t wrong = 0;
+    for (int64_t i = 0; i < r; ++i)
+      for (int64_t j = 0; j < c; ++j)  // as A: [r x c], stored transposed where m.transposed
+        if (got[static_cast<size_t>(m.transposed ? j * r + i : i * c + j)] != want[static_cast<size_t>(i * c + j)] &&
+            wrong++ < 3)
+          ADD_FAILURE() << operand_name(op) << " decoded element (" << i << ", " << j << ")";
+    EXPECT_EQ(wrong, 0u) << operand_name(op);
   }
 
   std::vector<float> dx_cpu = cpu.backward(dy);
@@ -294,6 +317,55 @@ TEST(OperandCuda, DecodedValuesEqualTheDecodePass) {
   }
 }
 
+// make_tile16_pair with `decoded`: W reads the values its 16x16 pass wrote, and W^T reads the same
+// buffer with the transpose flag flipped; both equal the separate decode pass of the packed copies
+// made without `decoded` element for element, as GEMM operand A and B, with the same g.
+TEST(OperandCuda, Tile16PairSharesWsDecodedValuesWithWt) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const Recipe recipe = make_recipe("nvfp4");
+  for (const auto& [rows, cols] : {std::pair<int64_t, int64_t>{224, 160}, std::pair<int64_t, int64_t>{1040, 272}}) {
+    SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(cols));
+    std::vector<float> w = test::random_normal(rng, rows * cols, 0.05f);
+    for (int64_t i = 0; i < rows * cols; i += 41) w[static_cast<size_t>(i)] *= 300.0f;  // wide tile scales
+    const DeviceBuffer<float> d_w{std::span<const float>(w)};
+    const uint64_t seed = rng();
+    cuda::OperandCuda row, col, row0, col0;
+    ASSERT_TRUE(cuda::OperandCuda::make_tile16_pair(d_w.data(), rows, cols, recipe, Operand::kFpropW,
+                                                    Operand::kDgradW, seed, row, col, nullptr, /*decoded=*/true));
+    ASSERT_TRUE(cuda::OperandCuda::make_tile16_pair(d_w.data(), rows, cols, recipe, Operand::kFpropW,
+                                                    Operand::kDgradW, seed, row0, col0, nullptr));
+    EXPECT_TRUE(row.has_decoded() && col.has_decoded());
+    EXPECT_FALSE(row0.has_decoded() || col0.has_decoded());
+    EXPECT_FALSE(row.has_packed() || col.has_packed());
+    for (const auto& [o, o0] : {std::pair{&row, &row0}, std::pair{&col, &col0}}) {
+      const float g = download(o->decode_scale(), 1)[0], g0 = download(o0->decode_scale(), 1)[0];
+      EXPECT_EQ(std::bit_cast<uint32_t>(g), std::bit_cast<uint32_t>(g0)) << "g";
+    }
+    for (const auto& [o, o0] : {std::pair{&row, &row0}, std::pair{&col, &col0}}) {
+      const int64_t r = o->rows(), c = o->cols();
+      for (const bool as_b : {false, true}) {
+        DeviceBuffer<uint8_t> scratch, scratch0;
+        const cuda::GemmMatrix m = o->gemm_matrix(cuda::GemmType::kBF16, as_b, scratch, nullptr);
+        const cuda::GemmMatrix m0 = o0->gemm_matrix(cuda::GemmType::kBF16, as_b, scratch0, nullptr);
+        EXPECT_EQ(scratch.size(), 0u) << "decoded into scratch despite the 16x16 pass's values";
+        const std::vector<uint16_t> got = download(static_cast<const uint16_t*>(m.data), r * c);
+        const std::vector<uint16_t> want = download(static_cast<const uint16_t*>(m0.data), r * c);
+        // m0 holds the operand [r x c] as stored; W^T's m holds W, its transpose [c x r].
+        const bool flipped = o == &col;
+        EXPECT_EQ(m.transposed, flipped ? !m0.transposed : m0.transposed);
+        size_t wrong = 0;
+        for (int64_t i = 0; i < r; ++i)
+          for (int64_t j = 0; j < c; ++j) {
+            const uint16_t g = got[static_cast<size_t>(flipped ? j * r + i : i * c + j)];
+            if (g != want[static_cast<size_t>(i * c + j)] && wrong++ < 3)
+              ADD_FAILURE() << (flipped ? "W^T" : "W") << " element (" << i << ", " << j << ")";
+          }
+        EXPECT_EQ(wrong, 0u);
+      }
+    }
+  }
+}
+
 // The separate decode pass (gemm_matrix into scratch: the GEMM input of operands made without the
 // fused pass's values, such as the saved X^T and the weights) against the CPU's code x block scale,
 // bit for bit: NVFP4 1x16 and 16x16 (the BF16 kernel of decode8_bf16), MXFP4 (the generic kernel);
@@ -343,8 +415,9 @@ TEST(OperandCuda, DecodePassEqualsTheCpuDecode) {
 }
 
 // The linear layer with the fused pass's decoded values (x_rows, dy_rows, dy_cols, which then have
-// no packed copy; never the saved X^T) computes exactly what it computes with the packed copies and
-// the separate decode pass: the GEMMs read the same BF16 values.
+// no packed copy; never the saved X^T) and the 16x16 pass's decoded W (read by Fprop, and transposed
+// by Dgrad) computes exactly what it computes with the packed copies and the separate decode pass:
+// the GEMMs read the same BF16 values.
 TEST(LinearCuda, FusedDecodeGivesTheSameBits) {
   std::mt19937_64 rng(test::fresh_seed());
   const int64_t tokens = 96, in = 160, out = 224;
@@ -374,6 +447,10 @@ TEST(LinearCuda, FusedDecodeGivesTheSameBits) {
       EXPECT_EQ(ctx.x_rows.has_packed(), !fused_decode);  // the decoded values alone
       EXPECT_FALSE(layer.saved_x_t().has_decoded());
       EXPECT_TRUE(layer.saved_x_t().has_packed());
+      EXPECT_EQ(layer.fprop_w().has_decoded(), fused_decode);
+      EXPECT_EQ(layer.dgrad_w().has_decoded(), fused_decode);
+      EXPECT_EQ(layer.fprop_w().has_packed(), !fused_decode);
+      EXPECT_EQ(layer.dgrad_w().has_packed(), !fused_decode);
       layer.backward(d_dy.data(), d_dx.data(), nullptr);
       EXPECT_EQ(ctx.dy_rows.has_decoded(), fused_decode);
       EXPECT_EQ(ctx.dy_cols.has_decoded(), fused_decode);

@@ -399,11 +399,12 @@ TEST(QuantizeEmulation, RowColSeveralTilesPerBlock) {
 
 // ---------------------------------------------------------------- 16x16 weight kernel
 
-// W (with its decoded values) and/or W^T of x through the 16x16 kernel (after the amax kernel with
-// the columnwise side off, as quantize_amax runs it for 16x16), against the CPU reference of each;
-// `grid` blocks of 4 warps loop over the 32 x 64 warp tiles.
+// W (with its decoded values; w_codes false: those alone) and/or W^T of x through the 16x16 kernel
+// (after the amax kernel with the columnwise side off, as quantize_amax runs it for 16x16), against
+// the CPU reference of each; `grid` blocks of 4 warps loop over the 32 x 64 warp tiles.
 template <typename T>
-void check_tile16(const std::vector<T>& x, int64_t rows, int64_t cols, unsigned grid, bool w_side, bool t_side) {
+void check_tile16(const std::vector<T>& x, int64_t rows, int64_t cols, unsigned grid, bool w_side, bool t_side,
+                  bool w_codes = true) {
   const size_t n = x.size();
   uint32_t amax[2] = {0, 0};
   RowColSpec amax_spec;
@@ -414,9 +415,12 @@ void check_tile16(const std::vector<T>& x, int64_t rows, int64_t cols, unsigned 
   float g[2] = {0, 0};
   // W's decoded BF16 values too (QuantBuffers::decoded), filled first with what no decode gives.
   std::vector<uint16_t> w_decoded(w_side ? n : 0, 0xABCD);
-  const QuantBuffers w_out =
-      w_side ? QuantBuffers{w_data.data(), w_scales.data(), &g[0], w_decoded.data()} : QuantBuffers{};
-  const QuantBuffers t_out = t_side ? QuantBuffers{t_data.data(), t_scales.data(), &g[1]} : QuantBuffers{};
+  const QuantBuffers w_out = !w_side ? QuantBuffers{}
+                             : w_codes ? QuantBuffers{w_data.data(), w_scales.data(), &g[0], w_decoded.data()}
+                                       : QuantBuffers{nullptr, nullptr, &g[0], w_decoded.data()};
+  // Without W^T's codes, its g alone (what OperandCuda's W^T takes when it reads W's decoded values).
+  const QuantBuffers t_out =
+      t_side ? QuantBuffers{t_data.data(), t_scales.data(), &g[1]} : QuantBuffers{nullptr, nullptr, &g[1]};
   emu::launch(grid, [&] { nvfp4_tile16_kernel<T>(x.data(), rows, cols, amax, w_out, t_out); });
   const std::span<const T> in(x);
   QuantSpec w_spec;
@@ -424,7 +428,12 @@ void check_tile16(const std::vector<T>& x, int64_t rows, int64_t cols, unsigned 
   QuantSpec t_spec = w_spec;
   t_spec.columnwise = true;
   if (w_side) {
-    EXPECT_TRUE(side_matches(quantize(in, rows, cols, w_spec), amax[0], g[0], w_data, w_scales, w_decoded)) << "W";
+    EXPECT_TRUE(side_matches(quantize(in, rows, cols, w_spec), amax[0], g[0], w_codes ? w_data : std::vector<uint8_t>{},
+                             w_scales, w_decoded))
+        << "W";
+  }
+  if (!t_side) {
+    EXPECT_EQ(float_bits(g[1]), float_bits(g[0])) << "W^T's g (its codes off)";
   }
   if (t_side) {
     EXPECT_TRUE(side_matches(quantize(in, rows, cols, t_spec), amax[0], g[1], t_data, t_scales, {})) << "W^T";
@@ -447,6 +456,8 @@ TEST(QuantizeEmulation, Tile16EqualsTheCpuReferenceBitForBit) {
   const std::vector<float> x = draw(80, 208, Values::kOutliers, rng);  // one side alone
   check_tile16(x, 80, 208, 1, true, false);
   check_tile16(x, 80, 208, 1, false, true);
+  check_tile16(x, 80, 208, 1, true, false, /*w_codes=*/false);  // W's decoded values alone
+  check_tile16(test::to_bf16(x), 80, 208, 2, true, false, /*w_codes=*/false);
 }
 
 }  // namespace

@@ -57,6 +57,14 @@ OperandCuda::ForGemm LinearCuda::for_gemm_with(const OperandCuda& other, int64_t
   return {decoded, &other, /*packed=*/!decoded};
 }
 
+bool LinearCuda::weight_decoded_wanted() const {
+  // Where the weight's GEMMs decode it to BF16 (the Hopper decode path: neither the native nor the
+  // packed-operand GEMM takes it), the 16x16 pass writes W's decoded values once a step, for both
+  // Fprop and Dgrad (W^T reads them transposed), in place of W's and W^T's packed copies and of two
+  // decode passes a step: 2 bytes a weight kept, where the packed copies took 1.125.
+  return ctx_.fused_decode && !ctx_.native_fp4 && !ctx_.packed_gemm;
+}
+
 void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
   if (weight_copies_valid_) return;
   const uint64_t seed = weight_sr_seed();
@@ -71,7 +79,7 @@ void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
       throw std::invalid_argument(context(Operand::kFpropW) + ": " + e.what());
     }
   } else if (!OperandCuda::make_tile16_pair(weight_.data(), out_, in_, recipe_, Operand::kFpropW, Operand::kDgradW,
-                                            seed, fprop_w_, dgrad_w_, stream)) {
+                                            seed, fprop_w_, dgrad_w_, stream, weight_decoded_wanted())) {
     for (auto [copy, op] : {std::pair{&fprop_w_, Operand::kFpropW}, std::pair{&dgrad_w_, Operand::kDgradW}}) {
       try {
         copy->make(weight_.data(), out_, in_, recipe_[op], op, recipe_.rht_signs(), seed, stream);

@@ -40,8 +40,9 @@ struct LinearContext {
   bool native_fp4 = nibble::cuda::native_fp4_available();
   // On the BF16 decode path, the fused NVFP4 pass that makes x_rows, dy_rows and dy_cols also writes
   // their decoded BF16 values, which the GEMMs read instead of decoding the packed codes in a
-  // separate pass, and then no packed codes (the saved X^T stays packed only). Set false for the
-  // packed copies and the separate decode pass (same values).
+  // separate pass, and then no packed codes (the saved X^T stays packed only); and the 16x16 weight
+  // pass writes W's decoded values alone, which Fprop and Dgrad both read (no packed W and W^T).
+  // Set false for the packed copies and the separate decode passes (same values).
   bool fused_decode = true;
   // On Hopper, when true, NVFP4 x NVFP4 GEMMs whose sizes the kernel takes read the packed operands
   // and decode them in their operand load (tensor/cuda/gemm_nvfp4_sm90.h): no decoded copies are
@@ -134,6 +135,7 @@ class LinearCuda {
                                            OperandCuda& row, cudaStream_t stream);
   // Whether the GEMM of NVFP4 operands a [m x k] and b [n x k] runs in Hopper's packed-operand GEMM.
   bool packed_gemm_applies(int64_t m, const OperandCuda& b) const;
+  bool weight_decoded_wanted() const;
   void refresh_weight_copies(cudaStream_t stream);
   // Dgrad (skipped when dx.data is nullptr) and Wgrad from ctx_.dy_rows / dy_cols.
   void backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream);

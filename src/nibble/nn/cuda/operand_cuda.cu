@@ -273,6 +273,7 @@ void OperandCuda::begin(OperandFormat format, bool quantized, int64_t rows, int6
   ++made_;
   decoded_wanted_ = for_gemm.decoded;
   decoded_valid_ = false;  // until run_fused writes them
+  shared_decoded_ = nullptr;
   packed_wanted_ = for_gemm.packed;
   packed_skipped_ = false;
   produced_amax_ = {};  // only the make_pair right after producer_amax reads it (taken before begin)
@@ -391,7 +392,7 @@ QuantBuffers OperandCuda::pass_buffers(bool decoded, bool alpha) {
     decoded_.reserve(static_cast<size_t>(rows_ * cols_));
     b.decoded = decoded_.data();
     decoded_valid_ = true;
-    if (!packed_wanted_) {  // the 16x16 pass refuses this (W keeps its packed copy)
+    if (!packed_wanted_) {
       b.data = b.scales = nullptr;
       packed_skipped_ = true;
     }
@@ -408,7 +409,7 @@ QuantBuffers OperandCuda::pass_buffers(bool decoded, bool alpha) {
 template <typename T>
 bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                                    Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col,
-                                   cudaStream_t stream) {
+                                   cudaStream_t stream, bool decoded) {
   const OperandRecipe& rr = recipe[row_op];
   const OperandRecipe& cr = recipe[col_op];
   if (!rr.quantized() || !cr.quantized() || operand_columnwise(row_op) || !operand_columnwise(col_op)) return false;
@@ -418,20 +419,36 @@ bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const
   if (rows <= 0 || cols <= 0 || rows % 16 != 0 || cols % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0)
     return false;  // make() reports the shape with the operand's name
   for (auto [o, spec] : {std::pair{&row, row_spec}, std::pair{&col, col_spec}}) {
-    o->begin(OperandFormat::kNvfp4, /*quantized=*/true, spec.columnwise ? cols : rows, spec.columnwise ? rows : cols);
+    o->begin(OperandFormat::kNvfp4, /*quantized=*/true, spec.columnwise ? cols : rows, spec.columnwise ? rows : cols,
+             ForGemm{/*decoded=*/decoded && o == &row, nullptr, /*packed=*/!decoded});
     o->spec_ = spec;
-    o->allocate_packed(spec, o->rows_, o->cols_);
+    if (decoded) {  // no packed copies: the GEMMs read the decoded values alone
+      o->decode_scale_.reserve(1);
+      o->data_bytes_ = o->scale_bytes_ = 0;
+      o->packed_skipped_ = true;
+    } else {
+      o->allocate_packed(spec, o->rows_, o->cols_);
+    }
   }
   run_tile16(w, rows, cols, row.amax_, &row, &col, stream);
+  if (decoded) {
+    col.shared_decoded_ = row.decoded_.data();
+    col.decoded_valid_ = true;
+  }
   return true;
 }
 
 template <typename T>
 void OperandCuda::run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPair& amax, OperandCuda* row,
                              OperandCuda* col, cudaStream_t stream) {
-  // W's decoded values where asked for (W^T's are decoded by gemm_matrix); no alphas.
-  const QuantBuffers w_out = row ? row->pass_buffers(true, false) : QuantBuffers{};
-  const QuantBuffers wt_out = col ? col->pass_buffers(false, false) : QuantBuffers{};
+  // W's decoded values where asked for (W^T's are decoded by gemm_matrix, or read from W's); no
+  // alphas. A side without packed copies takes its g alone.
+  const auto buffers = [](OperandCuda* o, bool decoded) {
+    if (o == nullptr) return QuantBuffers{};
+    return o->packed_skipped_ && !o->decoded_wanted_ ? QuantBuffers{nullptr, nullptr, o->decode_scale_.data()}
+                                                     : o->pass_buffers(decoded, false);
+  };
+  const QuantBuffers w_out = buffers(row, true), wt_out = buffers(col, false);
   nibble::cuda::RowColSpec amax_spec;  // max |w| alone: the 16x16 tiles take no RHT
   amax_spec.columnwise = false;
   const nibble::cuda::AmaxSlots slots = amax.take(stream);
@@ -448,9 +465,9 @@ template void OperandCuda::make_pair(const float*, int64_t, int64_t, const Recip
 template void OperandCuda::make_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
                                      OperandCuda&, OperandCuda&, cudaStream_t, ForGemm, ForGemm);
 template bool OperandCuda::make_tile16_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
-                                            OperandCuda&, OperandCuda&, cudaStream_t);
+                                            OperandCuda&, OperandCuda&, cudaStream_t, bool);
 template bool OperandCuda::make_tile16_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand,
-                                            uint64_t, OperandCuda&, OperandCuda&, cudaStream_t);
+                                            uint64_t, OperandCuda&, OperandCuda&, cudaStream_t, bool);
 
 GemmType OperandCuda::native_type() const {
   switch (format_) {
@@ -500,8 +517,9 @@ GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8
     m.data = values();
     return m;
   }
-  if (type == GemmType::kBF16 && decoded_valid_ && is_fp4(format_)) {  // written by the fused pass
-    m.data = decoded_.data();
+  if (type == GemmType::kBF16 && decoded_valid_ && is_fp4(format_)) {  // written by the fused or 16x16 pass
+    m.data = shared_decoded_ ? shared_decoded_ : decoded_.data();
+    if (shared_decoded_) m.transposed = !as_b;  // stored as the source tensor, the operand's transpose
     return m;
   }
   if (type != GemmType::kBF16 && type != GemmType::kF32)

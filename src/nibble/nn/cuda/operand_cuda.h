@@ -107,9 +107,13 @@ class OperandCuda {
   // (one amax; each code encoded once, written to both: nibble::cuda::nvfp4_quantize_tile16).
   // Returns false, leaving both operands untouched, when that pass does not apply (other recipes, shapes
   // the tiles cannot take, an unaligned w): then make() each. Same bits either way.
+  // decoded: the pass writes W's decoded BF16 values and no packed copies, and both operands read
+  // those values: the tiles give W and W^T the same values, so W^T's are W's read with a transpose
+  // flag (`col` reads `row`'s buffer, so `row` must outlive `col`'s use). Neither has_packed() then.
   template <typename T>
   static bool make_tile16_pair(const T* w, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
-                               Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream);
+                               Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
+                               bool decoded = false);
 
   // The operand as GEMM operand A (op(A) = the operand, [rows x cols]) or B (op(B) = its
   // transpose), in `type`: kBF16, kF32, or the FP8 code type of an FP8 operand. FP4 operands and
@@ -213,6 +217,9 @@ class OperandCuda {
   // run_tile16 read.
   DeviceBuffer<uint16_t> decoded_;
   bool decoded_wanted_ = false, decoded_valid_ = false;
+  // The decoded values of another operand, stored as this one's source tensor (make_tile16_pair's
+  // W^T reading W's): read in place of decoded_, transposed.
+  const uint16_t* shared_decoded_ = nullptr;
   // ForGemm::packed of the make in progress, and whether its pass wrote the decoded values alone.
   bool packed_wanted_ = true, packed_skipped_ = false;
   // Counts the operands begun in this object (alpha_with's check that a partner is unchanged).

@@ -74,8 +74,10 @@ __device__ __forceinline__ float max_abs8(const Raw8<float>& r) {
 template <typename T>
 constexpr int kTile16MinBlocks = sizeof(T) == 2 ? 5 : 4;
 
-// w_out: W's codes and tile scales (rows/16 x cols/16); t_out: W^T's (cols/16 x rows/16). A side
-// whose data pointer is null is not written. amax_in: max |x| bits of the whole tensor.
+// w_out: W's codes and tile scales (rows/16 x cols/16), and its decoded BF16 values where
+// w_out.decoded is set; t_out: W^T's codes and tile scales (cols/16 x rows/16). Codes and scales of
+// a side whose data pointer is null are not written; g goes to every decode_scale pointer given.
+// amax_in: max |x| bits of the whole tensor.
 template <typename T>
 __global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
     nvfp4_tile16_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, const uint32_t* __restrict__ amax_in,
@@ -89,8 +91,8 @@ __global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
   const bool rowwise = w_out.data != nullptr, colwise = t_out.data != nullptr;
   if (blockIdx.x == 0 && threadIdx.x == 0) {
     const float g = finite ? ts.decode : __int_as_float(0x7FC00000);
-    if (rowwise) *w_out.decode_scale = g;
-    if (colwise) *t_out.decode_scale = g;
+    if (w_out.decode_scale != nullptr) *w_out.decode_scale = g;
+    if (t_out.decode_scale != nullptr) *t_out.decode_scale = g;
   }
   __syncthreads();
 

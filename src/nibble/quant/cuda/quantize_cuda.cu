@@ -327,10 +327,11 @@ void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_
   if (!aligned16(x))
     throw std::invalid_argument(
         "nvfp4 16x16 quantization: the input must be 16-byte aligned (it is read in 16-byte vectors)");
-  if ((w.decoded != nullptr && w.data == nullptr) || wt.decoded != nullptr || w.alpha != nullptr || wt.alpha != nullptr)
-    throw std::invalid_argument(
-        "nvfp4 16x16 quantization: decoded BF16 output only for W with its packed copy, and no GEMM alphas");
-  if (w.data == nullptr && wt.data == nullptr) return;
+  if ((w.data == nullptr) != (w.scales == nullptr) || (wt.data == nullptr) != (wt.scales == nullptr))
+    throw std::invalid_argument("nvfp4 16x16 quantization: a side takes both its codes and its tile scales, or neither");
+  if (wt.decoded != nullptr || w.alpha != nullptr || wt.alpha != nullptr)
+    throw std::invalid_argument("nvfp4 16x16 quantization: decoded BF16 output only for W, and no GEMM alphas");
+  if (w.data == nullptr && w.decoded == nullptr && wt.data == nullptr) return;
   launch_tile16(x, rows, cols, amax_bits, w, wt, stream);
 }
 

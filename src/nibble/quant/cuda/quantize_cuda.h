@@ -99,10 +99,11 @@ void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColS
 // x 16-byte aligned): W's codes and tile scales into `w` (the rowwise copy, QuantSpec
 // make_spec(kNvfp4, k16x16)) and W^T's into `wt` (its columnwise twin), in one pass. A tile of W^T
 // has the scale and the values of the tile of W it transposes, so each element is encoded once and
-// its code written to both. A copy whose data pointer is null is not made. w.decoded (optional)
-// receives W's decoded BF16 values [rows x cols], as in the fused pass; wt.decoded and the alphas
-// must be nullptr. amax_bits: the one word quantize_amax computes for either spec. Same bits as the
-// CPU reference (and the generic kernels).
+// its code written to both. A copy whose data pointer is null is not made (its data and scales
+// pointers are both null or both set; g still goes to its decode_scale when given). w.decoded
+// (optional, with or without W's codes) receives W's decoded BF16 values [rows x cols], as in the
+// fused pass; wt.decoded and the alphas must be nullptr. amax_bits: the one word quantize_amax
+// computes for either spec. Same bits as the CPU reference (and the generic kernels).
 template <typename T>
 void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_t* amax_bits, QuantBuffers w,
                            QuantBuffers wt, cudaStream_t stream);
