@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "nibble/model/gpt.h"
+#include "nibble/train/cuda/adamw_cuda.h"
 #include "cuda/cuda_test_util.h"
 #include "test_seed.h"
 
@@ -167,17 +168,32 @@ INSTANTIATE_TEST_SUITE_P(
 // The norms and the GELU computing the amax of the NVFP4 passes over their outputs (qkv's and fc's
 // X, fc2's X, fc's dY) give the bits of the passes computing their own: the loss and every gradient
 // after two steps.
+// Two GPU models of one nvfp4 model (3 blocks) and a batch of random ids: `produced` with the
+// producer amaxes (the default), `own` without them.
+struct ProducerAmaxModels {
+  explicit ProducerAmaxModels(uint64_t seed)
+      : c(tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true)),
+        host_a(c, nn::preset("nvfp4"), seed, seed + 1),
+        host_b(c, nn::preset("nvfp4"), seed, seed + 1),
+        produced(host_a, seed + 1),
+        own(host_b, seed + 1) {
+    own.set_producer_amax(false);
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
+    for (int64_t i = 0; i < batch * seq; ++i) inputs.push_back(id(rng)), targets.push_back(id(rng));
+  }
+  GptConfig c;
+  Gpt host_a, host_b;
+  cuda::GptCuda produced, own;
+  const int64_t batch = 3, seq = 64;
+  std::vector<uint32_t> inputs, targets;
+};
+
 TEST(GptCuda, ProducerAmaxGivesTheSameBits) {
-  const uint64_t seed = test::fresh_seed();
-  std::mt19937_64 rng(seed);
-  const GptConfig c = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true);
-  const int64_t batch = 3, seq = 64, rows = batch * seq;
-  std::vector<uint32_t> inputs(rows), targets(rows);
-  std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
-  for (int64_t i = 0; i < rows; ++i) inputs[i] = id(rng), targets[i] = id(rng);
-  Gpt host_a(c, nn::preset("nvfp4"), seed, seed + 1), host_b(c, nn::preset("nvfp4"), seed, seed + 1);
-  cuda::GptCuda produced(host_a, seed + 1), own(host_b, seed + 1);
-  own.set_producer_amax(false);
+  ProducerAmaxModels m(test::fresh_seed());
+  cuda::GptCuda &produced = m.produced, &own = m.own;
+  const std::vector<uint32_t> &inputs = m.inputs, &targets = m.targets;
+  const int64_t batch = m.batch, seq = m.seq;
   for (uint64_t step : {3u, 4u}) {
     produced.set_step(step, 1);
     own.set_step(step, 1);
@@ -193,6 +209,80 @@ TEST(GptCuda, ProducerAmaxGivesTheSameBits) {
     const std::vector<float> ga = download(p.grad, p.count), gb = download(own.parameters()[i].grad, p.count);
     EXPECT_EQ(0, std::memcmp(ga.data(), gb.data(), ga.size() * sizeof(float))) << p.name;
   }
+}
+
+// The optimizer computes each NVFP4 weight's amax while it writes the weight (weight_amaxes_for_optimizer,
+// ParamTensor::amax), and the next 16x16 pass reads it instead of its own: three steps with AdamW
+// between them give the losses, the gradients and the weights of the same model without it, bit for
+// bit; a weight changed by someone else afterwards (upload_from) is quantized with its own amax.
+TEST(GptCuda, OptimizerWeightAmaxGivesTheSameBits) {
+  const uint64_t seed = test::fresh_seed();
+  ProducerAmaxModels m(seed);
+  cuda::GptCuda &produced = m.produced, &own = m.own;
+  const std::vector<uint32_t> &inputs = m.inputs, &targets = m.targets;
+  const int64_t batch = m.batch, seq = m.seq;
+  struct Optimizer {
+    std::vector<train::cuda::ParamTensor> tensors;
+    std::unique_ptr<train::cuda::AdamWCuda> adam;
+  };
+  const auto make_optimizer = [](cuda::GptCuda& g) {
+    Optimizer o;
+    int64_t offset = 0;
+    for (const cuda::DeviceParameter& p : g.parameters()) {
+      o.tensors.push_back({p.value, p.grad, p.count, p.weight_decay, offset});
+      offset += p.count;
+    }
+    o.adam = std::make_unique<train::cuda::AdamWCuda>(train::AdamWOptions{}, offset);
+    return o;
+  };
+  Optimizer opt_a = make_optimizer(produced), opt_b = make_optimizer(own);
+  int64_t weight_amaxes = 0;
+  for (uint64_t step : {1u, 2u, 3u}) {
+    produced.set_step(step, 0);
+    own.set_step(step, 0);
+    produced.zero_grad();
+    own.zero_grad();
+    const double la = produced.forward_backward(inputs, targets, batch, seq);
+    const double lb = own.forward_backward(inputs, targets, batch, seq);
+    EXPECT_EQ(la, lb) << "step " << step;
+    for (auto [g, o] : {std::pair{&produced, &opt_a}, std::pair{&own, &opt_b}}) {
+      const std::vector<nibble::cuda::AmaxSlots> amaxes = g->weight_amaxes_for_optimizer();
+      ASSERT_EQ(amaxes.size(), o->tensors.size());
+      for (size_t i = 0; i < amaxes.size(); ++i) {
+        o->tensors[i].amax = amaxes[i];
+        if (g == &produced) weight_amaxes += amaxes[i].current != nullptr;
+        if (g == &own) {
+          EXPECT_EQ(amaxes[i].current, nullptr) << "producer amax switched off";
+        }
+      }
+      o->adam->step(o->tensors, 1e-3, nullptr, g->stream());
+      g->weights_changed(/*amaxes_produced=*/true);
+    }
+  }
+  EXPECT_EQ(weight_amaxes, 4 * 3 * 3) << "the four linear layers of the 3 blocks, at each of 3 steps";
+  produced.set_step(4, 0);
+  own.set_step(4, 0);
+  EXPECT_EQ(produced.loss(inputs, targets, batch, seq), own.loss(inputs, targets, batch, seq)) << "after step 3";
+  for (size_t i = 0; i < produced.parameters().size(); ++i) {
+    const cuda::DeviceParameter& p = produced.parameters()[i];
+    for (const auto& [a, b] : {std::pair{p.value, own.parameters()[i].value}, std::pair{p.grad, own.parameters()[i].grad}}) {
+      const std::vector<float> va = download(a, p.count), vb = download(b, p.count);
+      EXPECT_EQ(0, std::memcmp(va.data(), vb.data(), va.size() * sizeof(float))) << p.name;
+    }
+  }
+  // Amaxes handed out, then the weights replaced before the next quantization: the stale words are
+  // dropped (upload_from calls weights_changed()), and both models load the same weights.
+  for (auto [g, o] : {std::pair{&produced, &opt_a}, std::pair{&own, &opt_b}}) {
+    const std::vector<nibble::cuda::AmaxSlots> amaxes = g->weight_amaxes_for_optimizer();
+    for (size_t i = 0; i < amaxes.size(); ++i) o->tensors[i].amax = amaxes[i];
+    o->adam->step(o->tensors, 1e-3, nullptr, g->stream());
+  }
+  Gpt fresh(m.c, nn::preset("nvfp4"), seed + 7, seed + 8);
+  produced.upload_from(fresh);
+  own.upload_from(fresh);
+  produced.set_step(5, 0);
+  own.set_step(5, 0);
+  EXPECT_EQ(produced.loss(inputs, targets, batch, seq), own.loss(inputs, targets, batch, seq)) << "after upload_from";
 }
 
 // Bad token ids fail with the id and its position, as on the CPU.

@@ -103,8 +103,10 @@ GptCuda::GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream)
   }
 
   // The parameter list, in Gpt::parameters()'s order and names.
-  const auto add = [&](std::string name, int64_t count, float* value, float* grad, bool decay) {
+  const auto add = [&](std::string name, int64_t count, float* value, float* grad, bool decay,
+                       ncu::LinearCuda* linear = nullptr) {
     params_.push_back({std::move(name), count, value, grad, decay});
+    param_linears_.push_back(linear);
   };
   const int64_t d = c.d_model;
   const auto norm = [&](const std::string& name, ncu::NormCuda& n) {
@@ -112,7 +114,7 @@ GptCuda::GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream)
     if (n.has_bias()) add(name + ".bias", d, n.bias(), n.bias_grad(), false);
   };
   const auto linear = [&](const std::string& name, ncu::LinearCuda& l) {
-    add(name, l.in_features() * l.out_features(), l.weight(), l.weight_grad(), true);
+    add(name, l.in_features() * l.out_features(), l.weight(), l.weight_grad(), true, &l);
   };
   add("embed.weight", c.vocab_size * d, tok_embed_.weight(), tok_embed_.weight_grad(), true);
   if (pos_embed_) add("pos_embed.weight", c.seq_len * d, pos_embed_->weight(), pos_embed_->weight_grad(), true);
@@ -160,9 +162,15 @@ void GptCuda::download_to(Gpt& host) {
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
-void GptCuda::weights_changed() {
+std::vector<nibble::cuda::AmaxSlots> GptCuda::weight_amaxes_for_optimizer() {
+  std::vector<nibble::cuda::AmaxSlots> amaxes;
+  for (ncu::LinearCuda* l : param_linears_) amaxes.push_back(l ? l->weight_amax_for_writer(stream_) : nibble::cuda::AmaxSlots{});
+  return amaxes;
+}
+
+void GptCuda::weights_changed(bool amaxes_produced) {
   for (auto& b : blocks_)
-    for (ncu::LinearCuda* l : b->linears()) l->weight_changed();
+    for (ncu::LinearCuda* l : b->linears()) l->weight_changed(amaxes_produced);
   head_.weight_changed();
 }
 

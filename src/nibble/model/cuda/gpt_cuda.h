@@ -56,7 +56,11 @@ class GptCuda {
   // Device views of the parameters and gradients. Writing values (the optimizer) must be followed
   // by weights_changed(), which drops the linear layers' quantized weight copies.
   const std::vector<DeviceParameter>& parameters() const { return params_; }
-  void weights_changed();
+  // For the optimizer, one per parameter (parameters()' order): where to put max |value| after its
+  // update (nn::cuda::LinearCuda::weight_amax_for_writer; empty for all but NVFP4 16x16 weights).
+  // The optimizer must then compute each, and call weights_changed(/*amaxes_produced=*/true).
+  std::vector<nibble::cuda::AmaxSlots> weight_amaxes_for_optimizer();
+  void weights_changed(bool amaxes_produced = false);
 
   void upload_from(Gpt& host);  // host weights -> device
   void download_to(Gpt& host);  // device weights -> host (synchronises)
@@ -64,8 +68,9 @@ class GptCuda {
   // NVFP4 GEMMs on Hopper through the GEMM that reads the packed operands (LinearContext::packed_gemm)
   // instead of BF16 copies and cuBLASLt.
   void set_packed_fp4_gemm(bool on) { linear_ctx_.packed_gemm = on; }
-  // The GELU computes the amax of the NVFP4 pass over its output (LinearContext::producer_amax;
-  // default on; same bits either way). Tests.
+  // The GELU, the norms and the optimizer (weight_amaxes_for_optimizer) compute the amax of the
+  // NVFP4 pass over what they write (LinearContext::producer_amax; default on; same bits either way).
+  // Tests.
   void set_producer_amax(bool on) { linear_ctx_.producer_amax = on; }
   int64_t producer_amaxes() const { return linear_ctx_.producer_amaxes; }
   // Rows per chunk of the LM head and loss (default: LmHeadLossCuda::default_chunk_rows); tests.
@@ -96,6 +101,7 @@ class GptCuda {
   nn::cuda::LmHeadLossCuda head_;
   nn::cuda::DeviceBuffer<float> head_weight_, head_grad_;
   std::vector<DeviceParameter> params_;
+  std::vector<nn::cuda::LinearCuda*> param_linears_;  // the linear layer of each parameter, or nullptr
 
   int64_t rows_ = 0;
   nn::cuda::DeviceBuffer<uint32_t> ids_, targets_, positions_;

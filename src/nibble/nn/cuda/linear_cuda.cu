@@ -22,7 +22,7 @@ LinearCuda::LinearCuda(int64_t in_features, int64_t out_features, Recipe recipe,
 void LinearCuda::set_recipe(Recipe recipe) {
   validate(recipe);
   recipe_ = std::move(recipe);
-  weight_copies_valid_ = false;
+  weight_changed();
   saved_x_t_.reset();
 }
 
@@ -34,7 +34,20 @@ void LinearCuda::set_step(uint64_t step, uint32_t microbatch) {
 
 void LinearCuda::upload_weight(std::span<const float> w) {
   weight_.upload(w);
+  weight_changed();
+}
+
+void LinearCuda::weight_changed(bool amax_produced) {
   weight_copies_valid_ = false;
+  if (!amax_produced) fprop_w_.drop_produced_amax();
+}
+
+nibble::cuda::AmaxSlots LinearCuda::weight_amax_for_writer(cudaStream_t stream) {
+  if (!ctx_.producer_amax) return {};
+  const nibble::cuda::AmaxSlots slots = OperandCuda::tile16_producer_amax(
+      weight_.data(), out_, in_, recipe_, Operand::kFpropW, Operand::kDgradW, fprop_w_, stream);
+  if (slots.current != nullptr) ++ctx_.producer_amaxes;
+  return slots;
 }
 
 std::string LinearCuda::context(Operand op) const {

@@ -70,8 +70,15 @@ class LinearCuda {
   void set_step(uint64_t step, uint32_t microbatch = 0);
 
   float* weight() { return weight_.data(); }  // device [out x in] FP32 master weight
-  void weight_changed() { weight_copies_valid_ = false; }
+  // amax_produced: the writer computed the weight's amax where weight_amax_for_writer() asked it to
+  // (the optimizer); otherwise any such word is stale and dropped.
+  void weight_changed(bool amax_produced = false);
   void upload_weight(std::span<const float> w);
+  // Where to put max |W| for the next quantization of the weight, for the kernel about to write W
+  // (the optimizer: train/cuda/adamw_cuda.h ParamTensor::amax), when the weight is quantized by the
+  // 16x16 pass and the context's producer_amax is on (counted in producer_amaxes); empty otherwise.
+  // Then that writer must compute it, and weight_changed(true) follows.
+  nibble::cuda::AmaxSlots weight_amax_for_writer(cudaStream_t stream);
   float* weight_grad() { return weight_grad_.data(); }  // device [out x in] FP32
   void zero_grad(cudaStream_t stream) { weight_grad_.zero(stream); }
 

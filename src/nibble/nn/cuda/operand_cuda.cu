@@ -406,18 +406,35 @@ QuantBuffers OperandCuda::pass_buffers(bool decoded, bool alpha) {
   return b;
 }
 
+bool OperandCuda::tile16_pair_applies(const void* w, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
+                                      Operand col_op) {
+  const OperandRecipe& rr = recipe[row_op];
+  const OperandRecipe& cr = recipe[col_op];
+  if (!rr.quantized() || !cr.quantized() || operand_columnwise(row_op) || !operand_columnwise(col_op)) return false;
+  // The seed does not decide whether the pass applies.
+  if (!nibble::cuda::nvfp4_tile16_applies(operand_quant_spec(rr, row_op, recipe.rht_signs(), 0)) ||
+      !nibble::cuda::nvfp4_tile16_applies(operand_quant_spec(cr, col_op, recipe.rht_signs(), 0)))
+    return false;
+  // Other shapes: make() reports them with the operand's name.
+  return rows > 0 && cols > 0 && rows % 16 == 0 && cols % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0;
+}
+
+nibble::cuda::AmaxSlots OperandCuda::tile16_producer_amax(const void* w, int64_t rows, int64_t cols,
+                                                          const Recipe& recipe, Operand row_op, Operand col_op,
+                                                          OperandCuda& row, cudaStream_t stream) {
+  row.produced_amax_ = tile16_pair_applies(w, rows, cols, recipe, row_op, col_op) ? row.amax_.take(stream)
+                                                                                 : nibble::cuda::AmaxSlots{};
+  return row.produced_amax_;
+}
+
 template <typename T>
 bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                                    Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col,
                                    cudaStream_t stream, bool decoded) {
-  const OperandRecipe& rr = recipe[row_op];
-  const OperandRecipe& cr = recipe[col_op];
-  if (!rr.quantized() || !cr.quantized() || operand_columnwise(row_op) || !operand_columnwise(col_op)) return false;
-  const QuantSpec row_spec = operand_quant_spec(rr, row_op, recipe.rht_signs(), seed);
-  const QuantSpec col_spec = operand_quant_spec(cr, col_op, recipe.rht_signs(), seed);
-  if (!nibble::cuda::nvfp4_tile16_applies(row_spec) || !nibble::cuda::nvfp4_tile16_applies(col_spec)) return false;
-  if (rows <= 0 || cols <= 0 || rows % 16 != 0 || cols % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0)
-    return false;  // make() reports the shape with the operand's name
+  const nibble::cuda::AmaxSlots produced = std::exchange(row.produced_amax_, {});
+  if (!tile16_pair_applies(w, rows, cols, recipe, row_op, col_op)) return false;
+  const QuantSpec row_spec = operand_quant_spec(recipe[row_op], row_op, recipe.rht_signs(), seed);
+  const QuantSpec col_spec = operand_quant_spec(recipe[col_op], col_op, recipe.rht_signs(), seed);
   for (auto [o, spec] : {std::pair{&row, row_spec}, std::pair{&col, col_spec}}) {
     o->begin(OperandFormat::kNvfp4, /*quantized=*/true, spec.columnwise ? cols : rows, spec.columnwise ? rows : cols,
              ForGemm{/*decoded=*/decoded && o == &row, nullptr, /*packed=*/!decoded});
@@ -430,7 +447,7 @@ bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const
       o->allocate_packed(spec, o->rows_, o->cols_);
     }
   }
-  run_tile16(w, rows, cols, row.amax_, &row, &col, stream);
+  run_tile16(w, rows, cols, row.amax_, &row, &col, stream, produced);
   if (decoded) {
     col.shared_decoded_ = row.decoded_.data();
     col.decoded_valid_ = true;
@@ -440,7 +457,7 @@ bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const
 
 template <typename T>
 void OperandCuda::run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPair& amax, OperandCuda* row,
-                             OperandCuda* col, cudaStream_t stream) {
+                             OperandCuda* col, cudaStream_t stream, nibble::cuda::AmaxSlots produced) {
   // W's decoded values where asked for (W^T's are decoded by gemm_matrix, or read from W's); no
   // alphas. A side without packed copies takes its g alone.
   const auto buffers = [](OperandCuda* o, bool decoded) {
@@ -449,10 +466,13 @@ void OperandCuda::run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPai
                                                      : o->pass_buffers(decoded, false);
   };
   const QuantBuffers w_out = buffers(row, true), wt_out = buffers(col, false);
-  nibble::cuda::RowColSpec amax_spec;  // max |w| alone: the 16x16 tiles take no RHT
-  amax_spec.columnwise = false;
-  const nibble::cuda::AmaxSlots slots = amax.take(stream);
-  nibble::cuda::nvfp4_amax(w, rows, cols, amax_spec, slots, stream);
+  nibble::cuda::AmaxSlots slots = produced;
+  if (slots.current == nullptr) {
+    nibble::cuda::RowColSpec amax_spec;  // max |w| alone: the 16x16 tiles take no RHT
+    amax_spec.columnwise = false;
+    slots = amax.take(stream);
+    nibble::cuda::nvfp4_amax(w, rows, cols, amax_spec, slots, stream);
+  }
   nibble::cuda::nvfp4_quantize_tile16(w, rows, cols, slots.current, w_out, wt_out, stream);
 }
 

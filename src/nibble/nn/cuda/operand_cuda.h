@@ -114,6 +114,15 @@ class OperandCuda {
   static bool make_tile16_pair(const T* w, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                                Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
                                bool decoded = false);
+  // For a producer that writes w (the optimizer, train/cuda/adamw_cuda.h ParamTensor::amax): the
+  // slots for max |w| when make_tile16_pair(w [rows x cols], recipe, row_op, col_op, .., row, ..)
+  // applies; empty otherwise. The next make_tile16_pair into `row` then reads that word instead of
+  // running its amax pass (the producer must run between the two, in the same stream);
+  // drop_produced_amax() forgets it (w written by someone else).
+  static nibble::cuda::AmaxSlots tile16_producer_amax(const void* w, int64_t rows, int64_t cols, const Recipe& recipe,
+                                                      Operand row_op, Operand col_op, OperandCuda& row,
+                                                      cudaStream_t stream);
+  void drop_produced_amax() { produced_amax_ = {}; }
 
   // The operand as GEMM operand A (op(A) = the operand, [rows x cols]) or B (op(B) = its
   // transpose), in `type`: kBF16, kF32, or the FP8 code type of an FP8 operand. FP4 operands and
@@ -187,11 +196,14 @@ class OperandCuda {
   // and the pass can write them (`decoded`, `alpha`), the decoded values and the GEMM alpha, which
   // are then marked valid.
   nibble::cuda::QuantBuffers pass_buffers(bool decoded, bool alpha);
+  // Whether make_tile16_pair makes the pair from w [rows x cols].
+  static bool tile16_pair_applies(const void* w, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
+                                  Operand col_op);
   // The NVFP4 16x16 pass of w into `row` (W, with its decoded values where asked for) and/or `col`
-  // (W^T) (nullptr: that side off).
+  // (W^T) (nullptr: that side off). `produced`: max |w| from its producer, or none: an amax pass.
   template <typename T>
   static void run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPair& amax, OperandCuda* row,
-                         OperandCuda* col, cudaStream_t stream);
+                         OperandCuda* col, cudaStream_t stream, nibble::cuda::AmaxSlots produced = {});
 
   int64_t rows_ = 0, cols_ = 0;
   bool quantized_ = false;
@@ -211,7 +223,8 @@ class OperandCuda {
   int64_t data_bytes_ = 0, scale_bytes_ = 0;
   DeviceBuffer<float> decode_scale_;
   AmaxSlotPair amax_;  // the quantizer's amax
-  nibble::cuda::AmaxSlots produced_amax_{};  // given out by producer_amax, for the next make_pair
+  // Given out by producer_amax (tile16_producer_amax), for the next make_pair (make_tile16_pair).
+  nibble::cuda::AmaxSlots produced_amax_{};
   // The decoded BF16 values [rows x cols] that the fused pass writes when asked (grow-only like the
   // buffers above): decoded_wanted_ is the request of the make in progress, which run_fused and
   // run_tile16 read.

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "nibble/nn/cuda/kernel_util.cuh"
+#include "nibble/quant/cuda/amax_device.cuh"
 #include "nibble/train/cuda/adamw_cuda.h"
 
 namespace nibble::train::cuda {
@@ -46,6 +47,7 @@ __global__ void __launch_bounds__(kAdamWThreads)
   const float decay = seg.decay;
   const float mult = multiplier != nullptr ? *multiplier : 1.0f;
   const int64_t begin = (blockIdx.x - seg.first_block) * kAdamWBlockElements;
+  float amax = 0.0f;
 #pragma unroll
   for (int k = 0; k < kAdamWPerThread; ++k) {
     const int64_t i = begin + k * kAdamWThreads + threadIdx.x;
@@ -57,7 +59,14 @@ __global__ void __launch_bounds__(kAdamWThreads)
     m[j] = mi;
     v[j] = vi;
     const float update = (mi / a.bias1) / (sqrtf(vi / a.bias2) + a.eps);
-    w[i] -= a.lr * (update + decay * w[i]);
+    const float wi = w[i] - a.lr * (update + decay * w[i]);
+    w[i] = wi;
+    amax = nibble::cuda::fmax_abs_nan(amax, wi);
+  }
+  // The amax pass's word of the updated tensor (the same maximum, NaN included), uniform per block.
+  if (seg.amax != nullptr) {
+    if (blockIdx.x == seg.first_block && threadIdx.x == 0) seg.amax_zero_next[0] = seg.amax_zero_next[1] = 0;
+    nibble::cuda::block_max_to_global(float_bits(amax), seg.amax);
   }
 }
 
@@ -135,8 +144,10 @@ void AdamWCuda::step(std::span<const ParamTensor> tensors, double lr, const floa
   int64_t blocks = 0;
   for (const ParamTensor& t : tensors) {
     if (t.count == 0) continue;
+    if ((t.amax.current == nullptr) != (t.amax.zero_next == nullptr))
+      throw std::invalid_argument("AdamWCuda::step: an amax slot without the slot to zero, or the reverse");
     segs.push_back({t.value, t.grad, t.offset, t.count, t.weight_decay ? options_.weight_decay : 0.0f,
-                    static_cast<uint32_t>(blocks)});
+                    static_cast<uint32_t>(blocks), t.amax.current, t.amax.zero_next});
     blocks += (t.count + kAdamWBlockElements - 1) / kAdamWBlockElements;
   }
   if (segs.empty()) return;

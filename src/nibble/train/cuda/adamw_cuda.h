@@ -17,6 +17,7 @@
 #include <span>
 #include <vector>
 
+#include "nibble/quant/cuda/quantize_cuda.h"  // AmaxSlots
 #include "nibble/tensor/cuda/device_buffer.h"
 #include "nibble/train/optimizer.h"
 
@@ -35,6 +36,11 @@ struct ParamTensor {
   int64_t count = 0;
   bool weight_decay = true;
   int64_t offset = 0;  // elements into m and v
+  // Where the step also puts max |value| after the update, as the NVFP4 amax pass's word 0
+  // (nvfp4_amax over value, rowwise; amax.zero_next zeroed as that pass does): the amax of the next
+  // quantization of a weight, which then reads no amax of its own (OperandCuda::tile16_producer_amax).
+  // amax.current nullptr: none.
+  nibble::cuda::AmaxSlots amax{};
 };
 
 // The optimizer and the gradient norm each run as one launch over all tensors, reading a table of
@@ -47,6 +53,8 @@ struct AdamWSegment {
   int64_t count = 0;
   float decay = 0.0f;
   uint32_t first_block = 0;  // the launch's blocks before this segment's
+  uint32_t* amax = nullptr;  // ParamTensor::amax
+  uint32_t* amax_zero_next = nullptr;
   bool operator==(const AdamWSegment&) const = default;
 };
 

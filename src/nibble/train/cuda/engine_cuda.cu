@@ -71,8 +71,11 @@ class CudaEngine final : public Engine {
     NIBBLE_CUDA_CHECK(
         cudaMemcpyAsync(multiplier_.data(), staged, sizeof(float), cudaMemcpyHostToDevice, gpu_.stream()));
     multiplier_host_.copied(gpu_.stream());
+    // The step also computes each NVFP4 weight's amax for its next quantization (one pass fewer).
+    const std::vector<nibble::cuda::AmaxSlots> amaxes = gpu_.weight_amaxes_for_optimizer();
+    for (size_t i = 0; i < tensors_.size(); ++i) tensors_[i].amax = amaxes[i];
     adamw_.step(tensors_, lr, multiplier_.data(), gpu_.stream());
-    gpu_.weights_changed();
+    gpu_.weights_changed(/*amaxes_produced=*/true);
   }
   void to_host() override {
     gpu_.download_to(host_);
