@@ -13,9 +13,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <tuple>
@@ -1220,6 +1222,60 @@ TEST(AdamWCuda, TensorsInSeparateAllocationsMatchCpuBitForBit) {
       if (sizes[i] > 0) expect_bits_equal(download(d_w[i].data(), sizes[i]), w[i], what);
     }
   }
+}
+
+// ParamTensor::amax: the step writes max |w| of the updated tensor into the slot's word 0 (the
+// bits of the maximum of |w| over the downloaded values; NaN where w holds one), leaves word 1 as it
+// was, and zeroes both words of amax.zero_next; tensors without a slot are updated alike.
+TEST(AdamWCuda, WritesTheUpdatedTensorsAmax) {
+  std::mt19937_64 rng(fresh_seed());
+  const std::vector<int64_t> sizes = {3 * 1024 + 5, 2048, 333};
+  std::vector<DeviceBuffer<float>> d_w, d_g;
+  int64_t numel = 0;
+  for (int64_t n : sizes) {
+    std::vector<float> w = nn::test::random_normal(rng, n, 0.5f);
+    w[static_cast<size_t>(rng() % n)] = (rng() & 1 ? 1.0f : -1.0f) * 40.0f;  // a peak somewhere, either sign
+    d_w.emplace_back(std::span<const float>(w));
+    const std::vector<float> g = nn::test::random_normal(rng, n, 1.0f);
+    d_g.emplace_back(std::span<const float>(g));
+    numel += n;
+  }
+  cuda::AdamWCuda gpu(AdamWOptions{}, numel);
+  for (const bool with_nan : {false, true}) {
+    SCOPED_TRACE(with_nan ? "a NaN in tensor 0" : "finite");
+    if (with_nan) {
+      const float nan = std::numeric_limits<float>::quiet_NaN();
+      NIBBLE_CUDA_CHECK(cudaMemcpy(d_w[0].data() + 17, &nan, sizeof nan, cudaMemcpyHostToDevice));
+    }
+    // Slots 0 and 1 for tensors 0 and 2 (current, zero_next); junk everywhere first but in the
+    // current slots' word 0, which the caller's slot protocol hands over zeroed.
+    std::vector<uint32_t> init(8, 0xDEADBEEFu);
+    init[0] = init[4] = 0;
+    DeviceBuffer<uint32_t> words{std::span<const uint32_t>(init)};
+    std::vector<cuda::ParamTensor> tensors;
+    int64_t offset = 0;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      tensors.push_back({d_w[i].data(), d_g[i].data(), sizes[i], true, offset});
+      offset += sizes[i];
+    }
+    tensors[0].amax = {words.data(), words.data() + 2};
+    tensors[2].amax = {words.data() + 4, words.data() + 6};
+    gpu.step(tensors, 1e-3, nullptr, nullptr);
+    const std::vector<uint32_t> got = download(words.data(), 8);
+    for (const auto& [t, slot] : {std::pair{0, 0}, std::pair{2, 4}}) {
+      const std::vector<float> w = download(d_w[t].data(), sizes[t]);
+      uint32_t want = 0;
+      for (float v : w) want = std::isnan(v) ? 0x7FFFFFFFu : std::max(want, std::bit_cast<uint32_t>(std::fabs(v)));
+      EXPECT_EQ(got[slot], want) << "tensor " << t << "'s amax";
+      EXPECT_EQ(got[slot + 1], 0xDEADBEEFu) << "tensor " << t << "'s second word";
+      EXPECT_EQ(got[slot + 2], 0u) << "tensor " << t << "'s next slot";
+      EXPECT_EQ(got[slot + 3], 0u) << "tensor " << t << "'s next slot";
+    }
+  }
+  std::vector<cuda::ParamTensor> bad = {{d_w[0].data(), d_g[0].data(), sizes[0], true, 0}};
+  uint32_t* dummy = reinterpret_cast<uint32_t*>(d_g[0].data());
+  bad[0].amax = {dummy, nullptr};
+  EXPECT_THROW(gpu.step(bad, 1e-3, nullptr, nullptr), std::invalid_argument);
 }
 
 // One launch zeroes every array it is given, of sizes below, at and across its blocks' chunks of
