@@ -164,7 +164,8 @@ void GptCuda::download_to(Gpt& host) {
 
 std::vector<nibble::cuda::AmaxSlots> GptCuda::weight_amaxes_for_optimizer() {
   std::vector<nibble::cuda::AmaxSlots> amaxes;
-  for (ncu::LinearCuda* l : param_linears_) amaxes.push_back(l ? l->weight_amax_for_writer(stream_) : nibble::cuda::AmaxSlots{});
+  for (ncu::LinearCuda* l : param_linears_)
+    amaxes.push_back(l != nullptr ? l->weight_amax_for_writer(stream_) : nibble::cuda::AmaxSlots{});
   return amaxes;
 }
 

@@ -44,8 +44,9 @@ struct ParamTensor {
 };
 
 // The optimizer and the gradient norm each run as one launch over all tensors, reading a table of
-// segments (one a tensor) from device memory; the table is uploaded when the list of tensors changes
-// (in training: on the first step).
+// segments (one a tensor) from device memory; the table is uploaded when it changes (the gradient
+// norm's: on the first step; the optimizer's: every step under NVFP4, whose weights' amax slots
+// alternate, about 6 KB for GPT-2 124M).
 struct AdamWSegment {
   float* value = nullptr;
   const float* grad = nullptr;
