@@ -165,9 +165,6 @@ INSTANTIATE_TEST_SUITE_P(
              1e-2, 0.35}),
     [](const auto& info) { return info.param.name; });
 
-// The norms and the GELU computing the amax of the NVFP4 passes over their outputs (qkv's and fc's
-// X, fc2's X, fc's dY) give the bits of the passes computing their own: the loss and every gradient
-// after two steps.
 // Two GPU models of one nvfp4 model (3 blocks) and a batch of random ids: `produced` with the
 // producer amaxes (the default), `own` without them.
 struct ProducerAmaxModels {
@@ -189,6 +186,9 @@ struct ProducerAmaxModels {
   std::vector<uint32_t> inputs, targets;
 };
 
+// The norms and the GELU computing the amax of the NVFP4 passes over their outputs (qkv's and fc's
+// X, fc2's X, fc's dY) give the bits of the passes computing their own: the loss and every gradient
+// after two steps.
 TEST(GptCuda, ProducerAmaxGivesTheSameBits) {
   ProducerAmaxModels m(test::fresh_seed());
   cuda::GptCuda &produced = m.produced, &own = m.own;
@@ -265,7 +265,8 @@ TEST(GptCuda, OptimizerWeightAmaxGivesTheSameBits) {
   EXPECT_EQ(produced.loss(inputs, targets, batch, seq), own.loss(inputs, targets, batch, seq)) << "after step 3";
   for (size_t i = 0; i < produced.parameters().size(); ++i) {
     const cuda::DeviceParameter& p = produced.parameters()[i];
-    for (const auto& [a, b] : {std::pair{p.value, own.parameters()[i].value}, std::pair{p.grad, own.parameters()[i].grad}}) {
+    const cuda::DeviceParameter& q = own.parameters()[i];
+    for (const auto& [a, b] : {std::pair{p.value, q.value}, std::pair{p.grad, q.grad}}) {
       const std::vector<float> va = download(a, p.count), vb = download(b, p.count);
       EXPECT_EQ(0, std::memcmp(va.data(), vb.data(), va.size() * sizeof(float))) << p.name;
     }
