@@ -36,6 +36,26 @@ CLASSES = [  # first match wins
 ]
 
 
+def short_name(name):
+    """A kernel's name without its return type, namespaces and parameter list, template arguments
+    kept: distinct instantiations stay apart (a cut at a fixed length merged them)."""
+    depth, end = 0, len(name)
+    for i, ch in enumerate(name):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0 and i > 0 and name[i - 1] not in " :":
+            end = i  # the parameter list (a "(anonymous namespace)" follows "::" or a space)
+            break
+    head = name[:end]
+    if head.startswith("void "):
+        head = head[5:]
+    lt = head.find("<")
+    base, args = (head[:lt], head[lt:]) if lt >= 0 else (head, "")
+    return base.rsplit("::", 1)[-1] + args
+
+
 def kernel_class(name):
     low = name.lower()
     for cls, keys in CLASSES:
@@ -58,7 +78,7 @@ def read_trace(path):
         cls = kernel_class(name)
         total[cls] += float(ms)
         count[cls] += int(launches)
-        names[name[:90]] += float(ms)
+        names[short_name(name)] += float(ms)
     return total, count, names
 
 
@@ -93,7 +113,7 @@ def read(path):
         cls = kernel_class(row["Kernel Name"])
         total[cls] += ms
         count[cls] += 1
-        names[row["Kernel Name"][:90]] += ms
+        names[short_name(row["Kernel Name"])] += ms
     if not total:
         sys.exit(f"kernel_breakdown: {path} has no gpu__time_duration.sum rows (not an ncu --csv output?)")
     return total, count, names
