@@ -12,8 +12,12 @@
 
 #include <cublasLt.h>
 
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "nibble/tensor/block_scale_layout.h"
 #include "nibble/tensor/cuda/device_buffer.h"
@@ -64,6 +68,21 @@ int64_t alignment(const void* p) {
 
 constexpr size_t kWorkspaceBytes = 32u << 20;  // cuBLASLt's recommendation for Hopper
 
+// Sum over the buffer of a mix of each 16-bit word with its index: any change of a word changes
+// the sum but with probability about 2^-64, and the sum does not depend on the order of the adds.
+constexpr int kHashBlocks = 264, kHashThreads = 256;
+__global__ void hash_halfwords_kernel(const uint16_t* __restrict__ words, size_t count, unsigned long long* hash) {
+  unsigned long long sum = 0;
+  for (size_t i = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    unsigned long long z = (static_cast<unsigned long long>(i) << 16 | words[i]) + 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;  // splitmix64's finaliser: a bijection
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    sum += z ^ (z >> 31);
+  }
+  atomicAdd(hash, sum);
+}
+
 __global__ void multiply_scalars_kernel(const float* a, const float* b, float* out) { *out = *a * *b; }
 
 // One thread per slot of the padded scale matrix (padding included, so every byte of `tiled` is
@@ -83,6 +102,10 @@ struct GemmRunner::Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t layout_first = nullptr, layout_second = nullptr, layout_c = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  // The heuristic's list (kTuneCandidates at most), until the first run times them.
+  cublasLtMatmulAlgo_t candidates[GemmRunner::kTuneCandidates]{};
+  int candidate_count = 0;
+  std::string name;  // for the tuning log
   ~Plan() {
     if (layout_c) cublasLtMatrixLayoutDestroy(layout_c);
     if (layout_second) cublasLtMatrixLayoutDestroy(layout_second);
@@ -91,12 +114,14 @@ struct GemmRunner::Plan {
   }
 };
 
-GemmRunner::GemmRunner() {
+GemmRunner::GemmRunner(bool tune) {
   cublasLtHandle_t handle = nullptr;
   NIBBLE_CUBLAS_CHECK(cublasLtCreate(&handle));
   handle_ = handle;
   NIBBLE_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
   workspace_bytes_ = kWorkspaceBytes;
+  const char* setting = std::getenv("NIBBLE_GEMM_TUNE");
+  autotune_ = tune && !(setting != nullptr && std::string(setting) == "0");
   const float constants[3] = {1.0f, 0.0f, 1.0f};
   NIBBLE_CUDA_CHECK(cudaMalloc(&constants_, sizeof(constants)));
   NIBBLE_CUDA_CHECK(cudaMemcpy(constants_, constants, sizeof(constants), cudaMemcpyHostToDevice));
@@ -168,18 +193,24 @@ GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, con
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_second, sizeof(align_second)));
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c)));
-  cublasLtMatmulHeuristicResult_t result{};
+  const int wanted = autotune_ && tya != GemmType::kNvfp4 ? kTuneCandidates : 1;  // FP4: untested hardware
+  cublasLtMatmulHeuristicResult_t results[kTuneCandidates]{};
   int found = 0;
   const cublasStatus_t status =
       cublasLtMatmulAlgoGetHeuristic(static_cast<cublasLtHandle_t>(handle_), p->desc, p->layout_first, p->layout_second,
-                                     p->layout_c, p->layout_c, pref, 1, &result, &found);
+                                     p->layout_c, p->layout_c, pref, wanted, results, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (status != CUBLAS_STATUS_SUCCESS || found == 0) {
     throw std::invalid_argument("GemmRunner: cuBLASLt has no kernel for m=" + std::to_string(m) + " n=" +
                                 std::to_string(n) + " k=" + std::to_string(k) + " batch=" + std::to_string(batch) +
                                 " with these types/layouts (" + status_text(status) + ")");
   }
-  p->algo = result.algo;
+  p->algo = results[0].algo;
+  p->name = "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) + " batch=" +
+            std::to_string(batch) + (trans_a ? " A^T" : "") + (trans_b ? " B^T" : "") + " C " +
+            (tyc == GemmType::kF32 ? "f32" : "bf16");
+  if (found > 1)
+    for (int i = 0; i < found; ++i) p->candidates[p->candidate_count++] = results[i].algo;
   return *plans_.emplace(key, std::move(p)).first->second;
 }
 
@@ -238,9 +269,84 @@ void GemmRunner::run(int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const
   }
   const float* alpha_ptr = alpha != nullptr ? alpha : constants_;
   const float* beta_ptr = accumulate ? constants_ + 2 : constants_ + 1;
+  if (p.candidate_count > 0) {
+    const int64_t c_elements = (batch - 1) * c.batch_stride + m * n;
+    tune(p, a.data, b.data, c.data, c_elements * (c.type == GemmType::kF32 ? 4 : 2), alpha_ptr, beta_ptr, accumulate,
+         stream);
+  }
   NIBBLE_CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p.desc, alpha_ptr, b.data, p.layout_first,
                                      a.data, p.layout_second, beta_ptr, c.data, p.layout_c, c.data, p.layout_c, &p.algo,
                                      workspace_, workspace_bytes_, stream));
+}
+
+// Picks the fastest of the heuristic's candidates that computes the same bits as its first choice
+// (so tuning changes speed, never results: a resumed or repeated run takes the same values whatever
+// the timings). Each runs on the call's own operands into C itself (the real call overwrites it
+// after); when accumulating, C's values are kept in a copy and put back before each check and at the
+// end. The timings take rounds over all candidates in turn (each candidate's median of kRounds), so
+// that the clocks' drift while the GPU warms up falls on all of them alike.
+void GemmRunner::tune(Plan& p, const void* a, const void* b, void* c, size_t c_bytes, const float* alpha,
+                      const float* beta, bool accumulate, cudaStream_t stream) {
+  const int count = std::exchange(p.candidate_count, 0);
+  DeviceBuffer<uint8_t> saved(accumulate ? c_bytes : 0);
+  if (accumulate) NIBBLE_CUDA_CHECK(cudaMemcpyAsync(saved.data(), c, c_bytes, cudaMemcpyDeviceToDevice, stream));
+  DeviceBuffer<unsigned long long> hash(1);
+  const auto handle = static_cast<cublasLtHandle_t>(handle_);
+  auto matmul = [&](int i) {
+    return cublasLtMatmul(handle, p.desc, alpha, b, p.layout_first, a, p.layout_second, beta, c, p.layout_c, c,
+                          p.layout_c, &p.candidates[i], workspace_, workspace_bytes_, stream);
+  };
+  bool runs[kTuneCandidates]{}, same[kTuneCandidates]{};
+  unsigned long long reference = 0;
+  for (int i = 0; i < count; ++i) {  // which candidates run here, and which give the first one's bits
+    if (accumulate) NIBBLE_CUDA_CHECK(cudaMemcpyAsync(c, saved.data(), c_bytes, cudaMemcpyDeviceToDevice, stream));
+    runs[i] = matmul(i) == CUBLAS_STATUS_SUCCESS;  // the heuristic may list kernels that cannot run
+    if (!runs[i]) continue;
+    NIBBLE_CUDA_CHECK(cudaMemsetAsync(hash.data(), 0, sizeof(unsigned long long), stream));
+    hash_halfwords_kernel<<<kHashBlocks, kHashThreads, 0, stream>>>(static_cast<const uint16_t*>(c), c_bytes / 2,
+                                                                     hash.data());
+    NIBBLE_CUDA_CHECK_LAUNCH();
+    unsigned long long h = 0;
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&h, hash.data(), sizeof(h), cudaMemcpyDeviceToHost, stream));
+    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+    if (i == 0) reference = h;
+    same[i] = h == reference;
+  }
+  constexpr int kRounds = 3, kRepeats = 5;
+  float ms[kTuneCandidates][kRounds]{};
+  cudaEvent_t start = nullptr, stop = nullptr;
+  NIBBLE_CUDA_CHECK(cudaEventCreate(&start));
+  NIBBLE_CUDA_CHECK(cudaEventCreate(&stop));
+  for (int round = 0; round < kRounds && runs[0]; ++round)
+    for (int i = 0; i < count; ++i) {
+      if (!runs[i]) continue;
+      NIBBLE_CUDA_CHECK(cudaEventRecord(start, stream));
+      for (int r = 0; r < kRepeats; ++r) NIBBLE_CUBLAS_CHECK(matmul(i));
+      NIBBLE_CUDA_CHECK(cudaEventRecord(stop, stream));
+      NIBBLE_CUDA_CHECK(cudaEventSynchronize(stop));
+      NIBBLE_CUDA_CHECK(cudaEventElapsedTime(&ms[i][round], start, stop));
+    }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  if (accumulate) NIBBLE_CUDA_CHECK(cudaMemcpyAsync(c, saved.data(), c_bytes, cudaMemcpyDeviceToDevice, stream));
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));  // `saved` is freed on return
+
+  float median[kTuneCandidates]{};
+  int best = 0, fastest = 0, same_bits = 0;
+  for (int i = 0; i < count; ++i) {
+    if (!runs[i]) continue;
+    std::sort(ms[i], ms[i] + kRounds);
+    median[i] = ms[i][kRounds / 2] / kRepeats;
+    same_bits += same[i];
+    if (median[i] < median[fastest]) fastest = i;
+    if (same[i] && median[i] < median[best]) best = i;
+  }
+  p.algo = p.candidates[best];  // the first choice when it cannot run: the real call then reports it
+  if (std::getenv("NIBBLE_GEMM_TUNE_LOG"))
+    std::fprintf(stderr,
+                 "gemm tune %s: %d candidates, %d give the first one's bits; first %.4f ms, kept #%d %.4f ms "
+                 "(fastest of all #%d %.4f ms)\n",
+                 p.name.c_str(), count, same_bits, median[0], best, median[best], fastest, median[fastest]);
 }
 
 bool native_fp4_available() { return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 10; }

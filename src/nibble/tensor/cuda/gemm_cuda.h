@@ -53,7 +53,12 @@ struct GemmOutput {
 class GemmRunner {
  public:
   // One cuBLASLt handle and a workspace; not thread-safe (one per stream of work).
-  GemmRunner();
+  // tune: the first call of each shape and layout times up to kTuneCandidates kernels of cuBLASLt's
+  // heuristic list on its own operands and keeps the fastest of those that give the same bits as
+  // the heuristic's first choice (results never depend on it). NIBBLE_GEMM_TUNE=0 in the
+  // environment turns it off everywhere; NIBBLE_GEMM_TUNE_LOG=1 prints each choice to stderr.
+  explicit GemmRunner(bool tune = true);
+  bool tunes() const { return autotune_; }
   ~GemmRunner();
   GemmRunner(const GemmRunner&) = delete;
   GemmRunner& operator=(const GemmRunner&) = delete;
@@ -63,10 +68,14 @@ class GemmRunner {
            const float* alpha, bool accumulate, cudaStream_t stream, int64_t batch = 1);
 
  private:
+  static constexpr int kTuneCandidates = 16;
   struct Plan;
   using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int, int, int, int, int, int, int64_t, int64_t, int64_t>;
   // scales_first/second: the tiled block scales of cuBLASLt's first/second operand (kNvfp4 only).
   Plan& plan(const Key& key, const void* scales_first = nullptr, const void* scales_second = nullptr);
+  void tune(Plan& p, const void* a, const void* b, void* c, size_t c_bytes, const float* alpha, const float* beta,
+            bool accumulate, cudaStream_t stream);
+  bool autotune_ = false;
 
   void* handle_ = nullptr;  // cublasLtHandle_t
   void* workspace_ = nullptr;
