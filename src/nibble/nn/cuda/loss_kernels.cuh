@@ -29,7 +29,11 @@
 namespace nibble::nn::cuda::detail {
 namespace {
 
-constexpr int kLossThreads = 256;
+// A staged row of GPT-2's vocabulary fills most of an SM's shared memory, so one block runs per SM:
+// it brings all the warps that hide the latencies (1024 against 256 threads: a BF16 chunk of 2624
+// rows 0.41 -> 0.35 ms on an H200, docs/benchmarks.md session 16). The strided kernel takes the same
+// block size, so both add in the same order.
+constexpr int kLossThreads = 1024;
 // Floats per bulk copy and mbarrier (32 KiB): the granularity at which the next row's copy
 // overlaps the output pass.
 constexpr int64_t kStageChunk = 8192;
