@@ -343,6 +343,33 @@ TEST_P(NormCudaTest, ForwardComputesTheNvfp4PassAmax) {
     }
 }
 
+// backward() with the amax of the fused NVFP4 pass over its BF16 dx (the next linear layer's dY), as
+// the forward above: 768 computes it in the backward kernel (176 rows: a partial last chunk of 48),
+// 208 by the amax pass after the plain kernels.
+TEST_P(NormCudaTest, BackwardComputesTheNvfp4PassAmax) {
+  for (const int64_t dim : {int64_t{208}, int64_t{768}})
+    for (bool rht : {false, true}) {
+      SCOPED_TRACE("dim " + std::to_string(dim) + (rht ? ", RHT" : ", no RHT"));
+      std::mt19937_64 rng(fresh_seed());
+      const int64_t rows = 16 * 11;
+      Stream stream;
+      cuda::NormCuda gpu(dim, GetParam());
+      upload(gpu.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
+      const auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
+      auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
+      dy[dy.size() / 5] = 70.0f;  // an outlier
+      DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)}, y(x.size()), dx(x.size());
+      DeviceBuffer<bf16_t> plain(x.size()), produced(x.size());
+      ProducerAmaxCheck check;
+      const nibble::cuda::ProducerAmax amax = check.start(rht, rht_signs_from_seed(rng()));
+      gpu.forward(d_x.data(), rows, y.data(), stream);
+      gpu.backward(d_dy.data(), dx.data(), stream, /*accumulate=*/false, plain.data());
+      gpu.forward(d_x.data(), rows, y.data(), stream);
+      gpu.backward(d_dy.data(), dx.data(), stream, /*accumulate=*/false, produced.data(), amax);
+      check.check(plain, produced, rows, dim, stream);
+    }
+}
+
 INSTANTIATE_TEST_SUITE_P(Kinds, NormCudaTest, ::testing::Values(NormKind::kLayerNorm, NormKind::kRmsNorm),
                          [](const auto& info) { return info.param == NormKind::kLayerNorm ? "LayerNorm" : "RmsNorm"; });
 

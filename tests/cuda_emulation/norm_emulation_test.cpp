@@ -9,7 +9,9 @@
 //   kernel adds each warp's 8 rows in FP32 first (relative error about 8 x 2^-24 of the terms);
 // - the finished gradients (norm_param_finish_kernel over them) to double sums over all rows.
 // Shapes: a partial last chunk, GPT-2's width with a bias and FP32 dy, RMSNorm (no bias) with BF16
-// dy and accumulate, and 1024 wide (64 KiB of shared memory). The ThreadSanitizer build runs the
+// dy and accumulate, and 1024 wide (64 KiB of shared memory). Two cases also compute the fused
+// NVFP4 pass's amax over dx16 (with and without the RHT; one with a partial last chunk of 16 rows),
+// checked against the CPU's maxima over dx16. The ThreadSanitizer build runs the
 // first case: without the block barrier before the cross-warp sums, it reports the race.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -75,6 +77,7 @@ namespace {
 struct Case {
   int64_t rows, dim;
   bool centered, bf16_dy, accumulate;
+  enum Amax { kNone, kPlain, kRht } amax = kNone;  // the fused NVFP4 pass's amax over dx16
 };
 
 std::vector<float> normal(std::mt19937_64& rng, int64_t n, float scale) {
@@ -84,10 +87,29 @@ std::vector<float> normal(std::mt19937_64& rng, int64_t n, float scale) {
   return v;
 }
 
+// The two words nvfp4_amax gives for y [rows x dim] (rows a multiple of 16): max |y| and, with the
+// RHT, max |rht16(16-row column block)| (quant/rht.h, the CPU reference), else max |y| again.
+std::pair<uint32_t, uint32_t> amax_words(const std::vector<bf16_t>& y, int64_t rows, int64_t dim, bool rht,
+                                         const RhtSigns& signs) {
+  float row_max = 0.0f, col_max = 0.0f;
+  for (int64_t c = 0; c < dim; ++c)
+    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+      float v[kRhtBlock];
+      for (int k = 0; k < 16; ++k) {
+        v[k] = to_float(y[static_cast<size_t>((r0 + k) * dim + c)]);
+        row_max = std::max(row_max, std::fabs(v[k]));
+      }
+      rht16(v, signs);
+      for (float e : v) col_max = std::max(col_max, std::fabs(e));
+    }
+  return {float_bits(row_max), float_bits(rht ? col_max : row_max)};
+}
+
 template <typename DyT>
 void check(const Case& k, std::mt19937_64& rng) {
   SCOPED_TRACE(std::to_string(k.rows) + " x " + std::to_string(k.dim) + (k.centered ? " LayerNorm" : " RMSNorm") +
-               (k.bf16_dy ? ", BF16 dy" : "") + (k.accumulate ? ", accumulate" : ""));
+               (k.bf16_dy ? ", BF16 dy" : "") + (k.accumulate ? ", accumulate" : "") +
+               (k.amax == Case::kNone ? "" : k.amax == Case::kRht ? ", amax with RHT" : ", amax"));
   const int64_t n = k.rows * k.dim, chunks = (k.rows + kChunkRows - 1) / kChunkRows;
   const bool with_bias = k.centered;
   std::vector<DyT> dy(static_cast<size_t>(n));
@@ -122,10 +144,24 @@ void check(const Case& k, std::mt19937_64& rng) {
   double* pw = partials.data();
   double* pb = pw + chunks * k.dim;
   const size_t smem = static_cast<size_t>((with_bias ? 2 : 1) * kRowsPerBlock * k.dim) * sizeof(float);
+  uint32_t words[4] = {0, 0, 0xDEADBEEFu, 0xDEADBEEFu};
+  nibble::cuda::ProducerAmax amax;
+  if (k.amax != Case::kNone) {
+    amax.slots = {words, words + 2};
+    amax.col_rht = k.amax == Case::kRht;
+    amax.rht_signs = rht_signs_from_seed(rng());
+  }
   emu::launch(dim3(static_cast<unsigned>(chunks)), kRowThreads, smem, [&] {
     norm_backward_params_vec_kernel<DyT>(dy.data(), xhat.data(), rstd.data(), weight.data(), k.rows, k.dim,
-                                         k.centered, k.accumulate, dx.data(), dx16.data(), with_bias, pw, pb);
+                                         k.centered, k.accumulate, dx.data(), dx16.data(), with_bias, pw, pb, amax);
   });
+  if (k.amax != Case::kNone) {  // the words of nvfp4_amax over dx16, the next slot zeroed
+    const auto [row_word, col_word] = amax_words(dx16, k.rows, k.dim, amax.col_rht, amax.rht_signs);
+    EXPECT_EQ(words[0], row_word) << "rowwise amax";
+    EXPECT_EQ(words[1], col_word) << "columnwise amax";
+    EXPECT_EQ(words[2], 0u);
+    EXPECT_EQ(words[3], 0u);
+  }
 
   // dx: the same per-element double expression, the row sums in another order.
   int64_t dx_wrong = 0;
@@ -184,8 +220,9 @@ void check(const Case& k, std::mt19937_64& rng) {
 TEST(NormEmulation, BackwardWithPartialsMatchesTheStridedKernels) {
   std::mt19937_64 rng(test::fresh_seed());
   check<float>(Case{111, 768, true, false, false}, rng);  // a partial last chunk (47 rows)
+  check<bf16_t>(Case{80, 768, true, true, true, Case::kRht}, rng);  // the amax over a partial last chunk (16 rows)
 #ifndef NIBBLE_NORM_EMULATION_TSAN
-  check<bf16_t>(Case{128, 256, false, true, true}, rng);
+  check<bf16_t>(Case{128, 256, false, true, true, Case::kPlain}, rng);
   check<bf16_t>(Case{70, 1024, true, true, false}, rng);
 #endif
 }
@@ -225,19 +262,9 @@ void check_forward_amax(int64_t rows, int64_t dim, bool centered, bool rht, std:
       ADD_FAILURE() << "element " << i << ": y " << y[i].bits << " vs " << y_ref[i].bits;
   EXPECT_EQ(wrong, 0);
   EXPECT_EQ(0, std::memcmp(rstd.data(), rstd_ref.data(), rstd.size() * sizeof(float)));
-  float row_max = 0.0f, col_max = 0.0f;
-  for (int64_t c = 0; c < dim; ++c)
-    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-      float v[kRhtBlock];
-      for (int k = 0; k < 16; ++k) {
-        v[k] = to_float(y_ref[static_cast<size_t>((r0 + k) * dim + c)]);
-        row_max = std::max(row_max, std::fabs(v[k]));
-      }
-      rht16(v, amax.rht_signs);
-      for (float e : v) col_max = std::max(col_max, std::fabs(e));
-    }
-  EXPECT_EQ(words[0], float_bits(row_max));
-  EXPECT_EQ(words[1], float_bits(rht ? col_max : row_max));
+  const auto [row_word, col_word] = amax_words(y_ref, rows, dim, rht, amax.rht_signs);
+  EXPECT_EQ(words[0], row_word);
+  EXPECT_EQ(words[1], col_word);
   EXPECT_EQ(words[2], 0u);
   EXPECT_EQ(words[3], 0u);
 }

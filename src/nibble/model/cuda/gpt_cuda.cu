@@ -361,9 +361,14 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
   const auto dx_bf16_for = [&](ncu::LinearCuda* next) -> bf16_t* {
     return next != nullptr && next->takes_bf16_dy() ? next->bf16_dy_input() : nullptr;
   };
+  // ... and the amax of the NVFP4 pass over it, where one will run.
+  const auto dx_amax_for = [&](ncu::LinearCuda* next) -> nibble::cuda::ProducerAmax {
+    return next != nullptr && next->takes_bf16_dy() ? next->bf16_dy_amax(stream_) : nibble::cuda::ProducerAmax{};
+  };
   const auto already_there = [](auto*) {};
-  norm_f_.backward(dtmp_.data(), dx_.data(), stream_, /*accumulate=*/false,
-                   dx_bf16_for(blocks_.empty() ? nullptr : &blocks_.back()->proj2));
+  ncu::LinearCuda* const last_proj2 = blocks_.empty() ? nullptr : &blocks_.back()->proj2;
+  norm_f_.backward(dtmp_.data(), dx_.data(), stream_, /*accumulate=*/false, dx_bf16_for(last_proj2),
+                   dx_amax_for(last_proj2));
   for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {
     Block& b = **it;
     Block* below = std::next(it) != blocks_.rend() ? std::next(it)->get() : nullptr;
@@ -378,14 +383,18 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
         }, ln_, ln16_);
       });
     });
-    dln.visit([&](const auto* g) { b.norm2.backward(g, dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(&b.proj)); });
+    dln.visit([&](const auto* g) {
+      b.norm2.backward(g, dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(&b.proj), dx_amax_for(&b.proj));
+    });
     // Attention: proj, the attention core (its backward writes qkv's dY), qkv, then norm1.
     const Values dout = linear_backward(b.proj, dx_, already_there, narrow_, narrow16_);
     dout.visit([&](const auto* g) {
       dln = linear_backward(b.qkv, wide_, [&](auto* dst) { b.core.backward(g, dst, stream_); }, ln_, ln16_);
     });
+    ncu::LinearCuda* const below_proj2 = below != nullptr ? &below->proj2 : nullptr;
     dln.visit([&](const auto* g) {
-      b.norm1.backward(g, dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(below ? &below->proj2 : nullptr));
+      b.norm1.backward(g, dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(below_proj2),
+                       dx_amax_for(below_proj2));
     });
   }
   tok_embed_.backward(ids_.data(), rows, dx_.data(), stream_);

@@ -106,10 +106,15 @@ class NormCuda {
   // gradient, in the same FP32 addition a separate pass would do); weight/bias gradients += their
   // parts. Needs a forward. dx must not overlap dy. dx_bf16 (optional): the final dx (after the
   // addition) also rounded to BF16 to nearest even, for the next linear layer's
-  // LinearCuda::bf16_dy_input() (the residual stream's gradient is that layer's dY).
-  void backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate = false, bf16_t* dx_bf16 = nullptr);
+  // LinearCuda::bf16_dy_input() (the residual stream's gradient is that layer's dY). With `amax`
+  // (needs dx_bf16; LinearCuda::bf16_dy_amax), also the amax of the fused NVFP4 pass that will
+  // quantize dx_bf16: in the same kernel for vector rows and a multiple of 16 rows, otherwise by
+  // that pass's amax kernel after the backward.
+  void backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate = false, bf16_t* dx_bf16 = nullptr,
+                nibble::cuda::ProducerAmax amax = {});
   // The same with dy in BF16 (the GPU model's linear dX, LinearCuda::backward_bf16_input's BF16 dX).
-  void backward(const bf16_t* dy, float* dx, cudaStream_t stream, bool accumulate = false, bf16_t* dx_bf16 = nullptr);
+  void backward(const bf16_t* dy, float* dx, cudaStream_t stream, bool accumulate = false, bf16_t* dx_bf16 = nullptr,
+                nibble::cuda::ProducerAmax amax = {});
 
  private:
   int64_t dim_;
@@ -119,7 +124,8 @@ class NormCuda {
   template <typename Out>
   void forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream, const nibble::cuda::ProducerAmax& amax);
   template <typename DyT>
-  void backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16);
+  void backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
+                     const nibble::cuda::ProducerAmax& amax);
 
   DeviceBuffer<float> saved_xhat_, saved_rstd_;
   DeviceBuffer<double> partials_;  // [chunks x dim] for the weight, then for the bias

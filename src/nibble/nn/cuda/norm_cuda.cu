@@ -26,6 +26,16 @@ bool vector_rows(int64_t dim, const In* in, const Out* out) {
   return dim % 128 == 0 && dim <= 128 * kVecChunks && ok(in, sizeof(In)) && ok(out, sizeof(Out));
 }
 
+// A ProducerAmax the kernels could not compute: the fused pass's own amax kernel over y [rows x dim].
+template <typename T>
+void nvfp4_amax_of(const T* y, int64_t rows, int64_t dim, const nibble::cuda::ProducerAmax& amax,
+                   cudaStream_t stream) {
+  nibble::cuda::RowColSpec spec;
+  spec.col_rht = amax.col_rht;
+  spec.rht_signs = amax.rht_signs;
+  nibble::cuda::nvfp4_amax(y, rows, dim, spec, amax.slots, stream);
+}
+
 }  // namespace
 
 NormCuda::NormCuda(int64_t dim, NormKind kind, float eps) : dim_(dim), kind_(kind), eps_(eps) {
@@ -78,29 +88,29 @@ void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t s
         saved_rstd_.data());
   }
   NIBBLE_CUDA_CHECK_LAUNCH();
-  if (amax && !amax_done) {  // other shapes: the fused pass's own amax kernel, after the forward
-    nibble::cuda::RowColSpec spec;
-    spec.col_rht = amax.col_rht;
-    spec.rht_signs = amax.rht_signs;
-    nibble::cuda::nvfp4_amax(y, rows, dim_, spec, amax.slots, stream);
-  }
+  if (amax && !amax_done) nvfp4_amax_of(y, rows, dim_, amax, stream);  // other shapes: after the forward
   saved_rows_ = rows;
 }
 
-void NormCuda::backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16) {
-  backward_impl(dy, dx, stream, accumulate, dx_bf16);
+void NormCuda::backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
+                        nibble::cuda::ProducerAmax amax) {
+  backward_impl(dy, dx, stream, accumulate, dx_bf16, amax);
 }
-void NormCuda::backward(const bf16_t* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16) {
-  backward_impl(dy, dx, stream, accumulate, dx_bf16);
+void NormCuda::backward(const bf16_t* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
+                        nibble::cuda::ProducerAmax amax) {
+  backward_impl(dy, dx, stream, accumulate, dx_bf16, amax);
 }
 
 template <typename DyT>
-void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16) {
+void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
+                             const nibble::cuda::ProducerAmax& amax) {
   if (saved_rows_ == 0) throw std::logic_error("NormCuda::backward without a forward");
+  if (amax && dx_bf16 == nullptr) throw std::logic_error("NormCuda::backward: an amax asked for without dx in BF16");
   const int64_t rows = saved_rows_;
   const bool centered = kind_ == NormKind::kLayerNorm;
   const bool vector = vector_rows(dim_, dy, dx) && (dx_bf16 == nullptr || vector_rows(dim_, dx_bf16, dx_bf16));
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+  bool amax_done = false;
   partials_.reserve(static_cast<size_t>(2 * chunks * dim_));
   double* pw = partials_.data();
   double* pb = pw + chunks * dim_;
@@ -109,10 +119,12 @@ void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool
     const size_t smem = static_cast<size_t>((has_bias() ? 2 : 1) * kRowsPerBlock * dim_) * sizeof(float);
     if (smem > 48 * 1024)  // dim 1024 with a bias: 64 KiB
       NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    const bool amax_here = amax && rows % 16 == 0;
     kernel<<<static_cast<unsigned>(chunks), kRowThreads, smem, stream>>>(
         dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16,
-        has_bias(), pw, pb);
+        has_bias(), pw, pb, amax_here ? amax : nibble::cuda::ProducerAmax{});
     NIBBLE_CUDA_CHECK_LAUNCH();
+    amax_done = amax_here;
   } else {
     norm_backward_kernel<DyT><<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
         dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16);
@@ -124,6 +136,7 @@ void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool
   norm_param_finish_kernel<<<blocks_for(dim_, 32), 32 * kFinishWarps, 0, stream>>>(
       pw, pb, chunks, dim_, weight_grad_.data(), has_bias() ? bias_grad_.data() : nullptr);
   NIBBLE_CUDA_CHECK_LAUNCH();
+  if (amax && !amax_done) nvfp4_amax_of(dx_bf16, rows, dim_, amax, stream);
   saved_rows_ = 0;
 }
 

@@ -206,6 +206,10 @@ norm_backward_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat,
 // Deterministic. The FP32 sums are over kChunkRows / kRowsPerBlock = 8 rows: relative error about
 // 8 x 2^-24 of their terms, within NormCudaTest's tolerance (5e-5).
 // Shared memory (dynamic): [warp][dim] weight sums, then [warp][dim] bias sums where there is a bias.
+// With `amax` (ProducerAmax; rows a multiple of 16, dx16 given), the block then reads its chunk's
+// dx16 back (just written: from L2) in 16-row column blocks and adds them to the two words of the
+// fused NVFP4 pass that will quantize dx16 (the next linear layer's dY): that pass's own amax kernel
+// would read the whole tensor again in a launch of its own.
 #ifndef NIBBLE_NORM_HOST_EMULATION
 __device__ __forceinline__ float4* dynamic_sums() {
   extern __shared__ float4 norm_sums[];
@@ -219,7 +223,7 @@ norm_backward_params_vec_kernel(const DyT* __restrict__ dy, const float* __restr
                                 const float* __restrict__ rstd, const float* __restrict__ weight, int64_t rows,
                                 int64_t dim, bool centered, bool accumulate, float* __restrict__ dx,
                                 bf16_t* __restrict__ dx16, bool with_bias, double* __restrict__ pw,
-                                double* __restrict__ pb) {
+                                double* __restrict__ pb, nibble::cuda::ProducerAmax amax) {
   float4* sums = dynamic_sums();
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, chunks = static_cast<int>(dim / 128);
   const int64_t chunk = blockIdx.x, vecs = dim / 4;
@@ -291,6 +295,24 @@ norm_backward_params_vec_kernel(const DyT* __restrict__ dy, const float* __restr
     pw[chunk * dim + col] = tw;
     if (with_bias) pb[chunk * dim + col] = tb;
   }
+  if (amax.slots.current == nullptr) return;
+  // The chunk's dx16 (visible to the whole block after the barrier above), as BF16 pairs.
+  const int64_t row0 = chunk * kChunkRows, pairs = dim / 2;
+  const int64_t items = (min(rows, row0 + kChunkRows) - row0) / 16 * pairs;
+  const uint32_t* words = reinterpret_cast<const uint32_t*>(dx16) + row0 * pairs;
+  float row_max = 0.0f, col_max = 0.0f;
+  for (int64_t item = threadIdx.x; item < items; item += kRowThreads) {
+    const uint32_t* w = words + item / pairs * 16 * pairs + item % pairs;
+    float v[16][2];
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const uint32_t pair = w[r * pairs];
+      v[r][0] = bits_float(pair << 16);
+      v[r][1] = bits_float(pair & 0xFFFF0000u);
+    }
+    nibble::cuda::accumulate_amax16<2>(v, amax, row_max, col_max);
+  }
+  nibble::cuda::finish_amax(row_max, col_max, amax.slots, amax.col_rht);
 }
 
 // Parameter-gradient partials: one thread per (column, chunk of kChunkRows rows), in double.
