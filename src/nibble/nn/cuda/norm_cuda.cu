@@ -117,7 +117,14 @@ void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool
   if (vector) {  // dx and the partials in one pass
     const auto kernel = norm_backward_params_vec_kernel<DyT>;
     const size_t smem = static_cast<size_t>((has_bias() ? 2 : 1) * kRowsPerBlock * dim_) * sizeof(float);
-    if (smem > 48 * 1024)  // dim 1024 with a bias: 64 KiB
+    // Beyond 48 KiB of shared memory a block, static (the amax's block maximum) and dynamic
+    // together, the kernel must opt in (GPT-2's 768 with a bias: 48 KiB dynamic; 1024: 64 KiB).
+    static const size_t static_smem = [&] {
+      cudaFuncAttributes attributes{};
+      NIBBLE_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+      return attributes.sharedSizeBytes;
+    }();
+    if (smem + static_smem > 48 * 1024)
       NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const bool amax_here = amax && rows % 16 == 0;
     kernel<<<static_cast<unsigned>(chunks), kRowThreads, smem, stream>>>(
