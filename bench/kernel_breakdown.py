@@ -22,17 +22,18 @@ import signal
 import sys
 from collections import defaultdict
 
-CLASSES = [  # first match wins
+CLASSES = [  # first match wins, on the short name (template arguments kept, parameter list not)
     ("memsets (kernel traces only)", ("[memset]",)),
     ("GEMM (cuBLASLt)", ("gemm", "sm90_xmma", "cutlass", "nvjet", "splitkreduce")),
     ("optimizer, gradient norm", ("adamw", "sq_partials", "sqrt_sum", "clip")),  # before "segment"
+    # Before "amax": a norm or an activation that computes a quantizing pass's amax is still that layer.
+    ("norms", ("norm",)),
+    ("MLP activation, residual", ("gelu", "relu", "swiglu", "activation", "residual")),
     ("quantize / decode operands", ("rowcol", "tile16", "segment", "amax", "dequantize", "decode_fp4", "decode_nvfp4", "convert", "recode",
                                     "multiply_scalars")),
     ("attention (flash kernels, softmax, packing, RoPE)", ("flash", "softmax", "rope", "probs_from_lse", "pack_")),
-    ("norms", ("norm",)),
     ("LM-head loss", ("cross_entropy", "mean_kernel")),
-    ("embeddings", ("gather", "scatter", "radix", "sort", "cub::")),
-    ("MLP activation, residual", ("gelu", "relu", "swiglu", "activation", "residual")),
+    ("embeddings", ("gather", "scatter", "radix", "sort", "onesweep", "histogram")),
 ]
 
 
@@ -57,7 +58,7 @@ def short_name(name):
 
 
 def kernel_class(name):
-    low = name.lower()
+    low = short_name(name).lower()
     for cls, keys in CLASSES:
         if any(k in low for k in keys):
             return cls

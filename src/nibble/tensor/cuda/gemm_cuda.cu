@@ -193,7 +193,12 @@ GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, con
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_second, sizeof(align_second)));
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_c, sizeof(align_c)));
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_c, sizeof(align_c)));
-  const int wanted = autotune_ && tya != GemmType::kNvfp4 ? kTuneCandidates : 1;  // FP4: untested hardware
+  // Not tuned: native FP4 (untested hardware) and GEMMs of 2^38 multiply-adds or more (8192^3 is
+  // 2^39), which run long enough to be bound by the GPU's power and clocks: a few short timed runs
+  // at the first call then misjudge them (8192^3 kept a kernel 11-14% slower than the heuristic's
+  // in the steady state, docs/benchmarks.md session 16). GPT-2 124M's largest, the LM head's chunk, is about 2^36.6.
+  const bool tunable = tya != GemmType::kNvfp4 && static_cast<double>(m) * n * k * batch < 0x1p38;
+  const int wanted = autotune_ && tunable ? kTuneCandidates : 1;
   cublasLtMatmulHeuristicResult_t results[kTuneCandidates]{};
   int found = 0;
   const cublasStatus_t status =

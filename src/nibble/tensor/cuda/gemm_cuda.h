@@ -55,7 +55,8 @@ class GemmRunner {
   // One cuBLASLt handle and a workspace; not thread-safe (one per stream of work).
   // tune: the first call of each shape and layout times up to kTuneCandidates kernels of cuBLASLt's
   // heuristic list on its own operands and keeps the fastest of those that give the same bits as
-  // the heuristic's first choice (results never depend on it). NIBBLE_GEMM_TUNE=0 in the
+  // the heuristic's first choice (results never depend on it); GEMMs of 2^38 multiply-adds or
+  // more keep the heuristic's choice (see plan()). NIBBLE_GEMM_TUNE=0 in the
   // environment turns it off everywhere; NIBBLE_GEMM_TUNE_LOG=1 prints each choice to stderr.
   explicit GemmRunner(bool tune = true);
   bool tunes() const { return autotune_; }
