@@ -196,7 +196,8 @@ GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, con
   // Not tuned: native FP4 (untested hardware) and GEMMs of 2^38 multiply-adds or more (8192^3 is
   // 2^39), which run long enough to be bound by the GPU's power and clocks: a few short timed runs
   // at the first call then misjudge them (8192^3 kept a kernel 11-14% slower than the heuristic's
-  // in the steady state, docs/benchmarks.md session 16). GPT-2 124M's largest, the LM head's chunk, is about 2^36.6.
+  // in the steady state, docs/benchmarks.md session 16). GPT-2 124M's largest GEMM, the LM head's
+  // chunk, is about 2^36.6.
   const bool tunable = tya != GemmType::kNvfp4 && static_cast<double>(m) * n * k * batch < 0x1p38;
   const int wanted = autotune_ && tunable ? kTuneCandidates : 1;
   cublasLtMatmulHeuristicResult_t results[kTuneCandidates]{};
