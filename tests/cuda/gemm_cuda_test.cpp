@@ -93,7 +93,8 @@ TEST_P(GemmTuneTest, GivesTheUntunedBits) {
   // The product itself: |C - C_double| <= 2 k u sum |a b| (+ |C0| when accumulating, + the output's
   // rounding), u = 2^-24, or 2^-14 for FP8 tensor cores (about 14 bits between promotions to FP32,
   // docs/numerics.md "GEMMs").
-  const double u = std::ldexp(1.0, c.in == GemmType::kE4M3 ? -14 : -24), out_rel = c.out == GemmType::kBF16 ? std::ldexp(1.0, -8) : 0.0;
+  const double u = std::ldexp(1.0, c.in == GemmType::kE4M3 ? -14 : -24);
+  const double out_rel = c.out == GemmType::kBF16 ? std::ldexp(1.0, -8) : 0.0;
   int failures = 0;
   for (int64_t t = 0; t < c.batch; ++t)
     for (int64_t i = 0; i < c.m; ++i)
@@ -116,7 +117,8 @@ TEST_P(GemmTuneTest, GivesTheUntunedBits) {
         }
         const double tol = 2.0 * static_cast<double>(c.k + 1) * u * mag + out_rel * std::fabs(sum) + 1e-30;
         if (!(std::fabs(got - sum) <= tol) && ++failures <= 3)
-          ADD_FAILURE() << "C[" << t << "][" << i << "][" << j << "] = " << got << ", double " << sum << ", bound " << tol;
+          ADD_FAILURE() << "C[" << t << "][" << i << "][" << j << "] = " << got << ", double " << sum << ", bound "
+                        << tol;
       }
   EXPECT_EQ(failures, 0);
 }
@@ -131,16 +133,18 @@ std::string tune_case_name(const ::testing::TestParamInfo<TuneCase>& info) {
   return name;
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Shapes, GemmTuneTest,
-    ::testing::Values(TuneCase{512, 384, 768, 1, false, true, GemmType::kBF16, GemmType::kF32, true},  // Fprop, residual
-                      TuneCase{64, 64, 8192, 1, false, true, GemmType::kBF16, GemmType::kBF16, false},  // split-K land
-                      TuneCase{96, 256, 4096, 1, true, false, GemmType::kBF16, GemmType::kF32, true},  // Wgrad layout
-                      TuneCase{256, 128, 512, 1, false, false, GemmType::kBF16, GemmType::kBF16, false},  // Dgrad layout
-                      TuneCase{128, 256, 1024, 1, false, true, GemmType::kE4M3, GemmType::kF32, false},
-                      TuneCase{128, 64, 64, 3, false, true, GemmType::kBF16, GemmType::kF32, true},  // batched
-                      TuneCase{200, 72, 40, 1, false, false, GemmType::kF32, GemmType::kF32, true}),
-    tune_case_name);
+// Fprop with the residual added (FP32 C), a long K (split-K land), Wgrad's and Dgrad's layouts, FP8,
+// a batch, and FP32 operands of odd sizes.
+constexpr GemmType kBf16 = GemmType::kBF16, kF32 = GemmType::kF32;
+INSTANTIATE_TEST_SUITE_P(Shapes, GemmTuneTest,
+                         ::testing::Values(TuneCase{512, 384, 768, 1, false, true, kBf16, kF32, true},
+                                           TuneCase{64, 64, 8192, 1, false, true, kBf16, kBf16, false},
+                                           TuneCase{96, 256, 4096, 1, true, false, kBf16, kF32, true},
+                                           TuneCase{256, 128, 512, 1, false, false, kBf16, kBf16, false},
+                                           TuneCase{128, 256, 1024, 1, false, true, GemmType::kE4M3, kF32, false},
+                                           TuneCase{128, 64, 64, 3, false, true, kBf16, kF32, true},
+                                           TuneCase{200, 72, 40, 1, false, false, kF32, kF32, true}),
+                         tune_case_name);
 
 }  // namespace
 }  // namespace nibble
