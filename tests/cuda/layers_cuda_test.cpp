@@ -317,57 +317,58 @@ class ProducerAmaxCheck {
   std::vector<uint32_t> expected_;
 };
 
-// forward() with the amax of the fused NVFP4 pass over its BF16 output (ProducerAmax): the y bits
-// of the plain forward, and the two words nvfp4_amax computes from y (with and without
-// the RHT), the next slot zeroed. 768 takes the kernel that computes the amax; 208 (not a multiple
-// of 128) the plain kernels, then the amax pass.
-TEST_P(NormCudaTest, ForwardComputesTheNvfp4PassAmax) {
+// The producer-amax cases of a norm: dims 768 (the kernels compute the amax) and 208 (not a multiple
+// of 128: the plain kernels, then the amax pass), with and without the RHT; 176 rows (the backward's
+// last chunk of rows partial). body(gpu, rows, dim, rng, check, amax) runs one, with random
+// parameters and fresh amax slots.
+template <typename Body>
+void for_each_norm_amax_case(NormKind kind, Body body) {
   for (const int64_t dim : {int64_t{208}, int64_t{768}})
     for (bool rht : {false, true}) {
       SCOPED_TRACE("dim " + std::to_string(dim) + (rht ? ", RHT" : ", no RHT"));
       std::mt19937_64 rng(fresh_seed());
-      const int64_t rows = 16 * 11;
-      Stream stream;
-      cuda::NormCuda gpu(dim, GetParam());
+      cuda::NormCuda gpu(dim, kind);
       upload(gpu.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
       if (gpu.has_bias()) upload(gpu.bias(), nibble::nn::test::random_normal(rng, dim, 0.5f));
-      auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
-      x[x.size() / 3] = 90.0f;  // an outlier row
-      DeviceBuffer<float> d_x{std::span<const float>(x)};
-      DeviceBuffer<bf16_t> plain(x.size()), produced(x.size());
       ProducerAmaxCheck check;
       const nibble::cuda::ProducerAmax amax = check.start(rht, rht_signs_from_seed(rng()));
-      gpu.forward(d_x.data(), rows, plain.data(), stream);
-      gpu.forward(d_x.data(), rows, produced.data(), stream, amax);
-      check.check(plain, produced, rows, dim, stream);
+      body(gpu, int64_t{16 * 11}, dim, rng, check, amax);
     }
 }
 
+// forward() with the amax of the fused NVFP4 pass over its BF16 output (ProducerAmax): the y bits
+// of the plain forward, and the two words nvfp4_amax computes from y, the next slot zeroed.
+TEST_P(NormCudaTest, ForwardComputesTheNvfp4PassAmax) {
+  for_each_norm_amax_case(GetParam(), [](cuda::NormCuda& gpu, int64_t rows, int64_t dim, std::mt19937_64& rng,
+                                         ProducerAmaxCheck& check, const nibble::cuda::ProducerAmax& amax) {
+    Stream stream;
+    auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
+    x[x.size() / 3] = 90.0f;  // an outlier row
+    DeviceBuffer<float> d_x{std::span<const float>(x)};
+    DeviceBuffer<bf16_t> plain(x.size()), produced(x.size());
+    gpu.forward(d_x.data(), rows, plain.data(), stream);
+    gpu.forward(d_x.data(), rows, produced.data(), stream, amax);
+    check.check(plain, produced, rows, dim, stream);
+  });
+}
+
 // backward() with the amax of the fused NVFP4 pass over its BF16 dx (the next linear layer's dY), as
-// the forward above: 768 computes it in the backward kernel (176 rows: a partial last chunk of 48),
-// 208 by the amax pass after the plain kernels.
+// the forward above.
 TEST_P(NormCudaTest, BackwardComputesTheNvfp4PassAmax) {
-  for (const int64_t dim : {int64_t{208}, int64_t{768}})
-    for (bool rht : {false, true}) {
-      SCOPED_TRACE("dim " + std::to_string(dim) + (rht ? ", RHT" : ", no RHT"));
-      std::mt19937_64 rng(fresh_seed());
-      const int64_t rows = 16 * 11;
-      Stream stream;
-      cuda::NormCuda gpu(dim, GetParam());
-      upload(gpu.weight(), nibble::nn::test::random_normal(rng, dim, 1.0f));
-      const auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
-      auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
-      dy[dy.size() / 5] = 70.0f;  // an outlier
-      DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)}, y(x.size()), dx(x.size());
-      DeviceBuffer<bf16_t> plain(x.size()), produced(x.size());
-      ProducerAmaxCheck check;
-      const nibble::cuda::ProducerAmax amax = check.start(rht, rht_signs_from_seed(rng()));
-      gpu.forward(d_x.data(), rows, y.data(), stream);
-      gpu.backward(d_dy.data(), dx.data(), stream, /*accumulate=*/false, plain.data());
-      gpu.forward(d_x.data(), rows, y.data(), stream);
-      gpu.backward(d_dy.data(), dx.data(), stream, /*accumulate=*/false, produced.data(), amax);
-      check.check(plain, produced, rows, dim, stream);
-    }
+  for_each_norm_amax_case(GetParam(), [](cuda::NormCuda& gpu, int64_t rows, int64_t dim, std::mt19937_64& rng,
+                                         ProducerAmaxCheck& check, const nibble::cuda::ProducerAmax& amax) {
+    Stream stream;
+    const auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
+    auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
+    dy[dy.size() / 5] = 70.0f;  // an outlier
+    DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)}, y(x.size()), dx(x.size());
+    DeviceBuffer<bf16_t> plain(x.size()), produced(x.size());
+    gpu.forward(d_x.data(), rows, y.data(), stream);
+    gpu.backward(d_dy.data(), dx.data(), stream, /*accumulate=*/false, plain.data());
+    gpu.forward(d_x.data(), rows, y.data(), stream);
+    gpu.backward(d_dy.data(), dx.data(), stream, /*accumulate=*/false, produced.data(), amax);
+    check.check(plain, produced, rows, dim, stream);
+  });
 }
 
 INSTANTIATE_TEST_SUITE_P(Kinds, NormCudaTest, ::testing::Values(NormKind::kLayerNorm, NormKind::kRmsNorm),
