@@ -302,12 +302,11 @@ void GemmRunner::tune(Plan& p, const void* a, const void* b, void* c, size_t c_b
     return cublasLtMatmul(handle, p.desc, alpha, b, p.layout_first, a, p.layout_second, beta, c, p.layout_c, c,
                           p.layout_c, &p.candidates[i], workspace_, workspace_bytes_, stream);
   };
-  bool runs[kTuneCandidates]{}, same[kTuneCandidates]{};
+  bool same[kTuneCandidates]{};  // runs here and gives the first candidate's bits
   unsigned long long reference = 0;
   for (int i = 0; i < count; ++i) {  // which candidates run here, and which give the first one's bits
     if (accumulate) NIBBLE_CUDA_CHECK(cudaMemcpyAsync(c, saved.data(), c_bytes, cudaMemcpyDeviceToDevice, stream));
-    runs[i] = matmul(i) == CUBLAS_STATUS_SUCCESS;  // the heuristic may list kernels that cannot run
-    if (!runs[i]) continue;
+    if (matmul(i) != CUBLAS_STATUS_SUCCESS) continue;  // the heuristic may list kernels that cannot run
     NIBBLE_CUDA_CHECK(cudaMemsetAsync(hash.data(), 0, sizeof(unsigned long long), stream));
     hash_halfwords_kernel<<<kHashBlocks, kHashThreads, 0, stream>>>(static_cast<const uint16_t*>(c), c_bytes / 2,
                                                                      hash.data());
@@ -323,9 +322,9 @@ void GemmRunner::tune(Plan& p, const void* a, const void* b, void* c, size_t c_b
   cudaEvent_t start = nullptr, stop = nullptr;
   NIBBLE_CUDA_CHECK(cudaEventCreate(&start));
   NIBBLE_CUDA_CHECK(cudaEventCreate(&stop));
-  for (int round = 0; round < kRounds && runs[0]; ++round)
+  for (int round = 0; round < kRounds && same[0]; ++round)
     for (int i = 0; i < count; ++i) {
-      if (!runs[i]) continue;
+      if (!same[i]) continue;
       NIBBLE_CUDA_CHECK(cudaEventRecord(start, stream));
       for (int r = 0; r < kRepeats; ++r) NIBBLE_CUBLAS_CHECK(matmul(i));
       NIBBLE_CUDA_CHECK(cudaEventRecord(stop, stream));
@@ -338,21 +337,18 @@ void GemmRunner::tune(Plan& p, const void* a, const void* b, void* c, size_t c_b
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));  // `saved` is freed on return
 
   float median[kTuneCandidates]{};
-  int best = 0, fastest = 0, same_bits = 0;
+  int best = 0, same_bits = 0;
   for (int i = 0; i < count; ++i) {
-    if (!runs[i]) continue;
+    if (!same[i]) continue;
     std::sort(ms[i], ms[i] + kRounds);
     median[i] = ms[i][kRounds / 2] / kRepeats;
-    same_bits += same[i];
-    if (median[i] < median[fastest]) fastest = i;
-    if (same[i] && median[i] < median[best]) best = i;
+    ++same_bits;
+    if (median[i] < median[best]) best = i;
   }
   p.algo = p.candidates[best];  // the first choice when it cannot run: the real call then reports it
   if (std::getenv("NIBBLE_GEMM_TUNE_LOG"))
-    std::fprintf(stderr,
-                 "gemm tune %s: %d candidates, %d give the first one's bits; first %.4f ms, kept #%d %.4f ms "
-                 "(fastest of all #%d %.4f ms)\n",
-                 p.name.c_str(), count, same_bits, median[0], best, median[best], fastest, median[fastest]);
+    std::fprintf(stderr, "gemm tune %s: %d candidates, %d give the first one's bits; first %.4f ms, kept #%d %.4f ms\n",
+                 p.name.c_str(), count, same_bits, median[0], best, median[best]);
 }
 
 bool native_fp4_available() { return device_attribute(cudaDevAttrComputeCapabilityMajor) >= 10; }
