@@ -46,7 +46,7 @@ __global__ void magnitude_codes_kernel(uint32_t end, uint64_t seed, Mismatches* 
     const uint32_t bytes[3] = {group.v[0] & 0xFFu, 0u, 0xFFu};
     for (uint32_t b : bytes) {
       Philox4x32 g{{b, 0, 0, 0}};  // element 0 of a group draws the low byte of word 0
-      const uint32_t sr_code = float_bits(e2m1_sr_magic(y, sr_neg_one_minus_u(g, 0))) - float_bits(kE2m1SrMagic);
+      const uint32_t sr_code = float_bits(e2m1_sr_magic(y, sr_threshold(g, 0))) - float_bits(kE2m1SrMagic);
       if (sr_code != e2m1_encode_sr_fast(y, fp4_random_word(g, 0))) record(sr, bits, b);
     }
   }

@@ -340,7 +340,7 @@ TEST(QuantizeEmulation, MagnitudeEncodersEqualTheReference) {
     for (uint32_t w : {0u, 0x01010101u, 0x80808080u, 0xFFFFFFFFu, word}) {
       const Philox4x32 group{{w, ~w, w, ~w}};
       for (int j : {0, 5, 10, 15}) {  // each byte position of a word, and each word
-        const uint32_t sr = float_bits(e2m1_sr_magic(y, sr_neg_one_minus_u(group, j))) - float_bits(kE2m1SrMagic);
+        const uint32_t sr = float_bits(e2m1_sr_magic(y, sr_threshold(group, j))) - float_bits(kE2m1SrMagic);
         ASSERT_EQ(sr, e2m1_encode_sr_fast(y, fp4_random_word(group, j)))
             << "stochastic rounding, y = " << y << ", element " << j << " of a group with word " << w;
         ++compared;

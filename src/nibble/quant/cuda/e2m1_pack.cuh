@@ -41,33 +41,34 @@ __device__ __forceinline__ float e2m1_rne_magic(float y) {
 }
 
 // Stochastic-rounding magnitude code of |y| with the random byte b (u = (b + 1/2) / 256), returned as
-// the float M + code, M = 1.5 * 2^23. The rule (E2M1::encode): on a grid where a is q steps, the code
-// is floor(q) + 1 when frac(q) > u, else floor(q); that is ceil(q - u), exactly (frac > u puts
-// q - u in (floor(q), floor(q) + 1); frac <= u in (floor(q) - 1, floor(q)]). The FFMA rounded
-// upward gives ru(q - 1 - u) from neg_one_minus_u = -(1 + u), a float the caller builds from the
-// bits (no conversion); ceil of that equals ceil(q - 1 - u), since the integers next to it are
-// floats. The FADD rounded upward then adds M + 1 and takes the ceiling in one step, as every float
-// in [2^23, 2^24) is an integer (q - 1 - u >= -2, so the sum stays in that range while q < 2^22;
-// above, rounding upward only overshoots, and the cap at 7 applies anyway). The minimum over the grids holds as for rounding to nearest, since
-// ceil(. - u) is monotonic too. Always capped: a code of 8 comes from any |y| in (6, 8).
-inline constexpr float kE2m1SrMagic = 12582912.0f;  // 1.5 * 2^23
-__device__ __forceinline__ float e2m1_sr_magic(float y, float neg_one_minus_u) {
-  constexpr float kMagic = kE2m1SrMagic;
+// the float M + 128 code, M = 1.5 * 2^30 (its bits are those of M plus the code, as floats in
+// [2^30, 2^31) are 128 apart). The rule (E2M1::encode): on a grid where a is q steps, the code is
+// floor(q) + 1 when frac(q) > u, else floor(q); that is ceil(q - u), exactly (frac > u puts q - u in
+// (floor(q), floor(q) + 1); frac <= u in (floor(q) - 1, floor(q)]). Everything is scaled by 128 so
+// that the byte b enters as it is (sr_threshold): the FFMA rounded upward gives
+// ru(128 q - 2^14 - 128 u) from threshold = -(2^14 + 128 u); ceil(./128) of that equals
+// ceil((128 q - 2^14 - 128 u) / 128), since the multiples of 128 next to it are floats. The FADD rounded
+// upward then adds M + 2^14 and takes that ceiling in one step, as the floats in [2^30, 2^31) are
+// the multiples of 128 (128 (q - u) >= -128, so the sum stays in that range while q < 2^22; above,
+// rounding upward only overshoots, and the cap at 7 applies anyway). The minimum over the grids holds
+// as for rounding to nearest, since ceil(. - u) is monotonic too. Always capped: a code of 8 comes
+// from any |y| in (6, 8).
+inline constexpr float kE2m1SrMagic = 1610612736.0f;  // 1.5 * 2^30
+__device__ __forceinline__ float e2m1_sr_magic(float y, float threshold) {
+  constexpr float kMagic = kE2m1SrMagic, kBase = kMagic + 16384.0f;  // + 2^14, undoing the threshold's
   const float a = fabsf(y);
-  const float lo = __fadd_ru(__fmaf_ru(a, 2.0f, neg_one_minus_u), kMagic + 1.0f);
-  const float mid = __fadd_ru(__fmaf_ru(a, 1.0f, neg_one_minus_u), kMagic + 3.0f);
-  const float hi = __fadd_ru(__fmaf_ru(a, 0.5f, neg_one_minus_u), kMagic + 5.0f);
-  return fminf(fminf(lo, mid), fminf(hi, kMagic + 7.0f));
+  const float lo = __fadd_ru(__fmaf_ru(a, 256.0f, threshold), kBase);
+  const float mid = __fadd_ru(__fmaf_ru(a, 128.0f, threshold), kBase + 2.0f * 128.0f);
+  const float hi = __fadd_ru(__fmaf_ru(a, 64.0f, threshold), kBase + 4.0f * 128.0f);
+  return fminf(fminf(lo, mid), fminf(hi, kMagic + 7.0f * 128.0f));
 }
 
-// -(1 + u) for the byte b that element j (0..15) of a Philox group draws (fp4_random_word: byte
-// j % 4 of word j / 4), u = (b + 1/2) / 256: b goes to the top 8 mantissa bits of -1.0f and the half
-// to the bit below them.
-__device__ __forceinline__ float sr_neg_one_minus_u(const Philox4x32& group, int j) {
-  const uint32_t w = group.v[j >> 2];
-  const int shift = 8 * (j & 3);
-  const uint32_t mant = (shift <= 15 ? w << (15 - shift) : w >> (shift - 15)) & 0x007F8000u;
-  return bits_float(0xBF804000u | mant);
+// -(2^14 + 128 u) for the byte b that element j (0..15) of a Philox group draws (fp4_random_word:
+// byte j % 4 of word j / 4), u = (b + 1/2) / 256, in one byte permute: with the exponent of 2^14 the
+// mantissa's second byte (bits 8..15) counts halves, so b goes there as it is, and bit 7 is the 1/4.
+// The other three bytes come from the constant -(2^14 + 1/4) = 0xC6800080.
+__device__ __forceinline__ float sr_threshold(const Philox4x32& group, int j) {
+  return bits_float(byte_perm(0xC6800080u, group.v[j >> 2], 0x3200u | static_cast<uint32_t>(4 + (j & 3)) << 4));
 }
 
 // Packs eight magnitude codes M + c_k (as float bits) and the signs of v[k] into one word.
@@ -111,8 +112,8 @@ template <int kHalf>
 __device__ __forceinline__ uint32_t pack8_sr(const float* v, float scale, const Philox4x32& group) {
   float m[8];
 #pragma unroll
-  for (int k = 0; k < 8; ++k) m[k] = e2m1_sr_magic(v[k] * scale, sr_neg_one_minus_u(group, 8 * kHalf + k));
-  return pack8_codes<0x4B400000u>(v, m);
+  for (int k = 0; k < 8; ++k) m[k] = e2m1_sr_magic(v[k] * scale, sr_threshold(group, 8 * kHalf + k));
+  return pack8_codes<0x4EC00000u>(v, m);
 }
 
 }  // namespace nibble::cuda

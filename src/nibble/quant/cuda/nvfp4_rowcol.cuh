@@ -376,11 +376,16 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
       // X^T index of this thread's first element in column 2*pair; column 2*pair + 1 is `rows` later.
       const uint64_t q0 = static_cast<uint64_t>(c0 + 2 * pair) * static_cast<uint64_t>(rows) +
                           static_cast<uint64_t>(r0 + first_block * 16);
-#pragma unroll
+      // With stochastic rounding the block loop runs rolled: one copy of the encoders and their
+      // Philox calls per column instead of one per block, which keeps the per-tile loop closer to
+      // the instruction cache's size. (Rolled, the round-to-nearest kernels spill at 96 registers.)
+      static_assert(kColBlocksPerThread == 2, "the loop below keeps two blocks in registers");
+      [[maybe_unused]] constexpr int kColUnroll = kColRounding == Rounding::kStochastic ? 1 : kColBlocksPerThread;
+#pragma unroll kColUnroll
       for (int bi = 0; bi < kColBlocksPerThread; ++bi) {
         const int b = first_block + bi;
-        packed[0][bi] = packed[1][bi] = make_uint2(0, 0);
-        codes[bi] = 0;
+        uint2 pa = make_uint2(0, 0), pb = make_uint2(0, 0);
+        uint32_t code = 0;
         if (b * 16 < tile_rows) {
           float va[16], vb[16];  // columns 2*pair and 2*pair + 1
 #pragma unroll
@@ -397,13 +402,17 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
             col_amax = max_abs_nan<16>(max_abs_nan<16>(col_amax, va), vb);
           } else if (cs.ok) {
             const float amax_a = max_abs_finite<16>(va), amax_b = max_abs_finite<16>(vb);
-            codes[bi] = e4m3x2_rn_satfinite(amax_b * cs.k, amax_a * cs.k);
-            const uint64_t qi = q0 + bi * 16;
-            packed[0][bi] = encode16<kColRounding>(va, amax_a, enc_scale[1][codes[bi] & 0xFFu], seed_keys,
-                                                   spec.col_stream, qi);
-            packed[1][bi] = encode16<kColRounding>(vb, amax_b, enc_scale[1][codes[bi] >> 8], seed_keys,
-                                                   spec.col_stream, qi + static_cast<uint64_t>(rows));
+            code = e4m3x2_rn_satfinite(amax_b * cs.k, amax_a * cs.k);
+            const uint64_t qi = q0 + static_cast<uint64_t>(bi * 16);
+            pa = encode16<kColRounding>(va, amax_a, enc_scale[1][code & 0xFFu], seed_keys, spec.col_stream, qi);
+            pb = encode16<kColRounding>(vb, amax_b, enc_scale[1][code >> 8], seed_keys, spec.col_stream,
+                                        qi + static_cast<uint64_t>(rows));
           }
+        }
+        if (bi == 0) {
+          packed[0][0] = pa, packed[1][0] = pb, codes[0] = code;
+        } else {
+          packed[0][1] = pa, packed[1][1] = pb, codes[1] = code;
         }
       }
       if (!kAmaxOnly && first_block * 16 < tile_rows) {
