@@ -270,7 +270,9 @@ Outputs run_fused(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t 
 
 // kInfinitiesMeet: two +Inf in one column block, which the RHT's butterfly subtracts (NaN on the
 // columnwise side only, where the rowwise amax is +Inf); kWithNaN: one NaN.
-enum class Values { kOutliers, kWideBlocks, kWithInfinity, kZeros, kInfinitiesMeet, kWithNaN };
+// kTinyTensor: scaled by 2^-128 (BF16 subnormals; the RHT's 1/4 folded into the scales of the fused
+// pass's column side, fold_rht_quarter, stays exact); kHugeTensor: by 2^110 (no fold).
+enum class Values { kOutliers, kWideBlocks, kTinyTensor, kHugeTensor, kWithInfinity, kZeros, kInfinitiesMeet, kWithNaN };
 
 std::vector<float> draw(int64_t rows, int64_t cols, Values kind, std::mt19937_64& rng) {
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -280,6 +282,8 @@ std::vector<float> draw(int64_t rows, int64_t cols, Values kind, std::mt19937_64
       float v = normal(rng);
       if (kind == Values::kOutliers && c % 37 == 5) v *= 80.0f;
       if (kind == Values::kWideBlocks) v = std::ldexp(v, -static_cast<int>((r / 16 * 7 + c / 16 * 13) % 41));
+      if (kind == Values::kTinyTensor) v = std::ldexp(v, -128);
+      if (kind == Values::kHugeTensor) v = std::ldexp(v, 110);
       if (kind == Values::kZeros) v = 0.0f;
       x[static_cast<size_t>(r * cols + c)] = v;
     }
@@ -357,7 +361,7 @@ const Case kCases[] = {{16, 16, 1}, {48, 80, 1}, {64, 128, 1}, {112, 272, 2}, {2
 TEST(QuantizeEmulation, RowColEqualsTheCpuReferenceBitForBit) {
   std::mt19937_64 rng(test::fresh_seed());
   for (const Case& k : kCases) {
-    for (Values kind : {Values::kOutliers, Values::kWideBlocks}) {
+    for (Values kind : {Values::kOutliers, Values::kWideBlocks, Values::kTinyTensor, Values::kHugeTensor}) {
       const std::vector<float> x = draw(k.rows, k.cols, kind, rng);
       for (bool rht : {false, true})
         for (Rounding rr : {Rounding::kNearestEven, Rounding::kStochastic})
