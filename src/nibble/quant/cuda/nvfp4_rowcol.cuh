@@ -206,8 +206,8 @@ __device__ __forceinline__ void unpack16(const Raw16<float>& r, uint32_t flip, f
 // reference rounds. With BF16 input x / 4 is always exact: BF16 values are multiples of 2^-133, so
 // is every sum of the butterfly (FP32 holds such multiples exactly below 2^-109 and rounds to
 // coarser multiples above), and x / 4, a multiple of 2^-135, is a float even where it is subnormal.
-// k = S / 6 >= 2^-120 and e_b >= 6 / A (A: the column side's tensor amax, of the transformed values)
-// are normal with room to spare while A <= 2^100 (e_b = FLT_MAX for a zero block scale included).
+// k = S / 6 = 448 / A and e_b >= 6 / A (A: the column side's tensor amax, of the transformed
+// values) stay normal after the division while A <= 2^100 (e_b = FLT_MAX for a zero block scale too).
 // Float input keeps the multiplication.
 template <typename T>
 __device__ __forceinline__ bool fold_rht_quarter(float col_tensor_amax) {
