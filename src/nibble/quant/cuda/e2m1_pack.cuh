@@ -84,16 +84,11 @@ __device__ __forceinline__ float sr_threshold(const Philox4x32& group, int j) {
 template <uint32_t kMagicBits>
 __device__ __forceinline__ uint32_t pack8_codes(const float* v, const float* magic_codes) {
   constexpr uint32_t kBiasFix = 0u - kMagicBits * 0x11111111u;
-  uint32_t sixteen = 16, sixteen4 = 1u << 16;
-  asm("" : "+r"(sixteen), "+r"(sixteen4));
-  // Two Horner chains of four (elements 0-3 and 4-7), joined by a last multiply-add: half as deep.
-  uint32_t lo = 0, hi = 0;
+  uint32_t sixteen = 16;
+  asm("" : "+r"(sixteen));
+  uint32_t mags = 0;
 #pragma unroll
-  for (int k = 3; k >= 0; --k) {
-    lo = lo * sixteen + float_bits(magic_codes[k]);
-    hi = hi * sixteen + float_bits(magic_codes[k + 4]);
-  }
-  const uint32_t mags = hi * sixteen4 + lo;
+  for (int k = 7; k >= 0; --k) mags = mags * sixteen + float_bits(magic_codes[k]);
   // Selector 0xFBFB: bytes 0 and 2 replicate the sign of the first operand's top byte (byte 3),
   // bytes 1 and 3 that of the second's (byte 7).
   const auto signs2 = [](float a, float b) { return byte_perm(float_bits(a), float_bits(b), 0xFBFBu); };

@@ -50,19 +50,12 @@ __device__ __forceinline__ uint32_t max_abs_bits(const float* v) {
 
 // max |v| of finite values (one FMNMX per element, where abs_bits + integer max take two). Equal
 // to bits_float(max_abs_bits(v)) whenever every v is finite, which the quantizers check first.
-// Reduced as a tree (kN a power of two): the fused pass waits on dependent instructions more than
-// it issues, and a chain of kN maxima would be kN deep where the tree is log2(kN).
 template <int kN>
 __device__ __forceinline__ float max_abs_finite(const float* v) {
-  static_assert((kN & (kN - 1)) == 0, "a power of two");
-  float m[kN / 2];
+  float a = 0.0f;
 #pragma unroll
-  for (int i = 0; i < kN / 2; ++i) m[i] = fmaxf(fabsf(v[2 * i]), fabsf(v[2 * i + 1]));
-#pragma unroll
-  for (int w = kN / 4; w >= 1; w /= 2)
-#pragma unroll
-    for (int i = 0; i < w; ++i) m[i] = fmaxf(m[i], m[i + w]);
-  return m[0];
+  for (int i = 0; i < kN; ++i) a = fmaxf(a, fabsf(v[i]));
+  return a;
 }
 
 
