@@ -270,8 +270,7 @@ Outputs run_fused(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t 
 
 // kInfinitiesMeet: two +Inf in one column block, which the RHT's butterfly subtracts (NaN on the
 // columnwise side only, where the rowwise amax is +Inf); kWithNaN: one NaN.
-// kTinyTensor: scaled by 2^-128 (BF16 subnormals; the RHT's 1/4 folded into the scales of the fused
-// pass's column side, fold_rht_quarter, stays exact); kHugeTensor: by 2^110 (no fold).
+// kTinyTensor, kHugeTensor: scaled by 2^-128 (BF16 subnormals, subnormal sums in the RHT) and 2^110.
 enum class Values { kOutliers, kWideBlocks, kTinyTensor, kHugeTensor, kWithInfinity, kZeros, kInfinitiesMeet, kWithNaN };
 
 std::vector<float> draw(int64_t rows, int64_t cols, Values kind, std::mt19937_64& rng) {

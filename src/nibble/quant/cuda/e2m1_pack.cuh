@@ -12,9 +12,10 @@
 // the integers, M + c rounded to a float is an integer rounding of c, done by the FPU in the same
 // instruction as the multiply-add that forms c (stochastic rounding works on 128 c in [2^30, 2^31),
 // where floats are the multiples of 128, see e2m1_sr_magic). E2M1's codes of a = |y| lie on three
-// grids (step 0.5 below 2, 1 below 4, 2 above): code = 2a, a + 2 and a/2 + 4 on them. Each grid's rounding is exact
-// on its own range and at least the true code elsewhere (E2M1's value-to-code map is concave and
-// rounding is monotonic), so the code is the minimum of the three, capped at 7 (saturation at 6).
+// grids (step 0.5 below 2, 1 below 4, 2 above): code = 2a, a + 2 and a/2 + 4 on them. Each grid's
+// rounding is exact on its own range and at least the true code elsewhere (E2M1's value-to-code map
+// is concave and rounding is monotonic), so the code is the minimum of the three, capped at 7
+// (saturation at 6).
 #pragma once
 
 #include <cstdint>

@@ -192,25 +192,6 @@ __device__ __forceinline__ void unpack16(const Raw16<float>& r, uint32_t flip, f
   }
 }
 
-// The column side's RHT ends with a multiplication by 1/4 (rht16). Folded into the scales instead
-// (block scale factor k / 4, element encode scales e_b / 4), it gives the same bits with one
-// multiplication an element fewer wherever x / 4, k / 4 and e_b / 4 are exact: the products
-// amax(x) * k / 4 and x * e_b / 4 are then the very reals amax(x / 4) * k and (x / 4) * e_b that the
-// reference rounds. With BF16 input x / 4 is always exact: BF16 values are multiples of 2^-133, so
-// is every sum of the butterfly (FP32 holds such multiples exactly below 2^-109 and rounds to
-// coarser multiples above), and x / 4, a multiple of 2^-135, is a float even where it is subnormal.
-// k = S / 6 = 448 / A and e_b >= 6 / A (A: the column side's tensor amax, of the transformed
-// values) stay normal after the division while A <= 2^100 (e_b = FLT_MAX for a zero block scale too).
-// Float input keeps the multiplication.
-template <typename T>
-__device__ __forceinline__ bool fold_rht_quarter(float col_tensor_amax) {
-  return sizeof(T) == 2 && col_tensor_amax <= 0x1p100f;
-}
-__device__ __forceinline__ void quarter16(float v[16]) {
-#pragma unroll
-  for (int i = 0; i < 16; ++i) v[i] *= 0.25f;
-}
-
 // Per-tensor constants of one output copy.
 struct SideScale {
   float k;     // S * (1/6): block amax -> E4M3 block scale
@@ -255,7 +236,6 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   const uint32_t tiles = tiles_x * static_cast<uint32_t>((rows + kTileRows - 1) / kTileRows);
 
   SideScale rs{}, cs{};
-  bool col_fold = false;  // the RHT's 1/4 folded into the column side's scales (fold_rht_quarter)
   // The seed's Philox round keys, once per thread (uniform across the grid) rather than per call.
   const PhiloxKeys seed_keys = philox_round_keys(spec.seed);
   if constexpr (!kAmaxOnly) {
@@ -265,14 +245,10 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
     const TensorScale col_ts = nvfp4_tensor_scale(bits_float(amax_in[1]));
     rs.k = row_ts.encode * (1.0f / kE2M1Max);  // the float ops of nvfp4_block_scale_code
     cs.k = col_ts.encode * (1.0f / kE2M1Max);
-    col_fold = kRht && fold_rht_quarter<T>(bits_float(amax_in[1]));
-    const float col_table_factor = col_fold ? 0.25f : 1.0f;
-    if (col_fold) cs.k *= 0.25f;
     for (int i = t; i < 2 * kE4m3Codes; i += kRowColThreads) {
       const int code = i % kE4m3Codes;
       enc_scale[i / kE4m3Codes][code] =
-          i < kE4m3Codes ? nvfp4_element_encode_scale(static_cast<uint8_t>(code), row_ts.decode)
-                         : nvfp4_element_encode_scale(static_cast<uint8_t>(code), col_ts.decode) * col_table_factor;
+          nvfp4_element_encode_scale(static_cast<uint8_t>(code), i < kE4m3Codes ? row_ts.decode : col_ts.decode);
     }
     if (blockIdx.x == 0 && t == 0) {
       const float row_decode = rs.ok ? row_ts.decode : __int_as_float(0x7FC00000);
@@ -419,9 +395,8 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
             vb[k] = w.y;
           }
           if constexpr (kRht) {
-            rht16_butterfly<false>(va);  // the 1/4 below, or folded into the scales
-            rht16_butterfly<false>(vb);
-            if (!kAmaxOnly && !col_fold) quarter16(va), quarter16(vb);
+            rht16_butterfly<!kAmaxOnly>(va);
+            rht16_butterfly<!kAmaxOnly>(vb);
           }
           if constexpr (kAmaxOnly) {
             col_amax = max_abs_nan<16>(max_abs_nan<16>(col_amax, va), vb);
