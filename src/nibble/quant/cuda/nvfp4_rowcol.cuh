@@ -171,6 +171,25 @@ __device__ __forceinline__ int tile_col(int c) {
 // rows, one chunk column) and the reads (8 lanes: one row, all its chunks) free of bank conflicts.
 __device__ __forceinline__ int staged_chunk(int r, int j) { return r * 8 + (j ^ ((r ^ (r >> 3)) & 7)); }
 
+// Which thread encodes which column blocks. A thread takes two neighbouring columns and two 16-row
+// blocks of each: 32 contiguous rows, 16 bytes of each of two X^T rows and 2 of their scale bytes.
+// kPairLanes: the threads with the tile's rows 0-31 and 32-63 of the same columns are neighbouring
+// lanes of one warp (pair t / 2, rows 32 (t % 2) on), so that one store instruction writes whole
+// 32-byte sectors of X^T and whole 4-byte groups of its scales; otherwise (pair t % 64, rows
+// 32 (t / 64) on) the two halves of every sector come from two warps, and the columnwise copy's
+// stores take twice the L2 write requests (measured, 8192^2 BF16 on an H200: X pass 0.126 ->
+// 0.105 ms, X with the decoded rows 0.180 -> 0.136 ms; docs/benchmarks.md, session 18). The
+// kernels that write the decoded columns through shared memory (kStageCol) keep the second
+// assignment: in training they write no packed columns, and the per-lane block index costs them
+// registers (dY with decoded copies only, 0.167 -> 0.184 ms with pair lanes).
+// With pair lanes a half-warp's 8-byte column reads cover 16 columns in rows of both halves, which
+// would share banks; rows 32-63 hold the two 16-column halves of each 32-column group swapped, so
+// that they land in the other 16 banks. tile_pos(h, c) is column c's position in a row of half h.
+template <bool kPairLanes>
+__device__ __forceinline__ int tile_pos(int h, int c) {
+  return kPairLanes ? tile_col(c ^ (h << 4)) : tile_col(c);
+}
+
 // 16 elements of a row segment as float32, their sign bits XORed with `flip` (0 or 0x80000000).
 __device__ __forceinline__ void unpack16(const Raw16<bf16_t>& r, uint32_t flip, float v[16]) {
 #pragma unroll
@@ -272,9 +291,11 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   const uint32_t flip = kRht && stage_tile && ((spec.rht_signs.negative_mask >> (t / kSegsPerRow)) & 1u)
                             ? 0x80000000u : 0u;
   const uint32_t code_flip = flip ? 0x88888888u : 0u;
-  const int pair = t % kColPairs;
-  const int first_block = (t / kColPairs) * kColBlocksPerThread;
-  const int tcol = tile_col(2 * pair);
+  constexpr bool kPairLanes = !kStageCol;  // which thread takes which column blocks: see tile_pos
+  static_assert(kRowColThreads == 2 * kColPairs && kTileRows == 64, "two threads a column pair, 32 rows each");
+  const int pair = kPairLanes ? t / 2 : t % kColPairs;
+  const int first_block = (kPairLanes ? t % 2 : t / kColPairs) * kColBlocksPerThread;
+  const int tcol = tile_pos<kPairLanes>(first_block / 2, 2 * pair);
   float row_amax = 0.0f, col_amax = 0.0f;  // kAmaxOnly; col_amax before the RHT's 1/4
 
   Raw16<T> raw[kRowIters];
@@ -337,9 +358,10 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
       unpack16(raw[i], flip, v);
       if (stage_tile) {
         float* dst = &tile[lr][0];
+        const int half = i * kRowsPerPass / 32;  // lr / 32, known at compile time
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          *reinterpret_cast<float4*>(dst + tile_col(seg * 16 + 4 * j)) =
+          *reinterpret_cast<float4*>(dst + tile_pos<kPairLanes>(half, seg * 16 + 4 * j)) =
               make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
       }
       if constexpr (kAmaxOnly) {
@@ -360,9 +382,10 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
         if (lr >= tile_rows || !seg_ok) continue;
         float v[16];
         const float* src = &tile[lr][0];
+        const int half = i * kRowsPerPass / 32;  // lr / 32
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const float4 w = *reinterpret_cast<const float4*>(src + tile_col(seg * 16 + 4 * j));
+          const float4 w = *reinterpret_cast<const float4*>(src + tile_pos<kPairLanes>(half, seg * 16 + 4 * j));
           v[4 * j] = w.x, v[4 * j + 1] = w.y, v[4 * j + 2] = w.z, v[4 * j + 3] = w.w;
         }
         encode_row_segment(lr, v);
