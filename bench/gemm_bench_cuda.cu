@@ -20,6 +20,9 @@
 // column has never been measured (no Blackwell GPU here). On Hopper, "packed" times the GEMM that
 // decodes the packed operands in its operand load (gemm_nvfp4_sm90.h): the GEMM alone on quantized
 // operands, and the path with both quantizations (A's pass writing no decoded copy).
+// The last lines time one training step of a linear layer (run_layer_step: Fprop, Dgrad and Wgrad
+// with all their quantization passes) under the bf16 and the nvfp4 recipe, at 8192^3 and at
+// GPT-2's fc layer.
 #include <cuda_runtime.h>
 
 #include <cstdio>
@@ -29,7 +32,9 @@
 
 #include "cuda_timing.h"
 #include "nibble/formats/minifloat.h"
+#include "nibble/nn/cuda/linear_cuda.h"
 #include "nibble/nn/cuda/operand_cuda.h"
+#include "nibble/nn/recipe.h"
 
 namespace {
 
@@ -58,7 +63,8 @@ std::vector<bf16_t> random_bf16(int64_t n, uint64_t seed) {
   return v;
 }
 
-void run_shape(const Shape& s, GemmRunner& gemm) {
+// Returns the plain BF16 GEMM's time.
+float run_shape(const Shape& s, GemmRunner& gemm) {
   DeviceBuffer<bf16_t> a(random_bf16(s.m * s.k, 1)), b(random_bf16(s.n * s.k, 2));
   DeviceBuffer<float> c(static_cast<size_t>(s.m * s.n)), alpha(1);
   DeviceBuffer<uint8_t> scratch_a, scratch_b;
@@ -185,6 +191,48 @@ void run_shape(const Shape& s, GemmRunner& gemm) {
               bf16_ms, flop / bf16_ms * 1e-9, nvfp4_ms, qa_ms, qb_ms, decode_ms, decode_gemm_ms, nvfp4_ms / bf16_ms,
               nvfp4_wq_ms / bf16_ms, layer_ms, layer_ms / bf16_ms, layer_wq_ms / bf16_ms, packed.c_str(), fp8_ms, fp8_ms / bf16_ms,
               native.c_str());
+  return bf16_ms;
+}
+
+// One training step of a linear layer (in -> out features, `tokens` rows) under the bf16 and the
+// nvfp4 recipe, as the GPU model runs it: Fprop, Dgrad and Wgrad from BF16 X and dY
+// (forward_bf16_input / backward_bf16_input), the weight quantized once for the step
+// (weight_changed() first; in training the optimizer would hand its amax over, here its own amax
+// pass runs) and every operand's amax computed by its own pass (no producer amaxes). The bf16 step
+// is the three cuBLASLt BF16 GEMMs and the weight's BF16 copy; gemm_ms > 0: also against three times
+// that plain BF16 GEMM time (run_shape's, for a square shape, whose three GEMMs are alike).
+void run_layer_step(int64_t tokens, int64_t in, int64_t out, float gemm_ms = 0) {
+  const char* const recipes[] = {"bf16", "nvfp4"};
+  float ms[2] = {0, 0};
+  for (int r = 0; r < 2; ++r) {
+    nibble::nn::cuda::LinearContext ctx;
+    ctx.producer_amax = false;
+    nibble::nn::cuda::LinearCuda layer(in, out, nibble::nn::preset(recipes[r]), nibble::nn::LinearOptions{1, 7}, ctx);
+    std::vector<float> w(static_cast<size_t>(in * out));
+    std::mt19937_64 rng(3);
+    std::normal_distribution<float> normal(0.0f, 0.02f);
+    for (float& v : w) v = normal(rng);
+    layer.upload_weight(w);
+    layer.weight_changed();
+    const std::vector<bf16_t> x = random_bf16(tokens * in, 4), dy = random_bf16(tokens * out, 5);
+    DeviceBuffer<bf16_t> y(static_cast<size_t>(tokens * out)), dx(static_cast<size_t>(tokens * in));
+    nibble::bench::check(cudaMemcpy(layer.bf16_input(tokens), x.data(), x.size() * 2, cudaMemcpyHostToDevice), "x");
+    layer.forward_bf16_input(tokens, y.data(), nullptr);
+    // For nvfp4, X and dY share the context's BF16 buffer: from here on both read dY's values.
+    nibble::bench::check(cudaMemcpy(layer.bf16_dy_input(), dy.data(), dy.size() * 2, cudaMemcpyHostToDevice), "dy");
+    layer.backward_bf16_input(dx.data(), nullptr);
+    ms[r] = median_ms([&] {
+      layer.weight_changed();
+      layer.forward_bf16_input(tokens, y.data(), nullptr);
+      layer.backward_bf16_input(dx.data(), nullptr);
+    });
+  }
+  std::printf("linear layer step %lld x %lld -> %lld (Fprop + Dgrad + Wgrad, weight quantized once) | bf16 %8.3f ms | "
+              "nvfp4 %8.3f ms x%.2f",
+              static_cast<long long>(tokens), static_cast<long long>(in), static_cast<long long>(out), ms[0], ms[1],
+              ms[1] / ms[0]);
+  if (gemm_ms > 0) std::printf(" | 3 x bf16 GEMM %8.3f ms, nvfp4 x%.2f of it", 3 * gemm_ms, ms[1] / (3 * gemm_ms));
+  std::printf("\n");
 }
 
 }  // namespace
@@ -203,6 +251,12 @@ int main() {
       {"gpt2 fc fprop", t, 4 * d, d},        {"gpt2 fc dgrad", t, d, 4 * d},    {"gpt2 fc wgrad", 4 * d, d, t},
       {"gpt2 mlp.proj fprop", t, d, 4 * d},  {"gpt2 mlp.proj dgrad", t, 4 * d, d}, {"gpt2 mlp.proj wgrad", d, 4 * d, t},
   };
-  for (const Shape& s : shapes) run_shape(s, gemm);
+  float square_ms = 0;
+  for (const Shape& s : shapes) {
+    const float ms = run_shape(s, gemm);
+    if (s.m == 8192) square_ms = ms;
+  }
+  run_layer_step(8192, 8192, 8192, square_ms);
+  run_layer_step(t, d, 4 * d);  // GPT-2's fc layer
   return 0;
 }
