@@ -220,17 +220,20 @@ struct SideScale {
 // Resident blocks per SM that the register allocation must allow, and whether a block loads its
 // next tile while it works on the columns of this one (32 more registers with BF16 input, 64 with
 // float). Chosen by measurement with BF16 input on an H200 (docs/benchmarks.md): round-to-nearest
-// runs best with 5 blocks (96 registers, no spills) and the prefetch (2026-11-23); stochastic
-// rounding, since its encoder has no conversions (2026-12-02), with 4 blocks (128 registers) and
-// the prefetch: SR pass 0.247 -> 0.225 ms and with both decoded copies 0.397 -> 0.328 ms against
+// runs best with 5 blocks (96 registers) and, since the pair lanes (tile_pos), without the
+// prefetch (below; 4 blocks with it: no faster); stochastic rounding, since its encoder has no
+// conversions (2026-12-02), with 4 blocks (128 registers) and the prefetch: SR pass 0.247 -> 0.225 ms and with both decoded copies 0.397 -> 0.328 ms against
 // 6 blocks without it (5 blocks: 0.237 / 0.374). Float input (not measured) takes 4 blocks and no
 // prefetch, which keeps its spills small.
 template <Rounding kRowRounding, Rounding kColRounding>
 constexpr bool kAnyStochastic = kRowRounding == Rounding::kStochastic || kColRounding == Rounding::kStochastic;
 template <typename T, Rounding kRowRounding, Rounding kColRounding>
 constexpr int kMinBlocksPerSm = sizeof(T) == 4 ? 4 : kAnyStochastic<kRowRounding, kColRounding> ? 4 : 5;
-template <typename T>
-constexpr bool kPrefetchTile = sizeof(T) == 2;
+// The round-to-nearest quantizing kernels (the X pass) do better without it since the pair lanes:
+// X with the decoded rows 0.136-0.137 -> 0.131-0.132 ms, the other lines unchanged (2026-12-04);
+// the amax pass keeps it (0.044 -> 0.046 ms without).
+template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding>
+constexpr bool kPrefetchTile = sizeof(T) == 2 && (kAmaxOnly || kAnyStochastic<kRowRounding, kColRounding>);
 
 // kStageCol: the columnwise copy's decoded values leave through shared memory (staged_chunk); a
 // variant of its own, as the staging keeps the column codes in registers past a barrier, which the
@@ -312,7 +315,7 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
       if (r < rows && c < cols) raw[i] = load_raw16(x + r * cols + c);
     }
   };
-  constexpr bool kPrefetch = kPrefetchTile<T>;
+  constexpr bool kPrefetch = kPrefetchTile<T, kAmaxOnly, kRowRounding, kColRounding>;
   if (kPrefetch && blockIdx.x < tiles) load_tile(blockIdx.x);
 
   for (uint32_t step = blockIdx.x; step < tiles; step += gridDim.x) {
