@@ -222,9 +222,9 @@ struct SideScale {
 // float). Chosen by measurement with BF16 input on an H200 (docs/benchmarks.md): round-to-nearest
 // runs best with 5 blocks (96 registers) and, since the pair lanes (tile_pos), without the
 // prefetch (below; 4 blocks with it: no faster); stochastic rounding, since its encoder has no
-// conversions (2026-12-02), with 4 blocks (128 registers) and the prefetch: SR pass 0.247 -> 0.225 ms and with both decoded copies 0.397 -> 0.328 ms against
-// 6 blocks without it (5 blocks: 0.237 / 0.374). Float input (not measured) takes 4 blocks and no
-// prefetch, which keeps its spills small.
+// conversions (2026-12-02), with 4 blocks (128 registers) and the prefetch: SR pass 0.247 -> 0.225
+// ms and with both decoded copies 0.397 -> 0.328 ms against 6 blocks without it (5 blocks: 0.237 /
+// 0.374). Float input (not measured) takes 4 blocks and no prefetch, which keeps its spills small.
 template <Rounding kRowRounding, Rounding kColRounding>
 constexpr bool kAnyStochastic = kRowRounding == Rounding::kStochastic || kColRounding == Rounding::kStochastic;
 template <typename T, Rounding kRowRounding, Rounding kColRounding>
