@@ -299,6 +299,12 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
   const int pair = kPairLanes ? t / 2 : t % kColPairs;
   const int first_block = (kPairLanes ? t % 2 : t / kColPairs) * kColBlocksPerThread;
   const int tcol = tile_pos<kPairLanes>(first_block / 2, 2 * pair);
+  // Position in its tile row of chunk j (4 floats) of this thread's row segment i, whose row lr has
+  // the half lr / 32 = i * kRowsPerPass / 32 (t / kSegsPerRow < kRowsPerPass): known at compile time
+  // in an unrolled loop.
+  const auto segment_chunk = [&](int i, int j) {
+    return tile_pos<kPairLanes>(i * kRowsPerPass / 32, seg * 16 + 4 * j);
+  };
   float row_amax = 0.0f, col_amax = 0.0f;  // kAmaxOnly; col_amax before the RHT's 1/4
 
   Raw16<T> raw[kRowIters];
@@ -361,10 +367,9 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
       unpack16(raw[i], flip, v);
       if (stage_tile) {
         float* dst = &tile[lr][0];
-        const int half = i * kRowsPerPass / 32;  // lr / 32, known at compile time
 #pragma unroll
         for (int j = 0; j < 4; ++j)
-          *reinterpret_cast<float4*>(dst + tile_pos<kPairLanes>(half, seg * 16 + 4 * j)) =
+          *reinterpret_cast<float4*>(dst + segment_chunk(i, j)) =
               make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
       }
       if constexpr (kAmaxOnly) {
@@ -385,10 +390,9 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
         if (lr >= tile_rows || !seg_ok) continue;
         float v[16];
         const float* src = &tile[lr][0];
-        const int half = i * kRowsPerPass / 32;  // lr / 32
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const float4 w = *reinterpret_cast<const float4*>(src + tile_pos<kPairLanes>(half, seg * 16 + 4 * j));
+          const float4 w = *reinterpret_cast<const float4*>(src + segment_chunk(i, j));
           v[4 * j] = w.x, v[4 * j + 1] = w.y, v[4 * j + 2] = w.z, v[4 * j + 3] = w.w;
         }
         encode_row_segment(lr, v);
