@@ -90,7 +90,8 @@ int main(int argc, char** argv) {
   // The X and dY variants as the linear layer runs them on Hopper: X's rowwise (Fprop) copy and both
   // of dY's copies with their decoded BF16 values, which the GEMMs read instead of a decode pass;
   // and, as training runs them, those copies as decoded values alone (no packed codes: LinearCuda's
-  // per-call operands), X's columnwise copy packed (saved for Wgrad).
+  // per-call operands), X's columnwise copy packed (saved for Wgrad). "row only, decoded only" is
+  // the Fprop X of a layer that is not trained (evaluation; the GEMM benchmark's layer path).
   const Variant variants[] = {{"row+col, RNE, no RHT", plain},
                               {"row+col+RHT, RNE (X)", act},
                               {"row+col+RHT, SR (dY)", grad},
@@ -99,6 +100,7 @@ int main(int argc, char** argv) {
                               {"X, row decoded only", act, true, false, false, true},
                               {"dY, decoded only", grad, true, true, false, false},
                               {"row only, RNE", row_only},
+                              {"row only, decoded only", row_only, true, false, false, true},
                               {"col only +RHT, RNE", col_only}};
 
   std::printf("\n%-24s %9s %9s %9s %11s %11s %11s\n", "fused nvfp4 pass", "amax ms", "quant ms", "total ms",

@@ -244,7 +244,15 @@ template <typename T>
 bool stage_col_decode(const RowColSpec& spec, const QuantBuffers& col) {
   return sizeof(T) == 2 && spec.columnwise && col.decoded != nullptr;
 }
-template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht, bool kStageCol = false>
+// kFullTiles: every tile is whole (rows a multiple of 64, columns of 128: all of GPT-2's shapes), so
+// the kernel carries no partial-tile checks. BF16 input only (training's), to keep the float
+// kernels at one copy each. (8192^2 BF16 on an H200: see docs/benchmarks.md, session 19.)
+template <typename T>
+bool full_tiles(int64_t rows, int64_t cols) {
+  return sizeof(T) == 2 && rows % kTileRows == 0 && cols % kTileCols == 0;
+}
+template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht, bool kStageCol = false,
+          bool kFullTiles = false>
 __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRounding, kColRounding>))
     nvfp4_rowcol_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, RowColSpec spec,
                         AmaxSlots amax_out, const uint32_t* __restrict__ amax_in, QuantBuffers row,
@@ -318,7 +326,7 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
 #pragma unroll
     for (int i = 0; i < kRowIters; ++i) {
       const int64_t r = r0 + t / kSegsPerRow + i * kRowsPerPass, c = c0 + seg * 16;
-      if (r < rows && c < cols) raw[i] = load_raw16(x + r * cols + c);
+      if (kFullTiles || (r < rows && c < cols)) raw[i] = load_raw16(x + r * cols + c);
     }
   };
   constexpr bool kPrefetch = kPrefetchTile<T, kAmaxOnly, kRowRounding, kColRounding>;
@@ -329,8 +337,8 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
     const uint32_t tile_index = tile_at(step);
     const int64_t r0 = static_cast<int64_t>(tile_index / tiles_x) * kTileRows;
     const int64_t c0 = static_cast<int64_t>(tile_index % tiles_x) * kTileCols;
-    const int tile_rows = rows - r0 < kTileRows ? static_cast<int>(rows - r0) : kTileRows;
-    const int tile_cols = cols - c0 < kTileCols ? static_cast<int>(cols - c0) : kTileCols;
+    const int tile_rows = kFullTiles || rows - r0 >= kTileRows ? kTileRows : static_cast<int>(rows - r0);
+    const int tile_cols = kFullTiles || cols - c0 >= kTileCols ? kTileCols : static_cast<int>(cols - c0);
     const bool seg_ok = seg * 16 < tile_cols;
 
     // One row segment's rowwise copy: codes, scale, and the decoded values where asked for.
@@ -401,7 +409,7 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
 
     // ---- columns: two neighbouring columns, blocks of 16 rows
     uint2 packed[2][kColBlocksPerThread];  // [column][block], set where 2 * pair < tile_cols
-    uint32_t codes[kColBlocksPerThread];   // E4M3 codes of both columns (low byte: column 2*pair)
+    uint32_t codes[kColBlocksPerThread] = {};  // E4M3 codes of both columns (low byte: column 2*pair)
     if (2 * pair < tile_cols) {
       // X^T index of this thread's first element in column 2*pair; column 2*pair + 1 is `rows` later.
       const uint64_t q0 = static_cast<uint64_t>(c0 + 2 * pair) * static_cast<uint64_t>(rows) +
@@ -456,7 +464,7 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
           uint8_t* scales = col.scales + q / 16;
           const uint32_t c0s = (codes[0] >> (8 * side)) & 0xFFu, c1s = (codes[1] >> (8 * side)) & 0xFFu;
           if (col.data == nullptr) {  // only the decoded values (QuantBuffers::data)
-          } else if (both && rows % 32 == 0) {
+          } else if (both && (kFullTiles || rows % 32 == 0)) {
             *reinterpret_cast<uint4*>(data) =
                 make_uint4(packed[side][0].x, packed[side][0].y, packed[side][1].x, packed[side][1].y);
             *reinterpret_cast<uint16_t*>(scales) = static_cast<uint16_t>(c0s | c1s << 8);

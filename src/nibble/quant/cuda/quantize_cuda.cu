@@ -227,29 +227,40 @@ void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spe
     kernel<<<blocks, kRowColThreads, 0, stream>>>(x, rows, cols, spec, amax_out, amax_in, row, col);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
   };
-  if constexpr (kAmaxOnly) {  // rounding plays no part in the amax pass
-    spec.col_rht ? go(nvfp4_rowcol_kernel<T, true, kRne, kRne, true>) : go(nvfp4_rowcol_kernel<T, true, kRne, kRne, false>);
-    return;
-  } else {
-    const bool rs = spec.row_rounding == kSr, cs = spec.col_rounding == kSr;
-    const auto pick = [&](auto stage_col) {
-      constexpr bool kStage = decltype(stage_col)::value;
-      if (spec.col_rht) {
-        if (rs && cs) go(nvfp4_rowcol_kernel<T, false, kSr, kSr, true, kStage>);
-        else if (rs) go(nvfp4_rowcol_kernel<T, false, kSr, kRne, true, kStage>);
-        else if (cs) go(nvfp4_rowcol_kernel<T, false, kRne, kSr, true, kStage>);
-        else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, true, kStage>);
-      } else {
-        if (rs && cs) go(nvfp4_rowcol_kernel<T, false, kSr, kSr, false, kStage>);
-        else if (rs) go(nvfp4_rowcol_kernel<T, false, kSr, kRne, false, kStage>);
-        else if (cs) go(nvfp4_rowcol_kernel<T, false, kRne, kSr, false, kStage>);
-        else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, false, kStage>);
-      }
-    };
-    if constexpr (sizeof(T) == 2) {  // no staged variants for float input (stage_col_decode)
-      if (stage_col_decode<T>(spec, col)) return pick(std::true_type{});
+  const auto with_tiles = [&](auto pick) {
+    if constexpr (sizeof(T) == 2) {
+      if (full_tiles<T>(rows, cols)) return pick(std::true_type{});
     }
     pick(std::false_type{});
+  };
+  if constexpr (kAmaxOnly) {  // rounding plays no part in the amax pass
+    with_tiles([&](auto full) {
+      constexpr bool kFull = decltype(full)::value;
+      spec.col_rht ? go(nvfp4_rowcol_kernel<T, true, kRne, kRne, true, false, kFull>)
+                   : go(nvfp4_rowcol_kernel<T, true, kRne, kRne, false, false, kFull>);
+    });
+  } else {
+    const bool rs = spec.row_rounding == kSr, cs = spec.col_rounding == kSr;
+    const auto pick = [&](auto stage_col, auto full) {
+      constexpr bool kStage = decltype(stage_col)::value, kFull = decltype(full)::value;
+      if (spec.col_rht) {
+        if (rs && cs) go(nvfp4_rowcol_kernel<T, false, kSr, kSr, true, kStage, kFull>);
+        else if (rs) go(nvfp4_rowcol_kernel<T, false, kSr, kRne, true, kStage, kFull>);
+        else if (cs) go(nvfp4_rowcol_kernel<T, false, kRne, kSr, true, kStage, kFull>);
+        else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, true, kStage, kFull>);
+      } else {
+        if (rs && cs) go(nvfp4_rowcol_kernel<T, false, kSr, kSr, false, kStage, kFull>);
+        else if (rs) go(nvfp4_rowcol_kernel<T, false, kSr, kRne, false, kStage, kFull>);
+        else if (cs) go(nvfp4_rowcol_kernel<T, false, kRne, kSr, false, kStage, kFull>);
+        else go(nvfp4_rowcol_kernel<T, false, kRne, kRne, false, kStage, kFull>);
+      }
+    };
+    with_tiles([&](auto full) {
+      if constexpr (sizeof(T) == 2) {  // no staged variants for float input (stage_col_decode)
+        if (stage_col_decode<T>(spec, col)) return pick(std::true_type{}, full);
+      }
+      pick(std::false_type{}, full);
+    });
   }
 }
 
