@@ -186,7 +186,7 @@ template <typename T, bool kAmaxOnly, Rounding kRow, Rounding kCol, bool kRht, b
 void run_kernel(unsigned grid, const std::vector<T>& x, int64_t rows, int64_t cols, const RowColSpec& spec,
                 AmaxSlots amax_out, const uint32_t* amax_in, QuantBuffers row, QuantBuffers col) {
   emu::launch(grid, [&] {
-    if (full_tiles<T>(rows, cols))
+    if (full_tiles<T>(spec, rows, cols))
       nvfp4_rowcol_kernel<T, kAmaxOnly, kRow, kCol, kRht, kStageCol, true>(x.data(), rows, cols, spec, amax_out,
                                                                            amax_in, row, col);
     else

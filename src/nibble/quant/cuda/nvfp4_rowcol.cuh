@@ -245,11 +245,14 @@ bool stage_col_decode(const RowColSpec& spec, const QuantBuffers& col) {
   return sizeof(T) == 2 && spec.columnwise && col.decoded != nullptr;
 }
 // kFullTiles: every tile is whole (rows a multiple of 64, columns of 128: all of GPT-2's shapes), so
-// the kernel carries no partial-tile checks. BF16 input only (training's), to keep the float
-// kernels at one copy each. (8192^2 BF16 on an H200: see docs/benchmarks.md, session 19.)
+// the kernel carries no partial-tile checks (8192^2 BF16 on an H200, X pass: 0.103-0.106 -> 0.101-
+// 0.104 ms; docs/benchmarks.md, session 19). BF16 input only (training's), to keep the float
+// kernels at one copy each; and not for the rowwise copy alone, where the pass writing the decoded
+// rows (a layer's Fprop outside training) measured slower without the checks (0.082-0.088 against
+// 0.078-0.079 ms).
 template <typename T>
-bool full_tiles(int64_t rows, int64_t cols) {
-  return sizeof(T) == 2 && rows % kTileRows == 0 && cols % kTileCols == 0;
+bool full_tiles(const RowColSpec& spec, int64_t rows, int64_t cols) {
+  return sizeof(T) == 2 && spec.columnwise && rows % kTileRows == 0 && cols % kTileCols == 0;
 }
 template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht, bool kStageCol = false,
           bool kFullTiles = false>

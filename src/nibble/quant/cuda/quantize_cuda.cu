@@ -229,7 +229,7 @@ void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spe
   };
   const auto with_tiles = [&](auto pick) {
     if constexpr (sizeof(T) == 2) {
-      if (full_tiles<T>(rows, cols)) return pick(std::true_type{});
+      if (full_tiles<T>(spec, rows, cols)) return pick(std::true_type{});
     }
     pick(std::false_type{});
   };
