@@ -9,10 +9,11 @@
 // for NVFP4, the decode to BF16. The weight operand (B) uses 16x16 blocks, the activation (A) 1x16,
 // both round-to-nearest-even, as in the paper's Fprop. "w pre-quantized" leaves B's quantization out:
 // in training the weight is quantized once per step and read by two GEMMs (Fprop and Dgrad).
-// "layer path" is LinearCuda's Fprop with the weight's decoded values kept: A's quantizing pass also
+// "layer path" is LinearCuda's Fprop with the weight's decoded values kept: A's quantizing pass
 // writes A's decoded BF16 values and the alpha (no multiply_scalars launch), B's 16x16 pass B's
-// decoded values, so nothing is decoded in a pass of its own (as LinearCuda does in training, which
-// keeps the weight's decoded values for the step). Every GemmRunner tunes its kernels at the first
+// decoded values, neither a packed copy (which only these GEMMs would read), so nothing is decoded
+// in a pass of its own (as LinearCuda does in training, which keeps the weight's decoded values for
+// the step). Every GemmRunner tunes its kernels at the first
 // call of a shape (gemm_cuda.h; not the 8192^3 GEMMs, which keep cuBLASLt's first choice);
 // NIBBLE_GEMM_TUNE=0 times the heuristic's first choices everywhere.
 // On Blackwell (compute capability >= 10.0) a last column times the native NVFP4 GEMM (quantize
@@ -104,16 +105,17 @@ float run_shape(const Shape& s, GemmRunner& gemm) {
     quantize_a();
     emulated_gemm();
   });
-  // The layer's Fprop path (LinearCuda): each quantizing pass also writes its operand's decoded BF16
-  // values, and A's the GEMM's alpha (OperandForGemm), so nothing is decoded in a pass of its own.
+  // The layer's Fprop path (LinearCuda): each quantizing pass writes its operand's decoded BF16 values
+  // and no packed copy, and A's the GEMM's alpha (OperandForGemm), so nothing is decoded in a pass of
+  // its own.
   OperandCuda qa_fused, qb_fused;
   const auto quantize_b_fused = [&] {
     qb_fused.make(b.data(), s.n, s.k, wgt, Operand::kFpropW, kDefaultRhtSigns, 0, nullptr,
-                  nibble::nn::cuda::OperandForGemm{true, nullptr});
+                  nibble::nn::cuda::OperandForGemm{true, nullptr, /*packed=*/false});
   };
   const auto quantize_a_fused = [&] {
     qa_fused.make(a.data(), s.m, s.k, act, Operand::kFpropX, kDefaultRhtSigns, 0, nullptr,
-                  nibble::nn::cuda::OperandForGemm{true, &qb_fused});
+                  nibble::nn::cuda::OperandForGemm{true, &qb_fused, /*packed=*/false});
   };
   quantize_b_fused();
   const auto fused_gemm = [&] {
