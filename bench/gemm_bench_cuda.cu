@@ -13,9 +13,9 @@
 // writes A's decoded BF16 values and the alpha (no multiply_scalars launch), B's 16x16 pass B's
 // decoded values, neither a packed copy (which only these GEMMs would read), so nothing is decoded
 // in a pass of its own (as LinearCuda does in training, which keeps the weight's decoded values for
-// the step). Every GemmRunner tunes its kernels at the first
-// call of a shape (gemm_cuda.h; not the 8192^3 GEMMs, which keep cuBLASLt's first choice);
-// NIBBLE_GEMM_TUNE=0 times the heuristic's first choices everywhere.
+// the step). Every GemmRunner tunes its kernels at the first call of a shape (gemm_cuda.h; not the
+// 8192^3 GEMMs, which keep cuBLASLt's first choice); NIBBLE_GEMM_TUNE=0 times the heuristic's first
+// choices everywhere.
 // On Blackwell (compute capability >= 10.0) a last column times the native NVFP4 GEMM (quantize
 // both, rearrange the block scales, cuBLASLt block-scaled FP4 GEMM); elsewhere it says n/a. That
 // column has never been measured (no Blackwell GPU here). On Hopper, "packed" times the GEMM that

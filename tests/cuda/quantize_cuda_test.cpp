@@ -213,10 +213,11 @@ TEST(CudaQuantize, FusedRowColEqualsCpuBitForBit) {
 
 // Tensors of more tiles than the GPU holds blocks at once, so that each block of the fused pass's
 // persistent grid loops over several tiles (the small shapes above give one tile per block), with
-// partial tiles at both edges.
+// partial tiles at both edges, and of whole tiles only (BF16 input: the kernels without the
+// partial-tile checks, full_tiles).
 TEST(CudaQuantize, FusedRowColLoopsOverTilesBitForBit) {
   std::mt19937_64 rng(fresh_seed() + 5);
-  const Shape shapes[] = {{2064, 4112}, {4160, 1296}};
+  const Shape shapes[] = {{2064, 4112}, {4160, 1296}, {2048, 4224}};
   int compared = 0;
   for (Shape sh : shapes) {
     const std::vector<float> xf = draw(sh.rows, sh.cols, Dist::kGaussianOutliers, rng);
@@ -383,19 +384,22 @@ TEST(CudaQuantize, FusedDecodedOutputSidesAndSpecialTensors) {
   check_decoded_pass(zeros, 64, 96, spec, "all zero");
 }
 
-// A grid whose blocks loop over several tiles (with the next tile's loads in flight on the RNE
-// variants), partial tiles at both edges.
+// A grid whose blocks loop over several tiles (with the next tile's loads in flight on the
+// stochastic-rounding variants): partial tiles at both edges, and whole tiles only (full_tiles).
 TEST(CudaQuantize, FusedDecodedOutputLoopsOverTiles) {
   std::mt19937_64 rng(fresh_seed() + 8);
-  const std::vector<float> x = draw(2064, 4112, Dist::kGaussianOutliers, rng);
-  const std::vector<bf16_t> xb = test::to_bf16(x);
-  for (bool sr : {false, true}) {
-    cuda::RowColSpec spec;
-    spec.col_rht = true;
-    spec.row_rounding = spec.col_rounding = sr ? Rounding::kStochastic : Rounding::kNearestEven;
-    spec.seed = rng();
-    check_decoded_pass(xb, 2064, 4112, spec, sr ? "bf16, sr" : "bf16, rne");
-    check_decoded_pass(x, 2064, 4112, spec, sr ? "float, sr" : "float, rne");
+  for (Shape sh : {Shape{2064, 4112}, Shape{2048, 4224}}) {
+    SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols));
+    const std::vector<float> x = draw(sh.rows, sh.cols, Dist::kGaussianOutliers, rng);
+    const std::vector<bf16_t> xb = test::to_bf16(x);
+    for (bool sr : {false, true}) {
+      cuda::RowColSpec spec;
+      spec.col_rht = true;
+      spec.row_rounding = spec.col_rounding = sr ? Rounding::kStochastic : Rounding::kNearestEven;
+      spec.seed = rng();
+      check_decoded_pass(xb, sh.rows, sh.cols, spec, sr ? "bf16, sr" : "bf16, rne");
+      check_decoded_pass(x, sh.rows, sh.cols, spec, sr ? "float, sr" : "float, rne");
+    }
   }
 }
 

@@ -245,7 +245,7 @@ bool stage_col_decode(const RowColSpec& spec, const QuantBuffers& col) {
   return sizeof(T) == 2 && spec.columnwise && col.decoded != nullptr;
 }
 // kFullTiles: every tile is whole (rows a multiple of 64, columns of 128: all of GPT-2's shapes), so
-// the kernel carries no partial-tile checks (8192^2 BF16 on an H200, X pass: 0.103-0.106 -> 0.101-
+// the kernel carries no partial-tile checks (8192^2 BF16 on an H200, X pass: 0.103-0.106 -> 0.100-
 // 0.104 ms; docs/benchmarks.md, session 19). BF16 input only (training's), to keep the float
 // kernels at one copy each; and not for the rowwise copy alone, where the pass writing the decoded
 // rows (a layer's Fprop outside training) measured slower without the checks (0.082-0.088 against
