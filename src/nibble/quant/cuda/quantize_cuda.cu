@@ -227,6 +227,7 @@ void launch_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spe
     kernel<<<blocks, kRowColThreads, 0, stream>>>(x, rows, cols, spec, amax_out, amax_in, row, col);
     NIBBLE_CUDA_CHECK(cudaGetLastError());
   };
+  // The whole-tile variant (full_tiles); compile-time BF16 test so that float input instantiates none.
   const auto with_tiles = [&](auto pick) {
     if constexpr (sizeof(T) == 2) {
       if (full_tiles<T>(spec, rows, cols)) return pick(std::true_type{});
