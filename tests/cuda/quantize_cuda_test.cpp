@@ -223,10 +223,8 @@ TEST(CudaQuantize, FusedRowColLoopsOverTilesBitForBit) {
     const std::vector<float> xf = draw(sh.rows, sh.cols, Dist::kGaussianOutliers, rng);
     const std::vector<bf16_t> xb = test::to_bf16(xf);
     for (bool sr : {false, true}) {
-      cuda::RowColSpec spec;
-      spec.col_rht = true;
-      spec.row_rounding = spec.col_rounding = sr ? Rounding::kStochastic : Rounding::kNearestEven;
-      spec.seed = fresh_seed() ^ 0x5678;
+      const Rounding r = sr ? Rounding::kStochastic : Rounding::kNearestEven;
+      const cuda::RowColSpec spec = fused_pass_spec(true, r, r, fresh_seed() ^ 0x5678);
       SCOPED_TRACE(std::to_string(sh.rows) + "x" + std::to_string(sh.cols) + (sr ? " sr" : " rne"));
       compared += check_fused(xf, xb, sh, spec);
     }
@@ -393,10 +391,8 @@ TEST(CudaQuantize, FusedDecodedOutputLoopsOverTiles) {
     const std::vector<float> x = draw(sh.rows, sh.cols, Dist::kGaussianOutliers, rng);
     const std::vector<bf16_t> xb = test::to_bf16(x);
     for (bool sr : {false, true}) {
-      cuda::RowColSpec spec;
-      spec.col_rht = true;
-      spec.row_rounding = spec.col_rounding = sr ? Rounding::kStochastic : Rounding::kNearestEven;
-      spec.seed = rng();
+      const Rounding r = sr ? Rounding::kStochastic : Rounding::kNearestEven;
+      const cuda::RowColSpec spec = fused_pass_spec(true, r, r, rng());
       check_decoded_pass(xb, sh.rows, sh.cols, spec, sr ? "bf16, sr" : "bf16, rne");
       check_decoded_pass(x, sh.rows, sh.cols, spec, sr ? "float, sr" : "float, rne");
     }
