@@ -40,11 +40,11 @@ __device__ inline float gelu_grad(float x) {
 __device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // Four activation values in FP32, or in BF16 (detail::write_out's rounding), in one vector store.
-using detail::bf16_bits;
+using detail::bf16x2_bits;
 using detail::write_out;
 __device__ __forceinline__ void store4(float4* out, float a, float b, float c, float d) { *out = make_float4(a, b, c, d); }
 __device__ __forceinline__ void store4(uint2* out, float a, float b, float c, float d) {
-  *out = make_uint2(bf16_bits(a) | bf16_bits(b) << 16, bf16_bits(c) | bf16_bits(d) << 16);
+  *out = make_uint2(bf16x2_bits(a, b), bf16x2_bits(c, d));
 }
 
 // i indexes act/dact [rows x hidden]; SwiGLU's a and b sit at row * 2 hidden + col (+ hidden).
@@ -122,9 +122,9 @@ __device__ __forceinline__ float2 store2(float* p, float2 v) {  // returns the v
   return v;
 }
 __device__ __forceinline__ float2 store2(bf16_t* p, float2 v) {
-  const uint32_t a = bf16_bits(v.x), b = bf16_bits(v.y);
-  *reinterpret_cast<uint32_t*>(p) = a | b << 16;
-  return make_float2(__uint_as_float(a << 16), __uint_as_float(b << 16));
+  const uint32_t ab = bf16x2_bits(v.x, v.y);
+  *reinterpret_cast<uint32_t*>(p) = ab;
+  return make_float2(__uint_as_float(ab << 16), __uint_as_float(ab & 0xFFFF0000u));
 }
 
 // GELU forward (kBackward false: out = gelu(pre)) or backward (out = dact gelu'(pre)) that also

@@ -55,6 +55,22 @@ __device__ inline float block_max(float v, float* scratch) {
 // A layer's output element in FP32, or in BF16 rounded to nearest even (the input of a linear layer
 // that takes BF16, LinearCuda::bf16_input): the bits OperandCuda gives a bf16 operand of the FP32 value.
 __device__ __forceinline__ uint32_t bf16_bits(float v) { return BF16::encode(v, Rounding::kNearestEven); }
+// Two of them in one word, lo in the low half, by the hardware conversion on the GPU (one instruction
+// where the encoder takes five or six each): the same bits for every value but a NaN, which it
+// writes as the canonical 0x7FFF, the encoder's bits for the canonical FP32 NaN 0x7FFFFFFF, the only
+// NaN the GPU's arithmetic produces. Taken where measured faster (H200, docs/benchmarks.md session
+// 20): the GELU kernels and the cross-entropy's BF16 gradient (0.345 -> 0.285 ms a chunk), the
+// LayerNorm forward that computes an amax; the LayerNorm forward without one, whose statistics are in
+// double, was slower with it (0.040 -> 0.046 ms), so store4 keeps the encoder.
+__device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
+#ifdef __CUDA_ARCH__
+  uint32_t d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+#else
+  return bf16_bits(lo) | bf16_bits(hi) << 16;
+#endif
+}
 __device__ __forceinline__ void write_out(float* out, float v) { *out = v; }
 __device__ __forceinline__ void write_out(bf16_t* out, float v) { out->bits = static_cast<uint16_t>(bf16_bits(v)); }
 

@@ -102,8 +102,8 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 // ---------------------------------------------------------------- stores
 
 // How one gradient value is stored: FP32 as computed, or BF16 rounded to nearest even exactly as
-// OperandCuda rounds a bf16 operand (BF16::encode), so that the chunked head's BF16 dlogits are the
-// bits the unchunked head fed its GEMMs.
+// OperandCuda rounds a bf16 operand (BF16::encode; bf16x2_bits for four), so that the chunked head's
+// BF16 dlogits are the bits the unchunked head fed its GEMMs.
 __device__ __forceinline__ void store(float* out, float g) { *out = g; }
 __device__ __forceinline__ void store(__nv_bfloat16* out, float g) {
   *reinterpret_cast<uint16_t*>(out) = BF16::encode(g, Rounding::kNearestEven);
@@ -113,8 +113,7 @@ __device__ __forceinline__ void store4(float* out, const float (&g)[4]) {
   *reinterpret_cast<float4*>(out) = make_float4(g[0], g[1], g[2], g[3]);
 }
 __device__ __forceinline__ void store4(__nv_bfloat16* out, const float (&g)[4]) {
-  const auto bits = [&](int i) { return static_cast<uint32_t>(BF16::encode(g[i], Rounding::kNearestEven)); };
-  *reinterpret_cast<uint2*>(out) = make_uint2(bits(0) | bits(1) << 16, bits(2) | bits(3) << 16);
+  *reinterpret_cast<uint2*>(out) = make_uint2(bf16x2_bits(g[0], g[1]), bf16x2_bits(g[2], g[3]));
 }
 
 // ---------------------------------------------------------------- strided (fallback)

@@ -149,8 +149,8 @@ __global__ void __launch_bounds__(32 * kAmaxRows)
   for (int c = 0; c < kVecChunks; ++c) {
     if (c >= chunks) continue;
     const int pair = 2 * lane + 64 * c;  // the chunk's 4 elements: columns 4 lane + 128 c ..
-    staged[warp][pair] = detail::bf16_bits(out[c].x) | detail::bf16_bits(out[c].y) << 16;
-    staged[warp][pair + 1] = detail::bf16_bits(out[c].z) | detail::bf16_bits(out[c].w) << 16;
+    staged[warp][pair] = detail::bf16x2_bits(out[c].x, out[c].y);
+    staged[warp][pair + 1] = detail::bf16x2_bits(out[c].z, out[c].w);
   }
   __syncthreads();
   float row_max = 0.0f, col_max = 0.0f;
