@@ -124,6 +124,13 @@ int main() {
              norm.forward(x.data(), tokens, y.data(), nullptr);
              norm.backward(dy.data(), dx.data(), nullptr);
            }), 3 * act + 4 * act);
+    // As the nvfp4 step runs it: dy in BF16 (a linear layer's Dgrad output; y16's values), dx added to
+    // the residual stream's gradient and also written in BF16, with the amax of the NVFP4 pass over it.
+    DeviceBuffer<nibble::bf16_t> dx16(x.size());
+    report("layernorm backward, bf16 in + out, amax", median_ms([&] {
+             norm.forward(x.data(), tokens, y.data(), nullptr);
+             norm.backward(y16.data(), dx.data(), nullptr, /*accumulate=*/true, dx16.data(), amax.producer);
+           }), 3 * act + 4 * act);
   }
   {
     auto pre = random_buffer(tokens * hidden, 1.0f, 5), dact = random_buffer(tokens * hidden, 1.0f, 6);

@@ -60,8 +60,9 @@ __device__ __forceinline__ uint32_t bf16_bits(float v) { return BF16::encode(v, 
 // writes as the canonical 0x7FFF, the encoder's bits for the canonical FP32 NaN 0x7FFFFFFF, the only
 // NaN the GPU's arithmetic produces. Taken where measured faster (H200, docs/benchmarks.md session
 // 20): the GELU kernels and the cross-entropy's BF16 gradient (0.345 -> 0.285 ms a chunk), the
-// LayerNorm forward that computes an amax; the LayerNorm forward without one, whose statistics are in
-// double, was slower with it (0.040 -> 0.046 ms), so store4 keeps the encoder.
+// LayerNorm forward that computes an amax and the LayerNorm backward's BF16 dx; the LayerNorm forward
+// without an amax, whose statistics are in double, was slower with it (0.040 -> 0.046 ms), so store4
+// keeps the encoder.
 __device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
 #ifdef __CUDA_ARCH__
   uint32_t d;

@@ -279,7 +279,9 @@ norm_backward_params_vec_kernel(const DyT* __restrict__ dy, const float* __restr
         sum_b[lane + 32 * c] = sb;
       }
       store4(dx + row + 128 * c, out);
-      if (dx16 != nullptr) store4(dx16 + row + 128 * c, out);
+      if (dx16 != nullptr)
+        *reinterpret_cast<uint2*>(dx16 + row + 128 * c) =
+            make_uint2(detail::bf16x2_bits(out.x, out.y), detail::bf16x2_bits(out.z, out.w));
     }
   }
   __syncthreads();
