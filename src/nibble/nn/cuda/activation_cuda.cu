@@ -41,10 +41,11 @@ __device__ inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // Four activation values in FP32, or in BF16 (detail::write_out's rounding), in one vector store.
 using detail::bf16x2_bits;
+using detail::bf16x4_bits;
 using detail::write_out;
 __device__ __forceinline__ void store4(float4* out, float a, float b, float c, float d) { *out = make_float4(a, b, c, d); }
 __device__ __forceinline__ void store4(uint2* out, float a, float b, float c, float d) {
-  *out = make_uint2(bf16x2_bits(a, b), bf16x2_bits(c, d));
+  *out = bf16x4_bits(a, b, c, d);
 }
 
 // i indexes act/dact [rows x hidden]; SwiGLU's a and b sit at row * 2 hidden + col (+ hidden).

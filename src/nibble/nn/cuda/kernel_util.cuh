@@ -72,6 +72,10 @@ __device__ __forceinline__ uint32_t bf16x2_bits(float lo, float hi) {
   return bf16_bits(lo) | bf16_bits(hi) << 16;
 #endif
 }
+// Four of them as one 8-byte store's word pair, a in the lowest half.
+__device__ __forceinline__ uint2 bf16x4_bits(float a, float b, float c, float d) {
+  return make_uint2(bf16x2_bits(a, b), bf16x2_bits(c, d));
+}
 __device__ __forceinline__ void write_out(float* out, float v) { *out = v; }
 __device__ __forceinline__ void write_out(bf16_t* out, float v) { out->bits = static_cast<uint16_t>(bf16_bits(v)); }
 

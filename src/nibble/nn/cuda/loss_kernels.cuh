@@ -113,7 +113,7 @@ __device__ __forceinline__ void store4(float* out, const float (&g)[4]) {
   *reinterpret_cast<float4*>(out) = make_float4(g[0], g[1], g[2], g[3]);
 }
 __device__ __forceinline__ void store4(__nv_bfloat16* out, const float (&g)[4]) {
-  *reinterpret_cast<uint2*>(out) = make_uint2(bf16x2_bits(g[0], g[1]), bf16x2_bits(g[2], g[3]));
+  *reinterpret_cast<uint2*>(out) = bf16x4_bits(g[0], g[1], g[2], g[3]);
 }
 
 // ---------------------------------------------------------------- strided (fallback)

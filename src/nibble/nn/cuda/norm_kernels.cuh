@@ -279,9 +279,8 @@ norm_backward_params_vec_kernel(const DyT* __restrict__ dy, const float* __restr
         sum_b[lane + 32 * c] = sb;
       }
       store4(dx + row + 128 * c, out);
-      if (dx16 != nullptr)
-        *reinterpret_cast<uint2*>(dx16 + row + 128 * c) =
-            make_uint2(detail::bf16x2_bits(out.x, out.y), detail::bf16x2_bits(out.z, out.w));
+      if (dx16 != nullptr)  // not store4: see bf16x2_bits
+        *reinterpret_cast<uint2*>(dx16 + row + 128 * c) = detail::bf16x4_bits(out.x, out.y, out.z, out.w);
     }
   }
   __syncthreads();
