@@ -952,11 +952,11 @@ TEST(CrossEntropyCuda, MatchesCpu) {
 }
 
 // The chunked form (what the chunked LM head runs): chunks of rows that do not divide the batch,
-// logits read only, the gradient written in BF16. Claims, each checked exactly:
-// - the loss equals forward_backward()'s on the whole batch bit for bit (same device code, same
-//   row sums, same fixed-order mean), with or without the gradient;
+// BF16 logits, the gradient written in BF16 to another buffer and in place. Claims, each checked exactly:
+// - the loss equals forward_backward()'s on the whole batch of the same values in FP32 bit for bit
+//   (same device code, same row sums, same fixed-order mean), with or without the gradient;
 // - every BF16 gradient is the nearest-even rounding of forward_backward()'s FP32 value (the
-//   conversion the unchunked head's operand preparation applied);
+//   conversion the unchunked head's operand preparation applied), in place or not;
 // - against the CPU: where the CPU's FP32 gradient has the GPU's bits, so does the BF16 value's
 //   source, hence the BF16 value is the rounding of the CPU's; elsewhere the GPU's expf and the
 //   CPU's std::exp differ by an ulp or so (the FP32 results agree to 1e-5, MatchesCpu above), which
@@ -969,35 +969,41 @@ TEST(CrossEntropyCuda, ChunkedBf16GradientIsTheRoundedFp32Gradient) {
   std::vector<uint32_t> targets(static_cast<size_t>(rows));
   for (auto& t : targets) t = static_cast<uint32_t>(rng() % vocab);
   DeviceBuffer<uint32_t> d_targets{std::span<const uint32_t>(targets)};
-  const auto logits = nibble::nn::test::random_normal(rng, rows * vocab, 3.0f);
+  Bf16Values in = bf16_values(rng, rows * vocab, 3.0f);
+  const std::vector<float> logits = download(in.f32.data(), rows * vocab);  // the BF16 values widened
+  const std::vector<uint16_t> logit_bits = download_bits(in.b16, rows * vocab);
+  DeviceBuffer<bf16_t> d_out(static_cast<size_t>(rows * vocab)), d_in_place{download(in.b16.data(), rows * vocab)};
+  const auto at = [&](DeviceBuffer<bf16_t>& b, int64_t r0) {
+    return reinterpret_cast<__nv_bfloat16*>(b.data()) + r0 * vocab;
+  };
+  // Every chunk of the batch, gradient to out (nullptr: losses only), then the mean loss.
+  const auto run_chunks = [&](cuda::CrossEntropyCuda& ce, DeviceBuffer<bf16_t>& logits16, DeviceBuffer<bf16_t>* out,
+                              float scale) {
+    for (int64_t r0 = 0; r0 < rows; r0 += chunk)
+      ce.chunk(at(logits16, r0), d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab, scale,
+               out != nullptr ? at(*out, r0) : nullptr, stream);
+    DeviceBuffer<double> loss(1);
+    ce.mean(rows, loss.data(), stream);
+    return download(loss.data(), 1)[0];
+  };
 
   cuda::CrossEntropyCuda whole, chunked;
-  DeviceBuffer<double> loss_whole(1), loss_chunked(1), loss_eval(1);
-  DeviceBuffer<float> d_fp32{std::span<const float>(logits)}, d_logits{std::span<const float>(logits)};
-  whole.forward_backward(d_fp32.data(), d_targets.data(), rows, vocab, grad_scale, loss_whole.data(), stream);
-  DeviceBuffer<__nv_bfloat16> d_bf16(static_cast<size_t>(rows * vocab));
-  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
-    const int64_t n = std::min(chunk, rows - r0);
-    chunked.chunk(d_logits.data() + r0 * vocab, d_targets.data(), r0, n, rows, vocab, grad_scale,
-                  d_bf16.data() + r0 * vocab, stream);
-  }
-  chunked.mean(rows, loss_chunked.data(), stream);
-  for (int64_t r0 = 0; r0 < rows; r0 += chunk)  // evaluation: losses only
-    chunked.chunk(d_logits.data() + r0 * vocab, d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab, 0.0f,
-                  nullptr, stream);
-  chunked.mean(rows, loss_eval.data(), stream);
-
-  const double l_whole = download(loss_whole.data(), 1)[0], l_chunked = download(loss_chunked.data(), 1)[0],
-               l_eval = download(loss_eval.data(), 1)[0];
-  std::printf("[ compare  ] cross-entropy loss whole %.17g, chunked %.17g, chunked eval %.17g (want equal)\n", l_whole,
-              l_chunked, l_eval);
+  DeviceBuffer<double> loss_whole(1);
+  whole.forward_backward(in.f32.data(), d_targets.data(), rows, vocab, grad_scale, loss_whole.data(), stream);
+  const double l_whole = download(loss_whole.data(), 1)[0];
+  const double l_chunked = run_chunks(chunked, in.b16, &d_out, grad_scale);
+  const double l_in_place = run_chunks(chunked, d_in_place, &d_in_place, grad_scale);
+  const double l_eval = run_chunks(chunked, in.b16, nullptr, 0.0f);
+  std::printf("[ compare  ] cross-entropy loss whole %.17g, chunked %.17g, in place %.17g, eval %.17g (want equal)\n",
+              l_whole, l_chunked, l_in_place, l_eval);
   EXPECT_EQ(l_chunked, l_whole);
+  EXPECT_EQ(l_in_place, l_whole);
   EXPECT_EQ(l_eval, l_whole);
-  EXPECT_EQ(download(d_logits.data(), rows * vocab), logits) << "chunk() must not write its input";
+  EXPECT_EQ(download_bits(in.b16, rows * vocab), logit_bits) << "chunk() wrote its input, not its output";
 
-  const std::vector<float> g32 = download(d_fp32.data(), rows * vocab);
-  std::vector<uint16_t> g16(g32.size());
-  NIBBLE_CUDA_CHECK(cudaMemcpy(g16.data(), d_bf16.data(), g16.size() * 2, cudaMemcpyDeviceToHost));
+  const std::vector<float> g32 = download(in.f32.data(), rows * vocab);
+  std::vector<uint16_t> g16 = download_bits(d_out, rows * vocab);
+  EXPECT_EQ(download_bits(d_in_place, rows * vocab), g16) << "the gradient in place differs";
   auto cpu = logits;
   softmax_cross_entropy(cpu, targets, vocab, grad_scale);
   size_t not_rounded = 0, first_not_rounded = 0, same_fp32 = 0, wrong_where_same = 0, beyond_one_step = 0;
@@ -1026,10 +1032,8 @@ TEST(CrossEntropyCuda, ChunkedBf16GradientIsTheRoundedFp32Gradient) {
   EXPECT_NO_THROW(chunked.check_ids(vocab, stream));
   targets[60] = static_cast<uint32_t>(vocab + 7);
   d_targets.upload(targets);
-  for (int64_t r0 = 0; r0 < rows; r0 += chunk)
-    chunked.chunk(d_logits.data() + r0 * vocab, d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab,
-                  grad_scale, d_bf16.data() + r0 * vocab, stream);
-  NIBBLE_CUDA_CHECK(cudaMemcpy(g16.data(), d_bf16.data(), g16.size() * 2, cudaMemcpyDeviceToHost));
+  run_chunks(chunked, in.b16, &d_out, grad_scale);
+  g16 = download_bits(d_out, rows * vocab);
   EXPECT_TRUE(std::all_of(g16.begin() + 60 * vocab, g16.begin() + 61 * vocab, [](uint16_t b) { return b == 0; }));
   try {
     chunked.check_ids(vocab, stream);
@@ -1041,12 +1045,13 @@ TEST(CrossEntropyCuda, ChunkedBf16GradientIsTheRoundedFp32Gradient) {
 
 // The staged kernel (the default where the row fits) against the strided one (the fallback)
 // through both calls, bit for bit: the losses' mean, the FP32 gradient in place, the BF16 chunk
-// gradient, the probabilities (grad_scale 0), losses only, and the bad targets reported. Vocabs
-// within one 32 KiB copy chunk, one and a sliver, and GPT-2's; more rows than the staged grid
-// holds at once (each block takes several rows). A second batch makes the order of the double row
-// sums show in the loss: every row's max (its target, so the loss is log(sum) ~ 1e-12) is one
-// thread's first element and every other exp is ~0.63 * 2^-53, which rounds away when added to
-// that thread's running 1 one at a time, and would not all round away in another order.
+// gradient in place (from the logits rounded to BF16), the probabilities (grad_scale 0), losses
+// only, and the bad targets reported. Vocabs within one copy chunk, one and a sliver, and GPT-2's;
+// more rows than the staged grid holds at once (each block takes several rows). A second batch makes
+// the order of the double row sums show in the loss: every row's max (its target, so the loss is
+// log(sum) ~ 1e-12) is one thread's first element and every other exp is ~0.6 * 2^-53 (-37.2 and
+// its BF16 rounding -37.25), which rounds away when added to that thread's running 1 one at a time,
+// and would not all round away in another order.
 TEST(CrossEntropyCuda, StagedMatchesStridedBitForBit) {
   std::mt19937_64 rng(fresh_seed());
   Stream stream;
@@ -1062,7 +1067,7 @@ TEST(CrossEntropyCuda, StagedMatchesStridedBitForBit) {
     int64_t vocab, rows;
   };
   // More rows than the staged grid holds (at most 8 blocks per SM, by threads; 1 at vocab 50304).
-  for (const Case c : {Case{1000, 8 * sms + 100}, Case{8196, 7 * sms + 50}, Case{50304, 2 * sms + 37}}) {
+  for (const Case c : {Case{1000, 8 * sms + 100}, Case{8200, 7 * sms + 50}, Case{50304, 2 * sms + 37}}) {
     for (const bool sensitive : {false, true}) {
       const int64_t rows = c.rows, vocab = c.vocab;
       SCOPED_TRACE("vocab " + std::to_string(vocab) + (sensitive ? ", order-sensitive rows" : ""));
@@ -1081,6 +1086,11 @@ TEST(CrossEntropyCuda, StagedMatchesStridedBitForBit) {
         targets[rows - 2] = ~0u;
       }
       DeviceBuffer<uint32_t> d_targets{std::span<const uint32_t>(targets)};
+      std::vector<__nv_bfloat16> logits16(logits.size());  // the chunk path's logits
+      for (size_t i = 0; i < logits.size(); ++i) {
+        const uint16_t b = BF16::encode(logits[i], Rounding::kNearestEven);
+        std::memcpy(&logits16[i], &b, 2);
+      }
       const float grad_scale = 1.0f / static_cast<float>(rows);
       struct Out {
         std::vector<double> loss;  // in place with and without gradient, chunked with, losses only
@@ -1099,17 +1109,17 @@ TEST(CrossEntropyCuda, StagedMatchesStridedBitForBit) {
           out.loss.push_back(download(loss.data(), 1)[0]);
           out.fp32[i] = download(d_logits.data(), rows * vocab);
         }
-        DeviceBuffer<float> d_logits{std::span<const float>(logits)};
-        DeviceBuffer<__nv_bfloat16> d_bf16(static_cast<size_t>(rows * vocab));
+        DeviceBuffer<__nv_bfloat16> d_bf16{std::span<const __nv_bfloat16>(logits16)};
         const int64_t chunk = rows / 2 + 1;  // two chunks, the second shorter
         for (int64_t r0 = 0; r0 < rows; r0 += chunk)
-          ce.chunk(d_logits.data() + r0 * vocab, d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab,
+          ce.chunk(d_bf16.data() + r0 * vocab, d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab,
                    grad_scale, d_bf16.data() + r0 * vocab, stream);
         ce.mean(rows, loss.data(), stream);
         out.loss.push_back(download(loss.data(), 1)[0]);
         out.bf16 = download(d_bf16.data(), rows * vocab);
+        d_bf16.upload(logits16);
         for (int64_t r0 = 0; r0 < rows; r0 += chunk)
-          ce.chunk(d_logits.data() + r0 * vocab, d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab, 0.0f,
+          ce.chunk(d_bf16.data() + r0 * vocab, d_targets.data(), r0, std::min(chunk, rows - r0), rows, vocab, 0.0f,
                    nullptr, stream);
         ce.mean(rows, loss.data(), stream);
         out.loss.push_back(download(loss.data(), 1)[0]);

@@ -1,14 +1,15 @@
 // The chunked LM head and loss (nn/cuda/lm_head_cuda.h) against the unchunked head it replaced
-// (LinearCuda under the bf16 recipe, CrossEntropyCuda::forward_backward on the full FP32 logits)
-// and against exact sums, with chunk sizes that do and do not divide the rows (needs a GPU; ctest
-// label "gpu").
+// (LinearCuda under the bf16 recipe, its FP32 logits rounded to BF16 as the chunked head's GEMM
+// writes them, CrossEntropyCuda::forward_backward on them) and against exact sums, with chunk sizes
+// that do and do not divide the rows (needs a GPU; ctest label "gpu").
 //
 // The inputs are drawn on a grid: H and W hold multiples of 2^-6 in [-1/2, 1/2] (exact in BF16).
 // Every product is then a multiple of 2^-12 below 1/4 in magnitude and every logit, a sum of
 // d = 96 of them, a multiple of 2^-12 below 24: exact in FP32 whatever the order of the additions
-// or the GEMM kernel. So all chunkings see the same logits bit for bit, the loss kernel makes the
-// same losses and the same BF16 dlogits from them, and the only differences left are the backward
-// GEMMs' FP32 accumulation orders. That makes the checks exact or rigorous:
+// or the GEMM kernel. So all chunkings see the same logits bit for bit (and the same BF16 roundings
+// of them), the loss kernel makes the same losses and the same BF16 dlogits from them, and the only
+// differences left are the backward GEMMs' FP32 accumulation orders. That makes the checks exact or
+// rigorous:
 // - the loss equals the unchunked head's bit for bit (training and evaluation);
 // - dH and dW are held to the exact sums (in double, from the BF16 dlogits of the unchunked path)
 //   within the bound of any FP32 evaluation order: |got - exact| <= 2 (k + 1) 2^-24 sum|terms|
@@ -97,7 +98,7 @@ TEST_P(LmHeadLossCudaTest, ChunkedMatchesUnchunkedHead) {
   DeviceBuffer<float> d_h{std::span<const float>(h)}, d_w{std::span<const float>(w)};
   DeviceBuffer<uint32_t> d_targets{std::span<const uint32_t>(targets)};
 
-  // The unchunked head, as GptCuda ran it before.
+  // The unchunked head, as GptCuda ran it before, with its logits rounded to BF16 in between.
   cuda::LinearContext ctx;
   cuda::LinearCuda ref(d, vocab, preset("bf16"), LinearOptions{}, ctx);
   ref.upload_weight(w);
@@ -105,6 +106,15 @@ TEST_P(LmHeadLossCudaTest, ChunkedMatchesUnchunkedHead) {
   DeviceBuffer<float> d_logits(static_cast<size_t>(rows * vocab)), d_dh_ref(static_cast<size_t>(rows * d));
   DeviceBuffer<double> d_loss(1);
   ref.forward(d_h.data(), rows, d_logits.data(), stream);
+  std::vector<float> logits = download(d_logits.data(), rows * vocab);
+  size_t inexact = 0;  // logits that BF16 does not hold: the rounding is exercised
+  for (float& z : logits) {
+    const float r = BF16::decode(BF16::encode(z, Rounding::kNearestEven));
+    inexact += r != z;
+    z = r;
+  }
+  EXPECT_GT(inexact, logits.size() / 2);
+  d_logits.upload(logits);
   ce.forward_backward(d_logits.data(), d_targets.data(), rows, vocab, grad_scale, d_loss.data(), stream);
   const double loss_ref = download(d_loss.data(), 1)[0];
   const std::vector<float> dlogits32 = download(d_logits.data(), rows * vocab);

@@ -9,7 +9,7 @@
 //   __syncthreads before the next row's copy) overwrites it under them, a wrong result when the
 //   threads interleave so and always a data race under -fsanitize=thread (the tsan build).
 // The staged kernel is held to the strided one (the fallback, unchanged) bit for bit: losses,
-// outputs (FP32 in place, BF16 chunks, none) and the bad-target flag. Both run here with the host's
+// outputs (FP32 in place; BF16 chunks, to another buffer, in place, none) and the bad-target flag. Both run here with the host's
 // expf, so what this checks is that they do the same operations in the same order, whatever expf
 // is; the device tests (tests/cuda/layers_cuda_test.cpp) check the same on the GPU.
 #include <cuda_bf16.h>
@@ -79,7 +79,7 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 namespace nibble::nn::cuda::detail {
 namespace {
 
-float* stage_memory() { return reinterpret_cast<float*>(emu::shared); }
+void* stage_memory() { return emu::shared; }
 void mbar_init(uint64_t* bar, uint32_t count) {
   std::lock_guard<std::mutex> lock(emu::barriers_mutex);
   emu::barriers[bar] = emu::Barrier{count, 0, 0, 0, {}};
@@ -182,35 +182,43 @@ int64_t first_difference(const std::vector<T>& a, const std::vector<T>& b) {
 
 struct Results {
   std::vector<float> fp32;  // in place
-  std::vector<bf16> bf16_out;
-  std::vector<double> loss_fp32, loss_bf16, loss_only;
-  unsigned long long bad_fp32 = ~0ull, bad_bf16 = ~0ull, bad_only = ~0ull;
+  std::vector<bf16> bf16_out, bf16_in_place;
+  std::vector<double> loss_fp32, loss_bf16, loss_in_place, loss_only;
+  unsigned long long bad_fp32 = ~0ull, bad_bf16 = ~0ull, bad_in_place = ~0ull, bad_only = ~0ull;
 };
 
-// Both forms of the computation through either kernel: in place (FP32), a chunk with BF16 output,
-// a chunk with losses only. The chunk forms take the rows as rows [row0, row0 + rows) of a batch.
-Results run(bool staged, unsigned blocks, const std::vector<float>& logits, const std::vector<uint32_t>& batch_targets,
-            int64_t row0, int64_t rows, int64_t vocab, float grad_scale) {
+// Every form of the computation through either kernel: in place over FP32 logits, and over BF16
+// logits (logits16) a chunk with its output to another buffer, one in place, one with losses only.
+// The chunk forms take the rows as rows [row0, row0 + rows) of a batch.
+Results run(bool staged, unsigned blocks, const std::vector<float>& logits, const std::vector<bf16>& logits16,
+            const std::vector<uint32_t>& batch_targets, int64_t row0, int64_t rows, int64_t vocab, float grad_scale) {
   Results res;
   std::vector<uint32_t> targets(batch_targets.begin() + row0, batch_targets.begin() + row0 + rows);
   res.fp32 = logits;
   res.loss_fp32.assign(static_cast<size_t>(rows), NAN);
   res.bf16_out.assign(logits.size(), __float2bfloat16_rn(NAN));
+  res.bf16_in_place = logits16;
   const int64_t total = static_cast<int64_t>(batch_targets.size());
   res.loss_bf16.assign(static_cast<size_t>(total), NAN);
+  res.loss_in_place.assign(static_cast<size_t>(total), NAN);
   res.loss_only.assign(static_cast<size_t>(total), NAN);
-  const size_t bytes = stage_shared_bytes(vocab);
+  const size_t bytes32 = stage_shared_bytes(vocab, 4), bytes16 = stage_shared_bytes(vocab, 2);
+  bf16* const in_place = res.bf16_in_place.data();
   if (staged) {
-    emu::launch(blocks, bytes, [&] {
+    emu::launch(blocks, bytes32, [&] {
       cross_entropy_staged_kernel<float>(res.fp32.data(), targets.data(), 0, rows, vocab, grad_scale, res.fp32.data(),
                                          res.loss_fp32.data(), &res.bad_fp32);
     });
-    emu::launch(blocks, bytes, [&] {
-      cross_entropy_staged_kernel<bf16>(logits.data(), batch_targets.data(), row0, rows, vocab, grad_scale,
+    emu::launch(blocks, bytes16, [&] {
+      cross_entropy_staged_kernel<bf16>(logits16.data(), batch_targets.data(), row0, rows, vocab, grad_scale,
                                         res.bf16_out.data(), res.loss_bf16.data(), &res.bad_bf16);
     });
-    emu::launch(blocks, bytes, [&] {
-      cross_entropy_staged_kernel<bf16>(logits.data(), batch_targets.data(), row0, rows, vocab, 0.0f, nullptr,
+    emu::launch(blocks, bytes16, [&] {
+      cross_entropy_staged_kernel<bf16>(in_place, batch_targets.data(), row0, rows, vocab, grad_scale, in_place,
+                                        res.loss_in_place.data(), &res.bad_in_place);
+    });
+    emu::launch(blocks, bytes16, [&] {
+      cross_entropy_staged_kernel<bf16>(logits16.data(), batch_targets.data(), row0, rows, vocab, 0.0f, nullptr,
                                         res.loss_only.data(), &res.bad_only);
     });
   } else {
@@ -219,12 +227,16 @@ Results run(bool staged, unsigned blocks, const std::vector<float>& logits, cons
       cross_entropy_kernel(res.fp32.data(), targets.data(), vocab, grad_scale, res.loss_fp32.data(), &res.bad_fp32);
     });
     emu::launch(grid, 0, [&] {
-      cross_entropy_chunk_kernel(logits.data(), batch_targets.data(), row0, vocab, grad_scale, res.bf16_out.data(),
+      cross_entropy_chunk_kernel(logits16.data(), batch_targets.data(), row0, vocab, grad_scale, res.bf16_out.data(),
                                  res.loss_bf16.data(), &res.bad_bf16);
     });
     emu::launch(grid, 0, [&] {
-      cross_entropy_chunk_kernel(logits.data(), batch_targets.data(), row0, vocab, 0.0f, nullptr, res.loss_only.data(),
-                                 &res.bad_only);
+      cross_entropy_chunk_kernel(in_place, batch_targets.data(), row0, vocab, grad_scale, in_place,
+                                 res.loss_in_place.data(), &res.bad_in_place);
+    });
+    emu::launch(grid, 0, [&] {
+      cross_entropy_chunk_kernel(logits16.data(), batch_targets.data(), row0, vocab, 0.0f, nullptr,
+                                 res.loss_only.data(), &res.bad_only);
     });
   }
   return res;
@@ -237,7 +249,8 @@ struct Case {
 
 void run_case(const Case& c, std::mt19937_64& rng) {
   const int64_t row0 = 3, total = c.rows + 5;  // the rows sit inside a larger batch
-  ASSERT_TRUE(stage_fits(c.vocab, nullptr, nullptr, 2, stage_shared_bytes(c.vocab)));
+  ASSERT_TRUE(stage_fits(c.vocab, nullptr, nullptr, 2, stage_shared_bytes(c.vocab, 2)));
+  ASSERT_TRUE(stage_fits(c.vocab, nullptr, nullptr, 4, stage_shared_bytes(c.vocab, 4)));
   std::normal_distribution<float> dist(0.0f, 3.0f);
   std::vector<float> logits(static_cast<size_t>(c.rows * c.vocab));
   for (auto& x : logits) x = dist(rng);
@@ -259,6 +272,8 @@ void run_case(const Case& c, std::mt19937_64& rng) {
   // Two bad targets (the smaller position must be reported), each followed by good rows of the same block.
   targets[row0 + 4] = static_cast<uint32_t>(c.vocab + 9);
   targets[row0 + 2] = ~0u;
+  std::vector<bf16> logits16(logits.size());  // the BF16 forms' logits
+  for (size_t i = 0; i < logits.size(); ++i) logits16[i] = __float2bfloat16_rn(logits[i]);
 
   for (const float grad_scale : {0.5f / static_cast<float>(total), 0.0f}) {
     for (const emu::Landing l : {
@@ -273,11 +288,11 @@ void run_case(const Case& c, std::mt19937_64& rng) {
       emu::bad_copy = false;
       emu::hung = false;
       emu::copies = 0;
-      const Results want = run(false, 0, logits, targets, row0, c.rows, c.vocab, grad_scale);
+      const Results want = run(false, 0, logits, logits16, targets, row0, c.rows, c.vocab, grad_scale);
       EXPECT_EQ(emu::copies.load(), 0);
-      const Results got = run(true, c.blocks, logits, targets, row0, c.rows, c.vocab, grad_scale);
+      const Results got = run(true, c.blocks, logits, logits16, targets, row0, c.rows, c.vocab, grad_scale);
       const int64_t chunks = (c.vocab + kStageChunk - 1) / kStageChunk;
-      EXPECT_EQ(emu::copies.load(), 3 * c.rows * chunks) << "each row copied once per launch";
+      EXPECT_EQ(emu::copies.load(), 4 * c.rows * chunks) << "each row copied once per launch";
       EXPECT_FALSE(emu::bad_copy) << "a bulk copy misaligned, beyond the shared memory, or in flight at exit";
       EXPECT_FALSE(emu::hung) << "a wait never completed";
 
@@ -285,8 +300,11 @@ void run_case(const Case& c, std::mt19937_64& rng) {
       EXPECT_EQ(fp32, -1) << "FP32 output differs at " << fp32 << ": " << got.fp32[std::max<int64_t>(fp32, 0)]
                           << " vs " << want.fp32[std::max<int64_t>(fp32, 0)];
       EXPECT_EQ(b16, -1) << "BF16 output differs at " << b16;
+      EXPECT_EQ(first_difference(got.bf16_in_place, want.bf16_in_place), -1) << "BF16 in place";
+      EXPECT_EQ(first_difference(got.bf16_in_place, got.bf16_out), -1) << "BF16 in place vs to another buffer";
       EXPECT_EQ(first_difference(got.loss_fp32, want.loss_fp32), -1) << "in-place losses";
       EXPECT_EQ(first_difference(got.loss_bf16, want.loss_bf16), -1) << "chunk losses";
+      EXPECT_EQ(first_difference(got.loss_in_place, got.loss_bf16), -1) << "chunk losses in place";
       EXPECT_EQ(first_difference(got.loss_only, want.loss_only), -1) << "chunk losses without output";
       // The chunk forms leave the batch's other rows alone.
       for (int64_t r = 0; r < total; ++r)
@@ -295,6 +313,7 @@ void run_case(const Case& c, std::mt19937_64& rng) {
         }
       const unsigned long long flag = static_cast<unsigned long long>(row0 + 2) << 32 | ~0u;
       EXPECT_EQ(got.bad_bf16, flag);
+      EXPECT_EQ(got.bad_in_place, flag);
       EXPECT_EQ(got.bad_only, flag);
       EXPECT_EQ(got.bad_fp32, static_cast<unsigned long long>(2) << 32 | ~0u);  // in place: positions from 0
       EXPECT_EQ(got.bad_fp32, want.bad_fp32);
@@ -312,7 +331,7 @@ void run_case(const Case& c, std::mt19937_64& rng) {
   emu::landing = emu::Landing::kLate;
 }
 
-// Vocabs below one chunk, exactly one, one and a sliver (4 floats), and several with a partial
+// Vocabs below one chunk, exactly one, one and a sliver (8 logits), and several with a partial
 // last one; blocks taking 2 to 4 rows each (the barriers' phase parity flips between rows).
 TEST(CrossEntropyEmulation, SmallVocab) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
@@ -322,7 +341,7 @@ TEST(CrossEntropyEmulation, SmallVocab) {
 TEST(CrossEntropyEmulation, ChunkBoundaries) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
   run_case({kStageChunk, 6, 2}, rng);
-  run_case({kStageChunk + 4, 6, 3}, rng);
+  run_case({kStageChunk + 8, 6, 3}, rng);
 }
 TEST(CrossEntropyEmulation, SeveralChunks) {
   std::mt19937_64 rng(nibble::test::fresh_seed());
@@ -332,22 +351,30 @@ TEST(CrossEntropyEmulation, SeveralChunks) {
 // The host-side conditions of the staged kernel (no kernel runs).
 TEST(CrossEntropyStageFits, Conditions) {
   alignas(16) static float buffer[64];
+  const auto* b16 = reinterpret_cast<const unsigned char*>(buffer);
   const size_t hopper = 227 * 1024 - 448;  // opt-in shared memory less the kernel's static part
-  EXPECT_TRUE(stage_fits(50304, buffer, buffer, 4, hopper));      // GPT-2's padded vocab, in place
-  EXPECT_TRUE(stage_fits(50304, buffer, buffer + 2, 2, hopper));  // BF16 out, 8-byte aligned
+  EXPECT_TRUE(stage_fits(50304, buffer, buffer, 4, hopper));      // GPT-2's padded vocab, FP32 in place
+  EXPECT_TRUE(stage_fits(50304, buffer, buffer, 2, hopper));      // BF16 in place
+  EXPECT_TRUE(stage_fits(50304, buffer, b16 + 8, 2, hopper));     // BF16 out, 8-byte aligned
   EXPECT_TRUE(stage_fits(50304, buffer, nullptr, 2, hopper));     // losses only
   EXPECT_FALSE(stage_fits(50257, buffer, buffer, 4, hopper)) << "vocab not a multiple of 4";
   EXPECT_FALSE(stage_fits(50302, buffer, buffer, 4, hopper)) << "vocab not a multiple of 4";
+  EXPECT_FALSE(stage_fits(50300, buffer, buffer, 2, hopper)) << "BF16 rows not a multiple of 16 bytes";
+  EXPECT_TRUE(stage_fits(50300, buffer, buffer, 4, hopper));
   EXPECT_FALSE(stage_fits(50304, buffer + 1, buffer, 4, hopper)) << "logits not 16-byte aligned";
+  EXPECT_FALSE(stage_fits(50304, b16 + 8, buffer, 2, hopper)) << "BF16 logits not 16-byte aligned";
   EXPECT_FALSE(stage_fits(50304, buffer, buffer + 2, 4, hopper)) << "FP32 out not 16-byte aligned";
-  EXPECT_FALSE(stage_fits(50304, buffer, buffer + 1, 2, hopper)) << "BF16 out not 8-byte aligned";
+  EXPECT_FALSE(stage_fits(50304, buffer, b16 + 2, 2, hopper)) << "BF16 out not 8-byte aligned";
   EXPECT_TRUE(stage_fits(58000, buffer, buffer, 4, hopper));  // exactly the shared memory
   EXPECT_FALSE(stage_fits(58004, buffer, buffer, 4, hopper)) << "row beyond the shared memory";
+  EXPECT_TRUE(stage_fits(58008, buffer, buffer, 2, hopper)) << "a BF16 row takes half";
   EXPECT_FALSE(stage_fits(50304, buffer, buffer, 4, 99 * 1024)) << "a GPU with 99 KiB per block";
+  EXPECT_TRUE(stage_fits(50304, buffer, buffer, 2, 99 * 1024)) << "a BF16 row fits 99 KiB";
   EXPECT_FALSE(stage_fits(kStageMaxChunks * kStageChunk + 4, buffer, buffer, 4, size_t{1} << 20)) << "too many chunks";
   EXPECT_TRUE(stage_fits(kStageMaxChunks * kStageChunk, buffer, buffer, 4, size_t{1} << 20));
   EXPECT_FALSE(stage_fits(0, buffer, buffer, 4, hopper));
-  EXPECT_EQ(stage_shared_bytes(50304), size_t{201216});
+  EXPECT_EQ(stage_shared_bytes(50304, 4), size_t{201216});
+  EXPECT_EQ(stage_shared_bytes(50304, 2), size_t{100608});
 }
 
 }  // namespace

@@ -261,16 +261,17 @@ class AttentionCoreCuda {
 // in double; the mean is a fixed-order (deterministic) sum of the rows' losses. A row with a bad
 // target counts 0 and its output row is zeroed (check_ids() then throws).
 //
-// chunk()/mean() are the same computation a chunk of rows at a time, for the chunked LM head
-// (lm_head_cuda.h): the logits are read, not overwritten, and the gradient is written in BF16,
-// rounded to nearest even from the very FP32 values forward_backward() would write (the same
-// device code), i.e. the bits OperandCuda gives a bf16 operand made from forward_backward()'s output.
+// chunk()/mean() are the same computation a chunk of rows at a time on BF16 logits, for the chunked
+// LM head (lm_head_cuda.h): the gradient is written in BF16 (in place or elsewhere), rounded to
+// nearest even from the very FP32 values forward_backward() would write given the logits widened to
+// FP32 (the same device code), i.e. the bits OperandCuda gives a bf16 operand made from
+// forward_backward()'s output.
 //
 // Kernels (loss_kernels.cuh), both giving the same bits: kStaged (the default) copies each row
 // into shared memory and reads the logits from global memory once; it needs the row to fit (vocab
-// * 4 bytes within the device's opt-in shared memory per block, 227 KiB on Hopper), vocab a
-// multiple of 4 and buffers aligned as cudaMalloc's, and falls back to kStrided otherwise, which
-// reads each row three times (any vocab).
+// * 4 or 2 bytes within the device's opt-in shared memory per block, 227 KiB on Hopper), rows of a
+// multiple of 16 bytes (vocab a multiple of 4 for FP32 logits, of 8 for BF16) and buffers aligned
+// as cudaMalloc's, and falls back to kStrided otherwise, which reads each row three times (any vocab).
 enum class CrossEntropyKernel { kStaged, kStrided };
 
 class CrossEntropyCuda {
@@ -280,11 +281,11 @@ class CrossEntropyCuda {
   void forward_backward(float* logits, const uint32_t* targets, int64_t rows, int64_t vocab, float grad_scale,
                         double* loss_mean, cudaStream_t stream);
 
-  // Rows [row0, row0 + rows) of a batch of total_rows: logits [rows x vocab] (those rows only, read
+  // Rows [row0, row0 + rows) of a batch of total_rows: logits [rows x vocab] (BF16, those rows
   // only), targets [total_rows] (the batch's). Keeps the rows' losses; writes dlogits [rows x vocab]
-  // (BF16, the gradient or, with grad_scale 0, the probabilities) unless dlogits is nullptr. Bad
-  // targets are reported at their position in the batch (row0 + r).
-  void chunk(const float* logits, const uint32_t* targets, int64_t row0, int64_t rows, int64_t total_rows,
+  // (BF16, the gradient or, with grad_scale 0, the probabilities; `logits` itself for in place)
+  // unless dlogits is nullptr. Bad targets are reported at their position in the batch (row0 + r).
+  void chunk(const __nv_bfloat16* logits, const uint32_t* targets, int64_t row0, int64_t rows, int64_t total_rows,
              int64_t vocab, float grad_scale, __nv_bfloat16* dlogits, cudaStream_t stream);
   // *loss_mean (device) = the fixed-order mean of the losses of rows [0, total_rows) that chunk() kept.
   void mean(int64_t total_rows, double* loss_mean, cudaStream_t stream);
@@ -298,7 +299,7 @@ class CrossEntropyCuda {
  private:
   // The staged kernel's grid for these rows (persistent blocks: at most as many as fit on the
   // device at once), or 0 to run the strided one.
-  unsigned staged_blocks(int64_t rows, int64_t vocab, const void* logits, const void* out, size_t out_bytes);
+  unsigned staged_blocks(int64_t rows, int64_t vocab, const void* logits, const void* out, size_t bytes);
 
   // What the staged kernels may use on the device, found at the first call on it (when the
   // kernels' opt-in shared memory is set, once rather than per launch).
@@ -307,7 +308,7 @@ class CrossEntropyCuda {
     size_t max_dynamic_shared = 0;  // 0: no staged kernel on this device
     int sms = 0;
     int64_t vocab = -1;             // of blocks_per_sm
-    int blocks_per_sm[2] = {0, 0};  // FP32 (in place), BF16 (chunks) output
+    int blocks_per_sm[2] = {0, 0};  // FP32 (in place), BF16 (chunks) logits
   };
   CrossEntropyKernel kernel_;
   StageLimits stage_;

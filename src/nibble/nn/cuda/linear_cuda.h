@@ -93,7 +93,7 @@ class LinearCuda {
   // - bf16 operands without RHT: the producer writes the operands themselves; the bits of forward()
   //   (backward()) given the FP32 tensor, since both round it to nearest even;
   // - quantized operands (and bf16 with RHT) are made from the BF16 values, i.e. from the tensor
-  //   rounded to BF16 first: within 2^-9 relative of what forward() (backward()) quantizes, far below
+  //   rounded to BF16 first: within 2^-8 relative of what forward() (backward()) quantizes, far below
   //   4-bit or 8-bit quantization error, but not the same bits. The CPU layer quantizes FP32 values.
   // The BF16 input of a quantized recipe lives in the context, shared by its layers: write it just
   // before the call that consumes it.

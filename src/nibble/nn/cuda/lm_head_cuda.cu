@@ -32,7 +32,7 @@ void to_bf16(const float* x, int64_t n, __nv_bfloat16* out, cudaStream_t stream)
 
 int64_t LmHeadLossCuda::default_chunk_rows(int64_t vocab) {
   if (vocab <= 0) throw std::invalid_argument("LmHeadLossCuda: vocab must be positive");
-  const int64_t rows = kChunkLogitBytes / (vocab * static_cast<int64_t>(sizeof(float)));
+  const int64_t rows = kChunkLogitBytes / (vocab * static_cast<int64_t>(sizeof(__nv_bfloat16)));
   return std::max<int64_t>(64, rows / 64 * 64);
 }
 
@@ -80,16 +80,15 @@ void LmHeadLossCuda::run(const float* weight, const float* hidden, const uint32_
   to_bf16(hidden, rows * d_, hidden_bf16_.data(), stream);
   const int64_t chunk = std::min(chunk_rows_, rows);
   logits_.reserve(static_cast<size_t>(chunk * vocab_));
-  if (backward) dlogits_.reserve(static_cast<size_t>(chunk * vocab_));
 
   // W is stored [vocab x d]: Fprop reads it as B transposed (op(B) = W^T, [d x vocab]), Dgrad as B
   // as stored. The chunk's dlogits are stored [n x vocab]: Dgrad's A as stored, Wgrad's A transposed.
   const GemmMatrix w_t{weight_bf16_.data(), GemmType::kBF16, /*transposed=*/true};
   const GemmMatrix w{weight_bf16_.data(), GemmType::kBF16, /*transposed=*/false};
   const auto gemm = [&](const char* which, int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const GemmMatrix& b,
-                        float* c, bool accumulate) {
+                        const GemmOutput& c, bool accumulate) {
     try {
-      gemm_.run(m, n, k, a, b, GemmOutput{c, GemmType::kF32}, /*alpha=*/nullptr, accumulate, stream);
+      gemm_.run(m, n, k, a, b, c, /*alpha=*/nullptr, accumulate, stream);
     } catch (const std::exception& e) {
       throw std::runtime_error(std::string("LmHeadLossCuda[") + std::to_string(d_) + "->" + std::to_string(vocab_) +
                                "] " + which + " GEMM: " + e.what());
@@ -98,17 +97,18 @@ void LmHeadLossCuda::run(const float* weight, const float* hidden, const uint32_
   for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
     const int64_t n = std::min(chunk, rows - r0);
     const GemmMatrix h{hidden_bf16_.data() + r0 * d_, GemmType::kBF16, /*transposed=*/false};
-    // logits [n x vocab] = H_chunk [n x d] . (W [vocab x d])^T
-    gemm("Fprop", n, vocab_, d_, h, w_t, logits_.data(), /*accumulate=*/false);
+    // logits [n x vocab] = H_chunk [n x d] . (W [vocab x d])^T, rounded to BF16
+    gemm("Fprop", n, vocab_, d_, h, w_t, GemmOutput{logits_.data(), GemmType::kBF16}, /*accumulate=*/false);
+    // dlogits in place of the logits
     loss_.chunk(logits_.data(), targets, r0, n, rows, vocab_, backward ? grad_scale : 0.0f,
-                backward ? dlogits_.data() : nullptr, stream);
+                backward ? logits_.data() : nullptr, stream);
     if (!backward) continue;
-    const GemmMatrix dl{dlogits_.data(), GemmType::kBF16, /*transposed=*/false};
-    const GemmMatrix dl_t{dlogits_.data(), GemmType::kBF16, /*transposed=*/true};
+    const GemmMatrix dl{logits_.data(), GemmType::kBF16, /*transposed=*/false};
+    const GemmMatrix dl_t{logits_.data(), GemmType::kBF16, /*transposed=*/true};
     // Dgrad: dH_chunk [n x d] = dlogits [n x vocab] . W [vocab x d]
-    gemm("Dgrad", n, d_, vocab_, dl, w, dhidden + r0 * d_, /*accumulate=*/false);
+    gemm("Dgrad", n, d_, vocab_, dl, w, GemmOutput{dhidden + r0 * d_, GemmType::kF32}, /*accumulate=*/false);
     // Wgrad: dW [vocab x d] += (dlogits [n x vocab])^T . H_chunk [n x d]
-    gemm("Wgrad", vocab_, d_, n, dl_t, h, weight_grad, /*accumulate=*/true);
+    gemm("Wgrad", vocab_, d_, n, dl_t, h, GemmOutput{weight_grad, GemmType::kF32}, /*accumulate=*/true);
   }
   loss_.mean(rows, loss_mean, stream);
 }

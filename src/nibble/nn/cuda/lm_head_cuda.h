@@ -1,19 +1,22 @@
 // The LM head and the softmax cross-entropy loss on the GPU, a chunk of rows at a time, so that the
-// [tokens x vocab] logits never exist in full (GPT-2 124M at 16 x 1024 tokens: 3.3 GB in FP32):
+// [tokens x vocab] logits never exist in full (GPT-2 124M at 16 x 1024 tokens: 1.6 GB in BF16):
 //
-//   logits = H W^T               BF16 operands, FP32 out        (W [vocab x d], H [tokens x d])
-//   loss   = mean_r -log softmax(logits_r)[target_r]            (CrossEntropyCuda, row sums in double)
+//   logits = H W^T               BF16 operands, FP32 accumulation, BF16 out (W [vocab x d], H [tokens x d])
+//   loss   = mean_r -log softmax(logits_r)[target_r]            (CrossEntropyCuda, FP32 exps, row sums in double)
 //   dH     = dlogits W           dlogits in BF16, FP32 out
 //   dW    += dlogits^T H         FP32, accumulated over the chunks (GEMM beta = 1)
 //
-// Per chunk, the Fprop GEMM writes the chunk's FP32 logits, the fused loss kernel turns them into
-// the rows' losses and the BF16 dlogits that the two backward GEMMs read, and those GEMMs run on the
-// chunk. This is the bf16 recipe's arithmetic for a linear layer (the LM head stays in high
-// precision): H, W and dlogits rounded to BF16 (nearest even), FP32 accumulation. Against the
-// unchunked head (LinearCuda under bf16 + CrossEntropyCuda::forward_backward on the full logits):
-// the logits, losses and BF16 dlogits are the same numbers (row-wise math; the GEMM kernel may differ
-// with the chunk's row count, which only reorders each logit's FP32 sum), dH rows likewise, and
-// dW differs in the order of its FP32 additions (per chunk, then across chunks).
+// Per chunk, the Fprop GEMM writes the chunk's logits rounded to BF16 (nearest even, in its
+// epilogue), the fused loss kernel turns them into the rows' losses and, in place, the BF16 dlogits
+// that the two backward GEMMs read, and those GEMMs run on the chunk. This is the bf16 recipe's
+// arithmetic for a linear layer (the LM head stays in high precision: H, W and dlogits rounded to
+// BF16, FP32 accumulation) with the logits in BF16, as PyTorch autocast and TransformerEngine give
+// them: half the bytes of FP32 for the GEMM to write and the loss to read and write (docs/numerics.md
+// has what it changes against the CPU's FP32 logits). Against the unchunked head (LinearCuda under
+// bf16, its FP32 logits rounded to BF16, CrossEntropyCuda::forward_backward): the logits, losses and
+// BF16 dlogits are the same numbers (row-wise math; the GEMM kernel may differ with the chunk's row
+// count, which only reorders each logit's FP32 sum), dH rows likewise, and dW differs in the order
+// of its FP32 additions (per chunk, then across chunks).
 //
 // The weight is read through a pointer on each call (the head's own weight, or the token embedding
 // with tied embeddings); its BF16 copy is made on the first call after weight_changed(). The
@@ -34,15 +37,14 @@ namespace nibble::nn::cuda {
 
 class LmHeadLossCuda {
  public:
-  // A chunk's FP32 logits take at most about this much memory (plus half as much for its BF16
-  // dlogits): small next to the activations (GPT-2 124M at 16 x 1024 tokens: 2624-row chunks, 7 of
-  // them, ~0.75 GiB in all instead of 4.6 GiB of FP32 logits and BF16 gradient), and large enough
-  // that each chunk's GEMMs stay large. The price of a chunk is one read-modify-write of dW (vocab x
-  // d x 8 bytes, 0.3 GB for GPT-2). bench/layers_bench_cuda.cu times several sizes; on an H100,
-  // head + loss for 16k GPT-2 rows took 14.5 ms in 1280-row chunks, 12.3 ms in 2560-row chunks and
-  // 11.3 ms in one piece (13.9 ms before chunking, with the FP32 logits' conversion).
-  static constexpr int64_t kChunkLogitBytes = int64_t{512} << 20;
-  // Rows per chunk for this vocabulary: kChunkLogitBytes of FP32 logits, rounded down to a multiple
+  // A chunk's BF16 logits (which become its dlogits) take at most about this much memory: small
+  // next to the activations (GPT-2 124M at 16 x 1024 tokens: 2624-row chunks, 7 of them, 0.25 GiB
+  // instead of 1.6 GiB for all rows), and large enough that each chunk's GEMMs stay large. The price
+  // of a chunk is one read-modify-write of dW (vocab x d x 8 bytes, 0.3 GB for GPT-2).
+  // bench/layers_bench_cuda.cu times several sizes; on an H100 (FP32 logits then), head + loss for
+  // 16k GPT-2 rows took 14.5 ms in 1280-row chunks, 12.3 ms in 2560-row chunks and 11.3 ms in one piece.
+  static constexpr int64_t kChunkLogitBytes = int64_t{256} << 20;
+  // Rows per chunk for this vocabulary: kChunkLogitBytes of BF16 logits, rounded down to a multiple
   // of 64 rows (at least 64).
   static int64_t default_chunk_rows(int64_t vocab);
 
@@ -68,8 +70,8 @@ class LmHeadLossCuda {
 
   // Throws std::out_of_range for the first target >= vocab since the last check (synchronises).
   void check_ids(cudaStream_t stream) { loss_.check_ids(vocab_, stream); }
-  // Device bytes of the per-chunk buffers (FP32 logits and BF16 dlogits of one chunk) as now grown.
-  int64_t chunk_buffer_bytes() const { return static_cast<int64_t>(logits_.bytes() + dlogits_.bytes()); }
+  // Device bytes of the per-chunk buffer (one chunk's BF16 logits, then dlogits) as now grown.
+  int64_t chunk_buffer_bytes() const { return static_cast<int64_t>(logits_.bytes()); }
 
  private:
   void run(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows, float grad_scale,
@@ -82,8 +84,7 @@ class LmHeadLossCuda {
   bool weight_valid_ = false;
   DeviceBuffer<__nv_bfloat16> weight_bf16_;  // [vocab x d]
   DeviceBuffer<__nv_bfloat16> hidden_bf16_;  // [rows x d]
-  DeviceBuffer<float> logits_;               // one chunk [chunk x vocab]
-  DeviceBuffer<__nv_bfloat16> dlogits_;      // one chunk [chunk x vocab]
+  DeviceBuffer<__nv_bfloat16> logits_;      // one chunk [chunk x vocab]: logits, then dlogits
 };
 
 }  // namespace nibble::nn::cuda

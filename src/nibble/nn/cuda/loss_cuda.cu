@@ -29,16 +29,16 @@ void check_shape(int64_t rows, int64_t vocab) {
   if (rows > 0x7fffffffLL) throw std::invalid_argument("CrossEntropyCuda: more rows than a grid takes");
 }
 
-// The staged kernel for each output type: FP32 in place, BF16 chunks.
-const void* staged_kernel(size_t out_bytes) {
-  if (out_bytes == sizeof(float)) return reinterpret_cast<const void*>(&detail::cross_entropy_staged_kernel<float>);
+// The staged kernel for each logit type: FP32 (in place), BF16 (chunks).
+const void* staged_kernel(size_t bytes) {
+  if (bytes == sizeof(float)) return reinterpret_cast<const void*>(&detail::cross_entropy_staged_kernel<float>);
   return reinterpret_cast<const void*>(&detail::cross_entropy_staged_kernel<__nv_bfloat16>);
 }
 
 }  // namespace
 
 unsigned CrossEntropyCuda::staged_blocks(int64_t rows, int64_t vocab, const void* logits, const void* out,
-                                         size_t out_bytes) {
+                                         size_t bytes) {
   if (kernel_ != CrossEntropyKernel::kStaged) return 0;
   int device = 0;
   NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
@@ -64,17 +64,16 @@ unsigned CrossEntropyCuda::staged_blocks(int64_t rows, int64_t vocab, const void
     limits.device = device;
     stage_ = limits;
   }
-  if (!detail::stage_fits(vocab, logits, out, out_bytes, stage_.max_dynamic_shared)) return 0;
+  if (!detail::stage_fits(vocab, logits, out, bytes, stage_.max_dynamic_shared)) return 0;
   if (vocab != stage_.vocab) {
-    const size_t bytes = detail::stage_shared_bytes(vocab);
     for (int i = 0; i < 2; ++i) {
-      const void* kernel = staged_kernel(i == 0 ? sizeof(float) : sizeof(__nv_bfloat16));
-      NIBBLE_CUDA_CHECK(
-          cudaOccupancyMaxActiveBlocksPerMultiprocessor(&stage_.blocks_per_sm[i], kernel, kLossThreads, bytes));
+      const size_t type_bytes = i == 0 ? sizeof(float) : sizeof(__nv_bfloat16);
+      NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &stage_.blocks_per_sm[i], staged_kernel(type_bytes), kLossThreads, detail::stage_shared_bytes(vocab, type_bytes)));
     }
     stage_.vocab = vocab;
   }
-  const int64_t resident = static_cast<int64_t>(stage_.blocks_per_sm[out_bytes == sizeof(float) ? 0 : 1]) * stage_.sms;
+  const int64_t resident = static_cast<int64_t>(stage_.blocks_per_sm[bytes == sizeof(float) ? 0 : 1]) * stage_.sms;
   return static_cast<unsigned>(std::min(rows, resident));  // 0 when none fits: the strided kernel
 }
 
@@ -88,7 +87,8 @@ void CrossEntropyCuda::forward_backward(float* logits, const uint32_t* targets, 
   check_shape(rows, vocab);
   row_loss_.reserve(static_cast<size_t>(rows));
   if (const unsigned blocks = staged_blocks(rows, vocab, logits, logits, sizeof(float))) {
-    detail::cross_entropy_staged_kernel<float><<<blocks, kLossThreads, detail::stage_shared_bytes(vocab), stream>>>(
+    detail::cross_entropy_staged_kernel<float>
+        <<<blocks, kLossThreads, detail::stage_shared_bytes(vocab, sizeof(float)), stream>>>(
         logits, targets, 0, rows, vocab, grad_scale, logits, row_loss_.data(), bad_target_.device());
   } else {
     detail::cross_entropy_kernel<<<static_cast<unsigned>(rows), kLossThreads, 0, stream>>>(
@@ -98,7 +98,7 @@ void CrossEntropyCuda::forward_backward(float* logits, const uint32_t* targets, 
   mean(rows, loss_mean, stream);
 }
 
-void CrossEntropyCuda::chunk(const float* logits, const uint32_t* targets, int64_t row0, int64_t rows,
+void CrossEntropyCuda::chunk(const __nv_bfloat16* logits, const uint32_t* targets, int64_t row0, int64_t rows,
                              int64_t total_rows, int64_t vocab, float grad_scale, __nv_bfloat16* dlogits,
                              cudaStream_t stream) {
   check_shape(rows, vocab);
@@ -111,7 +111,7 @@ void CrossEntropyCuda::chunk(const float* logits, const uint32_t* targets, int64
     throw std::logic_error("CrossEntropyCuda::chunk: a batch's first chunk must start at row 0");
   row_loss_.reserve(static_cast<size_t>(total_rows));
   if (const unsigned blocks = staged_blocks(rows, vocab, logits, dlogits, sizeof(__nv_bfloat16))) {
-    const size_t bytes = detail::stage_shared_bytes(vocab);
+    const size_t bytes = detail::stage_shared_bytes(vocab, sizeof(__nv_bfloat16));
     detail::cross_entropy_staged_kernel<__nv_bfloat16><<<blocks, kLossThreads, bytes, stream>>>(
         logits, targets, row0, rows, vocab, grad_scale, dlogits, row_loss_.data(), bad_target_.device());
   } else {

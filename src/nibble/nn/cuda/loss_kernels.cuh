@@ -2,17 +2,20 @@
 // only, and compiled as host C++ by tests/cuda_emulation/cross_entropy_emulation_test.cpp
 // (NIBBLE_CE_HOST_EMULATION, which brings its own versions of the PTX wrappers below).
 //
-// Two kernels compute the same bits:
+// The logits are FP32 (the whole batch in place, forward_backward) or BF16 (the chunked LM head's,
+// gradient in place or to another buffer); the output has the logits' type. Two kernels compute the
+// same bits:
 // - strided: one block per row reads the row from global memory three times (max, sum of exp,
 //   output with exp recomputed). Any vocab, any alignment: the fallback.
 // - staged: persistent blocks copy a whole row into shared memory with bulk copies (cp.async.bulk,
-//   one mbarrier per 32 KiB chunk), then max, sum and output read shared memory. The logits are
-//   read from global memory once, and the next row's chunks are copied in while the output pass
-//   still works on the current one (each chunk as soon as every thread is done with it).
+//   one mbarrier per chunk of kStageChunk logits), then max, sum and output read shared memory. The
+//   logits are read from global memory once, and the next row's chunks are copied in while the
+//   output pass still works on the current one (each chunk as soon as every thread is done with it).
 // The staged kernel keeps the strided one's float and double operation order where it matters:
-// the sum is the same per-thread strided double sum (stride kLossThreads) and block tree; exp is
-// stored in shared memory during the sum and reused for the output (expf is deterministic, so it
-// is the value the strided kernel recomputes); the max is order-independent (fmaxf ignores NaNs,
+// the sum is the same per-thread strided double sum (stride kLossThreads) and block tree; with FP32
+// logits exp is stored in shared memory during the sum and reused for the output (expf is
+// deterministic, so it is the value the strided kernel recomputes), a BF16 row has no room for it
+// and recomputes it as the strided kernel does; the max is order-independent (fmaxf ignores NaNs,
 // and a max of +0 or -0 gives the same differences' exps and loss), so it may be taken in any
 // order, chunk by chunk as the copies land.
 #pragma once
@@ -22,6 +25,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "nibble/formats/minifloat.h"
 #include "nibble/nn/cuda/kernel_util.cuh"
@@ -34,24 +38,24 @@ namespace {
 // rows 0.41 -> 0.35 ms on an H200, docs/benchmarks.md session 16). The strided kernel takes the same
 // block size, so both add in the same order.
 constexpr int kLossThreads = 1024;
-// Floats per bulk copy and mbarrier (32 KiB): the granularity at which the next row's copy
-// overlaps the output pass.
+// Logits per bulk copy and mbarrier (32 KiB of FP32, 16 KiB of BF16): the granularity at which the
+// next row's copy overlaps the output pass.
 constexpr int64_t kStageChunk = 8192;
 constexpr int kStageMaxChunks = 8;  // rows up to 65536 logits (the shared memory limit comes first)
 
-// Whether the staged kernel takes rows of `vocab` logits at `logits` (row r at logits + r vocab),
-// writing `out` (nullptr, or rows of `out_bytes`-byte elements at out + r vocab), given
-// `max_dynamic_shared` bytes of dynamic shared memory a block may opt in to. Bulk copies need
-// 16-byte aligned sources and sizes (so vocab a multiple of 4 and aligned logits); the output is
-// written four elements at a time.
-inline bool stage_fits(int64_t vocab, const void* logits, const void* out, size_t out_bytes,
-                       size_t max_dynamic_shared) {
-  if (vocab <= 0 || vocab % 4 != 0 || vocab > kStageMaxChunks * kStageChunk) return false;
-  if (static_cast<size_t>(vocab) * sizeof(float) > max_dynamic_shared) return false;
+// Whether the staged kernel takes rows of `vocab` logits of `bytes` bytes each (4: FP32, 2: BF16) at
+// `logits` (row r at logits + r vocab), writing `out` (nullptr, or rows of the same type at
+// out + r vocab), given `max_dynamic_shared` bytes of dynamic shared memory a block may opt in to.
+// Bulk copies need 16-byte aligned sources and sizes (so rows of a multiple of 16 bytes and aligned
+// logits); the output is written four elements at a time.
+inline bool stage_fits(int64_t vocab, const void* logits, const void* out, size_t bytes, size_t max_dynamic_shared) {
+  if (vocab <= 0 || (static_cast<size_t>(vocab) * bytes) % 16 != 0 || vocab > kStageMaxChunks * kStageChunk)
+    return false;
+  if (static_cast<size_t>(vocab) * bytes > max_dynamic_shared) return false;
   if (reinterpret_cast<uintptr_t>(logits) % 16 != 0) return false;
-  return out == nullptr || reinterpret_cast<uintptr_t>(out) % (4 * out_bytes) == 0;
+  return out == nullptr || reinterpret_cast<uintptr_t>(out) % (4 * bytes) == 0;
 }
-inline size_t stage_shared_bytes(int64_t vocab) { return static_cast<size_t>(vocab) * sizeof(float); }
+inline size_t stage_shared_bytes(int64_t vocab, size_t bytes) { return static_cast<size_t>(vocab) * bytes; }
 
 // ---------------------------------------------------------------- PTX wrappers (sm_90+)
 
@@ -61,9 +65,9 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 // The block's dynamic shared memory: the staged row.
-__device__ __forceinline__ float* stage_memory() {
+__device__ __forceinline__ void* stage_memory() {
   extern __shared__ float4 stage_shared[];
-  return reinterpret_cast<float*>(stage_shared);
+  return stage_shared;
 }
 __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
@@ -99,7 +103,16 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 
 #endif  // NIBBLE_CE_HOST_EMULATION
 
-// ---------------------------------------------------------------- stores
+// ---------------------------------------------------------------- loads and stores
+
+// A logit as FP32: as stored, or a BF16 one widened (exact).
+__device__ __forceinline__ float load_logit(const float* p) { return *p; }
+__device__ __forceinline__ float load_logit(const __nv_bfloat16* p) {
+  return bits_float(static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(p)) << 16);
+}
+// Four consecutive logits (p aligned to four elements).
+__device__ __forceinline__ float4 load_logit4(const float* p) { return load4(p); }
+__device__ __forceinline__ float4 load_logit4(const __nv_bfloat16* p) { return load4(reinterpret_cast<const bf16_t*>(p)); }
 
 // How one gradient value is stored: FP32 as computed, or BF16 rounded to nearest even exactly as
 // OperandCuda rounds a bf16 operand (BF16::encode; bf16x2_bits for four), so that the chunked head's
@@ -121,15 +134,16 @@ __device__ __forceinline__ void store4(__nv_bfloat16* out, const float (&g)[4]) 
 // One row, one block: max, sum of exp in double, then out (when not nullptr) = scale * exp(x - max)
 // (scale = grad_scale / sum, or 1 / sum for the probabilities) and the target's entry loses
 // grad_scale. `out` may be `row` itself (each thread rewrites only the entries it read). A bad
-// target zeroes the output row, counts 0 and is flagged at its batch position.
+// target zeroes the output row, counts 0 and is flagged at its batch position. T: float or
+// __nv_bfloat16, the logits' and the output's type.
 //
 // Every instantiation runs the same float operations in the same order (the per-thread strided
 // sums and the block tree depend only on the block size); the multiply and the subtraction are
 // written as _rn intrinsics so that no instantiation contracts them into an FMA, which would round
 // once instead of twice. That is what makes the BF16 output the rounding of the FP32 one, bit for bit.
-template <typename Out>
-__device__ void cross_entropy_row(const float* row, uint32_t target, int64_t vocab, float grad_scale, int64_t position,
-                                  Out* out, double* row_loss, unsigned long long* bad) {
+template <typename T>
+__device__ void cross_entropy_row(const T* row, uint32_t target, int64_t vocab, float grad_scale, int64_t position,
+                                  T* out, double* row_loss, unsigned long long* bad) {
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
   if (target >= vocab) {
@@ -142,17 +156,17 @@ __device__ void cross_entropy_row(const float* row, uint32_t target, int64_t voc
     return;
   }
   float mx = -INFINITY;
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, row[j]);
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, load_logit(row + j));
   mx = block_max(mx, fscratch);
-  const float target_logit = row[target];
+  const float target_logit = load_logit(row + target);
   double sum = 0.0;
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) sum += expf(row[j] - mx);
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) sum += expf(load_logit(row + j) - mx);
   sum = block_sum(sum, dscratch);
   // Every thread has read row[target] before any thread writes (block_sum synchronises).
   if (out != nullptr) {
     const float scale = static_cast<float>((grad_scale != 0.0f ? grad_scale : 1.0f) / sum);
     for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-      float g = __fmul_rn(expf(row[j] - mx), scale);
+      float g = __fmul_rn(expf(load_logit(row + j) - mx), scale);
       if (grad_scale != 0.0f && j == target) g = __fsub_rn(g, grad_scale);
       store(out + j, g);
     }
@@ -169,12 +183,12 @@ cross_entropy_kernel(float* __restrict__ logits, const uint32_t* __restrict__ ta
   cross_entropy_row(row, targets[r], vocab, grad_scale, r, row, row_loss + r, bad);
 }
 
-// A chunk of rows [row0, row0 + gridDim.x) of a batch: logits and dlogits hold the chunk's rows;
-// targets and row_loss are the batch's.
+// A chunk of rows [row0, row0 + gridDim.x) of a batch: logits and dlogits (nullptr, logits itself,
+// or another buffer) hold the chunk's rows; targets and row_loss are the batch's.
 __global__ void __launch_bounds__(kLossThreads)
-cross_entropy_chunk_kernel(const float* __restrict__ logits, const uint32_t* __restrict__ targets, int64_t row0,
-                           int64_t vocab, float grad_scale, __nv_bfloat16* __restrict__ dlogits,
-                           double* __restrict__ row_loss, unsigned long long* bad) {
+cross_entropy_chunk_kernel(const __nv_bfloat16* logits, const uint32_t* __restrict__ targets, int64_t row0,
+                           int64_t vocab, float grad_scale, __nv_bfloat16* dlogits, double* __restrict__ row_loss,
+                           unsigned long long* bad) {
   const int64_t r = blockIdx.x, position = row0 + r;
   cross_entropy_row(logits + r * vocab, targets[position], vocab, grad_scale, position,
                     dlogits != nullptr ? dlogits + r * vocab : nullptr, row_loss + position, bad);
@@ -185,22 +199,24 @@ cross_entropy_chunk_kernel(const float* __restrict__ logits, const uint32_t* __r
 // Rows [0, rows) of logits (row r at logits + r vocab; batch position row0 + r for targets,
 // row_loss and the bad-target flag), block b taking rows b, b + gridDim.x, ...: the same results
 // as cross_entropy_row. `out` (nullptr: losses only) may be `logits` itself (in place: a row is
-// written only after its copy has landed). Needs stage_fits() and stage_shared_bytes(vocab) of
-// dynamic shared memory.
-template <typename Out>
+// written only after its copy has landed). Needs stage_fits() and stage_shared_bytes(vocab,
+// sizeof(T)) of dynamic shared memory.
+template <typename T>
 __global__ void __launch_bounds__(kLossThreads, 1)
-cross_entropy_staged_kernel(const float* logits, const uint32_t* __restrict__ targets, int64_t row0, int64_t rows,
-                            int64_t vocab, float grad_scale, Out* out, double* __restrict__ row_loss,
+cross_entropy_staged_kernel(const T* logits, const uint32_t* __restrict__ targets, int64_t row0, int64_t rows,
+                            int64_t vocab, float grad_scale, T* out, double* __restrict__ row_loss,
                             unsigned long long* bad) {
+  // FP32 rows keep each exp where its logit was (the output pass reuses it); BF16 ones recompute it.
+  constexpr bool kKeepsExp = std::is_same_v<T, float>;
   __shared__ uint64_t landed[kStageMaxChunks];  // chunk c of the current row is in shared memory
   __shared__ float fscratch[32];
   __shared__ double dscratch[32];
-  float* const stage = stage_memory();
+  T* const stage = static_cast<T*>(stage_memory());
   const int chunks = static_cast<int>((vocab + kStageChunk - 1) / kStageChunk);
   const auto chunk_end = [&](int c) { return c + 1 < chunks ? (c + 1) * kStageChunk : vocab; };
   const auto load_chunk = [&](int64_t r, int c) {  // one thread
     const int64_t j0 = c * kStageChunk;
-    const auto bytes = static_cast<uint32_t>((chunk_end(c) - j0) * sizeof(float));
+    const auto bytes = static_cast<uint32_t>((chunk_end(c) - j0) * sizeof(T));
     mbar_arrive_expect_tx(&landed[c], bytes);
     bulk_load(stage + j0, logits + r * vocab + j0, bytes, &landed[c]);
   };
@@ -222,15 +238,14 @@ cross_entropy_staged_kernel(const float* logits, const uint32_t* __restrict__ ta
     float mx = -INFINITY;
     for (int c = 0; c < chunks; ++c) {
       mbar_wait(&landed[c], parity);
-      const float4* quads = reinterpret_cast<const float4*>(stage);
 #pragma unroll 4
       for (int64_t q = c * kStageChunk / 4 + threadIdx.x; q < chunk_end(c) / 4; q += blockDim.x) {
-        const float4 v = quads[q];
+        const float4 v = load_logit4(stage + 4 * q);
         mx = fmaxf(mx, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)));
       }
     }
-    const float target_logit = ok ? stage[target] : 0.0f;  // before the sum pass overwrites it
-    mx = block_max(mx, fscratch);                           // synchronises: the max pass's reads are done
+    const float target_logit = ok ? load_logit(stage + target) : 0.0f;  // before the sum pass overwrites it
+    mx = block_max(mx, fscratch);  // synchronises: the max pass's reads are done
     // The strided kernel's order: j = threadIdx.x + k blockDim.x, k ascending. The loads of a batch
     // are written before its stores, as the compiler cannot tell that they never overlap.
     double sum = 0.0;
@@ -240,18 +255,18 @@ cross_entropy_staged_kernel(const float* logits, const uint32_t* __restrict__ ta
       for (; j + (kBatch - 1) * blockDim.x < vocab; j += kBatch * blockDim.x) {
         float e[kBatch];
 #pragma unroll
-        for (int u = 0; u < kBatch; ++u) e[u] = stage[j + u * blockDim.x];
+        for (int u = 0; u < kBatch; ++u) e[u] = load_logit(stage + j + u * blockDim.x);
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
           e[u] = expf(e[u] - mx);
-          stage[j + u * blockDim.x] = e[u];
+          if constexpr (kKeepsExp) stage[j + u * blockDim.x] = e[u];
         }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) sum += e[u];
       }
       for (; j < vocab; j += blockDim.x) {
-        const float e = expf(stage[j] - mx);
-        stage[j] = e;
+        const float e = expf(load_logit(stage + j) - mx);
+        if constexpr (kKeepsExp) stage[j] = e;
         sum += e;
       }
     }
@@ -260,11 +275,17 @@ cross_entropy_staged_kernel(const float* logits, const uint32_t* __restrict__ ta
     // Output chunk by chunk; once every thread is done with a chunk, the next row's copy refills it.
     for (int c = 0; c < chunks; ++c) {
       if (out != nullptr) {
-        Out* const out_row = out + r * vocab;
-        const float4* quads = reinterpret_cast<const float4*>(stage);
+        T* const out_row = out + r * vocab;
         // The quad holding the target (none: -1) loses grad_scale at element target % 4.
         const int64_t target_quad = ok && grad_scale != 0.0f ? static_cast<int64_t>(target / 4) : -1;
         const uint32_t target_lane = target % 4;
+        const auto exps = [&](int64_t q) {  // of elements 4q .. 4q + 3
+          const float4 v = load_logit4(stage + 4 * q);
+          if constexpr (kKeepsExp)
+            return v;
+          else
+            return make_float4(expf(v.x - mx), expf(v.y - mx), expf(v.z - mx), expf(v.w - mx));
+        };
         const auto emit = [&](int64_t q, float4 e) {  // elements 4q .. 4q + 3
           float g[4] = {e.x, e.y, e.z, e.w};
 #pragma unroll
@@ -277,11 +298,11 @@ cross_entropy_staged_kernel(const float* logits, const uint32_t* __restrict__ ta
         const int64_t q_end = chunk_end(c) / 4;
         int64_t q = c * kStageChunk / 4 + threadIdx.x;
         for (; q + blockDim.x < q_end; q += 2 * blockDim.x) {  // two loads before the stores
-          const float4 e0 = quads[q], e1 = quads[q + blockDim.x];
+          const float4 e0 = exps(q), e1 = exps(q + blockDim.x);
           emit(q, e0);
           emit(q + blockDim.x, e1);
         }
-        if (q < q_end) emit(q, quads[q]);
+        if (q < q_end) emit(q, exps(q));
       }
       fence_proxy_async();
       __syncthreads();
