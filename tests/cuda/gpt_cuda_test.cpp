@@ -3,9 +3,9 @@
 // GPU; ctest label "gpu").
 //
 // Tolerances, and why they are not tighter: the GPU runs attention's two batched matmuls and the LM
-// head as BF16 tensor-core GEMMs (FP32 accumulation); the CPU runs them in FP32. BF16 rounding of
-// q, k, v, P, dO, the hidden states and the logits' gradient perturbs each product by up to 2^-9
-// relative, so gradients differ by a few 1e-3 in norm (measured, printed below). With a quantizing
+// head as BF16 tensor-core GEMMs (FP32 accumulation, BF16 logits); the CPU runs them in FP32. BF16
+// rounding of q, k, v, P, dO, the hidden states, the logits and their gradient perturbs each value
+// by up to 2^-8 relative, so gradients differ by a few 1e-3 in norm (measured, printed below). With a quantizing
 // recipe (nvfp4) those perturbations also move values across E2M1 rounding boundaries, each such
 // flip changing one element by a whole quantization step (up to 1/3 of its value, or a whole block
 // when its amax moves), and the flips compound through the backward pass. So for quantizing
