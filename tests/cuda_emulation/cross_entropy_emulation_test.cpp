@@ -8,10 +8,10 @@
 // - early, as they are issued: refilling a chunk that other threads may still read (a missing
 //   __syncthreads before the next row's copy) overwrites it under them, a wrong result when the
 //   threads interleave so and always a data race under -fsanitize=thread (the tsan build).
-// The staged kernel is held to the strided one (the fallback, unchanged) bit for bit: losses,
-// outputs (FP32 in place; BF16 chunks, to another buffer, in place, none) and the bad-target flag. Both run here with the host's
-// expf, so what this checks is that they do the same operations in the same order, whatever expf
-// is; the device tests (tests/cuda/layers_cuda_test.cpp) check the same on the GPU.
+// The staged kernel is held to the strided one (the fallback) bit for bit: losses, outputs (FP32
+// in place; BF16 chunks, to another buffer, in place, none) and the bad-target flag. Both run here
+// with the host's expf, so what this checks is that they do the same operations in the same order,
+// whatever expf is; the device tests (tests/cuda/layers_cuda_test.cpp) check the same on the GPU.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>

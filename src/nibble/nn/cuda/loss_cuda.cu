@@ -68,8 +68,9 @@ unsigned CrossEntropyCuda::staged_blocks(int64_t rows, int64_t vocab, const void
   if (vocab != stage_.vocab) {
     for (int i = 0; i < 2; ++i) {
       const size_t type_bytes = i == 0 ? sizeof(float) : sizeof(__nv_bfloat16);
-      NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &stage_.blocks_per_sm[i], staged_kernel(type_bytes), kLossThreads, detail::stage_shared_bytes(vocab, type_bytes)));
+      const void* kernel = staged_kernel(type_bytes);
+      NIBBLE_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&stage_.blocks_per_sm[i], kernel, kLossThreads,
+                                                                      detail::stage_shared_bytes(vocab, type_bytes)));
     }
     stage_.vocab = vocab;
   }

@@ -112,7 +112,9 @@ __device__ __forceinline__ float load_logit(const __nv_bfloat16* p) {
 }
 // Four consecutive logits (p aligned to four elements).
 __device__ __forceinline__ float4 load_logit4(const float* p) { return load4(p); }
-__device__ __forceinline__ float4 load_logit4(const __nv_bfloat16* p) { return load4(reinterpret_cast<const bf16_t*>(p)); }
+__device__ __forceinline__ float4 load_logit4(const __nv_bfloat16* p) {
+  return load4(reinterpret_cast<const bf16_t*>(p));
+}
 
 // How one gradient value is stored: FP32 as computed, or BF16 rounded to nearest even exactly as
 // OperandCuda rounds a bf16 operand (BF16::encode; bf16x2_bits for four), so that the chunked head's
