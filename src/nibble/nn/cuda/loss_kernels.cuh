@@ -108,7 +108,7 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 // A logit as FP32: as stored, or a BF16 one widened (exact).
 __device__ __forceinline__ float load_logit(const float* p) { return *p; }
 __device__ __forceinline__ float load_logit(const __nv_bfloat16* p) {
-  return bits_float(static_cast<uint32_t>(*reinterpret_cast<const uint16_t*>(p)) << 16);
+  return BF16::decode(*reinterpret_cast<const uint16_t*>(p));
 }
 // Four consecutive logits (p aligned to four elements).
 __device__ __forceinline__ float4 load_logit4(const float* p) { return load4(p); }
@@ -246,7 +246,7 @@ cross_entropy_staged_kernel(const T* logits, const uint32_t* __restrict__ target
         mx = fmaxf(mx, fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w)));
       }
     }
-    const float target_logit = ok ? load_logit(stage + target) : 0.0f;  // before the sum pass overwrites it
+    const float target_logit = ok ? load_logit(stage + target) : 0.0f;  // before an FP32 sum pass overwrites it
     mx = block_max(mx, fscratch);  // synchronises: the max pass's reads are done
     // The strided kernel's order: j = threadIdx.x + k blockDim.x, k ascending. The loads of a batch
     // are written before its stores, as the compiler cannot tell that they never overlap.
