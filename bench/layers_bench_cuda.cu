@@ -212,6 +212,24 @@ int main() {
                   both, (fwd_flops + bwd_flops) / (both * 1e-3) / 1e12,
                   (static_cast<double>(free_before) - static_cast<double>(free_after)) / (1 << 20));
     }
+    {
+      // As the GPT step runs it: q, k and v read in place from the BF16 qkv, the output in BF16 (the
+      // projection's input), dO in BF16 and d_qkv written in BF16. No packing passes but dO's.
+      auto qkv16 = random_bf16_buffer(tokens * 3 * d, 1.0f, 7), dout16 = random_bf16_buffer(tokens * d, 1.0f, 8);
+      DeviceBuffer<nibble::bf16_t> out16(static_cast<size_t>(tokens * d)), dqkv16(qkv16.size());
+      nibble::cuda::GemmRunner gemm;
+      ncu::AttentionWorkspace workspace;
+      ncu::AttentionCoreCuda attn({d, H, H, false, 10000.0f}, gemm, workspace, ncu::AttentionKernel::kFused);
+      const float fwd = median_ms([&] { attn.forward_kept(qkv16.data(), B, T, out16.data(), nullptr); }, 20);
+      const float both = median_ms([&] {
+        attn.forward_kept(qkv16.data(), B, T, out16.data(), nullptr);
+        attn.backward(dout16.data(), dqkv16.data(), nullptr);
+      }, 20);
+      std::printf("attention core BF16 in place  forward          %9.3f ms  %8.1f TFLOP/s (causal)\n", fwd,
+                  fwd_flops / (fwd * 1e-3) / 1e12);
+      std::printf("attention core BF16 in place  backward         %9.3f ms  %8.1f TFLOP/s (causal)\n", both - fwd,
+                  bwd_flops / ((both - fwd) * 1e-3) / 1e12);
+    }
     std::printf("attention core forward+backward: fused %.2fx faster than gemm (x 12 layers: %.1f ms saved a step), "
                 "%.2fx faster than fused mma.sync\n",
                 choices[2].both / choices[0].both, 12 * (choices[2].both - choices[0].both),
@@ -275,7 +293,7 @@ int main() {
     // constant: smaller chunks save memory but re-read dW (vocab x d FP32) once more per chunk and
     // give the Dgrad GEMM (chunk x d outputs) fewer tiles.
     const int64_t default_rows = ncu::LmHeadLossCuda::default_chunk_rows(vocab);
-    for (const int64_t chunk : {default_rows / 2, default_rows, 2 * default_rows, 4 * default_rows, tokens}) {
+    for (const int64_t chunk : {default_rows / 4, default_rows / 2, default_rows, 2 * default_rows, tokens}) {
       const int64_t before = device_bytes_in_use();
       nibble::cuda::GemmRunner gemm;
       ncu::LmHeadLossCuda head(d, vocab, gemm);
@@ -290,8 +308,8 @@ int main() {
       const int64_t used = device_bytes_in_use() - before;
       const float ms = median_ms(step, 20);
       char what[64];
-      std::snprintf(what, sizeof what, "LM head+loss chunks of %lld%s", static_cast<long long>(chunk),
-                    chunk == default_rows ? " (default)" : "");
+      std::snprintf(what, sizeof what, "LM head+loss chunks of %lld%s",
+                    static_cast<long long>(head.rows_per_chunk(tokens)), chunk == default_rows ? " (default)" : "");
       std::printf("%-34s %9.3f ms  %8.1f TFLOP/s  %lld MiB of buffers\n", what, ms, flops / (ms * 1e-3) / 1e12,
                   static_cast<long long>(used >> 20));
       if (chunk == default_rows) {

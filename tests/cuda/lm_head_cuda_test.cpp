@@ -179,10 +179,23 @@ INSTANTIATE_TEST_SUITE_P(Shapes, LmHeadLossCudaTest,
                          });
 
 TEST(LmHeadLossCuda, DefaultChunkRows) {
-  // GPT-2's padded vocabulary: floor(512 MiB / (50304 x 4 B)) = 2668 rows, down to a multiple of 64.
-  EXPECT_EQ(cuda::LmHeadLossCuda::default_chunk_rows(50304), 2624);
-  EXPECT_EQ(cuda::LmHeadLossCuda::default_chunk_rows(8192), 16384);
+  // GPT-2's padded vocabulary: floor(512 MiB / (50304 x 2 B)) = 5336 rows, down to a multiple of 64.
+  EXPECT_EQ(cuda::LmHeadLossCuda::default_chunk_rows(50304), 5312);
+  EXPECT_EQ(cuda::LmHeadLossCuda::default_chunk_rows(8192), 32768);
   EXPECT_EQ(cuda::LmHeadLossCuda::default_chunk_rows(int64_t{1} << 30), 64);  // at least 64
+}
+
+TEST(LmHeadLossCuda, ChunksOfEqualSize) {
+  nibble::cuda::GemmRunner gemm;
+  cuda::LmHeadLossCuda head(768, 50304, gemm);
+  EXPECT_EQ(head.rows_per_chunk(16384), 4096);  // GPT-2 at 16 x 1024 tokens: 4 chunks, not 3 of 5312 and 448
+  EXPECT_EQ(head.rows_per_chunk(5312), 5312);
+  EXPECT_EQ(head.rows_per_chunk(5313), 2657);  // 2657 + 2656
+  EXPECT_EQ(head.rows_per_chunk(1), 1);
+  head.set_chunk_rows(64);
+  EXPECT_EQ(head.rows_per_chunk(300), 60);
+  EXPECT_EQ(head.rows_per_chunk(64), 64);
+  EXPECT_EQ(head.rows_per_chunk(65), 33);  // 33 + 32
 }
 
 // A bad target fails with its position in the batch, not in its chunk; the head then works again.

@@ -49,6 +49,11 @@ void LmHeadLossCuda::set_chunk_rows(int64_t rows) {
   chunk_rows_ = rows;
 }
 
+int64_t LmHeadLossCuda::rows_per_chunk(int64_t rows) const {
+  const int64_t chunks = (rows + chunk_rows_ - 1) / chunk_rows_;
+  return (rows + chunks - 1) / chunks;
+}
+
 void LmHeadLossCuda::loss(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
                           double* loss_mean, cudaStream_t stream) {
   run(weight, hidden, targets, rows, 0.0f, /*backward=*/false, loss_mean, nullptr, nullptr, stream);
@@ -78,7 +83,7 @@ void LmHeadLossCuda::run(const float* weight, const float* hidden, const uint32_
   }
   hidden_bf16_.reserve(static_cast<size_t>(rows * d_));
   to_bf16(hidden, rows * d_, hidden_bf16_.data(), stream);
-  const int64_t chunk = std::min(chunk_rows_, rows);
+  const int64_t chunk = rows_per_chunk(rows);
   logits_.reserve(static_cast<size_t>(chunk * vocab_));
 
   // W is stored [vocab x d]: Fprop reads it as B transposed (op(B) = W^T, [d x vocab]), Dgrad as B

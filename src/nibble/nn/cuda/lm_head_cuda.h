@@ -38,14 +38,14 @@ namespace nibble::nn::cuda {
 class LmHeadLossCuda {
  public:
   // A chunk's BF16 logits (which become its dlogits) take at most about this much memory: small
-  // next to the activations (GPT-2 124M at 16 x 1024 tokens: 2624-row chunks, 7 of them, 0.25 GiB
-  // instead of 1.6 GiB for all rows), and large enough that each chunk's GEMMs stay large. The price
-  // of a chunk is one read-modify-write of dW (vocab x d x 8 bytes, 0.3 GB for GPT-2).
-  // bench/layers_bench_cuda.cu times several sizes; on an H100 (FP32 logits then), head + loss for
-  // 16k GPT-2 rows took 14.5 ms in 1280-row chunks, 12.3 ms in 2560-row chunks and 11.3 ms in one piece.
-  static constexpr int64_t kChunkLogitBytes = int64_t{256} << 20;
-  // Rows per chunk for this vocabulary: kChunkLogitBytes of BF16 logits, rounded down to a multiple
-  // of 64 rows (at least 64).
+  // next to the activations (GPT-2 124M at 16 x 1024 tokens: 4 chunks of 4096 rows, 0.38 GiB instead
+  // of 1.6 GiB for all rows), and large enough that each chunk's GEMMs stay large. The price of a
+  // chunk is one read-modify-write of dW (vocab x d x 8 bytes, 0.3 GB for GPT-2).
+  // bench/layers_bench_cuda.cu times several sizes; on an H200 (session 21), head + loss for 16k GPT-2
+  // rows took 7.8-7.9 ms in 2624-row chunks (7), 7.6-7.8 in 5248-row chunks (4), 7.5 in one piece.
+  static constexpr int64_t kChunkLogitBytes = int64_t{512} << 20;
+  // Most rows a chunk takes for this vocabulary: kChunkLogitBytes of BF16 logits, rounded down to a
+  // multiple of 64 rows (at least 64).
   static int64_t default_chunk_rows(int64_t vocab);
 
   // `gemm` is borrowed and must outlive the head.
@@ -55,6 +55,9 @@ class LmHeadLossCuda {
   int64_t vocab() const { return vocab_; }
   int64_t chunk_rows() const { return chunk_rows_; }
   void set_chunk_rows(int64_t rows);  // tests and tuning; positive
+  // The rows of each chunk for a call over `rows`: as few chunks as chunk_rows() allows, of equal
+  // size (the last one may be shorter): a short last chunk would cost a whole pass over dW.
+  int64_t rows_per_chunk(int64_t rows) const;
   // The weight's values changed (optimizer step, upload): re-round the BF16 copy on the next call.
   void weight_changed() { weight_valid_ = false; }
 
