@@ -13,6 +13,11 @@
 //   __syncthreads before the next prefetch) overwrites it under them, which shows up as a wrong
 //   result when the threads interleave so, and always as a data race when this file is built with
 //   -fsanitize=thread (as a one-off check; the CI build is plain).
+// The wgmma products run at the same two ends of their window: in the late runs at the
+// wgmma.wait_group that covers them (reading their shared-memory tiles and register operands then,
+// and adding to the accumulator as it is then), in the early runs at issue. A kernel that reads an
+// accumulator before its wait, or rewrites an operand or a tile under a product in flight, gets a
+// wrong result in the late runs.
 // The results are compared with a
 // double-precision attention on the same BF16 operands: the kernels' indexing, masking,
 // pipelining and GQA/padding handling are tested here; the numerics again on the device
@@ -31,6 +36,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -86,6 +92,9 @@ struct Copy {
 };
 thread_local std::vector<std::vector<Copy>> groups;
 thread_local std::vector<Copy> open_group;
+// wgmma: this thread's share of the products issued and not yet waited for, in groups.
+thread_local std::vector<std::vector<std::function<void()>>> mma_groups;
+thread_local std::vector<std::function<void()>> mma_open;
 
 }  // namespace emu
 
@@ -101,6 +110,24 @@ thread_local std::vector<Copy> open_group;
 #undef __align__
 #define __align__(n)
 #define __syncthreads() (emu::block->sync.arrive_and_wait())
+
+#define __syncwarp() (emu::warp_sync())
+inline int __any_sync(unsigned, int predicate) {
+  emu::block->words[emu::thread_idx.x][0] = predicate != 0;
+  emu::warp_sync();
+  int any = 0;
+  for (unsigned l = 0; l < 32; ++l) any |= static_cast<int>(emu::block->words[(emu::thread_idx.x & ~31u) + l][0]);
+  emu::warp_sync();
+  return any;
+}
+
+inline int __shfl_sync(unsigned, int v, int src_lane) {
+  emu::block->words[emu::thread_idx.x][0] = static_cast<uint32_t>(v);
+  emu::warp_sync();
+  const int r = static_cast<int>(emu::block->words[(emu::thread_idx.x & ~31u) + (src_lane & 31)][0]);
+  emu::warp_sync();
+  return r;
+}
 
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
   emu::block->floats[emu::thread_idx.x][0] = v;
@@ -210,8 +237,8 @@ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
 }
 
 // ---- the wgmma kernels' instructions (attention_flash_sm90.cu). Shared-memory addresses are offsets
-// into `smem` (1024-byte aligned, as the kernels align their tiles). wgmma runs at issue, so fence,
-// commit and wait have nothing left to do.
+// into `smem` (1024-byte aligned, as the kernels align their tiles). A product runs at issue (early
+// landing) or at the wait that covers it (late landing; see the top of the file).
 uint32_t emu_cvta_shared(const void* p) { return smem_u32(p); }
 void cp_async16(uint32_t dst, const void* src) { cp_async16(emu::shared + dst, src); }
 void cp_async_wait_all() {
@@ -221,8 +248,26 @@ void cp_async_wait_all() {
 }
 void fence_proxy_async() {}
 void wgmma_fence() {}
-void wgmma_commit() {}
-void wgmma_wait_all() {}
+void wgmma_issue(std::function<void()> product) {
+  if (emu::landing == emu::Landing::kLate) {
+    emu::mma_open.push_back(std::move(product));
+  } else {
+    product();
+  }
+}
+void wgmma_commit() {
+  emu::mma_groups.push_back(std::move(emu::mma_open));
+  emu::mma_open.clear();
+}
+template <int N>
+void wgmma_wait() {
+  if (!emu::mma_open.empty()) emu::shared_overrun = true;  // a product waited for but never committed
+  while (emu::mma_groups.size() > N) {
+    for (const auto& product : emu::mma_groups.front()) product();
+    emu::mma_groups.erase(emu::mma_groups.begin());
+  }
+}
+void wgmma_wait_all() { wgmma_wait<0>(); }
 template <int N>
 void fence_registers(float (&)[N]) {}
 
@@ -251,27 +296,32 @@ void wgmma_m64n64k16(float (&d)[32], bool accumulate, A a, B b) {
     }
 }
 void wgmma_ss_m64n64k16(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  wgmma_m64n64k16(d, accumulate != 0, [&](int row, int k) { return described_bf16(desc_a, row, k); },
-                  [&](int k, int col) { return described_bf16(desc_b, col, k); });
+  wgmma_issue([&d, desc_a, desc_b, accumulate] {
+    wgmma_m64n64k16(d, accumulate != 0, [&](int row, int k) { return described_bf16(desc_a, row, k); },
+                    [&](int k, int col) { return described_bf16(desc_b, col, k); });
+  });
 }
-// A from registers: the rows of this thread's quad, in the mma.sync A layout (see mma above).
+// A from registers: the rows of this thread's quad, in the mma.sync A layout (see mma above). The
+// registers are read when the product runs (the hardware may read them until the wait).
 void wgmma_rs_m64n64k16_bt(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b) {
-  uint32_t* mine = emu::block->words[emu::thread_idx.x];
-  for (int i = 0; i < 4; ++i) mine[i] = a[i];
-  emu::warp_sync();
-  const int w = static_cast<int>((emu::thread_idx.x >> 5) & 3), g = emu::lane() / 4;
-  float rows[2][16];  // rows g and g + 8 of the warp's 16
-  for (int t = 0; t < 4; ++t) {
-    const uint32_t* q = emu::block->words[(emu::thread_idx.x & ~31u) + 4 * g + t];
-    const int r[4] = {0, 1, 0, 1}, c[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
-    for (int i = 0; i < 4; ++i) {
-      rows[r[i]][c[i]] = bf16_bits(q[i] & 0xffff);
-      rows[r[i]][c[i] + 1] = bf16_bits(q[i] >> 16);
+  wgmma_issue([&d, &a, desc_b] {
+    uint32_t* mine = emu::block->words[emu::thread_idx.x];
+    for (int i = 0; i < 4; ++i) mine[i] = a[i];
+    emu::warp_sync();
+    const int w = static_cast<int>((emu::thread_idx.x >> 5) & 3), g = emu::lane() / 4;
+    float rows[2][16];  // rows g and g + 8 of the warp's 16
+    for (int t = 0; t < 4; ++t) {
+      const uint32_t* q = emu::block->words[(emu::thread_idx.x & ~31u) + 4 * g + t];
+      const int r[4] = {0, 1, 0, 1}, c[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+      for (int i = 0; i < 4; ++i) {
+        rows[r[i]][c[i]] = bf16_bits(q[i] & 0xffff);
+        rows[r[i]][c[i] + 1] = bf16_bits(q[i] >> 16);
+      }
     }
-  }
-  emu::warp_sync();
-  wgmma_m64n64k16(d, true, [&](int row, int k) { return rows[(row - 16 * w - g) / 8][k]; },
-                  [&](int k, int col) { return described_bf16(desc_b, k, col); });
+    emu::warp_sync();
+    wgmma_m64n64k16(d, true, [&](int row, int k) { return rows[(row - 16 * w - g) / 8][k]; },
+                    [&](int k, int col) { return described_bf16(desc_b, k, col); });
+  });
 }
 
 // ex2.approx.ftz.f32: 2^x (the approximation's last-bit error is below the tolerances here), with
@@ -305,7 +355,10 @@ void launch(dim3 grid, size_t shared_bytes, Kernel kernel, int threads = kThread
   }, [&kernel] {
     groups.clear();
     open_group.clear();
+    mma_groups.clear();
+    mma_open.clear();
     kernel();
+    if (!mma_groups.empty() || !mma_open.empty()) shared_overrun = true;  // a product never waited for
   });
 }
 
@@ -553,10 +606,12 @@ TEST(FlashAttentionEmulation, Hd128GqaTwoKvHeads) {
 // the nearest-even rounding of the FP32 output, bit for bit, with nothing written outside the
 // B*T x H*hd elements: at an aligned pointer (an even hd stores pairs of columns in 4-byte words)
 // and one element past it, as a pointer into a larger buffer may be (2-byte stores; the device test
-// Bf16Outputs.AttentionTakesPointersIntoLargerBuffers shows the paired stores are not taken there).
+// Bf16Outputs.AttentionTakesPointersIntoLargerBuffers shows the paired stores are not taken there);
+// o the same bits either way.
 template <int HD>
-void check_out16(const Case& c, std::mt19937_64& rng) {
-  const int64_t Tp = (c.T + kFlashTile - 1) / kFlashTile * kFlashTile;
+void check_out16(const Case& c, std::mt19937_64& rng, Kernels kernels = Kernels::kMmaSync) {
+  const int64_t tile = kernels == Kernels::kWgmma ? kRows : kFlashTile;  // Tp's multiple
+  const int64_t Tp = (c.T + tile - 1) / tile * tile;
   const FlashDims d{c.B, c.T, Tp, c.H, c.KV, c.hd, HD, 1.0f / std::sqrt(static_cast<float>(c.hd))};
   std::normal_distribution<float> dist(0.0f, 1.5f);
   const auto packed = [&](int64_t heads) {
@@ -569,13 +624,23 @@ void check_out16(const Case& c, std::mt19937_64& rng) {
   const auto q = packed(c.H), k = packed(c.KV), v = packed(c.KV);
   const size_t n = static_cast<size_t>(c.B * c.T * c.H * c.hd);
   std::vector<float> out(n, NAN), lse(static_cast<size_t>(c.B * c.H * Tp), NAN);
-  std::vector<bf16> o(q.size());
-  const dim3 grid(static_cast<unsigned>(Tp / kFlashTile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
-  emu::launch(grid, kForwardSmem<HD>,
-              [&] {
-                flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out.data(),
-                                         o.data(), lse.data());
-              });
+  std::vector<bf16> o(q.size()), o_first;
+  const dim3 grid(static_cast<unsigned>(Tp / tile), static_cast<unsigned>(c.H), static_cast<unsigned>(c.B));
+  const auto forward = [&](float* out_ptr, bf16* out16) {
+    if (kernels == Kernels::kWgmma) {
+      emu::launch(grid, kSmemBytes, [&] {
+        flash_forward_sm90_kernel(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out_ptr, o.data(),
+                                  lse.data(), out16);
+      }, kBlockThreads);
+    } else {
+      emu::launch(grid, kForwardSmem<HD>, [&] {
+        flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out_ptr, o.data(),
+                                 lse.data(), out16);
+      });
+    }
+  };
+  forward(out.data(), nullptr);
+  o_first = o;
   const auto bits = [](bf16 x) { return static_cast<__nv_bfloat16_raw>(x).x; };
   constexpr uint16_t kUnwritten = 0x7FC1;  // a NaN the kernel never writes
   __nv_bfloat16_raw unwritten;
@@ -585,10 +650,8 @@ void check_out16(const Case& c, std::mt19937_64& rng) {
     std::vector<bf16> buffer(n + 2, bf16(unwritten));
     bf16* out16 = buffer.data() + offset;
     ASSERT_EQ(reinterpret_cast<uintptr_t>(buffer.data()) % 16, 0u) << "the host allocator's alignment";
-    emu::launch(grid, kForwardSmem<HD>, [&] {
-      flash_forward_kernel<HD>(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), nullptr, o.data(), lse.data(),
-                               out16);
-    });
+    forward(nullptr, out16);
+    EXPECT_EQ(std::memcmp(o.data(), o_first.data(), o.size() * sizeof(bf16)), 0) << "o differs with out16";
     size_t wrong = 0, first = n;
     for (size_t i = 0; i < n; ++i)
       if (bits(out16[i]) != bits(__float2bfloat16_rn(out[i])) && wrong++ == 0) first = i;
@@ -606,6 +669,11 @@ TEST(FlashAttentionEmulation, Bf16OutputIsTheRoundedFp32Output) {
   check_out16<64>({2, 70, 2, 1, 48}, rng);    // even hd: pairs of columns
   check_out16<64>({1, 70, 3, 3, 15}, rng);    // odd hd: single columns
   check_out16<128>({1, 65, 2, 1, 100}, rng);  // padded to 128
+  // The Hopper forward: whole 128-byte rows through shared memory where hd is 64 and out16 16-byte
+  // aligned (offset 0 here), pairs or single columns otherwise.
+  check_out16<64>({2, 200, 2, 1, 64}, rng, Kernels::kWgmma);
+  check_out16<64>({2, 70, 2, 1, 48}, rng, Kernels::kWgmma);
+  check_out16<64>({1, 70, 3, 3, 15}, rng, Kernels::kWgmma);
 }
 
 // The kernels reading q, k, v and dO in place from the rows of qkv [B*T x (H + 2 KV) hd] and dO

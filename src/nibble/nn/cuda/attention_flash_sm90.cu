@@ -9,6 +9,8 @@
 //   S = Q K^T      wgmma m64n64k16, Q and K from shared memory (K-major tiles)
 //   online softmax on S in registers (FP32), P rounded to BF16 pairs in registers
 //   O += P V       wgmma m64n64k16 with P from registers and V from shared memory (MN-major)
+// The forward overlaps a tile's softmax with the previous tile's O += P V on the tensor cores (as
+// FlashAttention-3 does within a warpgroup), the backward issues its two score products together.
 // The tiles are in shared memory as wgmma reads them: rows of 64 BF16 = 128 bytes, the 16-byte chunk
 // c of row r at chunk c ^ (r % 8) (the 128-byte swizzle), tiles 1024-byte aligned. All threads load
 // the next key and value tiles by cp.async while the current ones are multiplied.
@@ -31,8 +33,11 @@ constexpr int kBlockThreads = 256;  // two warpgroups
 constexpr int kRows = 128;          // queries per block
 constexpr int kHd = 64;             // head dimension: one 128-byte row
 constexpr int kKeys = 64;           // keys per tile
-// Shared memory: the Q tile, then two buffers each of K and V tiles; + room to align.
-constexpr size_t kSmemBytes = (kRows + 4 * kKeys) * 128 + 1024;
+// The forward's K and V tile buffers: tile i + 2 loads while tile i is multiplied and the P V
+// product of tile i - 1 still reads its V.
+constexpr int kStages = 4;
+// The forward's shared memory: the Q tile, then kStages buffers each of K and V tiles; + room to align.
+constexpr size_t kSmemBytes = (kRows + 2 * kStages * kKeys) * 128 + 1024;
 // The kernels exist for sm_90a only; the other device passes (sm_100a) keep a body that traps, which
 // the host never launches there (flash_sm90_applies). NIBBLE_FLASH_HOST_EMULATION:
 // tests/cuda_emulation/flash_emulation_test.cpp compiles the kernels as host C++ with its own (CPU)
@@ -53,6 +58,7 @@ __device__ __forceinline__ void cp_async16(uint32_t smem, const void* gmem) {
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_one() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 // cp.async's writes (generic proxy) -> wgmma's reads (async proxy).
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 #endif  // NIBBLE_FLASH_SM90
@@ -95,7 +101,10 @@ __device__ __forceinline__ uint64_t descriptor(uint32_t smem_addr) {
 #ifdef NIBBLE_FLASH_SM90
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+// Waits until at most N of this warpgroup's committed wgmma groups are pending (the oldest finish first).
+template <int N>
+__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
 // Keeps the compiler from moving accumulator reads or writes across the asynchronous wgmma.
 template <int N>
 __device__ __forceinline__ void fence_registers(float (&d)[N]) {
@@ -146,59 +155,71 @@ __device__ __forceinline__ QueryBlock query_block(const FlashDims& d) {
 #endif
 
 // Grid (Tp / 128, H, B), blockIdx.x reversed (the query tiles with the most key tiles first). Two
-// blocks an SM (110 registers a thread). Key tiles of 128 were slower: 64 x 128 scores a warpgroup
-// take 156 registers, one block an SM.
+// blocks an SM (at most 128 registers a thread). Key tiles of 128 were slower (session 11): 64 x 128
+// scores a warpgroup take 156 registers, one block an SM.
 // Accumulator layout (wgmma m64nNk16): warp w of a warpgroup holds its rows 16w..16w+15; lane 4g + t
 // holds rows 16w + g and 16w + g + 8, columns 8j + 2t and 8j + 2t + 1 in registers 4j..4j+3 (row g:
 // 4j, 4j+1; row g + 8: 4j+2, 4j+3).
+// Per key tile i a warpgroup issues S_i = Q K_i^T and O += P_{i-1} V_{i-1} together, waits for S_i
+// only, runs the softmax on it while the tensor cores multiply P_{i-1} V_{i-1}, then waits for that
+// and rescales O: the same operations on the same values as one tile after the other, so the same bits.
 __global__ void __launch_bounds__(kBlockThreads, 2)
     flash_forward_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, float* __restrict__ out,
                               bf16* __restrict__ o, float* __restrict__ lse, bf16* __restrict__ out16) {
 #ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
-  const uint32_t sQ = (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) + 1023u) & ~1023u;
+  const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
+  const uint32_t sQ = (smem_base + 1023u) & ~1023u;
   constexpr uint32_t kQBytes = kRows * 128;
-  const uint32_t sK = sQ + kQBytes, sV = sK + 2 * kTileBytes;  // two buffers each
+  const uint32_t sK = sQ + kQBytes, sV = sK + kStages * kTileBytes;  // kStages buffers each
   const auto [wg, warp, g, t4, qt, h, b, head, kvh] = query_block(d);
   const bf16* kg = k.at(b, kvh, 0);
   const bf16* vg = v.at(b, kvh, 0);
   const TileLoader<> q_loader(q.row), k_loader(k.row), v_loader(v.row);
+  const auto load_tile = [&](int64_t tile) {  // key and value tile `tile` into its buffers; one group
+    const uint32_t buf = static_cast<uint32_t>(tile % kStages) * kTileBytes;
+    k_loader.load<kKeys>(sK + buf, kg + tile * kKeys * k.row);
+    v_loader.load<kKeys>(sV + buf, vg + tile * kKeys * v.row);
+    cp_async_commit();
+  };
+  // Key tiles up to the query tile's last key (those beyond are all masked): the block loads them
+  // all, warpgroup 0 multiplies all but the last (past its queries' last key). The warpgroup index
+  // from lane 0: the compiler then knows the branches on n_mine are uniform in the warp (otherwise
+  // it serializes the wgmma products behind them).
+  const int64_t n_kv = (qt + 1) * (kRows / kKeys), n_mine = n_kv - 1 + __shfl_sync(0xffffffffu, wg, 0);
   q_loader.load<kRows>(sQ, q.at(b, h, qt * kRows));
-  k_loader.load<kKeys>(sK, kg);
-  v_loader.load<kKeys>(sV, vg);
-  cp_async_commit();
+  load_tile(0);  // with Q
+  load_tile(1);  // n_kv >= 2
 
   const float c = d.scale * kLog2e;  // scores in base-2 units: exp(s scale) = 2^(s c)
   const int row_in_tile = 64 * wg + 16 * warp + g;  // this thread's rows: it and it + 8
   const uint64_t desc_q = descriptor(sQ + wg * (kQBytes / 2));
+  constexpr int NJ = kKeys / 8;  // column groups of the score tile
   float acc[32] = {};
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // running max (base 2), partial sums
-  // Key tiles up to the query tile's last key: those beyond are all masked.
-  const int64_t n_kv = (qt + 1) * (kRows / kKeys);
-  for (int64_t it = 0; it < n_kv; ++it) {
-    const uint32_t buf = static_cast<uint32_t>(it & 1) * kTileBytes;
-    cp_async_wait_all();
-    fence_proxy_async();
-    __syncthreads();  // also: every warpgroup is done with the other buffers, refilled next
-    if (it + 1 < n_kv) {
-      k_loader.load<kKeys>(sK + (kTileBytes - buf), kg + (it + 1) * kKeys * k.row);
-      v_loader.load<kKeys>(sV + (kTileBytes - buf), vg + (it + 1) * kKeys * v.row);
-    }
-    cp_async_commit();
-
-    constexpr int NJ = kKeys / 8;  // column groups of the score tile
-    float s[4 * NJ];
-    wgmma_fence();
-    const uint64_t desc_k = descriptor(sK + buf);
+  uint32_t pa[kKeys / 16][4];  // P of the tile before, BF16 pairs: wgmma's A for O += P V
+  // S = Q K^T of tile `tile`, issued and committed as one group.
+  const auto multiply_qk = [&](float (&s)[4 * NJ], int64_t tile) {
+    const uint64_t desc_k = descriptor(sK + static_cast<uint32_t>(tile % kStages) * kTileBytes);
 #pragma unroll
     for (int kk = 0; kk < kHd / 16; ++kk)  // 16 elements = 32 bytes = 2 descriptor units
       wgmma_ss_m64n64k16(s, desc_q + 2 * kk, desc_k + 2 * kk, kk);
     wgmma_commit();
-    wgmma_wait_all();
-    fence_registers(s);
-
-    const int key0 = static_cast<int>(it * kKeys - qt * kRows);  // of the tile, from the query tile's first row
-    if (key0 + kKeys > 0) {  // a tile on the diagonal: mask the keys after each query
+  };
+  // O += bf16(P) V of tile `tile`: k-step kk covers keys 16kk..16kk+15, the accumulator's column
+  // groups 2kk and 2kk + 1. Issued and committed as one group.
+  const auto multiply_pv = [&](int64_t tile) {
+    const uint64_t desc_v = descriptor(sV + static_cast<uint32_t>(tile % kStages) * kTileBytes);
+#pragma unroll
+    for (int kk = 0; kk < kKeys / 16; ++kk)
+      wgmma_rs_m64n64k16_bt(acc, pa[kk], desc_v + kk * (16 * 128 >> 4));  // 16 rows of 128 bytes a k-step
+    wgmma_commit();
+  };
+  // The online softmax of tile `tile`'s scores s: the running max and sums, s overwritten with P;
+  // alpha[r] rescales what O holds of row r to the new max.
+  const auto softmax = [&](float (&s)[4 * NJ], int64_t tile, float (&alpha)[2]) {
+    if (tile == n_mine - 1) {  // the tile on this warpgroup's diagonal: mask the keys after each query
+      const int key0 = static_cast<int>(tile * kKeys - qt * kRows);  // from the query tile's first row
 #pragma unroll
       for (int j = 0; j < NJ; ++j)
 #pragma unroll
@@ -211,9 +232,9 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
 #pragma unroll
       for (int j = 0; j < NJ; ++j) mx = fmaxf(mx, fmaxf(s[4 * j + 2 * r], s[4 * j + 2 * r + 1]));
       // Finite: key tile 0 comes first and every row attends to key 0. (A tile past a row's last
-      // key gives mx = -inf, and the row's m, l and acc stay as they were.)
+      // key, in padding rows, gives mx = -inf, and the row's m, l and acc stay as they were.)
       const float m_new = fmaxf(m[r], quad_max(mx) * c);
-      const float alpha = exp2_ftz(m[r] - m_new);  // 0 on the first tile
+      alpha[r] = exp2_ftz(m[r] - m_new);  // 0 on the first tile
       m[r] = m_new;
       float sum = 0.0f;
 #pragma unroll
@@ -224,46 +245,117 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
           s[4 * j + 2 * r + e] = p;
           sum += p;
         }
-      l[r] = l[r] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[4 * j + 2 * r] *= alpha, acc[4 * j + 2 * r + 1] *= alpha;
+      l[r] = l[r] * alpha[r] + sum;
     }
-
-    // O += bf16(P) V: k-step kk covers keys 16kk..16kk+15, the accumulator's column groups 2kk and
-    // 2kk + 1. All of P is packed before the fence (wgmma may not read registers written after it).
-    uint32_t pa[kKeys / 16][4];
+  };
+  const auto pack_p = [&](const float (&s)[4 * NJ]) {
 #pragma unroll
     for (int kk = 0; kk < kKeys / 16; ++kk)
 #pragma unroll
       for (int i = 0; i < 4; ++i) pa[kk][i] = pack_bf16(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
-    const uint64_t desc_v = descriptor(sV + buf);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kKeys / 16; ++kk)
-      wgmma_rs_m64n64k16_bt(acc, pa[kk], desc_v + kk * (16 * 128 >> 4));  // 16 rows of 128 bytes a k-step
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_registers(acc);
-  }
+  };
+  // Waits for tile `tile` (tile + 1 may still be in flight) and starts loading tile + 2 into the
+  // buffers of tile - 2: the barrier also means both warpgroups are done with those (the P V product
+  // of tile - 2 was waited for in the iteration before).
+  const auto next_tile = [&](int64_t tile) {
+    cp_async_wait_one();
+    fence_proxy_async();
+    __syncthreads();
+    if (tile + 2 < n_kv) {
+      load_tile(tile + 2);
+    } else {
+      cp_async_commit();  // an empty group: one a tile, for the wait above
+    }
+  };
 
+  {  // tile 0: no P V before it, O still 0
+    next_tile(0);
+    float s[4 * NJ], alpha[2];
+    wgmma_fence();
+    multiply_qk(s, 0);
+    wgmma_wait<0>();
+    fence_registers(s);
+    softmax(s, 0, alpha);
+    pack_p(s);
+  }
+  for (int64_t it = 1; it < n_kv; ++it) {
+    next_tile(it);
+    wgmma_fence();  // acc and pa were written last iteration
+    if (it == n_mine) {  // warpgroup 0's last iteration: P V of the tile before only
+      multiply_pv(it - 1);
+      break;
+    }
+    float s[4 * NJ], alpha[2];
+    multiply_qk(s, it);
+    multiply_pv(it - 1);
+    wgmma_wait<1>();  // S; P V still running
+    fence_registers(s);
+    softmax(s, it, alpha);
+    wgmma_wait<0>();  // P V of the tile before: acc and pa are free
+    fence_registers(acc);
+    // O at the new maximum; skipped where no row of the warp's changed (x 1 leaves the bits).
+    if (__any_sync(0xffffffffu, alpha[0] != 1.0f || alpha[1] != 1.0f)) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[4 * j + e] *= alpha[e >> 1];
+    }
+    pack_p(s);
+  }
+  if (n_mine == n_kv) {  // warpgroup 1: P V of its last tile
+    wgmma_fence();
+    multiply_pv(n_kv - 1);
+  }
+  wgmma_wait<0>();
+  fence_registers(acc);
+
+  // The output, normalised. o (the packed heads, which backward reads) and, where its rows are 128
+  // aligned bytes, out16 leave through this warp's 16 rows of the Q tile (no longer read: every S
+  // product of the warpgroup has finished) so that each store is a whole 16-byte chunk of a row.
   const int64_t out_width = d.H * d.hd;
+  const bool rows16 = d.hd == kHd && out_width % 8 == 0 && reinterpret_cast<uintptr_t>(out16) % 16 == 0;
   const bool pairs = d.hd % 2 == 0 && reinterpret_cast<uintptr_t>(out16) % 4 == 0;
+  uint8_t* const staged = smem_raw + (sQ - smem_base) + (64 * wg + 16 * warp) * 128;
+  float inv[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = qt * kRows + row_in_tile + 8 * r;
     const float total = quad_sum(l[r]);  // >= 1: the maximum's own term
-    const float inv = 1.0f / total;
+    inv[r] = 1.0f / total;
     if (t4 == 0) lse[head * d.Tp + row] = m[r] + log2f(total);
-    // out in FP32, or (out16) its BF16 rounding: the very values of o, in the unpadded layout.
+    const int rr = g + 8 * r;  // the row among the warp's 16; rr % 8 = g
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t pair = pack_bf16(acc[4 * j + 2 * r] * inv[r], acc[4 * j + 2 * r + 1] * inv[r]);
+      *reinterpret_cast<uint32_t*>(staged + rr * 128 + ((j ^ g) << 4) + 4 * t4) = pair;
+    }
+  }
+  __syncwarp();
+  const int64_t warp_row = qt * kRows + 64 * wg + 16 * warp;  // of the warp's first row, in the head
+  const int lane = static_cast<int>(threadIdx.x & 31);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {  // 16 rows of 8 chunks: lane + 32i is chunk cc of row rr
+    const int rr = (lane >> 3) + 4 * i, cc = lane & 7;
+    const uint4 chunk = *reinterpret_cast<const uint4*>(staged + rr * 128 + ((cc ^ (rr & 7)) << 4));
+    const int64_t row = warp_row + rr;
+    *reinterpret_cast<uint4*>(o + (head * d.Tp + row) * kHd + 8 * cc) = chunk;
+    if (out16 != nullptr && rows16 && row < d.T)
+      *reinterpret_cast<uint4*>(out16 + (b * d.T + row) * out_width + h * d.hd + 8 * cc) = chunk;
+  }
+  if (out == nullptr && (out16 == nullptr || rows16)) return;
+  // out in FP32, or out16 at other widths or alignments: the very values of o, in the unpadded layout.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = qt * kRows + row_in_tile + 8 * r;
+    if (row >= d.T) continue;
     const int64_t dst_offset = (b * d.T + row) * out_width + h * d.hd;
-    float* dst = row < d.T && out16 == nullptr ? out + dst_offset : nullptr;
-    uint16_t* dst16 = row < d.T && out16 != nullptr ? reinterpret_cast<uint16_t*>(out16 + dst_offset) : nullptr;
+    float* dst = out16 == nullptr ? out + dst_offset : nullptr;
+    uint16_t* dst16 = out16 != nullptr ? reinterpret_cast<uint16_t*>(out16 + dst_offset) : nullptr;
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const int col = 8 * j + 2 * t4;
-      const float o0 = acc[4 * j + 2 * r] * inv, o1 = acc[4 * j + 2 * r + 1] * inv;
+      const float o0 = acc[4 * j + 2 * r] * inv[r], o1 = acc[4 * j + 2 * r + 1] * inv[r];
       const uint32_t pair = pack_bf16(o0, o1);
-      *reinterpret_cast<uint32_t*>(o + (head * d.Tp + row) * kHd + col) = pair;
       if (dst != nullptr) {
         if (col < d.hd) dst[col] = o0;
         if (col + 1 < d.hd) dst[col + 1] = o1;
