@@ -77,6 +77,7 @@ enum class Landing { kLate, kEarly };  // when cp.async copies land (see the top
 Landing landing = Landing::kLate;
 std::atomic<bool> shared_overrun{false};     // set by any thread; reset by each test case
 std::atomic<bool> misaligned_global{false};  // a cp.async source not 16-byte aligned
+std::atomic<bool> wgmma_unfinished{false};   // a wgmma product never committed, or never waited for
 
 int lane() { return static_cast<int>(thread_idx.x & 31); }
 int warp() { return static_cast<int>(thread_idx.x >> 5); }
@@ -116,7 +117,8 @@ inline int __any_sync(unsigned, int predicate) {
   emu::block->words[emu::thread_idx.x][0] = predicate != 0;
   emu::warp_sync();
   int any = 0;
-  for (unsigned l = 0; l < 32; ++l) any |= static_cast<int>(emu::block->words[(emu::thread_idx.x & ~31u) + l][0]);
+  const uint32_t(*warp)[6] = &emu::block->words[emu::thread_idx.x & ~31u];
+  for (int l = 0; l < 32; ++l) any |= static_cast<int>(warp[l][0]);
   emu::warp_sync();
   return any;
 }
@@ -261,7 +263,7 @@ void wgmma_commit() {
 }
 template <int N>
 void wgmma_wait() {
-  if (!emu::mma_open.empty()) emu::shared_overrun = true;  // a product waited for but never committed
+  if (!emu::mma_open.empty()) emu::wgmma_unfinished = true;  // a product issued but not committed
   while (emu::mma_groups.size() > N) {
     for (const auto& product : emu::mma_groups.front()) product();
     emu::mma_groups.erase(emu::mma_groups.begin());
@@ -358,7 +360,7 @@ void launch(dim3 grid, size_t shared_bytes, Kernel kernel, int threads = kThread
     mma_groups.clear();
     mma_open.clear();
     kernel();
-    if (!mma_groups.empty() || !mma_open.empty()) shared_overrun = true;  // a product never waited for
+    if (!mma_groups.empty() || !mma_open.empty()) wgmma_unfinished = true;
   });
 }
 
@@ -446,6 +448,7 @@ void run_landing(const Case& c, std::mt19937_64& rng, Kernels kernels) {
     ASSERT_EQ(reinterpret_cast<uintptr_t>(x->data()) % 16, 0u) << "the host allocator's alignment";
   emu::shared_overrun = false;
   emu::misaligned_global = false;
+  emu::wgmma_unfinished = false;
   const auto f = [](const std::vector<bf16>& x, int64_t i) { return static_cast<double>(__bfloat162float(x[i])); };
 
   // NaN-filled outputs: forward must write lse and o for every row up to Tp (backward reads the
@@ -464,6 +467,7 @@ void run_landing(const Case& c, std::mt19937_64& rng, Kernels kernels) {
                    delta.data(), grad(d, dq, c.H), grad(d, dk, c.KV), grad(d, dv, c.KV), kernels);
   EXPECT_FALSE(emu::shared_overrun) << "a shared-memory access beyond the launch's size or misaligned";
   EXPECT_FALSE(emu::misaligned_global) << "a cp.async from a global address not 16-byte aligned";
+  EXPECT_FALSE(emu::wgmma_unfinished) << "a wgmma product not committed or not waited for";
 
   // Reference in double on the same BF16 operands (rows < T; dk, dv summed over the group).
   const double scale = d.scale;

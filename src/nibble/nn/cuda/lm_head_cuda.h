@@ -41,8 +41,8 @@ class LmHeadLossCuda {
   // next to the activations (GPT-2 124M at 16 x 1024 tokens: 4 chunks of 4096 rows, 0.38 GiB instead
   // of 1.6 GiB for all rows), and large enough that each chunk's GEMMs stay large. The price of a
   // chunk is one read-modify-write of dW (vocab x d x 8 bytes, 0.3 GB for GPT-2).
-  // bench/layers_bench_cuda.cu times several sizes; on an H200 (session 21), head + loss for 16k GPT-2
-  // rows took 7.8-7.9 ms in 2624-row chunks (7), 7.6-7.8 in 5248-row chunks (4), 7.5 in one piece.
+  // bench/layers_bench_cuda.cu times several sizes; on an H200 (session 22), head + loss for 16k GPT-2
+  // rows took 8.0-8.1 ms in 7 chunks, 7.6-7.8 in 4 (the default), 7.6-7.8 in one piece.
   static constexpr int64_t kChunkLogitBytes = int64_t{512} << 20;
   // Most rows a chunk takes for this vocabulary: kChunkLogitBytes of BF16 logits, rounded down to a
   // multiple of 64 rows (at least 64).
