@@ -33,11 +33,12 @@
 namespace nibble::nn::cuda::detail {
 namespace {
 
-// A staged row of GPT-2's vocabulary fills most of an SM's shared memory, so one block runs per SM:
-// it brings all the warps that hide the latencies (1024 against 256 threads: a BF16 chunk of 2624
-// rows 0.41 -> 0.35 ms on an H200, docs/benchmarks.md session 16). The strided kernel takes the same
-// block size, so both add in the same order.
-constexpr int kLossThreads = 1024;
+// A staged BF16 row of GPT-2's vocabulary (100.6 KB) leaves room for a second block on an SM: two
+// blocks of 512 threads, one computing while the other's row lands (on an H200 a chunk of 5312 rows
+// took 0.65 ms with one block of 1024 threads, 0.52 with these; docs/benchmarks.md session 22). The
+// strided kernel takes the same block size, so both add in the same order; it is the fallback (no
+// bulk copies before sm_90, unaligned rows) and the slower for it: 1.06 -> 1.59 ms for that chunk.
+constexpr int kLossThreads = 512;
 // Logits per bulk copy and mbarrier (32 KiB of FP32, 16 KiB of BF16): the granularity at which the
 // next row's copy overlaps the output pass.
 constexpr int64_t kStageChunk = 8192;
@@ -204,7 +205,7 @@ cross_entropy_chunk_kernel(const __nv_bfloat16* logits, const uint32_t* __restri
 // written only after its copy has landed). Needs stage_fits() and stage_shared_bytes(vocab,
 // sizeof(T)) of dynamic shared memory.
 template <typename T>
-__global__ void __launch_bounds__(kLossThreads, 1)
+__global__ void __launch_bounds__(kLossThreads, 2)
 cross_entropy_staged_kernel(const T* logits, const uint32_t* __restrict__ targets, int64_t row0, int64_t rows,
                             int64_t vocab, float grad_scale, T* out, double* __restrict__ row_loss,
                             unsigned long long* bad) {
