@@ -175,6 +175,12 @@ int main() {
     // forward; backward 5 such products (dV, dP, dS Q, dS K, and the recomputed QK^T).
     const double fwd_flops = 2.0 * 2.0 * B * H * (T * (T + 1) / 2.0) * (d / H);
     const double bwd_flops = 2.5 * fwd_flops;
+    const auto print_forward_backward = [&](const char* name, float fwd, float both) {
+      std::printf("attention core %-14s forward          %9.3f ms  %8.1f TFLOP/s (causal)\n", name, fwd,
+                  fwd_flops / (fwd * 1e-3) / 1e12);
+      std::printf("attention core %-14s backward         %9.3f ms  %8.1f TFLOP/s (causal)\n", name, both - fwd,
+                  bwd_flops / ((both - fwd) * 1e-3) / 1e12);
+    };
     auto qkv = random_buffer(tokens * 3 * d, 1.0f, 7), dout = random_buffer(tokens * d, 1.0f, 8);
     DeviceBuffer<float> out(static_cast<size_t>(tokens * d)), dqkv(qkv.size());
     // The fused kernels with the Hopper forward where it applies (wgmma: this shape on an sm_90
@@ -204,10 +210,7 @@ int main() {
       nibble::bench::check(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
       ncu::detail::set_flash_wgmma(true);
       choice.both = both;
-      std::printf("attention core %-14s forward          %9.3f ms  %8.1f TFLOP/s (causal)\n", name, fwd,
-                  fwd_flops / (fwd * 1e-3) / 1e12);
-      std::printf("attention core %-14s backward         %9.3f ms  %8.1f TFLOP/s (causal)\n", name, both - fwd,
-                  bwd_flops / ((both - fwd) * 1e-3) / 1e12);
+      print_forward_backward(name, fwd, both);
       std::printf("attention core %-14s forward+backward %9.3f ms  %8.1f TFLOP/s (causal), %.0f MiB held\n", name,
                   both, (fwd_flops + bwd_flops) / (both * 1e-3) / 1e12,
                   (static_cast<double>(free_before) - static_cast<double>(free_after)) / (1 << 20));
@@ -225,10 +228,7 @@ int main() {
         attn.forward_kept(qkv16.data(), B, T, out16.data(), nullptr);
         attn.backward(dout16.data(), dqkv16.data(), nullptr);
       }, 20);
-      std::printf("attention core BF16 in place  forward          %9.3f ms  %8.1f TFLOP/s (causal)\n", fwd,
-                  fwd_flops / (fwd * 1e-3) / 1e12);
-      std::printf("attention core BF16 in place  backward         %9.3f ms  %8.1f TFLOP/s (causal)\n", both - fwd,
-                  bwd_flops / ((both - fwd) * 1e-3) / 1e12);
+      print_forward_backward("BF16 in place", fwd, both);
     }
     std::printf("attention core forward+backward: fused %.2fx faster than gemm (x 12 layers: %.1f ms saved a step), "
                 "%.2fx faster than fused mma.sync\n",

@@ -5,14 +5,14 @@
 // Tolerances, and why they are not tighter: the GPU runs attention's two batched matmuls and the LM
 // head as BF16 tensor-core GEMMs (FP32 accumulation, BF16 logits); the CPU runs them in FP32. BF16
 // rounding of q, k, v, P, dO, the hidden states, the logits and their gradient perturbs each value
-// by up to 2^-8 relative, so gradients differ by a few 1e-3 in norm (measured, printed below). With a quantizing
-// recipe (nvfp4) those perturbations also move values across E2M1 rounding boundaries, each such
-// flip changing one element by a whole quantization step (up to 1/3 of its value, or a whole block
-// when its amax moves), and the flips compound through the backward pass. So for quantizing
-// recipes the test compares the GPU-vs-CPU difference with the recipe's own effect, the difference
-// between the CPU's gradients under the recipe and under bf16: the GPU must be nearer to the CPU
-// than that (measured: 0.5 to 0.8 of it). With stochastic rounding the test also runs a GPU model
-// whose rounding draws come from another seed, which is what a fault in the recipe's plumbing
+// by up to 2^-8 relative, so gradients differ by a few 1e-3 in norm (measured, printed below). With
+// a quantizing recipe (nvfp4) those perturbations also move values across E2M1 rounding boundaries,
+// each such flip changing one element by a whole quantization step (up to 1/3 of its value, or a
+// whole block when its amax moves), and the flips compound through the backward pass. So for
+// quantizing recipes the test compares the GPU-vs-CPU difference with the recipe's own effect, the
+// difference between the CPU's gradients under the recipe and under bf16: the GPU must be nearer to
+// the CPU than that (measured: 0.5 to 0.8 of it). With stochastic rounding the test also runs a GPU
+// model whose rounding draws come from another seed, which is what a fault in the recipe's plumbing
 // (seeds, streams, element indices) would amount to: the GPU with the right seed must be nearer to
 // the CPU than that one by 10% at least (measured: 0.66 to 0.75 of its distance). These model-level
 // checks are coarse by nature; the sharp ones are in linear_cuda_test.cpp (operands bit for bit).

@@ -69,7 +69,6 @@ struct Block {
                                                 std::barrier<>{32}, std::barrier<>{32}, std::barrier<>{32},
                                                 std::barrier<>{32}, std::barrier<>{32}};
   uint32_t words[kMaxThreads][6];  // each lane's operands of the current warp instruction
-  float floats[kMaxThreads][4];
 };
 Block* block = nullptr;
 size_t shared_limit = 0;  // the launch's dynamic shared memory
@@ -113,30 +112,39 @@ thread_local std::vector<std::function<void()>> mma_open;
 #define __syncthreads() (emu::block->sync.arrive_and_wait())
 
 #define __syncwarp() (emu::warp_sync())
+
+namespace emu {
+// Each lane of the warp publishes a word; read(the warp's 32 words) gives this lane's result. For
+// the warp-wide instructions below.
+template <typename Read>
+auto exchange_in_warp(uint32_t mine, Read read) {
+  block->words[thread_idx.x][0] = mine;
+  warp_sync();
+  const auto r = read(&block->words[thread_idx.x & ~31u]);
+  warp_sync();
+  return r;
+}
+}  // namespace emu
+
 inline int __any_sync(unsigned, int predicate) {
-  emu::block->words[emu::thread_idx.x][0] = predicate != 0;
-  emu::warp_sync();
-  int any = 0;
-  const uint32_t(*warp)[6] = &emu::block->words[emu::thread_idx.x & ~31u];
-  for (int l = 0; l < 32; ++l) any |= static_cast<int>(warp[l][0]);
-  emu::warp_sync();
-  return any;
+  return emu::exchange_in_warp(predicate != 0, [](const uint32_t(*warp)[6]) {
+    int any = 0;
+    for (int l = 0; l < 32; ++l) any |= static_cast<int>(warp[l][0]);
+    return any;
+  });
 }
-
 inline int __shfl_sync(unsigned, int v, int src_lane) {
-  emu::block->words[emu::thread_idx.x][0] = static_cast<uint32_t>(v);
-  emu::warp_sync();
-  const int r = static_cast<int>(emu::block->words[(emu::thread_idx.x & ~31u) + (src_lane & 31)][0]);
-  emu::warp_sync();
-  return r;
+  return emu::exchange_in_warp(static_cast<uint32_t>(v),
+                               [&](const uint32_t(*warp)[6]) { return static_cast<int>(warp[src_lane & 31][0]); });
 }
-
 inline float __shfl_xor_sync(unsigned, float v, int mask) {
-  emu::block->floats[emu::thread_idx.x][0] = v;
-  emu::warp_sync();
-  const float r = emu::block->floats[(emu::thread_idx.x & ~31u) + (emu::lane() ^ mask)][0];
-  emu::warp_sync();
-  return r;
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return emu::exchange_in_warp(bits, [&](const uint32_t(*warp)[6]) {
+    float r;
+    std::memcpy(&r, &warp[emu::lane() ^ mask][0], 4);
+    return r;
+  });
 }
 
 namespace nibble::nn::cuda::detail {
