@@ -7,6 +7,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
 
 #include "nibble/tensor/safetensors.h"
 #include "nibble/train/checkpoint.h"
@@ -34,6 +38,39 @@ INSTANTIATE_TEST_SUITE_P(Recipes, GpuTrainLossFalls, ::testing::Values("bf16", "
 
 TEST(GpuTrain, ResumeAfterInterruptionRepeatsTheRunBitForBit) {
   expect_resume_repeats_the_run(nibble::test::fresh_seed(), on_gpu);
+}
+
+// A step whose loss is not finite is skipped on the device as on the CPU: no weight, moment or step
+// count changes (the checkpoints after the first step and after the skipped ones hold the same
+// bytes). A constant learning rate of 1e35 makes the first update overflow the next forward pass.
+TEST(GpuTrain, SkipsNonFiniteStepsOnTheDevice) {
+  const uint64_t seed = nibble::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  std::vector<bool> skipped[2];
+  for (const bool gpu : {false, true}) {
+    TrainOptions o = options(dir / (gpu ? "gpu" : "cpu"), 4, seed);
+    if (gpu) o = on_gpu(o);
+    o.schedule = {ScheduleKind::kConstant, 1e35, 1e35, 0, 4, 0};
+    o.skip_nonfinite = true;
+    o.ckpt_every = 1;
+    o.keep_checkpoints = 4;
+    const TrainResult r = train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, o);
+    ASSERT_EQ(r.steps.size(), 4u);
+    for (const StepRecord& s : r.steps) skipped[gpu].push_back(s.skipped);
+  }
+  EXPECT_EQ(skipped[1], (std::vector<bool>{false, true, true, true})) << "on the GPU";
+  EXPECT_EQ(skipped[0], skipped[1]) << "the CPU skips other steps";
+  const auto bytes = [](const fs::path& p) {
+    std::ifstream in(p, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  const fs::path ckpts = dir / "gpu" / kCheckpointsDir;
+  for (const char* file : {"model.safetensors", "optimizer.safetensors"}) {
+    const std::string first = bytes(ckpts / "step_00000001" / file);
+    EXPECT_FALSE(first.empty()) << file;
+    EXPECT_EQ(bytes(ckpts / "step_00000004" / file), first) << file << " changed in a skipped step";
+  }
 }
 
 // Checkpoints are one format: a GPU run resumes on the CPU and a CPU run on the GPU. The devices'

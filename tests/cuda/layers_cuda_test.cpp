@@ -1191,16 +1191,17 @@ TEST(AdamWCuda, MatchesCpuBitForBit) {
   const AdamWOptions options{0.9f, 0.95f, 1e-8f, 0.1f};
   AdamW cpu(options);
   cuda::AdamWCuda gpu(options, numel);
-  DeviceBuffer<float> d_w{std::span<const float>(w)}, d_g(g.size()), d_mult(1);
+  DeviceBuffer<float> d_w{std::span<const float>(w)}, d_g(g.size());
+  DeviceBuffer<cuda::StepControl> d_control(1);
   for (int step = 0; step < 3; ++step) {
     const auto grad = nn::test::random_normal(rng, numel, step == 1 ? 1e-3f : 1.0f);
     std::copy(grad.begin(), grad.end(), g.begin());
     d_g.upload(g);
     const double lr = 1e-3 * (step + 1);
     const float mult = step == 2 ? 0.37f : 1.0f;  // a clipping factor on the last step
-    d_mult.upload(std::vector<float>{mult});
+    d_control.upload(std::vector<cuda::StepControl>{{mult, 0}});
     cpu.step(params, lr, mult);
-    gpu.step(d_w.data(), d_g.data(), ranges, lr, step == 2 ? d_mult.data() : nullptr, nullptr);
+    gpu.step(d_w.data(), d_g.data(), ranges, lr, step == 2 ? d_control.data() : nullptr, nullptr);
     expect_bits_equal(download(d_w.data(), numel), w, "adamw weights after step " + std::to_string(step + 1));
   }
   // Moments: the CPU's checkpoint tensors, in parameter order.
@@ -1372,12 +1373,91 @@ TEST(GradNormCuda, MatchesCpuAndIsDeterministic) {
   const double want_sub = global_grad_norm(std::vector<model::Parameter>{params[3], params[0]});
   EXPECT_NEAR(download(sub.data(), 1)[0], want_sub, 1e-12 * want_sub) << "norm of two of the arrays";
 
-  // The clipping factor, as the trainer computes it, for a threshold below, above and off.
-  DeviceBuffer<float> mult(1);
-  for (const double clip : {0.5 * want, 2.0 * want, 0.0}) {
-    cuda::clip_multiplier(out.data(), clip, mult.data(), nullptr);
-    const float expected = clip > 0 && got[0] > clip ? static_cast<float>(clip / got[0]) : 1.0f;
-    EXPECT_EQ(download(mult.data(), 1)[0], expected) << "clip " << clip;
+}
+
+// step_control decides as the trainer does: the clipping factor for a threshold below, above and
+// off the norm; the update skipped where one micro-batch's loss or the norm is NaN or infinite (and
+// only there). The CPU engine applies the same rule (train/engine.h).
+TEST(StepControl, ClipsAndSkipsAsTheTrainer) {
+  std::mt19937_64 rng(fresh_seed());
+  std::uniform_real_distribution<double> u(0.5, 11.0);
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::numeric_limits<double>::quiet_NaN();
+  DeviceBuffer<double> d_losses(3), d_norm(1);
+  DeviceBuffer<cuda::StepControl> d_control(1);
+  const auto control = [&](const std::vector<double>& losses, double norm, double clip) {
+    d_losses.upload(losses);
+    d_norm.upload(std::vector<double>{norm});
+    cuda::step_control(d_losses.data(), static_cast<int>(losses.size()), d_norm.data(), clip, d_control.data(),
+                       nullptr);
+    return download(d_control.data(), 1)[0];
+  };
+  const std::vector<double> losses = {u(rng), u(rng), u(rng)};
+  const double norm = u(rng);
+  for (const double clip : {0.5 * norm, 2.0 * norm, 0.0}) {
+    const cuda::StepControl c = control(losses, norm, clip);
+    const float expected = clip > 0 && norm > clip ? static_cast<float>(clip / norm) : 1.0f;
+    EXPECT_EQ(c.grad_multiplier, expected) << "clip " << clip;
+    EXPECT_EQ(c.skip, 0u) << "clip " << clip;
+  }
+  for (const double bad : {nan, inf, -inf}) {
+    for (size_t i = 0; i < losses.size(); ++i) {
+      std::vector<double> l = losses;
+      l[i] = bad;
+      EXPECT_NE(control(l, norm, 1.0).skip, 0u) << "loss " << i << " = " << bad;
+    }
+    EXPECT_NE(control(losses, bad, 1.0).skip, 0u) << "norm " << bad;
+  }
+  // Finite losses whose step loss is finite, at the edge of what a double holds: not skipped.
+  EXPECT_EQ(control({1e308, 1e308, 1e308}, norm, 0.0).skip, 0u);
+  EXPECT_THROW(cuda::step_control(d_losses.data(), 0, d_norm.data(), 1.0, d_control.data(), nullptr),
+               std::invalid_argument);
+}
+
+// A skipped step (StepControl::skip) leaves weights and moments as they were, bit for bit, and
+// still writes each tensor's amax; after undo_step() the next step matches the CPU optimizer's
+// (which never took the skipped one), bias corrections included.
+TEST(AdamWCuda, SkippedStepChangesNothingButWritesTheAmax) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t n = 3 * 1024 + 7;
+  std::vector<float> w = nn::test::random_normal(rng, n, 0.5f), g(static_cast<size_t>(n));
+  const AdamWOptions options{0.9f, 0.95f, 1e-8f, 0.1f};
+  AdamW cpu(options);
+  cuda::AdamWCuda gpu(options, n);
+  DeviceBuffer<float> d_w{std::span<const float>(w)}, d_g(g.size());
+  DeviceBuffer<cuda::StepControl> d_control(1);
+  std::vector<uint32_t> init(4, 0xDEADBEEFu);
+  init[0] = init[2] = 0;
+  DeviceBuffer<uint32_t> words{std::span<const uint32_t>(init)};
+  for (int step = 0; step < 3; ++step) {
+    const bool skip = step == 1;
+    SCOPED_TRACE("step " + std::to_string(step + 1) + (skip ? " (skipped)" : ""));
+    g = nn::test::random_normal(rng, n, 1.0f);
+    d_g.upload(g);
+    const std::vector<float> w_before = download(d_w.data(), n), m_before = download(gpu.exp_avg(), n),
+                             v_before = download(gpu.exp_avg_sq(), n);
+    d_control.upload(std::vector<cuda::StepControl>{{0.5f, skip ? 1u : 0u}});
+    // The amax slots alternate between steps, as the engine's do.
+    std::vector<cuda::ParamTensor> tensors = {{d_w.data(), d_g.data(), n, true, 0}};
+    tensors[0].amax = step % 2 == 0 ? nibble::cuda::AmaxSlots{words.data(), words.data() + 2}
+                                    : nibble::cuda::AmaxSlots{words.data() + 2, words.data()};
+    gpu.step(tensors, 1e-2, d_control.data(), nullptr);
+    const std::vector<float> w_after = download(d_w.data(), n);
+    if (skip) {
+      gpu.undo_step();
+      expect_bits_equal(w_after, w_before, "weights");
+      expect_bits_equal(download(gpu.exp_avg(), n), m_before, "exp_avg");
+      expect_bits_equal(download(gpu.exp_avg_sq(), n), v_before, "exp_avg_sq");
+    } else {
+      std::vector<model::Parameter> params = {{"p", {n}, w, g, true}};
+      cpu.step(params, 1e-2, 0.5f);
+      expect_bits_equal(w_after, w, "weights against the CPU's");
+    }
+    uint32_t want = 0;
+    for (float v : w_after) want = std::max(want, std::bit_cast<uint32_t>(std::fabs(v)));
+    const std::vector<uint32_t> got = download(words.data(), 4);
+    EXPECT_EQ(got[step % 2 == 0 ? 0 : 2], want) << "the amax";
+    EXPECT_EQ(got[step % 2 == 0 ? 2 : 0], 0u) << "the next slot, zeroed";
+    EXPECT_EQ(gpu.steps(), cpu.steps());
   }
 }
 

@@ -7,12 +7,30 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "nibble/model/gpt.h"
 #include "nibble/train/optimizer.h"
 
 namespace nibble::train {
 
+// What a step gave: each micro-batch's mean loss, in order, and the gradient norm.
+struct StepOutcome {
+  std::vector<double> losses;
+  double grad_norm = 0.0;
+  bool updated = false;  // false: the update was skipped (the loss or the norm not finite)
+};
+
+// The step's loss as the trainer reports it: each micro-batch's loss / their count, added in order.
+inline double step_loss(std::span<const double> losses) {
+  double loss = 0.0;
+  for (const double l : losses) loss += l / static_cast<double>(losses.size());
+  return loss;
+}
+
+// A step is enqueued whole (zero_grad, forward_backward for each micro-batch, update) and then
+// finish_step() waits for it: an engine that computes elsewhere (the GPU) needs no host round trip
+// within the step, and the host prepares the next batch meanwhile.
 class Engine {
  public:
   virtual ~Engine() = default;
@@ -20,14 +38,19 @@ class Engine {
   virtual void set_bf16_everywhere(bool on) = 0;
   virtual void zero_grad() = 0;
   // One micro-batch: forward and backward at (step, microbatch), gradients accumulated with
-  // grad_scale; returns the mean loss.
-  virtual double forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
-                                  std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) = 0;
+  // grad_scale; its mean loss comes back in finish_step()'s outcome. Micro-batches of a step are
+  // numbered from 0.
+  virtual void forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
+                                std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) = 0;
+  // The update after the step's micro-batches: the gradient norm, then AdamW at lr with the
+  // gradients times min(1, grad_clip / norm) (grad_clip 0: no clipping), unless the step's loss
+  // (step_loss) or the norm is not finite: then nothing changes.
+  virtual void update(double lr, double grad_clip) = 0;
+  // Waits for the step; throws for a token id outside the vocabulary.
+  virtual StepOutcome finish_step() = 0;
+  // The mean loss of a batch, forward only (waits for it).
   virtual double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
                       int64_t seq) = 0;
-  virtual double grad_norm() = 0;
-  // AdamW with the gradients times grad_multiplier (the clipping factor).
-  virtual void update(double lr, float grad_multiplier) = 0;
   virtual void to_host() {}    // the host model and optimizer now hold the engine's state
   virtual void from_host() {}  // the engine now holds the host model's and optimizer's state
   // Memory: the process's peak RSS on the CPU; on a GPU the most device memory seen in use

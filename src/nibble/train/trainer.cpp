@@ -3,6 +3,8 @@
 #include <chrono>
 #include <cmath>
 #include <sstream>
+#include <stdexcept>
+#include <utility>
 
 #include "nibble/tensor/atomic_file.h"
 #include "nibble/train/checkpoint.h"
@@ -72,25 +74,31 @@ class CpuEngine final : public Engine {
   std::string device() const override { return "cpu"; }
   void set_bf16_everywhere(bool on) override { model_.set_bf16_everywhere(on); }
   void zero_grad() override { model_.zero_grad(); }
-  double forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
-                          std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) override {
+  void forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
+                        std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) override {
     model_.set_step(step, microbatch);
-    return model_.forward_backward(inputs, targets, batch, seq, grad_scale);
+    if (microbatch == 0) outcome_ = {};
+    outcome_.losses.push_back(model_.forward_backward(inputs, targets, batch, seq, grad_scale));
   }
+  void update(double lr, double grad_clip) override {
+    std::vector<model::Parameter> params = model_.parameters();
+    const double norm = global_grad_norm(params);
+    outcome_.grad_norm = norm;
+    outcome_.updated = std::isfinite(step_loss(outcome_.losses)) && std::isfinite(norm);
+    if (!outcome_.updated) return;
+    optimizer_.step(params, lr, grad_clip > 0 && norm > grad_clip ? static_cast<float>(grad_clip / norm) : 1.0f);
+  }
+  StepOutcome finish_step() override { return std::exchange(outcome_, {}); }
   double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
               int64_t seq) override {
     return model_.loss(inputs, targets, batch, seq);
-  }
-  double grad_norm() override { return global_grad_norm(model_.parameters()); }
-  void update(double lr, float grad_multiplier) override {
-    std::vector<model::Parameter> params = model_.parameters();
-    optimizer_.step(params, lr, grad_multiplier);
   }
   double memory_mib() override { return peak_rss_mib(); }
 
  private:
   model::Gpt& model_;
   AdamW& optimizer_;
+  StepOutcome outcome_;
 };
 
 // The same windows every time (the sampler is rewound to its start), so evaluations are comparable
@@ -182,13 +190,21 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
   const double flops_per_token = 6.0 * static_cast<double>(config.parameter_count()) +
                                  12.0 * static_cast<double>(config.n_layers * config.d_model * seq);
   const float micro_scale = 1.0f / static_cast<float>(o.grad_accum);
-  std::vector<uint32_t> windows(static_cast<size_t>(o.batch_size * (seq + 1))), inputs, targets;
+  // Each micro-batch's windows, drawn a step ahead: the next step's while the engine computes this one.
+  std::vector<std::vector<uint32_t>> windows(static_cast<size_t>(o.grad_accum),
+                                             std::vector<uint32_t>(static_cast<size_t>(o.batch_size * (seq + 1))));
+  std::vector<uint32_t> inputs, targets;
+  const auto draw_windows = [&] {
+    for (auto& w : windows) sampler.next(static_cast<size_t>(o.batch_size), w.data());
+  };
+  bool drawn = false;
+  data::SamplerPosition after_step = sampler.position();  // past the current step's windows: what a checkpoint saves
   const auto run_start = std::chrono::steady_clock::now();
   int64_t end = o.steps;
   if (o.stop_after > 0) end = std::min(end, result.start_step + o.stop_after);
 
   auto checkpoint_state = [&](int64_t done) {
-    return CheckpointState{done, sampler.position(), o.seed, model.bf16_everywhere(), o.to_json()};
+    return CheckpointState{done, after_step, o.seed, model.bf16_everywhere(), o.to_json()};
   };
 
   for (int64_t step = result.start_step; step < end; ++step) {
@@ -199,19 +215,26 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
       progress.message("step " + std::to_string(step + 1) + ": switching every layer to bf16 (bf16_switch_fraction " +
                        std::to_string(recipe.bf16_switch_fraction) + ")");
     }
-    engine->zero_grad();
-    double loss = 0.0;
-    for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
-      sampler.next(static_cast<size_t>(o.batch_size), windows.data());
-      split_windows(windows, o.batch_size, seq, inputs, targets);
-      loss += engine->forward_backward(static_cast<uint64_t>(step), static_cast<uint32_t>(micro), inputs, targets,
-                                       o.batch_size, seq, micro_scale) /
-              static_cast<double>(o.grad_accum);
-    }
-    const double norm = engine->grad_norm();
+    if (!drawn) draw_windows();
+    after_step = sampler.position();
     const double lr = schedule.at(step);
+    engine->zero_grad();
+    for (int64_t micro = 0; micro < o.grad_accum; ++micro) {
+      split_windows(windows[static_cast<size_t>(micro)], o.batch_size, seq, inputs, targets);
+      engine->forward_backward(static_cast<uint64_t>(step), static_cast<uint32_t>(micro), inputs, targets,
+                               o.batch_size, seq, micro_scale);
+    }
+    engine->update(lr, o.grad_clip);
+    drawn = step + 1 < end;
+    if (drawn) draw_windows();
+    const StepOutcome outcome = engine->finish_step();
+    const double loss = step_loss(outcome.losses), norm = outcome.grad_norm;
     StepRecord rec{step + 1, loss, lr, norm, false};
-    if (!std::isfinite(loss) || !std::isfinite(norm)) {
+    const bool finite = std::isfinite(loss) && std::isfinite(norm);
+    if (outcome.updated != finite)
+      throw std::logic_error("step " + std::to_string(step + 1) + ": the engine " +
+                             (outcome.updated ? "applied" : "skipped") + " the update, against the trainer's rule");
+    if (!finite) {
       const std::string what = "step " + std::to_string(step + 1) + ": non-finite " +
                                (!std::isfinite(loss) ? "loss (" + std::to_string(loss) + ")"
                                                      : "gradient norm (" + std::to_string(norm) + ")");
@@ -223,9 +246,6 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
       }
       rec.skipped = true;
       progress.message(what + "; skipping the update");
-    } else {
-      const float multiplier = o.grad_clip > 0 && norm > o.grad_clip ? static_cast<float>(o.grad_clip / norm) : 1.0f;
-      engine->update(lr, multiplier);
     }
     result.steps.push_back(rec);
 

@@ -90,7 +90,8 @@ GptCuda::GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream)
       stream_(stream),
       tok_embed_(host.config().vocab_size, host.config().d_model),
       norm_f_(host.config().d_model, host.config().norm, host.config().norm_eps),
-      head_(host.config().d_model, host.config().vocab_size, linear_ctx_.gemm) {
+      head_(host.config().d_model, host.config().vocab_size, linear_ctx_.gemm),
+      loss_dev_(1) {
   const GptConfig& c = host.config();
   if (c.positions == PositionKind::kLearned) pos_embed_ = std::make_unique<ncu::EmbeddingCuda>(c.seq_len, c.d_model);
   for (int64_t i = 0; i < c.n_layers; ++i)
@@ -224,7 +225,6 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
     targets_.resize(sz(1));
     positions_.resize(sz(1));
     for (DeviceBuffer<float>* b : {&x_, &hidden_, &dx_, &dtmp_}) b->resize(sz(d));
-    loss_dev_.resize(1);
     rows_ = rows;
   }
   // Through pinned memory: the caller may reuse its vectors at once, and the host does not wait for
@@ -315,10 +315,13 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
 double GptCuda::read_loss() {
   double loss = 0;
   NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&loss, loss_dev_.data(), sizeof loss, cudaMemcpyDeviceToHost, stream_));
-  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));
+  check_ids();
+  return loss;
+}
+
+void GptCuda::check_ids() {
   tok_embed_.check_ids(stream_);
   head_.check_ids(stream_);
-  return loss;
 }
 
 double GptCuda::loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
@@ -331,13 +334,19 @@ double GptCuda::loss(std::span<const uint32_t> inputs, std::span<const uint32_t>
 
 double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
                                  int64_t seq, float grad_scale) {
+  enqueue_forward_backward(inputs, targets, batch, seq, grad_scale, loss_dev_.data());
+  return read_loss();
+}
+
+void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::span<const uint32_t> targets,
+                                       int64_t batch, int64_t seq, float grad_scale, double* loss) {
   upload_tokens(inputs, targets, batch, seq);
   const int64_t rows = rows_;
   forward_hidden(batch, seq);
   // The logits' gradient is grad_scale / rows * (softmax - onehot), as on the CPU; with tied
   // embeddings the head's weight gradient goes straight into the table's, as on the CPU.
   head_.forward_backward(head_weight(), hidden_.data(), targets_.data(), rows, grad_scale / static_cast<float>(rows),
-                         loss_dev_.data(), dtmp_.data(), head_grad(), stream_);
+                         loss, dtmp_.data(), head_grad(), stream_);
   // As in forward_hidden: dY in BF16 straight into the layer where no operand made from it is FP32
   // (`produce(dst)` writes it, float* or bf16_t*; fp32 is the FP32 dY buffer otherwise). dX is then
   // BF16 too, rounded by the Dgrad GEMM's epilogue into dx16 (what the next backward reads), else
@@ -399,7 +408,6 @@ double GptCuda::forward_backward(std::span<const uint32_t> inputs, std::span<con
   }
   tok_embed_.backward(ids_.data(), rows, dx_.data(), stream_);
   if (pos_embed_) pos_embed_->backward(positions_.data(), rows, dx_.data(), stream_);
-  return read_loss();
 }
 
 }  // namespace nibble::model::cuda

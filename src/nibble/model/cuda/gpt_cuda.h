@@ -52,6 +52,13 @@ class GptCuda {
   double forward_backward(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
                           int64_t seq, float grad_scale = 1.0f);
   double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch, int64_t seq);
+  // forward_backward without waiting: the mean loss goes to *loss (device memory) on stream().
+  // The host may reuse its vectors at once; check_ids() then reports ids outside the vocabulary.
+  void enqueue_forward_backward(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
+                                int64_t seq, float grad_scale, double* loss);
+  // Waits for stream(); throws std::out_of_range for the first input id or target outside the
+  // vocabulary since the last check (those rows were left out of the step).
+  void check_ids();
 
   // Device views of the parameters and gradients. Writing values (the optimizer) must be followed
   // by weights_changed(), which drops the linear layers' quantized weight copies.

@@ -1,4 +1,4 @@
-// AdamW step, global gradient norm and clipping factor on the GPU (see adamw_cuda.h). This file is
+// AdamW step, global gradient norm, clipping factor and skip decision on the GPU (see adamw_cuda.h). This file is
 // compiled with -fmad=false: the update must round exactly as the CPU optimizer's float code.
 #include <cmath>
 #include <stdexcept>
@@ -40,30 +40,35 @@ __device__ const Segment& segment_of(const Segment* segs, int n, unsigned block)
 
 __global__ void __launch_bounds__(kAdamWThreads)
     adamw_kernel(const AdamWSegment* __restrict__ segs, int n_segs, float* __restrict__ m, float* __restrict__ v,
-                 StepArgs a, const float* __restrict__ multiplier) {
+                 StepArgs a, const StepControl* __restrict__ control) {
   const AdamWSegment& seg = segment_of(segs, n_segs, blockIdx.x);
   float* __restrict__ w = seg.value;
   const float* __restrict__ g = seg.grad;
   const float decay = seg.decay;
-  const float mult = multiplier != nullptr ? *multiplier : 1.0f;
+  const float mult = control != nullptr ? control->grad_multiplier : 1.0f;
+  const bool apply = control == nullptr || control->skip == 0;
   const int64_t begin = (blockIdx.x - seg.first_block) * kAdamWBlockElements;
   float amax = 0.0f;
 #pragma unroll
   for (int k = 0; k < kAdamWPerThread; ++k) {
     const int64_t i = begin + k * kAdamWThreads + threadIdx.x;
     if (i >= seg.count) break;
-    const int64_t j = seg.moment_offset + i;
-    const float gi = g[i] * mult;
-    const float mi = a.b1 * m[j] + (1.0f - a.b1) * gi;
-    const float vi = a.b2 * v[j] + (1.0f - a.b2) * gi * gi;
-    m[j] = mi;
-    v[j] = vi;
-    const float update = (mi / a.bias1) / (sqrtf(vi / a.bias2) + a.eps);
-    const float wi = w[i] - a.lr * (update + decay * w[i]);
-    w[i] = wi;
+    float wi = w[i];
+    if (apply) {
+      const int64_t j = seg.moment_offset + i;
+      const float gi = g[i] * mult;
+      const float mi = a.b1 * m[j] + (1.0f - a.b1) * gi;
+      const float vi = a.b2 * v[j] + (1.0f - a.b2) * gi * gi;
+      m[j] = mi;
+      v[j] = vi;
+      const float update = (mi / a.bias1) / (sqrtf(vi / a.bias2) + a.eps);
+      wi = wi - a.lr * (update + decay * wi);
+      w[i] = wi;
+    }
     amax = nibble::cuda::fmax_abs_nan(amax, wi);
   }
-  // The amax pass's word of the updated tensor (the same maximum, NaN included), uniform per block.
+  // The amax pass's word of the updated tensor (the same maximum, NaN included), uniform per block;
+  // written for a skipped step too, whose readers expect it.
   if (seg.amax != nullptr) {
     if (blockIdx.x == seg.first_block && threadIdx.x == 0) seg.amax_zero_next[0] = seg.amax_zero_next[1] = 0;
     nibble::cuda::block_max_to_global(float_bits(amax), seg.amax);
@@ -103,9 +108,13 @@ __global__ void __launch_bounds__(kZeroThreads) zero_kernel(const ChunkSegment* 
   for (int64_t i = begin + threadIdx.x; i < end; i += kZeroThreads) seg.data[i] = 0.0f;
 }
 
-__global__ void clip_kernel(const double* norm, double max_norm, float* multiplier) {
+__global__ void step_control_kernel(const double* losses, int count, const double* norm, double max_norm,
+                                    StepControl* control) {
+  double loss = 0.0;
+  for (int i = 0; i < count; ++i) loss += losses[i] / static_cast<double>(count);
   const double nv = *norm;
-  *multiplier = max_norm > 0 && nv > max_norm ? static_cast<float>(max_norm / nv) : 1.0f;
+  control->skip = !isfinite(loss) || !isfinite(nv);
+  control->grad_multiplier = max_norm > 0 && nv > max_norm ? static_cast<float>(max_norm / nv) : 1.0f;
 }
 
 }  // namespace
@@ -119,14 +128,14 @@ AdamWCuda::AdamWCuda(AdamWOptions options, int64_t numel) : options_(options), n
 }
 
 void AdamWCuda::step(float* value, const float* grad, std::span<const ParamRange> ranges, double lr,
-                     const float* grad_multiplier, cudaStream_t stream) {
+                     const StepControl* control, cudaStream_t stream) {
   std::vector<ParamTensor> tensors;
   for (const ParamRange& r : ranges)
     tensors.push_back({value + r.offset, grad + r.offset, r.count, r.weight_decay, r.offset});
-  step(tensors, lr, grad_multiplier, stream);
+  step(tensors, lr, control, stream);
 }
 
-void AdamWCuda::step(std::span<const ParamTensor> tensors, double lr, const float* grad_multiplier,
+void AdamWCuda::step(std::span<const ParamTensor> tensors, double lr, const StepControl* control,
                      cudaStream_t stream) {
   for (const ParamTensor& t : tensors)
     if (t.offset < 0 || t.count < 0 || t.offset + t.count > numel_)
@@ -154,7 +163,7 @@ void AdamWCuda::step(std::span<const ParamTensor> tensors, double lr, const floa
   if (blocks > 0x7fffffffLL) throw std::invalid_argument("AdamWCuda::step: too many parameters for one launch");
   segments_.set(segs, stream);
   adamw_kernel<<<static_cast<unsigned>(blocks), kAdamWThreads, 0, stream>>>(
-      segments_.device(), static_cast<int>(segs.size()), m_.data(), v_.data(), a, grad_multiplier);
+      segments_.device(), static_cast<int>(segs.size()), m_.data(), v_.data(), a, control);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
@@ -201,8 +210,10 @@ void GradZeroCuda::zero(std::span<const GradSpan> arrays, cudaStream_t stream) {
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-void clip_multiplier(const double* norm, double max_norm, float* multiplier, cudaStream_t stream) {
-  clip_kernel<<<1, 1, 0, stream>>>(norm, max_norm, multiplier);
+void step_control(const double* losses, int count, const double* norm, double max_norm, StepControl* control,
+                  cudaStream_t stream) {
+  if (count <= 0) throw std::invalid_argument("step_control: no micro-batch losses");
+  step_control_kernel<<<1, 1, 0, stream>>>(losses, count, norm, max_norm, control);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

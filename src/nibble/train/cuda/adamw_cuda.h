@@ -6,13 +6,15 @@
 // CPU optimizer's bits. Moments m, v are FP32, owned here, laid out like the flat parameter array.
 // Weight decay applies per range of the array (norm gains and biases are not decayed).
 //
-// The clipping factor can stay on the device: GradNormCuda writes the norm (double) and
-// clip_multiplier() turns it into the factor the trainer computes on the CPU; step() reads it
-// through a device pointer, so a step needs no host synchronisation.
+// The whole step can stay on the device: GradNormCuda writes the norm (double), step_control()
+// turns it and the micro-batches' losses into the clipping factor and the decision to skip the
+// update (what the trainer decides on the CPU), and step() reads both through a device pointer, so
+// a step needs no host synchronisation.
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <span>
 #include <vector>
@@ -71,19 +73,30 @@ template <typename Segment>
 class SegmentTable {
  public:
   // Makes device() hold `segs`, copying them only when they differ from the last ones (the copy is
-  // ordered on `stream` after the launches that read the previous table).
+  // ordered on `stream` after the launches that read the previous table). Through pinned memory: a
+  // copy from pageable memory may wait for the stream, and the step is enqueued while the GPU runs.
   void set(const std::vector<Segment>& segs, cudaStream_t stream) {
     if (segs == host_) return;
     host_ = segs;
     device_.reserve(host_.size());
-    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(device_.data(), host_.data(), host_.size() * sizeof(Segment),
-                                      cudaMemcpyHostToDevice, stream));
+    Segment* staged = staging_.write(host_.size());
+    std::copy(host_.begin(), host_.end(), staged);
+    NIBBLE_CUDA_CHECK(
+        cudaMemcpyAsync(device_.data(), staged, host_.size() * sizeof(Segment), cudaMemcpyHostToDevice, stream));
+    staging_.copied(stream);
   }
   const Segment* device() const { return device_.data(); }
 
  private:
   std::vector<Segment> host_;
+  nibble::cuda::HostStaging<Segment> staging_;
   nibble::cuda::DeviceBuffer<Segment> device_;
+};
+
+// What an optimizer step reads from the device (step_control() writes it).
+struct StepControl {
+  float grad_multiplier = 1.0f;  // the gradient clipping factor
+  uint32_t skip = 0;             // nonzero: parameters and moments stay as they are (amaxes still written)
 };
 
 class AdamWCuda {
@@ -99,11 +112,14 @@ class AdamWCuda {
   void set_steps(int64_t t) { t_ = t; }      // when moments are restored from a checkpoint
 
   // One step over every range: value -= lr * (m_hat / (sqrt(v_hat) + eps) + wd * value), with the
-  // gradient multiplied by *grad_multiplier (device float; nullptr: 1). Ranges must lie in [0, numel).
+  // gradient multiplied by control->grad_multiplier, or nothing changed where control->skip is set
+  // (device memory; nullptr: multiplier 1, no skip). Ranges must lie in [0, numel). The bias
+  // corrections count the step on the host: after a skipped step, undo_step() before the next one.
   void step(float* value, const float* grad, std::span<const ParamRange> ranges, double lr,
-            const float* grad_multiplier, cudaStream_t stream);
+            const StepControl* control, cudaStream_t stream);
   // The same step over tensors that live in separate allocations (a model's layers).
-  void step(std::span<const ParamTensor> tensors, double lr, const float* grad_multiplier, cudaStream_t stream);
+  void step(std::span<const ParamTensor> tensors, double lr, const StepControl* control, cudaStream_t stream);
+  void undo_step() { --t_; }  // the last step was skipped on the device (StepControl::skip)
 
  private:
   AdamWOptions options_;
@@ -140,7 +156,11 @@ class GradZeroCuda {
   SegmentTable<ChunkSegment> segments_;
 };
 
-// *multiplier = (max_norm > 0 && *norm > max_norm) ? float(max_norm / *norm) : 1, as the trainer does.
-void clip_multiplier(const double* norm, double max_norm, float* multiplier, cudaStream_t stream);
+// The trainer's decisions on the device, from the `count` micro-batches' mean losses and the
+// gradient norm: skip the update where the step's loss (the sum of each loss / count, in order, as
+// the trainer adds them) or the norm is not finite; otherwise clip: grad_multiplier =
+// (max_norm > 0 && norm > max_norm) ? float(max_norm / norm) : 1.
+void step_control(const double* losses, int count, const double* norm, double max_norm, StepControl* control,
+                  cudaStream_t stream);
 
 }  // namespace nibble::train::cuda

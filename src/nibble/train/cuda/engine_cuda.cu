@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "nibble/model/cuda/gpt_cuda.h"
@@ -26,8 +27,7 @@ class CudaEngine final : public Engine {
       : host_(host),
         optimizer_(optimizer),
         gpu_(host, run_seed),
-        adamw_(optimizer.options(), total_count(gpu_.parameters())),
-        norm_(1) {
+        adamw_(optimizer.options(), total_count(gpu_.parameters())) {
     int64_t offset = 0;
     for (const auto& p : gpu_.parameters()) {
       tensors_.push_back({p.value, p.grad, p.count, p.weight_decay, offset});
@@ -46,36 +46,39 @@ class CudaEngine final : public Engine {
   // Every gradient is a parameter's (parameters()), so one launch over them zeroes what
   // GptCuda::zero_grad's memsets do.
   void zero_grad() override { grad_zero_.zero(grads_, gpu_.stream()); }
-  double forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
-                          std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) override {
+  void forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
+                        std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) override {
     gpu_.set_step(step, microbatch);
-    return gpu_.forward_backward(inputs, targets, batch, seq, grad_scale);
+    gpu_.enqueue_forward_backward(inputs, targets, batch, seq, grad_scale, loss_slot(microbatch));
+    micro_batches_ = static_cast<int>(microbatch) + 1;
   }
   double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
               int64_t seq) override {
     return gpu_.loss(inputs, targets, batch, seq);
   }
-  double grad_norm() override {
-    grad_norm_.compute(grads_, norm_.data(), gpu_.stream());
-    double n = 0;
-    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&n, norm_.data(), sizeof n, cudaMemcpyDeviceToHost, gpu_.stream()));
-    NIBBLE_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream()));
-    return n;
-  }
-  // Returns without waiting for the step: the host prepares the next batch (and writes the metrics)
-  // while the GPU runs the optimizer; the next read of the loss or the norm waits for it.
-  void update(double lr, float grad_multiplier) override {
-    multiplier_.resize(1);
-    float* staged = multiplier_host_.write(1);
-    *staged = grad_multiplier;
-    NIBBLE_CUDA_CHECK(
-        cudaMemcpyAsync(multiplier_.data(), staged, sizeof(float), cudaMemcpyHostToDevice, gpu_.stream()));
-    multiplier_host_.copied(gpu_.stream());
+  // The norm, the clipping factor and the decision to skip are made on the device (step_control),
+  // so the host enqueues the whole step without waiting for it.
+  void update(double lr, double grad_clip) override {
+    if (micro_batches_ == 0) throw std::logic_error("CudaEngine::update: no micro-batch in the step");
+    grad_norm_.compute(grads_, results_.data(), gpu_.stream());
+    control_.resize(1);
+    step_control(results_.data() + 1, micro_batches_, results_.data(), grad_clip, control_.data(), gpu_.stream());
     // The step also computes each NVFP4 weight's amax for its next quantization (one pass fewer).
     const std::vector<nibble::cuda::AmaxSlots> amaxes = gpu_.weight_amaxes_for_optimizer();
     for (size_t i = 0; i < tensors_.size(); ++i) tensors_[i].amax = amaxes[i];
-    adamw_.step(tensors_, lr, multiplier_.data(), gpu_.stream());
+    adamw_.step(tensors_, lr, control_.data(), gpu_.stream());
     gpu_.weights_changed(/*amaxes_produced=*/true);
+  }
+  StepOutcome finish_step() override {
+    std::vector<double> values(static_cast<size_t>(1 + micro_batches_));
+    StepControl control;
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(values.data(), results_.data(), values.size() * sizeof(double),
+                                      cudaMemcpyDeviceToHost, gpu_.stream()));
+    NIBBLE_CUDA_CHECK(
+        cudaMemcpyAsync(&control, control_.data(), sizeof control, cudaMemcpyDeviceToHost, gpu_.stream()));
+    gpu_.check_ids();  // waits for the copies
+    if (control.skip != 0) adamw_.undo_step();  // as the CPU optimizer, which counts only the steps it takes
+    return StepOutcome{std::vector<double>(values.begin() + 1, values.end()), values[0], control.skip == 0};
   }
   void to_host() override {
     gpu_.download_to(host_);
@@ -113,6 +116,20 @@ class CudaEngine final : public Engine {
   }
 
  private:
+  // Where micro-batch m's loss goes; the slots of the micro-batches before it survive a growth.
+  double* loss_slot(uint32_t microbatch) {
+    const size_t need = 2 + static_cast<size_t>(microbatch);
+    if (results_.size() < need) {
+      DeviceBuffer<double> grown(std::max(need, 2 * results_.size()));
+      if (microbatch > 0)
+        NIBBLE_CUDA_CHECK(cudaMemcpyAsync(grown.data() + 1, results_.data() + 1, microbatch * sizeof(double),
+                                          cudaMemcpyDeviceToDevice, gpu_.stream()));
+      NIBBLE_CUDA_CHECK(cudaStreamSynchronize(gpu_.stream()));  // the copy, before the old buffer goes
+      results_ = std::move(grown);
+    }
+    return results_.data() + 1 + microbatch;
+  }
+
   void from_host_moments() {
     const std::vector<model::Parameter> ps = host_.parameters();
     std::vector<float> m, v;
@@ -138,9 +155,10 @@ class CudaEngine final : public Engine {
   GradZeroCuda grad_zero_;
   std::vector<ParamTensor> tensors_;
   std::vector<GradSpan> grads_;
-  DeviceBuffer<double> norm_;
-  DeviceBuffer<float> multiplier_;
-  nibble::cuda::HostStaging<float> multiplier_host_;
+  // The step's results on the device: [0] the gradient norm, [1 + m] micro-batch m's mean loss.
+  DeviceBuffer<double> results_;
+  int micro_batches_ = 0;  // of the step being enqueued
+  DeviceBuffer<StepControl> control_;
   std::string name_;
   double peak_ = 0;
 };
