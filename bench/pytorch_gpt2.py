@@ -4,10 +4,13 @@
 The same model as configs/models/gpt2-124m.toml (or --config another nibble model TOML of the GPT-2
 kind: learned positions, LayerNorm, GELU (tanh), tied embeddings): pre-norm blocks, causal
 attention through scaled_dot_product_attention (flash), BF16 autocast, fused AdamW, gradient
-clipping at 1.0. Tokens are random ids (throughput does not depend on them).
+clipping at 1.0. With --data, windows of the token files nibble trains on (a `nibble prepare`
+output: llm.c .bin shards, train_*.bin), at random offsets; without it, random ids. The data matters
+to speed through power: at its 700 W cap the H200 lowers its clocks, and the power drawn depends on
+the values multiplied.
 
     python3 bench/pytorch_gpt2.py --config configs/models/gpt2-124m.toml --batch 16 --steps 30 [--compile]
-        [--profile FILE]
+        [--data DIR] [--profile FILE]
 
 Prints one JSON line: tokens/s (median over the steps after warm-up), model FLOPs utilisation
 (6 N + 12 L d T per token, against 989.4 TFLOP/s dense BF16 on H100/H200), peak memory (PyTorch's
@@ -17,9 +20,12 @@ step, largest first, to FILE: the counterpart of nibble's per-kernel breakdown (
 profile phase), to see where the two steps differ.
 """
 import argparse
+import glob
 import json
 import math
+import os
 import statistics
+import sys
 import time
 import tomllib
 
@@ -83,6 +89,27 @@ def write_profile(path, step, steps):
             f.write(f"{ms:.3f}\t{n:.0f}\t{key}\n")
 
 
+def load_tokens(data_dir, vocab, dev):
+    """The train_*.bin shards of a `nibble prepare` output (llm.c format: 256 int32 header words, magic
+    20240520, version 1, token count; then uint16 tokens), concatenated, as int64 on the device."""
+    shards = sorted(glob.glob(os.path.join(data_dir, "train_*.bin")))
+    if not shards:
+        sys.exit(f"{data_dir}: no train_*.bin shards (not a nibble prepare output)")
+    parts = []
+    for path in shards:
+        with open(path, "rb") as f:
+            raw = f.read()
+        header = torch.frombuffer(bytearray(raw[:1024]), dtype=torch.int32)
+        count = int(header[2])
+        if int(header[0]) != 20240520 or int(header[1]) != 1 or len(raw) != 1024 + 2 * count:
+            sys.exit(f"{path}: not an llm.c token shard (version 1) of the size its header gives")
+        parts.append(torch.frombuffer(bytearray(raw[1024:]), dtype=torch.int16).to(torch.int64) & 0xFFFF)
+    tokens = torch.cat(parts)
+    if int(tokens.max()) >= vocab:
+        sys.exit(f"{data_dir}: token ids up to {int(tokens.max())}, the model's vocabulary has {vocab}")
+    return tokens.to(dev)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/models/gpt2-124m.toml")
@@ -91,6 +118,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--profile", metavar="FILE", help="write the kernels of 3 profiled steps to FILE")
+    ap.add_argument("--data", metavar="DIR", help="train on the token shards of a nibble prepare output")
     a = ap.parse_args()
     with open(a.config, "rb") as f:
         c = tomllib.load(f)
@@ -105,9 +133,16 @@ def main():
     opt = torch.optim.AdamW(model.parameters(), lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     step_fn = torch.compile(model) if a.compile else model
     t = c["seq_len"]
+    tokens = load_tokens(a.data, c["vocab_size"], dev) if a.data else None
+    if tokens is not None and len(tokens) < t + 1:
+        sys.exit(f"{a.data}: {len(tokens)} tokens, fewer than one window of {t + 1}")
+    window = torch.arange(t + 1, device=dev)
 
     def step():
-        ids = torch.randint(0, c["vocab_size"], (a.batch, t + 1), device=dev)
+        if tokens is None:
+            ids = torch.randint(0, c["vocab_size"], (a.batch, t + 1), device=dev)
+        else:
+            ids = tokens[torch.randint(0, len(tokens) - t, (a.batch, 1), device=dev) + window]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step_fn(ids[:, :-1], ids[:, 1:])
         loss.backward()

@@ -20,8 +20,13 @@ for recipe in bf16 nvfp4; do
   cp "/tmp/bench-$recipe/metrics.jsonl" "$out/nibble-$recipe.jsonl"
 done
 : >"$out/pytorch.jsonl"
+# PyTorch trains on the same token files and runs as many steps as nibble (10 warm-up, the rest
+# timed): at its 700 W cap the H200 lowers its clocks within a second or two of training, by an amount
+# that can depend on the data, so both should reach the same point of that ramp on the same tokens.
+timed=$((steps > 10 ? steps - 10 : steps))
 if [ "${PYTORCH:-1}" != 0 ]; then
-  python3 bench/pytorch_gpt2.py --config "$config" --batch 16 --steps 30 >>"$out/pytorch.jsonl"
-  python3 bench/pytorch_gpt2.py --config "$config" --batch 16 --steps 30 --compile >>"$out/pytorch.jsonl" 2>"$out/compile.log"
+  python3 bench/pytorch_gpt2.py --config "$config" --batch 16 --steps "$timed" --data "$data" >>"$out/pytorch.jsonl"
+  python3 bench/pytorch_gpt2.py --config "$config" --batch 16 --steps "$timed" --data "$data" --compile \
+    >>"$out/pytorch.jsonl" 2>"$out/compile.log"
 fi
 python3 bench/training_table.py --nibble bf16=/tmp/bench-bf16 nvfp4=/tmp/bench-nvfp4 --pytorch "$out/pytorch.jsonl" | tee "$out/table.md"
