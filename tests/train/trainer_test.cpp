@@ -1,6 +1,7 @@
 // The training loop end to end on a tiny model and synthetic data: the loss falls under bf16 and
 // nvfp4, resume after an interruption repeats the uninterrupted run bit for bit, checkpoints
-// rotate, non-finite steps stop (or are skipped), the late switch to bf16 happens on time.
+// rotate, non-finite steps stop (or are skipped), the late switch to bf16 happens on time, and the
+// engine gets each step whole and is waited for once.
 #include "nibble/train/trainer.h"
 
 #include <gtest/gtest.h>
@@ -8,11 +9,16 @@
 
 #include <cmath>
 #include <fstream>
+#include <memory>
 #include <random>
+#include <stdexcept>
+#include <string>
+#include <vector>
 
 #include "nibble/data/token_formats.h"
 #include "nibble/tensor/safetensors.h"
 #include "nibble/train/checkpoint.h"
+#include "nibble/train/engine.h"
 #include "nn/nn_test_util.h"
 #include "train/train_test_util.h"
 
@@ -125,6 +131,88 @@ TEST(Train, SkipsNonFiniteStepsWhenAsked) {
   }
   const auto lines = read_jsonl(dir / "run" / "metrics.jsonl");
   EXPECT_TRUE(lines[2]["skipped"].get<bool>());
+}
+
+// An engine that records the trainer's calls and passes them to the CPU engine; `flip_update`
+// makes it report the opposite of its update decision.
+class RecordingEngine final : public Engine {
+ public:
+  RecordingEngine(std::unique_ptr<Engine> inner, std::vector<std::string>& calls, bool flip_update)
+      : inner_(std::move(inner)), calls_(calls), flip_update_(flip_update) {}
+  std::string device() const override { return inner_->device(); }
+  void set_bf16_everywhere(bool on) override { inner_->set_bf16_everywhere(on); }
+  void zero_grad() override {
+    calls_.push_back("zero_grad");
+    inner_->zero_grad();
+  }
+  void forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
+                        std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) override {
+    calls_.push_back("forward_backward " + std::to_string(step) + "." + std::to_string(microbatch));
+    inner_->forward_backward(step, microbatch, inputs, targets, batch, seq, grad_scale);
+  }
+  void update(double lr, double grad_clip) override {
+    calls_.push_back("update");
+    inner_->update(lr, grad_clip);
+  }
+  StepOutcome finish_step() override {
+    calls_.push_back("finish_step");
+    StepOutcome o = inner_->finish_step();
+    if (flip_update_) o.updated = !o.updated;
+    return o;
+  }
+  double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
+              int64_t seq) override {
+    calls_.push_back("loss");
+    return inner_->loss(inputs, targets, batch, seq);
+  }
+  double memory_mib() override { return inner_->memory_mib(); }
+
+ private:
+  std::unique_ptr<Engine> inner_;
+  std::vector<std::string>& calls_;
+  bool flip_update_;
+};
+
+// The trainer hands the engine each step whole (zero_grad, every micro-batch, the update) and waits
+// for it once (finish_step); the result equals the plain CPU run's. An engine whose update decision
+// differs from the trainer's rule stops the run.
+TEST(Train, EnginesGetEachStepWholeAndAreWaitedForOnce) {
+  const uint64_t seed = nn::test::fresh_seed();
+  TempDir dir;
+  const Data d = make_data(dir, seed);
+  for (const bool flip : {false, true}) {
+    std::vector<std::string> calls;
+    TrainOptions o = options(dir / (flip ? "flipped" : "recorded"), 3, seed);
+    o.grad_accum = 2;
+    o.make_engine = [&](model::Gpt& m, AdamW& opt) {
+      return std::make_unique<RecordingEngine>(make_cpu_engine(m, opt), calls, flip);
+    };
+    if (flip) {
+      try {
+        train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, o);
+        ADD_FAILURE() << "an engine that applied a step the trainer would skip (or the reverse) went unnoticed";
+      } catch (const std::logic_error& e) {
+        EXPECT_NE(std::string(e.what()).find("step 1: the engine skipped the update"), std::string::npos) << e.what();
+      }
+      continue;
+    }
+    const TrainResult r = train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, o);
+    std::vector<std::string> want;
+    for (int step = 0; step < 3; ++step)
+      for (const std::string& c : {std::string("zero_grad"), "forward_backward " + std::to_string(step) + ".0",
+                                   "forward_backward " + std::to_string(step) + ".1", std::string("update"),
+                                   std::string("finish_step")})
+        want.push_back(c);
+    EXPECT_EQ(calls, want);
+    TrainOptions plain = options(dir / "plain", 3, seed);
+    plain.grad_accum = 2;
+    const TrainResult p = train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, plain);
+    ASSERT_EQ(r.steps.size(), p.steps.size());
+    for (size_t i = 0; i < r.steps.size(); ++i) {
+      EXPECT_EQ(r.steps[i].loss, p.steps[i].loss) << "step " << i + 1;
+      EXPECT_EQ(r.steps[i].grad_norm, p.steps[i].grad_norm) << "step " << i + 1;
+    }
+  }
 }
 
 TEST(Train, ValidationDataTooShortFailsBeforeTraining) {
