@@ -12,7 +12,7 @@
 #   sanitizers  compute-sanitizer memcheck and racecheck on the small cases
 #   benches     the quantization, layer and GEMM benchmarks
 #   train       scripts/bench_training.sh: nibble bf16/nvfp4 against PyTorch (DATA=<nibble prepare
-#               output>, or the bundle's data; CONFIG, STEPS and PYTORCH as there, STEPS default 40)
+#               output>, or the bundle's data; CONFIG, STEPS and PYTORCH as there, STEPS default 100)
 #   profile     per-kernel time of one training step under ncu, grouped by bench/kernel_breakdown.py,
 #               for each of RECIPES (default "nvfp4"); NCU_CACHE=none keeps the caches warm between
 #               kernels as in the training run (default "all": ncu flushes them before each kernel)
@@ -90,10 +90,10 @@ run_benches() {
 run_train() {
   echo "== training speed against PyTorch"
   [ -n "${DATA:-}" ] || { echo "device_check: the train phase needs DATA (or a bundle with data)" >&2; status=1; return; }
-  OUT="$out" scripts/bench_training.sh "$DATA" "$nibble" "${STEPS:-40}" || status=1
+  OUT="$out" scripts/bench_training.sh "$DATA" "$nibble" "${STEPS:-100}" || status=1
   [ -n "$base" ] || return
   echo "== training speed of the base build"
-  OUT="$out/base" PYTORCH=0 scripts/bench_training.sh "$DATA" "$base/src/nibble/cli/nibble" "${STEPS:-40}" || status=1
+  OUT="$out/base" PYTORCH=0 scripts/bench_training.sh "$DATA" "$base/src/nibble/cli/nibble" "${STEPS:-100}" || status=1
 }
 
 run_profile() {
