@@ -30,8 +30,9 @@ sampled() {  # NAME COMMAND...
 }
 for recipe in bf16 nvfp4; do
   rm -rf "/tmp/bench-$recipe"
-  sampled "nibble-$recipe" "$nibble" train --device cuda --config "$config" --recipe "$recipe" --data "$data" --out "/tmp/bench-$recipe" \
-    --steps "$steps" --batch-size 16 --progress quiet --val-batches 1 >"$out/nibble-$recipe.log" 2>&1
+  sampled "nibble-$recipe" "$nibble" train --device cuda --config "$config" --recipe "$recipe" --data "$data" \
+    --out "/tmp/bench-$recipe" --steps "$steps" --batch-size 16 --progress quiet --val-batches 1 \
+    >"$out/nibble-$recipe.log" 2>&1
   cp "/tmp/bench-$recipe/metrics.jsonl" "$out/nibble-$recipe.jsonl"
 done
 : >"$out/pytorch.jsonl"
