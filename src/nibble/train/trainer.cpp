@@ -77,7 +77,6 @@ class CpuEngine final : public Engine {
   void forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
                         std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) override {
     model_.set_step(step, microbatch);
-    if (microbatch == 0) outcome_ = {};
     outcome_.losses.push_back(model_.forward_backward(inputs, targets, batch, seq, grad_scale));
   }
   void update(double lr, double grad_clip) override {
@@ -197,7 +196,6 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
   const auto draw_windows = [&] {
     for (auto& w : windows) sampler.next(static_cast<size_t>(o.batch_size), w.data());
   };
-  bool drawn = false;
   data::SamplerPosition after_step = sampler.position();  // past the current step's windows: what a checkpoint saves
   const auto run_start = std::chrono::steady_clock::now();
   int64_t end = o.steps;
@@ -215,7 +213,7 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
       progress.message("step " + std::to_string(step + 1) + ": switching every layer to bf16 (bf16_switch_fraction " +
                        std::to_string(recipe.bf16_switch_fraction) + ")");
     }
-    if (!drawn) draw_windows();
+    if (step == result.start_step) draw_windows();  // later steps' windows were drawn a step ahead
     after_step = sampler.position();
     const double lr = schedule.at(step);
     engine->zero_grad();
@@ -225,8 +223,7 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
                                o.batch_size, seq, micro_scale);
     }
     engine->update(lr, o.grad_clip);
-    drawn = step + 1 < end;
-    if (drawn) draw_windows();
+    if (step + 1 < end) draw_windows();
     const StepOutcome outcome = engine->finish_step();
     const double loss = step_loss(outcome.losses), norm = outcome.grad_norm;
     StepRecord rec{step + 1, loss, lr, norm, false};
