@@ -253,6 +253,81 @@ TEST_P(NormCudaTest, MatchesCpu) {
   for (const int64_t dim : {int64_t{96}, int64_t{768}}) check_norm_against_cpu(GetParam(), dim);
 }
 
+// nn::Norm's backward in double for x and dy, with the normalized rows rounded to BF16 to nearest
+// even, as NormCuda saves them after a forward with BF16 output; adds the gain and bias gradients
+// to gain and bias.
+std::vector<float> norm_backward_bf16_rows(NormKind kind, const std::vector<float>& x, const std::vector<float>& dy,
+                                           const std::vector<float>& weight, int64_t rows, int64_t dim,
+                                           std::vector<double>& gain, std::vector<double>& bias) {
+  const bool centered = kind == NormKind::kLayerNorm;
+  std::vector<float> dx(x.size());
+  std::vector<double> xh(static_cast<size_t>(dim));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x.data() + r * dim;
+    double mean = 0.0, var = 0.0;
+    if (centered) {
+      for (int64_t i = 0; i < dim; ++i) mean += xr[i];
+      mean /= static_cast<double>(dim);
+    }
+    for (int64_t i = 0; i < dim; ++i) var += (xr[i] - mean) * (xr[i] - mean);
+    const double rstd = 1.0 / std::sqrt(var / static_cast<double>(dim) + 1e-5);
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t i = 0; i < dim; ++i) {
+      const float h = static_cast<float>((xr[i] - mean) * rstd);
+      xh[i] = BF16::decode(static_cast<uint16_t>(BF16::encode(h, Rounding::kNearestEven)));
+      const double d = static_cast<double>(dy[r * dim + i]) * weight[i];
+      s1 += d;
+      s2 += d * xh[i];
+      gain[i] += dy[r * dim + i] * xh[i];
+      bias[i] += dy[r * dim + i];
+    }
+    const double m1 = centered ? s1 / static_cast<double>(dim) : 0.0, m2 = s2 / static_cast<double>(dim);
+    for (int64_t i = 0; i < dim; ++i)
+      dx[r * dim + i] = static_cast<float>(rstd * (static_cast<double>(dy[r * dim + i]) * weight[i] - m1 - xh[i] * m2));
+  }
+  return dx;
+}
+
+// After a forward with BF16 output (the GPU model's case) the rows are saved in BF16: backward as
+// the CPU's formulas in double with those rows. Rounding the rows moves dx by 0.8-2.6e-4 and the
+// gain gradient by 1.4-2.0e-3 here (rms relative, against FP32 rows; computed on the CPU), far
+// above these tolerances; rows the GPU rounds the other way (its statistics add in another order, so
+// an FP32 row value may differ by an ulp next to a BF16 tie) stay below them: with two of every
+// three row values moved by an ulp at random, the CPU computation moved by at most 7e-7 and 5e-5.
+TEST_P(NormCudaTest, Bf16OutputSavesTheRowsInBf16) {
+  for (const int64_t dim : {int64_t{96}, int64_t{768}}) {  // the strided and the vector kernels
+    SCOPED_TRACE("dim " + std::to_string(dim));
+    std::mt19937_64 rng(fresh_seed());
+    const int64_t rows = 3 * 37;
+    Stream stream;
+    cuda::NormCuda gpu(dim, GetParam());
+    const auto g = nibble::nn::test::random_normal(rng, dim, 1.0f);
+    upload(gpu.weight(), g);
+    if (gpu.has_bias()) upload(gpu.bias(), nibble::nn::test::random_normal(rng, dim, 1.0f));
+    gpu.zero_grad(stream);
+    std::vector<double> gain(static_cast<size_t>(dim)), bias(static_cast<size_t>(dim));
+    DeviceBuffer<bf16_t> y(static_cast<size_t>(rows * dim));
+    DeviceBuffer<float> dx(y.size());
+    for (int pass = 0; pass < 2; ++pass) {  // gradients accumulate over two passes
+      auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t i = 0; i < dim; ++i) x[r * dim + i] += static_cast<float>(r % 5);
+      const auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
+      DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
+      gpu.forward(d_x.data(), rows, y.data(), stream);
+      gpu.backward(d_dy.data(), dx.data(), stream);
+      const auto want = norm_backward_bf16_rows(GetParam(), x, dy, g, rows, dim, gain, bias);
+      expect_close_rms(download(dx.data(), rows * dim), want, 1e-5, "norm dx from BF16 rows, pass " +
+                                                                        std::to_string(pass + 1));
+    }
+    expect_close_rms(download(gpu.weight_grad(), dim), std::vector<float>(gain.begin(), gain.end()), 1e-4,
+                     "norm gain grad from BF16 rows");
+    if (gpu.has_bias())
+      expect_close(download(gpu.bias_grad(), dim), std::vector<float>(bias.begin(), bias.end()), 5e-5,
+                   "norm bias grad");
+  }
+}
+
 // backward(accumulate = true) adds the same dx onto what the buffer holds, in one FP32 addition:
 // the residual connection's gradient the GPU model adds there instead of in a separate pass.
 TEST_P(NormCudaTest, BackwardAccumulatesTheSameDx) {

@@ -76,7 +76,7 @@ namespace {
 
 struct Case {
   int64_t rows, dim;
-  bool centered, bf16_dy, accumulate;
+  bool centered, bf16_dy, accumulate, bf16_xhat;  // bf16_xhat: the rows a forward with BF16 output saves
   enum Amax { kNone, kPlain, kRht } amax = kNone;  // the fused NVFP4 pass's amax over dx16
 };
 
@@ -85,6 +85,19 @@ std::vector<float> normal(std::mt19937_64& rng, int64_t n, float scale) {
   std::vector<float> v(static_cast<size_t>(n));
   for (float& x : v) x = d(rng);
   return v;
+}
+
+// The values as T: FP32 as they are, BF16 rounded to nearest even.
+template <typename T>
+std::vector<T> as(const std::vector<float>& values) {
+  if constexpr (std::is_same_v<T, float>) {
+    return values;
+  } else {
+    std::vector<T> out(values.size());
+    for (size_t i = 0; i < values.size(); ++i)
+      out[i].bits = static_cast<uint16_t>(BF16::encode(values[i], Rounding::kNearestEven));
+    return out;
+  }
 }
 
 // The two words nvfp4_amax gives for y [rows x dim] (rows a multiple of 16): max |y| and, with the
@@ -105,20 +118,17 @@ std::pair<uint32_t, uint32_t> amax_words(const std::vector<bf16_t>& y, int64_t r
   return {float_bits(row_max), float_bits(rht ? col_max : row_max)};
 }
 
-template <typename DyT>
-void check(const Case& k, std::mt19937_64& rng) {
+template <typename DyT, typename XhT>
+void check_case(const Case& k, std::mt19937_64& rng) {
   SCOPED_TRACE(std::to_string(k.rows) + " x " + std::to_string(k.dim) + (k.centered ? " LayerNorm" : " RMSNorm") +
                (k.bf16_dy ? ", BF16 dy" : "") + (k.accumulate ? ", accumulate" : "") +
+               (k.bf16_xhat ? ", BF16 rows" : "") +
                (k.amax == Case::kNone ? "" : k.amax == Case::kRht ? ", amax with RHT" : ", amax"));
   const int64_t n = k.rows * k.dim, chunks = (k.rows + kChunkRows - 1) / kChunkRows;
   const bool with_bias = k.centered;
-  std::vector<DyT> dy(static_cast<size_t>(n));
-  const std::vector<float> dy_values = normal(rng, n, 1.0f);
-  for (size_t i = 0; i < dy.size(); ++i) {
-    if constexpr (std::is_same_v<DyT, bf16_t>) dy[i].bits = static_cast<uint16_t>(BF16::encode(dy_values[i], Rounding::kNearestEven));
-    else dy[i] = dy_values[i];
-  }
-  const std::vector<float> xhat = normal(rng, n, 1.0f), weight = normal(rng, k.dim, 1.0f);
+  const std::vector<DyT> dy = as<DyT>(normal(rng, n, 1.0f));
+  const std::vector<XhT> xhat = as<XhT>(normal(rng, n, 1.0f));
+  const std::vector<float> weight = normal(rng, k.dim, 1.0f);
   std::vector<float> rstd = normal(rng, k.rows, 1.0f);
   for (float& r : rstd) r = 0.5f + std::fabs(r);
   const std::vector<float> dx0 = normal(rng, n, 1.0f);  // what accumulate adds onto
@@ -130,11 +140,11 @@ void check(const Case& k, std::mt19937_64& rng) {
   double* pw_ref = partials_ref.data();
   double* pb_ref = pw_ref + chunks * k.dim;
   emu::launch(dim3(static_cast<unsigned>((k.rows + kRowsPerBlock - 1) / kRowsPerBlock)), kRowThreads, 0, [&] {
-    norm_backward_kernel<DyT>(dy.data(), xhat.data(), rstd.data(), weight.data(), k.rows, k.dim, k.centered,
+    norm_backward_kernel<DyT, XhT>(dy.data(), xhat.data(), rstd.data(), weight.data(), k.rows, k.dim, k.centered,
                               k.accumulate, dx_ref.data(), dx16_ref.data());
   });
   emu::launch(dim3(static_cast<unsigned>((k.dim + 127) / 128), static_cast<unsigned>(chunks)), 128, 0, [&] {
-    norm_param_partials_kernel<DyT>(dy.data(), xhat.data(), k.rows, k.dim, with_bias, pw_ref, pb_ref);
+    norm_param_partials_kernel<DyT, XhT>(dy.data(), xhat.data(), k.rows, k.dim, with_bias, pw_ref, pb_ref);
   });
 
   // The vector kernel with the partials.
@@ -152,7 +162,7 @@ void check(const Case& k, std::mt19937_64& rng) {
     amax.rht_signs = rht_signs_from_seed(rng());
   }
   emu::launch(dim3(static_cast<unsigned>(chunks)), kRowThreads, smem, [&] {
-    norm_backward_params_vec_kernel<DyT>(dy.data(), xhat.data(), rstd.data(), weight.data(), k.rows, k.dim,
+    norm_backward_params_vec_kernel<DyT, XhT>(dy.data(), xhat.data(), rstd.data(), weight.data(), k.rows, k.dim,
                                          k.centered, k.accumulate, dx.data(), dx16.data(), with_bias, pw, pb, amax);
   });
   if (k.amax != Case::kNone) {  // the words of nvfp4_amax over dx16, the next slot zeroed
@@ -181,7 +191,7 @@ void check(const Case& k, std::mt19937_64& rng) {
       double abs_w = 0.0, abs_b = 0.0;
       for (int64_t r = c * kChunkRows; r < std::min(k.rows, (c + 1) * kChunkRows); ++r) {
         const double d = to_float(dy[static_cast<size_t>(r * k.dim + col)]);
-        abs_w += std::fabs(d * xhat[static_cast<size_t>(r * k.dim + col)]);
+        abs_w += std::fabs(d * to_float(xhat[static_cast<size_t>(r * k.dim + col)]));
         abs_b += std::fabs(d);
       }
       const int64_t i = c * k.dim + col;
@@ -203,8 +213,9 @@ void check(const Case& k, std::mt19937_64& rng) {
     double sw = 0.0, sb = 0.0, abs_w = 0.0, abs_b = 0.0;
     for (int64_t r = 0; r < k.rows; ++r) {
       const double d = to_float(dy[static_cast<size_t>(r * k.dim + col)]);
-      sw += d * xhat[static_cast<size_t>(r * k.dim + col)];
-      abs_w += std::fabs(d * xhat[static_cast<size_t>(r * k.dim + col)]);
+      const double h = to_float(xhat[static_cast<size_t>(r * k.dim + col)]);
+      sw += d * h;
+      abs_w += std::fabs(d * h);
       sb += d;
       abs_b += std::fabs(d);
     }
@@ -217,14 +228,79 @@ void check(const Case& k, std::mt19937_64& rng) {
   EXPECT_EQ(g_wrong, 0);
 }
 
+void check(const Case& k, std::mt19937_64& rng) {
+  if (k.bf16_dy) {
+    if (k.bf16_xhat) check_case<bf16_t, bf16_t>(k, rng);
+    else check_case<bf16_t, float>(k, rng);
+  } else {
+    if (k.bf16_xhat) check_case<float, bf16_t>(k, rng);
+    else check_case<float, float>(k, rng);
+  }
+}
+
 TEST(NormEmulation, BackwardWithPartialsMatchesTheStridedKernels) {
   std::mt19937_64 rng(test::fresh_seed());
-  check<float>(Case{111, 768, true, false, false}, rng);  // a partial last chunk (47 rows)
-  check<bf16_t>(Case{80, 768, true, true, true, Case::kRht}, rng);  // the amax over a partial last chunk (16 rows)
+  check(Case{111, 768, true, false, false, false}, rng);  // a partial last chunk (47 rows)
+  // The GPU model's case (BF16 dy and rows), with the amax over a partial last chunk (16 rows).
+  check(Case{80, 768, true, true, true, true, Case::kRht}, rng);
 #ifndef NIBBLE_NORM_EMULATION_TSAN
-  check<bf16_t>(Case{128, 256, false, true, true, Case::kPlain}, rng);
-  check<bf16_t>(Case{70, 1024, true, true, false}, rng);
+  check(Case{128, 256, false, true, true, false, Case::kPlain}, rng);
+  check(Case{70, 1024, true, true, false, false}, rng);
+  check(Case{111, 768, true, false, false, true}, rng);
+  check(Case{96, 1024, false, true, true, true}, rng);
 #endif
+}
+
+// The forward kernels save the normalized rows in their output's precision: with BF16 output, the
+// rows and y are the FP32-output kernel's rounded to nearest even (the same FP32 values, rounded
+// once), and the FP32 rows are (x - mean) * rstd (double statistics of the row) rounded to float.
+void check_forward_rows(int64_t rows, int64_t dim, bool centered, bool vector, std::mt19937_64& rng) {
+  SCOPED_TRACE(std::to_string(rows) + " x " + std::to_string(dim) + (centered ? " LayerNorm" : " RMSNorm") +
+               (vector ? ", vector kernel" : ", strided kernel"));
+  const int64_t n = rows * dim;
+  std::vector<float> x = normal(rng, n, 2.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < dim; ++i) x[static_cast<size_t>(r * dim + i)] += static_cast<float>(r % 5);
+  const std::vector<float> weight = normal(rng, dim, 1.0f), bias = normal(rng, dim, 0.5f);
+  const float* b = centered ? bias.data() : nullptr;
+  const auto run = [&]<typename Out>(std::vector<Out>& y, std::vector<Out>& xhat, std::vector<float>& rstd) {
+    y.resize(static_cast<size_t>(n)), xhat.resize(static_cast<size_t>(n)), rstd.resize(static_cast<size_t>(rows));
+    emu::launch(dim3(static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock)), kRowThreads, 0, [&] {
+      const auto kernel = vector ? norm_forward_vec_kernel<Out> : norm_forward_kernel<Out>;
+      kernel(x.data(), rows, dim, centered, 1e-5f, weight.data(), b, y.data(), xhat.data(), rstd.data());
+    });
+  };
+  std::vector<float> y32, xhat32, rstd32, rstd16;
+  std::vector<bf16_t> y16, xhat16;
+  run(y32, xhat32, rstd32);
+  run(y16, xhat16, rstd16);
+  EXPECT_EQ(0, std::memcmp(rstd16.data(), rstd32.data(), rstd32.size() * sizeof(float)));
+  const std::vector<bf16_t> y_rounded = as<bf16_t>(y32), xhat_rounded = as<bf16_t>(xhat32);
+  int64_t wrong = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    double mean = 0.0, var = 0.0;
+    for (int64_t i = 0; i < dim; ++i) mean += centered ? x[static_cast<size_t>(r * dim + i)] : 0.0;
+    mean /= static_cast<double>(dim);
+    for (int64_t i = 0; i < dim; ++i) var += std::pow(x[static_cast<size_t>(r * dim + i)] - mean, 2);
+    const double rstd = 1.0 / std::sqrt(var / static_cast<double>(dim) + 1e-5);
+    for (int64_t i = 0; i < dim; ++i) {
+      const size_t e = static_cast<size_t>(r * dim + i);
+      const double want = (x[e] - mean) * rstd;
+      if (!(std::fabs(xhat32[e] - want) <= 1e-6 * (std::fabs(want) + 1.0)) && wrong++ < 3)
+        ADD_FAILURE() << "FP32 row " << r << ", element " << i << ": " << xhat32[e] << " vs " << want;
+      if ((xhat16[e].bits != xhat_rounded[e].bits || y16[e].bits != y_rounded[e].bits) && wrong++ < 3)
+        ADD_FAILURE() << "BF16 row " << r << ", element " << i << ": not the FP32 kernel's values rounded";
+    }
+  }
+  EXPECT_EQ(wrong, 0);
+}
+
+TEST(NormEmulation, ForwardSavesTheRowsInTheOutputsPrecision) {
+  std::mt19937_64 rng(test::fresh_seed());
+  check_forward_rows(37, 96, true, false, rng);
+  check_forward_rows(40, 768, true, true, rng);
+  check_forward_rows(24, 256, false, true, rng);
+  check_forward_rows(19, 768, false, false, rng);
 }
 
 // The vector forward with BF16 output that also computes the fused NVFP4 pass's amax
@@ -241,7 +317,7 @@ void check_forward_amax(int64_t rows, int64_t dim, bool centered, bool rht, std:
   const std::vector<float> weight = normal(rng, dim, 1.0f), bias = normal(rng, dim, 0.5f);
   const float* b = centered ? bias.data() : nullptr;
   std::vector<bf16_t> y_ref(static_cast<size_t>(n)), y(static_cast<size_t>(n));
-  std::vector<float> xhat_ref(static_cast<size_t>(n)), xhat(static_cast<size_t>(n));
+  std::vector<bf16_t> xhat_ref(static_cast<size_t>(n)), xhat(static_cast<size_t>(n));
   std::vector<float> rstd_ref(static_cast<size_t>(rows)), rstd(static_cast<size_t>(rows));
   emu::launch(dim3(static_cast<unsigned>(rows / kRowsPerBlock)), kRowThreads, 0, [&] {
     norm_forward_vec_kernel<bf16_t>(x.data(), rows, dim, centered, 1e-5f, weight.data(), b, y_ref.data(),
@@ -258,7 +334,7 @@ void check_forward_amax(int64_t rows, int64_t dim, bool centered, bool rht, std:
   });
   int64_t wrong = 0;
   for (int64_t i = 0; i < n; ++i)
-    if ((y[i].bits != y_ref[i].bits || float_bits(xhat[i]) != float_bits(xhat_ref[i])) && wrong++ < 3)
+    if ((y[i].bits != y_ref[i].bits || xhat[i].bits != xhat_ref[i].bits) && wrong++ < 3)
       ADD_FAILURE() << "element " << i << ": y " << y[i].bits << " vs " << y_ref[i].bits;
   EXPECT_EQ(wrong, 0);
   EXPECT_EQ(0, std::memcmp(rstd.data(), rstd_ref.data(), rstd.size() * sizeof(float)));

@@ -82,7 +82,11 @@ class EmbeddingCuda {
 
 // LayerNorm / RMSNorm over the last dimension (same formulas and eps as nn::Norm; statistics in
 // double). Forward saves the normalized rows and 1/std; backward accumulates the gain (and bias)
-// gradients deterministically (per-chunk partial sums in double, then a fixed-order sum).
+// gradients deterministically (per-chunk partial sums in double, then a fixed-order sum). The rows
+// are saved in the precision of the forward's output: FP32, as the CPU does, or, with BF16 output
+// (the GPU model's BF16 activations), rounded to BF16 to nearest even: half the bytes to write,
+// keep and read back, and backward's only departure from the CPU's arithmetic then (see
+// docs/numerics.md, "The GPU model's activations").
 class NormCuda {
  public:
   NormCuda(int64_t dim, NormKind kind, float eps = 1e-5f);
@@ -124,10 +128,15 @@ class NormCuda {
   template <typename Out>
   void forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream, const nibble::cuda::ProducerAmax& amax);
   template <typename DyT>
-  void backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
-                     const nibble::cuda::ProducerAmax& amax);
+  void backward_saved(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
+                      const nibble::cuda::ProducerAmax& amax);
+  template <typename DyT, typename XhT>
+  void backward_impl(const DyT* dy, const XhT* xhat, float* dx, cudaStream_t stream, bool accumulate,
+                     bf16_t* dx_bf16, const nibble::cuda::ProducerAmax& amax);
 
   DeviceBuffer<float> saved_xhat_, saved_rstd_;
+  DeviceBuffer<bf16_t> saved_xhat16_;  // the normalized rows after a forward with BF16 output
+  bool saved_bf16_ = false;            // which of the two the last forward saved
   DeviceBuffer<double> partials_;  // [chunks x dim] for the weight, then for the bias
   int64_t saved_rows_ = 0;
 };

@@ -68,24 +68,31 @@ template <typename Out>
 void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t stream,
                             const nibble::cuda::ProducerAmax& amax) {
   if (rows <= 0) throw std::invalid_argument("NormCuda::forward: rows must be positive, got " + std::to_string(rows));
-  saved_xhat_.reserve(static_cast<size_t>(rows * dim_));
+  constexpr bool bf16_rows = std::is_same_v<Out, bf16_t>;
+  Out* xhat;  // the normalized rows, saved in the output's precision (see layers_cuda.h)
+  if constexpr (bf16_rows) {
+    saved_xhat16_.reserve(static_cast<size_t>(rows * dim_));
+    xhat = saved_xhat16_.data();
+  } else {
+    saved_xhat_.reserve(static_cast<size_t>(rows * dim_));
+    xhat = saved_xhat_.data();
+  }
+  saved_bf16_ = bf16_rows;
   saved_rstd_.reserve(static_cast<size_t>(rows));
   const bool vector = vector_rows(dim_, x, y);
   const float* bias = has_bias() ? bias_.data() : nullptr;
   bool amax_done = false;
-  if constexpr (std::is_same_v<Out, bf16_t>) {
+  if constexpr (bf16_rows) {
     if (amax && vector && rows % kAmaxRows == 0) {  // the amax in the same kernel
       norm_forward_vec_amax_kernel<<<static_cast<unsigned>(rows / kAmaxRows), 32 * kAmaxRows, 0, stream>>>(
-          x, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), bias, y, saved_xhat_.data(),
-          saved_rstd_.data(), amax);
+          x, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), bias, y, xhat, saved_rstd_.data(), amax);
       amax_done = true;
     }
   }
   if (!amax_done) {
     const auto kernel = vector ? norm_forward_vec_kernel<Out> : norm_forward_kernel<Out>;
     kernel<<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
-        x, rows, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), bias, y, saved_xhat_.data(),
-        saved_rstd_.data());
+        x, rows, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), bias, y, xhat, saved_rstd_.data());
   }
   NIBBLE_CUDA_CHECK_LAUNCH();
   if (amax && !amax_done) nvfp4_amax_of(y, rows, dim_, amax, stream);  // other shapes: after the forward
@@ -94,18 +101,26 @@ void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t s
 
 void NormCuda::backward(const float* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
                         nibble::cuda::ProducerAmax amax) {
-  backward_impl(dy, dx, stream, accumulate, dx_bf16, amax);
+  backward_saved(dy, dx, stream, accumulate, dx_bf16, amax);
 }
 void NormCuda::backward(const bf16_t* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
                         nibble::cuda::ProducerAmax amax) {
-  backward_impl(dy, dx, stream, accumulate, dx_bf16, amax);
+  backward_saved(dy, dx, stream, accumulate, dx_bf16, amax);
 }
 
 template <typename DyT>
-void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
-                             const nibble::cuda::ProducerAmax& amax) {
+void NormCuda::backward_saved(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
+                              const nibble::cuda::ProducerAmax& amax) {
   if (saved_rows_ == 0) throw std::logic_error("NormCuda::backward without a forward");
   if (amax && dx_bf16 == nullptr) throw std::logic_error("NormCuda::backward: an amax asked for without dx in BF16");
+  if (saved_bf16_) backward_impl(dy, saved_xhat16_.data(), dx, stream, accumulate, dx_bf16, amax);
+  else backward_impl(dy, saved_xhat_.data(), dx, stream, accumulate, dx_bf16, amax);
+  saved_rows_ = 0;
+}
+
+template <typename DyT, typename XhT>
+void NormCuda::backward_impl(const DyT* dy, const XhT* xhat, float* dx, cudaStream_t stream, bool accumulate,
+                             bf16_t* dx_bf16, const nibble::cuda::ProducerAmax& amax) {
   const int64_t rows = saved_rows_;
   const bool centered = kind_ == NormKind::kLayerNorm;
   const bool vector = vector_rows(dim_, dy, dx) && (dx_bf16 == nullptr || vector_rows(dim_, dx_bf16, dx_bf16));
@@ -115,7 +130,7 @@ void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool
   double* pw = partials_.data();
   double* pb = pw + chunks * dim_;
   if (vector) {  // dx and the partials in one pass
-    const auto kernel = norm_backward_params_vec_kernel<DyT>;
+    const auto kernel = norm_backward_params_vec_kernel<DyT, XhT>;
     const size_t smem = static_cast<size_t>((has_bias() ? 2 : 1) * kRowsPerBlock * dim_) * sizeof(float);
     // Beyond 48 KiB of shared memory a block, static (the amax's block maximum) and dynamic
     // together, the kernel must opt in (GPT-2's 768 with a bias: 48 KiB dynamic; 1024: 64 KiB).
@@ -128,23 +143,22 @@ void NormCuda::backward_impl(const DyT* dy, float* dx, cudaStream_t stream, bool
       NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     const bool amax_here = amax && rows % 16 == 0;
     kernel<<<static_cast<unsigned>(chunks), kRowThreads, smem, stream>>>(
-        dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16,
-        has_bias(), pw, pb, amax_here ? amax : nibble::cuda::ProducerAmax{});
+        dy, xhat, saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16, has_bias(), pw,
+        pb, amax_here ? amax : nibble::cuda::ProducerAmax{});
     NIBBLE_CUDA_CHECK_LAUNCH();
     amax_done = amax_here;
   } else {
-    norm_backward_kernel<DyT><<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
-        dy, saved_xhat_.data(), saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16);
+    norm_backward_kernel<DyT, XhT><<<blocks_for(rows, kRowsPerBlock), kRowThreads, 0, stream>>>(
+        dy, xhat, saved_rstd_.data(), weight_.data(), rows, dim_, centered, accumulate, dx, dx_bf16);
     NIBBLE_CUDA_CHECK_LAUNCH();
     const dim3 grid(blocks_for(dim_, 128), static_cast<unsigned>(chunks));
-    norm_param_partials_kernel<<<grid, 128, 0, stream>>>(dy, saved_xhat_.data(), rows, dim_, has_bias(), pw, pb);
+    norm_param_partials_kernel<<<grid, 128, 0, stream>>>(dy, xhat, rows, dim_, has_bias(), pw, pb);
     NIBBLE_CUDA_CHECK_LAUNCH();
   }
   norm_param_finish_kernel<<<blocks_for(dim_, 32), 32 * kFinishWarps, 0, stream>>>(
       pw, pb, chunks, dim_, weight_grad_.data(), has_bias() ? bias_grad_.data() : nullptr);
   NIBBLE_CUDA_CHECK_LAUNCH();
   if (amax && !amax_done) nvfp4_amax_of(dx_bf16, rows, dim_, amax, stream);
-  saved_rows_ = 0;
 }
 
 }  // namespace nibble::nn::cuda

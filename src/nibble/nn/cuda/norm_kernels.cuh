@@ -22,12 +22,13 @@ constexpr int64_t kChunkRows = 64;  // rows per partial sum of the parameter gra
 
 // One warp per row (rows are short: d_model elements; a block per row left most threads idle and
 // synchronised the block twice): mean (LayerNorm) and variance in double, two passes as the CPU
-// does. The row is re-read from L1 in each pass.
+// does. The row is re-read from L1 in each pass. The normalized rows saved for backward (xhat) are
+// in y's precision (BF16: the FP32 value rounded to nearest even; y is computed from the FP32 value).
 template <typename Out>
 __global__ void __launch_bounds__(kRowThreads)
 norm_forward_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool centered, float eps,
                     const float* __restrict__ weight, const float* __restrict__ bias, Out* __restrict__ y,
-                    float* __restrict__ xhat, float* __restrict__ rstd_out) {
+                    Out* __restrict__ xhat, float* __restrict__ rstd_out) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
@@ -48,7 +49,7 @@ norm_forward_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool
   if (lane == 0) rstd_out[r] = static_cast<float>(rstd);
   for (int64_t i = lane; i < dim; i += 32) {
     const float h = static_cast<float>((xr[i] - mean) * rstd);
-    xhat[r * dim + i] = h;
+    detail::write_out(xhat + r * dim + i, h);
     detail::write_out(y + r * dim + i, h * weight[i] + (bias != nullptr ? bias[i] : 0.0f));
   }
 }
@@ -73,7 +74,7 @@ template <typename Out>
 __device__ __forceinline__ void norm_forward_row_vec(const float* __restrict__ x, int64_t r, int64_t dim,
                                                      bool centered, float eps, const float* __restrict__ weight,
                                                      const float* __restrict__ bias, Out* __restrict__ y,
-                                                     float* __restrict__ xhat, float* __restrict__ rstd_out,
+                                                     Out* __restrict__ xhat, float* __restrict__ rstd_out,
                                                      float4* out) {
   const int lane = threadIdx.x & 31, chunks = static_cast<int>(dim / 128);
   const int64_t row = r * dim + 4 * lane;
@@ -124,21 +125,21 @@ template <typename Out>
 __global__ void __launch_bounds__(kRowThreads)
 norm_forward_vec_kernel(const float* __restrict__ x, int64_t rows, int64_t dim, bool centered, float eps,
                         const float* __restrict__ weight, const float* __restrict__ bias, Out* __restrict__ y,
-                        float* __restrict__ xhat, float* __restrict__ rstd_out) {
+                        Out* __restrict__ xhat, float* __restrict__ rstd_out) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
   if (r >= rows) return;
   norm_forward_row_vec(x, r, dim, centered, eps, weight, bias, y, xhat, rstd_out, static_cast<float4*>(nullptr));
 }
 
-// The vector forward with BF16 output that also computes the amax of the fused NVFP4 pass over y
-// (ProducerAmax): 16 rows a block, one warp each; the rows' BF16 values are staged in shared
-// memory, then each thread takes pairs of columns of the 16 rows (a block of the columnwise copy's
-// RHT) for the maxima. Grid: rows / 16 blocks (rows a multiple of 16).
+// The vector forward with BF16 output (and so BF16 xhat) that also computes the amax of the fused
+// NVFP4 pass over y (ProducerAmax): 16 rows a block, one warp each; the rows' BF16 values are staged
+// in shared memory, then each thread takes pairs of columns of the 16 rows (a block of the
+// columnwise copy's RHT) for the maxima. Grid: rows / 16 blocks (rows a multiple of 16).
 constexpr int kAmaxRows = 16;
 __global__ void __launch_bounds__(32 * kAmaxRows)
     norm_forward_vec_amax_kernel(const float* __restrict__ x, int64_t dim, bool centered, float eps,
                                  const float* __restrict__ weight, const float* __restrict__ bias,
-                                 bf16_t* __restrict__ y, float* __restrict__ xhat, float* __restrict__ rstd_out,
+                                 bf16_t* __restrict__ y, bf16_t* __restrict__ xhat, float* __restrict__ rstd_out,
                                  nibble::cuda::ProducerAmax amax) {
   __shared__ uint32_t staged[kAmaxRows][kVecChunks * 128 / 2];  // BF16 pairs, as y holds them
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, chunks = static_cast<int>(dim / 128);
@@ -168,29 +169,30 @@ __global__ void __launch_bounds__(32 * kAmaxRows)
 
 // dx = rstd * (dxhat - mean(dxhat) [LayerNorm] - xhat * mean(dxhat * xhat)), dxhat = dy * g.
 // One warp per row, as the forward. dx16 (optional): the final dx rounded to BF16 as well.
-// dy in FP32 or BF16 (DyT; the GPU model's linear dX in BF16), read as FP32 (exact).
-template <typename DyT>
+// dy in FP32 or BF16 (DyT; the GPU model's linear dX in BF16), xhat as the forward saved it (XhT),
+// both read as FP32 (exact).
+template <typename DyT, typename XhT>
 __global__ void __launch_bounds__(kRowThreads)
-norm_backward_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat, const float* __restrict__ rstd,
+norm_backward_kernel(const DyT* __restrict__ dy, const XhT* __restrict__ xhat, const float* __restrict__ rstd,
                      const float* __restrict__ weight, int64_t rows, int64_t dim, bool centered, bool accumulate,
                      float* __restrict__ dx, bf16_t* __restrict__ dx16) {
   const int64_t r = blockIdx.x * static_cast<int64_t>(kRowsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x & 31;
   if (r >= rows) return;
   const DyT* dyr = dy + r * dim;
-  const float* xh = xhat + r * dim;
+  const XhT* xh = xhat + r * dim;
   double s1 = 0.0, s2 = 0.0;
   for (int64_t i = lane; i < dim; i += 32) {
     const double d = static_cast<double>(to_float(dyr[i])) * weight[i];
     s1 += d;
-    s2 += d * xh[i];
+    s2 += d * to_float(xh[i]);
   }
   const double mean_dxhat = centered ? detail::warp_sum(s1) / static_cast<double>(dim) : 0.0;
   const double mean_dxhat_xhat = detail::warp_sum(s2) / static_cast<double>(dim);
   const double rs = rstd[r];
   for (int64_t i = lane; i < dim; i += 32) {
     const double d = static_cast<double>(to_float(dyr[i])) * weight[i];
-    const float g = static_cast<float>(rs * (d - mean_dxhat - xh[i] * mean_dxhat_xhat));
+    const float g = static_cast<float>(rs * (d - mean_dxhat - to_float(xh[i]) * mean_dxhat_xhat));
     const float out = accumulate ? dx[r * dim + i] + g : g;
     dx[r * dim + i] = out;
     if (dx16 != nullptr) detail::write_out(dx16 + r * dim + i, out);
@@ -217,9 +219,9 @@ __device__ __forceinline__ float4* dynamic_sums() {
 }
 #endif
 
-template <typename DyT>
+template <typename DyT, typename XhT>
 __global__ void __launch_bounds__(kRowThreads)
-norm_backward_params_vec_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat,
+norm_backward_params_vec_kernel(const DyT* __restrict__ dy, const XhT* __restrict__ xhat,
                                 const float* __restrict__ rstd, const float* __restrict__ weight, int64_t rows,
                                 int64_t dim, bool centered, bool accumulate, float* __restrict__ dx,
                                 bf16_t* __restrict__ dx16, bool with_bias, double* __restrict__ pw,
@@ -317,8 +319,8 @@ norm_backward_params_vec_kernel(const DyT* __restrict__ dy, const float* __restr
 }
 
 // Parameter-gradient partials: one thread per (column, chunk of kChunkRows rows), in double.
-template <typename DyT>
-__global__ void norm_param_partials_kernel(const DyT* __restrict__ dy, const float* __restrict__ xhat,
+template <typename DyT, typename XhT>
+__global__ void norm_param_partials_kernel(const DyT* __restrict__ dy, const XhT* __restrict__ xhat,
                                            int64_t rows, int64_t dim, bool with_bias, double* __restrict__ pw,
                                            double* __restrict__ pb) {
   const int64_t col = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
@@ -328,7 +330,7 @@ __global__ void norm_param_partials_kernel(const DyT* __restrict__ dy, const flo
   double sw = 0.0, sb = 0.0;
   for (int64_t r = r0; r < r1; ++r) {
     const float d = to_float(dy[r * dim + col]);
-    sw += static_cast<double>(d) * xhat[r * dim + col];
+    sw += static_cast<double>(d) * to_float(xhat[r * dim + col]);
     sb += d;
   }
   pw[chunk * dim + col] = sw;
