@@ -320,8 +320,11 @@ double GptCuda::read_loss() {
 }
 
 void GptCuda::check_ids() {
-  tok_embed_.check_ids(stream_);
-  head_.check_ids(stream_);
+  tok_embed_.read_ids(stream_);
+  head_.read_ids(stream_);
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream_));  // one wait for both flags
+  tok_embed_.report_ids(stream_);
+  head_.report_ids(stream_);
 }
 
 double GptCuda::loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,

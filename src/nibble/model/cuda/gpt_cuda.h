@@ -56,8 +56,9 @@ class GptCuda {
   // The host may reuse its vectors at once; check_ids() then reports ids outside the vocabulary.
   void enqueue_forward_backward(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
                                 int64_t seq, float grad_scale, double* loss);
-  // Waits for stream(); throws std::out_of_range for the first input id or target outside the
-  // vocabulary since the last check (those rows were left out of the step).
+  // Waits for stream() (once; copies the caller enqueued to pinned memory before it are then done);
+  // throws std::out_of_range for the first input id or target outside the vocabulary since the last
+  // check (those rows were left out of the step).
   void check_ids();
 
   // Device views of the parameters and gradients. Writing values (the optimizer) must be followed

@@ -12,14 +12,24 @@ namespace nibble::nn::cuda {
 
 using detail::blocks_for;
 
-IdErrorFlag::IdErrorFlag() : flag_(1) {
+IdErrorFlag::IdErrorFlag() : flag_(1), host_(1) {
   NIBBLE_CUDA_CHECK(cudaMemset(flag_.data(), 0xff, sizeof(unsigned long long)));
+  *host_.data() = ~0ull;
 }
 
 void IdErrorFlag::check(const char* what, int64_t limit, cudaStream_t stream) {
-  unsigned long long v = 0;
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&v, flag_.data(), sizeof v, cudaMemcpyDeviceToHost, stream));
+  read(stream);
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));
+  report(what, limit, stream);
+}
+
+void IdErrorFlag::read(cudaStream_t stream) {
+  NIBBLE_CUDA_CHECK(
+      cudaMemcpyAsync(host_.data(), flag_.data(), sizeof(unsigned long long), cudaMemcpyDeviceToHost, stream));
+}
+
+void IdErrorFlag::report(const char* what, int64_t limit, cudaStream_t stream) {
+  const unsigned long long v = *host_.data();
   if (v == ~0ull) return;
   NIBBLE_CUDA_CHECK(cudaMemsetAsync(flag_.data(), 0xff, sizeof v, stream));
   throw std::out_of_range(std::string(what) + ": id " + std::to_string(v & 0xffffffffu) + " at position " +

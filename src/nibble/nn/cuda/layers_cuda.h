@@ -42,12 +42,18 @@ class IdErrorFlag {
  public:
   IdErrorFlag();
   unsigned long long* device() { return flag_.data(); }
-  // Synchronises with `stream`; throws std::out_of_range "<what>: id I at position P is not below
-  // <limit>" and clears the flag when an id was bad.
+  // read(), a wait for `stream`, then report().
   void check(const char* what, int64_t limit, cudaStream_t stream);
+  // The two halves of check() for a caller that waits once for several flags: read() enqueues the
+  // word's copy to the host on `stream` (pinned memory: the host does not wait); report(), after the
+  // caller has waited for `stream`, throws std::out_of_range "<what>: id I at position P is not
+  // below <limit>" and clears the flag when an id was bad.
+  void read(cudaStream_t stream);
+  void report(const char* what, int64_t limit, cudaStream_t stream);
 
  private:
   DeviceBuffer<unsigned long long> flag_;
+  nibble::cuda::PinnedBuffer<unsigned long long> host_;
 };
 
 // Embedding table [rows x dim] (token embeddings, learned positions). Backward is deterministic
@@ -68,10 +74,14 @@ class EmbeddingCuda {
   void forward(const uint32_t* ids, int64_t n, float* out, bool accumulate, cudaStream_t stream);
   // weight_grad[ids[i]] += dout[i].
   void backward(const uint32_t* ids, int64_t n, const float* dout, cudaStream_t stream);
-  // Throws std::out_of_range for the first bad id any call met since the last check.
-  void check_ids(cudaStream_t stream) { bad_id_.check("EmbeddingCuda", rows_, stream); }
+  // Throws std::out_of_range for the first bad id any call met since the last check (synchronises);
+  // or in two halves, read_ids() before and report_ids() after the caller's wait for `stream`.
+  void check_ids(cudaStream_t stream) { bad_id_.check(kWhat, rows_, stream); }
+  void read_ids(cudaStream_t stream) { bad_id_.read(stream); }
+  void report_ids(cudaStream_t stream) { bad_id_.report(kWhat, rows_, stream); }
 
  private:
+  static constexpr const char* kWhat = "EmbeddingCuda";
   int64_t rows_, dim_;
   DeviceBuffer<float> weight_, grad_;
   IdErrorFlag bad_id_;
@@ -299,7 +309,10 @@ class CrossEntropyCuda {
   // *loss_mean (device) = the fixed-order mean of the losses of rows [0, total_rows) that chunk() kept.
   void mean(int64_t total_rows, double* loss_mean, cudaStream_t stream);
 
-  void check_ids(int64_t vocab, cudaStream_t stream) { bad_target_.check("CrossEntropyCuda target", vocab, stream); }
+  // As EmbeddingCuda's, for the targets.
+  void check_ids(int64_t vocab, cudaStream_t stream) { bad_target_.check(kWhat, vocab, stream); }
+  void read_ids(cudaStream_t stream) { bad_target_.read(stream); }
+  void report_ids(int64_t vocab, cudaStream_t stream) { bad_target_.report(kWhat, vocab, stream); }
 
   // Whether rows of `vocab` logits run the staged kernel on the current device (with buffers
   // aligned as cudaMalloc's).
@@ -319,6 +332,7 @@ class CrossEntropyCuda {
     int64_t vocab = -1;             // of blocks_per_sm
     int blocks_per_sm[2] = {0, 0};  // FP32 (in place), BF16 (chunks) logits
   };
+  static constexpr const char* kWhat = "CrossEntropyCuda target";
   CrossEntropyKernel kernel_;
   StageLimits stage_;
   DeviceBuffer<double> row_loss_;

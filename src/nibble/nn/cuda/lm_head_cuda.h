@@ -71,8 +71,11 @@ class LmHeadLossCuda {
   void forward_backward(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
                         float grad_scale, double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream);
 
-  // Throws std::out_of_range for the first target >= vocab since the last check (synchronises).
+  // Throws std::out_of_range for the first target >= vocab since the last check (synchronises); or
+  // in two halves around the caller's wait (see EmbeddingCuda::check_ids).
   void check_ids(cudaStream_t stream) { loss_.check_ids(vocab_, stream); }
+  void read_ids(cudaStream_t stream) { loss_.read_ids(stream); }
+  void report_ids(cudaStream_t stream) { loss_.report_ids(vocab_, stream); }
   // Device bytes of the per-chunk buffer (one chunk's BF16 logits, then dlogits) as now grown.
   int64_t chunk_buffer_bytes() const { return static_cast<int64_t>(logits_.bytes()); }
 

@@ -3,7 +3,8 @@
 // NIBBLE_CUDA_CHECK(call) throws std::runtime_error naming the call, the file and the line; a CUDA
 // error is never silently dropped. DeviceBuffer<T> owns one cudaMalloc allocation (no managed
 // memory: see the device notes in docs/benchmarks.md) and copies to and from host spans.
-// HostStaging<T> is pinned host memory for copies to the device that do not block the host.
+// HostStaging<T> is pinned host memory for copies to the device that do not block the host;
+// PinnedBuffer<T> pinned host memory for copies from the device that the host reads after one wait.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -140,6 +141,48 @@ class HostStaging {
   }
   T* ptr_ = nullptr;
   cudaEvent_t event_ = nullptr;
+  size_t count_ = 0;
+};
+
+// Pinned host memory that asynchronous copies from the device write into, read by the host after it
+// has waited for the stream: a copy into pageable memory makes the host wait at each copy.
+template <typename T>
+class PinnedBuffer {
+ public:
+  PinnedBuffer() = default;
+  explicit PinnedBuffer(size_t count) { reserve(count); }
+  ~PinnedBuffer() { release(); }
+  PinnedBuffer(const PinnedBuffer&) = delete;
+  PinnedBuffer& operator=(const PinnedBuffer&) = delete;
+  PinnedBuffer(PinnedBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), count_(std::exchange(o.count_, 0)) {}
+  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
+    if (this != &o) {
+      release();
+      ptr_ = std::exchange(o.ptr_, nullptr);
+      count_ = std::exchange(o.count_, 0);
+    }
+    return *this;
+  }
+
+  // Grows (never shrinks) to at least `count` elements; the contents are then undefined. Not while a
+  // copy into it may be in flight.
+  void reserve(size_t count) {
+    if (count <= count_) return;
+    release();
+    NIBBLE_CUDA_CHECK(cudaMallocHost(&ptr_, count * sizeof(T)));
+    count_ = count;
+  }
+  T* data() { return ptr_; }
+  const T* data() const { return ptr_; }
+  size_t size() const { return count_; }
+
+ private:
+  void release() {
+    if (ptr_ != nullptr) cudaFreeHost(ptr_);
+    ptr_ = nullptr;
+    count_ = 0;
+  }
+  T* ptr_ = nullptr;
   size_t count_ = 0;
 };
 

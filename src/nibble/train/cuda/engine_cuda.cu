@@ -69,16 +69,20 @@ class CudaEngine final : public Engine {
     adamw_.step(tensors_, lr, control_.data(), gpu_.stream());
     gpu_.weights_changed(/*amaxes_produced=*/true);
   }
+  // One wait for the step: the results and the StepControl go to pinned memory without the host
+  // waiting for them, and check_ids() waits once for them and the id flags' copies.
   StepOutcome finish_step() override {
-    std::vector<double> values(static_cast<size_t>(1 + micro_batches_));
-    StepControl control;
-    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(values.data(), results_.data(), values.size() * sizeof(double),
+    const size_t count = static_cast<size_t>(1 + micro_batches_);
+    results_host_.reserve(count);  // no copy into it is in flight: every finish_step waits
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(results_host_.data(), results_.data(), count * sizeof(double),
                                       cudaMemcpyDeviceToHost, gpu_.stream()));
-    NIBBLE_CUDA_CHECK(
-        cudaMemcpyAsync(&control, control_.data(), sizeof control, cudaMemcpyDeviceToHost, gpu_.stream()));
-    gpu_.check_ids();  // waits for the copies
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(control_host_.data(), control_.data(), sizeof(StepControl),
+                                      cudaMemcpyDeviceToHost, gpu_.stream()));
+    gpu_.check_ids();
+    const double* values = results_host_.data();
+    const StepControl control = *control_host_.data();
     if (control.skip != 0) adamw_.undo_step();  // as the CPU optimizer, which counts only the steps it takes
-    return StepOutcome{std::vector<double>(values.begin() + 1, values.end()), values[0], control.skip == 0};
+    return StepOutcome{std::vector<double>(values + 1, values + count), values[0], control.skip == 0};
   }
   void to_host() override {
     gpu_.download_to(host_);
@@ -159,6 +163,8 @@ class CudaEngine final : public Engine {
   DeviceBuffer<double> results_;
   int micro_batches_ = 0;  // of the step being enqueued
   DeviceBuffer<StepControl> control_;
+  nibble::cuda::PinnedBuffer<double> results_host_;  // their copies on the host
+  nibble::cuda::PinnedBuffer<StepControl> control_host_{1};
   std::string name_;
   double peak_ = 0;
 };
