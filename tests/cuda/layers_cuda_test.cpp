@@ -993,8 +993,9 @@ TEST(AttentionCudaDeterminism, FusedBackwardRepeatsBitForBit) {
 
 // ---------------------------------------------------------------- loss
 
-// Same float exps (expf vs glibc exp: a few ulp) and double sums: the loss to 1e-6, the gradient to
-// 1e-5 of its scale.
+// Float exps (the GPU's ex2.approx of x log2(e) - max log2(e) against glibc's expf: a few ulp where
+// the terms are large, about 1e-6 relative at x - max ~ -20 where they are tiny) and double sums:
+// the loss to 1e-6, the gradient to 1e-5 of its scale.
 TEST(CrossEntropyCuda, MatchesCpu) {
   std::mt19937_64 rng(fresh_seed());
   const int64_t rows = 3 * 37, vocab = 1000;
@@ -1033,7 +1034,7 @@ TEST(CrossEntropyCuda, MatchesCpu) {
 // - every BF16 gradient is the nearest-even rounding of forward_backward()'s FP32 value (the
 //   conversion the unchunked head's operand preparation applied), in place or not;
 // - against the CPU: where the CPU's FP32 gradient has the GPU's bits, so does the BF16 value's
-//   source, hence the BF16 value is the rounding of the CPU's; elsewhere the GPU's expf and the
+//   source, hence the BF16 value is the rounding of the CPU's; elsewhere the GPU's exp and the
 //   CPU's std::exp differ by an ulp or so (the FP32 results agree to 1e-5, MatchesCpu above), which
 //   can move the BF16 rounding by one step at most, so there the BF16 codes differ by at most 1.
 TEST(CrossEntropyCuda, ChunkedBf16GradientIsTheRoundedFp32Gradient) {

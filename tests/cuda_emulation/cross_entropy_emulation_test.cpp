@@ -9,9 +9,11 @@
 //   __syncthreads before the next row's copy) overwrites it under them, a wrong result when the
 //   threads interleave so and always a data race under -fsanitize=thread (the tsan build).
 // The staged kernel is held to the strided one (the fallback) bit for bit: losses, outputs (FP32
-// in place; BF16 chunks, to another buffer, in place, none) and the bad-target flag. Both run here
-// with the host's expf, so what this checks is that they do the same operations in the same order,
-// whatever expf is; the device tests (tests/cuda/layers_cuda_test.cpp) check the same on the GPU.
+// in place; BF16 chunks, to another buffer, in place, none) and the bad-target flag; and its FP32
+// results to the softmax cross-entropy in double. Both run here
+// with the host's exp2f for ex2.approx, so what this checks is that they do the same operations in
+// the same order, whatever the exponential is; the device tests (tests/cuda/layers_cuda_test.cpp)
+// check the same on the GPU.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -86,6 +88,8 @@ void mbar_init(uint64_t* bar, uint32_t count) {
 }
 void mbar_init_fence() {}
 void fence_proxy_async() {}
+// ex2.approx: the host's exp2f stands in (every kernel here takes its exps from it, as on the GPU).
+float ex2_approx(float x) { return std::exp2(x); }
 void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   std::lock_guard<std::mutex> lock(emu::barriers_mutex);
   emu::Barrier& b = emu::barriers.at(bar);
@@ -242,6 +246,39 @@ Results run(bool staged, unsigned blocks, const std::vector<float>& logits, cons
   return res;
 }
 
+// The in-place FP32 results against the softmax cross-entropy in double: the loss to 1e-6 (of 1 at
+// least), each row's gradient (or probabilities, grad_scale 0) to 1e-5 of the row's largest. The
+// host's exp2f stands in for ex2.approx here, so this checks the kernels' exponential as a formula
+// (2^(x log2 e - max log2 e) is e^(x - max)); its accuracy on the GPU is CrossEntropyCuda.MatchesCpu's.
+void expect_softmax_cross_entropy(const std::vector<float>& logits, const std::vector<uint32_t>& batch_targets,
+                                  int64_t row0, int64_t rows, int64_t vocab, float grad_scale,
+                                  const std::vector<float>& out, const std::vector<double>& loss) {
+  int64_t wrong = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint32_t t = batch_targets[static_cast<size_t>(row0 + r)];
+    if (t >= vocab) continue;  // a bad target: zeroed, checked above
+    const float* x = logits.data() + r * vocab;
+    double mx = -INFINITY, sum = 0.0;
+    for (int64_t j = 0; j < vocab; ++j) mx = std::max(mx, static_cast<double>(x[j]));
+    for (int64_t j = 0; j < vocab; ++j) sum += std::exp(x[j] - mx);
+    const double want_loss = std::log(sum) - (x[t] - mx);
+    if (!(std::fabs(loss[static_cast<size_t>(r)] - want_loss) <= 1e-6 * std::max(1.0, want_loss)) && wrong++ < 3)
+      ADD_FAILURE() << "row " << r << ": loss " << loss[static_cast<size_t>(r)] << " vs " << want_loss;
+    std::vector<double> want(static_cast<size_t>(vocab));
+    double scale = 0.0;
+    for (int64_t j = 0; j < vocab; ++j) {
+      const double p = std::exp(x[j] - mx) / sum;
+      want[j] = grad_scale != 0.0f ? p * grad_scale - (j == t ? grad_scale : 0.0) : p;
+      scale = std::max(scale, std::fabs(want[j]));
+    }
+    for (int64_t j = 0; j < vocab; ++j)
+      if (!(std::fabs(out[static_cast<size_t>(r * vocab + j)] - want[j]) <= 1e-5 * scale) && wrong++ < 3)
+        ADD_FAILURE() << "row " << r << ", logit " << j << ": " << out[static_cast<size_t>(r * vocab + j)] << " vs "
+                      << want[j];
+  }
+  EXPECT_EQ(wrong, 0);
+}
+
 struct Case {
   int64_t vocab, rows;
   unsigned blocks;  // of the staged kernel (fewer than rows: each block takes several)
@@ -324,6 +361,7 @@ void run_case(const Case& c, std::mt19937_64& rng) {
       }
       EXPECT_GT(got.loss_fp32[0], 0.0);
       EXPECT_EQ(bits(got.loss_fp32[2]), bits(0.0));
+      expect_softmax_cross_entropy(logits, targets, row0, c.rows, c.vocab, grad_scale, got.fp32, got.loss_fp32);
       std::printf("[ compare  ] %s: staged == strided bit for bit (%lld rows on %u blocks, %lld chunks)\n",
                   name.c_str(), static_cast<long long>(c.rows), c.blocks, static_cast<long long>(chunks));
     }

@@ -13,7 +13,7 @@
 //   output pass still works on the current one (each chunk as soon as every thread is done with it).
 // The staged kernel keeps the strided one's float and double operation order where it matters:
 // the sum is the same per-thread strided double sum (stride kLossThreads) and block tree; with FP32
-// logits exp is stored in shared memory during the sum and reused for the output (expf is
+// logits exp is stored in shared memory during the sum and reused for the output (softmax_exp is
 // deterministic, so it is the value the strided kernel recomputes), a BF16 row has no room for it
 // and recomputes it as the strided kernel does; the max is order-independent (fmaxf ignores NaNs,
 // and a max of +0 or -0 gives the same differences' exps and loss), so it may be taken in any
@@ -101,8 +101,29 @@ __device__ __forceinline__ void bulk_load(void* smem, const void* gmem, uint32_t
 }
 // Orders this thread's earlier shared-memory accesses before later bulk copies into that memory.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// 2^x by the hardware's approximation (one MUFU.EX2; a subnormal result is flushed to zero).
+__device__ __forceinline__ float ex2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 #endif  // NIBBLE_CE_HOST_EMULATION
+
+// ---------------------------------------------------------------- the softmax's exponential
+
+// e^(x - max) as 2^(x log2(e) - max log2(e)): one FMA and the hardware's ex2.approx, where expf
+// spends about ten instructions on its range reduction. Every exp is computed twice (a staged BF16
+// row has no room to keep them), and with BF16 logits the kernels were bound by that arithmetic
+// rather than by memory (docs/benchmarks.md, sessions 21-22). Error: ex2.approx's couple of ulp,
+// plus the argument's roundings, 2^-24 of |x log2(e)| and of |max log2(e)| (CUDA's __expf has the
+// same kind: 2 + 1.173 |x| ulp); about 1e-6 relative at |x - max| ~ 20, where the term is 2e-9 of
+// the largest, and far below the BF16 rounding of the logits and of their gradient. Every kernel
+// here takes its exps from it, so they keep giving the same bits as each other.
+constexpr float kLog2e = 1.4426950408889634f;
+// -max log2(e), rounded once per row: the shift every exp of the row takes.
+__device__ __forceinline__ float softmax_shift(float max) { return -__fmul_rn(max, kLog2e); }
+__device__ __forceinline__ float softmax_exp(float x, float shift) { return ex2_approx(fmaf(x, kLog2e, shift)); }
 
 // ---------------------------------------------------------------- loads and stores
 
@@ -162,14 +183,15 @@ __device__ void cross_entropy_row(const T* row, uint32_t target, int64_t vocab, 
   for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) mx = fmaxf(mx, load_logit(row + j));
   mx = block_max(mx, fscratch);
   const float target_logit = load_logit(row + target);
+  const float shift = softmax_shift(mx);
   double sum = 0.0;
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) sum += expf(load_logit(row + j) - mx);
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) sum += softmax_exp(load_logit(row + j), shift);
   sum = block_sum(sum, dscratch);
   // Every thread has read row[target] before any thread writes (block_sum synchronises).
   if (out != nullptr) {
     const float scale = static_cast<float>((grad_scale != 0.0f ? grad_scale : 1.0f) / sum);
     for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-      float g = __fmul_rn(expf(load_logit(row + j) - mx), scale);
+      float g = __fmul_rn(softmax_exp(load_logit(row + j), shift), scale);
       if (grad_scale != 0.0f && j == target) g = __fsub_rn(g, grad_scale);
       store(out + j, g);
     }
@@ -251,6 +273,7 @@ cross_entropy_staged_kernel(const T* logits, const uint32_t* __restrict__ target
     mx = block_max(mx, fscratch);  // synchronises: the max pass's reads are done
     // The strided kernel's order: j = threadIdx.x + k blockDim.x, k ascending. The loads of a batch
     // are written before its stores, as the compiler cannot tell that they never overlap.
+    const float shift = softmax_shift(mx);
     double sum = 0.0;
     if (ok) {
       constexpr int kBatch = 8;
@@ -261,14 +284,14 @@ cross_entropy_staged_kernel(const T* logits, const uint32_t* __restrict__ target
         for (int u = 0; u < kBatch; ++u) e[u] = load_logit(stage + j + u * blockDim.x);
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) {
-          e[u] = expf(e[u] - mx);
+          e[u] = softmax_exp(e[u], shift);
           if constexpr (kKeepsExp) stage[j + u * blockDim.x] = e[u];
         }
 #pragma unroll
         for (int u = 0; u < kBatch; ++u) sum += e[u];
       }
       for (; j < vocab; j += blockDim.x) {
-        const float e = expf(load_logit(stage + j) - mx);
+        const float e = softmax_exp(load_logit(stage + j), shift);
         if constexpr (kKeepsExp) stage[j] = e;
         sum += e;
       }
@@ -287,7 +310,8 @@ cross_entropy_staged_kernel(const T* logits, const uint32_t* __restrict__ target
           if constexpr (kKeepsExp)
             return v;
           else
-            return make_float4(expf(v.x - mx), expf(v.y - mx), expf(v.z - mx), expf(v.w - mx));
+            return make_float4(softmax_exp(v.x, shift), softmax_exp(v.y, shift), softmax_exp(v.z, shift),
+                               softmax_exp(v.w, shift));
         };
         const auto emit = [&](int64_t q, float4 e) {  // elements 4q .. 4q + 3
           float g[4] = {e.x, e.y, e.z, e.w};
