@@ -3,30 +3,60 @@
 the PyTorch reference's JSON lines -> tokens/s, MFU, memory, and the ratios issue 6 asks for.
 
     python3 bench/training_table.py --nibble bf16=RUN_DIR nvfp4=RUN_DIR --pytorch FILE.jsonl [--skip 10]
+
+With --ab, runs of two builds side by side (scripts/device_check.sh's ab phase: bench_training.sh
+output folders, each with nibble-bf16.jsonl and nibble-nvfp4.jsonl, named new1, base1, new2, ...):
+each run's median step and tokens/s per recipe, then new / base per recipe over the runs' medians.
+
+    python3 bench/training_table.py --ab new1=OUT base1=OUT new2=OUT base2=OUT [--skip 10]
 """
 import argparse
 import json
 import statistics
 
 
-def nibble_row(run_dir, skip):
-    steps = [json.loads(l) for l in open(f"{run_dir}/metrics.jsonl") if '"loss"' in l]
+def nibble_row(metrics_file, skip):
+    steps = [json.loads(l) for l in open(metrics_file) if '"loss"' in l]
     steps = steps[skip:] if len(steps) > skip else steps
     return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps),
+            "step_ms": 1e3 * statistics.median(s["step_s"] for s in steps),
             "mfu": statistics.median(s.get("mfu", float("nan")) for s in steps),
             "memory_mib": max(s["memory_mib"] for s in steps)}
 
 
+def ab_table(runs, skip):
+    recipes = ("bf16", "nvfp4")
+    rows = {name: {r: nibble_row(f"{out}/nibble-{r}.jsonl", skip) for r in recipes} for name, out in runs}
+    print("| run | " + " | ".join(f"{r} step ms | {r} tokens/s | {r} MiB" for r in recipes) + " |")
+    print("|---" * (1 + 3 * len(recipes)) + "|")
+    for name, row in rows.items():
+        print(f"| {name} | " + " | ".join(
+            f"{row[r]['step_ms']:.3f} | {row[r]['tokens_per_s']:,.0f} | {row[r]['memory_mib']:,.0f}" for r in recipes) + " |")
+    print()
+    for r in recipes:
+        med = {b: statistics.median(row[r]["step_ms"] for name, row in rows.items() if name.startswith(b))
+               for b in ("new", "base") if any(name.startswith(b) for name in rows)}
+        if len(med) == 2:
+            print(f"{r}: median step {med['base']:.3f} ms (base) -> {med['new']:.3f} ms (new), "
+                  f"tokens/s x{med['base'] / med['new']:.4f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--nibble", nargs="+", required=True, help="NAME=RUN_DIR")
-    ap.add_argument("--pytorch", required=True)
+    ap.add_argument("--nibble", nargs="+", help="NAME=RUN_DIR")
+    ap.add_argument("--pytorch")
+    ap.add_argument("--ab", nargs="+", help="newN=OUT baseN=OUT ...: two builds' runs side by side")
     ap.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the medians")
     a = ap.parse_args()
+    if a.ab:
+        ab_table([item.split("=", 1) for item in a.ab], a.skip)
+        return
+    if not a.nibble or not a.pytorch:
+        ap.error("--nibble and --pytorch are needed (or --ab)")
     rows = {}
     for item in a.nibble:
         name, run = item.split("=", 1)
-        rows["nibble " + name] = nibble_row(run, a.skip)
+        rows["nibble " + name] = nibble_row(f"{run}/metrics.jsonl", a.skip)
     for line in open(a.pytorch):
         r = json.loads(line)
         rows[r["impl"]] = {"tokens_per_s": r["tokens_per_s"], "mfu": r["mfu"], "memory_mib": r["device_used_mib"]}

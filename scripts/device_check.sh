@@ -13,6 +13,10 @@
 #   benches     the quantization, layer and GEMM benchmarks
 #   train       scripts/bench_training.sh: nibble bf16/nvfp4 against PyTorch (DATA=<nibble prepare
 #               output>, or the bundle's data; CONFIG, STEPS and PYTORCH as there, STEPS default 100)
+#   ab          this build's and BASE_BUNDLE's training runs alternately, ROUNDS times (default 2; no
+#               PyTorch; DATA, CONFIG and STEPS as for train), then each run's median step and new /
+#               base per recipe (bench/training_table.py --ab): the GPU's power cap makes runs drift,
+#               so the two builds take turns rather than running one after the other
 #   profile     per-kernel time of one training step under ncu, grouped by bench/kernel_breakdown.py,
 #               for each of RECIPES (default "nvfp4"); NCU_CACHE=none keeps the caches warm between
 #               kernels as in the training run (default "all": ncu flushes them before each kernel)
@@ -96,6 +100,23 @@ run_train() {
   OUT="$out/base" PYTORCH=0 scripts/bench_training.sh "$DATA" "$base/src/nibble/cli/nibble" "${STEPS:-100}" || status=1
 }
 
+run_ab() {
+  [ -n "$base" ] || { echo "device_check: the ab phase needs BASE_BUNDLE" >&2; status=1; return; }
+  [ -n "${DATA:-}" ] || { echo "device_check: the ab phase needs DATA (or a bundle with data)" >&2; status=1; return; }
+  echo "== this build and the base, alternately (${ROUNDS:-2} rounds of ${STEPS:-100} steps)"
+  local runs=() i b bin
+  for i in $(seq "${ROUNDS:-2}"); do
+    for b in new base; do
+      bin=$nibble
+      [ "$b" = base ] && bin=$base/src/nibble/cli/nibble
+      OUT="$out/ab/$b$i" PYTORCH=0 scripts/bench_training.sh "$DATA" "$bin" "${STEPS:-100}" >"$out/ab-$b$i.log" 2>&1 ||
+        { echo "device_check: the $b run $i failed (see $out/ab-$b$i.log)" >&2; status=1; return; }
+      runs+=("$b$i=$out/ab/$b$i")
+    done
+  done
+  python3 bench/training_table.py --ab "${runs[@]}" | tee "$out/ab.md" || status=1
+}
+
 run_profile() {
   [ -n "${DATA:-}" ] || { echo "device_check: the profile phase needs DATA (or a bundle with data)" >&2; status=1; return; }
   for recipe in ${RECIPES:-nvfp4}; do
@@ -132,9 +153,10 @@ for phase in ${PHASES:-tests sanitizers benches}; do
     sanitizers) run_sanitizers ;;
     benches) run_benches ;;
     train) run_train ;;
+    ab) run_ab ;;
     profile) run_profile ;;
     trace) run_trace ;;
-    *) echo "device_check: unknown phase '$phase' (tests, sanitizers, benches, train, profile, trace)" >&2; exit 2 ;;
+    *) echo "device_check: unknown phase '$phase' (tests, sanitizers, benches, train, ab, profile, trace)" >&2; exit 2 ;;
   esac
 done
 exit $status
