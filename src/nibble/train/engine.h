@@ -11,6 +11,7 @@
 
 #include "nibble/model/gpt.h"
 #include "nibble/train/optimizer.h"
+#include "nibble/train/step_rule.h"
 
 namespace nibble::train {
 
@@ -21,11 +22,9 @@ struct StepOutcome {
   bool updated = false;  // false: the update was skipped (the loss or the norm not finite)
 };
 
-// The step's loss as the trainer reports it: each micro-batch's loss / their count, added in order.
+// step_rule.h's step_loss over a step's outcome.
 inline double step_loss(std::span<const double> losses) {
-  double loss = 0.0;
-  for (const double l : losses) loss += l / static_cast<double>(losses.size());
-  return loss;
+  return step_loss(losses.data(), static_cast<int64_t>(losses.size()));
 }
 
 // A step is enqueued whole (zero_grad, forward_backward for each micro-batch, update) and then

@@ -85,7 +85,7 @@ class CpuEngine final : public Engine {
     outcome_.grad_norm = norm;
     outcome_.updated = std::isfinite(step_loss(outcome_.losses)) && std::isfinite(norm);
     if (!outcome_.updated) return;
-    optimizer_.step(params, lr, grad_clip > 0 && norm > grad_clip ? static_cast<float>(grad_clip / norm) : 1.0f);
+    optimizer_.step(params, lr, clip_multiplier(grad_clip, norm));
   }
   StepOutcome finish_step() override { return std::exchange(outcome_, {}); }
   double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,

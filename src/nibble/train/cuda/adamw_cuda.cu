@@ -8,6 +8,7 @@
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/quant/cuda/amax_device.cuh"
 #include "nibble/train/cuda/adamw_cuda.h"
+#include "nibble/train/step_rule.h"
 
 namespace nibble::train::cuda {
 
@@ -108,13 +109,12 @@ __global__ void __launch_bounds__(kZeroThreads) zero_kernel(const ChunkSegment* 
   for (int64_t i = begin + threadIdx.x; i < end; i += kZeroThreads) seg.data[i] = 0.0f;
 }
 
+// As the CPU engine decides (step_rule.h).
 __global__ void step_control_kernel(const double* losses, int count, const double* norm, double max_norm,
                                     StepControl* control) {
-  double loss = 0.0;
-  for (int i = 0; i < count; ++i) loss += losses[i] / static_cast<double>(count);
-  const double nv = *norm;
+  const double loss = step_loss(losses, count), nv = *norm;
   control->skip = !isfinite(loss) || !isfinite(nv);
-  control->grad_multiplier = max_norm > 0 && nv > max_norm ? static_cast<float>(max_norm / nv) : 1.0f;
+  control->grad_multiplier = clip_multiplier(max_norm, nv);
 }
 
 }  // namespace
