@@ -201,7 +201,7 @@ norm_backward_kernel(const DyT* __restrict__ dy, const XhT* __restrict__ xhat, c
 
 // The same backward with 16-byte loads and the row in registers (rows as norm_forward_vec_kernel's),
 // and the parameter-gradient partials of its rows in the same pass (norm_param_partials_kernel's
-// output, without its second read of dy and xhat: 75 MB a call at GPT-2's shapes). A block takes
+// output, without its second read of dy and xhat: 50-75 MB a call at GPT-2's shapes). A block takes
 // one chunk of kChunkRows rows, each warp every kRowsPerBlock-th of them. A warp adds dy * xhat and
 // dy for its rows in FP32 (fmaf) into its own shared-memory row of sums (no atomics: a lane owns its
 // columns); then the block adds the warps' sums in double, in warp order, into the chunk's partials.
