@@ -204,6 +204,31 @@ TEST(EmbeddingCuda, LongRunsAddInPositionOrder) {
   expect_bits_equal(download(gpu.weight_grad(), vocab * dim), grad_cpu, "embedding weight grad, long runs");
 }
 
+// The learned positions' backward without the sort: the CPU's bits for ids r % seq (rows p, seq + p,
+// ... added in that order), onto gradients already there; a table longer than seq keeps its other
+// rows; a seq beyond the table is rejected.
+TEST(EmbeddingCuda, BackwardPositionsAddsTheBatchInPositionOrder) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t rows = 40, dim = 300, seq = 37, batch = 5, n = batch * seq;
+  Stream stream;
+  Embedding cpu(rows, dim);
+  cuda::EmbeddingCuda gpu(rows, dim);
+  std::vector<uint32_t> ids(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) ids[i] = static_cast<uint32_t>(i % seq);
+  cpu.zero_grad();
+  gpu.zero_grad(stream);
+  for (int pass = 0; pass < 2; ++pass) {  // the second adds onto the first
+    const auto dout = nibble::nn::test::random_normal(rng, n * dim, 1.0f);
+    cpu.backward(ids, dout);
+    DeviceBuffer<float> d_dout{std::span<const float>(dout)};
+    gpu.backward_positions(batch, seq, d_dout.data(), stream);
+  }
+  const std::vector<float> grad_cpu(cpu.weight_grad().begin(), cpu.weight_grad().end());
+  expect_bits_equal(download(gpu.weight_grad(), rows * dim), grad_cpu, "position embedding grad");
+  DeviceBuffer<float> d_dout(static_cast<size_t>(n * dim));
+  EXPECT_THROW(gpu.backward_positions(1, rows + 1, d_dout.data(), stream), std::invalid_argument);
+}
+
 // ---------------------------------------------------------------- norms
 
 class NormCudaTest : public ::testing::TestWithParam<NormKind> {};

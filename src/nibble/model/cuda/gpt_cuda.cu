@@ -410,7 +410,7 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
     });
   }
   tok_embed_.backward(ids_.data(), rows, dx_.data(), stream_);
-  if (pos_embed_) pos_embed_->backward(positions_.data(), rows, dx_.data(), stream_);
+  if (pos_embed_) pos_embed_->backward_positions(batch, seq, dx_.data(), stream_);
 }
 
 }  // namespace nibble::model::cuda

@@ -121,6 +121,18 @@ __global__ void __launch_bounds__(kScatterThreads) scatter_add_kernel(const uint
   }
 }
 
+// Position p's gradient row (i = p dim + column, one thread each): the batch's rows p, seq + p, ...
+// added in that order.
+__global__ void position_grad_kernel(const float* __restrict__ dout, int64_t batch, int64_t seq, int64_t dim,
+                                     float* __restrict__ grad) {
+  const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (i >= seq * dim) return;
+  float g = grad[i];
+#pragma unroll 8
+  for (int64_t b = 0; b < batch; ++b) g += dout[b * seq * dim + i];
+  grad[i] = g;
+}
+
 int bits_for(uint32_t max_key) {
   int b = 1;
   while (b < 32 && (max_key >> b) != 0) ++b;
@@ -168,6 +180,15 @@ void EmbeddingCuda::backward(const uint32_t* ids, int64_t n, const float* dout, 
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((dim_ + threads - 1) / threads));
   scatter_add_kernel<<<grid, threads, 0, stream>>>(keys_out_.data(), pos_out_.data(), n, rows, dim_, dout,
                                                    grad_.data());
+  NIBBLE_CUDA_CHECK_LAUNCH();
+}
+
+void EmbeddingCuda::backward_positions(int64_t batch, int64_t seq, const float* dout, cudaStream_t stream) {
+  if (batch <= 0 || seq <= 0 || seq > rows_)
+    throw std::invalid_argument("EmbeddingCuda::backward_positions: batch " + std::to_string(batch) + " x seq " +
+                                std::to_string(seq) + " is empty or seq exceeds the table's " + std::to_string(rows_) +
+                                " rows");
+  position_grad_kernel<<<blocks_for(seq * dim_, 256), 256, 0, stream>>>(dout, batch, seq, dim_, grad_.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

@@ -74,6 +74,10 @@ class EmbeddingCuda {
   void forward(const uint32_t* ids, int64_t n, float* out, bool accumulate, cudaStream_t stream);
   // weight_grad[ids[i]] += dout[i].
   void backward(const uint32_t* ids, int64_t n, const float* dout, cudaStream_t stream);
+  // backward() for the learned positions of `batch` sequences of `seq` tokens (ids[i] = i % seq,
+  // seq <= rows()): row p adds dout's rows p, seq + p, 2 seq + p, ... in that order, the order
+  // backward() adds them in (the same bits), without its sort.
+  void backward_positions(int64_t batch, int64_t seq, const float* dout, cudaStream_t stream);
   // Throws std::out_of_range for the first bad id any call met since the last check (synchronises);
   // or in two halves, read_ids() before and report_ids() after the caller's wait for `stream`.
   void check_ids(cudaStream_t stream) { bad_id_.check(kWhat, rows_, stream); }
