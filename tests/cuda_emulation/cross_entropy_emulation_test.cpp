@@ -11,7 +11,7 @@
 // The staged kernel is held to the strided one (the fallback) bit for bit: losses, outputs (FP32
 // in place; BF16 chunks, to another buffer, in place, none) and the bad-target flag; and its FP32
 // results to the softmax cross-entropy in double. Both run here
-// with the host's exp2f for ex2.approx, so what this checks is that they do the same operations in
+// with the host's exp2 for ex2.approx (exp2_ftz.cuh), so what this checks is that they do the same operations in
 // the same order, whatever the exponential is; the device tests (tests/cuda/layers_cuda_test.cpp)
 // check the same on the GPU.
 #include <cuda_bf16.h>
@@ -88,8 +88,6 @@ void mbar_init(uint64_t* bar, uint32_t count) {
 }
 void mbar_init_fence() {}
 void fence_proxy_async() {}
-// ex2.approx: the host's exp2f stands in (every kernel here takes its exps from it, as on the GPU).
-float ex2_approx(float x) { return std::exp2(x); }
 void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
   std::lock_guard<std::mutex> lock(emu::barriers_mutex);
   emu::Barrier& b = emu::barriers.at(bar);

@@ -334,12 +334,6 @@ void wgmma_rs_m64n64k16_bt(float (&d)[32], const uint32_t (&a)[4], uint64_t desc
   });
 }
 
-// ex2.approx.ftz.f32: 2^x (the approximation's last-bit error is below the tolerances here), with
-// subnormal results flushed to zero.
-float exp2_ftz(float x) {
-  const float y = std::exp2(x);
-  return std::fpclassify(y) == FP_SUBNORMAL ? 0.0f : y;
-}
 
 }  // namespace
 }  // namespace nibble::nn::cuda::detail

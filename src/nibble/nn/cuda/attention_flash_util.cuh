@@ -7,11 +7,9 @@
 #include <cstdint>
 
 #include "nibble/nn/cuda/attention_flash.cuh"
+#include "nibble/nn/cuda/exp2_ftz.cuh"  // kLog2e (scores in base-2 units) and exp2_ftz
 
 namespace nibble::nn::cuda::detail {
-
-inline constexpr float kLog2e = 1.4426950408889634f;  // scores in base-2 units: exp(x) = 2^(x log2 e)
-
 namespace {
 
 // Two floats rounded to BF16 (nearest even) in one register, lo in the low half (lower column).
@@ -37,18 +35,8 @@ __device__ inline float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// NIBBLE_FLASH_HOST_EMULATION: tests/cuda_emulation/flash_emulation_test.cpp brings its own.
-#ifndef NIBBLE_FLASH_HOST_EMULATION
-// 2^x by the SFU's approximation with results below FLT_MIN flushed to zero: one instruction,
-// where exp2f's handling of subnormal results takes three more. A probability that small adds
-// nothing to a row whose largest term is 1. The forward kernels use it; in the backward kernels it
-// measured 4% slower (0.545 -> 0.566 ms, nibble_layers_bench_cuda), so they keep exp2f.
-__device__ inline float exp2_ftz(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-#endif
+// The forward kernels take exp2_ftz; in the backward kernels it measured 4% slower (0.545 -> 0.566
+// ms, nibble_layers_bench_cuda), so they keep exp2f.
 
 }  // namespace
 }  // namespace nibble::nn::cuda::detail

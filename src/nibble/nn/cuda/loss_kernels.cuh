@@ -28,6 +28,7 @@
 #include <type_traits>
 
 #include "nibble/formats/minifloat.h"
+#include "nibble/nn/cuda/exp2_ftz.cuh"
 #include "nibble/nn/cuda/kernel_util.cuh"
 
 namespace nibble::nn::cuda::detail {
@@ -101,29 +102,22 @@ __device__ __forceinline__ void bulk_load(void* smem, const void* gmem, uint32_t
 }
 // Orders this thread's earlier shared-memory accesses before later bulk copies into that memory.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-// 2^x by the hardware's approximation (one MUFU.EX2; a subnormal result is flushed to zero).
-__device__ __forceinline__ float ex2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
 
 #endif  // NIBBLE_CE_HOST_EMULATION
 
 // ---------------------------------------------------------------- the softmax's exponential
 
-// e^(x - max) as 2^(x log2(e) - max log2(e)): one FMA and the hardware's ex2.approx, where expf
-// spends about ten instructions on its range reduction. Every exp is computed twice (a staged BF16
-// row has no room to keep them), and with BF16 logits the kernels were bound by that arithmetic
-// rather than by memory (docs/benchmarks.md, sessions 21-22). Error: ex2.approx's couple of ulp,
-// plus the argument's roundings, 2^-24 of |x log2(e)| and of |max log2(e)| (CUDA's __expf has the
-// same kind: 2 + 1.173 |x| ulp); about 1e-6 relative at |x - max| ~ 20, where the term is 2e-9 of
-// the largest, and far below the BF16 rounding of the logits and of their gradient. Every kernel
-// here takes its exps from it, so they keep giving the same bits as each other.
-constexpr float kLog2e = 1.4426950408889634f;
+// e^(x - max) as 2^(x log2(e) - max log2(e)): one FMA and the hardware's ex2.approx (exp2_ftz),
+// where expf spends about ten instructions on its range reduction. Every exp is computed twice (a
+// staged BF16 row has no room to keep them), and with BF16 logits the kernels were bound by that
+// arithmetic rather than by memory (docs/benchmarks.md, sessions 21-22). Error: ex2.approx's couple
+// of ulp, plus the argument's roundings, 2^-24 of |x log2(e)| and of |max log2(e)| (CUDA's __expf
+// has the same kind: 2 + 1.173 |x| ulp); about 1e-6 relative at |x - max| ~ 20, where the term is
+// 2e-9 of the largest, and far below the BF16 rounding of the logits and of their gradient. Every
+// kernel here takes its exps from it, so they keep giving the same bits as each other.
 // -max log2(e), rounded once per row: the shift every exp of the row takes.
 __device__ __forceinline__ float softmax_shift(float max) { return -__fmul_rn(max, kLog2e); }
-__device__ __forceinline__ float softmax_exp(float x, float shift) { return ex2_approx(fmaf(x, kLog2e, shift)); }
+__device__ __forceinline__ float softmax_exp(float x, float shift) { return exp2_ftz(fmaf(x, kLog2e, shift)); }
 
 // ---------------------------------------------------------------- loads and stores
 
