@@ -245,8 +245,10 @@ Results run(bool staged, unsigned blocks, const std::vector<float>& logits, cons
 }
 
 // The in-place FP32 results against the softmax cross-entropy in double: the loss to 1e-6 (of 1 at
-// least), each row's gradient (or probabilities, grad_scale 0) to 1e-5 of the row's largest. The
-// host's exp2f stands in for ex2.approx here, so this checks the kernels' exponential as a formula
+// least), each row's gradient (or probabilities, grad_scale 0) to 1e-5 of the row's largest term
+// before the target's subtraction (p grad_scale and grad_scale: where the target's p is near 1, its
+// gradient p grad_scale - grad_scale cancels, and the float product's rounding at grad_scale's
+// size is what remains). The host's exp2 stands in for ex2.approx here, so this checks the kernels' exponential as a formula
 // (2^(x log2 e - max log2 e) is e^(x - max)); its accuracy on the GPU is CrossEntropyCuda.MatchesCpu's.
 void expect_softmax_cross_entropy(const std::vector<float>& logits, const std::vector<uint32_t>& batch_targets,
                                   int64_t row0, int64_t rows, int64_t vocab, float grad_scale,
@@ -263,11 +265,11 @@ void expect_softmax_cross_entropy(const std::vector<float>& logits, const std::v
     if (!(std::fabs(loss[static_cast<size_t>(r)] - want_loss) <= 1e-6 * std::max(1.0, want_loss)) && wrong++ < 3)
       ADD_FAILURE() << "row " << r << ": loss " << loss[static_cast<size_t>(r)] << " vs " << want_loss;
     std::vector<double> want(static_cast<size_t>(vocab));
-    double scale = 0.0;
+    double scale = std::fabs(grad_scale);
     for (int64_t j = 0; j < vocab; ++j) {
       const double p = std::exp(x[j] - mx) / sum;
       want[j] = grad_scale != 0.0f ? p * grad_scale - (j == t ? grad_scale : 0.0) : p;
-      scale = std::max(scale, std::fabs(want[j]));
+      scale = std::max(scale, grad_scale != 0.0f ? p * std::fabs(grad_scale) : p);
     }
     for (int64_t j = 0; j < vocab; ++j)
       if (!(std::fabs(out[static_cast<size_t>(r * vocab + j)] - want[j]) <= 1e-5 * scale) && wrong++ < 3)
