@@ -146,5 +146,50 @@ INSTANTIATE_TEST_SUITE_P(Shapes, GemmTuneTest,
                                            TuneCase{200, 72, 40, 1, false, false, kF32, kF32, true}),
                          tune_case_name);
 
+// The GELU epilogues (GELU_AUX in the Fprop layout, DGELU in the Dgrad layout): a tuned runner gives
+// the untuned one's bits in C and in the GELU input it writes (the values themselves are checked
+// against GELU's tanh form in linear_cuda_test.cpp); what the epilogues do not take is refused.
+TEST(GemmRunner, GeluEpiloguesTunedGiveTheUntunedBits) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t m = 256, n = 384, k = 512;
+  const Operand a = random_operand(rng, m * k, kBf16), b = random_operand(rng, n * k, kBf16);
+  const Operand pre = random_operand(rng, m * n, kBf16);
+  DeviceBuffer<uint8_t> da{std::span<const uint8_t>(a.bytes)}, db{std::span<const uint8_t>(b.bytes)};
+  const auto halfwords = [](const DeviceBuffer<uint16_t>& v) {
+    return download(v.data(), static_cast<int64_t>(v.size()));
+  };
+  for (const bool forward : {true, false}) {
+    std::vector<uint16_t> outputs[2][2];  // [untuned, tuned][C, aux]
+    for (int tuned = 0; tuned < 2; ++tuned) {
+      GemmRunner runner(tuned == 1);
+      DeviceBuffer<uint16_t> c(static_cast<size_t>(m * n));
+      DeviceBuffer<uint8_t> aux{std::span<const uint8_t>(pre.bytes)};  // written (forward) or read
+      const GemmMatrix ma{da.data(), kBf16, false}, mb{db.data(), kBf16, forward};  // B [n x k] or [k x n]
+      GemmOutput out{c.data(), kBf16};
+      out.epilogue = forward ? cuda::GemmEpilogue::kGeluAux : cuda::GemmEpilogue::kGeluGrad;
+      out.aux = aux.data();
+      for (int call = 0; call < 2; ++call) runner.run(m, n, k, ma, mb, out, nullptr, false, nullptr);
+      outputs[tuned][0] = halfwords(c);
+      outputs[tuned][1] = download(reinterpret_cast<const uint16_t*>(aux.data()), m * n);
+      if (tuned == 0) {
+        GemmOutput f32{c.data(), kF32, 0, out.epilogue, aux.data()};
+        EXPECT_THROW(runner.run(m, n, k, ma, mb, f32, nullptr, false, nullptr), std::invalid_argument);
+        EXPECT_THROW(runner.run(m, n, k, ma, mb, out, nullptr, /*accumulate=*/true, nullptr), std::invalid_argument);
+        EXPECT_THROW(runner.run(m, n - 4, k, ma, mb, out, nullptr, false, nullptr), std::invalid_argument);
+        GemmOutput no_aux = out;
+        no_aux.aux = nullptr;
+        EXPECT_THROW(runner.run(m, n, k, ma, mb, no_aux, nullptr, false, nullptr), std::invalid_argument);
+      }
+    }
+    EXPECT_EQ(outputs[0][0], outputs[1][0]) << (forward ? "GELU_AUX" : "DGELU") << " C";
+    EXPECT_EQ(outputs[0][1], outputs[1][1]) << (forward ? "GELU_AUX" : "DGELU") << " aux";
+    if (!forward) {
+      std::vector<uint16_t> pre_codes(static_cast<size_t>(m * n));
+      std::memcpy(pre_codes.data(), pre.bytes.data(), pre.bytes.size());
+      EXPECT_EQ(outputs[0][1], pre_codes) << "DGELU reads its GELU input and leaves it";
+    }
+  }
+}
+
 }  // namespace
 }  // namespace nibble

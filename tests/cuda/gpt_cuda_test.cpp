@@ -166,15 +166,16 @@ INSTANTIATE_TEST_SUITE_P(
     [](const auto& info) { return info.param.name; });
 
 // Two GPU models of one nvfp4 model (3 blocks) and a batch of random ids: `produced` with the
-// producer amaxes (the default), `own` without them.
+// producer amaxes (the default), `own` without them; the GELU in the GEMMs' epilogues or not.
 struct ProducerAmaxModels {
-  explicit ProducerAmaxModels(uint64_t seed)
+  explicit ProducerAmaxModels(uint64_t seed, bool gelu_in_gemm = true)
       : c(tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true)),
         host_a(c, nn::preset("nvfp4"), seed, seed + 1),
         host_b(c, nn::preset("nvfp4"), seed, seed + 1),
         produced(host_a, seed + 1),
         own(host_b, seed + 1) {
     own.set_producer_amax(false);
+    for (cuda::GptCuda* g : {&produced, &own}) g->set_gelu_in_gemm(gelu_in_gemm);
     std::mt19937_64 rng(seed);
     std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
     for (int64_t i = 0; i < batch * seq; ++i) inputs.push_back(id(rng)), targets.push_back(id(rng));
@@ -188,28 +189,66 @@ struct ProducerAmaxModels {
 
 // The norms and the GELU computing the amax of the NVFP4 passes over their outputs (qkv's and fc's
 // X, fc2's X, fc's dY, and in the norms' backward the output projections' dY) give the bits of the
-// passes computing their own: the loss and every gradient after two steps.
+// passes computing their own: the loss and every gradient after two steps. With GELU's derivative in
+// proj2's Dgrad epilogue (the default) fc's dY has no producer amax; with the GELU kernels it has.
 TEST(GptCuda, ProducerAmaxGivesTheSameBits) {
-  ProducerAmaxModels m(test::fresh_seed());
-  cuda::GptCuda &produced = m.produced, &own = m.own;
-  const std::vector<uint32_t> &inputs = m.inputs, &targets = m.targets;
-  const int64_t batch = m.batch, seq = m.seq;
-  for (uint64_t step : {3u, 4u}) {
-    produced.set_step(step, 1);
-    own.set_step(step, 1);
-    const double la = produced.forward_backward(inputs, targets, batch, seq, 0.5f);
-    const double lb = own.forward_backward(inputs, targets, batch, seq, 0.5f);
-    EXPECT_EQ(la, lb) << "step " << step;
+  for (const bool gelu_in_gemm : {true, false}) {
+    SCOPED_TRACE(gelu_in_gemm ? "GELU in the GEMMs" : "GELU kernels");
+    ProducerAmaxModels m(test::fresh_seed(), gelu_in_gemm);
+    cuda::GptCuda &produced = m.produced, &own = m.own;
+    const std::vector<uint32_t> &inputs = m.inputs, &targets = m.targets;
+    const int64_t batch = m.batch, seq = m.seq;
+    for (uint64_t step : {3u, 4u}) {
+      produced.set_step(step, 1);
+      own.set_step(step, 1);
+      const double la = produced.forward_backward(inputs, targets, batch, seq, 0.5f);
+      const double lb = own.forward_backward(inputs, targets, batch, seq, 0.5f);
+      EXPECT_EQ(la, lb) << "step " << step;
+    }
+    // Two norms and the GELU's forward (and backward, with the kernels) a block, and two norm backwards
+    // (the projections' dY: norm2's for proj, the norm above's for proj2), in each of the 3 blocks and 2 steps.
+    EXPECT_EQ(produced.producer_amaxes(), (gelu_in_gemm ? 5 : 6) * 3 * 2);
+    EXPECT_EQ(own.producer_amaxes(), 0);
+    for (size_t i = 0; i < produced.parameters().size(); ++i) {
+      const cuda::DeviceParameter& p = produced.parameters()[i];
+      const std::vector<float> ga = download(p.grad, p.count), gb = download(own.parameters()[i].grad, p.count);
+      EXPECT_EQ(0, std::memcmp(ga.data(), gb.data(), ga.size() * sizeof(float))) << p.name;
+    }
   }
-  // Two norms and two GELUs (forward and backward) a block, and two norm backwards (the projections'
-  // dY: norm2's for proj, the norm above's for proj2), in each of the 3 blocks and 2 steps.
-  EXPECT_EQ(produced.producer_amaxes(), 6 * 3 * 2);
-  EXPECT_EQ(own.producer_amaxes(), 0);
-  for (size_t i = 0; i < produced.parameters().size(); ++i) {
-    const cuda::DeviceParameter& p = produced.parameters()[i];
-    const std::vector<float> ga = download(p.grad, p.count), gb = download(own.parameters()[i].grad, p.count);
-    EXPECT_EQ(0, std::memcmp(ga.data(), gb.data(), ga.size() * sizeof(float))) << p.name;
+}
+
+// The GELU in the GEMMs' epilogues (the default) against the activation kernels, in one bf16 model:
+// the epilogue applies GELU and GELU' to FP32 GEMM results where the kernels take them rounded to
+// BF16, so the two differ by BF16 roundings only: the loss within 1e-3 and each gradient within 1e-2
+// in norm (relative), far inside GptCudaTest's GPU-to-CPU tolerances, and not bit for bit (so the
+// epilogue did run).
+TEST(GptCuda, GeluInGemmDiffersFromTheKernelsByRoundingOnly) {
+  const uint64_t seed = test::fresh_seed();
+  const GptConfig c = tiny(PositionKind::kLearned, NormKind::kLayerNorm, nn::MlpKind::kGelu, 4, true);
+  Gpt host_a(c, nn::preset("bf16"), seed, seed + 1), host_b(c, nn::preset("bf16"), seed, seed + 1);
+  cuda::GptCuda gemm(host_a, seed + 1), kernels(host_b, seed + 1);
+  kernels.set_gelu_in_gemm(false);
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
+  const int64_t batch = 3, seq = 64;
+  std::vector<uint32_t> inputs, targets;
+  for (int64_t i = 0; i < batch * seq; ++i) inputs.push_back(id(rng)), targets.push_back(id(rng));
+  const double la = gemm.forward_backward(inputs, targets, batch, seq);
+  const double lb = kernels.forward_backward(inputs, targets, batch, seq);
+  EXPECT_NEAR(la, lb, 1e-3 * std::fabs(lb));
+  bool all_equal = la == lb;
+  for (size_t i = 0; i < gemm.parameters().size(); ++i) {
+    const cuda::DeviceParameter& p = gemm.parameters()[i];
+    const std::vector<float> ga = download(p.grad, p.count), gb = download(kernels.parameters()[i].grad, p.count);
+    double diff = 0, norm = 0;
+    for (size_t j = 0; j < ga.size(); ++j) {
+      diff += (static_cast<double>(ga[j]) - gb[j]) * (static_cast<double>(ga[j]) - gb[j]);
+      norm += static_cast<double>(gb[j]) * gb[j];
+    }
+    EXPECT_LE(std::sqrt(diff), 1e-2 * std::sqrt(norm)) << p.name;
+    all_equal = all_equal && diff == 0;
   }
+  EXPECT_FALSE(all_equal) << "the same bits: the epilogue did not run";
 }
 
 // The optimizer computes each NVFP4 weight's amax while it writes the weight (weight_amaxes_for_optimizer,

@@ -72,30 +72,36 @@ TEST(TrainCommand, BadConfigNamesFileAndKey) {
   EXPECT_FALSE(fs::exists(dir.path() / "run"));  // nothing written for a run that could not start
 }
 
-// --fp4-gemm picks how a Hopper GPU runs NVFP4 GEMMs: on the CPU there is nothing to pick, so
-// `packed` is refused before anything is written; an unknown value is refused by the parser.
-TEST(TrainCommand, Fp4GemmNeedsTheGpuAndAKnownValue) {
+// --fp4-gemm (how a Hopper GPU runs NVFP4 GEMMs) and --gelu (where a GPU computes the MLP's GELU)
+// choose between GPU paths: on the CPU there is nothing to choose, so their non-default values are
+// refused before anything is written; an unknown value is refused by the parser.
+TEST(TrainCommand, GpuPathOptionsNeedTheGpuAndAKnownValue) {
   Dir dir;
   data::write_llmc_file((dir.path() / "train.bin").string(), std::vector<uint32_t>(100, 1), 48);
   write(dir.path() / "model.toml", "vocab_size = 48\nseq_len = 16\nd_model = 32\nn_layers = 2\nn_heads = 2\n");
   const std::vector<std::string> common = {"--config", (dir.path() / "model.toml").string(), "--data",
                                            (dir.path() / "train.bin").string(), "--out", (dir.path() / "run").string(),
                                            "--steps", "2", "--progress", "quiet"};
-  std::vector<std::string> packed = common;
-  packed.insert(packed.end(), {"--fp4-gemm", "packed"});
-  try {
-    run(packed);
-    FAIL() << "expected an error";
-  } catch (const std::exception& e) {
-    const std::string msg = e.what();
-    EXPECT_NE(msg.find("--fp4-gemm packed"), std::string::npos) << msg;
-    EXPECT_NE(msg.find("--device cuda"), std::string::npos) << msg;
+  struct Option {
+    const char *flag, *gpu_value, *unknown;
+  };
+  for (const Option& o : {Option{"--fp4-gemm", "packed", "fast"}, Option{"--gelu", "kernel", "fused"}}) {
+    std::vector<std::string> gpu_only = common;
+    gpu_only.insert(gpu_only.end(), {o.flag, o.gpu_value});
+    try {
+      run(gpu_only);
+      ADD_FAILURE() << o.flag << ": expected an error";
+    } catch (const std::exception& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find(std::string(o.flag) + " " + o.gpu_value), std::string::npos) << msg;
+      EXPECT_NE(msg.find("--device cuda"), std::string::npos) << msg;
+    }
+    EXPECT_FALSE(fs::exists(dir.path() / "run")) << o.flag;
+    std::vector<std::string> unknown = common;
+    unknown.insert(unknown.end(), {o.flag, o.unknown});
+    EXPECT_THROW(run(unknown), CLI::ValidationError) << o.flag;
+    EXPECT_FALSE(fs::exists(dir.path() / "run")) << o.flag;
   }
-  EXPECT_FALSE(fs::exists(dir.path() / "run"));
-  std::vector<std::string> unknown = common;
-  unknown.insert(unknown.end(), {"--fp4-gemm", "fast"});
-  EXPECT_THROW(run(unknown), CLI::ValidationError);
-  EXPECT_FALSE(fs::exists(dir.path() / "run"));
 }
 
 }  // namespace

@@ -40,6 +40,7 @@ struct TrainArgs {
   std::string progress = "auto";
   std::string device = "cpu";
   std::string fp4_gemm = "decode";
+  std::string gelu = "gemm";
 };
 
 // Ctrl-C asks the trainer to checkpoint and stop after the current step; a second one kills.
@@ -85,10 +86,12 @@ void run_train(const TrainArgs& a) {
   o.keep_checkpoints = a.keep;
   if (a.fp4_gemm != "decode" && a.device != "cuda")
     throw std::runtime_error("--fp4-gemm " + a.fp4_gemm + " needs --device cuda (the CPU's GEMMs are FP32 emulation)");
+  if (a.gelu != "gemm" && a.device != "cuda")
+    throw std::runtime_error("--gelu " + a.gelu + " needs --device cuda (the CPU computes the GELU on its own)");
   if (a.device == "cuda") {
 #ifdef NIBBLE_HAVE_CUDA
     const uint64_t run_seed = a.seed;
-    const train::cuda::CudaEngineOptions engine_options{a.fp4_gemm == "packed"};
+    const train::cuda::CudaEngineOptions engine_options{a.fp4_gemm == "packed", a.gelu == "gemm"};
     o.make_engine = [run_seed, engine_options](model::Gpt& model, train::AdamW& optimizer) {
       return train::cuda::make_cuda_engine(model, optimizer, run_seed, engine_options);
     };
@@ -173,6 +176,10 @@ void add_train_command(CLI::App& app) {
                   "NVFP4 GEMMs on a Hopper GPU: decode (operands decoded to BF16, cuBLASLt) or packed (nibble's "
                   "GEMM reads the 4.5-bit operands; experimental, slower so far). Blackwell runs them natively")
       ->capture_default_str()->check(CLI::IsMember({"decode", "packed"}));
+  cmd->add_option("--gelu", args->gelu,
+                  "The MLP's GELU on a GPU: gemm (in the epilogues of the GEMMs around it, cuBLASLt, where their "
+                  "operands are BF16 or decoded FP4) or kernel (separate passes over memory)")
+      ->capture_default_str()->check(CLI::IsMember({"gemm", "kernel"}));
   cmd->add_flag("--resume", args->resume, "Continue the run in --out from its newest checkpoint");
   cmd->add_flag("--skip-nonfinite", args->skip_nonfinite, "Skip steps whose loss or gradient is not finite instead of stopping");
   cmd->add_option("--log-every", args->log_every, "Plain progress lines every N steps")->capture_default_str();

@@ -83,6 +83,16 @@ struct GptCuda::Block {
         fc_width(c.mlp == nn::MlpKind::kSwiglu ? 2 * c.mlp_hidden : c.mlp_hidden) {}
 
   std::array<ncu::LinearCuda*, 4> linears() { return {&qkv, &proj, &fc, &proj2}; }
+  // Whether the GELU runs in fc's Fprop epilogue, writing proj2's BF16 operand and `pre` (BF16) from
+  // one GEMM (LinearCuda::forward_bf16_input_gelu): proj2's input needs no amax or quantizing pass.
+  bool gelu_in_fprop() const {
+    return mlp == nn::MlpKind::kGelu && fc.fprop_takes_gelu() && proj2.bf16_input_is_operand();
+  }
+  // Whether GELU's derivative runs in proj2's Dgrad epilogue, writing fc's BF16 dY
+  // (LinearCuda::backward_bf16_input_gelu); `pre` is BF16 wherever fc takes BF16 input.
+  bool gelu_in_dgrad() const {
+    return mlp == nn::MlpKind::kGelu && proj2.dgrad_takes_gelu() && fc.takes_bf16_dy() && pre.b16 != nullptr;
+  }
 };
 
 GptCuda::GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream)
@@ -300,6 +310,14 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
                      [&](auto* dst) { attention_forward(b.core, qkv, keep_qkv, batch, seq, dst, stream_); }, x_.data(),
                      true);
     });
+    if (b.gelu_in_fprop()) {  // the GELU in fc's GEMM, straight into proj2's operand
+      b.norm2.forward(x_.data(), rows, b.fc.bf16_input(rows), stream_, b.fc.bf16_input_amax(rows, stream_));
+      b.pre16.reserve(static_cast<size_t>(rows * b.hidden));
+      b.fc.forward_bf16_input_gelu(rows, b.proj2.bf16_input(rows), b.pre16.data(), stream_);
+      b.pre = Values{nullptr, b.pre16.data()};
+      b.proj2.forward_bf16_input(rows, x_.data(), stream_, /*accumulate=*/true);
+      continue;
+    }
     b.pre = norm_then_linear(b.norm2, b.fc, b.pre32, b.pre16);
     b.pre.visit([&](const auto* pre) {
       linear_forward(b.proj2, true, wide2_, [&](auto* dst) {
@@ -386,15 +404,20 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
     Block* below = std::next(it) != blocks_.rend() ? std::next(it)->get() : nullptr;
     Values dln;
     // MLP: proj2, the activation (its backward writes fc's dY), fc, then norm2 adds its part to dx_.
-    const Values dact = linear_backward(b.proj2, dx_, already_there, wide2_, wide2_16_);
-    b.pre.visit([&](const auto* pre) {
-      dact.visit([&](const auto* d) {
-        dln = linear_backward(b.fc, wide_, [&](auto* dst) {
-          ncu::activation_backward(b.mlp, pre, d, rows, b.hidden, dst, stream_,
-                                   gelu_amax(b.mlp, dst, [&] { return b.fc.bf16_dy_amax(stream_); }));
-        }, ln_, ln16_);
+    if (b.gelu_in_dgrad()) {  // GELU's derivative in proj2's Dgrad GEMM, which writes fc's dY
+      b.proj2.backward_bf16_input_gelu(b.fc, b.pre.b16, stream_);
+      dln = linear_backward(b.fc, wide_, already_there, ln_, ln16_);
+    } else {
+      const Values dact = linear_backward(b.proj2, dx_, already_there, wide2_, wide2_16_);
+      b.pre.visit([&](const auto* pre) {
+        dact.visit([&](const auto* d) {
+          dln = linear_backward(b.fc, wide_, [&](auto* dst) {
+            ncu::activation_backward(b.mlp, pre, d, rows, b.hidden, dst, stream_,
+                                     gelu_amax(b.mlp, dst, [&] { return b.fc.bf16_dy_amax(stream_); }));
+          }, ln_, ln16_);
+        });
       });
-    });
+    }
     dln.visit([&](const auto* g) {
       b.norm2.backward(g, dx_.data(), stream_, /*accumulate=*/true, dx_bf16_for(&b.proj), dx_amax_for(&b.proj));
     });

@@ -81,6 +81,9 @@ class GptCuda {
   // Tests.
   void set_producer_amax(bool on) { linear_ctx_.producer_amax = on; }
   int64_t producer_amaxes() const { return linear_ctx_.producer_amaxes; }
+  // The MLP's GELU (and its derivative) in the GEMM epilogues of fc (proj2's Dgrad) where those take
+  // it (LinearContext::gelu_in_gemm; default on), else the activation kernels. Not the same bits.
+  void set_gelu_in_gemm(bool on) { linear_ctx_.gelu_in_gemm = on; }
   // Rows per chunk of the LM head and loss (default: LmHeadLossCuda::default_chunk_rows); tests.
   void set_lm_head_chunk_rows(int64_t rows) { head_.set_chunk_rows(rows); }
 

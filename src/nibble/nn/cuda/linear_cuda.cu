@@ -258,16 +258,80 @@ void LinearCuda::backward_bf16_input(bf16_t* dx, cudaStream_t stream) {
 }
 
 void LinearCuda::backward_bf16_input_to(nibble::cuda::GemmOutput dx, cudaStream_t stream) {
+  bf16_dy_operands(dx.data != nullptr, stream);
+  backward_gemms(dx, stream);
+}
+
+void LinearCuda::bf16_dy_operands(bool with_dx, cudaStream_t stream) {
   if (!saved_x_t_.valid())
     throw std::logic_error(context(Operand::kWgradX) + ": backward() without a forward() to pair with");
   if (!takes_bf16_dy())
     throw std::logic_error(context(Operand::kDgradDy) + ": the recipe keeps an FP32 copy of dY");
   refresh_weight_copies(stream);
-  if (OperandCuda::bf16_pair_applies(recipe_, Operand::kDgradDy, Operand::kWgradDy))
+  if (bf16_dy_is_operand())
     OperandCuda::adopt_bf16_pair(saved_tokens_, out_, ctx_.dy_rows, ctx_.dy_cols);
   else
-    make_dy_operands(ctx_.bf16_input.data(), dx.data != nullptr, stream);
-  backward_gemms(dx, stream);
+    make_dy_operands(ctx_.bf16_input.data(), with_dx, stream);
+}
+
+bool LinearCuda::bf16_input_is_operand() const {
+  return OperandCuda::bf16_pair_applies(recipe_, Operand::kFpropX, Operand::kWgradX);
+}
+
+bool LinearCuda::bf16_dy_is_operand() const {
+  return OperandCuda::bf16_pair_applies(recipe_, Operand::kDgradDy, Operand::kWgradDy);
+}
+
+bool LinearCuda::gelu_gemm_applies(Operand a, Operand b, int64_t n) const {
+  // BF16 operands, or FP4 ones that the decode path turns into BF16 (not the native or packed GEMMs);
+  // the epilogue's GELU input needs a leading dimension (n) that is a multiple of 8.
+  const auto bf16_in_cublaslt = [&](Operand op) {
+    const OperandFormat f = recipe_[op].format;
+    const bool fp4 = f == OperandFormat::kNvfp4 || f == OperandFormat::kMxfp4;
+    return f == OperandFormat::kBf16 || (fp4 && !ctx_.native_fp4 && !ctx_.packed_gemm);
+  };
+  return ctx_.gelu_in_gemm && bf16_in_cublaslt(a) && bf16_in_cublaslt(b) && n % 8 == 0;
+}
+
+bool LinearCuda::fprop_takes_gelu() const {
+  return takes_bf16_input() && gelu_gemm_applies(Operand::kFpropX, Operand::kFpropW, out_);
+}
+
+bool LinearCuda::dgrad_takes_gelu() const {
+  return takes_bf16_dy() && gelu_gemm_applies(Operand::kDgradDy, Operand::kDgradW, in_);
+}
+
+void LinearCuda::forward_bf16_input_gelu(int64_t tokens, bf16_t* act, bf16_t* pre, cudaStream_t stream) {
+  if (!fprop_takes_gelu())
+    throw std::logic_error(context(Operand::kFpropX) + ": this Fprop GEMM takes no GELU epilogue");
+  forward_bf16_input_to(
+      tokens, nibble::cuda::GemmOutput{act, GemmType::kBF16, 0, nibble::cuda::GemmEpilogue::kGeluAux, pre}, stream,
+      /*accumulate=*/false);
+}
+
+void LinearCuda::backward_bf16_input_gelu(LinearCuda& up, const bf16_t* pre, cudaStream_t stream) {
+  if (!dgrad_takes_gelu())
+    throw std::logic_error(context(Operand::kDgradDy) + ": this Dgrad GEMM takes no GELU epilogue");
+  if (&up.ctx_ != &ctx_ || up.out_ != in_ || !up.saved_x_t_.valid() || up.saved_tokens_ != saved_tokens_ ||
+      !up.takes_bf16_dy())
+    throw std::logic_error(context(Operand::kDgradDy) + ": " + up.context(Operand::kDgradDy) +
+                           " is not the layer below in this context, waiting for a BF16 dY");
+  bf16_dy_operands(/*with_dx=*/true, stream);
+  // up's BF16 dY goes where up.bf16_dy_input() points, except when that is dy_cols' storage, which
+  // still holds this layer's dY (read by both GEMMs): then into the spare, which takes its place after.
+  // (A quantizing `up` reads ctx_.bf16_input, which this layer's operands were made from already.)
+  const bool spare = up.bf16_dy_is_operand();
+  bf16_t* dpre = nullptr;
+  if (spare) {
+    ctx_.dy_spare.reserve(static_cast<size_t>(saved_tokens_ * in_) * sizeof(bf16_t));
+    dpre = reinterpret_cast<bf16_t*>(ctx_.dy_spare.data());
+  } else {
+    dpre = up.bf16_dy_input();
+  }
+  backward_gemms(nibble::cuda::GemmOutput{dpre, GemmType::kBF16, 0, nibble::cuda::GemmEpilogue::kGeluGrad,
+                                          const_cast<bf16_t*>(pre)},
+                 stream);
+  if (spare) ctx_.dy_cols.swap_storage(ctx_.dy_spare);
 }
 
 void LinearCuda::backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream) {

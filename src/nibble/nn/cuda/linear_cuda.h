@@ -56,6 +56,14 @@ struct LinearContext {
   DeviceBuffer<float> split_workspace;  // the packed-operand GEMM's partial sums when it splits K
   // A quantized layer's BF16 input (X or dY) as its producer writes it (LinearCuda::bf16_input).
   DeviceBuffer<bf16_t> bf16_input;
+  // Whether the GPU model runs the MLP's GELU in its linear layers' GEMM epilogues where they take it
+  // (LinearCuda::forward_bf16_input_gelu, backward_bf16_input_gelu; GptCuda::set_gelu_in_gemm);
+  // false: the activation kernels. Not the same bits: the epilogue applies GELU (GELU') to the FP32
+  // GEMM result, the kernels to the result rounded to BF16.
+  bool gelu_in_gemm = true;
+  // Where backward_bf16_input_gelu's Dgrad writes the next layer's BF16 dY while this layer's dY,
+  // held in dy_cols' storage, is still being read; the two buffers then trade places.
+  DeviceBuffer<uint8_t> dy_spare;
 };
 
 class LinearCuda {
@@ -119,6 +127,25 @@ class LinearCuda {
   // dx [tokens x in] is overwritten (nullptr: Dgrad skipped); dW accumulates.
   void backward(const float* dy, float* dx, cudaStream_t stream);
 
+  // The MLP's GELU in the GEMMs' epilogues (cuBLASLt GELU_AUX / DGELU, tanh form; gemm_cuda.h):
+  // - forward_bf16_input_gelu, the up projection's Fprop: act = GELU(X W^T) and pre = X W^T, both
+  //   [tokens x out] in BF16, rounded from the FP32 result (forward_bf16_input with a BF16 Y and the
+  //   activation kernel write RN(Y) and RN(GELU(RN(Y)))); `act` is meant to be the next layer's BF16
+  //   operand itself (bf16_input_is_operand()), as no amax of it is computed.
+  // - backward_bf16_input_gelu, the down projection's backward: the up projection `up`'s dY =
+  //   (dY W) GELU'(pre), rounded once to BF16, where up.backward_bf16_input() reads it. No producer
+  //   amax: a quantizing `up` runs its own amax pass over it.
+  // Each needs fprop_takes_gelu() (dgrad_takes_gelu()): the GEMM runs in cuBLASLt on BF16 operands
+  // (bf16, or FP4 decoded on Hopper's decode path) and the context's gelu_in_gemm is on.
+  bool fprop_takes_gelu() const;
+  bool dgrad_takes_gelu() const;
+  void forward_bf16_input_gelu(int64_t tokens, bf16_t* act, bf16_t* pre, cudaStream_t stream);
+  void backward_bf16_input_gelu(LinearCuda& up, const bf16_t* pre, cudaStream_t stream);
+  // Whether bf16_input() (bf16_dy_input()) is the GEMM operand itself (bf16 operands without RHT)
+  // rather than the source of a quantizing pass.
+  bool bf16_input_is_operand() const;
+  bool bf16_dy_is_operand() const;
+
   int64_t saved_activation_bytes() const { return saved_x_t_.valid() ? saved_x_t_.bytes() : 0; }
   int64_t weight_quantizations() const { return weight_quantizations_; }
   // GEMMs this layer has run in the native NVFP4 GEMM (Blackwell), in Hopper's packed-operand GEMM,
@@ -147,6 +174,10 @@ class LinearCuda {
   // Dgrad (skipped when dx.data is nullptr) and Wgrad from ctx_.dy_rows / dy_cols.
   void backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream);
   void backward_bf16_input_to(nibble::cuda::GemmOutput dx, cudaStream_t stream);
+  // backward_bf16_input's dY operands from the BF16 dY its producer wrote (with_dx: Dgrad will run).
+  void bf16_dy_operands(bool with_dx, cudaStream_t stream);
+  // Whether the GEMM of operands a and b runs in cuBLASLt on BF16 values (see fprop_takes_gelu).
+  bool gelu_gemm_applies(Operand a, Operand b, int64_t n) const;
   template <typename T>
   void make_x_operands(const T* x, int64_t tokens, cudaStream_t stream);  // ctx_.x_rows and saved_x_t_
   template <typename T>

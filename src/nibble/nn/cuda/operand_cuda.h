@@ -172,6 +172,9 @@ class OperandCuda {
   const QuantSpec& spec() const { return spec_; }
   // Copies of the packed buffers (tests).
   QuantizedTensor download() const;
+  // Trades this operand's storage for `buffer` (grow-only buffers, contents kept): for a BF16 source
+  // written elsewhere while this operand's was still read (LinearCuda::backward_bf16_input_gelu).
+  void swap_storage(DeviceBuffer<uint8_t>& buffer) { std::swap(data_, buffer); }
 
  private:
   // Starts a new operand [rows x cols] as the GEMM reads it: every state field but the spec and the

@@ -134,13 +134,15 @@ GemmRunner::~GemmRunner() {
   if (handle_) cublasLtDestroy(static_cast<cublasLtHandle_t>(handle_));
 }
 
-GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, const void* scales_second) {
+GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, const void* scales_second,
+                                   const void* aux) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
-  const auto [m, n, k, batch, ta, tb, type_a, type_b, type_c, align_pack, stride_a, stride_b, stride_c] = key;
+  const auto [m, n, k, batch, ta, tb, type_a, type_b, type_c, epi, align_pack, stride_a, stride_b, stride_c] = key;
   const bool trans_a = ta != 0, trans_b = tb != 0;
   const auto tya = static_cast<GemmType>(type_a), tyb = static_cast<GemmType>(type_b),
              tyc = static_cast<GemmType>(type_c);
+  const auto epilogue = static_cast<GemmEpilogue>(epi);
 
   auto p = std::make_unique<Plan>();
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescCreate(&p->desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -162,6 +164,19 @@ GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, con
                                                        sizeof(scales_first)));
     NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &scales_second,
                                                        sizeof(scales_second)));
+  }
+
+  if (epilogue != GemmEpilogue::kNone) {
+    const cublasLtEpilogue_t mode =
+        epilogue == GemmEpilogue::kGeluAux ? CUBLASLT_EPILOGUE_GELU_AUX : CUBLASLT_EPILOGUE_DGELU;
+    NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &mode, sizeof(mode)));
+    // The GELU input has C's shape and layout: column-major n x m (our row-major [m x n]), ld n.
+    const int64_t aux_ld = n;
+    NIBBLE_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
+    // The pointer changes per call (run() sets it); the heuristic reads the first call's alignment.
+    NIBBLE_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p->desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
   }
 
   // Column-major shapes as stored: our B is [k x n] row-major (n x k col-major) or, transposed,
@@ -186,7 +201,8 @@ GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, con
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                                                            &workspace_bytes_, sizeof(workspace_bytes_)));
-  // Alignments of the first/second/C pointers, packed 3 x 9 bits into the key's align_pack.
+  // Alignments of the first/second/C pointers (and the epilogue's aux, which the heuristic reads from
+  // the descriptor), packed 4 x 9 bits into the key's align_pack.
   const uint32_t align_first = static_cast<uint32_t>(align_pack & 511), align_second = static_cast<uint32_t>((align_pack >> 9) & 511),
                  align_c = static_cast<uint32_t>((align_pack >> 18) & 511);
   NIBBLE_CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_first, sizeof(align_first)));
@@ -214,7 +230,10 @@ GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, con
   p->algo = results[0].algo;
   p->name = "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) + " batch=" +
             std::to_string(batch) + (trans_a ? " A^T" : "") + (trans_b ? " B^T" : "") + " C " +
-            (tyc == GemmType::kF32 ? "f32" : "bf16");
+            (tyc == GemmType::kF32 ? "f32" : "bf16") +
+            (epilogue == GemmEpilogue::kGeluAux    ? " gelu"
+             : epilogue == GemmEpilogue::kGeluGrad ? " dgelu"
+                                                   : "");
   if (found > 1)
     for (int i = 0; i < found; ++i) p->candidates[p->candidate_count++] = results[i].algo;
   return *plans_.emplace(key, std::move(p)).first->second;
@@ -262,11 +281,23 @@ void GemmRunner::run(int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const
       throw std::invalid_argument("GemmRunner: E5M2 x E5M2 has no FP8 tensor-core kernel");
     }
   }
-  const int64_t align_pack = alignment(b.data) | (alignment(a.data) << 9) | (alignment(c.data) << 18);
+  const bool epilogue = c.epilogue != GemmEpilogue::kNone;
+  if (epilogue && (a.type != GemmType::kBF16 || c.type != GemmType::kBF16 || accumulate || batch != 1 ||
+                   c.aux == nullptr || n % 8 != 0)) {
+    throw std::invalid_argument(
+        "GemmRunner: a GELU epilogue needs BF16 operands and output, no accumulation, no batches, the GELU "
+        "input (aux) and n a multiple of 8; got n=" + std::to_string(n));
+  }
+  const int64_t align_pack = alignment(b.data) | (alignment(a.data) << 9) | (alignment(c.data) << 18) |
+                             (epilogue ? alignment(c.aux) << 27 : 0);
   const Key key{m, n, k, batch, a.transposed, b.transposed, static_cast<int>(a.type), static_cast<int>(b.type),
-                static_cast<int>(c.type), align_pack, batch > 1 ? a.batch_stride : 0,
-                batch > 1 ? b.batch_stride : 0, batch > 1 ? c.batch_stride : 0};
-  Plan& p = plan(key, b.block_scales, a.block_scales);
+                static_cast<int>(c.type), static_cast<int>(c.epilogue), align_pack,
+                batch > 1 ? a.batch_stride : 0, batch > 1 ? b.batch_stride : 0, batch > 1 ? c.batch_stride : 0};
+  Plan& p = plan(key, b.block_scales, a.block_scales, c.aux);
+  if (epilogue) {
+    NIBBLE_CUBLAS_CHECK(
+        cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &c.aux, sizeof(c.aux)));
+  }
   if (a.type == GemmType::kNvfp4) {  // cuBLASLt's A is our B (see the top of this file)
     NIBBLE_CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &b.block_scales,
                                                        sizeof(b.block_scales)));
@@ -277,8 +308,8 @@ void GemmRunner::run(int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const
   const float* beta_ptr = accumulate ? constants_ + 2 : constants_ + 1;
   if (p.candidate_count > 0) {
     const int64_t c_elements = (batch - 1) * c.batch_stride + m * n;
-    tune(p, a.data, b.data, c.data, c_elements * (c.type == GemmType::kF32 ? 4 : 2), alpha_ptr, beta_ptr, accumulate,
-         stream);
+    tune(p, a.data, b.data, c.data, c_elements * (c.type == GemmType::kF32 ? 4 : 2),
+         c.epilogue == GemmEpilogue::kGeluAux ? c.aux : nullptr, alpha_ptr, beta_ptr, accumulate, stream);
   }
   NIBBLE_CUBLAS_CHECK(cublasLtMatmul(static_cast<cublasLtHandle_t>(handle_), p.desc, alpha_ptr, b.data, p.layout_first,
                                      a.data, p.layout_second, beta_ptr, c.data, p.layout_c, c.data, p.layout_c, &p.algo,
@@ -287,12 +318,13 @@ void GemmRunner::run(int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const
 
 // Picks the fastest of the heuristic's candidates that computes the same bits as its first choice
 // (so tuning changes speed, never results: a resumed or repeated run takes the same values whatever
-// the timings). Each runs on the call's own operands into C itself (the real call overwrites it
-// after); when accumulating, C's values are kept in a copy and put back before each check and at the
-// end. The timings take rounds over all candidates in turn (each candidate's median of kRounds), so
-// that the clocks' drift while the GPU warms up falls on all of them alike.
-void GemmRunner::tune(Plan& p, const void* a, const void* b, void* c, size_t c_bytes, const float* alpha,
-                      const float* beta, bool accumulate, cudaStream_t stream) {
+// the timings; a GELU_AUX epilogue's second output is compared too). Each runs on the call's own
+// operands into C itself (the real call overwrites it after); when accumulating, C's values are kept
+// in a copy and put back before each check and at the end. The timings take rounds over all
+// candidates in turn (each candidate's median of kRounds), so that the clocks' drift while the GPU
+// warms up falls on all of them alike.
+void GemmRunner::tune(Plan& p, const void* a, const void* b, void* c, size_t c_bytes, const void* aux_written,
+                      const float* alpha, const float* beta, bool accumulate, cudaStream_t stream) {
   const int count = std::exchange(p.candidate_count, 0);
   DeviceBuffer<uint8_t> saved(accumulate ? c_bytes : 0);
   if (accumulate) NIBBLE_CUDA_CHECK(cudaMemcpyAsync(saved.data(), c, c_bytes, cudaMemcpyDeviceToDevice, stream));
@@ -308,9 +340,12 @@ void GemmRunner::tune(Plan& p, const void* a, const void* b, void* c, size_t c_b
     if (accumulate) NIBBLE_CUDA_CHECK(cudaMemcpyAsync(c, saved.data(), c_bytes, cudaMemcpyDeviceToDevice, stream));
     if (matmul(i) != CUBLAS_STATUS_SUCCESS) continue;  // the heuristic may list kernels that cannot run
     NIBBLE_CUDA_CHECK(cudaMemsetAsync(hash.data(), 0, sizeof(unsigned long long), stream));
-    hash_halfwords_kernel<<<kHashBlocks, kHashThreads, 0, stream>>>(static_cast<const uint16_t*>(c), c_bytes / 2,
-                                                                     hash.data());
-    NIBBLE_CUDA_CHECK_LAUNCH();
+    for (const void* out : {static_cast<const void*>(c), aux_written}) {
+      if (out == nullptr) continue;
+      hash_halfwords_kernel<<<kHashBlocks, kHashThreads, 0, stream>>>(static_cast<const uint16_t*>(out), c_bytes / 2,
+                                                                       hash.data());
+      NIBBLE_CUDA_CHECK_LAUNCH();
+    }
     unsigned long long h = 0;
     NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&h, hash.data(), sizeof(h), cudaMemcpyDeviceToHost, stream));
     NIBBLE_CUDA_CHECK(cudaStreamSynchronize(stream));

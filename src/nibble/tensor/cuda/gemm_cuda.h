@@ -8,6 +8,12 @@
 // quantizers leave on the device; nullptr means 1), so nothing waits on the host. beta is 0 or 1
 // (overwrite or accumulate). Batched calls take element strides between the matrices of a batch.
 //
+// The MLP's GELU can run in the GEMM's epilogue (GemmEpilogue; BF16 operands and output, beta = 0,
+// no batches, n a multiple of 8): kGeluAux writes C = GELU(alpha op(A) op(B)) and `aux` = the GELU's
+// input, both [m x n] BF16 rounded from the FP32 result; kGeluGrad reads `aux` (the GELU's input,
+// [m x n] BF16) and writes C = (alpha op(A) op(B)) GELU'(aux). cuBLASLt's GELU is the tanh form,
+// as nn::Mlp's (LinearCuda's test holds it to that form).
+//
 // Hopper's FP8 tensor cores need both operands with the reduction dimension contiguous
 // (trans_a = false, trans_b = true: the "NT" layout of every operand in the recipe) and m, n, k
 // multiples of 16; other FP8 layouts are rejected with std::invalid_argument.
@@ -44,10 +50,14 @@ struct GemmMatrix {
   const void* block_scales = nullptr;  // kNvfp4 only: E4M3 block scales in cuBLASLt's tiled layout
 };
 
+enum class GemmEpilogue : uint8_t { kNone, kGeluAux, kGeluGrad };
+
 struct GemmOutput {
   void* data = nullptr;
   GemmType type = GemmType::kF32;  // kF32 or kBF16
   int64_t batch_stride = 0;
+  GemmEpilogue epilogue = GemmEpilogue::kNone;
+  void* aux = nullptr;  // the GELU's input [m x n] BF16: written (kGeluAux) or read (kGeluGrad)
 };
 
 class GemmRunner {
@@ -71,11 +81,17 @@ class GemmRunner {
  private:
   static constexpr int kTuneCandidates = 16;
   struct Plan;
-  using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int, int, int, int, int, int, int64_t, int64_t, int64_t>;
-  // scales_first/second: the tiled block scales of cuBLASLt's first/second operand (kNvfp4 only).
-  Plan& plan(const Key& key, const void* scales_first = nullptr, const void* scales_second = nullptr);
-  void tune(Plan& p, const void* a, const void* b, void* c, size_t c_bytes, const float* alpha, const float* beta,
-            bool accumulate, cudaStream_t stream);
+  // m, n, k, batch, transposes, types of A, B, C, the epilogue, the pointers' alignments, batch strides.
+  using Key =
+      std::tuple<int64_t, int64_t, int64_t, int64_t, int, int, int, int, int, int, int64_t, int64_t, int64_t, int64_t>;
+  // scales_first/second: the tiled block scales of cuBLASLt's first/second operand (kNvfp4 only);
+  // aux: the epilogue's GELU input (its alignment is in the key).
+  Plan& plan(const Key& key, const void* scales_first = nullptr, const void* scales_second = nullptr,
+             const void* aux = nullptr);
+  // aux_written: the GELU input a kGeluAux epilogue writes beside C (nullptr otherwise), checked
+  // with C when the candidates are compared.
+  void tune(Plan& p, const void* a, const void* b, void* c, size_t c_bytes, const void* aux_written,
+            const float* alpha, const float* beta, bool accumulate, cudaStream_t stream);
   bool autotune_ = false;
 
   void* handle_ = nullptr;  // cublasLtHandle_t

@@ -400,7 +400,7 @@ bool nvfp4_packed_gemm_applies(int64_t m, int64_t n, int64_t k, const Nvfp4Opera
   return nvfp4_packed_gemm_available() && nvfp4_packed_gemm_shape_ok(m, n, k) && rps_ok(a.rows_per_scale) &&
          rps_ok(b.rows_per_scale) && aligned(a.codes, 16) && aligned(b.codes, 16) && aligned(a.scales, 2) &&
          aligned(b.scales, 2) && (c.type == GemmType::kF32 || c.type == GemmType::kBF16) && aligned(c.data, 8) &&
-         c.batch_stride == 0;
+         c.batch_stride == 0 && c.epilogue == GemmEpilogue::kNone;
 }
 
 void nvfp4_packed_gemm(int64_t m, int64_t n, int64_t k, const Nvfp4Operand& a, const Nvfp4Operand& b,

@@ -38,6 +38,7 @@ class CudaEngine final : public Engine {
     NIBBLE_CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
     name_ = prop.name;
     gpu_.set_packed_fp4_gemm(options.packed_fp4_gemm);
+    gpu_.set_gelu_in_gemm(options.gelu_in_gemm);
     from_host_moments();
   }
 

@@ -12,6 +12,8 @@ namespace nibble::train::cuda {
 struct CudaEngineOptions {
   // NVFP4 GEMMs on Hopper read the packed operands (GptCuda::set_packed_fp4_gemm); else BF16 copies.
   bool packed_fp4_gemm = false;
+  // The MLP's GELU in the GEMM epilogues where they take it (GptCuda::set_gelu_in_gemm); else kernels.
+  bool gelu_in_gemm = true;
 };
 
 // Throws std::runtime_error when no CUDA device can be used (the message says why).
