@@ -16,7 +16,9 @@
 #   ab          this build's and BASE_BUNDLE's training runs alternately, ROUNDS times (default 2; no
 #               PyTorch; DATA, CONFIG and STEPS as for train), then each run's median step and new /
 #               base per recipe (bench/training_table.py --ab): the GPU's power cap makes runs drift,
-#               so the two builds take turns rather than running one after the other
+#               so the two builds take turns rather than running one after the other. Without
+#               BASE_BUNDLE, BASE_ARGS="<nibble train options>" makes the base this build run with
+#               them (e.g. BASE_ARGS="--gelu kernel": one switch's effect alone)
 #   profile     per-kernel time of one training step under ncu, grouped by bench/kernel_breakdown.py,
 #               for each of RECIPES (default "nvfp4"); NCU_CACHE=none keeps the caches warm between
 #               kernels as in the training run (default "all": ncu flushes them before each kernel)
@@ -101,15 +103,19 @@ run_train() {
 }
 
 run_ab() {
-  [ -n "$base" ] || { echo "device_check: the ab phase needs BASE_BUNDLE" >&2; status=1; return; }
+  [ -n "$base" ] || [ -n "${BASE_ARGS:-}" ] ||
+    { echo "device_check: the ab phase needs BASE_BUNDLE or BASE_ARGS" >&2; status=1; return; }
   [ -n "${DATA:-}" ] || { echo "device_check: the ab phase needs DATA (or a bundle with data)" >&2; status=1; return; }
   echo "== this build and the base, alternately (${ROUNDS:-2} rounds of ${STEPS:-100} steps)"
-  local runs=() i b bin
+  local runs=() i b bin args
   for i in $(seq "${ROUNDS:-2}"); do
     for b in new base; do
-      bin=$nibble
-      [ "$b" = base ] && bin=$base/src/nibble/cli/nibble
-      OUT="$out/ab/$b$i" PYTORCH=0 scripts/bench_training.sh "$DATA" "$bin" "${STEPS:-100}" >"$out/ab-$b$i.log" 2>&1 ||
+      bin=$nibble args=""
+      if [ "$b" = base ]; then
+        if [ -n "$base" ]; then bin=$base/src/nibble/cli/nibble; else args=$BASE_ARGS; fi
+      fi
+      TRAIN_ARGS="$args" OUT="$out/ab/$b$i" PYTORCH=0 scripts/bench_training.sh "$DATA" "$bin" "${STEPS:-100}" \
+        >"$out/ab-$b$i.log" 2>&1 ||
         { echo "device_check: the $b run $i failed (see $out/ab-$b$i.log)" >&2; status=1; return; }
       runs+=("$b$i=$out/ab/$b$i")
     done
