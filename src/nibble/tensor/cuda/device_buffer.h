@@ -145,7 +145,8 @@ class HostStaging {
 };
 
 // Pinned host memory that asynchronous copies from the device write into, read by the host after it
-// has waited for the stream: a copy into pageable memory makes the host wait at each copy.
+// has waited for the stream: a copy into pageable memory makes the host wait at each copy. Neither
+// copied nor moved (its owners stay where they are built).
 template <typename T>
 class PinnedBuffer {
  public:
@@ -154,15 +155,6 @@ class PinnedBuffer {
   ~PinnedBuffer() { release(); }
   PinnedBuffer(const PinnedBuffer&) = delete;
   PinnedBuffer& operator=(const PinnedBuffer&) = delete;
-  PinnedBuffer(PinnedBuffer&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), count_(std::exchange(o.count_, 0)) {}
-  PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
-    if (this != &o) {
-      release();
-      ptr_ = std::exchange(o.ptr_, nullptr);
-      count_ = std::exchange(o.count_, 0);
-    }
-    return *this;
-  }
 
   // Grows (never shrinks) to at least `count` elements; the contents are then undefined. Not while a
   // copy into it may be in flight.
