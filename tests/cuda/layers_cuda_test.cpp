@@ -237,6 +237,14 @@ class NormCudaTest : public ::testing::TestWithParam<NormKind> {};
 // summation order inside double sums, ~1e-7 of the output's scale: tolerance 1e-5.
 // Gain/bias gradients: the CPU adds rows one by one in float (error up to rows * 2^-24 of the sum
 // of |terms|, ~7e-6 for 111 rows); the GPU sums in double: tolerance 5e-5.
+// Random rows [rows x dim] for the norm tests, with row means (0 to 4) for the norm to remove.
+std::vector<float> norm_test_rows(std::mt19937_64& rng, int64_t rows, int64_t dim) {
+  auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < dim; ++i) x[r * dim + i] += static_cast<float>(r % 5);
+  return x;
+}
+
 void check_norm_against_cpu(NormKind kind, int64_t dim) {
   SCOPED_TRACE("dim " + std::to_string(dim));
   std::mt19937_64 rng(fresh_seed());
@@ -256,9 +264,7 @@ void check_norm_against_cpu(NormKind kind, int64_t dim) {
   gpu.zero_grad(stream);
   DeviceBuffer<float> y(static_cast<size_t>(rows * dim)), dx(y.size());
   for (int pass = 0; pass < 2; ++pass) {  // gradients accumulate over two passes
-    auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t i = 0; i < dim; ++i) x[r * dim + i] += static_cast<float>(r % 5);  // row means to remove
+    const auto x = norm_test_rows(rng, rows, dim);
     const auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
     const auto y_cpu = cpu.forward(x, rows);
     const auto dx_cpu = cpu.backward(dy);
@@ -334,9 +340,7 @@ TEST_P(NormCudaTest, Bf16OutputSavesTheRowsInBf16) {
     DeviceBuffer<bf16_t> y(static_cast<size_t>(rows * dim));
     DeviceBuffer<float> dx(y.size());
     for (int pass = 0; pass < 2; ++pass) {  // gradients accumulate over two passes
-      auto x = nibble::nn::test::random_normal(rng, rows * dim, 2.0f);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t i = 0; i < dim; ++i) x[r * dim + i] += static_cast<float>(r % 5);
+      const auto x = norm_test_rows(rng, rows, dim);
       const auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
       DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
       gpu.forward(d_x.data(), rows, y.data(), stream);
