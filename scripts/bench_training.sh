@@ -5,7 +5,7 @@
 #   [CONFIG=model.toml] [PYTORCH=0] scripts/bench_training.sh DATA_DIR [NIBBLE_BINARY] [STEPS]
 # DATA_DIR: GPT-2 tokens from `nibble prepare` (any text). Logs and the table go to $OUT (default ./out).
 # PYTORCH=0 leaves the PyTorch runs out (nibble's own rows and the nvfp4 / bf16 ratios only).
-# TRAIN_ARGS="..." adds options to nibble's training runs (e.g. "--gelu kernel").
+# TRAIN_ARGS="..." adds options to nibble's training runs (e.g. "--gelu kernel"; split at spaces).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=$1
@@ -33,7 +33,8 @@ read -r -a train_args <<<"${TRAIN_ARGS:-}"
 for recipe in bf16 nvfp4; do
   rm -rf "/tmp/bench-$recipe"
   sampled "nibble-$recipe" "$nibble" train --device cuda --config "$config" --recipe "$recipe" --data "$data" \
-    --out "/tmp/bench-$recipe" --steps "$steps" --batch-size 16 --progress quiet --val-batches 1 "${train_args[@]}" \
+    --out "/tmp/bench-$recipe" --steps "$steps" --batch-size 16 --progress quiet --val-batches 1 \
+    ${train_args[@]+"${train_args[@]}"} \
     >"$out/nibble-$recipe.log" 2>&1
   cp "/tmp/bench-$recipe/metrics.jsonl" "$out/nibble-$recipe.jsonl"
 done

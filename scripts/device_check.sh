@@ -99,12 +99,14 @@ run_train() {
   OUT="$out" scripts/bench_training.sh "$DATA" "$nibble" "${STEPS:-100}" || status=1
   [ -n "$base" ] || return
   echo "== training speed of the base build"
-  OUT="$out/base" PYTORCH=0 scripts/bench_training.sh "$DATA" "$base/src/nibble/cli/nibble" "${STEPS:-100}" || status=1
+  TRAIN_ARGS= OUT="$out/base" PYTORCH=0 \
+    scripts/bench_training.sh "$DATA" "$base/src/nibble/cli/nibble" "${STEPS:-100}" || status=1
 }
 
 run_ab() {
-  [ -n "$base" ] || [ -n "${BASE_ARGS:-}" ] ||
-    { echo "device_check: the ab phase needs BASE_BUNDLE or BASE_ARGS" >&2; status=1; return; }
+  if { [ -n "$base" ] && [ -n "${BASE_ARGS:-}" ]; } || { [ -z "$base" ] && [ -z "${BASE_ARGS:-}" ]; }; then
+    echo "device_check: the ab phase needs BASE_BUNDLE or BASE_ARGS (one of them)" >&2; status=1; return
+  fi
   [ -n "${DATA:-}" ] || { echo "device_check: the ab phase needs DATA (or a bundle with data)" >&2; status=1; return; }
   echo "== this build and the base, alternately (${ROUNDS:-2} rounds of ${STEPS:-100} steps)"
   local runs=() i b bin args

@@ -311,7 +311,8 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
                      true);
     });
     if (b.gelu_in_fprop()) {  // the GELU in fc's GEMM, straight into proj2's operand
-      b.norm2.forward(x_.data(), rows, b.fc.bf16_input(rows), stream_, b.fc.bf16_input_amax(rows, stream_));
+      bf16_t* input = b.fc.bf16_input(rows);
+      b.norm2.forward(x_.data(), rows, input, stream_, b.fc.bf16_input_amax(rows, stream_));
       b.pre16.reserve(static_cast<size_t>(rows * b.hidden));
       b.fc.forward_bf16_input_gelu(rows, b.proj2.bf16_input(rows), b.pre16.data(), stream_);
       b.pre = Values{nullptr, b.pre16.data()};

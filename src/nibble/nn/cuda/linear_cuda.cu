@@ -331,7 +331,13 @@ void LinearCuda::backward_bf16_input_gelu(LinearCuda& up, const bf16_t* pre, cud
   backward_gemms(nibble::cuda::GemmOutput{dpre, GemmType::kBF16, 0, nibble::cuda::GemmEpilogue::kGeluGrad,
                                           const_cast<bf16_t*>(pre)},
                  stream);
-  if (spare) ctx_.dy_cols.swap_storage(ctx_.dy_spare);
+  if (spare) {
+    ctx_.dy_cols.swap_storage(ctx_.dy_spare);
+    // dy_rows still points into the old storage, now the spare's: neither operand is valid until
+    // up's backward adopts the new dY.
+    ctx_.dy_rows.reset();
+    ctx_.dy_cols.reset();
+  }
 }
 
 void LinearCuda::backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream) {

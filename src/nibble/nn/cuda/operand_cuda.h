@@ -172,8 +172,9 @@ class OperandCuda {
   const QuantSpec& spec() const { return spec_; }
   // Copies of the packed buffers (tests).
   QuantizedTensor download() const;
-  // Trades this operand's storage for `buffer` (grow-only buffers, contents kept): for a BF16 source
-  // written elsewhere while this operand's was still read (LinearCuda::backward_bf16_input_gelu).
+  // Trades this operand's storage for `buffer`, both moved intact (no copy, no reallocation): for a
+  // BF16 source written elsewhere while this operand's was still being read
+  // (LinearCuda::backward_bf16_input_gelu). The operand must be made again before it is read.
   void swap_storage(DeviceBuffer<uint8_t>& buffer) { std::swap(data_, buffer); }
 
  private:

@@ -282,11 +282,16 @@ void GemmRunner::run(int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const
     }
   }
   const bool epilogue = c.epilogue != GemmEpilogue::kNone;
-  if (epilogue && (a.type != GemmType::kBF16 || c.type != GemmType::kBF16 || accumulate || batch != 1 ||
-                   c.aux == nullptr || n % 8 != 0)) {
-    throw std::invalid_argument(
-        "GemmRunner: a GELU epilogue needs BF16 operands and output, no accumulation, no batches, the GELU "
-        "input (aux) and n a multiple of 8; got n=" + std::to_string(n));
+  if (epilogue) {
+    const char* refusal = a.type != GemmType::kBF16 || c.type != GemmType::kBF16 ? "BF16 operands and output"
+                          : accumulate                                          ? "no accumulation"
+                          : batch != 1                                          ? "no batches"
+                          : c.aux == nullptr || c.aux == c.data                 ? "a GELU input (aux) apart from C"
+                          : n % 8 != 0                                          ? "n a multiple of 8"
+                                                                                : nullptr;
+    if (refusal != nullptr)
+      throw std::invalid_argument(std::string("GemmRunner: a GELU epilogue needs ") + refusal + " (m=" +
+                                  std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) + ")");
   }
   const int64_t align_pack = alignment(b.data) | (alignment(a.data) << 9) | (alignment(c.data) << 18) |
                              (epilogue ? alignment(c.aux) << 27 : 0);
