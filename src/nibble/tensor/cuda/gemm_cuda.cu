@@ -138,7 +138,8 @@ GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, con
                                    const void* aux) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
-  const auto [m, n, k, batch, ta, tb, type_a, type_b, type_c, epi, align_pack, stride_a, stride_b, stride_c] = key;
+  const auto [m, n, k, batch, ta, tb, type_a, type_b, type_c, epi, beta_one, align_pack, stride_a, stride_b,
+              stride_c] = key;
   const bool trans_a = ta != 0, trans_b = tb != 0;
   const auto tya = static_cast<GemmType>(type_a), tyb = static_cast<GemmType>(type_b),
              tyc = static_cast<GemmType>(type_c);
@@ -230,7 +231,7 @@ GemmRunner::Plan& GemmRunner::plan(const Key& key, const void* scales_first, con
   p->algo = results[0].algo;
   p->name = "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) + " batch=" +
             std::to_string(batch) + (trans_a ? " A^T" : "") + (trans_b ? " B^T" : "") + " C " +
-            (tyc == GemmType::kF32 ? "f32" : "bf16") +
+            (tyc == GemmType::kF32 ? "f32" : "bf16") + (beta_one != 0 ? " +=" : "") +
             (epilogue == GemmEpilogue::kGeluAux    ? " gelu"
              : epilogue == GemmEpilogue::kGeluGrad ? " dgelu"
                                                    : "");
@@ -296,7 +297,7 @@ void GemmRunner::run(int64_t m, int64_t n, int64_t k, const GemmMatrix& a, const
   const int64_t align_pack = alignment(b.data) | (alignment(a.data) << 9) | (alignment(c.data) << 18) |
                              (epilogue ? alignment(c.aux) << 27 : 0);
   const Key key{m, n, k, batch, a.transposed, b.transposed, static_cast<int>(a.type), static_cast<int>(b.type),
-                static_cast<int>(c.type), static_cast<int>(c.epilogue), align_pack,
+                static_cast<int>(c.type), static_cast<int>(c.epilogue), accumulate ? 1 : 0, align_pack,
                 batch > 1 ? a.batch_stride : 0, batch > 1 ? b.batch_stride : 0, batch > 1 ? c.batch_stride : 0};
   Plan& p = plan(key, b.block_scales, a.block_scales, c.aux);
   if (epilogue) {

@@ -81,9 +81,11 @@ class GemmRunner {
  private:
   static constexpr int kTuneCandidates = 16;
   struct Plan;
-  // m, n, k, batch, transposes, types of A, B, C, the epilogue, the pointers' alignments, batch strides.
-  using Key =
-      std::tuple<int64_t, int64_t, int64_t, int64_t, int, int, int, int, int, int, int64_t, int64_t, int64_t, int64_t>;
+  // m, n, k, batch, transposes, types of A, B, C, the epilogue, beta (a plan is tuned for the bits of
+  // its beta: candidates that agree with beta = 0 may not with beta = 1), the pointers' alignments,
+  // batch strides.
+  using Key = std::tuple<int64_t, int64_t, int64_t, int64_t, int, int, int, int, int, int, int, int64_t, int64_t,
+                         int64_t, int64_t>;
   // scales_first/second: the tiled block scales of cuBLASLt's first/second operand (kNvfp4 only);
   // aux: the epilogue's GELU input (its alignment is in the key).
   Plan& plan(const Key& key, const void* scales_first = nullptr, const void* scales_second = nullptr,
