@@ -329,6 +329,61 @@ TEST(GptCuda, OptimizerWeightAmaxGivesTheSameBits) {
   EXPECT_EQ(produced.loss(inputs, targets, batch, seq), own.loss(inputs, targets, batch, seq)) << "after upload_from";
 }
 
+// With set_first_microbatch_writes_grads (how CudaEngine runs the model), a step's micro-batch 0
+// writes the gradients marked written_by_first_microbatch (their Wgrad GEMMs with beta = 0) and
+// micro-batch 1 adds to them: starting from NaN in those (and zeros in the others, which still
+// accumulate), two micro-batches give the gradients of a model that zeroes all and adds, up to the
+// FP32 order of the kernels cuBLASLt picks for beta = 0 (1e-5 of each gradient's norm). Tied
+// embeddings with learned positions under bf16, untied with RoPE under nvfp4.
+TEST(GptCuda, FirstMicrobatchWritesTheGradients) {
+  struct Model {
+    bool tied;
+    const char* recipe;
+  };
+  for (const Model& m : {Model{true, "bf16"}, Model{false, "nvfp4"}}) {
+    SCOPED_TRACE(std::string(m.tied ? "tied, " : "untied, ") + m.recipe);
+    const uint64_t seed = test::fresh_seed();
+    const GptConfig c = m.tied ? tiny(PositionKind::kLearned, NormKind::kLayerNorm, nn::MlpKind::kGelu, 4, true)
+                               : tiny(PositionKind::kRope, NormKind::kRmsNorm, nn::MlpKind::kSwiglu, 2, false);
+    Gpt host_a(c, nn::preset(m.recipe), seed, seed + 1), host_b(c, nn::preset(m.recipe), seed, seed + 1);
+    cuda::GptCuda writes(host_a, seed + 1), adds(host_b, seed + 1);
+    writes.set_first_microbatch_writes_grads(true);
+    writes.zero_grad();
+    adds.zero_grad();
+    int64_t written = 0;
+    for (const cuda::DeviceParameter& p : writes.parameters()) {
+      if (!p.written_by_first_microbatch) continue;
+      NIBBLE_CUDA_CHECK(cudaMemsetAsync(p.grad, 0xFF, static_cast<size_t>(p.count) * sizeof(float), writes.stream()));
+      ++written;
+    }
+    EXPECT_EQ(written, 4 * c.n_layers + 1) << "the linear weights and the LM head's (or the tied table)";
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
+    const int64_t batch = 2, seq = 64;
+    for (uint32_t microbatch : {0u, 1u}) {
+      std::vector<uint32_t> inputs, targets;
+      for (int64_t i = 0; i < batch * seq; ++i) inputs.push_back(id(rng)), targets.push_back(id(rng));
+      writes.set_step(2, microbatch);
+      adds.set_step(2, microbatch);
+      EXPECT_EQ(writes.forward_backward(inputs, targets, batch, seq, 0.5f),
+                adds.forward_backward(inputs, targets, batch, seq, 0.5f));
+    }
+    for (size_t i = 0; i < writes.parameters().size(); ++i) {
+      const cuda::DeviceParameter& p = writes.parameters()[i];
+      const std::vector<float> ga = download(p.grad, p.count), gb = download(adds.parameters()[i].grad, p.count);
+      double diff = 0, norm = 0;
+      int64_t nonfinite = 0;
+      for (size_t j = 0; j < ga.size(); ++j) {
+        nonfinite += !std::isfinite(ga[j]);
+        diff += (static_cast<double>(ga[j]) - gb[j]) * (static_cast<double>(ga[j]) - gb[j]);
+        norm += static_cast<double>(gb[j]) * gb[j];
+      }
+      EXPECT_EQ(nonfinite, 0) << p.name;
+      EXPECT_LE(std::sqrt(diff), 1e-5 * std::sqrt(norm)) << p.name;
+    }
+  }
+}
+
 // Bad token ids fail with the id and its position, as on the CPU.
 TEST(GptCuda, RejectsOutOfRangeIds) {
   GptConfig c = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true);

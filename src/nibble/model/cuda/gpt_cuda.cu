@@ -114,21 +114,25 @@ GptCuda::GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream)
   }
 
   // The parameter list, in Gpt::parameters()'s order and names.
-  const auto add = [&](std::string name, int64_t count, float* value, float* grad, bool decay,
+  // written: whether micro-batch 0 writes the whole gradient (DeviceParameter::written_by_first_microbatch).
+  const auto add = [&](std::string name, int64_t count, float* value, float* grad, bool decay, bool written,
                        ncu::LinearCuda* linear = nullptr) {
-    params_.push_back({std::move(name), count, value, grad, decay});
+    params_.push_back({std::move(name), count, value, grad, decay, written});
     param_linears_.push_back(linear);
   };
   const int64_t d = c.d_model;
   const auto norm = [&](const std::string& name, ncu::NormCuda& n) {
-    add(name + ".weight", d, n.weight(), n.weight_grad(), false);
-    if (n.has_bias()) add(name + ".bias", d, n.bias(), n.bias_grad(), false);
+    add(name + ".weight", d, n.weight(), n.weight_grad(), false, false);
+    if (n.has_bias()) add(name + ".bias", d, n.bias(), n.bias_grad(), false, false);
   };
   const auto linear = [&](const std::string& name, ncu::LinearCuda& l) {
-    add(name, l.in_features() * l.out_features(), l.weight(), l.weight_grad(), true, &l);
+    add(name, l.in_features() * l.out_features(), l.weight(), l.weight_grad(), true, true, &l);
   };
-  add("embed.weight", c.vocab_size * d, tok_embed_.weight(), tok_embed_.weight_grad(), true);
-  if (pos_embed_) add("pos_embed.weight", c.seq_len * d, pos_embed_->weight(), pos_embed_->weight_grad(), true);
+  // Tied, the table's gradient starts with the LM head's Wgrad (the backward's first GEMM); untied, it
+  // is only the rows of the batch's ids.
+  add("embed.weight", c.vocab_size * d, tok_embed_.weight(), tok_embed_.weight_grad(), true, c.tied_embeddings);
+  if (pos_embed_)
+    add("pos_embed.weight", c.seq_len * d, pos_embed_->weight(), pos_embed_->weight_grad(), true, false);
   for (size_t i = 0; i < blocks_.size(); ++i) {
     Block& b = *blocks_[i];
     const std::string p = "blocks." + std::to_string(i) + ".";
@@ -140,7 +144,8 @@ GptCuda::GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream)
     linear(p + "mlp.proj.weight", b.proj2);
   }
   norm("norm_f", norm_f_);
-  if (!c.tied_embeddings) add("lm_head.weight", c.vocab_size * d, head_weight_.data(), head_grad_.data(), true);
+  if (!c.tied_embeddings)
+    add("lm_head.weight", c.vocab_size * d, head_weight_.data(), head_grad_.data(), true, true);
   upload_from(host);
 }
 
@@ -203,8 +208,14 @@ void GptCuda::set_bf16_everywhere(bool on) {
 }
 
 void GptCuda::set_step(uint64_t step, uint32_t microbatch) {
+  microbatch_ = microbatch;
   for (auto& b : blocks_)
     for (ncu::LinearCuda* l : b->linears()) l->set_step(step, microbatch);
+}
+
+void GptCuda::set_first_microbatch_writes_grads(bool on) {
+  first_microbatch_writes_grads_ = on;
+  linear_ctx_.first_microbatch_writes_grads = on;
 }
 
 void GptCuda::zero_grad() {
@@ -368,7 +379,7 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
   // The logits' gradient is grad_scale / rows * (softmax - onehot), as on the CPU; with tied
   // embeddings the head's weight gradient goes straight into the table's, as on the CPU.
   head_.forward_backward(head_weight(), hidden_.data(), targets_.data(), rows, grad_scale / static_cast<float>(rows),
-                         loss, dtmp_.data(), head_grad(), stream_);
+                         loss, dtmp_.data(), head_grad(), stream_, first_microbatch_writes_grads_ && microbatch_ == 0);
   // As in forward_hidden: dY in BF16 straight into the layer where no operand made from it is FP32
   // (`produce(dst)` writes it, float* or bf16_t*; fp32 is the FP32 dY buffer otherwise). dX is then
   // BF16 too, rounded by the Dgrad GEMM's epilogue into dx16 (what the next backward reads), else

@@ -32,6 +32,10 @@ struct DeviceParameter {
   float* value = nullptr;
   float* grad = nullptr;
   bool weight_decay = true;
+  // With set_first_microbatch_writes_grads on, a step's micro-batch 0 writes this gradient whole
+  // rather than adding to it (linear weights, the LM head's or the tied embedding table): it needs no
+  // zeroing before the step. The others (norms, the position and untied token embeddings) do.
+  bool written_by_first_microbatch = false;
 };
 
 class GptCuda {
@@ -47,6 +51,10 @@ class GptCuda {
   bool bf16_everywhere() const { return host_.bf16_everywhere(); }
   void set_step(uint64_t step, uint32_t microbatch = 0);
   void zero_grad();
+  // Micro-batch 0 of a step writes the gradients marked DeviceParameter::written_by_first_microbatch
+  // instead of adding to them (their Wgrad GEMMs with beta = 0), so a caller zeroes only the others
+  // (CudaEngine). Off by default: every backward adds.
+  void set_first_microbatch_writes_grads(bool on);
 
   // As Gpt::forward_backward / Gpt::loss, with host token ids; returns the mean loss (waits for it).
   double forward_backward(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
@@ -114,6 +122,8 @@ class GptCuda {
   std::vector<DeviceParameter> params_;
   std::vector<nn::cuda::LinearCuda*> param_linears_;  // the linear layer of each parameter, or nullptr
 
+  uint32_t microbatch_ = 0;  // set_step's
+  bool first_microbatch_writes_grads_ = false;
   int64_t rows_ = 0;
   nn::cuda::DeviceBuffer<uint32_t> ids_, targets_, positions_;
   nibble::cuda::HostStaging<uint32_t> token_staging_;  // ids, targets, positions on their way up

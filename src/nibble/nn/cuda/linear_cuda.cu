@@ -343,8 +343,10 @@ void LinearCuda::backward_bf16_input_gelu(LinearCuda& up, const bf16_t* pre, cud
 void LinearCuda::backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream) {
   // Dgrad: dX [tokens x in] = dY [tokens x out] . (W^T [in x out])^T
   if (dx.data != nullptr) gemm(ctx_.dy_rows, dgrad_w_, dx, /*accumulate=*/false, stream, "Dgrad");
-  // Wgrad: dW [out x in] += dY^T [out x tokens] . (X^T [in x tokens])^T
-  gemm(ctx_.dy_cols, saved_x_t_, f32_output(weight_grad_.data()), /*accumulate=*/true, stream, "Wgrad");
+  // Wgrad: dW [out x in] += dY^T [out x tokens] . (X^T [in x tokens])^T (= at a step's first micro-batch
+  // where the context says so)
+  const bool overwrite = ctx_.first_microbatch_writes_grads && microbatch_ == 0;
+  gemm(ctx_.dy_cols, saved_x_t_, f32_output(weight_grad_.data()), /*accumulate=*/!overwrite, stream, "Wgrad");
   saved_x_t_.reset();
 }
 

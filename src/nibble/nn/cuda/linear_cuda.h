@@ -61,6 +61,10 @@ struct LinearContext {
   // false: the activation kernels. Not the same bits: the epilogue applies GELU (GELU') to the FP32
   // GEMM result, the kernels to the result rounded to BF16.
   bool gelu_in_gemm = true;
+  // Whether a layer's Wgrad writes dW (beta = 0) at micro-batch 0 of a step (set_step's microbatch)
+  // instead of adding to it: for a caller that would otherwise zero the gradients before each step
+  // (GptCuda::set_first_microbatch_writes_grads). Off: dW always accumulates.
+  bool first_microbatch_writes_grads = false;
   // Where backward_bf16_input_gelu's Dgrad writes the next layer's BF16 dY while this layer's dY,
   // held in dy_cols' storage, is still being read; the two buffers then trade places.
   DeviceBuffer<uint8_t> dy_spare;
@@ -124,7 +128,8 @@ class LinearCuda {
   void backward_bf16_input(float* dx, cudaStream_t stream);
   // The same with dX in BF16, rounded by the Dgrad GEMM's epilogue (see forward_bf16_input's BF16 Y).
   void backward_bf16_input(bf16_t* dx, cudaStream_t stream);
-  // dx [tokens x in] is overwritten (nullptr: Dgrad skipped); dW accumulates.
+  // dx [tokens x in] is overwritten (nullptr: Dgrad skipped); dW accumulates (see
+  // LinearContext::first_microbatch_writes_grads).
   void backward(const float* dy, float* dx, cudaStream_t stream);
 
   // The MLP's GELU in the GEMMs' epilogues (cuBLASLt GELU_AUX / DGELU, tanh form; gemm_cuda.h):

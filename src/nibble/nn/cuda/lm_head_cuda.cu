@@ -61,19 +61,20 @@ void LmHeadLossCuda::loss(const float* weight, const float* hidden, const uint32
 
 void LmHeadLossCuda::forward_backward(const float* weight, const float* hidden, const uint32_t* targets,
                                       int64_t rows, float grad_scale, double* loss_mean, float* dhidden,
-                                      float* weight_grad, cudaStream_t stream) {
+                                      float* weight_grad, cudaStream_t stream, bool overwrite_grad) {
   if (dhidden == nullptr || weight_grad == nullptr)
     throw std::invalid_argument("LmHeadLossCuda::forward_backward: dhidden and weight_grad are required");
   // CrossEntropyCuda reads grad_scale 0 as "write the probabilities": the backward GEMMs would take
   // them for the gradient instead of zeros.
   if (grad_scale == 0.0f)
     throw std::invalid_argument("LmHeadLossCuda::forward_backward: grad_scale must be non-zero (use loss())");
-  run(weight, hidden, targets, rows, grad_scale, /*backward=*/true, loss_mean, dhidden, weight_grad, stream);
+  run(weight, hidden, targets, rows, grad_scale, /*backward=*/true, loss_mean, dhidden, weight_grad, stream,
+      overwrite_grad);
 }
 
 void LmHeadLossCuda::run(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
                          float grad_scale, bool backward, double* loss_mean, float* dhidden, float* weight_grad,
-                         cudaStream_t stream) {
+                         cudaStream_t stream, bool overwrite_grad) {
   if (rows <= 0) throw std::invalid_argument("LmHeadLossCuda: rows must be positive, got " + std::to_string(rows));
   if (!weight_valid_ || weight != weight_source_) {
     weight_bf16_.reserve(static_cast<size_t>(vocab_ * d_));
@@ -112,8 +113,10 @@ void LmHeadLossCuda::run(const float* weight, const float* hidden, const uint32_
     const GemmMatrix dl_t{logits_.data(), GemmType::kBF16, /*transposed=*/true};
     // Dgrad: dH_chunk [n x d] = dlogits [n x vocab] . W [vocab x d]
     gemm("Dgrad", n, d_, vocab_, dl, w, GemmOutput{dhidden + r0 * d_, GemmType::kF32}, /*accumulate=*/false);
-    // Wgrad: dW [vocab x d] += (dlogits [n x vocab])^T . H_chunk [n x d]
-    gemm("Wgrad", vocab_, d_, n, dl_t, h, GemmOutput{weight_grad, GemmType::kF32}, /*accumulate=*/true);
+    // Wgrad: dW [vocab x d] += (dlogits [n x vocab])^T . H_chunk [n x d] (= for the first chunk with
+    // overwrite_grad)
+    gemm("Wgrad", vocab_, d_, n, dl_t, h, GemmOutput{weight_grad, GemmType::kF32},
+         /*accumulate=*/!(overwrite_grad && r0 == 0));
   }
   loss_.mean(rows, loss_mean, stream);
 }

@@ -68,8 +68,10 @@ class LmHeadLossCuda {
   // weight_grad [vocab x d] += d(loss * grad_scale)/dW, where grad_scale is the scale of each row's
   // logit gradient as in CrossEntropyCuda (the model passes grad_scale / rows for the mean loss);
   // non-zero (std::invalid_argument otherwise).
+  // overwrite_grad: the first chunk's Wgrad writes weight_grad (beta = 0) instead of adding to it.
   void forward_backward(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
-                        float grad_scale, double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream);
+                        float grad_scale, double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream,
+                        bool overwrite_grad = false);
 
   // Throws std::out_of_range for the first target >= vocab since the last check (synchronises); or
   // in two halves around the caller's wait (see EmbeddingCuda::check_ids).
@@ -81,7 +83,8 @@ class LmHeadLossCuda {
 
  private:
   void run(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows, float grad_scale,
-           bool backward, double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream);
+           bool backward, double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream,
+           bool overwrite_grad = false);
 
   int64_t d_, vocab_, chunk_rows_;
   nibble::cuda::GemmRunner& gemm_;

@@ -29,9 +29,13 @@ class CudaEngine final : public Engine {
         gpu_(host, run_seed),
         adamw_(optimizer.options(), total_count(gpu_.parameters())) {
     int64_t offset = 0;
+    // A step's first micro-batch writes most gradients whole (GptCuda::set_first_microbatch_writes_grads):
+    // zero_grad() clears only the others.
+    gpu_.set_first_microbatch_writes_grads(true);
     for (const auto& p : gpu_.parameters()) {
       tensors_.push_back({p.value, p.grad, p.count, p.weight_decay, offset});
       grads_.push_back({p.grad, p.count});
+      if (!p.written_by_first_microbatch) zeroed_.push_back({p.grad, p.count});
       offset += p.count;
     }
     cudaDeviceProp prop{};
@@ -45,8 +49,14 @@ class CudaEngine final : public Engine {
   std::string device() const override { return name_; }
   void set_bf16_everywhere(bool on) override { gpu_.set_bf16_everywhere(on); }
   // Every gradient is a parameter's (parameters()), so one launch over them zeroes what
-  // GptCuda::zero_grad's memsets do.
-  void zero_grad() override { grad_zero_.zero(grads_, gpu_.stream()); }
+  // GptCuda::zero_grad's memsets do, less those the first micro-batch writes whole. After a skipped
+  // step all of them: its gradients may hold NaN or infinities, which the first micro-batch's GEMMs
+  // would not see with beta = 0 only if cuBLASLt never reads C then.
+  void zero_grad() override {
+    const std::vector<GradSpan>& spans = zero_all_ ? grads_ : zeroed_;
+    if (!spans.empty()) grad_zero_.zero(spans, gpu_.stream());
+    zero_all_ = false;
+  }
   void forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
                         std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) override {
     gpu_.set_step(step, microbatch);
@@ -83,6 +93,7 @@ class CudaEngine final : public Engine {
     const double* values = results_host_.data();
     const StepControl control = *control_host_.data();
     if (control.skip != 0) adamw_.undo_step();  // as the CPU optimizer, which counts only the steps it takes
+    zero_all_ = control.skip != 0;
     return StepOutcome{std::vector<double>(values + 1, values + count), values[0], control.skip == 0};
   }
   void to_host() override {
@@ -160,6 +171,8 @@ class CudaEngine final : public Engine {
   GradZeroCuda grad_zero_;
   std::vector<ParamTensor> tensors_;
   std::vector<GradSpan> grads_;
+  std::vector<GradSpan> zeroed_;  // the gradients zero_grad() clears
+  bool zero_all_ = true;           // the first step, and the one after a skipped step, clear all
   // The step's results on the device: [0] the gradient norm, [1 + m] micro-batch m's mean loss.
   DeviceBuffer<double> results_;
   int micro_batches_ = 0;  // of the step being enqueued
