@@ -334,7 +334,8 @@ TEST(GptCuda, OptimizerWeightAmaxGivesTheSameBits) {
 // micro-batch 1 adds to them: starting from NaN in those (and zeros in the others, which still
 // accumulate), two micro-batches give the gradients of a model that zeroes all and adds, up to the
 // FP32 order of the kernels cuBLASLt picks for beta = 0 (1e-5 of each gradient's norm). Tied
-// embeddings with learned positions under bf16, untied with RoPE under nvfp4.
+// embeddings with learned positions under bf16, the LM head in chunks of 50 rows (only the first
+// chunk writes); untied with RoPE under nvfp4, one chunk.
 TEST(GptCuda, FirstMicrobatchWritesTheGradients) {
   struct Model {
     bool tied;
@@ -348,6 +349,10 @@ TEST(GptCuda, FirstMicrobatchWritesTheGradients) {
     Gpt host_a(c, nn::preset(m.recipe), seed, seed + 1), host_b(c, nn::preset(m.recipe), seed, seed + 1);
     cuda::GptCuda writes(host_a, seed + 1), adds(host_b, seed + 1);
     writes.set_first_microbatch_writes_grads(true);
+    if (m.tied) {
+      writes.set_lm_head_chunk_rows(50);
+      adds.set_lm_head_chunk_rows(50);
+    }
     writes.zero_grad();
     adds.zero_grad();
     int64_t written = 0;

@@ -38,7 +38,8 @@ class Engine {
   virtual void zero_grad() = 0;
   // One micro-batch: forward and backward at (step, microbatch), gradients accumulated with
   // grad_scale; its mean loss comes back in finish_step()'s outcome. Micro-batches of a step are
-  // numbered from 0.
+  // numbered from 0 and run in order, each once, after the step's zero_grad(): an engine may have
+  // micro-batch 0 write gradients instead of adding them to zeros (CudaEngine).
   virtual void forward_backward(uint64_t step, uint32_t microbatch, std::span<const uint32_t> inputs,
                                 std::span<const uint32_t> targets, int64_t batch, int64_t seq, float grad_scale) = 0;
   // The update after the step's micro-batches: the gradient norm, then AdamW at lr with the

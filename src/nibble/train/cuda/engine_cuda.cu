@@ -49,9 +49,10 @@ class CudaEngine final : public Engine {
   std::string device() const override { return name_; }
   void set_bf16_everywhere(bool on) override { gpu_.set_bf16_everywhere(on); }
   // Every gradient is a parameter's (parameters()), so one launch over them zeroes what
-  // GptCuda::zero_grad's memsets do, less those the first micro-batch writes whole. After a skipped
-  // step all of them: its gradients may hold NaN or infinities, which the first micro-batch's GEMMs
-  // would not see with beta = 0 only if cuBLASLt never reads C then.
+  // GptCuda::zero_grad's memsets do, less those the first micro-batch writes whole. Those hold the
+  // last step's finite values otherwise, but after a skipped step they may hold NaN or infinities,
+  // which a GEMM with beta = 0 that still loaded C would carry on (0 x NaN): then, and on the first
+  // step, all of them are zeroed.
   void zero_grad() override {
     const std::vector<GradSpan>& spans = zero_all_ ? grads_ : zeroed_;
     if (!spans.empty()) grad_zero_.zero(spans, gpu_.stream());
@@ -89,6 +90,7 @@ class CudaEngine final : public Engine {
                                       cudaMemcpyDeviceToHost, gpu_.stream()));
     NIBBLE_CUDA_CHECK(cudaMemcpyAsync(control_host_.data(), control_.data(), sizeof(StepControl),
                                       cudaMemcpyDeviceToHost, gpu_.stream()));
+    zero_all_ = true;  // until the step is known to have been taken (check_ids may throw)
     gpu_.check_ids();
     const double* values = results_host_.data();
     const StepControl control = *control_host_.data();
