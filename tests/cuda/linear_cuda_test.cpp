@@ -691,7 +691,7 @@ TEST(LinearCuda, GeluInGemmIsTheTanhFormOfTheFp32Results) {
     ASSERT_TRUE(down.dgrad_takes_gelu()) << name;
     DeviceBuffer<float> y32(static_cast<size_t>(tokens * hidden)), dh32(y32.size());
     DeviceBuffer<float> down_y(static_cast<size_t>(tokens * d));
-    DeviceBuffer<bf16_t> act(y32.size()), pre(y32.size()), dx_a(static_cast<size_t>(tokens * d)), dx_b(dx_a.size());
+    DeviceBuffer<bf16_t> pre(y32.size()), dx_a(static_cast<size_t>(tokens * d)), dx_b(dx_a.size());
     const auto down_forward = [&] {
       put(down.bf16_input(tokens), h16);
       down.forward_bf16_input(tokens, down_y.data(), nullptr);
@@ -703,13 +703,13 @@ TEST(LinearCuda, GeluInGemmIsTheTanhFormOfTheFp32Results) {
     down_forward();
     down.backward_bf16_input(dh32.data(), nullptr);
     const std::vector<float> y = download(y32.data(), tokens * hidden), dh = download(dh32.data(), tokens * hidden);
-    // The epilogues.
+    // The epilogues: GELU(Y) lands in down's BF16 input (read back before down's forward overwrites it).
     put(up.bf16_input(tokens), x16);
-    up.forward_bf16_input_gelu(tokens, act.data(), pre.data(), nullptr);
+    up.forward_bf16_input_gelu(tokens, down, pre.data(), nullptr);
+    const std::vector<bf16_t> got_act = download(down.bf16_input(tokens), tokens * hidden);
+    const std::vector<bf16_t> got_pre = download(pre.data(), tokens * hidden);
     down_forward();
     down.backward_bf16_input_gelu(up, pre.data(), nullptr);
-    const std::vector<bf16_t> got_act = download(act.data(), tokens * hidden);
-    const std::vector<bf16_t> got_pre = download(pre.data(), tokens * hidden);
     const std::vector<bf16_t> got_dy = download(up.bf16_dy_input(), tokens * hidden);
     std::vector<double> want_pre(y.size()), want_act(y.size()), want_dy(y.size());
     std::vector<double> allow_pre(y.size()), allow_act(y.size()), allow_dy(y.size());
@@ -746,12 +746,12 @@ TEST(LinearCuda, GeluInGemmIsTheTanhFormOfTheFp32Results) {
   LinearCuda fp32(d, hidden, recipe_named("fp32"), {}, ctx);
   EXPECT_FALSE(fp32.fprop_takes_gelu());
   ctx.gelu_in_gemm = false;
-  LinearCuda off(d, hidden, recipe_named("bf16"), {}, ctx);
+  LinearCuda off(d, hidden, recipe_named("bf16"), {}, ctx), above(hidden, d, recipe_named("bf16"), {1, 0}, ctx);
   EXPECT_FALSE(off.fprop_takes_gelu());
   EXPECT_FALSE(off.dgrad_takes_gelu());
-  DeviceBuffer<bf16_t> a(static_cast<size_t>(tokens * hidden)), p(a.size());
+  DeviceBuffer<bf16_t> p(static_cast<size_t>(tokens * hidden));
   put(off.bf16_input(tokens), x16);
-  EXPECT_THROW(off.forward_bf16_input_gelu(tokens, a.data(), p.data(), nullptr), std::logic_error);
+  EXPECT_THROW(off.forward_bf16_input_gelu(tokens, above, p.data(), nullptr), std::logic_error);
 }
 
 }  // namespace

@@ -83,10 +83,10 @@ struct GptCuda::Block {
         fc_width(c.mlp == nn::MlpKind::kSwiglu ? 2 * c.mlp_hidden : c.mlp_hidden) {}
 
   std::array<ncu::LinearCuda*, 4> linears() { return {&qkv, &proj, &fc, &proj2}; }
-  // Whether the GELU runs in fc's Fprop epilogue, writing proj2's BF16 operand and `pre` (BF16) from
-  // one GEMM (LinearCuda::forward_bf16_input_gelu): proj2's input needs no amax or quantizing pass.
+  // Whether the GELU runs in fc's Fprop epilogue, writing proj2's BF16 input and `pre` (BF16) from
+  // one GEMM (LinearCuda::forward_bf16_input_gelu; a quantizing proj2 then runs its own amax pass).
   bool gelu_in_fprop() const {
-    return mlp == nn::MlpKind::kGelu && fc.fprop_takes_gelu() && proj2.bf16_input_is_operand();
+    return mlp == nn::MlpKind::kGelu && fc.fprop_takes_gelu() && proj2.takes_bf16_input();
   }
   // Whether GELU's derivative runs in proj2's Dgrad epilogue, writing fc's BF16 dY
   // (LinearCuda::backward_bf16_input_gelu); `pre` is BF16 wherever fc takes BF16 input.
@@ -321,11 +321,11 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
                      [&](auto* dst) { attention_forward(b.core, qkv, keep_qkv, batch, seq, dst, stream_); }, x_.data(),
                      true);
     });
-    if (b.gelu_in_fprop()) {  // the GELU in fc's GEMM, straight into proj2's operand
+    if (b.gelu_in_fprop()) {  // the GELU in fc's GEMM, straight into proj2's input
       bf16_t* input = b.fc.bf16_input(rows);
       b.norm2.forward(x_.data(), rows, input, stream_, b.fc.bf16_input_amax(rows, stream_));
       b.pre16.reserve(static_cast<size_t>(rows * b.hidden));
-      b.fc.forward_bf16_input_gelu(rows, b.proj2.bf16_input(rows), b.pre16.data(), stream_);
+      b.fc.forward_bf16_input_gelu(rows, b.proj2, b.pre16.data(), stream_);
       b.pre = Values{nullptr, b.pre16.data()};
       b.proj2.forward_bf16_input(rows, x_.data(), stream_, /*accumulate=*/true);
       continue;

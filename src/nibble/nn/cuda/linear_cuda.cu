@@ -223,16 +223,20 @@ void LinearCuda::forward_bf16_input(int64_t tokens, bf16_t* y, cudaStream_t stre
 
 void LinearCuda::forward_bf16_input_to(int64_t tokens, nibble::cuda::GemmOutput y, cudaStream_t stream,
                                        bool accumulate) {
+  bf16_x_operands(tokens, stream);
+  gemm(ctx_.x_rows, fprop_w_, y, accumulate, stream, "Fprop");
+  saved_tokens_ = tokens;
+}
+
+void LinearCuda::bf16_x_operands(int64_t tokens, cudaStream_t stream) {
   if (tokens <= 0) throw std::invalid_argument(context(Operand::kFpropX) + ": tokens must be positive");
   if (!takes_bf16_input())
     throw std::logic_error(context(Operand::kFpropX) + ": the recipe keeps an FP32 copy of X");
   refresh_weight_copies(stream);
-  if (OperandCuda::bf16_pair_applies(recipe_, Operand::kFpropX, Operand::kWgradX))
+  if (bf16_input_is_operand())
     OperandCuda::adopt_bf16_pair(tokens, in_, ctx_.x_rows, saved_x_t_);
   else
     make_x_operands(ctx_.bf16_input.data(), tokens, stream);
-  gemm(ctx_.x_rows, fprop_w_, y, accumulate, stream, "Fprop");
-  saved_tokens_ = tokens;
 }
 
 void LinearCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
@@ -301,12 +305,20 @@ bool LinearCuda::dgrad_takes_gelu() const {
   return takes_bf16_dy() && gelu_gemm_applies(Operand::kDgradDy, Operand::kDgradW, in_);
 }
 
-void LinearCuda::forward_bf16_input_gelu(int64_t tokens, bf16_t* act, bf16_t* pre, cudaStream_t stream) {
+void LinearCuda::forward_bf16_input_gelu(int64_t tokens, LinearCuda& down, bf16_t* pre, cudaStream_t stream) {
   if (!fprop_takes_gelu())
     throw std::logic_error(context(Operand::kFpropX) + ": this Fprop GEMM takes no GELU epilogue");
-  forward_bf16_input_to(
-      tokens, nibble::cuda::GemmOutput{act, GemmType::kBF16, 0, nibble::cuda::GemmEpilogue::kGeluAux, pre}, stream,
-      /*accumulate=*/false);
+  if (&down.ctx_ != &ctx_ || down.in_ != out_ || !down.takes_bf16_input())
+    throw std::logic_error(context(Operand::kFpropX) + ": " + down.context(Operand::kFpropX) +
+                           " is not the layer above in this context, taking a BF16 input");
+  bf16_x_operands(tokens, stream);
+  // down's BF16 input, asked for only now: a quantizing `down` reads ctx_.bf16_input, which held this
+  // layer's X until its operands were made (and may grow). The GEMM reads those operands, not it.
+  bf16_t* act = down.bf16_input(tokens);
+  gemm(ctx_.x_rows, fprop_w_,
+       nibble::cuda::GemmOutput{act, GemmType::kBF16, 0, nibble::cuda::GemmEpilogue::kGeluAux, pre},
+       /*accumulate=*/false, stream, "Fprop");
+  saved_tokens_ = tokens;
 }
 
 void LinearCuda::backward_bf16_input_gelu(LinearCuda& up, const bf16_t* pre, cudaStream_t stream) {

@@ -133,10 +133,11 @@ class LinearCuda {
   void backward(const float* dy, float* dx, cudaStream_t stream);
 
   // The MLP's GELU in the GEMMs' epilogues (cuBLASLt GELU_AUX / DGELU, tanh form; gemm_cuda.h):
-  // - forward_bf16_input_gelu, the up projection's Fprop: act = GELU(X W^T) and pre = X W^T, both
+  // - forward_bf16_input_gelu, the up projection's Fprop: the down projection `down`'s BF16 input
+  //   act = GELU(X W^T) (where down.forward_bf16_input() reads it) and pre = X W^T, both
   //   [tokens x out] in BF16, rounded from the FP32 result (forward_bf16_input with a BF16 Y and the
-  //   activation kernel write RN(Y) and RN(GELU(RN(Y)))); `act` is meant to be the next layer's BF16
-  //   operand itself (bf16_input_is_operand()), as no amax of it is computed.
+  //   activation kernel write RN(Y) and RN(GELU(RN(Y)))). No producer amax: a quantizing `down` runs
+  //   its own amax pass over act.
   // - backward_bf16_input_gelu, the down projection's backward: the up projection `up`'s dY =
   //   (dY W) GELU'(pre), rounded once to BF16, where up.backward_bf16_input() reads it. No producer
   //   amax: a quantizing `up` runs its own amax pass over it.
@@ -144,12 +145,8 @@ class LinearCuda {
   // (bf16, or FP4 decoded on Hopper's decode path) and the context's gelu_in_gemm is on.
   bool fprop_takes_gelu() const;
   bool dgrad_takes_gelu() const;
-  void forward_bf16_input_gelu(int64_t tokens, bf16_t* act, bf16_t* pre, cudaStream_t stream);
+  void forward_bf16_input_gelu(int64_t tokens, LinearCuda& down, bf16_t* pre, cudaStream_t stream);
   void backward_bf16_input_gelu(LinearCuda& up, const bf16_t* pre, cudaStream_t stream);
-  // Whether bf16_input() (bf16_dy_input()) is the GEMM operand itself (bf16 operands without RHT)
-  // rather than the source of a quantizing pass.
-  bool bf16_input_is_operand() const;
-  bool bf16_dy_is_operand() const;
 
   int64_t saved_activation_bytes() const { return saved_x_t_.valid() ? saved_x_t_.bytes() : 0; }
   int64_t weight_quantizations() const { return weight_quantizations_; }
@@ -179,6 +176,12 @@ class LinearCuda {
   // Dgrad (skipped when dx.data is nullptr) and Wgrad from ctx_.dy_rows / dy_cols.
   void backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream);
   void backward_bf16_input_to(nibble::cuda::GemmOutput dx, cudaStream_t stream);
+  // Whether bf16_input() (bf16_dy_input()) is the GEMM operand itself (bf16 operands without RHT)
+  // rather than the source of a quantizing pass.
+  bool bf16_input_is_operand() const;
+  bool bf16_dy_is_operand() const;
+  // forward_bf16_input's X operands from the BF16 X its producer wrote.
+  void bf16_x_operands(int64_t tokens, cudaStream_t stream);
   // backward_bf16_input's dY operands from the BF16 dY its producer wrote (with_dx: Dgrad will run).
   void bf16_dy_operands(bool with_dx, cudaStream_t stream);
   // Whether the GEMM of operands a and b runs in cuBLASLt on BF16 values (see fprop_takes_gelu).
