@@ -191,7 +191,7 @@ struct ProducerAmaxModels {
 // The norms and the GELU computing the amax of the NVFP4 passes over their outputs (qkv's and fc's
 // X, fc2's X, fc's dY, and in the norms' backward the output projections' dY) give the bits of the
 // passes computing their own: the loss and every gradient after two steps. With the GELU in the GEMM
-// epilogues (the default) fc2's X and fc's dY have no producer amax; with the GELU kernels they have.
+// epilogues (the default) proj2's X and fc's dY have no producer amax; with the GELU kernels they have.
 TEST(GptCuda, ProducerAmaxGivesTheSameBits) {
   for (const bool gelu_in_gemm : {true, false}) {
     SCOPED_TRACE(gelu_in_gemm ? "GELU in the GEMMs" : "GELU kernels");

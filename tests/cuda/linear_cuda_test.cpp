@@ -651,10 +651,12 @@ double bf16_ulp(double v) { return std::ldexp(1.0, std::ilogb(std::max(std::fabs
 //   alpha, layout or operand (errors of the values' own size).
 // - The dY lands where the up projection's backward reads it: its dX and dW are the bits of a backward
 //   from the same values written by hand.
+// - The epilogues run first in a fresh context, so under nvfp4 down's input grows the context's buffer
+//   after up's operands are made from it (the GPU model's first step).
 // Under bf16 and nvfp4 (FP4 decoded to BF16: the decode path is forced on Blackwell).
 TEST(LinearCuda, GeluInGemmIsTheTanhFormOfTheFp32Results) {
   std::mt19937_64 rng(test::fresh_seed());
-  const int64_t tokens = 256, d = 512, hidden = 384;
+  const int64_t tokens = 256, d = 256, hidden = 512;  // hidden > d, as in the MLP
   const std::vector<float> w_up = test::random_normal(rng, d * hidden, 0.05f);
   const std::vector<float> w_down = test::random_normal(rng, hidden * d, 0.05f);
   const auto random_bf16 = [&](int64_t n) {
@@ -697,13 +699,9 @@ TEST(LinearCuda, GeluInGemmIsTheTanhFormOfTheFp32Results) {
       down.forward_bf16_input(tokens, down_y.data(), nullptr);
       put(down.bf16_dy_input(), dy16);
     };
-    // The FP32 results: Y, and dH from the down projection's Dgrad.
-    put(up.bf16_input(tokens), x16);
-    up.forward_bf16_input(tokens, y32.data(), nullptr);
-    down_forward();
-    down.backward_bf16_input(dh32.data(), nullptr);
-    const std::vector<float> y = download(y32.data(), tokens * hidden), dh = download(dh32.data(), tokens * hidden);
-    // The epilogues: GELU(Y) lands in down's BF16 input (read back before down's forward overwrites it).
+    // The epilogues first, in the fresh context: under nvfp4 down's input outgrows the context's BF16
+    // buffer inside forward_bf16_input_gelu, as in the GPU model's first step. GELU(Y) lands in down's
+    // BF16 input (read back before down's forward overwrites it); then up's backward from fc's dY.
     put(up.bf16_input(tokens), x16);
     up.forward_bf16_input_gelu(tokens, down, pre.data(), nullptr);
     const std::vector<bf16_t> got_act = download(down.bf16_input(tokens), tokens * hidden);
@@ -711,6 +709,15 @@ TEST(LinearCuda, GeluInGemmIsTheTanhFormOfTheFp32Results) {
     down_forward();
     down.backward_bf16_input_gelu(up, pre.data(), nullptr);
     const std::vector<bf16_t> got_dy = download(up.bf16_dy_input(), tokens * hidden);
+    up.backward_bf16_input(dx_a.data(), nullptr);
+    const std::vector<float> dw_a = download(up.weight_grad(), d * hidden);
+    // The FP32 results of the same layers and step: Y, and dH from the down projection's Dgrad.
+    up.zero_grad(nullptr);
+    put(up.bf16_input(tokens), x16);
+    up.forward_bf16_input(tokens, y32.data(), nullptr);
+    down_forward();
+    down.backward_bf16_input(dh32.data(), nullptr);
+    const std::vector<float> y = download(y32.data(), tokens * hidden), dh = download(dh32.data(), tokens * hidden);
     std::vector<double> want_pre(y.size()), want_act(y.size()), want_dy(y.size());
     std::vector<double> allow_pre(y.size()), allow_act(y.size()), allow_dy(y.size());
     for (size_t i = 0; i < y.size(); ++i) {
@@ -725,12 +732,8 @@ TEST(LinearCuda, GeluInGemmIsTheTanhFormOfTheFp32Results) {
     EXPECT_EQ(check(got_pre, want_pre, allow_pre, std::string(name) + " pre"), 0);
     EXPECT_EQ(check(got_act, want_act, allow_act, std::string(name) + " act"), 0);
     EXPECT_EQ(check(got_dy, want_dy, allow_dy, std::string(name) + " fc dY"), 0);
-    // The up projection's backward from that dY, then from the same values written by hand.
-    up.backward_bf16_input(dx_a.data(), nullptr);
-    const std::vector<float> dw_a = download(up.weight_grad(), d * hidden);
-    up.zero_grad(nullptr);
-    put(up.bf16_input(tokens), x16);
-    up.forward_bf16_input(tokens, y32.data(), nullptr);
+    // up's backward from the same dY values written by hand (its forward above saved the same X^T)
+    // gives the bits of the one that took them from down's Dgrad epilogue.
     put(up.bf16_dy_input(), got_dy);
     up.backward_bf16_input(dx_b.data(), nullptr);
     const auto bits = [&](const DeviceBuffer<bf16_t>& v) {
