@@ -84,9 +84,11 @@ struct GptCuda::Block {
 
   std::array<ncu::LinearCuda*, 4> linears() { return {&qkv, &proj, &fc, &proj2}; }
   // Whether the GELU runs in fc's Fprop epilogue, writing proj2's BF16 input and `pre` (BF16) from
-  // one GEMM (LinearCuda::forward_bf16_input_gelu; a quantizing proj2 then runs its own amax pass).
+  // one GEMM (LinearCuda::forward_bf16_input_gelu): where that input is proj2's operand itself. A
+  // quantizing proj2 keeps the GELU kernel, which computes its amax in passing: with the epilogue and
+  // proj2's own amax pass the nvfp4 step measured 0.2% slower (docs/benchmarks.md, session 25).
   bool gelu_in_fprop() const {
-    return mlp == nn::MlpKind::kGelu && fc.fprop_takes_gelu() && proj2.takes_bf16_input();
+    return mlp == nn::MlpKind::kGelu && fc.fprop_takes_gelu() && proj2.bf16_input_is_operand();
   }
   // Whether GELU's derivative runs in proj2's Dgrad epilogue, writing fc's BF16 dY
   // (LinearCuda::backward_bf16_input_gelu); `pre` is BF16 wherever fc takes BF16 input.

@@ -147,6 +147,10 @@ class LinearCuda {
   bool dgrad_takes_gelu() const;
   void forward_bf16_input_gelu(int64_t tokens, LinearCuda& down, bf16_t* pre, cudaStream_t stream);
   void backward_bf16_input_gelu(LinearCuda& up, const bf16_t* pre, cudaStream_t stream);
+  // Whether bf16_input() (bf16_dy_input()) is the GEMM operand itself (bf16 operands without RHT)
+  // rather than the source of a quantizing pass.
+  bool bf16_input_is_operand() const;
+  bool bf16_dy_is_operand() const;
 
   int64_t saved_activation_bytes() const { return saved_x_t_.valid() ? saved_x_t_.bytes() : 0; }
   int64_t weight_quantizations() const { return weight_quantizations_; }
@@ -176,10 +180,6 @@ class LinearCuda {
   // Dgrad (skipped when dx.data is nullptr) and Wgrad from ctx_.dy_rows / dy_cols.
   void backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream);
   void backward_bf16_input_to(nibble::cuda::GemmOutput dx, cudaStream_t stream);
-  // Whether bf16_input() (bf16_dy_input()) is the GEMM operand itself (bf16 operands without RHT)
-  // rather than the source of a quantizing pass.
-  bool bf16_input_is_operand() const;
-  bool bf16_dy_is_operand() const;
   // forward_bf16_input's X operands from the BF16 X its producer wrote.
   void bf16_x_operands(int64_t tokens, cudaStream_t stream);
   // backward_bf16_input's dY operands from the BF16 dY its producer wrote (with_dx: Dgrad will run).
