@@ -20,6 +20,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -52,6 +53,21 @@ GptConfig tiny(PositionKind pos, NormKind norm, nn::MlpKind mlp, int64_t kv_head
   c.mlp = mlp;
   c.tied_embeddings = tied;
   return c;
+}
+
+// |a - b| and |b| (Euclidean norms, in double): two models' gradients side by side.
+struct Distance {
+  double diff = 0, norm = 0;
+};
+Distance distance(const std::vector<float>& a, const std::vector<float>& b) {
+  Distance d;
+  for (size_t j = 0; j < a.size(); ++j) {
+    d.diff += (static_cast<double>(a[j]) - b[j]) * (static_cast<double>(a[j]) - b[j]);
+    d.norm += static_cast<double>(b[j]) * b[j];
+  }
+  d.diff = std::sqrt(d.diff);
+  d.norm = std::sqrt(d.norm);
+  return d;
 }
 
 struct Case {
@@ -243,13 +259,9 @@ TEST(GptCuda, GeluInGemmDiffersFromTheKernelsByRoundingOnly) {
   for (size_t i = 0; i < gemm.parameters().size(); ++i) {
     const cuda::DeviceParameter& p = gemm.parameters()[i];
     const std::vector<float> ga = download(p.grad, p.count), gb = download(kernels.parameters()[i].grad, p.count);
-    double diff = 0, norm = 0;
-    for (size_t j = 0; j < ga.size(); ++j) {
-      diff += (static_cast<double>(ga[j]) - gb[j]) * (static_cast<double>(ga[j]) - gb[j]);
-      norm += static_cast<double>(gb[j]) * gb[j];
-    }
-    EXPECT_LE(std::sqrt(diff), 1e-2 * std::sqrt(norm)) << p.name;
-    all_equal = all_equal && diff == 0;
+    const Distance dist = distance(ga, gb);
+    EXPECT_LE(dist.diff, 1e-2 * dist.norm) << p.name;
+    all_equal = all_equal && dist.diff == 0;
   }
   EXPECT_FALSE(all_equal) << "the same bits: the epilogue did not run";
 }
@@ -376,15 +388,9 @@ TEST(GptCuda, FirstMicrobatchWritesTheGradients) {
     for (size_t i = 0; i < writes.parameters().size(); ++i) {
       const cuda::DeviceParameter& p = writes.parameters()[i];
       const std::vector<float> ga = download(p.grad, p.count), gb = download(adds.parameters()[i].grad, p.count);
-      double diff = 0, norm = 0;
-      int64_t nonfinite = 0;
-      for (size_t j = 0; j < ga.size(); ++j) {
-        nonfinite += !std::isfinite(ga[j]);
-        diff += (static_cast<double>(ga[j]) - gb[j]) * (static_cast<double>(ga[j]) - gb[j]);
-        norm += static_cast<double>(gb[j]) * gb[j];
-      }
-      EXPECT_EQ(nonfinite, 0) << p.name;
-      EXPECT_LE(std::sqrt(diff), 1e-5 * std::sqrt(norm)) << p.name;
+      EXPECT_EQ(std::count_if(ga.begin(), ga.end(), [](float v) { return !std::isfinite(v); }), 0) << p.name;
+      const Distance dist = distance(ga, gb);
+      EXPECT_LE(dist.diff, 1e-5 * dist.norm) << p.name;
     }
   }
 }

@@ -69,6 +69,7 @@ class RecipeError : public std::invalid_argument {
 
 // The formats an operand can take: the quantizer's formats plus the two unquantized ones.
 enum class OperandFormat : uint8_t { kFp32, kBf16, kFp8E4M3, kFp8E5M2, kMxfp4, kNvfp4 };
+inline bool is_fp4(OperandFormat f) { return f == OperandFormat::kNvfp4 || f == OperandFormat::kMxfp4; }
 
 struct OperandRecipe {
   OperandFormat format = OperandFormat::kFp32;

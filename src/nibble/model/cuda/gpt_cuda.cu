@@ -215,10 +215,7 @@ void GptCuda::set_step(uint64_t step, uint32_t microbatch) {
     for (ncu::LinearCuda* l : b->linears()) l->set_step(step, microbatch);
 }
 
-void GptCuda::set_first_microbatch_writes_grads(bool on) {
-  first_microbatch_writes_grads_ = on;
-  linear_ctx_.first_microbatch_writes_grads = on;
-}
+void GptCuda::set_first_microbatch_writes_grads(bool on) { linear_ctx_.first_microbatch_writes_grads = on; }
 
 void GptCuda::zero_grad() {
   tok_embed_.zero_grad(stream_);
@@ -381,7 +378,8 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
   // The logits' gradient is grad_scale / rows * (softmax - onehot), as on the CPU; with tied
   // embeddings the head's weight gradient goes straight into the table's, as on the CPU.
   head_.forward_backward(head_weight(), hidden_.data(), targets_.data(), rows, grad_scale / static_cast<float>(rows),
-                         loss, dtmp_.data(), head_grad(), stream_, first_microbatch_writes_grads_ && microbatch_ == 0);
+                         loss, dtmp_.data(), head_grad(), stream_,
+                         linear_ctx_.first_microbatch_writes_grads && microbatch_ == 0);
   // As in forward_hidden: dY in BF16 straight into the layer where no operand made from it is FP32
   // (`produce(dst)` writes it, float* or bf16_t*; fp32 is the FP32 dY buffer otherwise). dX is then
   // BF16 too, rounded by the Dgrad GEMM's epilogue into dx16 (what the next backward reads), else

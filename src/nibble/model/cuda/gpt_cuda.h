@@ -123,7 +123,6 @@ class GptCuda {
   std::vector<nn::cuda::LinearCuda*> param_linears_;  // the linear layer of each parameter, or nullptr
 
   uint32_t microbatch_ = 0;  // set_step's
-  bool first_microbatch_writes_grads_ = false;
   int64_t rows_ = 0;
   nn::cuda::DeviceBuffer<uint32_t> ids_, targets_, positions_;
   nibble::cuda::HostStaging<uint32_t> token_staging_;  // ids, targets, positions on their way up

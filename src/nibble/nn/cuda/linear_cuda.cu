@@ -191,8 +191,8 @@ bool LinearCuda::takes_bf16_dy() const {
 }
 
 bf16_t* LinearCuda::bf16_input(int64_t tokens) {
-  if (OperandCuda::bf16_pair_applies(recipe_, Operand::kFpropX, Operand::kWgradX))
-    return OperandCuda::bf16_pair_source(tokens, in_, saved_x_t_);  // becomes the operands themselves
+  // The operands themselves, where they are the BF16 values.
+  if (bf16_input_is_operand()) return OperandCuda::bf16_pair_source(tokens, in_, saved_x_t_);
   ctx_.bf16_input.reserve(static_cast<size_t>(tokens * in_));
   return ctx_.bf16_input.data();
 }
@@ -250,8 +250,7 @@ void LinearCuda::backward(const float* dy, float* dx, cudaStream_t stream) {
 bf16_t* LinearCuda::bf16_dy_input() {
   if (!saved_x_t_.valid())
     throw std::logic_error(context(Operand::kWgradX) + ": bf16_dy_input() without a forward() to pair with");
-  if (OperandCuda::bf16_pair_applies(recipe_, Operand::kDgradDy, Operand::kWgradDy))
-    return OperandCuda::bf16_pair_source(saved_tokens_, out_, ctx_.dy_cols);
+  if (bf16_dy_is_operand()) return OperandCuda::bf16_pair_source(saved_tokens_, out_, ctx_.dy_cols);
   ctx_.bf16_input.reserve(static_cast<size_t>(saved_tokens_ * out_));
   return ctx_.bf16_input.data();
 }
@@ -291,8 +290,7 @@ bool LinearCuda::gelu_gemm_applies(Operand a, Operand b, int64_t n) const {
   // the epilogue's GELU input needs a leading dimension (n) that is a multiple of 8.
   const auto bf16_in_cublaslt = [&](Operand op) {
     const OperandFormat f = recipe_[op].format;
-    const bool fp4 = f == OperandFormat::kNvfp4 || f == OperandFormat::kMxfp4;
-    return f == OperandFormat::kBf16 || (fp4 && !ctx_.native_fp4 && !ctx_.packed_gemm);
+    return f == OperandFormat::kBf16 || (is_fp4(f) && !ctx_.native_fp4 && !ctx_.packed_gemm);
   };
   return ctx_.gelu_in_gemm && bf16_in_cublaslt(a) && bf16_in_cublaslt(b) && n % 8 == 0;
 }

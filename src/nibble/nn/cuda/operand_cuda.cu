@@ -165,7 +165,6 @@ void set_side(nibble::cuda::RowColSpec& s, bool columnwise, const QuantSpec& spe
   }
 }
 
-bool is_fp4(OperandFormat f) { return f == OperandFormat::kNvfp4 || f == OperandFormat::kMxfp4; }
 int64_t element_bytes(GemmType t) { return t == GemmType::kF32 ? 4 : t == GemmType::kBF16 ? 2 : 1; }
 
 }  // namespace
