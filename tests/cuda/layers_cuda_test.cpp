@@ -950,6 +950,40 @@ TEST(Bf16Inputs, AttentionReadsKeptQkvInPlace) {
       << "batched-GEMM kernels";
 }
 
+// The attention core computing the amax of the fused NVFP4 pass over its BF16 output (proj's X) and
+// its BF16 d_qkv (qkv's dY) (ProducerAmax): the bits of the calls without it, the two words
+// nvfp4_amax computes from those outputs, the next slot zeroed. On Hopper: seq 128 (the kernels
+// compute both, the backward in place), seq 80 (the forward kernel, past T within Tp = 128; the
+// backward's pass after the packed route), seq 72 (T not a multiple of 16: the pass after both);
+// then the mma.sync kernels (the pass after each).
+TEST(AttentionCudaAmax, ComputesTheNvfp4PassAmax) {
+  std::mt19937_64 rng(fresh_seed());
+  Stream stream;
+  for (const bool wgmma : {true, false})
+    for (const int64_t seq : {int64_t{128}, int64_t{80}, int64_t{72}})
+      for (const bool rht : {false, true}) {
+        SCOPED_TRACE(std::string(wgmma ? "wgmma" : "mma.sync") + ", seq " + std::to_string(seq) +
+                     (rht ? ", RHT" : ", no RHT"));
+        FlashWgmmaScope scope(wgmma);
+        nibble::cuda::GemmRunner gemm;
+        cuda::AttentionWorkspace workspace;
+        cuda::AttentionCoreCuda core(AttentionShape{256, 4, 2, false}, gemm, workspace, cuda::AttentionKernel::kFused);
+        const int64_t batch = 2, rows = batch * seq;
+        const int64_t n_out = rows * core.out_width(), n_qkv = rows * core.qkv_width();
+        const Bf16Values qkv = bf16_values(rng, n_qkv, 1.0f), dout = bf16_values(rng, n_out, 1.0f);
+        DeviceBuffer<bf16_t> out(static_cast<size_t>(n_out)), out_amax(out.size());
+        DeviceBuffer<bf16_t> dqkv(static_cast<size_t>(n_qkv)), dqkv_amax(dqkv.size());
+        core.forward_kept(qkv.b16.data(), batch, seq, out.data(), stream);
+        core.backward(dout.b16.data(), dqkv.data(), stream);
+        ProducerAmaxCheck check;
+        core.forward_kept(qkv.b16.data(), batch, seq, out_amax.data(), stream,
+                          check.start(rht, rht_signs_from_seed(rng())));
+        check.check(out, out_amax, rows, core.out_width(), stream);
+        core.backward(dout.b16.data(), dqkv_amax.data(), stream, check.start(rht, rht_signs_from_seed(rng())));
+        check.check(dqkv, dqkv_amax, rows, core.qkv_width(), stream);
+      }
+}
+
 // The attention core's outputs through pointers into larger buffers, one element in (a caller's
 // chunk of a bigger array): the kernels' paired and 4-element stores need aligned destinations, so
 // they must fall back to narrower stores there, with the same bits. hd 16 and 64: the vector paths.

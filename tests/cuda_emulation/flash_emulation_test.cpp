@@ -44,6 +44,7 @@
 #include <vector>
 
 #include "nibble/nn/cuda/attention_flash.cuh"
+#include "cuda_emulation/amax_reference.h"
 #include "cuda_emulation/emulated_grid.h"
 #include "test_seed.h"
 
@@ -145,6 +146,15 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
     std::memcpy(&r, &warp[emu::lane() ^ mask][0], 4);
     return r;
   });
+}
+
+// The warps' amax words (attention_flash_util.cuh's WarpAmax).
+inline uint32_t atomicMax(uint32_t* p, uint32_t v) {
+  std::atomic_ref<uint32_t> a(*p);
+  uint32_t old = a.load();
+  while (old < v && !a.compare_exchange_weak(old, v)) {
+  }
+  return old;
 }
 
 namespace nibble::nn::cuda::detail {
@@ -385,29 +395,32 @@ HeadGrad grad(const FlashDims& d, std::vector<float>& x, int64_t n) { return {pa
 // a multiple of its 128-row blocks), which flash_forward and flash_backward take on Hopper.
 enum class Kernels { kMmaSync, kWgmma };
 
-// The forward kernel on views of the operands, as flash_forward launches it.
+// The forward kernel on views of the operands, as flash_forward launches it; out16 and amax (the
+// amax of the NVFP4 pass over out16) with the wgmma kernel only.
 template <int HD>
 void run_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, bf16* o, float* lse,
-                 Kernels kernels) {
+                 Kernels kernels, bf16* out16 = nullptr, const nibble::cuda::ProducerAmax& amax = {}) {
   if (kernels == Kernels::kWgmma) {
     emu::launch(dim3(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B)),
-                kSmemBytes, [&] { flash_forward_sm90_kernel(d, q, k, v, out, o, lse, nullptr); }, kBlockThreads);
+                kSmemBytes, [&] { flash_forward_sm90_kernel(d, q, k, v, out, o, lse, out16, amax); }, kBlockThreads);
     return;
   }
   emu::launch(dim3(static_cast<unsigned>(d.Tp / kFlashTile), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B)),
               kForwardSmem<HD>, [&] { flash_forward_kernel<HD>(d, q, k, v, out, o, lse); });
 }
 
-// Both backward kernels on views of the operands, as flash_backward launches them.
+// Both backward kernels on views of the operands, as flash_backward launches them; amax with the
+// wgmma kernels only.
 template <int HD>
 void run_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                  const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, Kernels kernels = Kernels::kMmaSync) {
+                  const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, Kernels kernels = Kernels::kMmaSync,
+                  const nibble::cuda::ProducerAmax& amax = {}) {
   if (kernels == Kernels::kWgmma) {  // attention_flash_sm90.cu: dk/dv 64 keys a block, 128 threads; dq 128 queries, 256
     const auto blocks = static_cast<unsigned>(d.Tp / kRows), batch = static_cast<unsigned>(d.B);
     emu::launch(dim3(static_cast<unsigned>(d.Tp / kKeys), static_cast<unsigned>(d.KV), batch), kDkdvSmemBytes,
-                [&] { flash_dkdv_sm90_kernel(d, q, k, v, dout, lse, delta, dk, dv); }, kDkdvThreads);
+                [&] { flash_dkdv_sm90_kernel(d, q, k, v, dout, lse, delta, dk, dv, amax); }, kDkdvThreads);
     emu::launch(dim3(blocks, static_cast<unsigned>(d.H), batch), kDqSmemBytes,
-                [&] { flash_dq_sm90_kernel(d, q, k, v, dout, lse, delta, dq); }, kBlockThreads);
+                [&] { flash_dq_sm90_kernel(d, q, k, v, dout, lse, delta, dq, amax); }, kBlockThreads);
     return;
   }
   const auto tiles = static_cast<unsigned>(d.Tp / kFlashTile), batch = static_cast<unsigned>(d.B);
@@ -636,7 +649,7 @@ void check_out16(const Case& c, std::mt19937_64& rng, Kernels kernels = Kernels:
     if (kernels == Kernels::kWgmma) {
       emu::launch(grid, kSmemBytes, [&] {
         flash_forward_sm90_kernel(d, heads(d, q, c.H), heads(d, k, c.KV), heads(d, v, c.KV), out_ptr, o.data(),
-                                  lse.data(), out16);
+                                  lse.data(), out16, {});
       }, kBlockThreads);
     } else {
       emu::launch(grid, kForwardSmem<HD>, [&] {
@@ -762,6 +775,96 @@ TEST(FlashAttentionEmulation, InPlaceHeadsGiveThePackedBits) {
   check_in_place<64>({2, 128, 4, 2, 64}, rng);  // GQA: dk, dv summed over two heads each
   check_in_place<128>({1, 64, 2, 2, 128}, rng);
   check_in_place<64>({2, 256, 4, 2, 64}, rng, Kernels::kWgmma);
+}
+
+// The Hopper kernels computing the amax of the fused NVFP4 pass over what they write in BF16
+// (ProducerAmax; attention_flash_util.cuh's WarpAmax): the forward's out16 [B*T x H hd] and the
+// backward's d_qkv [B*T x (H + 2 KV) hd] in place, against the CPU reference's two words over the
+// values written (with and without the RHT, random signs), the next slot zeroed. The forward also
+// at T = 208 in 256 padded rows: the warps beyond T add nothing.
+TEST(FlashAttentionEmulation, WgmmaComputesTheNvfp4PassAmax) {
+  std::mt19937_64 rng(nibble::test::fresh_seed());
+  constexpr int64_t B = 2, H = 2, KV = 1, hd = 64, width = (H + 2 * KV) * hd;
+  std::normal_distribution<float> dist(0.0f, 1.5f);
+  const auto bits = [](bf16 x) { return static_cast<__nv_bfloat16_raw>(x).x; };
+  const auto random_bf16 = [&](int64_t n) {
+    std::vector<bf16> x(static_cast<size_t>(n));
+    for (auto& e : x) e = __float2bfloat16_rn(dist(rng));
+    return x;
+  };
+  for (const bool rht : {false, true}) {
+    SCOPED_TRACE(rht ? "RHT" : "no RHT");
+    std::vector<uint32_t> slots(4);
+    nibble::cuda::ProducerAmax amax;
+    amax.col_rht = rht;
+    amax.rht_signs = RhtSigns{static_cast<uint16_t>(rng())};
+    // The words the kernels left against the reference over m [rows x cols] (row stride `stride`).
+    const auto check_words = [&](const std::vector<bf16>& m, int64_t rows, int64_t cols, const char* what) {
+      const auto at = [&](int64_t r, int64_t c) { return __bfloat162float(m[static_cast<size_t>(r * cols + c)]); };
+      const auto [row_word, col_word] = nibble::test::amax_words(rows, cols, at, rht, amax.rht_signs);
+      EXPECT_EQ(slots[0], row_word) << what << ": rowwise amax";
+      EXPECT_EQ(slots[1], col_word) << what << ": columnwise amax";
+      EXPECT_EQ(slots[2], 0u) << what << ": the next slot zeroed";
+      EXPECT_EQ(slots[3], 0u) << what << ": the next slot zeroed";
+    };
+    const auto fresh_slots = [&] {
+      slots = {0, 0, 0xDEADBEEFu, 0xDEADBEEFu};
+      amax.slots = {slots.data(), slots.data() + 2};
+    };
+    // Forward from packed heads, T = 208 of Tp = 256.
+    {
+      const FlashDims d{B, 208, 256, H, KV, hd, 64, 0.125f};
+      std::vector<bf16> q(static_cast<size_t>(B * H * d.Tp * 64)), k(static_cast<size_t>(B * KV * d.Tp * 64));
+      for (auto* x : {&q, &k}) {
+        *x = random_bf16(static_cast<int64_t>(x->size()));
+        for (size_t i = 0; i < x->size(); ++i)
+          if (static_cast<int64_t>(i / 64) % d.Tp >= d.T) (*x)[i] = __float2bfloat16_rn(0.0f);
+      }
+      // Values of 200 in the padding keys, which only the padding queries see: the warps beyond T
+      // would find the largest outputs there.
+      std::vector<bf16> v = k;
+      for (size_t i = 0; i < v.size(); ++i)
+        if (static_cast<int64_t>(i / 64) % d.Tp >= d.T) v[i] = __float2bfloat16_rn(200.0f);
+      std::vector<bf16> o(q.size()), out16(static_cast<size_t>(B * d.T * H * hd));
+      std::vector<float> lse(static_cast<size_t>(B * H * d.Tp));
+      fresh_slots();
+      run_forward<64>(d, heads(d, q, H), heads(d, k, KV), heads(d, v, KV), nullptr, o.data(), lse.data(),
+                      Kernels::kWgmma, out16.data(), amax);
+      check_words(out16, B * d.T, H * hd, "forward, T 208");
+    }
+    // Forward and backward in place in qkv's and d_qkv's rows, T = Tp = 128.
+    const FlashDims d{B, 128, 128, H, KV, hd, 64, 0.125f};
+    const std::vector<bf16> qkv = random_bf16(B * d.T * width), dout = random_bf16(B * d.T * H * hd);
+    const BF16Heads q = heads_in_rows<const bf16>(qkv.data(), d, width, 0);
+    const BF16Heads k = heads_in_rows<const bf16>(qkv.data(), d, width, H * hd);
+    const BF16Heads v = heads_in_rows<const bf16>(qkv.data(), d, width, (H + KV) * hd);
+    std::vector<bf16> o(static_cast<size_t>(B * H * d.Tp * 64)), out16(dout.size());
+    std::vector<float> lse(static_cast<size_t>(B * H * d.Tp)), delta(lse.size(), 0.0f);
+    fresh_slots();
+    run_forward<64>(d, q, k, v, nullptr, o.data(), lse.data(), Kernels::kWgmma, out16.data(), amax);
+    check_words(out16, B * d.T, H * hd, "forward in place");
+    for (int64_t b = 0; b < B; ++b)  // delta = rowsum(dO o), dO in out16's layout, o packed
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t t = 0; t < d.T; ++t)
+          for (int64_t j = 0; j < hd; ++j)
+            delta[(b * H + h) * d.Tp + t] += __bfloat162float(dout[(b * d.T + t) * H * hd + h * hd + j]) *
+                                             __bfloat162float(o[((b * H + h) * d.Tp + t) * 64 + j]);
+    std::vector<bf16> dqkv(qkv.size(), __float2bfloat16_rn(NAN)), dqkv_plain = dqkv;
+    const auto grads = [&](std::vector<bf16>& m) {
+      HeadGrad g[3];
+      for (int i = 0; i < 3; ++i) g[i].b16 = heads_in_rows(m.data(), d, width, (i == 0 ? 0 : i == 1 ? H : H + KV) * hd);
+      return std::vector<HeadGrad>{g[0], g[1], g[2]};
+    };
+    const BF16Heads dout_in = heads_in_rows<const bf16>(dout.data(), d, H * hd, 0);
+    const auto g = grads(dqkv), gp = grads(dqkv_plain);
+    fresh_slots();
+    run_backward<64>(d, q, k, v, dout_in, lse.data(), delta.data(), g[0], g[1], g[2], Kernels::kWgmma, amax);
+    run_backward<64>(d, q, k, v, dout_in, lse.data(), delta.data(), gp[0], gp[1], gp[2], Kernels::kWgmma);
+    size_t differ = 0;
+    for (size_t i = 0; i < dqkv.size(); ++i) differ += bits(dqkv[i]) != bits(dqkv_plain[i]);
+    EXPECT_EQ(differ, 0u) << "d_qkv differs with the amax";
+    check_words(dqkv, B * d.T, width, "backward in place");
+  }
 }
 
 // The host-side checks of flash_forward / flash_backward (no kernel runs).

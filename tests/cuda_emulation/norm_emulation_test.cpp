@@ -56,6 +56,7 @@ float fmax_abs_nan(float m, float v) { return std::max(m, std::fabs(v)); }
 #define NIBBLE_ROWCOL_HOST_EMULATION
 #include "../../src/nibble/nn/cuda/norm_kernels.cuh"
 #include "nibble/quant/rht.h"
+#include "cuda_emulation/amax_reference.h"
 
 namespace emu {
 
@@ -100,22 +101,11 @@ std::vector<T> as(const std::vector<float>& values) {
   }
 }
 
-// The two words nvfp4_amax gives for y [rows x dim] (rows a multiple of 16): max |y| and, with the
-// RHT, max |rht16(16-row column block)| (quant/rht.h, the CPU reference), else max |y| again.
+// The words nvfp4_amax gives for y [rows x dim] (amax_reference.h).
 std::pair<uint32_t, uint32_t> amax_words(const std::vector<bf16_t>& y, int64_t rows, int64_t dim, bool rht,
                                          const RhtSigns& signs) {
-  float row_max = 0.0f, col_max = 0.0f;
-  for (int64_t c = 0; c < dim; ++c)
-    for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-      float v[kRhtBlock];
-      for (int k = 0; k < 16; ++k) {
-        v[k] = to_float(y[static_cast<size_t>((r0 + k) * dim + c)]);
-        row_max = std::max(row_max, std::fabs(v[k]));
-      }
-      rht16(v, signs);
-      for (float e : v) col_max = std::max(col_max, std::fabs(e));
-    }
-  return {float_bits(row_max), float_bits(rht ? col_max : row_max)};
+  const auto at = [&](int64_t r, int64_t c) { return to_float(y[static_cast<size_t>(r * dim + c)]); };
+  return nibble::test::amax_words(rows, dim, at, rht, signs);
 }
 
 template <typename DyT, typename XhT>

@@ -40,14 +40,28 @@ struct Values {
   }
 };
 
-// The attention core's forward; from a BF16 qkv that stays until backward (`kept`) where both are BF16.
-template <typename In, typename Out>
+// The attention core's forward, with the amax of proj's NVFP4 pass where out is BF16 (`amax()` asks
+// proj); from a BF16 qkv that stays until backward (`kept`) where both are BF16.
+template <typename In, typename Out, typename Amax>
 void attention_forward(ncu::AttentionCoreCuda& core, const In* qkv, bool kept, int64_t batch, int64_t seq, Out* out,
-                       cudaStream_t stream) {
-  if constexpr (std::is_same_v<In, bf16_t> && std::is_same_v<Out, bf16_t>) {
-    if (kept) return core.forward_kept(qkv, batch, seq, out, stream);
+                       Amax amax, cudaStream_t stream) {
+  if constexpr (std::is_same_v<Out, bf16_t>) {
+    if constexpr (std::is_same_v<In, bf16_t>) {
+      if (kept) return core.forward_kept(qkv, batch, seq, out, stream, amax());
+    }
+    core.forward(qkv, batch, seq, out, stream, amax());
+  } else {
+    core.forward(qkv, batch, seq, out, stream);
   }
-  core.forward(qkv, batch, seq, out, stream);
+}
+
+// The attention core's backward, with the amax of qkv's NVFP4 pass over dY where d_qkv is BF16.
+template <typename In, typename Out, typename Amax>
+void attention_backward(ncu::AttentionCoreCuda& core, const In* d_out, Out* d_qkv, Amax amax, cudaStream_t stream) {
+  if constexpr (std::is_same_v<Out, bf16_t>)
+    core.backward(d_out, d_qkv, stream, amax());
+  else
+    core.backward(d_out, d_qkv, stream);
 }
 }  // namespace
 
@@ -317,8 +331,11 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
     const bool keep_qkv = b.core.reads_kept_qkv(seq);
     norm_then_linear(b.norm1, b.qkv, wide_, keep_qkv ? b.qkv16 : wide16_).visit([&](const auto* qkv) {
       linear_forward(b.proj, b.core.writes_bf16_output(), narrow_,
-                     [&](auto* dst) { attention_forward(b.core, qkv, keep_qkv, batch, seq, dst, stream_); }, x_.data(),
-                     true);
+                     [&](auto* dst) {
+                       attention_forward(b.core, qkv, keep_qkv, batch, seq, dst,
+                                         [&] { return b.proj.bf16_input_amax(rows, stream_); }, stream_);
+                     },
+                     x_.data(), true);
     });
     if (b.gelu_in_fprop()) {  // the GELU in fc's GEMM, straight into proj2's input
       bf16_t* input = b.fc.bf16_input(rows);
@@ -436,7 +453,9 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
     // Attention: proj, the attention core (its backward writes qkv's dY), qkv, then norm1.
     const Values dout = linear_backward(b.proj, dx_, already_there, narrow_, narrow16_);
     dout.visit([&](const auto* g) {
-      dln = linear_backward(b.qkv, wide_, [&](auto* dst) { b.core.backward(g, dst, stream_); }, ln_, ln16_);
+      dln = linear_backward(b.qkv, wide_, [&](auto* dst) {
+        attention_backward(b.core, g, dst, [&] { return b.qkv.bf16_dy_amax(stream_); }, stream_);
+      }, ln_, ln16_);
     });
     ncu::LinearCuda* const below_proj2 = below != nullptr ? &below->proj2 : nullptr;
     dln.visit([&](const auto* g) {

@@ -298,11 +298,13 @@ void AttentionCoreCuda::forward(const bf16_t* qkv, int64_t batch, int64_t seq, f
   forward_impl(qkv, batch, seq, out, nullptr, stream);
 }
 
-void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream) {
-  forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream);
+void AttentionCoreCuda::forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream,
+                                nibble::cuda::ProducerAmax amax) {
+  forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream, amax);
 }
-void AttentionCoreCuda::forward(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream) {
-  forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream);
+void AttentionCoreCuda::forward(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream,
+                                nibble::cuda::ProducerAmax amax) {
+  forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream, amax);
 }
 
 bool AttentionCoreCuda::reads_kept_qkv(int64_t seq) const {
@@ -311,13 +313,14 @@ bool AttentionCoreCuda::reads_kept_qkv(int64_t seq) const {
          seq % detail::kFlashTile == 0;
 }
 
-void AttentionCoreCuda::forward_kept(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream) {
-  forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream, /*kept=*/true);
+void AttentionCoreCuda::forward_kept(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream,
+                                     nibble::cuda::ProducerAmax amax) {
+  forward_impl(qkv, batch, seq, nullptr, reinterpret_cast<__nv_bfloat16*>(out), stream, amax, /*kept=*/true);
 }
 
 template <typename In>
 void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16,
-                                     cudaStream_t stream, bool kept) {
+                                     cudaStream_t stream, const nibble::cuda::ProducerAmax& amax, bool kept) {
   if (out16 != nullptr && !writes_bf16_output())
     throw std::logic_error("AttentionCoreCuda::forward: BF16 output needs the fused kernels");
   if (batch <= 0 || seq <= 0)
@@ -369,7 +372,9 @@ void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, 
   }
   if (fused) {
     o_.reserve(n(batch * H * Tp * hdp));
-    detail::flash_forward(fd, q_heads_, k_heads_, v_heads_, out, o_.data(), lse_.data(), stream, out16);
+    if (!detail::flash_forward(fd, q_heads_, k_heads_, v_heads_, out, o_.data(), lse_.data(), stream, out16, amax) &&
+        amax)
+      nibble::cuda::nvfp4_amax(reinterpret_cast<const bf16_t*>(out16), batch * seq, out_width(), amax, stream);
   } else {
     gemm_forward(out, stream);
   }
@@ -379,18 +384,21 @@ void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, 
 void AttentionCoreCuda::backward(const float* d_out, float* d_qkv, cudaStream_t stream) {
   backward_impl(d_out, d_qkv, stream);
 }
-void AttentionCoreCuda::backward(const float* d_out, bf16_t* d_qkv, cudaStream_t stream) {
-  backward_impl(d_out, d_qkv, stream);
+void AttentionCoreCuda::backward(const float* d_out, bf16_t* d_qkv, cudaStream_t stream,
+                                 nibble::cuda::ProducerAmax amax) {
+  backward_impl(d_out, d_qkv, stream, amax);
 }
 void AttentionCoreCuda::backward(const bf16_t* d_out, float* d_qkv, cudaStream_t stream) {
   backward_impl(d_out, d_qkv, stream);
 }
-void AttentionCoreCuda::backward(const bf16_t* d_out, bf16_t* d_qkv, cudaStream_t stream) {
-  backward_impl(d_out, d_qkv, stream);
+void AttentionCoreCuda::backward(const bf16_t* d_out, bf16_t* d_qkv, cudaStream_t stream,
+                                 nibble::cuda::ProducerAmax amax) {
+  backward_impl(d_out, d_qkv, stream, amax);
 }
 
 template <typename In, typename Out>
-void AttentionCoreCuda::backward_impl(const In* d_out, Out* d_qkv, cudaStream_t stream) {
+void AttentionCoreCuda::backward_impl(const In* d_out, Out* d_qkv, cudaStream_t stream,
+                                      const nibble::cuda::ProducerAmax& amax) {
   if (!saved_) throw std::logic_error("AttentionCoreCuda::backward without a forward");
   const bool fused = kernel_ == AttentionKernel::kFused;
   const Dims d{batch_, seq_, seq_pad_, shape_.n_heads, shape_.n_kv_heads, shape_.head_dim(), hd_pad_};
@@ -428,10 +436,11 @@ void AttentionCoreCuda::backward_impl(const In* d_out, Out* d_qkv, cudaStream_t 
       d_out, d, dout_heads.base == nullptr ? ws_.dout.data() : nullptr, fused ? o_.data() : nullptr,
       fused ? ws_.delta.data() : nullptr);
   NIBBLE_CUDA_CHECK_LAUNCH();
+  bool amax_done = false;
   if (fused) {
     if (dout_heads.base == nullptr) dout_heads = detail::packed_heads<const __nv_bfloat16>(ws_.dout.data(), fd, d.H);
-    detail::flash_backward(fd, q_heads_, k_heads_, v_heads_, dout_heads, lse_.data(), ws_.delta.data(), dq, dk, dv,
-                           stream);
+    amax_done = detail::flash_backward(fd, q_heads_, k_heads_, v_heads_, dout_heads, lse_.data(), ws_.delta.data(), dq,
+                                       dk, dv, stream, amax);
   } else {
     gemm_backward(stream);
   }
@@ -440,6 +449,7 @@ void AttentionCoreCuda::backward_impl(const In* d_out, Out* d_qkv, cudaStream_t 
         ws_.dq.data(), ws_.dk.data(), ws_.dv.data(), d, shape_.rope, rope_cos_.data(), rope_sin_.data(), d_qkv);
     NIBBLE_CUDA_CHECK_LAUNCH();
   }
+  if (amax && !amax_done) nibble::cuda::nvfp4_amax(d_qkv, d.B * d.T, qkv_width(), amax, stream);
   saved_ = false;
 }
 

@@ -530,22 +530,37 @@ bool flash_fits_device(int64_t HD) {
   return flash_shared_bytes(HD) <= static_cast<size_t>(optin);
 }
 
-void flash_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, bf16* o, float* lse,
-                   cudaStream_t stream, bf16* out16) {
+bool flash_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, bf16* o, float* lse,
+                   cudaStream_t stream, bf16* out16, const nibble::cuda::ProducerAmax& amax) {
   check_flash_dims(d);
   check_flash_views(d, {q, k, v});
-  if (flash_sm90_applies(d)) return flash_forward_sm90(d, q, k, v, out, o, lse, out16, stream);
-  if (d.HD == 64) return forward_impl<64>(d, q, k, v, out, o, lse, out16, stream);
-  return forward_impl<128>(d, q, k, v, out, o, lse, out16, stream);
+  if (amax && out16 == nullptr) throw std::invalid_argument("fused attention: an amax of the output needs out16");
+  if (flash_sm90_applies(d)) {
+    const bool in_kernel = amax && d.T % 16 == 0;
+    flash_forward_sm90(d, q, k, v, out, o, lse, out16, in_kernel ? amax : nibble::cuda::ProducerAmax{}, stream);
+    return in_kernel;
+  }
+  if (d.HD == 64) forward_impl<64>(d, q, k, v, out, o, lse, out16, stream);
+  else forward_impl<128>(d, q, k, v, out, o, lse, out16, stream);
+  return false;
 }
 
-void flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                    const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream) {
+bool flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
+                    const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream,
+                    const nibble::cuda::ProducerAmax& amax) {
   check_flash_dims(d);
   check_flash_views(d, {q, k, v, dout}, {dq, dk, dv});
-  if (flash_sm90_applies(d)) return flash_backward_sm90(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
-  if (d.HD == 64) return backward_impl<64>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
-  return backward_impl<128>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
+  if (flash_sm90_applies(d)) {
+    // In place in d_qkv's rows (heads_in_rows: T = Tp), whose 16-row blocks the warps' rows then are.
+    const bool in_kernel = amax && dq.b16.base != nullptr && dk.b16.base != nullptr && dv.b16.base != nullptr &&
+                           d.T % 16 == 0;
+    flash_backward_sm90(d, q, k, v, dout, lse, delta, dq, dk, dv, in_kernel ? amax : nibble::cuda::ProducerAmax{},
+                        stream);
+    return in_kernel;
+  }
+  if (d.HD == 64) backward_impl<64>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
+  else backward_impl<128>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);
+  return false;
 }
 
 #endif  // NIBBLE_FLASH_HOST_EMULATION

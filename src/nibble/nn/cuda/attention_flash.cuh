@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "nibble/quant/cuda/quantize_cuda.h"  // ProducerAmax
+
 namespace nibble::nn::cuda::detail {
 
 inline constexpr int64_t kFlashTile = 64;  // query rows and keys per tile; Tp is a multiple of it
@@ -81,15 +83,22 @@ bool flash_fits_device(int64_t HD);
 // output, padded layout, for backward's rowsum(dO o)) and lse [B, H, Tp]: per row, the base-2
 // log-sum-exp log2(sum_j 2^(s_j * scale * log2 e)) of the row's causal scores. With out16, the
 // heads' outputs go there in BF16 (the values of o) instead of to out (unused then).
+// `amax` (with out16; nibble::cuda::ProducerAmax): the amax of the fused NVFP4 pass over out16
+// [B*T x H*hd], which the Hopper kernel computes where T is a multiple of 16 (its warps' 16 rows are
+// then the pass's 16-row blocks). Returns whether it was computed; the caller runs the pass otherwise.
 using BF16Heads = HeadRows<const __nv_bfloat16>;
-void flash_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, __nv_bfloat16* o, float* lse,
-                   cudaStream_t stream, __nv_bfloat16* out16 = nullptr);
+bool flash_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, __nv_bfloat16* o, float* lse,
+                   cudaStream_t stream, __nv_bfloat16* out16 = nullptr, const nibble::cuda::ProducerAmax& amax = {});
 
 // Backward, from dO (BF16, zero rows beyond T) and delta [B, H, Tp] = rowsum(dO o). Writes dq
 // (H heads), dk and dv (KV heads; overwritten, every row up to Tp of a packed view; dk and dv
 // summed over the heads of each KV group in a fixed order).
-void flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                    const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream);
+// `amax`: that of the fused NVFP4 pass over the three in BF16 in place, the rows of d_qkv
+// [B*T x (H + 2 KV) hd] (heads_in_rows views), computed by the Hopper kernels where T is a multiple
+// of 16; returns whether it was (as flash_forward).
+bool flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
+                    const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream,
+                    const nibble::cuda::ProducerAmax& amax = {});
 
 // Hopper (sm_90a) kernels for HD 64 with Tp a multiple of 128 (attention_flash_sm90.cu: wgmma, blocks
 // of 128 queries or keys, tiles of 64 of the other), which flash_forward and flash_backward take where
@@ -97,9 +106,11 @@ void flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, B
 // mma.sync kernels (process-wide; for the benchmarks and tests that compare the two).
 bool flash_sm90_applies(const FlashDims& d);
 void set_flash_wgmma(bool enabled);
+// `amax` (may be empty): computed in the kernels, as flash_forward and flash_backward say where.
 void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, __nv_bfloat16* o,
-                        float* lse, __nv_bfloat16* out16, cudaStream_t stream);
+                        float* lse, __nv_bfloat16* out16, const nibble::cuda::ProducerAmax& amax, cudaStream_t stream);
 void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                         const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream);
+                         const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv,
+                         const nibble::cuda::ProducerAmax& amax, cudaStream_t stream);
 
 }  // namespace nibble::nn::cuda::detail

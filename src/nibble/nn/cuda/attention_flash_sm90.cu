@@ -165,7 +165,8 @@ __device__ __forceinline__ QueryBlock query_block(const FlashDims& d) {
 // and rescales O: the same operations on the same values as one tile after the other, so the same bits.
 __global__ void __launch_bounds__(kBlockThreads, 2)
     flash_forward_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, float* __restrict__ out,
-                              bf16* __restrict__ o, float* __restrict__ lse, bf16* __restrict__ out16) {
+                              bf16* __restrict__ o, float* __restrict__ lse, bf16* __restrict__ out16,
+                              nibble::cuda::ProducerAmax amax) {
 #ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
   const uint32_t smem_base = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -317,6 +318,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   const bool pairs = d.hd % 2 == 0 && reinterpret_cast<uintptr_t>(out16) % 4 == 0;
   uint8_t* const staged = smem_raw + (sQ - smem_base) + (64 * wg + 16 * warp) * 128;
   float inv[2];
+  uint32_t stored[2][8];  // the rows' BF16 values
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int64_t row = qt * kRows + row_in_tile + 8 * r;
@@ -326,12 +328,23 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
     const int rr = g + 8 * r;  // the row among the warp's 16; rr % 8 = g
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const uint32_t pair = pack_bf16(acc[4 * j + 2 * r] * inv[r], acc[4 * j + 2 * r + 1] * inv[r]);
-      *reinterpret_cast<uint32_t*>(staged + rr * 128 + ((j ^ g) << 4) + 4 * t4) = pair;
+      stored[r][j] = pack_bf16(acc[4 * j + 2 * r] * inv[r], acc[4 * j + 2 * r + 1] * inv[r]);
+      *reinterpret_cast<uint32_t*>(staged + rr * 128 + ((j ^ g) << 4) + 4 * t4) = stored[r][j];
     }
   }
   __syncwarp();
   const int64_t warp_row = qt * kRows + 64 * wg + 16 * warp;  // of the warp's first row, in the head
+  if (amax.slots.current != nullptr) {  // out16's rows; T % 16 == 0, so the warp's are all within T or all beyond
+    WarpAmax wa{amax};
+    if (warp_row < d.T) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        wa.add(bf16_lo(stored[0][j]), bf16_lo(stored[1][j]), g);
+        wa.add(bf16_hi(stored[0][j]), bf16_hi(stored[1][j]), g);
+      }
+    }
+    wa.finish(blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x < 32);
+  }
   const int lane = static_cast<int>(threadIdx.x & 31);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {  // 16 rows of 8 chunks: lane + 32i is chunk cc of row rr
@@ -379,6 +392,20 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
 // ---------------------------------------------------------------- backward: dq
 
 #ifdef NIBBLE_FLASH_SM90_KERNELS
+// A warp's 16 rows of accumulator `acc` (wgmma layout, 64 columns) into wa, as store_pair stores them
+// in BF16, where `rows` (the warp's rows lie within T).
+__device__ __forceinline__ void add_amax(WarpAmax& wa, const float (&acc)[32], int g, bool rows) {
+  if (!rows) return;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t lo = pack_bf16(acc[4 * j], acc[4 * j + 1]), hi = pack_bf16(acc[4 * j + 2], acc[4 * j + 3]);
+    wa.add(bf16_lo(lo), bf16_lo(hi), g);
+    wa.add(bf16_hi(lo), bf16_hi(hi), g);
+  }
+}
+#endif
+
+#ifdef NIBBLE_FLASH_SM90_KERNELS
 // The backward's two score products of one tile, both 64 x 64 over the head dimension, from shared
 // memory: s = A1 B1^T and dp = A2 B2^T (dq: S = Q K^T, dP = dO V^T; dk/dv: their transposes), issued
 // together and waited for once.
@@ -406,7 +433,8 @@ constexpr size_t kDqSmemBytes = (2 * kRows + 4 * kKeys) * 128 + 1024;
 
 __global__ void __launch_bounds__(kBlockThreads, 2)
     flash_dq_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout,
-                         const float* __restrict__ lse, const float* __restrict__ delta, HeadGrad dq) {
+                         const float* __restrict__ lse, const float* __restrict__ delta, HeadGrad dq,
+                         nibble::cuda::ProducerAmax amax) {
 #ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
   constexpr uint32_t kQBytes = kRows * 128;
@@ -473,6 +501,11 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
 #pragma unroll
     for (int j = 0; j < 8; ++j)
       store_pair(dq, b, h, row0 + 8 * r, 8 * j + 2 * t4, acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
+  if (amax.slots.current != nullptr) {
+    WarpAmax wa{amax};
+    add_amax(wa, acc, g, row0 - g < d.T);
+    wa.finish(false);  // the dk/dv kernel's first warp zeroes the next slot
+  }
 #else
   __trap();
 #endif
@@ -496,7 +529,7 @@ constexpr size_t kDkdvSmemBytes = (2 * kKeys + 4 * kKeys) * 128 + 4 * kKeys * si
 __global__ void __launch_bounds__(kDkdvThreads, 3)
     flash_dkdv_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout,
                            const float* __restrict__ lse, const float* __restrict__ delta, HeadGrad dk,
-                           HeadGrad dv) {
+                           HeadGrad dv, nibble::cuda::ProducerAmax amax) {
 #ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw));
@@ -585,6 +618,13 @@ __global__ void __launch_bounds__(kDkdvThreads, 3)
       store_pair(dv, b, kvh, t, 8 * j + 2 * t4, dva[4 * j + 2 * r], dva[4 * j + 2 * r + 1]);
     }
   }
+  if (amax.slots.current != nullptr) {
+    WarpAmax wa{amax};
+    const bool in_t = kt * kKeys + 16 * warp < d.T;
+    add_amax(wa, dka, g, in_t);
+    add_amax(wa, dva, g, in_t);
+    wa.finish(blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x < 32);
+  }
 #else
   __trap();
 #endif
@@ -618,25 +658,27 @@ bool flash_sm90_applies(const FlashDims& d) {
 }
 
 void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, bf16* o, float* lse,
-                        bf16* out16, cudaStream_t stream) {
+                        bf16* out16, const nibble::cuda::ProducerAmax& amax, cudaStream_t stream) {
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_forward_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kSmemBytes)));
   const dim3 grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
-  flash_forward_sm90_kernel<<<grid, kBlockThreads, kSmemBytes, stream>>>(d, q, k, v, out, o, lse, out16);
+  flash_forward_sm90_kernel<<<grid, kBlockThreads, kSmemBytes, stream>>>(d, q, k, v, out, o, lse, out16, amax);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
 void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                         const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream) {
+                         const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv,
+                         const nibble::cuda::ProducerAmax& amax, cudaStream_t stream) {
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dkdv_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kDkdvSmemBytes)));
   const dim3 kv_grid(static_cast<unsigned>(d.Tp / kKeys), static_cast<unsigned>(d.KV), static_cast<unsigned>(d.B));
-  flash_dkdv_sm90_kernel<<<kv_grid, kDkdvThreads, kDkdvSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dk, dv);
+  flash_dkdv_sm90_kernel<<<kv_grid, kDkdvThreads, kDkdvSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dk, dv,
+                                                                              amax);
   NIBBLE_CUDA_CHECK_LAUNCH();
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dq_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kDqSmemBytes)));
   const dim3 q_grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
-  flash_dq_sm90_kernel<<<q_grid, kBlockThreads, kDqSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dq);
+  flash_dq_sm90_kernel<<<q_grid, kBlockThreads, kDqSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dq, amax);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 #endif  // NIBBLE_FLASH_HOST_EMULATION

@@ -4,8 +4,10 @@
 
 #include <cuda_bf16.h>
 
+#include <cmath>
 #include <cstdint>
 
+#include "nibble/formats/host_device.h"  // float_bits, bits_float
 #include "nibble/nn/cuda/attention_flash.cuh"
 #include "nibble/nn/cuda/exp2_ftz.cuh"  // kLog2e (scores in base-2 units) and exp2_ftz
 
@@ -17,6 +19,10 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
   return *reinterpret_cast<const uint32_t*>(&v);
 }
+
+// The floats of a pair's BF16 halves (pack_bf16's lo and hi).
+__device__ inline float bf16_lo(uint32_t pair) { return bits_float(pair << 16); }
+__device__ inline float bf16_hi(uint32_t pair) { return bits_float(pair & 0xFFFF0000u); }
 
 // Columns col, col + 1 of row t of head h of sequence b of a gradient, in FP32 or in BF16.
 __device__ inline void store_pair(const HeadGrad& g, int64_t b, int64_t h, int64_t t, int col, float x, float y) {
@@ -34,6 +40,61 @@ __device__ inline float quad_sum(float v) {
   v += __shfl_xor_sync(0xffffffffu, v, 1);
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
+
+// max(m, v) of non-negative values, NaN if either is NaN: amax_device.cuh's maximum (max.NaN.f32;
+// its host form for the kernels' CPU emulation).
+__device__ __forceinline__ float max_nan(float m, float v) {
+#ifdef __CUDA_ARCH__
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(m), "f"(v));
+  return r;
+#else
+  return std::isnan(m) || std::isnan(v) ? NAN : std::fmax(m, v);
+#endif
+}
+
+// The amax of the fused NVFP4 pass over an output the kernels write in BF16 (ProducerAmax,
+// quantize_cuda.h; the linear layer after the attention quantizes it), from the values a warp stores
+// out of an accumulator in the mma.sync / wgmma layout. The warp's 16 rows are one 16-row block of
+// the pass's columnwise RHT (the caller's rows start at a multiple of 16 of the tensor), lane 4g + t
+// holding rows g and g + 8. add() takes one column's two values as stored; their RHT runs the
+// butterfly of amax_device.cuh's accumulate_amax16 (the signs, then rows 1, 2, 4 and 8 apart: lanes
+// 4, 8 and 16 apart, then within the thread) with the same operations in the same order, so the
+// maxima, and the words finish() adds into amax.slots, are the amax pass's bits.
+struct WarpAmax {
+  nibble::cuda::ProducerAmax amax;
+  float row_max = 0.0f, col_max = 0.0f;
+
+  __device__ __forceinline__ void add(float x0, float x1, int g) {
+    row_max = max_nan(max_nan(row_max, fabsf(x0)), fabsf(x1));
+    if (!amax.col_rht) return;
+    const uint32_t negative = amax.rht_signs.negative_mask;
+    float a = (negative >> g) & 1u ? -x0 : x0, b = (negative >> (g + 8)) & 1u ? -x1 : x1;
+#pragma unroll
+    for (int h = 1; h < 8; h *= 2) {  // row r pairs with row r ^ h: (lower, upper) -> (lower + upper, lower - upper)
+      const float pa = __shfl_xor_sync(0xffffffffu, a, 4 * h), pb = __shfl_xor_sync(0xffffffffu, b, 4 * h);
+      const bool upper = (g & h) != 0;
+      a = upper ? pa - a : a + pa;
+      b = upper ? pb - b : b + pb;
+    }
+    col_max = max_nan(max_nan(col_max, fabsf(a + b)), fabsf(a - b));
+  }
+  // The warp's maxima into amax.slots.current (lane 0's atomics; finish_amax's words: the columnwise
+  // word col_max / 4 with the RHT, else the rowwise one); the grid's first warp (`first`) zeroes
+  // slots.zero_next. Called by all lanes of the warp.
+  __device__ __forceinline__ void finish(bool first) {
+#pragma unroll
+    for (int mask = 16; mask >= 1; mask /= 2) {
+      row_max = max_nan(row_max, __shfl_xor_sync(0xffffffffu, row_max, mask));
+      col_max = max_nan(col_max, __shfl_xor_sync(0xffffffffu, col_max, mask));
+    }
+    if ((threadIdx.x & 31) != 0) return;
+    if (first && amax.slots.zero_next != nullptr) amax.slots.zero_next[0] = amax.slots.zero_next[1] = 0;
+    const uint32_t row = float_bits(row_max), col = float_bits(amax.col_rht ? col_max * 0.25f : row_max);
+    if (row != 0) atomicMax(amax.slots.current, row);
+    if (col != 0) atomicMax(amax.slots.current + 1, col);
+  }
+};
 
 // The forward kernels take exp2_ftz; in the backward kernels it measured 4% slower (0.545 -> 0.566
 // ms, nibble_layers_bench_cuda), so they keep exp2f.

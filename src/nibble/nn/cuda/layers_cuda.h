@@ -228,34 +228,41 @@ class AttentionCoreCuda {
   // The same with out in BF16 (nearest-even rounding of the FP32 out), for LinearCuda::bf16_input();
   // only where writes_bf16_output() (the fused kernels).
   bool writes_bf16_output() const { return kernel_ == AttentionKernel::kFused; }
-  void forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream);
+  // `amax` (nibble::cuda::ProducerAmax, from the next linear layer's bf16_input_amax()): the amax of
+  // the fused NVFP4 pass that will quantize out, computed in the Hopper kernel where it can (T a
+  // multiple of 16), else by that pass's amax kernel after the forward.
+  void forward(const float* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream,
+               nibble::cuda::ProducerAmax amax = {});
   // The same from qkv in BF16 (the GPU model's qkv output): q, k, v are packed in BF16 anyway, so
   // these give the bits of the calls given qkv's values in FP32.
   void forward(const bf16_t* qkv, int64_t batch, int64_t seq, float* out, cudaStream_t stream);
-  void forward(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream);
+  void forward(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream,
+               nibble::cuda::ProducerAmax amax = {});
   // Whether forward_kept() reads q, k and v in place at this seq: the fused kernels, no RoPE, head_dim
   // 64 or 128 and seq a multiple of 64 (nothing to rotate or pad).
   bool reads_kept_qkv(int64_t seq) const;
   // forward() from a BF16 qkv that the caller keeps unchanged until backward() has run: where
   // reads_kept_qkv(seq), the kernels read q, k and v from it and the layer saves no copies of its
   // own (the same bits). Otherwise as forward().
-  void forward_kept(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream);
+  void forward_kept(const bf16_t* qkv, int64_t batch, int64_t seq, bf16_t* out, cudaStream_t stream,
+                    nibble::cuda::ProducerAmax amax = {});
   // d_qkv (overwritten) from d_out [batch*seq x H hd]. Needs a forward.
   void backward(const float* d_out, float* d_qkv, cudaStream_t stream);
-  // The same with d_qkv in BF16 (nearest-even rounding of the FP32 d_qkv), for LinearCuda::bf16_dy_input().
-  void backward(const float* d_out, bf16_t* d_qkv, cudaStream_t stream);
+  // The same with d_qkv in BF16 (nearest-even rounding of the FP32 d_qkv), for LinearCuda::bf16_dy_input();
+  // `amax` as forward's, over d_qkv (the Hopper kernels compute it where they write d_qkv in place).
+  void backward(const float* d_out, bf16_t* d_qkv, cudaStream_t stream, nibble::cuda::ProducerAmax amax = {});
   // The same from d_out in BF16 (the GPU model's proj dX): dO is packed in BF16 anyway, so these give
   // the bits of the calls given d_out's values in FP32.
   void backward(const bf16_t* d_out, float* d_qkv, cudaStream_t stream);
-  void backward(const bf16_t* d_out, bf16_t* d_qkv, cudaStream_t stream);
+  void backward(const bf16_t* d_out, bf16_t* d_qkv, cudaStream_t stream, nibble::cuda::ProducerAmax amax = {});
 
  private:
   // out16 (BF16 output, fused kernels only) replaces out when not nullptr.
   template <typename In>
   void forward_impl(const In* qkv, int64_t batch, int64_t seq, float* out, __nv_bfloat16* out16, cudaStream_t stream,
-                    bool kept = false);
+                    const nibble::cuda::ProducerAmax& amax = {}, bool kept = false);
   template <typename In, typename Out>
-  void backward_impl(const In* d_out, Out* d_qkv, cudaStream_t stream);
+  void backward_impl(const In* d_out, Out* d_qkv, cudaStream_t stream, const nibble::cuda::ProducerAmax& amax = {});
   void gemm_forward(float* out, cudaStream_t stream);
   void gemm_backward(cudaStream_t stream);
   void gemm_scores(cudaStream_t stream);  // ws_.scores = q k^T per KV group

@@ -26,16 +26,6 @@ bool vector_rows(int64_t dim, const In* in, const Out* out) {
   return dim % 128 == 0 && dim <= 128 * kVecChunks && ok(in, sizeof(In)) && ok(out, sizeof(Out));
 }
 
-// A ProducerAmax the kernels could not compute: the fused pass's own amax kernel over y [rows x dim].
-template <typename T>
-void nvfp4_amax_of(const T* y, int64_t rows, int64_t dim, const nibble::cuda::ProducerAmax& amax,
-                   cudaStream_t stream) {
-  nibble::cuda::RowColSpec spec;
-  spec.col_rht = amax.col_rht;
-  spec.rht_signs = amax.rht_signs;
-  nibble::cuda::nvfp4_amax(y, rows, dim, spec, amax.slots, stream);
-}
-
 }  // namespace
 
 NormCuda::NormCuda(int64_t dim, NormKind kind, float eps) : dim_(dim), kind_(kind), eps_(eps) {
@@ -95,7 +85,7 @@ void NormCuda::forward_impl(const float* x, int64_t rows, Out* y, cudaStream_t s
         x, rows, dim_, kind_ == NormKind::kLayerNorm, eps_, weight_.data(), bias, y, xhat, saved_rstd_.data());
   }
   NIBBLE_CUDA_CHECK_LAUNCH();
-  if (amax && !amax_done) nvfp4_amax_of(y, rows, dim_, amax, stream);  // other shapes: after the forward
+  if (amax && !amax_done) nibble::cuda::nvfp4_amax(y, rows, dim_, amax, stream);  // other shapes: after the forward
   saved_rows_ = rows;
 }
 
@@ -158,7 +148,7 @@ void NormCuda::backward_impl(const DyT* dy, const XhT* xhat, float* dx, cudaStre
   norm_param_finish_kernel<<<blocks_for(dim_, 32), 32 * kFinishWarps, 0, stream>>>(
       pw, pb, chunks, dim_, weight_grad_.data(), has_bias() ? bias_grad_.data() : nullptr);
   NIBBLE_CUDA_CHECK_LAUNCH();
-  if (amax && !amax_done) nvfp4_amax_of(dx_bf16, rows, dim_, amax, stream);
+  if (amax && !amax_done) nibble::cuda::nvfp4_amax(dx_bf16, rows, dim_, amax, stream);
 }
 
 }  // namespace nibble::nn::cuda

@@ -313,6 +313,14 @@ void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, 
 }
 
 template <typename T>
+void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const ProducerAmax& amax, cudaStream_t stream) {
+  RowColSpec spec;
+  spec.col_rht = amax.col_rht;
+  spec.rht_signs = amax.rht_signs;
+  nvfp4_amax(x, rows, cols, spec, amax.slots, stream);
+}
+
+template <typename T>
 void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec,
                            const uint32_t* amax_bits, QuantBuffers row, QuantBuffers col, cudaStream_t stream) {
   check_rowcol_shape(rows, cols);
@@ -417,6 +425,8 @@ template void nvfp4_amax<bf16_t>(const bf16_t*, int64_t, int64_t, const RowColSp
 template void nvfp4_amax<float>(const float*, int64_t, int64_t, const RowColSpec&, uint32_t*, cudaStream_t);
 template void nvfp4_amax<bf16_t>(const bf16_t*, int64_t, int64_t, const RowColSpec&, AmaxSlots, cudaStream_t);
 template void nvfp4_amax<float>(const float*, int64_t, int64_t, const RowColSpec&, AmaxSlots, cudaStream_t);
+template void nvfp4_amax<bf16_t>(const bf16_t*, int64_t, int64_t, const ProducerAmax&, cudaStream_t);
+template void nvfp4_amax<float>(const float*, int64_t, int64_t, const ProducerAmax&, cudaStream_t);
 template void nvfp4_quantize_rowcol<bf16_t>(const bf16_t*, int64_t, int64_t, const RowColSpec&, const uint32_t*,
                                             QuantBuffers, QuantBuffers, cudaStream_t);
 template void nvfp4_quantize_rowcol<float>(const float*, int64_t, int64_t, const RowColSpec&, const uint32_t*,

@@ -90,6 +90,10 @@ struct ProducerAmax {
 template <typename T>
 void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec, AmaxSlots slots,
                 cudaStream_t stream);
+// The words a producer was asked for (`amax`) where its kernels could not compute them: the fused
+// pass's own amax kernel over x [rows x cols], after the producer has written it.
+template <typename T>
+void nvfp4_amax(const T* x, int64_t rows, int64_t cols, const ProducerAmax& amax, cudaStream_t stream);
 
 template <typename T>
 void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColSpec& spec,
