@@ -276,27 +276,39 @@ TEST(GptCuda, GeluInGemmDiffersFromTheKernelsByRoundingOnly) {
 // ParamTensor::amax), and the next 16x16 pass reads it instead of its own: three steps with AdamW
 // between them give the losses, the gradients and the weights of the same model without it, bit for
 // bit; a weight changed by someone else afterwards (upload_from) is quantized with its own amax.
+// AdamW over a GPU model's parameters, as CudaEngine runs it.
+struct Optimizer {
+  explicit Optimizer(cuda::GptCuda& g) {
+    int64_t offset = 0;
+    for (const cuda::DeviceParameter& p : g.parameters()) {
+      tensors.push_back({p.value, p.grad, p.count, p.weight_decay, offset});
+      offset += p.count;
+    }
+    adam = std::make_unique<train::cuda::AdamWCuda>(train::AdamWOptions{}, offset);
+  }
+  std::vector<train::cuda::ParamTensor> tensors;
+  std::unique_ptr<train::cuda::AdamWCuda> adam;
+};
+
+// Every parameter's value and gradient of two models, bit for bit.
+void expect_same_parameters(cuda::GptCuda& a, cuda::GptCuda& b) {
+  for (size_t i = 0; i < a.parameters().size(); ++i) {
+    const cuda::DeviceParameter& p = a.parameters()[i];
+    const cuda::DeviceParameter& q = b.parameters()[i];
+    for (const auto& [x, y] : {std::pair{p.value, q.value}, std::pair{p.grad, q.grad}}) {
+      const std::vector<float> vx = download(x, p.count), vy = download(y, p.count);
+      EXPECT_EQ(0, std::memcmp(vx.data(), vy.data(), vx.size() * sizeof(float))) << p.name;
+    }
+  }
+}
+
 TEST(GptCuda, OptimizerWeightAmaxGivesTheSameBits) {
   const uint64_t seed = test::fresh_seed();
   ProducerAmaxModels m(seed);
   cuda::GptCuda &produced = m.produced, &own = m.own;
   const std::vector<uint32_t> &inputs = m.inputs, &targets = m.targets;
   const int64_t batch = m.batch, seq = m.seq;
-  struct Optimizer {
-    std::vector<train::cuda::ParamTensor> tensors;
-    std::unique_ptr<train::cuda::AdamWCuda> adam;
-  };
-  const auto make_optimizer = [](cuda::GptCuda& g) {
-    Optimizer o;
-    int64_t offset = 0;
-    for (const cuda::DeviceParameter& p : g.parameters()) {
-      o.tensors.push_back({p.value, p.grad, p.count, p.weight_decay, offset});
-      offset += p.count;
-    }
-    o.adam = std::make_unique<train::cuda::AdamWCuda>(train::AdamWOptions{}, offset);
-    return o;
-  };
-  Optimizer opt_a = make_optimizer(produced), opt_b = make_optimizer(own);
+  Optimizer opt_a(produced), opt_b(own);
   int64_t weight_amaxes = 0;
   for (uint64_t step : {1u, 2u, 3u}) {
     produced.set_step(step, 0);
@@ -324,14 +336,7 @@ TEST(GptCuda, OptimizerWeightAmaxGivesTheSameBits) {
   produced.set_step(4, 0);
   own.set_step(4, 0);
   EXPECT_EQ(produced.loss(inputs, targets, batch, seq), own.loss(inputs, targets, batch, seq)) << "after step 3";
-  for (size_t i = 0; i < produced.parameters().size(); ++i) {
-    const cuda::DeviceParameter& p = produced.parameters()[i];
-    const cuda::DeviceParameter& q = own.parameters()[i];
-    for (const auto& [a, b] : {std::pair{p.value, q.value}, std::pair{p.grad, q.grad}}) {
-      const std::vector<float> va = download(a, p.count), vb = download(b, p.count);
-      EXPECT_EQ(0, std::memcmp(va.data(), vb.data(), va.size() * sizeof(float))) << p.name;
-    }
-  }
+  expect_same_parameters(produced, own);
   // Amaxes handed out, then the weights replaced before the next quantization: the stale words are
   // dropped (upload_from calls weights_changed()), and both models load the same weights.
   for (auto [g, o] : {std::pair{&produced, &opt_a}, std::pair{&own, &opt_b}}) {
@@ -345,6 +350,77 @@ TEST(GptCuda, OptimizerWeightAmaxGivesTheSameBits) {
   produced.set_step(5, 0);
   own.set_step(5, 0);
   EXPECT_EQ(produced.loss(inputs, targets, batch, seq), own.loss(inputs, targets, batch, seq)) << "after upload_from";
+}
+
+// The optimizer writes the weights' BF16 GEMM copies while it updates them (weight_bf16_for_optimizer,
+// ParamTensor::bf16): the bf16 linear layers' and the LM head's, which then convert nothing. Three
+// steps with AdamW between them give the losses, gradients and weights of the same model converting
+// its weights itself, bit for bit: under bf16 (four linear layers a block and the tied head) and
+// nvfp4 (the head only). Copies handed out, then the weights replaced (upload_from): the stale
+// values are dropped.
+TEST(GptCuda, OptimizerBf16WeightCopiesGiveTheSameBits) {
+  for (const char* recipe : {"bf16", "nvfp4"}) {
+    SCOPED_TRACE(recipe);
+    const uint64_t seed = test::fresh_seed();
+    const GptConfig c = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true);
+    Gpt host_a(c, nn::preset(recipe), seed, seed + 1), host_b(c, nn::preset(recipe), seed, seed + 1);
+    cuda::GptCuda written(host_a, seed + 1), converted(host_b, seed + 1);
+    converted.set_optimizer_bf16_weights(false);
+    std::mt19937_64 rng(seed);
+    std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
+    const int64_t batch = 2, seq = 64;
+    std::vector<uint32_t> inputs, targets;
+    for (int64_t i = 0; i < batch * seq; ++i) inputs.push_back(id(rng)), targets.push_back(id(rng));
+    Optimizer opt_a(written), opt_b(converted);
+    // Hands the optimizer each model's copies (the engine's order), returns how many `written` got.
+    const auto optimizer_step = [&]() -> int64_t {
+      int64_t copies = 0;
+      for (auto [g, o] : {std::pair{&written, &opt_a}, std::pair{&converted, &opt_b}}) {
+        const std::vector<bf16_t*> bf16 = g->weight_bf16_for_optimizer();
+        if (bf16.size() != o->tensors.size()) {
+          ADD_FAILURE() << "one copy pointer a parameter";
+          return -1;
+        }
+        for (size_t i = 0; i < bf16.size(); ++i) {
+          o->tensors[i].bf16 = bf16[i];
+          if (g == &written) copies += bf16[i] != nullptr;
+          if (g == &converted) {
+            EXPECT_EQ(bf16[i], nullptr) << "switched off";
+          }
+        }
+        o->adam->step(o->tensors, 1e-3, nullptr, g->stream());
+        g->weights_changed(/*amaxes_produced=*/false, /*bf16_produced=*/true);
+      }
+      return copies;
+    };
+    for (uint64_t step : {1u, 2u, 3u}) {
+      written.set_step(step, 0);
+      converted.set_step(step, 0);
+      written.zero_grad();
+      converted.zero_grad();
+      EXPECT_EQ(written.forward_backward(inputs, targets, batch, seq),
+                converted.forward_backward(inputs, targets, batch, seq))
+          << "step " << step;
+      EXPECT_EQ(optimizer_step(), std::string(recipe) == "bf16" ? 4 * 3 + 1 : 1) << "step " << step;
+    }
+    written.set_step(4, 0);
+    converted.set_step(4, 0);
+    EXPECT_EQ(written.loss(inputs, targets, batch, seq), converted.loss(inputs, targets, batch, seq)) << "after step 3";
+    expect_same_parameters(written, converted);
+    for (auto* g : {&written, &converted}) {  // copies handed out and written, then other weights loaded
+      Optimizer& o = g == &written ? opt_a : opt_b;
+      const std::vector<bf16_t*> bf16 = g->weight_bf16_for_optimizer();
+      for (size_t i = 0; i < bf16.size(); ++i) o.tensors[i].bf16 = bf16[i];
+      o.adam->step(o.tensors, 1e-3, nullptr, g->stream());
+    }
+    Gpt fresh(c, nn::preset(recipe), seed + 7, seed + 8);
+    written.upload_from(fresh);
+    converted.upload_from(fresh);
+    written.set_step(5, 0);
+    converted.set_step(5, 0);
+    EXPECT_EQ(written.loss(inputs, targets, batch, seq), converted.loss(inputs, targets, batch, seq))
+        << "after upload_from";
+  }
 }
 
 // With set_first_microbatch_writes_grads (how CudaEngine runs the model), a step's micro-batch 0

@@ -1553,8 +1553,9 @@ TEST(StepControl, ClipsAndSkipsAsTheTrainer) {
 }
 
 // A skipped step (StepControl::skip) leaves weights and moments as they were, bit for bit, and
-// still writes each tensor's amax; after undo_step() the next step matches the CPU optimizer's
-// (which never took the skipped one), bias corrections included.
+// still writes each tensor's amax and BF16 copy; after undo_step() the next step matches the CPU
+// optimizer's (which never took the skipped one), bias corrections included. The BF16 copy is the
+// nearest-even rounding of the weights after each step.
 TEST(AdamWCuda, SkippedStepChangesNothingButWritesTheAmax) {
   std::mt19937_64 rng(fresh_seed());
   const int64_t n = 3 * 1024 + 7;
@@ -1567,6 +1568,7 @@ TEST(AdamWCuda, SkippedStepChangesNothingButWritesTheAmax) {
   std::vector<uint32_t> init(4, 0xDEADBEEFu);
   init[0] = init[2] = 0;
   DeviceBuffer<uint32_t> words{std::span<const uint32_t>(init)};
+  DeviceBuffer<bf16_t> copy(static_cast<size_t>(n));
   for (int step = 0; step < 3; ++step) {
     const bool skip = step == 1;
     SCOPED_TRACE("step " + std::to_string(step + 1) + (skip ? " (skipped)" : ""));
@@ -1579,8 +1581,11 @@ TEST(AdamWCuda, SkippedStepChangesNothingButWritesTheAmax) {
     std::vector<cuda::ParamTensor> tensors = {{d_w.data(), d_g.data(), n, true, 0}};
     tensors[0].amax = step % 2 == 0 ? nibble::cuda::AmaxSlots{words.data(), words.data() + 2}
                                     : nibble::cuda::AmaxSlots{words.data() + 2, words.data()};
+    tensors[0].bf16 = copy.data();
+    copy.upload(std::vector<bf16_t>(static_cast<size_t>(n), bf16_t{0x7FC1}));  // a NaN the step never writes
     gpu.step(tensors, 1e-2, d_control.data(), nullptr);
     const std::vector<float> w_after = download(d_w.data(), n);
+    EXPECT_EQ(nn::download_bits(copy, n), nn::rounded(w_after)) << "the BF16 copy";
     if (skip) {
       gpu.undo_step();
       expect_bits_equal(w_after, w_before, "weights");

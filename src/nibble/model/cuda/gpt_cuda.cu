@@ -201,10 +201,22 @@ std::vector<nibble::cuda::AmaxSlots> GptCuda::weight_amaxes_for_optimizer() {
   return amaxes;
 }
 
-void GptCuda::weights_changed(bool amaxes_produced) {
+std::vector<bf16_t*> GptCuda::weight_bf16_for_optimizer() {
+  std::vector<bf16_t*> copies(params_.size(), nullptr);
+  if (!optimizer_bf16_weights_) return copies;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    if (param_linears_[i] != nullptr)
+      copies[i] = param_linears_[i]->weight_bf16_for_writer();
+    else if (params_[i].value == head_weight())
+      copies[i] = head_.weight_bf16_for_writer(head_weight());
+  }
+  return copies;
+}
+
+void GptCuda::weights_changed(bool amaxes_produced, bool bf16_produced) {
   for (auto& b : blocks_)
-    for (ncu::LinearCuda* l : b->linears()) l->weight_changed(amaxes_produced);
-  head_.weight_changed();
+    for (ncu::LinearCuda* l : b->linears()) l->weight_changed(amaxes_produced, bf16_produced);
+  head_.weight_changed(bf16_produced);
 }
 
 float* GptCuda::head_weight() { return host_.config().tied_embeddings ? tok_embed_.weight() : head_weight_.data(); }

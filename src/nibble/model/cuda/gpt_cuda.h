@@ -76,7 +76,13 @@ class GptCuda {
   // update (nn::cuda::LinearCuda::weight_amax_for_writer; empty for all but NVFP4 16x16 weights).
   // The optimizer must then compute each, and call weights_changed(/*amaxes_produced=*/true).
   std::vector<nibble::cuda::AmaxSlots> weight_amaxes_for_optimizer();
-  void weights_changed(bool amaxes_produced = false);
+  // The same for the weights' BF16 GEMM copies: where to put each parameter's values rounded to BF16
+  // after its update (the bf16 linear layers' weights, LinearCuda::weight_bf16_for_writer, and the LM
+  // head's weight, LmHeadLossCuda::weight_bf16_for_writer), nullptr for the others; the layers then
+  // make no conversion pass of their own. The optimizer must write each, and call
+  // weights_changed(.., /*bf16_produced=*/true).
+  std::vector<bf16_t*> weight_bf16_for_optimizer();
+  void weights_changed(bool amaxes_produced = false, bool bf16_produced = false);
 
   void upload_from(Gpt& host);  // host weights -> device
   void download_to(Gpt& host);  // device weights -> host (synchronises)
@@ -88,6 +94,8 @@ class GptCuda {
   // NVFP4 pass over what they write (LinearContext::producer_amax; default on; same bits either way).
   // Tests.
   void set_producer_amax(bool on) { linear_ctx_.producer_amax = on; }
+  // weight_bf16_for_optimizer hands out its pointers (default on; same bits either way). Tests.
+  void set_optimizer_bf16_weights(bool on) { optimizer_bf16_weights_ = on; }
   int64_t producer_amaxes() const { return linear_ctx_.producer_amaxes; }
   // The MLP's GELU (and its derivative) in the GEMM epilogues of fc (proj2's Dgrad) where those take
   // it (LinearContext::gelu_in_gemm; default on), else the activation kernels. Not the same bits.
@@ -123,6 +131,7 @@ class GptCuda {
   std::vector<nn::cuda::LinearCuda*> param_linears_;  // the linear layer of each parameter, or nullptr
 
   uint32_t microbatch_ = 0;  // set_step's
+  bool optimizer_bf16_weights_ = true;
   int64_t rows_ = 0;
   nn::cuda::DeviceBuffer<uint32_t> ids_, targets_, positions_;
   nibble::cuda::HostStaging<uint32_t> token_staging_;  // ids, targets, positions on their way up

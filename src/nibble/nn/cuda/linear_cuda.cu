@@ -3,6 +3,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace nibble::nn::cuda {
 
@@ -37,9 +38,16 @@ void LinearCuda::upload_weight(std::span<const float> w) {
   weight_changed();
 }
 
-void LinearCuda::weight_changed(bool amax_produced) {
+void LinearCuda::weight_changed(bool amax_produced, bool bf16_produced) {
   weight_copies_valid_ = false;
   if (!amax_produced) fprop_w_.drop_produced_amax();
+  weight_bf16_written_ = bf16_produced && std::exchange(weight_bf16_handed_out_, false);
+}
+
+bf16_t* LinearCuda::weight_bf16_for_writer() {
+  if (!OperandCuda::bf16_pair_applies(recipe_, Operand::kFpropW, Operand::kDgradW)) return nullptr;
+  weight_bf16_handed_out_ = true;
+  return OperandCuda::bf16_pair_source(out_, in_, dgrad_w_);
 }
 
 nibble::cuda::AmaxSlots LinearCuda::weight_amax_for_writer(cudaStream_t stream) {
@@ -84,7 +92,9 @@ void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
   // Unquantized weights (bf16, fp32): W^T is kept as W is stored, so one conversion serves both GEMMs
   // (make_pair shares it). The paper's weights (NVFP4 16x16, RNE, on both copies): W and W^T from one
   // pass. Anything else: each copy on its own.
-  if (!recipe_[Operand::kFpropW].quantized() && !recipe_[Operand::kDgradW].quantized()) {
+  if (weight_bf16_written_) {  // the optimizer wrote W's BF16 values into dgrad_w_ (weight_bf16_for_writer)
+    OperandCuda::adopt_bf16_pair(out_, in_, fprop_w_, dgrad_w_);
+  } else if (!recipe_[Operand::kFpropW].quantized() && !recipe_[Operand::kDgradW].quantized()) {
     try {
       OperandCuda::make_pair(weight_.data(), out_, in_, recipe_, Operand::kFpropW, Operand::kDgradW, seed, fprop_w_,
                              dgrad_w_, stream, {}, {});

@@ -82,15 +82,21 @@ class LinearCuda {
   void set_step(uint64_t step, uint32_t microbatch = 0);
 
   float* weight() { return weight_.data(); }  // device [out x in] FP32 master weight
-  // amax_produced: the writer computed the weight's amax where weight_amax_for_writer() asked it to
-  // (the optimizer); otherwise any such word is stale and dropped.
-  void weight_changed(bool amax_produced = false);
+  // amax_produced (bf16_produced): the writer computed the weight's amax (its BF16 values) where
+  // weight_amax_for_writer() (weight_bf16_for_writer()) asked it to (the optimizer); otherwise any
+  // such word (values) is stale and dropped.
+  void weight_changed(bool amax_produced = false, bool bf16_produced = false);
   void upload_weight(std::span<const float> w);
   // Where to put max |W| for the next quantization of the weight, for the kernel about to write W
   // (the optimizer: train/cuda/adamw_cuda.h ParamTensor::amax), when the weight is quantized by the
   // 16x16 pass and the context's producer_amax is on (counted in producer_amaxes); empty otherwise.
   // Then that writer must compute it, and weight_changed(true) follows.
   nibble::cuda::AmaxSlots weight_amax_for_writer(cudaStream_t stream);
+  // Where to put W rounded to BF16 (nearest even), for the kernel about to write W, when both of the
+  // weight's GEMM copies are those values (the bf16 recipe: one conversion serves both,
+  // OperandCuda::bf16_pair_applies); nullptr otherwise. Then that writer must write them, and after
+  // weight_changed(.., true) the next forward takes them for its copies instead of converting W.
+  bf16_t* weight_bf16_for_writer();
   float* weight_grad() { return weight_grad_.data(); }  // device [out x in] FP32
   void zero_grad(cudaStream_t stream) { weight_grad_.zero(stream); }
 
@@ -206,6 +212,9 @@ class LinearCuda {
   uint32_t microbatch_ = 0;
   DeviceBuffer<float> weight_, weight_grad_;
   bool weight_copies_valid_ = false;
+  // weight_bf16_for_writer() handed out dgrad_w_'s storage since the last weight_changed(); the
+  // writer's BF16 values are there (weight_changed(.., true)) for the next refresh_weight_copies.
+  bool weight_bf16_handed_out_ = false, weight_bf16_written_ = false;
   OperandCuda fprop_w_, dgrad_w_;
   int64_t weight_quantizations_ = 0;
   int64_t native_fp4_gemms_ = 0, packed_gemms_ = 0, gemms_ = 0;

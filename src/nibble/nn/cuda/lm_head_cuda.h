@@ -58,8 +58,21 @@ class LmHeadLossCuda {
   // The rows of each chunk for a call over `rows`: as few chunks as chunk_rows() allows, of equal
   // size (the last one may be shorter): a short last chunk would cost a whole pass over dW.
   int64_t rows_per_chunk(int64_t rows) const;
-  // The weight's values changed (optimizer step, upload): re-round the BF16 copy on the next call.
-  void weight_changed() { weight_valid_ = false; }
+  // The weight's values changed (optimizer step, upload): re-round the BF16 copy on the next call,
+  // unless bf16_produced: the writer put their rounding where weight_bf16_for_writer() asked it to.
+  void weight_changed(bool bf16_produced = false) {
+    weight_valid_ = bf16_produced && writer_source_ != nullptr;
+    if (weight_valid_) weight_source_ = writer_source_;
+    writer_source_ = nullptr;
+  }
+  // Where to put `weight` [vocab x d] rounded to BF16 (nearest even) for the kernel about to write it
+  // (the optimizer: train/cuda/adamw_cuda.h ParamTensor::bf16): the head's BF16 copy, which the next
+  // call then takes after weight_changed(true) instead of rounding the weight itself.
+  bf16_t* weight_bf16_for_writer(const float* weight) {
+    weight_bf16_.reserve(static_cast<size_t>(vocab_ * d_));
+    writer_source_ = weight;
+    return reinterpret_cast<bf16_t*>(weight_bf16_.data());
+  }
 
   // Evaluation: *loss_mean (device) = the mean loss of hidden [rows x d] against targets (device ids).
   void loss(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows, double* loss_mean,
@@ -90,6 +103,7 @@ class LmHeadLossCuda {
   nibble::cuda::GemmRunner& gemm_;
   CrossEntropyCuda loss_;
   const float* weight_source_ = nullptr;  // what weight_bf16_ was rounded from
+  const float* writer_source_ = nullptr;  // what weight_bf16_for_writer() handed weight_bf16_ out for
   bool weight_valid_ = false;
   DeviceBuffer<__nv_bfloat16> weight_bf16_;  // [vocab x d]
   DeviceBuffer<__nv_bfloat16> hidden_bf16_;  // [rows x d]

@@ -66,6 +66,7 @@ __global__ void __launch_bounds__(kAdamWThreads)
       wi = wi - a.lr * (update + decay * wi);
       w[i] = wi;
     }
+    if (seg.bf16 != nullptr) seg.bf16[i] = BF16::encode(wi, Rounding::kNearestEven);
     amax = nibble::cuda::fmax_abs_nan(amax, wi);
   }
   // The amax pass's word of the updated tensor (the same maximum, NaN included), uniform per block;
@@ -156,7 +157,8 @@ void AdamWCuda::step(std::span<const ParamTensor> tensors, double lr, const Step
     if ((t.amax.current == nullptr) != (t.amax.zero_next == nullptr))
       throw std::invalid_argument("AdamWCuda::step: an amax slot without the slot to zero, or the reverse");
     segs.push_back({t.value, t.grad, t.offset, t.count, t.weight_decay ? options_.weight_decay : 0.0f,
-                    static_cast<uint32_t>(blocks), t.amax.current, t.amax.zero_next});
+                    static_cast<uint32_t>(blocks), t.amax.current, t.amax.zero_next,
+                    reinterpret_cast<uint16_t*>(t.bf16)});
     blocks += (t.count + kAdamWBlockElements - 1) / kAdamWBlockElements;
   }
   if (segs.empty()) return;

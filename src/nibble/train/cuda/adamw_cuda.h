@@ -43,6 +43,10 @@ struct ParamTensor {
   // quantization of a weight, which then reads no amax of its own (OperandCuda::tile16_producer_amax).
   // amax.current nullptr: none.
   nibble::cuda::AmaxSlots amax{};
+  // Where the step also writes the updated values rounded to BF16 (nearest even, as BF16::encode; the
+  // weight's BF16 GEMM copy, which the layer then makes no conversion pass for: GptCuda::
+  // weight_bf16_for_optimizer). Written for a skipped step too. nullptr: none.
+  bf16_t* bf16 = nullptr;
 };
 
 // The optimizer and the gradient norm each run as one launch over all tensors, reading a table of
@@ -58,6 +62,7 @@ struct AdamWSegment {
   uint32_t first_block = 0;  // the launch's blocks before this segment's
   uint32_t* amax = nullptr;  // ParamTensor::amax
   uint32_t* amax_zero_next = nullptr;
+  uint16_t* bf16 = nullptr;  // ParamTensor::bf16's bits
   bool operator==(const AdamWSegment&) const = default;
 };
 
@@ -96,7 +101,7 @@ class SegmentTable {
 // What an optimizer step reads from the device (step_control() writes it).
 struct StepControl {
   float grad_multiplier = 1.0f;  // the gradient clipping factor
-  uint32_t skip = 0;             // nonzero: parameters and moments stay as they are (amaxes still written)
+  uint32_t skip = 0;             // nonzero: parameters and moments stay as they are (amaxes, BF16 copies still written)
 };
 
 class AdamWCuda {

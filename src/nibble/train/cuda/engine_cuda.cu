@@ -75,11 +75,16 @@ class CudaEngine final : public Engine {
     grad_norm_.compute(grads_, results_.data(), gpu_.stream());
     control_.resize(1);
     step_control(results_.data() + 1, micro_batches_, results_.data(), grad_clip, control_.data(), gpu_.stream());
-    // The step also computes each NVFP4 weight's amax for its next quantization (one pass fewer).
+    // The step also computes each NVFP4 weight's amax for its next quantization and writes the BF16
+    // weight copies of the bf16 layers and the LM head (a pass fewer each).
     const std::vector<nibble::cuda::AmaxSlots> amaxes = gpu_.weight_amaxes_for_optimizer();
-    for (size_t i = 0; i < tensors_.size(); ++i) tensors_[i].amax = amaxes[i];
+    const std::vector<bf16_t*> copies = gpu_.weight_bf16_for_optimizer();
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      tensors_[i].amax = amaxes[i];
+      tensors_[i].bf16 = copies[i];
+    }
     adamw_.step(tensors_, lr, control_.data(), gpu_.stream());
-    gpu_.weights_changed(/*amaxes_produced=*/true);
+    gpu_.weights_changed(/*amaxes_produced=*/true, /*bf16_produced=*/true);
   }
   // One wait for the step: the results and the StepControl go to pinned memory without the host
   // waiting for them, and check_ids() waits once for them and the id flags' copies.
