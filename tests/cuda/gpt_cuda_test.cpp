@@ -55,6 +55,15 @@ GptConfig tiny(PositionKind pos, NormKind norm, nn::MlpKind mlp, int64_t kv_head
   return c;
 }
 
+// Random input and target ids for `rows` rows of c's vocabulary.
+struct RandomBatch {
+  RandomBatch(const GptConfig& c, std::mt19937_64& rng, int64_t rows) {
+    std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
+    for (int64_t i = 0; i < rows; ++i) inputs.push_back(id(rng)), targets.push_back(id(rng));
+  }
+  std::vector<uint32_t> inputs, targets;
+};
+
 // |a - b| and |b| (Euclidean norms, in double): two models' gradients side by side.
 struct Distance {
   double diff = 0, norm = 0;
@@ -198,8 +207,8 @@ struct ProducerAmaxModels {
     own.set_producer_amax(false);
     for (cuda::GptCuda* g : {&produced, &own}) g->set_gelu_in_gemm(gelu_in_gemm);
     std::mt19937_64 rng(seed);
-    std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
-    for (int64_t i = 0; i < batch * seq; ++i) inputs.push_back(id(rng)), targets.push_back(id(rng));
+    RandomBatch ids(c, rng, batch * seq);
+    inputs = ids.inputs, targets = ids.targets;
   }
   GptConfig c;
   Gpt host_a, host_b;
@@ -254,10 +263,9 @@ TEST(GptCuda, GeluInGemmDiffersFromTheKernelsByRoundingOnly) {
   cuda::GptCuda gemm(host_a, seed + 1), kernels(host_b, seed + 1);
   kernels.set_gelu_in_gemm(false);
   std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
   const int64_t batch = 3, seq = 64;
-  std::vector<uint32_t> inputs, targets;
-  for (int64_t i = 0; i < batch * seq; ++i) inputs.push_back(id(rng)), targets.push_back(id(rng));
+  const RandomBatch ids(c, rng, batch * seq);
+  const std::vector<uint32_t> &inputs = ids.inputs, &targets = ids.targets;
   const double la = gemm.forward_backward(inputs, targets, batch, seq);
   const double lb = kernels.forward_backward(inputs, targets, batch, seq);
   EXPECT_NEAR(la, lb, 1e-3 * std::fabs(lb));
@@ -367,10 +375,9 @@ TEST(GptCuda, OptimizerBf16WeightCopiesGiveTheSameBits) {
     cuda::GptCuda written(host_a, seed + 1), converted(host_b, seed + 1);
     converted.set_optimizer_bf16_weights(false);
     std::mt19937_64 rng(seed);
-    std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
     const int64_t batch = 2, seq = 64;
-    std::vector<uint32_t> inputs, targets;
-    for (int64_t i = 0; i < batch * seq; ++i) inputs.push_back(id(rng)), targets.push_back(id(rng));
+    const RandomBatch ids(c, rng, batch * seq);
+    const std::vector<uint32_t> &inputs = ids.inputs, &targets = ids.targets;
     Optimizer opt_a(written), opt_b(converted);
     // Hands the optimizer each model's copies (the engine's order), returns how many `written` got.
     const auto optimizer_step = [&]() -> int64_t {
@@ -457,11 +464,10 @@ TEST(GptCuda, FirstMicrobatchWritesTheGradients) {
     }
     EXPECT_EQ(written, 4 * c.n_layers + 1) << "the linear weights and the LM head's (or the tied table)";
     std::mt19937_64 rng(seed);
-    std::uniform_int_distribution<uint32_t> id(0, static_cast<uint32_t>(c.vocab_size - 1));
     const int64_t batch = 2, seq = 64;
     for (uint32_t microbatch : {0u, 1u}) {
-      std::vector<uint32_t> inputs, targets;
-      for (int64_t i = 0; i < batch * seq; ++i) inputs.push_back(id(rng)), targets.push_back(id(rng));
+      const RandomBatch ids(c, rng, batch * seq);
+      const std::vector<uint32_t> &inputs = ids.inputs, &targets = ids.targets;
       writes.set_step(2, microbatch);
       adds.set_step(2, microbatch);
       EXPECT_EQ(writes.forward_backward(inputs, targets, batch, seq, 0.5f),
