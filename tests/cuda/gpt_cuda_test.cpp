@@ -195,8 +195,9 @@ INSTANTIATE_TEST_SUITE_P(
 // producer amaxes (the default), `own` without them; the GELU in the GEMMs' epilogues or not.
 struct ProducerAmaxModels {
   explicit ProducerAmaxModels(uint64_t seed, bool gelu_in_gemm = true)
-      : c([] {
+      : c([] {  // head_dim 64 and seq 128: on Hopper the attention kernels compute both amaxes in place
           GptConfig t = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true);
+          t.d_model = 256;
           t.seq_len = 128;
           return t;
         }()),
@@ -213,7 +214,7 @@ struct ProducerAmaxModels {
   GptConfig c;
   Gpt host_a, host_b;
   cuda::GptCuda produced, own;
-  const int64_t batch = 2, seq = 128;  // on Hopper the attention kernels compute their amaxes (Tp = T = 128)
+  const int64_t batch = 2, seq = 128;
   std::vector<uint32_t> inputs, targets;
 };
 
@@ -363,14 +364,15 @@ TEST(GptCuda, OptimizerWeightAmaxGivesTheSameBits) {
 // The optimizer writes the weights' BF16 GEMM copies while it updates them (weight_bf16_for_optimizer,
 // ParamTensor::bf16): the bf16 linear layers' and the LM head's, which then convert nothing. Three
 // steps with AdamW between them give the losses, gradients and weights of the same model converting
-// its weights itself, bit for bit: under bf16 (four linear layers a block and the tied head) and
-// nvfp4 (the head only). Copies handed out, then the weights replaced (upload_from): the stale
-// values are dropped.
+// its weights itself, bit for bit, and the layers did take the copies (the counters): under bf16
+// (four linear layers a block and the tied head) and nvfp4 (the untied head only). Copies handed
+// out, then the weights replaced (upload_from): the stale values are dropped.
 TEST(GptCuda, OptimizerBf16WeightCopiesGiveTheSameBits) {
   for (const char* recipe : {"bf16", "nvfp4"}) {
     SCOPED_TRACE(recipe);
     const uint64_t seed = test::fresh_seed();
-    const GptConfig c = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true);
+    const bool bf16 = std::string(recipe) == "bf16";
+    const GptConfig c = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, /*tied=*/bf16);
     Gpt host_a(c, nn::preset(recipe), seed, seed + 1), host_b(c, nn::preset(recipe), seed, seed + 1);
     cuda::GptCuda written(host_a, seed + 1), converted(host_b, seed + 1);
     converted.set_optimizer_bf16_weights(false);
@@ -408,12 +410,18 @@ TEST(GptCuda, OptimizerBf16WeightCopiesGiveTheSameBits) {
       EXPECT_EQ(written.forward_backward(inputs, targets, batch, seq),
                 converted.forward_backward(inputs, targets, batch, seq))
           << "step " << step;
-      EXPECT_EQ(optimizer_step(), std::string(recipe) == "bf16" ? 4 * 3 + 1 : 1) << "step " << step;
+      EXPECT_EQ(optimizer_step(), bf16 ? 4 * 3 + 1 : 1) << "step " << step;
     }
     written.set_step(4, 0);
     converted.set_step(4, 0);
     EXPECT_EQ(written.loss(inputs, targets, batch, seq), converted.loss(inputs, targets, batch, seq)) << "after step 3";
     expect_same_parameters(written, converted);
+    // Steps 2 and 3 and the loss after step 3 took the optimizer's copies; the head rounded its
+    // weight itself only on step 1 (the other model: on each of the four).
+    EXPECT_EQ(written.weight_bf16_adoptions(), bf16 ? 4 * 3 * 3 : 0);
+    EXPECT_EQ(converted.weight_bf16_adoptions(), 0);
+    EXPECT_EQ(written.head_weight_roundings(), 1);
+    EXPECT_EQ(converted.head_weight_roundings(), 4);
     for (auto* g : {&written, &converted}) {  // copies handed out and written, then other weights loaded
       Optimizer& o = g == &written ? opt_a : opt_b;
       const std::vector<bf16_t*> bf16 = g->weight_bf16_for_optimizer();
@@ -427,6 +435,7 @@ TEST(GptCuda, OptimizerBf16WeightCopiesGiveTheSameBits) {
     converted.set_step(5, 0);
     EXPECT_EQ(written.loss(inputs, targets, batch, seq), converted.loss(inputs, targets, batch, seq))
         << "after upload_from";
+    EXPECT_EQ(written.head_weight_roundings(), 2) << "the head rounds the loaded weight itself";
   }
 }
 

@@ -955,33 +955,35 @@ TEST(Bf16Inputs, AttentionReadsKeptQkvInPlace) {
 // nvfp4_amax computes from those outputs, the next slot zeroed. On Hopper: seq 128 (the kernels
 // compute both, the backward in place), seq 80 (the forward kernel, past T within Tp = 128; the
 // backward's pass after the packed route), seq 72 (T not a multiple of 16: the pass after both);
-// then the mma.sync kernels (the pass after each).
+// then the mma.sync kernels (the pass after each). Head dimensions 64 and 48 (padded to 64: the
+// forward kernel's zero columns; the backward packed).
 TEST(AttentionCudaAmax, ComputesTheNvfp4PassAmax) {
   std::mt19937_64 rng(fresh_seed());
   Stream stream;
-  for (const bool wgmma : {true, false})
-    for (const int64_t seq : {int64_t{128}, int64_t{80}, int64_t{72}})
-      for (const bool rht : {false, true}) {
-        SCOPED_TRACE(std::string(wgmma ? "wgmma" : "mma.sync") + ", seq " + std::to_string(seq) +
-                     (rht ? ", RHT" : ", no RHT"));
-        FlashWgmmaScope scope(wgmma);
-        nibble::cuda::GemmRunner gemm;
-        cuda::AttentionWorkspace workspace;
-        cuda::AttentionCoreCuda core(AttentionShape{256, 4, 2, false}, gemm, workspace, cuda::AttentionKernel::kFused);
-        const int64_t batch = 2, rows = batch * seq;
-        const int64_t n_out = rows * core.out_width(), n_qkv = rows * core.qkv_width();
-        const Bf16Values qkv = bf16_values(rng, n_qkv, 1.0f), dout = bf16_values(rng, n_out, 1.0f);
-        DeviceBuffer<bf16_t> out(static_cast<size_t>(n_out)), out_amax(out.size());
-        DeviceBuffer<bf16_t> dqkv(static_cast<size_t>(n_qkv)), dqkv_amax(dqkv.size());
-        core.forward_kept(qkv.b16.data(), batch, seq, out.data(), stream);
-        core.backward(dout.b16.data(), dqkv.data(), stream);
-        ProducerAmaxCheck check;
-        core.forward_kept(qkv.b16.data(), batch, seq, out_amax.data(), stream,
-                          check.start(rht, rht_signs_from_seed(rng())));
-        check.check(out, out_amax, rows, core.out_width(), stream);
-        core.backward(dout.b16.data(), dqkv_amax.data(), stream, check.start(rht, rht_signs_from_seed(rng())));
-        check.check(dqkv, dqkv_amax, rows, core.qkv_width(), stream);
-      }
+  for (const AttentionShape shape : {AttentionShape{256, 4, 2, false}, AttentionShape{192, 4, 2, false}})
+    for (const bool wgmma : {true, false})
+      for (const int64_t seq : {int64_t{128}, int64_t{80}, int64_t{72}})
+        for (const bool rht : {false, true}) {
+          SCOPED_TRACE("head_dim " + std::to_string(shape.head_dim()) + (wgmma ? ", wgmma" : ", mma.sync") + ", seq " +
+                       std::to_string(seq) + (rht ? ", RHT" : ", no RHT"));
+          FlashWgmmaScope scope(wgmma);
+          nibble::cuda::GemmRunner gemm;
+          cuda::AttentionWorkspace workspace;
+          cuda::AttentionCoreCuda core(shape, gemm, workspace, cuda::AttentionKernel::kFused);
+          const int64_t batch = 2, rows = batch * seq;
+          const int64_t n_out = rows * core.out_width(), n_qkv = rows * core.qkv_width();
+          const Bf16Values qkv = bf16_values(rng, n_qkv, 1.0f), dout = bf16_values(rng, n_out, 1.0f);
+          DeviceBuffer<bf16_t> out(static_cast<size_t>(n_out)), out_amax(out.size());
+          DeviceBuffer<bf16_t> dqkv(static_cast<size_t>(n_qkv)), dqkv_amax(dqkv.size());
+          core.forward_kept(qkv.b16.data(), batch, seq, out.data(), stream);
+          core.backward(dout.b16.data(), dqkv.data(), stream);
+          ProducerAmaxCheck check;
+          core.forward_kept(qkv.b16.data(), batch, seq, out_amax.data(), stream,
+                            check.start(rht, rht_signs_from_seed(rng())));
+          check.check(out, out_amax, rows, core.out_width(), stream);
+          core.backward(dout.b16.data(), dqkv_amax.data(), stream, check.start(rht, rht_signs_from_seed(rng())));
+          check.check(dqkv, dqkv_amax, rows, core.qkv_width(), stream);
+        }
 }
 
 // The attention core's outputs through pointers into larger buffers, one element in (a caller's

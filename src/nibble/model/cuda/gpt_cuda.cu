@@ -213,6 +213,13 @@ std::vector<bf16_t*> GptCuda::weight_bf16_for_optimizer() {
   return copies;
 }
 
+int64_t GptCuda::weight_bf16_adoptions() const {
+  int64_t n = 0;
+  for (const ncu::LinearCuda* l : param_linears_)
+    if (l != nullptr) n += l->weight_bf16_adoptions();
+  return n;
+}
+
 void GptCuda::weights_changed(bool amaxes_produced, bool bf16_produced) {
   for (auto& b : blocks_)
     for (ncu::LinearCuda* l : b->linears()) l->weight_changed(amaxes_produced, bf16_produced);

@@ -96,6 +96,10 @@ class GptCuda {
   void set_producer_amax(bool on) { linear_ctx_.producer_amax = on; }
   // weight_bf16_for_optimizer hands out its pointers (default on; same bits either way). Tests.
   void set_optimizer_bf16_weights(bool on) { optimizer_bf16_weights_ = on; }
+  // The linear layers' weight copies taken from the optimizer's BF16 values (LinearCuda::
+  // weight_bf16_adoptions), and the LM head's own roundings of its weight. Tests.
+  int64_t weight_bf16_adoptions() const;
+  int64_t head_weight_roundings() const { return head_.weight_roundings(); }
   int64_t producer_amaxes() const { return linear_ctx_.producer_amaxes; }
   // The MLP's GELU (and its derivative) in the GEMM epilogues of fc (proj2's Dgrad) where those take
   // it (LinearContext::gelu_in_gemm; default on), else the activation kernels. Not the same bits.

@@ -41,7 +41,8 @@ void LinearCuda::upload_weight(std::span<const float> w) {
 void LinearCuda::weight_changed(bool amax_produced, bool bf16_produced) {
   weight_copies_valid_ = false;
   if (!amax_produced) fprop_w_.drop_produced_amax();
-  weight_bf16_written_ = bf16_produced && std::exchange(weight_bf16_handed_out_, false);
+  const bool handed_out = std::exchange(weight_bf16_handed_out_, false);
+  weight_bf16_written_ = bf16_produced && handed_out;
 }
 
 bf16_t* LinearCuda::weight_bf16_for_writer() {
@@ -92,8 +93,10 @@ void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
   // Unquantized weights (bf16, fp32): W^T is kept as W is stored, so one conversion serves both GEMMs
   // (make_pair shares it). The paper's weights (NVFP4 16x16, RNE, on both copies): W and W^T from one
   // pass. Anything else: each copy on its own.
-  if (weight_bf16_written_) {  // the optimizer wrote W's BF16 values into dgrad_w_ (weight_bf16_for_writer)
+  if (weight_bf16_written_ && OperandCuda::bf16_pair_applies(recipe_, Operand::kFpropW, Operand::kDgradW)) {
+    // The optimizer wrote W's BF16 values into dgrad_w_ (weight_bf16_for_writer).
     OperandCuda::adopt_bf16_pair(out_, in_, fprop_w_, dgrad_w_);
+    ++weight_bf16_adoptions_;
   } else if (!recipe_[Operand::kFpropW].quantized() && !recipe_[Operand::kDgradW].quantized()) {
     try {
       OperandCuda::make_pair(weight_.data(), out_, in_, recipe_, Operand::kFpropW, Operand::kDgradW, seed, fprop_w_,

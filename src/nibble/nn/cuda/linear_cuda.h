@@ -160,6 +160,7 @@ class LinearCuda {
 
   int64_t saved_activation_bytes() const { return saved_x_t_.valid() ? saved_x_t_.bytes() : 0; }
   int64_t weight_quantizations() const { return weight_quantizations_; }
+  int64_t weight_bf16_adoptions() const { return weight_bf16_adoptions_; }  // of those, the writer's BF16 values
   // GEMMs this layer has run in the native NVFP4 GEMM (Blackwell), in Hopper's packed-operand GEMM,
   // of all it has run.
   int64_t native_fp4_gemms() const { return native_fp4_gemms_; }
@@ -215,6 +216,7 @@ class LinearCuda {
   // weight_bf16_for_writer() handed out dgrad_w_'s storage since the last weight_changed(); the
   // writer's BF16 values are there (weight_changed(.., true)) for the next refresh_weight_copies.
   bool weight_bf16_handed_out_ = false, weight_bf16_written_ = false;
+  int64_t weight_bf16_adoptions_ = 0;
   OperandCuda fprop_w_, dgrad_w_;
   int64_t weight_quantizations_ = 0;
   int64_t native_fp4_gemms_ = 0, packed_gemms_ = 0, gemms_ = 0;

@@ -81,6 +81,7 @@ void LmHeadLossCuda::run(const float* weight, const float* hidden, const uint32_
     to_bf16(weight, vocab_ * d_, weight_bf16_.data(), stream);
     weight_source_ = weight;
     weight_valid_ = true;
+    ++weight_roundings_;
   }
   hidden_bf16_.reserve(static_cast<size_t>(rows * d_));
   to_bf16(hidden, rows * d_, hidden_bf16_.data(), stream);

@@ -91,6 +91,8 @@ class LmHeadLossCuda {
   void check_ids(cudaStream_t stream) { loss_.check_ids(vocab_, stream); }
   void read_ids(cudaStream_t stream) { loss_.read_ids(stream); }
   void report_ids(cudaStream_t stream) { loss_.report_ids(vocab_, stream); }
+  // How often a call rounded the weight to BF16 itself (not after weight_bf16_for_writer). Tests.
+  int64_t weight_roundings() const { return weight_roundings_; }
   // Device bytes of the per-chunk buffer (one chunk's BF16 logits, then dlogits) as now grown.
   int64_t chunk_buffer_bytes() const { return static_cast<int64_t>(logits_.bytes()); }
 
@@ -105,6 +107,7 @@ class LmHeadLossCuda {
   const float* weight_source_ = nullptr;  // what weight_bf16_ was rounded from
   const float* writer_source_ = nullptr;  // what weight_bf16_for_writer() handed weight_bf16_ out for
   bool weight_valid_ = false;
+  int64_t weight_roundings_ = 0;
   DeviceBuffer<__nv_bfloat16> weight_bf16_;  // [vocab x d]
   DeviceBuffer<__nv_bfloat16> hidden_bf16_;  // [rows x d]
   DeviceBuffer<__nv_bfloat16> logits_;      // one chunk [chunk x vocab]: logits, then dlogits
