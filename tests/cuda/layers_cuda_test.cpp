@@ -956,10 +956,12 @@ TEST(Bf16Inputs, AttentionReadsKeptQkvInPlace) {
 // compute both, the backward in place), seq 80 (the forward kernel, past T within Tp = 128; the
 // backward's pass after the packed route), seq 72 (T not a multiple of 16: the pass after both);
 // then the mma.sync kernels (the pass after each). Head dimensions 64 and 48 (padded to 64: the
-// forward kernel's zero columns; the backward packed).
+// forward kernel's zero columns; the backward packed). The core's count says which computed them.
 TEST(AttentionCudaAmax, ComputesTheNvfp4PassAmax) {
   std::mt19937_64 rng(fresh_seed());
   Stream stream;
+  const bool hopper = nibble::cuda::device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+                      nibble::cuda::device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
   for (const AttentionShape shape : {AttentionShape{256, 4, 2, false}, AttentionShape{192, 4, 2, false}})
     for (const bool wgmma : {true, false})
       for (const int64_t seq : {int64_t{128}, int64_t{80}, int64_t{72}})
@@ -983,6 +985,9 @@ TEST(AttentionCudaAmax, ComputesTheNvfp4PassAmax) {
           check.check(out, out_amax, rows, core.out_width(), stream);
           core.backward(dout.b16.data(), dqkv_amax.data(), stream, check.start(rht, rht_signs_from_seed(rng())));
           check.check(dqkv, dqkv_amax, rows, core.qkv_width(), stream);
+          const bool in_kernels = hopper && wgmma && seq % 16 == 0;
+          const bool backward_in_place = seq == 128 && shape.head_dim() == 64;
+          EXPECT_EQ(core.amaxes_in_kernels(), in_kernels ? (backward_in_place ? 2 : 1) : 0);
         }
 }
 

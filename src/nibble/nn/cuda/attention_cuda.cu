@@ -372,8 +372,9 @@ void AttentionCoreCuda::forward_impl(const In* qkv, int64_t batch, int64_t seq, 
   }
   if (fused) {
     o_.reserve(n(batch * H * Tp * hdp));
-    if (!detail::flash_forward(fd, q_heads_, k_heads_, v_heads_, out, o_.data(), lse_.data(), stream, out16, amax) &&
-        amax)
+    if (detail::flash_forward(fd, q_heads_, k_heads_, v_heads_, out, o_.data(), lse_.data(), stream, out16, amax))
+      ++amaxes_in_kernels_;
+    else if (amax)
       nibble::cuda::nvfp4_amax(reinterpret_cast<const bf16_t*>(out16), batch * seq, out_width(), amax, stream);
   } else {
     gemm_forward(out, stream);
@@ -449,7 +450,10 @@ void AttentionCoreCuda::backward_impl(const In* d_out, Out* d_qkv, cudaStream_t 
         ws_.dq.data(), ws_.dk.data(), ws_.dv.data(), d, shape_.rope, rope_cos_.data(), rope_sin_.data(), d_qkv);
     NIBBLE_CUDA_CHECK_LAUNCH();
   }
-  if (amax && !amax_done) nibble::cuda::nvfp4_amax(d_qkv, d.B * d.T, qkv_width(), amax, stream);
+  if (amax_done)
+    ++amaxes_in_kernels_;
+  else if (amax)
+    nibble::cuda::nvfp4_amax(d_qkv, d.B * d.T, qkv_width(), amax, stream);
   saved_ = false;
 }
 

@@ -255,6 +255,8 @@ class AttentionCoreCuda {
   // the bits of the calls given d_out's values in FP32.
   void backward(const bf16_t* d_out, float* d_qkv, cudaStream_t stream);
   void backward(const bf16_t* d_out, bf16_t* d_qkv, cudaStream_t stream, nibble::cuda::ProducerAmax amax = {});
+  // How many of the amaxes asked for the kernels computed themselves (the rest: the amax pass). Tests.
+  int64_t amaxes_in_kernels() const { return amaxes_in_kernels_; }
 
  private:
   // out16 (BF16 output, fused kernels only) replaces out when not nullptr.
@@ -273,6 +275,7 @@ class AttentionCoreCuda {
   AttentionKernel kernel_;
   int64_t batch_ = 0, seq_ = 0, seq_pad_ = 0, hd_pad_ = 0;
   bool saved_ = false;
+  int64_t amaxes_in_kernels_ = 0;
   int64_t rope_seq_ = 0;
   DeviceBuffer<float> rope_cos_, rope_sin_;  // [seq x hd/2]
   DeviceBuffer<__nv_bfloat16> q_, k_, v_;   // saved: [B, H|Hkv, Tp, hdp], unless read in place
