@@ -798,7 +798,7 @@ TEST(FlashAttentionEmulation, WgmmaComputesTheNvfp4PassAmax) {
     nibble::cuda::ProducerAmax amax;
     amax.col_rht = rht;
     amax.rht_signs = RhtSigns{static_cast<uint16_t>(rng())};
-    // The words the kernels left against the reference over m [rows x cols] (row stride `stride`).
+    // The words the kernels left against the reference over m [rows x cols].
     const auto check_words = [&](const std::vector<bf16>& m, int64_t rows, int64_t cols, const char* what) {
       const auto at = [&](int64_t r, int64_t c) { return __bfloat162float(m[static_cast<size_t>(r * cols + c)]); };
       const auto [row_word, col_word] = nibble::test::amax_words(rows, cols, at, rht, amax.rht_signs);
