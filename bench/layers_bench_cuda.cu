@@ -287,6 +287,22 @@ int main() {
         attn.backward(dout16.data(), dqkv16.data(), nullptr);
       }, 20);
       print_forward_backward("BF16 in place", fwd, both);
+      // Under nvfp4, proj's and qkv's fused passes need the amax of out16 and d_qkv: their amax
+      // kernels after the core, or the words computed in its kernels (ProducerAmax, what training does).
+      PassAmax amax;
+      const float passes = median_ms([&] {
+        attn.forward_kept(qkv16.data(), B, T, out16.data(), nullptr);
+        amax.amax_pass(out16.data(), tokens, d);
+        attn.backward(dout16.data(), dqkv16.data(), nullptr);
+        amax.amax_pass(dqkv16.data(), tokens, 3 * d);
+      }, 20);
+      const float in_kernels = median_ms([&] {
+        attn.forward_kept(qkv16.data(), B, T, out16.data(), nullptr, amax.producer);
+        attn.backward(dout16.data(), dqkv16.data(), nullptr, amax.producer);
+      }, 20);
+      std::printf("attention core BF16 in place, fwd+bwd + amax passes    %9.3f ms\n", passes);
+      std::printf("attention core BF16 in place, fwd+bwd, amax in kernels %9.3f ms (x 12 layers: %.3f ms saved a "
+                  "step)\n", in_kernels, 12 * (passes - in_kernels));
     }
     std::printf("attention core forward+backward: fused %.2fx faster than gemm (x 12 layers: %.1f ms saved a step), "
                 "%.2fx faster than fused mma.sync\n",
