@@ -9,6 +9,13 @@ output folders, each with nibble-bf16.jsonl and nibble-nvfp4.jsonl, named new1, 
 each run's median step and tokens/s per recipe, then new / base per recipe over the runs' medians.
 
     python3 bench/training_table.py --ab new1=OUT base1=OUT new2=OUT base2=OUT [--skip 10]
+
+With --rounds, several rounds of the whole benchmark in one call (scripts/device_check.sh's train
+phase with ROUNDS > 1: bench_training.sh output folders, each with nibble-bf16.jsonl,
+nibble-nvfp4.jsonl and pytorch.jsonl): each round's tokens/s and ratios, then the median of each
+ratio over the rounds (the GPU's power cap moves single runs by a percent or more).
+
+    python3 bench/training_table.py --rounds round1=OUT round2=OUT [--skip 10]
 """
 import argparse
 import json
@@ -41,15 +48,43 @@ def ab_table(runs, skip):
                   f"tokens/s x{med['base'] / med['new']:.4f}")
 
 
+def rounds_table(rounds, skip):
+    ratios = {"bf16 / compile": [], "nvfp4 / bf16": [], "memory nvfp4 / bf16": []}
+    print("| round | nibble bf16 | nibble nvfp4 | torch.compile | bf16 / compile | nvfp4 / bf16 | memory nvfp4 / bf16 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, out in rounds:
+        bf16, nvfp4 = (nibble_row(f"{out}/nibble-{r}.jsonl", skip) for r in ("bf16", "nvfp4"))
+        compiled = [json.loads(l) for l in open(f"{out}/pytorch.jsonl") if l.strip()]
+        compiled = [r for r in compiled if r["impl"].startswith("pytorch") and r["impl"].endswith("compile")]
+        if not compiled:
+            raise SystemExit(f"training_table: no torch.compile run in {out}/pytorch.jsonl")
+        row = {"bf16 / compile": bf16["tokens_per_s"] / compiled[0]["tokens_per_s"],
+               "nvfp4 / bf16": nvfp4["tokens_per_s"] / bf16["tokens_per_s"],
+               "memory nvfp4 / bf16": nvfp4["memory_mib"] / bf16["memory_mib"]}
+        for k, v in row.items():
+            ratios[k].append(v)
+        print(f"| {name} | {bf16['tokens_per_s']:,.0f} | {nvfp4['tokens_per_s']:,.0f} | "
+              f"{compiled[0]['tokens_per_s']:,.0f} | " + " | ".join(f"{v:.3f}" for v in row.values()) + " |")
+    print()
+    targets = {"bf16 / compile": ">= 1.10", "nvfp4 / bf16": ">= 0.85", "memory nvfp4 / bf16": "<= 0.80"}
+    for k, v in ratios.items():
+        print(f"{k}: median {statistics.median(v):.3f} over {len(v)} rounds "
+              f"(range {min(v):.3f}-{max(v):.3f}; target {targets[k]})")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nibble", nargs="+", help="NAME=RUN_DIR")
     ap.add_argument("--pytorch")
     ap.add_argument("--ab", nargs="+", help="newN=OUT baseN=OUT ...: two builds' runs side by side")
+    ap.add_argument("--rounds", nargs="+", help="roundN=OUT ...: rounds of the whole benchmark, and the ratios' medians")
     ap.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the medians")
     a = ap.parse_args()
     if a.ab:
         ab_table([item.split("=", 1) for item in a.ab], a.skip)
+        return
+    if a.rounds:
+        rounds_table([item.split("=", 1) for item in a.rounds], a.skip)
         return
     if not a.nibble or not a.pytorch:
         ap.error("--nibble and --pytorch are needed (or --ab)")

@@ -12,7 +12,9 @@
 #   sanitizers  compute-sanitizer memcheck and racecheck on the small cases
 #   benches     the quantization, layer and GEMM benchmarks
 #   train       scripts/bench_training.sh: nibble bf16/nvfp4 against PyTorch (DATA=<nibble prepare
-#               output>, or the bundle's data; CONFIG, STEPS and PYTORCH as there, STEPS default 100)
+#               output>, or the bundle's data; CONFIG, STEPS and PYTORCH as there, STEPS default 100);
+#               ROUNDS=N (default 1) runs it N times (logs under $OUT/roundI) and prints each round's
+#               ratios and their medians (bench/training_table.py --rounds, into $OUT/rounds.md)
 #   ab          this build's and BASE_BUNDLE's training runs alternately, ROUNDS times (default 2; no
 #               PyTorch; DATA, CONFIG and STEPS as for train), then each run's median step and new /
 #               base per recipe (bench/training_table.py --ab): the GPU's power cap makes runs drift,
@@ -96,7 +98,16 @@ run_benches() {
 run_train() {
   echo "== training speed against PyTorch"
   [ -n "${DATA:-}" ] || { echo "device_check: the train phase needs DATA (or a bundle with data)" >&2; status=1; return; }
-  OUT="$out" scripts/bench_training.sh "$DATA" "$nibble" "${STEPS:-100}" || status=1
+  if [ "${ROUNDS:-1}" -gt 1 ]; then  # the whole benchmark ROUNDS times, then the ratios' medians
+    local rounds=() i
+    for i in $(seq "$ROUNDS"); do
+      OUT="$out/round$i" scripts/bench_training.sh "$DATA" "$nibble" "${STEPS:-100}" || status=1
+      rounds+=("round$i=$out/round$i")
+    done
+    python3 bench/training_table.py --rounds "${rounds[@]}" | tee "$out/rounds.md" || status=1
+  else
+    OUT="$out" scripts/bench_training.sh "$DATA" "$nibble" "${STEPS:-100}" || status=1
+  fi
   [ -n "$base" ] || return
   echo "== training speed of the base build"
   TRAIN_ARGS= OUT="$out/base" PYTORCH=0 \
