@@ -385,16 +385,16 @@ TEST(GptCuda, OptimizerBf16WeightCopiesGiveTheSameBits) {
     const auto optimizer_step = [&]() -> int64_t {
       int64_t copies = 0;
       for (auto [g, o] : {std::pair{&written, &opt_a}, std::pair{&converted, &opt_b}}) {
-        const std::vector<bf16_t*> bf16 = g->weight_bf16_for_optimizer();
-        if (bf16.size() != o->tensors.size()) {
+        const std::vector<bf16_t*> where = g->weight_bf16_for_optimizer();
+        if (where.size() != o->tensors.size()) {
           ADD_FAILURE() << "one copy pointer a parameter";
           return -1;
         }
-        for (size_t i = 0; i < bf16.size(); ++i) {
-          o->tensors[i].bf16 = bf16[i];
-          if (g == &written) copies += bf16[i] != nullptr;
+        for (size_t i = 0; i < where.size(); ++i) {
+          o->tensors[i].bf16 = where[i];
+          if (g == &written) copies += where[i] != nullptr;
           if (g == &converted) {
-            EXPECT_EQ(bf16[i], nullptr) << "switched off";
+            EXPECT_EQ(where[i], nullptr) << "switched off";
           }
         }
         o->adam->step(o->tensors, 1e-3, nullptr, g->stream());
@@ -424,8 +424,8 @@ TEST(GptCuda, OptimizerBf16WeightCopiesGiveTheSameBits) {
     EXPECT_EQ(converted.head_weight_roundings(), 4);
     for (auto* g : {&written, &converted}) {  // copies handed out and written, then other weights loaded
       Optimizer& o = g == &written ? opt_a : opt_b;
-      const std::vector<bf16_t*> bf16 = g->weight_bf16_for_optimizer();
-      for (size_t i = 0; i < bf16.size(); ++i) o.tensors[i].bf16 = bf16[i];
+      const std::vector<bf16_t*> where = g->weight_bf16_for_optimizer();
+      for (size_t i = 0; i < where.size(); ++i) o.tensors[i].bf16 = where[i];
       o.adam->step(o.tensors, 1e-3, nullptr, g->stream());
     }
     Gpt fresh(c, nn::preset(recipe), seed + 7, seed + 8);
