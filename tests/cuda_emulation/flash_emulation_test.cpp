@@ -72,6 +72,7 @@ struct Block {
   uint32_t words[kMaxThreads][6];  // each lane's operands of the current warp instruction
 };
 Block* block = nullptr;
+uint3 block_dim{kThreads, 1, 1};  // the launch's threads
 size_t shared_limit = 0;  // the launch's dynamic shared memory
 enum class Landing { kLate, kEarly };  // when cp.async copies land (see the top of the file)
 Landing landing = Landing::kLate;
@@ -102,6 +103,7 @@ thread_local std::vector<std::function<void()>> mma_open;
 #define threadIdx (emu::thread_idx)
 #define blockIdx (emu::block_idx)
 #define gridDim (emu::grid_dim)
+#define blockDim (emu::block_dim)
 #undef __global__
 #define __global__
 #undef __launch_bounds__
@@ -148,6 +150,14 @@ inline float __shfl_xor_sync(unsigned, float v, int mask) {
   });
 }
 
+// amax_device.cuh's block maximum (compiled with the attention's WarpAmax, not used by it).
+inline uint32_t __reduce_max_sync(unsigned, uint32_t v) {
+  return emu::exchange_in_warp(v, [](const uint32_t(*warp)[6]) {
+    uint32_t m = 0;
+    for (int l = 0; l < 32; ++l) m = std::max(m, warp[l][0]);
+    return m;
+  });
+}
 // The warps' amax words (attention_flash_util.cuh's WarpAmax).
 inline uint32_t atomicMax(uint32_t* p, uint32_t v) {
   std::atomic_ref<uint32_t> a(*p);
@@ -361,6 +371,7 @@ template <typename Kernel>
 void launch(dim3 grid, size_t shared_bytes, Kernel kernel, int threads = kThreads) {
   if (shared_bytes > sizeof(shared)) throw std::runtime_error("emulated shared memory too small");
   shared_limit = shared_bytes;
+  block_dim = {static_cast<unsigned>(threads), 1, 1};
   run_grid(grid, static_cast<unsigned>(threads), [threads] {
     std::memset(shared, 0xff, sizeof(shared));  // NaNs in BF16 and FP32
     auto b = std::make_unique<Block>(threads);

@@ -336,13 +336,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   const int64_t warp_row = qt * kRows + 64 * wg + 16 * warp;  // of the warp's first row, in the head
   if (amax.slots.current != nullptr) {  // out16's rows; T % 16 == 0, so the warp's are all within T or all beyond
     WarpAmax wa{amax};
-    if (warp_row < d.T) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        wa.add(bf16_lo(stored[0][j]), bf16_lo(stored[1][j]), g);
-        wa.add(bf16_hi(stored[0][j]), bf16_hi(stored[1][j]), g);
-      }
-    }
+    wa.add_rows(stored, g, warp_row < d.T);
     wa.finish(blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0 && threadIdx.x < 32);
   }
   const int lane = static_cast<int>(threadIdx.x & 31);
@@ -393,15 +387,14 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
 
 #ifdef NIBBLE_FLASH_SM90_KERNELS
 // A warp's 16 rows of accumulator `acc` (wgmma layout, 64 columns) into wa, as store_pair stores them
-// in BF16, where `rows` (the warp's rows lie within T).
-__device__ __forceinline__ void add_amax(WarpAmax& wa, const float (&acc)[32], int g, bool rows) {
-  if (!rows) return;
+// in BF16, where `in_tensor` (the warp's rows lie within T).
+__device__ __forceinline__ void add_amax(WarpAmax& wa, const float (&acc)[32], int g, bool in_tensor) {
+  uint32_t rows[2][8];
 #pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const uint32_t lo = pack_bf16(acc[4 * j], acc[4 * j + 1]), hi = pack_bf16(acc[4 * j + 2], acc[4 * j + 3]);
-    wa.add(bf16_lo(lo), bf16_lo(hi), g);
-    wa.add(bf16_hi(lo), bf16_hi(hi), g);
-  }
+  for (int j = 0; j < 8; ++j)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) rows[r][j] = pack_bf16(acc[4 * j + 2 * r], acc[4 * j + 2 * r + 1]);
+  wa.add_rows(rows, g, in_tensor);
 }
 #endif
 

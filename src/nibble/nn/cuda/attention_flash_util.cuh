@@ -4,12 +4,12 @@
 
 #include <cuda_bf16.h>
 
-#include <cmath>
 #include <cstdint>
 
 #include "nibble/formats/host_device.h"  // float_bits, bits_float
 #include "nibble/nn/cuda/attention_flash.cuh"
 #include "nibble/nn/cuda/exp2_ftz.cuh"  // kLog2e (scores in base-2 units) and exp2_ftz
+#include "nibble/quant/cuda/amax_device.cuh"  // fmax_abs_nan
 
 namespace nibble::nn::cuda::detail {
 namespace {
@@ -41,18 +41,6 @@ __device__ inline float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// max(m, v) of non-negative values, NaN if either is NaN: amax_device.cuh's maximum (max.NaN.f32;
-// its host form for the kernels' CPU emulation).
-__device__ __forceinline__ float max_nan(float m, float v) {
-#ifdef __CUDA_ARCH__
-  float r;
-  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(m), "f"(v));
-  return r;
-#else
-  return std::isnan(m) || std::isnan(v) ? NAN : std::fmax(m, v);
-#endif
-}
-
 // The amax of the fused NVFP4 pass over an output the kernels write in BF16 (ProducerAmax,
 // quantize_cuda.h; the linear layer after the attention quantizes it), from the values a warp stores
 // out of an accumulator in the mma.sync / wgmma layout. The warp's 16 rows are one 16-row block of
@@ -66,7 +54,8 @@ struct WarpAmax {
   float row_max = 0.0f, col_max = 0.0f;
 
   __device__ __forceinline__ void add(float x0, float x1, int g) {
-    row_max = max_nan(max_nan(row_max, fabsf(x0)), fabsf(x1));
+    using nibble::cuda::fmax_abs_nan;
+    row_max = fmax_abs_nan(fmax_abs_nan(row_max, x0), x1);
     if (!amax.col_rht) return;
     const uint32_t negative = amax.rht_signs.negative_mask;
     float a = (negative >> g) & 1u ? -x0 : x0, b = (negative >> (g + 8)) & 1u ? -x1 : x1;
@@ -77,16 +66,27 @@ struct WarpAmax {
       a = upper ? pa - a : a + pa;
       b = upper ? pb - b : b + pb;
     }
-    col_max = max_nan(max_nan(col_max, fabsf(a + b)), fabsf(a - b));
+    col_max = fmax_abs_nan(fmax_abs_nan(col_max, a + b), a - b);
+  }
+  // A warp's 16 rows as stored in BF16 pairs (pack_bf16): rows[0] the thread's row g, rows[1] its row
+  // g + 8, pair j holding columns 8j + 2t and 8j + 2t + 1; `in_tensor`: the rows are the tensor's
+  // (not padding beyond T). Uniform in the warp.
+  __device__ __forceinline__ void add_rows(const uint32_t (&rows)[2][8], int g, bool in_tensor) {
+    if (!in_tensor) return;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      add(bf16_lo(rows[0][j]), bf16_lo(rows[1][j]), g);
+      add(bf16_hi(rows[0][j]), bf16_hi(rows[1][j]), g);
+    }
   }
   // The warp's maxima into amax.slots.current (lane 0's atomics; finish_amax's words: the columnwise
   // word col_max / 4 with the RHT, else the rowwise one); the grid's first warp (`first`) zeroes
   // slots.zero_next. Called by all lanes of the warp.
   __device__ __forceinline__ void finish(bool first) {
 #pragma unroll
-    for (int mask = 16; mask >= 1; mask /= 2) {
-      row_max = max_nan(row_max, __shfl_xor_sync(0xffffffffu, row_max, mask));
-      col_max = max_nan(col_max, __shfl_xor_sync(0xffffffffu, col_max, mask));
+    for (int mask = 16; mask >= 1; mask /= 2) {  // the maxima are >= 0 or NaN: fmax_abs_nan's |.| changes nothing
+      row_max = nibble::cuda::fmax_abs_nan(row_max, __shfl_xor_sync(0xffffffffu, row_max, mask));
+      col_max = nibble::cuda::fmax_abs_nan(col_max, __shfl_xor_sync(0xffffffffu, col_max, mask));
     }
     if ((threadIdx.x & 31) != 0) return;
     if (first && amax.slots.zero_next != nullptr) amax.slots.zero_next[0] = amax.slots.zero_next[1] = 0;

@@ -1,10 +1,12 @@
 // Device helpers of the NVFP4 amax: the maxima and the RHT butterfly that the fused pass's amax
 // kernel (nvfp4_rowcol.cuh) computes, shared with the kernels that compute the same two words
-// while they produce the tensor (ProducerAmax, quantize_cuda.h), such as the MLP activation. Compiled
+// while they produce the tensor (ProducerAmax, quantize_cuda.h), such as the MLP activation and the
+// attention (attention_flash_util.cuh). Compiled
 // as host C++ by tests/cuda_emulation/quantize_emulation_test.cpp (NIBBLE_ROWCOL_HOST_EMULATION,
 // which brings its own fmax_abs_nan).
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "nibble/formats/minifloat.h"
@@ -19,9 +21,13 @@ namespace {
 // NaN amaxes alike (not finite: the copy is all zeros).
 #ifndef NIBBLE_ROWCOL_HOST_EMULATION
 __device__ __forceinline__ float fmax_abs_nan(float m, float v) {
+#ifdef __CUDA_ARCH__
   float r;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(m), "f"(fabsf(v)));
   return r;
+#else  // host builds of kernels that use it (the attention's, tests/cuda_emulation/flash_emulation_test.cpp)
+  return std::isnan(m) || std::isnan(v) ? NAN : std::fmax(m, std::fabs(v));
+#endif
 }
 #endif
 template <int kN>
