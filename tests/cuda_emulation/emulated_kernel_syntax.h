@@ -10,6 +10,7 @@
 #include <memory>
 #include <vector>
 
+#include "cuda_emulation/emulated_atomics.h"
 #include "cuda_emulation/emulated_grid.h"
 
 namespace emu {
@@ -67,19 +68,4 @@ inline uint32_t __reduce_max_sync(unsigned, uint32_t v) {
     v = v > o ? v : o;
   }
   return v;
-}
-inline uint32_t atomicMax(uint32_t* p, uint32_t v) {
-  std::atomic_ref<uint32_t> a(*p);
-  uint32_t old = a.load();
-  while (old < v && !a.compare_exchange_weak(old, v)) {
-  }
-  return old;
-}
-// kernel_util.cuh's flag_bad_id: the smallest value wins.
-inline unsigned long long atomicMin(unsigned long long* p, unsigned long long v) {
-  std::atomic_ref<unsigned long long> a(*p);
-  unsigned long long old = a.load();
-  while (v < old && !a.compare_exchange_weak(old, v)) {
-  }
-  return old;
 }

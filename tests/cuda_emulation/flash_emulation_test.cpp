@@ -45,6 +45,7 @@
 
 #include "nibble/nn/cuda/attention_flash.cuh"
 #include "cuda_emulation/amax_reference.h"
+#include "cuda_emulation/emulated_atomics.h"
 #include "cuda_emulation/emulated_grid.h"
 #include "test_seed.h"
 
@@ -157,14 +158,6 @@ inline uint32_t __reduce_max_sync(unsigned, uint32_t v) {
     for (int l = 0; l < 32; ++l) m = std::max(m, warp[l][0]);
     return m;
   });
-}
-// The warps' amax words (attention_flash_util.cuh's WarpAmax).
-inline uint32_t atomicMax(uint32_t* p, uint32_t v) {
-  std::atomic_ref<uint32_t> a(*p);
-  uint32_t old = a.load();
-  while (old < v && !a.compare_exchange_weak(old, v)) {
-  }
-  return old;
 }
 
 namespace nibble::nn::cuda::detail {

@@ -36,6 +36,7 @@
 #include "cuda/fused_pass_spec.h"
 #include "nibble/formats/minifloat.h"
 #include "quant/test_inputs.h"
+#include "cuda_emulation/emulated_atomics.h"
 #include "cuda_emulation/emulated_grid.h"
 #include "test_seed.h"
 
@@ -117,13 +118,6 @@ V __shfl_xor_sync(unsigned, V v, int mask) {
 inline uint32_t __vmaxu2(uint32_t a, uint32_t b) {
   const uint32_t lo = std::max(a & 0xFFFFu, b & 0xFFFFu), hi = std::max(a >> 16, b >> 16);
   return hi << 16 | lo;
-}
-inline uint32_t atomicMax(uint32_t* p, uint32_t v) {
-  std::atomic_ref<uint32_t> a(*p);
-  uint32_t old = a.load();
-  while (old < v && !a.compare_exchange_weak(old, v)) {
-  }
-  return old;
 }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 inline float __fmaf_ru(float a, float b, float c) {
