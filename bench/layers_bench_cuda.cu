@@ -89,6 +89,18 @@ int main() {
     auto dout = random_buffer(tokens * d, 1.0f, 2);
     report("embedding forward", median_ms([&] { emb.forward(d_ids.data(), tokens, out.data(), false, nullptr); }),
            2 * act);
+    // GPT-2's learned positions: the step's one pass, and the two it took before (tokens, then the
+    // positions' rows added onto them).
+    ncu::EmbeddingCuda positions(T, d);
+    std::vector<uint32_t> position_ids(static_cast<size_t>(tokens));
+    for (int64_t i = 0; i < tokens; ++i) position_ids[static_cast<size_t>(i)] = static_cast<uint32_t>(i % T);
+    DeviceBuffer<uint32_t> d_positions{std::span<const uint32_t>(position_ids)};
+    report("embedding forward with positions, one pass",
+           median_ms([&] { emb.forward_with_positions(d_ids.data(), B, T, positions, out.data(), nullptr); }), 2 * act);
+    report("embedding forward with positions, two passes", median_ms([&] {
+             emb.forward(d_ids.data(), tokens, out.data(), false, nullptr);
+             positions.forward(d_positions.data(), tokens, out.data(), true, nullptr);
+           }), 5 * act);
     report("embedding backward", median_ms([&] { emb.backward(d_ids.data(), tokens, dout.data(), nullptr); }),
            3 * act);
     // Ids as in text: Zipf's law (frequency of the k-th id ~ 1 / k), so the top id takes ~9% of the

@@ -229,6 +229,47 @@ TEST(EmbeddingCuda, BackwardPositionsAddsTheBatchInPositionOrder) {
   EXPECT_THROW(gpu.backward_positions(1, rows + 1, d_dout.data(), stream), std::invalid_argument);
 }
 
+// Token rows plus the learned positions' rows i % seq in one pass: the CPU's two passes bit for bit,
+// at a width of 16-byte columns (96) and one of single columns (98), a table of positions longer
+// than seq; bad ids flagged in the token table; a seq beyond the positions, or another width, rejected.
+TEST(EmbeddingCuda, ForwardWithPositionsIsTheTwoPassesInOne) {
+  std::mt19937_64 rng(fresh_seed());
+  for (const int64_t dim : {96, 98}) {
+    SCOPED_TRACE("dim " + std::to_string(dim));
+    const int64_t vocab = 500, pos_rows = 40, batch = 3, seq = 37, n = batch * seq;
+    Stream stream;
+    Embedding cpu_tok(vocab, dim), cpu_pos(pos_rows, dim);
+    cuda::EmbeddingCuda tok(vocab, dim), pos(pos_rows, dim);
+    const auto w = nibble::nn::test::random_normal(rng, vocab * dim, 1.0f);
+    const auto p = nibble::nn::test::random_normal(rng, pos_rows * dim, 1.0f);
+    std::copy(w.begin(), w.end(), cpu_tok.weight().begin());
+    std::copy(p.begin(), p.end(), cpu_pos.weight().begin());
+    upload(tok.weight(), w);
+    upload(pos.weight(), p);
+    std::vector<uint32_t> ids(static_cast<size_t>(n)), positions(static_cast<size_t>(n));
+    for (auto& id : ids) id = static_cast<uint32_t>(rng() % vocab);
+    for (int64_t i = 0; i < n; ++i) positions[i] = static_cast<uint32_t>(i % seq);
+    std::vector<float> want(static_cast<size_t>(n * dim));
+    cpu_tok.forward(ids, want);
+    cpu_pos.forward(positions, want, /*accumulate=*/true);
+    DeviceBuffer<uint32_t> d_ids{std::span<const uint32_t>(ids)};
+    DeviceBuffer<float> out(want.size());
+    tok.forward_with_positions(d_ids.data(), batch, seq, pos, out.data(), stream);
+    expect_bits_equal(download(out.data(), n * dim), want, "tokens + positions");
+    EXPECT_NO_THROW(tok.check_ids(stream));
+
+    ids[23] = static_cast<uint32_t>(vocab);
+    d_ids.upload(ids);
+    tok.forward_with_positions(d_ids.data(), batch, seq, pos, out.data(), stream);
+    EXPECT_THROW(tok.check_ids(stream), std::out_of_range);
+    EXPECT_THROW(tok.forward_with_positions(d_ids.data(), 1, pos_rows + 1, pos, out.data(), stream),
+                 std::invalid_argument);
+    cuda::EmbeddingCuda narrower(pos_rows, dim - 2);
+    EXPECT_THROW(tok.forward_with_positions(d_ids.data(), batch, seq, narrower, out.data(), stream),
+                 std::invalid_argument);
+  }
+}
+
 // ---------------------------------------------------------------- norms
 
 class NormCudaTest : public ::testing::TestWithParam<NormKind> {};

@@ -274,21 +274,16 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
   if (rows != rows_) {
     const int64_t d = c.d_model;
     const auto sz = [&](int64_t width) { return static_cast<size_t>(rows * width); };
-    ids_.resize(sz(1));
-    targets_.resize(sz(1));
-    positions_.resize(sz(1));
+    tokens_.resize(sz(2));
     for (DeviceBuffer<float>* b : {&x_, &hidden_, &dx_, &dtmp_}) b->resize(sz(d));
     rows_ = rows;
   }
   // Through pinned memory: the caller may reuse its vectors at once, and the host does not wait for
   // the GPU (which may still be running the previous step's optimizer).
-  uint32_t* staged = token_staging_.write(static_cast<size_t>(3 * rows));
+  uint32_t* staged = token_staging_.write(static_cast<size_t>(2 * rows));
   std::copy(inputs.begin(), inputs.end(), staged);
   std::copy(targets.begin(), targets.end(), staged + rows);
-  for (int64_t r = 0; r < rows; ++r) staged[2 * rows + r] = static_cast<uint32_t>(r % seq);
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ids_.data(), staged, rows * 4, cudaMemcpyHostToDevice, stream_));
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(targets_.data(), staged + rows, rows * 4, cudaMemcpyHostToDevice, stream_));
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(positions_.data(), staged + 2 * rows, rows * 4, cudaMemcpyHostToDevice, stream_));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tokens_.data(), staged, 2 * rows * 4, cudaMemcpyHostToDevice, stream_));
   token_staging_.copied(stream_);
 }
 
@@ -309,8 +304,10 @@ nibble::cuda::ProducerAmax gelu_amax(nn::MlpKind kind, Dst*, Get get) {
 
 void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq;
-  tok_embed_.forward(ids_.data(), rows, x_.data(), /*accumulate=*/false, stream_);
-  if (pos_embed_) pos_embed_->forward(positions_.data(), rows, x_.data(), /*accumulate=*/true, stream_);
+  if (pos_embed_)
+    tok_embed_.forward_with_positions(device_ids(), batch, seq, *pos_embed_, x_.data(), stream_);
+  else
+    tok_embed_.forward(device_ids(), rows, x_.data(), /*accumulate=*/false, stream_);
   // A linear layer's input is written by its producer in BF16 straight into the layer when no operand
   // made from it is FP32 (LinearCuda::takes_bf16_input: bf16 layers get the bits an FP32 input would
   // give, quantized layers quantize the BF16 values), otherwise into the FP32 buffer `fp32` (allocated
@@ -396,7 +393,7 @@ double GptCuda::loss(std::span<const uint32_t> inputs, std::span<const uint32_t>
                      int64_t seq) {
   upload_tokens(inputs, targets, batch, seq);
   forward_hidden(batch, seq);
-  head_.loss(head_weight(), hidden_.data(), targets_.data(), rows_, loss_dev_.data(), stream_);
+  head_.loss(head_weight(), hidden_.data(), device_targets(), rows_, loss_dev_.data(), stream_);
   return read_loss();
 }
 
@@ -413,7 +410,7 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
   forward_hidden(batch, seq);
   // The logits' gradient is grad_scale / rows * (softmax - onehot), as on the CPU; with tied
   // embeddings the head's weight gradient goes straight into the table's, as on the CPU.
-  head_.forward_backward(head_weight(), hidden_.data(), targets_.data(), rows, grad_scale / static_cast<float>(rows),
+  head_.forward_backward(head_weight(), hidden_.data(), device_targets(), rows, grad_scale / static_cast<float>(rows),
                          loss, dtmp_.data(), head_grad(), stream_,
                          linear_ctx_.first_microbatch_writes_grads && microbatch_ == 0);
   // As in forward_hidden: dY in BF16 straight into the layer where no operand made from it is FP32
@@ -482,7 +479,7 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
                        dx_amax_for(below_proj2));
     });
   }
-  tok_embed_.backward(ids_.data(), rows, dx_.data(), stream_);
+  tok_embed_.backward(device_ids(), rows, dx_.data(), stream_);
   if (pos_embed_) pos_embed_->backward_positions(batch, seq, dx_.data(), stream_);
 }
 

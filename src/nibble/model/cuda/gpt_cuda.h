@@ -137,8 +137,10 @@ class GptCuda {
   uint32_t microbatch_ = 0;  // set_step's
   bool optimizer_bf16_weights_ = true;
   int64_t rows_ = 0;
-  nn::cuda::DeviceBuffer<uint32_t> ids_, targets_, positions_;
-  nibble::cuda::HostStaging<uint32_t> token_staging_;  // ids, targets, positions on their way up
+  nn::cuda::DeviceBuffer<uint32_t> tokens_;           // [2 rows_]: the input ids, then the targets
+  nibble::cuda::HostStaging<uint32_t> token_staging_;  // the same on their way up
+  const uint32_t* device_ids() const { return tokens_.data(); }
+  const uint32_t* device_targets() const { return tokens_.data() + rows_; }
   nn::cuda::DeviceBuffer<float> x_, hidden_, ln_, wide_, wide2_, narrow_, dx_, dtmp_;
   // qkv's output in BF16 (in place of wide_) and a linear layer's dX in BF16 (in place of ln_, wide2_
   // and narrow_), where the layers take BF16.

@@ -72,6 +72,11 @@ class EmbeddingCuda {
 
   // out[i] (+)= weight[ids[i]] for i < n; ids is a device array of n token ids.
   void forward(const uint32_t* ids, int64_t n, float* out, bool accumulate, cudaStream_t stream);
+  // out[i] = weight[ids[i]] + positions.weight()[i % seq] for i < batch seq, in one pass: forward()
+  // and then positions.forward() of ids i % seq with accumulate, the same bits. Ids are checked
+  // against this table (check_ids); seq must not exceed positions.rows().
+  void forward_with_positions(const uint32_t* ids, int64_t batch, int64_t seq, const EmbeddingCuda& positions,
+                              float* out, cudaStream_t stream);
   // weight_grad[ids[i]] += dout[i].
   void backward(const uint32_t* ids, int64_t n, const float* dout, cudaStream_t stream);
   // backward() for the learned positions of `batch` sequences of `seq` tokens (ids[i] = i % seq,
@@ -86,6 +91,9 @@ class EmbeddingCuda {
 
  private:
   static constexpr const char* kWhat = "EmbeddingCuda";
+  // The forward kernels: rows of `positions` (or none) i % seq added.
+  void embed_rows(const uint32_t* ids, int64_t n, const float* positions, int64_t seq, bool accumulate, float* out,
+                  cudaStream_t stream);
   int64_t rows_, dim_;
   DeviceBuffer<float> weight_, grad_;
   IdErrorFlag bad_id_;
