@@ -402,6 +402,13 @@ int main() {
         const float eval =
             median_ms([&] { head.loss(w.data(), h.data(), d_ids.data(), tokens, loss.data(), nullptr); }, 20);
         std::printf("%-34s %9.3f ms\n", "LM head+loss default, eval only", eval);
+        // As the step runs it: the weight's BF16 copy kept (the optimizer writes it) and the hidden
+        // rows already in BF16 (the final norm writes them; here the last call's conversion).
+        const float as_step = median_ms([&] {
+          head.forward_backward_bf16_hidden(w.data(), d_ids.data(), tokens, scale, loss.data(), dh.data(), dw.data(),
+                                            nullptr);
+        }, 20);
+        std::printf("%-34s %9.3f ms\n", "LM head+loss default, no conversions", as_step);
       }
     }
   }

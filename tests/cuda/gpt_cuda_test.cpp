@@ -79,6 +79,20 @@ Distance distance(const std::vector<float>& a, const std::vector<float>& b) {
   return d;
 }
 
+// Two GPU models of one model (the same weights and rounding seeds) under `recipe`, for the tests
+// that switch something off in `b` and compare it with `a`.
+struct TwinModels {
+  TwinModels(const GptConfig& config, const char* recipe, uint64_t seed)
+      : c(config),
+        host_a(c, nn::preset(recipe), seed, seed + 1),
+        host_b(c, nn::preset(recipe), seed, seed + 1),
+        a(host_a, seed + 1),
+        b(host_b, seed + 1) {}
+  GptConfig c;
+  Gpt host_a, host_b;
+  cuda::GptCuda a, b;
+};
+
 struct Case {
   std::string name;
   GptConfig config;
@@ -193,27 +207,23 @@ INSTANTIATE_TEST_SUITE_P(
 
 // Two GPU models of one nvfp4 model (3 blocks) and a batch of random ids: `produced` with the
 // producer amaxes (the default), `own` without them; the GELU in the GEMMs' epilogues or not.
-struct ProducerAmaxModels {
+struct ProducerAmaxModels : TwinModels {
   explicit ProducerAmaxModels(uint64_t seed, bool gelu_in_gemm = true)
-      : c([] {  // head_dim 64 and seq 128: on Hopper the attention kernels compute both amaxes in place
-          GptConfig t = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true);
-          t.d_model = 256;
-          t.seq_len = 128;
-          return t;
-        }()),
-        host_a(c, nn::preset("nvfp4"), seed, seed + 1),
-        host_b(c, nn::preset("nvfp4"), seed, seed + 1),
-        produced(host_a, seed + 1),
-        own(host_b, seed + 1) {
+      : TwinModels(
+            [] {  // head_dim 64 and seq 128: on Hopper the attention kernels compute both amaxes in place
+              GptConfig t = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, true);
+              t.d_model = 256;
+              t.seq_len = 128;
+              return t;
+            }(),
+            "nvfp4", seed) {
     own.set_producer_amax(false);
     for (cuda::GptCuda* g : {&produced, &own}) g->set_gelu_in_gemm(gelu_in_gemm);
     std::mt19937_64 rng(seed);
     RandomBatch ids(c, rng, batch * seq);
     inputs = ids.inputs, targets = ids.targets;
   }
-  GptConfig c;
-  Gpt host_a, host_b;
-  cuda::GptCuda produced, own;
+  cuda::GptCuda &produced = a, &own = b;
   const int64_t batch = 2, seq = 128;
   std::vector<uint32_t> inputs, targets;
 };
@@ -259,9 +269,9 @@ TEST(GptCuda, ProducerAmaxGivesTheSameBits) {
 // epilogue did run).
 TEST(GptCuda, GeluInGemmDiffersFromTheKernelsByRoundingOnly) {
   const uint64_t seed = test::fresh_seed();
-  const GptConfig c = tiny(PositionKind::kLearned, NormKind::kLayerNorm, nn::MlpKind::kGelu, 4, true);
-  Gpt host_a(c, nn::preset("bf16"), seed, seed + 1), host_b(c, nn::preset("bf16"), seed, seed + 1);
-  cuda::GptCuda gemm(host_a, seed + 1), kernels(host_b, seed + 1);
+  TwinModels m(tiny(PositionKind::kLearned, NormKind::kLayerNorm, nn::MlpKind::kGelu, 4, true), "bf16", seed);
+  const GptConfig& c = m.c;
+  cuda::GptCuda &gemm = m.a, &kernels = m.b;
   kernels.set_gelu_in_gemm(false);
   std::mt19937_64 rng(seed);
   const int64_t batch = 3, seq = 64;
@@ -372,9 +382,9 @@ TEST(GptCuda, OptimizerBf16WeightCopiesGiveTheSameBits) {
     SCOPED_TRACE(recipe);
     const uint64_t seed = test::fresh_seed();
     const bool bf16 = std::string(recipe) == "bf16";
-    const GptConfig c = tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, /*tied=*/bf16);
-    Gpt host_a(c, nn::preset(recipe), seed, seed + 1), host_b(c, nn::preset(recipe), seed, seed + 1);
-    cuda::GptCuda written(host_a, seed + 1), converted(host_b, seed + 1);
+    TwinModels m(tiny(PositionKind::kLearned, NormKind::kLayerNorm, MlpKind::kGelu, 4, /*tied=*/bf16), recipe, seed);
+    const GptConfig& c = m.c;
+    cuda::GptCuda &written = m.a, &converted = m.b;
     converted.set_optimizer_bf16_weights(false);
     std::mt19937_64 rng(seed);
     const int64_t batch = 2, seq = 64;
@@ -454,10 +464,11 @@ TEST(GptCuda, FirstMicrobatchWritesTheGradients) {
   for (const Model& m : {Model{true, "bf16"}, Model{false, "nvfp4"}}) {
     SCOPED_TRACE(std::string(m.tied ? "tied, " : "untied, ") + m.recipe);
     const uint64_t seed = test::fresh_seed();
-    const GptConfig c = m.tied ? tiny(PositionKind::kLearned, NormKind::kLayerNorm, nn::MlpKind::kGelu, 4, true)
-                               : tiny(PositionKind::kRope, NormKind::kRmsNorm, nn::MlpKind::kSwiglu, 2, false);
-    Gpt host_a(c, nn::preset(m.recipe), seed, seed + 1), host_b(c, nn::preset(m.recipe), seed, seed + 1);
-    cuda::GptCuda writes(host_a, seed + 1), adds(host_b, seed + 1);
+    TwinModels twins(m.tied ? tiny(PositionKind::kLearned, NormKind::kLayerNorm, nn::MlpKind::kGelu, 4, true)
+                            : tiny(PositionKind::kRope, NormKind::kRmsNorm, nn::MlpKind::kSwiglu, 2, false),
+                     m.recipe, seed);
+    const GptConfig& c = twins.c;
+    cuda::GptCuda &writes = twins.a, &adds = twins.b;
     writes.set_first_microbatch_writes_grads(true);
     if (m.tied) {
       writes.set_lm_head_chunk_rows(50);

@@ -264,5 +264,53 @@ TEST(LmHeadLossCuda, WeightChangedRereadsTheWeight) {
                std::invalid_argument);
 }
 
+// The GPU model's final norm writes the head's input in BF16 into bf16_hidden(): the *_bf16_hidden
+// calls on hidden rounded to nearest even give the FP32 forms' bits (loss, dH, dW onto a start),
+// in chunks that do not divide the rows; a call before anything was written is refused.
+TEST(LmHeadLossCuda, Bf16HiddenGivesTheFp32FormsBits) {
+  const int64_t rows = 150, d = 64, vocab = 300;
+  std::mt19937_64 rng(test::fresh_seed());
+  const std::vector<float> h = test::random_normal(rng, rows * d), w = test::random_normal(rng, vocab * d, 0.2f),
+                           g0 = test::random_normal(rng, vocab * d, 1e-3f);
+  std::vector<uint16_t> h16(h.size());
+  for (size_t i = 0; i < h.size(); ++i) h16[i] = BF16::encode(h[i], Rounding::kNearestEven);
+  std::vector<uint32_t> targets(static_cast<size_t>(rows));
+  for (auto& t : targets) t = static_cast<uint32_t>(rng() % static_cast<uint64_t>(vocab));
+  DeviceBuffer<float> d_h{std::span<const float>(h)}, d_w{std::span<const float>(w)};
+  DeviceBuffer<uint32_t> d_targets{std::span<const uint32_t>(targets)};
+  nibble::cuda::GemmRunner gemm;
+  struct Result {
+    double loss, eval;
+    std::vector<float> dh, dw;
+  };
+  const auto run = [&](bool bf16) {
+    cuda::LmHeadLossCuda head(d, vocab, gemm);
+    head.set_chunk_rows(64);
+    DeviceBuffer<float> d_dh(static_cast<size_t>(rows * d)), d_dw{std::span<const float>(g0)};
+    DeviceBuffer<double> d_l(2);
+    if (bf16) {
+      EXPECT_THROW(head.loss_bf16_hidden(d_w.data(), d_targets.data(), rows, d_l.data(), nullptr), std::logic_error);
+      NIBBLE_CUDA_CHECK(cudaMemcpy(head.bf16_hidden(rows), h16.data(), h16.size() * 2, cudaMemcpyHostToDevice));
+      head.forward_backward_bf16_hidden(d_w.data(), d_targets.data(), rows, 0.25f, d_l.data(), d_dh.data(),
+                                        d_dw.data(), nullptr);
+      head.loss_bf16_hidden(d_w.data(), d_targets.data(), rows, d_l.data() + 1, nullptr);
+    } else {
+      head.forward_backward(d_w.data(), d_h.data(), d_targets.data(), rows, 0.25f, d_l.data(), d_dh.data(),
+                            d_dw.data(), nullptr);
+      head.loss(d_w.data(), d_h.data(), d_targets.data(), rows, d_l.data() + 1, nullptr);
+    }
+    const std::vector<double> l = download(d_l.data(), 2);
+    return Result{l[0], l[1], download(d_dh.data(), rows * d), download(d_dw.data(), vocab * d)};
+  };
+  const Result fp32 = run(false), bf16 = run(true);
+  std::printf("[ compare  ] loss FP32 hidden %.17g, BF16 hidden %.17g (want equal)\n", fp32.loss, bf16.loss);
+  EXPECT_EQ(bf16.loss, fp32.loss);
+  EXPECT_EQ(bf16.eval, fp32.eval);
+  EXPECT_EQ(bf16.loss, bf16.eval);
+  EXPECT_EQ(bf16.dh, fp32.dh);
+  EXPECT_EQ(bf16.dw, fp32.dw);
+  EXPECT_NE(bf16.dw, g0);
+}
+
 }  // namespace
 }  // namespace nibble::nn

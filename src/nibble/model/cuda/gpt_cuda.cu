@@ -2,10 +2,11 @@
 // explicit device buffers in place of the CPU's vectors:
 //   x_      the residual stream [rows x d]          ln_     a norm's output, or a gradient [rows x d]
 //   wide_   qkv, or d(fc output) [rows x max(qkv, fc)]   wide2_  the MLP activation, or its gradient
-//   narrow_ attention heads' output, or its gradient    dtmp_   the LM head's gradient of hidden_
-//   dx_     the gradient of the residual stream     hidden_ the final norm's output (the LM head's input)
+//   narrow_ attention heads' output, or its gradient    dtmp_   the LM head's gradient of its input
+//   dx_     the gradient of the residual stream     hidden_ the final norm's FP32 output (fp32 recipe)
 //   wide16_ qkv in BF16, and ln16_, wide2_16_, narrow16_ the gradients in BF16, where the layers
-//   take BF16 (bf16 and quantized recipes); all but x_, hidden_, dx_, dtmp_ allocated on first use.
+//   take BF16 (bf16 and quantized recipes); all but x_, dx_, dtmp_ allocated on first use. With
+//   BF16 activations the final norm writes the LM head's input into the head (bf16_hidden).
 // The LM head and the loss (LmHeadLossCuda) keep only one chunk of logits at a time.
 // A linear layer whose recipe has no FP32 operand gets its input (and dY) in BF16, written by the
 // producer straight into the layer (LinearCuda::bf16_input, docs/numerics.md "The GPU model's
@@ -275,7 +276,7 @@ void GptCuda::upload_tokens(std::span<const uint32_t> inputs, std::span<const ui
     const int64_t d = c.d_model;
     const auto sz = [&](int64_t width) { return static_cast<size_t>(rows * width); };
     tokens_.resize(sz(2));
-    for (DeviceBuffer<float>* b : {&x_, &hidden_, &dx_, &dtmp_}) b->resize(sz(d));
+    for (DeviceBuffer<float>* b : {&x_, &dx_, &dtmp_}) b->resize(sz(d));
     rows_ = rows;
   }
   // Through pinned memory: the caller may reuse its vectors at once, and the host does not wait for
@@ -302,7 +303,7 @@ nibble::cuda::ProducerAmax gelu_amax(nn::MlpKind kind, Dst*, Get get) {
 
 }  // namespace
 
-void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
+bool GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq;
   if (pos_embed_)
     tok_embed_.forward_with_positions(device_ids(), batch, seq, *pos_embed_, x_.data(), stream_);
@@ -327,12 +328,17 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   // A linear layer after a norm whose output only BF16-reading consumers use (the attention core, the
   // MLP activation): Y in BF16 where the layer takes BF16 input, rounded by its GEMM's epilogue (the
   // consumers give the bits of the same values in FP32), else in FP32. Returns where Y went.
+  // The norm's output in BF16 straight into the linear layer (which takes BF16), with the amax of
+  // the layer's NVFP4 pass where one will run.
+  const auto norm_into = [&](ncu::NormCuda& norm, ncu::LinearCuda& linear) {
+    bf16_t* input = linear.bf16_input(rows);
+    norm.forward(x_.data(), rows, input, stream_, linear.bf16_input_amax(rows, stream_));
+  };
   const auto norm_then_linear = [&](ncu::NormCuda& norm, ncu::LinearCuda& linear, DeviceBuffer<float>& y32,
                                     DeviceBuffer<bf16_t>& y16) {
     const auto n = static_cast<size_t>(rows * linear.out_features());
     if (linear.takes_bf16_input()) {
-      bf16_t* input = linear.bf16_input(rows);
-      norm.forward(x_.data(), rows, input, stream_, linear.bf16_input_amax(rows, stream_));
+      norm_into(norm, linear);
       y16.reserve(n);
       linear.forward_bf16_input(rows, y16.data(), stream_);
       return Values{nullptr, y16.data()};
@@ -354,8 +360,7 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
                      x_.data(), true);
     });
     if (b.gelu_in_fprop()) {  // the GELU in fc's GEMM, straight into proj2's input
-      bf16_t* input = b.fc.bf16_input(rows);
-      b.norm2.forward(x_.data(), rows, input, stream_, b.fc.bf16_input_amax(rows, stream_));
+      norm_into(b.norm2, b.fc);
       b.pre16.reserve(static_cast<size_t>(rows * b.hidden));
       b.fc.forward_bf16_input_gelu(rows, b.proj2, b.pre16.data(), stream_);
       b.pre = Values{nullptr, b.pre16.data()};
@@ -371,7 +376,15 @@ void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
       }, x_.data(), true);
     });
   }
+  // The LM head's input: in BF16 straight into the head where the blocks' activations are BF16 (the
+  // head's GEMMs round it so anyway; the norm then saves its rows in BF16 as the others do), else FP32.
+  if (!blocks_.empty() && blocks_.back()->fc.takes_bf16_input()) {
+    norm_f_.forward(x_.data(), rows, head_.bf16_hidden(rows), stream_);
+    return true;
+  }
+  hidden_.reserve(static_cast<size_t>(rows * norm_f_.dim()));
   norm_f_.forward(x_.data(), rows, hidden_.data(), stream_);
+  return false;
 }
 
 double GptCuda::read_loss() {
@@ -392,8 +405,10 @@ void GptCuda::check_ids() {
 double GptCuda::loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
                      int64_t seq) {
   upload_tokens(inputs, targets, batch, seq);
-  forward_hidden(batch, seq);
-  head_.loss(head_weight(), hidden_.data(), device_targets(), rows_, loss_dev_.data(), stream_);
+  if (forward_hidden(batch, seq))
+    head_.loss_bf16_hidden(head_weight(), device_targets(), rows_, loss_dev_.data(), stream_);
+  else
+    head_.loss(head_weight(), hidden_.data(), device_targets(), rows_, loss_dev_.data(), stream_);
   return read_loss();
 }
 
@@ -407,12 +422,17 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
                                        int64_t batch, int64_t seq, float grad_scale, double* loss) {
   upload_tokens(inputs, targets, batch, seq);
   const int64_t rows = rows_;
-  forward_hidden(batch, seq);
+  const bool bf16_hidden = forward_hidden(batch, seq);
   // The logits' gradient is grad_scale / rows * (softmax - onehot), as on the CPU; with tied
   // embeddings the head's weight gradient goes straight into the table's, as on the CPU.
-  head_.forward_backward(head_weight(), hidden_.data(), device_targets(), rows, grad_scale / static_cast<float>(rows),
-                         loss, dtmp_.data(), head_grad(), stream_,
-                         linear_ctx_.first_microbatch_writes_grads && microbatch_ == 0);
+  const float logit_scale = grad_scale / static_cast<float>(rows);
+  const bool overwrite = linear_ctx_.first_microbatch_writes_grads && microbatch_ == 0;
+  if (bf16_hidden)
+    head_.forward_backward_bf16_hidden(head_weight(), device_targets(), rows, logit_scale, loss, dtmp_.data(),
+                                       head_grad(), stream_, overwrite);
+  else
+    head_.forward_backward(head_weight(), hidden_.data(), device_targets(), rows, logit_scale, loss, dtmp_.data(),
+                           head_grad(), stream_, overwrite);
   // As in forward_hidden: dY in BF16 straight into the layer where no operand made from it is FP32
   // (`produce(dst)` writes it, float* or bf16_t*; fp32 is the FP32 dY buffer otherwise). dX is then
   // BF16 too, rounded by the Dgrad GEMM's epilogue into dx16 (what the next backward reads), else

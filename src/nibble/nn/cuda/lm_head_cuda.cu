@@ -54,28 +54,49 @@ int64_t LmHeadLossCuda::rows_per_chunk(int64_t rows) const {
   return (rows + chunks - 1) / chunks;
 }
 
+bf16_t* LmHeadLossCuda::bf16_hidden(int64_t rows) {
+  if (rows <= 0) throw std::invalid_argument("LmHeadLossCuda: rows must be positive, got " + std::to_string(rows));
+  hidden_bf16_.reserve(static_cast<size_t>(rows * d_));
+  return reinterpret_cast<bf16_t*>(hidden_bf16_.data());
+}
+
 void LmHeadLossCuda::loss(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
                           double* loss_mean, cudaStream_t stream) {
-  run(weight, hidden, targets, rows, 0.0f, /*backward=*/false, loss_mean, nullptr, nullptr, stream);
+  to_bf16(hidden, rows * d_, reinterpret_cast<__nv_bfloat16*>(bf16_hidden(rows)), stream);
+  loss_bf16_hidden(weight, targets, rows, loss_mean, stream);
+}
+
+void LmHeadLossCuda::loss_bf16_hidden(const float* weight, const uint32_t* targets, int64_t rows, double* loss_mean,
+                                      cudaStream_t stream) {
+  run(weight, targets, rows, 0.0f, /*backward=*/false, loss_mean, nullptr, nullptr, stream);
 }
 
 void LmHeadLossCuda::forward_backward(const float* weight, const float* hidden, const uint32_t* targets,
                                       int64_t rows, float grad_scale, double* loss_mean, float* dhidden,
                                       float* weight_grad, cudaStream_t stream, bool overwrite_grad) {
+  to_bf16(hidden, rows * d_, reinterpret_cast<__nv_bfloat16*>(bf16_hidden(rows)), stream);
+  forward_backward_bf16_hidden(weight, targets, rows, grad_scale, loss_mean, dhidden, weight_grad, stream,
+                               overwrite_grad);
+}
+
+void LmHeadLossCuda::forward_backward_bf16_hidden(const float* weight, const uint32_t* targets, int64_t rows,
+                                                  float grad_scale, double* loss_mean, float* dhidden,
+                                                  float* weight_grad, cudaStream_t stream, bool overwrite_grad) {
   if (dhidden == nullptr || weight_grad == nullptr)
     throw std::invalid_argument("LmHeadLossCuda::forward_backward: dhidden and weight_grad are required");
   // CrossEntropyCuda reads grad_scale 0 as "write the probabilities": the backward GEMMs would take
   // them for the gradient instead of zeros.
   if (grad_scale == 0.0f)
     throw std::invalid_argument("LmHeadLossCuda::forward_backward: grad_scale must be non-zero (use loss())");
-  run(weight, hidden, targets, rows, grad_scale, /*backward=*/true, loss_mean, dhidden, weight_grad, stream,
-      overwrite_grad);
+  run(weight, targets, rows, grad_scale, /*backward=*/true, loss_mean, dhidden, weight_grad, stream, overwrite_grad);
 }
 
-void LmHeadLossCuda::run(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
-                         float grad_scale, bool backward, double* loss_mean, float* dhidden, float* weight_grad,
-                         cudaStream_t stream, bool overwrite_grad) {
+void LmHeadLossCuda::run(const float* weight, const uint32_t* targets, int64_t rows, float grad_scale, bool backward,
+                         double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream,
+                         bool overwrite_grad) {
   if (rows <= 0) throw std::invalid_argument("LmHeadLossCuda: rows must be positive, got " + std::to_string(rows));
+  if (hidden_bf16_.size() < static_cast<size_t>(rows * d_))
+    throw std::logic_error("LmHeadLossCuda: " + std::to_string(rows) + " rows of hidden were not written");
   if (!weight_valid_ || weight != weight_source_) {
     weight_bf16_.reserve(static_cast<size_t>(vocab_ * d_));
     to_bf16(weight, vocab_ * d_, weight_bf16_.data(), stream);
@@ -83,8 +104,6 @@ void LmHeadLossCuda::run(const float* weight, const float* hidden, const uint32_
     weight_valid_ = true;
     ++weight_roundings_;
   }
-  hidden_bf16_.reserve(static_cast<size_t>(rows * d_));
-  to_bf16(hidden, rows * d_, hidden_bf16_.data(), stream);
   const int64_t chunk = rows_per_chunk(rows);
   logits_.reserve(static_cast<size_t>(chunk * vocab_));
 

@@ -85,6 +85,15 @@ class LmHeadLossCuda {
   void forward_backward(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
                         float grad_scale, double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream,
                         bool overwrite_grad = false);
+  // The same two with hidden written in BF16 (nearest even: the rounding the calls above apply to
+  // their FP32 hidden) by its producer into bf16_hidden(rows) beforehand: the GPU model's final norm,
+  // which saves the head a pass over the FP32 rows (and their buffer).
+  bf16_t* bf16_hidden(int64_t rows);
+  void loss_bf16_hidden(const float* weight, const uint32_t* targets, int64_t rows, double* loss_mean,
+                        cudaStream_t stream);
+  void forward_backward_bf16_hidden(const float* weight, const uint32_t* targets, int64_t rows, float grad_scale,
+                                    double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream,
+                                    bool overwrite_grad = false);
 
   // Throws std::out_of_range for the first target >= vocab since the last check (synchronises); or
   // in two halves around the caller's wait (see EmbeddingCuda::check_ids).
@@ -97,9 +106,9 @@ class LmHeadLossCuda {
   int64_t chunk_buffer_bytes() const { return static_cast<int64_t>(logits_.bytes()); }
 
  private:
-  void run(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows, float grad_scale,
-           bool backward, double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream,
-           bool overwrite_grad = false);
+  // hidden_bf16_ holds hidden's rows.
+  void run(const float* weight, const uint32_t* targets, int64_t rows, float grad_scale, bool backward,
+           double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream, bool overwrite_grad = false);
 
   int64_t d_, vocab_, chunk_rows_;
   nibble::cuda::GemmRunner& gemm_;
