@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Table of the training benchmark (scripts/bench_training.sh): nibble runs' metrics.jsonl files and
-the PyTorch reference's JSON lines -> tokens/s, MFU, memory, and the ratios issue 6 asks for.
+the PyTorch reference's JSON lines -> tokens/s, MFU, memory, and the ratios issue 6 asks for; for
+nibble on a GPU also the median time the host waited for each step at its end (device_wait_s in
+metrics.jsonl): how far the host was ahead, near 0 where its enqueuing limited the step.
 
     python3 bench/training_table.py --nibble bf16=RUN_DIR nvfp4=RUN_DIR --pytorch FILE.jsonl [--skip 10]
 
@@ -25,20 +27,28 @@ import statistics
 def nibble_row(metrics_file, skip):
     steps = [json.loads(l) for l in open(metrics_file) if '"loss"' in l]
     steps = steps[skip:] if len(steps) > skip else steps
+    waits = [s["device_wait_s"] for s in steps if "device_wait_s" in s]
     return {"tokens_per_s": statistics.median(s["tokens_per_s"] for s in steps),
             "step_ms": 1e3 * statistics.median(s["step_s"] for s in steps),
             "mfu": statistics.median(s.get("mfu", float("nan")) for s in steps),
-            "memory_mib": max(s["memory_mib"] for s in steps)}
+            "memory_mib": max(s["memory_mib"] for s in steps),
+            # how long the host waited for the GPU at each step's end: near 0, the host limited the step
+            "wait_ms": 1e3 * statistics.median(waits) if waits else None}
+
+
+def wait_text(row):
+    return "-" if row.get("wait_ms") is None else f"{row['wait_ms']:.2f}"
 
 
 def ab_table(runs, skip):
     recipes = ("bf16", "nvfp4")
     rows = {name: {r: nibble_row(f"{out}/nibble-{r}.jsonl", skip) for r in recipes} for name, out in runs}
-    print("| run | " + " | ".join(f"{r} step ms | {r} tokens/s | {r} MiB" for r in recipes) + " |")
-    print("|---" * (1 + 3 * len(recipes)) + "|")
+    print("| run | " + " | ".join(f"{r} step ms | {r} tokens/s | {r} MiB | {r} host wait ms" for r in recipes) + " |")
+    print("|---" * (1 + 4 * len(recipes)) + "|")
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(
-            f"{row[r]['step_ms']:.3f} | {row[r]['tokens_per_s']:,.0f} | {row[r]['memory_mib']:,.0f}" for r in recipes) + " |")
+            f"{row[r]['step_ms']:.3f} | {row[r]['tokens_per_s']:,.0f} | {row[r]['memory_mib']:,.0f} | {wait_text(row[r])}"
+            for r in recipes) + " |")
     print()
     for r in recipes:
         med = {b: statistics.median(row[r]["step_ms"] for name, row in rows.items() if name.startswith(b))
@@ -95,10 +105,10 @@ def main():
     for line in open(a.pytorch):
         r = json.loads(line)
         rows[r["impl"]] = {"tokens_per_s": r["tokens_per_s"], "mfu": r["mfu"], "memory_mib": r["device_used_mib"]}
-    print("| implementation | tokens/s | MFU | device memory in use (MiB) |")
-    print("|---|---|---|---|")
+    print("| implementation | tokens/s | MFU | device memory in use (MiB) | host wait a step (ms) |")
+    print("|---|---|---|---|---|")
     for k, r in rows.items():
-        print(f"| {k} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['memory_mib']:,.0f} |")
+        print(f"| {k} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {r['memory_mib']:,.0f} | {wait_text(r)} |")
     compiled = [r for k, r in rows.items() if k.startswith("pytorch") and k.endswith("compile")]
     bf16, nvfp4 = rows.get("nibble bf16"), rows.get("nibble nvfp4")
     print()

@@ -158,6 +158,7 @@ class RecordingEngine final : public Engine {
     calls_.push_back("finish_step");
     StepOutcome o = inner_->finish_step();
     if (flip_update_) o.updated = !o.updated;
+    o.device_wait_s = 0.125 * static_cast<double>(calls_.size());  // as a GPU engine's wait, distinct a step
     return o;
   }
   double loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
@@ -175,7 +176,8 @@ class RecordingEngine final : public Engine {
 
 // The trainer hands the engine each step whole (zero_grad, every micro-batch, the update) and waits
 // for it once (finish_step); the result equals the plain CPU run's. An engine whose update decision
-// differs from the trainer's rule stops the run.
+// differs from the trainer's rule stops the run. The time an engine reports waiting for its device
+// goes into each step's metrics line (device_wait_s); the CPU engine, which has none, reports none.
 TEST(Train, EnginesGetEachStepWholeAndAreWaitedForOnce) {
   const uint64_t seed = nn::test::fresh_seed();
   TempDir dir;
@@ -204,9 +206,13 @@ TEST(Train, EnginesGetEachStepWholeAndAreWaitedForOnce) {
                                    std::string("finish_step")})
         want.push_back(c);
     EXPECT_EQ(calls, want);
+    const auto lines = read_jsonl(dir / "recorded" / "metrics.jsonl");
+    ASSERT_EQ(lines.size(), 3u);
+    for (size_t i = 0; i < 3; ++i) EXPECT_EQ(lines[i]["device_wait_s"], 0.125 * static_cast<double>(5 * (i + 1)));
     TrainOptions plain = options(dir / "plain", 3, seed);
     plain.grad_accum = 2;
     const TrainResult p = train(tiny_config(), nn::make_recipe("bf16"), d.train, nullptr, plain);
+    EXPECT_FALSE(read_jsonl(dir / "plain" / "metrics.jsonl")[0].contains("device_wait_s"));
     ASSERT_EQ(r.steps.size(), p.steps.size());
     for (size_t i = 0; i < r.steps.size(); ++i) {
       EXPECT_EQ(r.steps[i].loss, p.steps[i].loss) << "step " << i + 1;

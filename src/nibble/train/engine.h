@@ -20,6 +20,9 @@ struct StepOutcome {
   std::vector<double> losses;
   double grad_norm = 0.0;
   bool updated = false;  // false: the update was skipped (the loss or the norm not finite)
+  // How long finish_step() waited for a device that computes elsewhere (the GPU), -1 where none does:
+  // what the host was ahead of the device by. Near 0, the host's enqueuing limited the step.
+  double device_wait_s = -1.0;
 };
 
 // step_rule.h's step_loss over a step's outcome.

@@ -262,6 +262,7 @@ TrainResult train(const model::GptConfig& config, const nn::Recipe& recipe, cons
                            {"bf16_everywhere", model.bf16_everywhere()}};
     if (engine->peak_flops() > 0)
       line["mfu"] = flops_per_token * static_cast<double>(tokens_per_step) / step_s / engine->peak_flops();
+    if (outcome.device_wait_s >= 0) line["device_wait_s"] = outcome.device_wait_s;
     if (rec.skipped) line["skipped"] = true;
     if (!std::isfinite(loss)) line["loss"] = nullptr;  // JSON has no NaN
     if (!std::isfinite(norm)) line["grad_norm"] = nullptr;

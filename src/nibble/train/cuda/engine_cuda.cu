@@ -2,6 +2,7 @@
 #include "nibble/train/cuda/engine_cuda.h"
 
 #include <algorithm>
+#include <chrono>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -96,12 +97,14 @@ class CudaEngine final : public Engine {
     NIBBLE_CUDA_CHECK(cudaMemcpyAsync(control_host_.data(), control_.data(), sizeof(StepControl),
                                       cudaMemcpyDeviceToHost, gpu_.stream()));
     zero_all_ = true;  // until the step is known to have been taken (check_ids may throw)
+    const auto wait_start = std::chrono::steady_clock::now();
     gpu_.check_ids();
+    const double wait_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - wait_start).count();
     const double* values = results_host_.data();
     const StepControl control = *control_host_.data();
     if (control.skip != 0) adamw_.undo_step();  // as the CPU optimizer, which counts only the steps it takes
     zero_all_ = control.skip != 0;
-    return StepOutcome{std::vector<double>(values + 1, values + count), values[0], control.skip == 0};
+    return StepOutcome{std::vector<double>(values + 1, values + count), values[0], control.skip == 0, wait_s};
   }
   void to_host() override {
     gpu_.download_to(host_);
