@@ -325,15 +325,15 @@ bool GptCuda::forward_hidden(int64_t batch, int64_t seq) {
       linear.forward(fp32.data(), rows, y, stream_, residual);
     }
   };
-  // A linear layer after a norm whose output only BF16-reading consumers use (the attention core, the
-  // MLP activation): Y in BF16 where the layer takes BF16 input, rounded by its GEMM's epilogue (the
-  // consumers give the bits of the same values in FP32), else in FP32. Returns where Y went.
   // The norm's output in BF16 straight into the linear layer (which takes BF16), with the amax of
   // the layer's NVFP4 pass where one will run.
   const auto norm_into = [&](ncu::NormCuda& norm, ncu::LinearCuda& linear) {
     bf16_t* input = linear.bf16_input(rows);
     norm.forward(x_.data(), rows, input, stream_, linear.bf16_input_amax(rows, stream_));
   };
+  // A linear layer after a norm whose output only BF16-reading consumers use (the attention core, the
+  // MLP activation): Y in BF16 where the layer takes BF16 input, rounded by its GEMM's epilogue (the
+  // consumers give the bits of the same values in FP32), else in FP32. Returns where Y went.
   const auto norm_then_linear = [&](ncu::NormCuda& norm, ncu::LinearCuda& linear, DeviceBuffer<float>& y32,
                                     DeviceBuffer<bf16_t>& y16) {
     const auto n = static_cast<size_t>(rows * linear.out_features());

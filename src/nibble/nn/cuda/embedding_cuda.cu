@@ -92,8 +92,8 @@ void EmbeddingCuda::backward(const uint32_t* ids, int64_t n, const float* dout, 
   const size_t count = static_cast<size_t>(n);
   keys_in_.reserve(count), keys_out_.reserve(count), pos_in_.reserve(count), pos_out_.reserve(count);
   const uint32_t rows = static_cast<uint32_t>(rows_);
-  detail::sort_input_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(ids, n, rows, keys_in_.data(), pos_in_.data(),
-                                                            bad_id_.device());
+  detail::sort_input_kernel<<<blocks_for(n, 256), 256, 0, stream>>>(ids, n, rows, keys_in_.data(),
+                                                                    pos_in_.data(), bad_id_.device());
   NIBBLE_CUDA_CHECK_LAUNCH();
   // Radix sort is stable: equal ids keep their positions in increasing order.
   const int end_bit = bits_for(rows);
@@ -107,8 +107,8 @@ void EmbeddingCuda::backward(const uint32_t* ids, int64_t n, const float* dout, 
                                                     static_cast<int>(n), 0, end_bit, stream));
   const int threads = static_cast<int>(std::min<int64_t>(kScatterThreads, detail::round_up(dim_, 32)));
   const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((dim_ + threads - 1) / threads));
-  detail::scatter_add_kernel<<<grid, threads, 0, stream>>>(keys_out_.data(), pos_out_.data(), n, rows, dim_, dout,
-                                                   grad_.data());
+  detail::scatter_add_kernel<<<grid, threads, 0, stream>>>(keys_out_.data(), pos_out_.data(), n, rows, dim_,
+                                                           dout, grad_.data());
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
