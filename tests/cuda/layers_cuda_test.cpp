@@ -398,6 +398,55 @@ TEST_P(NormCudaTest, Bf16OutputSavesTheRowsInBf16) {
   }
 }
 
+// Norms whose parameter gradients are finished together (set_defer_param_finish, finish_deferred:
+// one launch for all, as the GPU model runs them) get the bits of norms finishing their own, over two
+// passes of each and at three widths (the strided kernels at 96, the vector ones at 768 and 1024);
+// a second backward before the finish is refused.
+TEST_P(NormCudaTest, DeferredParamFinishGivesTheSameBits) {
+  std::mt19937_64 rng(fresh_seed());
+  const int64_t rows = 3 * 37;
+  Stream stream;
+  std::vector<std::unique_ptr<cuda::NormCuda>> own, deferred;
+  for (const int64_t dim : {int64_t{768}, int64_t{96}, int64_t{1024}}) {
+    own.push_back(std::make_unique<cuda::NormCuda>(dim, GetParam()));
+    deferred.push_back(std::make_unique<cuda::NormCuda>(dim, GetParam()));
+    deferred.back()->set_defer_param_finish(true);
+    const auto g = nibble::nn::test::random_normal(rng, dim, 1.0f), b = nibble::nn::test::random_normal(rng, dim, 1.0f);
+    for (auto* n : {own.back().get(), deferred.back().get()}) {
+      upload(n->weight(), g);
+      if (n->has_bias()) upload(n->bias(), b);
+      n->zero_grad(stream);
+    }
+  }
+  std::vector<cuda::NormCuda*> batch;
+  for (auto& n : deferred) batch.push_back(n.get());
+  for (int pass = 0; pass < 2; ++pass) {
+    for (size_t i = 0; i < own.size(); ++i) {
+      const int64_t dim = own[i]->dim();
+      const auto x = norm_test_rows(rng, rows, dim);
+      const auto dy = nibble::nn::test::random_normal(rng, rows * dim, 1.0f);
+      DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)};
+      DeviceBuffer<bf16_t> y(x.size());
+      DeviceBuffer<float> dx(x.size());
+      for (auto* n : {own[i].get(), deferred[i].get()}) {
+        n->forward(d_x.data(), rows, y.data(), stream);
+        n->backward(d_dy.data(), dx.data(), stream);
+      }
+      EXPECT_TRUE(deferred[i]->param_finish_pending());
+      deferred[i]->forward(d_x.data(), rows, y.data(), stream);
+      EXPECT_THROW(deferred[i]->backward(d_dy.data(), dx.data(), stream), std::logic_error);
+    }
+    cuda::NormCuda::finish_deferred(batch, stream);
+  }
+  for (size_t i = 0; i < own.size(); ++i) {
+    const int64_t dim = own[i]->dim();
+    EXPECT_FALSE(deferred[i]->param_finish_pending());
+    expect_bits_equal(download(deferred[i]->weight_grad(), dim), download(own[i]->weight_grad(), dim), "gain grad");
+    if (own[i]->has_bias())
+      expect_bits_equal(download(deferred[i]->bias_grad(), dim), download(own[i]->bias_grad(), dim), "bias grad");
+  }
+}
+
 // backward(accumulate = true) adds the same dx onto what the buffer holds, in one FP32 addition:
 // the residual connection's gradient the GPU model adds there instead of in a separate pass.
 TEST_P(NormCudaTest, BackwardAccumulatesTheSameDx) {

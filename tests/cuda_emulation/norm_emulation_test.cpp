@@ -196,7 +196,7 @@ void check_case(const Case& k, std::mt19937_64& rng) {
   // over all rows.
   std::vector<float> gw(static_cast<size_t>(k.dim), 0.0f), gb(static_cast<size_t>(k.dim), 0.0f);
   emu::launch(dim3(static_cast<unsigned>((k.dim + 31) / 32)), 32 * kFinishWarps, 0, [&] {
-    norm_param_finish_kernel(pw, pb, chunks, k.dim, gw.data(), with_bias ? gb.data() : nullptr);
+    norm_param_finish_kernel(NormFinishJob{pw, pb, chunks, k.dim, gw.data(), with_bias ? gb.data() : nullptr});
   });
   int64_t g_wrong = 0;
   for (int64_t col = 0; col < k.dim; ++col) {
@@ -225,6 +225,54 @@ void check(const Case& k, std::mt19937_64& rng) {
   } else {
     if (k.bf16_xhat) check_case<float, bf16_t>(k, rng);
     else check_case<float, float>(k, rng);
+  }
+}
+
+// Several norms' parameter gradients finished in one launch (NormCuda::finish_deferred) get the bits
+// of one launch each: GPT-2's width with a bias and 256 chunks, a narrow RMSNorm (no bias) of 3
+// chunks, and a wider one, onto gradients already there.
+TEST(NormEmulation, FinishJobsGiveTheSingleFinishBits) {
+  std::mt19937_64 rng(test::fresh_seed());
+  struct Shape {
+    int64_t dim, chunks;
+    bool bias;
+  };
+  const std::vector<Shape> shapes = {{768, 256, true}, {100, 3, false}, {1024, 17, true}};
+  std::vector<std::vector<double>> partials;
+  std::vector<std::vector<float>> start, single, batched;  // per shape: weight gradient, then bias gradient
+  NormFinishJobs jobs{};
+  unsigned col_blocks = 0;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const Shape& sh = shapes[i];
+    std::normal_distribution<double> d(0.0, 1.0);
+    std::vector<double> p(static_cast<size_t>(2 * sh.chunks * sh.dim));
+    for (double& v : p) v = d(rng);
+    partials.push_back(std::move(p));
+    start.push_back(normal(rng, 2 * sh.dim, 1.0f));
+    single.push_back(start.back());
+    batched.push_back(start.back());
+    col_blocks = std::max(col_blocks, static_cast<unsigned>((sh.dim + 31) / 32));
+  }
+  const auto job = [&](size_t i, std::vector<float>& g) {
+    const Shape& sh = shapes[i];
+    const double* pw = partials[i].data();
+    return NormFinishJob{pw, pw + sh.chunks * sh.dim, sh.chunks, sh.dim, g.data(), sh.bias ? g.data() + sh.dim : nullptr};
+  };
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const NormFinishJob one = job(i, single[i]);
+    emu::launch(dim3(static_cast<unsigned>((shapes[i].dim + 31) / 32)), 32 * kFinishWarps, 0,
+                [&] { norm_param_finish_kernel(one); });
+    jobs.job[i] = job(i, batched[i]);
+  }
+  emu::launch(dim3(col_blocks, static_cast<unsigned>(shapes.size())), 32 * kFinishWarps, 0,
+              [&] { norm_param_finish_jobs_kernel(jobs); });
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    EXPECT_EQ(0, std::memcmp(single[i].data(), batched[i].data(), single[i].size() * sizeof(float))) << "norm " << i;
+    const auto dim = static_cast<size_t>(shapes[i].dim);
+    EXPECT_NE(batched[i][dim - 1], start[i][dim - 1]) << "norm " << i << ": the last column was finished";
+    if (!shapes[i].bias) {
+      EXPECT_TRUE(std::equal(batched[i].begin() + dim, batched[i].end(), start[i].begin() + dim)) << "no bias";
+    }
   }
 }
 

@@ -124,6 +124,10 @@ GptCuda::GptCuda(Gpt& host, uint64_t run_seed, cudaStream_t stream)
   for (int64_t i = 0; i < c.n_layers; ++i)
     blocks_.push_back(std::make_unique<Block>(c, host.block_recipe(i), static_cast<uint32_t>(i), run_seed, linear_ctx_,
                                              attn_workspace_));
+  // The norms' parameter gradients are finished together after each backward (one launch).
+  for (auto& b : blocks_) norms_.insert(norms_.end(), {&b->norm1, &b->norm2});
+  norms_.push_back(&norm_f_);
+  for (ncu::NormCuda* n : norms_) n->set_defer_param_finish(true);
   if (!c.tied_embeddings) {
     head_weight_.resize(static_cast<size_t>(c.vocab_size * c.d_model));
     head_grad_.resize(head_weight_.size());
@@ -499,6 +503,7 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
                        dx_amax_for(below_proj2));
     });
   }
+  ncu::NormCuda::finish_deferred(norms_, stream_);
   tok_embed_.backward(device_ids(), rows, dx_.data(), stream_);
   if (pos_embed_) pos_embed_->backward_positions(batch, seq, dx_.data(), stream_);
 }

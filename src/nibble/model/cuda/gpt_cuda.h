@@ -127,6 +127,7 @@ class GptCuda {
   std::unique_ptr<nn::cuda::EmbeddingCuda> pos_embed_;
   std::vector<std::unique_ptr<Block>> blocks_;
   nn::cuda::NormCuda norm_f_;
+  std::vector<nn::cuda::NormCuda*> norms_;  // every block's two and norm_f_ (their deferred finishes)
   // The LM head and the loss: BF16 GEMMs as under the bf16 recipe, in chunks of rows. With tied
   // embeddings it reads the token embedding and adds its gradient to the table's; otherwise it
   // reads head_weight_ [vocab x d] and accumulates into head_grad_.

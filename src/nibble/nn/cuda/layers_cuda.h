@@ -22,6 +22,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <span>
 
 #include "nibble/formats/minifloat.h"
 #include "nibble/nn/attention.h"
@@ -141,6 +142,13 @@ class NormCuda {
   // The same with dy in BF16 (the GPU model's linear dX, LinearCuda::backward_bf16_input's BF16 dX).
   void backward(const bf16_t* dy, float* dx, cudaStream_t stream, bool accumulate = false, bf16_t* dx_bf16 = nullptr,
                 nibble::cuda::ProducerAmax amax = {});
+  // With set_defer_param_finish(true), backward() leaves the last step of the weight and bias
+  // gradients (adding the per-chunk partials to them) to finish_deferred(), which does it for many
+  // norms in one launch, the same bits (the GPU model: all its norms after each backward); a second
+  // backward before that throws std::logic_error.
+  void set_defer_param_finish(bool on) { defer_finish_ = on; }
+  bool param_finish_pending() const { return pending_finish_; }
+  static void finish_deferred(std::span<NormCuda* const> norms, cudaStream_t stream);
 
  private:
   int64_t dim_;
@@ -161,6 +169,8 @@ class NormCuda {
   bool saved_bf16_ = false;            // which of the two the last forward saved
   DeviceBuffer<double> partials_;  // [chunks x dim] for the weight, then for the bias
   int64_t saved_rows_ = 0;
+  int64_t pending_chunks_ = 0;  // the partials' chunks while a finish is pending
+  bool defer_finish_ = false, pending_finish_ = false;
 };
 
 // The MLP's activation between fc and proj, as nn::Mlp computes it (GELU: tanh approximation;

@@ -1,4 +1,5 @@
 // LayerNorm / RMSNorm forward and backward on the GPU, mirroring nn::Norm (see layers_cuda.h).
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -24,6 +25,11 @@ template <typename In, typename Out>
 bool vector_rows(int64_t dim, const In* in, const Out* out) {
   const auto ok = [](const void* p, size_t elem) { return reinterpret_cast<uintptr_t>(p) % (4 * elem) == 0; };
   return dim % 128 == 0 && dim <= 128 * kVecChunks && ok(in, sizeof(In)) && ok(out, sizeof(Out));
+}
+
+// The finish of a norm's parameter gradients from its backward's partials (weight, then bias).
+NormFinishJob finish_job(const double* partials, int64_t chunks, int64_t dim, float* gw, float* gb) {
+  return {partials, partials + chunks * dim, chunks, dim, gw, gb};
 }
 
 }  // namespace
@@ -102,6 +108,9 @@ template <typename DyT>
 void NormCuda::backward_saved(const DyT* dy, float* dx, cudaStream_t stream, bool accumulate, bf16_t* dx_bf16,
                               const nibble::cuda::ProducerAmax& amax) {
   if (saved_rows_ == 0) throw std::logic_error("NormCuda::backward without a forward");
+  if (pending_finish_)
+    throw std::logic_error("NormCuda::backward: the last backward's parameter gradients are not finished "
+                           "(finish_deferred)");
   if (amax && dx_bf16 == nullptr) throw std::logic_error("NormCuda::backward: an amax asked for without dx in BF16");
   if (saved_bf16_) backward_impl(dy, saved_xhat16_.data(), dx, stream, accumulate, dx_bf16, amax);
   else backward_impl(dy, saved_xhat_.data(), dx, stream, accumulate, dx_bf16, amax);
@@ -145,10 +154,36 @@ void NormCuda::backward_impl(const DyT* dy, const XhT* xhat, float* dx, cudaStre
     norm_param_partials_kernel<<<grid, 128, 0, stream>>>(dy, xhat, rows, dim_, has_bias(), pw, pb);
     NIBBLE_CUDA_CHECK_LAUNCH();
   }
-  norm_param_finish_kernel<<<blocks_for(dim_, 32), 32 * kFinishWarps, 0, stream>>>(
-      pw, pb, chunks, dim_, weight_grad_.data(), has_bias() ? bias_grad_.data() : nullptr);
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  if (defer_finish_) {
+    pending_finish_ = true;
+    pending_chunks_ = chunks;
+  } else {
+    norm_param_finish_kernel<<<blocks_for(dim_, 32), 32 * kFinishWarps, 0, stream>>>(
+        finish_job(partials_.data(), chunks, dim_, weight_grad_.data(), has_bias() ? bias_grad_.data() : nullptr));
+    NIBBLE_CUDA_CHECK_LAUNCH();
+  }
   if (amax && !amax_done) nibble::cuda::nvfp4_amax(dx_bf16, rows, dim_, amax, stream);
+}
+
+void NormCuda::finish_deferred(std::span<NormCuda* const> norms, cudaStream_t stream) {
+  static_assert(sizeof(NormFinishJobs) <= 4096, "kernel parameters are limited to 4 KiB");
+  NormFinishJobs jobs{};
+  unsigned count = 0, col_blocks = 0;
+  const auto launch = [&] {
+    if (count == 0) return;
+    norm_param_finish_jobs_kernel<<<dim3(col_blocks, count), 32 * kFinishWarps, 0, stream>>>(jobs);
+    NIBBLE_CUDA_CHECK_LAUNCH();
+    count = col_blocks = 0;
+  };
+  for (NormCuda* norm : norms) {
+    if (!norm->pending_finish_) continue;
+    jobs.job[count++] = finish_job(norm->partials_.data(), norm->pending_chunks_, norm->dim_, norm->weight_grad_.data(),
+                                   norm->has_bias() ? norm->bias_grad_.data() : nullptr);
+    col_blocks = std::max(col_blocks, blocks_for(norm->dim_, 32));
+    norm->pending_finish_ = false;
+    if (count == kFinishJobsPerLaunch) launch();
+  }
+  launch();
 }
 
 }  // namespace nibble::nn::cuda

@@ -337,33 +337,61 @@ __global__ void norm_param_partials_kernel(const DyT* __restrict__ dy, const XhT
   if (with_bias) pb[chunk * dim + col] = sb;
 }
 
-// grad[col] += sum over chunks. A block takes 32 columns; its 8 warps sum every 8th chunk in order,
-// then warp 0 adds the 8 partial sums in warp order: a fixed order (deterministic), and 8 x 24
-// warps at work for GPT-2's 768 columns instead of 24 (one thread per column walking 256 chunks).
+// A norm's parameter gradients to finish: the partials of its backward ([chunks x dim] doubles for
+// the weight, then the bias: pb and gb null without one) and the gradients they are added to.
+struct NormFinishJob {
+  const double* pw;
+  const double* pb;
+  int64_t chunks, dim;
+  float* gw;
+  float* gb;
+};
+
+// grad[col] += sum over chunks, for the 32 columns from col_block * 32. A block's 8 warps sum every
+// 8th chunk in order, then warp 0 adds the 8 partial sums in warp order: a fixed order
+// (deterministic), and 8 x 24 warps at work for GPT-2's 768 columns instead of 24 (one thread per
+// column walking 256 chunks).
 constexpr int kFinishWarps = 8;
-__global__ void __launch_bounds__(32 * kFinishWarps)
-norm_param_finish_kernel(const double* __restrict__ pw, const double* __restrict__ pb, int64_t chunks, int64_t dim,
-                         float* __restrict__ gw, float* __restrict__ gb) {
+__device__ __forceinline__ void finish_param_columns(const NormFinishJob& job, int64_t col_block) {
   __shared__ double part[2][kFinishWarps][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
-  const int64_t col = blockIdx.x * 32 + lane;
+  const int64_t col = col_block * 32 + lane;
   double sw = 0.0, sb = 0.0;
-  if (col < dim)
-    for (int64_t c = warp; c < chunks; c += kFinishWarps) {
-      sw += pw[c * dim + col];
-      if (gb != nullptr) sb += pb[c * dim + col];
+  if (col < job.dim)
+    for (int64_t c = warp; c < job.chunks; c += kFinishWarps) {
+      sw += job.pw[c * job.dim + col];
+      if (job.gb != nullptr) sb += job.pb[c * job.dim + col];
     }
   part[0][warp][lane] = sw;
   part[1][warp][lane] = sb;
   __syncthreads();
-  if (warp != 0 || col >= dim) return;
+  if (warp != 0 || col >= job.dim) return;
   sw = sb = 0.0;
   for (int w = 0; w < kFinishWarps; ++w) {
     sw += part[0][w][lane];
     sb += part[1][w][lane];
   }
-  gw[col] = static_cast<float>(gw[col] + sw);
-  if (gb != nullptr) gb[col] = static_cast<float>(gb[col] + sb);
+  job.gw[col] = static_cast<float>(job.gw[col] + sw);
+  if (job.gb != nullptr) job.gb[col] = static_cast<float>(job.gb[col] + sb);
+}
+
+// One norm: blocks over its columns.
+__global__ void __launch_bounds__(32 * kFinishWarps) norm_param_finish_kernel(NormFinishJob job) {
+  finish_param_columns(job, blockIdx.x);
+}
+
+// Several norms in one launch (NormCuda::finish_deferred): norm blockIdx.y, its columns from
+// blockIdx.x * 32 (blocks past a narrower norm's columns do nothing). Each norm's columns get the
+// single kernel's operations in its order: the same bits. The GPU model's 25 norms at GPT-2 124M
+// took 25 launches of about 6 us each (a grid of 24 blocks reading 3 MB), one after its norm's backward.
+constexpr int kFinishJobsPerLaunch = 64;
+struct NormFinishJobs {  // by value in the kernel's parameters (3 KiB, under their 4 KiB)
+  NormFinishJob job[kFinishJobsPerLaunch];
+};
+__global__ void __launch_bounds__(32 * kFinishWarps) norm_param_finish_jobs_kernel(NormFinishJobs jobs) {
+  const NormFinishJob& job = jobs.job[blockIdx.y];
+  if (static_cast<int64_t>(blockIdx.x) * 32 >= job.dim) return;  // the whole block: before the barrier
+  finish_param_columns(job, blockIdx.x);
 }
 
 }  // namespace
