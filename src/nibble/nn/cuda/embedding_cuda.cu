@@ -2,6 +2,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -12,7 +13,6 @@
 namespace nibble::nn::cuda {
 
 using detail::blocks_for;
-using detail::kScatterThreads;
 
 IdErrorFlag::IdErrorFlag() : flag_(1), host_(1) {
   NIBBLE_CUDA_CHECK(cudaMemset(flag_.data(), 0xff, sizeof(unsigned long long)));
@@ -105,10 +105,14 @@ void EmbeddingCuda::backward(const uint32_t* ids, int64_t n, const float* dout, 
   NIBBLE_CUDA_CHECK(cub::DeviceRadixSort::SortPairs(sort_scratch_.data(), scratch_bytes, keys_in_.data(),
                                                     keys_out_.data(), pos_in_.data(), pos_out_.data(),
                                                     static_cast<int>(n), 0, end_bit, stream));
-  const int threads = static_cast<int>(std::min<int64_t>(kScatterThreads, detail::round_up(dim_, 32)));
-  const dim3 grid(static_cast<unsigned>(n), static_cast<unsigned>((dim_ + threads - 1) / threads));
-  detail::scatter_add_kernel<<<grid, threads, 0, stream>>>(keys_out_.data(), pos_out_.data(), n, rows, dim_,
-                                                           dout, grad_.data());
+  const unsigned blocks = blocks_for(n, detail::kScatterWarps);
+  if (dim_ % 4 == 0 && reinterpret_cast<uintptr_t>(dout) % 16 == 0) {  // the gradient is cudaMalloc's, aligned
+    detail::scatter_add_kernel<4><<<blocks, 32 * detail::kScatterWarps, 0, stream>>>(
+        keys_out_.data(), pos_out_.data(), n, rows, dim_, dout, grad_.data());
+  } else {
+    detail::scatter_add_kernel<1><<<blocks, 32 * detail::kScatterWarps, 0, stream>>>(
+        keys_out_.data(), pos_out_.data(), n, rows, dim_, dout, grad_.data());
+  }
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 

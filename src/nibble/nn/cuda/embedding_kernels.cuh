@@ -63,33 +63,78 @@ __global__ void sort_input_kernel(const uint32_t* __restrict__ ids, int64_t n, u
   positions[i] = static_cast<uint32_t>(i);
 }
 
-// One block per sorted entry and slice of kScatterThreads columns (blockIdx.y); only the first entry
-// of each run of equal ids works: its threads (one per column) add the run's gradient rows in
-// position order, as the CPU does. The slices run a long run's columns side by side, not one after
-// another in each thread (GPT-2's 768 columns took three chains a thread). The additions are a
-// chain per column, but the loads are not: a frequent token (runs of thousands in a batch of real
-// text) would otherwise wait one memory latency per row. Rows are loaded kScatterBatch at a
-// time, the next batch while the current one is added. The run's end: galloping over the sorted
-// keys (one load for a run of one, the common case), then binary search in the last gap.
-// Threads per block: 256 keep 8 runs resident per SM for the many short runs. Measured on an H200 at
-// GPT-2's shapes (layers bench): one slice (a thread walking 3 columns) 0.18 ms with uniform ids and
-// 0.35 ms with Zipf ids, 3 slices 0.23 and 0.24 ms (session 13; real text is Zipf-like); a block of
-// 768 threads gave 0.30 and 0.19 ms (docs/benchmarks.md, session 7).
-constexpr int kScatterBatch = 16;
-constexpr int kScatterThreads = 256;
-__global__ void __launch_bounds__(kScatterThreads) scatter_add_kernel(const uint32_t* __restrict__ keys,
-                                                                      const uint32_t* __restrict__ positions,
-                                                                      int64_t n, uint32_t rows, int64_t dim,
-                                                                      const float* __restrict__ dout,
-                                                                      float* __restrict__ grad) {
-  const int64_t i = blockIdx.x;
-  const uint32_t id = keys[i];
-  if (id >= rows || (i > 0 && keys[i - 1] == id)) return;
-  int64_t lo = i + 1, hi = i + 1, step = 1;  // keys[lo - 1] == id throughout
+// The backward's scatter-add over the ids sorted with their positions (stable: a run of equal ids
+// keeps its positions in increasing order). Each id's gradient row adds the run's dout rows in
+// position order, as the CPU does: per column g = ((g + r1) + r2) + ..., the CPU's bits.
+// One warp per sorted entry, kScatterWarps to a block; the warps of a run's first entries share its
+// columns, in slices, and the others return at once:
+// - a run shorter than a row's 32-column slices (nearly every id of a batch): slices of 128 columns,
+//   a lane's 4 neighbouring columns in 16-byte loads (dim a multiple of 4); entry o of the run
+//   takes slices o, o + w, ... with w = min(run length, slices), so a run of one is one warp's work;
+// - a longer run (a frequent token: runs of thousands in a batch of real text): a warp a slice of 32
+//   columns, each lane one column with kBatch1 rows in flight. The additions are a chain per column,
+//   but the loads are not: each lane loads the next batch of rows while it adds the current one, so
+//   a run waits one memory latency per batch, not per row.
+// The run's end: galloping over the sorted keys (one load for a run of one, the common case), then
+// binary search in the last gap. It replaced one block of up to 256 threads per sorted entry and
+// slice of 256 columns (0.19 ms with uniform ids and 0.24 ms with Zipf ids on an H200 at GPT-2's
+// shapes, session 13: 49k blocks for 16k tokens, most of them adding one row): the same additions
+// in 2k blocks of fuller warps.
+constexpr int kScatterWarps = 8;
+constexpr int kBatch4 = 8, kBatch1 = 16;  // rows in flight a lane: 16-byte columns, single columns
+
+__device__ __forceinline__ void add_to(float4& g, const float4& v) { g.x += v.x, g.y += v.y, g.z += v.z, g.w += v.w; }
+__device__ __forceinline__ void add_to(float& g, const float& v) { g += v; }
+
+// One lane's columns c.. (a float4 or a float) of gradient row `id`: the run's rows [start, end) of
+// dout added in order.
+template <typename V, int kBatch>
+__device__ __forceinline__ void add_run_columns(const uint32_t* __restrict__ positions, int64_t start, int64_t end,
+                                                int64_t dim, int64_t c, const float* __restrict__ dout,
+                                                float* __restrict__ g_at) {
+  const auto load = [&](int64_t j0, V (&v)[kBatch]) {
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k)
+      v[k] = j0 + k < end ? *reinterpret_cast<const V*>(dout + static_cast<int64_t>(positions[j0 + k]) * dim + c)
+                          : V{};
+  };
+  V g = *reinterpret_cast<const V*>(g_at);
+  V v[kBatch], next[kBatch];
+  load(start, v);
+  for (int64_t j0 = start; j0 < end; j0 += kBatch) {
+    if (j0 + kBatch < end) load(j0 + kBatch, next);
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k)
+      if (j0 + k < end) add_to(g, v[k]);
+#pragma unroll
+    for (int k = 0; k < kBatch; ++k) v[k] = next[k];
+  }
+  *reinterpret_cast<V*>(g_at) = g;
+}
+
+// kVec 4: the short runs in 16-byte columns (dim a multiple of 4, dout and grad 16-byte aligned);
+// kVec 1: single columns for every run.
+template <int kVec>
+__global__ void __launch_bounds__(32 * kScatterWarps) scatter_add_kernel(const uint32_t* __restrict__ keys,
+                                                                         const uint32_t* __restrict__ positions,
+                                                                         int64_t n, uint32_t rows, int64_t dim,
+                                                                         const float* __restrict__ dout,
+                                                                         float* __restrict__ grad) {
+  const int lane = static_cast<int>(threadIdx.x & 31);
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kScatterWarps + threadIdx.x / 32;
+  if (j >= n) return;
+  const uint32_t id = keys[j];
+  if (id >= rows) return;  // bad ids sort last; the forward flagged them
+  const int64_t slices1 = (dim + 31) / 32, slices4 = (dim + 127) / 128;
+  int64_t o = 0;  // j's offset in its run, where below slices1 (else this warp has nothing to do)
+  while (o < slices1 && j - o > 0 && keys[j - o - 1] == id) ++o;
+  if (o >= slices1) return;
+  const int64_t start = j - o;
+  int64_t lo = start + 1, hi = start + 1, step = 1;  // keys[lo - 1] == id throughout
   while (hi < n && keys[hi] == id) {
     lo = hi + 1;
     step *= 2;
-    hi = i + step;
+    hi = start + step;
   }
   hi = hi < n ? hi : n;  // keys[hi] != id, or hi == n
   while (lo < hi) {
@@ -97,26 +142,20 @@ __global__ void __launch_bounds__(kScatterThreads) scatter_add_kernel(const uint
     if (keys[mid] == id) lo = mid + 1;
     else hi = mid;
   }
-  const int64_t end = lo;
-  const auto load = [&](int64_t j0, int64_t d, float (&v)[kScatterBatch]) {
-#pragma unroll
-    for (int k = 0; k < kScatterBatch; ++k)
-      v[k] = j0 + k < end ? dout[static_cast<int64_t>(positions[j0 + k]) * dim + d] : 0.0f;
-  };
-  for (int64_t d = blockIdx.y * static_cast<int64_t>(blockDim.x) + threadIdx.x; d < dim;
-       d += static_cast<int64_t>(gridDim.y) * blockDim.x) {
-    float g = grad[static_cast<int64_t>(id) * dim + d];
-    float v[kScatterBatch], next[kScatterBatch];
-    load(i, d, v);
-    for (int64_t j0 = i; j0 < end; j0 += kScatterBatch) {
-      if (j0 + kScatterBatch < end) load(j0 + kScatterBatch, d, next);
-#pragma unroll
-      for (int k = 0; k < kScatterBatch; ++k)
-        if (j0 + k < end) g += v[k];
-#pragma unroll
-      for (int k = 0; k < kScatterBatch; ++k) v[k] = next[k];
+  const int64_t end = lo, len = end - start;
+  float* row = grad + static_cast<int64_t>(id) * dim;
+  if (kVec == 4 && len < slices1) {
+    const int64_t workers = len < slices4 ? len : slices4;
+    for (int64_t slice = o; slice < slices4; slice += workers) {
+      const int64_t c = slice * 128 + lane * 4;
+      if (c < dim) add_run_columns<float4, kBatch4>(positions, start, end, dim, c, dout, row + c);
     }
-    grad[static_cast<int64_t>(id) * dim + d] = g;
+  } else {
+    const int64_t workers = len < slices1 ? len : slices1;
+    for (int64_t slice = o; slice < slices1; slice += workers) {
+      const int64_t c = slice * 32 + lane;
+      if (c < dim) add_run_columns<float, kBatch1>(positions, start, end, dim, c, dout, row + c);
+    }
   }
 }
 
