@@ -23,7 +23,7 @@ import sys
 from collections import defaultdict
 
 CLASSES = [  # first match wins, on the short name (template arguments kept, parameter list not)
-    ("memsets (kernel traces only)", ("[memset]",)),
+    ("memsets (kernel traces only)", ("[memset",)),  # "[memset 8 B]": by size
     ("GEMM (cuBLASLt)", ("gemm", "sm90_xmma", "cutlass", "nvjet", "splitkreduce")),
     ("optimizer, gradient norm", ("adamw", "sq_partials", "sqrt_sum", "clip")),  # before "segment"
     # Before "amax": a norm or an activation that computes a quantizing pass's amax is still that layer.

@@ -1,5 +1,5 @@
 // A CUDA injection library that times every kernel a program launches (and its memsets and copies,
-// listed as "[memset]", "[memcpy HtoD]", ...), at the clocks it runs at:
+// listed as "[memset 8 B]" (by size), "[memcpy HtoD]", ...), at the clocks it runs at:
 // CUPTI's activity records (the source torch.profiler reads), unlike ncu, which serialises the
 // kernels and lets the clocks drop between them. Nothing in the program changes:
 //   CUDA_INJECTION64_PATH=build/cuda/bench/libnibble_kernel_trace.so NIBBLE_KERNEL_TRACE=trace.tsv
@@ -90,8 +90,9 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
       const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
       add_interval(demangled(k->name), k->start, k->end);
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMSET) {  // GPU work too (zeroed gradients)
+      // Named by size: the library's own (cuBLASLt's before some GEMMs) apart from ours.
       const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(record);
-      add_interval("[memset]", m->start, m->end);
+      add_interval("[memset " + std::to_string(m->bytes) + " B]", m->start, m->end);
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
       const auto* c = reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
       add_interval(copy_name(c->copyKind), c->start, c->end);
