@@ -413,20 +413,21 @@ void run_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, floa
               kForwardSmem<HD>, [&] { flash_forward_kernel<HD>(d, q, k, v, out, o, lse); });
 }
 
-// Both backward kernels on views of the operands, as flash_backward launches them; amax with the
-// wgmma kernels only.
+// Both backward kernels on views of the operands, as flash_backward launches them; amax and `o`
+// (delta computed by the dq kernel, written to `delta`) with the wgmma kernels only.
 template <int HD>
 void run_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                  const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, Kernels kernels = Kernels::kMmaSync,
-                  const nibble::cuda::ProducerAmax& amax = {}) {
-  if (kernels == Kernels::kWgmma) {  // attention_flash_sm90.cu: dk/dv 64 keys a block, 128 threads; dq 128 queries, 256
+                  float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, Kernels kernels = Kernels::kMmaSync,
+                  const nibble::cuda::ProducerAmax& amax = {}, BF16Heads o = {}) {
+  if (kernels == Kernels::kWgmma) {  // attention_flash_sm90.cu: dq 128 queries, 256 threads; dk/dv 64 keys a block, 128
     const auto blocks = static_cast<unsigned>(d.Tp / kRows), batch = static_cast<unsigned>(d.B);
+    emu::launch(dim3(blocks, static_cast<unsigned>(d.H), batch), kDqSmemBytes,
+                [&] { flash_dq_sm90_kernel(d, q, k, v, dout, o, lse, delta, dq, amax); }, kBlockThreads);
     emu::launch(dim3(static_cast<unsigned>(d.Tp / kKeys), static_cast<unsigned>(d.KV), batch), kDkdvSmemBytes,
                 [&] { flash_dkdv_sm90_kernel(d, q, k, v, dout, lse, delta, dk, dv, amax); }, kDkdvThreads);
-    emu::launch(dim3(blocks, static_cast<unsigned>(d.H), batch), kDqSmemBytes,
-                [&] { flash_dq_sm90_kernel(d, q, k, v, dout, lse, delta, dq, amax); }, kBlockThreads);
     return;
   }
+  ASSERT_EQ(o.base, nullptr) << "the mma.sync kernels read delta";
   const auto tiles = static_cast<unsigned>(d.Tp / kFlashTile), batch = static_cast<unsigned>(d.B);
   emu::launch(dim3(tiles, static_cast<unsigned>(d.KV), batch), kDkdvSmem<HD>,
               [&] { flash_dkdv_kernel<HD, kDkdvQueries<HD>>(d, q, k, v, dout, lse, delta, dk, dv); });
@@ -772,6 +773,36 @@ void check_in_place(const Case& c, std::mt19937_64& rng, Kernels kernels = Kerne
                           << ", expected " << want;
         }
   EXPECT_EQ(wrong, 0u);
+  if (kernels != Kernels::kWgmma) return;
+
+  // The Hopper dq kernel computing delta itself from dO in place and the packed o (as AttentionCoreCuda
+  // has it do where nothing is padded): delta the bits of pack_dout_kernel's order (each 8 columns'
+  // products in an FMA chain, then the 8 sums pairwise), and d_qkv the bits of the run given that delta.
+  std::vector<float> delta_ref(n_lse);
+  for (size_t r = 0; r < n_lse; ++r) {
+    float part[8];
+    for (int l = 0; l < 8; ++l) {
+      part[l] = 0.0f;
+      for (int64_t j = 8 * l; j < 8 * l + 8; ++j)
+        part[l] = std::fma(__bfloat162float(dout[r * HD + j]), __bfloat162float(o_p[r * HD + j]), part[l]);
+    }
+    delta_ref[r] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  }
+  std::vector<bf16> dqkv_given(qkv.size(), __float2bfloat16_rn(NAN)), dqkv_computed(qkv.size(), __float2bfloat16_rn(NAN));
+  std::vector<float> delta_computed(n_lse, NAN);
+  const auto grads = [&](std::vector<bf16>& m) {
+    std::array<HeadGrad, 3> g;
+    g[0].b16 = heads_in_rows(m.data(), d, width, 0);
+    g[1].b16 = heads_in_rows(m.data(), d, width, c.H * HD);
+    g[2].b16 = heads_in_rows(m.data(), d, width, (c.H + c.KV) * HD);
+    return g;
+  };
+  const auto given = grads(dqkv_given), computed = grads(dqkv_computed);
+  run_backward<HD>(d, q_in, k_in, v_in, dout_in, lse_i.data(), delta_ref.data(), given[0], given[1], given[2], kernels);
+  run_backward<HD>(d, q_in, k_in, v_in, dout_in, lse_i.data(), delta_computed.data(), computed[0], computed[1],
+                   computed[2], kernels, {}, heads(d, o_p, c.H));
+  EXPECT_EQ(std::memcmp(delta_computed.data(), delta_ref.data(), n_lse * sizeof(float)), 0) << "delta";
+  EXPECT_EQ(std::memcmp(dqkv_computed.data(), dqkv_given.data(), dqkv_given.size() * sizeof(bf16)), 0) << "d_qkv";
 }
 
 TEST(FlashAttentionEmulation, InPlaceHeadsGiveThePackedBits) {

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "nibble/nn/cuda/attention_flash.cuh"
+#include "nibble/nn/cuda/attention_flash_util.cuh"
 #include "nibble/nn/cuda/kernel_util.cuh"
 #include "nibble/nn/cuda/layers_cuda.h"
 
@@ -163,16 +164,9 @@ __global__ void pack_dout_kernel(const In* __restrict__ dout, Dims d, __nv_bfloa
       }
       if (packed != nullptr)
         *reinterpret_cast<uint4*>(packed + r * d.hdp + c0) = make_uint4(bits[0], bits[1], bits[2], bits[3]);
-      if (o != nullptr) {
-        const uint4 ov = *reinterpret_cast<const uint4*>(o + r * d.hdp + c0);
-        const uint32_t ow[4] = {ov.x, ov.y, ov.z, ov.w};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const float dv = __uint_as_float((j % 2 == 0 ? bits[j / 2] << 16 : bits[j / 2] & 0xFFFF0000u));
-          const float ovj = __uint_as_float((j % 2 == 0 ? ow[j / 2] << 16 : ow[j / 2] & 0xFFFF0000u));
-          dot += dv * ovj;
-        }
-      }
+      if (o != nullptr)
+        dot = detail::bf16x8_dot(make_uint4(bits[0], bits[1], bits[2], bits[3]),
+                                 *reinterpret_cast<const uint4*>(o + r * d.hdp + c0), dot);
     }
   }
   if (o == nullptr) return;  // uniform across the grid
@@ -433,15 +427,23 @@ void AttentionCoreCuda::backward_impl(const In* d_out, Out* d_qkv, cudaStream_t 
     dv.f32 = detail::packed_heads(ws_.dv.data(), fd, d.KV);
   }
   if (fused) ws_.delta.reserve(n(d.B * d.H * d.Tp));
-  pack_dout_kernel<<<blocks_for(d.B * d.H * d.Tp * kDoutLanes, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
-      d_out, d, dout_heads.base == nullptr ? ws_.dout.data() : nullptr, fused ? o_.data() : nullptr,
-      fused ? ws_.delta.data() : nullptr);
-  NIBBLE_CUDA_CHECK_LAUNCH();
+  // dO packed for the kernels (unless they read it in place), and delta = rowsum(dO o) for the fused
+  // kernels, unless the Hopper kernels compute it (dO in place, nothing padded).
+  const bool delta_in_kernel = fused && dout_heads.base != nullptr && detail::flash_delta_in_kernel(fd);
+  if (dout_heads.base == nullptr || (fused && !delta_in_kernel)) {
+    const bool delta_here = fused && !delta_in_kernel;
+    pack_dout_kernel<<<blocks_for(d.B * d.H * d.Tp * kDoutLanes, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
+        d_out, d, dout_heads.base == nullptr ? ws_.dout.data() : nullptr, delta_here ? o_.data() : nullptr,
+        delta_here ? ws_.delta.data() : nullptr);
+    NIBBLE_CUDA_CHECK_LAUNCH();
+  }
   bool amax_done = false;
   if (fused) {
     if (dout_heads.base == nullptr) dout_heads = detail::packed_heads<const __nv_bfloat16>(ws_.dout.data(), fd, d.H);
+    const detail::BF16Heads o_heads =
+        delta_in_kernel ? detail::packed_heads<const __nv_bfloat16>(o_.data(), fd, d.H) : detail::BF16Heads{};
     amax_done = detail::flash_backward(fd, q_heads_, k_heads_, v_heads_, dout_heads, lse_.data(), ws_.delta.data(), dq,
-                                       dk, dv, stream, amax);
+                                       dk, dv, stream, amax, o_heads);
   } else {
     gemm_backward(stream);
   }

@@ -545,17 +545,24 @@ bool flash_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, fl
   return false;
 }
 
+bool flash_delta_in_kernel(const FlashDims& d) { return flash_sm90_applies(d) && d.T == d.Tp && d.hd == d.HD; }
+
 bool flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                    const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream,
-                    const nibble::cuda::ProducerAmax& amax) {
+                    float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream,
+                    const nibble::cuda::ProducerAmax& amax, BF16Heads o) {
   check_flash_dims(d);
   check_flash_views(d, {q, k, v, dout}, {dq, dk, dv});
+  if (o.base != nullptr) {
+    if (!flash_delta_in_kernel(d))
+      throw std::logic_error("flash_backward: delta is computed in the kernels only by the Hopper kernels, unpadded");
+    check_flash_views(d, {o});
+  }
   if (flash_sm90_applies(d)) {
     // In place in d_qkv's rows (heads_in_rows: T = Tp), whose 16-row blocks the warps' rows then are.
     const bool in_kernel = amax && dq.b16.base != nullptr && dk.b16.base != nullptr && dv.b16.base != nullptr &&
                            d.T % 16 == 0;
-    flash_backward_sm90(d, q, k, v, dout, lse, delta, dq, dk, dv, in_kernel ? amax : nibble::cuda::ProducerAmax{},
-                        stream);
+    flash_backward_sm90(d, q, k, v, dout, o, lse, delta, dq, dk, dv,
+                        in_kernel ? amax : nibble::cuda::ProducerAmax{}, stream);
     return in_kernel;
   }
   if (d.HD == 64) backward_impl<64>(d, q, k, v, dout, lse, delta, dq, dk, dv, stream);

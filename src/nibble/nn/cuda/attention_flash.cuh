@@ -90,15 +90,20 @@ using BF16Heads = HeadRows<const __nv_bfloat16>;
 bool flash_forward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, __nv_bfloat16* o, float* lse,
                    cudaStream_t stream, __nv_bfloat16* out16 = nullptr, const nibble::cuda::ProducerAmax& amax = {});
 
-// Backward, from dO (BF16, zero rows beyond T) and delta [B, H, Tp] = rowsum(dO o). Writes dq
-// (H heads), dk and dv (KV heads; overwritten, every row up to Tp of a packed view; dk and dv
-// summed over the heads of each KV group in a fixed order).
+// Backward, from dO (BF16, zero rows beyond T) and delta [B, H, Tp] = rowsum(dO o) (attention_cuda.cu's
+// pack_dout_kernel computes it). Writes dq (H heads), dk and dv (KV heads; overwritten, every row
+// up to Tp of a packed view; dk and dv summed over the heads of each KV group in a fixed order).
 // `amax`: that of the fused NVFP4 pass over the three in BF16 in place, the rows of d_qkv
 // [B*T x (H + 2 KV) hd] (heads_in_rows views), computed by the Hopper kernels where T is a multiple
 // of 16; returns whether it was (as flash_forward).
+// `o` (the forward's packed o): the kernels compute delta themselves, the same bits, and write it
+// to `delta`; only where flash_delta_in_kernel(d) (std::logic_error otherwise).
 bool flash_backward(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                    const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream,
-                    const nibble::cuda::ProducerAmax& amax = {});
+                    float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv, cudaStream_t stream,
+                    const nibble::cuda::ProducerAmax& amax = {}, BF16Heads o = {});
+// Whether flash_backward computes delta from `o` for these dims: the Hopper kernels, T = Tp and
+// hd = HD = 64 (nothing padded).
+bool flash_delta_in_kernel(const FlashDims& d);
 
 // Hopper (sm_90a) kernels for HD 64 with Tp a multiple of 128 (attention_flash_sm90.cu: wgmma, blocks
 // of 128 queries or keys, tiles of 64 of the other), which flash_forward and flash_backward take where
@@ -109,8 +114,8 @@ void set_flash_wgmma(bool enabled);
 // `amax` (may be empty): computed in the kernels, as flash_forward and flash_backward say where.
 void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, float* out, __nv_bfloat16* o,
                         float* lse, __nv_bfloat16* out16, const nibble::cuda::ProducerAmax& amax, cudaStream_t stream);
-void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                         const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv,
+void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, BF16Heads o,
+                         const float* lse, float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv,
                          const nibble::cuda::ProducerAmax& amax, cudaStream_t stream);
 
 }  // namespace nibble::nn::cuda::detail

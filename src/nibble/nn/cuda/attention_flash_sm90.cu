@@ -422,11 +422,15 @@ __device__ __forceinline__ void score_products(float (&s)[32], float (&dp)[32], 
 //   dS = scale P (dP - delta), P = 2^(S c - lse), in registers
 //   dQ += dS K               wgmma with dS from registers and K as an MN-major tile
 // Shared memory: Q and dO (128 rows each), then two buffers each of K and V.
+// With `o` (the forward's packed output; dO in place, T = Tp, hd = 64), the kernel computes its rows'
+// delta = rowsum(dO o) itself, in pack_dout_kernel's order (the same bits: 8 chunk sums of 8
+// products, bf16x8_dot, then pairwise), and writes it for the dk/dv kernel, which runs after it:
+// a pass over dO and o (50 MB a GPT-2 layer at 16k tokens) and a launch fewer a layer.
 constexpr size_t kDqSmemBytes = (2 * kRows + 4 * kKeys) * 128 + 1024;
 
 __global__ void __launch_bounds__(kBlockThreads, 2)
-    flash_dq_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout,
-                         const float* __restrict__ lse, const float* __restrict__ delta, HeadGrad dq,
+    flash_dq_sm90_kernel(FlashDims d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, BF16Heads o,
+                         const float* __restrict__ lse, float* __restrict__ delta, HeadGrad dq,
                          nibble::cuda::ProducerAmax amax) {
 #ifdef NIBBLE_FLASH_SM90_KERNELS
   extern __shared__ uint8_t smem_raw[];
@@ -447,7 +451,22 @@ __global__ void __launch_bounds__(kBlockThreads, 2)
   const int row_in_tile = 64 * wg + 16 * warp + g;  // this thread's rows: it and it + 8
   const int64_t row0 = qt * kRows + row_in_tile;
   const float L[2] = {lse[head * d.Tp + row0], lse[head * d.Tp + row0 + 8]};
-  const float D[2] = {delta[head * d.Tp + row0], delta[head * d.Tp + row0 + 8]};
+  float D[2];
+  if (o.base != nullptr) {  // the quad's lane t4 takes columns 16 t4 .. 16 t4 + 15: chunks 2 t4, 2 t4 + 1
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const auto* dr = reinterpret_cast<const uint4*>(dout.at(b, h, row0 + 8 * r)) + 2 * t4;
+      const auto* or_ = reinterpret_cast<const uint4*>(o.at(b, h, row0 + 8 * r)) + 2 * t4;
+      float sum = bf16x8_dot(dr[0], or_[0], 0.0f) + bf16x8_dot(dr[1], or_[1], 0.0f);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      D[r] = sum;
+      if (t4 == 0) delta[head * d.Tp + row0 + 8 * r] = sum;
+    }
+  } else {
+    D[0] = delta[head * d.Tp + row0];
+    D[1] = delta[head * d.Tp + row0 + 8];
+  }
   const uint64_t desc_q = descriptor(sQ + wg * (kQBytes / 2)), desc_do = descriptor(sdO + wg * (kQBytes / 2));
   float acc[32] = {};
   const int64_t n_kv = (qt + 1) * (kRows / kKeys);
@@ -659,19 +678,21 @@ void flash_forward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads 
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 
-void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, const float* lse,
-                         const float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv,
+void flash_backward_sm90(const FlashDims& d, BF16Heads q, BF16Heads k, BF16Heads v, BF16Heads dout, BF16Heads o,
+                         const float* lse, float* delta, HeadGrad dq, HeadGrad dk, HeadGrad dv,
                          const nibble::cuda::ProducerAmax& amax, cudaStream_t stream) {
+  // dq first: with `o` it writes the delta the dk/dv kernel reads. (Of the amax words, the dk/dv
+  // kernel's first warp zeroes the next slot; either order does.)
+  NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dq_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kDqSmemBytes)));
+  const dim3 q_grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
+  flash_dq_sm90_kernel<<<q_grid, kBlockThreads, kDqSmemBytes, stream>>>(d, q, k, v, dout, o, lse, delta, dq, amax);
+  NIBBLE_CUDA_CHECK_LAUNCH();
   NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dkdv_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                          static_cast<int>(kDkdvSmemBytes)));
   const dim3 kv_grid(static_cast<unsigned>(d.Tp / kKeys), static_cast<unsigned>(d.KV), static_cast<unsigned>(d.B));
   flash_dkdv_sm90_kernel<<<kv_grid, kDkdvThreads, kDkdvSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dk, dv,
                                                                               amax);
-  NIBBLE_CUDA_CHECK_LAUNCH();
-  NIBBLE_CUDA_CHECK(cudaFuncSetAttribute(flash_dq_sm90_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kDqSmemBytes)));
-  const dim3 q_grid(static_cast<unsigned>(d.Tp / kRows), static_cast<unsigned>(d.H), static_cast<unsigned>(d.B));
-  flash_dq_sm90_kernel<<<q_grid, kBlockThreads, kDqSmemBytes, stream>>>(d, q, k, v, dout, lse, delta, dq, amax);
   NIBBLE_CUDA_CHECK_LAUNCH();
 }
 #endif  // NIBBLE_FLASH_HOST_EMULATION

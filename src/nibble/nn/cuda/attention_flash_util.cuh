@@ -24,6 +24,19 @@ __device__ inline uint32_t pack_bf16(float lo, float hi) {
 __device__ inline float bf16_lo(uint32_t pair) { return bits_float(pair << 16); }
 __device__ inline float bf16_hi(uint32_t pair) { return bits_float(pair & 0xFFFF0000u); }
 
+// acc + sum_j a_j b_j over the 8 BF16 of each operand (4 pairs, pack_bf16's order), j in order, one
+// FMA each: delta = rowsum(dO o)'s part over 8 columns (attention_cuda.cu's pack_dout_kernel, and the
+// Hopper dq kernel where it computes delta itself: the same bits).
+__device__ inline float bf16x8_dot(uint4 a, uint4 b, float acc) {
+  const uint32_t aw[4] = {a.x, a.y, a.z, a.w}, bw[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const uint32_t x = aw[j / 2], y = bw[j / 2];
+    acc = j % 2 == 0 ? fmaf(bf16_lo(x), bf16_lo(y), acc) : fmaf(bf16_hi(x), bf16_hi(y), acc);
+  }
+  return acc;
+}
+
 // Columns col, col + 1 of row t of head h of sequence b of a gradient, in FP32 or in BF16.
 __device__ inline void store_pair(const HeadGrad& g, int64_t b, int64_t h, int64_t t, int col, float x, float y) {
   if (g.f32.base != nullptr)
