@@ -33,7 +33,7 @@ CLASSES = [  # first match wins, on the short name (template arguments kept, par
                                     "multiply_scalars")),
     ("attention (flash kernels, softmax, packing, RoPE)", ("flash", "softmax", "rope", "probs_from_lse", "pack_")),
     ("LM-head loss", ("cross_entropy", "mean_kernel")),
-    ("embeddings", ("gather", "scatter", "radix", "sort")),
+    ("embeddings", ("gather", "embed_rows", "scatter", "position_grad", "radix", "sort")),
 ]
 
 

@@ -266,7 +266,7 @@ TEST(LmHeadLossCuda, WeightChangedRereadsTheWeight) {
 
 // The GPU model's final norm writes the head's input in BF16 into bf16_hidden(): the *_bf16_hidden
 // calls on hidden rounded to nearest even give the FP32 forms' bits (loss, dH, dW onto a start),
-// in chunks that do not divide the rows; a call before anything was written is refused.
+// in chunks that do not divide the rows; a call for more rows than bf16_hidden() handed out is refused.
 TEST(LmHeadLossCuda, Bf16HiddenGivesTheFp32FormsBits) {
   const int64_t rows = 150, d = 64, vocab = 300;
   std::mt19937_64 rng(test::fresh_seed());
@@ -289,6 +289,8 @@ TEST(LmHeadLossCuda, Bf16HiddenGivesTheFp32FormsBits) {
     DeviceBuffer<float> d_dh(static_cast<size_t>(rows * d)), d_dw{std::span<const float>(g0)};
     DeviceBuffer<double> d_l(2);
     if (bf16) {
+      EXPECT_THROW(head.loss_bf16_hidden(d_w.data(), d_targets.data(), rows, d_l.data(), nullptr), std::logic_error);
+      head.bf16_hidden(rows - 1);  // fewer rows handed out than then asked for
       EXPECT_THROW(head.loss_bf16_hidden(d_w.data(), d_targets.data(), rows, d_l.data(), nullptr), std::logic_error);
       NIBBLE_CUDA_CHECK(cudaMemcpy(head.bf16_hidden(rows), h16.data(), h16.size() * 2, cudaMemcpyHostToDevice));
       head.forward_backward_bf16_hidden(d_w.data(), d_targets.data(), rows, 0.25f, d_l.data(), d_dh.data(),

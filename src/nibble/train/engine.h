@@ -21,7 +21,9 @@ struct StepOutcome {
   double grad_norm = 0.0;
   bool updated = false;  // false: the update was skipped (the loss or the norm not finite)
   // How long finish_step() waited for a device that computes elsewhere (the GPU), -1 where none does:
-  // what the host was ahead of the device by. Near 0, the host's enqueuing limited the step.
+  // what the host was ahead of the device by at the step's end. Near 0, the host's enqueuing limited
+  // the step. (Not counted: a wait within the step, which the token staging makes from a step's
+  // fourth micro-batch on, when the host is three micro-batches ahead.)
   double device_wait_s = -1.0;
 };
 

@@ -426,6 +426,7 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
                                        int64_t batch, int64_t seq, float grad_scale, double* loss) {
   upload_tokens(inputs, targets, batch, seq);
   const int64_t rows = rows_;
+  for (ncu::NormCuda* n : norms_) n->drop_param_finish();  // left by a backward cut short, if any
   const bool bf16_hidden = forward_hidden(batch, seq);
   // The logits' gradient is grad_scale / rows * (softmax - onehot), as on the CPU; with tied
   // embeddings the head's weight gradient goes straight into the table's, as on the CPU.

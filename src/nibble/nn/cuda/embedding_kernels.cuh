@@ -81,7 +81,10 @@ __global__ void sort_input_kernel(const uint32_t* __restrict__ ids, int64_t n, u
 // shapes, session 13: 49k blocks for 16k tokens, most of them adding one row): the same additions
 // in 2k blocks of fuller warps.
 constexpr int kScatterWarps = 8;
-constexpr int kBatch4 = 8, kBatch1 = 16;  // rows in flight a lane: 16-byte columns, single columns
+// Rows in flight a lane: 4 in 16-byte columns (short runs: one batch for nearly every id; 8 took
+// 94 registers, two blocks an SM), 16 in single columns (the long runs' chains). With four blocks an
+// SM asked for, ptxas fits the kernel in 64 registers without spills (sm_90a): 32 warps an SM.
+constexpr int kBatch4 = 4, kBatch1 = 16;
 
 __device__ __forceinline__ void add_to(float4& g, const float4& v) { g.x += v.x, g.y += v.y, g.z += v.z, g.w += v.w; }
 __device__ __forceinline__ void add_to(float& g, const float& v) { g += v; }
@@ -115,7 +118,7 @@ __device__ __forceinline__ void add_run_columns(const uint32_t* __restrict__ pos
 // kVec 4: the short runs in 16-byte columns (dim a multiple of 4, dout and grad 16-byte aligned);
 // kVec 1: single columns for every run.
 template <int kVec>
-__global__ void __launch_bounds__(32 * kScatterWarps) scatter_add_kernel(const uint32_t* __restrict__ keys,
+__global__ void __launch_bounds__(32 * kScatterWarps, 4) scatter_add_kernel(const uint32_t* __restrict__ keys,
                                                                          const uint32_t* __restrict__ positions,
                                                                          int64_t n, uint32_t rows, int64_t dim,
                                                                          const float* __restrict__ dout,

@@ -145,9 +145,11 @@ class NormCuda {
   // With set_defer_param_finish(true), backward() leaves the last step of the weight and bias
   // gradients (adding the per-chunk partials to them) to finish_deferred(), which does it for many
   // norms in one launch, the same bits (the GPU model: all its norms after each backward); a second
-  // backward before that throws std::logic_error.
+  // backward before that throws std::logic_error. drop_param_finish() (and zero_grad()) forget a
+  // pending one: a backward that was cut short (an exception) leaves nothing to add.
   void set_defer_param_finish(bool on) { defer_finish_ = on; }
   bool param_finish_pending() const { return pending_finish_; }
+  void drop_param_finish() { pending_finish_ = false; }
   static void finish_deferred(std::span<NormCuda* const> norms, cudaStream_t stream);
 
  private:

@@ -57,6 +57,7 @@ int64_t LmHeadLossCuda::rows_per_chunk(int64_t rows) const {
 bf16_t* LmHeadLossCuda::bf16_hidden(int64_t rows) {
   if (rows <= 0) throw std::invalid_argument("LmHeadLossCuda: rows must be positive, got " + std::to_string(rows));
   hidden_bf16_.reserve(static_cast<size_t>(rows * d_));
+  hidden_rows_ = rows;
   return reinterpret_cast<bf16_t*>(hidden_bf16_.data());
 }
 
@@ -95,8 +96,9 @@ void LmHeadLossCuda::run(const float* weight, const uint32_t* targets, int64_t r
                          double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream,
                          bool overwrite_grad) {
   if (rows <= 0) throw std::invalid_argument("LmHeadLossCuda: rows must be positive, got " + std::to_string(rows));
-  if (hidden_bf16_.size() < static_cast<size_t>(rows * d_))
-    throw std::logic_error("LmHeadLossCuda: " + std::to_string(rows) + " rows of hidden were not written");
+  if (rows > hidden_rows_)
+    throw std::logic_error("LmHeadLossCuda: " + std::to_string(rows) + " rows of hidden asked for, " +
+                           std::to_string(hidden_rows_) + " handed out by bf16_hidden()");
   if (!weight_valid_ || weight != weight_source_) {
     weight_bf16_.reserve(static_cast<size_t>(vocab_ * d_));
     to_bf16(weight, vocab_ * d_, weight_bf16_.data(), stream);

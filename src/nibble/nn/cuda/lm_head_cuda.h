@@ -106,7 +106,7 @@ class LmHeadLossCuda {
   int64_t chunk_buffer_bytes() const { return static_cast<int64_t>(logits_.bytes()); }
 
  private:
-  // hidden_bf16_ holds hidden's rows.
+  // hidden_bf16_ holds hidden's rows (at least `rows` of them handed out by bf16_hidden()).
   void run(const float* weight, const uint32_t* targets, int64_t rows, float grad_scale, bool backward,
            double* loss_mean, float* dhidden, float* weight_grad, cudaStream_t stream, bool overwrite_grad = false);
 
@@ -119,6 +119,7 @@ class LmHeadLossCuda {
   int64_t weight_roundings_ = 0;
   DeviceBuffer<__nv_bfloat16> weight_bf16_;  // [vocab x d]
   DeviceBuffer<__nv_bfloat16> hidden_bf16_;  // [rows x d]
+  int64_t hidden_rows_ = 0;                  // the rows the last bf16_hidden() handed out
   DeviceBuffer<__nv_bfloat16> logits_;      // one chunk [chunk x vocab]: logits, then dlogits
 };
 

@@ -50,6 +50,7 @@ NormCuda::NormCuda(int64_t dim, NormKind kind, float eps) : dim_(dim), kind_(kin
 }
 
 void NormCuda::zero_grad(cudaStream_t stream) {
+  pending_finish_ = false;  // the partials of a backward that did not finish add to nothing now
   weight_grad_.zero(stream);
   bias_grad_.zero(stream);
 }
@@ -168,19 +169,21 @@ void NormCuda::backward_impl(const DyT* dy, const XhT* xhat, float* dx, cudaStre
 void NormCuda::finish_deferred(std::span<NormCuda* const> norms, cudaStream_t stream) {
   static_assert(sizeof(NormFinishJobs) <= 4096, "kernel parameters are limited to 4 KiB");
   NormFinishJobs jobs{};
+  NormCuda* in_launch[kFinishJobsPerLaunch];
   unsigned count = 0, col_blocks = 0;
   const auto launch = [&] {
     if (count == 0) return;
     norm_param_finish_jobs_kernel<<<dim3(col_blocks, count), 32 * kFinishWarps, 0, stream>>>(jobs);
     NIBBLE_CUDA_CHECK_LAUNCH();
+    for (unsigned i = 0; i < count; ++i) in_launch[i]->pending_finish_ = false;
     count = col_blocks = 0;
   };
   for (NormCuda* norm : norms) {
     if (!norm->pending_finish_) continue;
-    jobs.job[count++] = finish_job(norm->partials_.data(), norm->pending_chunks_, norm->dim_, norm->weight_grad_.data(),
-                                   norm->has_bias() ? norm->bias_grad_.data() : nullptr);
+    jobs.job[count] = finish_job(norm->partials_.data(), norm->pending_chunks_, norm->dim_, norm->weight_grad_.data(),
+                                 norm->has_bias() ? norm->bias_grad_.data() : nullptr);
+    in_launch[count++] = norm;
     col_blocks = std::max(col_blocks, blocks_for(norm->dim_, 32));
-    norm->pending_finish_ = false;
     if (count == kFinishJobsPerLaunch) launch();
   }
   launch();

@@ -103,45 +103,57 @@ class DeviceBuffer {
   size_t count_ = 0;
 };
 
-// Pinned host memory that asynchronous copies to the device read from: write() waits until the
-// last copy out of it (marked by copied()) has run, so the host never overwrites data in flight,
-// and otherwise never waits for the device.
+// Pinned host memory that asynchronous copies to the device read from, two buffers used in turn:
+// write() waits until the copies out of the buffer it hands back (marked by copied() two write()s
+// ago) have run, so the host never overwrites data in flight, and otherwise never waits for the
+// device. With one buffer, a step's third micro-batch waited for the first's compute (its tokens'
+// copy queued behind it).
 template <typename T>
 class HostStaging {
  public:
   HostStaging() = default;
-  ~HostStaging() { release(); }
+  ~HostStaging() {
+    for (Buffer& b : buffers_) b.release();
+  }
   HostStaging(const HostStaging&) = delete;
   HostStaging& operator=(const HostStaging&) = delete;
 
   // `count` elements to fill, valid until the next write().
   T* write(size_t count) {
-    if (event_ != nullptr) NIBBLE_CUDA_CHECK(cudaEventSynchronize(event_));
-    if (count > count_) {
-      release();
-      NIBBLE_CUDA_CHECK(cudaMallocHost(&ptr_, count * sizeof(T)));
-      NIBBLE_CUDA_CHECK(cudaEventCreateWithFlags(&event_, cudaEventDisableTiming));
-      count_ = count;
+    Buffer& b = buffers_[turn_];
+    if (b.event != nullptr) NIBBLE_CUDA_CHECK(cudaEventSynchronize(b.event));
+    if (count > b.count) {
+      b.release();
+      NIBBLE_CUDA_CHECK(cudaMallocHost(&b.ptr, count * sizeof(T)));
+      NIBBLE_CUDA_CHECK(cudaEventCreateWithFlags(&b.event, cudaEventDisableTiming));
+      b.count = count;
     }
-    return ptr_;
+    return b.ptr;
   }
-  // Marks the copies issued on `stream` so far as the last ones that read the memory.
-  void copied(cudaStream_t stream) { NIBBLE_CUDA_CHECK(cudaEventRecord(event_, stream)); }
+  // Marks the copies issued on `stream` so far as the last ones that read the last write()'s memory.
+  void copied(cudaStream_t stream) {
+    NIBBLE_CUDA_CHECK(cudaEventRecord(buffers_[turn_].event, stream));
+    turn_ ^= 1;
+  }
 
  private:
-  void release() {
-    if (event_ != nullptr) {
-      cudaEventSynchronize(event_);
-      cudaEventDestroy(event_);
+  struct Buffer {
+    T* ptr = nullptr;
+    cudaEvent_t event = nullptr;
+    size_t count = 0;
+    void release() {
+      if (event != nullptr) {
+        cudaEventSynchronize(event);
+        cudaEventDestroy(event);
+      }
+      if (ptr != nullptr) cudaFreeHost(ptr);
+      ptr = nullptr;
+      event = nullptr;
+      count = 0;
     }
-    if (ptr_ != nullptr) cudaFreeHost(ptr_);
-    ptr_ = nullptr;
-    event_ = nullptr;
-    count_ = 0;
-  }
-  T* ptr_ = nullptr;
-  cudaEvent_t event_ = nullptr;
-  size_t count_ = 0;
+  };
+  Buffer buffers_[2];
+  int turn_ = 0;
 };
 
 // Pinned host memory that asynchronous copies from the device write into, read by the host after it
