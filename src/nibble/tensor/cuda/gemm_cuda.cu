@@ -120,6 +120,11 @@ GemmRunner::GemmRunner(bool tune) {
   handle_ = handle;
   NIBBLE_CUDA_CHECK(cudaMalloc(&workspace_, kWorkspaceBytes));
   workspace_bytes_ = kWorkspaceBytes;
+  // NIBBLE_GEMM_WORKSPACE=<bytes> (at most the default) limits what the algorithms may use, for
+  // measurements: cuBLASLt zeroes a 4-byte word of it before many of its Hopper kernels (a memset
+  // and its gaps, about 100 a training step), which algorithms without a workspace may not need.
+  if (const char* ws = std::getenv("NIBBLE_GEMM_WORKSPACE"); ws != nullptr && *ws != '\0')
+    workspace_bytes_ = std::min<size_t>(kWorkspaceBytes, std::strtoull(ws, nullptr, 10));
   const char* setting = std::getenv("NIBBLE_GEMM_TUNE");
   autotune_ = tune && !(setting != nullptr && std::string(setting) == "0");
   const float constants[3] = {1.0f, 0.0f, 1.0f};
