@@ -307,7 +307,7 @@ nibble::cuda::ProducerAmax gelu_amax(nn::MlpKind kind, Dst*, Get get) {
 
 }  // namespace
 
-bool GptCuda::forward_hidden(int64_t batch, int64_t seq) {
+void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq;
   if (pos_embed_)
     tok_embed_.forward_with_positions(device_ids(), batch, seq, *pos_embed_, x_.data(), stream_);
@@ -380,15 +380,16 @@ bool GptCuda::forward_hidden(int64_t batch, int64_t seq) {
       }, x_.data(), true);
     });
   }
-  // The LM head's input: in BF16 straight into the head where the blocks' activations are BF16 (the
-  // head's GEMMs round it so anyway; the norm then saves its rows in BF16 as the others do), else FP32.
+  // The LM head's input, which its GEMMs take rounded to BF16: straight into the head where the
+  // blocks' activations are BF16 (the norm then saves its rows in BF16 as the others do), else in
+  // FP32 (the fp32 recipe's FP32 rows), then rounded into the head.
   if (!blocks_.empty() && blocks_.back()->fc.takes_bf16_input()) {
     norm_f_.forward(x_.data(), rows, head_.bf16_hidden(rows), stream_);
-    return true;
+    return;
   }
   hidden_.reserve(static_cast<size_t>(rows * norm_f_.dim()));
   norm_f_.forward(x_.data(), rows, hidden_.data(), stream_);
-  return false;
+  head_.round_hidden(hidden_.data(), rows, stream_);
 }
 
 double GptCuda::read_loss() {
@@ -409,10 +410,8 @@ void GptCuda::check_ids() {
 double GptCuda::loss(std::span<const uint32_t> inputs, std::span<const uint32_t> targets, int64_t batch,
                      int64_t seq) {
   upload_tokens(inputs, targets, batch, seq);
-  if (forward_hidden(batch, seq))
-    head_.loss_bf16_hidden(head_weight(), device_targets(), rows_, loss_dev_.data(), stream_);
-  else
-    head_.loss(head_weight(), hidden_.data(), device_targets(), rows_, loss_dev_.data(), stream_);
+  forward_hidden(batch, seq);
+  head_.loss_bf16_hidden(head_weight(), device_targets(), rows_, loss_dev_.data(), stream_);
   return read_loss();
 }
 
@@ -427,17 +426,12 @@ void GptCuda::enqueue_forward_backward(std::span<const uint32_t> inputs, std::sp
   upload_tokens(inputs, targets, batch, seq);
   const int64_t rows = rows_;
   for (ncu::NormCuda* n : norms_) n->drop_param_finish();  // left by a backward cut short, if any
-  const bool bf16_hidden = forward_hidden(batch, seq);
+  forward_hidden(batch, seq);
   // The logits' gradient is grad_scale / rows * (softmax - onehot), as on the CPU; with tied
   // embeddings the head's weight gradient goes straight into the table's, as on the CPU.
-  const float logit_scale = grad_scale / static_cast<float>(rows);
-  const bool overwrite = linear_ctx_.first_microbatch_writes_grads && microbatch_ == 0;
-  if (bf16_hidden)
-    head_.forward_backward_bf16_hidden(head_weight(), device_targets(), rows, logit_scale, loss, dtmp_.data(),
-                                       head_grad(), stream_, overwrite);
-  else
-    head_.forward_backward(head_weight(), hidden_.data(), device_targets(), rows, logit_scale, loss, dtmp_.data(),
-                           head_grad(), stream_, overwrite);
+  head_.forward_backward_bf16_hidden(head_weight(), device_targets(), rows, grad_scale / static_cast<float>(rows),
+                                     loss, dtmp_.data(), head_grad(), stream_,
+                                     linear_ctx_.first_microbatch_writes_grads && microbatch_ == 0);
   // As in forward_hidden: dY in BF16 straight into the layer where no operand made from it is FP32
   // (`produce(dst)` writes it, float* or bf16_t*; fp32 is the FP32 dY buffer otherwise). dX is then
   // BF16 too, rounded by the Dgrad GEMM's epilogue into dx16 (what the next backward reads), else

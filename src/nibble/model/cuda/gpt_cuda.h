@@ -109,9 +109,9 @@ class GptCuda {
 
  private:
   struct Block;
-  // Runs the model up to the final norm's output, the LM head's input: true where that went in BF16
-  // into the head (LmHeadLossCuda::bf16_hidden), false where into hidden_; ids already on device.
-  bool forward_hidden(int64_t batch, int64_t seq);
+  // Runs the model up to the final norm's output, the LM head's input, which ends up rounded to BF16
+  // in the head (LmHeadLossCuda::bf16_hidden); ids already on device.
+  void forward_hidden(int64_t batch, int64_t seq);
   // The LM head's weight and gradient: the token embedding's when tied.
   float* head_weight();
   float* head_grad();

@@ -430,8 +430,8 @@ void AttentionCoreCuda::backward_impl(const In* d_out, Out* d_qkv, cudaStream_t 
   // dO packed for the kernels (unless they read it in place), and delta = rowsum(dO o) for the fused
   // kernels, unless the Hopper kernels compute it (dO in place, nothing padded).
   const bool delta_in_kernel = fused && dout_heads.base != nullptr && detail::flash_delta_in_kernel(fd);
-  if (dout_heads.base == nullptr || (fused && !delta_in_kernel)) {
-    const bool delta_here = fused && !delta_in_kernel;
+  const bool delta_here = fused && !delta_in_kernel;
+  if (dout_heads.base == nullptr || delta_here) {
     pack_dout_kernel<<<blocks_for(d.B * d.H * d.Tp * kDoutLanes, kWarpRowsThreads), kWarpRowsThreads, 0, stream>>>(
         d_out, d, dout_heads.base == nullptr ? ws_.dout.data() : nullptr, delta_here ? o_.data() : nullptr,
         delta_here ? ws_.delta.data() : nullptr);

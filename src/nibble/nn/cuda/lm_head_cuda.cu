@@ -61,9 +61,13 @@ bf16_t* LmHeadLossCuda::bf16_hidden(int64_t rows) {
   return reinterpret_cast<bf16_t*>(hidden_bf16_.data());
 }
 
+void LmHeadLossCuda::round_hidden(const float* hidden, int64_t rows, cudaStream_t stream) {
+  to_bf16(hidden, rows * d_, reinterpret_cast<__nv_bfloat16*>(bf16_hidden(rows)), stream);
+}
+
 void LmHeadLossCuda::loss(const float* weight, const float* hidden, const uint32_t* targets, int64_t rows,
                           double* loss_mean, cudaStream_t stream) {
-  to_bf16(hidden, rows * d_, reinterpret_cast<__nv_bfloat16*>(bf16_hidden(rows)), stream);
+  round_hidden(hidden, rows, stream);
   loss_bf16_hidden(weight, targets, rows, loss_mean, stream);
 }
 
@@ -75,7 +79,7 @@ void LmHeadLossCuda::loss_bf16_hidden(const float* weight, const uint32_t* targe
 void LmHeadLossCuda::forward_backward(const float* weight, const float* hidden, const uint32_t* targets,
                                       int64_t rows, float grad_scale, double* loss_mean, float* dhidden,
                                       float* weight_grad, cudaStream_t stream, bool overwrite_grad) {
-  to_bf16(hidden, rows * d_, reinterpret_cast<__nv_bfloat16*>(bf16_hidden(rows)), stream);
+  round_hidden(hidden, rows, stream);
   forward_backward_bf16_hidden(weight, targets, rows, grad_scale, loss_mean, dhidden, weight_grad, stream,
                                overwrite_grad);
 }

@@ -89,6 +89,8 @@ class LmHeadLossCuda {
   // their FP32 hidden) by its producer into bf16_hidden(rows) beforehand: the GPU model's final norm,
   // which saves the head a pass over the FP32 rows (and their buffer).
   bf16_t* bf16_hidden(int64_t rows);
+  // Writes FP32 hidden [rows x d] there, rounded (what the FP32 forms above do first).
+  void round_hidden(const float* hidden, int64_t rows, cudaStream_t stream);
   void loss_bf16_hidden(const float* weight, const uint32_t* targets, int64_t rows, double* loss_mean,
                         cudaStream_t stream);
   void forward_backward_bf16_hidden(const float* weight, const uint32_t* targets, int64_t rows, float grad_scale,
