@@ -20,7 +20,9 @@
 #               base per recipe (bench/training_table.py --ab): the GPU's power cap makes runs drift,
 #               so the two builds take turns rather than running one after the other. Without
 #               BASE_BUNDLE, BASE_ARGS="<nibble train options>" makes the base this build run with
-#               them (e.g. BASE_ARGS="--gelu kernel": one switch's effect alone)
+#               them (e.g. BASE_ARGS="--gelu kernel": one switch's effect alone), and
+#               BASE_ENV="NAME=value ..." with those environment variables (e.g.
+#               BASE_ENV="NIBBLE_GEMM_WORKSPACE=0")
 #   profile     per-kernel time of one training step under ncu, grouped by bench/kernel_breakdown.py,
 #               for each of RECIPES (default "nvfp4"); NCU_CACHE=none keeps the caches warm between
 #               kernels as in the training run (default "all": ncu flushes them before each kernel)
@@ -115,19 +117,23 @@ run_train() {
 }
 
 run_ab() {
-  if { [ -n "$base" ] && [ -n "${BASE_ARGS:-}" ]; } || { [ -z "$base" ] && [ -z "${BASE_ARGS:-}" ]; }; then
-    echo "device_check: the ab phase needs BASE_BUNDLE or BASE_ARGS (one of them)" >&2; status=1; return
+  local variants=0
+  [ -n "$base" ] && variants=$((variants + 1))
+  [ -n "${BASE_ARGS:-}${BASE_ENV:-}" ] && variants=$((variants + 1))
+  if [ "$variants" -ne 1 ]; then
+    echo "device_check: the ab phase needs BASE_BUNDLE, or BASE_ARGS and/or BASE_ENV (not both kinds)" >&2; status=1; return
   fi
   [ -n "${DATA:-}" ] || { echo "device_check: the ab phase needs DATA (or a bundle with data)" >&2; status=1; return; }
   echo "== this build and the base, alternately (${ROUNDS:-2} rounds of ${STEPS:-100} steps)"
-  local runs=() i b bin args
+  local runs=() i b bin args envs
   for i in $(seq "${ROUNDS:-2}"); do
     for b in new base; do
-      bin=$nibble args=""
+      bin=$nibble args="" envs=""
       if [ "$b" = base ]; then
-        if [ -n "$base" ]; then bin=$base/src/nibble/cli/nibble; else args=$BASE_ARGS; fi
+        if [ -n "$base" ]; then bin=$base/src/nibble/cli/nibble; else args=${BASE_ARGS:-} envs=${BASE_ENV:-}; fi
       fi
-      TRAIN_ARGS="$args" OUT="$out/ab/$b$i" PYTORCH=0 scripts/bench_training.sh "$DATA" "$bin" "${STEPS:-100}" \
+      # shellcheck disable=SC2086  # BASE_ENV is a list of NAME=value words
+      env $envs TRAIN_ARGS="$args" OUT="$out/ab/$b$i" PYTORCH=0 scripts/bench_training.sh "$DATA" "$bin" "${STEPS:-100}" \
         >"$out/ab-$b$i.log" 2>&1 ||
         { echo "device_check: the $b run $i failed (see $out/ab-$b$i.log)" >&2; status=1; return; }
       runs+=("$b$i=$out/ab/$b$i")

@@ -371,6 +371,40 @@ TEST(GptCuda, OptimizerWeightAmaxGivesTheSameBits) {
   EXPECT_EQ(produced.loss(inputs, targets, batch, seq), own.loss(inputs, targets, batch, seq)) << "after upload_from";
 }
 
+// All NVFP4 weights' 16x16 passes in one launch at the forward's start (the default) give the bits
+// of a launch per weight at its first GEMM: losses, gradients and weights over three steps with AdamW
+// between them (step 1 from weights whose amax no optimizer produced), and the loss after them; each
+// weight quantized once a step either way.
+TEST(GptCuda, BatchedWeightQuantizationGivesTheSameBits) {
+  ProducerAmaxModels m(test::fresh_seed());
+  cuda::GptCuda &batched = m.produced, &single = m.own;
+  single.set_producer_amax(true);
+  single.set_batched_weight_quantization(false);
+  Optimizer opt_a(batched), opt_b(single);
+  for (uint64_t step : {1u, 2u, 3u}) {
+    for (auto [g, o] : {std::pair{&batched, &opt_a}, std::pair{&single, &opt_b}}) {
+      g->set_step(step, 0);
+      g->zero_grad();
+    }
+    const double la = batched.forward_backward(m.inputs, m.targets, m.batch, m.seq);
+    const double lb = single.forward_backward(m.inputs, m.targets, m.batch, m.seq);
+    EXPECT_EQ(la, lb) << "step " << step;
+    EXPECT_EQ(batched.batched_weight_passes(), 4 * 3 * static_cast<int64_t>(step)) << "four weights in each of 3 blocks";
+    for (auto [g, o] : {std::pair{&batched, &opt_a}, std::pair{&single, &opt_b}}) {
+      const std::vector<nibble::cuda::AmaxSlots> amaxes = g->weight_amaxes_for_optimizer();
+      for (size_t i = 0; i < amaxes.size(); ++i) o->tensors[i].amax = amaxes[i];
+      o->adam->step(o->tensors, 1e-3, nullptr, g->stream());
+      g->weights_changed(/*amaxes_produced=*/true);
+    }
+  }
+  batched.set_step(4, 0);
+  single.set_step(4, 0);
+  EXPECT_EQ(batched.loss(m.inputs, m.targets, m.batch, m.seq), single.loss(m.inputs, m.targets, m.batch, m.seq));
+  EXPECT_EQ(batched.batched_weight_passes(), 4 * 3 * 4);
+  EXPECT_EQ(single.batched_weight_passes(), 0);
+  expect_same_parameters(batched, single);
+}
+
 // The optimizer writes the weights' BF16 GEMM copies while it updates them (weight_bf16_for_optimizer,
 // ParamTensor::bf16): the bf16 linear layers' and the LM head's, which then convert nothing. Three
 // steps with AdamW between them give the losses, gradients and weights of the same model converting

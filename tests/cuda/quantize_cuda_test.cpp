@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "nibble/quant/quantize.h"
+#include "nibble/tensor/cuda/device_buffer.h"
 #include "cuda/fused_pass_spec.h"
 #include "quant/test_inputs.h"
 
@@ -448,6 +449,66 @@ TEST(CudaQuantize, Tile16KernelLoopsOverWarpTilesBitForBit) {
     check_tile16(xf, sh.rows, sh.cols);
     check_tile16(test::to_bf16(xf), sh.rows, sh.cols);
   }
+}
+
+// Many weights in one call of nvfp4_quantize_tile16_jobs (33: more than one launch takes), each with
+// W's and W^T's packed copies and W's decoded values, give each weight its own call's bits (which the
+// tests above hold to the CPU reference), and the CPU reference's W; a job with nothing to write is
+// skipped, and a bad job refused.
+TEST(CudaQuantize, Tile16JobsGiveEachWeightItsOwnCallsBits) {
+  std::mt19937_64 rng(fresh_seed() + 10);
+  struct Weight {
+    int64_t rows, cols;
+    std::vector<float> x;
+    cuda::DeviceBuffer<float> dx;
+    cuda::DeviceBuffer<uint32_t> amax{1};
+    cuda::DeviceBuffer<uint8_t> data[2][2], scales[2][2];  // [batched, alone][W, W^T]
+    cuda::DeviceBuffer<uint16_t> decoded[2];
+    cuda::DeviceBuffer<float> g[2][2];
+  };
+  std::vector<Weight> ws(33);
+  std::vector<cuda::Tile16Job> jobs;
+  std::uniform_int_distribution<int64_t> tiles(1, 9);
+  const QuantSpec w_spec = make_spec(Format::kNvfp4, Block::k16x16);
+  for (Weight& w : ws) {
+    w.rows = 16 * tiles(rng), w.cols = 16 * tiles(rng);
+    const size_t n = static_cast<size_t>(w.rows * w.cols);
+    w.x = draw(w.rows, w.cols, &w == &ws[5] ? Dist::kWideBlocks : Dist::kGaussianOutliers, rng);
+    w.dx = cuda::DeviceBuffer<float>(std::span<const float>(w.x));
+    cuda::quantize_amax(w.dx.data(), w.rows, w.cols, w_spec, w.amax.data(), nullptr);
+    cuda::QuantBuffers out[2][2];
+    for (int v = 0; v < 2; ++v) {
+      for (int side = 0; side < 2; ++side) {
+        w.data[v][side] = cuda::DeviceBuffer<uint8_t>(n / 2);
+        w.scales[v][side] = cuda::DeviceBuffer<uint8_t>(n / 256);
+        w.g[v][side] = cuda::DeviceBuffer<float>(1);
+        out[v][side] = {w.data[v][side].data(), w.scales[v][side].data(), w.g[v][side].data()};
+      }
+      w.decoded[v] = cuda::DeviceBuffer<uint16_t>(n);
+      out[v][0].decoded = w.decoded[v].data();
+    }
+    jobs.push_back({w.dx.data(), w.rows, w.cols, w.amax.data(), out[0][0], out[0][1]});
+    cuda::nvfp4_quantize_tile16(w.dx.data(), w.rows, w.cols, w.amax.data(), out[1][0], out[1][1], nullptr);
+  }
+  jobs.push_back({ws[0].dx.data(), ws[0].rows, ws[0].cols, ws[0].amax.data(), {}, {}});  // nothing to write
+  cuda::nvfp4_quantize_tile16_jobs(jobs, nullptr);
+  NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+  for (size_t i = 0; i < ws.size(); ++i) {
+    Weight& w = ws[i];
+    SCOPED_TRACE("weight " + std::to_string(i) + ", " + std::to_string(w.rows) + "x" + std::to_string(w.cols));
+    for (int side = 0; side < 2; ++side) {
+      EXPECT_EQ(w.data[0][side].download(), w.data[1][side].download()) << "codes, side " << side;
+      EXPECT_EQ(w.scales[0][side].download(), w.scales[1][side].download()) << "scales, side " << side;
+      EXPECT_EQ(std::bit_cast<uint32_t>(w.g[0][side].download()[0]), std::bit_cast<uint32_t>(w.g[1][side].download()[0]));
+    }
+    EXPECT_EQ(w.decoded[0].download(), w.decoded[1].download()) << "W's decoded values";
+    const QuantizedTensor cpu = quantize(std::span<const float>(w.x), w.rows, w.cols, w_spec);
+    EXPECT_EQ(w.data[0][0].download(), cpu.data);
+    EXPECT_EQ(w.scales[0][0].download(), cpu.scales);
+  }
+  std::vector<cuda::Tile16Job> bad = {jobs[0]};
+  bad[0].cols = 40;  // not a multiple of 16
+  EXPECT_THROW(cuda::nvfp4_quantize_tile16_jobs(bad, nullptr), std::invalid_argument);
 }
 
 TEST(CudaQuantize, Tile16KernelNonFiniteAndZeroTensors) {

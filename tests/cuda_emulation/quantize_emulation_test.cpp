@@ -148,8 +148,8 @@ float fmax_abs_nan(float m, float v) {
 
 namespace emu {
 
-// Runs kernel() as every thread of every block of `grid` blocks, one block after another.
-void launch(unsigned grid, const std::function<void()>& kernel) {
+// Runs kernel() as every thread of every block of `grid`, one block after another.
+void launch(dim3 grid, const std::function<void()>& kernel) {
   run_grid(dim3(grid), kThreads, [] {
     auto b = std::make_unique<Block>();
     block = b.get();
@@ -462,6 +462,82 @@ TEST(QuantizeEmulation, Tile16EqualsTheCpuReferenceBitForBit) {
   check_tile16(x, 80, 208, 1, false, true);
   check_tile16(x, 80, 208, 1, true, false, /*w_codes=*/false);  // W's decoded values alone
   check_tile16(test::to_bf16(x), 80, 208, 2, true, false, /*w_codes=*/false);
+}
+
+// One tensor's outputs of the 16x16 kernel, filled first with what no quantization writes.
+struct Tile16Outputs {
+  std::vector<uint8_t> w_data, w_scales, t_data, t_scales;
+  std::vector<uint16_t> w_decoded;
+  float g[2] = {-1.0f, -1.0f};
+  Tile16Outputs(size_t n, bool codes)
+      : w_data(codes ? n / 2 : 0, 0xAB), w_scales(codes ? n / 256 : 0, 0xAB), t_data(codes ? n / 2 : 0, 0xAB),
+        t_scales(codes ? n / 256 : 0, 0xAB), w_decoded(n, 0xABCD) {}
+  // With codes: W's and W^T's packed copies and W's decoded values; without: W's decoded values and
+  // both g's alone (what the GPU model's weights take).
+  QuantBuffers w() {
+    return w_data.empty() ? QuantBuffers{nullptr, nullptr, &g[0], w_decoded.data()}
+                          : QuantBuffers{w_data.data(), w_scales.data(), &g[0], w_decoded.data()};
+  }
+  QuantBuffers wt() {
+    return t_data.empty() ? QuantBuffers{nullptr, nullptr, &g[1]} : QuantBuffers{t_data.data(), t_scales.data(), &g[1]};
+  }
+  bool operator==(const Tile16Outputs& o) const {
+    return w_data == o.w_data && w_scales == o.w_scales && t_data == o.t_data && t_scales == o.t_scales &&
+           w_decoded == o.w_decoded && float_bits(g[0]) == float_bits(o.g[0]) && float_bits(g[1]) == float_bits(o.g[1]);
+  }
+};
+
+// Several weights in one launch (nvfp4_tile16_jobs_kernel, as nvfp4_quantize_tile16_jobs launches it:
+// job y, blocks along x up to the largest job's) give each weight the bits of its own launch, which
+// the test above holds to the CPU reference (and W's here too): shapes with partial warp tiles and of
+// several blocks, one job with packed copies, a non-finite weight. Fails when a job's blocks miss
+// tiles or take another job's, or g is written by a block of another job.
+TEST(QuantizeEmulation, Tile16JobsGiveEachWeightItsOwnLaunchBits) {
+  std::mt19937_64 rng(test::fresh_seed());
+  struct Weight {
+    int64_t rows, cols;
+    Values kind;
+    bool codes;
+  };
+  const Weight weights[] = {{48, 80, Values::kOutliers, false},
+                            {208, 336, Values::kWideBlocks, false},
+                            {96, 176, Values::kOutliers, true},
+                            {160, 48, Values::kWithInfinity, false},
+                            {64, 512, Values::kOutliers, false}};
+  std::vector<std::vector<float>> xs;
+  std::vector<std::array<uint32_t, 2>> amax;
+  std::vector<Tile16Outputs> alone, batched;
+  Tile16Jobs jobs{};
+  int64_t blocks = 0;
+  int count = 0;
+  RowColSpec amax_spec;
+  amax_spec.columnwise = false;
+  for (const Weight& w : weights) {
+    xs.push_back(draw(w.rows, w.cols, w.kind, rng));
+    amax.push_back({0, 0});
+    run_kernel<float, true, Rounding::kNearestEven, Rounding::kNearestEven, false>(
+        1, xs.back(), w.rows, w.cols, amax_spec, AmaxSlots{amax.back().data(), nullptr}, nullptr, {}, {});
+    alone.emplace_back(xs.back().size(), w.codes);
+    batched.emplace_back(xs.back().size(), w.codes);
+  }
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const Weight& w = weights[i];
+    Tile16Outputs& a = alone[i];
+    emu::launch(2, [&] { nvfp4_tile16_kernel<float>(xs[i].data(), w.rows, w.cols, amax[i].data(), a.w(), a.wt()); });
+    jobs.job[count++] = Tile16Job{xs[i].data(), w.rows, w.cols, amax[i].data(), batched[i].w(), batched[i].wt()};
+    blocks = std::max(blocks, tile16_job_blocks(w.rows, w.cols));
+  }
+  ASSERT_GT(blocks, 1);  // the largest weight takes several blocks, the smallest fewer than the grid's
+  emu::launch(dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(count)), [&] { nvfp4_tile16_jobs_kernel(jobs); });
+  for (size_t i = 0; i < xs.size(); ++i) {
+    SCOPED_TRACE("weight " + std::to_string(i));
+    EXPECT_TRUE(batched[i] == alone[i]);
+    EXPECT_NE(batched[i].w_decoded, std::vector<uint16_t>(xs[i].size(), 0xABCD));
+  }
+  QuantSpec w_spec;
+  w_spec.block = Block::k16x16;
+  EXPECT_TRUE(side_matches(quantize(std::span<const float>(xs[1]), weights[1].rows, weights[1].cols, w_spec),
+                           amax[1][0], batched[1].g[0], {}, {}, batched[1].w_decoded));
 }
 
 }  // namespace

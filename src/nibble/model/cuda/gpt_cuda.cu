@@ -309,6 +309,13 @@ nibble::cuda::ProducerAmax gelu_amax(nn::MlpKind kind, Dst*, Get get) {
 
 void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq;
+  if (batched_weight_quantization_) {  // 40 small launches a step become one or two (GPT-2 124M)
+    weight_jobs_.clear();
+    for (auto& b : blocks_)
+      for (ncu::LinearCuda* l : b->linears()) l->prepare_weight_copies(stream_, weight_jobs_);
+    nibble::cuda::nvfp4_quantize_tile16_jobs(weight_jobs_, stream_);
+    batched_weight_passes_ += static_cast<int64_t>(weight_jobs_.size());
+  }
   if (pos_embed_)
     tok_embed_.forward_with_positions(device_ids(), batch, seq, *pos_embed_, x_.data(), stream_);
   else

@@ -104,6 +104,11 @@ class GptCuda {
   // The MLP's GELU (and its derivative) in the GEMM epilogues of fc (proj2's Dgrad) where those take
   // it (LinearContext::gelu_in_gemm; default on), else the activation kernels. Not the same bits.
   void set_gelu_in_gemm(bool on) { linear_ctx_.gelu_in_gemm = on; }
+  // The NVFP4 16x16 passes of all linear layers' weights in one launch at the forward's start
+  // (LinearCuda::prepare_weight_copies; default on), else each layer's at its first GEMM. Same bits;
+  // tests.
+  void set_batched_weight_quantization(bool on) { batched_weight_quantization_ = on; }
+  int64_t batched_weight_passes() const { return batched_weight_passes_; }  // weights quantized that way
   // Rows per chunk of the LM head and loss (default: LmHeadLossCuda::default_chunk_rows); tests.
   void set_lm_head_chunk_rows(int64_t rows) { head_.set_chunk_rows(rows); }
 
@@ -134,6 +139,9 @@ class GptCuda {
   nn::cuda::LmHeadLossCuda head_;
   nn::cuda::DeviceBuffer<float> head_weight_, head_grad_;
   std::vector<DeviceParameter> params_;
+  bool batched_weight_quantization_ = true;
+  int64_t batched_weight_passes_ = 0;
+  std::vector<nibble::cuda::Tile16Job> weight_jobs_;  // forward_hidden's, kept for their capacity
   std::vector<nn::cuda::LinearCuda*> param_linears_;  // the linear layer of each parameter, or nullptr
 
   uint32_t microbatch_ = 0;  // set_step's

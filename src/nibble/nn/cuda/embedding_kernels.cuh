@@ -102,7 +102,7 @@ __device__ __forceinline__ void add_run_columns(const uint32_t* __restrict__ pos
                           : V{};
   };
   V g = *reinterpret_cast<const V*>(g_at);
-  V v[kBatch], next[kBatch];
+  V v[kBatch], next[kBatch]{};  // next: copied into v after the last batch too, unread there
   load(start, v);
   for (int64_t j0 = start; j0 < end; j0 += kBatch) {
     if (j0 + kBatch < end) load(j0 + kBatch, next);

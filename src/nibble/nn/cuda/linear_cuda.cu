@@ -87,7 +87,7 @@ bool LinearCuda::weight_decoded_wanted() const {
   return ctx_.fused_decode && !ctx_.native_fp4 && !ctx_.packed_gemm;
 }
 
-void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
+void LinearCuda::refresh_weight_copies(cudaStream_t stream, std::vector<nibble::cuda::Tile16Job>* jobs) {
   if (weight_copies_valid_) return;
   const uint64_t seed = weight_sr_seed();
   // Unquantized weights (bf16, fp32): W^T is kept as W is stored, so one conversion serves both GEMMs
@@ -105,7 +105,7 @@ void LinearCuda::refresh_weight_copies(cudaStream_t stream) {
       throw std::invalid_argument(context(Operand::kFpropW) + ": " + e.what());
     }
   } else if (!OperandCuda::make_tile16_pair(weight_.data(), out_, in_, recipe_, Operand::kFpropW, Operand::kDgradW,
-                                            seed, fprop_w_, dgrad_w_, stream, weight_decoded_wanted())) {
+                                            seed, fprop_w_, dgrad_w_, stream, weight_decoded_wanted(), jobs)) {
     for (auto [copy, op] : {std::pair{&fprop_w_, Operand::kFpropW}, std::pair{&dgrad_w_, Operand::kDgradW}}) {
       try {
         copy->make(weight_.data(), out_, in_, recipe_[op], op, recipe_.rht_signs(), seed, stream);

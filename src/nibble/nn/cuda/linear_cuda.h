@@ -158,6 +158,13 @@ class LinearCuda {
   bool bf16_input_is_operand() const;
   bool bf16_dy_is_operand() const;
 
+  // Makes the weight's GEMM copies for the next forward now where they are stale (forward() does
+  // otherwise), adding an NVFP4 16x16 pass to `jobs` instead of launching it: the caller launches
+  // them all at once (nibble::cuda::nvfp4_quantize_tile16_jobs) before this layer's next GEMM.
+  void prepare_weight_copies(cudaStream_t stream, std::vector<nibble::cuda::Tile16Job>& jobs) {
+    refresh_weight_copies(stream, &jobs);
+  }
+
   int64_t saved_activation_bytes() const { return saved_x_t_.valid() ? saved_x_t_.bytes() : 0; }
   int64_t weight_quantizations() const { return weight_quantizations_; }
   int64_t weight_bf16_adoptions() const { return weight_bf16_adoptions_; }  // of those, the writer's BF16 values
@@ -183,7 +190,7 @@ class LinearCuda {
   // Whether the GEMM of NVFP4 operands a [m x k] and b [n x k] runs in Hopper's packed-operand GEMM.
   bool packed_gemm_applies(int64_t m, const OperandCuda& b) const;
   bool weight_decoded_wanted() const;
-  void refresh_weight_copies(cudaStream_t stream);
+  void refresh_weight_copies(cudaStream_t stream, std::vector<nibble::cuda::Tile16Job>* jobs = nullptr);
   // Dgrad (skipped when dx.data is nullptr) and Wgrad from ctx_.dy_rows / dy_cols.
   void backward_gemms(nibble::cuda::GemmOutput dx, cudaStream_t stream);
   void backward_bf16_input_to(nibble::cuda::GemmOutput dx, cudaStream_t stream);

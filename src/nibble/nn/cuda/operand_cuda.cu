@@ -429,7 +429,7 @@ nibble::cuda::AmaxSlots OperandCuda::tile16_producer_amax(const void* w, int64_t
 template <typename T>
 bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                                    Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col,
-                                   cudaStream_t stream, bool decoded) {
+                                   cudaStream_t stream, bool decoded, std::vector<nibble::cuda::Tile16Job>* jobs) {
   const nibble::cuda::AmaxSlots produced = std::exchange(row.produced_amax_, {});
   if (!tile16_pair_applies(w, rows, cols, recipe, row_op, col_op)) return false;
   const QuantSpec row_spec = operand_quant_spec(recipe[row_op], row_op, recipe.rht_signs(), seed);
@@ -446,7 +446,7 @@ bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const
       o->allocate_packed(spec, o->rows_, o->cols_);
     }
   }
-  run_tile16(w, rows, cols, row.amax_, &row, &col, stream, produced);
+  run_tile16(w, rows, cols, row.amax_, &row, &col, stream, produced, jobs);
   if (decoded) {
     col.shared_decoded_ = row.decoded_.data();
     col.decoded_valid_ = true;
@@ -456,7 +456,8 @@ bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const
 
 template <typename T>
 void OperandCuda::run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPair& amax, OperandCuda* row,
-                             OperandCuda* col, cudaStream_t stream, nibble::cuda::AmaxSlots produced) {
+                             OperandCuda* col, cudaStream_t stream, nibble::cuda::AmaxSlots produced,
+                             std::vector<nibble::cuda::Tile16Job>* jobs) {
   // W's decoded values where asked for (W^T's are decoded by gemm_matrix, or read from W's); no
   // alphas. A side without packed copies takes its g alone.
   const auto buffers = [](OperandCuda* o, bool decoded) {
@@ -472,6 +473,12 @@ void OperandCuda::run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPai
     slots = amax.take(stream);
     nibble::cuda::nvfp4_amax(w, rows, cols, amax_spec, slots, stream);
   }
+  if constexpr (std::is_same_v<T, float>) {
+    if (jobs != nullptr) {
+      jobs->push_back({w, rows, cols, slots.current, w_out, wt_out});
+      return;
+    }
+  }
   nibble::cuda::nvfp4_quantize_tile16(w, rows, cols, slots.current, w_out, wt_out, stream);
 }
 
@@ -484,9 +491,11 @@ template void OperandCuda::make_pair(const float*, int64_t, int64_t, const Recip
 template void OperandCuda::make_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
                                      OperandCuda&, OperandCuda&, cudaStream_t, ForGemm, ForGemm);
 template bool OperandCuda::make_tile16_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
-                                            OperandCuda&, OperandCuda&, cudaStream_t, bool);
+                                            OperandCuda&, OperandCuda&, cudaStream_t, bool,
+                                            std::vector<nibble::cuda::Tile16Job>*);
 template bool OperandCuda::make_tile16_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand,
-                                            uint64_t, OperandCuda&, OperandCuda&, cudaStream_t, bool);
+                                            uint64_t, OperandCuda&, OperandCuda&, cudaStream_t, bool,
+                                            std::vector<nibble::cuda::Tile16Job>*);
 
 GemmType OperandCuda::native_type() const {
   switch (format_) {

@@ -17,6 +17,7 @@
 
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 #include "nibble/nn/recipe.h"
 #include "nibble/quant/cuda/quantize_cuda.h"
@@ -110,10 +111,13 @@ class OperandCuda {
   // decoded: the pass writes W's decoded BF16 values and no packed copies, and both operands read
   // those values: the tiles give W and W^T the same values, so W^T's are W's read with a transpose
   // flag (`col` reads `row`'s buffer, so `row` must outlive `col`'s use). Neither has_packed() then.
+  // jobs (FP32 w only): the 16x16 pass is added to them instead of launched, for a caller that
+  // quantizes many weights in one launch (nibble::cuda::nvfp4_quantize_tile16_jobs) before any GEMM
+  // reads them; an amax pass, where w's amax was not produced, still runs here.
   template <typename T>
   static bool make_tile16_pair(const T* w, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                                Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
-                               bool decoded = false);
+                               bool decoded = false, std::vector<nibble::cuda::Tile16Job>* jobs = nullptr);
   // For a producer that writes w (the optimizer, train/cuda/adamw_cuda.h ParamTensor::amax): the
   // slots for max |w| when make_tile16_pair(w [rows x cols], recipe, row_op, col_op, .., row, ..)
   // applies; empty otherwise. The next make_tile16_pair into `row` then reads that word instead of
@@ -205,9 +209,11 @@ class OperandCuda {
                                   Operand col_op);
   // The NVFP4 16x16 pass of w into `row` (W, with its decoded values where asked for) and/or `col`
   // (W^T) (nullptr: that side off). `produced`: max |w| from its producer, or none: an amax pass.
+  // jobs: as make_tile16_pair's.
   template <typename T>
   static void run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPair& amax, OperandCuda* row,
-                         OperandCuda* col, cudaStream_t stream, nibble::cuda::AmaxSlots produced = {});
+                         OperandCuda* col, cudaStream_t stream, nibble::cuda::AmaxSlots produced = {},
+                         std::vector<nibble::cuda::Tile16Job>* jobs = nullptr);
 
   int64_t rows_ = 0, cols_ = 0;
   bool quantized_ = false;

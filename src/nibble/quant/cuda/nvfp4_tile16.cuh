@@ -77,19 +77,20 @@ constexpr int kTile16MinBlocks = sizeof(T) == 2 ? 5 : 4;
 // w_out: W's codes and tile scales (rows/16 x cols/16), and its decoded BF16 values where
 // w_out.decoded is set; t_out: W^T's codes and tile scales (cols/16 x rows/16). Codes and scales of
 // a side whose data pointer is null are not written; g goes to every decode_scale pointer given.
-// amax_in: max |x| bits of the whole tensor.
+// amax_in: max |x| bits of the whole tensor. Block `block` of `blocks` that share the tensor's warp
+// tiles (grid-stride); enc_scale: the block's shared table of kE4m3Codes floats.
 template <typename T>
-__global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
-    nvfp4_tile16_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, const uint32_t* __restrict__ amax_in,
-                        QuantBuffers w_out, QuantBuffers t_out) {
-  __shared__ float enc_scale[kE4m3Codes];  // element encode scale e_b by E4M3 code
+__device__ __forceinline__ void tile16_quantize_blocks(const T* __restrict__ x, int64_t rows, int64_t cols,
+                                                       const uint32_t* __restrict__ amax_in, QuantBuffers w_out,
+                                                       QuantBuffers t_out, int64_t block, int64_t blocks,
+                                                       float* enc_scale) {
   const uint32_t amax_bits = *amax_in;
   const bool finite = amax_is_finite(amax_bits);
   const TensorScale ts = nvfp4_tensor_scale(bits_float(amax_bits));
   for (int c = threadIdx.x; c < kE4m3Codes; c += kTile16Threads)
     enc_scale[c] = nvfp4_element_encode_scale(static_cast<uint8_t>(c), ts.decode);
   const bool rowwise = w_out.data != nullptr, colwise = t_out.data != nullptr;
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
+  if (block == 0 && threadIdx.x == 0) {
     const float g = finite ? ts.decode : __int_as_float(0x7FC00000);
     if (w_out.decode_scale != nullptr) *w_out.decode_scale = g;
     if (t_out.decode_scale != nullptr) *t_out.decode_scale = g;
@@ -102,8 +103,7 @@ __global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
   const int64_t scale_cols = cols / 16, t_scale_cols = rows / 16;
   const int64_t count = tile16::warp_tiles(rows, cols);
   // Warp-uniform loop (every lane of a warp takes the same trips), so the shuffles see full warps.
-  for (int64_t wt = static_cast<int64_t>(blockIdx.x) * kTile16Warps + threadIdx.x / 32; wt < count;
-       wt += static_cast<int64_t>(gridDim.x) * kTile16Warps) {
+  for (int64_t wt = block * kTile16Warps + threadIdx.x / 32; wt < count; wt += blocks * kTile16Warps) {
     const tile16::WarpTile t = tile16::warp_tile(wt, cols);
     const bool col_ok = t.c0 + tile16::word_col(lane) < cols;  // this lane's tile column exists
     const bool row1_ok = t.r0 + 16 < rows;                     // tile row 1 exists (row 0 always)
@@ -207,6 +207,34 @@ __global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
       }
     }
   }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
+    nvfp4_tile16_kernel(const T* __restrict__ x, int64_t rows, int64_t cols, const uint32_t* __restrict__ amax_in,
+                        QuantBuffers w_out, QuantBuffers t_out) {
+  __shared__ float enc_scale[kE4m3Codes];  // element encode scale e_b by E4M3 code
+  tile16_quantize_blocks(x, rows, cols, amax_in, w_out, t_out, blockIdx.x, gridDim.x, enc_scale);
+}
+
+// Many weights in one launch (nvfp4_quantize_tile16_jobs): job blockIdx.y, its warp tiles shared by
+// the blocks along x that have any (the rest leave at once), each tile as nvfp4_tile16_kernel
+// quantizes it: the same bits as a launch per weight, without a launch and its gaps per weight.
+constexpr int kTile16JobsPerLaunch = 30;  // 128 bytes a job: under the 4 KiB of kernel parameters
+constexpr int kTile16JobTilesPerWarp = 2;  // each block builds its encode-scale table for 8 warp tiles
+struct Tile16Jobs {
+  Tile16Job job[kTile16JobsPerLaunch];
+};
+NIBBLE_HD int64_t tile16_job_blocks(int64_t rows, int64_t cols) {
+  constexpr int64_t kTilesPerBlock = kTile16Warps * kTile16JobTilesPerWarp;
+  return (tile16::warp_tiles(rows, cols) + kTilesPerBlock - 1) / kTilesPerBlock;
+}
+__global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<float>) nvfp4_tile16_jobs_kernel(Tile16Jobs jobs) {
+  __shared__ float enc_scale[kE4m3Codes];
+  const Tile16Job& job = jobs.job[blockIdx.y];
+  const int64_t blocks = tile16_job_blocks(job.rows, job.cols);
+  if (blockIdx.x >= blocks) return;  // the whole block: before any barrier
+  tile16_quantize_blocks(job.x, job.rows, job.cols, job.amax_bits, job.w, job.wt, blockIdx.x, blocks, enc_scale);
 }
 
 }  // namespace

@@ -340,9 +340,10 @@ bool nvfp4_tile16_applies(const QuantSpec& spec) {
   return is_tile16(spec) && spec.rounding == Rounding::kNearestEven && !spec.rht;
 }
 
-template <typename T>
-void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_t* amax_bits, QuantBuffers w,
-                           QuantBuffers wt, cudaStream_t stream) {
+namespace {
+
+// nvfp4_quantize_tile16's checks; false where there is nothing to write.
+bool tile16_call_writes(const void* x, int64_t rows, int64_t cols, const QuantBuffers& w, const QuantBuffers& wt) {
   validate(make_spec(Format::kNvfp4, Block::k16x16), rows, cols);
   if (!aligned16(x))
     throw std::invalid_argument(
@@ -351,8 +352,35 @@ void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_
     throw std::invalid_argument("nvfp4 16x16 quantization: a side takes both its codes and its tile scales, or neither");
   if (wt.decoded != nullptr || w.alpha != nullptr || wt.alpha != nullptr)
     throw std::invalid_argument("nvfp4 16x16 quantization: decoded BF16 output only for W, and no GEMM alphas");
-  if (w.data == nullptr && w.decoded == nullptr && wt.data == nullptr) return;
-  launch_tile16(x, rows, cols, amax_bits, w, wt, stream);
+  return w.data != nullptr || w.decoded != nullptr || wt.data != nullptr;
+}
+
+}  // namespace
+
+template <typename T>
+void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_t* amax_bits, QuantBuffers w,
+                           QuantBuffers wt, cudaStream_t stream) {
+  if (tile16_call_writes(x, rows, cols, w, wt)) launch_tile16(x, rows, cols, amax_bits, w, wt, stream);
+}
+
+void nvfp4_quantize_tile16_jobs(std::span<const Tile16Job> jobs, cudaStream_t stream) {
+  Tile16Jobs launch{};
+  int count = 0;
+  int64_t blocks = 0;
+  const auto flush = [&] {
+    if (count == 0) return;
+    nvfp4_tile16_jobs_kernel<<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(count)), kTile16Threads, 0,
+                               stream>>>(launch);
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+    count = 0, blocks = 0;
+  };
+  for (const Tile16Job& job : jobs) {
+    if (!tile16_call_writes(job.x, job.rows, job.cols, job.w, job.wt)) continue;
+    launch.job[count++] = job;
+    blocks = std::max(blocks, tile16_job_blocks(job.rows, job.cols));
+    if (count == kTile16JobsPerLaunch) flush();
+  }
+  flush();
 }
 
 constexpr int kSegmentThreads = 256;

@@ -111,6 +111,17 @@ void nvfp4_quantize_rowcol(const T* x, int64_t rows, int64_t cols, const RowColS
 template <typename T>
 void nvfp4_quantize_tile16(const T* x, int64_t rows, int64_t cols, const uint32_t* amax_bits, QuantBuffers w,
                            QuantBuffers wt, cudaStream_t stream);
+// nvfp4_quantize_tile16 of many FP32 weights in one launch (a few where there are more than a launch
+// takes): each job's outputs are those of nvfp4_quantize_tile16(x, rows, cols, amax_bits, w, wt), bit
+// for bit, with the same checks. A training step quantizes all its NVFP4 weights at once this way
+// (GptCuda): one launch instead of one per weight, each too small to reach the copy bandwidth alone.
+struct Tile16Job {
+  const float* x = nullptr;
+  int64_t rows = 0, cols = 0;
+  const uint32_t* amax_bits = nullptr;
+  QuantBuffers w, wt;
+};
+void nvfp4_quantize_tile16_jobs(std::span<const Tile16Job> jobs, cudaStream_t stream);
 // Whether quantize_segments runs nvfp4_quantize_tile16 for this spec (NVFP4, 16x16, RNE; with an
 // input that is 16-byte aligned).
 bool nvfp4_tile16_applies(const QuantSpec& spec);
