@@ -121,7 +121,8 @@ run_ab() {
   [ -n "$base" ] && variants=$((variants + 1))
   [ -n "${BASE_ARGS:-}${BASE_ENV:-}" ] && variants=$((variants + 1))
   if [ "$variants" -ne 1 ]; then
-    echo "device_check: the ab phase needs BASE_BUNDLE, or BASE_ARGS and/or BASE_ENV (not both kinds)" >&2; status=1; return
+    echo "device_check: the ab phase needs BASE_BUNDLE, or BASE_ARGS and/or BASE_ENV (not both kinds)" >&2
+    status=1; return
   fi
   [ -n "${DATA:-}" ] || { echo "device_check: the ab phase needs DATA (or a bundle with data)" >&2; status=1; return; }
   echo "== this build and the base, alternately (${ROUNDS:-2} rounds of ${STEPS:-100} steps)"

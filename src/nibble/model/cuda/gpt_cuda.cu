@@ -309,7 +309,7 @@ nibble::cuda::ProducerAmax gelu_amax(nn::MlpKind kind, Dst*, Get get) {
 
 void GptCuda::forward_hidden(int64_t batch, int64_t seq) {
   const int64_t rows = batch * seq;
-  if (batched_weight_quantization_) {  // 40 small launches a step become one or two (GPT-2 124M)
+  if (batched_weight_quantization_) {  // 40 small launches a step become two (GPT-2 124M)
     weight_jobs_.clear();
     for (auto& b : blocks_)
       for (ncu::LinearCuda* l : b->linears()) l->prepare_weight_copies(stream_, weight_jobs_);
