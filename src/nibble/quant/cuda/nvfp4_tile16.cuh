@@ -220,11 +220,12 @@ __global__ void __launch_bounds__(kTile16Threads, kTile16MinBlocks<T>)
 // Many weights in one launch (nvfp4_quantize_tile16_jobs): job blockIdx.y, its warp tiles shared by
 // the blocks along x that have any (the rest leave at once), each tile as nvfp4_tile16_kernel
 // quantizes it: the same bits as a launch per weight, without a launch and its gaps per weight.
-constexpr int kTile16JobsPerLaunch = 30;  // 128 bytes a job: under the 4 KiB of kernel parameters
+constexpr int kTile16JobsPerLaunch = 30;  // 128 bytes a job (the static_assert below)
 constexpr int kTile16JobTilesPerWarp = 2;  // each block builds its encode-scale table for 8 warp tiles
 struct Tile16Jobs {
   Tile16Job job[kTile16JobsPerLaunch];
 };
+static_assert(sizeof(Tile16Jobs) <= 4096, "Tile16Jobs goes by value in the kernel's parameters (4 KiB)");
 NIBBLE_HD int64_t tile16_job_blocks(int64_t rows, int64_t cols) {
   constexpr int64_t kTilesPerBlock = kTile16Warps * kTile16JobTilesPerWarp;
   return (tile16::warp_tiles(rows, cols) + kTilesPerBlock - 1) / kTilesPerBlock;
