@@ -191,8 +191,10 @@ void LinearCuda::make_dy_operands(const T* dy, bool with_dx, cudaStream_t stream
     if (OperandCuda::make_pair(dy, saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, sr_seed(),
                                ctx_.dy_rows, ctx_.dy_cols, stream,
                                with_dx ? for_gemm_with(dgrad_w_, saved_tokens_) : OperandCuda::ForGemm{},
-                               for_gemm_with(saved_x_t_, out_), tail))
+                               for_gemm_with(saved_x_t_, out_), tail)) {
       saved_x_t_.decoded_into(ctx_.x_t_decoded.data());
+      ++ctx_.x_t_decodes_in_dy_pass;
+    }
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kDgradDy) + ": " + e.what());
   }

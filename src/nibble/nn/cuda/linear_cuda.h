@@ -70,6 +70,7 @@ struct LinearContext {
   // operand decode runs in a pass of its own.
   bool decode_x_t_in_dy_pass = true;
   DeviceBuffer<uint8_t> x_t_decoded;
+  int64_t x_t_decodes_in_dy_pass = 0;  // backward calls whose dY pass decoded X^T
   // Where backward_bf16_input_gelu's Dgrad writes the next layer's BF16 dY while this layer's dY,
   // held in dy_cols' storage, is still being read; the two buffers then trade places.
   DeviceBuffer<uint8_t> dy_spare;
