@@ -19,8 +19,10 @@
 
 #include <bit>
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "nibble/nn/linear.h"
@@ -225,6 +227,41 @@ TEST(LinearCuda, QuantizesTheWeightOncePerStep) {
   EXPECT_EQ(gpu.weight_quantizations(), 3);
   EXPECT_THROW(gpu.backward(d_dy.data(), d_dx.data(), nullptr), std::logic_error);
   NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+// The saved X^T decoded by the fused dY pass after its tiles (LinearContext::decode_x_t_in_dy_pass, the
+// default) gives Wgrad the values of its own decode pass: dW and dX bit for bit over two steps, with
+// X^T of several widths (the layer's in) and a shape of partial 64 x 128 tiles; the default's dY
+// pass decoded X^T at each step, the other's never, so the two took different routes.
+TEST(LinearCuda, XtDecodedInTheDyPassGivesTheSameBits) {
+  std::mt19937_64 rng(test::fresh_seed());
+  for (const auto& [tokens, in, out] : {std::tuple{256, 192, 320}, std::tuple{144, 96, 80}}) {
+    SCOPED_TRACE(std::to_string(tokens) + " tokens, " + std::to_string(in) + " -> " + std::to_string(out));
+    LinearContext ctx_tail, ctx_own;
+    ctx_tail.native_fp4 = ctx_own.native_fp4 = false;  // the Hopper decode path, on any GPU
+    ctx_own.decode_x_t_in_dy_pass = false;
+    LinearCuda a(in, out, preset("nvfp4"), {}, ctx_tail), b(in, out, preset("nvfp4"), {}, ctx_own);
+    const std::vector<float> w = test::random_normal(rng, in * out, 0.1f);
+    a.upload_weight(w);
+    b.upload_weight(w);
+    for (uint64_t step : {1u, 2u}) {
+      const std::vector<float> x = test::random_normal(rng, tokens * in, 1.0f);
+      const std::vector<float> dy = test::random_normal(rng, tokens * out, 1.0f);
+      DeviceBuffer<float> d_x{std::span<const float>(x)}, d_dy{std::span<const float>(dy)}, d_y(tokens * out);
+      DeviceBuffer<float> dx_a(tokens * in), dx_b(tokens * in);
+      for (auto [l, dx] : {std::pair{&a, &dx_a}, std::pair{&b, &dx_b}}) {
+        l->set_step(step);
+        l->forward(d_x.data(), tokens, d_y.data(), nullptr);
+        l->backward(d_dy.data(), dx->data(), nullptr);
+      }
+      EXPECT_EQ(dx_a.download(), dx_b.download()) << "dX, step " << step;
+      const std::vector<float> ga = nibble::test::download(a.weight_grad(), in * out);
+      const std::vector<float> gb = nibble::test::download(b.weight_grad(), in * out);
+      EXPECT_EQ(0, std::memcmp(ga.data(), gb.data(), ga.size() * sizeof(float))) << "dW, step " << step;
+    }
+    EXPECT_EQ(ctx_tail.x_t_decodes_in_dy_pass, 2) << "the dY pass decoded X^T at both steps";
+    EXPECT_EQ(ctx_own.x_t_decodes_in_dy_pass, 0);
+  }
 }
 
 // The fused pass's decoded BF16 values are what the separate decode pass makes of the packed codes,

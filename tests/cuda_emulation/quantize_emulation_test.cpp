@@ -401,6 +401,34 @@ TEST(QuantizeEmulation, RowColSeveralTilesPerBlock) {
   }
 }
 
+// The pass decoding its GEMM partner after its tiles (RowColSpec::tail_decode: the saved X^T that
+// Wgrad reads beside dY^T) writes the CPU reference's decoded BF16 values of that operand (1x16
+// blocks, and 16x16 tiles), with more rows than the grid has blocks and rows of several 128-thread
+// strides, and leaves the pass's own outputs as they are without it. Fails when a block skips its
+// later rows, a row its later 16-element blocks, or a tile row takes another's scale.
+TEST(QuantizeEmulation, RowColTailDecodeWritesThePartnersDecodedValues) {
+  std::mt19937_64 rng(test::fresh_seed());
+  const Case k{144, 272, 2};
+  const std::vector<bf16_t> x = test::to_bf16(draw(k.rows, k.cols, Values::kOutliers, rng));
+  for (Block block : {Block::k1x16, Block::k16x16}) {
+    SCOPED_TRACE(block == Block::k1x16 ? "1x16" : "16x16");
+    const int64_t p_rows = 48, p_cols = 2304;  // 144 16-element blocks a row: two strides of 128 threads
+    const std::vector<float> partner = draw(p_rows, p_cols, Values::kWideBlocks, rng);
+    QuantSpec p_spec;
+    p_spec.block = block;
+    const QuantizedTensor q = quantize(std::span<const float>(partner), p_rows, p_cols, p_spec);
+    std::vector<uint16_t> out(static_cast<size_t>(p_rows * p_cols), 0xABCD);
+    RowColSpec spec = test::fused_pass_spec(true, Rounding::kStochastic, Rounding::kStochastic, rng());
+    const Outputs plain = run_fused(k.grid, x, k.rows, k.cols, spec, Writes::kDecodedOnly);
+    spec.tail_decode = TailDecode{q.data.data(), q.scales.data(), out.data(), p_rows, p_cols, block == Block::k16x16};
+    const Outputs with_tail = run_fused(k.grid, x, k.rows, k.cols, spec, Writes::kDecodedOnly);
+    EXPECT_EQ(out, test::nvfp4_decoded_bf16(q));
+    EXPECT_EQ(with_tail.row_decoded, plain.row_decoded);
+    EXPECT_EQ(with_tail.col_decoded, plain.col_decoded);
+    EXPECT_EQ(float_bits(with_tail.decode_scale[1]), float_bits(plain.decode_scale[1]));
+  }
+}
+
 // ---------------------------------------------------------------- 16x16 weight kernel
 
 // W (with its decoded values; w_codes false: those alone) and/or W^T of x through the 16x16 kernel

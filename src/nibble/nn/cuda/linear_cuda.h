@@ -65,6 +65,12 @@ struct LinearContext {
   // instead of adding to it: for a caller that would otherwise zero the gradients before each step
   // (GptCuda::set_first_microbatch_writes_grads). Off: dW always accumulates.
   bool first_microbatch_writes_grads = false;
+  // Whether the fused dY pass also decodes the saved X^T for Wgrad, after its tiles, into
+  // x_t_decoded (on the Hopper decode path: a launch fewer per backward; the same bits). Off: Wgrad's
+  // operand decode runs in a pass of its own.
+  bool decode_x_t_in_dy_pass = true;
+  DeviceBuffer<uint8_t> x_t_decoded;
+  int64_t x_t_decodes_in_dy_pass = 0;  // backward calls whose dY pass decoded X^T
   // Where backward_bf16_input_gelu's Dgrad writes the next layer's BF16 dY while this layer's dY,
   // held in dy_cols' storage, is still being read; the two buffers then trade places.
   DeviceBuffer<uint8_t> dy_spare;

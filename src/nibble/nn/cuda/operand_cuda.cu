@@ -273,6 +273,7 @@ void OperandCuda::begin(OperandFormat format, bool quantized, int64_t rows, int6
   decoded_wanted_ = for_gemm.decoded;
   decoded_valid_ = false;  // until run_fused writes them
   shared_decoded_ = nullptr;
+  decoded_into_ = nullptr;
   packed_wanted_ = for_gemm.packed;
   packed_skipped_ = false;
   produced_amax_ = {};  // only the make_pair right after producer_amax reads it (taken before begin)
@@ -316,9 +317,9 @@ void OperandCuda::adopt_bf16_pair(int64_t rows, int64_t cols, OperandCuda& row, 
 }
 
 template <typename T>
-void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
+bool OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                             Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
-                            ForGemm row_gemm, ForGemm col_gemm) {
+                            ForGemm row_gemm, ForGemm col_gemm, nibble::cuda::TailDecode tail) {
   const OperandRecipe& rr = recipe[row_op];
   const OperandRecipe& cr = recipe[col_op];
   const bool fused = fused_pair_applies(rows, cols, recipe, row_op, col_op);
@@ -328,14 +329,15 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
   if (shared_pair_applies(recipe, row_op, col_op)) {
     col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream);
     row.share_values_of(col, rows, cols);
-    return;
+    return false;
   }
   if (!fused) {
     row.make(x, rows, cols, rr, row_op, recipe.rht_signs(), seed, stream, row_gemm);
     col.make(x, rows, cols, cr, col_op, recipe.rht_signs(), seed, stream, col_gemm);
-    return;
+    return false;
   }
   nibble::cuda::RowColSpec s = rowcol_spec(recipe.rht_signs(), seed);
+  s.tail_decode = tail;
   for (auto [o, op, r, for_gemm] :
        {std::tuple{&row, row_op, &rr, row_gemm}, std::tuple{&col, col_op, &cr, col_gemm}}) {
     const bool columnwise = operand_columnwise(op);
@@ -346,6 +348,15 @@ void OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
   }
   // The pass's amax words (rowwise, columnwise) live in the row operand's slots.
   run_fused(x, rows, cols, s, row.amax_, &row, &col, stream, produced);
+  return tail.out != nullptr;
+}
+
+nibble::cuda::TailDecode OperandCuda::bf16_decode_job(DeviceBuffer<uint8_t>& into) const {
+  // gemm_matrix's decode_nvfp4_bf16_kernel case: packed NVFP4 codes, no decoded values of their own.
+  if (!valid() || format_ != OperandFormat::kNvfp4 || !quantized_ || !has_packed() || decoded_valid_) return {};
+  into.reserve(static_cast<size_t>(rows_ * cols_) * sizeof(uint16_t));
+  return {data_.data(), scales_.data(), reinterpret_cast<uint16_t*>(into.data()), rows_, cols_,
+          spec_.block == Block::k16x16};
 }
 
 bool OperandCuda::fused_pair_applies(int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
@@ -486,10 +497,12 @@ template void OperandCuda::make(const float*, int64_t, int64_t, const OperandRec
                                 cudaStream_t, ForGemm);
 template void OperandCuda::make(const bf16_t*, int64_t, int64_t, const OperandRecipe&, Operand, RhtSigns, uint64_t,
                                 cudaStream_t, ForGemm);
-template void OperandCuda::make_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
-                                     OperandCuda&, OperandCuda&, cudaStream_t, ForGemm, ForGemm);
-template void OperandCuda::make_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
-                                     OperandCuda&, OperandCuda&, cudaStream_t, ForGemm, ForGemm);
+template bool OperandCuda::make_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
+                                     OperandCuda&, OperandCuda&, cudaStream_t, ForGemm, ForGemm,
+                                     nibble::cuda::TailDecode);
+template bool OperandCuda::make_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
+                                     OperandCuda&, OperandCuda&, cudaStream_t, ForGemm, ForGemm,
+                                     nibble::cuda::TailDecode);
 template bool OperandCuda::make_tile16_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
                                             OperandCuda&, OperandCuda&, cudaStream_t, bool,
                                             std::vector<nibble::cuda::Tile16Job>*);
@@ -548,6 +561,10 @@ GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8
   if (type == GemmType::kBF16 && decoded_valid_ && is_fp4(format_)) {  // written by the fused or 16x16 pass
     m.data = shared_decoded_ ? shared_decoded_ : decoded_.data();
     if (shared_decoded_) m.transposed = !as_b;  // stored as the source tensor, the operand's transpose
+    return m;
+  }
+  if (type == GemmType::kBF16 && decoded_into_ != nullptr) {  // bf16_decode_job's, run by another kernel
+    m.data = decoded_into_;
     return m;
   }
   if (type != GemmType::kBF16 && type != GemmType::kF32)

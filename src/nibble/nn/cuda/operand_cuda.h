@@ -81,10 +81,18 @@ class OperandCuda {
   // conversion when both are the same unquantized format without RHT (`row` then reads `col`'s
   // values, so `col` must outlive `row`'s use); otherwise two make() calls. Same bits either way.
   // row_gemm / col_gemm: make's for_gemm for each side.
+  // tail: a decode for the fused pass to run after its tiles (RowColSpec::tail_decode, from another
+  // operand's bf16_decode_job); returns whether it ran (only the fused pass runs it).
   template <typename T>
-  static void make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
+  static bool make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                         Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
-                        ForGemm row_gemm = {}, ForGemm col_gemm = {});
+                        ForGemm row_gemm = {}, ForGemm col_gemm = {}, nibble::cuda::TailDecode tail = {});
+  // The decode that gemm_matrix(kBF16, ..) would run for this packed NVFP4 operand, into `into`
+  // (grown for it), as a job for another kernel (make_pair's tail); empty where gemm_matrix would not
+  // decode the packed codes. Once that kernel is enqueued, decoded_into(into.data()) makes gemm_matrix
+  // read them there (the same bits) until the operand is made again or reset.
+  nibble::cuda::TailDecode bf16_decode_job(DeviceBuffer<uint8_t>& into) const;
+  void decoded_into(const uint8_t* values) { decoded_into_ = values; }
 
   // For a producer that computes the amax of make_pair's fused NVFP4 pass while it writes x
   // (nibble::cuda::ProducerAmax): what to compute and where (row's amax slots), when make_pair(x
@@ -170,6 +178,7 @@ class OperandCuda {
   void reset() {
     rows_ = cols_ = 0;
     decoded_valid_ = packed_skipped_ = false;
+    decoded_into_ = nullptr;
   }
   // Bytes that represent the operand: packed codes + block scales + g, or 2 / 4 per element.
   int64_t bytes() const;
@@ -243,6 +252,7 @@ class OperandCuda {
   // The decoded values of another operand, stored as this one's source tensor (make_tile16_pair's
   // W^T reading W's): read in place of decoded_, transposed.
   const uint16_t* shared_decoded_ = nullptr;
+  const uint8_t* decoded_into_ = nullptr;  // decoded_into's: this operand's BF16 values, decoded by another kernel
   // ForGemm::packed of the make in progress, and whether its pass wrote the decoded values alone.
   bool packed_wanted_ = true, packed_skipped_ = false;
   // Counts the operands begun in this object (alpha_with's check that a partner is unchanged).

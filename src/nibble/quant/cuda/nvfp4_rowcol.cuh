@@ -254,6 +254,18 @@ template <typename T>
 bool full_tiles(const RowColSpec& spec, int64_t rows, int64_t cols) {
   return sizeof(T) == 2 && spec.columnwise && rows % kTileRows == 0 && cols % kTileCols == 0;
 }
+// RowColSpec::tail_decode, by a block after its tiles: rows blockIdx.x, + gridDim.x, ..., each a
+// thread's 16-element block at a time, as the separate decode pass does (no divisions).
+__device__ __forceinline__ void decode_tail(const TailDecode& d, int t) {
+  const int64_t segs = d.cols / 16;
+  for (int64_t r = blockIdx.x; r < d.rows; r += gridDim.x)
+    for (int64_t seg = t; seg < segs; seg += kRowColThreads) {
+      const int64_t i0 = r * d.cols + seg * 16;
+      store_decoded16(d.out + i0, *reinterpret_cast<const uint2*>(d.data + i0 / 2),
+                      d.scales[(d.tiles16 ? r / 16 : r) * segs + seg]);
+    }
+}
+
 template <typename T, bool kAmaxOnly, Rounding kRowRounding, Rounding kColRounding, bool kRht, bool kStageCol = false,
           bool kFullTiles = false>
 __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRounding, kColRounding>))
@@ -516,7 +528,11 @@ __global__ void __launch_bounds__(kRowColThreads, (kMinBlocksPerSm<T, kRowRoundi
     __syncthreads();  // the tile's shared memory is overwritten next iteration
   }
 
-  if constexpr (kAmaxOnly) finish_amax(row_amax, col_amax, amax_out, kRht, spec.columnwise);
+  if constexpr (kAmaxOnly) {
+    finish_amax(row_amax, col_amax, amax_out, kRht, spec.columnwise);
+  } else if (spec.tail_decode.out != nullptr) {
+    decode_tail(spec.tail_decode, t);
+  }
 }
 
 }  // namespace

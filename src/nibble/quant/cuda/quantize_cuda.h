@@ -46,6 +46,19 @@ struct QuantBuffers {
   float* alpha = nullptr;
 };
 
+// A packed NVFP4 operand [rows x cols] (1x16 blocks along cols, or 16x16 tiles) to decode to BF16
+// (codes x block scales, without the tensor scale: the bits of OperandCuda's decode pass) into `out`,
+// by the fused pass's blocks after their tiles (RowColSpec::tail_decode): the GEMM partner of the
+// pass's columnwise copy (the saved X^T that Wgrad reads beside dY^T), decoded in the same launch
+// instead of a launch of its own. `out` nullptr: none.
+struct TailDecode {
+  const uint8_t* data = nullptr;
+  const uint8_t* scales = nullptr;
+  uint16_t* out = nullptr;
+  int64_t rows = 0, cols = 0;
+  bool tiles16 = false;
+};
+
 // What the fused NVFP4 pass produces. Each side can be switched off.
 struct RowColSpec {
   bool rowwise = true;
@@ -57,6 +70,7 @@ struct RowColSpec {
   uint64_t seed = 0;
   uint32_t row_stream = 0;
   uint32_t col_stream = 1;
+  TailDecode tail_decode;  // quantizing passes only
 };
 
 // amax_bits[0] = max |x| bits (rowwise copy), amax_bits[1] = max |RHT(x^T)| bits (columnwise copy;
