@@ -31,10 +31,21 @@ namespace nibble::nn::cuda {
 // What the linear layers of one stream share: the GEMM runner, the per-GEMM temporaries (decoded
 // operands, alpha) and the operands that live only inside one call.
 struct LinearContext {
+  LinearContext() {
+    x_rows.share_decoded_storage(rows_decoded);
+    dy_rows.share_decoded_storage(rows_decoded);
+  }
+  LinearContext(const LinearContext&) = delete;  // the operands point into rows_decoded
+  LinearContext& operator=(const LinearContext&) = delete;
+
   nibble::cuda::GemmRunner gemm;
   DeviceBuffer<uint8_t> scratch_a, scratch_b;
   DeviceBuffer<float> alpha{1};
   OperandCuda x_rows, dy_rows, dy_cols;
+  // x_rows' and dy_rows' decoded BF16 values (the Hopper decode path), in turns: Fprop reads x_rows
+  // within the forward call that makes it, Dgrad dy_rows within the backward call (one buffer of
+  // tokens x the widest layer fewer: 100 MB at GPT-2 124M).
+  DeviceBuffer<uint16_t> rows_decoded;
   // NVFP4 x NVFP4 GEMMs run natively (Blackwell) when true: set from the device at construction;
   // set it false to force the Hopper path (BF16 decode) on a Blackwell GPU, e.g. to compare.
   bool native_fp4 = nibble::cuda::native_fp4_available();

@@ -399,8 +399,9 @@ void OperandCuda::run_fused(const T* x, int64_t rows, int64_t cols, const nibble
 QuantBuffers OperandCuda::pass_buffers(bool decoded, bool alpha) {
   QuantBuffers b{data_.data(), scales_.data(), decode_scale_.data()};
   if (decoded && decoded_wanted_) {
-    decoded_.reserve(static_cast<size_t>(rows_ * cols_));
-    b.decoded = decoded_.data();
+    DeviceBuffer<uint16_t>& decoded = decoded_buffer();
+    decoded.reserve(static_cast<size_t>(rows_ * cols_));
+    b.decoded = decoded.data();
     decoded_valid_ = true;
     if (!packed_wanted_) {
       b.data = b.scales = nullptr;
@@ -459,7 +460,7 @@ bool OperandCuda::make_tile16_pair(const T* w, int64_t rows, int64_t cols, const
   }
   run_tile16(w, rows, cols, row.amax_, &row, &col, stream, produced, jobs);
   if (decoded) {
-    col.shared_decoded_ = row.decoded_.data();
+    col.shared_decoded_ = row.decoded_values();
     col.decoded_valid_ = true;
   }
   return true;
@@ -559,7 +560,7 @@ GemmMatrix OperandCuda::gemm_matrix(GemmType type, bool as_b, DeviceBuffer<uint8
     return m;
   }
   if (type == GemmType::kBF16 && decoded_valid_ && is_fp4(format_)) {  // written by the fused or 16x16 pass
-    m.data = shared_decoded_ ? shared_decoded_ : decoded_.data();
+    m.data = shared_decoded_ ? shared_decoded_ : decoded_values();
     if (shared_decoded_) m.transposed = !as_b;  // stored as the source tensor, the operand's transpose
     return m;
   }

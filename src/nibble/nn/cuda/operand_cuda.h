@@ -189,6 +189,11 @@ class OperandCuda {
   // BF16 source written elsewhere while this operand's was still being read
   // (LinearCuda::backward_bf16_input_gelu). The operand must be made again before it is read.
   void swap_storage(DeviceBuffer<uint8_t>& buffer) { std::swap(data_, buffer); }
+  // Keeps the decoded BF16 values that the fused pass writes in `storage` (grown as needed, outliving
+  // this operand) instead of a buffer of its own: for operands that are never needed at the same time
+  // and so can take turns in one buffer (LinearContext's x_rows, read by Fprop alone, and dy_rows,
+  // read by Dgrad alone). Making one such operand overwrites the other's values.
+  void share_decoded_storage(DeviceBuffer<uint16_t>& storage) { external_decoded_ = &storage; }
 
  private:
   // Starts a new operand [rows x cols] as the GEMM reads it: every state field but the spec and the
@@ -248,6 +253,9 @@ class OperandCuda {
   // buffers above): decoded_wanted_ is the request of the make in progress, which run_fused and
   // run_tile16 read.
   DeviceBuffer<uint16_t> decoded_;
+  DeviceBuffer<uint16_t>* external_decoded_ = nullptr;  // share_decoded_storage's, in place of decoded_
+  DeviceBuffer<uint16_t>& decoded_buffer() { return external_decoded_ ? *external_decoded_ : decoded_; }
+  const uint16_t* decoded_values() const { return (external_decoded_ ? *external_decoded_ : decoded_).data(); }
   bool decoded_wanted_ = false, decoded_valid_ = false;
   // The decoded values of another operand, stored as this one's source tensor (make_tile16_pair's
   // W^T reading W's): read in place of decoded_, transposed.
