@@ -188,13 +188,14 @@ void LinearCuda::make_dy_operands(const T* dy, bool with_dx, cudaStream_t stream
     // it to BF16 (the Hopper decode path), into a buffer of its own that nothing reads until Wgrad.
     nibble::cuda::TailDecode tail;
     if (ctx_.decode_x_t_in_dy_pass && weight_decoded_wanted()) tail = saved_x_t_.bf16_decode_job(ctx_.x_t_decoded);
-    if (OperandCuda::make_pair(dy, saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, sr_seed(),
+    const bool x_t_decoded =
+        OperandCuda::make_pair(dy, saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, sr_seed(),
                                ctx_.dy_rows, ctx_.dy_cols, stream,
                                with_dx ? for_gemm_with(dgrad_w_, saved_tokens_) : OperandCuda::ForGemm{},
-                               for_gemm_with(saved_x_t_, out_), tail)) {
-      saved_x_t_.decoded_into(ctx_.x_t_decoded.data());
-      ++ctx_.x_t_decodes_in_dy_pass;
-    }
+                               for_gemm_with(saved_x_t_, out_), tail);
+    // Otherwise Wgrad decodes X^T itself: x_t_decoded may hold another layer's values by now.
+    saved_x_t_.decoded_into(x_t_decoded ? ctx_.x_t_decoded.data() : nullptr);
+    if (x_t_decoded) ++ctx_.x_t_decodes_in_dy_pass;
   } catch (const std::invalid_argument& e) {
     throw std::invalid_argument(context(Operand::kDgradDy) + ": " + e.what());
   }
