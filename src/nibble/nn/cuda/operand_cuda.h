@@ -92,6 +92,8 @@ class OperandCuda {
   // decode the packed codes. Once that kernel is enqueued, decoded_into(into.data()) makes gemm_matrix
   // read them there (the same bits) until the operand is made again or reset.
   nibble::cuda::TailDecode bf16_decode_job(DeviceBuffer<uint8_t>& into) const;
+  // Whether make_pair runs the fused NVFP4 pass over x [rows x cols] (the only one that runs a tail).
+  static bool fused_pair_applies(int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op, Operand col_op);
   void decoded_into(const uint8_t* values) { decoded_into_ = values; }
 
   // For a producer that computes the amax of make_pair's fused NVFP4 pass while it writes x
@@ -204,8 +206,6 @@ class OperandCuda {
   // Both operands of make_pair unquantized, the same and without RHT (rowwise `row_op`, columnwise
   // `col_op`): one copy of the values serves both.
   static bool shared_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op);
-  // Whether make_pair runs the fused NVFP4 pass over x [rows x cols].
-  static bool fused_pair_applies(int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op, Operand col_op);
   // `this` reads the values of `source`, a columnwise operand stored as its source tensor [rows x cols].
   void share_values_of(const OperandCuda& source, int64_t rows, int64_t cols);
   // The fused NVFP4 pass into `row` and/or `col` (nullptr: that side off).
