@@ -185,12 +185,10 @@ template <typename T>
 void LinearCuda::make_dy_operands(const T* dy, bool with_dx, cudaStream_t stream) {
   try {
     // Wgrad's X^T decoded by the fused dY pass (its blocks, after their tiles) where Wgrad would decode
-    // it to BF16 (the Hopper decode path), into a buffer of its own that nothing reads until Wgrad;
-    // asked for only where that pass runs, so that no other recipe grows the buffer.
-    nibble::cuda::TailDecode tail;
-    if (ctx_.decode_x_t_in_dy_pass && weight_decoded_wanted() &&
-        OperandCuda::fused_pair_applies(saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy))
-      tail = saved_x_t_.bf16_decode_job(ctx_.x_t_decoded);
+    // it to BF16 (the Hopper decode path), into a buffer of its own that nothing reads until Wgrad
+    // (make_pair grows it only where that pass runs).
+    OperandCuda::TailRequest tail;
+    if (ctx_.decode_x_t_in_dy_pass && weight_decoded_wanted()) tail = {&saved_x_t_, &ctx_.x_t_decoded};
     const bool x_t_decoded =
         OperandCuda::make_pair(dy, saved_tokens_, out_, recipe_, Operand::kDgradDy, Operand::kWgradDy, sr_seed(),
                                ctx_.dy_rows, ctx_.dy_cols, stream,

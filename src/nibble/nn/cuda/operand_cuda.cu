@@ -319,7 +319,7 @@ void OperandCuda::adopt_bf16_pair(int64_t rows, int64_t cols, OperandCuda& row, 
 template <typename T>
 bool OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                             Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
-                            ForGemm row_gemm, ForGemm col_gemm, nibble::cuda::TailDecode tail) {
+                            ForGemm row_gemm, ForGemm col_gemm, TailRequest tail) {
   const OperandRecipe& rr = recipe[row_op];
   const OperandRecipe& cr = recipe[col_op];
   const bool fused = fused_pair_applies(rows, cols, recipe, row_op, col_op);
@@ -337,7 +337,7 @@ bool OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
     return false;
   }
   nibble::cuda::RowColSpec s = rowcol_spec(recipe.rht_signs(), seed);
-  s.tail_decode = tail;
+  if (tail.operand != nullptr) s.tail_decode = tail.operand->bf16_decode_job(*tail.into);
   for (auto [o, op, r, for_gemm] :
        {std::tuple{&row, row_op, &rr, row_gemm}, std::tuple{&col, col_op, &cr, col_gemm}}) {
     const bool columnwise = operand_columnwise(op);
@@ -348,7 +348,7 @@ bool OperandCuda::make_pair(const T* x, int64_t rows, int64_t cols, const Recipe
   }
   // The pass's amax words (rowwise, columnwise) live in the row operand's slots.
   run_fused(x, rows, cols, s, row.amax_, &row, &col, stream, produced);
-  return tail.out != nullptr;
+  return s.tail_decode.out != nullptr;
 }
 
 nibble::cuda::TailDecode OperandCuda::bf16_decode_job(DeviceBuffer<uint8_t>& into) const {
@@ -500,10 +500,10 @@ template void OperandCuda::make(const bf16_t*, int64_t, int64_t, const OperandRe
                                 cudaStream_t, ForGemm);
 template bool OperandCuda::make_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
                                      OperandCuda&, OperandCuda&, cudaStream_t, ForGemm, ForGemm,
-                                     nibble::cuda::TailDecode);
+                                     OperandCuda::TailRequest);
 template bool OperandCuda::make_pair(const bf16_t*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
                                      OperandCuda&, OperandCuda&, cudaStream_t, ForGemm, ForGemm,
-                                     nibble::cuda::TailDecode);
+                                     OperandCuda::TailRequest);
 template bool OperandCuda::make_tile16_pair(const float*, int64_t, int64_t, const Recipe&, Operand, Operand, uint64_t,
                                             OperandCuda&, OperandCuda&, cudaStream_t, bool,
                                             std::vector<nibble::cuda::Tile16Job>*);

@@ -67,9 +67,18 @@ struct OperandForGemm {
   bool packed = true;
 };
 
+// make_pair's tail: `operand` decoded to BF16 by the fused pass after its tiles (RowColSpec::
+// tail_decode), as gemm_matrix(kBF16, ..) would decode it, into `into`, which grows only where that
+// pass runs and the operand is packed NVFP4 without decoded values of its own.
+struct OperandTailRequest {
+  const OperandCuda* operand = nullptr;
+  DeviceBuffer<uint8_t>* into = nullptr;
+};
+
 class OperandCuda {
  public:
   using ForGemm = OperandForGemm;
+  using TailRequest = OperandTailRequest;
 
   // x: device [rows x cols] (the high-precision tensor, before any transpose), T = float or
   // bf16_t. Stream-ordered. Throws std::invalid_argument for shapes the operand's blocks cannot take.
@@ -81,19 +90,17 @@ class OperandCuda {
   // conversion when both are the same unquantized format without RHT (`row` then reads `col`'s
   // values, so `col` must outlive `row`'s use); otherwise two make() calls. Same bits either way.
   // row_gemm / col_gemm: make's for_gemm for each side.
-  // tail: a decode for the fused pass to run after its tiles (RowColSpec::tail_decode, from another
-  // operand's bf16_decode_job); returns whether it ran (only the fused pass runs it).
+  // tail: another operand for the fused pass to decode to BF16 after its tiles (OperandTailRequest);
+  // returns whether it ran. The caller then makes that operand read those values (decoded_into).
   template <typename T>
   static bool make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                         Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
-                        ForGemm row_gemm = {}, ForGemm col_gemm = {}, nibble::cuda::TailDecode tail = {});
-  // The decode that gemm_matrix(kBF16, ..) would run for this packed NVFP4 operand, into `into`
-  // (grown for it), as a job for another kernel (make_pair's tail); empty where gemm_matrix would not
-  // decode the packed codes. Once that kernel is enqueued, decoded_into(into.data()) makes gemm_matrix
-  // read them there (the same bits) until the operand is made again or reset.
-  nibble::cuda::TailDecode bf16_decode_job(DeviceBuffer<uint8_t>& into) const;
+                        ForGemm row_gemm = {}, ForGemm col_gemm = {}, TailRequest tail = {});
   // Whether make_pair runs the fused NVFP4 pass over x [rows x cols] (the only one that runs a tail).
   static bool fused_pair_applies(int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op, Operand col_op);
+  // gemm_matrix(kBF16, ..) reads this operand's values from `values` (a make_pair tail's `into`,
+  // once that pass is enqueued; the same bits) until the operand is made again or reset; nullptr:
+  // it decodes them itself again.
   void decoded_into(const uint8_t* values) { decoded_into_ = values; }
 
   // For a producer that computes the amax of make_pair's fused NVFP4 pass while it writes x
@@ -228,6 +235,11 @@ class OperandCuda {
   static void run_tile16(const T* w, int64_t rows, int64_t cols, AmaxSlotPair& amax, OperandCuda* row,
                          OperandCuda* col, cudaStream_t stream, nibble::cuda::AmaxSlots produced = {},
                          std::vector<nibble::cuda::Tile16Job>* jobs = nullptr);
+
+  // make_pair's tail: the decode that gemm_matrix(kBF16, ..) would run for this packed NVFP4 operand,
+  // into `into` (grown for it), as a job for the fused pass; empty where gemm_matrix would not decode
+  // the packed codes.
+  nibble::cuda::TailDecode bf16_decode_job(DeviceBuffer<uint8_t>& into) const;
 
   int64_t rows_ = 0, cols_ = 0;
   bool quantized_ = false;
