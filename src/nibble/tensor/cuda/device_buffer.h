@@ -5,12 +5,17 @@
 // memory: see the device notes in docs/benchmarks.md) and copies to and from host spans.
 // HostStaging<T> is pinned host memory for copies to the device that do not block the host;
 // PinnedBuffer<T> pinned host memory for copies from the device that the host reads after one wait.
+// With the environment variable NIBBLE_ALLOC_LOG=1, every DeviceBuffer allocation and release goes
+// to stderr with the running total (memory breakdowns, docs/benchmarks.md).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -42,6 +47,19 @@ inline int device_attribute(cudaDeviceAttr attr) {
   return value;
 }
 
+// NIBBLE_ALLOC_LOG's line for one allocation (bytes > 0) or release (bytes < 0).
+inline void log_device_allocation(int64_t bytes) {
+  static const bool on = [] {
+    const char* v = std::getenv("NIBBLE_ALLOC_LOG");
+    return v != nullptr && *v != '\0' && *v != '0';
+  }();
+  if (!on) return;
+  static std::atomic<int64_t> total{0};
+  const int64_t now = total += bytes;
+  std::fprintf(stderr, "nibble alloc %+.2f MiB, total %.2f MiB\n", static_cast<double>(bytes) / 1048576.0,
+               static_cast<double>(now) / 1048576.0);
+}
+
 template <typename T>
 class DeviceBuffer {
  public:
@@ -68,7 +86,10 @@ class DeviceBuffer {
   void resize(size_t count) {
     if (count == count_) return;
     release();
-    if (count > 0) NIBBLE_CUDA_CHECK(cudaMalloc(&ptr_, count * sizeof(T)));
+    if (count > 0) {
+      NIBBLE_CUDA_CHECK(cudaMalloc(&ptr_, count * sizeof(T)));
+      log_device_allocation(static_cast<int64_t>(count * sizeof(T)));
+    }
     count_ = count;
   }
   // Grows (never shrinks) to at least `count` elements.
@@ -95,7 +116,10 @@ class DeviceBuffer {
 
  private:
   void release() {
-    if (ptr_ != nullptr) cudaFree(ptr_);
+    if (ptr_ != nullptr) {
+      cudaFree(ptr_);
+      log_device_allocation(-static_cast<int64_t>(bytes()));
+    }
     ptr_ = nullptr;
     count_ = 0;
   }
