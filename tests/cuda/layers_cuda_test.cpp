@@ -1323,10 +1323,8 @@ TEST(CrossEntropyCuda, StagedMatchesStridedBitForBit) {
       }
       DeviceBuffer<uint32_t> d_targets{std::span<const uint32_t>(targets)};
       std::vector<__nv_bfloat16> logits16(logits.size());  // the chunk path's logits
-      for (size_t i = 0; i < logits.size(); ++i) {
-        const uint16_t b = BF16::encode(logits[i], Rounding::kNearestEven);
-        std::memcpy(&logits16[i], &b, 2);
-      }
+      for (size_t i = 0; i < logits.size(); ++i)
+        logits16[i] = std::bit_cast<__nv_bfloat16>(BF16::encode(logits[i], Rounding::kNearestEven));
       const float grad_scale = 1.0f / static_cast<float>(rows);
       struct Out {
         std::vector<double> loss;  // in place with and without gradient, chunked with, losses only
