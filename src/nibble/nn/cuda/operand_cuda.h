@@ -96,8 +96,6 @@ class OperandCuda {
   static bool make_pair(const T* x, int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op,
                         Operand col_op, uint64_t seed, OperandCuda& row, OperandCuda& col, cudaStream_t stream,
                         ForGemm row_gemm = {}, ForGemm col_gemm = {}, TailRequest tail = {});
-  // Whether make_pair runs the fused NVFP4 pass over x [rows x cols] (the only one that runs a tail).
-  static bool fused_pair_applies(int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op, Operand col_op);
   // gemm_matrix(kBF16, ..) reads this operand's values from `values` (a make_pair tail's `into`,
   // once that pass is enqueued; the same bits) until the operand is made again or reset; nullptr:
   // it decodes them itself again.
@@ -213,6 +211,8 @@ class OperandCuda {
   // Both operands of make_pair unquantized, the same and without RHT (rowwise `row_op`, columnwise
   // `col_op`): one copy of the values serves both.
   static bool shared_pair_applies(const Recipe& recipe, Operand row_op, Operand col_op);
+  // Whether make_pair runs the fused NVFP4 pass over x [rows x cols] (the only one that runs a tail).
+  static bool fused_pair_applies(int64_t rows, int64_t cols, const Recipe& recipe, Operand row_op, Operand col_op);
   // `this` reads the values of `source`, a columnwise operand stored as its source tensor [rows x cols].
   void share_values_of(const OperandCuda& source, int64_t rows, int64_t cols);
   // The fused NVFP4 pass into `row` and/or `col` (nullptr: that side off).
